@@ -1,0 +1,204 @@
+"""Attention Context Contribution (ACC) and static-shape word-vector elimination.
+
+ACC measures how much of a layer's attention context is drawn from each word-vector (row of
+the hidden state). For layer l with N heads, probabilities ``P[n, i, j]`` (query i, key j)
+over the T rows entering the layer, and ``valid`` the padding mask (True = real token):
+
+    plain (default)
+        ACC[j] = 1 / (N * n_valid) * sum_n sum_{i valid} P[n, i, j]            (valid j)
+    minus_diagonal (PoWER-BERT: a row's attention to itself is not context for others)
+        ACC[j] = 1 / (N * n_valid) * sum_n sum_{i valid, i != j} P[n, i, j]
+    value_norm (weight each probability by the size of what it moves)
+        ACC[j] = 1 / (N * n_valid) * sum_n sum_{i valid} P[n, i, j] * ||v[n, j] W_O[n]||
+    causal=True (decoders): each column is divided by the number of valid queries that can
+        see it, c_j = #{i valid : i >= j}, instead of by n_valid; otherwise early tokens win
+        by construction because more queries attend to them.
+
+    ACC[j] = -inf for padding j; ACC[j] = +inf for protected j (CLS in encoders, the last
+    real token in decoders). The plain form sums to 1 over the valid rows of a sequence.
+
+Worked example (the one ``tests/test_acc.py`` checks): 4 rows, row 3 is padding, 2 heads.
+Rows of P are queries, columns keys; the padding query (row 3) is ignored::
+
+    head 0: q0 [.50 .25 .25 0]   head 1: q0 [.50 .00 .50 0]
+            q1 [.50 .50 .00 0]           q1 [.25 .50 .25 0]
+            q2 [.25 .25 .50 0]           q2 [.00 .25 .75 0]
+    column sums over valid queries: head 0 [1.25 1.00 0.75], head 1 [0.75 0.75 1.50]
+    plain ACC = [2.00 1.75 2.25] / (2 heads * 3 valid) = [.3333 .2917 .3750 -inf]
+    with CLS protected:                                  [+inf  .2917 .3750 -inf]
+
+Selection with a static keep-length k (a Python int): ``lax.top_k`` on ACC, then the kept
+indices are sorted so the rows keep their original order, then every per-row array is
+gathered with the same indices. On the example, k=2 keeps rows [0, 2]; k=3 keeps top-k
+[0, 2, 1], re-sorted to [0, 1, 2]; padding is always dropped before any real row.
+
+    hidden  [B, 4, D] --take rows [0, 2]--> [B, 2, D]
+    mask    [[T T T F]] -> [[T T]]     positions [[0 1 2 3]] -> [[0 2]]
+
+Letters: B batch, T query rows, S key rows, N heads, H head size, D model size, K kept rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+Array = jax.Array
+
+VARIANTS = ("plain", "minus_diagonal", "value_norm")
+
+
+@struct.dataclass
+class Rows:
+    """Per-row bookkeeping that travels with the hidden state through elimination.
+
+    Attributes:
+      mask: [B, T] bool, True for a real token.
+      positions: [B, T] int32, each row's ORIGINAL position in the input (position ids).
+      token_types: [B, T] int32 segment ids, or None for models without them.
+    """
+
+    mask: Array
+    positions: Array
+    token_types: Array | None = None
+
+    def take(self, idx: Array) -> "Rows":
+        """Gathers every field with row indices ``idx`` [B, K] (sorted, original order)."""
+        return jax.tree.map(lambda a: jnp.take_along_axis(a, idx, axis=1), self)
+
+    @staticmethod
+    def create(mask: Array, positions: Array | None = None, token_types: Array | None = None) -> "Rows":
+        mask = mask.astype(bool)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
+        return Rows(mask=mask, positions=positions.astype(jnp.int32),
+                    token_types=None if token_types is None else token_types.astype(jnp.int32))
+
+
+def _finish(col: Array, key_mask: Array, denom: Array, protect: Array | None) -> Array:
+    """col [B, S] summed contributions -> ACC with padding -inf and protected rows +inf."""
+    scores = col / denom
+    scores = jnp.where(key_mask, scores, -jnp.inf)
+    if protect is not None:
+        scores = jnp.where(protect & key_mask, jnp.inf, scores)
+    return scores
+
+
+def _denominator(key_mask: Array, query_mask: Array, num_heads: int, causal: bool) -> Array:
+    """[B, 1] (or [B, S] when causal) normaliser of the column sums, never zero."""
+    qm = query_mask.astype(jnp.float32)
+    if causal:
+        # c_j = number of valid queries i >= j: a reverse cumulative sum of the query mask.
+        seen = jnp.flip(jnp.cumsum(jnp.flip(qm, axis=1), axis=1), axis=1)  # [B, S]
+        return num_heads * jnp.maximum(seen, 1.0)
+    return num_heads * jnp.maximum(qm.sum(axis=1, keepdims=True), 1.0)
+
+
+def acc_scores(
+    probs: Array,
+    key_mask: Array,
+    query_mask: Array | None = None,
+    *,
+    variant: str = "plain",
+    causal: bool = False,
+    protect: Array | None = None,
+    value_norms: Array | None = None,
+) -> Array:
+    """ACC of each key row from materialised attention probabilities.
+
+    Args:
+      probs: [B, N, T, S] attention probabilities (any float dtype; summed in float32).
+      key_mask: [B, S] bool, True for real tokens.
+      query_mask: [B, T] bool; defaults to ``key_mask`` (self-attention).
+      variant: one of ``VARIANTS``.
+      causal: normalise each column by the number of valid queries that can see it.
+      protect: [B, S] bool, rows that must never be dropped (+inf).
+      value_norms: [B, N, S] = ||v[n, j] W_O[n]||, required by ``value_norm``.
+    Returns:
+      [B, S] float32 scores.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ACC variant {variant!r}; choose one of {VARIANTS}")
+    if query_mask is None:
+        query_mask = key_mask
+    num_heads = probs.shape[1]
+    p = probs.astype(jnp.float32) * query_mask[:, None, :, None]  # [B, N, T, S] valid queries
+    if variant == "minus_diagonal":
+        t, s = p.shape[-2:]
+        p = p * (1.0 - jnp.eye(t, s, dtype=jnp.float32))
+    col = p.sum(axis=2)  # [B, N, S]
+    if variant == "value_norm":
+        if value_norms is None:
+            raise ValueError("ACC variant 'value_norm' needs value_norms [B, N, S]")
+        col = col * value_norms.astype(jnp.float32)
+    col = col.sum(axis=1)  # [B, S]
+    return _finish(col, key_mask, _denominator(key_mask, query_mask, num_heads, causal), protect)
+
+
+def acc_scores_from_lse(
+    q: Array,
+    k: Array,
+    lse: Array,
+    key_mask: Array,
+    query_mask: Array | None = None,
+    *,
+    scale: float,
+    causal: bool = False,
+    protect: Array | None = None,
+) -> Array:
+    """Plain ACC without the probabilities of the attention pass.
+
+    A fused (flash) attention kernel returns the output and the per-row log-sum-exp of the
+    logits; ``P[n, i, j] = exp(scale * q_i . k_j - lse[n, i])`` is then recomputed inside one
+    reduction, so the [B, N, T, S] probabilities are written once (as logits) and read once,
+    instead of passing through softmax, dropout and the context matmul.
+
+    Args:
+      q: [B, T, N, H]; k: [B, S, N, H]; lse: [B, N, T] log-sum-exp of the masked logits.
+    Returns:
+      [B, S] float32 scores, equal to ``acc_scores(probs, ..., variant='plain')``.
+    """
+    if query_mask is None:
+        query_mask = key_mask
+    num_heads = q.shape[2]
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    p = jnp.exp(logits - lse.astype(jnp.float32)[..., None])
+    if causal:
+        t, s = logits.shape[-2:]
+        p = jnp.where(jnp.tril(jnp.ones((t, s), bool), s - t), p, 0.0)
+    p = jnp.where(query_mask[:, None, :, None] & key_mask[:, None, None, :], p, 0.0)
+    col = p.sum(axis=(1, 2))  # [B, S]
+    return _finish(col, key_mask, _denominator(key_mask, query_mask, num_heads, causal), protect)
+
+
+def select_rows(scores: Array, keep: int) -> Array:
+    """Indices [B, keep] of the ``keep`` highest-scoring rows, in original order.
+
+    ``keep`` is a static Python int: it fixes the output shape under ``jax.jit``.
+    """
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive Python int, got {keep!r}")
+    if keep > scores.shape[1]:
+        raise ValueError(f"cannot keep {keep} of {scores.shape[1]} rows")
+    _, idx = lax.top_k(scores, keep)  # [B, K], best first
+    return jnp.sort(idx, axis=1).astype(jnp.int32)  # [B, K], original order
+
+
+def take_rows(x: Array, idx: Array) -> Array:
+    """Gathers rows ``idx`` [B, K] along axis 1 of ``x`` [B, T, ...] -> [B, K, ...]."""
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def eliminate(scores: Array, keep: int, rows: Rows, *tensors: Array) -> tuple[Array, Rows, tuple[Any, ...]]:
+    """Keeps the ``keep`` best rows of ``rows`` and of every tensor [B, T, ...] given.
+
+    Returns:
+      (idx [B, K], rows gathered, tensors gathered), all in original row order.
+    """
+    idx = select_rows(scores, keep)
+    return idx, rows.take(idx), tuple(take_rows(t, idx) for t in tensors)

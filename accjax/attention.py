@@ -1,0 +1,111 @@
+"""Scaled dot-product attention cores shared by the model families.
+
+Letters: B batch, T query rows, S key rows, N heads, H head size.
+
+Masks are boolean, True = may attend. ``key_mask`` [B, S] masks padding keys; ``causal``
+adds ``i >= j`` (queries see themselves and earlier keys; with T < S the queries are the
+LAST T positions, as in KV-cache decoding). Example for T = S = 3, key_mask [T T F]::
+
+    causal=False      causal=True
+    [[1 1 0]          [[1 0 0]
+     [1 1 0]           [1 1 0]
+     [1 1 0]]          [1 1 0]]
+
+Masked logits are set to the most negative float32 rather than -inf, so a row with no
+visible key (a padding row of an all-padding example) softmaxes to uniform, never NaN.
+
+Two paths:
+  * ``attention_with_probs``: logits and probabilities materialised; needed for ACC scoring
+    from probabilities, attention dropout and returning attention maps. Softmax in float32.
+  * ``fused_attention``: ``jax.nn.dot_product_attention``; on GPU with bf16/fp16 inputs it
+    uses cuDNN flash attention (no [B, N, T, S] tensor in memory), elsewhere XLA.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def visibility(key_mask: Array, t: int, causal: bool) -> Array:
+    """[B, 1, T, S] bool: which keys each query may attend to."""
+    s = key_mask.shape[1]
+    vis = key_mask[:, None, None, :]
+    if causal:
+        vis = vis & jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
+    return vis
+
+
+def attention_with_probs(
+    q: Array,
+    k: Array,
+    v: Array,
+    key_mask: Array,
+    *,
+    scale: float,
+    causal: bool = False,
+    bias: Array | None = None,
+    probs_dropout: Callable[[Array], Array] | None = None,
+) -> tuple[Array, Array]:
+    """Attention that also returns its probabilities.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, N, H]; key_mask: [B, S] bool.
+      scale: logit scale (1/sqrt(H) for BERT/GPT-2, 1.0 for T5).
+      bias: optional additive logits bias broadcastable to [B, N, T, S] (T5 positions).
+      probs_dropout: applied to the probabilities before the context matmul (training).
+    Returns:
+      (context [B, T, N, H] in q.dtype, probs [B, N, T, S] float32, before dropout).
+    """
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    logits = jnp.where(visibility(key_mask, q.shape[1], causal), logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S]
+    p = probs if probs_dropout is None else probs_dropout(probs)
+    ctx = jnp.einsum("BNTS,BSNH->BTNH", p.astype(v.dtype), v)
+    return ctx, probs
+
+
+def fused_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    key_mask: Array,
+    *,
+    scale: float,
+    causal: bool = False,
+    bias: Array | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Attention without materialised probabilities where the backend allows it.
+
+    Args as ``attention_with_probs``; ``implementation`` is passed to
+    ``jax.nn.dot_product_attention`` ('xla', 'cudnn' or None = choose: cuDNN on GPU for
+    bf16/fp16 inputs, XLA elsewhere).
+    Returns:
+      context [B, T, N, H] in q.dtype.
+    """
+    if implementation is None:
+        implementation = default_implementation(q.dtype)
+    mask = visibility(key_mask, q.shape[1], causal)
+    if implementation == "xla":
+        ctx, _ = attention_with_probs(q, k, v, key_mask, scale=scale, causal=causal, bias=bias)
+        return ctx
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation
+    )
+
+
+def default_implementation(dtype) -> str:
+    """cuDNN flash attention on GPU for half-precision inputs, XLA otherwise."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"

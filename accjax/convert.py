@@ -1,0 +1,579 @@
+"""Hugging Face PyTorch checkpoints <-> accjax Flax parameters.
+
+Conversion is data: each family gives a list of ``Rule`` s, one per Flax parameter, naming
+the HF key(s) it comes from and a pair of exact transforms (transposes, reshapes, stacks
+only), so HF -> accjax -> HF reproduces every tensor bit for bit. Expected HF shapes are
+derived by running each rule's reverse transform on the Flax shape, so a mis-shaped key is
+reported in HF terms.
+
+Loading checks every key: missing, unexpected and mis-shaped keys are collected and raised
+together in one ``CheckpointError`` naming each of them. Known buffers and the heads of other
+tasks (e.g. BERT's pre-training ``cls.*``) are ignored and listed in the report. A task head
+that the checkpoint does not carry at all (a classifier on a base checkpoint) is freshly
+initialised, as HF does, and listed as such; a head that is only partly there is an error.
+
+Weights: ``model.safetensors`` (also sharded with an index) first; ``pytorch_model.bin`` only
+through ``torch.load(weights_only=True)``.
+
+CLI::
+
+    python -m accjax.convert SRC OUT [--head sequence_classification] [--num_labels 2]
+    python -m accjax.convert SRC OUT --to-hf        # an accjax folder back to an HF folder
+
+SRC is a local HF folder, a hub id (online), a built-in name (``minilm-l6``) or an accjax
+folder; OUT receives ``accjax.json`` + ``params.safetensors`` + tokenizer files (or, with
+``--to-hf``, ``config.json`` + ``model.safetensors`` + tokenizer files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from accjax import models as models_lib
+
+ACCJAX_META = "accjax.json"
+ACCJAX_PARAMS = "params.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "spiece.model", "added_tokens.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names every offending key."""
+
+
+# ----------------------------------------------------------------------------- transforms
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One Flax parameter and the HF tensor(s) it is made of.
+
+    Attributes:
+      path: Flax parameter path, e.g. ('layer_0', 'qkv', 'kernel').
+      hf: HF keys (relative to the base-model prefix unless ``head``), in the order the
+        transforms take and return them.
+      to_flax: (hf arrays..., flax_shape) -> flax array.
+      to_hf: flax array -> tuple of hf arrays.
+      head: belongs to a head (pooler, classifier); initialised fresh when the checkpoint
+        has none of that head's keys.
+      top: the HF key sits outside the base-model prefix (``classifier.weight``, not
+        ``bert.classifier.weight``).
+    """
+
+    path: tuple[str, ...]
+    hf: tuple[str, ...]
+    to_flax: Callable[..., np.ndarray]
+    to_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    head: bool = False
+    top: bool = False
+
+
+def copy(path, hf_key, head=False, top=False) -> Rule:
+    """Same tensor on both sides (embedding tables, LayerNorm scales, biases)."""
+    return Rule(tuple(path), (hf_key,), lambda x, shape: x.reshape(shape), lambda y: (y,), head, top)
+
+
+def bias(path, hf_key, head=False, top=False) -> Rule:
+    """HF [out] <-> Flax bias of shape ``out`` split over axes, e.g. [3, N, H]."""
+    return Rule(tuple(path), (hf_key,), lambda x, shape: x.reshape(shape), lambda y: (y.reshape(-1),), head, top)
+
+
+def linear(path, hf_key, in_axes: int = 1, head=False, top=False) -> Rule:
+    """HF ``nn.Linear`` weight [out, in] <-> Flax kernel [in..., out...].
+
+    ``in_axes`` is how many leading Flax axes make up the input dimension (2 for the
+    attention output kernel [N, H, D]).
+    """
+    def to_flax(w, shape):
+        return np.ascontiguousarray(w.T).reshape(shape)
+
+    def to_hf(k):
+        n_in = math.prod(k.shape[:in_axes])
+        return (np.ascontiguousarray(k.reshape(n_in, -1).T),)
+
+    return Rule(tuple(path), (hf_key,), to_flax, to_hf, head, top)
+
+
+def conv1d(path, hf_key, in_axes: int = 1, head=False, top=False) -> Rule:
+    """HF GPT-2 ``Conv1D`` weight, stored [in, out] (already Flax order) <-> Flax kernel."""
+    def to_hf(k):
+        return (np.ascontiguousarray(k.reshape(math.prod(k.shape[:in_axes]), -1)),)
+
+    return Rule(tuple(path), (hf_key,), lambda w, shape: w.reshape(shape), to_hf, head, top)
+
+
+def stacked_linear(path, hf_keys, axis: int = 1, head=False, top=False) -> Rule:
+    """Several HF Linear weights [out, in] stacked into one Flax kernel along ``axis``.
+
+    BERT's query/key/value [D, D] each -> fused kernel [D, 3, N, H] (axis=1): one GEMM.
+    """
+    def to_flax(*ws_and_shape):
+        *ws, shape = ws_and_shape
+        part = shape[:axis] + shape[axis + 1:]
+        return np.stack([np.ascontiguousarray(w.T).reshape(part) for w in ws], axis=axis)
+
+    def to_hf(k):
+        n_in = math.prod(k.shape[:axis])
+        return tuple(np.ascontiguousarray(np.take(k, j, axis=axis).reshape(n_in, -1).T)
+                     for j in range(k.shape[axis]))
+
+    return Rule(tuple(path), tuple(hf_keys), to_flax, to_hf, head, top)
+
+
+def stacked_bias(path, hf_keys, axis: int = 0, head=False, top=False) -> Rule:
+    """Several HF biases [out] stacked into one Flax bias, e.g. 3 x [D] -> [3, N, H]."""
+    def to_flax(*bs_and_shape):
+        *bs, shape = bs_and_shape
+        part = shape[:axis] + shape[axis + 1:]
+        return np.stack([b.reshape(part) for b in bs], axis=axis)
+
+    def to_hf(b):
+        return tuple(np.take(b, j, axis=axis).reshape(-1) for j in range(b.shape[axis]))
+
+    return Rule(tuple(path), tuple(hf_keys), to_flax, to_hf, head, top)
+
+
+# ------------------------------------------------------------------------------ reading
+def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of an HF checkpoint folder as float/int numpy arrays.
+
+    Reads model.safetensors, a sharded safetensors index, or (only if no safetensors file
+    exists) pytorch_model.bin through ``torch.load(weights_only=True)``.
+    """
+    folder = Path(folder)
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    pt = folder / "pytorch_model.bin"
+    if single.exists():
+        return _read_safetensors(single)
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out: dict[str, np.ndarray] = {}
+        for s in shards:
+            out.update(_read_safetensors(folder / s))
+        return out
+    if pt.exists():
+        return _read_torch_bin(pt)
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(
+        f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json "
+        f"or pytorch_model.bin; the folder holds {present}"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        out = {}
+        with safe_open(str(path), framework="numpy") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+        return out
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+            "download or convert it again"
+        ) from None
+    except TypeError:
+        # numpy has no bfloat16: read through the flax framework and upcast.
+        out = {}
+        with safe_open(str(path), framework="flax") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                out[k] = np.asarray(t.astype("float32") if t.dtype.name == "bfloat16" else t)
+        return out
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle; reading it needs torch (pip install 'accjax[torch]'), "
+            "or convert it to model.safetensors first"
+        ) from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip archives, disallowed globals
+        raise CheckpointError(f"{path} could not be read with torch.load(weights_only=True): {e}") from None
+    out = {}
+    for k, v in sd.items():
+        v = v.detach()
+        if v.is_floating_point() and v.dtype != torch.float32:
+            v = v.float()
+        out[k] = v.numpy()
+    return out
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+# --------------------------------------------------------------------------- conversion
+@dataclasses.dataclass
+class LoadReport:
+    ignored: list[str] = dataclasses.field(default_factory=list)  # buffers, other tasks' heads
+    initialized: list[str] = dataclasses.field(default_factory=list)  # fresh head params
+
+
+def _flax_shapes(family: models_lib.Family, config, head: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    module = family.module(config, head)
+    inputs = family.dummy_inputs(config, 1, 8)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **inputs))
+    params = nn.meta.unbox(abstract["params"])
+    return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _normalise_keys(family: models_lib.Family, sd: Mapping[str, Any]):
+    """Strips the base-model prefix ('bert.'), drops ignorable keys. Returns (sd, ignored)."""
+    out, ignored = {}, []
+    prefix = family.hf_prefix
+    for k, v in sd.items():
+        if any(re.fullmatch(pat, k) for pat in family.hf_ignore):
+            ignored.append(k)
+            continue
+        key = k[len(prefix):] if prefix and k.startswith(prefix) else k
+        if key in out:
+            raise CheckpointError(f"checkpoint holds both {k!r} and its unprefixed twin {key!r}")
+        out[key] = v
+    return out, ignored
+
+
+def from_state_dict(
+    family: models_lib.Family,
+    config,
+    state_dict: Mapping[str, Any],
+    head: str = "base",
+    *,
+    seed: int = 0,
+    source: str = "state dict",
+) -> tuple[dict, LoadReport]:
+    """HF state dict (numpy or torch tensors) -> nested Flax params dict of numpy arrays.
+
+    Raises:
+      CheckpointError naming every missing, unexpected and mis-shaped key.
+    """
+    sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+    rules = family.rules(config, head)
+    sd, ignored = _normalise_keys(family, sd)
+    # Top-level keys of the family's other heads (a classifier when loading the base model).
+    own = {k for r in rules for k in r.hf}
+    for other in family.modules:
+        if other != head:
+            for r in family.rules(config, other):
+                for k in r.hf:
+                    if r.top and k not in own and k in sd:
+                        ignored.append(k)
+                        del sd[k]
+    shapes = _flax_shapes(family, config, head)
+    report = LoadReport(ignored=sorted(ignored))
+
+    by_path = {r.path: r for r in rules}
+    if set(by_path) != set(shapes):  # a family bug, not a user error
+        raise AssertionError(
+            f"rules and module disagree: only in rules {sorted(set(by_path) - set(shapes))}, "
+            f"only in module {sorted(set(shapes) - set(by_path))}")
+
+    # Head groups (e.g. 'classifier') absent from the checkpoint altogether are initialised.
+    head_groups: dict[str, list[Rule]] = {}
+    for r in rules:
+        if r.head:
+            head_groups.setdefault(_head_group(r), []).append(r)
+    fresh = {g for g, rs in head_groups.items() if not any(k in sd for r in rs for k in r.hf)}
+
+    missing, mismatched, params = [], [], {}
+    used: set[str] = set()
+    rng = np.random.default_rng(seed)
+    for r in rules:
+        shape = shapes[r.path]
+        if r.head and _head_group(r) in fresh:
+            params[r.path] = _fresh(r.path, shape, config, rng)
+            report.initialized.append("/".join(r.path))
+            continue
+        absent = [k for k in r.hf if k not in sd]
+        if absent:
+            missing.extend(_hf_name(family, r, k) for k in absent)
+            continue
+        want = r.to_hf(np.zeros(shape, np.float32))
+        bad = False
+        for k, w in zip(r.hf, want):
+            used.add(k)
+            if tuple(sd[k].shape) != tuple(w.shape):
+                mismatched.append(
+                    f"{_hf_name(family, r, k)}: checkpoint {tuple(sd[k].shape)}, model expects {tuple(w.shape)}")
+                bad = True
+        if not bad:
+            params[r.path] = np.asarray(r.to_flax(*(sd[k] for k in r.hf), shape), dtype=np.float32)
+    unexpected = sorted(k for k in sd if k not in used)
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint ({source}) does not match {family.name} head {head!r} "
+                 f"({_describe(config)}):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        if mismatched:
+            lines.append(f"  mis-shaped keys ({len(mismatched)}): " + "; ".join(mismatched))
+        if mismatched and any("classifier" in m or "score" in m for m in mismatched):
+            lines.append("  (a head of another label count: pass the checkpoint's num_labels, "
+                         "or load with head='base' and fine-tune a new head)")
+        raise CheckpointError("\n".join(lines))
+    return unflatten(params), report
+
+
+def _head_group(r: Rule) -> str:
+    return "/".join(r.path[:-1])  # the module a head parameter belongs to, e.g. 'classifier' 
+
+
+def _hf_name(family, r: Rule, k: str) -> str:
+    return k if r.top or not family.hf_prefix else f"[{family.hf_prefix}]{k}"
+
+
+def _fresh(path, shape, config, rng) -> np.ndarray:
+    """HF's `_init_weights`: N(0, initializer_range) kernels, zero biases, unit scales."""
+    leaf = path[-1]
+    if leaf in ("bias",):
+        return np.zeros(shape, np.float32)
+    if leaf in ("scale",):
+        return np.ones(shape, np.float32)
+    std = getattr(config, "initializer_range", 0.02)
+    return (rng.standard_normal(shape) * std).astype(np.float32)
+
+
+def _describe(config) -> str:
+    fields = ("num_layers", "hidden_size", "num_heads", "num_labels")
+    return ", ".join(f"{f}={getattr(config, f)}" for f in fields if hasattr(config, f))
+
+
+def _to_numpy(v) -> np.ndarray:
+    if hasattr(v, "detach"):  # torch tensor
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            v = v.float()
+        return v.numpy()
+    return np.asarray(v)
+
+
+def to_state_dict(family: models_lib.Family, config, params: Mapping, head: str = "base") -> dict[str, np.ndarray]:
+    """Flax params -> HF state dict (numpy), keyed as the matching HF class saves them."""
+    flat = flatten(params)
+    out = {}
+    prefix = family.hf_prefix if head != "base" else ""
+    for r in family.rules(config, head):
+        arrays = r.to_hf(np.asarray(flat["/".join(r.path)], dtype=np.float32))
+        for k, a in zip(r.hf, arrays):
+            out[k if r.top else prefix + k] = np.ascontiguousarray(a)
+    return out
+
+
+def flatten(params: Mapping, sep: str = "/") -> dict[str, Any]:
+    out = {}
+
+    def rec(d, prefix):
+        for k, v in d.items():
+            key = f"{prefix}{sep}{k}" if prefix else str(k)
+            if isinstance(v, Mapping):
+                rec(v, key)
+            else:
+                out[key] = v
+
+    rec(params, "")
+    return out
+
+
+def unflatten(flat: Mapping, sep: str = "/") -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        parts = k.split(sep) if isinstance(k, str) else list(k)
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = v
+    return out
+
+
+# ---------------------------------------------------------------------- high-level API
+@dataclasses.dataclass
+class Loaded:
+    """A model ready to run: family, config, head, params (numpy) and where it came from."""
+
+    family: models_lib.Family
+    config: Any
+    head: str
+    params: dict
+    folder: Path
+    report: LoadReport
+
+    @property
+    def module(self):
+        return self.family.module(self.config, self.head)
+
+
+def load(
+    spec: str | Path,
+    head: str = "base",
+    *,
+    num_labels: int | None = None,
+    seed: int = 0,
+    **config_overrides,
+) -> Loaded:
+    """Loads a model from an HF folder, hub id, built-in name or accjax folder.
+
+    Args:
+      spec: see ``accjax.hub.resolve``.
+      head: 'base', 'sequence_classification', 'lm'.
+      num_labels: classification width; None = what the checkpoint says.
+      config_overrides: e.g. ``dtype='bfloat16'``, ``hidden_dropout=0.0``.
+    """
+    from accjax import hub
+
+    folder = hub.resolve(spec)
+    if (folder / ACCJAX_META).exists():
+        loaded = load_accjax(folder)
+        _check_compatible(loaded, head, num_labels)
+        if config_overrides:
+            loaded.config = dataclasses.replace(loaded.config, **config_overrides)
+        return loaded
+    hf_cfg = read_hf_config(folder)
+    model_type = hf_cfg.get("model_type")
+    if model_type is None:
+        raise CheckpointError(f"{folder}/config.json has no model_type")
+    family = models_lib.family_for_hf_type(model_type)
+    overrides = dict(config_overrides)
+    if num_labels is not None:
+        overrides["num_labels"] = num_labels
+    config = family.config_cls.from_hf(hf_cfg, **overrides)
+    sd = read_state_dict(folder)
+    params, report = from_state_dict(family, config, sd, head, seed=seed, source=str(folder))
+    return Loaded(family, config, head, params, folder, report)
+
+
+def _check_compatible(loaded: Loaded, head: str, num_labels: int | None) -> None:
+    if head != loaded.head and not (head == "base"):
+        raise CheckpointError(
+            f"{loaded.folder} holds a {loaded.family.name} model with head {loaded.head!r}, "
+            f"not {head!r}")
+    if num_labels is not None and getattr(loaded.config, "num_labels", num_labels) != num_labels:
+        raise CheckpointError(
+            f"{loaded.folder} has {loaded.config.num_labels} labels, the task needs {num_labels}")
+    if head == "base" and loaded.head != "base":
+        sub = loaded.family.hf_prefix.rstrip(".")
+        loaded.params = loaded.params[sub] if sub in loaded.params else loaded.params
+        loaded.head = "base"
+
+
+def save_accjax(loaded_or_family, config=None, params=None, head="base", out_dir=None, *, tokenizer_from=None, extra=None) -> Path:
+    """Writes ``accjax.json`` (family, head, config) + ``params.safetensors`` (+ tokenizer)."""
+    from safetensors.numpy import save_file
+
+    if isinstance(loaded_or_family, Loaded):
+        ld = loaded_or_family
+        family, config, params, head = ld.family, ld.config, ld.params, ld.head
+        tokenizer_from = tokenizer_from or ld.folder
+    else:
+        family = loaded_or_family
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flatten(params).items()}
+    save_file(flat, str(out / ACCJAX_PARAMS))
+    meta = {"family": family.name, "head": head, "config": dataclasses.asdict(config)}
+    if extra:
+        meta.update(extra)
+    (out / ACCJAX_META).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer_from is not None:
+        copy_tokenizer_files(tokenizer_from, out)
+    return out
+
+
+def load_accjax(folder: str | Path) -> Loaded:
+    folder = Path(folder)
+    meta = json.loads((folder / ACCJAX_META).read_text())
+    family = models_lib.get_family(meta["family"])
+    config = family.config_cls(**meta["config"])
+    flat = _read_safetensors(folder / ACCJAX_PARAMS)
+    return Loaded(family, config, meta["head"], unflatten(flat), folder, LoadReport())
+
+
+def save_hf(loaded: Loaded, out_dir: str | Path) -> Path:
+    """Writes an HF folder (config.json + model.safetensors + tokenizer) from accjax params."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = to_state_dict(loaded.family, loaded.config, loaded.params, loaded.head)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = loaded.config.to_hf()
+    arch = loaded.family.hf_architectures.get(loaded.head)
+    if arch:
+        cfg["architectures"] = [arch]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    copy_tokenizer_files(loaded.folder, out)
+    return out
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m accjax.convert",
+        description="Convert a Hugging Face checkpoint to accjax params (or back with --to-hf).")
+    ap.add_argument("src", help="HF folder, hub id, built-in name (minilm-l6) or accjax folder")
+    ap.add_argument("out", help="output folder")
+    ap.add_argument("--head", default=None,
+                    help="base | sequence_classification | lm (default: base, or the source's head)")
+    ap.add_argument("--num_labels", type=int, default=None)
+    ap.add_argument("--to-hf", dest="to_hf", action="store_true",
+                    help="write an HF folder (config.json + model.safetensors) instead")
+    args = ap.parse_args(argv)
+    try:
+        from accjax import hub
+
+        folder = hub.resolve(args.src)
+        head = args.head or ("base" if not (folder / ACCJAX_META).exists()
+                             else json.loads((folder / ACCJAX_META).read_text())["head"])
+        loaded = load(folder, head, num_labels=args.num_labels)
+        out = save_hf(loaded, args.out) if args.to_hf else save_accjax(loaded, out_dir=args.out)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(np.asarray(v).size for v in flatten(loaded.params).values())
+    for k in loaded.report.ignored:
+        print(f"ignored {k}")
+    for k in loaded.report.initialized:
+        print(f"initialised fresh {k}")
+    print(f"wrote {out} ({loaded.family.name}, head {loaded.head}, {n:,} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

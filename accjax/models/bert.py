@@ -1,0 +1,376 @@
+"""BERT-family encoder (BERT, MiniLM, ...) in Flax linen, with ACC word-vector elimination.
+
+Numerically matches Hugging Face ``BertModel`` / ``BertForSequenceClassification`` at fp32
+(post-LN blocks, absolute positions, token types, tanh pooler over the CLS row).
+
+Elimination (see ``accjax.acc``): a layer given a static ``keep`` < its input rows T runs
+self-attention over all T rows, scores them by ACC, and keeps the ``keep`` best (CLS always,
+padding first to go). The output projection, both residuals and the feed-forward block then
+run on the kept rows only; dropped rows are gone for all later layers.
+
+Einsum letters: B batch, T rows entering a layer, K rows kept, D hidden size, N heads,
+H head size (D = N * H), F feed-forward width, Q the 3 fused projections (q, k, v).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from accjax import acc as acc_lib
+from accjax import attention as attn_lib
+from accjax.models import common
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522  # WordPiece vocabulary size
+    hidden_size: int = 768  # D
+    num_layers: int = 12  # L encoder blocks
+    num_heads: int = 12  # N; head size H = D / N
+    intermediate_size: int = 3072  # F, feed-forward width
+    max_position_embeddings: int = 512  # longest input (absolute position table)
+    type_vocab_size: int = 2  # segment ids (sentence A / B)
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"  # HF name; "gelu" is the exact erf form
+    hidden_dropout: float = 0.1  # embeddings, residual branches
+    attention_dropout: float = 0.1  # on attention probabilities
+    classifier_dropout: float | None = None  # None: use hidden_dropout (as HF)
+    initializer_range: float = 0.02  # std of N(0, std) weight init
+    pad_token_id: int = 0
+    num_labels: int = 2  # classification head width; 1 = regression
+    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
+    param_dtype: str = "float32"  # parameter storage dtype
+    family: str = "bert"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        common.activation(self.hidden_act)  # fail early on an unknown activation
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **kw) -> "BertConfig":
+        return dataclasses.replace(self, **kw)
+
+    # -- Hugging Face config.json <-> BertConfig ------------------------------------------
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], **overrides) -> "BertConfig":
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"position_embedding_type={d['position_embedding_type']!r} is not supported; "
+                "accjax's BERT implements absolute positions only"
+            )
+        num_labels = d.get("num_labels") or len(d.get("id2label") or {}) or 2
+        kw = dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            intermediate_size=d["intermediate_size"],
+            max_position_embeddings=d.get("max_position_embeddings", 512),
+            type_vocab_size=d.get("type_vocab_size", 2),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+            hidden_act=d.get("hidden_act", "gelu"),
+            hidden_dropout=d.get("hidden_dropout_prob", 0.1),
+            attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
+            classifier_dropout=d.get("classifier_dropout"),
+            initializer_range=d.get("initializer_range", 0.02),
+            pad_token_id=d.get("pad_token_id") or 0,
+            num_labels=num_labels,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "model_type": "bert",
+            "architectures": ["BertForSequenceClassification"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": self.hidden_dropout,
+            "attention_probs_dropout_prob": self.attention_dropout,
+            "classifier_dropout": self.classifier_dropout,
+            "initializer_range": self.initializer_range,
+            "pad_token_id": self.pad_token_id,
+            "position_embedding_type": "absolute",
+            "num_labels": self.num_labels,
+            "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_labels)},
+            "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
+            "problem_type": "regression" if self.num_labels == 1 else "single_label_classification",
+        }
+
+
+PRESETS: dict[str, BertConfig] = {
+    "bert-base-uncased": BertConfig(),
+    "bert-large-uncased": BertConfig(
+        hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096
+    ),
+    "minilm-l6-h384": BertConfig(
+        hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536
+    ),
+}
+
+
+@struct.dataclass
+class BertOutput:
+    """What a forward pass returns; unused fields cost nothing under ``jax.jit``.
+
+    Attributes:
+      last_hidden_state: [B, K_L, D], the rows that survived the last layer.
+      pooler_output: [B, D] tanh(W h_CLS + b), or None without a pooler.
+      rows: ``acc.Rows`` of the surviving rows (mask, original positions, token types).
+      layers: per layer a dict; eliminating layers hold ``acc`` [B, T] (ACC of the rows that
+        entered), ``keep_idx`` [B, K] (kept rows, indices into that layer's input, sorted)
+        and ``positions`` [B, K] (original positions of the kept rows).
+      hidden_states: (embeddings, layer 1, ..., layer L) outputs, if asked for.
+      attentions: per layer [B, N, T, T] float32 probabilities, if asked for.
+      logits: [B, C] for the classification model, else None.
+    """
+
+    last_hidden_state: Array
+    pooler_output: Array | None
+    rows: acc_lib.Rows
+    layers: tuple[dict[str, Array], ...]
+    hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None
+    logits: Array | None = None
+
+
+class Embeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Array, positions: Array, token_types: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        std, dtype, pdt = cfg.initializer_range, common.to_dtype(cfg.dtype), common.to_dtype(cfg.param_dtype)
+
+        def table(name, n, axes):
+            return nn.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
+                            embedding_init=common.normal_init(std, axes), name=name)
+
+        x = table("word_embeddings", cfg.vocab_size, ("vocab", "embed"))(input_ids)  # [B, T, D]
+        x = x + table("position_embeddings", cfg.max_position_embeddings, ("positions", "embed"))(positions)
+        x = x + table("token_type_embeddings", cfg.type_vocab_size, ("types", "embed"))(token_types)
+        x = layer_norm(cfg, "LayerNorm")(x)
+        return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+
+
+def layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps, dtype=common.to_dtype(cfg.dtype),
+        param_dtype=common.to_dtype(cfg.param_dtype), name=name,
+        scale_init=common.ones_init(("embed",)), bias_init=common.zeros_init(("embed",)),
+    )
+
+
+def dense(cfg: BertConfig, features, axes: tuple[str, ...], name: str, axis=-1) -> nn.DenseGeneral:
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features, axis=axis, dtype=common.to_dtype(cfg.dtype), param_dtype=common.to_dtype(cfg.param_dtype),
+        kernel_init=common.normal_init(cfg.initializer_range, axes),
+        bias_init=common.zeros_init(axes[-n_out:]), name=name,
+    )
+
+
+class HeadsOut(nn.Module):
+    """Output projection [B, T, N, H] -> [B, T, D]; also the per-head value norms ACC uses."""
+
+    config: BertConfig
+
+    def setup(self):
+        cfg = self.config
+        pdt = common.to_dtype(cfg.param_dtype)
+        self.kernel = self.param(
+            "kernel", common.normal_init(cfg.initializer_range, ("heads", "kv", "embed")),
+            (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdt)
+        self.bias = self.param("bias", common.zeros_init(("embed",)), (cfg.hidden_size,), pdt)
+
+    def __call__(self, ctx: Array) -> Array:
+        dtype = common.to_dtype(self.config.dtype)
+        y = jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
+        return y + self.bias.astype(dtype)
+
+    def value_norms(self, v: Array) -> Array:
+        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
+        dtype = common.to_dtype(self.config.dtype)
+        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
+        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+
+
+class BertLayer(nn.Module):
+    """One post-LN encoder block with optional elimination after self-attention."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        rows: acc_lib.Rows,
+        *,
+        keep: int | None = None,
+        acc_variant: str = "plain",
+        deterministic: bool = True,
+        output_attentions: bool = False,
+    ) -> tuple[Array, acc_lib.Rows, dict[str, Array]]:
+        """
+        Args:
+          x: [B, T, D] rows entering the layer; rows: their ``acc.Rows``.
+          keep: static Python int; rows kept after attention (None or >= T: keep all).
+        Returns:
+          (x [B, K, D], rows of the K kept rows, out dict of named intermediates).
+        """
+        cfg = self.config
+        t = x.shape[1]
+        eliminate = keep is not None and keep < t
+        scale = common.attention_scale(cfg.head_dim)
+        out: dict[str, Array] = {}
+
+        qkv = dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+
+        train_dropout = not deterministic and cfg.attention_dropout > 0
+        if eliminate or output_attentions or train_dropout:
+            drop = nn.Dropout(cfg.attention_dropout)
+            ctx, probs = attn_lib.attention_with_probs(
+                q, k, v, rows.mask, scale=scale,
+                probs_dropout=(lambda p: drop(p, deterministic=deterministic)) if train_dropout else None,
+            )  # ctx [B, T, N, H], probs [B, N, T, T]
+            if output_attentions:
+                out["attentions"] = probs
+        else:
+            ctx = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale)
+
+        heads_out = HeadsOut(cfg, name="attn_out")
+        if eliminate:
+            value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
+            scores = acc_lib.acc_scores(
+                probs, rows.mask, variant=acc_variant, value_norms=value_norms,
+                protect=rows.positions == 0,  # CLS
+            )  # [B, T]
+            idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)
+            # ctx [B, K, N, H], x [B, K, D]
+            out.update(acc=scores, keep_idx=idx, positions=rows.positions)
+
+        h = heads_out(ctx)  # [B, K, D]
+        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        x = layer_norm(cfg, "attn_norm")(x + h)
+        h = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")(x)  # [B, K, F]
+        h = common.activation(cfg.hidden_act)(h)
+        h = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")(h)  # [B, K, D]
+        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        x = layer_norm(cfg, "mlp_norm")(x + h)
+        return x, rows, out
+
+
+def check_schedule(schedule, num_layers: int) -> tuple[int, ...] | None:
+    if schedule is None:
+        return None
+    schedule = tuple(schedule)
+    if len(schedule) != num_layers or not all(isinstance(k, int) and k >= 1 for k in schedule):
+        raise ValueError(
+            f"schedule must be {num_layers} positive Python ints (one keep-length per layer), "
+            f"got {schedule!r}"
+        )
+    return schedule
+
+
+class BertModel(nn.Module):
+    """Embeddings, L encoder blocks, and an optional pooler."""
+
+    config: BertConfig
+    add_pooling_layer: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        position_ids: Array | None = None,
+        *,
+        schedule: tuple[int, ...] | None = None,
+        acc_variant: str = "plain",
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BertOutput:
+        """
+        Args:
+          input_ids: [B, T] int token ids.
+          attention_mask: [B, T], 1/True for real tokens (default: all real).
+          token_type_ids: [B, T] segment ids (default 0); position_ids: [B, T] (default arange).
+          schedule: per-layer keep-lengths (static Python ints), None = dense.
+          acc_variant: ACC form used to rank rows (``acc.VARIANTS``).
+          deterministic: False enables dropout (needs a 'dropout' rng).
+        """
+        cfg = self.config
+        schedule = check_schedule(schedule, cfg.num_layers)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((b, t), jnp.int32)
+        rows = acc_lib.Rows.create(attention_mask, position_ids, token_type_ids)
+
+        x = Embeddings(cfg, name="embeddings")(input_ids, rows.positions, rows.token_types, deterministic)
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        layers = []
+        for i in range(cfg.num_layers):
+            x, rows, out = BertLayer(cfg, name=f"layer_{i}")(
+                x, rows, keep=None if schedule is None else schedule[i], acc_variant=acc_variant,
+                deterministic=deterministic, output_attentions=output_attentions,
+            )
+            if output_attentions:
+                attentions.append(out.pop("attentions"))
+            if output_hidden_states:
+                hidden_states.append(x)
+            layers.append(out)
+
+        pooled = None
+        if self.add_pooling_layer:
+            # The CLS row is protected and order is preserved, so it is always row 0.
+            pooled = dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")(x[:, 0])  # [B, D]
+            pooled = jnp.tanh(pooled)
+        return BertOutput(
+            last_hidden_state=x, pooler_output=pooled, rows=rows, layers=tuple(layers),
+            hidden_states=None if hidden_states is None else tuple(hidden_states),
+            attentions=None if attentions is None else tuple(attentions),
+        )
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT + pooler + dropout + linear head; ``num_labels == 1`` is regression."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 *, deterministic: bool = True, **kw) -> BertOutput:
+        cfg = self.config
+        out = BertModel(cfg, name="bert")(
+            input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic, **kw)
+        p = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+        h = nn.Dropout(p)(out.pooler_output, deterministic=deterministic)
+        logits = dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(h)  # [B, C]
+        return out.replace(logits=logits.astype(jnp.float32))

@@ -1,0 +1,82 @@
+"""The BERT family's registration: presets, heads and the HF key map.
+
+HF layout (``BertModel``; task models prefix it with ``bert.``)::
+
+    embeddings.{word,position,token_type}_embeddings.weight, embeddings.LayerNorm.{weight,bias}
+    encoder.layer.{i}.attention.self.{query,key,value}.{weight,bias}   Linear [out, in]
+    encoder.layer.{i}.attention.output.dense.{weight,bias}, .attention.output.LayerNorm.*
+    encoder.layer.{i}.intermediate.dense.*, .output.dense.*, .output.LayerNorm.*
+    pooler.dense.{weight,bias}                  classifier.{weight,bias} (task head)
+
+accjax fuses query/key/value into one kernel [D, 3, N, H] (one GEMM instead of three) and
+stores the attention output as [N, H, D]; both are exact reshapes and transposes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from accjax import convert as cv
+from accjax.models import Family
+from accjax.models import bert
+
+
+def rules(config: bert.BertConfig, head: str) -> list[cv.Rule]:
+    base = ("bert",) if head == "sequence_classification" else ()
+    r: list[cv.Rule] = []
+
+    def p(*path):
+        return base + path
+
+    e = "embeddings"
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        r.append(cv.copy(p(e, name, "embedding"), f"{e}.{name}.weight"))
+    r.append(cv.copy(p(e, "LayerNorm", "scale"), f"{e}.LayerNorm.weight"))
+    r.append(cv.copy(p(e, "LayerNorm", "bias"), f"{e}.LayerNorm.bias"))
+    for i in range(config.num_layers):
+        hf, fx = f"encoder.layer.{i}", f"layer_{i}"
+        qkv = [f"{hf}.attention.self.{n}" for n in ("query", "key", "value")]
+        r.append(cv.stacked_linear(p(fx, "qkv", "kernel"), [f"{k}.weight" for k in qkv], axis=1))
+        r.append(cv.stacked_bias(p(fx, "qkv", "bias"), [f"{k}.bias" for k in qkv], axis=0))
+        r.append(cv.linear(p(fx, "attn_out", "kernel"), f"{hf}.attention.output.dense.weight", in_axes=2))
+        r.append(cv.bias(p(fx, "attn_out", "bias"), f"{hf}.attention.output.dense.bias"))
+        r.append(cv.copy(p(fx, "attn_norm", "scale"), f"{hf}.attention.output.LayerNorm.weight"))
+        r.append(cv.copy(p(fx, "attn_norm", "bias"), f"{hf}.attention.output.LayerNorm.bias"))
+        r.append(cv.linear(p(fx, "mlp_in", "kernel"), f"{hf}.intermediate.dense.weight"))
+        r.append(cv.bias(p(fx, "mlp_in", "bias"), f"{hf}.intermediate.dense.bias"))
+        r.append(cv.linear(p(fx, "mlp_out", "kernel"), f"{hf}.output.dense.weight"))
+        r.append(cv.bias(p(fx, "mlp_out", "bias"), f"{hf}.output.dense.bias"))
+        r.append(cv.copy(p(fx, "mlp_norm", "scale"), f"{hf}.output.LayerNorm.weight"))
+        r.append(cv.copy(p(fx, "mlp_norm", "bias"), f"{hf}.output.LayerNorm.bias"))
+    r.append(cv.linear(p("pooler", "kernel"), "pooler.dense.weight", head=True))
+    r.append(cv.bias(p("pooler", "bias"), "pooler.dense.bias", head=True))
+    if head == "sequence_classification":
+        r.append(cv.linear(("classifier", "kernel"), "classifier.weight", head=True, top=True))
+        r.append(cv.bias(("classifier", "bias"), "classifier.bias", head=True, top=True))
+    return r
+
+
+def dummy_inputs(config: bert.BertConfig, b: int, t: int) -> dict:
+    return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32)}
+
+
+@functools.cache
+def family() -> Family:
+    return Family(
+        name="bert",
+        config_cls=bert.BertConfig,
+        hf_model_types=("bert",),
+        presets=bert.PRESETS,
+        modules={
+            "base": lambda c: bert.BertModel(c),
+            "sequence_classification": lambda c: bert.BertForSequenceClassification(c),
+        },
+        rules=rules,
+        hf_prefix="bert.",
+        # position_ids: a buffer; cls.*: BERT's pre-training (MLM / NSP) heads.
+        hf_ignore=(r"(bert\.)?embeddings\.position_ids", r"cls\..*"),
+        hf_architectures={"base": "BertModel", "sequence_classification": "BertForSequenceClassification"},
+        dummy_inputs=dummy_inputs,
+    )

@@ -1,0 +1,88 @@
+"""Pieces every model family shares: dtypes, activations, initialisers with logical axes.
+
+Parameters carry *logical* axis names (``'embed'``, ``'mlp'``, ``'heads'``, ...) through
+``nn.with_logical_partitioning``. Only a training config maps them to mesh axes
+(``accjax.sharding``); outside such a mapping they are plain arrays and cost nothing.
+
+Logical axis names used by the models:
+
+  vocab     vocabulary rows of an embedding table
+  embed     the model (hidden) dimension D
+  embed_out a second D-sized axis of a square kernel (pooler), kept distinct from ``embed``
+            so one mesh axis is never used twice in a spec
+  qkv       the stacked query/key/value axis (size 3) of a fused projection
+  heads     attention heads N
+  kv        per-head size H
+  mlp       feed-forward width F
+  classes   output classes C of a classification head
+  positions position-embedding rows
+  types     token-type rows
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Array = jax.Array
+
+# HF activation names -> JAX functions. "gelu" in HF is the exact (erf) form.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def to_dtype(name: str | Any) -> jnp.dtype:
+    """'float32' / 'bfloat16' / a dtype -> a numpy dtype object."""
+    return jnp.dtype(name)
+
+
+def normal_init(std: float, axes: tuple[str | None, ...]):
+    """N(0, std) initialiser (HF's ``initializer_range``) annotated with logical axes."""
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def zeros_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, d: dict[str, Any]):
+    """Builds a frozen config dataclass from a dict, rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+def attention_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
