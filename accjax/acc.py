@@ -50,6 +50,9 @@ from jax import lax
 Array = jax.Array
 
 VARIANTS = ("plain", "minus_diagonal", "value_norm")
+# Not ACC: keep the first k rows (CLS and the leftmost tokens). A baseline for accuracy
+# (static truncation inside the network) and, for timing, a lower bound with no scoring.
+BASELINES = ("prefix",)
 
 
 @struct.dataclass
@@ -192,6 +195,13 @@ def take_rows(x: Array, idx: Array) -> Array:
     """Gathers rows ``idx`` [B, K] along axis 1 of ``x`` [B, T, ...] -> [B, K, ...]."""
     idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, idx, axis=1)
+
+
+def take_prefix(keep: int, rows: Rows, *tensors: Array) -> tuple[Array, Rows, tuple[Any, ...]]:
+    """The ``prefix`` baseline: keeps rows [0, keep) (right-padded inputs: real rows first)."""
+    b = rows.mask.shape[0]
+    idx = jnp.broadcast_to(jnp.arange(keep, dtype=jnp.int32), (b, keep))
+    return idx, jax.tree.map(lambda a: a[:, :keep], rows), tuple(t[:, :keep] for t in tensors)
 
 
 def eliminate(scores: Array, keep: int, rows: Rows, *tensors: Array) -> tuple[Array, Rows, tuple[Any, ...]]:

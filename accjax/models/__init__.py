@@ -30,6 +30,7 @@ class Family:
     hf_ignore: tuple[str, ...] = ()  # regexes of HF keys that are dropped (buffers, other heads)
     hf_architectures: dict[str, str] = dataclasses.field(default_factory=dict)  # head -> HF class
     dummy_inputs: Callable[[Any, int, int], dict] | None = None  # (config, B, T) -> model kwargs
+    cost_model: Callable[[Any], Any] | None = None  # config -> schedule.CostModel (None: BERT's)
 
     def module(self, config, head: str = "base") -> nn.Module:
         try:

@@ -48,6 +48,7 @@ class BertConfig:
     num_labels: int = 2  # classification head width; 1 = regression
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # parameter storage dtype
+    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
     family: str = "bert"
 
     def __post_init__(self):
@@ -248,8 +249,15 @@ class BertLayer(nn.Module):
         qkv = dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
 
+        heads_out = HeadsOut(cfg, name="attn_out")
         train_dropout = not deterministic and cfg.attention_dropout > 0
-        if eliminate or output_attentions or train_dropout:
+        impl = attn_lib.resolve_implementation(cfg.attention_impl, q.dtype)
+        # Probabilities are materialised only when something needs them; a fused kernel's
+        # log-sum-exp is enough for plain ACC (acc.acc_scores_from_lse).
+        prefix = acc_variant in acc_lib.BASELINES
+        need_probs = output_attentions or train_dropout or (
+            eliminate and not prefix and (acc_variant != "plain" or impl == "xla"))
+        if need_probs:
             drop = nn.Dropout(cfg.attention_dropout)
             ctx, probs = attn_lib.attention_with_probs(
                 q, k, v, rows.mask, scale=scale,
@@ -257,16 +265,24 @@ class BertLayer(nn.Module):
             )  # ctx [B, T, N, H], probs [B, N, T, T]
             if output_attentions:
                 out["attentions"] = probs
+        elif eliminate and not prefix:
+            ctx, lse = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale,
+                                                implementation=impl, return_lse=True)
         else:
-            ctx = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale)
+            ctx = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale, implementation=impl)
 
-        heads_out = HeadsOut(cfg, name="attn_out")
-        if eliminate:
-            value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
-            scores = acc_lib.acc_scores(
-                probs, rows.mask, variant=acc_variant, value_norms=value_norms,
-                protect=rows.positions == 0,  # CLS
-            )  # [B, T]
+        if eliminate and prefix:
+            idx, rows, (ctx, x) = acc_lib.take_prefix(keep, rows, ctx, x)
+            out.update(keep_idx=idx, positions=rows.positions)
+        elif eliminate:
+            protect = rows.positions == 0  # CLS
+            if need_probs:
+                value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
+                scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant,
+                                            value_norms=value_norms, protect=protect)  # [B, T]
+            else:
+                scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=scale,
+                                                     protect=protect)  # [B, T]
             idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)
             # ctx [B, K, N, H], x [B, K, D]
             out.update(acc=scores, keep_idx=idx, positions=rows.positions)

@@ -1,0 +1,144 @@
+"""Latency benchmark: dense vs ACC elimination at several speedups, optionally vs HF PyTorch.
+
+    python -m eval.bench --model bert-base-uncased --shapes 32x128 --dtype float32 \
+        --speedups 1.5,2,3,4,4.8 --vs-torch --json bench.json
+
+``--model`` is a preset (random weights) or any model spec / accjax run folder. Prints one
+table per shape and writes every row, plus the machine, as JSON. A program, not a test:
+it asserts nothing about time. Never imports ``datasets``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import numpy as np
+
+from accjax import benchmark, inference, models
+from accjax import schedule as S
+
+
+def parse_shapes(s: str) -> list[tuple[int, int]]:
+    out = []
+    for part in s.split(","):
+        try:
+            b, n = part.lower().split("x")
+            out.append((int(b), int(n)))
+        except ValueError:
+            raise SystemExit(f"error: bad shape {part!r}; write BATCHxLENGTH, e.g. 32x128") from None
+    return out
+
+
+def build(model: str, dtype: str, attention_impl: str, seed: int = 0):
+    """(config, params, module) for a preset (random init) or a checkpoint spec."""
+    if model in models.all_presets():
+        cfg = models.preset(model, dtype=dtype, attention_impl=attention_impl)
+        fam = models.get_family(cfg.family)
+        module = fam.module(cfg, "sequence_classification")
+        import flax.linen as nn
+        params = jax.jit(lambda k: nn.meta.unbox(module.init(k, **fam.dummy_inputs(cfg, 1, 8))["params"]))(
+            jax.random.PRNGKey(seed))
+        params = jax.tree.map(np.asarray, params)
+        return cfg, params
+    from accjax import convert
+    ld = convert.load(model, "sequence_classification", dtype=dtype, attention_impl=attention_impl)
+    return ld.config, ld.params
+
+
+def run(args) -> dict:
+    shapes = parse_shapes(args.shapes)
+    speedups = [float(x) for x in args.speedups.split(",") if x]
+    impls = args.attention_impl.split(",")
+    rows, torch_rows = [], []
+    info = benchmark.machine()
+    print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}")
+    params_f32 = None
+    for impl in impls:
+        cfg, params = build(args.model, args.dtype, impl)
+        params_f32 = params
+        module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+        for b, n in shapes:
+            pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
+                                       param_dtype=args.dtype, acc_variant=args.acc_variant,
+                                       bucket=args.bucket, floor=args.floor)
+            dense = pred.time_program(b, n, 1.0, iters=args.iters)
+            top = S.max_speedup(cfg, n, bucket=args.bucket, floor=args.floor)
+            for s in [1.0] + speedups:
+                if s > top:
+                    print(f"  {b}x{n}: speedup {s} exceeds the maximum {top:.2f}; skipped")
+                    continue
+                t = dense if s == 1.0 else pred.time_program(b, n, s, iters=args.iters)
+                sch = tuple(t["schedule"])
+                analytic = S.analytic_speedup(cfg, n, sch)
+                measured = dense["median_ms"] / t["median_ms"]
+                rows.append({
+                    "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
+                    "acc_variant": args.acc_variant, "speedup": s, "analytic": analytic,
+                    "schedule": list(sch), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
+                    "measured": measured, "measured_over_analytic": measured / analytic,
+                    "tokens_per_s": b * n / (t["median_ms"] / 1e3),
+                })
+    if args.vs_torch:
+        for b, n in shapes:
+            for compile_ in ([False, True] if args.torch_compile else [False]):
+                name = "torch+compile" if compile_ else "torch eager (SDPA)"
+                try:
+                    t = benchmark.time_torch(cfg, params_f32, batch_size=b, length=n, dtype=args.dtype,
+                                             iters=args.iters, compile=compile_)
+                    torch_rows.append({"shape": f"{b}x{n}", "impl": name, **t,
+                                       "tokens_per_s": b * n / (t["median_ms"] / 1e3)})
+                except Exception as e:  # torch.compile unavailable on this machine, etc.
+                    torch_rows.append({"shape": f"{b}x{n}", "impl": name, "error": f"{type(e).__name__}: {e}"})
+    print_table(rows, torch_rows)
+    return {"machine": info, "model": args.model, "dtype": args.dtype, "iters": args.iters,
+            "rows": rows, "torch": torch_rows}
+
+
+def print_table(rows, torch_rows):
+    hdr = f"{'shape':>8} {'impl':>6} {'asked':>6} {'analytic':>8} {'ms':>9} {'measured':>8} {'meas/an':>7} {'tok/s':>10}  keep"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['shape']:>8} {r['impl']:>6} {r['speedup']:>6.2f} {r['analytic']:>8.2f} "
+              f"{r['median_ms']:>9.3f} {r['measured']:>8.2f} {r['measured_over_analytic']:>7.2f} "
+              f"{r['tokens_per_s']:>10.0f}  {','.join(map(str, r['schedule']))}")
+    for r in torch_rows:
+        if "error" in r:
+            print(f"{r['shape']:>8} {r['impl']}: n/a ({r['error'][:100]})")
+        else:
+            print(f"{r['shape']:>8} {r['impl']}: {r['median_ms']:.3f} ms, {r['tokens_per_s']:.0f} tok/s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="bert-base-uncased", help="preset or checkpoint")
+    ap.add_argument("--shapes", default="32x128", help="BATCHxLENGTH list, e.g. 128x128,32x512")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--speedups", default="1.5,2,3,4,4.8")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--attention_impl", default="auto",
+                    help="auto, xla, cudnn; a comma list compares them")
+    ap.add_argument("--acc_variant", default="plain",
+                    help="plain, minus_diagonal, value_norm, or prefix (no scoring: a lower bound)")
+    ap.add_argument("--bucket", type=int, default=8)
+    ap.add_argument("--floor", type=int, default=1)
+    ap.add_argument("--vs-torch", dest="vs_torch", action="store_true",
+                    help="also time HF PyTorch (eager SDPA and torch.compile)")
+    ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
+    ap.add_argument("--json", default=None, help="write all rows and the machine here")
+    args = ap.parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        benchmark.write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

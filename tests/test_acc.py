@@ -1,0 +1,127 @@
+"""ACC: the documented worked example, every variant against a numpy reference, selection."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from accjax import acc, attention
+
+# The 4-row, 2-head example of accjax/acc.py's docstring (row 3 is padding).
+P = np.zeros((1, 2, 4, 4), np.float32)
+P[0, 0, :3, :3] = [[.50, .25, .25], [.50, .50, .00], [.25, .25, .50]]
+P[0, 1, :3, :3] = [[.50, .00, .50], [.25, .50, .25], [.00, .25, .75]]
+P[0, :, 3, :3] = 1 / 3  # the padding query: must be ignored
+MASK = np.array([[True, True, True, False]])
+
+
+def test_worked_example_plain():
+    s = np.asarray(acc.acc_scores(jnp.asarray(P), jnp.asarray(MASK)))
+    np.testing.assert_allclose(s[0, :3], [2.00 / 6, 1.75 / 6, 2.25 / 6], rtol=1e-6)
+    assert s[0, 3] == -np.inf
+    protected = np.asarray(acc.acc_scores(jnp.asarray(P), jnp.asarray(MASK),
+                                          protect=jnp.asarray([[True, False, False, False]])))
+    assert protected[0, 0] == np.inf
+    np.testing.assert_allclose(protected[0, 1:3], [1.75 / 6, 2.25 / 6], rtol=1e-6)
+    # k = 2 keeps [0, 2]; k = 3: top-k [0, 2, 1] re-sorted to [0, 1, 2]
+    assert acc.select_rows(jnp.asarray(protected), 2).tolist() == [[0, 2]]
+    assert acc.select_rows(jnp.asarray(protected), 3).tolist() == [[0, 1, 2]]
+
+
+def test_worked_example_minus_diagonal():
+    s = np.asarray(acc.acc_scores(jnp.asarray(P), jnp.asarray(MASK), variant="minus_diagonal"))
+    # diagonals: head 0 [.5 .5 .5], head 1 [.5 .5 .75] -> [2 - 1, 1.75 - 1, 2.25 - 1.25] / 6
+    np.testing.assert_allclose(s[0, :3], [1.0 / 6, 0.75 / 6, 1.0 / 6], rtol=1e-6)
+
+
+def _ref_acc(p, mask, variant="plain", causal=False, vn=None):
+    """Loop-by-loop numpy transcription of the docstring formulas."""
+    b, n, t, s = p.shape
+    out = np.full((b, s), -np.inf)
+    for bi in range(b):
+        valid = np.where(mask[bi])[0]
+        for j in valid:
+            tot = 0.0
+            for h in range(n):
+                for i in valid:
+                    if variant == "minus_diagonal" and i == j:
+                        continue
+                    w = vn[bi, h, j] if variant == "value_norm" else 1.0
+                    tot += p[bi, h, i, j] * w
+            denom = n * (sum(1 for i in valid if i >= j) if causal else len(valid))
+            out[bi, j] = tot / denom
+    return out
+
+
+@pytest.mark.parametrize("variant,causal", [("plain", False), ("minus_diagonal", False),
+                                            ("value_norm", False), ("plain", True)])
+def test_variants_match_reference(variant, causal):
+    rng = np.random.default_rng(0)
+    b, n, t = 3, 2, 6
+    mask = np.ones((b, t), bool)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    logits = rng.normal(size=(b, n, t, t))
+    vis = np.asarray(attention.visibility(jnp.asarray(mask), t, causal))
+    logits = np.where(vis, logits, -1e30)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    vn = rng.uniform(0.5, 2.0, size=(b, n, t))
+    got = np.asarray(acc.acc_scores(jnp.asarray(p, jnp.float32), jnp.asarray(mask), variant=variant,
+                                    causal=causal, value_norms=jnp.asarray(vn, jnp.float32)))
+    ref = _ref_acc(p, mask, variant, causal, vn)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    if variant == "plain" and not causal:  # plain ACC is a distribution over valid rows
+        np.testing.assert_allclose(np.where(mask, got, 0).sum(1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_path_equals_probs_path(causal):
+    rng = np.random.default_rng(1)
+    b, t, n, h = 2, 7, 3, 4
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.arange(t)[None] < np.array([[7], [4]]))
+    ctx_p, probs = attention.attention_with_probs(q, k, v, mask, scale=0.5, causal=causal)
+    ctx_f, lse = attention.fused_attention(q, k, v, mask, scale=0.5, causal=causal,
+                                           implementation="xla", return_lse=True)
+    np.testing.assert_allclose(ctx_p, ctx_f, atol=1e-6)
+    a = acc.acc_scores(probs, mask, causal=causal)
+    b_ = acc.acc_scores_from_lse(q, k, lse, mask, scale=0.5, causal=causal)
+    np.testing.assert_allclose(np.where(mask, a, 0), np.where(mask, b_, 0), rtol=1e-5, atol=1e-7)
+    assert np.all(np.isneginf(np.asarray(b_)[~np.asarray(mask)]))
+
+
+def test_padding_goes_before_any_real_row_and_cls_stays():
+    rng = np.random.default_rng(2)
+    b, t = 16, 12
+    lengths = rng.integers(1, t + 1, size=b)
+    mask = np.arange(t)[None] < lengths[:, None]
+    scores = rng.normal(size=(b, t)).astype(np.float32)
+    scores[:, 0] = -5.0  # CLS would lose on its score alone
+    s = acc._finish(jnp.asarray(scores), jnp.asarray(mask), 1.0, jnp.asarray(np.arange(t)[None] == 0))
+    for keep in range(1, t + 1):
+        idx = np.asarray(acc.select_rows(s, keep))
+        assert np.all(np.diff(idx, axis=1) > 0)  # original order, no duplicates
+        assert np.all(idx[:, 0] == 0)  # CLS kept
+        for r in range(b):
+            kept_real = mask[r, idx[r]].sum()
+            assert kept_real == min(keep, lengths[r])  # padding only once real rows run out
+
+
+def test_rows_gather_together():
+    rows = acc.Rows.create(jnp.asarray([[1, 1, 1, 0]]), token_types=jnp.asarray([[0, 0, 1, 1]]))
+    x = jnp.arange(4 * 3, dtype=jnp.float32).reshape(1, 4, 3)
+    idx, r2, (x2,) = acc.eliminate(jnp.asarray([[np.inf, 0.1, 0.5, -np.inf]]), 2, rows, x)
+    assert idx.tolist() == [[0, 2]]
+    assert r2.positions.tolist() == [[0, 2]] and r2.token_types.tolist() == [[0, 1]]
+    assert r2.mask.tolist() == [[True, True]]
+    np.testing.assert_array_equal(x2[0], x[0, [0, 2]])
+
+
+def test_select_rows_rejects_bad_keep():
+    with pytest.raises(ValueError, match="positive Python int"):
+        acc.select_rows(jnp.zeros((1, 4)), 0)
+    with pytest.raises(ValueError, match="cannot keep 5 of 4"):
+        acc.select_rows(jnp.zeros((1, 4)), 5)
