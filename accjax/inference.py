@@ -80,6 +80,13 @@ class Predictor:
         self.params = jax.device_put(params)
         self._programs: dict[ProgramKey, Any] = {}
         self.traces = 0  # Python-side trace counter: a retrace would show here
+        # Only the inputs the family's modules take (GPT-2 has no token types).
+        from accjax import models
+
+        fam = models.get_family(config.family)
+        names = tuple(fam.dummy_inputs(config, 1, 8)) if fam.dummy_inputs else ()
+        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
+                                 if n in names)
 
     @classmethod
     def from_loaded(cls, loaded, **kw) -> "Predictor":
@@ -115,7 +122,7 @@ class Predictor:
         prog = self._programs.get(key)
         if prog is None:
             spec = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
-            batch = {"input_ids": spec, "attention_mask": spec, "token_type_ids": spec}
+            batch = {k: spec for k in self.input_names}
             fn = jax.jit(self._forward, static_argnums=2)
             prog = fn.lower(self.params, batch, key.schedule).compile()
             self._programs[key] = prog
@@ -152,7 +159,8 @@ class Predictor:
         outs = []
         for i in range(0, n, self.batch_size):
             chunk = {k: _fit(a[i:i + self.batch_size], self.batch_size, length, filler=(k == "attention_mask"))
-                     for k, a in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types))}
+                     for k, a in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types))
+                     if k in self.input_names}
             outs.append(prog(self.params, chunk))
         out = np.concatenate([np.asarray(o) for o in outs])
         return out[:n]
@@ -167,8 +175,8 @@ class Predictor:
         batches = []
         for _ in range(3):  # rotate inputs so nothing is served from a cache of one buffer
             ids = rng.integers(1, vocab, (batch_size, length)).astype(np.int32)
-            batches.append(jax.device_put({"input_ids": ids, "attention_mask": np.ones_like(ids),
-                                           "token_type_ids": np.zeros_like(ids)}))
+            full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+            batches.append(jax.device_put({k: full[k] for k in self.input_names}))
         for i in range(warmup):
             jax.block_until_ready(prog(self.params, batches[i % 3]))
         times = []

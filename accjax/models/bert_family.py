@@ -59,7 +59,8 @@ def rules(config: bert.BertConfig, head: str) -> list[cv.Rule]:
 
 
 def dummy_inputs(config: bert.BertConfig, b: int, t: int) -> dict:
-    return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32)}
+    return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32),
+            "token_type_ids": jnp.zeros((b, t), jnp.int32)}
 
 
 @functools.cache
