@@ -152,6 +152,7 @@ def acc_scores_from_lse(
     scale: float,
     causal: bool = False,
     protect: Array | None = None,
+    bias: Array | None = None,
 ) -> Array:
     """Plain ACC without the probabilities of the attention pass.
 
@@ -162,6 +163,8 @@ def acc_scores_from_lse(
 
     Args:
       q: [B, T, N, H]; k: [B, S, N, H]; lse: [B, N, T] log-sum-exp of the masked logits.
+      bias: the additive logits bias the attention pass used, broadcastable to
+        [B, N, T, S] (T5's relative position bias); None for none.
     Returns:
       [B, S] float32 scores, equal to ``acc_scores(probs, ..., variant='plain')``.
     """
@@ -169,6 +172,8 @@ def acc_scores_from_lse(
         query_mask = key_mask
     num_heads = q.shape[2]
     logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     p = jnp.exp(logits - lse.astype(jnp.float32)[..., None])
     if causal:
         t, s = logits.shape[-2:]
@@ -176,6 +181,52 @@ def acc_scores_from_lse(
     p = jnp.where(query_mask[:, None, :, None] & key_mask[:, None, None, :], p, 0.0)
     col = p.sum(axis=(1, 2))  # [B, S]
     return _finish(col, key_mask, _denominator(key_mask, query_mask, num_heads, causal), protect)
+
+
+def acc_scores_fused(
+    q: Array,
+    k: Array,
+    key_mask: Array,
+    query_mask: Array | None = None,
+    *,
+    scale: float,
+    causal: bool = False,
+    protect: Array | None = None,
+    interpret: bool = False,
+) -> Array:
+    """Plain ACC from q and k by the Pallas kernel of ``accjax.kernels.acc_pallas``: the
+    probabilities are recomputed in registers (exact float32 softmax) and never stored.
+
+    Args:
+      q: [B, T, N, H]; k: [B, S, N, H]; masks [B, T] / [B, S] bool.
+      interpret: run the kernel in Pallas' interpreter (CPU tests).
+    Returns:
+      [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``.
+    """
+    from accjax.kernels import acc_pallas
+
+    if query_mask is None:
+        query_mask = key_mask
+    col = acc_pallas.column_sums(q, k, query_mask, key_mask, scale=scale, causal=causal,
+                                 interpret=interpret).sum(axis=1)  # [B, S]
+    return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
+
+
+ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_interpret")
+
+
+def resolve_acc_impl(acc_impl: str, attention_impl: str) -> str:
+    """'auto' -> the fused Pallas kernel beside cuDNN attention on a GPU that compiles it,
+    otherwise ACC from the probabilities XLA's attention materialises anyway."""
+    if acc_impl not in ACC_IMPLS:
+        raise ValueError(f"acc_impl must be one of {ACC_IMPLS}, got {acc_impl!r}")
+    if acc_impl != "auto":
+        return acc_impl
+    if attention_impl == "cudnn":
+        from accjax.kernels import acc_pallas
+
+        return "pallas" if acc_pallas.available() else "lse"
+    return "probs"
 
 
 def select_rows(scores: Array, keep: int) -> Array:

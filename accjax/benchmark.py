@@ -29,6 +29,10 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "host": platform.node(),
     }
+    if info["backend"] == "gpu":
+        from accjax.kernels import acc_pallas
+
+        info["acc_pallas_kernel"] = acc_pallas.available()
     try:
         import torch
 

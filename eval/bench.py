@@ -31,10 +31,32 @@ def parse_shapes(s: str) -> list[tuple[int, int]]:
     return out
 
 
-def build(model: str, dtype: str, attention_impl: str, seed: int = 0):
-    """(config, params, module) for a preset (random init) or a checkpoint spec."""
+def parse_sets(items) -> dict:
+    """['xla_attention_below=64', 'fused_qkv=false'] -> typed config overrides."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"error: --set takes key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+        else:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
+
+
+def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides: dict | None = None):
+    """(config, params) for a preset (random init) or a checkpoint spec."""
+    overrides = overrides or {}
     if model in models.all_presets():
-        cfg = models.preset(model, dtype=dtype, attention_impl=attention_impl)
+        cfg = models.preset(model, dtype=dtype, attention_impl=attention_impl, **overrides)
         fam = models.get_family(cfg.family)
         module = fam.module(cfg, "sequence_classification")
         import flax.linen as nn
@@ -43,7 +65,8 @@ def build(model: str, dtype: str, attention_impl: str, seed: int = 0):
         params = jax.tree.map(np.asarray, params)
         return cfg, params
     from accjax import convert
-    ld = convert.load(model, "sequence_classification", dtype=dtype, attention_impl=attention_impl)
+    ld = convert.load(model, "sequence_classification", dtype=dtype, attention_impl=attention_impl,
+                      **overrides)
     return ld.config, ld.params
 
 
@@ -56,7 +79,7 @@ def run(args) -> dict:
     print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}")
     params_f32 = None
     for impl in impls:
-        cfg, params = build(args.model, args.dtype, impl)
+        cfg, params = build(args.model, args.dtype, impl, overrides=parse_sets(args.set))
         params_f32 = params
         module = models.get_family(cfg.family).module(cfg, "sequence_classification")
         for b, n in shapes:
@@ -79,6 +102,7 @@ def run(args) -> dict:
                     "schedule": list(sch), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
                     "measured": measured, "measured_over_analytic": measured / analytic,
                     "tokens_per_s": b * n / (t["median_ms"] / 1e3),
+                    "label": args.label, "overrides": parse_sets(args.set),
                 })
     if args.vs_torch:
         for b, n in shapes:
@@ -93,6 +117,7 @@ def run(args) -> dict:
                     torch_rows.append({"shape": f"{b}x{n}", "impl": name, "error": f"{type(e).__name__}: {e}"})
     print_table(rows, torch_rows)
     return {"machine": info, "model": args.model, "dtype": args.dtype, "iters": args.iters,
+            "config": {k: v for k, v in vars(cfg).items()} if rows else None,
             "rows": rows, "torch": torch_rows}
 
 
@@ -127,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vs-torch", dest="vs_torch", action="store_true",
                     help="also time HF PyTorch (eager SDPA and torch.compile)")
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set xla_attention_below=64 (repeatable)")
+    ap.add_argument("--label", default="", help="a name for this variant in the JSON rows")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)
     try:

@@ -25,7 +25,7 @@ import numpy as np
 
 from accjax import benchmark, inference, models
 from accjax import schedule as S
-from eval.bench import build
+from eval.bench import build, parse_sets
 
 KINDS = [
     ("attention(cudnn)", re.compile(r"cudnn|fmha|flash|sdpa|fprop", re.I)),
@@ -122,9 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--acc_variant", default="plain")
     ap.add_argument("--hidden_act", default=None, help="override the activation (timing only)")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--dump_hlo", default=None, help="write each program's optimised HLO here")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cfg, params = build(args.model, args.dtype, args.attention_impl)
+    cfg, params = build(args.model, args.dtype, args.attention_impl, overrides=parse_sets(args.set))
     if args.hidden_act:
         cfg = cfg.replace(hidden_act=args.hidden_act)
     module = models.get_family(cfg.family).module(cfg, "sequence_classification")
@@ -135,6 +137,12 @@ def main(argv=None) -> int:
                                    param_dtype=args.dtype, acc_variant=args.acc_variant)
         for s in [float(x) for x in args.speedups.split(",")]:
             r = profile_program(pred, b, n, s, args.iters)
+            if args.dump_hlo:
+                import os
+                os.makedirs(args.dump_hlo, exist_ok=True)
+                prog = pred.program(b, n, pred.schedule(n, s))
+                with open(f"{args.dump_hlo}/{shape}_s{s:g}.hlo.txt", "w") as f:
+                    f.write(prog.as_text())
             r["shape"] = shape
             results.append(r)
             print(f"\n== {shape} speedup {s:g} (analytic {r['analytic']:.2f}) {args.acc_variant} "

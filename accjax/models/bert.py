@@ -49,6 +49,9 @@ class BertConfig:
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # parameter storage dtype
     attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
+    acc_impl: str = "auto"  # ACC from: 'probs', 'lse' (flash log-sum-exp), 'pallas' kernel
+    xla_attention_below: int = 0  # layers with fewer input rows use XLA attention on GPU
+    fused_qkv: bool = True  # one [D, 3D] GEMM (True) or three [D, D] GEMMs
     family: str = "bert"
 
     def __post_init__(self):
@@ -246,17 +249,24 @@ class BertLayer(nn.Module):
         scale = common.attention_scale(cfg.head_dim)
         out: dict[str, Array] = {}
 
-        qkv = dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+        qkv_proj = dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
+        if cfg.fused_qkv:
+            qkv = qkv_proj(x)  # [B, T, 3, N, H]
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+        else:
+            q, k, v = _split_qkv(qkv_proj, x, cfg)  # each [B, T, N, H], contiguous
 
         heads_out = HeadsOut(cfg, name="attn_out")
         train_dropout = not deterministic and cfg.attention_dropout > 0
         impl = attn_lib.resolve_implementation(cfg.attention_impl, q.dtype)
-        # Probabilities are materialised only when something needs them; a fused kernel's
-        # log-sum-exp is enough for plain ACC (acc.acc_scores_from_lse).
+        if impl == "cudnn" and t < cfg.xla_attention_below:
+            impl = "xla"  # a flash kernel's tiles are mostly empty for a few rows
+        acc_impl = "probs" if acc_variant != "plain" else acc_lib.resolve_acc_impl(cfg.acc_impl, impl)
+        # Probabilities are materialised only when something needs them; plain ACC comes
+        # from the fused kernel (acc_scores_fused) or a flash kernel's log-sum-exp.
         prefix = acc_variant in acc_lib.BASELINES
         need_probs = output_attentions or train_dropout or (
-            eliminate and not prefix and (acc_variant != "plain" or impl == "xla"))
+            eliminate and not prefix and acc_impl == "probs")
         if need_probs:
             drop = nn.Dropout(cfg.attention_dropout)
             ctx, probs = attn_lib.attention_with_probs(
@@ -265,7 +275,7 @@ class BertLayer(nn.Module):
             )  # ctx [B, T, N, H], probs [B, N, T, T]
             if output_attentions:
                 out["attentions"] = probs
-        elif eliminate and not prefix:
+        elif eliminate and not prefix and acc_impl == "lse":
             ctx, lse = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale,
                                                 implementation=impl, return_lse=True)
         else:
@@ -280,9 +290,12 @@ class BertLayer(nn.Module):
                 value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
                 scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant,
                                             value_norms=value_norms, protect=protect)  # [B, T]
-            else:
+            elif acc_impl == "lse":
                 scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=scale,
                                                      protect=protect)  # [B, T]
+            else:
+                scores = acc_lib.acc_scores_fused(q, k, rows.mask, scale=scale, protect=protect,
+                                                  interpret=acc_impl == "pallas_interpret")
             idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)
             # ctx [B, K, N, H], x [B, K, D]
             out.update(acc=scores, keep_idx=idx, positions=rows.positions)
@@ -296,6 +309,20 @@ class BertLayer(nn.Module):
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         x = layer_norm(cfg, "mlp_norm")(x + h)
         return x, rows, out
+
+
+def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
+    """q, k, v by three GEMMs on slices of the fused kernel: each output is contiguous, so a
+    flash-attention call needs no copies (same parameters as the fused form)."""
+    kernel = proj.variables["params"]["kernel"] if proj.has_variable("params", "kernel") else None
+    if kernel is None:  # first call (init): create the parameters through the module
+        qkv = proj(x)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    dtype = common.to_dtype(cfg.dtype)
+    kernel = nn.meta.unbox(kernel).astype(dtype)  # [D, 3, N, H]
+    bias = nn.meta.unbox(proj.variables["params"]["bias"]).astype(dtype)  # [3, N, H]
+    x = x.astype(dtype)
+    return tuple(jnp.einsum("BTD,DNH->BTNH", x, kernel[:, j]) + bias[j] for j in range(3))
 
 
 def check_schedule(schedule, num_layers: int) -> tuple[int, ...] | None:

@@ -1,0 +1,129 @@
+"""ACC column sums in one Pallas (Triton) kernel: softmax probabilities never reach memory.
+
+For each (batch b, head n) one program holds K [S, H] and walks over blocks of BQ queries:
+
+    s   = scale * q_blk K^T                      [BQ, S] float32, in registers
+    s   = where(key valid (and j <= i if causal), s, -1e30)
+    p   = exp(s - rowmax) / rowsum               exact float32 softmax of each query row
+    col += sum over valid queries of p           [S]
+
+and writes ``col`` [S]. Summed over heads and normalised (``accjax.acc``), that is plain ACC,
+equal to ``acc_scores(probs, ...)`` up to float32 rounding. Costs 2*T*S*H FLOPs a head (one
+QK^T) and reads q and k once; the XLA alternatives write [B, N, T, S] logits (or
+probabilities) to memory and read them back, which dominates at T = S = 512.
+
+Shapes are padded to powers of two (>= 16, Triton's dot minimum) outside the kernel; padded
+rows are masked. On machines without a GPU the same kernel runs in Pallas' interpreter
+(``interpret=True``), which is how the tests check it on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+NEG = -1e30
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+def _kernel(qm_ref, km_ref, q_ref, k_ref, o_ref, *, scale: float, block_q: int, causal: bool):
+    # refs (batch and head squeezed): qm [Tp], km [Sp], q [Tp, H], k [Sp, H], o [Sp]
+    t_pad = q_ref.shape[0]
+    s_pad = k_ref.shape[0]
+    k = k_ref[...]  # [Sp, H]
+    key_ok = km_ref[...] != 0  # [Sp]
+    cols = jnp.arange(s_pad, dtype=jnp.int32)
+
+    def body(i, acc):
+        start = i * block_q
+        q = q_ref[pl.ds(start, block_q), :]  # [BQ, H]
+        q_ok = qm_ref[pl.ds(start, block_q)] != 0  # [BQ]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) * scale  # [BQ, Sp]
+        ok = key_ok[None, :]
+        if causal:
+            rows = start + jnp.arange(block_q, dtype=jnp.int32)
+            ok = ok & (cols[None, :] <= rows[:, None])
+        s = jnp.where(ok, s, NEG)
+        m = jnp.max(s, axis=1)
+        p = jnp.exp(s - m[:, None])
+        p = p / jnp.sum(p, axis=1)[:, None]  # [BQ, Sp] softmax rows
+        p = jnp.where(q_ok[:, None] & ok, p, 0.0)
+        return acc + jnp.sum(p, axis=0)
+
+    acc = jax.lax.fori_loop(0, t_pad // block_q, body, jnp.zeros((s_pad,), jnp.float32))
+    o_ref[...] = acc
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "block_q"))
+def column_sums(q, k, query_mask, key_mask, *, scale: float, causal: bool = False,
+                interpret: bool = False, block_q: int | None = None):
+    """Per-head softmax column sums over valid queries.
+
+    Args:
+      q: [B, T, N, H]; k: [B, S, N, H]; query_mask [B, T], key_mask [B, S] bool.
+      causal: key j visible to query i only if j <= i (requires T == S).
+    Returns:
+      [B, N, S] float32: sum over valid queries i of P[b, n, i, j].
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    if causal and t != s:
+        raise ValueError("causal column sums need T == S")
+    tp, sp = _pow2(t), _pow2(s)
+    hp = max(16, -(-h // 16) * 16)
+    if block_q is None:
+        # keep the [BQ, Sp] float32 tile at <= 32K elements (registers of 4-8 warps)
+        block_q = max(16, min(tp, 32768 // sp))
+    qt = jnp.pad(jnp.swapaxes(q, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, hp - h)))  # [B, N, Tp, Hp]
+    kt = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, 0), (0, sp - s), (0, hp - h)))  # [B, N, Sp, Hp]
+    qm = jnp.pad(query_mask.astype(jnp.int32), ((0, 0), (0, tp - t)))  # [B, Tp]
+    km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, sp - s)))  # [B, Sp]
+    kernel = functools.partial(_kernel, scale=scale, block_q=block_q, causal=causal)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=4 if sp <= 128 else 8, num_stages=1)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, n, sp), jnp.float32),
+        grid=(b, n),
+        in_specs=[
+            pl.BlockSpec((None, tp), lambda i, j: (i, 0)),
+            pl.BlockSpec((None, sp), lambda i, j: (i, 0)),
+            pl.BlockSpec((None, None, tp, hp), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, sp, hp), lambda i, j: (i, j, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, sp), lambda i, j: (i, j, 0)),
+        interpret=interpret,
+        **params,
+    )(qm, km, qt, kt)
+    return out[:, :, :s]
+
+
+_AVAILABLE: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """Whether the Triton kernel compiles and agrees with XLA on this backend (probed once)."""
+    backend = jax.default_backend()
+    if backend not in _AVAILABLE:
+        ok = False
+        if backend == "gpu":
+            try:
+                kq = jax.random.normal(jax.random.PRNGKey(0), (2, 24, 2, 32), jnp.bfloat16)
+                m = jnp.arange(24)[None] < jnp.array([[24], [17]])
+                got = column_sums(kq, kq, m, m, scale=0.2)
+                ref = column_sums(kq, kq, m, m, scale=0.2, interpret=True)
+                ok = bool(jnp.allclose(got, ref, rtol=1e-3, atol=1e-3))
+            except Exception:  # lowering unsupported by this jax / Triton / GPU
+                ok = False
+        _AVAILABLE[backend] = ok
+    return _AVAILABLE[backend]
