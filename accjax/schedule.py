@@ -5,7 +5,9 @@ kept, model width d, attention width a (= N*H, d for BERT/GPT-2), feed-forward w
 m feed-forward matrices (2 for BERT/GPT-2, 3 for gated T5 v1.1)::
 
     layer(n_in, n_out) = 6 n_in d a       query/key/value projections (all rows)
-                       + 4 n_in^2 a       scores QK^T and context PV (all rows)
+                       + 4 n_in^2 a       scores QK^T and context PV (all rows; a causal
+                                          model counts only the n_in (n_in + 1) / 2
+                                          visible pairs, which is what a flash kernel does)
                        + 2 n_out a d      attention output projection (kept rows)
                        + 2 m n_out d f    feed-forward (kept rows)
 
@@ -14,6 +16,9 @@ m feed-forward matrices (2 for BERT/GPT-2, 3 for gated T5 v1.1)::
 
 ``embed`` counts the embedding sum and LayerNorm (about 8 d FLOPs a token, no matmul);
 ``head`` the pooler and classifier (2 d^2 + 2 d C) or whatever the family's head costs.
+``tail_per_row`` (default 0) is work done per row that survives the last layer, e.g. T5's
+decoder projecting the kept encoder rows to cross-attention keys and values:
+``cost += tail_per_row * n_L``.
 
 Schedule from a speedup s: ``keep[l] = bucket_up(max(floor, N * r**l))`` for l = 1..L, one
 decay ratio r in (0, 1]. The bucketed speedup is a non-increasing step function of r;
@@ -45,10 +50,13 @@ class CostModel:
     ffn_mats: int = 2  # 2: up/down; 3: gated (wi_0, wi_1, wo)
     head: float = 0.0  # per-sequence head FLOPs
     embed_per_token: float = 0.0  # per-token embedding FLOPs
+    tail_per_row: float = 0.0  # FLOPs per row surviving the last layer (T5: cross-attn K/V)
+    causal: bool = False  # decoders: a query sees only keys at or before it (half the pairs)
 
     def layer(self, n_in: int, n_out: int) -> float:
         a = self.a or self.d
-        return (6 * n_in * self.d * a + 4 * n_in * n_in * a
+        pairs = n_in * (n_in + 1) / 2 if self.causal else n_in * n_in  # query-key pairs
+        return (6 * n_in * self.d * a + 4 * pairs * a
                 + 2 * n_out * a * self.d + 2 * self.ffn_mats * n_out * self.d * self.f)
 
     def total(self, seq_len: int, schedule: Sequence[int]) -> float:
@@ -58,7 +66,7 @@ class CostModel:
             n_out = min(n_out, n_in)
             cost += self.layer(n_in, n_out)
             n_in = n_out
-        return cost
+        return cost + self.tail_per_row * n_in
 
 
 def cost_model(config: Any) -> CostModel:

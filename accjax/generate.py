@@ -1,0 +1,209 @@
+"""Text generation for decoders: pruned prefill, then decoding on the reduced KV caches.
+
+One compiled program per (batch size, prompt length, schedule, max_new_tokens, sampling
+kind) does the whole thing under ``jax.jit``: the prefill (``GPT2LMHeadModel.prefill``, with
+ACC elimination when the schedule drops rows) and a ``lax.while_loop`` of single-token
+``extend`` steps on caches of static size ``keep_l + max_new_tokens``::
+
+    gen = Generator.from_loaded(convert.load("/path/to/gpt2", "lm"))
+    out = gen.generate(input_ids, attention_mask, max_new_tokens=32, speedup=2.0)
+    out.tokens          # [B, 32] numpy; after an eos every token is the pad id
+
+Prompts are right-padded ([B, T] plus a mask); each row continues from its own last real
+token, with position ids counting on from its real length. Sampling: ``temperature=0`` is
+greedy (argmax); otherwise logits / temperature, optionally restricted to the ``top_k``
+most likely tokens, sampled with a ``jax.random`` key derived from ``seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from accjax import schedule as sched_lib
+
+Array = jax.Array
+
+
+def sample_logits(logits: Array, rng: Array, *, greedy: bool, temperature: Array | float = 1.0,
+                  top_k: int = 0) -> Array:
+    """Next tokens [B] int32 from logits [B, V].
+
+    Args:
+      greedy: argmax (static); otherwise categorical sampling.
+      temperature: divides the logits (traced: changing it does not recompile).
+      top_k: static; > 0 keeps only the k most likely tokens before sampling.
+    """
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1] k-th largest
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """tokens [B, M] (pad after eos), lengths [B] tokens before and including the first eos,
+    first_logits [B, V] float32 (the prefill's prediction), cache (the final KV cache)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    first_logits: np.ndarray
+    cache: Any
+
+
+def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int, greedy: bool,
+                top_k: int = 0, eos_token_id: int | None = None, pad_token_id: int = 0,
+                acc_variant: str = "plain"):
+    """A pure function (params, input_ids, attention_mask, rng, temperature) -> outputs dict.
+
+    ``module`` is a ``GPT2LMHeadModel``; every other argument is static (part of the program).
+    """
+    m = int(max_new_tokens)
+    if m < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+    def run(params, input_ids, attention_mask, rng, temperature):
+        v = {"params": params}
+        logits, cache, _ = module.apply(v, input_ids, attention_mask, max_new_tokens=m,
+                                        schedule=schedule, acc_variant=acc_variant,
+                                        method="prefill")
+        b = input_ids.shape[0]
+        rng, sub = jax.random.split(rng)
+        tok = sample_logits(logits, sub, greedy=greedy, temperature=temperature, top_k=top_k)
+        done = (tok == eos_token_id) if eos_token_id is not None else jnp.zeros((b,), bool)
+        tokens = jnp.full((b, m), pad_token_id, jnp.int32).at[:, 0].set(tok)
+        lengths = jnp.ones((b,), jnp.int32)
+
+        def cond(state):
+            i, _, _, done, _, _ = state
+            return (i < m) & ~jnp.all(done)
+
+        def body(state):
+            i, tokens, lengths, done, cache, rng = state
+            prev = lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)  # [B, 1]
+            step_logits, cache = module.apply(v, prev, cache, method="extend")  # [B, 1, V]
+            rng, sub = jax.random.split(rng)
+            nxt = sample_logits(step_logits[:, 0], sub, greedy=greedy, temperature=temperature,
+                                top_k=top_k)
+            nxt = jnp.where(done, pad_token_id, nxt)
+            lengths = lengths + (~done).astype(jnp.int32)
+            if eos_token_id is not None:
+                done = done | (nxt == eos_token_id)
+            tokens = lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], i, axis=1)
+            return i + 1, tokens, lengths, done, cache, rng
+
+        state = (jnp.ones((), jnp.int32), tokens, lengths, done, cache, rng)
+        _, tokens, lengths, done, cache, _ = lax.while_loop(cond, body, state)
+        return {"tokens": tokens, "lengths": lengths, "first_logits": logits, "cache": cache}
+
+    return run
+
+
+class Generator:
+    """Compiled-once generation at any speedup for a GPT-2 LM.
+
+    Args:
+      module: a ``GPT2LMHeadModel``; params: its parameters; config: its ``GPT2Config``.
+      param_dtype: cast the parameters once (e.g. 'bfloat16').
+      bucket, floor: schedule rounding and the smallest keep-length.
+      acc_variant: how prompt rows are ranked (``gpt2.RANKINGS``).
+    """
+
+    def __init__(self, module, params, config, *, param_dtype: str | None = None, bucket: int = 8,
+                 floor: int = 1, acc_variant: str = "plain"):
+        from accjax.models import gpt2_family
+
+        self.module, self.config = module, config
+        if param_dtype is not None:
+            params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(param_dtype)), params)
+        self.params = jax.device_put(params)
+        self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
+        self.cost = gpt2_family.cost_model(config, "lm")
+        self._programs: dict[tuple, Any] = {}
+        self.traces = 0
+
+    @classmethod
+    def from_loaded(cls, loaded, **kw) -> "Generator":
+        if loaded.head != "lm":
+            raise ValueError(f"generation needs an LM head; {loaded.folder} was loaded with head "
+                             f"{loaded.head!r} (load it with head='lm')")
+        return cls(loaded.module, loaded.params, loaded.config, **kw)
+
+    def schedule(self, length: int, speedup: float | Sequence[int]) -> tuple[int, ...]:
+        """A speedup (number) or an explicit schedule -> validated keep-lengths for ``length``."""
+        if isinstance(speedup, (tuple, list)):
+            return sched_lib.check(speedup, self.config.num_layers, length)
+        return sched_lib.schedule_for_speedup(self.cost, length, float(speedup),
+                                              bucket=self.bucket, floor=self.floor)
+
+    def program(self, batch: int, length: int, schedule, max_new_tokens: int, greedy: bool,
+                top_k: int, eos_token_id: int | None, pad_token_id: int):
+        key = (batch, length, tuple(schedule), max_new_tokens, greedy, top_k, eos_token_id, pad_token_id)
+        prog = self._programs.get(key)
+        if prog is None:
+            dense = all(k >= length for k in schedule)
+            fn = generate_fn(self.module, schedule=None if dense else tuple(schedule),
+                             max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                             eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                             acc_variant=self.acc_variant)
+
+            def counted(*a):
+                self.traces += 1
+                return fn(*a)
+
+            spec = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+            prog = jax.jit(counted).lower(self.params, spec, spec, jax.random.PRNGKey(0),
+                                          jnp.float32(1.0)).compile()
+            self._programs[key] = prog
+        return prog
+
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
+                 speedup: float | Sequence[int] = 1.0, temperature: float = 0.0, top_k: int = 0,
+                 seed: int = 0, eos_token_id: int | None = -1, pad_token_id: int | None = None
+                 ) -> GenerateOutput:
+        """Generates ``max_new_tokens`` tokens after each right-padded prompt.
+
+        Args:
+          input_ids, attention_mask: [B, T] right-padded prompts (mask default: all real).
+          speedup: prefill speedup (a number >= 1) or an explicit schedule.
+          temperature: 0 = greedy; > 0 samples.
+          top_k: restrict sampling to the k most likely tokens (0 = all).
+          eos_token_id: stop a row after this token (-1: the config's eos; None: never stop).
+          pad_token_id: what fills a row after it stopped (default: the eos id).
+        """
+        ids = np.asarray(input_ids, np.int32)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        if not np.all(mask.sum(1) >= 1):
+            raise ValueError("every prompt needs at least one real token")
+        if np.any(np.diff(mask, axis=1) > 0):
+            raise ValueError("prompts must be right-padded (real tokens first, then padding)")
+        b, t = ids.shape
+        longest = int(mask.sum(1).max()) + max_new_tokens
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({int(mask.sum(1).max())} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's {self.config.max_position_embeddings} positions")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if eos_token_id == -1:
+            eos_token_id = self.config.eos_token_id
+        pad = pad_token_id if pad_token_id is not None else (
+            eos_token_id if eos_token_id is not None else self.config.eos_token_id)
+        schedule = self.schedule(t, speedup)
+        greedy = temperature == 0 or top_k == 1
+        prog = self.program(b, t, schedule, int(max_new_tokens), greedy, int(top_k),
+                            eos_token_id, int(pad))
+        out = prog(self.params, ids, mask, jax.random.PRNGKey(seed),
+                   jnp.float32(temperature if temperature > 0 else 1.0))
+        return GenerateOutput(tokens=np.asarray(out["tokens"]), lengths=np.asarray(out["lengths"]),
+                              first_logits=np.asarray(out["first_logits"]), cache=out["cache"])

