@@ -229,6 +229,76 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str) -> str:
     return "probs"
 
 
+def attend_and_score(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    *,
+    scale: float,
+    causal: bool = False,
+    bias: Array | None = None,
+    score: bool = False,
+    variant: str = "plain",
+    protect: Array | None = None,
+    attention_impl: str = "auto",
+    acc_impl: str = "auto",
+    xla_attention_below: int = 0,
+    output_attentions: bool = False,
+    probs_dropout=None,
+    value_norms=None,
+) -> tuple[Array, Array | None, Array | None]:
+    """Self-attention and, when ``score``, the ACC of every key row: one dispatch for all
+    model families, so each path is chosen in one place.
+
+    Paths (first that applies):
+      * probabilities materialised (``attention.attention_with_probs``): returning attention
+        maps, attention dropout in training, ACC variants other than plain, or XLA attention
+        (CPU; or a GPU layer with fewer than ``xla_attention_below`` rows, where a flash
+        kernel's tiles are mostly empty);
+      * flash attention + ``acc_scores_fused`` (Pallas kernel; GPUs that compile it);
+      * flash attention + ``acc_scores_from_lse`` (log-sum-exp; other GPUs).
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, N, H]; mask: [B, S] bool key mask (= query mask).
+      score: compute ACC (the layer eliminates).
+      value_norms: () -> [B, N, S], called only for the ``value_norm`` variant.
+    Returns:
+      (context [B, T, N, H], ACC [B, S] or None, probabilities [B, N, T, S] or None).
+    """
+    from accjax import attention as attn_lib
+
+    impl = attn_lib.resolve_implementation(attention_impl, q.dtype)
+    if impl == "cudnn" and q.shape[1] < xla_attention_below:
+        impl = "xla"
+    how = "probs" if variant != "plain" else resolve_acc_impl(acc_impl, impl)
+    need_probs = output_attentions or probs_dropout is not None or (score and how == "probs")
+    probs = scores = lse = None
+    if need_probs:
+        ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
+                                                   bias=bias, probs_dropout=probs_dropout)
+    elif score and how == "lse":
+        ctx, lse = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
+                                            implementation=impl, return_lse=True)
+    else:
+        ctx = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
+                                       implementation=impl)
+    if score:
+        if probs is not None:
+            vn = value_norms() if variant == "value_norm" else None
+            scores = acc_scores(probs, mask, variant=variant, causal=causal, protect=protect,
+                                value_norms=vn)
+        elif how == "lse":
+            scores = acc_scores_from_lse(q, k, lse, mask, scale=scale, causal=causal,
+                                         protect=protect, bias=bias)
+        else:
+            if bias is not None:
+                raise ValueError("the fused ACC kernel takes no logits bias; use acc_impl='lse'")
+            scores = acc_scores_fused(q, k, mask, scale=scale, causal=causal, protect=protect,
+                                      interpret=how == "pallas_interpret")
+    return ctx, scores, probs
+
+
 def select_rows(scores: Array, keep: int) -> Array:
     """Indices [B, keep] of the ``keep`` highest-scoring rows, in original order.
 

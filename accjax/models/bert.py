@@ -257,45 +257,23 @@ class BertLayer(nn.Module):
             q, k, v = _split_qkv(qkv_proj, x, cfg)  # each [B, T, N, H], contiguous
 
         heads_out = HeadsOut(cfg, name="attn_out")
-        train_dropout = not deterministic and cfg.attention_dropout > 0
-        impl = attn_lib.resolve_implementation(cfg.attention_impl, q.dtype)
-        if impl == "cudnn" and t < cfg.xla_attention_below:
-            impl = "xla"  # a flash kernel's tiles are mostly empty for a few rows
-        acc_impl = "probs" if acc_variant != "plain" else acc_lib.resolve_acc_impl(cfg.acc_impl, impl)
-        # Probabilities are materialised only when something needs them; plain ACC comes
-        # from the fused kernel (acc_scores_fused) or a flash kernel's log-sum-exp.
         prefix = acc_variant in acc_lib.BASELINES
-        need_probs = output_attentions or train_dropout or (
-            eliminate and not prefix and acc_impl == "probs")
-        if need_probs:
-            drop = nn.Dropout(cfg.attention_dropout)
-            ctx, probs = attn_lib.attention_with_probs(
-                q, k, v, rows.mask, scale=scale,
-                probs_dropout=(lambda p: drop(p, deterministic=deterministic)) if train_dropout else None,
-            )  # ctx [B, T, N, H], probs [B, N, T, T]
-            if output_attentions:
-                out["attentions"] = probs
-        elif eliminate and not prefix and acc_impl == "lse":
-            ctx, lse = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale,
-                                                implementation=impl, return_lse=True)
-        else:
-            ctx = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale, implementation=impl)
-
+        drop = nn.Dropout(cfg.attention_dropout)
+        train_dropout = not deterministic and cfg.attention_dropout > 0
+        ctx, scores, probs = acc_lib.attend_and_score(
+            q, k, v, rows.mask, scale=scale, score=eliminate and not prefix, variant=acc_variant,
+            protect=rows.positions == 0,  # CLS
+            attention_impl=cfg.attention_impl, acc_impl=cfg.acc_impl,
+            xla_attention_below=cfg.xla_attention_below, output_attentions=output_attentions,
+            probs_dropout=(lambda p: drop(p, deterministic=False)) if train_dropout else None,
+            value_norms=lambda: heads_out.value_norms(v),
+        )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
+        if output_attentions:
+            out["attentions"] = probs
         if eliminate and prefix:
             idx, rows, (ctx, x) = acc_lib.take_prefix(keep, rows, ctx, x)
             out.update(keep_idx=idx, positions=rows.positions)
         elif eliminate:
-            protect = rows.positions == 0  # CLS
-            if need_probs:
-                value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
-                scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant,
-                                            value_norms=value_norms, protect=protect)  # [B, T]
-            elif acc_impl == "lse":
-                scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=scale,
-                                                     protect=protect)  # [B, T]
-            else:
-                scores = acc_lib.acc_scores_fused(q, k, rows.mask, scale=scale, protect=protect,
-                                                  interpret=acc_impl == "pallas_interpret")
             idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)
             # ctx [B, K, N, H], x [B, K, D]
             out.update(acc=scores, keep_idx=idx, positions=rows.positions)

@@ -84,6 +84,8 @@ class GPT2Config:
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # parameter storage dtype
     attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
+    acc_impl: str = "auto"  # ACC from: 'probs', 'lse' (flash log-sum-exp), 'pallas' kernel
+    xla_attention_below: int = 0  # layers with fewer input rows use XLA attention on GPU
     family: str = "gpt2"
 
     def __post_init__(self):
@@ -384,38 +386,23 @@ class GPT2Block(nn.Module):
         q, k, v = self._project(x)  # each [B, T, N, H]
 
         train_dropout = not deterministic and cfg.attention_dropout > 0
-        impl = attn_lib.resolve_implementation(cfg.attention_impl, q.dtype)
         recent = acc_variant == "recent"
-        # Probabilities are materialised only when something needs them; a fused kernel's
-        # log-sum-exp is enough for plain ACC (acc.acc_scores_from_lse).
-        need_probs = output_attentions or train_dropout or (
-            eliminate and not recent and (acc_variant != "plain" or impl == "xla"))
-        if need_probs:
-            ctx, probs = attn_lib.attention_with_probs(
-                q, k, v, rows.mask, scale=scale, causal=True,
-                probs_dropout=(lambda p: self.attn_drop(p, deterministic=deterministic))
-                if train_dropout else None)  # ctx [B, T, N, H], probs [B, N, T, T]
-            if output_attentions:
-                out["attentions"] = probs
-        elif eliminate and not recent:
-            ctx, lse = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale, causal=True,
-                                                implementation=impl, return_lse=True)
-        else:
-            ctx = attn_lib.fused_attention(q, k, v, rows.mask, scale=scale, causal=True,
-                                           implementation=impl)
+        last = rows.positions == protect_pos[:, None]  # [B, T]
+        ctx, scores, probs = acc_lib.attend_and_score(
+            q, k, v, rows.mask, scale=scale, causal=True, score=eliminate and not recent,
+            variant=acc_variant, protect=last, attention_impl=cfg.attention_impl,
+            acc_impl=cfg.acc_impl, xla_attention_below=cfg.xla_attention_below,
+            output_attentions=output_attentions,
+            probs_dropout=(lambda p: self.attn_drop(p, deterministic=False)) if train_dropout else None,
+            value_norms=lambda: self.attn_out.value_norms(v),
+        )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
+        if output_attentions:
+            out["attentions"] = probs
 
         if eliminate:
-            last = rows.positions == protect_pos[:, None]  # [B, T]
             if recent:
                 scores = jnp.where(rows.mask, rows.positions.astype(jnp.float32), -jnp.inf)
                 scores = jnp.where(last & rows.mask, jnp.inf, scores)
-            elif need_probs:
-                value_norms = self.attn_out.value_norms(v) if acc_variant == "value_norm" else None
-                scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant, causal=True,
-                                            value_norms=value_norms, protect=last)  # [B, T]
-            else:
-                scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=scale,
-                                                     causal=True, protect=last)  # [B, T]
             if cfg.protect_first:
                 sink = (rows.positions == 0) & rows.mask & ~last
                 scores = jnp.where(sink, _SINK_SCORE, scores)
