@@ -315,6 +315,7 @@ def from_state_dict(
         absent = [k for k in r.hf if k not in sd]
         if absent:
             missing.extend(_hf_name(family, r, k) for k in absent)
+            used.update(k for k in r.hf if k in sd)  # a fused rule's other keys are not unexpected
             continue
         want = r.to_hf(np.zeros(shape, np.float32))
         bad = False
@@ -466,6 +467,8 @@ def load(
         overrides["num_labels"] = num_labels
     config = family.config_cls.from_hf(hf_cfg, **overrides)
     sd = read_state_dict(folder)
+    if family.adapt_checkpoint is not None:
+        config, sd = family.adapt_checkpoint(config, sd)
     params, report = from_state_dict(family, config, sd, head, seed=seed, source=str(folder))
     return Loaded(family, config, head, params, folder, report)
 

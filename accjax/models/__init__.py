@@ -31,6 +31,9 @@ class Family:
     hf_architectures: dict[str, str] = dataclasses.field(default_factory=dict)  # head -> HF class
     dummy_inputs: Callable[[Any, int, int], dict] | None = None  # (config, B, T) -> model kwargs
     cost_model: Callable[[Any], Any] | None = None  # config -> schedule.CostModel (None: BERT's)
+    # (config, HF state dict) -> (config, state dict), reconciled before conversion when the
+    # config.json alone cannot say (T5: is the LM head tied?); None: used as read.
+    adapt_checkpoint: Callable[[Any, dict], tuple[Any, dict]] | None = None
 
     def module(self, config, head: str = "base") -> nn.Module:
         try:

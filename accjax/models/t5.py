@@ -1,0 +1,823 @@
+"""T5 v1.1 / Flan-T5 encoder-decoder in Flax linen, with ACC elimination in the encoder.
+
+Numerically matches Hugging Face ``T5ForConditionalGeneration`` / ``T5EncoderModel``
+(transformers 5.x) at fp32:
+
+  * pre-norm blocks with RMS layer norm (no mean subtraction, no bias, variance in fp32);
+  * no 1/sqrt(H) scaling of attention logits; an additive relative position bias instead,
+    from a [buckets, N] table owned by the FIRST layer of each stack and shared by all its
+    layers (bidirectional buckets in the encoder, causal buckets in the decoder; cross
+    attention has no position bias);
+  * gated-GELU feed-forward ``wo(gelu_new(wi_0 h) * wi_1 h)`` for v1.1 / Flan (``relu``
+    without the gate for the original T5);
+  * an untied LM head for v1.1 / Flan; a head tied to the shared embedding otherwise, whose
+    input is scaled by ``d_model ** -0.5`` when ``scale_decoder_outputs`` (original T5);
+  * ``decoder_start_token_id`` = pad = 0, EOS = 1; fp16 activations clamped as HF does.
+
+Elimination (encoder only, see ``accjax.acc``): a layer given a static ``keep`` < its input
+rows T runs self-attention over all T rows, ranks them by ACC and keeps the ``keep`` best
+(padding goes first). Nothing is protected by default: T5 has no CLS row that a head reads,
+the decoder cross-attends to whatever survives, and the final EOS, an attention sink, ranks
+high on its own; ``protect_last=True`` keeps each example's last real token (its EOS) for
+experiments. Pre-norm T5 carries two things past attention, the residual stream ``x`` and the
+attention context ``ctx``; both are gathered with the same indices, and the output
+projection, residual add and feed-forward then run on the kept rows only. The position bias for later layers is GATHERED (rows and columns) from the
+bias of the rows that entered, so it always equals ``table[bucket(pos[j] - pos[i])]`` for the
+ORIGINAL positions pos of the kept rows; it is never recomputed from compacted indices.
+Worked example, T = 4 rows at positions [0 1 2 3], layer keeps rows [0, 3]::
+
+    bias before: B[i, j] = tab[bucket(j - i)]     after: [[B[0,0] B[0,3]]   = tab[bucket(  0)] tab[bucket(3)]
+                                                         [B[3,0] B[3,3]]]   tab[bucket(-3)] tab[bucket(0)]
+    (recomputing from compacted positions [0 1] would wrongly give bucket(1) and bucket(-1))
+
+The decoder cross-attends to the final kept encoder rows under their gathered mask.
+
+Einsum letters: B batch, T rows entering a layer / decoder length, S key rows, K kept rows,
+D model width (d_model), N heads, H head size (d_kv; N*H need not equal D), F feed-forward
+width (d_ff), G the 2 gated input projections, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from accjax import acc as acc_lib
+from accjax import attention as attn_lib
+from accjax.models import common
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128  # SentencePiece vocabulary (+ padding rows in the table)
+    d_model: int = 768  # D
+    d_kv: int = 64  # H, per-head size
+    d_ff: int = 2048  # F, feed-forward width
+    num_layers: int = 12  # encoder blocks (the layers a schedule covers)
+    num_decoder_layers: int = 12  # decoder blocks
+    num_heads: int = 12  # N
+    relative_attention_num_buckets: int = 32  # rows of the position-bias table
+    relative_attention_max_distance: int = 128  # distances beyond share the last bucket
+    layer_norm_epsilon: float = 1e-6
+    dense_act_fn: str = "gelu_new"  # HF name; "gated-gelu" means gelu_new (tanh form)
+    is_gated_act: bool = True  # v1.1 / Flan: wo(act(wi_0 h) * wi_1 h)
+    tie_word_embeddings: bool = False  # True: the LM head is the shared embedding
+    scale_decoder_outputs: bool | None = None  # LM-head input * d_model**-0.5; None: = tied
+    dropout: float = 0.1  # HF dropout_rate: embeddings, attention probs, residual branches
+    initializer_factor: float = 1.0  # HF's init scale (1.0 for real models)
+    pad_token_id: int = 0
+    decoder_start_token_id: int = 0  # T5 starts decoding from the pad token
+    eos_token_id: int = 1
+    max_position_embeddings: int = 512  # T5 has no absolute limit: the longest length bucket
+    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
+    param_dtype: str = "float32"  # parameter storage dtype
+    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
+    family: str = "t5"
+
+    def __post_init__(self):
+        common.activation(self.dense_act_fn)  # fail early on an unknown activation
+        if self.scale_decoder_outputs is None:
+            # HF: the original T5 (tied head) scales, v1.1 / Flan (untied) does not.
+            object.__setattr__(self, "scale_decoder_outputs", bool(self.tie_word_embeddings))
+        if self.relative_attention_num_buckets < 4:
+            raise ValueError("relative_attention_num_buckets must be at least 4")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.d_ff
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_kv
+
+    @property
+    def inner_dim(self) -> int:
+        """Attention width N*H (the ``a`` of ``schedule.CostModel``)."""
+        return self.num_heads * self.d_kv
+
+    @property
+    def feed_forward_proj(self) -> str:
+        act = "gelu" if self.is_gated_act and self.dense_act_fn == "gelu_new" else self.dense_act_fn
+        return f"gated-{act}" if self.is_gated_act else act
+
+    def replace(self, **kw) -> "T5Config":
+        return dataclasses.replace(self, **kw)
+
+    # -- Hugging Face config.json <-> T5Config --------------------------------------------
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], **overrides) -> "T5Config":
+        """Reads an HF T5 config.json (transformers 4.x or 5.x).
+
+        transformers 5 writes ``tie_word_embeddings: true`` for every T5 and records the
+        v1.1 behaviour as ``scale_decoder_outputs: false``; whether the head is really tied
+        then depends on the checkpoint (``t5_family.adapt_checkpoint`` settles it).
+        """
+        proj = d.get("feed_forward_proj", "relu")
+        parts = proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ValueError(f"feed_forward_proj {proj!r} is not 'ACT' or 'gated-ACT'")
+        act = "gelu_new" if proj == "gated-gelu" else parts[-1]
+        tie = d.get("tie_word_embeddings", True) is not False
+        scale = d.get("scale_decoder_outputs", tie)
+        eos = d.get("eos_token_id", 1)
+        if isinstance(eos, list):
+            eos = eos[0]
+        pad = d.get("pad_token_id", 0)
+        kw = dict(
+            vocab_size=d["vocab_size"],
+            d_model=d["d_model"],
+            d_kv=d["d_kv"],
+            d_ff=d["d_ff"],
+            num_layers=d["num_layers"],
+            num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"],
+            num_heads=d["num_heads"],
+            relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
+            relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-6),
+            dense_act_fn=act,
+            is_gated_act=parts[0] == "gated" and len(parts) == 2,
+            tie_word_embeddings=tie,
+            scale_decoder_outputs=bool(scale),
+            dropout=d.get("dropout_rate", 0.1),
+            initializer_factor=d.get("initializer_factor", 1.0),
+            pad_token_id=0 if pad is None else pad,
+            decoder_start_token_id=d.get("decoder_start_token_id", 0 if pad is None else pad),
+            eos_token_id=1 if eos is None else eos,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        if self.is_gated_act and self.dense_act_fn == "gelu":
+            raise ValueError("HF T5 has no gated exact-GELU ('gated-gelu' means gelu_new)")
+        return {
+            "model_type": "t5",
+            "architectures": ["T5ForConditionalGeneration"],
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "d_kv": self.d_kv,
+            "d_ff": self.d_ff,
+            "num_layers": self.num_layers,
+            "num_decoder_layers": self.num_decoder_layers,
+            "num_heads": self.num_heads,
+            "relative_attention_num_buckets": self.relative_attention_num_buckets,
+            "relative_attention_max_distance": self.relative_attention_max_distance,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "feed_forward_proj": self.feed_forward_proj,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            # transformers 5 reads this key in preference to tie_word_embeddings.
+            "scale_decoder_outputs": self.scale_decoder_outputs,
+            "dropout_rate": self.dropout,
+            "initializer_factor": self.initializer_factor,
+            "pad_token_id": self.pad_token_id,
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "eos_token_id": self.eos_token_id,
+            "is_encoder_decoder": True,
+        }
+
+
+PRESETS: dict[str, T5Config] = {
+    # google/flan-t5-small: 8 encoder + 8 decoder layers, D 512, 6 heads of 64 (N*H = 384).
+    "flan-t5-small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
+                              num_heads=6),
+    # google/flan-t5-base: 12 + 12 layers, D 768, 12 heads of 64, F 2048.
+    "flan-t5-base": T5Config(),
+}
+
+
+# --------------------------------------------------------------------------- positions
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5's bucket of ``relative_position`` = key position - query position (int array).
+
+    Half of the buckets (of each sign, when bidirectional) hold exact distances 0..max_exact-1,
+    the rest logarithmically wider bins up to ``max_distance``; farther distances share the
+    last bucket. Causal (decoder) buckets map every positive distance (a future key) to 0.
+    Example, 8 bidirectional buckets, max_distance 16: -1 -> 1, 0 -> 0, 1 -> 5, 2 -> 6,
+    5 -> 7, 100 -> 7.
+    """
+    rel = relative_position.astype(jnp.int32)
+    ret = jnp.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (rel > 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(rel)
+    else:
+        n = -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # float32 throughout, as the reference: log(n / max_exact) / log(max_distance / max_exact).
+    safe = jnp.maximum(n, 1).astype(jnp.float32)
+    large = max_exact + (jnp.log(safe / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, large)
+
+
+def take_bias(bias: Array, idx: Array) -> Array:
+    """Rows and columns ``idx`` [B, K] of a bias [B or 1, N, T, T] -> [B, N, K, K].
+
+    ``out[b, n, i, j] = bias[b, n, idx[b, i], idx[b, j]]``: the kept rows keep the bias of
+    their original positions.
+    """
+    rows = jnp.take_along_axis(bias, idx[:, None, :, None], axis=2)  # [B, N, K, T]
+    return jnp.take_along_axis(rows, idx[:, None, None, :], axis=3)  # [B, N, K, K]
+
+
+class RelativeBias(nn.Module):
+    """The [buckets, N] table and its lookup -> an additive logits bias [B, N, T, S]."""
+
+    config: T5Config
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_pos: Array, k_pos: Array) -> Array:
+        """q_pos [B, T], k_pos [B, S] int positions (B may be 1) -> [B, N, T, S] in dtype."""
+        cfg = self.config
+        buckets = relative_position_bucket(
+            k_pos[:, None, :] - q_pos[:, :, None], bidirectional=self.bidirectional,
+            num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance)  # [B, T, S]
+        table = self.param(
+            "embedding", _normal(cfg.initializer_factor * cfg.d_model ** -0.5, (None, "heads")),
+            (cfg.relative_attention_num_buckets, cfg.num_heads), common.to_dtype(cfg.param_dtype))
+        values = jnp.take(table.astype(common.to_dtype(cfg.dtype)), buckets, axis=0)  # [B, T, S, N]
+        return jnp.transpose(values, (0, 3, 1, 2))  # [B, N, T, S]
+
+
+# ----------------------------------------------------------------------------- blocks
+def _normal(std: float | Sequence[float], axes: tuple[str | None, ...], split_axis: int = 1):
+    """N(0, std) init; a sequence of stds draws each slice of ``split_axis`` with its own
+    (fused q/k/v: HF initialises q with a smaller std than k and v)."""
+    if isinstance(std, (int, float)):
+        return common.normal_init(float(std), axes)
+
+    def init(key, shape, dtype=jnp.float32):
+        keys = jax.random.split(key, len(std))
+        part = shape[:split_axis] + shape[split_axis + 1:]
+        return jnp.stack([jax.random.normal(k, part, dtype) * s for k, s in zip(keys, std)],
+                         axis=split_axis)
+
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Proj(nn.Module):
+    """A bias-free projection: a kernel of ``shape`` applied by the einsum ``spec``."""
+
+    config: T5Config
+    shape: tuple[int, ...]
+    spec: str
+    axes: tuple[str | None, ...]
+    std: float | tuple[float, ...]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dtype = common.to_dtype(cfg.dtype)
+        kernel = self.param("kernel", _normal(self.std, self.axes), self.shape,
+                            common.to_dtype(cfg.param_dtype))
+        return jnp.einsum(self.spec, x.astype(dtype), kernel.astype(dtype))
+
+
+class RMSNorm(nn.Module):
+    """T5LayerNorm: x / sqrt(mean(x^2) + eps) * scale; statistics in float32, no bias."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        scale = self.param("scale", common.ones_init(("embed",)), (cfg.d_model,),
+                           common.to_dtype(cfg.param_dtype))
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(var + cfg.layer_norm_epsilon)
+        return (scale.astype(jnp.float32) * y).astype(common.to_dtype(cfg.dtype))
+
+
+def _qkv(cfg: T5Config, name: str, parts: int = 3) -> Proj:
+    """Fused projections [D, parts, N, H]: q/k/v (3) or cross-attention k/v (2)."""
+    f, d = cfg.initializer_factor, cfg.d_model
+    stds = ((f * (d * cfg.d_kv) ** -0.5, f * d ** -0.5, f * d ** -0.5) if parts == 3
+            else (f * d ** -0.5, f * d ** -0.5))
+    return Proj(cfg, (d, parts, cfg.num_heads, cfg.d_kv), "BTD,DQNH->BTQNH",
+                ("embed", "qkv", "heads", "kv"), stds, name=name)
+
+
+def _q(cfg: T5Config, name: str) -> Proj:
+    f = cfg.initializer_factor
+    return Proj(cfg, (cfg.d_model, cfg.num_heads, cfg.d_kv), "BTD,DNH->BTNH",
+                ("embed", "heads", "kv"), f * (cfg.d_model * cfg.d_kv) ** -0.5, name=name)
+
+
+class OutProj(nn.Module):
+    """Attention output projection [B, T, N, H] -> [B, T, D] (no bias), and value norms."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.kernel = self.param(
+            "kernel", _normal(cfg.initializer_factor * cfg.inner_dim ** -0.5, ("heads", "kv", "embed")),
+            (cfg.num_heads, cfg.d_kv, cfg.d_model), common.to_dtype(cfg.param_dtype))
+
+    def __call__(self, ctx: Array) -> Array:
+        dtype = common.to_dtype(self.config.dtype)
+        return jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
+
+    def value_norms(self, v: Array) -> Array:
+        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
+        dtype = common.to_dtype(self.config.dtype)
+        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
+        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+
+
+class FeedForward(nn.Module):
+    """Gated: wo(act(wi_0 h) * wi_1 h) with wi_0/wi_1 fused into one [D, 2, F] kernel;
+    plain: wo(act(wi h))."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, h: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        f, d = cfg.initializer_factor, cfg.d_model
+        act = common.activation(cfg.dense_act_fn)
+        if cfg.is_gated_act:
+            g = Proj(cfg, (d, 2, cfg.d_ff), "BTD,DGF->BTGF", ("embed", None, "mlp"),
+                     (f * d ** -0.5, f * d ** -0.5), name="wi")(h)  # [B, T, 2, F]
+            h = act(g[:, :, 0]) * g[:, :, 1]  # [B, T, F]
+        else:
+            h = act(Proj(cfg, (d, cfg.d_ff), "BTD,DF->BTF", ("embed", "mlp"), f * d ** -0.5, name="wi")(h))
+        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        return Proj(cfg, (cfg.d_ff, d), "BTF,FD->BTD", ("mlp", "embed"), f * cfg.d_ff ** -0.5, name="wo")(h)
+
+
+def clamp_fp16(x: Array) -> Array:
+    """HF clamps float16 activations after every sub-block so inf never propagates."""
+    if x.dtype != jnp.float16:
+        return x
+    big = jnp.finfo(jnp.float16).max
+    limit = jnp.where(jnp.isinf(x).any(), big - 1000, big).astype(x.dtype)
+    return jnp.clip(x, -limit, limit)
+
+
+def _impl(cfg: T5Config, dtype) -> str:
+    return attn_lib.resolve_implementation(cfg.attention_impl, dtype)
+
+
+def _bias_for(bias: Array | None, impl: str, dtype) -> Array | None:
+    # cuDNN takes the bias in the input dtype; XLA adds it to float32 logits.
+    if bias is None or impl == "xla":
+        return bias
+    return bias.astype(dtype)
+
+
+# ---------------------------------------------------------------------------- encoder
+class EncoderLayer(nn.Module):
+    """One pre-norm T5 encoder block with optional elimination after self-attention."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        rows: acc_lib.Rows,
+        bias: Array,
+        *,
+        keep: int | None = None,
+        acc_variant: str = "plain",
+        protect: Array | None = None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+    ) -> tuple[Array, acc_lib.Rows, Array, dict[str, Array]]:
+        """
+        Args:
+          x: [B, T, D] rows entering the layer; rows: their ``acc.Rows``.
+          bias: [B or 1, N, T, T] position bias of these rows (from original positions).
+          keep: static Python int; rows kept after attention (None or >= T: keep all).
+          protect: [B, T] bool, rows that must never be dropped (None: none).
+        Returns:
+          (x [B, K, D], rows of the kept rows, their bias [B or 1, N, K, K], out dict).
+        """
+        cfg = self.config
+        t = x.shape[1]
+        eliminate = keep is not None and keep < t
+        out: dict[str, Array] = {}
+
+        h = RMSNorm(cfg, name="attn_norm")(x)
+        qkv = _qkv(cfg, "qkv")(h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+        heads_out = OutProj(cfg, name="attn_out")
+        train_dropout = not deterministic and cfg.dropout > 0
+        impl = _impl(cfg, q.dtype)
+        prefix = acc_variant in acc_lib.BASELINES
+        need_probs = output_attentions or train_dropout or (
+            eliminate and not prefix and (acc_variant != "plain" or impl == "xla"))
+        if need_probs:
+            drop = nn.Dropout(cfg.dropout)
+            ctx, probs = attn_lib.attention_with_probs(
+                q, k, v, rows.mask, scale=1.0, bias=bias,
+                probs_dropout=(lambda p: drop(p, deterministic=deterministic)) if train_dropout else None,
+            )  # ctx [B, T, N, H], probs [B, N, T, T]
+            if output_attentions:
+                out["attentions"] = probs
+        elif eliminate and not prefix:
+            ctx, lse = attn_lib.fused_attention(q, k, v, rows.mask, scale=1.0,
+                                                bias=_bias_for(bias, impl, q.dtype),
+                                                implementation=impl, return_lse=True)
+        else:
+            ctx = attn_lib.fused_attention(q, k, v, rows.mask, scale=1.0,
+                                           bias=_bias_for(bias, impl, q.dtype), implementation=impl)
+
+        if eliminate and prefix:
+            idx, rows, (ctx, x) = acc_lib.take_prefix(keep, rows, ctx, x)
+            bias = bias[:, :, :keep, :keep]
+            out.update(keep_idx=idx, positions=rows.positions)
+        elif eliminate:
+            if need_probs:
+                value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
+                scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant,
+                                            value_norms=value_norms, protect=protect)  # [B, T]
+            else:
+                scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=1.0, bias=bias,
+                                                     protect=protect)  # [B, T]
+            idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)
+            # ctx [B, K, N, H], x [B, K, D]; the bias of the kept rows' ORIGINAL positions:
+            bias = take_bias(bias, idx)  # [B, N, K, K]
+            out.update(acc=scores, keep_idx=idx, positions=rows.positions)
+
+        h = heads_out(ctx)  # [B, K, D]
+        x = clamp_fp16(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
+        h = FeedForward(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x), deterministic)  # [B, K, D]
+        x = clamp_fp16(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
+        return x, rows, bias, out
+
+
+@struct.dataclass
+class T5EncoderOutput:
+    """What the encoder returns; unused fields cost nothing under ``jax.jit``.
+
+    Attributes:
+      last_hidden_state: [B, K_L, D], the rows that survived the last layer, after the final
+        RMS norm: what the decoder cross-attends to.
+      rows: ``acc.Rows`` of those rows (mask = the cross-attention mask, original positions).
+      layers: per layer a dict; eliminating layers hold ``acc`` [B, T] (ACC of the rows that
+        entered), ``keep_idx`` [B, K] (indices into that layer's input, sorted) and
+        ``positions`` [B, K] (original positions of the kept rows).
+      hidden_states: (embeddings, layer 1, ..., layer L) outputs before the final norm.
+      attentions: per layer [B, N, T, T] float32 probabilities, if asked for.
+    """
+
+    last_hidden_state: Array
+    rows: acc_lib.Rows
+    layers: tuple[dict[str, Array], ...]
+    hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None
+
+
+def check_schedule(schedule, num_layers: int) -> tuple[int, ...] | None:
+    if schedule is None:
+        return None
+    schedule = tuple(schedule)
+    if len(schedule) != num_layers or not all(isinstance(k, int) and k >= 1 for k in schedule):
+        raise ValueError(
+            f"schedule must be {num_layers} positive Python ints (one keep-length per encoder "
+            f"layer), got {schedule!r}")
+    return schedule
+
+
+class T5Encoder(nn.Module):
+    """The encoder stack: dropout, L blocks sharing the first block's position bias, norm."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        attention_mask: Array,
+        *,
+        schedule: tuple[int, ...] | None = None,
+        acc_variant: str = "plain",
+        protect_last: bool = False,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> T5EncoderOutput:
+        """
+        Args:
+          x: [B, T, D] embedded input rows; attention_mask: [B, T] bool.
+          schedule: per-layer keep-lengths (static Python ints), None = dense.
+          protect_last: never drop each example's last real token (its EOS).
+        """
+        cfg = self.config
+        schedule = check_schedule(schedule, cfg.num_layers)
+        b, t = attention_mask.shape
+        rows = acc_lib.Rows.create(attention_mask)  # positions [B, T] = arange (as HF)
+        last = attention_mask.astype(jnp.int32).sum(axis=1) - 1  # [B] last real position
+        pos0 = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]: one bias for the whole batch
+        bias = RelativeBias(cfg, bidirectional=True, name="relative_attention_bias")(pos0, pos0)  # [1, N, T, T]
+
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        layers = []
+        for i in range(cfg.num_layers):
+            protect = (rows.positions == last[:, None]) if protect_last else None
+            x, rows, bias, out = EncoderLayer(cfg, name=f"layer_{i}")(
+                x, rows, bias, keep=None if schedule is None else schedule[i],
+                acc_variant=acc_variant, protect=protect, deterministic=deterministic,
+                output_attentions=output_attentions)
+            if output_attentions:
+                attentions.append(out.pop("attentions"))
+            if output_hidden_states:
+                hidden_states.append(x)
+            layers.append(out)
+        x = RMSNorm(cfg, name="final_norm")(x)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        return T5EncoderOutput(
+            last_hidden_state=x, rows=rows, layers=tuple(layers),
+            hidden_states=None if hidden_states is None else tuple(hidden_states),
+            attentions=None if attentions is None else tuple(attentions))
+
+
+# ---------------------------------------------------------------------------- decoder
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder block: causal self-attention, cross-attention, feed-forward."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.self_norm = RMSNorm(cfg)
+        self.self_qkv = _qkv(cfg, None)
+        self.self_out = OutProj(cfg)
+        self.cross_norm = RMSNorm(cfg)
+        self.cross_q = _q(cfg, None)
+        self.cross_kv = _qkv(cfg, None, parts=2)
+        self.cross_out = OutProj(cfg)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def encoder_kv(self, enc: Array) -> tuple[Array, Array]:
+        """Cross-attention keys and values of the encoder rows: [B, S, D] -> 2 x [B, S, N, H]."""
+        kv = self.cross_kv(enc)  # [B, S, 2, N, H]
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def __call__(
+        self,
+        x: Array,
+        self_mask: Array,
+        self_bias: Array,
+        enc_kv: tuple[Array, Array],
+        enc_mask: Array,
+        *,
+        cache: tuple[Array, Array] | None = None,
+        index: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """
+        Args:
+          x: [B, T, D] decoder rows (T = 1 with a cache).
+          self_mask: [B, T] padding mask of the decoder rows; [B, M] visible cache slots
+            when decoding with a cache.
+          self_bias: [1, N, T, T] causal position bias ([1, N, 1, M] with a cache).
+          enc_kv: cross-attention (k, v), each [B, S, N, H]; enc_mask: [B, S] bool.
+          cache: (k, v) of earlier steps, each [B, M, N, H]; index: the scalar step.
+        Returns:
+          (x [B, T, D], updated cache or None).
+        """
+        cfg = self.config
+        train_dropout = not deterministic and cfg.dropout > 0
+        h = self.self_norm(x)
+        qkv = self.self_qkv(h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+        if cache is not None:
+            ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+            cache = (ck, cv)  # [B, M, N, H] each
+            # One query against the cache: XLA is right at this size whatever the backend.
+            ctx = attn_lib.fused_attention(q, ck, cv, self_mask, scale=1.0, bias=self_bias,
+                                           implementation="xla")
+        else:
+            ctx = self._attend(q, k, v, self_mask, self_bias, causal=True,
+                               train_dropout=train_dropout, deterministic=deterministic)
+        x = clamp_fp16(x + self.drop(self.self_out(ctx), deterministic=deterministic))
+
+        h = self.cross_norm(x)
+        q = self.cross_q(h)  # [B, T, N, H]
+        ctx = self._attend(q, enc_kv[0], enc_kv[1], enc_mask, None, causal=False,
+                           train_dropout=train_dropout, deterministic=deterministic,
+                           impl="xla" if cache is not None else None)
+        x = clamp_fp16(x + self.drop(self.cross_out(ctx), deterministic=deterministic))
+
+        h = self.mlp(self.mlp_norm(x), deterministic)
+        x = clamp_fp16(x + self.drop(h, deterministic=deterministic))
+        return x, cache
+
+    def _attend(self, q, k, v, key_mask, bias, *, causal, train_dropout, deterministic, impl=None):
+        cfg = self.config
+        if train_dropout:
+            ctx, _ = attn_lib.attention_with_probs(
+                q, k, v, key_mask, scale=1.0, causal=causal, bias=bias,
+                probs_dropout=lambda p: self.drop(p, deterministic=deterministic))
+            return ctx
+        impl = impl or _impl(cfg, q.dtype)
+        return attn_lib.fused_attention(q, k, v, key_mask, scale=1.0, causal=causal,
+                                        bias=_bias_for(bias, impl, q.dtype), implementation=impl)
+
+
+class T5Decoder(nn.Module):
+    """The decoder stack; the first block's causal position bias is shared by all blocks."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.relative_attention_bias = RelativeBias(cfg, bidirectional=False)
+        self.layer = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]  # layer_0, ...
+        self.final_norm = RMSNorm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def cross_kv(self, enc: Array) -> tuple[tuple[Array, Array], ...]:
+        """Per layer the cross-attention (k, v) [B, S, N, H] of the (kept) encoder rows."""
+        return tuple(layer.encoder_kv(enc) for layer in self.layer)
+
+    def __call__(self, x: Array, mask: Array, enc_kv, enc_mask: Array, *,
+                 deterministic: bool = True) -> Array:
+        """Teacher-forced decoding: x [B, T, D] embedded decoder inputs, mask [B, T] bool ->
+        [B, T, D] after the final norm."""
+        t = x.shape[1]
+        pos = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]
+        bias = self.relative_attention_bias(pos, pos)  # [1, N, T, T]
+        x = self.drop(x, deterministic=deterministic)
+        for layer, kv in zip(self.layer, enc_kv):
+            x, _ = layer(x, mask, bias, kv, enc_mask, deterministic=deterministic)
+        return self.drop(self.final_norm(x), deterministic=deterministic)
+
+    def step(self, x: Array, index: Array, cache, enc_kv, enc_mask: Array):
+        """One cached decoding step: x [B, 1, D] at position ``index`` (a traced scalar);
+        cache: per layer (k, v) [B, M, N, H]. Returns ([B, 1, D], updated cache)."""
+        m = cache[0][0].shape[1]
+        b = x.shape[0]
+        q_pos = jnp.reshape(index, (1, 1)).astype(jnp.int32)  # [1, 1]
+        k_pos = jnp.arange(m, dtype=jnp.int32)[None]  # [1, M]
+        bias = self.relative_attention_bias(q_pos, k_pos)  # [1, N, 1, M]
+        visible = jnp.broadcast_to(k_pos <= index, (b, m))  # [B, M] slots written so far
+        new_cache = []
+        for layer, kv, c in zip(self.layer, enc_kv, cache):
+            x, c = layer(x, visible, bias, kv, enc_mask, cache=c, index=index)
+            new_cache.append(c)
+        return self.final_norm(x), tuple(new_cache)
+
+
+# ----------------------------------------------------------------------------- models
+@struct.dataclass
+class Seq2SeqOutput:
+    """Attributes:
+      logits: [B, T_dec, V] float32.
+      encoder: the ``T5EncoderOutput`` (kept rows, their mask and positions, per-layer ACC).
+    """
+
+    logits: Array
+    encoder: T5EncoderOutput
+
+
+def _shared(cfg: T5Config, **kw) -> nn.Embed:
+    return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=common.to_dtype(cfg.dtype),
+                    param_dtype=common.to_dtype(cfg.param_dtype),
+                    embedding_init=_normal(cfg.initializer_factor * 1.0, ("vocab", "embed")), **kw)
+
+
+class T5EncoderModel(nn.Module):
+    """The shared embedding and the encoder stack (HF ``T5EncoderModel``)."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
+                 deterministic: bool = True, **kw) -> T5EncoderOutput:
+        """input_ids, attention_mask: [B, T]; kw: see ``T5Encoder`` (schedule, acc_variant, ...)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        x = _shared(self.config, name="shared")(input_ids)  # [B, T, D]
+        return T5Encoder(self.config, name="encoder")(
+            x, attention_mask.astype(bool), deterministic=deterministic, **kw)
+
+
+class T5ForConditionalGeneration(nn.Module):
+    """Encoder-decoder with the LM head (HF ``T5ForConditionalGeneration``).
+
+    Entry points (``module.apply(variables, ..., method=...)``):
+      ``__call__``     inputs + decoder inputs -> ``Seq2SeqOutput`` (teacher forcing)
+      ``encode``       inputs -> ``T5EncoderOutput`` (elimination happens here)
+      ``cross_kv``     kept encoder rows -> per decoder layer (k, v), computed once
+      ``decode``       decoder inputs + encoder rows/mask -> logits [B, T, V]
+      ``decode_step``  one token per row + cache -> (logits [B, V], cache)
+    """
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.shared = _shared(cfg)
+        self.encoder = T5Encoder(cfg)
+        self.decoder = T5Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Proj(cfg, (cfg.d_model, cfg.vocab_size), "BTD,DV->BTV", ("embed", "vocab"),
+                                cfg.initializer_factor * 1.0)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        decoder_input_ids: Array | None = None,
+        decoder_attention_mask: Array | None = None,
+        *,
+        deterministic: bool = True,
+        **kw,
+    ) -> Seq2SeqOutput:
+        """
+        Args:
+          input_ids, attention_mask: [B, T] encoder inputs (mask 1/True = real).
+          decoder_input_ids: [B, T_dec] (already shifted right: start token first);
+            default: the start token alone.
+          decoder_attention_mask: [B, T_dec] (default all real; causal masking always).
+          kw: encoder options (schedule, acc_variant, protect_last, output_*).
+        """
+        enc = self.encode(input_ids, attention_mask, deterministic=deterministic, **kw)
+        if decoder_input_ids is None:
+            decoder_input_ids = jnp.full((input_ids.shape[0], 1), self.config.decoder_start_token_id,
+                                         jnp.int32)
+        logits = self.decode(decoder_input_ids, enc.last_hidden_state, enc.rows.mask,
+                             decoder_attention_mask, deterministic=deterministic)
+        return Seq2SeqOutput(logits=logits, encoder=enc)
+
+    def encode(self, input_ids: Array, attention_mask: Array | None = None, *,
+               deterministic: bool = True, **kw) -> T5EncoderOutput:
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        x = self.shared(input_ids)  # [B, T, D]
+        return self.encoder(x, attention_mask.astype(bool), deterministic=deterministic, **kw)
+
+    def cross_kv(self, encoder_hidden: Array):
+        return self.decoder.cross_kv(encoder_hidden)
+
+    def decode(self, decoder_input_ids: Array, encoder_hidden: Array, encoder_mask: Array,
+               decoder_attention_mask: Array | None = None, *, deterministic: bool = True) -> Array:
+        """[B, T_dec] decoder inputs, encoder rows [B, S, D] with mask [B, S] -> [B, T_dec, V]."""
+        if decoder_attention_mask is None:
+            decoder_attention_mask = jnp.ones(decoder_input_ids.shape, bool)
+        x = self.shared(decoder_input_ids)  # [B, T_dec, D]
+        kv = self.decoder.cross_kv(encoder_hidden)
+        h = self.decoder(x, decoder_attention_mask.astype(bool), kv, encoder_mask.astype(bool),
+                         deterministic=deterministic)
+        return self.logits(h)
+
+    def decode_step(self, tokens: Array, index: Array, cache, enc_kv, encoder_mask: Array):
+        """tokens [B] at step ``index`` -> (logits [B, V] float32, updated cache)."""
+        x = self.shared(tokens[:, None])  # [B, 1, D]
+        h, cache = self.decoder.step(x, index, cache, enc_kv, encoder_mask.astype(bool))
+        return self.logits(h)[:, 0], cache
+
+    def logits(self, h: Array) -> Array:
+        """Final decoder rows [B, T, D] -> [B, T, V] float32."""
+        cfg = self.config
+        if cfg.scale_decoder_outputs:
+            h = h * (cfg.d_model ** -0.5)
+        if cfg.tie_word_embeddings:
+            out = self.shared.attend(h)
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+
+def init_cache(config: T5Config, batch_size: int, max_len: int, dtype=None):
+    """Zeroed decoder self-attention cache: per layer (k, v), each [B, M, N, H]."""
+    dtype = common.to_dtype(dtype or config.dtype)
+    shape = (batch_size, max_len, config.num_heads, config.d_kv)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(config.num_decoder_layers))
+
+
+def shift_right(labels: Array, start_token_id: int, pad_token_id: int) -> Array:
+    """Decoder inputs from targets: [start, y_0, ..., y_{T-2}]; ignored labels (< 0) -> pad."""
+    labels = jnp.asarray(labels)
+    shifted = jnp.concatenate(
+        [jnp.full(labels.shape[:-1] + (1,), start_token_id, labels.dtype), labels[..., :-1]], axis=-1)
+    return jnp.where(shifted < 0, pad_token_id, shifted)

@@ -1,0 +1,291 @@
+"""Instruction data, prompts, and prompting evaluation of a T5 model at several speedups.
+
+Data: JSONL, one example per line, ``{"instruction": str, "input": str, "target": str}``
+(``instruction`` and ``input`` may be empty or absent, ``target`` may not). ``load_jsonl``
+names the file and line of every problem.
+
+Prompt (``build_prompt``), the same layout with and without exemplars; k exemplars make
+k-shot prompting, none zero-shot::
+
+    {instruction}
+
+    {exemplar 1 input}
+    Answer: {exemplar 1 target}
+
+    ...
+    {input}
+    Answer:
+
+Empty parts and their blank lines are left out. Exemplars for example i are k other
+examples drawn from the pool (the data itself by default, never example i) with a
+generator seeded by (seed, i), so every speedup sees the same prompts. A prompt longer
+than ``max_length`` tokens loses exemplars from the front until it fits (counted as
+``shots_dropped``); a zero-shot prompt that is still too long is truncated.
+
+Scoring:
+  * classification (``labels`` given): rank classification. Each label word, tokenised
+    with its EOS, is scored by ``log p(label | prompt)`` = the sum of its token log-probs
+    (``seq2seq.score_candidates``); the prediction is the best label. Metric: accuracy.
+  * generation (no labels): greedy decoding, then exact match and token F1 after SQuAD
+    normalisation (lower case, punctuation and the articles a/an/the removed, whitespace
+    collapsed); F1 over the bag of normalised tokens.
+
+Training data (``text_to_text_batch``): prompt -> input_ids/attention_mask, target ->
+``labels`` (ending in EOS, padding = -100), what ``seq2seq.seq2seq_loss`` takes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import re
+import string
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from accjax import schedule as sched_lib
+from accjax import tokenization
+
+ANSWER_PREFIX = "Answer:"
+
+
+class PromptDataError(ValueError):
+    """Unusable prompting data; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    instruction: str
+    input: str
+    target: str
+
+
+# ------------------------------------------------------------------------------- data
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Reads ``{"instruction", "input", "target"}`` lines; blank lines are skipped.
+
+    Raises:
+      PromptDataError for a missing or empty file, invalid JSON, a non-object line, a
+      missing/empty ``target`` or a non-string field (file and line named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptDataError(f"data file {path} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise PromptDataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            for k in ("instruction", "input", "target"):
+                if k in obj and not isinstance(obj[k], str):
+                    raise PromptDataError(f"{path}:{n}: field {k!r} must be a string")
+            if not obj.get("target", "").strip():
+                raise PromptDataError(f"{path}:{n}: missing or empty 'target'")
+            out.append(Example(obj.get("instruction", "").strip(), obj.get("input", "").strip(),
+                               obj["target"].strip()))
+    if not out:
+        raise PromptDataError(f"{path} holds no examples (one JSON object per line: "
+                              '{"instruction": ..., "input": ..., "target": ...})')
+    return out
+
+
+def build_prompt(example: Example, exemplars: Sequence[Example] = (), *,
+                 answer_prefix: str = ANSWER_PREFIX) -> str:
+    """The prompt of the module docstring; ``exemplars`` empty = zero-shot."""
+    blocks = [example.instruction] if example.instruction else []
+    for ex in exemplars:
+        blocks.append("\n".join(p for p in (ex.input, f"{answer_prefix} {ex.target}") if p))
+    blocks.append("\n".join(p for p in (example.input, answer_prefix) if p))
+    return "\n\n".join(blocks)
+
+
+def choose_exemplars(n_examples: int, index: int, k: int, seed: int, pool_size: int | None = None,
+                     ) -> list[int]:
+    """k exemplar indices for example ``index``: into the pool if given, else into the data
+    (never ``index`` itself); deterministic in (seed, index)."""
+    if k <= 0:
+        return []
+    rng = np.random.default_rng([seed, index])
+    if pool_size is not None:
+        if pool_size < k:
+            raise PromptDataError(f"{k}-shot prompting needs {k} exemplars, the pool has {pool_size}")
+        return [int(i) for i in rng.choice(pool_size, size=k, replace=False)]
+    if n_examples - 1 < k:
+        raise PromptDataError(f"{k}-shot prompting needs {k + 1} examples, the data has {n_examples}")
+    pick = rng.choice(n_examples - 1, size=k, replace=False)
+    return [int(i) + (i >= index) for i in pick]  # skip example ``index``
+
+
+def encode_prompts(tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *, shots: int = 0,
+                   pool: Sequence[Example] | None = None, seed: int = 0, max_length: int = 512,
+                   answer_prefix: str = ANSWER_PREFIX) -> tuple[list[list[int]], dict[str, int]]:
+    """Tokenised prompts (with EOS), dropping exemplars that do not fit ``max_length``.
+
+    Returns:
+      (ids per example, stats {'shots_dropped', 'truncated'}).
+    """
+    ids, dropped, truncated = [], 0, 0
+    for i, ex in enumerate(examples):
+        idx = choose_exemplars(len(examples), i, shots, seed, None if pool is None else len(pool))
+        src = pool if pool is not None else examples
+        shown = [src[j] for j in idx]
+        while True:
+            enc = tokenizer.encode([build_prompt(ex, shown, answer_prefix=answer_prefix)],
+                                   max_length=max_length)
+            if not enc.truncated or not shown:
+                break
+            shown = shown[1:]  # the prompt is too long: one exemplar fewer
+            dropped += 1
+        truncated += enc.truncated
+        ids.append(enc.ids[0])
+    return ids, {"shots_dropped": dropped, "truncated": truncated}
+
+
+def label_candidates(tokenizer: tokenization.Tokenizer, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Label words -> candidate targets [C, L] (each with its EOS) and their mask [C, L]."""
+    enc = tokenizer.encode(list(labels)).ids
+    for lab, ids in zip(labels, enc):
+        if tokenizer.token_to_id("<unk>") is not None and tokenizer.token_to_id("<unk>") in ids:
+            raise PromptDataError(f"label {lab!r} contains tokens unknown to the tokenizer")
+    width = max(len(x) for x in enc)
+    ids = np.zeros((len(enc), width), np.int32)
+    mask = np.zeros((len(enc), width), np.int32)
+    for i, x in enumerate(enc):
+        ids[i, :len(x)] = x
+        mask[i, :len(x)] = 1
+    return ids, mask
+
+
+def text_to_text_batch(tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *,
+                       source_length: int, target_length: int, shots: int = 0, seed: int = 0,
+                       batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Fixed-shape training batch: ``input_ids``/``attention_mask`` [B, source_length] from
+    the prompts, ``labels`` [B, target_length] (target + EOS, truncated; padding -100).
+
+    ``batch_size`` > len(examples) appends rows with no counted label (all -100)."""
+    ids, _ = encode_prompts(tokenizer, examples, shots=shots, seed=seed, max_length=source_length)
+    b = batch_size or len(examples)
+    src = tokenization.pad(tokenization.Encoded(ids, [[0] * len(x) for x in ids], 0), source_length,
+                           tokenizer.pad_id, b)
+    tgt = tokenizer.encode([ex.target for ex in examples], max_length=target_length).ids
+    labels = np.full((b, target_length), -100, np.int32)
+    for i, t in enumerate(tgt):
+        labels[i, :len(t)] = t
+    return {"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": labels}
+
+
+# ---------------------------------------------------------------------------- metrics
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, target: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(target))
+
+
+def token_f1(prediction: str, target: str) -> float:
+    """F1 of the normalised token bags; 1.0 when both are empty."""
+    p, t = normalize_answer(prediction).split(), normalize_answer(target).split()
+    if not p or not t:
+        return float(p == t)
+    common = sum((collections.Counter(p) & collections.Counter(t)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+# -------------------------------------------------------------------------- evaluation
+def _label_index(examples: Sequence[Example], labels: Sequence[str]) -> np.ndarray:
+    norm = {normalize_answer(word): i for i, word in enumerate(labels)}
+    if len(norm) != len(labels):
+        raise PromptDataError(f"labels {list(labels)} are not distinct after normalisation")
+    out = []
+    for i, ex in enumerate(examples):
+        j = norm.get(normalize_answer(ex.target))
+        if j is None:
+            raise PromptDataError(f"example {i + 1}: target {ex.target!r} is not one of the labels {list(labels)}")
+        out.append(j)
+    return np.array(out)
+
+
+def _batches(ids: list[list[int]], batch_size: int, pad_id: int):
+    """Length-sorted chunks -> (example indices, input_ids [b, t], attention_mask [b, t])."""
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        t = max(len(ids[i]) for i in idx)
+        arr = np.full((len(idx), t), pad_id, np.int32)
+        mask = np.zeros((len(idx), t), np.int32)
+        for r, i in enumerate(idx):
+            arr[r, :len(ids[i])] = ids[i]
+            mask[r, :len(ids[i])] = 1
+        yield idx, arr, mask
+
+
+def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *,
+             speedups: Sequence[float], shots: Sequence[int] = (0,), labels: Sequence[str] | None = None,
+             pool: Sequence[Example] | None = None, max_new_tokens: int = 32, max_length: int = 512,
+             seed: int = 0, log=None) -> dict[str, Any]:
+    """Scores ``examples`` for every (shots, speedup) pair.
+
+    Args:
+      predictor: a ``seq2seq.Seq2SeqPredictor``.
+      labels: label words -> classification by label likelihood; None -> generation.
+      pool: exemplar pool (default: the examples themselves, leaving each one out).
+    Returns:
+      {'task', 'labels', 'n', 'rows': [{'shots', 'speedup', 'analytic_speedup', metrics...,
+      'shots_dropped', 'truncated', 'seconds'}], 'predictions': {'k-shot@s': [...]}}.
+    """
+    task = "classification" if labels else "generation"
+    gold = _label_index(examples, labels) if labels else None
+    cands = label_candidates(tokenizer, labels) if labels else None
+    cm = sched_lib.cost_model(predictor.config)
+    rows, predictions = [], {}
+    for k in shots:
+        ids, stats = encode_prompts(tokenizer, examples, shots=k, pool=pool, seed=seed,
+                                    max_length=min(max_length, predictor.length_buckets[-1]))
+        for s in speedups:
+            t0 = time.perf_counter()
+            preds: list[Any] = [None] * len(examples)
+            analytic = []
+            for idx, arr, mask in _batches(ids, predictor.batch_size, tokenizer.pad_id):
+                length = predictor.length_bucket(arr.shape[1])
+                analytic += [sched_lib.analytic_speedup(cm, length, predictor.schedule(length, s))] * len(idx)
+                batch = {"input_ids": arr, "attention_mask": mask}
+                if labels:
+                    scores = predictor.score(batch, *cands, speedup=s)  # [b, C]
+                    for r, i in enumerate(idx):
+                        preds[i] = int(np.argmax(scores[r]))
+                else:
+                    out = predictor.generate(batch, s, max_new_tokens=max_new_tokens)
+                    for r, i in enumerate(idx):
+                        preds[i] = tokenizer.decode([int(x) for x in out[r]])
+            row = {"shots": k, "speedup": s, "analytic_speedup": float(np.mean(analytic)), "n": len(examples),
+                   **stats, "seconds": time.perf_counter() - t0}
+            if labels:
+                row["accuracy"] = float(np.mean(np.array(preds) == gold))
+                predictions[f"{k}-shot@{s:g}"] = [labels[p] for p in preds]
+            else:
+                row["exact_match"] = float(np.mean([exact_match(p, e.target) for p, e in zip(preds, examples)]))
+                row["token_f1"] = float(np.mean([token_f1(p, e.target) for p, e in zip(preds, examples)]))
+                predictions[f"{k}-shot@{s:g}"] = preds
+            rows.append(row)
+            if log:
+                log(row)
+    return {"task": task, "labels": list(labels) if labels else None, "n": len(examples), "rows": rows,
+            "predictions": predictions}

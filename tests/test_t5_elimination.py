@@ -1,0 +1,223 @@
+"""Encoder elimination in T5: original-position bias, kept rows, cross-attention mask, programs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from accjax import convert, seq2seq
+from accjax import schedule as S
+from accjax.models import t5
+from tests.t5_helpers import decoder_batch, make_hf_t5, random_batch
+
+# 3 encoder layers; 8 buckets with max_distance 16, so moved positions change buckets.
+CFG = dict(d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3, num_decoder_layers=2,
+           relative_attention_num_buckets=8, relative_attention_max_distance=16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder, _ = make_hf_t5(tmp_path_factory.mktemp("tiny") / "m", seed=1, **CFG)
+    return convert.load(folder, "lm")
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(module, **kw):
+    return jax.jit(functools.partial(module.apply, **kw))
+
+
+def _apply(ld, *args, schedule=None, **kw):
+    return _jitted(ld.module, schedule=schedule, **kw)({"params": ld.params}, *args)
+
+
+def test_speedup_one_is_dense_exactly(tiny):
+    batch = random_batch(np.random.default_rng(0), 4, 16, 99)
+    dec, dmask = decoder_batch(np.random.default_rng(1), 4, 5, 99)
+    sch = S.schedule_for_speedup(tiny.config, 16, 1.0)
+    assert sch == (16, 16, 16)
+    dense = _apply(tiny, batch["input_ids"], batch["attention_mask"], dec, dmask)
+    same = _apply(tiny, batch["input_ids"], batch["attention_mask"], dec, dmask, schedule=sch)
+    np.testing.assert_array_equal(np.asarray(same.logits), np.asarray(dense.logits))
+    assert all(layer == {} for layer in same.encoder.layers)  # nothing was eliminated
+
+
+# ---------------------------------------------------------------- numpy reference encoder
+def _np_bias(table, q_pos, k_pos, cfg):
+    """table[bucket(k_pos[j] - q_pos[i])] -> [B, N, T, S], buckets from HF's own function."""
+    rel = k_pos[:, None, :] - q_pos[:, :, None]
+    buckets = T5Attention._relative_position_bucket(
+        torch.tensor(rel), bidirectional=True, num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance).numpy()
+    return np.transpose(table[buckets], (0, 3, 1, 2))
+
+
+def _np_encoder(params, ids, mask, schedule, cfg, positions_from: str):
+    """Numpy T5 encoder with plain-ACC elimination. ``positions_from`` = 'original' (right)
+    or 'compacted' (the bug the design forbids: bias from the kept rows' new indices)."""
+    enc = params["encoder"]
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+
+    def rms(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.layer_norm_epsilon) * f64(w)
+
+    table = f64(enc["relative_attention_bias"]["embedding"])
+    x = f64(params["shared"]["embedding"])[ids]
+    b, t = ids.shape
+    mask = mask.astype(bool)
+    pos = np.broadcast_to(np.arange(t), (b, t)).copy()
+    hidden, kept = [], []
+    for i, keep in enumerate(schedule):
+        w = enc[f"layer_{i}"]
+        h = rms(x, w["attn_norm"]["scale"])
+        qkv = np.einsum("btd,dqnh->btqnh", h, f64(w["qkv"]["kernel"]))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        n = x.shape[1]
+        bpos = pos if positions_from == "original" else np.broadcast_to(np.arange(n), (b, n))
+        logits = np.einsum("btnh,bsnh->bnts", q, k) + _np_bias(table, bpos, bpos, cfg)
+        logits = np.where(mask[:, None, None, :], logits, -1e30)
+        pr = np.exp(logits - logits.max(-1, keepdims=True))
+        pr /= pr.sum(-1, keepdims=True)
+        ctx = np.einsum("bnts,bsnh->btnh", pr, v)
+        if keep < n:
+            col = (pr * mask[:, None, :, None]).sum((1, 2)) / (cfg.num_heads * mask.sum(1, keepdims=True))
+            col = np.where(mask, col, -np.inf)
+            idx = np.sort(np.argsort(-col, axis=1, kind="stable")[:, :keep], axis=1)
+            ctx = np.take_along_axis(ctx, idx[:, :, None, None], 1)
+            x = np.take_along_axis(x, idx[:, :, None], 1)
+            mask = np.take_along_axis(mask, idx, 1)
+            pos = np.take_along_axis(pos, idx, 1)
+            kept.append(idx)
+        x = x + np.einsum("btnh,nhd->btd", ctx, f64(w["attn_out"]["kernel"]))
+        h = rms(x, w["mlp_norm"]["scale"])
+        g = np.einsum("btd,dgf->btgf", h, f64(w["mlp"]["wi"]["kernel"]))
+        a = g[:, :, 0]
+        a = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3)))
+        x = x + (a * g[:, :, 1]) @ f64(w["mlp"]["wo"]["kernel"])
+        hidden.append(x)
+    return hidden, kept, pos
+
+
+def test_position_bias_comes_from_original_positions(tiny):
+    """Fails if the bias after elimination were recomputed from compacted positions."""
+    cfg = tiny.config
+    batch = random_batch(np.random.default_rng(3), 4, 24, 99, min_len=14)
+    schedule = (16, 10, 6)
+    out = _apply(tiny, batch["input_ids"], batch["attention_mask"], method="encode",
+                 schedule=schedule, output_hidden_states=True)
+    right, kept, pos = _np_encoder(tiny.params, batch["input_ids"], batch["attention_mask"], schedule,
+                                   cfg, "original")
+    wrong, _, _ = _np_encoder(tiny.params, batch["input_ids"], batch["attention_mask"], schedule,
+                              cfg, "compacted")
+    for i in range(len(schedule)):
+        np.testing.assert_array_equal(np.asarray(out.layers[i]["keep_idx"]), kept[i], err_msg=f"layer {i}")
+        got = np.asarray(out.hidden_states[i + 1])
+        assert np.abs(got - right[i]).max() <= 2e-5, f"layer {i} differs from the original-position reference"
+    np.testing.assert_array_equal(np.asarray(out.rows.positions), pos)
+    # Layer 1 is the first to see moved rows: the wrong bias changes it far beyond rounding.
+    gap = np.abs(np.asarray(out.hidden_states[2]) - wrong[1]).max()
+    assert gap > 1e-2, f"the compacted-position variant is indistinguishable ({gap})"
+
+
+def test_take_bias_worked_example():
+    """The module docstring's example: keeping rows [0, 3] keeps bucket(3) and bucket(-3)."""
+    table = np.arange(8, dtype=np.float32)[:, None] * 10  # [buckets, N=1]: value = 10 * bucket
+    pos = jnp.arange(4)[None]
+    full = np.asarray(jnp.transpose(jnp.take(table, t5.relative_position_bucket(
+        pos[:, None, :] - pos[:, :, None], bidirectional=True, num_buckets=8, max_distance=16), axis=0),
+        (0, 3, 1, 2)))  # [1, 1, 4, 4]
+    kept = np.asarray(t5.take_bias(jnp.asarray(full), jnp.array([[0, 3]])))[0, 0]
+    b = lambda r: int(t5.relative_position_bucket(jnp.array(r), bidirectional=True,  # noqa: E731
+                                                  num_buckets=8, max_distance=16))
+    np.testing.assert_array_equal(kept, 10 * np.array([[b(0), b(3)], [b(-3), b(0)]], np.float32))
+    assert b(3) != b(1) and b(-3) != b(-1)  # compacted positions would have given these
+
+
+def test_kept_rows_and_cross_attention_mask_follow_the_schedule(tiny):
+    cfg = tiny.config
+    rng = np.random.default_rng(4)
+    batch = random_batch(rng, 5, 16, 99, lengths=[16, 3, 9, 2, 12])
+    dec, dmask = decoder_batch(rng, 5, 4, 99)
+    schedule = (12, 8, 4)
+    out = _apply(tiny, batch["input_ids"], batch["attention_mask"], dec, dmask, schedule=schedule)
+    lengths = batch["attention_mask"].sum(1)
+    n_in = 16
+    for i, keep in enumerate(schedule):
+        layer = out.encoder.layers[i]
+        assert layer["acc"].shape == (5, n_in) and layer["keep_idx"].shape == (5, keep)
+        p = np.asarray(layer["positions"])
+        assert np.all(np.diff(p, axis=1) > 0)  # original order
+        assert np.all((p < lengths[:, None]).sum(1) == np.minimum(lengths, keep))  # padding first out
+        n_in = keep
+    enc = out.encoder
+    assert enc.last_hidden_state.shape == (5, 4, cfg.d_model) and enc.rows.mask.shape == (5, 4)
+    np.testing.assert_array_equal(np.asarray(enc.rows.mask), np.asarray(enc.rows.positions) < lengths[:, None])
+    # The decoder reads exactly the kept rows under their mask: rows masked out do not matter,
+    # a kept real row does.
+    h = np.asarray(enc.last_hidden_state).copy()
+    m = np.asarray(enc.rows.mask)
+    assert (~m).any()  # a short example keeps padding rows at this keep-length
+    noisy = np.where(m[..., None], h, 100.0)
+    dec_fn = functools.partial(tiny.module.apply, method="decode")
+    logits = np.asarray(jax.jit(dec_fn)({"params": tiny.params}, dec, noisy, m, dmask))
+    np.testing.assert_allclose(logits, np.asarray(out.logits), atol=1e-5)
+    h2 = h.copy()
+    h2[0, 0] += 1.0
+    moved = np.asarray(jax.jit(dec_fn)({"params": tiny.params}, dec, h2, m, dmask))
+    assert np.abs(moved[0] - logits[0]).max() > 1e-4
+
+
+def test_protect_last_keeps_the_eos(tiny):
+    batch = random_batch(np.random.default_rng(5), 4, 16, 99)
+    out = _apply(tiny, batch["input_ids"], batch["attention_mask"], method="encode",
+                 schedule=(8, 4, 2), protect_last=True)
+    last = batch["attention_mask"].sum(1) - 1
+    for layer in out.layers:
+        assert np.all((np.asarray(layer["positions"]) == last[:, None]).any(1))
+
+
+def test_generation_programs_compile_once_and_sampling(tiny):
+    rng = np.random.default_rng(6)
+    pred = seq2seq.Seq2SeqPredictor.from_loaded(tiny, batch_size=4, length_buckets=(16,))
+    a = pred.generate(random_batch(rng, 3, 14, 99), speedup=2.0, max_new_tokens=6)
+    assert a.shape == (3, 6) and pred.traces == 1
+    pred.generate(random_batch(rng, 4, 16, 99), speedup=2.0, max_new_tokens=6)  # new data, same key
+    assert pred.traces == 1 and pred.num_programs == 1
+    batch = random_batch(rng, 3, 14, 99)
+    greedy = pred.generate(batch, speedup=2.0, max_new_tokens=6)
+    top1 = pred.generate(batch, speedup=2.0, max_new_tokens=6, mode="sample", top_k=1, seed=3)
+    np.testing.assert_array_equal(top1, greedy)  # top-1 sampling is greedy
+    s1 = pred.generate(batch, speedup=2.0, max_new_tokens=6, mode="sample", temperature=5.0, seed=1)
+    s2 = pred.generate(batch, speedup=2.0, max_new_tokens=6, mode="sample", temperature=5.0, seed=2)
+    assert not np.array_equal(s1, s2)  # the seed matters
+    assert pred.num_programs == 3
+
+
+def test_cost_model_counts_the_decoder_first_token(tiny):
+    cfg = tiny.config
+    cm = S.cost_model(cfg)
+    assert cm.a == cfg.num_heads * cfg.d_kv and cm.ffn_mats == 3 and cm.num_layers == 3
+    assert cm.tail_per_row > 0 and cm.head > 2 * cfg.d_model * cfg.vocab_size
+    sch = S.schedule_for_speedup(cfg, 64, 2.0)
+    # Fewer kept encoder rows also make fewer cross-attention keys and values.
+    no_tail = S.CostModel(**{**cm.__dict__, "tail_per_row": 0.0})
+    assert S.analytic_speedup(cm, 64, sch) > S.analytic_speedup(no_tail, 64, sch)
+    assert abs(S.analytic_speedup(cfg, 64, sch) - 2.0) < 0.25
+
+
+def test_bench_t5_smoke(tmp_path):
+    import json
+
+    from eval import bench_t5
+
+    out = tmp_path / "b.json"
+    assert bench_t5.main(["--tiny", "--batch", "2", "--length", "16", "--speedups", "2",
+                          "--iters", "1", "--attention_impl", "xla", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["speedup"] for r in rows] == [1.0, 2.0]
+    assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.5
