@@ -284,18 +284,21 @@ def attend_and_score(
         ctx = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
                                        implementation=impl)
     if score:
+        # ACC only picks indices (top-k is not differentiable): no gradient flows through it,
+        # and the Pallas kernel needs no VJP.
+        sg = jax.lax.stop_gradient
         if probs is not None:
-            vn = value_norms() if variant == "value_norm" else None
-            scores = acc_scores(probs, mask, variant=variant, causal=causal, protect=protect,
+            vn = sg(value_norms()) if variant == "value_norm" else None
+            scores = acc_scores(sg(probs), mask, variant=variant, causal=causal, protect=protect,
                                 value_norms=vn)
         elif how == "lse":
-            scores = acc_scores_from_lse(q, k, lse, mask, scale=scale, causal=causal,
-                                         protect=protect, bias=bias)
+            scores = acc_scores_from_lse(sg(q), sg(k), sg(lse), mask, scale=scale, causal=causal,
+                                         protect=protect, bias=None if bias is None else sg(bias))
         else:
             if bias is not None:
                 raise ValueError("the fused ACC kernel takes no logits bias; use acc_impl='lse'")
-            scores = acc_scores_fused(q, k, mask, scale=scale, causal=causal, protect=protect,
-                                      interpret=how == "pallas_interpret")
+            scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
+                                      protect=protect, interpret=how == "pallas_interpret")
     return ctx, scores, probs
 
 
