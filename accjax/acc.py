@@ -192,13 +192,16 @@ def acc_scores_fused(
     scale: float,
     causal: bool = False,
     protect: Array | None = None,
+    lse: Array | None = None,
     interpret: bool = False,
 ) -> Array:
-    """Plain ACC from q and k by the Pallas kernel of ``accjax.kernels.acc_pallas``: the
-    probabilities are recomputed in registers (exact float32 softmax) and never stored.
+    """Plain ACC from q and k by the Pallas kernels of ``accjax.kernels.acc_pallas``: the
+    probabilities are recomputed in registers (float32) and never stored.
 
     Args:
       q: [B, T, N, H]; k: [B, S, N, H]; masks [B, T] / [B, S] bool.
+      lse: [B, N, T] float32 log-sum-exp from the attention pass (flash attention returns
+        it); None: the kernel computes each row's softmax itself.
       interpret: run the kernel in Pallas' interpreter (CPU tests).
     Returns:
       [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``.
@@ -207,8 +210,13 @@ def acc_scores_fused(
 
     if query_mask is None:
         query_mask = key_mask
-    col = acc_pallas.column_sums(q, k, query_mask, key_mask, scale=scale, causal=causal,
-                                 interpret=interpret).sum(axis=1)  # [B, S]
+    if lse is None:
+        col = acc_pallas.column_sums(q, k, query_mask, key_mask, scale=scale, causal=causal,
+                                     interpret=interpret)
+    else:
+        col = acc_pallas.column_sums_from_lse(q, k, lse, query_mask, key_mask, scale=scale,
+                                              causal=causal, interpret=interpret)
+    col = col.sum(axis=1)  # [B, S]
     return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
 
 
@@ -277,7 +285,7 @@ def attend_and_score(
     if need_probs:
         ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
                                                    bias=bias, probs_dropout=probs_dropout)
-    elif score and how == "lse":
+    elif score and how in ("lse", "pallas", "pallas_interpret") and impl != "xla":
         ctx, lse = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
                                             implementation=impl, return_lse=True)
     else:
@@ -298,7 +306,8 @@ def attend_and_score(
             if bias is not None:
                 raise ValueError("the fused ACC kernel takes no logits bias; use acc_impl='lse'")
             scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
-                                      protect=protect, interpret=how == "pallas_interpret")
+                                      protect=protect, interpret=how == "pallas_interpret",
+                                      lse=None if lse is None else sg(lse))
     return ctx, scores, probs
 
 

@@ -37,6 +37,16 @@ def check_attention(dtype, impl, b=8, t=128, n=12, h=64, seed=0) -> dict:
     a_ref = acc.acc_scores(ref_probs, mask)
     a_lse = jax.jit(lambda q, k, l, m: acc.acc_scores_from_lse(q, k, l, m, scale=scale))(q, k, lse, mask)
     m = np.asarray(mask)
+    kernel = {}
+    if jax.default_backend() == "gpu" and impl == "cudnn":
+        from accjax.kernels import acc_pallas
+        for name, fn in (("v1", lambda: acc.acc_scores_fused(q, k, mask, scale=scale)),
+                         ("v2_lse", lambda: acc.acc_scores_fused(q, k, mask, scale=scale, lse=lse))):
+            try:
+                got = jax.jit(fn)()
+                kernel[f"pallas_{name}_rel_err"] = rel(np.where(m, got, 0), np.where(m, a_ref, 0))
+            except Exception as e:
+                kernel[f"pallas_{name}_error"] = f"{type(e).__name__}: {e}"[:200]
     keep = t // 2
     top_ref = np.asarray(acc.select_rows(a_ref, keep))
     top_lse = np.asarray(acc.select_rows(a_lse, keep))
@@ -49,6 +59,7 @@ def check_attention(dtype, impl, b=8, t=128, n=12, h=64, seed=0) -> dict:
         "lse_dtype": str(lse.dtype),
         "acc_rel_err": rel(np.where(m, a_lse, 0), np.where(m, a_ref, 0)),
         "topk_overlap": float(overlap),
+        **kernel,
     }
 
 

@@ -125,3 +125,35 @@ def test_select_rows_rejects_bad_keep():
         acc.select_rows(jnp.zeros((1, 4)), 0)
     with pytest.raises(ValueError, match="cannot keep 5 of 4"):
         acc.select_rows(jnp.zeros((1, 4)), 5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t", [24, 130])  # one block; several blocks with padding to 256
+def test_pallas_kernels_match_probs(causal, t):
+    """Both Pallas ACC kernels (interpreted on the CPU) equal ACC from materialised probs."""
+    rng = np.random.default_rng(3)
+    b, n, h = 2, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.arange(t)[None] < np.array([[t], [t // 3]]))
+    _, probs = attention.attention_with_probs(q, k, v, mask, scale=0.25, causal=causal)
+    _, lse = attention.fused_attention(q, k, v, mask, scale=0.25, causal=causal,
+                                       implementation="xla", return_lse=True)
+    ref = np.asarray(acc.acc_scores(probs, mask, causal=causal))
+    m = np.asarray(mask)
+    for lse_arg in (None, lse):
+        got = np.asarray(acc.acc_scores_fused(q, k, mask, scale=0.25, causal=causal,
+                                              lse=lse_arg, interpret=True))
+        np.testing.assert_allclose(np.where(m, got, 0), np.where(m, ref, 0), rtol=1e-5, atol=1e-7)
+        assert np.all(np.isneginf(got[~m]))
+
+
+def test_attend_and_score_paths_agree():
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [7]]))
+    outs = {how: acc.attend_and_score(q, k, v, mask, scale=0.3, score=True, acc_impl=how,
+                                      attention_impl="xla")
+            for how in ("probs", "pallas_interpret")}
+    (c1, s1, _), (c2, s2, _) = outs["probs"], outs["pallas_interpret"]
+    np.testing.assert_allclose(c1, c2, atol=1e-6)
+    np.testing.assert_allclose(np.where(mask, s1, 0), np.where(mask, s2, 0), rtol=1e-5)
