@@ -220,7 +220,10 @@ def acc_scores_fused(
     return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
 
 
-ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_interpret")
+# probs: from materialised probabilities; lse: XLA recomputation from flash attention's
+# log-sum-exp; pallas: the fused kernels (pallas_softmax for <= 128 keys, where one program
+# holds every key; pallas_lse beyond, tiled over key blocks); pallas_interpret: CPU tests.
+ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_softmax", "pallas_lse", "pallas_interpret")
 
 
 def resolve_acc_impl(acc_impl: str, attention_impl: str) -> str:
@@ -280,12 +283,14 @@ def attend_and_score(
     if impl == "cudnn" and q.shape[1] < xla_attention_below:
         impl = "xla"
     how = "probs" if variant != "plain" else resolve_acc_impl(acc_impl, impl)
+    if how == "pallas":
+        how = "pallas_softmax" if k.shape[1] <= 128 else "pallas_lse"
     need_probs = output_attentions or probs_dropout is not None or (score and how == "probs")
     probs = scores = lse = None
     if need_probs:
         ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
                                                    bias=bias, probs_dropout=probs_dropout)
-    elif score and how in ("lse", "pallas", "pallas_interpret") and impl != "xla":
+    elif score and how in ("lse", "pallas_lse") and impl != "xla":
         ctx, lse = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
                                             implementation=impl, return_lse=True)
     else:
@@ -307,7 +312,7 @@ def attend_and_score(
                 raise ValueError("the fused ACC kernel takes no logits bias; use acc_impl='lse'")
             scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
                                       protect=protect, interpret=how == "pallas_interpret",
-                                      lse=None if lse is None else sg(lse))
+                                      lse=sg(lse) if how == "pallas_lse" and lse is not None else None)
     return ctx, scores, probs
 
 
