@@ -76,7 +76,9 @@ def run(args) -> dict:
     impls = args.attention_impl.split(",")
     rows, torch_rows = [], []
     info = benchmark.machine()
-    print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}")
+    print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}"
+          + (f", ACC kernel {'pallas' if info.get('acc_pallas_kernel') else 'UNAVAILABLE (XLA lse path)'}"
+             if info["backend"] == "gpu" else ""))
     params_f32 = None
     for impl in impls:
         cfg, params = build(args.model, args.dtype, impl, overrides=parse_sets(args.set))

@@ -77,6 +77,9 @@ def run(args) -> dict:
                 rows.append({"impl": impl, "batch": b, "length": n, "speedup": s, "analytic": analytic,
                              "schedule": list(sch), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
                              "measured": measured, "measured_over_analytic": measured / analytic})
+                # each program takes a while to compile on a GPU: show progress as it comes
+                print(f"  {impl} speedup {s:g}: analytic {analytic:.2f}, {t['median_ms']:.3f} ms, "
+                      f"measured {measured:.2f}", flush=True)
         except Exception as e:  # e.g. a cuDNN path this GPU/jax lacks: keep the other impls
             errors.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
             print(f"  impl {impl}: failed ({type(e).__name__}: {str(e)[:200]})")

@@ -32,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 NEG = -1e30
@@ -137,10 +138,12 @@ def _lse_kernel(qm_ref, km_ref, q_ref, k_ref, lse_ref, o_ref, *, scale: float, b
         if causal:
             rows = start + jnp.arange(block_q, dtype=jnp.int32)
             ok = ok & (cols[None, :] <= rows[:, None])
-        p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)  # softmax probabilities
-        return acc + jnp.sum(p, axis=0)
+        return acc + jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)  # softmax probabilities
 
-    o_ref[...] = jax.lax.fori_loop(0, t_pad // block_q, body, jnp.zeros((block_k,), jnp.float32))
+    # Accumulate the [BQ, BK] tile in registers and reduce over queries once at the end: a
+    # column sum inside the loop is a cross-warp reduction through shared memory per block.
+    acc = jax.lax.fori_loop(0, t_pad // block_q, body, jnp.zeros((block_q, block_k), jnp.float32))
+    o_ref[...] = jnp.sum(acc, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret"))
@@ -149,7 +152,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
     """Per-head softmax column sums given each query's log-sum-exp (from flash attention).
 
     Grid (batch, head, key block of 128): each program keeps its [BK, H] keys and walks the
-    queries in blocks of 64, so the live tile is [64, 128] float32 and nothing spills; this is
+    queries in blocks of 32, so the live tiles are [32, 128] float32 and nothing spills; this is
     the loop structure of flash attention's dK pass, without dV.
 
     Args:
@@ -164,7 +167,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         raise ValueError("causal column sums need T == S")
     tp, sp = _pow2(t), _pow2(s)
     hp = max(16, -(-h // 16) * 16)
-    block_q, block_k = min(64, tp), min(128, sp)
+    block_q, block_k = min(32, tp), min(128, sp)
     qt = jnp.pad(jnp.swapaxes(q, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, hp - h)))  # [B, N, Tp, Hp]
     kt = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, 0), (0, sp - s), (0, hp - h)))  # [B, N, Sp, Hp]
     lse = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))  # [B, N, Tp]
@@ -198,22 +201,37 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
 _AVAILABLE: dict[str, bool] = {}
 
 
-def available() -> bool:
-    """Whether the Triton kernel compiles and agrees with XLA on this backend (probed once)."""
+def _numpy_column_sums(q, k, lse, qm, km, scale):
+    s = np.einsum("btnh,bsnh->bnts", q.astype(np.float32), k.astype(np.float32)) * scale
+    p = np.exp(s - lse[..., None]) * (qm[:, None, :, None] & km[:, None, None, :])
+    return p.sum(axis=2)
+
+
+def available(interpret: bool = False) -> bool:
+    """Whether the Triton kernel compiles and agrees with numpy on this backend (probed once).
+
+    Often first asked while a model is being traced: the probe lowers, compiles and runs its
+    own executable on numpy inputs, which works the same inside or outside a trace
+    (``ensure_compile_time_eval`` would not: Pallas' ``program_id`` has no eager rule).
+    ``interpret=True`` runs the probe in Pallas' interpreter (how the tests exercise it).
+    """
     backend = jax.default_backend()
-    if backend not in _AVAILABLE:
+    key = f"{backend}:{interpret}"
+    if key not in _AVAILABLE:
         ok = False
-        if backend == "gpu":
-            # Called while a model is being traced: evaluate the probe eagerly, not staged.
-            with jax.ensure_compile_time_eval():
-                try:
-                    kq = jax.random.normal(jax.random.PRNGKey(0), (2, 24, 2, 32), jnp.bfloat16)
-                    m = jnp.arange(24)[None] < jnp.array([[24], [17]])
-                    lse = jnp.zeros((2, 2, 24), jnp.float32)
-                    got = column_sums_from_lse(kq, kq, lse, m, m, scale=0.2)
-                    ref = column_sums_from_lse(kq, kq, lse, m, m, scale=0.2, interpret=True)
-                    ok = bool(jnp.allclose(got, ref, rtol=1e-3, atol=1e-3))
-                except Exception:  # lowering unsupported by this jax / Triton / GPU
-                    ok = False
-        _AVAILABLE[backend] = ok
-    return _AVAILABLE[backend]
+        if backend == "gpu" or interpret:
+            try:
+                rng = np.random.default_rng(0)
+                q = rng.standard_normal((2, 24, 2, 32)).astype(jnp.bfloat16)
+                k = rng.standard_normal((2, 24, 2, 32)).astype(jnp.bfloat16)
+                lse = rng.uniform(2.0, 4.0, (2, 2, 24)).astype(np.float32)
+                m = np.arange(24)[None] < np.array([[24], [17]])
+                prog = column_sums_from_lse.lower(q, k, lse, m, m, scale=0.2,
+                                                  interpret=interpret).compile()
+                got = np.asarray(prog(q, k, lse, m, m))
+                ref = _numpy_column_sums(q, k, lse, m, m, 0.2)
+                ok = bool(np.allclose(got, ref, rtol=2e-2, atol=1e-3))
+            except Exception:  # lowering unsupported by this jax / Triton / GPU
+                ok = False
+        _AVAILABLE[key] = ok
+    return _AVAILABLE[key]
