@@ -199,31 +199,6 @@ def dense(cfg: BertConfig, features, axes: tuple[str, ...], name: str, axis=-1) 
     )
 
 
-class HeadsOut(nn.Module):
-    """Output projection [B, T, N, H] -> [B, T, D]; also the per-head value norms ACC uses."""
-
-    config: BertConfig
-
-    def setup(self):
-        cfg = self.config
-        pdt = common.to_dtype(cfg.param_dtype)
-        self.kernel = self.param(
-            "kernel", common.normal_init(cfg.initializer_range, ("heads", "kv", "embed")),
-            (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdt)
-        self.bias = self.param("bias", common.zeros_init(("embed",)), (cfg.hidden_size,), pdt)
-
-    def __call__(self, ctx: Array) -> Array:
-        dtype = common.to_dtype(self.config.dtype)
-        y = jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
-        return y + self.bias.astype(dtype)
-
-    def value_norms(self, v: Array) -> Array:
-        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
-        dtype = common.to_dtype(self.config.dtype)
-        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
-        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
-
-
 class BertLayer(nn.Module):
     """One post-LN encoder block with optional elimination after self-attention."""
 
@@ -260,7 +235,7 @@ class BertLayer(nn.Module):
         else:
             q, k, v = _split_qkv(qkv_proj, x, cfg)  # each [B, T, N, H], contiguous
 
-        heads_out = HeadsOut(cfg, name="attn_out")
+        heads_out = common.HeadsOut(cfg, name="attn_out")
         prefix = acc_variant in acc_lib.BASELINES
         drop = nn.Dropout(cfg.attention_dropout)
         train_dropout = not deterministic and cfg.attention_dropout > 0

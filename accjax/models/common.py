@@ -25,9 +25,9 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Array = jax.Array
 
@@ -81,6 +81,33 @@ def zeros_init(axes: tuple[str | None, ...]):
 
 def ones_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+class HeadsOut(nn.Module):
+    """Attention output projection [B, T, N, H] -> [B, T, D], and the per-head value norms
+    the ``value_norm`` ACC variant uses. ``config`` needs num_heads, head_dim, hidden_size,
+    initializer_range, dtype and param_dtype (BERT and GPT-2 configs have them)."""
+
+    config: Any
+
+    def setup(self):
+        cfg = self.config
+        pdt = to_dtype(cfg.param_dtype)
+        self.kernel = self.param(
+            "kernel", normal_init(cfg.initializer_range, ("heads", "kv", "embed")),
+            (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdt)
+        self.bias = self.param("bias", zeros_init(("embed",)), (cfg.hidden_size,), pdt)
+
+    def __call__(self, ctx: Array) -> Array:
+        dtype = to_dtype(self.config.dtype)
+        y = jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
+        return y + self.bias.astype(dtype)
+
+    def value_norms(self, v: Array) -> Array:
+        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
+        dtype = to_dtype(self.config.dtype)
+        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
+        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

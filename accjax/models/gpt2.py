@@ -297,31 +297,6 @@ def _masked_attention(q: Array, k: Array, v: Array, vis: Array, scale: float) ->
 
 
 # ------------------------------------------------------------------------------ modules
-class AttnOut(nn.Module):
-    """Attention output projection [B, T, N, H] -> [B, T, D] (HF ``attn.c_proj``)."""
-
-    config: GPT2Config
-
-    def setup(self):
-        cfg = self.config
-        pdt = common.to_dtype(cfg.param_dtype)
-        self.kernel = self.param(
-            "kernel", common.normal_init(cfg.initializer_range, ("heads", "kv", "embed")),
-            (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdt)
-        self.bias = self.param("bias", common.zeros_init(("embed",)), (cfg.hidden_size,), pdt)
-
-    def __call__(self, ctx: Array) -> Array:
-        dtype = common.to_dtype(self.config.dtype)
-        y = jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
-        return y + self.bias.astype(dtype)
-
-    def value_norms(self, v: Array) -> Array:
-        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
-        dtype = common.to_dtype(self.config.dtype)
-        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
-        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
-
-
 class GPT2Block(nn.Module):
     """One pre-LN decoder block: x + attn(ln_1(x)), then + mlp(ln_2(.)).
 
@@ -335,7 +310,7 @@ class GPT2Block(nn.Module):
         cfg = self.config
         self.ln_1 = _layer_norm(cfg, "ln_1")
         self.qkv = _dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
-        self.attn_out = AttnOut(cfg, name="attn_out")
+        self.attn_out = common.HeadsOut(cfg, name="attn_out")
         self.ln_2 = _layer_norm(cfg, "ln_2")
         self.mlp_in = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")
         self.mlp_out = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")
