@@ -1,0 +1,143 @@
+"""Checkpoints for resume (orbax) and the run folder's exported model.
+
+A run folder holds two kinds of saved parameters:
+
+  * ``checkpoints/<step>/`` — orbax ``CheckpointManager`` items ``state`` (the whole
+    ``TrainState``: params, optimizer state, step) and ``meta`` (JSON: seed, data position,
+    best dev result so far). Written every N steps and at every epoch end, the newest
+    ``keep`` kept; a restarted run restores the latest one straight into its shardings.
+    Saves are collective: every process calls ``save``.
+  * the run folder itself — the best parameters by dev metric as an accjax model folder
+    (``accjax.json`` with the model config, task and training config; ``params.safetensors``;
+    tokenizer files), written by process 0 only. ``convert.load(run_dir, head)`` and a
+    ``Predictor`` need nothing else.
+
+Saves are synchronous: a step's state is donated to the next step, so an asynchronous save
+would race with it, and CPU-sized checkpoints take about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from accjax import convert
+
+
+class Checkpointer:
+    """The resume checkpoints of a run (orbax ``CheckpointManager``).
+
+    Args:
+      directory: ``run_dir/checkpoints``.
+      keep: how many of the newest checkpoints to keep (>= 1).
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True,
+                                                 enable_async_checkpointing=False),
+            item_names=("state", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Saves ``state`` (a pytree of jax arrays) and ``meta`` (JSON data) as ``step``."""
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """(state laid out as ``abstract_state``'s shardings say, meta) of ``step``."""
+        out = self.manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict[str, Any]]:
+    """The parameters (numpy, nested dicts) and meta of a run's checkpoint (default: latest).
+
+    Reads a checkpoint saved on any mesh (other device counts, other processes) onto this
+    process's first device. For inspection and tests; training resumes through
+    ``Checkpointer.restore``.
+    """
+    import jax
+
+    directory = Path(run_dir).absolute() / "checkpoints"
+    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                               "meta": ocp.JsonCheckpointHandler()})
+    try:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                              mgr.item_metadata(step)["state"])
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                        meta=ocp.args.JsonRestore()))
+    finally:
+        mgr.close()
+    return _to_numpy(out.state["params"]), out.meta
+
+
+def _to_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def export_model(run_dir: str | os.PathLike, family, model_config, params: Any, head: str, *,
+                 tokenizer_from: str | os.PathLike | None, extra: dict[str, Any]) -> Path:
+    """Writes the run folder's model: accjax.json + params.safetensors + tokenizer files.
+
+    Written into a temporary folder first and moved into place with ``accjax.json`` last, so
+    an interrupted export never leaves new metadata beside old parameters.
+    """
+    run_dir = Path(run_dir)
+    tmp = run_dir / ".export-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    convert.save_accjax(family, model_config, params, head, tmp, tokenizer_from=tokenizer_from,
+                        extra=json.loads(json.dumps(extra, default=_json_default)))
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in [n for n in names if n != convert.ACCJAX_META] + [convert.ACCJAX_META]:
+        os.replace(tmp / name, run_dir / name)
+    tmp.rmdir()
+    return run_dir
+
+
+def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run folder's accjax.json (model config, task, training config, best dev rows)."""
+    path = Path(run_dir) / convert.ACCJAX_META
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} holds no exported model ({convert.ACCJAX_META}); has "
+                                "its run finished an epoch?")
+    return json.loads(path.read_text())
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (np.ndarray,)):
+        return x.tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

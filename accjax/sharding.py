@@ -1,0 +1,213 @@
+"""Meshes, logical-to-mesh rules, and moving host data onto (possibly many) hosts' devices.
+
+Parameters carry logical axis names (``accjax.models.common``: ``vocab``, ``embed``, ``mlp``,
+``heads``, ...); batches carry ``batch`` on their leading axis. Only a config maps those names
+to the two mesh axes, ``data`` and ``fsdp``::
+
+    mesh = make_mesh(data=-1, fsdp=1)                  # all devices data-parallel
+    rules = DP_RULES                                   # batch -> ('data', 'fsdp'), params replicated
+    rules = FSDP_RULES                                 # ... and 'embed' split over 'fsdp'
+
+A logical name without a rule is replicated. The batch is split over BOTH mesh axes, so every
+device sees B / (data * fsdp) rows whichever rules hold. Under FSDP the parameters, their
+gradients as the update sees them and the Adam moments are stored split over 'fsdp'; the
+train step all-gathers the parameters for the forward and backward pass and reduce-scatters
+the gradients (ZeRO-3 style, ``train.Trainer._gathered``), so activations stay batch-sharded.
+
+Multi-host: ``maybe_initialize_distributed()`` starts ``jax.distributed`` when
+``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or a
+cluster jax detects on its own). Every process builds the same GLOBAL numpy batch and hands
+over only the rows its devices hold (``to_global``); parameters start as the same numpy
+arrays on every process and are placed with ``put`` (each device takes its shard). The run
+folder must be on a filesystem every process sees (orbax writes one checkpoint together;
+process 0 writes logs and the exported model, which every process reads back at the end).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp")
+BATCH = "batch"  # logical name of the leading axis of every batch array
+
+# Data-parallel: the batch is split over every device, parameters are replicated.
+DP_RULES: tuple[tuple[str, Any], ...] = ((BATCH, ("data", "fsdp")),)
+# FSDP: parameters (and the optimizer moments with them) split their model dimension over
+# 'fsdp'; 'embed' is on every kernel and table of the BERT / T5 families.
+FSDP_RULES: tuple[tuple[str, Any], ...] = ((BATCH, ("data", "fsdp")), ("embed", "fsdp"))
+
+
+# ----------------------------------------------------------------------------- processes
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """Starts ``jax.distributed`` when asked to; returns whether it did.
+
+    Asked to means: a coordinator address is given, or ``JAX_COORDINATOR_ADDRESS`` is set
+    (``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` give the rest; otherwise jax's cluster
+    detection fills them in). On the CPU, cross-process collectives go through gloo, which
+    must be chosen before the backend starts.
+    """
+    addr = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not addr:
+        return False
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(addr, num_processes=num_processes, process_id=process_id)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def is_primary() -> bool:
+    """Process 0 writes logs, metrics and exports."""
+    return jax.process_index() == 0
+
+
+# ---------------------------------------------------------------------------------- mesh
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp) mesh over ``devices`` (default: all, every process's).
+
+    Args:
+      data, fsdp: axis sizes; one of them may be -1 (= all devices not used by the other).
+    Raises:
+      ValueError when the sizes do not multiply to the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    data, fsdp = int(data), int(fsdp)
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one of mesh.data and mesh.fsdp may be -1")
+    if data == -1:
+        data = n // max(fsdp, 1)
+    if fsdp == -1:
+        fsdp = n // max(data, 1)
+    if data < 1 or fsdp < 1 or data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not use the {n} devices "
+                         "(set one of them to -1 to take the rest)")
+    # Process-major order (jax.devices() lists each process's devices together), so each
+    # process's devices hold a contiguous block of batch rows.
+    return Mesh(np.array(devices, dtype=object).reshape(data, fsdp), MESH_AXES)
+
+
+def normalize_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+    """Config rules (lists from ml_collections / JSON) -> flax's tuple form, checked.
+
+    Each rule is (logical name, mesh axis | tuple of mesh axes | None).
+    """
+    out = []
+    for r in rules:
+        if len(r) != 2 or not isinstance(r[0], str):
+            raise ValueError(f"a logical axis rule is (logical name, mesh axes), got {r!r}")
+        name, axes = r
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes)
+            bad = [a for a in axes if a not in MESH_AXES]
+        else:
+            bad = [axes] if axes is not None and axes not in MESH_AXES else []
+        if bad:
+            raise ValueError(f"rule {r!r} names mesh axis {bad[0]!r}; the mesh axes are {MESH_AXES}")
+        out.append((name, axes))
+    if not any(n == BATCH for n, _ in out):
+        raise ValueError(f"the logical axis rules must map {BATCH!r} (the batch axis), got {out}")
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- shardings
+def logical_specs(abstract_variables: Any) -> Any:
+    """Logical PartitionSpecs of (boxed) variables, e.g. ``jax.eval_shape(module.init, ...)``."""
+    return nn.get_partition_spec(abstract_variables)
+
+
+def mesh_shardings(logical: Any, mesh: Mesh, rules) -> Any:
+    """A tree of logical PartitionSpecs -> NamedShardings on ``mesh`` under ``rules``."""
+    return nn.logical_to_mesh_sharding(logical, mesh, normalize_rules(rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+    """The sharding of a [B, ...] batch array of ``ndim`` dimensions."""
+    spec = nn.logical_to_mesh_axes((BATCH,) + (None,) * (ndim - 1), normalize_rules(rules))
+    return NamedSharding(mesh, spec)
+
+
+def batch_shardings(batch: dict[str, Any], mesh: Mesh, rules) -> dict[str, NamedSharding]:
+    return {k: batch_sharding(mesh, rules, np.ndim(v) if not hasattr(v, "shape") else len(v.shape))
+            for k, v in batch.items()}
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, rules, what: str = "batch_size") -> None:
+    """The batch must split evenly over the devices its axis is sharded over."""
+    spec = batch_sharding(mesh, rules, 1).spec
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if global_batch % ways:
+        raise ValueError(f"{what} {global_batch} does not split over {ways} devices "
+                         f"(mesh {dict(mesh.shape)}); use a multiple of {ways}")
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The contiguous block [lo, hi) of batch rows this process's devices hold."""
+    idx = sharding.addressable_devices_indices_map(tuple(global_shape))
+    starts, stops = [], []
+    for sl in idx.values():
+        s = sl[0] if sl else slice(None)
+        starts.append(0 if s.start is None else s.start)
+        stops.append(global_shape[0] if s.stop is None else s.stop)
+    lo, hi = min(starts), max(stops)
+    covered = sum(b - a for a, b in {(a, b) for a, b in zip(starts, stops)})
+    if covered != hi - lo:  # a mesh whose device order breaks the process-major layout
+        raise ValueError("this process's devices do not hold a contiguous block of batch rows")
+    return lo, hi
+
+
+def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """A GLOBAL host batch (the same on every process) -> global jax arrays.
+
+    Each process passes on only the rows its devices hold
+    (``jax.make_array_from_process_local_data``); on one process that is all of them.
+    """
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        lo, hi = process_rows(shardings[k], v.shape)
+        out[k] = jax.make_array_from_process_local_data(shardings[k], v[lo:hi], v.shape)
+    return out
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Host arrays (identical on every process) -> arrays laid out as ``shardings`` say."""
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """Device arrays -> numpy on every process (gathers shards other processes hold)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)

@@ -1,0 +1,133 @@
+"""Resume after SIGKILL, the run folder as a self-contained model, restarts that must refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from accjax import checkpoint, convert, experiment, tasks, train
+from tests.train_helpers import REPO, finetune_cmd, run_finetune, sentiment_task, subprocess_env, tiny_config
+
+
+def _leaves(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = np.asarray(v)
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
+    task = sentiment_task(tmp_path / "data", n_train=96)  # 6 steps of 16 per epoch
+    base = {"task": task, "max_examples": 0, "length_buckets": (32,), "max_length": 32,
+            "eval.speedups": (1.0,), "eval.select_mean": False, "epochs": 4, "checkpoint.every_steps": 3,
+            "elimination.levels": 2, "elimination.speedup_range": (1.0, 3.0), "progress": False}
+    total = 24
+    # One persistent compilation cache for the three processes: they compile the same programs.
+    cache = {"JAX_COMPILATION_CACHE_DIR": tmp_path / "jax-cache", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0}
+    # Elastic: exact resume also needs the per-step speedup draws to repeat. The uninterrupted
+    # reference runs alongside the run that gets killed.
+    ref = subprocess.Popen(finetune_cmd("tiny,elastic", {**base, "run_dir": tmp_path / "ref"}), cwd=REPO,
+                           env=subprocess_env(1, **cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    slow = {**base, "run_dir": run, "debug.step_delay_s": 0.25}  # 18 steps (4.5 s) left after step 6
+    proc = subprocess.Popen(finetune_cmd("tiny,elastic", slow), cwd=REPO, env=subprocess_env(1, **cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "6").is_dir():  # orbax renames a finished checkpoint into place
+        assert proc.poll() is None, "the run ended before its step-6 checkpoint"
+        assert time.time() < deadline, "no step-6 checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = checkpoint.Checkpointer(run / "checkpoints").all_steps()
+    assert not (run / "summary.json").exists() and max(steps) < total  # killed mid-run
+    restart = run_finetune("tiny,elastic", {**base, "run_dir": run}, **cache)  # same config, no delay
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    out, err = ref.communicate(timeout=240)
+    assert ref.returncode == 0, err[-3000:]
+    assert f"resumed from step {max(steps)}" in restart.stdout
+
+    got, meta = checkpoint.restore_params(run)
+    want, ref_meta = checkpoint.restore_params(tmp_path / "ref")
+    assert meta["step"] == ref_meta["step"] == total
+    got, want = _leaves(got), _leaves(want)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k  # bit for bit
+    # the exported best models agree too, and the metrics log has each step once
+    a = convert.load_accjax(run).params
+    b = convert.load_accjax(tmp_path / "ref").params
+    assert all(np.array_equal(x, y) for x, y in zip(_leaves(a).values(), _leaves(b).values()))
+    train_steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                   if "loss" in r]
+    assert len(train_steps) == len(set(train_steps)) and max(train_steps) == total
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One in-process fit (fixed 2x elimination) on a task with an empty and an over-long text."""
+    tmp = tmp_path_factory.mktemp("run")
+    long_text = " ".join(["good fine fun"] * 40)  # 120 words: beyond the model's 64 positions
+    task = sentiment_task(tmp / "data", n_train=96, extra_train=[("   ", "pos"), (long_text, "pos")])
+    cfg = tiny_config(tmp / "run", task, "tiny,fixed", max_length=100, length_buckets=(32, 64), dropout=False,
+                      **{"eval.speedups": (1.0, 50.0), "epochs": 2, "elimination.speedup": 2.0})
+    result = train.fit(cfg)
+    return cfg, result
+
+
+def test_run_folder_alone_reproduces_the_recorded_dev_metric(tiny_run, tmp_path):
+    cfg, result = tiny_run
+    import shutil
+
+    # Only the exported model files: no checkpoints, no training-time objects.
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in os.listdir(result.run_dir):
+        if (result.run_dir / name).is_file() and name not in ("metrics.jsonl", "summary.json"):
+            shutil.copy(result.run_dir / name, folder / name)
+    meta = checkpoint.read_run_meta(folder)
+    assert tasks.get_task(meta["task"]).files == tasks.get_task(cfg.task).files
+    assert meta["train_config"]["elimination"]["mode"] == "fixed"
+    rows = experiment.evaluate_run(folder, splits=["validation"])
+    recorded = {r["speedup"]: r for r in result.best["rows"]}
+    assert len(rows) == 2
+    for r in rows:
+        rec = recorded[r["speedup"]]
+        assert r["accuracy"] == pytest.approx(rec["accuracy"], abs=1e-9)
+        assert r["analytic_speedup"] == pytest.approx(rec["analytic_speedup"])
+        assert r["schedules"] == rec["schedules"]
+    # 50x is beyond every length: it ran at each bucket's maximum instead of failing
+    top = recorded[50.0]
+    assert 2.0 < top["analytic_speedup"] < 50 and top["schedules"]["32"] == [1, 1]
+
+
+def test_bad_and_odd_input_is_counted_and_reported(tiny_run):
+    cfg, result = tiny_run
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    data = summary["data"]
+    assert data["dropped_empty"]["train"] == 1  # the whitespace-only text
+    assert data["truncated"]["train"] == 1  # the 120-word text
+    assert data["max_length"] == 64  # 100 asked, the model has 64 positions
+    assert data["examples"]["train"] == 97
+    first = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["event"] == "data" and first["truncated"]["train"] == 1
+    assert {r["split"] for r in summary["final"]} == {"validation", "test"}
+    assert (result.run_dir / "tb").is_dir() and any((result.run_dir / "tb").iterdir())
+
+
+def test_restart_with_another_config_refuses(tiny_run):
+    cfg, result = tiny_run
+    other = tiny_config(result.run_dir, cfg.task, "tiny,fixed", max_length=100, length_buckets=(32, 64),
+                        dropout=False, **{"eval.speedups": (1.0, 50.0), "epochs": 2, "elimination.speedup": 3.0})
+    with pytest.raises(ValueError, match=r"elimination.speedup: 2.0 -> 3.0"):
+        train.fit(other)

@@ -1,0 +1,114 @@
+"""Tiny training setups: a learnable sentiment CSV task and the tiny rt_minilm config."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+POS = "good great fine fun loved wonderful".split()
+NEG = "bad awful boring dull hated terrible".split()
+FILLER = "the movie film plot was is a and it this".split()
+
+
+def sentiment_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    """n (text, label) rows: label 'pos' iff the text holds more positive than negative words."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        k = int(rng.integers(1, 4))
+        words = list(rng.choice(POS if label else NEG, k)) + list(rng.choice(FILLER, int(rng.integers(2, 8))))
+        rng.shuffle(words)
+        rows.append((" ".join(words), "pos" if label else "neg"))
+    return rows
+
+
+def write_csv(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "label"])
+        w.writerows(rows)
+    return path
+
+
+def sentiment_task(folder: Path, n_train: int = 96, n_dev: int = 32, *, extra_train=()) -> str:
+    """Writes train/dev/test CSVs; returns the task spec."""
+    folder = Path(folder)
+    train = write_csv(folder / "train.csv", sentiment_rows(n_train, 0) + list(extra_train))
+    dev = write_csv(folder / "dev.csv", sentiment_rows(n_dev, 1))
+    test = write_csv(folder / "test.csv", sentiment_rows(n_dev, 2))
+    return f"csv:train={train},dev={dev},test={test},text=sentence,label=label"
+
+
+def load_config_file(name: str, arg: str | None = None):
+    """``configs/<name>.py``'s ``get_config(arg)``."""
+    path = REPO / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def tiny_config(run_dir: Path, task: str, arg: str = "tiny", **overrides):
+    """The tiny rt_minilm config on ``task``, one length bucket and one eval speedup by default."""
+    c = load_config_file("rt_minilm", arg)
+    c.task = task
+    c.run_dir = str(run_dir)
+    c.max_examples = 0
+    c.length_buckets = (32,)
+    c.max_length = 32
+    c.eval.speedups = (1.0,)
+    c.eval.select_speedup = 1.0
+    c.eval.select_mean = False
+    c.progress = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def flags_for(overrides: dict) -> list[str]:
+    """--config.key=value flags for a subprocess."""
+    out = []
+    for k, v in overrides.items():
+        if isinstance(v, (tuple, list)):
+            v = "(" + ",".join(repr(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+        out.append(f"--config.{k}={v}")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(devices: int, **extra) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def finetune_cmd(config_arg: str, overrides: dict) -> list[str]:
+    return [sys.executable, "-m", "train.finetune", f"--config={REPO / 'configs' / 'rt_minilm.py'}:{config_arg}",
+            *flags_for(overrides)]
+
+
+def run_finetune(config_arg: str, overrides: dict, *, devices: int = 1, timeout: int = 300, **env):
+    return subprocess.run(finetune_cmd(config_arg, overrides), cwd=REPO, env=subprocess_env(devices, **env),
+                          capture_output=True, text=True, timeout=timeout)

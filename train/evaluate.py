@@ -1,0 +1,48 @@
+"""Scores a classification run folder at several speedups, from the folder alone.
+
+    python -m train.evaluate runs/rt_minilm_dense
+    python -m train.evaluate runs/rt_minilm_elastic --speedups 1,1.5,2,3,4 --splits validation,test
+
+Loads the exported best model (``convert.load``), its tokenizer, task and data settings from
+the run folder, runs ``accjax.inference.Predictor`` at each speedup (a speedup above what a
+length bucket permits runs at that bucket's maximum; the analytic speedup column says what
+ran), prints a table and writes ``eval.json`` into the folder (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="a run folder written by train.finetune")
+    ap.add_argument("--speedups", default=None, help="comma-separated speedups (default: the run's eval.speedups)")
+    ap.add_argument("--splits", default=None, help="comma-separated splits (default: labelled dev and test)")
+    ap.add_argument("--batch_size", type=int, default=None, help="default: the run's eval_batch_size")
+    ap.add_argument("--data_dir", default=None, help="task files, if not where training read them")
+    ap.add_argument("--out", default=None, help="JSON output (default RUN_DIR/eval.json)")
+    args = ap.parse_args(argv)
+
+    from accjax import experiment
+
+    try:
+        rows = experiment.evaluate_run(
+            args.run_dir, splits=args.splits.split(",") if args.splits else None,
+            speedups=[float(s) for s in args.speedups.split(",")] if args.speedups else None,
+            batch_size=args.batch_size, data_dir=args.data_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(experiment.format_rows(rows))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
+    out.write_text(json.dumps({"run_dir": str(args.run_dir), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Fine-tuning entry point: a config file in, a run folder out.
+
+    python -m train.finetune --config configs/rt_minilm.py
+    python -m train.finetune --config configs/rt_minilm.py:elastic --config.optim.lr=3e-5
+    python -m train.finetune --config configs/glue_bert_base.py:sst2 --config.data_dir=/data/glue
+
+A key the config does not have is an error (the config is locked). Restarting with the same
+config and run_dir resumes from the latest checkpoint. Multi-host: set
+JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID in every process's
+environment (or run where jax detects the cluster itself) and start the same command on every
+host; see accjax/sharding.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file, optionally with ':arg' (see configs/)", lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with an unknown ``--config.*`` key reported in one line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections' locked config: no such key
+        detail = e
+        while isinstance(detail, BaseException) and detail.args:
+            detail = detail.args[0]
+        detail = " ".join(str(detail).split())
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        print(f"error: the config has no key {detail} (overrides given: {', '.join(overrides)})",
+              file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as e:  # a value of the wrong type, a missing --config
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax", "orbax", "orbax.checkpoint", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from accjax import sharding
+
+    sharding.maybe_initialize_distributed()
+    from accjax import train
+
+    train.fit(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
