@@ -1,0 +1,129 @@
+"""Evaluate a fine-tuned classifier at one or more speedups: the main job.
+
+    python -m eval.glue --speedup 4.8                      # the embedded default (see below)
+    python -m eval.glue --checkpoint runs/sst2 --task sst2 --data_dir /data/glue --speedup 1.5,2,3
+    python -m eval.glue --checkpoint runs/glue --task all --speedup 2 --json glue.json
+    python -m eval.glue --checkpoint runs/rt --max_drop 0.5    # fastest level within 0.5 dev points
+
+For each task and speedup: the official metric(s) (CoLA Matthews corr.; STS-B Pearson and
+Spearman; MRPC and QQP accuracy and F1; MNLI matched and mismatched accuracy; accuracy for
+the rest; x100), the analytic speedup, the measured speedup against the dense model timed in
+the same run on the same data, examples/s and latency per batch; as a table and as JSON.
+
+With no ``--checkpoint`` it uses the default run: MiniLM-L6 (real all-MiniLM-L6-v2 weights)
+fine-tuned on ``rt_polarity`` with elastic elimination, from ``$ACCJAX_CACHE/runs``; if it is
+not there yet, it is fine-tuned first (``configs/rt_minilm.py:elastic``, ~10 min on 2 CPU
+cores, once). A speedup beyond what a length allows runs at that length's maximum and the
+table says so. ``--task all`` takes a folder holding one run folder per GLUE task
+(``RUN/cola``, ``RUN/sst2``, ...). ``--max_drop X`` reads (or first makes) the offline-tuning
+table beside the checkpoint (``python -m eval.offline_tune``) and runs the fastest level whose
+dev drop is at most X points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m eval.glue", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="run folder from train.finetune (default: the embedded default)")
+    ap.add_argument("--task", default=None,
+                    help="GLUE task, 'all', rt_polarity or a file spec (default: the checkpoint's task)")
+    ap.add_argument("--speedup", default="1", help="one value or a comma list, e.g. 4.8 or 1.5,2,3")
+    ap.add_argument("--split", default=None, help="split(s) to score, comma list (default: the dev split(s))")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--data_dir", default=None, help="GLUE TSV folder (standard layout)")
+    ap.add_argument("--json", default=None, help="write the rows and the machine here")
+    ap.add_argument("--max_drop", type=float, default=None,
+                    help="pick the fastest offline-tuned level whose dev drop is at most this")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    return ap
+
+
+def check_writable(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write --json {path}: {parent} is not a writable folder")
+    return p
+
+
+def run(args) -> dict:
+    from accjax import benchmark, evaluation
+
+    speedups = evaluation.parse_speedups(args.speedup)
+    out = check_writable(args.json) if args.json else None
+    splits = [s for s in args.split.split(",") if s] if args.split else None
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is None:
+        ckpt = evaluation.ensure_default_run()
+
+    if args.task == "all":
+        if (ckpt / "accjax.json").exists():
+            raise evaluation.EvalError(
+                f"--task all needs a folder holding one run folder per GLUE task ({ckpt}/cola, "
+                f"{ckpt}/sst2, ...); {ckpt} is a single run folder")
+        targets = [(t, ckpt / t) for t in GLUE_TASKS if (ckpt / t / "accjax.json").exists()]
+        missing = [t for t in GLUE_TASKS if not (ckpt / t / "accjax.json").exists()]
+        if not targets:
+            raise evaluation.EvalError(f"{ckpt} holds no GLUE run folders (expected {', '.join(GLUE_TASKS)})")
+        if missing:
+            print(f"note: no run folder for {', '.join(missing)} in {ckpt}; skipped", file=sys.stderr)
+    else:
+        targets = [(args.task, ckpt)]
+
+    rows, picked = [], []
+    for task, folder in targets:
+        model = evaluation.RunModel.load(folder)
+        levels = speedups
+        if args.max_drop is not None:
+            table = evaluation.read_tune(folder)
+            if table is None:
+                print(f"no offline-tuning table beside {folder}: sweeping the dev split first "
+                      "(python -m eval.offline_tune)", file=sys.stderr)
+                table = evaluation.offline_tune(model, batch_size=args.batch_size,
+                                                data_dir=args.data_dir, progress=args.progress)
+            level = evaluation.pick_level(table, args.max_drop)
+            picked.append({"checkpoint": str(folder), **{k: level[k] for k in (
+                "speedup", "analytic_speedup", "measured_speedup", "drop")}})
+            print(f"picked speedup {level['speedup']:g} for {folder}: dev drop {level['drop']:.2f} "
+                  f"<= {args.max_drop:g}, measured {level['measured_speedup']:.2f}x, analytic "
+                  f"{level['analytic_speedup']:.2f}x (offline-tuning table {evaluation.TUNE_FILE}.json)")
+            levels = [level["speedup"]]
+        rows += evaluation.evaluate(model, task=task, splits=splits, speedups=levels,
+                                    batch_size=args.batch_size, data_dir=args.data_dir,
+                                    progress=args.progress)
+    print(evaluation.format_table(rows))
+    result = {"machine": benchmark.machine(), "checkpoint": str(ckpt), "rows": rows}
+    if picked:
+        result["picked"] = picked
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2, default=evaluation._jsonable) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from accjax import convert, evaluation, hub
+
+    try:
+        run(args)
+    except (evaluation.EvalError, convert.CheckpointError, hub.ModelNotFoundError, ValueError,
+            FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""eval.glue / eval.offline_tune: a GLUE task from a TSV folder end to end, offline-tuning,
+--max_drop, the embedded default, and every bad input giving a clear message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from accjax import evaluation, metrics, schedule
+from eval import glue, offline_tune
+from tests.train_helpers import REPO, sentiment_rows, tiny_config
+
+
+def _write_sst2(root: Path) -> Path:
+    folder = root / "SST-2"
+    folder.mkdir(parents=True)
+    for name, seed, n in (("train.tsv", 0, 160), ("dev.tsv", 1, 48)):
+        with open(folder / name, "w") as f:
+            f.write("sentence\tlabel\n")
+            for text, label in sentiment_rows(n, seed):
+                f.write(f"{text}\t{1 if label == 'pos' else 0}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory):
+    from accjax import train
+
+    root = tmp_path_factory.mktemp("glue")
+    data_dir = _write_sst2(root / "data")
+    run = root / "run"
+    cfg = tiny_config(run, "sst2", data_dir=str(data_dir), epochs=2,
+                      **{"elimination.mode": "fixed", "elimination.speedup": 2.0})
+    train.fit(cfg)
+    return run, data_dir
+
+
+def test_glue_tsv_end_to_end(sst2_run, tmp_path, capsys):
+    run, data_dir = sst2_run
+    out = tmp_path / "glue.json"
+    rc = glue.main(["--checkpoint", str(run), "--task", "sst2", "--data_dir", str(data_dir),
+                    "--speedup", "1,2", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "measured" in printed
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [(r["split"], r["speedup"]) for r in rows] == [("validation", 1.0), ("validation", 2.0)]
+    assert res["machine"]["backend"] == "cpu"
+    dense, fast = rows
+    assert dense["analytic_speedup"] == 1.0 and dense["measured_speedup"] == 1.0
+    assert 1.5 < fast["analytic_speedup"] <= 2.2 and fast["measured_speedup"] > 0
+    assert fast["drop"] == pytest.approx(dense["accuracy"] - fast["accuracy"])
+    assert fast["examples"] == 48 and fast["examples_per_s"] > 0 and fast["ms_per_batch"] > 0
+    # the metric agrees with scoring the same dev set directly through a Predictor
+    model = evaluation.RunModel.load(run)
+    from accjax import data as data_lib
+    d = data_lib.load_task("sst2", str(data_dir), splits=("validation",))
+    feats = data_lib.encode(d["validation"], model.tokenizer, regression=False, max_length=model.max_length)
+    pred = model.predictor(64)
+    batches = data_lib.EvalBatches(feats, 64, buckets=model.buckets)
+    outs = [pred.predict(b, speedup=schedule.schedule_for_speedup(model.loaded.config, b["input_ids"].shape[1], 2.0))
+            for b in batches]
+    acc = metrics.compute(model.resolve_task("sst2"), batches.restore(outs), feats.labels)["accuracy"]
+    assert acc == pytest.approx(fast["accuracy"])
+
+
+def test_unreachable_speedup_runs_at_the_maximum(sst2_run, capsys):
+    run, data_dir = sst2_run
+    rc = glue.main(["--checkpoint", str(run), "--task", "sst2", "--data_dir", str(data_dir),
+                    "--speedup", "60", "--no-progress"])
+    assert rc == 0
+    model = evaluation.RunModel.load(run)
+    top = schedule.max_speedup(model.loaded.config, 32)
+    assert top < 60
+    assert f"max {round(top, 2)}" in capsys.readouterr().out
+
+
+def test_offline_tune_and_max_drop(sst2_run, tmp_path, capsys):
+    run, data_dir = sst2_run
+    out = tmp_path / "tune"
+    rc = offline_tune.main(["--checkpoint", str(run), "--speedups", "1,2,3", "--data_dir",
+                            str(data_dir), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    table = json.loads((out / "offline_tune.json").read_text())
+    assert [r["speedup"] for r in table["rows"]] == [1.0, 2.0, 3.0]
+    assert table["rows"][0]["drop"] == 0.0
+    assert (out / "offline_tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 3 |" in (out / "offline_tune.md").read_text()
+    # --max_drop reads the table beside the checkpoint: put it there, then pick
+    for name in ("offline_tune.json", "offline_tune.md", "offline_tune.png"):
+        (run / name).write_bytes((out / name).read_bytes())
+    capsys.readouterr()
+    rc = glue.main(["--checkpoint", str(run), "--data_dir", str(data_dir), "--max_drop", "100",
+                    "--no-progress"])
+    assert rc == 0
+    best = max(table["rows"], key=lambda r: (r["measured_speedup"], r["analytic_speedup"]))
+    assert f"picked speedup {best['speedup']:g}" in capsys.readouterr().out
+
+
+def test_pick_level_rule():
+    rows = [{"speedup": 1.0, "drop": 0.0, "measured_speedup": 1.0, "analytic_speedup": 1.0},
+            {"speedup": 2.0, "drop": 0.4, "measured_speedup": 1.9, "analytic_speedup": 2.0},
+            {"speedup": 3.0, "drop": 0.6, "measured_speedup": 2.7, "analytic_speedup": 3.0},
+            {"speedup": 4.0, "drop": 0.3, "measured_speedup": 2.5, "analytic_speedup": 4.0}]
+    assert evaluation.pick_level({"rows": rows}, 0.5)["speedup"] == 4.0  # fastest within bound
+    assert evaluation.pick_level({"rows": rows}, 0.0)["speedup"] == 1.0
+    with pytest.raises(evaluation.EvalError, match="must be >= 0"):
+        evaluation.pick_level({"rows": rows}, -1)
+
+
+def _err(capsys, argv):
+    capsys.readouterr()  # drop what earlier steps printed
+    rc = glue.main(argv + ["--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "Traceback" not in err, (rc, err)
+    return err
+
+
+def test_bad_input_is_a_clear_message(sst2_run, tmp_path, capsys):
+    run, data_dir = sst2_run
+    ck = ["--checkpoint", str(run)]
+    assert "unknown task 'sst3'" in _err(capsys, ck + ["--task", "sst3"]).lower()
+    assert "SST-2" in _err(capsys, ck + ["--task", "sst2", "--data_dir", str(tmp_path / "nothing")])
+    assert "has 1" in _err(capsys, ck + ["--task", "stsb", "--data_dir", str(data_dir)])
+    assert "below 1" in _err(capsys, ck + ["--speedup", "0.5"])
+    assert "'abc' is not a number" in _err(capsys, ck + ["--speedup", "2,abc"])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert "cannot write --json" in _err(capsys, ck + ["--json", str(blocker / "out.json")])
+    assert "does not exist" in _err(capsys, ["--checkpoint", str(tmp_path / "absent")])
+
+
+def test_checkpoint_of_another_architecture(tmp_path, capsys):
+    from tests.gpt2_testlib import make_hf_gpt2
+    from accjax import convert
+
+    folder, _ = make_hf_gpt2(tmp_path / "gpt2")
+    convert.save_accjax(convert.load(folder, "lm"), out_dir=tmp_path / "ax")
+    err = _err(capsys, ["--checkpoint", str(tmp_path / "ax")])
+    assert "gpt2" in err and "'lm'" in err and "sequence classifiers" in err
+
+
+def test_cli_exit_code_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "eval.glue", "--checkpoint", str(tmp_path / "x"),
+                        "--speedup", "2,abc"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr
+
+
+def test_embedded_default_trains_once_then_evaluates(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCJAX_DEFAULT_RUN", str(tmp_path / "default"))
+    monkeypatch.setenv("ACCJAX_DEFAULT_CONFIG", "rt_minilm.py:fixed,tiny")
+    assert glue.main(["--speedup", "4.8", "--no-progress"]) == 0
+    first = capsys.readouterr()
+    assert "no default checkpoint" in first.err
+    assert "rt_polarity" in first.out and "4.8" in first.out
+    summary = (tmp_path / "default" / "summary.json").stat().st_mtime
+    assert glue.main(["--speedup", "2", "--no-progress"]) == 0
+    second = capsys.readouterr()
+    assert "no default checkpoint" not in second.err  # reused, not retrained
+    assert (tmp_path / "default" / "summary.json").stat().st_mtime == summary
