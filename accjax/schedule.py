@@ -37,6 +37,7 @@ speedup is within a few percent of 2.0; ``analytic_speedup(cfg, 128, that)`` say
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -132,9 +133,16 @@ def schedule_for_speedup(
       SpeedupError if ``speedup`` < 1 or above ``max_speedup`` (the message gives the range).
     """
     cm = config_or_cost if isinstance(config_or_cost, CostModel) else cost_model(config_or_cost)
-    L = cm.num_layers
     if not isinstance(speedup, (int, float)) or math.isnan(speedup):
         raise SpeedupError(f"speedup must be a number >= 1, got {speedup!r}")
+    return _solve(cm, int(seq_len), float(speedup), int(bucket), int(floor))
+
+
+@functools.lru_cache(maxsize=4096)
+def _solve(cm: CostModel, seq_len: int, speedup: float, bucket: int, floor: int) -> tuple[int, ...]:
+    """The bisection behind ``schedule_for_speedup``; cached because a serving loop asks for
+    the same (length, speedup) on every call and one solve costs ~1 ms of host time."""
+    L = cm.num_layers
     top = max_speedup(cm, seq_len, bucket=bucket, floor=floor)
     if speedup < 1 or speedup > top * (1 + 1e-9):
         raise SpeedupError(
