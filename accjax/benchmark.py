@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -54,13 +55,54 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _time_torch_model(model, config, *, batch_size, length, dtype, iters, warmup, compile, seed,
+                      extra=None) -> dict[str, Any]:
+    """Median ms of ``model(input_ids, attention_mask, **extra)`` on the GPU when there is one."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = model.eval().to(device=device, dtype=tdt)
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(1, config.vocab_size, (batch_size, length), generator=g).to(device)
+               for _ in range(3)]
+    mask = torch.ones(batch_size, length, dtype=torch.long, device=device)
+    extra = {k: v.to(device) for k, v in (extra or {}).items()}
+    fn = torch.compile(model) if compile else model
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t_compile = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(warmup):
+            fn(input_ids=batches[i % 3], attention_mask=mask, **extra)
+        sync()
+        t_compile = time.perf_counter() - t_compile
+        times = []
+        for i in range(iters):
+            sync()
+            t0 = time.perf_counter()
+            fn(input_ids=batches[i % 3], attention_mask=mask, **extra)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
+            "warmup_s": t_compile}
+
+
+def _load_into(model, sd, allowed_missing=("position_ids",)):
+    import torch
+
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32))
+                                                 for k, v in sd.items()}, strict=False)
+    bad = [m for m in missing if not any(a in m for a in allowed_missing)]
+    if unexpected or bad:
+        raise RuntimeError(f"HF model does not take these weights: missing {bad}, unexpected {unexpected}")
+
+
 def time_torch(config, params, *, batch_size: int, length: int, dtype: str = "float32",
                iters: int = 30, warmup: int = 5, compile: bool = False, seed: int = 0) -> dict[str, Any]:
     """Median ms of the HF PyTorch BERT classifier with the same config and weights.
 
     Eager uses PyTorch's SDPA attention; ``compile=True`` wraps it in ``torch.compile``.
     """
-    import torch
     import transformers
 
     from accjax import convert
@@ -70,36 +112,42 @@ def time_torch(config, params, *, batch_size: int, length: int, dtype: str = "fl
     hf_cfg = transformers.BertConfig(**config.to_hf())
     hf_cfg._attn_implementation = "sdpa"
     model = transformers.BertForSequenceClassification(hf_cfg)
-    sd = convert.to_state_dict(fam, config, params, "sequence_classification")
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32))
-                                                 for k, v in sd.items()}, strict=False)
-    assert not unexpected and all("position_ids" in m for m in missing), (missing, unexpected)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = model.eval().to(device=device, dtype=tdt)
-    g = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(1, config.vocab_size, (batch_size, length), generator=g).to(device)
-               for _ in range(3)]
-    mask = torch.ones(batch_size, length, dtype=torch.long, device=device)
-    fn = model
-    if compile:
-        fn = torch.compile(model)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    t_compile = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(warmup):
-            fn(input_ids=batches[i % 3], attention_mask=mask)
-        sync()
-        t_compile = time.perf_counter() - t_compile
-        times = []
-        for i in range(iters):
-            sync()
-            t0 = time.perf_counter()
-            fn(input_ids=batches[i % 3], attention_mask=mask)
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
-            "warmup_s": t_compile}
+    _load_into(model, convert.to_state_dict(fam, config, params, "sequence_classification"))
+    return _time_torch_model(model, config, batch_size=batch_size, length=length, dtype=dtype,
+                             iters=iters, warmup=warmup, compile=compile, seed=seed)
+
+
+def hf_t5_model(config, params):
+    """HF ``T5ForConditionalGeneration`` (fp32, CPU) holding our config and weights, built the
+    way a user would load it: ``convert.save_hf`` to a folder, then ``from_pretrained`` (which
+    honours an untied LM head; constructing from a config dict does not in transformers 5)."""
+    import tempfile
+
+    import transformers
+
+    from accjax import convert
+    from accjax.models import get_family
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "hf"  # also the "source" folder: no tokenizer files to copy
+        loaded = convert.Loaded(family=get_family(config.family), config=config, head="lm",
+                                params=params, folder=out, report=convert.LoadReport())
+        convert.save_hf(loaded, out)
+        return transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
+
+
+def time_torch_t5_first_token(config, params, *, batch_size: int, length: int, dtype: str = "float32",
+                              iters: int = 30, warmup: int = 5, compile: bool = False,
+                              seed: int = 0) -> dict[str, Any]:
+    """Median ms of HF ``T5ForConditionalGeneration`` doing what ``eval.bench_t5`` times: the
+    encoder over ``length`` tokens and one decoder step from the start token (logits for the
+    first generated token), with the same config and weights (HF's default attention)."""
+    import torch
+
+    start = torch.full((batch_size, 1), config.decoder_start_token_id, dtype=torch.long)
+    return _time_torch_model(hf_t5_model(config, params), config, batch_size=batch_size, length=length,
+                             dtype=dtype, iters=iters, warmup=warmup, compile=compile, seed=seed,
+                             extra={"decoder_input_ids": start})
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

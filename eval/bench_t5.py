@@ -1,7 +1,7 @@
 """T5 latency: encoder + first token, dense vs encoder elimination at several speedups.
 
     PYTHONPATH=. python -m eval.bench_t5 --model flan-t5-base --batch 16 --length 512 \
-        --dtype bfloat16 --speedups 1.5,2,3,4 --attention_impl auto,xla --json t5_bench.json
+        --dtype bfloat16 --speedups 1.5,2,3,4 --attention_impl auto,xla --vs-torch --json t5_bench.json
     python -m eval.bench_t5 --tiny --iters 3          # a seconds-long CPU smoke run
 
 What is timed is one compiled program: the encoder (with elimination at the schedule for the
@@ -83,21 +83,37 @@ def run(args) -> dict:
         except Exception as e:  # e.g. a cuDNN path this GPU/jax lacks: keep the other impls
             errors.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
             print(f"  impl {impl}: failed ({type(e).__name__}: {str(e)[:200]})")
-    print_table(rows)
+    torch_rows = []
+    if args.vs_torch and rows:
+        cfg, params = build(args.model, "float32", "xla", tiny=args.tiny)
+        for compile_ in ([False, True] if args.torch_compile else [False]):
+            name = "torch+compile" if compile_ else "torch eager"
+            try:
+                t = benchmark.time_torch_t5_first_token(cfg, params, batch_size=b, length=n, dtype=args.dtype,
+                                                        iters=args.iters, compile=compile_)
+                torch_rows.append({"impl": name, **t})
+                print(f"  {name}: {t['median_ms']:.3f} ms", flush=True)
+            except Exception as e:  # torch.compile unavailable on this machine, etc.
+                torch_rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"})
+                print(f"  {name}: failed ({type(e).__name__}: {str(e)[:200]})")
+    print_table(rows, torch_rows)
     if not rows:
         raise RuntimeError("every attention implementation failed: " + "; ".join(e["error"] for e in errors))
     return {"machine": info, "model": name, "dtype": args.dtype, "batch": b, "length": n,
             "iters": args.iters, "measures": "encoder + cross-attention K/V + first decoder step",
-            "rows": rows, "errors": errors}
+            "rows": rows, "torch": torch_rows, "errors": errors}
 
 
-def print_table(rows):
+def print_table(rows, torch_rows=()):
     hdr = f"{'impl':>6} {'asked':>6} {'analytic':>8} {'ms':>9} {'measured':>8} {'meas/an':>7}  keep"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['impl']:>6} {r['speedup']:>6.2f} {r['analytic']:>8.2f} {r['median_ms']:>9.3f} "
               f"{r['measured']:>8.2f} {r['measured_over_analytic']:>7.2f}  {','.join(map(str, r['schedule']))}")
+    for r in torch_rows:  # HF PyTorch, same shapes and weights, dense
+        shown = f"{r['median_ms']:>9.3f}" if "median_ms" in r else "   failed"
+        print(f"{r['impl']:>14} (HF, dense) {shown} ms")
 
 
 def main(argv=None) -> int:
@@ -113,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--acc_variant", default="plain", help="plain, minus_diagonal, value_norm, prefix")
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--floor", type=int, default=1)
+    ap.add_argument("--vs-torch", dest="vs_torch", action="store_true",
+                    help="also time HF PyTorch T5ForConditionalGeneration (eager and torch.compile)")
+    ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)
     try:

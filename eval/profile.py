@@ -1,7 +1,8 @@
 """Where does the time go? Kernel-level breakdown of compiled predictor programs.
 
-    python -m eval.profile --model bert-base-uncased --shape 128x128 --dtype bfloat16 \
+    python -m eval.profile --model bert-base-uncased --shapes 128x128 --dtype bfloat16 \
         --speedups 1,4.8 --json prof.json
+    python -m eval.profile --model flan-t5-base --shapes 16x512 --speedups 1,2   # T5: encoder + first token
 
 For each speedup: wall time per call, device-busy time per call (sum of kernel durations
 from a ``jax.profiler`` trace, parsed with ``jax.profiler.ProfileData``), the idle gap
@@ -69,24 +70,20 @@ def device_events(trace_dir: str):
 device_events.shown = False
 
 
-def profile_program(pred, b, n, s, iters=20):
-    sch = pred.schedule(n, s)
-    prog = pred.program(b, n, sch)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, pred.config.vocab_size, (b, n)).astype(np.int32)
-    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    batch = jax.device_put({k: full[k] for k in pred.input_names})
+def profile_call(call, iters=20) -> dict:
+    """Wall ms per call, device kernels per call (grouped), for a no-argument ``call``
+    returning device arrays (a compiled program applied to inputs already on the device)."""
     for _ in range(3):
-        jax.block_until_ready(prog(pred.params, batch))
+        jax.block_until_ready(call())
     t0 = time.perf_counter()
     for _ in range(iters):
-        out = prog(pred.params, batch)
+        out = call()
     jax.block_until_ready(out)
     wall = (time.perf_counter() - t0) * 1e3 / iters
     d = tempfile.mkdtemp()
     jax.profiler.start_trace(d)
     for _ in range(iters):
-        out = prog(pred.params, batch)
+        out = call()
     jax.block_until_ready(out)
     jax.profiler.stop_trace()
     ev = device_events(d)
@@ -98,18 +95,44 @@ def profile_program(pred, b, n, s, iters=20):
     for name, (ms, _) in by_name.items():
         by_kind[kind_of(name)] += ms
     busy = sum(by_kind.values())
-    cost = prog.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
     return {
-        "speedup": s, "schedule": list(sch), "analytic": S.analytic_speedup(pred.config, n, sch),
         "wall_ms": wall, "busy_ms": busy, "gap_ms": wall - busy,
         "kernels_per_call": sum(c for _, c in by_name.values()) / iters,
         "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-        "xla_flops": float(cost.get("flops", 0)) if cost else None,
-        "xla_bytes": float(cost.get("bytes accessed", 0)) if cost else None,
         "top": [{"name": k[:120], "ms": v[0], "count": v[1] / iters} for k, v in top],
     }
+
+
+def _xla_cost(prog) -> dict:
+    cost = prog.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"xla_flops": float(cost.get("flops", 0)) if cost else 0.0,
+            "xla_bytes": float(cost.get("bytes accessed", 0)) if cost else 0.0}
+
+
+def profile_program(pred, b, n, s, iters=20):
+    """A BERT-family ``inference.Predictor`` program at speedup ``s``."""
+    sch = pred.schedule(n, s)
+    prog = pred.program(b, n, sch)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, pred.config.vocab_size, (b, n)).astype(np.int32)
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    batch = jax.device_put({k: full[k] for k in pred.input_names})
+    r = profile_call(lambda: prog(pred.params, batch), iters)
+    return {"speedup": s, "schedule": list(sch), "analytic": S.analytic_speedup(pred.config, n, sch),
+            **r, **_xla_cost(prog)}
+
+
+def profile_t5_first_token(pred, b, n, s, iters=20):
+    """A ``seq2seq.Seq2SeqPredictor`` encoder + first-token program at speedup ``s``."""
+    sch = pred.schedule(n, s)
+    prog = pred.first_token_program(b, n, sch)
+    ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
+    ids, mask = jax.device_put((ids, np.ones_like(ids)))
+    r = profile_call(lambda: prog(pred.params, ids, mask), iters)
+    return {"speedup": s, "schedule": list(sch), "analytic": S.analytic_speedup(pred.config, n, sch),
+            **r, **_xla_cost(prog)}
 
 
 def main(argv=None) -> int:
@@ -126,27 +149,40 @@ def main(argv=None) -> int:
     ap.add_argument("--dump_hlo", default=None, help="write each program's optimised HLO here")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cfg, params = build(args.model, args.dtype, args.attention_impl, overrides=parse_sets(args.set))
-    if args.hidden_act:
-        cfg = cfg.replace(hidden_act=args.hidden_act)
-    module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+    t5 = args.model.startswith("flan-t5") or args.model.startswith("t5")
+    if t5:  # encoder + first token, as eval.bench_t5 times it
+        from accjax import seq2seq
+        from eval import bench_t5
+
+        cfg, params = bench_t5.build(args.model, args.dtype, args.attention_impl)
+        module = models.get_family(cfg.family).module(cfg, "lm")
+    else:
+        cfg, params = build(args.model, args.dtype, args.attention_impl, overrides=parse_sets(args.set))
+        if args.hidden_act:
+            cfg = cfg.replace(hidden_act=args.hidden_act)
+        module = models.get_family(cfg.family).module(cfg, "sequence_classification")
     results = []
     for shape in args.shapes.split(","):
         b, n = map(int, shape.split("x"))
-        pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
-                                   param_dtype=args.dtype, acc_variant=args.acc_variant)
+        if t5:
+            pred = seq2seq.Seq2SeqPredictor(module, params, cfg, batch_size=b, length_buckets=(n,),
+                                            param_dtype=args.dtype, acc_variant=args.acc_variant)
+        else:
+            pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
+                                       param_dtype=args.dtype, acc_variant=args.acc_variant)
         for s in [float(x) for x in args.speedups.split(",")]:
-            r = profile_program(pred, b, n, s, args.iters)
+            r = (profile_t5_first_token if t5 else profile_program)(pred, b, n, s, args.iters)
             if args.dump_hlo:
                 import os
                 os.makedirs(args.dump_hlo, exist_ok=True)
-                prog = pred.program(b, n, pred.schedule(n, s))
+                sch = pred.schedule(n, s)
+                prog = pred.first_token_program(b, n, sch) if t5 else pred.program(b, n, sch)
                 with open(f"{args.dump_hlo}/{shape}_s{s:g}.hlo.txt", "w") as f:
                     f.write(prog.as_text())
             r["shape"] = shape
             results.append(r)
             print(f"\n== {shape} speedup {s:g} (analytic {r['analytic']:.2f}) {args.acc_variant} "
-                  f"{args.attention_impl} act={cfg.hidden_act}: wall {r['wall_ms']:.3f} ms, "
+                  f"{args.attention_impl} act={getattr(cfg, 'hidden_act', '-')}: wall {r['wall_ms']:.3f} ms, "
                   f"busy {r['busy_ms']:.3f} ms, gap {r['gap_ms']:.3f} ms, "
                   f"{r['kernels_per_call']:.0f} kernels/call, XLA {r['xla_flops']/1e12:.3f} TFLOP "
                   f"{r['xla_bytes']/1e9:.2f} GB")

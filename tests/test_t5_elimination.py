@@ -221,3 +221,19 @@ def test_bench_t5_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["speedup"] for r in rows] == [1.0, 2.0]
     assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.5
+
+
+def test_torch_timing_model_holds_our_weights(tiny):
+    """The HF model eval.bench_t5 --vs-torch times computes what ours does (else the
+    comparison would time a different network)."""
+    from accjax import benchmark
+
+    hf = benchmark.hf_t5_model(tiny.config, tiny.params)
+    batch = random_batch(np.random.default_rng(5), 2, 16, 99)
+    start = np.full((2, 1), tiny.config.decoder_start_token_id, np.int32)
+    ours = np.asarray(_apply(tiny, batch["input_ids"], batch["attention_mask"], start).logits)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+                 decoder_input_ids=torch.tensor(start, dtype=torch.long)).logits.numpy()
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
