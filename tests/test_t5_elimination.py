@@ -237,3 +237,22 @@ def test_torch_timing_model_holds_our_weights(tiny):
                  decoder_input_ids=torch.tensor(start, dtype=torch.long)).logits.numpy()
     assert np.abs(ref).max() > 0.1
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_bias_lookup_at_original_positions_equals_gathering_the_entering_bias(tiny):
+    """What the encoder does after an eliminating layer (look the bias up at the kept rows'
+    original positions) equals take_bias on the previous bias, through two eliminations."""
+    cfg = tiny.config
+    rel = t5.RelativeBias(cfg, bidirectional=True)
+    variables = {"params": tiny.params["encoder"]["relative_attention_bias"]}
+    lookup = jax.jit(lambda p: rel.apply(variables, p, p))
+    rng = np.random.default_rng(8)
+    pos = jnp.arange(24, dtype=jnp.int32)[None].repeat(3, 0)
+    bias = lookup(jnp.arange(24, dtype=jnp.int32)[None])  # [1, N, 24, 24]
+    for keep in (15, 7):
+        idx = jnp.asarray(np.sort(np.stack([rng.choice(pos.shape[1], keep, replace=False)
+                                            for _ in range(3)]), axis=1))
+        bias = t5.take_bias(bias, idx)  # [3, N, keep, keep]
+        pos = jnp.take_along_axis(pos, idx, axis=1)
+        np.testing.assert_array_equal(np.asarray(lookup(pos)), np.asarray(bias))
+    assert len(np.unique(np.asarray(bias))) > 4  # a bias with structure, not a constant

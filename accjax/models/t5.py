@@ -21,9 +21,12 @@ the decoder cross-attends to whatever survives, and the final EOS, an attention 
 high on its own; ``protect_last=True`` keeps each example's last real token (its EOS) for
 experiments. Pre-norm T5 carries two things past attention, the residual stream ``x`` and the
 attention context ``ctx``; both are gathered with the same indices, and the output
-projection, residual add and feed-forward then run on the kept rows only. The position bias for later layers is GATHERED (rows and columns) from the
-bias of the rows that entered, so it always equals ``table[bucket(pos[j] - pos[i])]`` for the
-ORIGINAL positions pos of the kept rows; it is never recomputed from compacted indices.
+projection, residual add and feed-forward then run on the kept rows only. ``rows.positions``
+carries each kept row's ORIGINAL position, and the position bias for later layers is looked up
+there: ``table[bucket(pos[j] - pos[i])]``, exactly the rows and columns of the entering bias
+(``take_bias`` gathers them; tested equal), never recomputed from compacted indices. The
+lookup writes the [B, N, K, K] bias in one fusion; gathering from the larger entering bias cost
+~1.3 ms more per flan-t5-base call at 16 x 512 on an H100.
 Worked example, T = 4 rows at positions [0 1 2 3], layer keeps rows [0, 3]::
 
     bias before: B[i, j] = tab[bucket(j - i)]     after: [[B[0,0] B[0,3]]   = tab[bucket(  0)] tab[bucket(3)]
@@ -253,8 +256,11 @@ class RelativeBias(nn.Module):
         table = self.param(
             "embedding", _normal(cfg.initializer_factor * cfg.d_model ** -0.5, (None, "heads")),
             (cfg.relative_attention_num_buckets, cfg.num_heads), common.to_dtype(cfg.param_dtype))
-        values = jnp.take(table.astype(common.to_dtype(cfg.dtype)), buckets, axis=0)  # [B, T, S, N]
-        return jnp.transpose(values, (0, 3, 1, 2))  # [B, N, T, S]
+        # [N, buckets] indexed by (head, bucket): written straight in [B, N, T, S] order (one
+        # fusion; a take over the bucket axis then a transpose is a gather plus a copy).
+        tab = jnp.asarray(table, common.to_dtype(cfg.dtype)).T  # [N, buckets]
+        heads = jnp.arange(cfg.num_heads, dtype=jnp.int32)[None, :, None, None]
+        return tab[heads, buckets[:, None]]  # [B, N, T, S]
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -282,13 +288,25 @@ class Proj(nn.Module):
     axes: tuple[str | None, ...]
     std: float | tuple[float, ...]
 
-    @nn.compact
+    def setup(self):
+        self.kernel = self.param("kernel", _normal(self.std, self.axes), self.shape,
+                                 common.to_dtype(self.config.param_dtype))
+
     def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        dtype = common.to_dtype(cfg.dtype)
-        kernel = self.param("kernel", _normal(self.std, self.axes), self.shape,
-                            common.to_dtype(cfg.param_dtype))
-        return jnp.einsum(self.spec, x.astype(dtype), kernel.astype(dtype))
+        dtype = common.to_dtype(self.config.dtype)
+        return jnp.einsum(self.spec, x.astype(dtype), self.kernel.astype(dtype))
+
+    def parts(self, x: Array) -> tuple[Array, ...]:
+        """A fused [D, P, ...] kernel applied as P GEMMs on its slices: each output is
+        contiguous (q, k, v straight into attention, no slice copies of a [.., P, ..] result;
+        ~0.37 ms of flan-t5-base's 5.3 ms at 16 x 512 on an H100). Same parameters."""
+        dtype = common.to_dtype(self.config.dtype)
+        lhs, rhs_out = self.spec.split(",")
+        rhs, out = rhs_out.split("->")
+        p = rhs[1]  # the parts axis, e.g. Q in "DQNH"
+        spec = f"{lhs},{rhs.replace(p, '')}->{out.replace(p, '')}"
+        x, kernel = x.astype(dtype), self.kernel.astype(dtype)
+        return tuple(jnp.einsum(spec, x, kernel[:, j]) for j in range(self.shape[1]))
 
 
 class RMSNorm(nn.Module):
@@ -411,7 +429,8 @@ class EncoderLayer(nn.Module):
           keep: static Python int; rows kept after attention (None or >= T: keep all).
           protect: [B, T] bool, rows that must never be dropped (None: none).
         Returns:
-          (x [B, K, D], rows of the kept rows, their bias [B or 1, N, K, K], out dict).
+          (x [B, K, D], rows of the kept rows (``rows.positions``: their ORIGINAL positions,
+          from which the encoder looks up the next layer's bias), out dict).
         """
         cfg = self.config
         t = x.shape[1]
@@ -419,8 +438,7 @@ class EncoderLayer(nn.Module):
         out: dict[str, Array] = {}
 
         h = RMSNorm(cfg, name="attn_norm")(x)
-        qkv = _qkv(cfg, "qkv")(h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+        q, k, v = _qkv(cfg, "qkv").parts(h)  # each [B, T, N, H]
         heads_out = OutProj(cfg, name="attn_out")
         train_dropout = not deterministic and cfg.dropout > 0
         impl = _impl(cfg, q.dtype)
@@ -445,7 +463,6 @@ class EncoderLayer(nn.Module):
 
         if eliminate and prefix:
             idx, rows, (ctx, x) = acc_lib.take_prefix(keep, rows, ctx, x)
-            bias = bias[:, :, :keep, :keep]
             out.update(keep_idx=idx, positions=rows.positions)
         elif eliminate:
             if need_probs:
@@ -455,16 +472,14 @@ class EncoderLayer(nn.Module):
             else:
                 scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=1.0, bias=bias,
                                                      protect=protect)  # [B, T]
-            idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)
-            # ctx [B, K, N, H], x [B, K, D]; the bias of the kept rows' ORIGINAL positions:
-            bias = take_bias(bias, idx)  # [B, N, K, K]
+            idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)  # ctx [B, K, N, H]
             out.update(acc=scores, keep_idx=idx, positions=rows.positions)
 
         h = heads_out(ctx)  # [B, K, D]
         x = clamp_fp16(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
         h = FeedForward(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x), deterministic)  # [B, K, D]
         x = clamp_fp16(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
-        return x, rows, bias, out
+        return x, rows, out
 
 
 @struct.dataclass
@@ -530,7 +545,8 @@ class T5Encoder(nn.Module):
         rows = acc_lib.Rows.create(attention_mask)  # positions [B, T] = arange (as HF)
         last = attention_mask.astype(jnp.int32).sum(axis=1) - 1  # [B] last real position
         pos0 = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]: one bias for the whole batch
-        bias = RelativeBias(cfg, bidirectional=True, name="relative_attention_bias")(pos0, pos0)  # [1, N, T, T]
+        rel_bias = RelativeBias(cfg, bidirectional=True, name="relative_attention_bias")
+        bias = rel_bias(pos0, pos0)  # [1, N, T, T]
 
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         hidden_states = [x] if output_hidden_states else None
@@ -538,10 +554,16 @@ class T5Encoder(nn.Module):
         layers = []
         for i in range(cfg.num_layers):
             protect = (rows.positions == last[:, None]) if protect_last else None
-            x, rows, bias, out = EncoderLayer(cfg, name=f"layer_{i}")(
+            n_in = x.shape[1]
+            x, rows, out = EncoderLayer(cfg, name=f"layer_{i}")(
                 x, rows, bias, keep=None if schedule is None else schedule[i],
                 acc_variant=acc_variant, protect=protect, deterministic=deterministic,
                 output_attentions=output_attentions)
+            if x.shape[1] < n_in:
+                # The kept rows' bias from their ORIGINAL positions: table[bucket(p_j - p_i)],
+                # equal to gathering rows and columns of the entering bias (``take_bias``),
+                # written once in one fusion instead of two gathers over the larger bias.
+                bias = rel_bias(rows.positions, rows.positions)  # [B, N, K, K]
             if output_attentions:
                 attentions.append(out.pop("attentions"))
             if output_hidden_states:
@@ -576,8 +598,8 @@ class DecoderLayer(nn.Module):
 
     def encoder_kv(self, enc: Array) -> tuple[Array, Array]:
         """Cross-attention keys and values of the encoder rows: [B, S, D] -> 2 x [B, S, N, H]."""
-        kv = self.cross_kv(enc)  # [B, S, 2, N, H]
-        return kv[:, :, 0], kv[:, :, 1]
+        k, v = self.cross_kv.parts(enc)  # each [B, S, N, H]
+        return k, v
 
     def __call__(
         self,
