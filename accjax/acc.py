@@ -194,6 +194,8 @@ def acc_scores_fused(
     protect: Array | None = None,
     lse: Array | None = None,
     interpret: bool = False,
+    rel_bias: Array | None = None,
+    positions: Array | None = None,
 ) -> Array:
     """Plain ACC from q and k by the Pallas kernels of ``accjax.kernels.acc_pallas``: the
     probabilities are recomputed in registers (float32) and never stored.
@@ -203,6 +205,8 @@ def acc_scores_fused(
       lse: [B, N, T] float32 log-sum-exp from the attention pass (flash attention returns
         it); None: the kernel computes each row's softmax itself.
       interpret: run the kernel in Pallas' interpreter (CPU tests).
+      rel_bias, positions: a logits bias by relative position (T5), [N, 2P - 1], and the
+        rows' original positions [B, T]; needs ``lse`` (see ``column_sums_from_lse``).
     Returns:
       [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``.
     """
@@ -211,11 +215,14 @@ def acc_scores_fused(
     if query_mask is None:
         query_mask = key_mask
     if lse is None:
+        if rel_bias is not None:
+            raise ValueError("a relative bias needs the log-sum-exp of the attention pass")
         col = acc_pallas.column_sums(q, k, query_mask, key_mask, scale=scale, causal=causal,
                                      interpret=interpret)
     else:
         col = acc_pallas.column_sums_from_lse(q, k, lse, query_mask, key_mask, scale=scale,
-                                              causal=causal, interpret=interpret)
+                                              causal=causal, interpret=interpret,
+                                              rel_bias=rel_bias, positions=positions)
     col = col.sum(axis=1)  # [B, S]
     return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
 

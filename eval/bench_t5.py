@@ -27,7 +27,8 @@ TINY = dict(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers
             num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=32)
 
 
-def build(model: str, dtype: str, attention_impl: str, *, tiny: bool = False, seed: int = 0):
+def build(model: str, dtype: str, attention_impl: str, *, tiny: bool = False, seed: int = 0,
+          acc_impl: str = "auto"):
     """(config, params) for a preset (random init) or a local checkpoint folder."""
     if tiny or model in models.all_presets():
         import flax.linen as nn
@@ -35,7 +36,7 @@ def build(model: str, dtype: str, attention_impl: str, *, tiny: bool = False, se
         from accjax.models import t5
 
         cfg = (t5.T5Config(**TINY) if tiny else models.preset(model)).replace(
-            dtype=dtype, attention_impl=attention_impl)
+            dtype=dtype, attention_impl=attention_impl, acc_impl=acc_impl)
         fam = models.get_family(cfg.family)
         module = fam.module(cfg, "lm")
         params = jax.jit(lambda k: nn.meta.unbox(module.init(k, **fam.dummy_inputs(cfg, 1, 8))["params"]))(
@@ -43,7 +44,7 @@ def build(model: str, dtype: str, attention_impl: str, *, tiny: bool = False, se
         return cfg, params
     from accjax import convert
 
-    ld = convert.load(model, "lm", dtype=dtype, attention_impl=attention_impl)
+    ld = convert.load(model, "lm", dtype=dtype, attention_impl=attention_impl, acc_impl=acc_impl)
     return ld.config, ld.params
 
 
@@ -54,12 +55,16 @@ def run(args) -> dict:
     info = benchmark.machine()
     b, n = args.batch, args.length
     name = "tiny" if args.tiny else args.model
+    from accjax.kernels import acc_pallas
+
+    kernel = acc_pallas.available(rel_bias=True)
     print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {name}, {args.dtype}, "
-          f"batch {b} x input {n}, encoder + first token")
+          f"batch {b} x input {n}, encoder + first token, acc_impl {args.acc_impl} "
+          f"(Pallas kernel with bias {'available' if kernel else 'UNAVAILABLE'})")
     rows, errors = [], []
     for impl in args.attention_impl.split(","):
         try:
-            cfg, params = build(args.model, args.dtype, impl, tiny=args.tiny)
+            cfg, params = build(args.model, args.dtype, impl, tiny=args.tiny, acc_impl=args.acc_impl)
             module = models.get_family("t5").module(cfg, "lm")
             pred = seq2seq.Seq2SeqPredictor(module, params, cfg, batch_size=b, length_buckets=(n,),
                                             param_dtype=args.dtype, acc_variant=args.acc_variant,
@@ -100,6 +105,7 @@ def run(args) -> dict:
     if not rows:
         raise RuntimeError("every attention implementation failed: " + "; ".join(e["error"] for e in errors))
     return {"machine": info, "model": name, "dtype": args.dtype, "batch": b, "length": n,
+            "acc_impl": args.acc_impl, "acc_kernel_with_bias": kernel,
             "iters": args.iters, "measures": "encoder + cross-attention K/V + first decoder step",
             "rows": rows, "torch": torch_rows, "errors": errors}
 
@@ -127,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--attention_impl", default="auto", help="auto, xla, cudnn; a comma list compares them")
     ap.add_argument("--acc_variant", default="plain", help="plain, minus_diagonal, value_norm, prefix")
+    ap.add_argument("--acc_impl", default="auto",
+                    help="ACC beside flash attention: auto (Pallas kernel where it compiles), lse, pallas")
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--floor", type=int, default=1)
     ap.add_argument("--vs-torch", dest="vs_torch", action="store_true",

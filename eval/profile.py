@@ -154,7 +154,8 @@ def main(argv=None) -> int:
         from accjax import seq2seq
         from eval import bench_t5
 
-        cfg, params = bench_t5.build(args.model, args.dtype, args.attention_impl)
+        cfg, params = bench_t5.build(args.model, args.dtype, args.attention_impl,
+                                     acc_impl=parse_sets(args.set).get("acc_impl", "auto"))
         module = models.get_family(cfg.family).module(cfg, "lm")
     else:
         cfg, params = build(args.model, args.dtype, args.attention_impl, overrides=parse_sets(args.set))

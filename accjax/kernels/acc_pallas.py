@@ -118,14 +118,20 @@ def column_sums(q, k, query_mask, key_mask, *, scale: float, causal: bool = Fals
     return out[:, :, :s]
 
 
-def _lse_kernel(qm_ref, km_ref, q_ref, k_ref, lse_ref, o_ref, *, scale: float, block_q: int,
-                causal: bool, block_k: int):
-    # refs (batch, head squeezed): qm [Tp], km [BK], q [Tp, H], k [BK, H], lse [Tp], o [BK]
+def _lse_kernel(qm_ref, km_ref, q_ref, k_ref, lse_ref, *rest, scale: float, block_q: int,
+                causal: bool, block_k: int, rel_offset: int | None):
+    # refs (batch, head squeezed): qm [Tp], km [BK], q [Tp, H], k [BK, H], lse [Tp], then
+    # with a relative bias: q positions [Tp], k positions [BK], bias by distance [R]; o [BK]
+    if rel_offset is None:
+        (o_ref,) = rest
+    else:
+        qp_ref, kp_ref, rb_ref, o_ref = rest
     t_pad = q_ref.shape[0]
     kb = pl.program_id(2)
     k = k_ref[...]  # [BK, H], this program's key block
     key_ok = km_ref[...] != 0  # [BK]
     cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    k_pos = None if rel_offset is None else kp_ref[...]  # [BK] original positions
 
     def body(i, acc):
         start = i * block_q
@@ -134,6 +140,11 @@ def _lse_kernel(qm_ref, km_ref, q_ref, k_ref, lse_ref, o_ref, *, scale: float, b
         q_ok = qm_ref[pl.ds(start, block_q)] != 0  # [BQ]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale  # [BQ, BK]
+        if rel_offset is not None:
+            # T5's bias depends only on key position - query position: one gathered load
+            # from a [R] vector per head (L1-resident), never a [T, S] bias in memory.
+            q_pos = qp_ref[pl.ds(start, block_q)]  # [BQ]
+            s = s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]  # [BQ, BK]
         ok = q_ok[:, None] & key_ok[None, :]
         if causal:
             rows = start + jnp.arange(block_q, dtype=jnp.int32)
@@ -148,7 +159,7 @@ def _lse_kernel(qm_ref, km_ref, q_ref, k_ref, lse_ref, o_ref, *, scale: float, b
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret"))
 def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causal: bool = False,
-                         interpret: bool = False):
+                         interpret: bool = False, rel_bias=None, positions=None):
     """Per-head softmax column sums given each query's log-sum-exp (from flash attention).
 
     Grid (batch, head, key block of 128): each program keeps its [BK, H] keys and walks the
@@ -157,14 +168,19 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
 
     Args:
       q: [B, T, N, H]; k: [B, S, N, H]; lse: [B, N, T] float32 log-sum-exp of the masked,
-        scaled logits; masks [B, T] / [B, S] bool.
+        scaled (and biased) logits; masks [B, T] / [B, S] bool.
+      rel_bias: optional [N, 2P - 1] logits bias by relative position (T5): entry
+        ``r + P - 1`` is added for key position - query position = r. Needs ``positions``
+        [B, T] int (self-attention, T == S): each row's ORIGINAL position in [0, P).
     Returns:
-      [B, N, S] float32: sum over valid queries i of exp(scale q_i.k_j - lse_i).
+      [B, N, S] float32: sum over valid queries i of exp(scale q_i.k_j (+ bias) - lse_i).
     """
     b, t, n, h = q.shape
     s = k.shape[1]
     if causal and t != s:
         raise ValueError("causal column sums need T == S")
+    if (rel_bias is None) != (positions is None) or (rel_bias is not None and t != s):
+        raise ValueError("a relative bias needs positions, and self-attention (T == S)")
     tp, sp = _pow2(t), _pow2(s)
     hp = max(16, -(-h // 16) * 16)
     block_q, block_k = min(32, tp), min(128, sp)
@@ -173,8 +189,29 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
     lse = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))  # [B, N, Tp]
     qm = jnp.pad(query_mask.astype(jnp.int32), ((0, 0), (0, tp - t)))  # [B, Tp]
     km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, sp - s)))  # [B, Sp]
+    args = [qm, km, qt, kt, lse]
+    in_specs = [
+        pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
+        pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
+        pl.BlockSpec((None, None, tp, hp), lambda i, j, c: (i, j, 0, 0)),
+        pl.BlockSpec((None, None, block_k, hp), lambda i, j, c: (i, j, c, 0)),
+        pl.BlockSpec((None, None, tp), lambda i, j, c: (i, j, 0)),
+    ]
+    rel_offset = None
+    if rel_bias is not None:
+        r = rel_bias.shape[1]
+        rel_offset = (r - 1) // 2
+        rp = _pow2(r)
+        # padded rows get position 0: their distances stay inside the vector (and are masked)
+        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, tp - t)))  # [B, Tp]
+        args += [pos, pos, jnp.pad(rel_bias.astype(jnp.float32), ((0, 0), (0, rp - r)))]
+        in_specs += [
+            pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
+            pl.BlockSpec((None, rp), lambda i, j, c: (j, 0)),
+        ]
     kernel = functools.partial(_lse_kernel, scale=scale, block_q=block_q, causal=causal,
-                               block_k=block_k)
+                               block_k=block_k, rel_offset=rel_offset)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -184,39 +221,36 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, n, sp), jnp.float32),
         grid=(b, n, sp // block_k),
-        in_specs=[
-            pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
-            pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
-            pl.BlockSpec((None, None, tp, hp), lambda i, j, c: (i, j, 0, 0)),
-            pl.BlockSpec((None, None, block_k, hp), lambda i, j, c: (i, j, c, 0)),
-            pl.BlockSpec((None, None, tp), lambda i, j, c: (i, j, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, block_k), lambda i, j, c: (i, j, c)),
         interpret=interpret,
         **params,
-    )(qm, km, qt, kt, lse)
+    )(*args)
     return out[:, :, :s]
 
 
 _AVAILABLE: dict[str, bool] = {}
 
 
-def _numpy_column_sums(q, k, lse, qm, km, scale):
+def _numpy_column_sums(q, k, lse, qm, km, scale, bias=None):
     s = np.einsum("btnh,bsnh->bnts", q.astype(np.float32), k.astype(np.float32)) * scale
+    if bias is not None:
+        s = s + bias
     p = np.exp(s - lse[..., None]) * (qm[:, None, :, None] & km[:, None, None, :])
     return p.sum(axis=2)
 
 
-def available(interpret: bool = False) -> bool:
+def available(interpret: bool = False, *, rel_bias: bool = False) -> bool:
     """Whether the Triton kernel compiles and agrees with numpy on this backend (probed once).
 
     Often first asked while a model is being traced: the probe lowers, compiles and runs its
     own executable on numpy inputs, which works the same inside or outside a trace
     (``ensure_compile_time_eval`` would not: Pallas' ``program_id`` has no eager rule).
     ``interpret=True`` runs the probe in Pallas' interpreter (how the tests exercise it).
+    ``rel_bias=True`` probes the variant with a relative-position bias (T5).
     """
     backend = jax.default_backend()
-    key = f"{backend}:{interpret}"
+    key = f"{backend}:{interpret}:{rel_bias}"
     if key not in _AVAILABLE:
         ok = False
         if backend == "gpu" or interpret:
@@ -226,10 +260,17 @@ def available(interpret: bool = False) -> bool:
                 k = rng.standard_normal((2, 24, 2, 32)).astype(jnp.bfloat16)
                 lse = rng.uniform(2.0, 4.0, (2, 2, 24)).astype(np.float32)
                 m = np.arange(24)[None] < np.array([[24], [17]])
-                prog = column_sums_from_lse.lower(q, k, lse, m, m, scale=0.2,
-                                                  interpret=interpret).compile()
-                got = np.asarray(prog(q, k, lse, m, m))
-                ref = _numpy_column_sums(q, k, lse, m, m, 0.2)
+                kw, bias = {}, None
+                if rel_bias:
+                    pos = np.stack([np.sort(rng.choice(40, 24, replace=False)) for _ in range(2)])
+                    pos = pos.astype(np.int32)  # the kept rows' original positions, P = 40
+                    rb = rng.standard_normal((2, 79)).astype(np.float32)  # [N, 2P - 1]
+                    kw = {"rel_bias": rb, "positions": pos}
+                    bias = rb[:, pos[:, None, :] - pos[:, :, None] + 39].transpose(1, 0, 2, 3)
+                prog = column_sums_from_lse.lower(q, k, lse, m, m, scale=0.2, interpret=interpret,
+                                                  **kw).compile()
+                got = np.asarray(prog(q, k, lse, m, m, **kw))
+                ref = _numpy_column_sums(q, k, lse, m, m, 0.2, bias)
                 ok = bool(np.allclose(got, ref, rtol=2e-2, atol=1e-3))
             except Exception:  # lowering unsupported by this jax / Triton / GPU
                 ok = False

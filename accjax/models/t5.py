@@ -83,6 +83,9 @@ class T5Config:
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # parameter storage dtype
     attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
+    # ACC beside flash attention: 'auto' (the Pallas kernel with the bias by distance where
+    # it compiles, else 'lse'), 'lse' (XLA from the log-sum-exp), 'pallas', 'pallas_interpret'
+    acc_impl: str = "auto"
     family: str = "t5"
 
     def __post_init__(self):
@@ -90,6 +93,8 @@ class T5Config:
         if self.scale_decoder_outputs is None:
             # HF: the original T5 (tied head) scales, v1.1 / Flan (untied) does not.
             object.__setattr__(self, "scale_decoder_outputs", bool(self.tie_word_embeddings))
+        if self.acc_impl not in ("auto", "lse", "pallas", "pallas_interpret"):
+            raise ValueError(f"acc_impl must be auto, lse, pallas or pallas_interpret, got {self.acc_impl!r}")
         if self.relative_attention_num_buckets < 4:
             raise ValueError("relative_attention_num_buckets must be at least 4")
 
@@ -391,6 +396,17 @@ def _bias_for(bias: Array | None, impl: str, dtype) -> Array | None:
     return bias.astype(dtype)
 
 
+def _fused_acc(cfg: T5Config) -> bool:
+    """ACC by the Pallas kernel (with the bias by distance) beside flash attention?"""
+    if cfg.acc_impl == "lse":
+        return False
+    if cfg.acc_impl in ("pallas", "pallas_interpret"):
+        return True
+    from accjax.kernels import acc_pallas
+
+    return acc_pallas.available(rel_bias=True)
+
+
 # ---------------------------------------------------------------------------- encoder
 class EncoderLayer(nn.Module):
     """One pre-norm T5 encoder block with optional elimination after self-attention."""
@@ -409,13 +425,16 @@ class EncoderLayer(nn.Module):
         protect: Array | None = None,
         deterministic: bool = True,
         output_attentions: bool = False,
-    ) -> tuple[Array, acc_lib.Rows, Array, dict[str, Array]]:
+        bias_by_distance: Array | None = None,
+    ) -> tuple[Array, acc_lib.Rows, dict[str, Array]]:
         """
         Args:
           x: [B, T, D] rows entering the layer; rows: their ``acc.Rows``.
           bias: [B or 1, N, T, T] position bias of these rows (from original positions).
           keep: static Python int; rows kept after attention (None or >= T: keep all).
           protect: [B, T] bool, rows that must never be dropped (None: none).
+          bias_by_distance: [N, 2P - 1] the same bias by key - query position (P = input
+            length), for the Pallas ACC kernel; None: ACC reads ``bias``.
         Returns:
           (x [B, K, D], rows of the kept rows (``rows.positions``: their ORIGINAL positions,
           from which the encoder looks up the next layer's bias), out dict).
@@ -435,7 +454,8 @@ class EncoderLayer(nn.Module):
         impl = _impl(cfg, q.dtype)
         prefix = acc_variant in acc_lib.BASELINES
         need_probs = output_attentions or train_dropout or (
-            eliminate and not prefix and (acc_variant != "plain" or impl == "xla"))
+            eliminate and not prefix and (acc_variant != "plain" or (
+                impl == "xla" and cfg.acc_impl != "pallas_interpret")))  # interpret: CPU tests of the kernel
         if need_probs:
             drop = nn.Dropout(cfg.dropout)
             ctx, probs = attn_lib.attention_with_probs(
@@ -460,6 +480,13 @@ class EncoderLayer(nn.Module):
                 value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
                 scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant,
                                             value_norms=value_norms, protect=protect)  # [B, T]
+            elif _fused_acc(cfg) and bias_by_distance is not None:
+                # the kernel adds the bias by distance itself: no [B, N, T, T] logits or bias read
+                sg = jax.lax.stop_gradient
+                scores = acc_lib.acc_scores_fused(
+                    sg(q), sg(k), rows.mask, scale=1.0, protect=protect, lse=sg(lse),
+                    interpret=cfg.acc_impl == "pallas_interpret",
+                    rel_bias=sg(bias_by_distance), positions=rows.positions)  # [B, T]
             else:
                 scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=1.0, bias=bias,
                                                      protect=protect)  # [B, T]
@@ -538,6 +565,12 @@ class T5Encoder(nn.Module):
         pos0 = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]: one bias for the whole batch
         rel_bias = RelativeBias(cfg, bidirectional=True, name="relative_attention_bias")
         bias = rel_bias(pos0, pos0)  # [1, N, T, T]
+        by_distance = None
+        if schedule is not None and (cfg.acc_impl == "pallas_interpret" or (
+                _impl(cfg, common.to_dtype(cfg.dtype)) != "xla" and _fused_acc(cfg))):
+            # the bias as a function of key - query position, -(T-1)..T-1: [N, 2T - 1]
+            dist = jnp.arange(-(t - 1), t, dtype=jnp.int32)[None]
+            by_distance = rel_bias(jnp.zeros((1, 1), jnp.int32), dist)[0, :, 0, :]
 
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         hidden_states = [x] if output_hidden_states else None
@@ -549,7 +582,7 @@ class T5Encoder(nn.Module):
             x, rows, out = EncoderLayer(cfg, name=f"layer_{i}")(
                 x, rows, bias, keep=None if schedule is None else schedule[i],
                 acc_variant=acc_variant, protect=protect, deterministic=deterministic,
-                output_attentions=output_attentions)
+                output_attentions=output_attentions, bias_by_distance=by_distance)
             if x.shape[1] < n_in:
                 # The kept rows' bias from their ORIGINAL positions: table[bucket(p_j - p_i)],
                 # equal to gathering rows and columns of the entering bias (``take_bias``),
