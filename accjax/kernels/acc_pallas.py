@@ -2,7 +2,9 @@
 
 ``column_sums_from_lse`` (used on GPUs): flash attention already computed each query's
 float32 log-sum-exp; one kernel per (batch, head, key block) recomputes
-``exp(scale q_i.k_j - lse_i)`` tile by tile and sums it over valid queries.
+``exp(scale q_i.k_j - lse_i)`` tile by tile and sums it over valid queries. T5's relative
+position bias enters as a vector by distance, ``rel_bias[n, pos_j - pos_i + P - 1]`` over the
+rows' original positions, gathered per tile (no [T, S] bias in memory).
 
 ``column_sums`` (below): a self-contained variant that computes the softmax itself, one
 program per (batch, head) holding all keys; simpler, but its [BQ, S] tile spills registers

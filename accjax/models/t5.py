@@ -33,6 +33,10 @@ Worked example, T = 4 rows at positions [0 1 2 3], layer keeps rows [0, 3]::
                                                          [B[3,0] B[3,3]]]   tab[bucket(-3)] tab[bucket(0)]
     (recomputing from compacted positions [0 1] would wrongly give bucket(1) and bucket(-1))
 
+On GPUs, ACC beside cuDNN flash attention comes from the Pallas log-sum-exp kernel, given the
+same bias as a vector by key - query distance and the rows' original positions
+(``acc_impl='auto'``; ``'lse'`` recomputes it in XLA from the materialised bias).
+
 The decoder cross-attends to the final kept encoder rows under their gathered mask.
 
 Einsum letters: B batch, T rows entering a layer / decoder length, S key rows, K kept rows,
