@@ -282,18 +282,6 @@ def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
     return tuple(jnp.einsum("BTD,DNH->BTNH", x, kernel[:, j]) + bias[j] for j in range(3))
 
 
-def check_schedule(schedule, num_layers: int) -> tuple[int, ...] | None:
-    if schedule is None:
-        return None
-    schedule = tuple(schedule)
-    if len(schedule) != num_layers or not all(isinstance(k, int) and k >= 1 for k in schedule):
-        raise ValueError(
-            f"schedule must be {num_layers} positive Python ints (one keep-length per layer), "
-            f"got {schedule!r}"
-        )
-    return schedule
-
-
 class BertModel(nn.Module):
     """Embeddings, L encoder blocks, and an optional pooler."""
 
@@ -324,7 +312,7 @@ class BertModel(nn.Module):
           deterministic: False enables dropout (needs a 'dropout' rng).
         """
         cfg = self.config
-        schedule = check_schedule(schedule, cfg.num_layers)
+        schedule = common.check_schedule(schedule, cfg.num_layers)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)

@@ -125,3 +125,16 @@ def config_from_dict(cls: type, d: dict[str, Any]):
 
 def attention_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def check_schedule(schedule, num_layers: int, *, layers: str = "layer") -> tuple[int, ...] | None:
+    """A model's ``schedule`` argument: None (dense) or ``num_layers`` positive Python ints,
+    one keep-length per (``layers``) layer; static, so each distinct one is its own program."""
+    if schedule is None:
+        return None
+    schedule = tuple(schedule)
+    if len(schedule) != num_layers or not all(isinstance(k, int) and k >= 1 for k in schedule):
+        raise ValueError(
+            f"schedule must be {num_layers} positive Python ints (one keep-length per {layers}), "
+            f"got {schedule!r}")
+    return schedule

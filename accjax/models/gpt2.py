@@ -274,17 +274,6 @@ def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
         scale_init=common.ones_init(("embed",)), bias_init=common.zeros_init(("embed",)))
 
 
-def _check_schedule(schedule, num_layers: int) -> tuple[int, ...] | None:
-    if schedule is None:
-        return None
-    schedule = tuple(schedule)
-    if len(schedule) != num_layers or not all(isinstance(k, int) and k >= 1 for k in schedule):
-        raise ValueError(
-            f"schedule must be {num_layers} positive Python ints (one keep-length per layer), "
-            f"got {schedule!r}")
-    return schedule
-
-
 def _masked_attention(q: Array, k: Array, v: Array, vis: Array, scale: float) -> Array:
     """Attention with an explicit visibility mask (decoding against a cache).
 
@@ -464,7 +453,7 @@ class GPT2Model(nn.Module):
             last real token).
         """
         cfg = self.config
-        schedule = _check_schedule(schedule, cfg.num_layers)
+        schedule = common.check_schedule(schedule, cfg.num_layers)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
