@@ -92,15 +92,15 @@ def run(args) -> dict:
     if args.vs_torch and rows:
         cfg, params = build(args.model, "float32", "xla", tiny=args.tiny)
         for compile_ in ([False, True] if args.torch_compile else [False]):
-            name = "torch+compile" if compile_ else "torch eager"
+            label = "torch+compile" if compile_ else "torch eager"
             try:
                 t = benchmark.time_torch_t5_first_token(cfg, params, batch_size=b, length=n, dtype=args.dtype,
                                                         iters=args.iters, compile=compile_)
-                torch_rows.append({"impl": name, **t})
-                print(f"  {name}: {t['median_ms']:.3f} ms", flush=True)
+                torch_rows.append({"impl": label, **t})
+                print(f"  {label}: {t['median_ms']:.3f} ms", flush=True)
             except Exception as e:  # torch.compile unavailable on this machine, etc.
-                torch_rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"})
-                print(f"  {name}: failed ({type(e).__name__}: {str(e)[:200]})")
+                torch_rows.append({"impl": label, "error": f"{type(e).__name__}: {e}"})
+                print(f"  {label}: failed ({type(e).__name__}: {str(e)[:200]})")
     print_table(rows, torch_rows)
     if not rows:
         raise RuntimeError("every attention implementation failed: " + "; ".join(e["error"] for e in errors))

@@ -285,3 +285,17 @@ def test_pallas_acc_with_bias_by_distance_matches_probabilities(tiny):
     # the bias, so exp(s - lse) would no longer sum to the probabilities' column sums.
     tab = np.asarray(tiny.params["encoder"]["relative_attention_bias"]["embedding"])
     assert tab.std() > 0.1, tab.std()
+
+
+def test_bench_t5_vs_torch_keeps_the_model_name(tmp_path):
+    import json
+
+    from eval import bench_t5
+
+    out = tmp_path / "b.json"
+    assert bench_t5.main(["--tiny", "--batch", "2", "--length", "16", "--speedups", "", "--iters", "1",
+                          "--attention_impl", "xla", "--vs-torch", "--no-torch-compile",
+                          "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"] == "tiny"  # the torch rows' labels once overwrote it
+    assert [r["impl"] for r in res["torch"]] == ["torch eager"] and res["torch"][0]["median_ms"] > 0

@@ -484,7 +484,7 @@ class EncoderLayer(nn.Module):
                 value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
                 scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant,
                                             value_norms=value_norms, protect=protect)  # [B, T]
-            elif _fused_acc(cfg) and bias_by_distance is not None:
+            elif bias_by_distance is not None:  # given only when the kernel is the ACC source
                 # the kernel adds the bias by distance itself: no [B, N, T, T] logits or bias read
                 sg = jax.lax.stop_gradient
                 scores = acc_lib.acc_scores_fused(
@@ -526,17 +526,6 @@ class T5EncoderOutput:
     attentions: tuple[Array, ...] | None = None
 
 
-def check_schedule(schedule, num_layers: int) -> tuple[int, ...] | None:
-    if schedule is None:
-        return None
-    schedule = tuple(schedule)
-    if len(schedule) != num_layers or not all(isinstance(k, int) and k >= 1 for k in schedule):
-        raise ValueError(
-            f"schedule must be {num_layers} positive Python ints (one keep-length per encoder "
-            f"layer), got {schedule!r}")
-    return schedule
-
-
 class T5Encoder(nn.Module):
     """The encoder stack: dropout, L blocks sharing the first block's position bias, norm."""
 
@@ -562,7 +551,7 @@ class T5Encoder(nn.Module):
           protect_last: never drop each example's last real token (its EOS).
         """
         cfg = self.config
-        schedule = check_schedule(schedule, cfg.num_layers)
+        schedule = common.check_schedule(schedule, cfg.num_layers, layers="encoder layer")
         b, t = attention_mask.shape
         rows = acc_lib.Rows.create(attention_mask)  # positions [B, T] = arange (as HF)
         last = attention_mask.astype(jnp.int32).sum(axis=1) - 1  # [B] last real position
