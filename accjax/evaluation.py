@@ -17,29 +17,26 @@ and a plot of metric against analytic and measured speedup are written beside th
 checkpoint (``offline_tune.json`` / ``.md`` / ``.png``). ``pick_level(table, max_drop)``
 then returns the fastest measured level whose dev drop is within the bound.
 
-The embedded default: MiniLM-L6 (the real all-MiniLM-L6-v2 weights) fine-tuned on
-``rt_polarity`` with elastic elimination over speedups [1, 5] in 9 levels
-(``configs/rt_minilm.py:elastic`` with ``--config.elimination.speedup_range=1,5`` and
-``levels=9``), kept in ``$ACCJAX_CACHE/runs/`` and trained on first use (resumes if
-interrupted).
+``score_splits`` is the one classifier evaluation: training's dev evaluation
+(``experiment``), ``evaluate`` (``eval.glue``, ``train.evaluate``) and ``offline_tune`` all
+call it, and ``format_table`` prints all of their rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from accjax import convert, hub
+from accjax import convert
 from accjax import data as data_lib
 from accjax import metrics as metrics_lib
 from accjax import schedule as sched_lib
@@ -47,60 +44,11 @@ from accjax import tasks as tasks_lib
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUN_NAME = "minilm-l6_rt_polarity_elastic_1-5"
-DEFAULT_CONFIG = "rt_minilm.py:elastic"
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 TUNE_FILE = "offline_tune"
 
 
 class EvalError(ValueError):
     """User-facing evaluation error (bad task, checkpoint, speedup, path)."""
-
-
-# ------------------------------------------------------------------------ default model
-def default_run_dir() -> Path:
-    return hub.cache_dir() / "runs" / DEFAULT_RUN_NAME
-
-
-def load_config_file(spec: str):
-    """``'file.py:arg'`` (relative to ``configs/`` or a path) -> its ml_collections config."""
-    path_s, _, arg = spec.partition(":")
-    path = Path(path_s)
-    if not path.is_absolute() and not path.exists():
-        path = CONFIGS_DIR / path
-    if not path.exists():
-        raise EvalError(f"config file {path} not found; run from a source checkout of accjax "
-                        "(pip install -e .) or pass --checkpoint RUN_DIR")
-    mod_spec = importlib.util.spec_from_file_location(f"accjax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
-def ensure_default_run() -> Path:
-    """The default run folder; fine-tuned (once, resumably) when it is not there yet.
-
-    ``ACCJAX_DEFAULT_CONFIG`` names another config (e.g. ``rt_minilm.py:elastic,tiny``, used by
-    the tests) and ``ACCJAX_DEFAULT_RUN`` another folder.
-    """
-    run = Path(os.environ.get("ACCJAX_DEFAULT_RUN") or default_run_dir())
-    if (run / convert.ACCJAX_META).exists() and (run / "summary.json").exists():
-        return run
-    spec = os.environ.get("ACCJAX_DEFAULT_CONFIG", DEFAULT_CONFIG)
-    print(f"accjax: no default checkpoint in {run} yet: fine-tuning MiniLM-L6 on rt_polarity with "
-          f"elastic elimination ({spec}; about 10 minutes on 2 CPU cores, once; an interrupted "
-          "run resumes). Pass --checkpoint RUN_DIR to use your own.", file=sys.stderr, flush=True)
-    config = load_config_file(spec)
-    if "ACCJAX_DEFAULT_CONFIG" not in os.environ:
-        # The README's job asks for 4.8x: train the elastic recipe over [1, 5] so it is inside
-        # the range the model learned (the results in docs/results.md use [1, 4]).
-        config.elimination.speedup_range = (1.0, 5.0)
-        config.elimination.levels = 9
-    config.run_dir = str(run)
-    from accjax import train
-
-    train.fit(config)
-    return run
 
 
 # ------------------------------------------------------------------------- a run folder
@@ -117,6 +65,10 @@ class RunModel:
     bucket: int
     floor: int
     acc_variant: str
+    data_dir: str | None = None  # where training read the task's files
+    max_examples: int | None = None  # training's cap on each split (quick runs)
+    eval_batch_size: int = 64
+    eval_speedups: tuple[float, ...] = (1.0,)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "RunModel":
@@ -145,7 +97,10 @@ class RunModel:
         buckets = tuple(data.get("length_buckets", tc.get("length_buckets", (32, 64, 128, 256, 512))))
         return cls(folder, meta, loaded, Tokenizer.from_folder(folder), max_length,
                    data_lib.length_buckets(max_length, buckets), int(el.get("bucket", 8)),
-                   int(el.get("floor", 1)), el.get("acc_variant", "plain"))
+                   int(el.get("floor", 1)), el.get("acc_variant", "plain"),
+                   data_dir=tc.get("data_dir") or None, max_examples=int(tc.get("max_examples") or 0) or None,
+                   eval_batch_size=int(tc.get("eval_batch_size", 64)),
+                   eval_speedups=tuple(float(x) for x in tc.get("eval", {}).get("speedups", (1.0,))))
 
     @property
     def task_spec(self) -> str | None:
@@ -176,7 +131,7 @@ class RunModel:
 
 # ---------------------------------------------------------------------------- scoring
 def parse_speedups(text: str | Sequence[float]) -> list[float]:
-    """'1.5,2,4.8' -> [1.5, 2.0, 4.8]; every value a number >= 1."""
+    """'1.5,2,4.8' -> [1.5, 2.0, 4.8]: finite numbers >= 1, duplicates scored once."""
     items = text.split(",") if isinstance(text, str) else list(text)
     out = []
     for item in items:
@@ -186,136 +141,149 @@ def parse_speedups(text: str | Sequence[float]) -> list[float]:
         except ValueError:
             raise EvalError(f"speedup {s!r} is not a number; write e.g. --speedup 2 or "
                             "--speedup 1.5,2,4.8") from None
-        if not v >= 1 or math.isinf(v):
-            raise EvalError(f"speedup {s} is below 1 (1 = the dense model); speedups are >= 1")
+        if not (v >= 1 and math.isfinite(v)):
+            raise EvalError(f"speedup {s} is not a finite number >= 1 (1 = the dense model)")
         out.append(v)
     if not out:
         raise EvalError("no speedup given")
-    return out
+    return list(dict.fromkeys(out))
 
 
-def _schedule(config, length: int, speedup: float, bucket: int, floor: int):
-    """(schedule, analytic speedup, clamped?) at one padded length."""
-    if speedup <= 1.0:
-        return (length,) * config.num_layers, 1.0, False
-    top = sched_lib.max_speedup(config, length, bucket=bucket, floor=floor)
-    s = min(speedup, top)
-    sch = sched_lib.schedule_for_speedup(config, length, s, bucket=bucket, floor=floor)
-    return sch, sched_lib.analytic_speedup(config, length, sch), speedup > top * (1 + 1e-9)
+# (batch [B, T] numpy, plan) -> outputs [B, ...] numpy; and what compiles that program ahead.
+RunFn = Callable[[dict, sched_lib.Plan], np.ndarray]
 
 
-@dataclasses.dataclass
-class Pass:
-    """One timed pass over a split at one speedup."""
+def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, cost: sched_lib.CostModel,
+                 speedups: Sequence[float], batch_size: int, buckets: Sequence[int], bucket: int = 8,
+                 floor: int = 1, compile: Callable[[sched_lib.Plan, dict], Any] | None = None,
+                 baseline: bool = False, progress: bool = False) -> list[dict]:
+    """THE classifier evaluation: every split x speedup, one row each.
 
-    predictions: np.ndarray
-    seconds: float
-    analytic: float
-    schedules: dict[int, tuple[int, ...]]
-    clamped: dict[int, float]  # length -> the maximum speedup it permits, where it clamped
-    batches: int
+    Each pass compiles what it needs first (``compile``; compilation is never timed), then
+    runs every length-bucketed batch at ``schedule.plan(cost, length, speedup)``:
 
+        analytic speedup = dense FLOPs / FLOPs run   (every example at its padded length)
+        measured speedup = dense seconds / seconds   (same data, same run; needs a dense row)
 
-def run_pass(run: RunModel, pred, batches: data_lib.EvalBatches, speedup: float, *,
-             progress: bool = True, desc: str = "") -> Pass:
-    """Compiles what the pass needs (untimed), then times one pass over every batch."""
-    cfg = run.loaded.config
-    plan = []
-    for k in range(len(batches)):
-        b = batches.batch(k)
-        t = b["input_ids"].shape[1]
-        sch, a, clamped = _schedule(cfg, t, speedup, run.bucket, run.floor)
-        plan.append((b, t, sch, a, clamped))
-    for _, t, sch, _, _ in plan:  # compile every program first: compilation is never timed
-        pred.program(pred.batch_size, t, sch)
-    dense_flops = run_flops = 0.0
-    cost = sched_lib.cost_model(cfg)
-    it = plan
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(plan, desc=desc, leave=False, unit="batch", disable=None)
-    outs = []
-    t0 = time.perf_counter()
-    for b, t, sch, _, _ in it:
-        outs.append(pred.predict(b, speedup=sch))  # numpy: synchronised
-    seconds = time.perf_counter() - t0
-    schedules, clamped = {}, {}
-    for b, t, sch, a, cl in plan:
-        n = float(b["weights"].sum())
-        d = n * cost.total(t, (t,) * cfg.num_layers)
-        dense_flops += d
-        run_flops += d / a
-        schedules[t] = tuple(sch)
-        if cl:
-            clamped[t] = round(sched_lib.max_speedup(cfg, t, bucket=run.bucket, floor=run.floor), 2)
-    return Pass(batches.restore(outs), seconds, dense_flops / run_flops if run_flops else 1.0,
-                schedules, clamped, len(plan))
-
-
-def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | None = None,
-             speedups: Sequence[float] = (1.0,), batch_size: int = 64, data_dir: str | None = None,
-             progress: bool = True) -> list[dict]:
-    """Scores ``run`` on ``task`` at each speedup, with dense timed in the same run.
-
+    Args:
+      features: split -> labelled ``data.Features``.
+      run: runs one batch at one plan (a ``Predictor``, or the trainer's sharded eval step).
+      baseline: add a dense pass (marked ``baseline``) when 1 is not among ``speedups``.
     Returns:
-      one row per (split, speedup): official metrics, primary, analytic and measured speedup,
-      examples/s, ms per batch, schedules per length, clamped lengths, metric drop vs dense.
+      rows {task, split, speedup, analytic_speedup, measured_speedup, metrics..., primary,
+      drop (vs dense), examples_per_s, ms_per_batch, seconds, examples, batch_size,
+      truncated, schedules (per length), clamped (length -> its maximum speedup)}.
     """
-    t = run.resolve_task(task)
-    try:
-        data = data_lib.load_task(t, data_dir, splits=tuple(splits) if splits else None)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise EvalError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
-    t = data.task
-    wanted = list(splits) if splits else list(t.dev_splits)  # MNLI: matched and mismatched
-    pred = run.predictor(batch_size)
+    levels = list(dict.fromkeys(float(s) for s in speedups))
+    if baseline and 1.0 not in levels:
+        levels = [1.0] + levels
+    elif 1.0 in levels:  # dense first: the other rows are measured against it
+        levels = [1.0] + [s for s in levels if s != 1.0]
     rows = []
-    levels = [1.0] + [s for s in speedups if s != 1.0]
-    for split in wanted:
-        feats = data_lib.encode(data[split], run.tokenizer, regression=t.is_regression,
-                                max_length=run.max_length, name=f"{t.name}/{split}")
-        if not feats.has_labels:
-            raise EvalError(f"{t.name}/{split} has no labels to score; choose a labelled split")
-        batches = data_lib.EvalBatches(feats, batch_size, buckets=run.buckets)
+    for split, feats in features.items():
+        batches = data_lib.EvalBatches(feats, batch_size, buckets=buckets)
+        items = [batches.batch(k) for k in range(len(batches))]
         dense = None
         for s in levels:
-            p = run_pass(run, pred, batches, s, progress=progress, desc=f"{t.name}/{split} x{s:g}")
-            m = metrics_lib.compute(t, p.predictions, feats.labels)
-            primary = metrics_lib.primary(t, m)
-            if dense is None:
-                dense = (p.seconds, primary)
-            rows.append({
-                "task": t.name, "split": split, "speedup": s, "analytic_speedup": p.analytic,
-                "measured_speedup": dense[0] / p.seconds, **m, "primary": primary,
-                "drop": dense[1] - primary, "examples_per_s": len(feats) / p.seconds,
-                "ms_per_batch": 1e3 * p.seconds / p.batches, "seconds": p.seconds,
-                "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
-                "schedules": {str(k): list(v) for k, v in sorted(p.schedules.items())},
-                "clamped": {str(k): v for k, v in p.clamped.items()},
-            })
+            plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor) for b in items]
+            if compile is not None:
+                for p, b in {p: b for b, p in zip(items, plans)}.items():
+                    compile(p, b)
+            it = zip(items, plans)
+            if progress:
+                it = tqdm(list(it), desc=f"{task.name}/{split} x{s:g}", leave=False, unit="batch")
+            t0 = time.perf_counter()
+            outs = [run(b, p) for b, p in it]
+            seconds = time.perf_counter() - t0
+            m = metrics_lib.compute(task, batches.restore(outs), feats.labels)
+            primary = metrics_lib.primary(task, m)
+            n = [float(b["weights"].sum()) for b in items]
+            flops = [w * cost.total(p.length, (p.length,) * cost.num_layers) for w, p in zip(n, plans)]
+            row = {"task": task.name, "split": split, "speedup": s,
+                   "analytic_speedup": sum(flops) / sum(f / p.analytic for f, p in zip(flops, plans)),
+                   **m, "primary": primary, "examples_per_s": len(feats) / seconds,
+                   "ms_per_batch": 1e3 * seconds / len(items), "seconds": seconds,
+                   "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
+                   "schedules": {str(p.length): list(p.keep) for p in sorted(set(plans), key=lambda p: p.length)},
+                   "clamped": {str(p.length): round(sched_lib.max_speedup(cost, p.length, bucket=bucket, floor=floor), 2)
+                               for p in sorted(set(plans), key=lambda p: p.length) if p.clamped_from}}
+            if s == 1.0:
+                dense = row
+            if dense is not None:
+                row.update(measured_speedup=dense["seconds"] / seconds, drop=dense["primary"] - primary)
             if s not in speedups:
-                rows[-1]["baseline"] = True  # dense row added for the comparison
+                row["baseline"] = True  # dense row added for the comparison
+            rows.append(row)
     return rows
 
 
+def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | None = None,
+             speedups: Sequence[float] | None = None, batch_size: int | None = None,
+             data_dir: str | None = None, progress: bool = True, include_test: bool = False) -> list[dict]:
+    """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
+    in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
+    eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
+    skipped), and where training read its data."""
+    t = run.resolve_task(task)
+    try:
+        data = data_lib.load_task(t, data_dir or run.data_dir, splits=tuple(splits) if splits else None,
+                                  max_examples=run.max_examples if task is None else None)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise EvalError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
+    t = data.task
+    wanted = list(splits) if splits else [  # MNLI: matched and mismatched
+        s for s in (*t.dev_splits, *(t.test_splits if include_test else ())) if s in data]
+    for split in wanted:
+        if split not in data:
+            raise EvalError(f"task {t.name} has no split {split!r}; it has {list(data)}")
+    feats = {split: data_lib.encode(data[split], run.tokenizer, regression=t.is_regression,
+                                    max_length=run.max_length, name=f"{t.name}/{split}") for split in wanted}
+    for split, f in list(feats.items()):
+        if not f.has_labels and splits:
+            raise EvalError(f"{t.name}/{split} has no labels to score; choose a labelled split")
+        if not f.has_labels:
+            log.warning("%s/%s is unlabelled: skipped", t.name, split)
+            del feats[split]
+    pred = run.predictor(batch_size or run.eval_batch_size)
+    return score_splits(
+        t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
+        speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
+        bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
+        baseline=True, progress=progress)
+
+
+def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None = None,
+                    speedups: Sequence[float] | None = None, batch_size: int | None = None,
+                    data_dir: str | None = None) -> list[dict]:
+    """``evaluate`` on a run folder's own task, every labelled dev and test split by default."""
+    return evaluate(RunModel.load(run_dir), splits=splits, speedups=speedups, batch_size=batch_size,
+                    data_dir=data_dir, progress=False, include_test=True)
+
+
+_TABLE_FIELDS = {"task", "split", "speedup", "analytic_speedup", "measured_speedup", "primary", "drop",
+                 "examples_per_s", "ms_per_batch", "seconds", "examples", "batch_size", "truncated",
+                 "schedules", "clamped", "baseline"}
+
+
 def format_table(rows: list[dict]) -> str:
+    """One fixed-width table for every evaluation row (training, eval.glue, train.evaluate)."""
     if not rows:
         return "(nothing scored)"
-    metric_keys = [k for k in rows[0] if k not in {
-        "task", "split", "speedup", "analytic_speedup", "measured_speedup", "primary", "drop",
-        "examples_per_s", "ms_per_batch", "seconds", "examples", "batch_size", "truncated",
-        "schedules", "clamped", "baseline"}]
+    bs = rows[0]["batch_size"]
+    metric_keys = [k for k in rows[0] if k not in _TABLE_FIELDS]
     head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}{'measured':>9}"
-            + "".join(f"{k:>11}" for k in metric_keys) + f"{'drop':>7}{'ex/s':>9}{'ms/batch':>9}  keep")
+            + "".join(f"{k:>11}" for k in metric_keys)
+            + f"{'drop':>7}{'ex/s':>9}{f'ms/{bs}':>9}  keep")
     lines = [head, "-" * len(head)]
     for r in rows:
         keep = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in r["schedules"].items())
         note = "".join(f" (len {k}: max {v})" for k, v in r["clamped"].items())
         lines.append(
             f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
-            f"{r['measured_speedup']:>9.2f}" + "".join(f"{r[k]:>11.2f}" for k in metric_keys)
-            + f"{r['drop']:>7.2f}{r['examples_per_s']:>9.0f}{r['ms_per_batch']:>9.1f}  {keep}{note}")
+            + (f"{r['measured_speedup']:>9.2f}" if "measured_speedup" in r else f"{'-':>9}")
+            + "".join(f"{r[k]:>11.2f}" for k in metric_keys)
+            + (f"{r['drop']:>7.2f}" if "drop" in r else f"{'-':>7}")
+            + f"{r['examples_per_s']:>9.0f}{r['ms_per_batch']:>9.1f}  {keep}{note}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@
     ``prompting.evaluate`` (label likelihood accuracy when ``config.labels`` names the label
     words, else exact match and token F1 of greedy generations).
 
-``accjax.train.fit`` drives either through the same small interface (``train``, ``params``,
+``accjax.loop.fit`` drives either through the same small interface (``train``, ``params``,
 ``param_specs``, ``loss_fn``, ``forward``, ``evaluate``, ``export``, ``final_eval``).
 
 Models: ``config.model`` is a ``convert.load`` spec (HF folder, hub id, ``minilm-l6``, an
@@ -25,8 +25,8 @@ truncated and counted. The counts go to ``metrics.jsonl`` (the ``data`` record),
 ``summary.json`` and to the log. A ``max_length`` above the model's position table is cut to
 it, with a warning.
 
-``evaluate_run(run_dir, ...)`` scores a run folder's exported model with nothing but that
-folder, through ``accjax.inference.Predictor``.
+Classification rows come from ``evaluation.score_splits``, the one classifier evaluation
+that ``eval.glue`` and ``train.evaluate`` also use on a run folder.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ import jax
 import numpy as np
 
 from accjax import checkpoint as ckpt_lib
-from accjax import convert, data as data_lib, hub, metrics as metrics_lib
+from accjax import convert, data as data_lib, evaluation, hub
 from accjax import models as models_lib
-from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
 from accjax import train as train_lib
 
@@ -112,42 +111,8 @@ def param_specs(loaded: convert.Loaded) -> Any:
     return shard_lib.logical_specs(abstract)["params"]
 
 
-class FlopCounter:
-    """The analytic speedup of a whole split: dense FLOPs / FLOPs run, every example counted
-    at its padded length (``accjax.schedule``'s cost model)."""
-
-    def __init__(self, model_config):
-        self.cost = sched_lib.cost_model(model_config)
-        self.dense = self.run = 0.0
-
-    def add(self, rows: float, length: int, speedup: float) -> None:
-        d = rows * self.cost.total(length, (length,) * self.cost.num_layers)
-        self.dense += d
-        self.run += d / speedup
-
-    @property
-    def speedup(self) -> float:
-        return self.dense / self.run if self.run else 1.0
-
-
 def _none_if_empty(v):
     return v if v not in ("", None, 0) else None
-
-
-def format_rows(rows: list[dict]) -> str:
-    """A fixed-width table of evaluation rows (split, speedup, analytic speedup, metrics)."""
-    if not rows:
-        return "(no labelled evaluation split)"
-    keys = [k for k in rows[0] if k not in ("split", "speedup", "analytic_speedup", "primary",
-                                             "schedules", "n", "seconds", "shots", "shots_dropped",
-                                             "truncated")]
-    lines = [f"{'split':<24}{'speedup':>8}{'analytic':>10}" + "".join(f"{k:>12}" for k in keys)
-             + "  schedules"]
-    for r in rows:
-        sch = " ".join(f"{t}:{','.join(map(str, v))}" for t, v in r.get("schedules", {}).items())
-        lines.append(f"{r['split']:<24}{r['speedup']:>8g}{r['analytic_speedup']:>10.2f}"
-                     + "".join(f"{r[k]:>12.2f}" for k in keys) + f"  {sch}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------- shared reporting
@@ -227,6 +192,7 @@ class ClassificationExperiment(_Base):
             if n:
                 log.warning("%s/%s: %d example(s) truncated to %d tokens", self.task.name, s, n, max_length)
         self.acc_variant = str(config.elimination.acc_variant)
+        self.cost = models_lib.cost_model(self.model_config, self.head)
         self.loss_fn = train_lib.make_classification_loss(self.module, self.task.num_labels, self.acc_variant)
         self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
                                  if n in loaded.family.dummy_inputs(self.model_config, 1, 8))
@@ -244,27 +210,20 @@ class ClassificationExperiment(_Base):
         return [s for s in names if s in self.features and self.features[s].has_labels]
 
     def evaluate(self, trainer, params, speedups: Sequence[float], *, include_test: bool = False) -> list[dict]:
-        """Rows {split, speedup, analytic_speedup, schedules, metrics..., primary} per split x speedup."""
+        """``evaluation.score_splits`` rows per split x speedup, through the trainer's sharded
+        forward pass."""
         el = self.config.elimination
-        rows = []
-        for split in self._eval_splits(include_test):
-            feats = self.features[split]
-            batches = data_lib.EvalBatches(feats, int(self.config.eval_batch_size), buckets=self.buckets)
-            for s in speedups:
-                outs, flops, scheds = [], FlopCounter(self.model_config), {}
-                for batch in batches:
-                    t = self.schedule_length(batch)
-                    sched, a = train_lib.schedule_at(self.model_config, t, s, bucket=int(el.bucket),
-                                                     floor=int(el.floor))
-                    scheds[t] = list(sched) if sched else [t] * self.model_config.num_layers
-                    outs.append(trainer.eval_outputs(params, {k: batch[k] for k in self.input_names}, sched))
-                    flops.add(float(batch["weights"].sum()), t, a)
-                preds = batches.restore(outs)
-                m = metrics_lib.compute(self.task, preds, feats.labels)
-                rows.append({"split": split, "speedup": float(s), "analytic_speedup": flops.speedup,
-                             "schedules": {str(k): v for k, v in sorted(scheds.items())}, **m,
-                             "primary": metrics_lib.primary(self.task, m)})
-        return rows
+
+        def run(batch, plan):
+            return trainer.eval_outputs(params, {k: batch[k] for k in self.input_names}, plan.schedule)
+
+        def compile(plan, batch):
+            trainer.eval_program(params, {k: batch[k] for k in self.input_names}, plan.schedule)
+
+        return evaluation.score_splits(
+            self.task, {s: self.features[s] for s in self._eval_splits(include_test)}, run, cost=self.cost,
+            speedups=speedups, batch_size=int(self.config.eval_batch_size), buckets=self.buckets,
+            bucket=int(el.bucket), floor=int(el.floor), compile=compile)
 
     def export(self, params, run_dir: Path, extra: dict) -> None:
         ckpt_lib.export_model(run_dir, self.family, self.model_config, params, self.head,
@@ -347,6 +306,7 @@ class Seq2SeqExperiment(_Base):
         self.params = loaded.params
         self.param_specs = param_specs(loaded)
         self.tokenizer = Tokenizer.from_folder(tok_dir)
+        self.cost = models_lib.cost_model(self.model_config, self.head)
         self.source_length, self.target_length = int(config.source_length), int(config.target_length)
         self.train = Seq2SeqBatches(self.tokenizer, self.splits["train"], int(config.batch_size),
                                     seed=int(config.seed), source_length=self.source_length,
@@ -411,73 +371,3 @@ class Seq2SeqExperiment(_Base):
 def build(config):
     """The experiment ``config.objective`` names."""
     return {"classification": ClassificationExperiment, "seq2seq": Seq2SeqExperiment}[config.objective](config)
-
-
-# ------------------------------------------------------------------- run-folder evaluation
-def evaluate_run(run_dir: str | Path, *, splits: Sequence[str] | None = None,
-                 speedups: Sequence[float] | None = None, batch_size: int | None = None,
-                 data_dir: str | None = None) -> list[dict]:
-    """Scores a classification run folder's exported model through ``inference.Predictor``.
-
-    Everything comes from the folder: weights, model config and tokenizer (``convert.load``),
-    the task and the data settings (``accjax.json``'s ``task`` and ``train_config``). Batches
-    are the same length-sorted ``EvalBatches`` the training loop evaluates, so the speedups
-    map to the same schedules per length bucket (clamped to the bucket's maximum).
-
-    Args:
-      splits: default every labelled dev and test split.
-      speedups: default the run's ``eval.speedups``.
-      batch_size: default the run's ``eval_batch_size``.
-      data_dir: where the task's files are, if not where training read them.
-    Returns:
-      rows {split, speedup, analytic_speedup, schedules, metrics..., primary, seconds}.
-    """
-    import time
-
-    from accjax.inference import Predictor
-    from accjax.tokenization import Tokenizer
-
-    meta = ckpt_lib.read_run_meta(run_dir)
-    if meta.get("objective", "classification") != "classification":
-        raise ValueError(f"{run_dir} holds a {meta['objective']} model; evaluate_run scores classifiers")
-    tc = meta["train_config"]
-    loaded = convert.load(run_dir, "sequence_classification")
-    data = data_lib.load_task(meta["task"], data_dir or _none_if_empty(tc.get("data_dir")),
-                              max_examples=_none_if_empty(int(tc.get("max_examples") or 0)))
-    task = data.task
-    tok = Tokenizer.from_folder(run_dir)
-    max_length = int(meta["data"]["max_length"])
-    buckets = tuple(meta["data"]["length_buckets"])
-    el = tc["elimination"]
-    pred = Predictor.from_loaded(loaded, batch_size=batch_size or int(tc["eval_batch_size"]),
-                                 length_buckets=data_lib.length_buckets(max_length, buckets),
-                                 acc_variant=el.get("acc_variant", "plain"), bucket=int(el["bucket"]),
-                                 floor=int(el["floor"]))
-    speedups = [float(s) for s in (speedups or tc["eval"]["speedups"])]
-    wanted = splits or [s for s in (*task.dev_splits, *task.test_splits) if s in data]
-    rows = []
-    for split in wanted:
-        if split not in data:
-            raise ValueError(f"task {task.name} has no split {split!r}; it has {list(data)}")
-        feats = data_lib.encode(data[split], tok, regression=task.is_regression, max_length=max_length,
-                                name=f"{task.name}/{split}")
-        if not feats.has_labels:
-            log.warning("%s/%s is unlabelled: skipped", task.name, split)
-            continue
-        batches = data_lib.EvalBatches(feats, pred.batch_size, buckets=buckets)
-        for s in speedups:
-            t0 = time.perf_counter()
-            outs, flops, scheds = [], FlopCounter(loaded.config), {}
-            for batch in batches:
-                t = batch["input_ids"].shape[1]
-                sched, a = train_lib.schedule_at(loaded.config, t, s, bucket=int(el["bucket"]),
-                                                 floor=int(el["floor"]))
-                sched = sched or (t,) * loaded.config.num_layers
-                scheds[t] = list(sched)
-                outs.append(pred.predict(batch, speedup=sched))
-                flops.add(float(batch["weights"].sum()), t, a)
-            m = metrics_lib.compute(task, batches.restore(outs), feats.labels)
-            rows.append({"split": split, "speedup": s, "analytic_speedup": flops.speedup,
-                         "schedules": {str(k): v for k, v in sorted(scheds.items())}, **m,
-                         "primary": metrics_lib.primary(task, m), "seconds": time.perf_counter() - t0})
-    return rows

@@ -18,13 +18,14 @@ most likely tokens, sampled with a ``jax.random`` key derived from ``seed``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from accjax import inference, models, programs
 from accjax import schedule as sched_lib
 
 Array = jax.Array
@@ -119,16 +120,11 @@ class Generator:
 
     def __init__(self, module, params, config, *, param_dtype: str | None = None, bucket: int = 8,
                  floor: int = 1, acc_variant: str = "plain"):
-        from accjax.models import gpt2_family
-
         self.module, self.config = module, config
-        if param_dtype is not None:
-            params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(param_dtype)), params)
-        self.params = jax.device_put(params)
+        self.params = inference.cast_params(params, param_dtype)
         self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
-        self.cost = gpt2_family.cost_model(config, "lm")
-        self._programs: dict[tuple, Any] = {}
-        self.traces = 0
+        self.cost = models.cost_model(config, "lm")
+        self.programs = programs.ProgramCache()
 
     @classmethod
     def from_loaded(cls, loaded, **kw) -> "Generator":
@@ -137,43 +133,30 @@ class Generator:
                              f"{loaded.head!r} (load it with head='lm')")
         return cls(loaded.module, loaded.params, loaded.config, **kw)
 
-    def schedule(self, length: int, speedup: float | Sequence[int]) -> tuple[int, ...]:
-        """A speedup (number) or an explicit schedule -> validated keep-lengths for ``length``."""
-        if isinstance(speedup, (tuple, list)):
-            return sched_lib.check(speedup, self.config.num_layers, length)
-        return sched_lib.schedule_for_speedup(self.cost, length, float(speedup),
-                                              bucket=self.bucket, floor=self.floor)
+    plan = inference.Predictor.plan
+    schedule = inference.Predictor.schedule
+    traces = inference.Predictor.traces
+    num_programs = inference.Predictor.num_programs
 
-    def program(self, batch: int, length: int, schedule, max_new_tokens: int, greedy: bool,
+    def program(self, batch: int, plan: sched_lib.Plan, max_new_tokens: int, greedy: bool,
                 top_k: int, eos_token_id: int | None, pad_token_id: int):
-        key = (batch, length, tuple(schedule), max_new_tokens, greedy, top_k, eos_token_id, pad_token_id)
-        prog = self._programs.get(key)
-        if prog is None:
-            dense = all(k >= length for k in schedule)
-            fn = generate_fn(self.module, schedule=None if dense else tuple(schedule),
-                             max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                             eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                             acc_variant=self.acc_variant)
-
-            def counted(*a):
-                self.traces += 1
-                return fn(*a)
-
-            spec = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-            prog = jax.jit(counted).lower(self.params, spec, spec, jax.random.PRNGKey(0),
-                                          jnp.float32(1.0)).compile()
-            self._programs[key] = prog
-        return prog
+        fn = generate_fn(self.module, schedule=plan.schedule, max_new_tokens=max_new_tokens,
+                         greedy=greedy, top_k=top_k, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, acc_variant=self.acc_variant)
+        spec = jax.ShapeDtypeStruct((batch, plan.length), jnp.int32)
+        key = (batch, plan.length, plan.schedule, max_new_tokens, greedy, top_k, eos_token_id, pad_token_id)
+        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(
+            self.params, spec, spec, jax.random.PRNGKey(0), jnp.float32(1.0)))
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
-                 speedup: float | Sequence[int] = 1.0, temperature: float = 0.0, top_k: int = 0,
+                 speedup: float = 1.0, temperature: float = 0.0, top_k: int = 0,
                  seed: int = 0, eos_token_id: int | None = -1, pad_token_id: int | None = None
                  ) -> GenerateOutput:
         """Generates ``max_new_tokens`` tokens after each right-padded prompt.
 
         Args:
           input_ids, attention_mask: [B, T] right-padded prompts (mask default: all real).
-          speedup: prefill speedup (a number >= 1) or an explicit schedule.
+          speedup: prefill speedup (a number >= 1; ``schedule.plan`` turns it into keep-lengths).
           temperature: 0 = greedy; > 0 samples.
           top_k: restrict sampling to the k most likely tokens (0 = all).
           eos_token_id: stop a row after this token (-1: the config's eos; None: never stop).
@@ -199,9 +182,8 @@ class Generator:
             eos_token_id = self.config.eos_token_id
         pad = pad_token_id if pad_token_id is not None else (
             eos_token_id if eos_token_id is not None else self.config.eos_token_id)
-        schedule = self.schedule(t, speedup)
         greedy = temperature == 0 or top_k == 1
-        prog = self.program(b, t, schedule, int(max_new_tokens), greedy, int(top_k),
+        prog = self.program(b, self.plan(t, speedup), int(max_new_tokens), greedy, int(top_k),
                             eos_token_id, int(pad))
         out = prog(self.params, ids, mask, jax.random.PRNGKey(seed),
                    jnp.float32(temperature if temperature > 0 else 1.0))

@@ -10,30 +10,47 @@ kept in a dict, so a later call at the same key neither traces nor compiles::
 Inputs of any length are right-padded to the smallest length bucket that holds them
 (32/64/128/256/512 by default, capped at the model's maximum); any number of examples is
 split into chunks of ``batch_size`` and the last chunk padded with one-token filler rows.
-The speedup is turned into a schedule for the padded length (``accjax.schedule``), so two
-speedups whose bucketed schedules coincide share one program.
+The speedup is turned into a plan for the padded length (``accjax.schedule.plan``: clamped to
+what the length permits, dense at 1), so two speedups whose bucketed schedules coincide share
+one program (``accjax.programs.ProgramCache``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from accjax import models, programs
 from accjax import schedule as sched_lib
 
 DEFAULT_LENGTH_BUCKETS = (32, 64, 128, 256, 512)
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
-@dataclasses.dataclass(frozen=True)
-class ProgramKey:
-    batch_size: int
-    length: int
-    schedule: tuple[int, ...]
+def cap_buckets(config, buckets: Sequence[int]) -> tuple[int, ...]:
+    """Sorted distinct padded lengths, capped at the model's longest input."""
+    max_len = getattr(config, "max_position_embeddings", None) or max(buckets)
+    return tuple(sorted({min(int(b), max_len) for b in buckets}))
+
+
+def bucket_for(buckets: Sequence[int], n: int) -> int:
+    """The smallest length bucket that holds ``n`` tokens."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"input of {n} tokens is longer than the largest length bucket "
+                     f"{buckets[-1]}; truncate it (tokenizer max_length)")
+
+
+def cast_params(params, param_dtype: str | None):
+    """Parameters on the device, cast once to ``param_dtype`` when given."""
+    if param_dtype is not None:
+        dt = jnp.dtype(param_dtype)
+        params = jax.tree.map(lambda x: jnp.asarray(x, dt), params)
+    return jax.device_put(params)
 
 
 class Predictor:
@@ -67,70 +84,59 @@ class Predictor:
         self.module = module
         self.config = config
         self.batch_size = int(batch_size)
-        max_len = getattr(config, "max_position_embeddings", None) or max(length_buckets)
-        buckets = sorted({min(int(b), max_len) for b in length_buckets})
-        self.length_buckets = tuple(buckets)
+        self.length_buckets = cap_buckets(config, length_buckets)
         self.acc_variant = acc_variant
         self.bucket = bucket
         self.floor = floor
         self.output = output
-        if param_dtype is not None:
-            dt = jnp.dtype(param_dtype)
-            params = jax.tree.map(lambda x: jnp.asarray(x, dt), params)
-        self.params = jax.device_put(params)
-        self._programs: dict[ProgramKey, Any] = {}
-        self.traces = 0  # Python-side trace counter: a retrace would show here
+        self.params = cast_params(params, param_dtype)
+        self.cost = models.cost_model(config)
+        self.programs = programs.ProgramCache()
         # Only the inputs the family's modules take (GPT-2 has no token types).
-        from accjax import models
-
         fam = models.get_family(config.family)
         names = tuple(fam.dummy_inputs(config, 1, 8)) if fam.dummy_inputs else ()
-        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
-                                 if n in names)
+        self.input_names = tuple(n for n in INPUT_NAMES if n in names)
 
     @classmethod
     def from_loaded(cls, loaded, **kw) -> "Predictor":
         return cls(loaded.module, loaded.params, loaded.config, **kw)
 
-    # ------------------------------------------------------------------ shapes & schedules
-    def length_bucket(self, n: int) -> int:
-        for b in self.length_buckets:
-            if n <= b:
-                return b
-        raise ValueError(
-            f"input of {n} tokens is longer than the largest length bucket "
-            f"{self.length_buckets[-1]}; truncate it (tokenizer max_length)")
-
-    def schedule(self, length: int, speedup: float | Sequence[int]) -> tuple[int, ...]:
-        """A speedup (number) or an explicit schedule -> validated keep-lengths."""
-        if isinstance(speedup, (tuple, list)):
-            return sched_lib.check(speedup, self.config.num_layers, length)
-        return sched_lib.schedule_for_speedup(self.config, length, float(speedup),
-                                              bucket=self.bucket, floor=self.floor)
-
-    # ----------------------------------------------------------------------- programs
-    def _forward(self, params, batch, schedule):
-        self.traces += 1
-        dense = all(k >= batch["input_ids"].shape[1] for k in schedule)
-        out = self.module.apply({"params": params}, **batch,
-                                schedule=None if dense else schedule, acc_variant=self.acc_variant)
-        return getattr(out, self.output)
-
-    def program(self, batch_size: int, length: int, schedule: tuple[int, ...]):
-        """The compiled program for this key; compiled on first use only."""
-        key = ProgramKey(batch_size, length, tuple(schedule))
-        prog = self._programs.get(key)
-        if prog is None:
-            spec = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
-            batch = {k: spec for k in self.input_names}
-            fn = jax.jit(self._forward, static_argnums=2)
-            prog = fn.lower(self.params, batch, key.schedule).compile()
-            self._programs[key] = prog
-        return prog
+    @property
+    def traces(self) -> int:
+        return self.programs.traces
 
     @property
     def num_programs(self) -> int:
-        return len(self._programs)
+        return len(self.programs)
+
+    # ------------------------------------------------------------------ shapes & schedules
+    def length_bucket(self, n: int) -> int:
+        return bucket_for(self.length_buckets, n)
+
+    def plan(self, length: int, speedup: float = 1.0, schedule: Sequence[int] | None = None
+             ) -> sched_lib.Plan:
+        """What runs at ``length``: ``schedule.plan`` for a speedup, or an explicit schedule."""
+        if schedule is not None:
+            return sched_lib.explicit(self.cost, length, schedule)
+        return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket, floor=self.floor)
+
+    def schedule(self, length: int, speedup: float) -> tuple[int, ...]:
+        """The keep-lengths ``speedup`` runs at ``length``."""
+        return self.plan(length, speedup).keep
+
+    # ----------------------------------------------------------------------- programs
+    def _forward(self, params, batch, schedule):
+        out = self.module.apply({"params": params}, **batch, schedule=schedule,
+                                acc_variant=self.acc_variant)
+        return getattr(out, self.output)
+
+    def program(self, batch_size: int, plan: sched_lib.Plan):
+        """The compiled program for (batch size, plan); compiled on first use only."""
+        spec = jax.ShapeDtypeStruct((batch_size, plan.length), jnp.int32)
+        return self.programs.get(
+            (batch_size, plan.length, plan.schedule),
+            lambda: jax.jit(self.programs.counted(self._forward), static_argnums=2).lower(
+                self.params, {k: spec for k in self.input_names}, plan.schedule))
 
     def warmup(self, speedups: Iterable[float], lengths: Iterable[int] | None = None,
                batch_sizes: Iterable[int] | None = None) -> int:
@@ -140,60 +146,43 @@ class Predictor:
             for n in lengths or self.length_buckets:
                 t = self.length_bucket(n)
                 for s in speedups:
-                    self.program(b, t, self.schedule(t, s))
+                    self.program(b, self.plan(t, s))
         return self.num_programs - before
 
     # ------------------------------------------------------------------------ running
-    def predict(self, batch: dict[str, np.ndarray], speedup: float | Sequence[int] = 1.0) -> np.ndarray:
-        """Runs a [b, t] batch (any b, any t up to the largest bucket) -> [b, ...] numpy."""
+    def predict(self, batch: dict[str, np.ndarray], speedup: float = 1.0, *,
+                schedule: Sequence[int] | None = None) -> np.ndarray:
+        """Runs a [b, t] batch (any b, any t up to the largest bucket) -> [b, ...] numpy, at
+        ``speedup`` or at an explicit ``schedule`` of keep-lengths for the padded length."""
         ids = np.asarray(batch["input_ids"])
         n, t = ids.shape
         if n == 0:
             raise ValueError("empty batch")
-        mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-        types = np.asarray(batch.get("token_type_ids", np.zeros_like(ids)))
-        real = int(mask.sum(1).max())  # trailing all-padding columns can go
-        length = self.length_bucket(real)
-        schedule = self.schedule(length, speedup)
-        prog = self.program(self.batch_size, length, schedule)
+        full = {"input_ids": ids,
+                "attention_mask": np.asarray(batch.get("attention_mask", np.ones_like(ids))),
+                "token_type_ids": np.asarray(batch.get("token_type_ids", np.zeros_like(ids)))}
+        real = int(full["attention_mask"].sum(1).max())  # trailing all-padding columns can go
+        plan = self.plan(self.length_bucket(real), speedup, schedule)
+        prog = self.program(self.batch_size, plan)
         outs = []
         for i in range(0, n, self.batch_size):
-            chunk = {k: _fit(a[i:i + self.batch_size], self.batch_size, length, filler=(k == "attention_mask"))
-                     for k, a in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types))
-                     if k in self.input_names}
+            chunk = {k: programs.pad_rows(full[k][i:i + self.batch_size], self.batch_size, plan.length,
+                                          fill=int(k == "attention_mask"))
+                     for k in self.input_names}
             outs.append(prog(self.params, chunk))
         out = np.concatenate([np.asarray(o) for o in outs])
         return out[:n]
 
-    def time_program(self, batch_size: int, length: int, speedup: float | Sequence[int], *,
-                     iters: int = 30, warmup: int = 3, seed: int = 0) -> dict[str, float]:
+    def time_program(self, batch_size: int, length: int, speedup: float = 1.0, *,
+                     schedule: Sequence[int] | None = None, iters: int = 30, warmup: int = 3,
+                     seed: int = 0) -> dict[str, Any]:
         """Median wall time (ms) of one compiled program on random full-length inputs."""
-        schedule = self.schedule(length, speedup)
-        prog = self.program(batch_size, length, schedule)
-        rng = np.random.default_rng(seed)
-        vocab = getattr(self.config, "vocab_size", 1000)
-        batches = []
-        for _ in range(3):  # rotate inputs so nothing is served from a cache of one buffer
-            ids = rng.integers(1, vocab, (batch_size, length)).astype(np.int32)
-            full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-            batches.append(jax.device_put({k: full[k] for k in self.input_names}))
-        for i in range(warmup):
-            jax.block_until_ready(prog(self.params, batches[i % 3]))
-        times = []
-        for i in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(prog(self.params, batches[i % 3]))
-            times.append((time.perf_counter() - t0) * 1e3)
-        return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
-                "schedule": schedule}
-
-
-def _fit(a: np.ndarray, rows: int, length: int, *, filler: bool) -> np.ndarray:
-    """Pads/crops [b, t] to [rows, length] (crops only trailing all-padding columns)."""
-    out = np.zeros((rows, length), np.int32)
-    b, t = a.shape
-    t = min(t, length)
-    out[:b, :t] = a[:, :t]
-    if filler and b < rows:
-        out[b:, 0] = 1  # one valid token per filler row: no all-padding example
-    return out
+        plan = self.plan(length, speedup, schedule)
+        prog = self.program(batch_size, plan)
+        ids = programs.random_batches(np.random.default_rng(seed), (batch_size, length),
+                                      getattr(self.config, "vocab_size", 1000))
+        fill = {"input_ids": None, "attention_mask": 1, "token_type_ids": 0}
+        batches = [jax.device_put({k: a if fill[k] is None else np.full_like(a, fill[k])
+                                   for k in self.input_names}) for a in ids]
+        return {**programs.time_calls(lambda b: prog(self.params, b), batches, iters=iters,
+                                      warmup=warmup), "schedule": plan.keep}

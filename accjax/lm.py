@@ -26,7 +26,6 @@ Never imports ``datasets``.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import hub
+from accjax import hub, inference, models, programs
 from accjax import schedule as sched_lib
 
 HAMLET = hub.PypiArtifact(
@@ -151,28 +150,24 @@ class LMEvaluator:
     def __init__(self, module, params, config, *, batch_size: int, context: int, continuation: int,
                  param_dtype: str | None = None, bucket: int = 8, floor: int = 1,
                  acc_variant: str = "plain"):
-        from accjax.models import gpt2_family
-
         limit = config.max_position_embeddings
         if context + continuation > limit:
             raise ValueError(f"context {context} + continuation {continuation} exceeds the "
                              f"model's {limit} positions")
         self.module, self.config = module, config
         self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
-        if param_dtype is not None:
-            params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(param_dtype)), params)
-        self.params = jax.device_put(params)
+        self.params = inference.cast_params(params, param_dtype)
         self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
-        self.cost = gpt2_family.cost_model(config, "lm")
-        self._score: dict[tuple, Any] = {}
-        self._prefill: dict[tuple, Any] = {}
+        self.cost = models.cost_model(config, "lm")
+        self.programs = programs.ProgramCache()
 
     # ----------------------------------------------------------------- schedules
-    def schedule(self, speedup: float | Sequence[int]) -> tuple[int, ...]:
-        if isinstance(speedup, (tuple, list)):
-            return sched_lib.check(speedup, self.config.num_layers, self.context)
-        return sched_lib.schedule_for_speedup(self.cost, self.context, float(speedup),
-                                              bucket=self.bucket, floor=self.floor)
+    def plan(self, speedup: float) -> sched_lib.Plan:
+        """``schedule.plan`` at the context length."""
+        return sched_lib.plan(self.cost, self.context, speedup, bucket=self.bucket, floor=self.floor)
+
+    def schedule(self, speedup: float) -> tuple[int, ...]:
+        return self.plan(speedup).keep
 
     def analytic(self, schedule: Sequence[int]) -> float:
         return sched_lib.analytic_speedup(self.cost, self.context, schedule)
@@ -192,51 +187,42 @@ class LMEvaluator:
 
         return run
 
+    def _spec(self, width: int):
+        return jax.ShapeDtypeStruct((self.batch_size, width), jnp.int32)
+
     def prefill_program(self, schedule):
         """Prompt [B, context] -> (next-token logits [B, V], KV cache); compiled once."""
-        key = tuple(schedule)
-        if key not in self._prefill:
-            spec = jax.ShapeDtypeStruct((self.batch_size, self.context), jnp.int32)
-            self._prefill[key] = jax.jit(self._prefill_fn(schedule)).lower(self.params, spec).compile()
-        return self._prefill[key]
+        return self.programs.get(("prefill", tuple(schedule)), lambda: jax.jit(
+            self.programs.counted(self._prefill_fn(schedule))).lower(self.params, self._spec(self.context)))
 
     def score_program(self, schedule):
         """(ctx [B, C], cont [B, T]) -> per-window NLL sums [B] float32; compiled once."""
-        key = tuple(schedule)
-        if key not in self._score:
-            prefill = self._prefill_fn(schedule)
-            module = self.module
+        prefill = self._prefill_fn(schedule)
+        module = self.module
 
-            def run(params, ctx, cont):
-                logits0, cache = prefill(params, ctx)  # [B, V]
-                logits = logits0[:, None]
-                if cont.shape[1] > 1:
-                    rest, _ = module.apply({"params": params}, cont[:, :-1], cache, method="extend")
-                    logits = jnp.concatenate([logits, rest], axis=1)  # [B, T, V]
-                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-                nll = -jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]  # [B, T]
-                return nll.sum(axis=1)
+        def run(params, ctx, cont):
+            logits0, cache = prefill(params, ctx)  # [B, V]
+            logits = logits0[:, None]
+            if cont.shape[1] > 1:
+                rest, _ = module.apply({"params": params}, cont[:, :-1], cache, method="extend")
+                logits = jnp.concatenate([logits, rest], axis=1)  # [B, T, V]
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            nll = -jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]  # [B, T]
+            return nll.sum(axis=1)
 
-            b, c, t = self.batch_size, self.context, self.continuation
-            self._score[key] = jax.jit(run).lower(
-                self.params, jax.ShapeDtypeStruct((b, c), jnp.int32),
-                jax.ShapeDtypeStruct((b, t), jnp.int32)).compile()
-        return self._score[key]
+        return self.programs.get(("score", tuple(schedule)), lambda: jax.jit(self.programs.counted(run)).lower(
+            self.params, self._spec(self.context), self._spec(self.continuation)))
 
     # ------------------------------------------------------------------- running
     def score(self, ctx: np.ndarray, cont: np.ndarray, schedule) -> dict[str, float]:
         """Perplexity of the continuations given pruned contexts (all windows)."""
         prog = self.score_program(schedule)
-        n = len(ctx)
+        n, b = len(ctx), self.batch_size
         total = 0.0
-        for i in range(0, n, self.batch_size):
-            c, t = ctx[i:i + self.batch_size], cont[i:i + self.batch_size]
-            real = len(c)
-            if real < self.batch_size:  # pad with copies of the first row, weight 0
-                fill = self.batch_size - real
-                c = np.concatenate([c, np.repeat(c[:1], fill, 0)])
-                t = np.concatenate([t, np.repeat(t[:1], fill, 0)])
-            nll = np.asarray(prog(self.params, c, t), np.float64)
+        for i in range(0, n, b):
+            real = len(ctx[i:i + b])  # a last partial batch is padded with zero rows, not scored
+            nll = np.asarray(prog(self.params, programs.pad_rows(ctx[i:i + b], b, self.context),
+                                  programs.pad_rows(cont[i:i + b], b, self.continuation)), np.float64)
             total += float(nll[:real].sum())
         tokens = n * self.continuation
         return {"nll": total / tokens, "ppl": float(np.exp(total / tokens)), "tokens": tokens,
@@ -247,22 +233,13 @@ class LMEvaluator:
         """Median / min wall ms of one prefill (batch_size x context) after warm-up."""
         prog = self.prefill_program(schedule)
         rng = np.random.default_rng(seed)
-        batches = []
-        for j in range(3):  # rotate inputs so nothing is served from a cache of one buffer
-            if ctx is not None and len(ctx) >= self.batch_size:
-                rows = rng.choice(len(ctx), self.batch_size, replace=False)
-                ids = ctx[rows]
-            else:
-                ids = rng.integers(0, self.config.vocab_size, (self.batch_size, self.context))
-            batches.append(jax.device_put(np.asarray(ids, np.int32)))
-        for i in range(warmup):
-            jax.block_until_ready(prog(self.params, batches[i % 3]))
-        times = []
-        for i in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(prog(self.params, batches[i % 3]))
-            times.append((time.perf_counter() - t0) * 1e3)
-        return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times))}
+        if ctx is not None and len(ctx) >= self.batch_size:  # real text, 3 random row picks
+            batches = [ctx[rng.choice(len(ctx), self.batch_size, replace=False)].astype(np.int32)
+                       for _ in range(3)]
+        else:
+            batches = programs.random_batches(rng, (self.batch_size, self.context), self.config.vocab_size, low=0)
+        return programs.time_calls(lambda x: prog(self.params, x), [jax.device_put(x) for x in batches],
+                                   iters=iters, warmup=warmup)
 
     def kv_bytes(self, schedule) -> dict[str, int]:
         """Bytes of the prefill's KV cache for one batch: prompt slots, and with the

@@ -47,7 +47,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from accjax import schedule as sched_lib
 from accjax import tokenization
 
 ANSWER_PREFIX = "Answer:"
@@ -254,7 +253,6 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
     task = "classification" if labels else "generation"
     gold = _label_index(examples, labels) if labels else None
     cands = label_candidates(tokenizer, labels) if labels else None
-    cm = sched_lib.cost_model(predictor.config)
     rows, predictions = [], {}
     for k in shots:
         ids, stats = encode_prompts(tokenizer, examples, shots=k, pool=pool, seed=seed,
@@ -265,7 +263,7 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
             analytic = []
             for idx, arr, mask in _batches(ids, predictor.batch_size, tokenizer.pad_id):
                 length = predictor.length_bucket(arr.shape[1])
-                analytic += [sched_lib.analytic_speedup(cm, length, predictor.schedule(length, s))] * len(idx)
+                analytic += [predictor.plan(length, s).analytic] * len(idx)
                 batch = {"input_ids": arr, "attention_mask": mask}
                 if labels:
                     scores = predictor.score(batch, *cands, speedup=s)  # [b, C]

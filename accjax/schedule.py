@@ -29,9 +29,18 @@ so the analytic speedup differs from s only by what bucketing allows (at most ha
 the next power of two below ``bucket``, so short inputs still reach one row (the CLS row of
 a classifier) in the last layers: 3 -> 4, 5 -> 8, 9 -> 16 with bucket 8; 100 -> 104.
 
-Example (BERT-base, N = 128, s = 2.0, bucket 8, floor 1):
-``schedule_for_speedup(cfg, 128, 2.0)`` -> 12 non-increasing keep-lengths whose analytic
-speedup is within a few percent of 2.0; ``analytic_speedup(cfg, 128, that)`` says exactly.
+Each model family owns its cost model (``accjax.models.cost_model(config, head)``); this
+module knows cost models only.
+
+One policy from a requested speedup to what runs (``plan``), used by every caller: a speedup
+is a finite number >= 1 (else ``SpeedupError``); above what the length permits it is clamped
+to that maximum and the plan says so (``clamped_from``); a schedule that keeps every row is
+the dense program (``schedule is None``).
+
+Example (BERT-base, N = 128, s = 2.0, bucket 8, floor 1), ``cm = models.cost_model(cfg)``:
+``plan(cm, 128, 2.0).schedule`` -> 12 non-increasing keep-lengths whose analytic speedup
+(``.analytic``) is within a few percent of 2.0; ``plan(cm, 128, 1)`` is dense (``None``);
+``plan(cm, 32, 99)`` runs 32's maximum, ``.clamped_from == 99``.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,31 +79,12 @@ class CostModel:
         return cost + self.tail_per_row * n_in
 
 
-def cost_model(config: Any) -> CostModel:
-    """The family's cost model for ``config`` (BERT built in; others via their Family)."""
-    from accjax import models
-
-    fam = models.get_family(config.family)
-    if getattr(fam, "cost_model", None) is not None:
-        return fam.cost_model(config)
-    d = config.hidden_size
-    return CostModel(
-        num_layers=config.num_layers, d=d, f=config.intermediate_size,
-        head=2 * d * d + 2 * d * max(1, getattr(config, "num_labels", 1)),
-        embed_per_token=8 * d,
-    )
-
-
 def bucket_up(n: float, bucket: int = 8) -> int:
     """Rounds a row count up: to a multiple of ``bucket``, or below it to a power of two."""
     n = max(1, math.ceil(n - 1e-9))
     if n >= bucket:
         return bucket * math.ceil(n / bucket)
     return 1 << (n - 1).bit_length()
-
-
-def dense_schedule(config: Any, seq_len: int) -> tuple[int, ...]:
-    return (seq_len,) * config.num_layers
 
 
 def _bucketed(seq_len: int, num_layers: int, r: float, bucket: int, floor: int) -> tuple[int, ...]:
@@ -105,17 +95,15 @@ def _bucketed(seq_len: int, num_layers: int, r: float, bucket: int, floor: int) 
     return tuple(keep)
 
 
-def analytic_speedup(config_or_cost: Any, seq_len: int, schedule: Sequence[int]) -> float:
+def analytic_speedup(cm: CostModel, seq_len: int, schedule: Sequence[int]) -> float:
     """cost(dense) / cost(schedule) under the cost model of this module's docstring."""
-    cm = config_or_cost if isinstance(config_or_cost, CostModel) else cost_model(config_or_cost)
     schedule = check(schedule, cm.num_layers, seq_len)
     return cm.total(seq_len, (seq_len,) * cm.num_layers) / cm.total(seq_len, schedule)
 
 
-def max_speedup(config_or_cost: Any, seq_len: int, *, bucket: int = 8, floor: int = 1) -> float:
+def max_speedup(cm: CostModel, seq_len: int, *, bucket: int = 8, floor: int = 1) -> float:
     """The largest analytic speedup a schedule can reach at this length: every layer keeps
     ``bucket_up(floor)`` rows (the first layer still attends over all N)."""
-    cm = config_or_cost if isinstance(config_or_cost, CostModel) else cost_model(config_or_cost)
     k = min(seq_len, bucket_up(floor, bucket))
     return analytic_speedup(cm, seq_len, (k,) * cm.num_layers)
 
@@ -125,17 +113,67 @@ class SpeedupError(ValueError):
 
 
 def schedule_for_speedup(
-    config_or_cost: Any, seq_len: int, speedup: float, *, bucket: int = 8, floor: int = 1
+    cm: CostModel, seq_len: int, speedup: float, *, bucket: int = 8, floor: int = 1
 ) -> tuple[int, ...]:
-    """Per-layer keep-lengths whose analytic speedup is closest to ``speedup``.
+    """Per-layer keep-lengths whose analytic speedup is closest to ``speedup`` (the solver;
+    callers that turn a user's speedup into a program use ``plan``).
 
     Raises:
       SpeedupError if ``speedup`` < 1 or above ``max_speedup`` (the message gives the range).
     """
-    cm = config_or_cost if isinstance(config_or_cost, CostModel) else cost_model(config_or_cost)
-    if not isinstance(speedup, (int, float)) or math.isnan(speedup):
-        raise SpeedupError(f"speedup must be a number >= 1, got {speedup!r}")
+    _check_number(speedup)
     return _solve(cm, int(seq_len), float(speedup), int(bucket), int(floor))
+
+
+def _check_number(speedup) -> None:
+    # below 1 and above the maximum: the solver's message states the permitted range
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not math.isfinite(speedup):
+        raise SpeedupError(f"speedup must be a finite number >= 1 (1 = the dense model), got {speedup!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What runs at one padded length for a requested speedup.
+
+    ``keep``: the keep-length of every layer (all ``length`` when dense); ``schedule``: the
+    same, or None for the dense program; ``analytic``: its FLOP speedup; ``clamped_from``:
+    the requested speedup when the length permits less (then ``analytic`` is the maximum).
+    """
+
+    length: int
+    keep: tuple[int, ...]
+    analytic: float
+    clamped_from: float | None = None
+
+    @property
+    def dense(self) -> bool:
+        return all(k >= self.length for k in self.keep)
+
+    @property
+    def schedule(self) -> tuple[int, ...] | None:
+        return None if self.dense else self.keep
+
+
+def plan(cm: CostModel, length: int, speedup: float, *, bucket: int = 8, floor: int = 1) -> Plan:
+    """The one policy from a speedup to a program (see the module docstring)."""
+    _check_number(speedup)
+    return _plan(cm, int(length), float(speedup), int(bucket), int(floor))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(cm: CostModel, length: int, speedup: float, bucket: int, floor: int) -> Plan:
+    top = max_speedup(cm, length, bucket=bucket, floor=floor)
+    clamped = speedup if speedup > top * (1 + 1e-9) else None
+    keep = _solve(cm, length, min(speedup, top), bucket, floor)
+    if all(k >= length for k in keep):
+        return Plan(length, keep, 1.0, clamped)
+    return Plan(length, keep, analytic_speedup(cm, length, keep), clamped)
+
+
+def explicit(cm: CostModel, length: int, schedule: Sequence[int]) -> Plan:
+    """A plan for a schedule given as keep-lengths (validated)."""
+    keep = check(schedule, cm.num_layers, length)
+    return Plan(length, keep, analytic_speedup(cm, length, keep))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -25,21 +25,19 @@ forced with decoder inputs = labels shifted right behind the start token; labels
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from accjax import inference, models, programs
 from accjax import schedule as sched_lib
 from accjax.models import t5 as t5_lib
 
 Array = jax.Array
 
-DEFAULT_LENGTH_BUCKETS = (32, 64, 128, 256, 512)
 MODES = ("greedy", "sample")
 
 
@@ -249,21 +247,12 @@ def make_loss_fn(module, *, schedule: tuple[int, ...] | None = None, acc_variant
 
 
 # ----------------------------------------------------------------------------- serving
-@dataclasses.dataclass(frozen=True)
-class ProgramKey:
-    kind: str  # 'generate', 'score', 'first_token'
-    batch_size: int
-    length: int
-    schedule: tuple[int, ...]
-    extra: tuple = ()  # generate: (max_new_tokens, mode, temperature, top_k, top_p); score: (C, L)
-
-
 class Seq2SeqPredictor:
     """Compiled-once generation and scoring for a T5 model at any speedup.
 
     Inputs of any length are right-padded to the smallest length bucket that holds them and
     split into chunks of ``batch_size`` (the last padded with one-token EOS rows). The
-    speedup becomes an encoder schedule for the padded length (``accjax.schedule``).
+    speedup becomes an encoder plan for the padded length (``accjax.schedule.plan``).
 
     Args:
       module, params, config: the ``T5ForConditionalGeneration`` and its parameters.
@@ -271,21 +260,17 @@ class Seq2SeqPredictor:
     """
 
     def __init__(self, module, params, config, *, batch_size: int = 16,
-                 length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS, acc_variant: str = "plain",
-                 protect_last: bool = False, bucket: int = 8, floor: int = 1,
-                 param_dtype: str | None = None):
+                 length_buckets: Sequence[int] = inference.DEFAULT_LENGTH_BUCKETS,
+                 acc_variant: str = "plain", protect_last: bool = False, bucket: int = 8,
+                 floor: int = 1, param_dtype: str | None = None):
         self.module, self.config = module, config
         self.batch_size = int(batch_size)
-        max_len = getattr(config, "max_position_embeddings", None) or max(length_buckets)
-        self.length_buckets = tuple(sorted({min(int(b), max_len) for b in length_buckets}))
+        self.length_buckets = inference.cap_buckets(config, length_buckets)
         self.acc_variant, self.protect_last = acc_variant, protect_last
         self.bucket, self.floor = bucket, floor
-        if param_dtype is not None:
-            dt = jnp.dtype(param_dtype)
-            params = jax.tree.map(lambda x: jnp.asarray(x, dt), params)
-        self.params = jax.device_put(params)
-        self._programs: dict[ProgramKey, Any] = {}
-        self.traces = 0
+        self.params = inference.cast_params(params, param_dtype)
+        self.cost = models.cost_model(config, "lm")
+        self.programs = programs.ProgramCache()
 
     @classmethod
     def from_loaded(cls, loaded, **kw) -> "Seq2SeqPredictor":
@@ -293,62 +278,42 @@ class Seq2SeqPredictor:
             raise ValueError(f"generation needs the 'lm' head, the model was loaded as {loaded.head!r}")
         return cls(loaded.module, loaded.params, loaded.config, **kw)
 
-    # --------------------------------------------------------------- shapes & schedules
-    def length_bucket(self, n: int) -> int:
-        for b in self.length_buckets:
-            if n <= b:
-                return b
-        raise ValueError(f"input of {n} tokens is longer than the largest length bucket "
-                         f"{self.length_buckets[-1]}; truncate it (tokenizer max_length)")
+    # the bucket / plan / counters of a classifier's Predictor
+    length_bucket = inference.Predictor.length_bucket
+    plan = inference.Predictor.plan
+    schedule = inference.Predictor.schedule
+    traces = inference.Predictor.traces
+    num_programs = inference.Predictor.num_programs
 
-    def schedule(self, length: int, speedup: float | Sequence[int]) -> tuple[int, ...]:
-        if isinstance(speedup, (tuple, list)):
-            return sched_lib.check(speedup, self.config.num_layers, length)
-        return sched_lib.schedule_for_speedup(self.config, length, float(speedup),
-                                              bucket=self.bucket, floor=self.floor)
+    def _program(self, key: tuple, fn, *specs):
+        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))
 
-    @property
-    def num_programs(self) -> int:
-        return len(self._programs)
-
-    def _program(self, key: ProgramKey, fn, *specs):
-        prog = self._programs.get(key)
-        if prog is None:
-            def traced(params, *args):
-                self.traces += 1
-                return fn(params, *args)
-
-            prog = jax.jit(traced).lower(self.params, *specs).compile()
-            self._programs[key] = prog
-        return prog
-
-    def generate_program(self, b: int, t: int, schedule, *, max_new_tokens: int, mode: str = "greedy",
-                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-        key = ProgramKey("generate", b, t, tuple(schedule), (max_new_tokens, mode, temperature, top_k, top_p))
-        spec = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    def generate_program(self, b: int, plan: sched_lib.Plan, *, max_new_tokens: int,
+                         mode: str = "greedy", temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0):
+        spec = jax.ShapeDtypeStruct((b, plan.length), jnp.int32)
         rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
         fn = lambda p, ids, mask, rng: generate_tokens(  # noqa: E731
-            self.module, p, ids, mask, rng, schedule=tuple(schedule), max_new_tokens=max_new_tokens,
+            self.module, p, ids, mask, rng, schedule=plan.schedule, max_new_tokens=max_new_tokens,
             mode=mode, temperature=temperature, top_k=top_k, top_p=top_p,
             acc_variant=self.acc_variant, protect_last=self.protect_last)
+        key = ("generate", b, plan.length, plan.schedule, max_new_tokens, mode, temperature, top_k, top_p)
         return self._program(key, fn, spec, spec, rng_spec)
 
-    def score_program(self, b: int, t: int, schedule, c: int, width: int):
-        key = ProgramKey("score", b, t, tuple(schedule), (c, width))
-        spec = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    def score_program(self, b: int, plan: sched_lib.Plan, c: int, width: int):
+        spec = jax.ShapeDtypeStruct((b, plan.length), jnp.int32)
         cspec = jax.ShapeDtypeStruct((c, width), jnp.int32)
         fn = lambda p, ids, mask, cids, cmask: score_candidates(  # noqa: E731
-            self.module, p, ids, mask, cids, cmask, schedule=tuple(schedule),
+            self.module, p, ids, mask, cids, cmask, schedule=plan.schedule,
             acc_variant=self.acc_variant, protect_last=self.protect_last)
-        return self._program(key, fn, spec, spec, cspec, cspec)
+        return self._program(("score", b, plan.length, plan.schedule, c, width), fn, spec, spec, cspec, cspec)
 
-    def first_token_program(self, b: int, t: int, schedule):
-        key = ProgramKey("first_token", b, t, tuple(schedule))
-        spec = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    def first_token_program(self, b: int, plan: sched_lib.Plan):
+        spec = jax.ShapeDtypeStruct((b, plan.length), jnp.int32)
         fn = lambda p, ids, mask: first_token(  # noqa: E731
-            self.module, p, ids, mask, schedule=tuple(schedule), acc_variant=self.acc_variant,
+            self.module, p, ids, mask, schedule=plan.schedule, acc_variant=self.acc_variant,
             protect_last=self.protect_last)
-        return self._program(key, fn, spec, spec)
+        return self._program(("first_token", b, plan.length, plan.schedule), fn, spec, spec)
 
     # ------------------------------------------------------------------------- running
     def _chunks(self, batch: dict[str, np.ndarray]):
@@ -358,21 +323,19 @@ class Seq2SeqPredictor:
             raise ValueError("empty batch")
         mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
         length = self.length_bucket(int(mask.sum(1).max()))
-        chunks = []
-        for i in range(0, n, self.batch_size):
-            cid = _fit(ids[i:i + self.batch_size], self.batch_size, length, fill=self.config.eos_token_id)
-            cm = _fit(mask[i:i + self.batch_size], self.batch_size, length, fill=1)
-            chunks.append((cid, cm))
+        b = self.batch_size
+        chunks = [(programs.pad_rows(ids[i:i + b], b, length, fill=self.config.eos_token_id),
+                   programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, n, b)]
         return n, length, chunks
 
-    def generate(self, batch: dict[str, np.ndarray], speedup: float | Sequence[int] = 1.0, *,
+    def generate(self, batch: dict[str, np.ndarray], speedup: float = 1.0, *,
                  max_new_tokens: int = 32, mode: str = "greedy", temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
         """[n, t] inputs -> [n, max_new_tokens] generated ids (pad after EOS)."""
         n, length, chunks = self._chunks(batch)
-        schedule = self.schedule(length, speedup)
-        prog = self.generate_program(self.batch_size, length, schedule, max_new_tokens=max_new_tokens,
-                                     mode=mode, temperature=temperature, top_k=top_k, top_p=top_p)
+        prog = self.generate_program(self.batch_size, self.plan(length, speedup),
+                                     max_new_tokens=max_new_tokens, mode=mode,
+                                     temperature=temperature, top_k=top_k, top_p=top_p)
         key = jax.random.PRNGKey(seed)
         outs = []
         for cid, cm in chunks:
@@ -381,43 +344,22 @@ class Seq2SeqPredictor:
         return np.concatenate(outs)[:n]
 
     def score(self, batch: dict[str, np.ndarray], cand_ids: np.ndarray, cand_mask: np.ndarray,
-              speedup: float | Sequence[int] = 1.0) -> np.ndarray:
+              speedup: float = 1.0) -> np.ndarray:
         """[n, t] prompts, [C, L] candidates -> [n, C] log-likelihoods."""
         n, length, chunks = self._chunks(batch)
-        schedule = self.schedule(length, speedup)
         cand_ids = np.asarray(cand_ids, np.int32)
         cand_mask = np.asarray(cand_mask, np.int32)
-        prog = self.score_program(self.batch_size, length, schedule, *cand_ids.shape)
+        prog = self.score_program(self.batch_size, self.plan(length, speedup), *cand_ids.shape)
         outs = [np.asarray(prog(self.params, cid, cm, cand_ids, cand_mask)) for cid, cm in chunks]
         return np.concatenate(outs)[:n]
 
-    def time_first_token(self, batch_size: int, length: int, speedup: float | Sequence[int], *,
+    def time_first_token(self, batch_size: int, length: int, speedup: float = 1.0, *,
                          iters: int = 30, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
         """Median wall time (ms) of encoder + first token on random full-length inputs."""
-        schedule = self.schedule(length, speedup)
-        prog = self.first_token_program(batch_size, length, schedule)
-        rng = np.random.default_rng(seed)
-        batches = []
-        for _ in range(3):  # rotate inputs so nothing is served from a cache of one buffer
-            ids = rng.integers(2, self.config.vocab_size, (batch_size, length)).astype(np.int32)
-            batches.append(jax.device_put((ids, np.ones_like(ids))))
-        for i in range(warmup):
-            jax.block_until_ready(prog(self.params, *batches[i % 3]))
-        times = []
-        for i in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(prog(self.params, *batches[i % 3]))
-            times.append((time.perf_counter() - t0) * 1e3)
-        return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
-                "schedule": schedule}
-
-
-def _fit(a: np.ndarray, rows: int, length: int, *, fill: int) -> np.ndarray:
-    """Pads/crops [b, t] to [rows, length]; filler rows get ``fill`` in column 0 only."""
-    out = np.zeros((rows, length), np.int32)
-    b, t = a.shape
-    t = min(t, length)
-    out[:b, :t] = a[:, :t]
-    if b < rows:
-        out[b:, 0] = fill
-    return out
+        plan = self.plan(length, speedup)
+        prog = self.first_token_program(batch_size, plan)
+        ids = programs.random_batches(np.random.default_rng(seed), (batch_size, length),
+                                      self.config.vocab_size, low=2)
+        batches = [jax.device_put((a, np.ones_like(a))) for a in ids]
+        return {**programs.time_calls(lambda b: prog(self.params, *b), batches, iters=iters,
+                                      warmup=warmup), "schedule": plan.keep}

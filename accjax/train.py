@@ -3,9 +3,9 @@
 One training step (``Trainer.step``) is ``jax.jit`` with explicit in/out shardings derived
 from the parameters' logical axis names (``accjax.sharding``), the state donated, and the
 elimination schedule (a tuple of Python ints, one keep-length per layer) a STATIC argument.
-Each (batch shapes, schedule) pair is lowered and compiled once and kept in a dict, as
-``accjax.inference.Predictor`` does; ``Trainer.traces`` counts Python traces, so a retrace
-would show (a shape that has no program raises instead of compiling silently).
+Each (batch shapes, schedule) pair is lowered and compiled once and kept in an
+``accjax.programs.ProgramCache``, as every predictor does; ``Trainer.traces`` counts Python
+traces, so a retrace would show. The fit loop that drives it is ``accjax.loop.fit``.
 
 Elimination while training (``config.elimination.mode``):
 
@@ -20,8 +20,9 @@ Elimination while training (``config.elimination.mode``):
     so a resumed run draws exactly the levels the uninterrupted run drew, with no generator
     state to checkpoint.
 
-A speedup above what a length bucket permits (``schedule.max_speedup``) runs at that maximum
-instead of failing; evaluation rows record the analytic speedup actually run.
+The schedule of a step is ``schedule.plan`` of its speedup at the batch's length bucket (a
+speedup above what the bucket permits runs at that maximum; evaluation rows record the
+analytic speedup actually run).
 
 Determinism and exact resume: the dropout key of step t is ``fold_in(PRNGKey(seed), t)``;
 batch t is ``TrainBatches.position(t)``; the elastic level of step t is drawn as above. A
@@ -42,13 +43,9 @@ metrics)`` plugs in.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
 import math
-import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -57,7 +54,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from accjax import schedule as sched_lib
+from accjax import programs
 from accjax import sharding as shard_lib
 
 log = logging.getLogger(__name__)
@@ -160,33 +157,7 @@ def make_classification_loss(module, num_labels: int, acc_variant: str = "plain"
     return functools.partial(classification_loss, module, num_labels=num_labels, acc_variant=acc_variant)
 
 
-# -------------------------------------------------------------------------------- schedules
-@functools.lru_cache(maxsize=4096)
-def _schedule_cached(cost_model, length: int, speedup: float, bucket: int, floor: int):
-    top = sched_lib.max_speedup(cost_model, length, bucket=bucket, floor=floor)
-    s = min(float(speedup), top)
-    sched = sched_lib.schedule_for_speedup(cost_model, length, s, bucket=bucket, floor=floor)
-    return sched, sched_lib.analytic_speedup(cost_model, length, sched)
-
-
-def schedule_at(model_config: Any, length: int, speedup: float | None, *, bucket: int = 8,
-                floor: int = 1) -> tuple[tuple[int, ...] | None, float]:
-    """The keep-lengths for ``speedup`` at a padded ``length``, clamped to what it permits.
-
-    The same schedules ``accjax.inference.Predictor`` runs (same bucket and floor).
-
-    Returns:
-      (schedule, or None for dense; the analytic speedup of that schedule).
-    """
-    if speedup is None or float(speedup) <= 1.0:
-        return None, 1.0
-    cm = sched_lib.cost_model(model_config)
-    sched, s = _schedule_cached(cm, int(length), float(speedup), int(bucket), int(floor))
-    if all(k >= length for k in sched):
-        return None, 1.0
-    return sched, s
-
-
+# -------------------------------------------------------------------------------- sampling
 class SpeedupSampler:
     """The training speedup of each step (None = dense); see the module docstring.
 
@@ -251,10 +222,17 @@ class Trainer:
         self.param_shardings = shard_lib.mesh_shardings(param_specs, mesh, self.rules)
         self.sharded_params = any(not s.is_fully_replicated for s in jax.tree.leaves(self.param_shardings))
         self._param_specs = param_specs
-        self._programs: dict[tuple, Any] = {}
-        self._eval_programs: dict[tuple, Any] = {}
+        self.programs = programs.ProgramCache()  # train steps
+        self.eval_programs = programs.ProgramCache()  # forward passes
         self._batch_shardings: dict[tuple, dict] = {}
-        self.traces = 0
+
+    @property
+    def traces(self) -> int:
+        return self.programs.traces + self.eval_programs.traces
+
+    @property
+    def num_programs(self) -> int:
+        return len(self.programs)
 
     # ------------------------------------------------------------------------- shardings
     def state_shardings(self, params_shape: Any) -> TrainState:
@@ -295,7 +273,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- steps
     def _train_step(self, state: TrainState, batch: dict[str, Array], schedule):
-        self.traces += 1  # Python side: runs once per compiled program
         rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step) if self.dropout else None
 
         def loss(params):
@@ -312,20 +289,22 @@ class Trainer:
     def _signature(batch: dict[str, Any]) -> tuple:
         return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
 
+    def _specs(self, batch: dict[str, Any]) -> tuple[dict, dict]:
+        """(batch shardings, ShapeDtypeStructs with them) of a global host batch."""
+        b_sh = self.batch_shardings(batch)
+        return b_sh, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
+
     def train_program(self, state: TrainState, batch: dict[str, Any], schedule):
         """The compiled step for this (batch shapes, schedule); compiled on first use only."""
-        key = (self._signature(batch), schedule)
-        prog = self._programs.get(key)
-        if prog is None:
+        def lower():
             st_sh = jax.tree.map(lambda x: x.sharding, state)
-            b_sh = self.batch_shardings(batch)
-            spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
-            fn = jax.jit(self._train_step, in_shardings=(st_sh, b_sh),
+            b_sh, spec = self._specs(batch)
+            fn = jax.jit(self.programs.counted(self._train_step), in_shardings=(st_sh, b_sh),
                          out_shardings=(st_sh, shard_lib.replicated(self.mesh)),
                          static_argnums=2, donate_argnums=0)
-            prog = fn.lower(state, spec, schedule).compile()
-            self._programs[key] = prog
-        return prog
+            return fn.lower(state, spec, schedule)
+
+        return self.programs.get((self._signature(batch), schedule), lower)
 
     def step(self, state: TrainState, batch: dict[str, np.ndarray], schedule=None
              ) -> tuple[TrainState, dict[str, Array]]:
@@ -334,13 +313,19 @@ class Trainer:
         prog = self.train_program(state, batch, schedule)
         return prog(state, self.put_batch(batch))
 
-    @property
-    def num_programs(self) -> int:
-        return len(self._programs)
+    def eval_program(self, params, batch: dict[str, Any], schedule):
+        """The compiled ``forward`` for this (batch shapes, schedule); compiled on first use."""
+        if self.forward is None:
+            raise ValueError("this Trainer has no forward function for evaluation")
 
-    def _eval_step(self, params, batch, schedule):
-        self.traces += 1
-        return self.forward(self._gathered(params), batch, schedule)
+        def lower():
+            b_sh, spec = self._specs(batch)
+            fn = jax.jit(self.eval_programs.counted(lambda p, b, s: self.forward(self._gathered(p), b, s)),
+                         in_shardings=(jax.tree.map(lambda x: x.sharding, params), b_sh),
+                         out_shardings=shard_lib.replicated(self.mesh), static_argnums=2)
+            return fn.lower(params, spec, schedule)
+
+        return self.eval_programs.get((self._signature(batch), schedule), lower)
 
     def _gathered(self, params):
         """Sharded parameters, all-gathered for compute (ZeRO-3 style FSDP).
@@ -357,295 +342,6 @@ class Trainer:
 
     def eval_outputs(self, params: Any, batch: dict[str, np.ndarray], schedule=None) -> np.ndarray:
         """``forward`` on a GLOBAL host batch with sharded params -> [B, ...] numpy (every process)."""
-        if self.forward is None:
-            raise ValueError("this Trainer has no forward function for evaluation")
         schedule = None if schedule is None else tuple(int(k) for k in schedule)
-        key = (self._signature(batch), schedule)
-        prog = self._eval_programs.get(key)
-        b_sh = self.batch_shardings(batch)
-        if prog is None:
-            p_sh = jax.tree.map(lambda x: x.sharding, params)
-            spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
-            fn = jax.jit(self._eval_step, in_shardings=(p_sh, b_sh),
-                         out_shardings=shard_lib.replicated(self.mesh), static_argnums=2)
-            prog = fn.lower(params, spec, schedule).compile()
-            self._eval_programs[key] = prog
-        return np.asarray(prog(params, shard_lib.to_global(batch, b_sh)))
-
-
-# ------------------------------------------------------------------------------- feedback
-class MetricsLog:
-    """metrics.jsonl and TensorBoard event files in the run folder (process 0 only).
-
-    On resume from step s, records after s (written by the interrupted run and about to be
-    repeated) are dropped from metrics.jsonl, and TensorBoard purges them (``purge_step``).
-    """
-
-    def __init__(self, run_dir: Path, *, start_step: int = 0, enabled: bool = True):
-        self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = None
-        if not enabled:
-            return
-        if start_step and self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines()
-                    if l.strip() and json.loads(l).get("step", 0) <= start_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
-        elif not start_step and self.path.exists():
-            self.path.unlink()  # a fresh run
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step or None)
-        except ImportError:  # TensorBoard files are optional; the JSONL is the record
-            log.warning("tensorboardX is not installed: no TensorBoard event files")
-
-    def write(self, record: dict[str, Any], scalars: dict[str, float] | None = None, prefix: str = ""):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
-        if self._tb is not None and scalars:
-            for k, v in scalars.items():
-                if v is not None and np.isfinite(v):
-                    self._tb.add_scalar(f"{prefix}{k}", float(v), int(record.get("step", 0)))
-
-    def flush(self):
-        if self._tb is not None:
-            self._tb.flush()
-
-    def close(self):
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-# ---------------------------------------------------------------------------------- fit
-# Config keys that may change between an interrupted run and its restart.
-RESUME_MAY_CHANGE = ("debug", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps",
-                     "progress", "run_dir")
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_dict(config) -> dict[str, Any]:
-    """An ml_collections config (or a dict) as plain JSON data."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return json.loads(json.dumps(d, default=_json_default))
-
-
-def check_resume_config(saved: dict, current: dict) -> None:
-    """A restart must train the same thing: differing keys (outside RESUME_MAY_CHANGE) raise."""
-    a, b = _flat(saved), _flat(current)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                  and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
-    if diff:
-        details = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff)
-        raise ValueError(f"the run folder holds a run with another config ({details}); use a new "
-                         "run_dir, or delete the old run to start over")
-
-
-@dataclasses.dataclass
-class FitResult:
-    run_dir: Path
-    steps: int
-    resumed_from: int | None
-    best: dict[str, Any] | None
-    final_eval: list[dict[str, Any]]
-    seconds_per_epoch: list[float]
-
-
-def fit(config) -> FitResult:
-    """Fine-tunes as ``config`` says (see ``configs/``); resumes from ``config.run_dir``.
-
-    Writes into the run folder: ``checkpoints/`` (orbax, for resume), the best model by dev
-    metric as an accjax model folder (``accjax.json``, ``params.safetensors``, tokenizer
-    files; task and training config inside), ``train_config.json``, ``metrics.jsonl``,
-    ``tb/`` (TensorBoard) and ``summary.json`` (final dev/test rows of the best model).
-
-    Returns:
-      FitResult: steps run, step resumed from (None: fresh), the best dev record, the final
-      evaluation rows and the measured seconds per epoch.
-    """
-    from accjax import checkpoint as ckpt_lib
-    from accjax import experiment as exp_lib
-
-    exp_lib.validate_config(config)
-    primary = shard_lib.is_primary()
-    run_dir = Path(config.run_dir).absolute()
-    cfg_json = config_dict(config)
-    saved, ckpts = run_dir / "train_config.json", run_dir / "checkpoints"
-    if saved.exists() and ckpts.exists() and any(ckpts.iterdir()):  # every process checks
-        check_resume_config(json.loads(saved.read_text()), cfg_json)
-    mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    rules = shard_lib.normalize_rules(config.logical_axis_rules)
-    shard_lib.check_batch_size(int(config.batch_size), mesh, rules, "batch_size")
-    shard_lib.check_batch_size(int(config.eval_batch_size), mesh, rules, "eval_batch_size")
-
-    exp = exp_lib.build(config)
-    nb = exp.train.num_batches
-    schedule_steps = int(config.epochs) * nb  # the learning-rate schedule always spans the full run
-    total = schedule_steps  # where this invocation stops
-    if int(config.debug.max_steps) > 0:
-        total = min(total, int(config.debug.max_steps))
-    tx, lr = make_optimizer(config.optim, schedule_steps)
-    trainer = Trainer(exp.loss_fn, tx, lr, mesh, rules, exp.param_specs, seed=int(config.seed),
-                      dropout=bool(config.dropout), forward=exp.forward)
-    el = config.elimination
-    sampler = SpeedupSampler(el.mode, speedup=el.speedup, speedup_range=tuple(el.speedup_range),
-                             levels=el.levels, seed=int(config.seed))
-
-    if primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(cfg_json, indent=2) + "\n")
-    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=int(config.checkpoint.keep))
-
-    latest = ckpt.latest_step()
-    params_shape = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), exp.params)
-    if latest is not None:
-        state, meta = ckpt.restore(latest, trainer.abstract_state(params_shape))
-        best = meta.get("best")
-        resumed_from = int(latest)
-        log.info("resuming from the checkpoint at step %d of %d (%s)", latest, total, run_dir)
-        if primary:
-            print(f"resumed from step {latest} (checkpoint in {run_dir / 'checkpoints'})", flush=True)
-    else:
-        state, best, resumed_from = trainer.init_state(exp.params), None, None
-    start = int(jax.device_get(state.step))
-    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(exp.params))
-    exp.params = None  # the host copy is no longer needed
-
-    mlog = MetricsLog(run_dir, start_step=start, enabled=primary)
-    if primary and resumed_from is None:
-        mlog.write({"step": 0, "event": "data", **exp.data_report})
-    if primary:
-        print(exp.describe(total, nb, mesh, sampler, n_params), flush=True)
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, disable=not (primary and config.progress), unit="step",
-               dynamic_ncols=True, mininterval=1.0)
-    every = int(config.checkpoint.every_steps)
-    log_every = max(1, int(config.log_every_steps))
-    pending: list[tuple[float | None, dict, float]] = []  # (speedup, device metrics, real examples)
-    t_log, t_epoch, epoch_times = time.perf_counter(), time.perf_counter(), []
-    cpu_epoch, epoch_cpu = time.process_time(), []  # process CPU seconds (all threads)
-    delay = float(config.debug.step_delay_s)
-    saved_at = start if resumed_from is not None else None
-
-    def meta_now(step):
-        epoch, index = exp.train.position(step)
-        return {"step": step, "epoch": epoch, "index": index, "seed": int(config.seed), "best": best,
-                "total_steps": schedule_steps}
-
-    def flush_metrics(step):
-        nonlocal t_log
-        if not pending:
-            return
-        host = jax.device_get([m for _, m, _ in pending])
-        n_ex = sum(n for _, _, n in pending)
-        dt = time.perf_counter() - t_log
-        t_log = time.perf_counter()
-        mean = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
-        rec = {"step": step, "epoch": round(step / nb, 4), **mean,
-               "examples_per_s": n_ex / dt if dt > 0 else None}
-        speeds = [s for s, _, _ in pending if s is not None]
-        if speeds:
-            rec["train_speedup_mean"] = float(np.mean(speeds))
-        mlog.write(rec, {k: v for k, v in rec.items() if k not in ("step", "epoch")}, prefix="train/")
-        bar.set_postfix(loss=f"{mean['loss']:.4f}", lr=f"{mean['lr']:.2e}",
-                        ex_s=f"{rec['examples_per_s'] or 0:.1f}", refresh=False)
-        pending.clear()
-
-    step = start
-    while step < total:
-        epoch, index = exp.train.position(step)
-        batch = exp.train.batch(epoch, index)
-        s = sampler.speedup(step)
-        sched, _ = schedule_at(exp.model_config, exp.schedule_length(batch), s,
-                               bucket=int(el.bucket), floor=int(el.floor))
-        state, metrics = trainer.step(state, batch, sched)
-        pending.append((s, metrics, float(np.sum(batch["weights"])) if "weights" in batch
-                        else float(len(next(iter(batch.values()))))))
-        step += 1
-        bar.update(1)
-        if delay:
-            jax.block_until_ready(metrics)
-            time.sleep(delay)
-        if step % log_every == 0:
-            flush_metrics(step)
-        epoch_end = index == nb - 1 or step == total
-        if epoch_end:
-            flush_metrics(step)
-            jax.block_until_ready(state)
-            epoch_times.append(time.perf_counter() - t_epoch)
-            epoch_cpu.append(time.process_time() - cpu_epoch)
-            rows = exp.evaluate(trainer, state.params, list(config.eval.speedups))
-            for r in rows:
-                rec = {"step": step, "epoch": epoch + 1, "event": "eval", **r}
-                mlog.write(rec, {k: v for k, v in r.items() if isinstance(v, (int, float))
-                                 and k not in ("speedup",)},
-                           prefix=f"{r['split']}/{r['speedup']:g}x/")
-            score = exp.selection_score(rows)
-            if primary:
-                bar.write(f"epoch {epoch + 1} (step {step}): "
-                          + ", ".join(f"{r['split']}@{r['speedup']:g}x {r['primary']:.2f}" for r in rows
-                                      if r["split"] == exp.dev_split)
-                          + f"  [train {epoch_times[-1]:.0f} s]")
-                mlog.write({"step": step, "epoch": epoch + 1, "event": "epoch",
-                            "train_seconds": epoch_times[-1], "train_cpu_seconds": epoch_cpu[-1],
-                            "selection_score": score})
-            if best is None or score > best["score"]:
-                best = {"score": score, "step": step, "epoch": epoch + 1,
-                        "rows": [r for r in rows if r["split"] == exp.dev_split]}
-                host_params = shard_lib.to_host(state.params)
-                if primary:
-                    exp.export(host_params, run_dir, {"train_config": cfg_json, "eval": best})
-                    bar.write(f"  new best {exp.select_label} = {score:.2f}: exported to {run_dir}")
-            mlog.flush()
-            t_epoch = t_log = time.perf_counter()  # evaluation time counts in neither
-            cpu_epoch = time.process_time()
-        if (every > 0 and step % every == 0) or epoch_end or step == total:
-            ckpt.save(step, state, meta_now(step))
-            saved_at = step
-    bar.close()
-    if saved_at != step:
-        ckpt.save(step, state, meta_now(step))
-    ckpt.close()
-
-    # The best model as exported, evaluated on every labelled dev and test split.
-    final = exp.final_eval(trainer, run_dir, list(config.eval.speedups))
-    for r in final:
-        mlog.write({"step": step, "event": "final", **r})
-    mlog.close()
-    if primary:
-        summary = {"run_dir": str(run_dir), "steps": step, "resumed_from": resumed_from, "best": best,
-                   "final": final, "train_seconds_per_epoch": epoch_times,
-                   "train_cpu_seconds_per_epoch": epoch_cpu,
-                   "train_programs": trainer.num_programs, "data": exp.data_report,
-                   "devices": jax.device_count(), "processes": jax.process_count(),
-                   "mesh": dict(mesh.shape)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-        print(exp_lib.format_rows(final), flush=True)
-    return FitResult(run_dir, step, resumed_from, best, final, epoch_times)
+        prog = self.eval_program(params, batch, schedule)
+        return np.asarray(prog(params, shard_lib.to_global(batch, self.batch_shardings(batch))))

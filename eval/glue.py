@@ -65,7 +65,9 @@ def run(args) -> dict:
     splits = [s for s in args.split.split(",") if s] if args.split else None
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
-        ckpt = evaluation.ensure_default_run()
+        from accjax import loop
+
+        ckpt = loop.ensure_default_run()
 
     if args.task == "all":
         if (ckpt / "accjax.json").exists():

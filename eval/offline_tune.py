@@ -28,11 +28,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the table and plot (default: the checkpoint)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
-    from accjax import convert, evaluation
+    from accjax import convert, evaluation, loop
 
     try:
         speedups = evaluation.parse_speedups(args.speedups) if args.speedups else None
-        ckpt = Path(args.checkpoint) if args.checkpoint else evaluation.ensure_default_run()
+        ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
         model = evaluation.RunModel.load(ckpt)
         table = evaluation.offline_tune(model, speedups=speedups, batch_size=args.batch_size,
                                         data_dir=args.data_dir, split=args.split,

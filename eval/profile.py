@@ -25,7 +25,6 @@ import jax
 import numpy as np
 
 from accjax import benchmark, inference, models
-from accjax import schedule as S
 from eval.bench import build, parse_sets
 
 KINDS = [
@@ -113,26 +112,24 @@ def _xla_cost(prog) -> dict:
 
 def profile_program(pred, b, n, s, iters=20):
     """A BERT-family ``inference.Predictor`` program at speedup ``s``."""
-    sch = pred.schedule(n, s)
-    prog = pred.program(b, n, sch)
+    plan = pred.plan(n, s)
+    prog = pred.program(b, plan)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, pred.config.vocab_size, (b, n)).astype(np.int32)
     full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     batch = jax.device_put({k: full[k] for k in pred.input_names})
     r = profile_call(lambda: prog(pred.params, batch), iters)
-    return {"speedup": s, "schedule": list(sch), "analytic": S.analytic_speedup(pred.config, n, sch),
-            **r, **_xla_cost(prog)}
+    return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic, **r, **_xla_cost(prog)}
 
 
 def profile_t5_first_token(pred, b, n, s, iters=20):
     """A ``seq2seq.Seq2SeqPredictor`` encoder + first-token program at speedup ``s``."""
-    sch = pred.schedule(n, s)
-    prog = pred.first_token_program(b, n, sch)
+    plan = pred.plan(n, s)
+    prog = pred.first_token_program(b, plan)
     ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
     ids, mask = jax.device_put((ids, np.ones_like(ids)))
     r = profile_call(lambda: prog(pred.params, ids, mask), iters)
-    return {"speedup": s, "schedule": list(sch), "analytic": S.analytic_speedup(pred.config, n, sch),
-            **r, **_xla_cost(prog)}
+    return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic, **r, **_xla_cost(prog)}
 
 
 def main(argv=None) -> int:
@@ -176,8 +173,8 @@ def main(argv=None) -> int:
             if args.dump_hlo:
                 import os
                 os.makedirs(args.dump_hlo, exist_ok=True)
-                sch = pred.schedule(n, s)
-                prog = pred.first_token_program(b, n, sch) if t5 else pred.program(b, n, sch)
+                plan = pred.plan(n, s)
+                prog = pred.first_token_program(b, plan) if t5 else pred.program(b, plan)
                 with open(f"{args.dump_hlo}/{shape}_s{s:g}.hlo.txt", "w") as f:
                     f.write(prog.as_text())
             r["shape"] = shape

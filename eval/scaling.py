@@ -64,6 +64,7 @@ import jax
 import numpy as np
 
 from accjax import benchmark, models, train
+from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
 
 MODES = ("dense", "elim")
@@ -309,8 +310,9 @@ def _run(args, precision: str | None) -> dict[str, Any]:
                                if args.tiny else "")
     tol = dict(TOLERANCES[args.dtype])
     sampler = train.SpeedupSampler("fixed", speedup=args.speedup)
-    sched, analytic = train.schedule_at(setup.config, args.length, sampler.speedup(0),
-                                        bucket=args.bucket, floor=args.floor)
+    plan = sched_lib.plan(models.cost_model(setup.config), args.length, sampler.speedup(0),
+                          bucket=args.bucket, floor=args.floor)
+    sched, analytic = plan.schedule, plan.analytic
     schedules = {"dense": None, "elim": sched}
     labels = {"dense": "dense", "elim": f"elim@{args.speedup:g}"}
     meshes, notes = plan_meshes(devices)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from accjax import checkpoint, convert, experiment, tasks, train
+from accjax import checkpoint, convert, evaluation, loop, tasks
 from tests.train_helpers import REPO, finetune_cmd, run_finetune, sentiment_task, subprocess_env, tiny_config
 
 
@@ -81,7 +81,7 @@ def tiny_run(tmp_path_factory):
     task = sentiment_task(tmp / "data", n_train=96, extra_train=[("   ", "pos"), (long_text, "pos")])
     cfg = tiny_config(tmp / "run", task, "tiny,fixed", max_length=100, length_buckets=(32, 64), dropout=False,
                       **{"eval.speedups": (1.0, 50.0), "epochs": 2, "elimination.speedup": 2.0})
-    result = train.fit(cfg)
+    result = loop.fit(cfg)
     return cfg, result
 
 
@@ -98,7 +98,7 @@ def test_run_folder_alone_reproduces_the_recorded_dev_metric(tiny_run, tmp_path)
     meta = checkpoint.read_run_meta(folder)
     assert tasks.get_task(meta["task"]).files == tasks.get_task(cfg.task).files
     assert meta["train_config"]["elimination"]["mode"] == "fixed"
-    rows = experiment.evaluate_run(folder, splits=["validation"])
+    rows = evaluation.evaluate_folder(folder, splits=["validation"])
     recorded = {r["speedup"]: r for r in result.best["rows"]}
     assert len(rows) == 2
     for r in rows:
@@ -130,4 +130,4 @@ def test_restart_with_another_config_refuses(tiny_run):
     other = tiny_config(result.run_dir, cfg.task, "tiny,fixed", max_length=100, length_buckets=(32, 64),
                         dropout=False, **{"eval.speedups": (1.0, 50.0), "epochs": 2, "elimination.speedup": 3.0})
     with pytest.raises(ValueError, match=r"elimination.speedup: 2.0 -> 3.0"):
-        train.fit(other)
+        loop.fit(other)

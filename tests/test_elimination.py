@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from accjax import convert, inference
+from accjax import convert, inference, models
 from accjax import schedule as S
 from tests.conftest import make_hf_bert, random_batch
 
@@ -27,7 +27,7 @@ def _apply(ld, batch, **kw):
 def test_speedup_one_reproduces_dense(tiny):
     batch = random_batch(np.random.default_rng(0), 4, 16, 99)
     dense = _apply(tiny, batch)
-    sch = S.schedule_for_speedup(tiny.config, 16, 1.0)
+    sch = S.schedule_for_speedup(models.cost_model(tiny.config), 16, 1.0)
     assert sch == (16, 16, 16)
     same = _apply(tiny, batch, schedule=sch)
     assert np.abs(np.asarray(same.logits) - np.asarray(dense.logits)).max() <= 1e-6
@@ -137,7 +137,7 @@ def test_compile_discipline(tiny):
     try:
         rng = np.random.default_rng(7)
         batch = random_batch(rng, 3, 16, 99)
-        s2, s3 = S.schedule_for_speedup(tiny.config, 16, 2.0), S.schedule_for_speedup(tiny.config, 16, 3.0)
+        s2, s3 = S.schedule_for_speedup(models.cost_model(tiny.config), 16, 2.0), S.schedule_for_speedup(models.cost_model(tiny.config), 16, 3.0)
         assert s2 != s3
         pred.predict(batch, speedup=2.0)
         first = (pred.traces, counter.n, pred.num_programs)

@@ -29,14 +29,14 @@ def _write_sst2(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sst2_run(tmp_path_factory):
-    from accjax import train
+    from accjax import loop
 
     root = tmp_path_factory.mktemp("glue")
     data_dir = _write_sst2(root / "data")
     run = root / "run"
     cfg = tiny_config(run, "sst2", data_dir=str(data_dir), epochs=2,
                       **{"elimination.mode": "fixed", "elimination.speedup": 2.0})
-    train.fit(cfg)
+    loop.fit(cfg)
     return run, data_dir
 
 
@@ -64,7 +64,7 @@ def test_glue_tsv_end_to_end(sst2_run, tmp_path, capsys):
     feats = data_lib.encode(d["validation"], model.tokenizer, regression=False, max_length=model.max_length)
     pred = model.predictor(64)
     batches = data_lib.EvalBatches(feats, 64, buckets=model.buckets)
-    outs = [pred.predict(b, speedup=schedule.schedule_for_speedup(model.loaded.config, b["input_ids"].shape[1], 2.0))
+    outs = [pred.predict(b, schedule=schedule.schedule_for_speedup(pred.cost, b["input_ids"].shape[1], 2.0))
             for b in batches]
     acc = metrics.compute(model.resolve_task("sst2"), batches.restore(outs), feats.labels)["accuracy"]
     assert acc == pytest.approx(fast["accuracy"])
@@ -76,7 +76,7 @@ def test_unreachable_speedup_runs_at_the_maximum(sst2_run, capsys):
                     "--speedup", "60", "--no-progress"])
     assert rc == 0
     model = evaluation.RunModel.load(run)
-    top = schedule.max_speedup(model.loaded.config, 32)
+    top = schedule.max_speedup(model.predictor(64).cost, 32)
     assert top < 60
     assert f"max {round(top, 2)}" in capsys.readouterr().out
 

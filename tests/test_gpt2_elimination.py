@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from accjax import acc, attention, convert, generate, inference
+from accjax import acc, attention, convert, generate, inference, models
 from accjax import schedule as S
 from accjax.models import gpt2, gpt2_family
 from tests.gpt2_testlib import jit_apply, make_hf_gpt2, padded_batch
@@ -295,7 +295,7 @@ def test_classifier_through_the_predictor(tmp_path):
     direct = np.asarray(jit_apply(ld.module, ld.params, batch).logits)
     np.testing.assert_allclose(pred.predict(batch, speedup=1.0), direct, atol=1e-5)
     sch = pred.schedule(32, 2.0)
-    assert S.analytic_speedup(ld.config, 32, sch) > 1.5 and sch[-1] < 32
+    assert S.analytic_speedup(models.cost_model(ld.config), 32, sch) > 1.5 and sch[-1] < 32
     padded = {k: np.pad(v, ((0, 0), (0, 2))) for k, v in batch.items()}
     out = jit_apply(ld.module, ld.params, padded, schedule=sch)
     np.testing.assert_allclose(pred.predict(batch, speedup=2.0), np.asarray(out.logits), atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 from accjax import models
 from accjax import schedule as S
 
-BERT = models.preset("bert-base-uncased")
+BERT = models.cost_model(models.preset("bert-base-uncased"))
 
 
 @pytest.mark.parametrize("n", [128, 512])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from accjax import convert, seq2seq
+from accjax import convert, models, seq2seq
 from accjax import schedule as S
 from accjax.models import t5
 from tests.t5_helpers import decoder_batch, make_hf_t5, random_batch
@@ -39,7 +39,7 @@ def _apply(ld, *args, schedule=None, **kw):
 def test_speedup_one_is_dense_exactly(tiny):
     batch = random_batch(np.random.default_rng(0), 4, 16, 99)
     dec, dmask = decoder_batch(np.random.default_rng(1), 4, 5, 99)
-    sch = S.schedule_for_speedup(tiny.config, 16, 1.0)
+    sch = S.schedule_for_speedup(models.cost_model(tiny.config), 16, 1.0)
     assert sch == (16, 16, 16)
     dense = _apply(tiny, batch["input_ids"], batch["attention_mask"], dec, dmask)
     same = _apply(tiny, batch["input_ids"], batch["attention_mask"], dec, dmask, schedule=sch)
@@ -200,14 +200,14 @@ def test_generation_programs_compile_once_and_sampling(tiny):
 
 def test_cost_model_counts_the_decoder_first_token(tiny):
     cfg = tiny.config
-    cm = S.cost_model(cfg)
+    cm = models.cost_model(cfg)
     assert cm.a == cfg.num_heads * cfg.d_kv and cm.ffn_mats == 3 and cm.num_layers == 3
     assert cm.tail_per_row > 0 and cm.head > 2 * cfg.d_model * cfg.vocab_size
-    sch = S.schedule_for_speedup(cfg, 64, 2.0)
+    sch = S.schedule_for_speedup(cm, 64, 2.0)
     # Fewer kept encoder rows also make fewer cross-attention keys and values.
     no_tail = S.CostModel(**{**cm.__dict__, "tail_per_row": 0.0})
     assert S.analytic_speedup(cm, 64, sch) > S.analytic_speedup(no_tail, 64, sch)
-    assert abs(S.analytic_speedup(cfg, 64, sch) - 2.0) < 0.25
+    assert abs(S.analytic_speedup(cm, 64, sch) - 2.0) < 0.25
 
 
 def test_bench_t5_smoke(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from accjax import convert, prompting, seq2seq, tokenization
+from accjax import convert, models, prompting, seq2seq, tokenization
 from accjax import schedule as S
 from accjax.prompting import Example
 from tests.t5_helpers import make_hf_t5, make_tokenizer
@@ -147,7 +147,7 @@ def test_text_to_text_batch_and_loss_gradient(model_dir):
         ref = hf(input_ids=torch.tensor(batch["input_ids"][:3]).long(),
                  attention_mask=torch.tensor(batch["attention_mask"][:3]).long(),
                  labels=torch.tensor(batch["labels"][:3]).long()).loss.item()
-    loss_fn = seq2seq.make_loss_fn(ld.module, schedule=S.schedule_for_speedup(ld.config, 16, 1.5))
+    loss_fn = seq2seq.make_loss_fn(ld.module, schedule=S.schedule_for_speedup(models.cost_model(ld.config), 16, 1.5))
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(ld.params, batch)
     assert float(metrics["target_tokens"]) == 6 and np.isfinite(float(loss))
     assert abs(float(loss) - ref) < 0.5  # eliminated, so close to but not equal to dense

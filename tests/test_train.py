@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from accjax import schedule as sched_lib
-from accjax import sharding, train
+from accjax import models, sharding, train
 from tests.test_sharding import make_trainer, optim, random_batch, tiny_setup
 
 
@@ -91,7 +91,8 @@ def test_training_with_elimination_reduces_the_loss_and_compiles_once():
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     tr = make_trainer(mesh, sharding.DP_RULES, module, specs, dropout=False, total=40, lr=3e-3)
     batch = random_batch(fillers=0)
-    sched, s = train.schedule_at(cfg, 16, 3.0)
+    p = sched_lib.plan(models.cost_model(cfg), 16, 3.0)
+    sched, s = p.schedule, p.analytic
     assert sched is not None and sched[-1] < 16 and s > 2  # rows really are dropped
     state = tr.init_state(params)
     losses = []
@@ -136,9 +137,11 @@ def test_elastic_levels_are_a_function_of_seed_and_step():
 
 def test_speedups_beyond_a_length_run_at_its_maximum():
     cfg, _, _, _ = tiny_setup()
-    top = sched_lib.max_speedup(cfg, 16)
-    sched, s = train.schedule_at(cfg, 16, top * 3)
+    cm = models.cost_model(cfg)
+    top = sched_lib.max_speedup(cm, 16)
+    p = sched_lib.plan(cm, 16, top * 3)
+    sched, s = p.schedule, p.analytic
     assert s == pytest.approx(top) and sched == (1, 1)
-    assert train.schedule_at(cfg, 16, 1.0) == (None, 1.0)
-    sched2, s2 = train.schedule_at(cfg, 16, 1.5)
-    assert sched2 == sched_lib.schedule_for_speedup(cfg, 16, 1.5)  # what the Predictor runs
+    assert (sched_lib.plan(cm, 16, 1.0).schedule, sched_lib.plan(cm, 16, 1.0).analytic) == (None, 1.0)
+    sched2 = sched_lib.plan(cm, 16, 1.5).schedule
+    assert sched2 == sched_lib.schedule_for_speedup(cm, 16, 1.5)  # what the Predictor runs

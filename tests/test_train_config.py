@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from accjax import train
+from accjax import loop
 from accjax.data import DataError, DataNotFoundError
 from accjax.tasks import UnknownTaskError
 from tests.train_helpers import REPO, load_config_file, sentiment_task, subprocess_env, tiny_config, write_csv
@@ -96,7 +96,7 @@ def test_bad_input_fails_clearly(tmp_path):
                   "batch_size 12 does not split over 8 devices"))
     for cfg, exc, msg in cases:
         with pytest.raises(exc, match=msg):
-            train.fit(cfg)
+            loop.fit(cfg)
     assert not (tmp_path / "r1" / "checkpoints").exists()  # nothing was started
 
 
@@ -120,7 +120,7 @@ def test_glue_config_trains_with_fsdp_on_a_glue_tsv_folder(tmp_path):
     c.eval.speedups = (1.0,)
     c.dropout = False
     c.progress = False
-    result = train.fit(c)
+    result = loop.fit(c)
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["mesh"] == {"data": 1, "fsdp": 8}
     assert [r["split"] for r in summary["final"]] == ["validation"]  # no test file: not scored

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from accjax import convert, prompting, seq2seq, tokenization, train
+from accjax import convert, loop, prompting, seq2seq, tokenization
 from tests.t5_helpers import make_hf_t5, make_tokenizer
 from tests.train_helpers import load_config_file
 
@@ -33,7 +33,7 @@ def test_t5_instruction_tuning_learns_and_the_run_folder_reloads(tmp_path):
     c.run_dir = str(tmp_path / "run")
     c.progress = False
     assert c.elimination.mode == "elastic"
-    result = train.fit(c)
+    result = loop.fit(c)
 
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]

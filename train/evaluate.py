@@ -3,8 +3,9 @@
     python -m train.evaluate runs/rt_minilm_dense
     python -m train.evaluate runs/rt_minilm_elastic --speedups 1,1.5,2,3,4 --splits validation,test
 
-Loads the exported best model (``convert.load``), its tokenizer, task and data settings from
-the run folder, runs ``accjax.inference.Predictor`` at each speedup (a speedup above what a
+A thin entry over ``accjax.evaluation.evaluate_folder`` (the evaluation ``eval.glue`` and
+training use): the exported best model, its tokenizer, task and data settings come from the
+run folder, scored at each speedup (a speedup above what a
 length bucket permits runs at that bucket's maximum; the analytic speedup column says what
 ran), prints a table and writes ``eval.json`` into the folder (or ``--out``).
 """
@@ -27,17 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON output (default RUN_DIR/eval.json)")
     args = ap.parse_args(argv)
 
-    from accjax import experiment
+    from accjax import evaluation
 
     try:
-        rows = experiment.evaluate_run(
+        rows = evaluation.evaluate_folder(
             args.run_dir, splits=args.splits.split(",") if args.splits else None,
-            speedups=[float(s) for s in args.speedups.split(",")] if args.speedups else None,
+            speedups=evaluation.parse_speedups(args.speedups) if args.speedups else None,
             batch_size=args.batch_size, data_dir=args.data_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(experiment.format_rows(rows))
+    print(evaluation.format_table(rows))
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
     out.write_text(json.dumps({"run_dir": str(args.run_dir), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -51,9 +51,9 @@ def main(argv):
     from accjax import sharding
 
     sharding.maybe_initialize_distributed()
-    from accjax import train
+    from accjax import loop
 
-    train.fit(_CONFIG.value)
+    loop.fit(_CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class Family:
     hf_ignore: tuple[str, ...] = ()  # regexes of HF keys that are dropped (buffers, other heads)
     hf_architectures: dict[str, str] = dataclasses.field(default_factory=dict)  # head -> HF class
     dummy_inputs: Callable[[Any, int, int], dict] | None = None  # (config, B, T) -> model kwargs
-    cost_model: Callable[[Any], Any] | None = None  # config -> schedule.CostModel (None: BERT's)
+    cost_model: Callable[[Any, str], Any] | None = None  # (config, head) -> schedule.CostModel
     # (config, HF state dict) -> (config, state dict), reconciled before conversion when the
     # config.json alone cannot say (T5: is the LM head tied?); None: used as read.
     adapt_checkpoint: Callable[[Any, dict], tuple[Any, dict]] | None = None
@@ -87,6 +87,11 @@ def _safe_types(name: str) -> tuple[str, ...]:
         return get_family(name).hf_model_types
     except ImportError:
         return ()
+
+
+def cost_model(config, head: str = "sequence_classification"):
+    """The ``schedule.CostModel`` of ``config``'s family for ``head`` (each family owns its own)."""
+    return get_family(config.family).cost_model(config, head)
 
 
 def preset(name: str, **overrides):

@@ -19,6 +19,7 @@ import functools
 import jax.numpy as jnp
 
 from accjax import convert as cv
+from accjax import schedule as sched_lib
 from accjax.models import Family
 from accjax.models import bert
 
@@ -63,6 +64,15 @@ def dummy_inputs(config: bert.BertConfig, b: int, t: int) -> dict:
             "token_type_ids": jnp.zeros((b, t), jnp.int32)}
 
 
+def cost_model(config: bert.BertConfig, head: str = "sequence_classification") -> sched_lib.CostModel:
+    """Matmul FLOPs of a BERT forward pass (``accjax.schedule``), any head: the pooler and
+    classifier (2 D^2 + 2 D C); about 8 D FLOPs a token for the embedding sum and LayerNorm."""
+    d = config.hidden_size
+    return sched_lib.CostModel(
+        num_layers=config.num_layers, d=d, f=config.intermediate_size,
+        head=2 * d * d + 2 * d * max(1, config.num_labels), embed_per_token=8 * d)
+
+
 @functools.cache
 def family() -> Family:
     return Family(
@@ -80,4 +90,5 @@ def family() -> Family:
         hf_ignore=(r"(bert\.)?embeddings\.position_ids", r"cls\..*"),
         hf_architectures={"base": "BertModel", "sequence_classification": "BertForSequenceClassification"},
         dummy_inputs=dummy_inputs,
+        cost_model=cost_model,
     )

@@ -124,7 +124,7 @@ def dummy_inputs(config: t5.T5Config, b: int, t: int) -> dict:
     return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32)}
 
 
-def cost_model(config: t5.T5Config) -> sched_lib.CostModel:
+def cost_model(config: t5.T5Config, head: str = "lm") -> sched_lib.CostModel:
     """Matmul FLOPs of "encoder + first token": the schedule covers the encoder layers.
 
     Per sequence, fixed (``head``): the first decoder step for one query, every decoder
