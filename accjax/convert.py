@@ -236,12 +236,8 @@ class LoadReport:
 def _flax_shapes(family: models_lib.Family, config, head: str) -> dict[tuple[str, ...], tuple[int, ...]]:
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
-    module = family.module(config, head)
-    inputs = family.dummy_inputs(config, 1, 8)
-    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **inputs))
-    params = nn.meta.unbox(abstract["params"])
+    params = nn.meta.unbox(models_lib.abstract_variables(config, head)["params"])
     return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in
             jax.tree_util.tree_flatten_with_path(params)[0]}
 

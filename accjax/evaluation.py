@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -130,25 +129,6 @@ class RunModel:
 
 
 # ---------------------------------------------------------------------------- scoring
-def parse_speedups(text: str | Sequence[float]) -> list[float]:
-    """'1.5,2,4.8' -> [1.5, 2.0, 4.8]: finite numbers >= 1, duplicates scored once."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out = []
-    for item in items:
-        s = str(item).strip()
-        try:
-            v = float(s)
-        except ValueError:
-            raise EvalError(f"speedup {s!r} is not a number; write e.g. --speedup 2 or "
-                            "--speedup 1.5,2,4.8") from None
-        if not (v >= 1 and math.isfinite(v)):
-            raise EvalError(f"speedup {s} is not a finite number >= 1 (1 = the dense model)")
-        out.append(v)
-    if not out:
-        raise EvalError("no speedup given")
-    return list(dict.fromkeys(out))
-
-
 # (batch [B, T] numpy, plan) -> outputs [B, ...] numpy; and what compiles that program ahead.
 RunFn = Callable[[dict, sched_lib.Plan], np.ndarray]
 
@@ -269,21 +249,19 @@ def format_table(rows: list[dict]) -> str:
     """One fixed-width table for every evaluation row (training, eval.glue, train.evaluate)."""
     if not rows:
         return "(nothing scored)"
-    bs = rows[0]["batch_size"]
     metric_keys = [k for k in rows[0] if k not in _TABLE_FIELDS]
-    head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}{'measured':>9}"
-            + "".join(f"{k:>11}" for k in metric_keys)
-            + f"{'drop':>7}{'ex/s':>9}{f'ms/{bs}':>9}  keep")
+    cols = [("measured_speedup", "measured", 9, ".2f")] + [(k, k, 11, ".2f") for k in metric_keys] + [
+        ("drop", "drop", 7, ".2f"), ("examples_per_s", "ex/s", 9, ".0f"),
+        ("ms_per_batch", f"ms/{rows[0].get('batch_size', 'batch')}", 9, ".1f")]
+    head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}"
+            + "".join(f"{h:>{w}}" for _, h, w, _ in cols) + "  keep")
     lines = [head, "-" * len(head)]
     for r in rows:
-        keep = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in r["schedules"].items())
-        note = "".join(f" (len {k}: max {v})" for k, v in r["clamped"].items())
-        lines.append(
-            f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
-            + (f"{r['measured_speedup']:>9.2f}" if "measured_speedup" in r else f"{'-':>9}")
-            + "".join(f"{r[k]:>11.2f}" for k in metric_keys)
-            + (f"{r['drop']:>7.2f}" if "drop" in r else f"{'-':>7}")
-            + f"{r['examples_per_s']:>9.0f}{r['ms_per_batch']:>9.1f}  {keep}{note}")
+        keep = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in r.get("schedules", {}).items())
+        note = "".join(f" (len {k}: max {v})" for k, v in r.get("clamped", {}).items())
+        lines.append(f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
+                     + "".join(f"{r[k]:>{w}{f}}" if k in r else f"{'-':>{w}}" for k, _, w, f in cols)
+                     + f"  {keep}{note}")
     return "\n".join(lines)
 
 

@@ -35,7 +35,6 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -48,6 +47,80 @@ from accjax import train as train_lib
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("classification", "seq2seq")
+MODES_ORDER = ("elastic", "fixed", "dense")  # a config argument naming several: the first wins
+
+
+# ------------------------------------------------------------------------------- configs
+def config_words(arg: str | None, allowed: Sequence[str], modes: Sequence[str] = MODES_ORDER,
+                 default_mode: str = "dense") -> tuple[set[str], str]:
+    """A config file's argument ('elastic,tiny') -> (its words, the elimination mode); an
+    unknown word raises naming the allowed ones."""
+    words = {w.strip().lower() for w in (arg or "").split(",") if w.strip()}
+    unknown = words - set(allowed) - set(modes)
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; use {'|'.join(modes)}"
+                         f"[,{','.join(allowed)}]")
+    return words, next((w for w in modes if w in words), default_mode)
+
+
+def base_config(objective: str, mode: str):
+    """The fields every training config has, with their defaults; a config file
+    (``configs/*.py``) changes what its recipe needs."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.objective = objective  # 'classification' (task labels; STS-B: regression) | 'seq2seq' (T5 text-to-text)
+    c.model = ""  # convert.load spec: HF folder, hub id, built-in name, accjax folder; or 'preset:NAME' (random init)
+    c.model_overrides = ml_collections.ConfigDict()  # model config fields to change (e.g. hidden_dropout)
+    c.tokenizer = ""  # folder / spec holding tokenizer.json or vocab.txt; '' = the model's folder
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimizer state stay float32)
+    c.max_examples = 0  # keep the first n examples of every split (quick runs); 0 = all
+    c.batch_size = 32  # GLOBAL batch (split over all devices of all processes)
+    c.eval_batch_size = 64  # GLOBAL evaluation batch
+    c.epochs = 3  # passes over the train split
+    c.seed = 0  # data order, dropout keys, elastic level draws, fresh head init
+    c.dropout = True  # dropout on in training (the model's own probabilities)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-5  # peak learning rate
+    c.optim.weight_decay = 0.01  # AdamW decoupled decay; not on biases and norm scales
+    c.optim.warmup_ratio = 0.1  # linear warmup over ceil(ratio * total steps), then linear decay to 0
+    c.optim.clip = 1.0  # global gradient-norm clipping; <= 0 = none
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.999  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+
+    c.elimination = ml_collections.ConfigDict()
+    c.elimination.mode = mode  # 'dense' | 'fixed' (one training speedup) | 'elastic' (a speedup drawn per step)
+    c.elimination.speedup = 2.0  # fixed mode: the training speedup
+    c.elimination.speedup_range = (1.0, 4.0)  # elastic mode: speedups drawn from this range ...
+    c.elimination.levels = 7  # ... quantised to this many levels (bounds the compiled train programs)
+    c.elimination.acc_variant = "plain"  # ACC form ranking the rows (accjax.acc.VARIANTS)
+    c.elimination.bucket = 8  # keep-lengths rounded up to multiples of this (powers of two below it)
+    c.elimination.floor = 1  # no layer keeps fewer rows
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.speedups = (1.0, 1.5, 2.0, 3.0, 4.0)  # dev evaluation at each epoch end, at each speedup
+    c.eval.select_speedup = 1.0  # the best model is chosen by the dev primary metric at this speedup ...
+    c.eval.select_mean = mode == "elastic"  # ... or by its mean over eval.speedups (elastic: serve them all)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size; -1 = all devices left
+    c.mesh.fsdp = 1  # parameter-sharding axis size (FSDP: also add ('embed', 'fsdp') to the rules)
+    c.logical_axis_rules = [("batch", ("data", "fsdp"))]  # (logical axis, mesh axes); unnamed = replicated. DP
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100  # resume checkpoints every n steps (and at every epoch end)
+    c.checkpoint.keep = 2  # newest resume checkpoints kept
+
+    c.run_dir = "runs/run"  # run folder: checkpoints, best model, metrics, TensorBoard
+    c.log_every_steps = 10  # metrics.jsonl / TensorBoard / progress-bar interval
+    c.progress = True  # tqdm progress bar (loss, lr, examples/s, ETA)
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.max_steps = 0  # stop after n steps (0 = the full run); the lr schedule still spans all epochs
+    c.debug.step_delay_s = 0.0  # sleep after every step (lets a test interrupt a run mid-way)
+    return c
 
 
 # --------------------------------------------------------------------------- validation
@@ -87,10 +160,7 @@ def load_model(config, head: str, num_labels: int | None) -> tuple[convert.Loade
             overrides["num_labels"] = num_labels
         cfg = models_lib.preset(spec.removeprefix("preset:"), **overrides)
         family = models_lib.get_family(cfg.family)
-        module = family.module(cfg, head)
-        # One compiled init (eager init would compile every initialiser op separately).
-        variables = jax.jit(module.init)(jax.random.PRNGKey(int(config.seed)), **family.dummy_inputs(cfg, 1, 8))
-        params = jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
+        params = models_lib.init_params(cfg, head, int(config.seed))
         if not config.tokenizer:
             raise ValueError("config.tokenizer must name a tokenizer folder or model for a preset: model")
         tok = hub.resolve(config.tokenizer)
@@ -105,10 +175,7 @@ def load_model(config, head: str, num_labels: int | None) -> tuple[convert.Loade
 
 def param_specs(loaded: convert.Loaded) -> Any:
     """Logical PartitionSpecs of the model's parameters (from the module's annotations)."""
-    module = loaded.module
-    inputs = loaded.family.dummy_inputs(loaded.config, 1, 8)
-    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **inputs))
-    return shard_lib.logical_specs(abstract)["params"]
+    return shard_lib.logical_specs(models_lib.abstract_variables(loaded.config, loaded.head))["params"]
 
 
 def _none_if_empty(v):
@@ -121,10 +188,33 @@ class _Base:
     dev_split: str
     primary_name: str
 
+    head: str
+
     def __init__(self, config):
         self.config = config
         self.select_mean = bool(config.eval.select_mean)
         self.select_speedup = float(config.eval.select_speedup)
+        self.acc_variant = str(config.elimination.acc_variant)
+
+    def _load_model(self, num_labels: int | None) -> None:
+        loaded, self.tokenizer_dir = load_model(self.config, self.head, num_labels)
+        self.loaded, self.model_config, self.family = loaded, loaded.config, loaded.family
+        self.module, self.params = loaded.module, loaded.params
+        self.param_specs = param_specs(loaded)
+        self.cost = models_lib.cost_model(self.model_config, self.head)
+
+    def export(self, params, run_dir: Path, extra: dict) -> None:
+        ckpt_lib.export_model(run_dir, self.family, self.model_config, params, self.head,
+                              tokenizer_from=self.tokenizer_dir,
+                              extra={"objective": self.objective, **self.export_meta, **extra})
+
+    def final_eval(self, trainer, run_dir: Path, speedups: Sequence[float]) -> list[dict]:
+        """The exported best model, reloaded from the run folder, on every labelled dev/test split."""
+        if not (Path(run_dir) / convert.ACCJAX_META).exists():
+            return []
+        best = convert.load(run_dir, self.head)
+        return self.evaluate(trainer, shard_lib.put(best.params, trainer.param_shardings), speedups,
+                             include_test=True)
 
     @property
     def select_label(self) -> str:
@@ -161,15 +251,10 @@ class ClassificationExperiment(_Base):
         self.task_name = self.task.name
         self.dev_split = self.task.dev_split
         self.primary_name = self.task.primary_metric
-        loaded, tok_dir = load_model(config, self.head, self.task.num_labels)
-        self.loaded, self.tokenizer_dir = loaded, tok_dir
-        self.model_config, self.family = loaded.config, loaded.family
-        self.module = loaded.module
-        self.params = loaded.params
-        self.param_specs = param_specs(loaded)
+        self._load_model(self.task.num_labels)
         from accjax.tokenization import Tokenizer
 
-        tok = Tokenizer.from_folder(tok_dir)
+        tok = Tokenizer.from_folder(self.tokenizer_dir)
         limit = min(tok.max_length, getattr(self.model_config, "max_position_embeddings", tok.max_length))
         max_length = int(config.max_length)
         if max_length > limit:
@@ -191,11 +276,11 @@ class ClassificationExperiment(_Base):
         for s, n in self.data_report["truncated"].items():
             if n:
                 log.warning("%s/%s: %d example(s) truncated to %d tokens", self.task.name, s, n, max_length)
-        self.acc_variant = str(config.elimination.acc_variant)
-        self.cost = models_lib.cost_model(self.model_config, self.head)
         self.loss_fn = train_lib.make_classification_loss(self.module, self.task.num_labels, self.acc_variant)
         self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
-                                 if n in loaded.family.dummy_inputs(self.model_config, 1, 8))
+                                 if n in self.family.dummy_inputs(self.model_config, 1, 8))
+        self.export_meta = {"task": self.task.spec, "data": {"max_length": self.max_length,
+                                                             "length_buckets": list(self.buckets)}}
 
     def schedule_length(self, batch) -> int:
         return int(batch["input_ids"].shape[1])
@@ -225,20 +310,6 @@ class ClassificationExperiment(_Base):
             speedups=speedups, batch_size=int(self.config.eval_batch_size), buckets=self.buckets,
             bucket=int(el.bucket), floor=int(el.floor), compile=compile)
 
-    def export(self, params, run_dir: Path, extra: dict) -> None:
-        ckpt_lib.export_model(run_dir, self.family, self.model_config, params, self.head,
-                              tokenizer_from=self.tokenizer_dir,
-                              extra={"objective": self.objective, "task": self.task.spec,
-                                     "data": {"max_length": self.max_length,
-                                              "length_buckets": list(self.buckets)}, **extra})
-
-    def final_eval(self, trainer, run_dir: Path, speedups: Sequence[float]) -> list[dict]:
-        """The exported best model, reloaded from the run folder, on every labelled dev/test split."""
-        if not (Path(run_dir) / convert.ACCJAX_META).exists():
-            return []
-        best = convert.load(run_dir, self.head)
-        params = shard_lib.put(best.params, trainer.param_shardings)
-        return self.evaluate(trainer, params, speedups, include_test=True)
 
 
 # ---------------------------------------------------------------------------- seq2seq
@@ -299,19 +370,12 @@ class Seq2SeqExperiment(_Base):
         self.labels = [w.strip() for w in str(config.labels).split(",") if w.strip()] or None
         self.primary_name = "accuracy" if self.labels else "token_f1"
         self.task_name = Path(config.train_file).name
-        loaded, tok_dir = load_model(config, self.head, None)
-        self.loaded, self.tokenizer_dir = loaded, tok_dir
-        self.model_config, self.family = loaded.config, loaded.family
-        self.module = loaded.module
-        self.params = loaded.params
-        self.param_specs = param_specs(loaded)
-        self.tokenizer = Tokenizer.from_folder(tok_dir)
-        self.cost = models_lib.cost_model(self.model_config, self.head)
+        self._load_model(None)
+        self.tokenizer = Tokenizer.from_folder(self.tokenizer_dir)
         self.source_length, self.target_length = int(config.source_length), int(config.target_length)
         self.train = Seq2SeqBatches(self.tokenizer, self.splits["train"], int(config.batch_size),
                                     seed=int(config.seed), source_length=self.source_length,
                                     target_length=self.target_length)
-        self.acc_variant = str(config.elimination.acc_variant)
         module, variant = self.module, self.acc_variant
 
         def loss_fn(params, batch, rng, schedule):
@@ -323,6 +387,7 @@ class Seq2SeqExperiment(_Base):
         self.data_report = {"task": {"train_file": str(config.train_file), "dev_file": str(config.dev_file),
                                      "test_file": str(config.test_file) or None, "labels": self.labels},
                             "examples": {k: len(v) for k, v in self.splits.items()}}
+        self.export_meta = {"task": self.data_report["task"]}
 
     def schedule_length(self, batch) -> int:
         return self.source_length
@@ -339,11 +404,10 @@ class Seq2SeqExperiment(_Base):
             self._predictor.params = jax.device_put(params_host)
         return self._predictor
 
-    def evaluate(self, trainer, params, speedups: Sequence[float], *, include_test: bool = False,
-                 host_params=None) -> list[dict]:
+    def evaluate(self, trainer, params, speedups: Sequence[float], *, include_test: bool = False) -> list[dict]:
         from accjax import prompting
 
-        pred = self._predictor_for(host_params if host_params is not None else shard_lib.to_host(params))
+        pred = self._predictor_for(shard_lib.to_host(params))
         rows = []
         for split in ["validation"] + (["test"] if include_test and "test" in self.splits else []):
             res = prompting.evaluate(pred, self.tokenizer, self.splits[split], speedups=list(speedups),
@@ -352,20 +416,9 @@ class Seq2SeqExperiment(_Base):
             for r in res["rows"]:
                 m = ({"accuracy": 100 * r["accuracy"]} if self.labels else
                      {"exact_match": 100 * r["exact_match"], "token_f1": 100 * r["token_f1"]})
-                rows.append({"split": split, "speedup": float(r["speedup"]),
+                rows.append({"task": self.task_name, "split": split, "speedup": float(r["speedup"]),
                              "analytic_speedup": r["analytic_speedup"], **m, "primary": m[self.primary_name]})
         return rows
-
-    def export(self, params, run_dir: Path, extra: dict) -> None:
-        ckpt_lib.export_model(run_dir, self.family, self.model_config, params, self.head,
-                              tokenizer_from=self.tokenizer_dir,
-                              extra={"objective": self.objective, "task": self.data_report["task"], **extra})
-
-    def final_eval(self, trainer, run_dir: Path, speedups: Sequence[float]) -> list[dict]:
-        if not (Path(run_dir) / convert.ACCJAX_META).exists():
-            return []
-        best = convert.load(run_dir, self.head)
-        return self.evaluate(trainer, None, speedups, include_test=True, host_params=best.params)
 
 
 def build(config):

@@ -32,13 +32,15 @@ Array = jax.Array
 
 
 def sample_logits(logits: Array, rng: Array, *, greedy: bool, temperature: Array | float = 1.0,
-                  top_k: int = 0) -> Array:
-    """Next tokens [B] int32 from logits [B, V].
+                  top_k: int = 0, top_p: float = 1.0) -> Array:
+    """Next tokens [B] int32 from logits [B, V] (every family's decoding).
 
     Args:
       greedy: argmax (static); otherwise categorical sampling.
       temperature: divides the logits (traced: changing it does not recompile).
       top_k: static; > 0 keeps only the k most likely tokens before sampling.
+      top_p: static; < 1 keeps the smallest set of most likely tokens whose probability
+        reaches top_p (nucleus sampling; the best token always stays).
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -46,6 +48,11 @@ def sample_logits(logits: Array, rng: Array, *, greedy: bool, temperature: Array
     if top_k > 0:
         kth = lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1] k-th largest
         logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if 0.0 < top_p < 1.0:
+        srt = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+        cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+        cutoff = jnp.take_along_axis(srt, jnp.sum(cum < top_p, axis=-1, keepdims=True), axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 

@@ -277,17 +277,6 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
     return rows
 
 
-def random_params(module, config, seed: int = 0):
-    """Randomly initialised parameters (numpy) for benchmarks without a checkpoint."""
-    import flax.linen as nn
-
-    from accjax.models import get_family
-
-    fam = get_family(config.family)
-    init = jax.jit(lambda k: nn.meta.unbox(module.init(k, **fam.dummy_inputs(config, 1, 8))["params"]))
-    return jax.tree.map(np.asarray, init(jax.random.PRNGKey(seed)))
-
-
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The sweep as a text (or Markdown) table."""
     cols = [("speedup", "asked", "{:.2f}"), ("analytic", "analytic", "{:.2f}")]

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import inference, models, programs
+from accjax import generate, inference, models, programs
 from accjax import schedule as sched_lib
 from accjax.models import t5 as t5_lib
 
@@ -47,25 +47,6 @@ def _encode(module, params, input_ids, attention_mask, schedule, acc_variant, pr
     return module.apply({"params": params}, input_ids, attention_mask,
                         schedule=None if dense else tuple(schedule), acc_variant=acc_variant,
                         protect_last=protect_last, method="encode")
-
-
-def _pick(logits: Array, key: Array | None, mode: str, temperature: float, top_k: int,
-          top_p: float) -> Array:
-    """Next token [B] from logits [B, V] (float32)."""
-    if mode == "greedy":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / max(temperature, 1e-6)
-    if top_k and top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if 0.0 < top_p < 1.0:
-        srt = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-        cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always the best token).
-        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)  # [B, 1]
-        cutoff = jnp.take_along_axis(srt, cutoff_idx, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 def generate_tokens(
@@ -119,7 +100,8 @@ def generate_tokens(
         logits, cache = module.apply({"params": params}, tok, i, cache, kv, enc_mask,
                                      method="decode_step")  # [B, V]
         key, sub = jax.random.split(key)
-        nxt = _pick(logits, sub, mode, temperature, top_k, top_p)
+        nxt = generate.sample_logits(logits, sub, greedy=mode == "greedy", temperature=max(temperature, 1e-6),
+                                     top_k=top_k, top_p=top_p)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
         done = done | (nxt == cfg.eos_token_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax
+from eval import cli
 
 from accjax import benchmark, models, seq2seq
 
@@ -29,26 +29,17 @@ TINY = dict(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers
 def build(model: str, dtype: str, attention_impl: str, *, tiny: bool = False, seed: int = 0,
           acc_impl: str = "auto"):
     """(config, params) for a preset (random init) or a local checkpoint folder."""
-    if tiny or model in models.all_presets():
-        import flax.linen as nn
-
+    kw = dict(dtype=dtype, attention_impl=attention_impl, acc_impl=acc_impl)
+    if tiny:
         from accjax.models import t5
 
-        cfg = (t5.T5Config(**TINY) if tiny else models.preset(model)).replace(
-            dtype=dtype, attention_impl=attention_impl, acc_impl=acc_impl)
-        fam = models.get_family(cfg.family)
-        module = fam.module(cfg, "lm")
-        params = jax.jit(lambda k: nn.meta.unbox(module.init(k, **fam.dummy_inputs(cfg, 1, 8))["params"]))(
-            jax.random.PRNGKey(seed))
-        return cfg, params
-    from accjax import convert
-
-    ld = convert.load(model, "lm", dtype=dtype, attention_impl=attention_impl, acc_impl=acc_impl)
-    return ld.config, ld.params
+        cfg = t5.T5Config(**TINY, **kw)
+        return cfg, models.init_params(cfg, "lm", seed)
+    return cli.model(model, "lm", seed=seed, **kw)
 
 
 def run(args) -> dict:
-    speedups = [float(x) for x in args.speedups.split(",") if x]
+    speedups = cli.speedups(args.speedups, "--speedups")
     if any(not s >= 1 for s in speedups):
         raise ValueError(f"speedups must be >= 1, got {speedups}")
     info = benchmark.machine()
@@ -139,15 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        benchmark.write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return 0
+    return cli.run(lambda: run(args), json_path=args.json, errors=(RuntimeError,))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ dev drop is at most X points.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
+
+from eval import cli
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 
@@ -47,22 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_writable(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"--json {path} is a folder; give a file path")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write --json {path}: {parent} is not a writable folder")
-    return p
-
-
 def run(args) -> dict:
-    from accjax import benchmark, evaluation
+    from accjax import evaluation
 
-    speedups = evaluation.parse_speedups(args.speedup)
-    out = check_writable(args.json) if args.json else None
-    splits = [s for s in args.split.split(",") if s] if args.split else None
+    speedups = cli.speedups(args.speedup)
+    splits = cli.words(args.split)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
         from accjax import loop
@@ -105,26 +94,15 @@ def run(args) -> dict:
                                     batch_size=args.batch_size, data_dir=args.data_dir,
                                     progress=args.progress)
     print(evaluation.format_table(rows))
-    result = {"machine": benchmark.machine(), "checkpoint": str(ckpt), "rows": rows}
+    result = {"checkpoint": str(ckpt), "rows": rows}
     if picked:
         result["picked"] = picked
-    if out is not None:
-        out.write_text(json.dumps(result, indent=2, default=evaluation._jsonable) + "\n")
-        print(f"wrote {out}")
     return result
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from accjax import convert, evaluation, hub
-
-    try:
-        run(args)
-    except (evaluation.EvalError, convert.CheckpointError, hub.ModelNotFoundError, ValueError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(lambda: run(args), json_path=args.json)
 
 
 if __name__ == "__main__":

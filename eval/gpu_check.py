@@ -67,10 +67,7 @@ def check_model(dtype) -> dict:
     out = {}
     cfg0 = models.preset("bert-base-uncased", dtype=dtype)
     fam = models.get_family("bert")
-    import flax.linen as nn
-    module = fam.module(cfg0, "sequence_classification")
-    params = jax.jit(lambda k: nn.meta.unbox(module.init(k, **fam.dummy_inputs(cfg0, 1, 8))["params"]))(
-        jax.random.PRNGKey(0))
+    params = models.init_params(cfg0, "sequence_classification")
     rng = np.random.default_rng(1)
     ids = rng.integers(1, cfg0.vocab_size, (16, 128)).astype(np.int32)
     mask = (np.arange(128)[None] < rng.integers(40, 129, (16, 1))).astype(np.int32)

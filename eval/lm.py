@@ -57,7 +57,7 @@ def build(args):
         if cfg.family != "gpt2":
             raise ValueError(f"eval.lm runs GPT-2 models; {args.model!r} is a {cfg.family} preset")
         module = models.get_family("gpt2").module(cfg, "lm")
-        return module, lm.random_params(module, cfg, args.seed), cfg, None
+        return module, models.init_params(cfg, "lm", args.seed), cfg, None
     from accjax import convert, hub
 
     folder = hub.resolve(args.model)

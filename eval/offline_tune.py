@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from eval import cli
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.offline_tune", description=__doc__.split("\n\n")[0])
@@ -28,22 +30,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the table and plot (default: the checkpoint)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
-    from accjax import convert, evaluation, loop
+    from accjax import evaluation, loop
 
-    try:
-        speedups = evaluation.parse_speedups(args.speedups) if args.speedups else None
+    def run():
+        speedups = cli.speedups(args.speedups, "--speedups") if args.speedups else None
         ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
-        model = evaluation.RunModel.load(ckpt)
-        table = evaluation.offline_tune(model, speedups=speedups, batch_size=args.batch_size,
-                                        data_dir=args.data_dir, split=args.split,
-                                        progress=args.progress, out_dir=args.out)
-    except (evaluation.EvalError, convert.CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(evaluation.tune_markdown(table))
-    out = Path(args.out) if args.out else ckpt
-    print(f"wrote {out}/{evaluation.TUNE_FILE}.json, .md and .png")
-    return 0
+        table = evaluation.offline_tune(evaluation.RunModel.load(ckpt), speedups=speedups,
+                                        batch_size=args.batch_size, data_dir=args.data_dir,
+                                        split=args.split, progress=args.progress, out_dir=args.out)
+        print(evaluation.tune_markdown(table))
+        print(f"wrote {Path(args.out) if args.out else ckpt}/{evaluation.TUNE_FILE}.json, .md and .png")
+
+    return cli.run(run)
 
 
 if __name__ == "__main__":

@@ -125,17 +125,12 @@ class Setup:
 
 def build(model: str, dtype: str, tiny: bool, seed: int = 0) -> Setup:
     """A random-weight preset with a 2-class head, computing in ``dtype`` (params float32)."""
-    import flax.linen as nn
-
-    overrides = {**(TINY if tiny else {}), "num_labels": 2, "dtype": dtype}
-    cfg = models.preset(model, **overrides)
+    head = "sequence_classification"
+    cfg = models.preset(model, **{**(TINY if tiny else {}), "num_labels": 2, "dtype": dtype})
     fam = models.get_family(cfg.family)
-    module = fam.module(cfg, "sequence_classification")
-    inputs = fam.dummy_inputs(cfg, 1, 8)
-    variables = jax.jit(module.init)(jax.random.PRNGKey(seed), **inputs)  # one compiled init
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), nn.meta.unbox(variables["params"]))
-    specs = shard_lib.logical_specs(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(seed), **inputs)))
-    return Setup(cfg, module, params, specs["params"], tuple(inputs))
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), models.init_params(cfg, head, seed))
+    specs = shard_lib.logical_specs(models.abstract_variables(cfg, head))["params"]
+    return Setup(cfg, fam.module(cfg, head), params, specs, tuple(fam.dummy_inputs(cfg, 1, 8)))
 
 
 def random_batches(setup: Setup, batch: int, length: int, seed: int, count: int = 3) -> list[dict]:

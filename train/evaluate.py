@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from eval import cli
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
@@ -30,19 +32,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from accjax import evaluation
 
-    try:
+    def run():
         rows = evaluation.evaluate_folder(
-            args.run_dir, splits=args.splits.split(",") if args.splits else None,
-            speedups=evaluation.parse_speedups(args.speedups) if args.speedups else None,
+            args.run_dir, splits=cli.words(args.splits),
+            speedups=cli.speedups(args.speedups, "--speedups") if args.speedups else None,
             batch_size=args.batch_size, data_dir=args.data_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(evaluation.format_table(rows))
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
-    out.write_text(json.dumps({"run_dir": str(args.run_dir), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+        print(evaluation.format_table(rows))
+        out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
+        out.write_text(json.dumps({"run_dir": str(args.run_dir), "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
+
+    return cli.run(run)
 
 
 if __name__ == "__main__":

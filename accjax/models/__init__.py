@@ -94,6 +94,28 @@ def cost_model(config, head: str = "sequence_classification"):
     return get_family(config.family).cost_model(config, head)
 
 
+def abstract_variables(config, head: str = "base"):
+    """``jax.eval_shape`` of the module's init: boxed variables with their logical axis names
+    (``sharding.logical_specs`` reads them), nothing computed."""
+    import jax
+
+    fam = get_family(config.family)
+    module = fam.module(config, head)
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **fam.dummy_inputs(config, 1, 8)))
+
+
+def init_params(config, head: str = "base", seed: int = 0):
+    """Randomly initialised parameters (numpy, unboxed) of ``config``'s ``head`` module: one
+    compiled init (eager init would compile every initialiser op separately)."""
+    import jax
+    import numpy as np
+
+    fam = get_family(config.family)
+    module = fam.module(config, head)
+    init = jax.jit(lambda k: nn.meta.unbox(module.init(k, **fam.dummy_inputs(config, 1, 8))["params"]))
+    return jax.tree.map(np.asarray, init(jax.random.PRNGKey(seed)))
+
+
 def preset(name: str, **overrides):
     """A named preset config from any family (e.g. 'bert-base-uncased', 'gpt2')."""
     for fam_name in families():
