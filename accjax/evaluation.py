@@ -112,14 +112,18 @@ class RunModel:
                                      acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor)
 
     def resolve_task(self, task: str | None) -> tasks_lib.Task:
-        """The task to score: the checkpoint's own, or one with the same label count."""
-        own = self.task_spec
+        """The task to score: the checkpoint's own, or one with the same label count (a file
+        task's label count is known only once its data is read: ``check_labels`` then)."""
         try:
-            t = tasks_lib.get_task(task or own)
+            t = tasks_lib.get_task(task or self.task_spec)
         except KeyError as e:
             raise EvalError(str(e.args[0] if e.args else e)) from None
         except ValueError as e:
             raise EvalError(str(e)) from None
+        return self.check_labels(t) if t.num_labels is not None else t
+
+    def check_labels(self, t: tasks_lib.Task) -> tasks_lib.Task:
+        own = self.task_spec
         if t.num_labels != self.loaded.config.num_labels:
             raise EvalError(
                 f"checkpoint {self.folder} was fine-tuned for {own!r} with "
@@ -136,7 +140,7 @@ RunFn = Callable[[dict, sched_lib.Plan], np.ndarray]
 def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, cost: sched_lib.CostModel,
                  speedups: Sequence[float], batch_size: int, buckets: Sequence[int], bucket: int = 8,
                  floor: int = 1, compile: Callable[[sched_lib.Plan, dict], Any] | None = None,
-                 baseline: bool = False, progress: bool = False) -> list[dict]:
+                 baseline: bool = False, progress: bool = False, repeats: int = 0) -> list[dict]:
     """THE classifier evaluation: every split x speedup, one row each.
 
     Each pass compiles what it needs first (``compile``; compilation is never timed), then
@@ -144,6 +148,12 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
 
         analytic speedup = dense FLOPs / FLOPs run   (every example at its padded length)
         measured speedup = dense seconds / seconds   (same data, same run; needs a dense row)
+
+    With ``repeats`` R > 0 the scoring pass is the warm-up, and the split is then timed R more
+    times with every level interleaved (dense, 2x, 4.8x, dense, 2x, ...): ``measured`` is the
+    median of the R paired ratios and ``measured_min`` / ``measured_max`` their spread, so a
+    level is never judged by one pass or by a pass that paid for warm-up. Without repeats
+    (training's dev evaluation) nothing is timed and the rows carry no measured speedup.
 
     Args:
       features: split -> labelled ``data.Features``.
@@ -154,7 +164,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
       drop (vs dense), examples_per_s, ms_per_batch, seconds, examples, batch_size,
       truncated, schedules (per length), clamped (length -> its maximum speedup)}.
     """
-    levels = list(dict.fromkeys(float(s) for s in speedups))
+    speedups = list(dict.fromkeys(float(s) for s in speedups))  # a repeated speedup is scored once
+    levels = list(speedups)
     if baseline and 1.0 not in levels:
         levels = [1.0] + levels
     elif 1.0 in levels:  # dense first: the other rows are measured against it
@@ -163,7 +174,7 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
     for split, feats in features.items():
         batches = data_lib.EvalBatches(feats, batch_size, buckets=buckets)
         items = [batches.batch(k) for k in range(len(batches))]
-        dense = None
+        split_rows = []
         for s in levels:
             plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor) for b in items]
             if compile is not None:
@@ -172,34 +183,53 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
             it = zip(items, plans)
             if progress:
                 it = tqdm(list(it), desc=f"{task.name}/{split} x{s:g}", leave=False, unit="batch")
-            t0 = time.perf_counter()
             outs = [run(b, p) for b, p in it]
-            seconds = time.perf_counter() - t0
             m = metrics_lib.compute(task, batches.restore(outs), feats.labels)
             primary = metrics_lib.primary(task, m)
             n = [float(b["weights"].sum()) for b in items]
             flops = [w * cost.total(p.length, (p.length,) * cost.num_layers) for w, p in zip(n, plans)]
             row = {"task": task.name, "split": split, "speedup": s,
                    "analytic_speedup": sum(flops) / sum(f / p.analytic for f, p in zip(flops, plans)),
-                   **m, "primary": primary, "examples_per_s": len(feats) / seconds,
-                   "ms_per_batch": 1e3 * seconds / len(items), "seconds": seconds,
+                   **m, "primary": primary,
                    "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
                    "schedules": {str(p.length): list(p.keep) for p in sorted(set(plans), key=lambda p: p.length)},
                    "clamped": {str(p.length): round(sched_lib.max_speedup(cost, p.length, bucket=bucket, floor=floor), 2)
                                for p in sorted(set(plans), key=lambda p: p.length) if p.clamped_from}}
-            if s == 1.0:
-                dense = row
-            if dense is not None:
-                row.update(measured_speedup=dense["seconds"] / seconds, drop=dense["primary"] - primary)
             if s not in speedups:
                 row["baseline"] = True  # dense row added for the comparison
-            rows.append(row)
+            split_rows.append((row, plans))
+        if levels[0] == 1.0:
+            for row, _ in split_rows:
+                row["drop"] = split_rows[0][0]["primary"] - row["primary"]
+        if repeats > 0:
+            _time_interleaved(split_rows, items, run, repeats, with_dense=levels[0] == 1.0)
+        rows += [r for r, _ in split_rows]
     return rows
+
+
+def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: int, with_dense: bool):
+    """Times every level's pass ``repeats`` times, levels interleaved; fills the rows' timing."""
+    seconds = [[] for _ in split_rows]
+    for _ in range(repeats):
+        for i, (_, plans) in enumerate(split_rows):
+            t0 = time.perf_counter()
+            for b, p in zip(items, plans):
+                run(b, p)  # numpy out: synchronised
+            seconds[i].append(time.perf_counter() - t0)
+    for (row, _), secs in zip(split_rows, seconds):
+        med = float(np.median(secs))
+        row.update(seconds=med, examples_per_s=row["examples"] / med, ms_per_batch=1e3 * med / len(items),
+                   seconds_min=min(secs), seconds_max=max(secs))
+        if with_dense:
+            ratios = np.asarray(seconds[0]) / np.asarray(secs)  # paired by round
+            row.update(measured_speedup=float(np.median(ratios)), measured_min=float(ratios.min()),
+                       measured_max=float(ratios.max()))
 
 
 def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | None = None,
              speedups: Sequence[float] | None = None, batch_size: int | None = None,
-             data_dir: str | None = None, progress: bool = True, include_test: bool = False) -> list[dict]:
+             data_dir: str | None = None, progress: bool = True, include_test: bool = False,
+             repeats: int = 5) -> list[dict]:
     """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
     in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
     eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
@@ -210,7 +240,7 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
                                   max_examples=run.max_examples if task is None else None)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise EvalError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
-    t = data.task
+    t = run.check_labels(data.task)
     wanted = list(splits) if splits else [  # MNLI: matched and mismatched
         s for s in (*t.dev_splits, *(t.test_splits if include_test else ())) if s in data]
     for split in wanted:
@@ -229,7 +259,7 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
         t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
         speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
         bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
-        baseline=True, progress=progress)
+        baseline=True, progress=progress, repeats=repeats)
 
 
 def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None = None,
@@ -240,9 +270,14 @@ def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None 
                     data_dir=data_dir, progress=False, include_test=True)
 
 
-_TABLE_FIELDS = {"task", "split", "speedup", "analytic_speedup", "measured_speedup", "primary", "drop",
-                 "examples_per_s", "ms_per_batch", "seconds", "examples", "batch_size", "truncated",
-                 "schedules", "clamped", "baseline"}
+_TABLE_FIELDS = {"slower", "task", "split", "speedup", "analytic_speedup", "measured_speedup", "measured_min",
+                 "measured_max", "primary", "drop", "examples_per_s", "ms_per_batch", "seconds",
+                 "seconds_min", "seconds_max", "examples", "batch_size", "truncated", "schedules",
+                 "clamped", "baseline"}
+
+
+def _spread(r: dict) -> str:
+    return f"{r['measured_min']:.2f}-{r['measured_max']:.2f}" if "measured_min" in r else "-"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -254,14 +289,14 @@ def format_table(rows: list[dict]) -> str:
         ("drop", "drop", 7, ".2f"), ("examples_per_s", "ex/s", 9, ".0f"),
         ("ms_per_batch", f"ms/{rows[0].get('batch_size', 'batch')}", 9, ".1f")]
     head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}"
-            + "".join(f"{h:>{w}}" for _, h, w, _ in cols) + "  keep")
+            + "".join(f"{h:>{w}}" for _, h, w, _ in cols) + f"{'measured range':>16}  keep")
     lines = [head, "-" * len(head)]
     for r in rows:
         keep = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in r.get("schedules", {}).items())
         note = "".join(f" (len {k}: max {v})" for k, v in r.get("clamped", {}).items())
         lines.append(f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
                      + "".join(f"{r[k]:>{w}{f}}" if k in r else f"{'-':>{w}}" for k, _, w, f in cols)
-                     + f"  {keep}{note}")
+                     + f"{_spread(r):>16}  {keep}{note}")
     return "\n".join(lines)
 
 
@@ -275,15 +310,22 @@ def tune_levels(run: RunModel, task: tasks_lib.Task | None = None, step: float =
 
 def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batch_size: int = 64,
                  data_dir: str | None = None, split: str | None = None, progress: bool = True,
-                 out_dir: str | os.PathLike | None = None) -> dict:
-    """Sweeps speedups on the dev split; writes the table and plot beside the checkpoint."""
+                 out_dir: str | os.PathLike | None = None, repeats: int = 5) -> dict:
+    """Sweeps speedups on the dev split; writes the table and plot beside the checkpoint.
+
+    A level measured no faster than a less aggressive one is flagged (``slower``): more rows
+    dropped bought no time on this machine, so ``pick_level`` never chooses it."""
     t = run.resolve_task(None)
     split = split or t.dev_split
     levels = list(speedups) if speedups else tune_levels(run, t)
     rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size,
-                    data_dir=data_dir, progress=progress)
+                    data_dir=data_dir, progress=progress, repeats=repeats)
+    best = 0.0
+    for r in sorted(rows, key=lambda r: r["speedup"]):
+        r["slower"] = r["speedup"] > 1 and r["measured_speedup"] <= best
+        best = max(best, r["measured_speedup"])
     table = {"checkpoint": str(run.folder), "task": t.name, "split": split,
-             "metric": t.primary_metric, "machine": _machine(), "rows": rows}
+             "metric": t.primary_metric, "machine": _machine(), "repeats": repeats, "rows": rows}
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{TUNE_FILE}.json").write_text(json.dumps(table, indent=2, default=_jsonable) + "\n")
@@ -309,11 +351,13 @@ def tune_markdown(table: dict) -> str:
     lines = [f"Offline-tuning of `{table['checkpoint']}` on {table['task']}/{table['split']} "
              f"({table['metric']}); latency on {m['device']} ({m['cpu']}, {m['cpu_count']} cores), "
              f"jax {m['jax']}.", "",
-             f"| speedup | analytic | measured | {table['metric']} | drop | ms / batch | keep per layer (per length) |",
+             f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes) | "
+             f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | keep per layer (per length) |",
              "|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         keep = "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in r["schedules"].items())
-        lines.append(f"| {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['measured_speedup']:.2f} | "
+        flag = " (no faster than a lower level: never picked)" if r.get("slower") else ""
+        lines.append(f"| {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['measured_speedup']:.2f} ({_spread(r)}){flag} | "
                      f"{r['primary']:.2f} | {r['drop']:.2f} | {r['ms_per_batch']:.1f} | {keep} |")
     return "\n".join(lines) + "\n"
 
@@ -349,7 +393,7 @@ def read_tune(folder: str | os.PathLike) -> dict | None:
 
 def pick_level(table: dict, max_drop: float) -> dict:
     """The fastest level (by measured speedup) whose dev drop is at most ``max_drop``."""
-    ok = [r for r in table["rows"] if r["drop"] <= max_drop + 1e-9]
+    ok = [r for r in table["rows"] if r["drop"] <= max_drop + 1e-9 and not r.get("slower")]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
     return max(ok, key=lambda r: (r["measured_speedup"], r["analytic_speedup"]))

@@ -164,7 +164,8 @@ class LMEvaluator:
     # ----------------------------------------------------------------- schedules
     def plan(self, speedup: float) -> sched_lib.Plan:
         """``schedule.plan`` at the context length."""
-        return sched_lib.plan(self.cost, self.context, speedup, bucket=self.bucket, floor=self.floor)
+        return sched_lib.plan(self.cost, self.context, speedup, bucket=self.bucket, floor=self.floor,
+                              clamp=False)
 
     def schedule(self, speedup: float) -> tuple[int, ...]:
         return self.plan(speedup).keep

@@ -154,9 +154,17 @@ class Plan:
         return None if self.dense else self.keep
 
 
-def plan(cm: CostModel, length: int, speedup: float, *, bucket: int = 8, floor: int = 1) -> Plan:
-    """The one policy from a speedup to a program (see the module docstring)."""
+def plan(cm: CostModel, length: int, speedup: float, *, bucket: int = 8, floor: int = 1,
+         clamp: bool = True) -> Plan:
+    """The one policy from a speedup to a program (see the module docstring).
+
+    ``clamp=False`` refuses a speedup above the length's maximum (``SpeedupError`` stating
+    the permitted range) instead of running the maximum: for a sweep at ONE length, where a
+    clamped row would only repeat the maximum's.
+    """
     _check_number(speedup)
+    if not clamp:
+        _solve(cm, int(length), float(speedup), int(bucket), int(floor))  # raises outside the range
     return _plan(cm, int(length), float(speedup), int(bucket), int(floor))
 
 

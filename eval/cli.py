@@ -30,7 +30,8 @@ def speedups(text: str, flag: str = "--speedup") -> list[float]:
         except ValueError:
             raise UsageError(f"{flag}: {s!r} is not a number; write e.g. {flag} 2 or {flag} 1.5,2,4.8") from None
         if not (v >= 1 and math.isfinite(v)):
-            raise UsageError(f"{flag}: speedup {s} is not a finite number >= 1 (1 = the dense model)")
+            raise UsageError(f"{flag}: speedup {s} is below 1 or not finite; speedups are numbers >= 1 "
+                             "(1 = the dense model)")
         out.append(v)
     if not out:
         raise UsageError(f"{flag}: no speedup given")

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, help="write the rows and the machine here")
     ap.add_argument("--max_drop", type=float, default=None,
                     help="pick the fastest offline-tuned level whose dev drop is at most this")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed passes per level, interleaved with dense (measured = their median)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -51,6 +53,8 @@ def run(args) -> dict:
     from accjax import evaluation
 
     speedups = cli.speedups(args.speedup)
+    if args.repeats < 1 or args.batch_size < 1:
+        raise cli.UsageError("--repeats and --batch_size must be >= 1")
     splits = cli.words(args.split)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
@@ -81,8 +85,8 @@ def run(args) -> dict:
             if table is None:
                 print(f"no offline-tuning table beside {folder}: sweeping the dev split first "
                       "(python -m eval.offline_tune)", file=sys.stderr)
-                table = evaluation.offline_tune(model, batch_size=args.batch_size,
-                                                data_dir=args.data_dir, progress=args.progress)
+                table = evaluation.offline_tune(model, batch_size=args.batch_size, data_dir=args.data_dir,
+                                                progress=args.progress, repeats=args.repeats)
             level = evaluation.pick_level(table, args.max_drop)
             picked.append({"checkpoint": str(folder), **{k: level[k] for k in (
                 "speedup", "analytic_speedup", "measured_speedup", "drop")}})
@@ -92,7 +96,7 @@ def run(args) -> dict:
             levels = [level["speedup"]]
         rows += evaluation.evaluate(model, task=task, splits=splits, speedups=levels,
                                     batch_size=args.batch_size, data_dir=args.data_dir,
-                                    progress=args.progress)
+                                    progress=args.progress, repeats=args.repeats)
     print(evaluation.format_table(rows))
     result = {"checkpoint": str(ckpt), "rows": rows}
     if picked:

@@ -26,22 +26,7 @@ import sys
 from pathlib import Path
 
 from accjax import benchmark, lm, models
-
-
-def parse_speedups(s: str) -> list[float]:
-    out = []
-    for part in s.split(","):
-        if not part.strip():
-            continue
-        try:
-            v = float(part)
-        except ValueError:
-            raise ValueError(f"bad speedup {part!r}: write numbers, e.g. 1.5,2,3") from None
-        if not v >= 1:
-            raise ValueError(f"speedup {part.strip()} is below 1; 1 is the dense model and "
-                             "larger numbers drop more of the prompt")
-        out.append(v)
-    return out
+from eval import cli
 
 
 def build(args):
@@ -68,7 +53,7 @@ def build(args):
 
 
 def run(args) -> dict:
-    speedups = parse_speedups(args.speedups)
+    speedups = cli.speedups(args.speedups, "--speedups")
     if args.batch < 1 or args.context < 1 or args.continuation < 0 or args.iters < 1:
         raise ValueError("--batch, --context and --iters must be >= 1 and --continuation >= 0")
     if not args.bench and args.continuation < 1:

@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--out", default=None, help="folder for the table and plot (default: the checkpoint)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per level, interleaved")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     from accjax import evaluation, loop
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
         ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
         table = evaluation.offline_tune(evaluation.RunModel.load(ckpt), speedups=speedups,
                                         batch_size=args.batch_size, data_dir=args.data_dir,
-                                        split=args.split, progress=args.progress, out_dir=args.out)
+                                        split=args.split, progress=args.progress, out_dir=args.out,
+                                        repeats=args.repeats)
         print(evaluation.tune_markdown(table))
         print(f"wrote {Path(args.out) if args.out else ckpt}/{evaluation.TUNE_FILE}.json, .md and .png")
 
