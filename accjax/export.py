@@ -535,7 +535,10 @@ def load_exported(folder: str | os.PathLike) -> ExportedModel:
     if not isinstance(manifest, dict):
         raise ExportError(f"{path} is not an accjax manifest; export the run again")
     check_manifest(manifest, folder)
-    return ExportedModel(folder, manifest)
+    try:
+        return ExportedModel(folder, manifest)
+    except KeyError as e:
+        raise ExportError(f"{path} lacks the field {e.args[0]!r}; export the run again") from None
 
 
 # ==================================================================================== CLI

@@ -267,3 +267,17 @@ def test_embedded_params_match(exported, predictor, tmp_path):
     # overwrite replaces an earlier export, and only that
     export.export_run(exported[0], out, speedups=[1.0], batch_sizes=[1], lengths=[32], overwrite=True)
     assert json.loads((out / export.MANIFEST).read_text())["params"]["embedded"] is False
+
+
+def test_manifest_missing_a_field_is_refused(exported, tmp_path):
+    folder = _edited(exported[1], tmp_path / "x")
+    m = json.loads((folder / export.MANIFEST).read_text())
+    del m["speedups"]
+    (folder / export.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(export.ExportError, match="lacks the field 'speedups'"):
+        export.load_exported(folder)
+    (folder / export.MANIFEST).write_text("{not json")
+    with pytest.raises(export.ExportError, match="not valid JSON"):
+        export.load_exported(folder)
+    with pytest.raises(export.ExportError, match="has no manifest.json"):
+        export.load_exported(tmp_path)
