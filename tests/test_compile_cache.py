@@ -31,6 +31,13 @@ PROBE = textwrap.dedent("""
         return jnp.tanh(x @ x.T).sum(0) * 3.0 + 1.0
 
     f(jnp.ones((8, 8))).block_until_ready()
+    if len(sys.argv) > 1 and sys.argv[1] == "on-off":  # switched off later in the process
+        assert compile_cache.enable(enabled=False) is None and compile_cache.active() is None
+
+        def g(x):
+            return jnp.cos(x) * 5.0
+
+        jax.jit(g)(jnp.ones((3,))).block_until_ready()
     print(json.dumps({"folder": str(folder) if folder else None,
                       "hits": counts.get("/jax/compilation_cache/cache_hits", 0),
                       "misses": counts.get("/jax/compilation_cache/cache_misses", 0)}))
@@ -77,3 +84,11 @@ def test_env_switch_values(monkeypatch):
         assert compile_cache.env_enabled() is on
     monkeypatch.delenv(compile_cache.ENV_SWITCH)
     assert compile_cache.env_enabled() is True
+
+
+def test_switching_off_in_process_stops_writing(tmp_path):
+    res = _probe(tmp_path, "on-off")
+    names = _entries(tmp_path / "xla")
+    assert any(n.startswith("jit_f-") for n in names)  # written while on
+    assert not any(n.startswith("jit_g-") for n in names)  # nothing once off
+    assert res["misses"] >= 1

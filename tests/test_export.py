@@ -281,3 +281,16 @@ def test_manifest_missing_a_field_is_refused(exported, tmp_path):
         export.load_exported(folder)
     with pytest.raises(export.ExportError, match="has no manifest.json"):
         export.load_exported(tmp_path)
+
+
+def test_text_pairs_use_token_types(exported, predictor):
+    from accjax import tokenization
+
+    rm, pred = predictor
+    model = export.load_exported(exported[1])
+    xs, ys = texts(3, seed=7), texts(3, seed=8)
+    enc = rm.tokenizer.encode(xs, ys, max_length=rm.max_length)
+    assert any(1 in t for t in enc.type_ids)  # the pair text is segment 1
+    batch = tokenization.pad(enc, 64, rm.tokenizer.pad_id)
+    np.testing.assert_allclose(model.predict(xs, speedup=2, pairs=ys), pred.predict(batch, speedup=2),
+                               atol=1e-5, rtol=0)
