@@ -118,14 +118,17 @@ def _parse_platforms(text: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def check_paths(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> tuple[Path, Path]:
-    """RUN_DIR must exist; OUT_DIR must be neither RUN_DIR nor inside it, and empty unless
-    ``overwrite`` (then it must hold an earlier export: nothing else is ever deleted)."""
+    """RUN_DIR must exist; OUT_DIR must be neither RUN_DIR, inside it nor above it, and empty
+    unless ``overwrite`` (then it must hold an earlier export: nothing else is ever deleted)."""
     run, out = Path(run_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     if not run.is_dir():
         raise ExportError(f"run folder {run_dir} does not exist; pass a folder written by train.finetune")
     if out == run or run in out.parents:
         raise ExportError(f"OUT_DIR {out_dir} is the run folder or inside it; the exporter never "
                           "writes into RUN_DIR: choose a folder outside it")
+    if out in run.parents:
+        raise ExportError(f"OUT_DIR {out_dir} contains the run folder {run_dir}; choose a folder "
+                          "outside it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"OUT_DIR {out_dir} is a file; pass a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -250,7 +253,9 @@ def export_run(
         consts = {k: jnp.asarray(v) for k, v in flat.items()}
         return lambda *inputs: forward(consts, *inputs)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside OUT_DIR and renamed into place: a failed export leaves no half folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         (tmp / PROGRAMS_DIR).mkdir()
         params_entry: dict[str, Any] = {"embedded": embed_params}

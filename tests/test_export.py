@@ -213,6 +213,7 @@ def test_bad_cli_input(exported, tmp_path, capsys):
     assert "does not exist" in _cli_error(capsys, [str(tmp_path / "nope"), new])
     assert "inside it" in _cli_error(capsys, [str(run), str(run / "exported")])
     assert "inside it" in _cli_error(capsys, [str(run), str(run)])
+    assert "contains the run folder" in _cli_error(capsys, [str(run), str(run.parent), "--overwrite"])
     assert "not a number" in _cli_error(capsys, [str(run), new, "--speedups", "fast"])
     assert "below 1" in _cli_error(capsys, [str(run), new, "--speedups", "0.5"])
     assert "whole number" in _cli_error(capsys, [str(run), new, "--batch_sizes", "1,x"])
@@ -242,7 +243,7 @@ def test_cpu_cuda_export_runs_on_cpu(exported, predictor, tmp_path):
     from accjax import tokenization
 
     rm, pred = predictor
-    out = tmp_path / "multi"
+    out = tmp_path / "not" / "yet" / "multi"  # parents are created
     manifest = export.export_run(exported[0], out, speedups=[2.0], batch_sizes=[4], lengths=[32],
                                  platforms=["cpu", "cuda"])
     assert manifest["platforms"] == ["cpu", "cuda"] and len(manifest["programs"]) == 1
