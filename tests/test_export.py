@@ -295,3 +295,17 @@ def test_text_pairs_use_token_types(exported, predictor):
     batch = tokenization.pad(enc, 64, rm.tokenizer.pad_id)
     np.testing.assert_allclose(model.predict(xs, speedup=2, pairs=ys), pred.predict(batch, speedup=2),
                                atol=1e-5, rtol=0)
+
+
+def test_speedup_above_a_lengths_maximum_is_clamped(exported, tmp_path):
+    from accjax import evaluation
+    from accjax import schedule as sched_lib
+
+    rm = evaluation.RunModel.load(exported[0])
+    top = sched_lib.max_speedup(rm.loaded.config, 32, bucket=rm.bucket, floor=rm.floor)
+    assert top < 6  # 6x is out of reach at length 32 for this 3-layer model
+    m = export.export_run(exported[0], tmp_path / "x", speedups=[6.0], batch_sizes=[1], lengths=[32])
+    (p,) = m["programs"]
+    assert p["clamped"] is True and p["analytic_speedup"] == pytest.approx(top, rel=1e-3)
+    y = export.load_exported(tmp_path / "x").predict(["good film"], speedup=6)
+    assert y.shape == (1, 3) and np.isfinite(y).all()
