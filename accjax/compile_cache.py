@@ -1,0 +1,97 @@
+"""JAX's persistent compilation cache, on by default under ``$ACCJAX_CACHE/xla``.
+
+A compiled XLA program is written to disk the first time it is built and read back by every
+later process that builds the same program (same HLO, jax/jaxlib version, backend, device and
+XLA flags: jax's own cache key), so a second run of the same config skips compilation::
+
+    from accjax import compile_cache
+    compile_cache.enable()        # before the first compile; idempotent; returns the folder
+
+Switches: ``ACCJAX_COMPILE_CACHE=0`` (or ``false``/``off``/``no``) in the environment, or
+``enable(enabled=False)``. Off means accjax configures no cache (and undoes one it set up
+earlier in the process); a cache a user configured through JAX's own
+``JAX_COMPILATION_CACHE_DIR`` is theirs and left alone.
+
+What is set, and why:
+
+* ``jax_compilation_cache_dir``: ``<root>/xla/jaxlib-<version>``. jax's key already holds the
+  version, but the GPU autotune cache below is keyed by fusion only and XLA leaves version
+  checks to the user, so each jaxlib gets its own folder.
+* ``jax_persistent_cache_min_compile_time_secs = 0`` and
+  ``jax_persistent_cache_min_entry_size_bytes = -1``: jax's defaults (1 s, filesystem
+  dependent) skip most CPU programs, which compile in well under a second each but add up to
+  minutes over a run's programs.
+* ``jax_persistent_cache_enable_xla_caches = 'xla_gpu_per_fusion_autotune_cache_dir'``: XLA:GPU
+  stores each fusion's autotuning result (GEMM and fusion configurations) in
+  ``<dir>/xla_gpu_per_fusion_autotune_cache_dir``, so a program that misses the executable
+  cache (one changed layer) still skips re-autotuning the fusions it shares. This is jax
+  0.10/0.11's default value; it is set explicitly so a changed default cannot drop it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+ENV_SWITCH = "ACCJAX_COMPILE_CACHE"
+XLA_CACHES = "xla_gpu_per_fusion_autotune_cache_dir"
+_OFF = {"0", "false", "off", "no"}
+
+_lock = threading.Lock()
+_active: Path | None = None  # the folder accjax set up, None when accjax set up none
+
+
+def env_enabled() -> bool:
+    """False when ``ACCJAX_COMPILE_CACHE`` says off; on when unset or anything else."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in _OFF
+
+
+def default_path() -> Path:
+    from accjax import hub
+    import jaxlib
+
+    return hub.cache_dir() / "xla" / f"jaxlib-{jaxlib.__version__}"
+
+
+def enable(path: str | os.PathLike | None = None, *, enabled: bool | None = None) -> Path | None:
+    """Turns the persistent compilation cache on (or off); safe to call any number of times.
+
+    Args:
+      path: cache folder; None = ``$ACCJAX_CACHE/xla/jaxlib-<version>``.
+      enabled: None = what ``ACCJAX_COMPILE_CACHE`` says (on unless it is 0/false/off/no).
+
+    Returns:
+      the folder in use, or None when the cache is off.
+    """
+    global _active
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    on = env_enabled() if enabled is None else bool(enabled)
+    with _lock:
+        if not on:
+            if _active is not None:  # undo only what accjax itself set up
+                jax.config.update("jax_compilation_cache_dir", None)
+                cc.reset_cache()
+                _active = None
+            return None
+        folder = Path(path).expanduser().resolve() if path is not None else default_path()
+        if _active == folder:
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        jax.config.update("jax_persistent_cache_enable_xla_caches", XLA_CACHES)
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        # jax opens its cache object once per process, at the first compile; a new folder
+        # (or one set after a compile already happened) needs that object rebuilt.
+        cc.reset_cache()
+        _active = folder
+        return folder
+
+
+def active() -> Path | None:
+    """The folder accjax's cache writes to now, or None."""
+    return _active

@@ -1,0 +1,94 @@
+"""accjax.compile_cache: a second process hits the persistent cache; the switch writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from accjax import compile_cache
+from tests.train_helpers import REPO
+
+# Compiles one small jitted function in a fresh process and prints jax's cache event counts.
+PROBE = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    from jax import monitoring
+    from accjax import compile_cache
+
+    counts = {}
+    monitoring.register_event_listener(
+        lambda name, **kw: counts.__setitem__(name, counts.get(name, 0) + 1))
+    off = len(sys.argv) > 1 and sys.argv[1] == "off"
+    folder = compile_cache.enable(enabled=False) if off else compile_cache.enable()
+    if not off:
+        assert compile_cache.enable() == folder  # idempotent: same folder, no error
+
+    @jax.jit
+    def f(x):
+        return jnp.tanh(x @ x.T).sum(0) * 3.0 + 1.0
+
+    f(jnp.ones((8, 8))).block_until_ready()
+    if len(sys.argv) > 1 and sys.argv[1] == "on-off":  # switched off later in the process
+        assert compile_cache.enable(enabled=False) is None and compile_cache.active() is None
+
+        def g(x):
+            return jnp.cos(x) * 5.0
+
+        jax.jit(g)(jnp.ones((3,))).block_until_ready()
+    print(json.dumps({"folder": str(folder) if folder else None,
+                      "hits": counts.get("/jax/compilation_cache/cache_hits", 0),
+                      "misses": counts.get("/jax/compilation_cache/cache_misses", 0)}))
+""")
+
+
+def _probe(cache_root, *args, env_extra=None):
+    env = dict(os.environ, ACCJAX_CACHE=str(cache_root), JAX_PLATFORMS="cpu")
+    env.pop(compile_cache.ENV_SWITCH, None)
+    env.update(env_extra or {})
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _entries(folder):
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
+
+
+def test_second_process_hits_the_cache(tmp_path):
+    first = _probe(tmp_path)
+    assert first["folder"].startswith(str(tmp_path / "xla"))
+    assert first["hits"] == 0 and first["misses"] >= 1
+    written = _entries(tmp_path / "xla")
+    assert written  # the CPU program was stored despite compiling in milliseconds
+    second = _probe(tmp_path)
+    assert second["folder"] == first["folder"]
+    assert second["hits"] >= 1 and second["misses"] == 0
+
+
+def test_switched_off_writes_nothing(tmp_path):
+    by_env = _probe(tmp_path / "env", env_extra={compile_cache.ENV_SWITCH: "0"})
+    assert by_env["folder"] is None and by_env["hits"] == 0
+    by_arg = _probe(tmp_path / "arg", "off")
+    assert by_arg["folder"] is None and by_arg["hits"] == 0
+    for root in (tmp_path / "env", tmp_path / "arg"):
+        assert not (root / "xla").exists() or not _entries(root / "xla")
+
+
+def test_env_switch_values(monkeypatch):
+    for value, on in (("0", False), ("off", False), ("False", False), ("1", True), ("", True)):
+        monkeypatch.setenv(compile_cache.ENV_SWITCH, value)
+        assert compile_cache.env_enabled() is on
+    monkeypatch.delenv(compile_cache.ENV_SWITCH)
+    assert compile_cache.env_enabled() is True
+
+
+def test_switching_off_in_process_stops_writing(tmp_path):
+    res = _probe(tmp_path, "on-off")
+    names = _entries(tmp_path / "xla")
+    assert any(n.startswith("jit_f-") for n in names)  # written while on
+    assert not any(n.startswith("jit_g-") for n in names)  # nothing once off
+    assert res["misses"] >= 1
