@@ -116,6 +116,7 @@ def base_config(objective: str, mode: str):
     c.run_dir = "runs/run"  # run folder: checkpoints, best model, metrics, TensorBoard
     c.log_every_steps = 10  # metrics.jsonl / TensorBoard / progress-bar interval
     c.progress = True  # tqdm progress bar (loss, lr, examples/s, ETA)
+    c.compile_cache = True  # JAX's persistent compilation cache in $ACCJAX_CACHE/xla (env ACCJAX_COMPILE_CACHE=0: off)
 
     c.debug = ml_collections.ConfigDict()
     c.debug.max_steps = 0  # stop after n steps (0 = the full run); the lr schedule still spans all epochs

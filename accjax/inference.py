@@ -53,6 +53,14 @@ def cast_params(params, param_dtype: str | None):
     return jax.device_put(params)
 
 
+def load_exported(folder):
+    """Serves a folder written by ``python -m accjax.export`` with no model code
+    (``accjax.serving.ExportedModel``: ``.predict(texts or batch, speedup=...)``)."""
+    from accjax import serving
+
+    return serving.load_exported(folder)
+
+
 class Predictor:
     """Compiled-once inference for a classification (or base) model at any speedup.
 

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from accjax import checkpoint as ckpt_lib
-from accjax import convert, evaluation, hub
+from accjax import compile_cache, convert, evaluation, hub
 from accjax import experiment as exp_lib
 from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
@@ -105,7 +105,7 @@ def _json_default(x):
 # ---------------------------------------------------------------------------------- fit
 # Config keys that may change between an interrupted run and its restart.
 RESUME_MAY_CHANGE = ("debug", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps",
-                     "progress", "run_dir")
+                     "progress", "run_dir", "compile_cache")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -146,6 +146,25 @@ class FitResult:
     seconds_per_epoch: list[float]
 
 
+def step_programs(exp, sampler, el, start: int, total: int) -> list[tuple[dict, Any]]:
+    """(a batch of every shape the run's steps will see, schedule) for each distinct train
+    program: the batch shapes of one epoch x the sampler's levels."""
+    shapes = {}
+    first, _ = exp.train.position(start)
+    n = 1 if exp.objective == "seq2seq" else len(exp.train)  # text-to-text batches have one shape
+    for i in range(n) if start < total else ():
+        b = exp.train.batch(first, i)
+        shapes.setdefault(tuple(sorted((k, v.shape) for k, v in b.items())), b)
+    speeds = [None] if sampler.mode == "dense" else list(sampler.levels)
+    work = {}
+    for b in shapes.values():
+        for s in speeds:
+            sched = None if s is None else sched_lib.plan(
+                exp.cost, exp.schedule_length(b), s, bucket=int(el.bucket), floor=int(el.floor)).schedule
+            work.setdefault((tuple(sorted((k, v.shape) for k, v in b.items())), sched), (b, sched))
+    return list(work.values())
+
+
 def fit(config) -> FitResult:
     """Fine-tunes as ``config`` says (see ``configs/``); resumes from ``config.run_dir``.
 
@@ -159,6 +178,8 @@ def fit(config) -> FitResult:
       evaluation rows and the measured seconds per epoch.
     """
     exp_lib.validate_config(config)
+    compile_cache.enable(enabled=None if config.get("compile_cache", True) else False)
+    t_start, compiled_before = time.perf_counter(), compile_cache.counts()
     primary = shard_lib.is_primary()
     run_dir = Path(config.run_dir).absolute()
     cfg_json = config_dict(config)
@@ -211,6 +232,18 @@ def fit(config) -> FitResult:
 
     from tqdm import tqdm
 
+    # Every train program of the run is known before the first step (length buckets x
+    # speedup levels): compile them all now, in parallel, and say so; the step bar below then
+    # starts after compilation, so its ETA never counts compile time.
+    t_compile = time.perf_counter()
+    work = step_programs(exp, sampler, el, start, total)
+    with tqdm(total=len(work), desc=f"compiling {len(work)} train programs", unit="program",
+              disable=not (primary and config.progress), dynamic_ncols=True) as cbar:
+        built = trainer.precompile(state, work, progress=lambda i, n: cbar.update(1))
+    compile_seconds = time.perf_counter() - t_compile
+    if primary:
+        print(f"compiled {built} train programs in {compile_seconds:.1f} s", flush=True)
+    first_step_at = None
     bar = tqdm(total=total, initial=start, disable=not (primary and config.progress), unit="step",
                dynamic_ncols=True, mininterval=1.0)
     every = int(config.checkpoint.every_steps)
@@ -256,6 +289,9 @@ def fit(config) -> FitResult:
         pending.append((s, metrics, float(np.sum(batch["weights"])) if "weights" in batch
                         else float(len(next(iter(batch.values()))))))
         step += 1
+        if first_step_at is None:
+            jax.block_until_ready(metrics)
+            first_step_at = time.perf_counter() - t_start
         bar.update(1)
         if delay:
             jax.block_until_ready(metrics)
@@ -310,7 +346,10 @@ def fit(config) -> FitResult:
         summary = {"run_dir": str(run_dir), "steps": step, "resumed_from": resumed_from, "best": best,
                    "final": final, "train_seconds_per_epoch": epoch_times,
                    "train_cpu_seconds_per_epoch": epoch_cpu,
-                   "train_programs": trainer.num_programs, "data": exp.data_report,
+                   "train_programs": trainer.num_programs, "compile_seconds": compile_seconds,
+                   "time_to_first_step": first_step_at, "compilation": {
+                       k: v - compiled_before[k] for k, v in compile_cache.counts().items()},
+                   "data": exp.data_report,
                    "devices": jax.device_count(), "processes": jax.process_count(),
                    "mesh": dict(mesh.shape)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")

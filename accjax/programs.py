@@ -14,7 +14,9 @@ nor compiles. ``traces`` counts Python traces of the wrapped functions (``counte
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Hashable, Sequence
 
 import jax
@@ -46,6 +48,22 @@ class ProgramCache:
             self.compiles += 1
             self._programs[key] = prog
         return prog
+
+    def compile_all(self, items: Sequence[tuple[Hashable, Callable[[], Any]]], *,
+                    threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> int:
+        """Builds every (key, lower) not built yet: traced here one by one, compiled in
+        ``threads`` parallel threads (XLA compiles outside the GIL). ``progress(done, total)``
+        after each. Returns how many were compiled."""
+        todo = {k: lower for k, lower in items if k not in self._programs}
+        lowered = [(k, lower()) for k, lower in todo.items()]
+        with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+            futures = {pool.submit(low.compile): k for k, low in lowered}
+            for i, fut in enumerate(as_completed(futures), 1):
+                self._programs[futures[fut]] = fut.result()
+                self.compiles += 1
+                if progress is not None:
+                    progress(i, len(lowered))
+        return len(lowered)
 
     def __len__(self) -> int:
         return len(self._programs)

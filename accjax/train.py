@@ -294,17 +294,25 @@ class Trainer:
         b_sh = self.batch_shardings(batch)
         return b_sh, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
 
+    def _lower_train(self, state: TrainState, batch: dict[str, Any], schedule):
+        st_sh = jax.tree.map(lambda x: x.sharding, state)
+        b_sh, spec = self._specs(batch)
+        fn = jax.jit(self.programs.counted(self._train_step), in_shardings=(st_sh, b_sh),
+                     out_shardings=(st_sh, shard_lib.replicated(self.mesh)),
+                     static_argnums=2, donate_argnums=0)
+        return fn.lower(state, spec, schedule)
+
     def train_program(self, state: TrainState, batch: dict[str, Any], schedule):
         """The compiled step for this (batch shapes, schedule); compiled on first use only."""
-        def lower():
-            st_sh = jax.tree.map(lambda x: x.sharding, state)
-            b_sh, spec = self._specs(batch)
-            fn = jax.jit(self.programs.counted(self._train_step), in_shardings=(st_sh, b_sh),
-                         out_shardings=(st_sh, shard_lib.replicated(self.mesh)),
-                         static_argnums=2, donate_argnums=0)
-            return fn.lower(state, spec, schedule)
+        return self.programs.get((self._signature(batch), schedule),
+                                 lambda: self._lower_train(state, batch, schedule))
 
-        return self.programs.get((self._signature(batch), schedule), lower)
+    def precompile(self, state: TrainState, work: Sequence[tuple[dict[str, Any], Any]], *,
+                   progress: Callable[[int, int], None] | None = None) -> int:
+        """Compiles the step of every (batch, schedule) ahead, in parallel threads; returns
+        how many programs were built (a run's programs are known before its first step)."""
+        items = [((self._signature(b), s), functools.partial(self._lower_train, state, b, s)) for b, s in work]
+        return self.programs.compile_all(items, progress=progress)
 
     def step(self, state: TrainState, batch: dict[str, np.ndarray], schedule=None
              ) -> tuple[TrainState, dict[str, Array]]:

@@ -43,9 +43,9 @@ def ints(text: str, flag: str, *, low: int = 0) -> list[int]:
     try:
         out = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"{flag} takes integers separated by commas, got {text!r}") from None
+        raise UsageError(f"{flag} takes whole numbers separated by commas, got {text!r}") from None
     if not out or any(k < low for k in out):
-        raise UsageError(f"{flag} must be integers >= {low}, got {text!r}")
+        raise UsageError(f"{flag} takes whole numbers of at least {low}, got {text!r}")
     return out
 
 
@@ -87,6 +87,9 @@ def run(main: Callable[[], dict | None], *, json_path: str | None = None,
         errors: Sequence[type[BaseException]] = ()) -> int:
     """Runs ``main``; a user error prints ``error: ...`` on one line and returns 2; the result
     goes to ``json_path`` (with the machine) when given."""
+    from accjax import compile_cache
+
+    compile_cache.enable()  # every program compiled once per machine, not once per run
     try:
         out = writable(json_path)
         result = main()

@@ -10,6 +10,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests count traces and XLA compiles: no persistent cache serves them programs from disk
+# (tests/test_compile_cache.py switches it on in its own processes).
+os.environ.setdefault("ACCJAX_COMPILE_CACHE", "0")
 
 import json
 from pathlib import Path

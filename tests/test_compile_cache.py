@@ -92,3 +92,29 @@ def test_switching_off_in_process_stops_writing(tmp_path):
     assert any(n.startswith("jit_f-") for n in names)  # written while on
     assert not any(n.startswith("jit_g-") for n in names)  # nothing once off
     assert res["misses"] >= 1
+
+
+def test_second_run_of_a_training_config_compiles_nothing(tmp_path):
+    """Two processes train the same tiny config (into two run folders) with the cache on: the
+    second builds every program (train steps, evaluation, init) from the cache, no XLA
+    backend compile, and it records when its first step finished."""
+    from tests.train_helpers import finetune_cmd, sentiment_task, subprocess_env
+
+    task = sentiment_task(tmp_path / "data", n_train=32, n_dev=16)
+    summaries = []
+    for name in ("first", "second"):
+        run = tmp_path / name
+        cmd = finetune_cmd("tiny,elastic", {"task": task, "run_dir": str(run), "progress": False,
+                                           "max_examples": 0, "length_buckets": "(32,)", "max_length": 32,
+                                           "elimination.levels": 2, "eval.speedups": "(1.0,)",
+                                           "eval.select_mean": False})
+        out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(1, ACCJAX_COMPILE_CACHE="1"),
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "compiled 2 train programs" in out.stdout  # one length bucket x two levels, ahead
+        summaries.append(json.loads((run / "summary.json").read_text()))
+    first, second = summaries
+    assert first["train_programs"] == second["train_programs"] == 2
+    assert second["compilation"]["backend_compiles"] == 0, second["compilation"]
+    assert second["compilation"]["cache_hits"] >= 2
+    assert 0 < second["time_to_first_step"]
