@@ -86,22 +86,25 @@ def ones_init(axes: tuple[str | None, ...]):
 class HeadsOut(nn.Module):
     """Attention output projection [B, T, N, H] -> [B, T, D], and the per-head value norms
     the ``value_norm`` ACC variant uses. ``config`` needs num_heads, head_dim, hidden_size,
-    initializer_range, dtype and param_dtype (BERT and GPT-2 configs have them)."""
+    dtype, param_dtype and (unless ``std`` is given) initializer_range."""
 
     config: Any
+    std: float | None = None  # init std of the kernel; None: config.initializer_range
+    use_bias: bool = True  # T5 has none
 
     def setup(self):
         cfg = self.config
         pdt = to_dtype(cfg.param_dtype)
         self.kernel = self.param(
-            "kernel", normal_init(cfg.initializer_range, ("heads", "kv", "embed")),
+            "kernel", normal_init(cfg.initializer_range if self.std is None else self.std,
+                                  ("heads", "kv", "embed")),
             (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdt)
-        self.bias = self.param("bias", zeros_init(("embed",)), (cfg.hidden_size,), pdt)
+        self.bias = self.param("bias", zeros_init(("embed",)), (cfg.hidden_size,), pdt) if self.use_bias else None
 
     def __call__(self, ctx: Array) -> Array:
         dtype = to_dtype(self.config.dtype)
         y = jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
-        return y + self.bias.astype(dtype)
+        return y if self.bias is None else y + self.bias.astype(dtype)
 
     def value_norms(self, v: Array) -> Array:
         """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
