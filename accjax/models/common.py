@@ -35,9 +35,8 @@ def gelu_erf(x: Array) -> Array:
     """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), evaluated in float32 (as torch does).
 
     ``jax.nn.gelu(approximate=False)`` goes through ``erfc`` with both of its branches and
-    scales by 1/sqrt(2) in the input dtype; on an H100 that elementwise pass took 0.16 ms per
-    BERT-base layer at 128 x 128 (more than the feed-forward GEMM's epilogue could hide),
-    ``erf`` is one rational polynomial.
+    scales by 1/sqrt(2) in the input dtype, a slow elementwise pass on a GPU (measured in
+    docs/benchmarks.md); ``erf`` is one rational polynomial.
     """
     xf = x.astype(jnp.float32)
     return (0.5 * xf * (1.0 + jax.lax.erf(xf * 0.7071067811865476))).astype(x.dtype)

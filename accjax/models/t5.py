@@ -25,8 +25,8 @@ projection, residual add and feed-forward then run on the kept rows only. ``rows
 carries each kept row's ORIGINAL position, and the position bias for later layers is looked up
 there: ``table[bucket(pos[j] - pos[i])]``, exactly the rows and columns of the entering bias
 (``take_bias`` gathers them; tested equal), never recomputed from compacted indices. The
-lookup writes the [B, N, K, K] bias in one fusion; gathering it from the larger entering bias
-cost 0.5 ms more per flan-t5-base call at 16 x 512 and 1.5x on an H100 (7.35 vs 6.84 ms).
+lookup writes the [B, N, K, K] bias in one fusion, cheaper than gathering it from the larger
+entering bias (docs/benchmarks.md, Flan-T5).
 Worked example, T = 4 rows at positions [0 1 2 3], layer keeps rows [0, 3]::
 
     bias before: B[i, j] = tab[bucket(j - i)]     after: [[B[0,0] B[0,3]]   = tab[bucket(  0)] tab[bucket(3)]
@@ -411,8 +411,8 @@ class EncoderLayer(nn.Module):
         out: dict[str, Array] = {}
 
         h = RMSNorm(cfg, name="attn_norm")(x)
-        # One fused GEMM: three GEMMs on kernel slices measured no faster on an H100 at
-        # 16 x 512 (5.33 vs 5.26 ms dense) and add launches that eliminating programs feel.
+        # One fused GEMM: three GEMMs on kernel slices were no faster here (unlike BERT; see
+        # docs/benchmarks.md, Flan-T5) and add launches that eliminating programs feel.
         qkv = _qkv(cfg, "qkv")(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
         heads_out = _out(cfg, "attn_out")
