@@ -95,18 +95,9 @@ def attention_with_probs(
     return ctx, probs
 
 
-def fused_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    key_mask: Array,
-    *,
-    scale: float,
-    causal: bool = False,
-    bias: Array | None = None,
-    implementation: str | None = None,
-    return_lse: bool = False,
-) -> Array | tuple[Array, Array]:
+def fused_attention(q: Array, k: Array, v: Array, key_mask: Array, *, scale: float, causal: bool = False,
+                    bias: Array | None = None, implementation: str | None = None,
+                    return_lse: bool = False) -> Array | tuple[Array, Array]:
     """Attention without materialised probabilities where the backend allows it.
 
     Args as ``attention_with_probs``; ``implementation`` is 'xla', 'cudnn' or None/'auto'
