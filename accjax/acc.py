@@ -47,6 +47,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from accjax import attention as attn_lib
+
 Array = jax.Array
 
 VARIANTS = ("plain", "minus_diagonal", "value_norm")
@@ -170,17 +172,12 @@ def acc_scores_from_lse(
     """
     if query_mask is None:
         query_mask = key_mask
-    num_heads = q.shape[2]
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    p = jnp.exp(logits - lse.astype(jnp.float32)[..., None])
-    if causal:
-        t, s = logits.shape[-2:]
-        p = jnp.where(jnp.tril(jnp.ones((t, s), bool), s - t), p, 0.0)
-    p = jnp.where(query_mask[:, None, :, None] & key_mask[:, None, None, :], p, 0.0)
+    vis = attn_lib.visibility(key_mask, q.shape[1], causal) & query_mask[:, None, :, None]
+    logits = attn_lib.masked_logits(q, k, vis, scale=scale, bias=bias)  # [B, N, T, S]
+    # masked again after exp: a padding query's lse is NEG_INF too, and exp(0) would count
+    p = jnp.where(vis, jnp.exp(logits - lse.astype(jnp.float32)[..., None]), 0.0)
     col = p.sum(axis=(1, 2))  # [B, S]
-    return _finish(col, key_mask, _denominator(key_mask, query_mask, num_heads, causal), protect)
+    return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
 
 
 def acc_scores_fused(
@@ -227,24 +224,35 @@ def acc_scores_fused(
     return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
 
 
-# probs: from materialised probabilities; lse: XLA recomputation from flash attention's
-# log-sum-exp; pallas: the fused kernels (pallas_softmax for <= 128 keys, where one program
-# holds every key; pallas_lse beyond, tiled over key blocks); pallas_interpret: CPU tests.
+# ACC sources: probs (materialised probabilities); lse (XLA, from the attention's log-sum-exp,
+# any bias); pallas_softmax (kernel doing its own softmax, one program holds all <= 128 keys, no
+# bias); pallas_lse (kernel from the log-sum-exp, tiled over key blocks; T5's bias by distance);
+# pallas (either, by key count and bias); pallas_interpret ('pallas' interpreted, CPU tests).
+# A new source: a name here, a branch in resolve_acc_impl and one in attend_and_score.
 ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_softmax", "pallas_lse", "pallas_interpret")
 
 
-def resolve_acc_impl(acc_impl: str, attention_impl: str) -> str:
-    """'auto' -> the fused Pallas kernel beside cuDNN attention on a GPU that compiles it,
-    otherwise ACC from the probabilities XLA's attention materialises anyway."""
+def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, bias: bool = False,
+                     by_distance: bool = False) -> tuple[str, bool]:
+    """One layer's (ACC source, run the kernel interpreted?). 'auto' -> beside cuDNN attention
+    the Pallas kernel where it compiles (given a logits ``bias`` also ``by_distance``), else
+    'lse'; with XLA attention the probabilities it materialises anyway. Explicit choices stay."""
     if acc_impl not in ACC_IMPLS:
         raise ValueError(f"acc_impl must be one of {ACC_IMPLS}, got {acc_impl!r}")
-    if acc_impl != "auto":
-        return acc_impl
-    if attention_impl == "cudnn":
+    if acc_impl == "auto":
+        if attention_impl != "cudnn":
+            return "probs", False
         from accjax.kernels import acc_pallas
 
-        return "pallas" if acc_pallas.available() else "lse"
-    return "probs"
+        kernel = (by_distance or not bias) and acc_pallas.available(rel_bias=bias)
+        acc_impl = "pallas" if kernel else "lse"
+    interpret = acc_impl == "pallas_interpret"
+    if acc_impl in ("pallas", "pallas_interpret"):
+        acc_impl = "pallas_softmax" if keys <= 128 and not bias else "pallas_lse"
+    if bias and (acc_impl == "pallas_softmax" or (acc_impl == "pallas_lse" and not by_distance)):
+        raise ValueError("the Pallas ACC kernels take a logits bias only as bias_by_distance "
+                         "(with the log-sum-exp); use acc_impl='lse'")
+    return acc_impl, interpret
 
 
 def attend_and_score(
@@ -256,6 +264,8 @@ def attend_and_score(
     scale: float,
     causal: bool = False,
     bias: Array | None = None,
+    bias_by_distance: Array | None = None,
+    positions: Array | None = None,
     score: bool = False,
     variant: str = "plain",
     protect: Array | None = None,
@@ -266,43 +276,47 @@ def attend_and_score(
     probs_dropout=None,
     value_norms=None,
 ) -> tuple[Array, Array | None, Array | None]:
-    """Self-attention and, when ``score``, the ACC of every key row: one dispatch for all
-    model families, so each path is chosen in one place.
+    """Attention and, when ``score``, the ACC of every key row: the one dispatch of all
+    model families (BERT, GPT-2, T5 encoder and decoder), so each path is chosen here.
 
     Paths (first that applies):
       * probabilities materialised (``attention.attention_with_probs``): returning attention
-        maps, attention dropout in training, ACC variants other than plain, or XLA attention
-        (CPU; or a GPU layer with fewer than ``xla_attention_below`` rows, where a flash
-        kernel's tiles are mostly empty);
-      * flash attention + ``acc_scores_fused`` (Pallas kernel; GPUs that compile it);
-      * flash attention + ``acc_scores_from_lse`` (log-sum-exp; other GPUs).
+        maps, attention dropout in training, ACC variants other than plain, or ACC source
+        'probs' (the 'auto' choice with XLA attention: the CPU, or a GPU layer with fewer
+        than ``xla_attention_below`` rows, where a flash kernel's tiles are mostly empty);
+      * ``fused_attention`` (cuDNN flash or XLA), with its log-sum-exp where the ACC source
+        reads it, then ``acc_scores_fused`` (Pallas) or ``acc_scores_from_lse`` (XLA).
+    The logits ``bias`` goes to the attention as given (cuDNN casts it to the input dtype,
+    XLA adds it to float32 logits) and to ``acc_scores_from_lse``; the Pallas kernel reads
+    ``bias_by_distance`` at ``positions`` instead.
 
     Args:
-      q: [B, T, N, H]; k, v: [B, S, N, H]; mask: [B, S] bool key mask (= query mask).
+      q: [B, T, N, H]; k, v: [B, S, N, H]; mask: [B, S] bool key mask (= query mask when
+        scoring, which is self-attention).
+      bias: additive logits bias broadcastable to [B, N, T, S] (T5's position bias), or None.
+      bias_by_distance: [N, 2P - 1] the same bias by key - query position (P = input length),
+        with positions [B, T] the rows' ORIGINAL positions; lets the Pallas kernel score.
       score: compute ACC (the layer eliminates).
       value_norms: () -> [B, N, S], called only for the ``value_norm`` variant.
     Returns:
       (context [B, T, N, H], ACC [B, S] or None, probabilities [B, N, T, S] or None).
     """
-    from accjax import attention as attn_lib
-
     impl = attn_lib.resolve_implementation(attention_impl, q.dtype)
     if impl == "cudnn" and q.shape[1] < xla_attention_below:
         impl = "xla"
-    how = "probs" if variant != "plain" else resolve_acc_impl(acc_impl, impl)
-    if how == "pallas":
-        how = "pallas_softmax" if k.shape[1] <= 128 else "pallas_lse"
-    need_probs = output_attentions or probs_dropout is not None or (score and how == "probs")
+    how, interpret = "probs", False
+    if score and variant == "plain":
+        how, interpret = resolve_acc_impl(acc_impl, impl, keys=k.shape[1], bias=bias is not None,
+                                          by_distance=bias_by_distance is not None)
     probs = scores = lse = None
-    if need_probs:
+    if output_attentions or probs_dropout is not None or (score and how == "probs"):
         ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
                                                    bias=bias, probs_dropout=probs_dropout)
-    elif score and how in ("lse", "pallas_lse") and impl != "xla":
-        ctx, lse = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
-                                            implementation=impl, return_lse=True)
     else:
-        ctx = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
-                                       implementation=impl)
+        want_lse = score and how in ("lse", "pallas_lse")
+        out = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
+                                       implementation=impl, return_lse=want_lse)
+        ctx, lse = out if want_lse else (out, None)
     if score:
         # ACC only picks indices (top-k is not differentiable): no gradient flows through it,
         # and the Pallas kernel needs no VJP.
@@ -313,13 +327,11 @@ def attend_and_score(
                                 value_norms=vn)
         elif how == "lse":
             scores = acc_scores_from_lse(sg(q), sg(k), sg(lse), mask, scale=scale, causal=causal,
-                                         protect=protect, bias=None if bias is None else sg(bias))
+                                         protect=protect, bias=sg(bias))
         else:
-            if bias is not None:
-                raise ValueError("the fused ACC kernel takes no logits bias; use acc_impl='lse'")
             scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
-                                      protect=protect, interpret=how == "pallas_interpret",
-                                      lse=sg(lse) if how == "pallas_lse" and lse is not None else None)
+                                      protect=protect, interpret=interpret, lse=sg(lse),
+                                      rel_bias=sg(bias_by_distance), positions=positions)
     return ctx, scores, probs
 
 

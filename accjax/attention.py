@@ -15,8 +15,9 @@ Masked logits are set to the most negative float32 rather than -inf, so a row wi
 visible key (a padding row of an all-padding example) softmaxes to uniform, never NaN.
 
 Two paths:
-  * ``attention_with_probs``: logits and probabilities materialised; needed for ACC scoring
-    from probabilities, attention dropout and returning attention maps. Softmax in float32.
+  * ``attention_with_probs`` (``softmax_attention`` under any visibility mask): logits and
+    probabilities materialised; needed for ACC scoring from probabilities, attention dropout
+    and returning attention maps. Softmax in float32; XLA's ``fused_attention`` is the same.
   * ``fused_attention``: ``jax.nn.dot_product_attention``; on GPU with bf16/fp16 inputs it
     uses cuDNN flash attention (no [B, N, T, S] tensor in memory), elsewhere XLA.
 """
@@ -42,6 +43,32 @@ def visibility(key_mask: Array, t: int, causal: bool) -> Array:
     return vis
 
 
+def masked_logits(q: Array, k: Array, vis: Array, *, scale: float, bias: Array | None = None) -> Array:
+    """float32 logits ``scale * q.k (+ bias)`` [B, N, T, S], NEG_INF where ``vis`` is False.
+
+    q: [B, T, N, H]; k: [B, S, N, H]; vis: bool broadcastable to [B, N, T, S]
+    (``visibility``); bias broadcastable to [B, N, T, S], added in float32.
+    """
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    return jnp.where(vis, logits, NEG_INF)
+
+
+def softmax_attention(q: Array, k: Array, v: Array, vis: Array, *, scale: float, bias: Array | None = None,
+                      probs_dropout: Callable[[Array], Array] | None = None) -> tuple[Array, Array, Array]:
+    """Attention under any visibility mask (args as ``masked_logits``; v [B, S, N, H]).
+
+    Returns (context [B, T, N, H] in v.dtype, probs [B, N, T, S] float32 before
+    ``probs_dropout``, log-sum-exp [B, N, T] float32); under jit unused outputs cost nothing.
+    """
+    logits = masked_logits(q, k, vis, scale=scale, bias=bias)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S]
+    p = probs if probs_dropout is None else probs_dropout(probs)
+    ctx = jnp.einsum("BNTS,BSNH->BTNH", p.astype(v.dtype), v)
+    return ctx, probs, jax.nn.logsumexp(logits, axis=-1)
+
+
 def attention_with_probs(
     q: Array,
     k: Array,
@@ -63,29 +90,14 @@ def attention_with_probs(
     Returns:
       (context [B, T, N, H] in q.dtype, probs [B, N, T, S] float32, before dropout).
     """
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
-    logits = logits * scale
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    logits = jnp.where(visibility(key_mask, q.shape[1], causal), logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S]
-    p = probs if probs_dropout is None else probs_dropout(probs)
-    ctx = jnp.einsum("BNTS,BSNH->BTNH", p.astype(v.dtype), v)
+    ctx, probs, _ = softmax_attention(q, k, v, visibility(key_mask, q.shape[1], causal), scale=scale,
+                                      bias=bias, probs_dropout=probs_dropout)
     return ctx, probs
 
 
-def fused_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    key_mask: Array,
-    *,
-    scale: float,
-    causal: bool = False,
-    bias: Array | None = None,
-    implementation: str | None = None,
-    return_lse: bool = False,
-) -> Array | tuple[Array, Array]:
+def fused_attention(q: Array, k: Array, v: Array, key_mask: Array, *, scale: float, causal: bool = False,
+                    bias: Array | None = None, implementation: str | None = None,
+                    return_lse: bool = False) -> Array | tuple[Array, Array]:
     """Attention without materialised probabilities where the backend allows it.
 
     Args as ``attention_with_probs``; ``implementation`` is 'xla', 'cudnn' or None/'auto'
@@ -96,13 +108,8 @@ def fused_attention(
     """
     implementation = resolve_implementation(implementation, q.dtype)
     if implementation == "xla":
-        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        logits = jnp.where(visibility(key_mask, q.shape[1], causal), logits, NEG_INF)
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, N, T]
-        probs = jnp.exp(logits - lse[..., None])
-        ctx = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
+        ctx, _, lse = softmax_attention(q, k, v, visibility(key_mask, q.shape[1], causal),
+                                        scale=scale, bias=bias)
         return (ctx, lse) if return_lse else ctx
     return _cudnn_attention(q, k, v, key_mask, scale=scale, causal=causal, bias=bias,
                             return_lse=return_lse)
@@ -117,6 +124,7 @@ def _cudnn_attention(q, k, v, key_mask, *, scale, causal, bias, return_lse):
     reading a materialised [B, 1, T, S] bias.
     """
     b, t = q.shape[:2]
+    bias = None if bias is None else bias.astype(q.dtype)  # cuDNN takes it in the input dtype
     kv_len = key_mask.sum(axis=-1).astype(jnp.int32)  # [B]
     q_len = jnp.full((b,), t, jnp.int32)
     if return_lse:

@@ -147,16 +147,45 @@ def test_pallas_kernels_match_probs(causal, t):
         assert np.all(np.isneginf(got[~m]))
 
 
-def test_attend_and_score_paths_agree():
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attend_and_score_every_cpu_path(causal, with_bias):
+    """Every (attention_impl, acc_impl) pair the CPU runs gives the dense context and the ACC
+    of the probabilities; 'lse' with XLA attention once crashed (no log-sum-exp). The bias is
+    T5's kind: a vector by key - query distance read at the rows' ORIGINAL positions."""
     rng = np.random.default_rng(4)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32) for _ in range(3))
-    mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [7]]))
-    outs = {how: acc.attend_and_score(q, k, v, mask, scale=0.3, score=True, acc_impl=how,
-                                      attention_impl="xla")
-            for how in ("probs", "pallas_interpret")}
-    (c1, s1, _), (c2, s2, _) = outs["probs"], outs["pallas_interpret"]
-    np.testing.assert_allclose(c1, c2, atol=1e-6)
-    np.testing.assert_allclose(np.where(mask, s1, 0), np.where(mask, s2, 0), rtol=1e-5)
+    b, t, n, h, p_len = 2, 12, 2, 8, 20
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(3))
+    mask = np.arange(t)[None] < np.array([[t], [7]])
+    pos = np.stack([np.sort(rng.choice(p_len, t, replace=False)) for _ in range(b)])  # [B, T]
+    by_distance = rng.normal(0.0, 2.0, size=(n, 2 * p_len - 1))  # [N, 2P - 1]
+    bias = by_distance[:, pos[:, None, :] - pos[:, :, None] + p_len - 1].transpose(1, 0, 2, 3)
+    # numpy float64 dense attention: logits [B, N, T, S], masked keys (and the future) -inf
+    logits = np.einsum("btnh,bsnh->bnts", np.asarray(q, np.float64), np.asarray(k, np.float64)) * 0.3
+    logits = logits + (bias if with_bias else 0.0)
+    vis = mask[:, None, None, :] & (np.tril(np.ones((t, t), bool)) if causal else True)
+    logits = np.where(vis, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ref_ctx = np.einsum("bnts,bsnh->btnh", probs, np.asarray(v, np.float64))
+    ref = np.asarray(acc.acc_scores(jnp.asarray(probs, jnp.float32), jnp.asarray(mask), causal=causal))
+    kw = dict(bias=jnp.asarray(bias, jnp.float32), bias_by_distance=jnp.asarray(by_distance, jnp.float32),
+              positions=jnp.asarray(pos, jnp.int32)) if with_bias else {}
+    for attention_impl in ("xla", "auto"):
+        for acc_impl in ("auto", "probs", "lse", "pallas_interpret"):
+            ctx, scores, _ = acc.attend_and_score(
+                q, k, v, jnp.asarray(mask), scale=0.3, causal=causal, score=True,
+                attention_impl=attention_impl, acc_impl=acc_impl, **kw)
+            what = f"attention {attention_impl}, acc {acc_impl}"
+            np.testing.assert_allclose(np.asarray(ctx), ref_ctx, rtol=1e-5, atol=1e-5, err_msg=what)
+            scores = np.asarray(scores)
+            np.testing.assert_allclose(np.where(mask, scores, 0), np.where(mask, ref, 0), rtol=1e-5,
+                                       atol=1e-7, err_msg=what)
+            assert np.all(np.isneginf(scores[~mask])), what
+    if with_bias:  # the bias moves the scores far beyond the tolerance: a path ignoring it fails
+        plain = np.asarray(acc.attend_and_score(q, k, v, jnp.asarray(mask), scale=0.3, causal=causal,
+                                                score=True)[1])
+        assert np.abs(np.where(mask, plain, 0) - np.where(mask, ref, 0)).max() > 1e-2
 
 
 def test_kernel_probe_works_inside_a_trace():

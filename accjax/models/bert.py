@@ -51,10 +51,10 @@ class BertConfig:
     attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
     acc_impl: str = "auto"  # ACC from: 'probs', 'lse' (flash log-sum-exp), 'pallas' kernel
     # layers with fewer input rows use XLA attention on GPU: cuDNN's 64 x 128 tiles are mostly
-    # padding for a few rows (-0.3 ms at speedup 4.8, BERT-base 128 x 128, H100)
+    # padding for a few rows (measured: docs/benchmarks.md)
     xla_attention_below: int = 64
     # three [D, D] GEMMs (False) give contiguous q, k, v; one [D, 3D] GEMM (True) needs three
-    # slice copies before flash attention (0.55 ms of 7.96 for BERT-base 128 x 128, H100)
+    # slice copies before flash attention (measured: docs/benchmarks.md)
     fused_qkv: bool = False
     family: str = "bert"
 

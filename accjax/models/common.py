@@ -35,9 +35,8 @@ def gelu_erf(x: Array) -> Array:
     """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), evaluated in float32 (as torch does).
 
     ``jax.nn.gelu(approximate=False)`` goes through ``erfc`` with both of its branches and
-    scales by 1/sqrt(2) in the input dtype; on an H100 that elementwise pass took 0.16 ms per
-    BERT-base layer at 128 x 128 (more than the feed-forward GEMM's epilogue could hide),
-    ``erf`` is one rational polynomial.
+    scales by 1/sqrt(2) in the input dtype, a slow elementwise pass on a GPU (measured in
+    docs/benchmarks.md); ``erf`` is one rational polynomial.
     """
     xf = x.astype(jnp.float32)
     return (0.5 * xf * (1.0 + jax.lax.erf(xf * 0.7071067811865476))).astype(x.dtype)
@@ -86,22 +85,25 @@ def ones_init(axes: tuple[str | None, ...]):
 class HeadsOut(nn.Module):
     """Attention output projection [B, T, N, H] -> [B, T, D], and the per-head value norms
     the ``value_norm`` ACC variant uses. ``config`` needs num_heads, head_dim, hidden_size,
-    initializer_range, dtype and param_dtype (BERT and GPT-2 configs have them)."""
+    dtype, param_dtype and (unless ``std`` is given) initializer_range."""
 
     config: Any
+    std: float | None = None  # init std of the kernel; None: config.initializer_range
+    use_bias: bool = True  # T5 has none
 
     def setup(self):
         cfg = self.config
         pdt = to_dtype(cfg.param_dtype)
         self.kernel = self.param(
-            "kernel", normal_init(cfg.initializer_range, ("heads", "kv", "embed")),
+            "kernel", normal_init(cfg.initializer_range if self.std is None else self.std,
+                                  ("heads", "kv", "embed")),
             (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdt)
-        self.bias = self.param("bias", zeros_init(("embed",)), (cfg.hidden_size,), pdt)
+        self.bias = self.param("bias", zeros_init(("embed",)), (cfg.hidden_size,), pdt) if self.use_bias else None
 
     def __call__(self, ctx: Array) -> Array:
         dtype = to_dtype(self.config.dtype)
         y = jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
-        return y + self.bias.astype(dtype)
+        return y if self.bias is None else y + self.bias.astype(dtype)
 
     def value_norms(self, v: Array) -> Array:
         """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""

@@ -274,17 +274,6 @@ def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
         scale_init=common.ones_init(("embed",)), bias_init=common.zeros_init(("embed",)))
 
 
-def _masked_attention(q: Array, k: Array, v: Array, vis: Array, scale: float) -> Array:
-    """Attention with an explicit visibility mask (decoding against a cache).
-
-    q [B, T, N, H]; k, v [B, S, N, H]; vis [B, 1, T, S] bool -> context [B, T, N, H].
-    """
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(vis, logits, attn_lib.NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S] float32
-    return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
-
-
 # ------------------------------------------------------------------------------ modules
 class GPT2Block(nn.Module):
     """One pre-LN decoder block: x + attn(ln_1(x)), then + mlp(ln_2(.)).
@@ -406,7 +395,8 @@ class GPT2Block(nn.Module):
         # New token i sits in slot start + i and sees every filled slot up to its own.
         upto = start + jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # [T, S]
         vis = slot_mask[:, None, None, :] & upto[None, None]  # [B, 1, T, S]
-        ctx = _masked_attention(q, keys, values, vis, common.attention_scale(self.config.head_dim))
+        ctx, _, _ = attn_lib.softmax_attention(q, keys, values, vis,
+                                               scale=common.attention_scale(self.config.head_dim))
         return self._finish(x, ctx, True), (keys, values, slot_mask, slot_positions)
 
 

@@ -25,8 +25,8 @@ projection, residual add and feed-forward then run on the kept rows only. ``rows
 carries each kept row's ORIGINAL position, and the position bias for later layers is looked up
 there: ``table[bucket(pos[j] - pos[i])]``, exactly the rows and columns of the entering bias
 (``take_bias`` gathers them; tested equal), never recomputed from compacted indices. The
-lookup writes the [B, N, K, K] bias in one fusion; gathering it from the larger entering bias
-cost 0.5 ms more per flan-t5-base call at 16 x 512 and 1.5x on an H100 (7.35 vs 6.84 ms).
+lookup writes the [B, N, K, K] bias in one fusion, cheaper than gathering it from the larger
+entering bias (docs/benchmarks.md, Flan-T5).
 Worked example, T = 4 rows at positions [0 1 2 3], layer keeps rows [0, 3]::
 
     bias before: B[i, j] = tab[bucket(j - i)]     after: [[B[0,0] B[0,3]]   = tab[bucket(  0)] tab[bucket(3)]
@@ -35,7 +35,8 @@ Worked example, T = 4 rows at positions [0 1 2 3], layer keeps rows [0, 3]::
 
 On GPUs, ACC beside cuDNN flash attention comes from the Pallas log-sum-exp kernel, given the
 same bias as a vector by key - query distance and the rows' original positions
-(``acc_impl='auto'``; ``'lse'`` recomputes it in XLA from the materialised bias).
+(``acc_impl='auto'``; ``'lse'`` recomputes it in XLA from the materialised bias); the choice
+is ``acc.attend_and_score``'s, as for BERT and GPT-2.
 
 The decoder cross-attends to the final kept encoder rows under their gathered mask.
 
@@ -56,7 +57,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from accjax import acc as acc_lib
-from accjax import attention as attn_lib
 from accjax.models import common
 
 Array = jax.Array
@@ -87,8 +87,8 @@ class T5Config:
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # parameter storage dtype
     attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
-    # ACC beside flash attention: 'auto' (the Pallas kernel with the bias by distance where
-    # it compiles, else 'lse'), 'lse' (XLA from the log-sum-exp), 'pallas', 'pallas_interpret'
+    # ACC source, one of acc.ACC_IMPLS: 'auto' (beside flash attention the Pallas kernel with
+    # the bias by distance where it compiles, else 'lse'; probabilities with XLA attention)
     acc_impl: str = "auto"
     family: str = "t5"
 
@@ -97,8 +97,8 @@ class T5Config:
         if self.scale_decoder_outputs is None:
             # HF: the original T5 (tied head) scales, v1.1 / Flan (untied) does not.
             object.__setattr__(self, "scale_decoder_outputs", bool(self.tie_word_embeddings))
-        if self.acc_impl not in ("auto", "lse", "pallas", "pallas_interpret"):
-            raise ValueError(f"acc_impl must be auto, lse, pallas or pallas_interpret, got {self.acc_impl!r}")
+        if self.acc_impl not in acc_lib.ACC_IMPLS:
+            raise ValueError(f"acc_impl must be one of {acc_lib.ACC_IMPLS}, got {self.acc_impl!r}")
         if self.relative_attention_num_buckets < 4:
             raise ValueError("relative_attention_num_buckets must be at least 4")
 
@@ -337,26 +337,10 @@ def _q(cfg: T5Config, name: str) -> Proj:
                 ("embed", "heads", "kv"), f * (cfg.d_model * cfg.d_kv) ** -0.5, name=name)
 
 
-class OutProj(nn.Module):
+def _out(cfg: T5Config, name: str | None = None) -> common.HeadsOut:
     """Attention output projection [B, T, N, H] -> [B, T, D] (no bias), and value norms."""
-
-    config: T5Config
-
-    def setup(self):
-        cfg = self.config
-        self.kernel = self.param(
-            "kernel", _normal(cfg.initializer_factor * cfg.inner_dim ** -0.5, ("heads", "kv", "embed")),
-            (cfg.num_heads, cfg.d_kv, cfg.d_model), common.to_dtype(cfg.param_dtype))
-
-    def __call__(self, ctx: Array) -> Array:
-        dtype = common.to_dtype(self.config.dtype)
-        return jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
-
-    def value_norms(self, v: Array) -> Array:
-        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
-        dtype = common.to_dtype(self.config.dtype)
-        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
-        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+    return common.HeadsOut(cfg, std=cfg.initializer_factor * cfg.inner_dim ** -0.5, use_bias=False,
+                           name=name)
 
 
 class FeedForward(nn.Module):
@@ -389,28 +373,6 @@ def clamp_fp16(x: Array) -> Array:
     return jnp.clip(x, -limit, limit)
 
 
-def _impl(cfg: T5Config, dtype) -> str:
-    return attn_lib.resolve_implementation(cfg.attention_impl, dtype)
-
-
-def _bias_for(bias: Array | None, impl: str, dtype) -> Array | None:
-    # cuDNN takes the bias in the input dtype; XLA adds it to float32 logits.
-    if bias is None or impl == "xla":
-        return bias
-    return bias.astype(dtype)
-
-
-def _fused_acc(cfg: T5Config) -> bool:
-    """ACC by the Pallas kernel (with the bias by distance) beside flash attention?"""
-    if cfg.acc_impl == "lse":
-        return False
-    if cfg.acc_impl in ("pallas", "pallas_interpret"):
-        return True
-    from accjax.kernels import acc_pallas
-
-    return acc_pallas.available(rel_bias=True)
-
-
 # ---------------------------------------------------------------------------- encoder
 class EncoderLayer(nn.Module):
     """One pre-norm T5 encoder block with optional elimination after self-attention."""
@@ -438,7 +400,7 @@ class EncoderLayer(nn.Module):
           keep: static Python int; rows kept after attention (None or >= T: keep all).
           protect: [B, T] bool, rows that must never be dropped (None: none).
           bias_by_distance: [N, 2P - 1] the same bias by key - query position (P = input
-            length), for the Pallas ACC kernel; None: ACC reads ``bias``.
+            length), which the Pallas ACC kernel reads at ``rows.positions``.
         Returns:
           (x [B, K, D], rows of the kept rows (``rows.positions``: their ORIGINAL positions,
           from which the encoder looks up the next layer's bias), out dict).
@@ -449,51 +411,28 @@ class EncoderLayer(nn.Module):
         out: dict[str, Array] = {}
 
         h = RMSNorm(cfg, name="attn_norm")(x)
-        # One fused GEMM: three GEMMs on kernel slices measured no faster on an H100 at
-        # 16 x 512 (5.33 vs 5.26 ms dense) and add launches that eliminating programs feel.
+        # One fused GEMM: three GEMMs on kernel slices were no faster here (unlike BERT; see
+        # docs/benchmarks.md, Flan-T5) and add launches that eliminating programs feel.
         qkv = _qkv(cfg, "qkv")(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
-        heads_out = OutProj(cfg, name="attn_out")
+        heads_out = _out(cfg, "attn_out")
         train_dropout = not deterministic and cfg.dropout > 0
-        impl = _impl(cfg, q.dtype)
+        drop = nn.Dropout(cfg.dropout) if train_dropout else None
         prefix = acc_variant in acc_lib.BASELINES
-        need_probs = output_attentions or train_dropout or (
-            eliminate and not prefix and (acc_variant != "plain" or (
-                impl == "xla" and cfg.acc_impl != "pallas_interpret")))  # interpret: CPU tests of the kernel
-        if need_probs:
-            drop = nn.Dropout(cfg.dropout)
-            ctx, probs = attn_lib.attention_with_probs(
-                q, k, v, rows.mask, scale=1.0, bias=bias,
-                probs_dropout=(lambda p: drop(p, deterministic=deterministic)) if train_dropout else None,
-            )  # ctx [B, T, N, H], probs [B, N, T, T]
-            if output_attentions:
-                out["attentions"] = probs
-        elif eliminate and not prefix:
-            ctx, lse = attn_lib.fused_attention(q, k, v, rows.mask, scale=1.0,
-                                                bias=_bias_for(bias, impl, q.dtype),
-                                                implementation=impl, return_lse=True)
-        else:
-            ctx = attn_lib.fused_attention(q, k, v, rows.mask, scale=1.0,
-                                           bias=_bias_for(bias, impl, q.dtype), implementation=impl)
-
+        ctx, scores, probs = acc_lib.attend_and_score(
+            q, k, v, rows.mask, scale=1.0, bias=bias, bias_by_distance=bias_by_distance,
+            positions=rows.positions, score=eliminate and not prefix, variant=acc_variant,
+            protect=protect, attention_impl=cfg.attention_impl, acc_impl=cfg.acc_impl,
+            output_attentions=output_attentions,
+            probs_dropout=(lambda p: drop(p, deterministic=False)) if train_dropout else None,
+            value_norms=lambda: heads_out.value_norms(v),
+        )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
+        if output_attentions:
+            out["attentions"] = probs
         if eliminate and prefix:
             idx, rows, (ctx, x) = acc_lib.take_prefix(keep, rows, ctx, x)
             out.update(keep_idx=idx, positions=rows.positions)
         elif eliminate:
-            if need_probs:
-                value_norms = heads_out.value_norms(v) if acc_variant == "value_norm" else None
-                scores = acc_lib.acc_scores(probs, rows.mask, variant=acc_variant,
-                                            value_norms=value_norms, protect=protect)  # [B, T]
-            elif bias_by_distance is not None:  # given only when the kernel is the ACC source
-                # the kernel adds the bias by distance itself: no [B, N, T, T] logits or bias read
-                sg = jax.lax.stop_gradient
-                scores = acc_lib.acc_scores_fused(
-                    sg(q), sg(k), rows.mask, scale=1.0, protect=protect, lse=sg(lse),
-                    interpret=cfg.acc_impl == "pallas_interpret",
-                    rel_bias=sg(bias_by_distance), positions=rows.positions)  # [B, T]
-            else:
-                scores = acc_lib.acc_scores_from_lse(q, k, lse, rows.mask, scale=1.0, bias=bias,
-                                                     protect=protect)  # [B, T]
             idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)  # ctx [B, K, N, H]
             out.update(acc=scores, keep_idx=idx, positions=rows.positions)
 
@@ -559,8 +498,7 @@ class T5Encoder(nn.Module):
         rel_bias = RelativeBias(cfg, bidirectional=True, name="relative_attention_bias")
         bias = rel_bias(pos0, pos0)  # [1, N, T, T]
         by_distance = None
-        if schedule is not None and (cfg.acc_impl == "pallas_interpret" or (
-                _impl(cfg, common.to_dtype(cfg.dtype)) != "xla" and _fused_acc(cfg))):
+        if schedule is not None:  # for the Pallas ACC kernel; unused (so not computed) elsewhere
             # the bias as a function of key - query position, -(T-1)..T-1: [N, 2T - 1]
             dist = jnp.arange(-(t - 1), t, dtype=jnp.int32)[None]
             by_distance = rel_bias(jnp.zeros((1, 1), jnp.int32), dist)[0, :, 0, :]
@@ -604,11 +542,11 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         self.self_norm = RMSNorm(cfg)
         self.self_qkv = _qkv(cfg, None)
-        self.self_out = OutProj(cfg)
+        self.self_out = _out(cfg)
         self.cross_norm = RMSNorm(cfg)
         self.cross_q = _q(cfg, None)
         self.cross_kv = _qkv(cfg, None, parts=2)
-        self.cross_out = OutProj(cfg)
+        self.cross_out = _out(cfg)
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -649,36 +587,29 @@ class DecoderLayer(nn.Module):
         if cache is not None:
             ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
             cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
-            cache = (ck, cv)  # [B, M, N, H] each
-            # One query against the cache: XLA is right at this size whatever the backend.
-            ctx = attn_lib.fused_attention(q, ck, cv, self_mask, scale=1.0, bias=self_bias,
-                                           implementation="xla")
-        else:
-            ctx = self._attend(q, k, v, self_mask, self_bias, causal=True,
-                               train_dropout=train_dropout, deterministic=deterministic)
+            k, v = cache = (ck, cv)  # [B, M, N, H] each; self_mask: the visible slots
+        # One query a step against the cache: XLA is right at this size whatever the backend.
+        impl = "xla" if cache is not None else None
+        ctx = self._attend(q, k, v, self_mask, self_bias, causal=cache is None, train_dropout=train_dropout,
+                           impl=impl)
         x = clamp_fp16(x + self.drop(self.self_out(ctx), deterministic=deterministic))
 
         h = self.cross_norm(x)
         q = self.cross_q(h)  # [B, T, N, H]
         ctx = self._attend(q, enc_kv[0], enc_kv[1], enc_mask, None, causal=False,
-                           train_dropout=train_dropout, deterministic=deterministic,
-                           impl="xla" if cache is not None else None)
+                           train_dropout=train_dropout, impl=impl)
         x = clamp_fp16(x + self.drop(self.cross_out(ctx), deterministic=deterministic))
 
         h = self.mlp(self.mlp_norm(x), deterministic)
         x = clamp_fp16(x + self.drop(h, deterministic=deterministic))
         return x, cache
 
-    def _attend(self, q, k, v, key_mask, bias, *, causal, train_dropout, deterministic, impl=None):
-        cfg = self.config
-        if train_dropout:
-            ctx, _ = attn_lib.attention_with_probs(
-                q, k, v, key_mask, scale=1.0, causal=causal, bias=bias,
-                probs_dropout=lambda p: self.drop(p, deterministic=deterministic))
-            return ctx
-        impl = impl or _impl(cfg, q.dtype)
-        return attn_lib.fused_attention(q, k, v, key_mask, scale=1.0, causal=causal,
-                                        bias=_bias_for(bias, impl, q.dtype), implementation=impl)
+    def _attend(self, q, k, v, key_mask, bias, *, causal, train_dropout, impl=None):
+        ctx, _, _ = acc_lib.attend_and_score(
+            q, k, v, key_mask, scale=1.0, causal=causal, bias=bias,
+            attention_impl=impl or self.config.attention_impl,
+            probs_dropout=(lambda p: self.drop(p, deterministic=False)) if train_dropout else None)
+        return ctx
 
 
 class T5Decoder(nn.Module):
