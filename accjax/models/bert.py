@@ -23,14 +23,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from accjax import acc as acc_lib
-from accjax import attention as attn_lib
 from accjax.models import common
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(common.ModelConfig):
     vocab_size: int = 30522  # WordPiece vocabulary size
     hidden_size: int = 768  # D
     num_layers: int = 12  # L encoder blocks
@@ -57,20 +56,6 @@ class BertConfig:
     # slice copies before flash attention (measured: docs/benchmarks.md)
     fused_qkv: bool = False
     family: str = "bert"
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        common.activation(self.hidden_act)  # fail early on an unknown activation
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def replace(self, **kw) -> "BertConfig":
-        return dataclasses.replace(self, **kw)
 
     # -- Hugging Face config.json <-> BertConfig ------------------------------------------
     @classmethod

@@ -112,6 +112,30 @@ class HeadsOut(nn.Module):
         return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
 
 
+class ModelConfig:
+    """What every family's frozen config dataclass shares: ``replace``, ``head_dim`` and the
+    checks of width / heads, activation name and ``acc_impl`` at construction (a family names
+    its activation field in ``activation_field``)."""
+
+    activation_field = "hidden_act"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        activation(getattr(self, self.activation_field))  # fail early on an unknown activation
+        from accjax import acc
+
+        if self.acc_impl not in acc.ACC_IMPLS:
+            raise ValueError(f"acc_impl must be one of {acc.ACC_IMPLS}, got {self.acc_impl!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 

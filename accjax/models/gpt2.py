@@ -63,7 +63,7 @@ _SINK_SCORE = float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(common.ModelConfig):
     vocab_size: int = 50257  # byte-level BPE vocabulary (HF vocab_size)
     hidden_size: int = 768  # D (HF n_embd)
     num_layers: int = 12  # L decoder blocks (HF n_layer)
@@ -87,19 +87,7 @@ class GPT2Config:
     acc_impl: str = "auto"  # ACC from: 'probs', 'lse' (flash log-sum-exp), 'pallas' kernel
     xla_attention_below: int = 0  # layers with fewer input rows use XLA attention on GPU
     family: str = "gpt2"
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        common.activation(self.activation)  # fail early on an unknown activation
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def replace(self, **kw) -> "GPT2Config":
-        return dataclasses.replace(self, **kw)
+    activation_field = "activation"  # (a class attribute, not a field)
 
     # -- Hugging Face config.json <-> GPT2Config ------------------------------------------
     @classmethod

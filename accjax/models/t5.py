@@ -63,7 +63,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(common.ModelConfig):
     vocab_size: int = 32128  # SentencePiece vocabulary (+ padding rows in the table)
     d_model: int = 768  # D
     d_kv: int = 64  # H, per-head size
@@ -123,9 +123,6 @@ class T5Config:
     def feed_forward_proj(self) -> str:
         act = "gelu" if self.is_gated_act and self.dense_act_fn == "gelu_new" else self.dense_act_fn
         return f"gated-{act}" if self.is_gated_act else act
-
-    def replace(self, **kw) -> "T5Config":
-        return dataclasses.replace(self, **kw)
 
     # -- Hugging Face config.json <-> T5Config --------------------------------------------
     @classmethod
