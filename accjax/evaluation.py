@@ -42,6 +42,7 @@ import numpy as np
 from accjax import convert, hub
 from accjax import data as data_lib
 from accjax import metrics as metrics_lib
+from accjax import runfolder
 from accjax import schedule as sched_lib
 from accjax import tasks as tasks_lib
 
@@ -166,12 +167,17 @@ class RunModel:
             raise EvalError(str(e.args[0] if e.args else e)) from None
         except ValueError as e:
             raise EvalError(str(e)) from None
-        if t.num_labels != self.loaded.config.num_labels:
+        self.check_label_count(t)
+        return t
+
+    def check_label_count(self, t: tasks_lib.Task) -> None:
+        """Your own files' label count is known once they are read: None passes here and
+        ``evaluate`` checks the loaded task again."""
+        if t.num_labels is not None and t.num_labels != self.loaded.config.num_labels:
             raise EvalError(
-                f"checkpoint {self.folder} was fine-tuned for {own!r} with "
+                f"checkpoint {self.folder} was fine-tuned for {self.task_spec!r} with "
                 f"{self.loaded.config.num_labels} label(s); task {t.name!r} has {t.num_labels}: "
                 "pass a checkpoint fine-tuned for this task")
-        return t
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -186,7 +192,9 @@ def parse_speedups(text: str | Sequence[float]) -> list[float]:
         except ValueError:
             raise EvalError(f"speedup {s!r} is not a number; write e.g. --speedup 2 or "
                             "--speedup 1.5,2,4.8") from None
-        if not v >= 1 or math.isinf(v):
+        if not math.isfinite(v):
+            raise EvalError(f"speedup {s} is not a finite number; speedups are numbers >= 1")
+        if v < 1:
             raise EvalError(f"speedup {s} is below 1 (1 = the dense model); speedups are >= 1")
         out.append(v)
     if not out:
@@ -234,7 +242,7 @@ def run_pass(run: RunModel, pred, batches: data_lib.EvalBatches, speedup: float,
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(plan, desc=desc, leave=False, unit="batch", disable=None)
+        it = tqdm(plan, desc=desc, leave=False, unit="batch", disable=False)  # None hides it when piped
     outs = []
     t0 = time.perf_counter()
     for b, t, sch, _, _ in it:
@@ -264,10 +272,12 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
     """
     t = run.resolve_task(task)
     try:
-        data = data_lib.load_task(t, data_dir, splits=tuple(splits) if splits else None)
+        data = data_lib.load_task(t, runfolder.recorded_data_dir(run.meta, data_dir),
+                                  splits=tuple(splits) if splits else None)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise EvalError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
     t = data.task
+    run.check_label_count(t)
     wanted = list(splits) if splits else list(t.dev_splits)  # MNLI: matched and mismatched
     pred = run.predictor(batch_size)
     rows = []

@@ -40,7 +40,8 @@ import jax
 import numpy as np
 
 from accjax import checkpoint as ckpt_lib
-from accjax import convert, data as data_lib, hub, metrics as metrics_lib
+from accjax import convert, data as data_lib, guards, hub, metrics as metrics_lib
+from accjax import runfolder
 from accjax import models as models_lib
 from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
@@ -56,7 +57,7 @@ def validate_config(config) -> None:
     """Values the loop relies on; each error names the key and the permitted values."""
     def need(cond, msg):
         if not cond:
-            raise ValueError(f"config: {msg}")
+            raise guards.UserError(f"config: {msg}")
 
     need(config.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, not {config.objective!r}")
     need(int(config.epochs) >= 1, f"epochs must be >= 1, got {config.epochs}")
@@ -70,6 +71,7 @@ def validate_config(config) -> None:
     need(config.dtype in ("float32", "bfloat16", "float16"),
          f"dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
     need(str(config.run_dir).strip() != "", "run_dir must be set")
+    guards.check_optim(config.optim)
     # Constructing the sampler checks the elimination values.
     el = config.elimination
     train_lib.SpeedupSampler(el.mode, speedup=el.speedup, speedup_range=tuple(el.speedup_range),
@@ -192,6 +194,7 @@ class ClassificationExperiment(_Base):
         super().__init__(config)
         data = data_lib.load_task(config.task, _none_if_empty(config.data_dir),
                                   max_examples=_none_if_empty(int(config.max_examples)))
+        data_lib.check_splits(data, int(config.batch_size))  # before the model loads
         self.task = data.task
         self.task_name = self.task.name
         self.dev_split = self.task.dev_split
@@ -270,6 +273,7 @@ class ClassificationExperiment(_Base):
         ckpt_lib.export_model(run_dir, self.family, self.model_config, params, self.head,
                               tokenizer_from=self.tokenizer_dir,
                               extra={"objective": self.objective, "task": self.task.spec,
+                                     "label_names": list(self.task.label_names),
                                      "data": {"max_length": self.max_length,
                                               "length_buckets": list(self.buckets)}, **extra})
 
@@ -442,7 +446,7 @@ def evaluate_run(run_dir: str | Path, *, splits: Sequence[str] | None = None,
         raise ValueError(f"{run_dir} holds a {meta['objective']} model; evaluate_run scores classifiers")
     tc = meta["train_config"]
     loaded = convert.load(run_dir, "sequence_classification")
-    data = data_lib.load_task(meta["task"], data_dir or _none_if_empty(tc.get("data_dir")),
+    data = data_lib.load_task(meta["task"], runfolder.recorded_data_dir(meta, data_dir),
                               max_examples=_none_if_empty(int(tc.get("max_examples") or 0)))
     task = data.task
     tok = Tokenizer.from_folder(run_dir)

@@ -57,8 +57,10 @@ import numpy as np
 import optax
 from flax import struct
 
+from accjax import guards
 from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
+from accjax.runfolder import read_jsonl, rewrite_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -387,10 +389,8 @@ class MetricsLog:
         self._tb = None
         if not enabled:
             return
-        if start_step and self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines()
-                    if l.strip() and json.loads(l).get("step", 0) <= start_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+        if start_step and self.path.exists():  # a torn last line (killed mid-write) is dropped
+            rewrite_jsonl(self.path, [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step])
         elif not start_step and self.path.exists():
             self.path.unlink()  # a fresh run
         try:
@@ -495,9 +495,12 @@ def fit(config) -> FitResult:
     primary = shard_lib.is_primary()
     run_dir = Path(config.run_dir).absolute()
     cfg_json = config_dict(config)
-    saved, ckpts = run_dir / "train_config.json", run_dir / "checkpoints"
-    if saved.exists() and ckpts.exists() and any(ckpts.iterdir()):  # every process checks
-        check_resume_config(json.loads(saved.read_text()), cfg_json)
+    saved = run_dir / "train_config.json"
+    from accjax import runfolder
+
+    if primary:
+        runfolder.lock(run_dir)  # one writer per run folder; released at the end (or exit)
+    runfolder.check_resume(run_dir, cfg_json, check_resume_config)  # every process checks
     mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = shard_lib.normalize_rules(config.logical_axis_rules)
     shard_lib.check_batch_size(int(config.batch_size), mesh, rules, "batch_size")
@@ -521,10 +524,10 @@ def fit(config) -> FitResult:
         saved.write_text(json.dumps(cfg_json, indent=2) + "\n")
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=int(config.checkpoint.keep))
 
-    latest = ckpt.latest_step()
     params_shape = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), exp.params)
-    if latest is not None:
-        state, meta = ckpt.restore(latest, trainer.abstract_state(params_shape))
+    restored = ckpt.restore_latest(trainer.abstract_state(params_shape))  # skips a corrupt newest
+    if restored is not None:
+        latest, state, meta = restored
         best = meta.get("best")
         resumed_from = int(latest)
         log.info("resuming from the checkpoint at step %d of %d (%s)", latest, total, run_dir)
@@ -533,6 +536,15 @@ def fit(config) -> FitResult:
     else:
         state, best, resumed_from = trainer.init_state(exp.params), None, None
     start = int(jax.device_get(state.step))
+    done = runfolder.finished(run_dir, total) if start >= total else None
+    if done is not None:  # a finished run: report it, rewrite nothing
+        if primary:
+            print(f"{run_dir} already finished ({total} steps); its results are in "
+                  f"{run_dir / 'summary.json'}", flush=True)
+            runfolder.unlock(run_dir)
+        ckpt.close()
+        return FitResult(run_dir, start, done.get("resumed_from"), done.get("best"),
+                         done.get("final", []), done.get("train_seconds_per_epoch", []))
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(exp.params))
     exp.params = None  # the host copy is no longer needed
 
@@ -557,13 +569,14 @@ def fit(config) -> FitResult:
     def meta_now(step):
         epoch, index = exp.train.position(step)
         return {"step": step, "epoch": epoch, "index": index, "seed": int(config.seed), "best": best,
-                "total_steps": schedule_steps}
+                "total_steps": schedule_steps, "config": cfg_json}  # resume checks this config
 
     def flush_metrics(step):
         nonlocal t_log
         if not pending:
             return
         host = jax.device_get([m for _, m, _ in pending])
+        guards.check_finite_metrics(host, step - len(host) + 1)
         n_ex = sum(n for _, _, n in pending)
         dt = time.perf_counter() - t_log
         t_log = time.perf_counter()
@@ -598,6 +611,7 @@ def fit(config) -> FitResult:
         epoch_end = index == nb - 1 or step == total
         if epoch_end:
             flush_metrics(step)
+            guards.check_finite_params(state.params, step)  # never evaluate or export NaN weights
             jax.block_until_ready(state)
             epoch_times.append(time.perf_counter() - t_epoch)
             epoch_cpu.append(time.process_time() - cpu_epoch)
@@ -627,10 +641,12 @@ def fit(config) -> FitResult:
             t_epoch = t_log = time.perf_counter()  # evaluation time counts in neither
             cpu_epoch = time.process_time()
         if (every > 0 and step % every == 0) or epoch_end or step == total:
+            guards.check_finite_params(state.params, step)  # a resume point must be finite
             ckpt.save(step, state, meta_now(step))
             saved_at = step
     bar.close()
     if saved_at != step:
+        guards.check_finite_params(state.params, step)
         ckpt.save(step, state, meta_now(step))
     ckpt.close()
 
@@ -648,4 +664,5 @@ def fit(config) -> FitResult:
                    "mesh": dict(mesh.shape)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
         print(exp_lib.format_rows(final), flush=True)
+        runfolder.unlock(run_dir)
     return FitResult(run_dir, step, resumed_from, best, final, epoch_times)

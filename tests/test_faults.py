@@ -1,0 +1,200 @@
+"""Issue 13: bad input, faults and the first hour. One test (or more) per numbered defect,
+each reproducing it on tiny runs; the defect's number is in the test's docstring."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from accjax import data as data_lib, guards, runfolder, train
+from tests.train_helpers import REPO, sentiment_rows, sentiment_task, subprocess_env, tiny_config, write_csv
+
+
+def _fit(tmp_path, name, spec, **kw):
+    return train.fit(tiny_config(tmp_path / name, spec, **kw))
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory):
+    """A tiny classifier trained on your own CSV files (labels 'neg' / 'pos')."""
+    tmp = tmp_path_factory.mktemp("csv_run")
+    spec = sentiment_task(tmp / "data", n_train=64, n_dev=32)
+    result = train.fit(tiny_config(tmp / "run", spec, dropout=False))
+    return result.run_dir, spec
+
+
+# ------------------------------------------------------------------------------------ 1
+def test_own_file_task_is_scored_by_eval_glue_offline_tune_and_max_drop(csv_run, tmp_path, capsys):
+    """1: a checkpoint's own file task was refused (label count compared before reading)."""
+    from eval import glue, offline_tune
+
+    run, _ = csv_run
+    assert glue.main(["--checkpoint", str(run), "--speedup", "2", "--batch_size", "16",
+                      "--no-progress", "--json", str(tmp_path / "g.json")]) == 0
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [r["speedup"] for r in rows] == [1.0, 2.0] and rows[0]["examples"] == 32
+    assert offline_tune.main(["--checkpoint", str(run), "--speedups", "1,2", "--batch_size", "16",
+                              "--no-progress", "--out", str(tmp_path / "tune")]) == 0
+    assert (tmp_path / "tune" / "offline_tune.json").exists()
+    assert glue.main(["--checkpoint", str(run), "--max_drop", "100", "--batch_size", "16",
+                      "--no-progress"]) == 0
+    assert "picked speedup" in capsys.readouterr().out
+    # a file task with another label count is still refused, once its labels are read
+    three = tmp_path / "three"
+    write_csv(three / "train.csv", [("a b", "x"), ("c d", "y"), ("e f", "z")])
+    write_csv(three / "dev.csv", [("a b", "x")])
+    spec3 = f"csv:train={three / 'train.csv'},dev={three / 'dev.csv'},text=sentence,label=label"
+    assert glue.main(["--checkpoint", str(run), "--task", spec3, "--no-progress"]) == 2
+    assert "has 3" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ 2
+def test_empty_dev_split_is_refused_before_training(tmp_path):
+    """2: a header-only dev file crashed after the epoch (dense) or exported a NaN score."""
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=8)
+    write_csv(tmp_path / "d" / "dev.csv", [])
+    for mode in ("dense", "elastic"):
+        with pytest.raises(data_lib.DataError, match=r"validation split .*dev.csv.* holds no examples"):
+            _fit(tmp_path, mode, spec, **{"elimination.mode": mode})
+        assert not (tmp_path / mode / "checkpoints").exists()
+
+
+def test_cli_user_errors_are_one_line_exit_2(tmp_path):
+    """2, 3, 10: the CLI reports bad data and bad values in one line, exit 2, no traceback."""
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=8)
+    write_csv(tmp_path / "d" / "dev.csv", [])
+    cmd = [sys.executable, "-m", "train.finetune", "--config=configs/rt_minilm.py:tiny",
+           "--config.progress=False", f"--config.task={spec}"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd + [f"--config.run_dir={tmp_path / 'r'}"], cwd=REPO,
+                       env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the validation split")
+    r = subprocess.run(cmd + [f"--config.run_dir={tmp_path / 'r2'}", "--config.optim.lr=nan"],
+                       cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: config: optim.lr must be a finite number" in r.stderr
+
+
+# ------------------------------------------------------------------------------------ 3
+def test_nan_learning_rate_is_refused(tmp_path):
+    """3: --config.optim.lr=nan trained to the end and exported an all-NaN model."""
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=8)
+    for key, value in (("optim.lr", float("nan")), ("optim.lr", float("inf")), ("optim.lr", 0.0),
+                       ("optim.eps", -1.0), ("optim.b2", 1.0)):
+        with pytest.raises(guards.UserError, match=key.replace(".", r"\.")):
+            _fit(tmp_path, "r", spec, **{key: value})
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_divergence_stops_training_naming_the_step(tmp_path):
+    """3: a loss that turns NaN mid-run stops the run; nothing NaN is saved or exported."""
+    spec = sentiment_task(tmp_path / "d", n_train=64, n_dev=8)
+    cfg = tiny_config(tmp_path / "r", spec, **{"optim.lr": 1e38, "optim.clip": 0.0,
+                                               "optim.warmup_ratio": 0.0, "log_every_steps": 1})
+    with pytest.raises(guards.NonFiniteError, match=r"training diverged at step \d+"):
+        train.fit(cfg)
+    assert not (tmp_path / "r" / "accjax.json").exists()  # no NaN "best" model
+    for step in runfolder.checkpoint_steps(tmp_path / "r"):  # every resume point is finite
+        from accjax import checkpoint
+
+        params, _ = checkpoint.restore_params(tmp_path / "r", step)
+        assert all(np.isfinite(x).all() for x in _leaves(params))
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def test_check_finite_metrics_names_the_first_bad_step():
+    guards.check_finite_metrics([{"loss": 0.5, "grad_norm": 1.0}], first_step=3)
+    with pytest.raises(guards.NonFiniteError, match="step 8: grad_norm is inf"):
+        guards.check_finite_metrics([{"loss": 0.5, "grad_norm": 1.0},
+                                     {"loss": 0.4, "grad_norm": np.float32(np.inf)},
+                                     {"loss": np.nan, "grad_norm": 1.0}], first_step=7)
+    with pytest.raises(guards.NonFiniteError, match="step 2: parameter a/b holds NaN"):
+        guards.check_finite_params({"a": {"b": np.array([1.0, np.nan])}, "c": np.ones(2)}, 2)
+
+
+# ------------------------------------------------------------------------------------ 4
+def test_run_folder_is_locked_while_a_run_writes_it(tmp_path):
+    """4: two trainings in one run folder both ran to the end."""
+    run = tmp_path / "r"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from accjax import runfolder; "
+         f"runfolder.lock({str(run)!r}); print('locked', flush=True); time.sleep(120)"],
+        cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=8)
+        with pytest.raises(runfolder.RunFolderBusy, match=f"in use by another training process "
+                                                          f"\\(pid {holder.pid}\\)"):
+            _fit(tmp_path, "r", spec)
+        assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    runfolder.lock(run)  # the kernel dropped the killed holder's lock
+    runfolder.unlock(run)
+
+
+def test_resume_checks_the_config_inside_the_checkpoint(tmp_path):
+    """4: restarting after train_config.json was deleted resumed with a changed config."""
+    spec = sentiment_task(tmp_path / "d", n_train=64, n_dev=8)
+    _fit(tmp_path, "r", spec, **{"debug.max_steps": 2})
+    (tmp_path / "r" / "train_config.json").unlink()
+    with pytest.raises(ValueError, match=r"another config \(optim.lr: 0.001 -> 0.002\)"):
+        _fit(tmp_path, "r", spec, **{"debug.max_steps": 3, "optim.lr": 2e-3})
+    result = _fit(tmp_path, "r", spec, **{"debug.max_steps": 3})  # the same config resumes
+    assert result.resumed_from == 2 and result.steps == 3
+
+
+# ------------------------------------------------------------------------------------ 7
+def test_torn_metrics_line_and_corrupt_latest_checkpoint_resume(tmp_path, capsys):
+    """7: a torn metrics.jsonl line or a corrupt newest checkpoint blocked every restart."""
+    spec = sentiment_task(tmp_path / "d", n_train=64, n_dev=8)
+    kw = {"epochs": 2, "checkpoint.every_steps": 2, "checkpoint.keep": 3}
+    _fit(tmp_path, "r", spec, **kw, **{"debug.max_steps": 6})
+    run = tmp_path / "r"
+    assert runfolder.checkpoint_steps(run) == [6, 4, 2]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 0.')  # killed mid-write
+    for f in glob.glob(str(run / "checkpoints" / "6" / "state" / "**" / "d" / "*"), recursive=True):
+        with open(f, "r+b") as fh:
+            fh.truncate(10)
+    result = _fit(tmp_path, "r", spec, **kw)
+    out = capsys.readouterr().out
+    assert result.resumed_from == 4 and result.steps == 8
+    assert "checkpoint(s) at step 6" in out and "intact one at step 4" in out
+    assert (run / "checkpoints.corrupt" / "6").is_dir()
+    records = runfolder.read_jsonl(run / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if "loss" in r]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 8
+
+
+def test_read_jsonl_skips_only_torn_lines(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
+    assert runfolder.read_jsonl(p) == [{"step": 1}, {"step": 2}]
+
+
+# ----------------------------------------------------------------------------------- 10
+def test_rerunning_a_finished_run_changes_nothing(csv_run):
+    """10: a re-run appended duplicate final records and wiped train_seconds_per_epoch."""
+    run, spec = csv_run
+    before = {n: (run / n).read_bytes() for n in ("summary.json", "metrics.jsonl", "accjax.json")}
+    result = train.fit(tiny_config(run, spec, dropout=False))
+    assert result.final_eval and result.seconds_per_epoch == json.loads(before["summary.json"])["train_seconds_per_epoch"]
+    assert {n: (run / n).read_bytes() for n in before} == before
