@@ -181,7 +181,7 @@ def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} holds no exported model ({convert.ACCJAX_META}); has "
                                 "its run finished an epoch?")
-    return json.loads(path.read_text())
+    return convert.read_meta(run_dir)
 
 
 def _json_default(x):

@@ -130,7 +130,7 @@ class RunModel:
         if not meta_path.exists():
             raise EvalError(f"{folder} holds no accjax model ({convert.ACCJAX_META}); pass a run "
                             "folder written by train.finetune (or convert an HF checkpoint first)")
-        meta = json.loads(meta_path.read_text())
+        meta = convert.read_meta(folder)
         if meta.get("head") != "sequence_classification" or meta.get("objective", "classification") != "classification":
             raise EvalError(
                 f"{folder} holds a {meta.get('family')} model with head {meta.get('head')!r}; "

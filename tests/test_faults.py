@@ -198,3 +198,72 @@ def test_rerunning_a_finished_run_changes_nothing(csv_run):
     result = train.fit(tiny_config(run, spec, dropout=False))
     assert result.final_eval and result.seconds_per_epoch == json.loads(before["summary.json"])["train_seconds_per_epoch"]
     assert {n: (run / n).read_bytes() for n in before} == before
+
+
+# ------------------------------------------------------------------------------------ 5
+def test_convert_never_rewrites_a_run_folder(csv_run, tmp_path, capsys):
+    """5: `accjax.convert RUN RUN` rewrote accjax.json without its task and training config."""
+    from accjax import convert
+
+    run, _ = csv_run
+    before = (run / "accjax.json").read_bytes()
+    assert convert.main([str(run), str(run)]) == 2
+    assert "is the source folder" in capsys.readouterr().err
+    other = tmp_path / "other_run"
+    other.mkdir()
+    (other / "train_config.json").write_text("{}")
+    assert convert.main([str(run), str(other)]) == 2
+    assert "training run's folder" in capsys.readouterr().err
+    assert (run / "accjax.json").read_bytes() == before
+    assert convert.main([str(run), str(tmp_path / "copy")]) == 0  # a new folder is fine
+
+
+# ----------------------------------------------------------------------------------- 13
+def test_hf_export_carries_the_task_label_names(csv_run, tmp_path):
+    """13: the HF export named the labels LABEL_0 / LABEL_1."""
+    import transformers
+
+    from accjax import convert
+
+    run, _ = csv_run
+    assert json.loads((run / "accjax.json").read_text())["label_names"] == ["neg", "pos"]
+    assert convert.main([str(run), str(tmp_path / "hf"), "--to-hf"]) == 0
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert cfg.id2label == {0: "neg", 1: "pos"} and cfg.label2id == {"neg": 0, "pos": 1}
+    # an older run folder without label_names: a built-in task still names them
+    meta = json.loads((run / "accjax.json").read_text())
+    meta.pop("label_names")
+    meta["task"] = "sst2"
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("params.safetensors", "tokenizer.json", "vocab.txt"):
+        (old / name).write_bytes((run / name).read_bytes())
+    (old / "accjax.json").write_text(json.dumps(meta))
+    assert convert.label_names(convert.load(old, "sequence_classification")) == ("negative", "positive")
+
+
+# ----------------------------------------------------------------------------------- 10
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: "{not json", "is not valid JSON"),
+    (lambda m: {**m, "family": None}, "field 'family' is missing"),
+    (lambda m: {**m, "family": "nope"}, "unknown model family 'nope'"),
+    (lambda m: {**m, "config": {**m["config"], "hidden_size": "32"}}, "config field 'hidden_size' is '32'"),
+    (lambda m: {**m, "config": {**m["config"], "hidden_size": 64}}, "do not match accjax.json"),
+    (lambda m: {**m, "config": {**m["config"], "colour": 1}}, r"unknown config field\(s\) \['colour'\]"),
+])
+def test_corrupted_accjax_json_is_named_not_a_traceback(csv_run, tmp_path, capsys, damage, message):
+    """10: a corrupted accjax.json field gave raw flax / TypeError / KeyError tracebacks."""
+    from accjax import convert
+    from eval import glue
+
+    run, _ = csv_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("params.safetensors", "tokenizer.json", "vocab.txt"):
+        (bad / name).write_bytes((run / name).read_bytes())
+    meta = damage(json.loads((run / "accjax.json").read_text()))
+    (bad / "accjax.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    with pytest.raises(convert.CheckpointError, match=message):
+        convert.load(bad, "sequence_classification")
+    assert glue.main(["--checkpoint", str(bad), "--no-progress"]) == 2
+    assert message.split("'")[0].split("\\")[0] in capsys.readouterr().err
