@@ -267,3 +267,69 @@ def test_corrupted_accjax_json_is_named_not_a_traceback(csv_run, tmp_path, capsy
         convert.load(bad, "sequence_classification")
     assert glue.main(["--checkpoint", str(bad), "--no-progress"]) == 2
     assert message.split("'")[0].split("\\")[0] in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ 9
+def test_pinned_fetch_never_builds_an_sdist(tmp_path, monkeypatch):
+    """9: `pip download` built an sdist an index offered (its build backend ran code)."""
+    import tarfile
+
+    from accjax import hub
+
+    src = tmp_path / "evilpkg-0.1"
+    src.mkdir()
+    marker = tmp_path / "backend-ran"
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n')
+    (src / "backend.py").write_text(  # runs when pip imports the backend to build
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "def get_requires_for_build_wheel(config_settings=None): return []\n")
+    (src / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: evilpkg\nVersion: 0.1\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    with tarfile.open(links / "evilpkg-0.1.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="evilpkg-0.1")
+    monkeypatch.setenv("ACCJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # only the folder below is an index
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    art = hub.PypiArtifact("evilpkg", "0.1", "0" * 64, "evilpkg/")
+    with pytest.raises(hub.ModelNotFoundError, match="could not download evilpkg==0.1"):
+        hub.fetch_pypi(art, quiet=True)
+    assert not marker.exists()
+
+
+def test_hub_downloads_take_the_revision_pin(monkeypatch, tmp_path):
+    """9: snapshot_download and load_dataset got no revision even when the user gave one."""
+    import types
+
+    import huggingface_hub
+
+    from accjax import hub, tasks
+
+    calls = []
+
+    def fake_snapshot(repo_id, revision=None, **kw):
+        calls.append((repo_id, revision))
+        (tmp_path / "snap").mkdir(exist_ok=True)
+        (tmp_path / "snap" / "model.safetensors").write_bytes(b"")
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    hub.resolve("org/model@abc123")
+    hub.resolve("org/model")
+    assert calls == [("org/model", "abc123"), ("org/model", None)]
+
+    loads = []
+
+    def fake_load_dataset(hub_id, config, revision=None):
+        loads.append((hub_id, config, revision))
+        return {"validation": {"sentence": ["good"], "label": [1]}}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+    task = tasks.get_task("sst2@v1.0")
+    assert task.spec == "sst2@v1.0" and tasks.get_task(task.spec) == task
+    got = data_lib.load_task(task, splits=["validation"])
+    assert loads == [("nyu-mll/glue", "sst2", "v1.0")] and got["validation"][0].label == 1
+    with pytest.raises(tasks.UnknownTaskError, match="NAME@REVISION"):
+        tasks.get_task("rt_polarity@x")
