@@ -273,7 +273,7 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
     t = run.resolve_task(task)
     try:
         data = data_lib.load_task(t, runfolder.recorded_data_dir(run.meta, data_dir),
-                                  splits=tuple(splits) if splits else None)
+                                  splits=tuple(splits or t.dev_splits))  # no train file needed
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise EvalError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
     t = data.task

@@ -333,3 +333,52 @@ def test_hub_downloads_take_the_revision_pin(monkeypatch, tmp_path):
     assert loads == [("nyu-mll/glue", "sst2", "v1.0")] and got["validation"][0].label == 1
     with pytest.raises(tasks.UnknownTaskError, match="NAME@REVISION"):
         tasks.get_task("rt_polarity@x")
+
+
+# ------------------------------------------------------------------------------------ 6
+def test_long_texts_non_utf8_and_numeric_label_spellings(tmp_path):
+    """6: texts over 131,072 characters raised a raw _csv.Error; non-UTF-8 input a bare
+    UnicodeDecodeError; CSV labels 1 and 1.0 were two classes."""
+    long = "word " * 40_000  # 200,000 characters
+    rows = [(long, "1"), ("bad film", "0"), ("good film", "1.0"), ("dull", "0.0")]
+    write_csv(tmp_path / "train.csv", rows)
+    write_csv(tmp_path / "dev.csv", [("fine", "1")])
+    spec = f"csv:train={tmp_path / 'train.csv'},dev={tmp_path / 'dev.csv'},text=sentence,label=label"
+    data = data_lib.load_task(spec)
+    assert data.task.label_names == ("0", "1") and data.task.num_labels == 2
+    assert [e.label for e in data["train"]] == [1, 0, 1, 0] and len(data["train"][0].text) == 200_000
+    # the GLUE TSV reader (train.finetune and eval.glue --data_dir) too
+    sst = tmp_path / "glue" / "SST-2"
+    sst.mkdir(parents=True)
+    (sst / "train.tsv").write_text(f"sentence\tlabel\n{long}\t1\nbad\t0\n")
+    (sst / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    glue = data_lib.load_task("sst2", tmp_path / "glue")
+    assert len(glue["train"][0].text) == 200_000 and glue["validation"][0].label == 1
+    (tmp_path / "latin.csv").write_bytes("sentence,label\ncaf\xe9 cr\xe8me,1\nok,0\n".encode("latin-1"))
+    bad = spec.replace(str(tmp_path / "train.csv"), str(tmp_path / "latin.csv"))
+    with pytest.raises(data_lib.DataError, match=r"latin.csv: not UTF-8 text"):
+        data_lib.load_task(bad)
+
+
+# ------------------------------------------------------------------------------------ 8
+def test_eval_glue_reads_the_data_dir_the_run_trained_with(csv_run, tmp_path, monkeypatch):
+    """8: eval.glue went to the hub although the run recorded its data_dir."""
+    from accjax import evaluation
+
+    run, _ = csv_run
+    sst = tmp_path / "glue" / "SST-2"
+    sst.mkdir(parents=True)
+    rows = "\n".join(f"{t}\t{int(y == 'pos')}" for t, y in sentiment_rows(20, 5))
+    (sst / "dev.tsv").write_text("sentence\tlabel\n" + rows + "\n")
+    folder = tmp_path / "sst2_run"
+    folder.mkdir()
+    for name in ("params.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        if (run / name).exists():
+            (folder / name).write_bytes((run / name).read_bytes())
+    meta = json.loads((run / "accjax.json").read_text())
+    meta["task"] = "sst2"
+    meta["train_config"]["data_dir"] = str(tmp_path / "glue")
+    (folder / "accjax.json").write_text(json.dumps(meta))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the hub path would fail at import
+    rows = evaluation.evaluate(evaluation.RunModel.load(folder), batch_size=16, progress=False)
+    assert rows[0]["task"] == "sst2" and rows[0]["examples"] == 20
