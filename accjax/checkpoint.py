@@ -184,6 +184,14 @@ def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     return convert.read_meta(run_dir)
 
 
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 of a model folder's parameters: what a table measured beside it (offline-tuning)
+    records, so a table left by other weights (a re-export, a copied folder) is not reused."""
+    from accjax import hub
+
+    return hub.sha256_of(Path(folder) / convert.ACCJAX_PARAMS)
+
+
 def _json_default(x):
     if isinstance(x, np.generic):
         return x.item()

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from accjax import checkpoint as ckpt_lib
 from accjax import convert, hub
 from accjax import data as data_lib
 from accjax import metrics as metrics_lib
@@ -346,7 +347,8 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     levels = list(speedups) if speedups else tune_levels(run, t)
     rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size,
                     data_dir=data_dir, progress=progress)
-    table = {"checkpoint": str(run.folder), "task": t.name, "split": split,
+    table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
+             "task": t.name, "split": split,
              "metric": t.primary_metric, "machine": _machine(), "rows": rows}
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +410,12 @@ def plot_tune(table: dict, path: Path) -> None:
 
 def read_tune(folder: str | os.PathLike) -> dict | None:
     p = Path(folder) / f"{TUNE_FILE}.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    table = json.loads(p.read_text()) if p.exists() else None
+    if table is not None and table.get("model_sha256") != ckpt_lib.model_fingerprint(folder):
+        print(f"note: {p} was measured on other weights than {folder}'s: not used",
+              file=sys.stderr)
+        return None
+    return table
 
 
 def pick_level(table: dict, max_drop: float) -> dict:

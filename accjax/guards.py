@@ -66,6 +66,11 @@ def _one_line(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------- values
+# Evaluation batches above this many rows only add filler rows and memory (100,000 rows of
+# MiniLM at length 64 were killed at 24 GB); the CLIs refuse them up front.
+EVAL_BATCH_LIMIT = 4096
+
+
 def positive_int(value: Any, name: str, *, maximum: int | None = None, hint: str = "") -> int:
     """``value`` as an int >= 1 (and <= ``maximum``), else a UserError naming ``name``."""
     try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -47,21 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_writable(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"--json {path} is a folder; give a file path")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write --json {path}: {parent} is not a writable folder")
-    return p
-
-
 def run(args) -> dict:
-    from accjax import benchmark, evaluation
+    from accjax import benchmark, evaluation, guards
 
     speedups = evaluation.parse_speedups(args.speedup)
-    out = check_writable(args.json) if args.json else None
+    guards.positive_int(args.batch_size, "--batch_size", maximum=guards.EVAL_BATCH_LIMIT)
+    out = guards.writable_file(args.json, "--json") if args.json else None
     splits = [s for s in args.split.split(",") if s] if args.split else None
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
@@ -88,6 +78,7 @@ def run(args) -> dict:
         if args.max_drop is not None:
             table = evaluation.read_tune(folder)
             if table is None:
+                guards.writable_dir(folder, "the offline-tuning table beside the checkpoint")
                 print(f"no offline-tuning table beside {folder}: sweeping the dev split first "
                       "(python -m eval.offline_tune)", file=sys.stderr)
                 table = evaluation.offline_tune(model, batch_size=args.batch_size,

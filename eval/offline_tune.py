@@ -28,10 +28,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the table and plot (default: the checkpoint)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
-    from accjax import convert, evaluation
+    from accjax import convert, evaluation, guards
 
     try:
         speedups = evaluation.parse_speedups(args.speedups) if args.speedups else None
+        guards.positive_int(args.batch_size, "--batch_size", maximum=guards.EVAL_BATCH_LIMIT)
+        if args.out or args.checkpoint:  # the table is written after the sweep: check first
+            guards.writable_dir(args.out or args.checkpoint, "--out" if args.out else "--checkpoint")
         ckpt = Path(args.checkpoint) if args.checkpoint else evaluation.ensure_default_run()
         model = evaluation.RunModel.load(ckpt)
         table = evaluation.offline_tune(model, speedups=speedups, batch_size=args.batch_size,

@@ -382,3 +382,61 @@ def test_eval_glue_reads_the_data_dir_the_run_trained_with(csv_run, tmp_path, mo
     monkeypatch.setitem(sys.modules, "datasets", None)  # the hub path would fail at import
     rows = evaluation.evaluate(evaluation.RunModel.load(folder), batch_size=16, progress=False)
     assert rows[0]["task"] == "sst2" and rows[0]["examples"] == 20
+
+
+# ----------------------------------------------------------------------------------- 10
+def test_eval_clis_check_values_and_paths_before_any_work(csv_run, tmp_path, monkeypatch, capsys):
+    """10: --batch_size 0 divided by zero, 100000 was killed at 24 GB; train.evaluate took
+    speedups 0, -1, 0.5 and inf; 'nan is below 1'; read-only outputs failed after the work;
+    eval.lm --bucket 0 divided by zero."""
+    from accjax import evaluation, experiment
+    from eval import glue, lm, offline_tune
+    from train import evaluate as train_evaluate
+
+    run, _ = csv_run
+    worked = []
+    monkeypatch.setattr(experiment, "evaluate_run", lambda *a, **k: worked.append(1) or [])
+    monkeypatch.setattr(evaluation, "offline_tune", lambda *a, **k: worked.append(1) or {})
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: worked.append(1) or [])
+
+    def fails(main, argv, message):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    fails(glue.main, ["--checkpoint", str(run), "--batch_size", "0"], "--batch_size must be an integer >= 1, got 0")
+    fails(glue.main, ["--checkpoint", str(run), "--batch_size", "100000"], "--batch_size 100000 is larger than 4096")
+    fails(offline_tune.main, ["--checkpoint", str(run), "--batch_size", "0"], "--batch_size must be")
+    for bad, message in (("0,-1,0.5", "speedup 0 is below 1"), ("inf", "speedup inf is not a finite number"),
+                         ("nan", "speedup nan is not a finite number")):
+        fails(train_evaluate.main, [str(run), "--speedups", bad], message)
+    fails(train_evaluate.main, [str(run), "--batch_size", "0"], "--batch_size must be")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    fails(train_evaluate.main, [str(run), "--out", str(afile / "eval.json")], "is not a writable folder")
+    fails(glue.main, ["--checkpoint", str(run), "--json", str(afile / "g.json")], "is not a writable folder")
+    fails(lm.main, ["--model", "gpt2", "--bench", "--bucket", "0"], "--bucket must be an integer >= 1, got 0")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) in (run, afile) else real_access(p, mode))
+    fails(offline_tune.main, ["--checkpoint", str(run)], f"{run} is not writable")
+    fails(glue.main, ["--checkpoint", str(run), "--json", str(afile)], "the file is read-only")
+    assert not worked
+
+
+def test_stale_offline_tune_table_is_not_used(csv_run, tmp_path, capsys):
+    """10: an offline_tune.json left by another checkpoint was used unchecked."""
+    from accjax import evaluation
+
+    run, _ = csv_run
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for p in run.iterdir():
+        if p.is_file() and p.name != "offline_tune.json":
+            (folder / p.name).write_bytes(p.read_bytes())
+    model = evaluation.RunModel.load(folder)
+    table = evaluation.offline_tune(model, speedups=[1.0, 2.0], batch_size=16, progress=False)
+    assert evaluation.read_tune(folder)["rows"] == json.loads(json.dumps(table["rows"]))
+    stale = {**table, "model_sha256": "0" * 64}
+    (folder / "offline_tune.json").write_text(json.dumps(stale, default=evaluation._jsonable))
+    assert evaluation.read_tune(folder) is None
+    assert "measured on other weights" in capsys.readouterr().err

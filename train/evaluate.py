@@ -27,18 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON output (default RUN_DIR/eval.json)")
     args = ap.parse_args(argv)
 
-    from accjax import experiment
+    from accjax import convert, evaluation, experiment, guards
 
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
     try:
+        speedups = evaluation.parse_speedups(args.speedups) if args.speedups else None
+        if args.batch_size is not None:
+            guards.positive_int(args.batch_size, "--batch_size", maximum=guards.EVAL_BATCH_LIMIT)
+        if Path(args.run_dir).is_dir():  # written after the work: checked before it
+            guards.writable_file(out, "--out" if args.out else "eval.json in the run folder")
         rows = experiment.evaluate_run(
             args.run_dir, splits=args.splits.split(",") if args.splits else None,
-            speedups=[float(s) for s in args.speedups.split(",")] if args.speedups else None,
-            batch_size=args.batch_size, data_dir=args.data_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            speedups=speedups, batch_size=args.batch_size, data_dir=args.data_dir)
+    except (FileNotFoundError, ValueError, KeyError, convert.CheckpointError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     print(experiment.format_rows(rows))
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
     out.write_text(json.dumps({"run_dir": str(args.run_dir), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
