@@ -663,6 +663,7 @@ def fit(config) -> FitResult:
                    "devices": jax.device_count(), "processes": jax.process_count(),
                    "mesh": dict(mesh.shape)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-        print(exp_lib.format_rows(final), flush=True)
+        print(f"the best model (exported to {run_dir}) on every labelled split:\n"
+              + exp_lib.format_rows(final), flush=True)
         runfolder.unlock(run_dir)
     return FitResult(run_dir, step, resumed_from, best, final, epoch_times)

@@ -440,3 +440,54 @@ def test_stale_offline_tune_table_is_not_used(csv_run, tmp_path, capsys):
     (folder / "offline_tune.json").write_text(json.dumps(stale, default=evaluation._jsonable))
     assert evaluation.read_tune(folder) is None
     assert "measured on other weights" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- 11
+def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, capsys):
+    """11: the first-run message named rt_minilm.py:elastic but trained another range."""
+    from accjax import evaluation
+
+    got = []
+    monkeypatch.delenv("ACCJAX_DEFAULT_CONFIG", raising=False)
+    monkeypatch.setenv("ACCJAX_DEFAULT_RUN", str(tmp_path / "default"))
+    monkeypatch.setattr(train, "fit", lambda config: got.append(config))
+    evaluation.ensure_default_run()
+    err = capsys.readouterr().err
+    (config,) = got
+    lo, hi = config.elimination.speedup_range
+    assert f"over speedups {lo:g}-{hi:g} in {config.elimination.levels} levels, {config.epochs} epochs" in err
+
+
+def test_result_table_says_the_batch_size_and_what_drop_is_against(csv_run):
+    """11: ms/batch did not say the batch size; drop did not say against what."""
+    from accjax import evaluation
+
+    run, _ = csv_run
+    rows = evaluation.evaluate(evaluation.RunModel.load(run), speedups=[2.0], batch_size=16,
+                               progress=False)
+    last = evaluation.format_table(rows).splitlines()[-1]
+    assert last.startswith("ms/batch: per batch of 16 examples; drop: the dense row's primary metric")
+    assert rows[1]["drop"] == pytest.approx(rows[0]["primary"] - rows[1]["primary"])
+
+
+# ----------------------------------------------------------------------------------- 12
+def test_progress_bars_show_when_output_is_piped(csv_run, capsys):
+    """12: tqdm(disable=None) hid the evaluation bars when stderr was not a terminal."""
+    from accjax import evaluation
+
+    run, _ = csv_run
+    assert not sys.stderr.isatty()  # pytest's capture: a pipe, as `| tee` makes
+    evaluation.evaluate(evaluation.RunModel.load(run), batch_size=16, progress=True)
+    assert "validation x1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- 13
+def test_readme_python_snippet_runs_and_names_the_labels(csv_run, capsys):
+    """13: the README's snippet did not show how to tokenize texts into a batch."""
+    text = (REPO / "README.md").read_text()
+    block = next(b.split("```", 1)[0] for b in text.split("```python\n")[1:] if "Tokenizer.from_folder" in b)
+    run, _ = csv_run
+    exec(block.replace('"runs/rt_minilm_elastic"', repr(str(run))), {})
+    printed = capsys.readouterr().out.strip()
+    labels = eval(printed)
+    assert len(labels) == 2 and set(labels) <= {"neg", "pos"}
