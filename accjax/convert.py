@@ -553,6 +553,11 @@ def load_accjax(folder: str | Path) -> Loaded:
         detail = "; ".join(f"{k}: config says {w}, {ACCJAX_PARAMS} has {g}" for k, w, g in bad[:5])
         raise CheckpointError(f"{folder}: {len(bad)} parameter(s) do not match {ACCJAX_META} "
                               f"({detail}); {fix}")
+    nonfinite = [k for k, v in flatten(params).items() if not np.isfinite(v).all()]
+    if nonfinite:  # a diverged run's weights score like a constant guess, without a word
+        raise CheckpointError(f"{folder}: {len(nonfinite)} parameter(s) hold NaN or inf (e.g. "
+                              f"{nonfinite[0]}): the model diverged in training; retrain it with a "
+                              "lower learning rate")
     return Loaded(family, config, meta["head"], params, folder, LoadReport())
 
 

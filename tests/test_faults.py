@@ -491,3 +491,25 @@ def test_readme_python_snippet_runs_and_names_the_labels(csv_run, capsys):
     printed = capsys.readouterr().out.strip()
     labels = eval(printed)
     assert len(labels) == 2 and set(labels) <= {"neg", "pos"}
+
+
+def test_a_nan_model_folder_is_refused_not_scored(csv_run, tmp_path, capsys):
+    """3: eval.glue reported 42.62% on an all-NaN model without a word."""
+    from safetensors.numpy import load_file, save_file
+
+    from accjax import convert
+    from eval import glue
+
+    run, _ = csv_run
+    folder = tmp_path / "nan"
+    folder.mkdir()
+    for name in ("accjax.json", "tokenizer.json", "vocab.txt"):
+        (folder / name).write_bytes((run / name).read_bytes())
+    params = load_file(str(run / "params.safetensors"))
+    key = sorted(params)[0]
+    params[key] = np.full_like(params[key], np.nan)
+    save_file(params, str(folder / "params.safetensors"))
+    with pytest.raises(convert.CheckpointError, match="hold NaN or inf"):
+        convert.load(folder, "sequence_classification")
+    assert glue.main(["--checkpoint", str(folder), "--no-progress"]) == 2
+    assert "the model diverged in training" in capsys.readouterr().err
