@@ -19,6 +19,7 @@ would race with it, and CPU-sized checkpoints take about a second.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from accjax import convert
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -66,6 +69,54 @@ class Checkpointer:
         out = self.manager.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, out.meta
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest checkpoint that reads back whole; None: none saved.
+
+        A newer checkpoint that fails to read (a torn or corrupted file) is skipped with a
+        warning naming it; once an older one has restored, the unreadable ones are moved to
+        ``checkpoints.corrupt/`` (kept for inspection; the run will save those steps again).
+
+        Raises:
+          CheckpointError when checkpoints exist and none of them reads back.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        broken: list[int] = []
+        first_error = None
+        for step in steps:
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except Exception as e:  # orbax / TensorStore raise many types for a damaged file
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                first_error = first_error or f"{type(e).__name__}: {reason}"
+                log.warning("checkpoint at step %d in %s is unreadable (%s): falling back to an "
+                            "older one", step, self.directory, reason)
+                broken.append(step)
+                continue
+            if broken:
+                print(f"warning: the checkpoint(s) at step {', '.join(map(str, broken))} in "
+                      f"{self.directory} are unreadable; resuming from the intact one at step "
+                      f"{step}", flush=True)
+                self._set_aside(broken)
+            return int(step), state, meta
+        if steps:
+            raise convert.CheckpointError(
+                f"none of the checkpoints in {self.directory} (steps {steps}) reads back "
+                f"({first_error}); delete that folder to start the run over")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        import jax
+
+        if jax.process_index() == 0:
+            aside = self.directory.with_name(self.directory.name + ".corrupt")
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                dst = aside / str(step)
+                if dst.exists():
+                    shutil.rmtree(dst)
+                os.replace(self.directory / str(step), dst)
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()
@@ -130,7 +181,15 @@ def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} holds no exported model ({convert.ACCJAX_META}); has "
                                 "its run finished an epoch?")
-    return json.loads(path.read_text())
+    return convert.read_meta(run_dir)
+
+
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 of a model folder's parameters: what a table measured beside it (offline-tuning)
+    records, so a table left by other weights (a re-export, a copied folder) is not reused."""
+    from accjax import hub
+
+    return hub.sha256_of(Path(folder) / convert.ACCJAX_PARAMS)
 
 
 def _json_default(x):

@@ -92,26 +92,23 @@ def enable(path: str | os.PathLike | None = None, *, enabled: bool | None = None
         return folder
 
 
-_counts = {"backend_compiles": 0, "cache_hits": 0}
+_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits",
+           "/jax/compilation_cache/cache_misses": "cache_misses"}
+_counts = {"cache_hits": 0, "cache_misses": 0}
 _counting = False
 
 
 def counts() -> dict[str, int]:
-    """XLA backend compiles and persistent-cache hits in this process so far (a warm cache
-    serves a program without a backend compile). Counting starts at the first call."""
+    """Persistent-cache hits and misses in this process so far: with the cache on, a miss is
+    an XLA compile and a hit a program read from disk. Counting starts at the first call."""
     global _counting
     if not _counting:
         import jax
 
-        def on_duration(event, duration, **kw):
-            if "backend_compile" in event:
-                _counts["backend_compiles"] += 1
-
         def on_event(event, **kw):
-            if event == "/jax/compilation_cache/cache_hits":
-                _counts["cache_hits"] += 1
+            if event in _EVENTS:
+                _counts[_EVENTS[event]] += 1
 
-        jax.monitoring.register_event_duration_secs_listener(on_duration)
         jax.monitoring.register_event_listener(on_event)
         _counting = True
     return dict(_counts)

@@ -506,13 +506,83 @@ def save_accjax(loaded_or_family, config=None, params=None, head="base", out_dir
     return out
 
 
+_REPAIR = "re-export it (train.finetune) or convert the model again"
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """``accjax.json`` of a model folder as a dict; unreadable JSON is a CheckpointError."""
+    path = Path(folder) / ACCJAX_META
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); {_REPAIR}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds no JSON object; {_REPAIR}")
+    return meta
+
+
 def load_accjax(folder: str | Path) -> Loaded:
+    """An accjax model folder, every field of ``accjax.json`` and every parameter shape checked
+    (a damaged file names the field or parameter in a ``CheckpointError``)."""
     folder = Path(folder)
-    meta = json.loads((folder / ACCJAX_META).read_text())
-    family = models_lib.get_family(meta["family"])
-    config = family.config_cls(**meta["config"])
-    flat = _read_safetensors(folder / ACCJAX_PARAMS)
-    return Loaded(family, config, meta["head"], unflatten(flat), folder, LoadReport())
+    path = folder / ACCJAX_META
+    fix = _REPAIR
+    meta = read_meta(folder)
+    for key, kind in (("family", str), ("head", str), ("config", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: field {key!r} is missing or not a {kind.__name__}; {fix}")
+    try:
+        family = models_lib.get_family(meta["family"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    config = _config_from_json(family, meta["config"], path, fix)
+    params = unflatten(_read_safetensors(folder / ACCJAX_PARAMS))
+    try:
+        want = _flax_shapes(family, config, meta["head"])
+    except Exception as e:  # an unknown head, or values the model cannot be built with
+        raise CheckpointError(f"{path}: cannot build a {meta['family']} model with head "
+                              f"{meta['head']!r} from its config ({type(e).__name__}: {e}); {fix}") from None
+    got = {tuple(k.split("/")): tuple(np.shape(v)) for k, v in flatten(params).items()}
+    bad = [("/".join(k), want.get(k), got.get(k)) for k in sorted(set(want) | set(got))
+           if want.get(k) != got.get(k)]
+    if bad:
+        detail = "; ".join(f"{k}: config says {w}, {ACCJAX_PARAMS} has {g}" for k, w, g in bad[:5])
+        raise CheckpointError(f"{folder}: {len(bad)} parameter(s) do not match {ACCJAX_META} "
+                              f"({detail}); {fix}")
+    nonfinite = [k for k, v in flatten(params).items() if not np.isfinite(v).all()]
+    if nonfinite:  # a diverged run's weights score like a constant guess, without a word
+        raise CheckpointError(f"{folder}: {len(nonfinite)} parameter(s) hold NaN or inf (e.g. "
+                              f"{nonfinite[0]}): the model diverged in training; retrain it with a "
+                              "lower learning rate")
+    return Loaded(family, config, meta["head"], params, folder, LoadReport())
+
+
+def _config_from_json(family: models_lib.Family, d: dict, path: Path, fix: str):
+    """The model config from ``accjax.json``: unknown fields and values of the wrong type are
+    named (JSON has no tuples: a list becomes one where the default is a tuple)."""
+    fields = {f.name: f for f in dataclasses.fields(family.config_cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown config field(s) {unknown}; {fix}")
+    kw = {}
+    for name, value in d.items():
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if default is not None and value is not None:
+            ok = (isinstance(value, bool) if isinstance(default, bool)
+                  else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
+                  else isinstance(value, (int, float)) and not isinstance(value, bool)
+                  if isinstance(default, float) else isinstance(value, type(default)))
+            if not ok:
+                raise CheckpointError(f"{path}: config field {name!r} is {value!r}, expected a "
+                                      f"{type(default).__name__}; {fix}")
+        kw[name] = value
+    try:
+        return family.config_cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid model config ({e}); {fix}") from None
 
 
 def save_hf(loaded: Loaded, out_dir: str | Path) -> Path:
@@ -524,12 +594,39 @@ def save_hf(loaded: Loaded, out_dir: str | Path) -> Path:
     sd = to_state_dict(loaded.family, loaded.config, loaded.params, loaded.head)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = loaded.config.to_hf()
+    names = label_names(loaded)
+    if names:  # transformers' pipelines print these instead of LABEL_0, LABEL_1
+        cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
+        cfg["label2id"] = {n: i for i, n in enumerate(names)}
     arch = loaded.family.hf_architectures.get(loaded.head)
     if arch:
         cfg["architectures"] = [arch]
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     copy_tokenizer_files(loaded.folder, out)
     return out
+
+
+def label_names(loaded: Loaded) -> tuple[str, ...] | None:
+    """The class names of a fine-tuned classifier, from its ``accjax.json``: the recorded
+    ``label_names`` (every run records its task's), else those of its built-in task (GLUE,
+    rt_polarity). None when unknown or not a classifier with that many labels."""
+    n = getattr(loaded.config, "num_labels", None)
+    if loaded.head != "sequence_classification" or not n or n < 2:
+        return None
+    try:
+        meta = json.loads((Path(loaded.folder) / ACCJAX_META).read_text())
+    except (OSError, ValueError):
+        return None
+    names = meta.get("label_names")
+    if not names and isinstance(meta.get("task"), str) and ":" not in meta["task"]:
+        from accjax import tasks
+
+        try:
+            names = tasks.get_task(meta["task"]).label_names
+        except (KeyError, ValueError):
+            names = None
+    names = tuple(str(x) for x in names or ())
+    return names if len(names) == n and len(set(names)) == n else None
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
@@ -557,7 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from accjax import hub
 
+        from accjax import runfolder
+
         folder = hub.resolve(args.src)
+        runfolder.refuse_writing_into_run(args.out, folder)  # a run's metadata is never rewritten
         head = args.head or ("base" if not (folder / ACCJAX_META).exists()
                              else json.loads((folder / ACCJAX_META).read_text())["head"])
         loaded = load(folder, head, num_labels=args.num_labels)

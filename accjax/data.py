@@ -47,6 +47,7 @@ shapes. Filler rows (the tail of a partial batch) hold one valid token and label
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -57,7 +58,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -75,6 +76,26 @@ class DataError(ValueError):
 
 class DataNotFoundError(FileNotFoundError):
     """A task's data is not where it was looked for; the message says how to supply it."""
+
+
+# A text field may be as long as a file allows (csv's default stops at 131,072 characters);
+# the tokenizer truncates it to max_length later, and counts it.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+@contextlib.contextmanager
+def _reading(path: Path, line: Callable[[], int] = lambda: 0):
+    """Turns a malformed CSV/TSV row or bytes that are not UTF-8 into a DataError naming
+    ``path`` (and the line ``line()`` reports, when the reader knows it)."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        yield
+    except csv.Error as e:
+        at = f" line {line()}" if line() else ""
+        raise DataError(f"{path}{at}: malformed row ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
+                        f"offset {e.start} of a read block); save the file as UTF-8") from None
 
 
 class Example(NamedTuple):
@@ -162,6 +183,34 @@ def load_task(
     return TaskData(task, out, dropped, skipped)
 
 
+def check_splits(data: "TaskData", batch_size: int | None = None) -> None:
+    """What training needs of the data, checked before any model is loaded: a train split and
+    a labelled dev split that are not empty (an empty dev split would leave model selection
+    with no score), and a batch no larger than the train split.
+
+    Raises:
+      DataError naming the split, its file (your own files) and what to do.
+    """
+    task = data.task
+    files = dict(task.files)
+    for split in (task.train_split, task.dev_split):
+        where = f" ({files[split]})" if split in files else ""
+        if split not in data:
+            raise DataError(f"task {task.name} has no {split!r} split{where}")
+        n = len(data[split])
+        dropped = data.dropped.get(split, 0)
+        if n == 0:
+            why = f"; {dropped} example(s) were dropped for an empty text" if dropped else ""
+            raise DataError(f"the {split} split of task {task.name}{where} holds no examples{why}; "
+                            f"training needs at least one")
+        if split == task.dev_split and any(e.label is None for e in data[split]):
+            raise DataError(f"the {split} split of task {task.name}{where} is unlabelled; model "
+                            "selection needs labelled dev examples")
+    if batch_size is not None and int(batch_size) > len(data[task.train_split]):
+        raise DataError(f"batch_size {batch_size} is larger than the {len(data[task.train_split])} "
+                        f"train examples of {task.name}; pass a smaller --config.batch_size")
+
+
 class _Collector:
     """Gathers examples per split, applying the empty-text policy."""
 
@@ -188,7 +237,7 @@ class _Collector:
 
 def _class_label(raw: Any, task: Task, where: str) -> int:
     """A GLUE label (a name or an id) -> its id; anything else is an error."""
-    key = str(raw).strip()
+    key = _label_key(raw)  # "1.0" is id 1, as "1" is
     ids = task.label_to_id
     if key in ids:
         return ids[key]
@@ -271,7 +320,8 @@ def _read_tsv_rows(path: Path, f: TsvFile) -> Iterator[tuple[int, str | None, st
     A row with too few columns comes back as (line, None, None, None).
     """
     # utf-8-sig: MRPC's header inherits a byte-order mark from the Microsoft source file.
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh, \
+            _reading(path, lambda: reader.line_num):
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         wanted = [c for c in (f.text, f.text_pair, f.label) if c is not None]
         if f.header:
@@ -307,7 +357,7 @@ def _read_glue_hub(task: Task, splits: tuple[str, ...] | None, col: _Collector):
         raise DataNotFoundError(f"no --data_dir given and the `datasets` package is not installed "
                                 f"to read {where_hub}. {glue_layout_help(task)}") from None
     try:
-        ds = datasets.load_dataset(task.hub_id, task.hub_config)
+        ds = datasets.load_dataset(task.hub_id, task.hub_config, revision=task.hub_revision)
     except Exception as e:  # offline, hub errors, missing config
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataNotFoundError(
@@ -409,7 +459,14 @@ def _label_key(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
-    return str(v).strip()
+    key = str(v).strip()
+    try:  # CSV/TSV labels are strings: "1" and "1.0" are one class, as JSON 1 and 1.0 are
+        f = float(key)
+    except ValueError:
+        return key
+    if math.isfinite(f) and f.is_integer() and abs(f) < 2**53:
+        return str(int(f))
+    return key
 
 
 def _sorted_labels(keys: Iterable[str]) -> tuple[str, ...]:
@@ -424,7 +481,7 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict]]]
     """(column names, [(line, row dict)]) of a CSV / TSV / JSONL file, read whole."""
     rows: list[tuple[int, dict]] = []
     if fmt == "jsonl":
-        with open(path, encoding="utf-8-sig") as fh:
+        with open(path, encoding="utf-8-sig") as fh, _reading(path):
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -438,7 +495,8 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict]]]
         return (list(rows[0][1]) if rows else []), rows
     # TSV as GLUE writes it: no quoting, a quote character is text
     kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh, \
+            _reading(path, lambda: reader.line_num):
         reader = csv.DictReader(fh, **kw)
         names = list(reader.fieldnames or [])
         for row in reader:

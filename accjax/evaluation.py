@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,9 +36,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from accjax import checkpoint as ckpt_lib
 from accjax import convert
 from accjax import data as data_lib
 from accjax import metrics as metrics_lib
+from accjax import models
 from accjax import schedule as sched_lib
 from accjax import tasks as tasks_lib
 
@@ -80,7 +83,7 @@ class RunModel:
         if not meta_path.exists():
             raise EvalError(f"{folder} holds no accjax model ({convert.ACCJAX_META}); pass a run "
                             "folder written by train.finetune (or convert an HF checkpoint first)")
-        meta = json.loads(meta_path.read_text())
+        meta = convert.read_meta(folder)
         if meta.get("head") != "sequence_classification" or meta.get("objective", "classification") != "classification":
             raise EvalError(
                 f"{folder} holds a {meta.get('family')} model with head {meta.get('head')!r}; "
@@ -182,7 +185,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
                     compile(p, b)
             it = zip(items, plans)
             if progress:
-                it = tqdm(list(it), desc=f"{task.name}/{split} x{s:g}", leave=False, unit="batch")
+                it = tqdm(list(it), desc=f"{task.name}/{split} x{s:g}", leave=False, unit="batch",
+                          disable=False)  # None would hide it when piped
             outs = [run(b, p) for b, p in it]
             m = metrics_lib.compute(task, batches.restore(outs), feats.labels)
             primary = metrics_lib.primary(task, m)
@@ -236,8 +240,8 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
     skipped), and where training read its data."""
     t = run.resolve_task(task)
     try:
-        data = data_lib.load_task(t, data_dir or run.data_dir, splits=tuple(splits) if splits else None,
-                                  max_examples=run.max_examples if task is None else None)
+        data = data_lib.load_task(t, data_dir or run.data_dir, max_examples=run.max_examples if task is None else None,
+                                  splits=tuple(splits or (*t.dev_splits, *(t.test_splits if include_test else ()))))
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise EvalError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
     t = run.check_labels(data.task)
@@ -287,7 +291,7 @@ def format_table(rows: list[dict]) -> str:
     metric_keys = [k for k in rows[0] if k not in _TABLE_FIELDS]
     cols = [("measured_speedup", "measured", 9, ".2f")] + [(k, k, 11, ".2f") for k in metric_keys] + [
         ("drop", "drop", 7, ".2f"), ("examples_per_s", "ex/s", 9, ".0f"),
-        ("ms_per_batch", f"ms/{rows[0].get('batch_size', 'batch')}", 9, ".1f")]
+        ("ms_per_batch", "ms/batch", 9, ".1f")]
     head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}"
             + "".join(f"{h:>{w}}" for _, h, w, _ in cols) + f"{'measured range':>16}  keep")
     lines = [head, "-" * len(head)]
@@ -297,13 +301,19 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
                      + "".join(f"{r[k]:>{w}{f}}" if k in r else f"{'-':>{w}}" for k, _, w, f in cols)
                      + f"{_spread(r):>16}  {keep}{note}")
+    if "measured_speedup" in rows[0]:
+        sizes = " or ".join(map(str, sorted({r["batch_size"] for r in rows})))
+        lines.append(f"ms/batch: per batch of {sizes} examples; drop: the dense row's primary metric minus "
+                     "this row's, in points; measured: dense time / this row's, median (range) of "
+                     "interleaved passes; keep: rows kept per layer, by padded length")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------- offline-tuning
 def tune_levels(run: RunModel, task: tasks_lib.Task | None = None, step: float = 0.5) -> list[float]:
     """1, 1.5, 2, ... up to the largest speedup the shortest length bucket in use permits."""
-    top = sched_lib.max_speedup(run.loaded.config, min(run.buckets), bucket=run.bucket, floor=run.floor)
+    top = sched_lib.max_speedup(models.cost_model(run.loaded.config), min(run.buckets), bucket=run.bucket,
+                                floor=run.floor)
     top = min(top, 8.0)
     return [float(x) for x in np.arange(1.0, top + 1e-9, step)]
 
@@ -324,7 +334,8 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     for r in sorted(rows, key=lambda r: r["speedup"]):
         r["slower"] = r["speedup"] > 1 and r["measured_speedup"] <= best
         best = max(best, r["measured_speedup"])
-    table = {"checkpoint": str(run.folder), "task": t.name, "split": split,
+    table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
+             "task": t.name, "split": split,
              "metric": t.primary_metric, "machine": _machine(), "repeats": repeats, "rows": rows}
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
@@ -388,7 +399,11 @@ def plot_tune(table: dict, path: Path) -> None:
 
 def read_tune(folder: str | os.PathLike) -> dict | None:
     p = Path(folder) / f"{TUNE_FILE}.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    table = json.loads(p.read_text()) if p.exists() else None
+    if table is not None and table.get("model_sha256") != ckpt_lib.model_fingerprint(folder):
+        print(f"note: {p} was measured on other weights than {folder}'s: not used", file=sys.stderr)
+        return None
+    return table
 
 
 def pick_level(table: dict, max_drop: float) -> dict:

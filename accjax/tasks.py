@@ -77,6 +77,7 @@ class Task:
       primary_metric: the one model selection maximises.
       source: ``glue`` | ``rt_polarity`` | ``files``.
       hub_id, hub_config: ``datasets.load_dataset(hub_id, hub_config)`` (GLUE).
+      hub_revision: the dataset commit / tag to load (``get_task('sst2@REV')``); None = latest.
       tsv_folder, tsv_files: the standard GLUE TSV layout under ``--data_dir``.
       files: your own files, as ``(split, path)`` pairs.
       file_format: ``csv`` | ``tsv`` | ``jsonl`` for ``files``.
@@ -96,6 +97,7 @@ class Task:
     source: str = "glue"
     hub_id: str | None = None
     hub_config: str | None = None
+    hub_revision: str | None = None
     tsv_folder: str | None = None
     tsv_files: tuple[TsvFile, ...] = ()
     files: tuple[tuple[str, str], ...] = ()
@@ -130,7 +132,7 @@ class Task:
     def spec(self) -> str:
         """A string ``get_task`` turns back into this task (store it with a checkpoint)."""
         if self.source != "files":
-            return self.name
+            return self.name + (f"@{self.hub_revision}" if self.hub_revision else "")
         parts = [f"{split if split != 'validation' else 'dev'}={path}" for split, path in self.files]
         parts += [f"text={self.text}", f"label={self.label}"]
         if self.text_pair:
@@ -326,10 +328,15 @@ def get_task(name: str | Task) -> Task:
     key = str(name).strip()
     if key.split(":", 1)[0].lower() in FILE_FORMATS and ":" in key:
         return parse_spec(key)
-    low = key.lower().removeprefix("glue/")
+    key, at, revision = key.partition("@")  # 'sst2@REV': the hub dataset pinned to a revision
+    low = key.strip().lower().removeprefix("glue/")
     low = _ALIASES.get(low, low)
     if low in TASKS:
-        return TASKS[low]
+        if not at:
+            return TASKS[low]
+        if TASKS[low].hub_id is None or not revision.strip():
+            raise UnknownTaskError(f"{name!r}: only a hub task takes a revision, as NAME@REVISION")
+        return dataclasses.replace(TASKS[low], hub_revision=revision.strip())
     raise UnknownTaskError(
         f"unknown task {name!r}; known tasks: {', '.join(TASKS)}. For your own data pass a file "
         f"spec, e.g. {SPEC_HELP}, or accjax.tasks.Task.from_files(train=..., dev=..., text=..., "

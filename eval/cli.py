@@ -8,14 +8,11 @@ Entry points stay thin: they parse flags with these and call library functions.
 from __future__ import annotations
 
 import math
-import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
-class UsageError(ValueError):
-    """Bad command-line input: printed as one line, exit 2."""
+from accjax import guards
+from accjax.guards import UserError as UsageError  # bad command-line input: one line, exit 2
 
 
 def speedups(text: str, flag: str = "--speedup") -> list[float]:
@@ -28,10 +25,11 @@ def speedups(text: str, flag: str = "--speedup") -> list[float]:
         try:
             v = float(s)
         except ValueError:
-            raise UsageError(f"{flag}: {s!r} is not a number; write e.g. {flag} 2 or {flag} 1.5,2,4.8") from None
-        if not (v >= 1 and math.isfinite(v)):
-            raise UsageError(f"{flag}: speedup {s} is below 1 or not finite; speedups are numbers >= 1 "
-                             "(1 = the dense model)")
+            raise UsageError(f"speedup {s!r} is not a number; write e.g. {flag} 2 or {flag} 1.5,2,4.8") from None
+        if not math.isfinite(v):
+            raise UsageError(f"speedup {s} is not a finite number; speedups are numbers >= 1")
+        if v < 1:
+            raise UsageError(f"speedup {s} is below 1 (1 = the dense model); speedups are >= 1")
         out.append(v)
     if not out:
         raise UsageError(f"{flag}: no speedup given")
@@ -66,36 +64,23 @@ def model(spec: str, head: str, *, seed: int = 0, **overrides) -> tuple[Any, Any
     return ld.config, ld.params
 
 
-def writable(path: str | None, flag: str = "--json") -> Path | None:
-    """Checks before any work that ``path`` can be written (a file in a writable folder)."""
-    if not path:
-        return None
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file path")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {flag} {path}: {parent} is not a writable folder")
-    return p
-
-
-# What a user's mistake raises (a missing file, a bad value, an unknown checkpoint, ...).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+def batch_size(value: int, flag: str = "--batch_size") -> int:
+    return guards.positive_int(value, flag, maximum=guards.EVAL_BATCH_LIMIT)
 
 
 def run(main: Callable[[], dict | None], *, json_path: str | None = None,
         errors: Sequence[type[BaseException]] = ()) -> int:
-    """Runs ``main``; a user error prints ``error: ...`` on one line and returns 2; the result
-    goes to ``json_path`` (with the machine) when given."""
+    """Runs ``main``; a user error (``guards.user_errors`` and the library's ValueErrors:
+    a bad speedup, task, checkpoint, path) prints ``error: ...`` on one line and returns 2;
+    the result goes to ``json_path`` (with the machine) when given, checked before any work."""
     from accjax import compile_cache
 
     compile_cache.enable()  # every program compiled once per machine, not once per run
     try:
-        out = writable(json_path)
+        out = guards.writable_file(json_path, "--json") if json_path else None
         result = main()
-    except (*USER_ERRORS, *errors) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except (*guards.user_errors(), ValueError, FileNotFoundError, KeyError, *errors) as e:
+        print(f"error: {guards.one_line(e)}", file=sys.stderr)
         return 2
     if out is not None and result is not None:
         from accjax import benchmark

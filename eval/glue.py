@@ -50,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from accjax import evaluation
+    from accjax import evaluation, guards
 
     speedups = cli.speedups(args.speedup)
-    if args.repeats < 1 or args.batch_size < 1:
-        raise cli.UsageError("--repeats and --batch_size must be >= 1")
+    cli.batch_size(args.batch_size)
+    guards.positive_int(args.repeats, "--repeats")
     splits = cli.words(args.split)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
@@ -83,6 +83,7 @@ def run(args) -> dict:
         if args.max_drop is not None:
             table = evaluation.read_tune(folder)
             if table is None:
+                guards.writable_dir(folder, "the offline-tuning table beside the checkpoint")
                 print(f"no offline-tuning table beside {folder}: sweeping the dev split first "
                       "(python -m eval.offline_tune)", file=sys.stderr)
                 table = evaluation.offline_tune(model, batch_size=args.batch_size, data_dir=args.data_dir,

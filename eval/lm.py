@@ -128,6 +128,12 @@ def main(argv=None) -> int:
     if args.floor is None:
         args.floor = 2 if args.protect_first else 1
     try:
+        from accjax import guards
+
+        for flag in ("bucket", "floor", "batch", "context", "iters"):  # 0 divided by later
+            guards.positive_int(getattr(args, flag), f"--{flag}")
+        if args.json:
+            guards.writable_dir(Path(args.json).parent, "--json")
         result = run(args)
     except (ValueError, FileNotFoundError) as e:  # also CheckpointError, SpeedupError, ModelNotFoundError
         print(f"error: {e}", file=sys.stderr)

@@ -31,10 +31,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per level, interleaved")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
-    from accjax import evaluation, loop
+    from accjax import evaluation, guards, loop
 
     def run():
         speedups = cli.speedups(args.speedups, "--speedups") if args.speedups else None
+        cli.batch_size(args.batch_size)
+        if args.out or args.checkpoint:  # the table is written after the sweep: check first
+            guards.writable_dir(args.out or args.checkpoint, "--out" if args.out else "--checkpoint")
         ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
         table = evaluation.offline_tune(evaluation.RunModel.load(ckpt), speedups=speedups,
                                         batch_size=args.batch_size, data_dir=args.data_dir,

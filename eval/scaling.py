@@ -5,11 +5,11 @@
         PYTHONPATH=. python -m eval.scaling --tiny --dtype float32 --json scaling_cpu.json
 
 One call does all of it, with the fine-tuning pipeline's own step (``accjax.train.Trainer``:
-the compiled, sharded, donated AdamW step that ``train.fit`` runs, optimizer values from
+the compiled, sharded, donated AdamW step that ``loop.fit`` runs, optimizer values from
 ``configs/glue_bert_base.py`` but the learning rate and warmup), a random-weight
 preset (``--model``, default ``bert-base-uncased``; ``--tiny``: a 2-layer, 32-wide BERT for
 CPU tests), float32 parameters and ``--dtype`` compute, two elimination modes: ``dense`` and
-``fixed`` at ``--speedup`` (3; its schedule is the one ``train.fit`` would run at this
+``fixed`` at ``--speedup`` (3; its schedule is the one ``loop.fit`` would run at this
 length), dropout on as in fine-tuning. Meshes over the devices of this process:
 
   * ``1 device``             the reference;
@@ -194,7 +194,7 @@ def device_param_bytes(params) -> int:
 
 # ------------------------------------------------------------------------ check and time
 def check_steps(trainer: train.Trainer, params0, batches, schedule):
-    """3 steps exactly as ``train.fit`` takes them (host batches through ``Trainer.step``)."""
+    """3 steps exactly as ``loop.fit`` takes them (host batches through ``Trainer.step``)."""
     state = trainer.init_state(params0)
     losses, norms = [], []
     for t in range(CHECK_STEPS):
@@ -278,7 +278,7 @@ def resolve_args(args) -> None:
 def matmul_precision(args) -> str | None:
     """float32 checks need float32 matmuls: recent GPUs run DEFAULT-precision float32 dots in
     TF32 (10-bit significand), whose cross-mesh differences a 1e-5 tolerance would flag.
-    Half-precision compute keeps jax's default, as ``train.fit`` runs it."""
+    Half-precision compute keeps jax's default, as ``loop.fit`` runs it."""
     if args.matmul_precision:
         return None if args.matmul_precision == "default" else args.matmul_precision
     return "highest" if args.dtype == "float32" else None

@@ -115,6 +115,7 @@ def test_second_run_of_a_training_config_compiles_nothing(tmp_path):
         summaries.append(json.loads((run / "summary.json").read_text()))
     first, second = summaries
     assert first["train_programs"] == second["train_programs"] == 2
-    assert second["compilation"]["backend_compiles"] == 0, second["compilation"]
+    assert first["compilation"]["cache_hits"] + first["compilation"]["cache_misses"] >= 2
+    assert second["compilation"]["cache_misses"] == 0, second["compilation"]  # no XLA compile
     assert second["compilation"]["cache_hits"] >= 2
     assert 0 < second["time_to_first_step"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from accjax import export
+from accjax import export, models
 from tests.conftest import make_hf_bert
 from tests.train_helpers import REPO
 
@@ -302,7 +302,7 @@ def test_speedup_above_a_lengths_maximum_is_clamped(exported, tmp_path):
     from accjax import schedule as sched_lib
 
     rm = evaluation.RunModel.load(exported[0])
-    top = sched_lib.max_speedup(rm.loaded.config, 32, bucket=rm.bucket, floor=rm.floor)
+    top = sched_lib.max_speedup(models.cost_model(rm.loaded.config), 32, bucket=rm.bucket, floor=rm.floor)
     assert top < 6  # 6x is out of reach at length 32 for this 3-layer model
     m = export.export_run(exported[0], tmp_path / "x", speedups=[6.0], batch_sizes=[1], lengths=[32])
     (p,) = m["programs"]

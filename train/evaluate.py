@@ -30,15 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON output (default RUN_DIR/eval.json)")
     args = ap.parse_args(argv)
 
-    from accjax import evaluation
+    from accjax import evaluation, guards
 
     def run():
+        out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
+        if args.batch_size is not None:
+            cli.batch_size(args.batch_size)
+        if Path(args.run_dir).is_dir():  # written after the work: checked before it
+            guards.writable_file(out, "--out" if args.out else "eval.json in the run folder")
         rows = evaluation.evaluate_folder(
             args.run_dir, splits=cli.words(args.splits),
             speedups=cli.speedups(args.speedups, "--speedups") if args.speedups else None,
             batch_size=args.batch_size, data_dir=args.data_dir)
         print(evaluation.format_table(rows))
-        out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
         out.write_text(json.dumps({"run_dir": str(args.run_dir), "rows": rows}, indent=2) + "\n")
         print(f"wrote {out}")
 

@@ -51,9 +51,10 @@ def main(argv):
     from accjax import sharding
 
     sharding.maybe_initialize_distributed()
-    from accjax import loop
+    from accjax import guards, loop
 
-    loop.fit(_CONFIG.value)
+    # Bad input: one line, exit 2 (checked before the long work); divergence: one line, exit 1.
+    guards.exit_on_user_error(lambda: loop.fit(_CONFIG.value))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""The run folder's rules: one writer at a time, resume only the same run, survive torn files.
+
+A run folder (``train.finetune``'s ``run_dir``) is written by one training process at a time:
+
+  * ``lock(run_dir)`` takes an exclusive ``flock`` on ``run_dir/.lock`` (the holder's pid is
+    written inside). A second process gets ``RunFolderBusy`` naming that pid. The kernel drops
+    the lock when its process ends, however it ends (a SIGKILL leaves no stale lock).
+  * ``check_resume(run_dir, config)``: a restart must train the same thing. The config is
+    compared against the one recorded INSIDE the newest readable checkpoint (``meta['config']``),
+    and against ``train_config.json`` too; deleting the side file does not bypass the check.
+  * ``read_jsonl(path)``: ``metrics.jsonl`` records, tolerating a torn last line (a process
+    killed mid-write); ``rewrite_jsonl`` writes the kept records back whole.
+  * ``finished(run_dir, total_steps)``: the summary of a run that already reached its last
+    step, so re-running it changes nothing (no duplicate ``final`` records, no lost timings).
+  * ``refuse_writing_into_run(out)``: tools that write model folders (``accjax.convert``) never
+    overwrite a run folder's metadata.
+  * ``recorded_data_dir(meta, data_dir)``: where a run read its data, for every evaluator.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+_held: dict[str, int] = {}  # resolved run folder -> open lock fd (this process)
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process is writing this run folder."""
+
+
+# --------------------------------------------------------------------------------- lock
+def lock(run_dir: str | os.PathLike) -> Path:
+    """Takes the run folder's exclusive lock for this process (created if missing).
+
+    Held until ``unlock`` or the process ends. Taking it again in the same process is a
+    no-op, so an in-process caller that failed half-way can simply start again.
+
+    Raises:
+      RunFolderBusy naming the pid that holds it.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir).absolute()
+    key = str(run_dir.resolve()) if run_dir.exists() else str(run_dir)
+    if key in _held:
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        holder = _read_pid(path)
+        raise RunFolderBusy(
+            f"run folder {run_dir} is in use by another training process (pid {holder}); wait "
+            "for it to finish (or stop it), or pass another --config.run_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[str(run_dir.resolve())] = fd
+    return run_dir
+
+
+def unlock(run_dir: str | os.PathLike) -> None:
+    """Releases this process's lock of ``run_dir`` (no-op when not held)."""
+    fd = _held.pop(str(Path(run_dir).absolute().resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _read_pid(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------- resume
+def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Steps of the committed resume checkpoints in ``run_dir/checkpoints``, newest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    # orbax writes into "<step>.orbax-checkpoint-tmp-*" and renames: a digits-only name is whole
+    return sorted((int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                  reverse=True)
+
+
+def checkpoint_meta(run_dir: str | os.PathLike, step: int) -> dict | None:
+    """The JSON ``meta`` item of checkpoint ``step`` (None when absent or unreadable)."""
+    path = Path(run_dir) / "checkpoints" / str(step) / "meta" / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def check_resume(run_dir: str | os.PathLike, config: dict,
+                 compare: Callable[[dict, dict], None]) -> None:
+    """Before a run resumes, the config it will train with must be the one it was started with.
+
+    Compared (with ``compare(saved, current)``, which raises on a difference) against the
+    config recorded in the newest checkpoint whose meta is readable, and against
+    ``train_config.json`` when present. No checkpoint: nothing to resume, nothing to check.
+    """
+    run_dir = Path(run_dir)
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        return
+    recorded = None
+    for step in steps:
+        meta = checkpoint_meta(run_dir, step)
+        if meta is not None:
+            recorded = meta.get("config")
+            break
+    side = run_dir / "train_config.json"
+    if recorded is not None:
+        compare(recorded, config)
+    if side.exists():
+        try:
+            saved = json.loads(side.read_text())
+        except ValueError:
+            saved = None  # a torn side file; the checkpoint's copy above is the record
+        if saved is not None:
+            compare(saved, config)
+    elif recorded is None:
+        log.warning("%s has checkpoints but neither train_config.json nor a config inside them "
+                    "(an older run): resuming without checking the config", run_dir)
+
+
+# -------------------------------------------------------------------------------- jsonl
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL file; a line that is not a whole JSON object (a write torn by a
+    killed process) is skipped with a warning instead of failing every later restart."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad.append(n)
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                bad.append(n)
+    if bad:
+        log.warning("%s: skipped %d unreadable line(s) (%s), e.g. a write torn by a killed "
+                    "process", path, len(bad), ", ".join(map(str, bad[:5])))
+    return out
+
+
+def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Replaces ``path`` with ``records``, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- finished
+def finished(run_dir: str | os.PathLike, total_steps: int) -> dict | None:
+    """The ``summary.json`` of a run that already completed ``total_steps`` steps, else None."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or int(summary.get("steps") or -1) != int(total_steps):
+        return None
+    return summary
+
+
+# ------------------------------------------------------------------------ other writers
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """A folder written by ``train.finetune`` (its metadata must not be overwritten)."""
+    folder = Path(folder)
+    if (folder / "train_config.json").exists() or (folder / "checkpoints").is_dir():
+        return True
+    try:
+        meta = json.loads((folder / "accjax.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ("train_config" in meta or "task" in meta)
+
+
+def refuse_writing_into_run(out: str | os.PathLike, src: str | os.PathLike | None = None) -> None:
+    """Raises a UserError when ``out`` is the source folder or a training run's folder."""
+    from accjax.guards import UserError
+
+    out = Path(out)
+    if src is not None and out.exists() and Path(src).exists() and \
+            out.resolve() == Path(src).resolve():
+        raise UserError(f"the output folder {out} is the source folder; pass another output "
+                        "folder (the source is never rewritten)")
+    if out.exists() and is_run_folder(out):
+        raise UserError(f"{out} is a training run's folder; its model and metadata are never "
+                        "rewritten: pass a new output folder")
+
+
+def recorded_data_dir(meta: dict[str, Any], data_dir: str | None = None) -> str | None:
+    """``data_dir`` when given, else the one the run trained with (``train_config.data_dir``)."""
+    if data_dir:
+        return data_dir
+    tc = meta.get("train_config") or {}
+    return tc.get("data_dir") or None
