@@ -250,6 +250,7 @@ def fit(config) -> FitResult:
               disable=not (primary and config.progress), dynamic_ncols=True) as cbar:
         built = trainer.precompile(state, work, progress=lambda i, n: cbar.update(1))
     compile_seconds = time.perf_counter() - t_compile
+    compiled_ahead = trainer.programs.compiles
     if primary:
         print(f"compiled {built} train programs in {compile_seconds:.1f} s", flush=True)
     first_step_at = None
@@ -360,7 +361,10 @@ def fit(config) -> FitResult:
                    "final": final, "train_seconds_per_epoch": epoch_times,
                    "train_cpu_seconds_per_epoch": epoch_cpu,
                    "train_programs": trainer.num_programs, "compile_seconds": compile_seconds,
-                   "time_to_first_step": first_step_at, "compilation": {
+                   "time_to_first_step": first_step_at,
+                   # train programs the step loop had to compile itself (0: the bar's ETA saw none)
+                   "train_programs_compiled_during_steps": trainer.programs.compiles - compiled_ahead,
+                   "compilation": {
                        k: v - compiled_before[k] for k, v in compile_cache.counts().items()},
                    "data": exp.data_report,
                    "devices": jax.device_count(), "processes": jax.process_count(),

@@ -115,6 +115,8 @@ def test_second_run_of_a_training_config_compiles_nothing(tmp_path):
         summaries.append(json.loads((run / "summary.json").read_text()))
     first, second = summaries
     assert first["train_programs"] == second["train_programs"] == 2
+    # every train program was built before the step bar started: its ETA never saw a compile
+    assert first["train_programs_compiled_during_steps"] == 0 and first["compile_seconds"] > 0
     assert first["compilation"]["cache_hits"] + first["compilation"]["cache_misses"] >= 2
     assert second["compilation"]["cache_misses"] == 0, second["compilation"]  # no XLA compile
     assert second["compilation"]["cache_hits"] >= 2
