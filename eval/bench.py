@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax
-import numpy as np
 
 from accjax import benchmark, inference, models
+from eval import cli
 
 
 def parse_shapes(s: str) -> list[tuple[int, int]]:
@@ -53,25 +52,13 @@ def parse_sets(items) -> dict:
 
 def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides: dict | None = None):
     """(config, params) for a preset (random init) or a checkpoint spec."""
-    overrides = overrides or {}
-    if model in models.all_presets():
-        cfg = models.preset(model, dtype=dtype, attention_impl=attention_impl, **overrides)
-        fam = models.get_family(cfg.family)
-        module = fam.module(cfg, "sequence_classification")
-        import flax.linen as nn
-        params = jax.jit(lambda k: nn.meta.unbox(module.init(k, **fam.dummy_inputs(cfg, 1, 8))["params"]))(
-            jax.random.PRNGKey(seed))
-        params = jax.tree.map(np.asarray, params)
-        return cfg, params
-    from accjax import convert
-    ld = convert.load(model, "sequence_classification", dtype=dtype, attention_impl=attention_impl,
-                      **overrides)
-    return ld.config, ld.params
+    return cli.model(model, "sequence_classification", seed=seed, dtype=dtype,
+                     attention_impl=attention_impl, **(overrides or {}))
 
 
 def run(args) -> dict:
     shapes = parse_shapes(args.shapes)
-    speedups = [float(x) for x in args.speedups.split(",") if x]
+    speedups = cli.speedups(args.speedups, "--speedups")
     impls = args.attention_impl.split(",")
     rows, torch_rows = [], []
     info = benchmark.machine()
@@ -88,7 +75,7 @@ def run(args) -> dict:
                                        param_dtype=args.dtype, acc_variant=args.acc_variant,
                                        bucket=args.bucket, floor=args.floor)
             dense = pred.time_program(b, n, 1.0, iters=args.iters)
-            for s in [1.0] + speedups:
+            for s in [1.0] + [x for x in speedups if x != 1.0]:
                 plan = pred.plan(n, s)
                 if plan.clamped_from:
                     print(f"  {b}x{n}: speedup {s:g} exceeds the maximum: runs at {plan.analytic:.2f}")
@@ -156,15 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="", help="a name for this variant in the JSON rows")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        benchmark.write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return 0
+    return cli.run(lambda: run(args), json_path=args.json)
 
 
 if __name__ == "__main__":
