@@ -125,16 +125,21 @@ def check_resume(run_dir: str | os.PathLike, config: dict,
             recorded = meta.get("config")
             break
     side = run_dir / "train_config.json"
-    if recorded is not None:
-        compare(recorded, config)
+    saved = None
     if side.exists():
         try:
             saved = json.loads(side.read_text())
         except ValueError:
-            saved = None  # a torn side file; the checkpoint's copy above is the record
-        if saved is not None:
-            compare(saved, config)
-    elif recorded is None:
+            saved = None  # a torn side file; the checkpoint's copy is the record
+    from accjax.guards import UserError
+
+    try:
+        for one in (recorded, saved):
+            if one is not None:
+                compare(one, config)
+    except ValueError as e:  # a user's choice (another config), not a fault: exit 2
+        raise UserError(str(e)) from None
+    if recorded is None and saved is None:
         log.warning("%s has checkpoints but neither train_config.json nor a config inside them "
                     "(an older run): resuming without checking the config", run_dir)
 

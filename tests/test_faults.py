@@ -513,3 +513,22 @@ def test_a_nan_model_folder_is_refused_not_scored(csv_run, tmp_path, capsys):
         convert.load(folder, "sequence_classification")
     assert glue.main(["--checkpoint", str(folder), "--no-progress"]) == 2
     assert "the model diverged in training" in capsys.readouterr().err
+
+
+def test_cli_reports_another_config_and_bad_mesh_values_in_one_line(tmp_path):
+    """4, 10: a restart with another config (and bad sampler / mesh values) gave tracebacks."""
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=8)
+    _fit(tmp_path, "r", spec, **{"debug.max_steps": 1})
+    base = [sys.executable, "-m", "train.finetune", "--config=configs/rt_minilm.py:tiny",
+            "--config.progress=False", f"--config.task={spec}", "--config.max_examples=0",
+            "--config.length_buckets=(32,)", "--config.max_length=32", "--config.eval.speedups=(1.0,)",
+            "--config.eval.select_mean=False"]
+    for extra, message in (
+            ([f"--config.run_dir={tmp_path / 'r'}", "--config.optim.lr=0.5"], "holds a run with another config"),
+            ([f"--config.run_dir={tmp_path / 'x'}", "--config.elimination.mode=elastic",
+              "--config.elimination.speedup_range=(3.0,2.0)"], "config: elimination.speedup_range"),
+            ([f"--config.run_dir={tmp_path / 'y'}", "--config.mesh.data=3"], "mesh data=3")):
+        r = subprocess.run(base + extra, cwd=REPO, env=subprocess_env(1), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert message in r.stderr.strip().splitlines()[-1]
