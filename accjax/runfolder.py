@@ -26,14 +26,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from accjax.guards import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # resolved run folder -> open lock fd (this process)
 
 
-class RunFolderBusy(RuntimeError):
-    """Another process is writing this run folder."""
+class RunFolderBusy(UserError):
+    """Another process is writing this run folder (wait, or pick another: exit 2)."""
 
 
 # --------------------------------------------------------------------------------- lock
@@ -131,8 +133,6 @@ def check_resume(run_dir: str | os.PathLike, config: dict,
             saved = json.loads(side.read_text())
         except ValueError:
             saved = None  # a torn side file; the checkpoint's copy is the record
-    from accjax.guards import UserError
-
     try:
         for one in (recorded, saved):
             if one is not None:
@@ -207,8 +207,6 @@ def is_run_folder(folder: str | os.PathLike) -> bool:
 
 def refuse_writing_into_run(out: str | os.PathLike, src: str | os.PathLike | None = None) -> None:
     """Raises a UserError when ``out`` is the source folder or a training run's folder."""
-    from accjax.guards import UserError
-
     out = Path(out)
     if src is not None and out.exists() and Path(src).exists() and \
             out.resolve() == Path(src).resolve():

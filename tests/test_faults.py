@@ -143,6 +143,13 @@ def test_run_folder_is_locked_while_a_run_writes_it(tmp_path):
                                                           f"\\(pid {holder.pid}\\)"):
             _fit(tmp_path, "r", spec)
         assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+        from eval import glue  # the embedded default's first run, started twice at once
+
+        env = {"ACCJAX_DEFAULT_RUN": str(run), "ACCJAX_DEFAULT_CONFIG": "rt_minilm.py:tiny"}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            assert glue.main(["--no-progress"]) == 2
     finally:
         holder.kill()
         holder.wait()
