@@ -51,10 +51,10 @@ def lock(run_dir: str | os.PathLike) -> Path:
     import fcntl
 
     run_dir = Path(run_dir).absolute()
-    key = str(run_dir.resolve()) if run_dir.exists() else str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
     if key in _held:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -69,7 +69,7 @@ def lock(run_dir: str | os.PathLike) -> Path:
             "for it to finish (or stop it), or pass another --config.run_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _held[str(run_dir.resolve())] = fd
+    _held[key] = fd
     return run_dir
 
 

@@ -537,3 +537,17 @@ def test_cli_reports_another_config_and_bad_mesh_values_in_one_line(tmp_path):
                            text=True, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
         assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_lock_is_reentrant_in_one_process_whatever_the_path_spelling(tmp_path):
+    """4: a second lock of the same folder by its holder (an in-process restart after an
+    error, or a symlinked path) must not report the process itself as another writer."""
+    (tmp_path / "link").symlink_to(tmp_path)
+    runfolder.lock(tmp_path / "run")
+    runfolder.lock(tmp_path / "link" / "run")
+    assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
+    runfolder.unlock(tmp_path / "link" / "run")
+    probe = subprocess.run([sys.executable, "-c", "from accjax import runfolder; "
+                            f"runfolder.lock({str(tmp_path / 'run')!r}); print('free')"],
+                           cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "free"  # unlocked through either spelling
