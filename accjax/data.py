@@ -357,7 +357,8 @@ def _read_glue_hub(task: Task, splits: tuple[str, ...] | None, col: _Collector):
         raise DataNotFoundError(f"no --data_dir given and the `datasets` package is not installed "
                                 f"to read {where_hub}. {glue_layout_help(task)}") from None
     try:
-        ds = datasets.load_dataset(task.hub_id, task.hub_config, revision=task.hub_revision)
+        pin = {"revision": task.hub_revision} if task.hub_revision else {}  # 'sst2@REV'
+        ds = datasets.load_dataset(task.hub_id, task.hub_config, **pin)
     except Exception as e:  # offline, hub errors, missing config
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataNotFoundError(

@@ -146,8 +146,11 @@ def validate_config(config) -> None:
     guards.check_optim(config.optim)
     # Constructing the sampler checks the elimination values.
     el = config.elimination
-    train_lib.SpeedupSampler(el.mode, speedup=el.speedup, speedup_range=tuple(el.speedup_range),
-                             levels=el.levels)
+    try:
+        train_lib.SpeedupSampler(el.mode, speedup=el.speedup, speedup_range=tuple(el.speedup_range),
+                                 levels=el.levels)
+    except ValueError as e:
+        raise guards.UserError(f"config: {e}") from None
 
 
 # ------------------------------------------------------------------------------- models
@@ -164,7 +167,7 @@ def load_model(config, head: str, num_labels: int | None) -> tuple[convert.Loade
         family = models_lib.get_family(cfg.family)
         params = models_lib.init_params(cfg, head, int(config.seed))
         if not config.tokenizer:
-            raise ValueError("config.tokenizer must name a tokenizer folder or model for a preset: model")
+            raise guards.UserError("config.tokenizer must name a tokenizer folder or model for a preset: model")
         tok = hub.resolve(config.tokenizer)
         return convert.Loaded(family, cfg, head, params, tok, convert.LoadReport()), tok
     loaded = convert.load(spec, head, num_labels=num_labels if head == "sequence_classification" else None,

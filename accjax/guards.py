@@ -47,7 +47,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
             prompting.PromptDataError)
 
 
-def exit_on_user_error(fn: Callable[[], Any], *, prog: str = "") -> Any:
+def exit_on_user_error(fn: Callable[[], Any]) -> Any:
     """Runs ``fn``; a user error -> ``error: ...`` on stderr and exit 2; a NonFiniteError ->
     one line and exit 1 (the run stopped; its last good checkpoint is kept)."""
     try:

@@ -26,14 +26,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from accjax.guards import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # resolved run folder -> open lock fd (this process)
 
 
-class RunFolderBusy(RuntimeError):
-    """Another process is writing this run folder."""
+class RunFolderBusy(UserError):
+    """Another process is writing this run folder (wait, or pick another: exit 2)."""
 
 
 # --------------------------------------------------------------------------------- lock
@@ -49,10 +51,10 @@ def lock(run_dir: str | os.PathLike) -> Path:
     import fcntl
 
     run_dir = Path(run_dir).absolute()
-    key = str(run_dir.resolve()) if run_dir.exists() else str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
     if key in _held:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -67,7 +69,7 @@ def lock(run_dir: str | os.PathLike) -> Path:
             "for it to finish (or stop it), or pass another --config.run_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _held[str(run_dir.resolve())] = fd
+    _held[key] = fd
     return run_dir
 
 
@@ -125,16 +127,19 @@ def check_resume(run_dir: str | os.PathLike, config: dict,
             recorded = meta.get("config")
             break
     side = run_dir / "train_config.json"
-    if recorded is not None:
-        compare(recorded, config)
+    saved = None
     if side.exists():
         try:
             saved = json.loads(side.read_text())
         except ValueError:
-            saved = None  # a torn side file; the checkpoint's copy above is the record
-        if saved is not None:
-            compare(saved, config)
-    elif recorded is None:
+            saved = None  # a torn side file; the checkpoint's copy is the record
+    try:
+        for one in (recorded, saved):
+            if one is not None:
+                compare(one, config)
+    except ValueError as e:  # a user's choice (another config), not a fault: exit 2
+        raise UserError(str(e)) from None
+    if recorded is None and saved is None:
         log.warning("%s has checkpoints but neither train_config.json nor a config inside them "
                     "(an older run): resuming without checking the config", run_dir)
 
@@ -202,8 +207,6 @@ def is_run_folder(folder: str | os.PathLike) -> bool:
 
 def refuse_writing_into_run(out: str | os.PathLike, src: str | os.PathLike | None = None) -> None:
     """Raises a UserError when ``out`` is the source folder or a training run's folder."""
-    from accjax.guards import UserError
-
     out = Path(out)
     if src is not None and out.exists() and Path(src).exists() and \
             out.resolve() == Path(src).resolve():

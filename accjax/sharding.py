@@ -34,6 +34,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from accjax.guards import UserError  # bad mesh / batch settings: one line, exit 2
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp")
@@ -90,13 +92,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     n = len(devices)
     data, fsdp = int(data), int(fsdp)
     if data == -1 and fsdp == -1:
-        raise ValueError("at most one of mesh.data and mesh.fsdp may be -1")
+        raise UserError("at most one of mesh.data and mesh.fsdp may be -1")
     if data == -1:
         data = n // max(fsdp, 1)
     if fsdp == -1:
         fsdp = n // max(data, 1)
     if data < 1 or fsdp < 1 or data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not use the {n} devices "
+        raise UserError(f"mesh data={data} x fsdp={fsdp} does not use the {n} devices "
                          "(set one of them to -1 to take the rest)")
     # Process-major order (jax.devices() lists each process's devices together), so each
     # process's devices hold a contiguous block of batch rows.
@@ -111,7 +113,7 @@ def normalize_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ..
     out = []
     for r in rules:
         if len(r) != 2 or not isinstance(r[0], str):
-            raise ValueError(f"a logical axis rule is (logical name, mesh axes), got {r!r}")
+            raise UserError(f"a logical axis rule is (logical name, mesh axes), got {r!r}")
         name, axes = r
         if isinstance(axes, (list, tuple)):
             axes = tuple(axes)
@@ -119,10 +121,10 @@ def normalize_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ..
         else:
             bad = [axes] if axes is not None and axes not in MESH_AXES else []
         if bad:
-            raise ValueError(f"rule {r!r} names mesh axis {bad[0]!r}; the mesh axes are {MESH_AXES}")
+            raise UserError(f"rule {r!r} names mesh axis {bad[0]!r}; the mesh axes are {MESH_AXES}")
         out.append((name, axes))
     if not any(n == BATCH for n, _ in out):
-        raise ValueError(f"the logical axis rules must map {BATCH!r} (the batch axis), got {out}")
+        raise UserError(f"the logical axis rules must map {BATCH!r} (the batch axis), got {out}")
     return tuple(out)
 
 
@@ -159,7 +161,7 @@ def check_batch_size(global_batch: int, mesh: Mesh, rules, what: str = "batch_si
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     if global_batch % ways:
-        raise ValueError(f"{what} {global_batch} does not split over {ways} devices "
+        raise UserError(f"{what} {global_batch} does not split over {ways} devices "
                          f"(mesh {dict(mesh.shape)}); use a multiple of {ways}")
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +72,6 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path):
     write_csv(tmp_path / "d" / "dev.csv", [])
     cmd = [sys.executable, "-m", "train.finetune", "--config=configs/rt_minilm.py:tiny",
            "--config.progress=False", f"--config.task={spec}"]
-    t0 = time.perf_counter()
     r = subprocess.run(cmd + [f"--config.run_dir={tmp_path / 'r'}"], cwd=REPO,
                        env=subprocess_env(1), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -143,6 +141,13 @@ def test_run_folder_is_locked_while_a_run_writes_it(tmp_path):
                                                           f"\\(pid {holder.pid}\\)"):
             _fit(tmp_path, "r", spec)
         assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+        from eval import glue  # the embedded default's first run, started twice at once
+
+        env = {"ACCJAX_DEFAULT_RUN": str(run), "ACCJAX_DEFAULT_CONFIG": "rt_minilm.py:tiny"}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            assert glue.main(["--no-progress"]) == 2
     finally:
         holder.kill()
         holder.wait()
@@ -513,3 +518,36 @@ def test_a_nan_model_folder_is_refused_not_scored(csv_run, tmp_path, capsys):
         convert.load(folder, "sequence_classification")
     assert glue.main(["--checkpoint", str(folder), "--no-progress"]) == 2
     assert "the model diverged in training" in capsys.readouterr().err
+
+
+def test_cli_reports_another_config_and_bad_mesh_values_in_one_line(tmp_path):
+    """4, 10: a restart with another config (and bad sampler / mesh values) gave tracebacks."""
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=8)
+    _fit(tmp_path, "r", spec, **{"debug.max_steps": 1})
+    base = [sys.executable, "-m", "train.finetune", "--config=configs/rt_minilm.py:tiny",
+            "--config.progress=False", f"--config.task={spec}", "--config.max_examples=0",
+            "--config.length_buckets=(32,)", "--config.max_length=32", "--config.eval.speedups=(1.0,)",
+            "--config.eval.select_mean=False"]
+    for extra, message in (
+            ([f"--config.run_dir={tmp_path / 'r'}", "--config.optim.lr=0.5"], "holds a run with another config"),
+            ([f"--config.run_dir={tmp_path / 'x'}", "--config.elimination.mode=elastic",
+              "--config.elimination.speedup_range=(3.0,2.0)"], "config: elimination.speedup_range"),
+            ([f"--config.run_dir={tmp_path / 'y'}", "--config.mesh.data=3"], "mesh data=3")):
+        r = subprocess.run(base + extra, cwd=REPO, env=subprocess_env(1), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_lock_is_reentrant_in_one_process_whatever_the_path_spelling(tmp_path):
+    """4: a second lock of the same folder by its holder (an in-process restart after an
+    error, or a symlinked path) must not report the process itself as another writer."""
+    (tmp_path / "link").symlink_to(tmp_path)
+    runfolder.lock(tmp_path / "run")
+    runfolder.lock(tmp_path / "link" / "run")
+    assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
+    runfolder.unlock(tmp_path / "link" / "run")
+    probe = subprocess.run([sys.executable, "-c", "from accjax import runfolder; "
+                            f"runfolder.lock({str(tmp_path / 'run')!r}); print('free')"],
+                           cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "free"  # unlocked through either spelling
