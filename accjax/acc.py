@@ -228,14 +228,22 @@ def acc_scores_fused(
 
 
 # probs: from materialised probabilities; lse: XLA recomputation from flash attention's
-# log-sum-exp; pallas: the fused kernels (pallas_softmax for <= 128 keys, where one program
-# holds every key; pallas_lse beyond, tiled over key blocks); pallas_interpret: CPU tests.
-ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_softmax", "pallas_lse", "pallas_interpret")
+# log-sum-exp; pallas: a second-pass Pallas kernel beside cuDNN attention (pallas_softmax for
+# <= 128 keys, where one program holds every key; pallas_lse beyond, tiled over key blocks);
+# fused: ONE Pallas kernel computes the attention and the column sums (the layer's attention
+# call itself, no second pass; no logits bias); *_interpret: the same kernels in Pallas'
+# interpreter (CPU tests).
+ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_softmax", "pallas_lse", "pallas_interpret",
+             "fused", "fused_interpret")
+FUSED = ("fused", "fused_interpret")
 
 
-def resolve_acc_impl(acc_impl: str, attention_impl: str) -> str:
-    """'auto' -> the fused Pallas kernel beside cuDNN attention on a GPU that compiles it,
-    otherwise ACC from the probabilities XLA's attention materialises anyway."""
+def resolve_acc_impl(acc_impl: str, attention_impl: str, *, causal: bool = False,
+                     bias: bool = False) -> str:
+    """'auto' -> on a GPU with cuDNN attention, the fused attention + ACC kernel where it
+    compiles (bidirectional, no logits bias), else the second-pass Pallas kernel, else XLA from
+    the log-sum-exp; elsewhere ACC from the probabilities XLA's attention materialises anyway.
+    Causal attention keeps cuDNN (it skips the masked upper triangle, the fused kernel does not)."""
     if acc_impl not in ACC_IMPLS:
         raise ValueError(f"acc_impl must be one of {ACC_IMPLS}, got {acc_impl!r}")
     if acc_impl != "auto":
@@ -243,6 +251,8 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str) -> str:
     if attention_impl == "cudnn":
         from accjax.kernels import acc_pallas
 
+        if not causal and not bias and acc_pallas.available(fused=True):
+            return "fused"
         return "pallas" if acc_pallas.available() else "lse"
     return "probs"
 
@@ -274,8 +284,12 @@ def attend_and_score(
         maps, attention dropout in training, ACC variants other than plain, or XLA attention
         (CPU; or a GPU layer with fewer than ``xla_attention_below`` rows, where a flash
         kernel's tiles are mostly empty);
-      * flash attention + ``acc_scores_fused`` (Pallas kernel; GPUs that compile it);
+      * ``acc_impl`` fused (auto on GPUs that compile it, bidirectional, no bias): one Pallas
+        kernel returns the context and the column sums (``acc_pallas.attention_with_column_sums``),
+        at every row count (its tiles shrink with the rows);
+      * flash attention + ``acc_scores_fused`` (second-pass Pallas kernel);
       * flash attention + ``acc_scores_from_lse`` (log-sum-exp; other GPUs).
+    Layers that do not score always take flash attention (or XLA below the row threshold).
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, N, H]; mask: [B, S] bool key mask (= query mask).
@@ -287,53 +301,109 @@ def attend_and_score(
     from accjax import attention as attn_lib
 
     impl = attn_lib.resolve_implementation(attention_impl, q.dtype)
+    need_probs = output_attentions or probs_dropout is not None
+    how = "probs" if variant != "plain" else resolve_acc_impl(acc_impl, impl, causal=causal,
+                                                              bias=bias is not None)
+    if score and how in FUSED and not need_probs:
+        if bias is not None:
+            raise ValueError("the fused attention + ACC kernel takes no logits bias; use acc_impl='lse'")
+        from accjax.kernels import acc_pallas
+
+        with jax.named_scope("attention_acc"):
+            ctx, col = acc_pallas.self_attention_with_column_sums(
+                q, k, v, mask.astype(jnp.float32), scale, causal,
+                how == "fused_interpret")  # [B, T, N, H], [B, N, S]
+        with jax.named_scope("acc_score"):
+            col = jax.lax.stop_gradient(col)  # ranks rows only (top-k is not differentiable)
+            scores = _finish(col.sum(axis=1), mask, _denominator(mask, mask, q.shape[2], causal),
+                             protect)
+        return ctx.astype(q.dtype), scores, None
+    if how in FUSED:  # a layer that does not score, or needs the probabilities
+        how = "pallas"
     if impl == "cudnn" and q.shape[1] < xla_attention_below:
         impl = "xla"
-    how = "probs" if variant != "plain" else resolve_acc_impl(acc_impl, impl)
+        if acc_impl == "auto" and how != "probs":
+            how = "probs"  # XLA attention materialises the probabilities anyway
     if how == "pallas":
         how = "pallas_softmax" if k.shape[1] <= 128 else "pallas_lse"
-    need_probs = output_attentions or probs_dropout is not None or (score and how == "probs")
+    need_probs = need_probs or (score and how == "probs")
     probs = scores = lse = None
-    if need_probs:
-        ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
-                                                   bias=bias, probs_dropout=probs_dropout)
-    elif score and how in ("lse", "pallas_lse") and impl != "xla":
-        ctx, lse = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
-                                            implementation=impl, return_lse=True)
-    else:
-        ctx = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
-                                       implementation=impl)
-    if score:
-        # ACC only picks indices (top-k is not differentiable): no gradient flows through it,
-        # and the Pallas kernel needs no VJP.
-        sg = jax.lax.stop_gradient
-        if probs is not None:
-            vn = sg(value_norms()) if variant == "value_norm" else None
-            scores = acc_scores(sg(probs), mask, variant=variant, causal=causal, protect=protect,
-                                value_norms=vn)
-        elif how == "lse":
-            scores = acc_scores_from_lse(sg(q), sg(k), sg(lse), mask, scale=scale, causal=causal,
-                                         protect=protect, bias=None if bias is None else sg(bias))
+    with jax.named_scope("attention"):  # scope names let eval.profile attribute kernels
+        if need_probs:
+            ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
+                                                       bias=bias, probs_dropout=probs_dropout)
+        elif score and how in ("lse", "pallas_lse") and impl != "xla":
+            ctx, lse = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal,
+                                                bias=bias, implementation=impl, return_lse=True)
         else:
-            if bias is not None:
-                raise ValueError("the fused ACC kernel takes no logits bias; use acc_impl='lse'")
-            scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
-                                      protect=protect, interpret=how == "pallas_interpret",
-                                      lse=sg(lse) if how == "pallas_lse" and lse is not None else None)
+            ctx = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
+                                           implementation=impl)
+    if score:
+        with jax.named_scope("acc_score"):
+            scores = _score_after_attention(q, k, mask, probs, lse, how, scale=scale, causal=causal,
+                                            bias=bias, variant=variant, protect=protect,
+                                            value_norms=value_norms)
     return ctx, scores, probs
 
 
-def select_rows(scores: Array, keep: int) -> Array:
+def _score_after_attention(q, k, mask, probs, lse, how, *, scale, causal, bias, variant, protect,
+                           value_norms):
+    """ACC by a second pass after the attention call (the non-fused paths of
+    ``attend_and_score``)."""
+    # ACC only picks indices (top-k is not differentiable): no gradient flows through it,
+    # and the Pallas kernel needs no VJP.
+    sg = jax.lax.stop_gradient
+    if probs is not None:
+        vn = sg(value_norms()) if variant == "value_norm" else None
+        scores = acc_scores(sg(probs), mask, variant=variant, causal=causal, protect=protect,
+                            value_norms=vn)
+    elif how == "lse":
+        scores = acc_scores_from_lse(sg(q), sg(k), sg(lse), mask, scale=scale, causal=causal,
+                                     protect=protect, bias=None if bias is None else sg(bias))
+    else:
+        if bias is not None:
+            raise ValueError("the fused ACC kernel takes no logits bias; use acc_impl='lse'")
+        scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
+                                  protect=protect, interpret=how == "pallas_interpret",
+                                  lse=sg(lse) if how == "pallas_lse" and lse is not None else None)
+    return scores
+
+
+# Up to this many rows, select by counting ranks ([B, T, T] comparisons, a few fusions)
+# instead of lax.top_k + sort (sort kernels); both give the same indices.
+RANK_SELECT_MAX_ROWS = 1024
+SELECT_METHODS = ("auto", "top_k", "rank")
+
+
+def select_rows(scores: Array, keep: int, method: str = "auto") -> Array:
     """Indices [B, keep] of the ``keep`` highest-scoring rows, in original order.
 
-    ``keep`` is a static Python int: it fixes the output shape under ``jax.jit``.
+    ``keep`` is a static Python int: it fixes the output shape under ``jax.jit``. Ties go to
+    the lower index (as ``lax.top_k``). ``method``: 'top_k' (``lax.top_k``, then a sort of
+    the kept indices), 'rank' (no sort: a row is kept when fewer than ``keep`` rows beat it,
+    and the i-th kept row is found by counting), 'auto' (rank up to
+    ``RANK_SELECT_MAX_ROWS`` rows). Worked example, scores [0.2, 0.9, -inf, 0.5], keep 2::
+
+        beaten by   [2, 0, 3, 1]  -> kept [F, T, F, T]
+        kept so far [0, 1, 1, 2]  -> index r = #(kept so far <= r): r=0 -> 1, r=1 -> 3
     """
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be a positive Python int, got {keep!r}")
     if keep > scores.shape[1]:
         raise ValueError(f"cannot keep {keep} of {scores.shape[1]} rows")
-    _, idx = lax.top_k(scores, keep)  # [B, K], best first
-    return jnp.sort(idx, axis=1).astype(jnp.int32)  # [B, K], original order
+    if method not in SELECT_METHODS:
+        raise ValueError(f"select method must be one of {SELECT_METHODS}, got {method!r}")
+    t = scores.shape[1]
+    if method == "top_k" or (method == "auto" and t > RANK_SELECT_MAX_ROWS):
+        _, idx = lax.top_k(scores, keep)  # [B, K], best first
+        return jnp.sort(idx, axis=1).astype(jnp.int32)  # [B, K], original order
+    i = jnp.arange(t, dtype=jnp.int32)
+    a, b = scores[:, :, None], scores[:, None, :]  # [B, I, 1], [B, 1, J]
+    beats = (a > b) | ((a == b) & (i[:, None] < i[None, :]))  # [B, I, J]: row i ranks above j
+    kept = beats.sum(axis=1, dtype=jnp.int32) < keep  # [B, J]
+    so_far = jnp.cumsum(kept, axis=1, dtype=jnp.int32)  # [B, J] kept rows among 0..j
+    r = jnp.arange(keep, dtype=jnp.int32)
+    return (so_far[:, None, :] <= r[None, :, None]).sum(axis=2, dtype=jnp.int32)  # [B, K]
 
 
 def take_rows(x: Array, idx: Array) -> Array:
@@ -355,5 +425,7 @@ def eliminate(scores: Array, keep: int, rows: Rows, *tensors: Array) -> tuple[Ar
     Returns:
       (idx [B, K], rows gathered, tensors gathered), all in original row order.
     """
-    idx = select_rows(scores, keep)
-    return idx, rows.take(idx), tuple(take_rows(t, idx) for t in tensors)
+    with jax.named_scope("select"):
+        idx = select_rows(scores, keep)
+    with jax.named_scope("gather_rows"):
+        return idx, rows.take(idx), tuple(take_rows(t, idx) for t in tensors)
