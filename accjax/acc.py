@@ -373,16 +373,17 @@ def _score_after_attention(q, k, mask, probs, lse, how, *, scale, causal, bias, 
 # instead of lax.top_k + sort (sort kernels); both give the same indices.
 RANK_SELECT_MAX_ROWS = 1024
 SELECT_METHODS = ("auto", "top_k", "rank")
+SELECT_METHOD = "auto"  # what ``select_rows`` uses when not told (benchmarks A/B it)
 
 
-def select_rows(scores: Array, keep: int, method: str = "auto") -> Array:
+def select_rows(scores: Array, keep: int, method: str | None = None) -> Array:
     """Indices [B, keep] of the ``keep`` highest-scoring rows, in original order.
 
     ``keep`` is a static Python int: it fixes the output shape under ``jax.jit``. Ties go to
     the lower index (as ``lax.top_k``). ``method``: 'top_k' (``lax.top_k``, then a sort of
     the kept indices), 'rank' (no sort: a row is kept when fewer than ``keep`` rows beat it,
     and the i-th kept row is found by counting), 'auto' (rank up to
-    ``RANK_SELECT_MAX_ROWS`` rows). Worked example, scores [0.2, 0.9, -inf, 0.5], keep 2::
+    ``RANK_SELECT_MAX_ROWS`` rows); None: ``SELECT_METHOD``. Worked example, scores [0.2, 0.9, -inf, 0.5], keep 2::
 
         beaten by   [2, 0, 3, 1]  -> kept [F, T, F, T]
         kept so far [0, 1, 1, 2]  -> index r = #(kept so far <= r): r=0 -> 1, r=1 -> 3
@@ -391,6 +392,7 @@ def select_rows(scores: Array, keep: int, method: str = "auto") -> Array:
         raise ValueError(f"keep must be a positive Python int, got {keep!r}")
     if keep > scores.shape[1]:
         raise ValueError(f"cannot keep {keep} of {scores.shape[1]} rows")
+    method = SELECT_METHOD if method is None else method
     if method not in SELECT_METHODS:
         raise ValueError(f"select method must be one of {SELECT_METHODS}, got {method!r}")
     t = scores.shape[1]

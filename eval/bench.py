@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 
+from accjax import acc as acc_lib
 from accjax import benchmark, inference, models
 from accjax import schedule as S
 
@@ -76,9 +77,11 @@ def run(args) -> dict:
     impls = args.attention_impl.split(",")
     rows, torch_rows = [], []
     info = benchmark.machine()
+    acc_lib.SELECT_METHOD = args.select
     print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}"
           + (f", ACC kernel {'pallas' if info.get('acc_pallas_kernel') else 'UNAVAILABLE (XLA lse path)'}"
-             if info["backend"] == "gpu" else ""))
+             f", fused attention+ACC kernel {'yes' if info.get('acc_fused_kernel') else 'UNAVAILABLE'}"
+             if info["backend"] == "gpu" else "") + f", select {args.select}")
     params_f32 = None
     for impl in impls:
         cfg, params = build(args.model, args.dtype, impl, overrides=parse_sets(args.set))
@@ -104,7 +107,7 @@ def run(args) -> dict:
                     "schedule": list(sch), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
                     "measured": measured, "measured_over_analytic": measured / analytic,
                     "tokens_per_s": b * n / (t["median_ms"] / 1e3),
-                    "label": args.label, "overrides": parse_sets(args.set),
+                    "label": args.label, "overrides": parse_sets(args.set), "select": args.select,
                 })
     if args.vs_torch:
         for b, n in shapes:
@@ -156,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set xla_attention_below=64 (repeatable)")
+    ap.add_argument("--select", default="auto", choices=acc_lib.SELECT_METHODS,
+                    help="how kept rows are chosen (acc.select_rows): rank counting or top_k + sort")
     ap.add_argument("--label", default="", help="a name for this variant in the JSON rows")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)
