@@ -236,14 +236,21 @@ def acc_scores_fused(
 ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_softmax", "pallas_lse", "pallas_interpret",
              "fused", "fused_interpret")
 FUSED = ("fused", "fused_interpret")
+# 'auto' fuses attention and ACC up to this many keys: there every key fits one tile and the
+# kernel is one pass. Beyond, the kernel needs two passes (row statistics, then the sweep)
+# and measured slower than cuDNN + the second-pass kernel (H200, bf16, 12 heads of 64, one
+# layer's attention + ACC as a jitted call, `eval.profile --kernels`: 319 vs 228 us at
+# 32 x 512, 169 vs 96 us at 32 x 248; but 96 vs 177 us at 128 x 128, 59 vs 83 (XLA) at 128 x 24).
+FUSED_MAX_KEYS = 128
 
 
 def resolve_acc_impl(acc_impl: str, attention_impl: str, *, causal: bool = False,
-                     bias: bool = False) -> str:
+                     bias: bool = False, keys: int | None = None) -> str:
     """'auto' -> on a GPU with cuDNN attention, the fused attention + ACC kernel where it
-    compiles (bidirectional, no logits bias), else the second-pass Pallas kernel, else XLA from
-    the log-sum-exp; elsewhere ACC from the probabilities XLA's attention materialises anyway.
-    Causal attention keeps cuDNN (it skips the masked upper triangle, the fused kernel does not)."""
+    compiles (bidirectional, no logits bias, at most ``FUSED_MAX_KEYS`` keys), else the
+    second-pass Pallas kernel, else XLA from the log-sum-exp; elsewhere ACC from the
+    probabilities XLA's attention materialises anyway. Causal attention keeps cuDNN (it skips
+    the masked upper triangle, the fused kernel does not)."""
     if acc_impl not in ACC_IMPLS:
         raise ValueError(f"acc_impl must be one of {ACC_IMPLS}, got {acc_impl!r}")
     if acc_impl != "auto":
@@ -251,7 +258,8 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, causal: bool = False
     if attention_impl == "cudnn":
         from accjax.kernels import acc_pallas
 
-        if not causal and not bias and acc_pallas.available(fused=True):
+        short = keys is not None and keys <= FUSED_MAX_KEYS
+        if short and not causal and not bias and acc_pallas.available(fused=True):
             return "fused"
         return "pallas" if acc_pallas.available() else "lse"
     return "probs"
@@ -284,9 +292,10 @@ def attend_and_score(
         maps, attention dropout in training, ACC variants other than plain, or XLA attention
         (CPU; or a GPU layer with fewer than ``xla_attention_below`` rows, where a flash
         kernel's tiles are mostly empty);
-      * ``acc_impl`` fused (auto on GPUs that compile it, bidirectional, no bias): one Pallas
-        kernel returns the context and the column sums (``acc_pallas.attention_with_column_sums``),
-        at every row count (its tiles shrink with the rows);
+      * ``acc_impl`` fused (auto on GPUs that compile it, bidirectional, no bias, at most
+        ``FUSED_MAX_KEYS`` keys): one Pallas kernel returns the context and the column sums
+        (``acc_pallas.attention_with_column_sums``), at any row count below that (its tiles
+        shrink with the rows, so it also replaces XLA attention in tail layers);
       * flash attention + ``acc_scores_fused`` (second-pass Pallas kernel);
       * flash attention + ``acc_scores_from_lse`` (log-sum-exp; other GPUs).
     Layers that do not score always take flash attention (or XLA below the row threshold).
@@ -302,8 +311,8 @@ def attend_and_score(
 
     impl = attn_lib.resolve_implementation(attention_impl, q.dtype)
     need_probs = output_attentions or probs_dropout is not None
-    how = "probs" if variant != "plain" else resolve_acc_impl(acc_impl, impl, causal=causal,
-                                                              bias=bias is not None)
+    how = "probs" if variant != "plain" else resolve_acc_impl(
+        acc_impl, impl, causal=causal, bias=bias is not None, keys=k.shape[1])
     if score and how in FUSED and not need_probs:
         if bias is not None:
             raise ValueError("the fused attention + ACC kernel takes no logits bias; use acc_impl='lse'")

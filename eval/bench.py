@@ -109,6 +109,7 @@ def run(args) -> dict:
                     "tokens_per_s": b * n / (t["median_ms"] / 1e3),
                     "label": args.label, "overrides": parse_sets(args.set), "select": args.select,
                 })
+                print(row_line(rows[-1]), flush=True)  # as measured: a cut-off run keeps its rows
     if args.vs_torch:
         for b, n in shapes:
             for compile_ in ([False, True] if args.torch_compile else [False]):
@@ -118,12 +119,20 @@ def run(args) -> dict:
                                              iters=args.iters, compile=compile_)
                     torch_rows.append({"shape": f"{b}x{n}", "impl": name, **t,
                                        "tokens_per_s": b * n / (t["median_ms"] / 1e3)})
+                    print(f"{b}x{n} {name}: {t['median_ms']:.3f} ms", flush=True)
                 except Exception as e:  # torch.compile unavailable on this machine, etc.
                     torch_rows.append({"shape": f"{b}x{n}", "impl": name, "error": f"{type(e).__name__}: {e}"})
+    print()
     print_table(rows, torch_rows)
     return {"machine": info, "model": args.model, "dtype": args.dtype, "iters": args.iters,
             "config": {k: v for k, v in vars(cfg).items()} if rows else None,
             "rows": rows, "torch": torch_rows}
+
+
+def row_line(r) -> str:
+    return (f"{r['shape']:>8} {r['impl']:>6} {r['speedup']:>6.2f} {r['analytic']:>8.2f} "
+            f"{r['median_ms']:>9.3f} {r['measured']:>8.2f} {r['measured_over_analytic']:>7.2f} "
+            f"{r['tokens_per_s']:>10.0f}  {','.join(map(str, r['schedule']))}")
 
 
 def print_table(rows, torch_rows):
@@ -131,9 +140,7 @@ def print_table(rows, torch_rows):
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['shape']:>8} {r['impl']:>6} {r['speedup']:>6.2f} {r['analytic']:>8.2f} "
-              f"{r['median_ms']:>9.3f} {r['measured']:>8.2f} {r['measured_over_analytic']:>7.2f} "
-              f"{r['tokens_per_s']:>10.0f}  {','.join(map(str, r['schedule']))}")
+        print(row_line(r))
     for r in torch_rows:
         if "error" in r:
             print(f"{r['shape']:>8} {r['impl']}: n/a ({r['error'][:100]})")

@@ -62,7 +62,7 @@ def _event_hlo_op(e) -> str:
 
 
 def device_events(trace_dir: str):
-    """[(kernel name, ms, HLO instruction name)] of every kernel on the GPU's streams."""
+    """[(kernel name, ms, HLO op stat)] of every kernel on the GPU's streams, in time order."""
     from jax.profiler import ProfileData
 
     files = glob.glob(trace_dir + "/**/*.xplane.pb", recursive=True)
@@ -85,8 +85,9 @@ def device_events(trace_dir: str):
                                                       "stats": {k: str(v)[:120] for k, v in e.stats}})
                     except Exception as err:
                         device_events.samples.append({"name": e.name[:80], "stats_error": repr(err)})
-                events.append((e.name, e.duration_ns / 1e6, _event_hlo_op(e)))
-    return events
+                events.append((e.start_ns, e.name, e.duration_ns / 1e6, _event_hlo_op(e)))
+    events.sort(key=lambda x: x[0])  # execution order (per_layer attributes by neighbours)
+    return [x[1:] for x in events]
 
 
 device_events.samples = []  # a few raw events (their stats), written to the JSON for checking
@@ -149,14 +150,46 @@ def layer_and_part(op_name: str) -> tuple[int | None, str]:
     return int(m.group(1)), "other"
 
 
+def _kernel_key(name: str) -> str:
+    """XLA names a fusion's kernel after the HLO instruction, '.' and '-' turned into '_'."""
+    return re.sub(r"[.\-]", "_", name)
+
+
 def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
-    """Kernel time (us per call) and kernel count per layer and part; unattributed kernels
-    (no HLO op stat in the trace, or no layer in the op_name) are counted apart."""
+    """Kernel time (us per call) and kernel count per layer and part.
+
+    A kernel is matched to its HLO instruction by name (fusions and Triton GEMMs carry it;
+    with XLA's command buffers the trace's hlo_op stat names only the buffer). Library
+    kernels (cuBLAS, cuDNN) carry no instruction name: they take the layer and part of the
+    next kernel that does, which is their own epilogue or consumer (the q/k/v bias add, the
+    residual + LayerNorm, GELU) in a layer's fixed kernel order. Pallas kernels are named by
+    their kernel function.
+    """
+    keyed = {_kernel_key(k): v for k, v in scopes.items()}
+    tags = []
+    for name, _, _ in events:
+        base = re.sub(r"__\d+$", "", name)
+        op = keyed.get(_kernel_key(name))
+        if op is not None:
+            layer, part = layer_and_part(op)
+            tags.append((layer, part) if layer is not None else (None, "outside layers"))
+        elif base == "_attn_kernel":
+            tags.append((None, "attention+acc"))  # the layer comes from the next kernel
+        elif base in ("_kernel", "_lse_kernel"):
+            tags.append((None, "acc"))
+        else:
+            tags.append(None)
+    following = None
+    for i in range(len(tags) - 1, -1, -1):  # inherit from the next attributed kernel
+        t = tags[i]
+        if t is not None and t[0] is not None:
+            following = t
+        elif t is not None:  # a Pallas kernel: its own part, the next kernel's layer
+            tags[i] = (following[0] if following else None, t[1])
+        else:
+            tags[i] = following if following else (None, "unattributed")
     table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0.0]))
-    for name, ms, op in events:
-        layer, part = layer_and_part(scopes.get(op, "")) if op else (None, "no hlo_op stat")
-        if part == "attention" and kind_of(name) == "gemm":
-            part = "attention"  # XLA attention's GEMMs stay attention
+    for (name, ms, _), (layer, part) in zip(events, tags):
         cell = table["-" if layer is None else str(layer)][part]
         cell[0] += ms * 1e3 / iters
         cell[1] += 1 / iters
@@ -246,6 +279,8 @@ def profile_call(call, iters=20) -> dict:
 def _attribute(r: dict, prog) -> dict:
     """Adds the per-layer split of ``r``'s kernel events (from ``profile_call``)."""
     ev = r.pop("events")
+    per_call = len(ev) // max(1, r["iters"])
+    r["events_one_call"] = [(name, round(ms * 1e3, 2)) for name, ms, _ in ev[:per_call]]
     try:
         r["per_layer"] = per_layer(ev, hlo_scopes(prog.as_text()), r["iters"])
     except Exception as e:  # a profile without the split is still worth having

@@ -1,0 +1,39 @@
+"""eval.profile's per-layer attribution of kernels, on a compiled eliminating BERT program."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from accjax import inference, models
+from eval import profile as P
+from eval.bench import build
+
+
+def test_kernels_are_attributed_to_layers_and_parts():
+    cfg, params = build("bert-base-uncased", "float32", "auto", overrides=dict(
+        num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=50))
+    module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+    pred = inference.Predictor(module, params, cfg, batch_size=2, length_buckets=(16,),
+                               param_dtype="float32")
+    scopes = P.hlo_scopes(pred.program(2, 16, (8, 4)).as_text())
+    by_part = {}
+    for name, op in scopes.items():
+        by_part.setdefault(P.layer_and_part(op), name)
+    sel, gat = by_part[(1, "select")], by_part[(1, "gather")]
+    assert (0, "select") in by_part and (None, "outside layers") in by_part
+    # a fusion's kernel is named after its instruction with '.' -> '_'; a library GEMM and a
+    # Pallas kernel carry no instruction name and take the next attributed kernel's layer
+    events = [("nvjet_sm90_gemm", 0.005, "command_buffer_1"), (sel.replace(".", "_"), 0.001, ""),
+              ("_attn_kernel__2", 0.003, ""), (gat.replace(".", "_"), 0.002, ""),
+              ("mystery_kernel", 0.004, "")]
+    table = P.per_layer(events * 2, scopes, iters=2)
+    # per call: GEMM 5 us + select 1 us, and the first call's trailing kernel (4 us) takes the
+    # next call's first attributed kernel; the very last one has nothing after it
+    assert table["1"]["select"] == {"us": 8.0, "kernels": 2.5}
+    assert table["1"]["attention+acc"] == {"us": 3.0, "kernels": 1.0}
+    assert table["1"]["gather"]["us"] == 2.0
+    assert table["-"]["unattributed"] == {"us": 2.0, "kernels": 0.5}
+    assert np.isclose(sum(c["us"] for layer in table.values() for c in layer.values()), 15.0)
+    costs = P.layer_costs(cfg, 2, 16, (8, 4))
+    assert [(c["rows_in"], c["rows_out"]) for c in costs] == [(16, 8), (8, 4)]
+    assert costs[0]["gflop"] > costs[1]["gflop"] > 0
