@@ -160,10 +160,9 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
 
     A kernel is matched to its HLO instruction by name (fusions and Triton GEMMs carry it;
     with XLA's command buffers the trace's hlo_op stat names only the buffer). Library
-    kernels (cuBLAS, cuDNN) carry no instruction name: they take the layer and part of the
-    next kernel that does, which is their own epilogue or consumer (the q/k/v bias add, the
-    residual + LayerNorm, GELU) in a layer's fixed kernel order. Pallas kernels are named by
-    their kernel function.
+    kernels (cuBLAS, cuDNN) carry no instruction name: they are counted as 'gemm' or
+    'attention' in the layer of the next kernel that has one (their epilogue or consumer, in
+    a layer's fixed kernel order). Pallas kernels are named by their kernel function.
     """
     keyed = {_kernel_key(k): v for k, v in scopes.items()}
     tags = []
@@ -177,6 +176,10 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
             tags.append((None, "attention+acc"))  # the layer comes from the next kernel
         elif base in ("_kernel", "_lse_kernel"):
             tags.append((None, "acc"))
+        elif kind_of(name) == "gemm":
+            tags.append((None, "gemm"))
+        elif kind_of(name) == "attention(cudnn)":
+            tags.append((None, "attention"))
         else:
             tags.append(None)
     following = None
@@ -184,7 +187,7 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
         t = tags[i]
         if t is not None and t[0] is not None:
             following = t
-        elif t is not None:  # a Pallas kernel: its own part, the next kernel's layer
+        elif t is not None:  # a library or Pallas kernel: its own part, the next one's layer
             tags[i] = (following[0] if following else None, t[1])
         else:
             tags[i] = following if following else (None, "unattributed")
@@ -224,7 +227,8 @@ def print_layers(r: dict) -> None:
     """One line per layer: rows, analytic floor, measured kernel time and its split."""
     costs = {c["layer"]: c for c in r.get("layer_costs", [])}
     layers = r.get("per_layer", {})
-    parts = ["qkv", "attention", "attention+acc", "acc", "select", "gather", "out+ln", "ffn+ln", "other"]
+    parts = ["gemm", "qkv", "attention", "attention+acc", "acc", "select", "gather", "out+ln", "ffn+ln",
+             "other"]
     print("   layer  in  out  GFLOP  floor_us   us  kernels | " + " ".join(f"{p:>9}" for p in parts))
     keys = set(layers) | {str(i) for i in costs}
     for key in sorted(keys, key=lambda x: (x == "-", int(x) if x != "-" else 0)):

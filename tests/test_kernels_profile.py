@@ -27,9 +27,10 @@ def test_kernels_are_attributed_to_layers_and_parts():
               ("_attn_kernel__2", 0.003, ""), (gat.replace(".", "_"), 0.002, ""),
               ("mystery_kernel", 0.004, "")]
     table = P.per_layer(events * 2, scopes, iters=2)
-    # per call: GEMM 5 us + select 1 us, and the first call's trailing kernel (4 us) takes the
-    # next call's first attributed kernel; the very last one has nothing after it
-    assert table["1"]["select"] == {"us": 8.0, "kernels": 2.5}
+    # per call: the GEMM (5 us) is a GEMM of layer 1; the first call's trailing unknown kernel
+    # (4 us) takes the next call's first attributed kernel (select); the last has nothing after
+    assert table["1"]["gemm"] == {"us": 5.0, "kernels": 1.0}
+    assert table["1"]["select"] == {"us": 3.0, "kernels": 1.5}
     assert table["1"]["attention+acc"] == {"us": 3.0, "kernels": 1.0}
     assert table["1"]["gather"]["us"] == 2.0
     assert table["-"]["unattributed"] == {"us": 2.0, "kernels": 0.5}
