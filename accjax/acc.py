@@ -27,10 +27,11 @@ Rows of P are queries, columns keys; the padding query (row 3) is ignored::
     plain ACC = [2.00 1.75 2.25] / (2 heads * 3 valid) = [.3333 .2917 .3750 -inf]
     with CLS protected:                                  [+inf  .2917 .3750 -inf]
 
-Selection with a static keep-length k (a Python int): ``lax.top_k`` on ACC, then the kept
-indices are sorted so the rows keep their original order, then every per-row array is
-gathered with the same indices. On the example, k=2 keeps rows [0, 2]; k=3 keeps top-k
-[0, 2, 1], re-sorted to [0, 1, 2]; padding is always dropped before any real row.
+Selection with a static keep-length k (a Python int): the k highest ACC rows (ties to the
+lower index, as ``lax.top_k``), in their original order (``select_rows``: by counting ranks,
+no sort, up to 1024 rows; ``lax.top_k`` and a sort of the kept indices beyond), then every
+per-row array is gathered with the same indices. On the example, k=2 keeps rows [0, 2];
+k=3 keeps the best [0, 2, 1] as [0, 1, 2]; padding is always dropped before any real row.
 
     hidden  [B, 4, D] --take rows [0, 2]--> [B, 2, D]
     mask    [[T T T F]] -> [[T T]]     positions [[0 1 2 3]] -> [[0 2]]
