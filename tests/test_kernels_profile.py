@@ -38,3 +38,20 @@ def test_kernels_are_attributed_to_layers_and_parts():
     costs = P.layer_costs(cfg, 2, 16, (8, 4))
     assert [(c["rows_in"], c["rows_out"]) for c in costs] == [(16, 8), (8, 4)]
     assert costs[0]["gflop"] > costs[1]["gflop"] > 0
+
+
+def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path):
+    import json
+
+    from eval import bench
+
+    out = tmp_path / "b.json"
+    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    assert bench.main(["--shapes", "2x16", "--speedups", "2,99", "--iters", "2", "--interleave",
+                       "--json", str(out), *tiny]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["speedup"] for r in rows] == [1.0, 2.0]  # 99 exceeds the maximum: skipped
+    assert rows[0]["measured"] == 1.0 and rows[0]["schedule"] == [16, 16]
+    assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
+    assert all(r["median_ms"] > 0 for r in rows)
