@@ -27,10 +27,11 @@ Rows of P are queries, columns keys; the padding query (row 3) is ignored::
     plain ACC = [2.00 1.75 2.25] / (2 heads * 3 valid) = [.3333 .2917 .3750 -inf]
     with CLS protected:                                  [+inf  .2917 .3750 -inf]
 
-Selection with a static keep-length k (a Python int): ``lax.top_k`` on ACC, then the kept
-indices are sorted so the rows keep their original order, then every per-row array is
-gathered with the same indices. On the example, k=2 keeps rows [0, 2]; k=3 keeps top-k
-[0, 2, 1], re-sorted to [0, 1, 2]; padding is always dropped before any real row.
+Selection with a static keep-length k (a Python int): the k highest ACC rows (ties to the
+lower index, as ``lax.top_k``), in their original order (``select_rows``: on a GPU by counting
+ranks, no sort, up to 1024 rows; else ``lax.top_k`` and a sort of the kept indices), then every
+per-row array is gathered with the same indices. On the example, k=2 keeps rows [0, 2];
+k=3 keeps the best [0, 2, 1] as [0, 1, 2]; padding is always dropped before any real row.
 
     hidden  [B, 4, D] --take rows [0, 2]--> [B, 2, D]
     mask    [[T T T F]] -> [[T T]]     positions [[0 1 2 3]] -> [[0 2]]
@@ -225,18 +226,29 @@ def acc_scores_fused(
 
 
 # ACC sources: probs (materialised probabilities); lse (XLA, from the attention's log-sum-exp,
-# any bias); pallas_softmax (kernel doing its own softmax, one program holds all <= 128 keys, no
-# bias); pallas_lse (kernel from the log-sum-exp, tiled over key blocks; T5's bias by distance);
-# pallas (either, by key count and bias); pallas_interpret ('pallas' interpreted, CPU tests).
+# any bias); pallas_softmax (second-pass kernel doing its own softmax, one program holds all
+# <= 128 keys, no bias); pallas_lse (second-pass kernel from the log-sum-exp, tiled over key
+# blocks; T5's bias by distance); pallas (either, by key count and bias); fused (ONE Pallas
+# kernel computes the attention and the column sums: no second pass; bidirectional, no bias);
+# *_interpret: the same kernels in Pallas' interpreter (CPU tests).
 # A new source: a name here, a branch in resolve_acc_impl and one in attend_and_score.
-ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_softmax", "pallas_lse", "pallas_interpret")
+ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_softmax", "pallas_lse", "pallas_interpret",
+             "fused", "fused_interpret")
+FUSED = ("fused", "fused_interpret")
+# 'auto' fuses attention and ACC up to this many keys: there every key fits one tile and the
+# kernel is one pass. Beyond, the kernel needs two passes (row statistics, then the sweep) and
+# measured slower than cuDNN + the second-pass kernel (docs/benchmarks.md, issue 17 section).
+FUSED_MAX_KEYS = 128
 
 
-def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, bias: bool = False,
-                     by_distance: bool = False) -> tuple[str, bool]:
+def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: bool = False,
+                     bias: bool = False, by_distance: bool = False) -> tuple[str, bool]:
     """One layer's (ACC source, run the kernel interpreted?). 'auto' -> beside cuDNN attention
-    the Pallas kernel where it compiles (given a logits ``bias`` also ``by_distance``), else
-    'lse'; with XLA attention the probabilities it materialises anyway. Explicit choices stay."""
+    the fused attention + ACC kernel where it compiles (bidirectional, no bias, at most
+    ``FUSED_MAX_KEYS`` keys), else the second-pass Pallas kernel (given a logits ``bias`` only
+    ``by_distance``), else 'lse'; with XLA attention the probabilities it materialises anyway.
+    Causal attention keeps cuDNN (it skips the masked upper triangle, the fused kernel does
+    not). Explicit choices stay."""
     if acc_impl not in ACC_IMPLS:
         raise ValueError(f"acc_impl must be one of {ACC_IMPLS}, got {acc_impl!r}")
     if acc_impl == "auto":
@@ -244,9 +256,15 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, bias: boo
             return "probs", False
         from accjax.kernels import acc_pallas
 
+        if keys <= FUSED_MAX_KEYS and not causal and not bias and acc_pallas.available(fused=True):
+            return "fused", False
         kernel = (by_distance or not bias) and acc_pallas.available(rel_bias=bias)
         acc_impl = "pallas" if kernel else "lse"
-    interpret = acc_impl == "pallas_interpret"
+    interpret = acc_impl in ("pallas_interpret", "fused_interpret")
+    if acc_impl in FUSED:
+        if bias:
+            raise ValueError("the fused attention + ACC kernel takes no logits bias; use acc_impl='lse'")
+        return "fused", interpret
     if acc_impl in ("pallas", "pallas_interpret"):
         acc_impl = "pallas_softmax" if keys <= 128 and not bias else "pallas_lse"
     if bias and (acc_impl == "pallas_softmax" or (acc_impl == "pallas_lse" and not by_distance)):
@@ -277,18 +295,22 @@ def attend_and_score(
     value_norms=None,
 ) -> tuple[Array, Array | None, Array | None]:
     """Attention and, when ``score``, the ACC of every key row: the one dispatch of all
-    model families (BERT, GPT-2, T5 encoder and decoder), so each path is chosen here.
+    model families (BERT, GPT-2, Llama, T5 encoder and decoder), so each path is chosen here.
 
     Paths (first that applies):
       * probabilities materialised (``attention.attention_with_probs``): returning attention
         maps, attention dropout in training, ACC variants other than plain, or ACC source
         'probs' (the 'auto' choice with XLA attention: the CPU, or a GPU layer with fewer
         than ``xla_attention_below`` rows, where a flash kernel's tiles are mostly empty);
+      * ACC source 'fused': one Pallas kernel returns the context and the column sums
+        (``acc_pallas.self_attention_with_column_sums``) at any row count (its tiles shrink
+        with the rows, so it also replaces XLA attention in tail layers);
       * ``fused_attention`` (cuDNN flash or XLA), with its log-sum-exp where the ACC source
         reads it, then ``acc_scores_fused`` (Pallas) or ``acc_scores_from_lse`` (XLA).
     The logits ``bias`` goes to the attention as given (cuDNN casts it to the input dtype,
     XLA adds it to float32 logits) and to ``acc_scores_from_lse``; the Pallas kernel reads
-    ``bias_by_distance`` at ``positions`` instead.
+    ``bias_by_distance`` at ``positions`` instead. Named scopes ('attention', 'attention_acc',
+    'acc_score') let ``eval.profile`` attribute kernels.
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, N, H]; mask: [B, S] bool key mask (= query mask when
@@ -302,50 +324,94 @@ def attend_and_score(
       (context [B, T, N, H], ACC [B, S] or None, probabilities [B, N, T, S] or None).
     """
     impl = attn_lib.resolve_implementation(attention_impl, q.dtype)
-    if impl == "cudnn" and q.shape[1] < xla_attention_below:
-        impl = "xla"
     how, interpret = "probs", False
     if score and variant == "plain":
-        how, interpret = resolve_acc_impl(acc_impl, impl, keys=k.shape[1], bias=bias is not None,
-                                          by_distance=bias_by_distance is not None)
+        how, interpret = resolve_acc_impl(acc_impl, impl, keys=k.shape[1], causal=causal,
+                                          bias=bias is not None, by_distance=bias_by_distance is not None)
+    need_probs = output_attentions or probs_dropout is not None
+    sg = jax.lax.stop_gradient  # ACC only ranks rows (top-k is not differentiable): no gradient
+    if score and how == "fused" and not need_probs:
+        from accjax.kernels import acc_pallas
+
+        with jax.named_scope("attention_acc"):
+            ctx, col = acc_pallas.self_attention_with_column_sums(
+                q, k, v, mask.astype(jnp.float32), scale, causal, interpret)  # [B, T, N, H], [B, N, S]
+        with jax.named_scope("acc_score"):
+            scores = _finish(sg(col).sum(axis=1), mask, _denominator(mask, mask, q.shape[2], causal),
+                             protect)
+        return ctx.astype(q.dtype), scores, None
+    if impl == "cudnn" and q.shape[1] < xla_attention_below:
+        impl = "xla"
+        if score and acc_impl == "auto" and variant == "plain":
+            how, interpret = "probs", False  # XLA attention materialises the probabilities anyway
     probs = scores = lse = None
-    if output_attentions or probs_dropout is not None or (score and how == "probs"):
-        ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
-                                                   bias=bias, probs_dropout=probs_dropout)
-    else:
-        want_lse = score and how in ("lse", "pallas_lse")
-        out = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
-                                       implementation=impl, return_lse=want_lse)
-        ctx, lse = out if want_lse else (out, None)
-    if score:
-        # ACC only picks indices (top-k is not differentiable): no gradient flows through it,
-        # and the Pallas kernel needs no VJP.
-        sg = jax.lax.stop_gradient
-        if probs is not None:
-            vn = sg(value_norms()) if variant == "value_norm" else None
-            scores = acc_scores(sg(probs), mask, variant=variant, causal=causal, protect=protect,
-                                value_norms=vn)
-        elif how == "lse":
-            scores = acc_scores_from_lse(sg(q), sg(k), sg(lse), mask, scale=scale, causal=causal,
-                                         protect=protect, bias=sg(bias))
+    with jax.named_scope("attention"):
+        if need_probs or (score and how == "probs"):
+            ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
+                                                       bias=bias, probs_dropout=probs_dropout)
         else:
-            scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
-                                      protect=protect, interpret=interpret, lse=sg(lse),
-                                      rel_bias=sg(bias_by_distance), positions=positions)
+            want_lse = score and how in ("lse", "pallas_lse")
+            out = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
+                                           implementation=impl, return_lse=want_lse)
+            ctx, lse = out if want_lse else (out, None)
+    if score:
+        with jax.named_scope("acc_score"):
+            if probs is not None:
+                vn = sg(value_norms()) if variant == "value_norm" else None
+                scores = acc_scores(sg(probs), mask, variant=variant, causal=causal, protect=protect,
+                                    value_norms=vn)
+            elif how == "lse":
+                scores = acc_scores_from_lse(sg(q), sg(k), sg(lse), mask, scale=scale, causal=causal,
+                                             protect=protect, bias=sg(bias))
+            else:
+                scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
+                                          protect=protect, interpret=interpret, lse=sg(lse),
+                                          rel_bias=sg(bias_by_distance), positions=positions)
     return ctx, scores, probs
 
 
-def select_rows(scores: Array, keep: int) -> Array:
+# On a GPU, up to this many rows, select by counting ranks ([B, T, T] comparisons, a few
+# small fusions) instead of lax.top_k + sort (sort kernels); both give the same indices.
+# Not on the CPU, where the comparisons cost more than the sort (32 x 128 keep 88: 0.58 vs
+# 0.22 ms; 32 x 512 keep 360: 77 vs 3 ms, jax 0.10.2, 2 cores).
+RANK_SELECT_MAX_ROWS = 1024
+SELECT_METHODS = ("auto", "top_k", "rank")
+SELECT_METHOD = "auto"  # what ``select_rows`` uses when not told (benchmarks A/B it)
+
+
+def select_rows(scores: Array, keep: int, method: str | None = None) -> Array:
     """Indices [B, keep] of the ``keep`` highest-scoring rows, in original order.
 
-    ``keep`` is a static Python int: it fixes the output shape under ``jax.jit``.
+    ``keep`` is a static Python int: it fixes the output shape under ``jax.jit``. Ties go to
+    the lower index (as ``lax.top_k``). ``method``: 'top_k' (``lax.top_k``, then a sort of
+    the kept indices), 'rank' (no sort: a row is kept when fewer than ``keep`` rows beat it,
+    and the i-th kept row is found by counting), 'auto' (rank on a GPU up to
+    ``RANK_SELECT_MAX_ROWS`` rows, else top_k); None: ``SELECT_METHOD``. Worked example, scores [0.2, 0.9, -inf, 0.5], keep 2::
+
+        beaten by   [2, 0, 3, 1]  -> kept [F, T, F, T]
+        kept so far [0, 1, 1, 2]  -> index r = #(kept so far <= r): r=0 -> 1, r=1 -> 3
     """
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be a positive Python int, got {keep!r}")
     if keep > scores.shape[1]:
         raise ValueError(f"cannot keep {keep} of {scores.shape[1]} rows")
-    _, idx = lax.top_k(scores, keep)  # [B, K], best first
-    return jnp.sort(idx, axis=1).astype(jnp.int32)  # [B, K], original order
+    method = SELECT_METHOD if method is None else method
+    if method not in SELECT_METHODS:
+        raise ValueError(f"select method must be one of {SELECT_METHODS}, got {method!r}")
+    t = scores.shape[1]
+    if method == "auto":
+        gpu = jax.default_backend() == "gpu"
+        method = "rank" if gpu and t <= RANK_SELECT_MAX_ROWS else "top_k"
+    if method == "top_k":
+        _, idx = lax.top_k(scores, keep)  # [B, K], best first
+        return jnp.sort(idx, axis=1).astype(jnp.int32)  # [B, K], original order
+    i = jnp.arange(t, dtype=jnp.int32)
+    a, b = scores[:, :, None], scores[:, None, :]  # [B, I, 1], [B, 1, J]
+    beats = (a > b) | ((a == b) & (i[:, None] < i[None, :]))  # [B, I, J]: row i ranks above j
+    kept = beats.sum(axis=1, dtype=jnp.int32) < keep  # [B, J]
+    so_far = jnp.cumsum(kept, axis=1, dtype=jnp.int32)  # [B, J] kept rows among 0..j
+    r = jnp.arange(keep, dtype=jnp.int32)
+    return (so_far[:, None, :] <= r[None, :, None]).sum(axis=2, dtype=jnp.int32)  # [B, K]
 
 
 def take_rows(x: Array, idx: Array) -> Array:
@@ -367,5 +433,7 @@ def eliminate(scores: Array, keep: int, rows: Rows, *tensors: Array) -> tuple[Ar
     Returns:
       (idx [B, K], rows gathered, tensors gathered), all in original row order.
     """
-    idx = select_rows(scores, keep)
-    return idx, rows.take(idx), tuple(take_rows(t, idx) for t in tensors)
+    with jax.named_scope("select"):
+        idx = select_rows(scores, keep)
+    with jax.named_scope("gather_rows"):
+        return idx, rows.take(idx), tuple(take_rows(t, idx) for t in tensors)

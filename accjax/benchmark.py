@@ -34,6 +34,7 @@ def machine() -> dict[str, Any]:
         from accjax.kernels import acc_pallas
 
         info["acc_pallas_kernel"] = acc_pallas.available()
+        info["acc_fused_kernel"] = acc_pallas.available(fused=True)
     try:
         import torch
 

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,7 +39,7 @@ from accjax import checkpoint as ckpt_lib
 from accjax import convert
 from accjax import data as data_lib
 from accjax import metrics as metrics_lib
-from accjax import models
+from accjax import models, programs
 from accjax import schedule as sched_lib
 from accjax import tasks as tasks_lib
 
@@ -213,19 +212,18 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
 
 def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: int, with_dense: bool):
     """Times every level's pass ``repeats`` times, levels interleaved; fills the rows' timing."""
-    seconds = [[] for _ in split_rows]
-    for _ in range(repeats):
-        for i, (_, plans) in enumerate(split_rows):
-            t0 = time.perf_counter()
-            for b, p in zip(items, plans):
-                run(b, p)  # numpy out: synchronised
-            seconds[i].append(time.perf_counter() - t0)
-    for (row, _), secs in zip(split_rows, seconds):
+    def one_pass(plans):
+        return lambda: [run(b, p) for b, p in zip(items, plans)]  # numpy outputs: synchronised
+
+    ms = programs.time_interleaved({i: one_pass(plans) for i, (_, plans) in enumerate(split_rows)},
+                                   rounds=repeats, warmup=0)  # the scoring pass was the warm-up
+    for i, (row, _) in enumerate(split_rows):
+        secs = [t / 1e3 for t in ms[i]]
         med = float(np.median(secs))
         row.update(seconds=med, examples_per_s=row["examples"] / med, ms_per_batch=1e3 * med / len(items),
                    seconds_min=min(secs), seconds_max=max(secs))
         if with_dense:
-            ratios = np.asarray(seconds[0]) / np.asarray(secs)  # paired by round
+            ratios = np.asarray(ms[0]) / np.asarray(ms[i])  # paired by round
             row.update(measured_speedup=float(np.median(ratios)), measured_min=float(ratios.min()),
                        measured_max=float(ratios.max()))
 

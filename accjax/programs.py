@@ -95,6 +95,23 @@ def random_batches(rng: np.random.Generator, shape: tuple[int, int], vocab: int,
     return [rng.integers(low, vocab, shape).astype(np.int32) for _ in range(count)]
 
 
+def time_interleaved(calls: dict[Hashable, Callable[[], Any]], *, rounds: int,
+                     warmup: int = 1) -> dict[Hashable, list[float]]:
+    """Wall milliseconds of every call, ``rounds`` times, the calls interleaved (a, b, c, a, b,
+    ...) so that on a shared or throttling machine each meets the same conditions and their
+    ratios hold; each result synchronised; ``warmup`` untimed rounds first."""
+    for _ in range(warmup):
+        for call in calls.values():
+            jax.block_until_ready(call())
+    times: dict[Hashable, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def time_calls(call: Callable[[Any], Any], inputs: Sequence[Any], *, iters: int = 30,
                warmup: int = 3) -> dict[str, float]:
     """Median, min and max wall milliseconds of ``call(inputs[i % len])`` (synchronised on its

@@ -14,7 +14,11 @@ import argparse
 import sys
 
 
-from accjax import benchmark, inference, models
+from accjax import acc as acc_lib
+import jax
+import numpy as np
+
+from accjax import benchmark, inference, models, programs
 from eval import cli
 
 
@@ -62,9 +66,11 @@ def run(args) -> dict:
     impls = args.attention_impl.split(",")
     rows, torch_rows = [], []
     info = benchmark.machine()
+    acc_lib.SELECT_METHOD = args.select
     print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}"
           + (f", ACC kernel {'pallas' if info.get('acc_pallas_kernel') else 'UNAVAILABLE (XLA lse path)'}"
-             if info["backend"] == "gpu" else ""))
+             f", fused attention+ACC kernel {'yes' if info.get('acc_fused_kernel') else 'UNAVAILABLE'}"
+             if info["backend"] == "gpu" else "") + f", select {args.select}")
     params_f32 = None
     for impl in impls:
         cfg, params = build(args.model, args.dtype, impl, overrides=parse_sets(args.set))
@@ -74,13 +80,20 @@ def run(args) -> dict:
             pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
                                        param_dtype=args.dtype, acc_variant=args.acc_variant,
                                        bucket=args.bucket, floor=args.floor)
-            dense = pred.time_program(b, n, 1.0, iters=args.iters)
-            for s in [1.0] + [x for x in speedups if x != 1.0]:
-                plan = pred.plan(n, s)
+            levels = [1.0] + [x for x in speedups if x != 1.0]
+            plans = {s: pred.plan(n, s) for s in levels}
+            for s, plan in plans.items():
                 if plan.clamped_from:
                     print(f"  {b}x{n}: speedup {s:g} exceeds the maximum: runs at {plan.analytic:.2f}")
-                t = dense if s == 1.0 else pred.time_program(b, n, s, iters=args.iters)
-                sch, analytic = plan.keep, plan.analytic
+            if args.interleave:
+                timed = time_interleaved(pred, b, n, plans, iters=args.iters)
+            dense = timed[1.0] if args.interleave else pred.time_program(b, n, 1.0, iters=args.iters)
+            for s in levels:
+                if args.interleave:
+                    t = timed[s]
+                else:
+                    t = dense if s == 1.0 else pred.time_program(b, n, s, iters=args.iters)
+                sch, analytic = plans[s].keep, plans[s].analytic
                 measured = dense["median_ms"] / t["median_ms"]
                 rows.append({
                     "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
@@ -88,8 +101,9 @@ def run(args) -> dict:
                     "schedule": list(sch), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
                     "measured": measured, "measured_over_analytic": measured / analytic,
                     "tokens_per_s": b * n / (t["median_ms"] / 1e3),
-                    "label": args.label, "overrides": parse_sets(args.set),
+                    "label": args.label, "overrides": parse_sets(args.set), "select": args.select,
                 })
+                print(row_line(rows[-1]), flush=True)  # as measured: a cut-off run keeps its rows
     if args.vs_torch:
         for b, n in shapes:
             for compile_ in ([False, True] if args.torch_compile else [False]):
@@ -99,12 +113,35 @@ def run(args) -> dict:
                                              iters=args.iters, compile=compile_)
                     torch_rows.append({"shape": f"{b}x{n}", "impl": name, **t,
                                        "tokens_per_s": b * n / (t["median_ms"] / 1e3)})
+                    print(f"{b}x{n} {name}: {t['median_ms']:.3f} ms", flush=True)
                 except Exception as e:  # torch.compile unavailable on this machine, etc.
                     torch_rows.append({"shape": f"{b}x{n}", "impl": name, "error": f"{type(e).__name__}: {e}"})
+    print()
     print_table(rows, torch_rows)
     return {"machine": info, "model": args.model, "dtype": args.dtype, "iters": args.iters,
             "config": {k: v for k, v in vars(cfg).items()} if rows else None,
             "rows": rows, "torch": torch_rows}
+
+
+def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int) -> dict:
+    """{speedup: timing} with the levels' programs called in rounds (dense, 1.5, 2, ...,
+    dense, ...): on a shared or throttling machine every level meets the same conditions, so
+    the ratios hold where level-after-level timing drifts. Same inputs for every program."""
+    ids = programs.random_batches(np.random.default_rng(0), (b, n), getattr(pred.config, "vocab_size", 1000),
+                                  count=1)[0]
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    batch = jax.device_put({k: full[k] for k in pred.input_names})
+    progs = {s: pred.program(b, p) for s, p in plans.items()}
+    ms = programs.time_interleaved({s: (lambda p=p: p(pred.params, batch)) for s, p in progs.items()},
+                                   rounds=iters)
+    return {s: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)), "schedule": plans[s].keep}
+            for s, v in ms.items()}
+
+
+def row_line(r) -> str:
+    return (f"{r['shape']:>8} {r['impl']:>6} {r['speedup']:>6.2f} {r['analytic']:>8.2f} "
+            f"{r['median_ms']:>9.3f} {r['measured']:>8.2f} {r['measured_over_analytic']:>7.2f} "
+            f"{r['tokens_per_s']:>10.0f}  {','.join(map(str, r['schedule']))}")
 
 
 def print_table(rows, torch_rows):
@@ -112,9 +149,7 @@ def print_table(rows, torch_rows):
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['shape']:>8} {r['impl']:>6} {r['speedup']:>6.2f} {r['analytic']:>8.2f} "
-              f"{r['median_ms']:>9.3f} {r['measured']:>8.2f} {r['measured_over_analytic']:>7.2f} "
-              f"{r['tokens_per_s']:>10.0f}  {','.join(map(str, r['schedule']))}")
+        print(row_line(r))
     for r in torch_rows:
         if "error" in r:
             print(f"{r['shape']:>8} {r['impl']}: n/a ({r['error'][:100]})")
@@ -140,6 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set xla_attention_below=64 (repeatable)")
+    ap.add_argument("--select", default="auto", choices=acc_lib.SELECT_METHODS,
+                    help="how kept rows are chosen (acc.select_rows): rank counting or top_k + sort")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the levels in rounds (dense, 1.5, ..., dense, ...) instead of one "
+                         "after another: for shared or busy machines")
     ap.add_argument("--label", default="", help="a name for this variant in the JSON rows")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)

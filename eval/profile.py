@@ -4,11 +4,17 @@
         --speedups 1,4.8 --json prof.json
     python -m eval.profile --model flan-t5-base --shapes 16x512 --speedups 1,2   # T5: encoder + first token
 
+    python -m eval.profile --kernels --shapes 128x128,32x512,128x24   # one layer's attention/ACC paths
+
 For each speedup: wall time per call, device-busy time per call (sum of kernel durations
 from a ``jax.profiler`` trace, parsed with ``jax.profiler.ProfileData``), the idle gap
 between them (launch/host overhead), kernels grouped by kind (GEMM, attention, gather,
-top-k/sort, elementwise fusions, ...), the top kernels, and XLA's own FLOP and byte counts
-from ``cost_analysis``. A program for performance work, not a test.
+top-k/sort, elementwise fusions, ...), the top kernels, XLA's own FLOP and byte counts
+from ``cost_analysis``, and a per-layer table: rows in/out, the analytic FLOP/byte floor
+(``layer_costs``), measured kernel time and count, split by part (``per_layer``: named
+scopes set in ``accjax.acc``, found through the kernels' HLO instruction names). The JSON
+keeps one call's kernel sequence (``events_one_call``). A program for performance work, not
+a test.
 """
 
 from __future__ import annotations
@@ -45,7 +51,23 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+# The HLO instruction a kernel event belongs to: the first of these stats present.
+_HLO_OP_STATS = ("hlo_op", "long_name", "tf_op")
+
+
+def _event_hlo_op(e) -> str:
+    try:
+        stats = dict(e.stats)
+    except Exception:  # this jax's ProfileData exposes no stats
+        return ""
+    for key in _HLO_OP_STATS:
+        if stats.get(key):
+            return str(stats[key]).lstrip("%").split(" ")[0]
+    return ""
+
+
 def device_events(trace_dir: str):
+    """[(kernel name, ms, HLO op stat)] of every kernel on the GPU's streams, in time order."""
     from jax.profiler import ProfileData
 
     files = glob.glob(trace_dir + "/**/*.xplane.pb", recursive=True)
@@ -62,8 +84,167 @@ def device_events(trace_dir: str):
             if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
                 continue
             for e in line.events:
-                events.append((e.name, e.duration_ns / 1e6))
-    return events
+                if len(device_events.samples) < 6:
+                    try:
+                        device_events.samples.append({"name": e.name[:80],
+                                                      "stats": {k: str(v)[:120] for k, v in e.stats}})
+                    except Exception as err:
+                        device_events.samples.append({"name": e.name[:80], "stats_error": repr(err)})
+                events.append((e.start_ns, e.name, e.duration_ns / 1e6, _event_hlo_op(e)))
+    events.sort(key=lambda x: x[0])  # execution order (per_layer attributes by neighbours)
+    return [x[1:] for x in events]
+
+
+device_events.samples = []  # a few raw events (their stats), written to the JSON for checking
+
+
+# Where a kernel belongs inside a layer, from the named scopes in its HLO op_name (the first
+# that matches): the scopes set in ``accjax.acc`` and the layer's module names.
+PARTS = [
+    ("attention+acc", re.compile(r"/attention_acc/")),
+    ("acc", re.compile(r"/acc_score/")),
+    ("select", re.compile(r"/select/")),
+    ("gather", re.compile(r"/gather_rows/")),
+    ("attention", re.compile(r"/attention/")),
+    ("qkv", re.compile(r"/qkv/|BTD,DNH->BTNH")),
+    ("out+ln", re.compile(r"/attn_out/|/attn_norm/")),
+    ("ffn+ln", re.compile(r"/mlp_in/|/mlp_out/|/mlp_norm/|/erf|/gelu|/mul")),
+]
+_LAYER = re.compile(r"/layer_(\d+)/")
+
+
+def hlo_scopes(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the op_name (named-scope path) that produced it, from an optimised
+    HLO module's text. A fusion without its own op_name takes one from its computation that
+    names a layer."""
+    own, calls, comp_names = {}, {}, collections.defaultdict(list)
+    comp = None
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ", line)
+        if not m:
+            h = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+) [(].*[{]\s*$", line)
+            if h:
+                comp = h.group(1)
+            continue
+        name = m.group(1)
+        op = re.search(r'op_name="([^"]*)"', line)
+        if op:
+            own[name] = op.group(1)
+            if comp is not None:
+                comp_names[comp].append(op.group(1))
+        c = re.search(r"calls=%?([\w.\-]+)", line)
+        if c:
+            calls[name] = c.group(1)
+    out = dict(own)
+    for name, c in calls.items():
+        inner = comp_names.get(c, [])
+        if name not in out or not _LAYER.search(out[name]):
+            named = [o for o in inner if _LAYER.search(o)]
+            if named:
+                out[name] = named[-1]
+    return out
+
+
+def layer_and_part(op_name: str) -> tuple[int | None, str]:
+    m = _LAYER.search(op_name)
+    if m is None:
+        return None, "outside layers"
+    for part, pat in PARTS:
+        if pat.search(op_name):
+            return int(m.group(1)), part
+    return int(m.group(1)), "other"
+
+
+def _kernel_key(name: str) -> str:
+    """XLA names a fusion's kernel after the HLO instruction, '.' and '-' turned into '_'."""
+    return re.sub(r"[.\-]", "_", name)
+
+
+def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
+    """Kernel time (us per call) and kernel count per layer and part.
+
+    A kernel is matched to its HLO instruction by name (fusions and Triton GEMMs carry it;
+    with XLA's command buffers the trace's hlo_op stat names only the buffer). Library
+    kernels (cuBLAS, cuDNN) carry no instruction name: they are counted as 'gemm' or
+    'attention' in the layer of the next kernel that has one (their epilogue or consumer, in
+    a layer's fixed kernel order). Pallas kernels are named by their kernel function.
+    """
+    keyed = {_kernel_key(k): v for k, v in scopes.items()}
+    tags = []
+    for name, _, _ in events:
+        base = re.sub(r"__\d+$", "", name)
+        op = keyed.get(_kernel_key(name))
+        if op is not None:
+            layer, part = layer_and_part(op)
+            tags.append((layer, part) if layer is not None else (None, "outside layers"))
+        elif base == "_attn_kernel":
+            tags.append((None, "attention+acc"))  # the layer comes from the next kernel
+        elif base in ("_kernel", "_lse_kernel"):
+            tags.append((None, "acc"))
+        elif kind_of(name) == "gemm":
+            tags.append((None, "gemm"))
+        elif kind_of(name) == "attention(cudnn)":
+            tags.append((None, "attention"))
+        else:
+            tags.append(None)
+    following = None
+    for i in range(len(tags) - 1, -1, -1):  # inherit from the next attributed kernel
+        t = tags[i]
+        if t is not None and t[0] is not None:
+            following = t
+        elif t is not None:  # a library or Pallas kernel: its own part, the next one's layer
+            tags[i] = (following[0] if following else None, t[1])
+        else:
+            tags[i] = following if following else (None, "unattributed")
+    table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0.0]))
+    for (name, ms, _), (layer, part) in zip(events, tags):
+        cell = table["-" if layer is None else str(layer)][part]
+        cell[0] += ms * 1e3 / iters
+        cell[1] += 1 / iters
+    return {layer: {part: {"us": us, "kernels": n} for part, (us, n) in parts.items()}
+            for layer, parts in table.items()}
+
+
+def layer_costs(cfg, b: int, n: int, schedule, *, acc: str = "fused") -> list[dict]:
+    """Per BERT-family layer: rows in/out, FLOPs and the fewest bytes a layer of today's kernel
+    split must move (weights once; the layer input, q/k/v, context, FFN hidden and the layer
+    output each written once and read once; bf16), and the floor time at the H200's measured
+    790 TFLOP/s and 4.3 TB/s. ``acc`` 'fused' adds the two-pass kernel's second QK^T when a
+    layer has more than 128 keys; 'lse' always adds one QK^T (the second-pass kernel)."""
+    d, f, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
+    out, t = [], n
+    for i, k in enumerate(schedule):
+        k = min(k, t)
+        flops = 2 * b * t * 3 * d * d + 4 * b * t * t * d + 2 * b * k * d * d + 4 * b * k * d * f
+        if k < t and (acc == "lse" or (acc == "fused" and t > 128)):
+            flops += 2 * b * t * t * d  # QK^T again for the column sums
+        weights = (4 * d * d + 2 * d * f) * 2
+        acts = 2 * 2 * b * (t * d + 3 * t * d + t * d + k * f + k * d)
+        bytes_ = weights + acts
+        floor_us = max(flops / 790e12, bytes_ / 4.3e12) * 1e6
+        out.append({"layer": i, "rows_in": t, "rows_out": k, "gflop": flops / 1e9,
+                    "mbytes": bytes_ / 1e6, "floor_us": floor_us, "heads": heads})
+        t = k
+    return out
+
+
+def print_layers(r: dict) -> None:
+    """One line per layer: rows, analytic floor, measured kernel time and its split."""
+    costs = {c["layer"]: c for c in r.get("layer_costs", [])}
+    layers = r.get("per_layer", {})
+    parts = ["gemm", "qkv", "attention", "attention+acc", "acc", "select", "gather", "out+ln", "ffn+ln",
+             "other"]
+    print("   layer  in  out  GFLOP  floor_us   us  kernels | " + " ".join(f"{p:>9}" for p in parts))
+    keys = set(layers) | {str(i) for i in costs}
+    for key in sorted(keys, key=lambda x: (x == "-", int(x) if x != "-" else 0)):
+        cells = layers.get(key, {})
+        us = sum(c["us"] for c in cells.values())
+        nk = sum(c["kernels"] for c in cells.values())
+        c = costs.get(int(key)) if key != "-" else None
+        head = (f"   {key:>5} {c['rows_in']:>3} {c['rows_out']:>4} {c['gflop']:>6.1f} {c['floor_us']:>9.1f}"
+                if c else f"   {key:>5} {'':>3} {'':>4} {'':>6} {'':>9}")
+        print(head + f" {us:>5.0f} {nk:>8.1f} | "
+              + " ".join(f"{cells[p]['us'] if p in cells else 0:>9.1f}" for p in parts))
 
 
 device_events.shown = False
@@ -87,7 +268,7 @@ def profile_call(call, iters=20) -> dict:
     jax.profiler.stop_trace()
     ev = device_events(d)
     by_name = collections.defaultdict(lambda: [0.0, 0])
-    for name, ms in ev:
+    for name, ms, _ in ev:
         by_name[name][0] += ms / iters
         by_name[name][1] += 1
     by_kind = collections.defaultdict(float)
@@ -100,7 +281,20 @@ def profile_call(call, iters=20) -> dict:
         "kernels_per_call": sum(c for _, c in by_name.values()) / iters,
         "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "top": [{"name": k[:120], "ms": v[0], "count": v[1] / iters} for k, v in top],
+        "events": ev, "iters": iters,
     }
+
+
+def _attribute(r: dict, prog) -> dict:
+    """Adds the per-layer split of ``r``'s kernel events (from ``profile_call``)."""
+    ev = r.pop("events")
+    per_call = len(ev) // max(1, r["iters"])
+    r["events_one_call"] = [(name, round(ms * 1e3, 2)) for name, ms, _ in ev[:per_call]]
+    try:
+        r["per_layer"] = per_layer(ev, hlo_scopes(prog.as_text()), r["iters"])
+    except Exception as e:  # a profile without the split is still worth having
+        r["per_layer_error"] = f"{type(e).__name__}: {e}"
+    return r
 
 
 def _xla_cost(prog) -> dict:
@@ -118,8 +312,9 @@ def profile_program(pred, b, n, s, iters=20):
     ids = rng.integers(1, pred.config.vocab_size, (b, n)).astype(np.int32)
     full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     batch = jax.device_put({k: full[k] for k in pred.input_names})
-    r = profile_call(lambda: prog(pred.params, batch), iters)
-    return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic, **r, **_xla_cost(prog)}
+    r = _attribute(profile_call(lambda: prog(pred.params, batch), iters), prog)
+    return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic,
+            "layer_costs": layer_costs(pred.config, b, n, plan.keep), **r, **_xla_cost(prog)}
 
 
 def profile_t5_first_token(pred, b, n, s, iters=20):
@@ -128,8 +323,73 @@ def profile_t5_first_token(pred, b, n, s, iters=20):
     prog = pred.first_token_program(b, plan)
     ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
     ids, mask = jax.device_put((ids, np.ones_like(ids)))
-    r = profile_call(lambda: prog(pred.params, ids, mask), iters)
+    r = _attribute(profile_call(lambda: prog(pred.params, ids, mask), iters), prog)
     return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic, **r, **_xla_cost(prog)}
+
+
+def _pipelined_ms(fn, *args, calls: int = 20, repeats: int = 7) -> float:
+    """Median over ``repeats`` of (``calls`` enqueued back to back, one sync) / calls: the
+    device time of a small jitted function without the per-call host round trip."""
+    f = jax.jit(fn)
+    for _ in range(3):
+        jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
+    return float(np.median(times))
+
+
+def kernel_table(shapes, heads: int = 12, head_dim: int = 64, dtype="bfloat16") -> list[dict]:
+    """Attention + ACC paths and row selection timed in isolation (BERT-base heads, all rows
+    real): what each layer's attention and scoring cost at each row count."""
+    import jax.numpy as jnp
+
+    from accjax import acc, attention
+    from accjax.kernels import acc_pallas
+
+    rows = []
+    rng = np.random.default_rng(0)
+    scale = head_dim ** -0.5
+    for b, t in shapes:
+        q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, head_dim)), dtype) for _ in range(3))
+        mask = jnp.ones((b, t), bool)
+        protect = jnp.zeros((b, t), bool).at[:, 0].set(True)
+
+        def path(acc_impl, attention_impl="cudnn"):
+            def f(q, k, v):
+                return acc.attend_and_score(q, k, v, mask, scale=scale, score=True, protect=protect,
+                                            attention_impl=attention_impl, acc_impl=acc_impl)[:2]
+            return f
+
+        variants = {
+            "cudnn attention only": lambda q, k, v: attention.fused_attention(
+                q, k, v, mask, scale=scale, implementation="cudnn"),
+            "cudnn + pallas ACC (second pass)": path("pallas"),
+            "cudnn + lse ACC in XLA": path("lse"),
+            "fused attention+ACC kernel": path("fused"),
+            "XLA attention, ACC from probs": path("probs", "xla"),
+        }
+        for name, fn in variants.items():
+            try:
+                ms = _pipelined_ms(fn, q, k, v)
+                rows.append({"shape": f"{b}x{t}", "what": name, "us": ms * 1e3})
+            except Exception as e:
+                rows.append({"shape": f"{b}x{t}", "what": name, "error": f"{type(e).__name__}: {e}"[:200]})
+        scores = jnp.asarray(rng.standard_normal((b, t)), jnp.float32)
+        keep = max(1, int(t * 0.7))
+        for method in ("top_k", "rank"):
+            ms = _pipelined_ms(lambda s_: acc.select_rows(s_, keep, method=method), scores)
+            rows.append({"shape": f"{b}x{t}", "what": f"select {keep} by {method}", "us": ms * 1e3})
+        for r in rows:
+            if r["shape"] == f"{b}x{t}":
+                print(f"   {r['shape']:>8} {r['what']:<36} "
+                      + (f"{r['us']:8.1f} us" if "us" in r else r["error"]))
+    print("   fused kernel available:", acc_pallas.available(fused=True))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -144,8 +404,21 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--dump_hlo", default=None, help="write each program's optimised HLO here")
+    ap.add_argument("--select", default="auto", choices=("auto", "top_k", "rank"),
+                    help="how kept rows are chosen (acc.select_rows)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="time attention/ACC paths and selection in isolation at each BxT instead")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from accjax import acc as acc_lib
+
+    acc_lib.SELECT_METHOD = args.select
+    if args.kernels:
+        shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes.split(",")]
+        rows = kernel_table(shapes, dtype=args.dtype)
+        if args.json:
+            benchmark.write_json(args.json, {"machine": benchmark.machine(), "kernels": rows})
+        return 0
     t5 = args.model.startswith("flan-t5") or args.model.startswith("t5")
     if t5:  # encoder + first token, as eval.bench_t5 times it
         from accjax import seq2seq
@@ -187,8 +460,13 @@ def main(argv=None) -> int:
             print("   by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in r["by_kind_ms"].items()))
             for t in r["top"][:12]:
                 print(f"   {t['ms']:8.3f} ms x{t['count']:<4.0f} {t['name']}")
+            if "per_layer" in r:
+                print_layers(r)
+            else:
+                print("   per-layer split unavailable:", r.get("per_layer_error"))
     if args.json:
         benchmark.write_json(args.json, {"machine": benchmark.machine(), "args": vars(args),
+                                         "event_samples": device_events.samples,
                                          "results": results})
     return 0
 

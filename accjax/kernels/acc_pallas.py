@@ -231,6 +231,173 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
     return out[:, :, :s]
 
 
+def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, o_ref, col_ref, *, scale: float,
+                 causal: bool, block_q: int, block_k: int, n_kb: int):
+    # refs (batch, head squeezed; this program's query block): qm [BQ], km [Sp], q [BQ, H],
+    # k [Sp, H], v [Sp, H]; outputs o [BQ, H] (context), col [Sp] (this block's column sums)
+    qb = pl.program_id(2)
+    q = q_ref[...]  # [BQ, H]
+    q_ok = qm_ref[...] != 0  # [BQ]
+    rows = qb * block_q + jnp.arange(block_q, dtype=jnp.int32)
+
+    def logits(kb):
+        start = kb * block_k
+        k = k_ref[pl.ds(start, block_k), :]  # [BK, H]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) * scale  # [BQ, BK]
+        ok = (km_ref[pl.ds(start, block_k)] != 0)[None, :]  # [1, BK]
+        if causal:
+            cols = start + jnp.arange(block_k, dtype=jnp.int32)
+            ok = ok & (cols[None, :] <= rows[:, None])  # [BQ, BK]
+        return jnp.where(ok, s, NEG), ok
+
+    def context_and_columns(kb, p, ok):
+        # p [BQ, BK]: final softmax probabilities of this key block
+        v = v_ref[pl.ds(kb * block_k, block_k), :]  # [BK, H]
+        col_ref[pl.ds(kb * block_k, block_k)] = jnp.sum(jnp.where(q_ok[:, None] & ok, p, 0.0), axis=0)
+        return jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)  # [BQ, H]
+
+    if n_kb == 1:
+        # every key in one tile: the exact softmax in one pass
+        s, ok = logits(0)
+        m = jnp.max(s, axis=1)
+        p = jnp.exp(s - m[:, None])
+        p = p / jnp.sum(p, axis=1)[:, None]
+        o_ref[...] = context_and_columns(0, p, ok).astype(o_ref.dtype)
+        return
+
+    # Several key tiles. A column sum needs each row's FINAL normaliser, which online softmax
+    # only knows after the last tile, so: pass 1 the row statistics (max, sum), pass 2 the
+    # probabilities once, feeding both the context and the column sums (the structure of flash
+    # attention's backward dK sweep, with the forward's output added to it).
+    def stats(kb, carry):
+        m, l = carry
+        s, _ = logits(kb)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+        return m_new, l
+
+    m, l = jax.lax.fori_loop(0, n_kb, stats, (jnp.full((block_q,), NEG, jnp.float32),
+                                             jnp.zeros((block_q,), jnp.float32)))
+    inv_l = 1.0 / l
+
+    def sweep(kb, acc):
+        s, ok = logits(kb)
+        p = jnp.exp(s - m[:, None]) * inv_l[:, None]
+        return acc + context_and_columns(kb, p, ok)
+
+    acc = jax.lax.fori_loop(0, n_kb, sweep, jnp.zeros((block_q, q.shape[1]), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def attention_blocks(t: int, s: int) -> tuple[int, int, int, int]:
+    """(block_q, block_k, padded T, padded S) of ``attention_with_column_sums``: <= 128 keys
+    in one tile (one pass), more in tiles of 128; query tiles of up to 64 rows. Triton needs
+    power-of-two tiles of >= 16."""
+    block_q = min(64, _pow2(t))
+    block_k = _pow2(s) if s <= 128 else 128
+    return block_q, block_k, _round_up(t, block_q), _round_up(s, block_k)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret"))
+def attention_with_column_sums(q, k, v, query_mask, key_mask, *, scale: float,
+                               causal: bool = False, interpret: bool = False):
+    """Attention and the ACC column sums in ONE kernel: the softmax probabilities are made
+    once, in registers, and feed both the context and the column sums.
+
+    Grid (batch, head, query block); q, k, v are read in their [B, T, N, H] layout (no
+    transposes). Each program writes its query block's context and its own [S] column sums;
+    the query blocks' partial sums are added outside (a small [B, N, T/BQ, S] array, no
+    atomics).
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, N, H]; query_mask [B, T], key_mask [B, S] bool (True =
+        real token; padding keys get no probability, padding queries add nothing to a column).
+      causal: key j visible to query i only if j <= i (requires T == S).
+    Returns:
+      (context [B, T, N, H] in v.dtype, column sums [B, N, S] float32: sum over valid queries
+      i of P[b, n, i, j]).
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    if causal and t != s:
+        raise ValueError("causal attention with column sums needs T == S")
+    block_q, block_k, tp, sp = attention_blocks(t, s)
+    hp = _pow2(h)
+    if (tp, hp) != (t, h):
+        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, hp - h)))  # [B, Tp, N, Hp]
+    if (sp, hp) != (s, h):
+        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, N, Hp]
+        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, N, Hp]
+    qm = jnp.pad(query_mask.astype(jnp.int32), ((0, 0), (0, tp - t)))  # [B, Tp]
+    km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, sp - s)))  # [B, Sp]
+    n_qb = tp // block_q
+    kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
+                               block_k=block_k, n_kb=sp // block_k)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    ctx, col = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, tp, n, hp), v.dtype),
+                   jax.ShapeDtypeStruct((b, n, n_qb, sp), jnp.float32)),
+        grid=(b, n, n_qb),
+        in_specs=[
+            pl.BlockSpec((None, block_q), lambda i, j, c: (i, c)),
+            pl.BlockSpec((None, sp), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
+            pl.BlockSpec((None, sp, None, hp), lambda i, j, c: (i, 0, j, 0)),
+            pl.BlockSpec((None, sp, None, hp), lambda i, j, c: (i, 0, j, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
+            pl.BlockSpec((None, None, None, sp), lambda i, j, c: (i, j, c, 0)),
+        ],
+        interpret=interpret,
+        **params,
+    )(qm, km, q, k, v)
+    return ctx[:, :t, :, :h], col.sum(axis=2)[:, :, :s]  # [B, T, N, H], [B, N, S]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def self_attention_with_column_sums(q, k, v, mask, scale: float, causal: bool, interpret: bool):
+    """``attention_with_column_sums`` for self-attention (one mask for queries and keys),
+    differentiable in the context: training through an eliminating layer gets the gradient
+    of plain attention (recomputed by XLA in the backward pass); the column sums only rank
+    rows, so no gradient flows through them.
+
+    Args: q, k, v [B, T, N, H]; mask [B, T] float (1.0 = real token). Returns as
+    ``attention_with_column_sums``.
+    """
+    m = mask > 0.5
+    return attention_with_column_sums(q, k, v, m, m, scale=scale, causal=causal, interpret=interpret)
+
+
+def _self_fwd(q, k, v, mask, scale, causal, interpret):
+    out = self_attention_with_column_sums(q, k, v, mask, scale, causal, interpret)
+    return out, (q, k, v, mask)
+
+
+def _self_bwd(scale, causal, interpret, res, g):
+    from accjax import attention
+
+    q, k, v, mask = res
+    g_ctx, _ = g  # [B, T, N, H]; the column sums' cotangent is dropped (ranking only)
+    _, vjp = jax.vjp(lambda q_, k_, v_: attention.fused_attention(
+        q_, k_, v_, mask > 0.5, scale=scale, causal=causal, implementation="xla"), q, k, v)
+    return (*vjp(g_ctx.astype(v.dtype)), jnp.zeros_like(mask))
+
+
+self_attention_with_column_sums.defvjp(_self_fwd, _self_bwd)
+
+
 _AVAILABLE: dict[str, bool] = {}
 
 
@@ -242,20 +409,48 @@ def _numpy_column_sums(q, k, lse, qm, km, scale, bias=None):
     return p.sum(axis=2)
 
 
-def available(interpret: bool = False, *, rel_bias: bool = False) -> bool:
+def _probe_fused(interpret: bool) -> bool:
+    """``attention_with_column_sums`` against numpy: one tile (24 keys) and two passes over
+    tiles with padding (200 keys), bf16 inputs, head size 64 as in BERT/GPT-2."""
+    rng = np.random.default_rng(1)
+    for t in (24, 200):
+        q, k, v = (rng.standard_normal((2, t, 2, 64)).astype(jnp.bfloat16) for _ in range(3))
+        m = np.arange(t)[None] < np.array([[t], [t // 2 + 3]])
+        prog = attention_with_column_sums.lower(q, k, v, m, m, scale=0.125,
+                                                interpret=interpret).compile()
+        ctx, col = (np.asarray(x, np.float32) for x in prog(q, k, v, m, m))
+        lg = np.einsum("btnh,bsnh->bnts", q.astype(np.float32), k.astype(np.float32)) * 0.125
+        lg = np.where(m[:, None, None, :], lg, -1e30)
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)  # [B, N, T, S]
+        ref_ctx = np.einsum("bnts,bsnh->btnh", p, v.astype(np.float32))
+        ref_col = (p * m[:, None, :, None]).sum(axis=2)
+        if not (np.allclose(ctx, ref_ctx, rtol=3e-2, atol=3e-2)
+                and np.allclose(col, ref_col, rtol=2e-2, atol=1e-3)):
+            return False
+    return True
+
+
+def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = False) -> bool:
     """Whether the Triton kernel compiles and agrees with numpy on this backend (probed once).
 
     Often first asked while a model is being traced: the probe lowers, compiles and runs its
     own executable on numpy inputs, which works the same inside or outside a trace
     (``ensure_compile_time_eval`` would not: Pallas' ``program_id`` has no eager rule).
     ``interpret=True`` runs the probe in Pallas' interpreter (how the tests exercise it).
-    ``rel_bias=True`` probes the variant with a relative-position bias (T5).
+    ``rel_bias=True`` probes the variant with a relative-position bias (T5); ``fused=True``
+    the attention kernel that returns the column sums (``attention_with_column_sums``).
     """
     backend = jax.default_backend()
-    key = f"{backend}:{interpret}:{rel_bias}"
+    key = f"{backend}:{interpret}:{rel_bias}:{fused}"
     if key not in _AVAILABLE:
         ok = False
-        if backend == "gpu" or interpret:
+        if (backend == "gpu" or interpret) and fused:
+            try:
+                ok = _probe_fused(interpret)
+            except Exception:  # lowering unsupported by this jax / Triton / GPU
+                ok = False
+        elif backend == "gpu" or interpret:
             try:
                 rng = np.random.default_rng(0)
                 q = rng.standard_normal((2, 24, 2, 32)).astype(jnp.bfloat16)

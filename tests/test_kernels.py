@@ -1,0 +1,133 @@
+"""The fused attention + ACC kernel (Pallas, interpreted on the CPU) and selection without a
+sort, each against its reference: ACC from materialised probabilities, ``lax.top_k``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from accjax import acc, attention, convert
+from accjax.kernels import acc_pallas
+from tests.conftest import make_hf_bert, random_batch
+
+
+def _qkv(rng, b, t, n, h):
+    return (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(3))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+# 24: one key tile, query tile 32 with padding; 130: tiles of 128 keys, two passes, padding
+# in both; head size 24 is padded to 32 inside
+@pytest.mark.parametrize("t,h", [(24, 16), (130, 16), (40, 24)])
+def test_fused_kernel_matches_probabilities(causal, t, h):
+    rng = np.random.default_rng(t + h + causal)
+    q, k, v = _qkv(rng, 2, t, 3, h)
+    mask = jnp.asarray(np.arange(t)[None] < np.array([[t], [t // 3 + 1]]))
+    ref_ctx, probs = attention.attention_with_probs(q, k, v, mask, scale=0.3, causal=causal)
+    ctx = jnp.full_like(ref_ctx, jnp.nan)  # poison: every element must be written
+    ctx, col = acc_pallas.attention_with_column_sums(q, k, v, mask, mask, scale=0.3,
+                                                     causal=causal, interpret=True)
+    m = np.asarray(mask)
+    ref_col = (np.asarray(probs, np.float64) * m[:, None, :, None]).sum(axis=2)  # [B, N, S]
+    assert ctx.shape == q.shape and col.shape == (2, 3, t)
+    assert np.isfinite(np.asarray(ctx)).all()
+    np.testing.assert_allclose(np.asarray(ctx)[m], np.asarray(ref_ctx)[m], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(col), ref_col, rtol=1e-5, atol=1e-6)
+    # padding keys receive nothing; each valid query row sums to one over its keys
+    assert np.all(np.asarray(col)[~m[:, None, :].repeat(3, 1)] == 0)
+    np.testing.assert_allclose(np.asarray(col).sum(-1), m.sum(1)[:, None].repeat(3, 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attend_and_score_fused_equals_probs_path(causal):
+    rng = np.random.default_rng(7)
+    q, k, v = _qkv(rng, 3, 20, 2, 16)
+    mask = jnp.asarray(np.arange(20)[None] < np.array([[20], [9], [14]]))
+    protect = jnp.asarray(np.arange(20)[None] == 0).repeat(3, 0)
+    outs = {how: acc.attend_and_score(q, k, v, mask, scale=0.25, causal=causal, score=True,
+                                      protect=protect, acc_impl=how, attention_impl="xla")
+            for how in ("probs", "fused_interpret")}
+    (c1, s1, _), (c2, s2, p2) = outs["probs"], outs["fused_interpret"]
+    assert p2 is None  # the fused path never materialises probabilities
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(c2)[m], np.asarray(c1)[m], rtol=1e-5, atol=1e-6)
+    s1, s2 = np.asarray(s1), np.asarray(s2)
+    np.testing.assert_array_equal(np.isinf(s1), np.isinf(s2))  # CLS +inf, padding -inf
+    np.testing.assert_allclose(s2[np.isfinite(s1)], s1[np.isfinite(s1)], rtol=1e-5)
+
+
+def test_fused_path_gradient_is_plain_attention():
+    """Training through an eliminating layer: d(context)/d(q, k, v) as with XLA attention."""
+    rng = np.random.default_rng(8)
+    q, k, v = _qkv(rng, 2, 12, 2, 16)
+    mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [7]]))
+    w = jnp.asarray(rng.normal(size=(2, 12, 2, 16)), jnp.float32) * mask[:, :, None, None]
+
+    def loss(how, q, k, v):
+        ctx, _, _ = acc.attend_and_score(q, k, v, mask, scale=0.25, score=True, acc_impl=how,
+                                         attention_impl="xla")
+        return (ctx * w).sum()
+
+    g_ref = jax.grad(lambda *a: loss("probs", *a), argnums=(0, 1, 2))(q, k, v)
+    g_fused = jax.grad(lambda *a: loss("fused_interpret", *a), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_fused, g_ref):
+        assert float(jnp.abs(b).max()) > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_kernel_rejects_a_logits_bias():
+    q, k, v = _qkv(np.random.default_rng(0), 1, 8, 1, 16)
+    with pytest.raises(ValueError, match="no logits bias"):
+        acc.attend_and_score(q, k, v, jnp.ones((1, 8), bool), scale=0.25, score=True,
+                             acc_impl="fused_interpret", attention_impl="xla",
+                             bias=jnp.zeros((1, 1, 8, 8)))
+
+
+def test_fused_probe():
+    acc_pallas._AVAILABLE.clear()
+    assert acc_pallas.available(interpret=True, fused=True) is True
+    if jax.default_backend() == "cpu":
+        assert acc_pallas.available(fused=True) is False  # no Triton: auto keeps other paths
+        assert acc.resolve_acc_impl("auto", "xla") == "probs"
+
+
+def test_bert_with_fused_kernel_keeps_the_same_rows(tmp_path):
+    """A whole eliminating BERT: same kept rows and logits as ACC from probabilities."""
+    folder, _ = make_hf_bert(tmp_path, num_hidden_layers=3, max_position_embeddings=64)
+    ld = convert.load(folder, "sequence_classification")
+    batch = random_batch(np.random.default_rng(2), 3, 24, 99)
+    outs = {}
+    for how in ("probs", "fused_interpret"):
+        module = ld.module.clone(config=dataclasses.replace(ld.config, acc_impl=how))
+        outs[how] = module.apply({"params": ld.params}, **batch, schedule=(16, 8, 3))
+    a, b = outs["probs"], outs["fused_interpret"]
+    for la, lb in zip(a.layers, b.layers):
+        np.testing.assert_array_equal(np.asarray(la["keep_idx"]), np.asarray(lb["keep_idx"]))
+    np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_selection_equals_top_k(seed):
+    rng = np.random.default_rng(seed)
+    b, t = 5, 37
+    s = rng.integers(0, 6, (b, t)).astype(np.float32)  # many ties
+    s[:, 0] = np.inf  # protected
+    s[rng.random((b, t)) < 0.3] = -np.inf  # padding, tied among themselves
+    s = jnp.asarray(s)
+    for keep in (1, 2, 9, 20, t):
+        ref = np.asarray(acc.select_rows(s, keep, method="top_k"))
+        got = np.asarray(acc.select_rows(s, keep, method="rank"))
+        np.testing.assert_array_equal(got, ref)
+        assert np.all(np.diff(got, axis=1) > 0)  # original order, no repeats
+
+
+def test_rank_selection_docstring_example():
+    s = jnp.asarray([[0.2, 0.9, -np.inf, 0.5]])
+    assert acc.select_rows(s, 2, method="rank").tolist() == [[1, 3]]
+    assert acc.select_rows(s, 3, method="rank").tolist() == [[0, 1, 3]]
+    with pytest.raises(ValueError, match="select method"):
+        acc.select_rows(s, 2, method="sort")

@@ -1,0 +1,57 @@
+"""eval.profile's per-layer attribution of kernels, on a compiled eliminating BERT program."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from accjax import inference, models
+from eval import profile as P
+from eval.bench import build
+
+
+def test_kernels_are_attributed_to_layers_and_parts():
+    cfg, params = build("bert-base-uncased", "float32", "auto", overrides=dict(
+        num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=50))
+    module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+    pred = inference.Predictor(module, params, cfg, batch_size=2, length_buckets=(16,),
+                               param_dtype="float32")
+    scopes = P.hlo_scopes(pred.program(2, 16, (8, 4)).as_text())
+    by_part = {}
+    for name, op in scopes.items():
+        by_part.setdefault(P.layer_and_part(op), name)
+    sel, gat = by_part[(1, "select")], by_part[(1, "gather")]
+    assert (0, "select") in by_part and (None, "outside layers") in by_part
+    # a fusion's kernel is named after its instruction with '.' -> '_'; a library GEMM and a
+    # Pallas kernel carry no instruction name and take the next attributed kernel's layer
+    events = [("nvjet_sm90_gemm", 0.005, "command_buffer_1"), (sel.replace(".", "_"), 0.001, ""),
+              ("_attn_kernel__2", 0.003, ""), (gat.replace(".", "_"), 0.002, ""),
+              ("mystery_kernel", 0.004, "")]
+    table = P.per_layer(events * 2, scopes, iters=2)
+    # per call: the GEMM (5 us) is a GEMM of layer 1; the first call's trailing unknown kernel
+    # (4 us) takes the next call's first attributed kernel (select); the last has nothing after
+    assert table["1"]["gemm"] == {"us": 5.0, "kernels": 1.0}
+    assert table["1"]["select"] == {"us": 3.0, "kernels": 1.5}
+    assert table["1"]["attention+acc"] == {"us": 3.0, "kernels": 1.0}
+    assert table["1"]["gather"]["us"] == 2.0
+    assert table["-"]["unattributed"] == {"us": 2.0, "kernels": 0.5}
+    assert np.isclose(sum(c["us"] for layer in table.values() for c in layer.values()), 15.0)
+    costs = P.layer_costs(cfg, 2, 16, (8, 4))
+    assert [(c["rows_in"], c["rows_out"]) for c in costs] == [(16, 8), (8, 4)]
+    assert costs[0]["gflop"] > costs[1]["gflop"] > 0
+
+
+def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path):
+    import json
+
+    from eval import bench
+
+    out = tmp_path / "b.json"
+    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    assert bench.main(["--shapes", "2x16", "--speedups", "2,99", "--iters", "2", "--interleave",
+                       "--json", str(out), *tiny]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["speedup"] for r in rows] == [1.0, 2.0]  # 99 exceeds the maximum: skipped
+    assert rows[0]["measured"] == 1.0 and rows[0]["schedule"] == [16, 16]
+    assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
+    assert all(r["median_ms"] > 0 for r in rows)
