@@ -15,7 +15,7 @@ def test_kernels_are_attributed_to_layers_and_parts():
     module = models.get_family(cfg.family).module(cfg, "sequence_classification")
     pred = inference.Predictor(module, params, cfg, batch_size=2, length_buckets=(16,),
                                param_dtype="float32")
-    scopes = P.hlo_scopes(pred.program(2, 16, (8, 4)).as_text())
+    scopes = P.hlo_scopes(pred.program(2, pred.plan(16, schedule=(8, 4))).as_text())
     by_part = {}
     for name, op in scopes.items():
         by_part.setdefault(P.layer_and_part(op), name)
@@ -51,7 +51,8 @@ def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path):
     assert bench.main(["--shapes", "2x16", "--speedups", "2,99", "--iters", "2", "--interleave",
                        "--json", str(out), *tiny]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["speedup"] for r in rows] == [1.0, 2.0]  # 99 exceeds the maximum: skipped
+    # 99 exceeds the maximum: it runs at the maximum (schedule.plan's one clamp rule)
+    assert [r["speedup"] for r in rows] == [1.0, 2.0, 99.0] and rows[2]["schedule"] == [1, 1]
     assert rows[0]["measured"] == 1.0 and rows[0]["schedule"] == [16, 16]
     assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
     assert all(r["median_ms"] > 0 for r in rows)
