@@ -92,7 +92,7 @@ def test_fused_probe():
     assert acc_pallas.available(interpret=True, fused=True) is True
     if jax.default_backend() == "cpu":
         assert acc_pallas.available(fused=True) is False  # no Triton: auto keeps other paths
-        assert acc.resolve_acc_impl("auto", "xla") == "probs"
+        assert acc.resolve_acc_impl("auto", "xla", keys=16) == ("probs", False)
 
 
 def test_bert_with_fused_kernel_keeps_the_same_rows(tmp_path):
