@@ -64,7 +64,8 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
                 acc_variant: str = "plain"):
     """A pure function (params, input_ids, attention_mask, rng, temperature) -> outputs dict.
 
-    ``module`` is a ``GPT2LMHeadModel``; every other argument is static (part of the program).
+    ``module`` is a decoder LM with ``prefill`` and ``extend`` methods (``GPT2LMHeadModel``,
+    ``LlamaForCausalLM``); every other argument is static (part of the program).
     """
     m = int(max_new_tokens)
     if m < 1:
@@ -108,10 +109,10 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
 
 
 class Generator:
-    """Compiled-once generation at any speedup for a GPT-2 LM.
+    """Compiled-once generation at any speedup for a decoder LM (GPT-2, Llama).
 
     Args:
-      module: a ``GPT2LMHeadModel``; params: its parameters; config: its ``GPT2Config``.
+      module: a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``; params; config: its config.
       param_dtype: cast the parameters once (e.g. 'bfloat16').
       bucket, floor: schedule rounding and the smallest keep-length.
       acc_variant: how prompt rows are ranked (``gpt2.RANKINGS``).
@@ -119,14 +120,14 @@ class Generator:
 
     def __init__(self, module, params, config, *, param_dtype: str | None = None, bucket: int = 8,
                  floor: int = 1, acc_variant: str = "plain"):
-        from accjax.models import gpt2_family
+        from accjax.models import get_family
 
         self.module, self.config = module, config
         if param_dtype is not None:
             params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(param_dtype)), params)
         self.params = jax.device_put(params)
         self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
-        self.cost = gpt2_family.cost_model(config, "lm")
+        self.cost = get_family(config.family).cost_model(config, "lm")  # any decoder family
         self._programs: dict[tuple, Any] = {}
         self.traces = 0
 
