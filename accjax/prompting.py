@@ -184,6 +184,31 @@ def text_to_text_batch(tokenizer: tokenization.Tokenizer, examples: Sequence[Exa
     return {"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": labels}
 
 
+def render_chat(template: str, messages: Sequence[dict[str, str]], *,
+                add_generation_prompt: bool = True, **variables) -> str:
+    """A chat model's Jinja template rendered as ``transformers``' ``apply_chat_template``
+    renders it (sandboxed; trimmed blocks), e.g. SmolLM2's::
+
+        [{"role": "user", "content": "Hi"}] ->
+        <|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n
+        <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+    """
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=list(messages),
+                                                add_generation_prompt=add_generation_prompt,
+                                                **variables)
+    except TemplateError as e:
+        raise PromptDataError(f"the model's chat template failed: {e}") from None
+
+
 # ---------------------------------------------------------------------------- metrics
 def normalize_answer(s: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
