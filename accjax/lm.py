@@ -87,10 +87,10 @@ def read_texts(paths: Sequence[str | Path]) -> list[str]:
 
 
 def load_tokenizer(folder: str | Path):
-    """The model folder's GPT-2 tokenizer as a ``tokenizers.Tokenizer``.
+    """The model folder's tokenizer as a ``tokenizers.Tokenizer``.
 
     Reads ``tokenizer.json``, or builds the byte-level BPE from ``vocab.json`` +
-    ``merges.txt`` (what older GPT-2 folders carry).
+    ``merges.txt`` (what older GPT-2 folders carry), or from a GGUF file's metadata.
     """
     from tokenizers import Tokenizer
 
@@ -101,6 +101,11 @@ def load_tokenizer(folder: str | Path):
         from tokenizers import ByteLevelBPETokenizer
 
         return ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
+    from accjax import gguf_io
+
+    tok = gguf_io.folder_tokenizer(folder)  # a GGUF model carries its tokenizer inside
+    if tok is not None:
+        return tok
     raise FileNotFoundError(
         f"{folder} has no tokenizer.json (or vocab.json + merges.txt); a GPT-2 folder saved by "
         "transformers has them: copy them next to the weights")
@@ -136,10 +141,10 @@ def make_windows(token_lists: Sequence[np.ndarray], context: int, continuation: 
 
 # ------------------------------------------------------------------------ evaluator
 class LMEvaluator:
-    """Compiled-once scoring and prefill timing of a GPT-2 LM at any speedup.
+    """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup.
 
     Args:
-      module: a ``GPT2LMHeadModel``; params; config: its ``GPT2Config``.
+      module: a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``; params; config: its config.
       batch_size: windows per program (the last batch is padded with zero-weight copies).
       context, continuation: window sizes (static shapes).
       param_dtype: cast the parameters once (e.g. 'bfloat16'; the config's ``dtype`` sets

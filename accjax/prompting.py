@@ -1,4 +1,5 @@
-"""Instruction data, prompts, and prompting evaluation of a T5 model at several speedups.
+"""Instruction data, prompts, and prompting evaluation of T5 models and decoders (GPT-2,
+Llama) at several speedups.
 
 Data: JSONL, one example per line, ``{"instruction": str, "input": str, "target": str}``
 (``instruction`` and ``input`` may be empty or absent, ``target`` may not). ``load_jsonl``
@@ -30,6 +31,13 @@ Scoring:
     normalisation (lower case, punctuation and the articles a/an/the removed, whitespace
     collapsed); F1 over the bag of normalised tokens.
 
+Decoders (``DecoderPredictor``): the prompt is prefilled with elimination and each label
+word is scored by teacher forcing on the pruned KV caches (no EOS; after 'Answer:' with a
+leading space). With a chat template (``render_chat``, as transformers renders it) each
+exemplar becomes a user turn and an assistant answer, and the example the last user turn;
+the label word is then the start of the assistant's answer. Free generation keeps the first
+line of the greedy answer for exact match.
+
 Training data (``text_to_text_batch``): prompt -> input_ids/attention_mask, target ->
 ``labels`` (ending in EOS, padding = -100), what ``seq2seq.seq2seq_loss`` takes.
 """
@@ -45,9 +53,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from accjax import tokenization
+from accjax import inference, programs, tokenization
 
 ANSWER_PREFIX = "Answer:"
 
@@ -127,20 +137,23 @@ def choose_exemplars(n_examples: int, index: int, k: int, seed: int, pool_size: 
 
 def encode_prompts(tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *, shots: int = 0,
                    pool: Sequence[Example] | None = None, seed: int = 0, max_length: int = 512,
-                   answer_prefix: str = ANSWER_PREFIX) -> tuple[list[list[int]], dict[str, int]]:
-    """Tokenised prompts (with EOS), dropping exemplars that do not fit ``max_length``.
+                   answer_prefix: str = ANSWER_PREFIX, render=None) -> tuple[list[list[int]], dict[str, int]]:
+    """Tokenised prompts (with the tokenizer's special tokens), dropping exemplars that do not
+    fit ``max_length``. ``render(example, exemplars) -> str`` replaces ``build_prompt``
+    (``chat_renderer``: a chat model's template).
 
     Returns:
       (ids per example, stats {'shots_dropped', 'truncated'}).
     """
+    if render is None:
+        render = lambda ex, shown: build_prompt(ex, shown, answer_prefix=answer_prefix)  # noqa: E731
     ids, dropped, truncated = [], 0, 0
     for i, ex in enumerate(examples):
         idx = choose_exemplars(len(examples), i, shots, seed, None if pool is None else len(pool))
         src = pool if pool is not None else examples
         shown = [src[j] for j in idx]
         while True:
-            enc = tokenizer.encode([build_prompt(ex, shown, answer_prefix=answer_prefix)],
-                                   max_length=max_length)
+            enc = tokenizer.encode([render(ex, shown)], max_length=max_length)
             if not enc.truncated or not shown:
                 break
             shown = shown[1:]  # the prompt is too long: one exemplar fewer
@@ -150,9 +163,15 @@ def encode_prompts(tokenizer: tokenization.Tokenizer, examples: Sequence[Example
     return ids, {"shots_dropped": dropped, "truncated": truncated}
 
 
-def label_candidates(tokenizer: tokenization.Tokenizer, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Label words -> candidate targets [C, L] (each with its EOS) and their mask [C, L]."""
-    enc = tokenizer.encode(list(labels)).ids
+def label_candidates(tokenizer: tokenization.Tokenizer, labels: Sequence[str], *, prefix: str = "",
+                     add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Label words -> candidate targets [C, L] and their mask [C, L].
+
+    T5 (the defaults): each label with its EOS. Decoders: ``prefix + label`` as it continues
+    the prompt (``' positive'`` after 'Answer:'; no space at the start of a chat answer),
+    without special tokens.
+    """
+    enc = tokenizer.encode([prefix + w for w in labels], add_special_tokens=add_special_tokens).ids
     for lab, ids in zip(labels, enc):
         if tokenizer.token_to_id("<unk>") is not None and tokenizer.token_to_id("<unk>") in ids:
             raise PromptDataError(f"label {lab!r} contains tokens unknown to the tokenizer")
@@ -181,6 +200,31 @@ def text_to_text_batch(tokenizer: tokenization.Tokenizer, examples: Sequence[Exa
     for i, t in enumerate(tgt):
         labels[i, :len(t)] = t
     return {"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": labels}
+
+
+def render_chat(template: str, messages: Sequence[dict[str, str]], *,
+                add_generation_prompt: bool = True, **variables) -> str:
+    """A chat model's Jinja template rendered as ``transformers``' ``apply_chat_template``
+    renders it (sandboxed; trimmed blocks), e.g. SmolLM2's::
+
+        [{"role": "user", "content": "Hi"}] ->
+        <|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n
+        <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+    """
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=list(messages),
+                                                add_generation_prompt=add_generation_prompt,
+                                                **variables)
+    except TemplateError as e:
+        raise PromptDataError(f"the model's chat template failed: {e}") from None
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -243,7 +287,7 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
     """Scores ``examples`` for every (shots, speedup) pair.
 
     Args:
-      predictor: a ``seq2seq.Seq2SeqPredictor``.
+      predictor: a ``seq2seq.Seq2SeqPredictor`` or a ``DecoderPredictor``.
       labels: label words -> classification by label likelihood; None -> generation.
       pool: exemplar pool (default: the examples themselves, leaving each one out).
     Returns:
@@ -252,11 +296,14 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
     """
     task = "classification" if labels else "generation"
     gold = _label_index(examples, labels) if labels else None
-    cands = label_candidates(tokenizer, labels) if labels else None
+    cands = (label_candidates(tokenizer, labels, **getattr(predictor, "label_encoding", {}))
+             if labels else None)
+    render = getattr(predictor, "render", None)
     rows, predictions = [], {}
     for k in shots:
         ids, stats = encode_prompts(tokenizer, examples, shots=k, pool=pool, seed=seed,
-                                    max_length=min(max_length, predictor.length_buckets[-1]))
+                                    max_length=min(max_length, predictor.length_buckets[-1]),
+                                    render=render)
         for s in speedups:
             t0 = time.perf_counter()
             preds: list[Any] = [None] * len(examples)
@@ -273,6 +320,8 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
                     out = predictor.generate(batch, s, max_new_tokens=max_new_tokens)
                     for r, i in enumerate(idx):
                         preds[i] = tokenizer.decode([int(x) for x in out[r]])
+                        if getattr(predictor, "first_line", False):  # a decoder runs on: its answer
+                            preds[i] = (preds[i].strip().splitlines() or [""])[0]
             row = {"shots": k, "speedup": s, "analytic_speedup": float(np.mean(analytic)), "n": len(examples),
                    **stats, "seconds": time.perf_counter() - t0}
             if labels:
@@ -287,3 +336,144 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
                 log(row)
     return {"task": task, "labels": list(labels) if labels else None, "n": len(examples), "rows": rows,
             "predictions": predictions}
+
+
+# ---------------------------------------------------------------------------- decoders
+def chat_messages(example: Example, exemplars: Sequence[Example] = ()) -> list[dict[str, str]]:
+    """A chat conversation for a decoder: each exemplar a user turn (instruction + input) and
+    the assistant's answer (its target), then the example's user turn; zero-shot is one turn."""
+    def user(ex):
+        return "\n\n".join(p for p in (ex.instruction, ex.input) if p)
+
+    msgs = []
+    for ex in exemplars:
+        msgs += [{"role": "user", "content": user(ex)}, {"role": "assistant", "content": ex.target}]
+    return msgs + [{"role": "user", "content": user(example)}]
+
+
+def chat_renderer(template: str):
+    """render(example, exemplars) -> the chat template applied, ending where the answer starts."""
+    if not template:
+        raise PromptDataError("the model has no chat template (tokenizer_config.json "
+                              "'chat_template' or GGUF tokenizer.chat_template); use --prompt plain")
+    return lambda ex, shown: render_chat(template, chat_messages(ex, shown))
+
+
+RT_POLARITY_INSTRUCTION = ("Is the sentiment of this movie review positive or negative? "
+                           "Answer with one word.")
+
+
+def rt_polarity_examples(split: str = "validation", limit: int | None = None) -> list[Example]:
+    """``rt_polarity`` (``accjax.data``, pinned PyPI source) as prompting examples: the
+    instruction above, the review as input, 'positive' / 'negative' as target; file order,
+    the first ``limit`` of them."""
+    from accjax import data
+
+    rows = data.rt_polarity_splits()[split]
+    rows = rows[:limit] if limit else rows
+    return [Example(RT_POLARITY_INSTRUCTION, r.text, "positive" if r.label == 1 else "negative")
+            for r in rows]
+
+
+class DecoderPredictor:
+    """Label-likelihood scoring and greedy generation for a decoder LM (GPT-2, Llama) at any
+    speedup, with the interface ``evaluate`` uses (as ``seq2seq.Seq2SeqPredictor``).
+
+    Prompts of any length are right-padded to the smallest length bucket that holds them and
+    cut into chunks of ``batch_size`` (filler rows hold one token). The prompt is prefilled
+    with ACC elimination at the asked speedup; each candidate answer is then scored by
+    teacher forcing on the pruned KV caches, as generation would read them::
+
+        log p(answer | prompt) = sum_t log p(answer[t] | pruned prompt, answer[:t])
+
+    Args:
+      module, params, config: the LM (``prefill`` / ``extend`` methods) and its parameters.
+      chat_template: render prompts with it (None: the plain 'Answer:' layout).
+      batch_size, length_buckets, bucket, floor, acc_variant, param_dtype: as ``Generator``.
+    """
+
+    first_line = True  # a generated answer ends at its first line break
+
+    def __init__(self, module, params, config, *, chat_template: str | None = None,
+                 batch_size: int = 8, length_buckets: Sequence[int] = (64, 128, 256, 512, 1024),
+                 bucket: int = 8, floor: int = 1, acc_variant: str = "plain",
+                 param_dtype: str | None = None):
+        from accjax import generate
+
+        self.gen = generate.Generator(module, params, config, param_dtype=param_dtype,
+                                      bucket=bucket, floor=floor, acc_variant=acc_variant)
+        self.module, self.config, self.cost = module, config, self.gen.cost
+        self.batch_size = int(batch_size)
+        self.length_buckets = inference.cap_buckets(config, length_buckets)
+        self.render = chat_renderer(chat_template) if chat_template is not None else None
+        # a chat answer starts a new turn; a plain one follows 'Answer:' after a space
+        self.label_encoding = {"prefix": "" if chat_template is not None else " ",
+                               "add_special_tokens": False}
+        self.programs = programs.ProgramCache()
+        self.bucket, self.floor = bucket, floor
+
+    @classmethod
+    def from_loaded(cls, loaded, **kw) -> "DecoderPredictor":
+        if loaded.head != "lm":
+            raise ValueError(f"prompting needs the 'lm' head, the model was loaded as {loaded.head!r}")
+        return cls(loaded.module, loaded.params, loaded.config, **kw)
+
+    # the bucket / plan / counters of a classifier's Predictor
+    length_bucket = inference.Predictor.length_bucket
+    plan = inference.Predictor.plan
+    schedule = inference.Predictor.schedule
+    traces = inference.Predictor.traces
+    num_programs = inference.Predictor.num_programs
+
+    def _chunks(self, batch):
+        ids = np.asarray(batch["input_ids"])
+        mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+        length = self.length_bucket(int(mask.sum(1).max()))
+        b = self.batch_size
+        chunks = [(programs.pad_rows(ids[i:i + b], b, length, fill=int(ids[0, 0])),
+                   programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, len(ids), b)]
+        return len(ids), length, chunks
+
+    def _score_program(self, plan, c: int, width: int):
+        module, sch = self.module, plan.schedule
+
+        def run(params, ids, mask, cids, cmask):
+            v = {"params": params}
+            first, cache, _ = module.apply(v, ids, mask, max_new_tokens=width, schedule=sch,
+                                           method="prefill")  # [B, V]
+            out = []
+            for j in range(c):  # each candidate continues the same pruned caches
+                toks = jnp.broadcast_to(cids[j], (ids.shape[0], width))  # [B, L]
+                logits = first[:, None]
+                if width > 1:
+                    rest, _ = module.apply(v, toks[:, :-1], cache, method="extend")
+                    logits = jnp.concatenate([logits, rest], axis=1)  # [B, L, V]
+                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+                tok_lp = jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]  # [B, L]
+                out.append((tok_lp * cmask[j]).sum(axis=1))
+            return jnp.stack(out, axis=1)  # [B, C]
+
+        spec = jax.ShapeDtypeStruct((self.batch_size, plan.length), jnp.int32)
+        cspec = jax.ShapeDtypeStruct((c, width), jnp.int32)
+        mspec = jax.ShapeDtypeStruct((c, width), jnp.float32)
+        return self.programs.get((plan.length, sch, c, width), lambda: jax.jit(self.programs.counted(run)).lower(
+            self.gen.params, spec, spec, cspec, mspec))
+
+    def score(self, batch, cand_ids, cand_mask, speedup=1.0) -> np.ndarray:
+        """[n, t] prompts, [C, L] candidates -> [n, C] log-likelihoods."""
+        n, length, chunks = self._chunks(batch)
+        cand_ids, cand_mask = np.asarray(cand_ids, np.int32), np.asarray(cand_mask, np.float32)
+        prog = self._score_program(self.plan(length, speedup), *cand_ids.shape)
+        outs = [np.asarray(prog(self.gen.params, i, m, cand_ids, cand_mask)) for i, m in chunks]
+        return np.concatenate(outs)[:n]
+
+    def generate(self, batch, speedup=1.0, *, max_new_tokens: int = 8) -> list[list[int]]:
+        """[n, t] prompts -> per prompt the greedy tokens before the end-of-sequence token."""
+        n, length, chunks = self._chunks(batch)
+        out = []
+        for ids, mask in chunks:
+            res = self.gen.generate(ids, mask, max_new_tokens=max_new_tokens, speedup=speedup)
+            for toks, k in zip(res.tokens, res.lengths):
+                toks = [int(x) for x in toks[:k]]
+                out.append(toks[:-1] if toks and toks[-1] == self.config.eos_token_id else toks)
+        return out[:n]

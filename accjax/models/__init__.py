@@ -20,7 +20,7 @@ import flax.linen as nn
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    name: str  # 'bert', 'gpt2', 't5'
+    name: str  # 'bert', 'gpt2', 't5', 'llama'
     config_cls: type
     hf_model_types: tuple[str, ...]  # config.json "model_type" values it reads
     presets: dict[str, Any]  # preset name -> config
@@ -48,6 +48,7 @@ _REGISTRY: dict[str, str] = {
     "bert": "accjax.models.bert_family:family",
     "gpt2": "accjax.models.gpt2_family:family",
     "t5": "accjax.models.t5_family:family",
+    "llama": "accjax.models.llama_family:family",
 }
 
 

@@ -1,0 +1,472 @@
+"""Llama-family decoders (Llama 2/3, SmolLM2, ...) in Flax linen, with ACC word-vector
+elimination during prompt prefill and pruned, grouped-query KV caches for decoding.
+
+Numerically matches Hugging Face ``LlamaModel`` / ``LlamaForCausalLM`` at fp32: token
+embeddings, pre-norm blocks with RMSNorm, rotary position embeddings (RoPE, default or
+``llama3`` frequency scaling), grouped-query attention (N query heads share N_kv key/value
+heads, N_kv dividing N), a SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``, a final
+RMSNorm and an LM head that is tied to the embedding or not.
+
+Elimination is GPT-2's (``accjax.models.gpt2``): causal ACC after attention, the last real
+token protected, kept rows gathered with their ORIGINAL positions; the output projection and
+the feed-forward run on the kept rows only. What Llama adds is where positions enter: not as
+an embedding added once at the input, but as a rotation of q and k in EVERY layer. Each layer
+rotates by ``rows.positions``, the original position of each row that entered it, so a kept
+row keeps its rotation and the relative offset between any two kept rows stays what it was
+in the prompt. Recomputing positions as 0..K-1 after a gather would silently change every
+later layer's attention (``tests/test_llama_elimination.py`` fails if that happens)::
+
+    prompt rows 0..5, layer 0 keeps rows [0, 2, 5]
+    layer 1 rotates them by positions [0, 2, 5]   (never [0, 1, 2])
+
+Grouped-query attention: the one attention/ACC dispatch (``acc.attend_and_score``) takes as
+many key/value heads as query heads, so K/V are expanded (``repeat_kv``, as HF does) just
+before it; ACC is the mean over the N query heads. The KV cache keeps the N_kv heads only:
+the memory GQA saves is kept.
+
+KV cache and decoding: ``gpt2.KVCache`` and ``gpt2.build_cache`` (one cache type for every
+decoder); cached keys are stored already rotated, by their original positions.
+
+Einsum letters: B batch, T query rows, S key rows / cache slots, K kept rows, D hidden size,
+N query heads, G key/value heads, H head size, F feed-forward width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from accjax import acc as acc_lib
+from accjax import attention as attn_lib
+from accjax.models import common
+from accjax.models.gpt2 import RANKINGS, KVCache, _SINK_SCORE, build_cache
+from accjax.models.gpt2 import GPT2Output as LlamaOutput  # one output type for every decoder
+from accjax.models.gpt2 import last_real_position
+
+Array = jax.Array
+
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 49152  # V (SmolLM2's vocabulary)
+    hidden_size: int = 576  # D
+    num_layers: int = 30  # L decoder blocks (HF num_hidden_layers)
+    num_heads: int = 9  # N query heads (HF num_attention_heads)
+    num_kv_heads: int = 3  # G key/value heads; N % G == 0 (HF num_key_value_heads)
+    head_dim: int = 64  # H (HF head_dim; D / N unless the checkpoint says otherwise)
+    intermediate_size: int = 1536  # F, SwiGLU width
+    max_position_embeddings: int = 8192  # longest prompt + generation the model accepts
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0  # RoPE base
+    rope_type: str = "default"  # 'default' or 'llama3' (Llama 3.1+ frequency scaling)
+    rope_factor: float = 1.0  # llama3 scaling: factor
+    rope_low_freq_factor: float = 1.0  # llama3 scaling: low_freq_factor
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: high_freq_factor
+    rope_original_max_position: int = 8192  # llama3 scaling: original_max_position_embeddings
+    tie_word_embeddings: bool = True  # LM head = embedding^T (no lm_head weight)
+    initializer_range: float = 0.02  # std of N(0, std) weight init
+    bos_token_id: int | None = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+    protect_first: bool = False  # never drop position 0 (attention sink) during elimination
+    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
+    param_dtype: str = "float32"  # parameter storage dtype
+    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
+    acc_impl: str = "auto"  # ACC from: 'probs', 'lse' (flash log-sum-exp), 'pallas' kernel
+    xla_attention_below: int = 0  # layers with fewer input rows use XLA attention on GPU
+    family: str = "llama"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                             f"{self.num_kv_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {self.rope_type!r} is not supported; accjax implements "
+                             f"{ROPE_TYPES}")
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+    # -- Hugging Face config.json <-> LlamaConfig -----------------------------------------
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], **overrides) -> "LlamaConfig":
+        bad = [f"{k}={d[k]!r}" for k, want in
+               (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"))
+               if k in d and d[k] != want]
+        if (d.get("pretraining_tp") or 1) != 1:
+            bad.append(f"pretraining_tp={d['pretraining_tp']!r}")
+        if bad:
+            raise ValueError(f"Llama options not supported by accjax: {', '.join(bad)}")
+        # transformers 5 writes rope_parameters; older config.json files rope_theta + rope_scaling.
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        n, dm = d["num_attention_heads"], d["hidden_size"]
+        eos = d.get("eos_token_id", 2)
+        kw = dict(
+            vocab_size=d["vocab_size"], hidden_size=dm, num_layers=d["num_hidden_layers"],
+            num_heads=n, num_kv_heads=d.get("num_key_value_heads") or n,
+            head_dim=d.get("head_dim") or dm // n, intermediate_size=d["intermediate_size"],
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_type=rope_type,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            initializer_range=d.get("initializer_range", 0.02),
+            bos_token_id=d.get("bos_token_id"),
+            # Llama 3 instruct lists several stop ids; the first is the end of text.
+            eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 2),
+            pad_token_id=d.get("pad_token_id"),
+        )
+        if rope_type == "llama3":
+            kw.update(rope_factor=float(rope["factor"]),
+                      rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]),
+                      rope_original_max_position=int(rope["original_max_position_embeddings"]))
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "llama3":
+            rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                        high_freq_factor=self.rope_high_freq_factor,
+                        original_max_position_embeddings=self.rope_original_max_position)
+        return {
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope, "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "attention_bias": False, "mlp_bias": False,
+        }
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): the real weights accjax ships (``smollm2-135m``).
+    "smollm2-135m": LlamaConfig(),
+    # meta-llama/Llama-3.2-1B shapes (benchmarks with random weights).
+    "llama-3.2-1b": LlamaConfig(
+        vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+        head_dim=64, intermediate_size=8192, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0, rope_original_max_position=8192, tie_word_embeddings=True,
+        bos_token_id=128000, eos_token_id=128001),
+    # meta-llama/Meta-Llama-3-8B shapes.
+    "llama-3-8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        head_dim=128, intermediate_size=14336, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000,
+        eos_token_id=128001),
+}
+
+
+# ------------------------------------------------------------------------------ rotary
+def inverse_frequencies(cfg: LlamaConfig) -> Array:
+    """[H/2] float32 rotary inverse frequencies (HF ``ROPE_INIT_FUNCTIONS``: default, llama3)."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if cfg.rope_type == "llama3":
+        old, lo, hi, f = (cfg.rope_original_max_position, cfg.rope_low_freq_factor,
+                          cfg.rope_high_freq_factor, cfg.rope_factor)
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / f, inv)  # long waves slowed by the factor
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = jnp.where(medium, (1 - smooth) * scaled / f + smooth * scaled, scaled)
+    return inv
+
+
+def rotate(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Applies RoPE by each row's own position (HF ``rotate_half`` layout).
+
+    x: [B, T, heads, H]; positions: [B, T] int ORIGINAL positions; inv_freq: [H/2].
+    Angles in float32 as HF computes them; the result is in x's dtype.
+    """
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)  # rotate_half
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def repeat_kv(x: Array, groups: int) -> Array:
+    """[B, S, G, H] -> [B, S, G * groups, H]: query head n reads key/value head n // groups."""
+    return x if groups == 1 else jnp.repeat(x, groups, axis=2)
+
+
+# ------------------------------------------------------------------------------ modules
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, normalised in float32 (HF ``LlamaRMSNorm``)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        scale = self.param("scale", common.ones_init(("embed",)), (x.shape[-1],),
+                           common.to_dtype(cfg.param_dtype))
+        xf = x.astype(jnp.float32)
+        xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        return scale.astype(common.to_dtype(cfg.dtype)) * xf.astype(common.to_dtype(cfg.dtype))
+
+
+class Einsum(nn.Module):
+    """One bias-free projection: ``einsum(spec, x, kernel)`` with a kernel of ``shape``."""
+
+    config: LlamaConfig
+    spec: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+
+    def setup(self):
+        cfg = self.config
+        self.kernel = self.param("kernel", common.normal_init(cfg.initializer_range, self.axes),
+                                 self.shape, common.to_dtype(cfg.param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        dtype = common.to_dtype(self.config.dtype)
+        return jnp.einsum(self.spec, x.astype(dtype), self.kernel.astype(dtype))
+
+    def value_norms(self, v: Array) -> Array:
+        """(output projection only) ||v[n, j] W_O[n]||: [B, S, N, H] -> [B, N, S] float32."""
+        dtype = common.to_dtype(self.config.dtype)
+        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
+        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+
+
+class LlamaBlock(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(.)). ``__call__`` runs a prompt (with optional
+    elimination after attention); ``extend`` runs new tokens against this layer's cache."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        d, n, g, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        self.input_norm = RMSNorm(cfg, name="input_norm")
+        self.q_proj = Einsum(cfg, "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), name="q_proj")
+        self.k_proj = Einsum(cfg, "BTD,DGH->BTGH", (d, g, h), ("embed", "kv_heads", "kv"), name="k_proj")
+        self.v_proj = Einsum(cfg, "BTD,DGH->BTGH", (d, g, h), ("embed", "kv_heads", "kv"), name="v_proj")
+        self.o_proj = Einsum(cfg, "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), name="o_proj")
+        self.post_norm = RMSNorm(cfg, name="post_norm")
+        self.gate_proj = Einsum(cfg, "BTD,DF->BTF", (d, f), ("embed", "mlp"), name="gate_proj")
+        self.up_proj = Einsum(cfg, "BTD,DF->BTF", (d, f), ("embed", "mlp"), name="up_proj")
+        self.down_proj = Einsum(cfg, "BTF,FD->BTD", (f, d), ("mlp", "embed"), name="down_proj")
+
+    def _project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """q [B, T, N, H], k and v [B, T, G, H]; q and k rotated by ``positions``."""
+        hn = self.input_norm(x)
+        inv = inverse_frequencies(self.config)
+        q = rotate(self.q_proj(hn), positions, inv)
+        k = rotate(self.k_proj(hn), positions, inv)
+        return q, k, self.v_proj(hn)
+
+    def _finish(self, x: Array, ctx: Array) -> Array:
+        x = x + self.o_proj(ctx)  # [B, K, D]
+        h = self.post_norm(x)
+        return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))  # [B, K, D]
+
+    @property
+    def groups(self) -> int:
+        return self.config.num_heads // self.config.num_kv_heads
+
+    def __call__(self, x: Array, rows: acc_lib.Rows, protect_pos: Array, *, keep: int | None = None,
+                 acc_variant: str = "plain", output_attentions: bool = False,
+                 return_kv: bool = False) -> tuple[Array, acc_lib.Rows, dict[str, Any]]:
+        """
+        Args:
+          x: [B, T, D] rows entering the layer; rows: their ``acc.Rows`` (original positions).
+          protect_pos: [B] original position of the row that must survive (+inf).
+          keep: static Python int; rows kept after attention (None or >= T: keep all).
+          acc_variant: one of ``gpt2.RANKINGS``.
+          return_kv: also return this layer's K/V (G heads) of the kept rows.
+        Returns:
+          (x [B, K, D], rows of the K kept rows, out dict of named intermediates).
+        """
+        cfg = self.config
+        if acc_variant not in RANKINGS:
+            raise ValueError(f"unknown ACC variant {acc_variant!r} for Llama; choose one of {RANKINGS}")
+        t = x.shape[1]
+        eliminate = keep is not None and keep < t
+        recent = acc_variant == "recent"
+        out: dict[str, Any] = {}
+        q, k, v = self._project(x, rows.positions)
+        last = rows.positions == protect_pos[:, None]  # [B, T]
+        v_all = repeat_kv(v, self.groups)  # [B, T, N, H]
+        ctx, scores, probs = acc_lib.attend_and_score(
+            q, repeat_kv(k, self.groups), v_all, rows.mask,
+            scale=common.attention_scale(cfg.head_dim), causal=True,
+            score=eliminate and not recent, variant=acc_variant, protect=last,
+            attention_impl=cfg.attention_impl, acc_impl=cfg.acc_impl,
+            xla_attention_below=cfg.xla_attention_below, output_attentions=output_attentions,
+            value_norms=lambda: self.o_proj.value_norms(v_all),
+        )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
+        if output_attentions:
+            out["attentions"] = probs
+        if eliminate:
+            if recent:
+                scores = jnp.where(rows.mask, rows.positions.astype(jnp.float32), -jnp.inf)
+                scores = jnp.where(last & rows.mask, jnp.inf, scores)
+            if cfg.protect_first:
+                sink = (rows.positions == 0) & rows.mask & ~last
+                scores = jnp.where(sink, _SINK_SCORE, scores)
+            idx, rows, (ctx, x, k, v) = acc_lib.eliminate(scores, keep, rows, ctx, x, k, v)
+            # ctx [B, K, N, H]; x [B, K, D]; k, v [B, K, G, H]; rows keep original positions
+            out.update(acc=scores, keep_idx=idx, positions=rows.positions)
+        if return_kv:
+            out.update(k=k, v=v, rows=rows)
+        return self._finish(x, ctx), rows, out
+
+    def extend(self, x: Array, keys: Array, values: Array, slot_mask: Array,
+               slot_positions: Array, positions: Array, start: Array):
+        """T new tokens against this layer's cache (as ``GPT2Block.extend``).
+
+        x: [B, T, D]; keys, values: [B, S, G, H]; slot_mask, slot_positions: [B, S];
+        positions: [B, T] of the new tokens; start: [] first slot written.
+        Returns (x [B, T, D], (keys, values, slot_mask, slot_positions) updated).
+        """
+        t, s = x.shape[1], keys.shape[1]
+        q, k, v = self._project(x, positions)
+        keys = lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
+        values = lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
+        slot_mask = lax.dynamic_update_slice(slot_mask, jnp.ones(positions.shape, bool), (0, start))
+        slot_positions = lax.dynamic_update_slice(slot_positions, positions.astype(jnp.int32), (0, start))
+        upto = start + jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # [T, S]
+        vis = slot_mask[:, None, None, :] & upto[None, None]  # [B, 1, T, S]
+        ctx, _, _ = attn_lib.softmax_attention(q, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
+                                               vis, scale=common.attention_scale(self.config.head_dim))
+        return self._finish(x, ctx), (keys, values, slot_mask, slot_positions)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, L decoder blocks and the final RMSNorm (HF ``LlamaModel``)."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=common.to_dtype(cfg.dtype),
+            param_dtype=common.to_dtype(cfg.param_dtype),
+            embedding_init=common.normal_init(cfg.initializer_range, ("vocab", "embed")),
+            name="embed_tokens")
+        self.blocks = [LlamaBlock(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg, name="norm")
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 position_ids: Array | None = None, *, schedule: tuple[int, ...] | None = None,
+                 acc_variant: str = "plain", deterministic: bool = True,
+                 output_attentions: bool = False, output_hidden_states: bool = False,
+                 return_kv: bool = False, protect_positions: Array | None = None) -> LlamaOutput:
+        """Same arguments and outputs as ``GPT2Model.__call__`` (Llama has no dropout)."""
+        del deterministic
+        cfg = self.config
+        schedule = common.check_schedule(schedule, cfg.num_layers)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        rows = acc_lib.Rows.create(attention_mask, position_ids)
+        if protect_positions is None:
+            protect_positions = last_real_position(rows.mask)
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, rows, out = block(x, rows, protect_positions,
+                                 keep=None if schedule is None else schedule[i],
+                                 acc_variant=acc_variant, output_attentions=output_attentions,
+                                 return_kv=return_kv)
+            if output_attentions:
+                attentions.append(out.pop("attentions"))
+            if output_hidden_states and i < cfg.num_layers - 1:
+                hidden_states.append(x)
+            layers.append(out)
+        x = self.norm(x)  # [B, K_L, D]
+        if output_hidden_states:
+            hidden_states.append(x)  # as HF: the last entry is after the final norm
+        return LlamaOutput(
+            last_hidden_state=x, rows=rows, layers=tuple(layers),
+            hidden_states=None if hidden_states is None else tuple(hidden_states),
+            attentions=None if attentions is None else tuple(attentions))
+
+    def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """New tokens [B, T] against the cache -> (hidden [B, T, D] after the norm, cache)."""
+        t = input_ids.shape[1]
+        positions = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
+        x = self.embed_tokens(input_ids)
+        ks, vs, ms, ps = [], [], [], []
+        for l, block in enumerate(self.blocks):
+            start = cache.prompt_slots[l] + cache.step
+            x, (k, v, m, p) = block.extend(x, cache.keys[l], cache.values[l], cache.mask[l],
+                                           cache.positions[l], positions, start)
+            ks.append(k), vs.append(v), ms.append(m), ps.append(p)
+        cache = cache.replace(keys=tuple(ks), values=tuple(vs), mask=tuple(ms), positions=tuple(ps),
+                              next_position=cache.next_position + t, step=cache.step + t)
+        return self.norm(x), cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama with its LM head (HF ``LlamaForCausalLM``); ``prefill`` and ``extend`` are the
+    two halves of generation (``accjax.generate``), as for GPT-2."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.model = LlamaModel(cfg, name="model")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Einsum(cfg, "BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size),
+                                  ("embed", "vocab"), name="lm_head")
+
+    def logits(self, h: Array) -> Array:
+        """[B, T, D] -> [B, T, V] float32."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, **kw) -> LlamaOutput:
+        out = self.model(input_ids, attention_mask, position_ids, **kw)
+        return out.replace(logits=self.logits(out.last_hidden_state))  # [B, K_L, V]
+
+    def prefill(self, input_ids: Array, attention_mask: Array | None = None, *,
+                max_new_tokens: int, schedule: tuple[int, ...] | None = None,
+                acc_variant: str = "plain") -> tuple[Array, KVCache, LlamaOutput]:
+        """Runs a right-padded prompt, pruning it by ``schedule``.
+
+        Returns:
+          (logits [B, V] float32 of the token after the last real one, the KV cache with
+          ``max_new_tokens`` free slots per layer, the prefill's output).
+        """
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        mask = attention_mask.astype(bool)
+        last = last_real_position(mask)  # [B]
+        out = self.model(input_ids, mask, schedule=schedule, acc_variant=acc_variant,
+                         return_kv=True, protect_positions=last)
+        j = jnp.argmax(out.rows.positions == last[:, None], axis=1)  # [B], protected: present
+        h = jnp.take_along_axis(out.last_hidden_state, j[:, None, None], axis=1)  # [B, 1, D]
+        cache = build_cache(out, mask.sum(axis=1), max_new_tokens)
+        return self.logits(h)[:, 0], cache, out
+
+    def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """New tokens [B, T] against the cache -> (logits [B, T, V] float32, cache)."""
+        h, cache = self.model.extend(input_ids, cache)
+        return self.logits(h), cache

