@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from accjax import guards
 from accjax import models as models_lib
 
 ACCJAX_META = "accjax.json"
@@ -50,8 +51,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names every offending key."""
+CheckpointError = guards.CheckpointError  # (defined there: the GGUF reader raises it too)
 
 
 # ----------------------------------------------------------------------------- transforms

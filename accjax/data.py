@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from accjax import guards
 from accjax import hub
 from accjax.inference import DEFAULT_LENGTH_BUCKETS
 from accjax.tasks import Task, TsvFile, get_task
@@ -70,10 +71,12 @@ from accjax.tokenization import Encoded, Tokenizer, pad
 log = logging.getLogger(__name__)
 
 
+@guards.user_error
 class DataError(ValueError):
     """Data that cannot be used as it is: unknown label, malformed row, missing column."""
 
 
+@guards.user_error
 class DataNotFoundError(FileNotFoundError):
     """A task's data is not where it was looked for; the message says how to supply it."""
 

@@ -116,7 +116,7 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
     return run
 
 
-class Generator:
+class Generator(inference.Planned):
     """Compiled-once generation at any speedup for a decoder LM (GPT-2, Llama).
 
     Args:
@@ -140,11 +140,6 @@ class Generator:
             raise ValueError(f"generation needs an LM head; {loaded.folder} was loaded with head "
                              f"{loaded.head!r} (load it with head='lm')")
         return cls(loaded.module, loaded.params, loaded.config, **kw)
-
-    plan = inference.Predictor.plan
-    schedule = inference.Predictor.schedule
-    traces = inference.Predictor.traces
-    num_programs = inference.Predictor.num_programs
 
     def program(self, batch: int, plan: sched_lib.Plan, max_new_tokens: int, greedy: bool,
                 top_k: int, eos_token_id: int | None, pad_token_id: int):

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from accjax.convert import CheckpointError
+from accjax.guards import CheckpointError
 
 ARCHITECTURES = ("llama",)
 

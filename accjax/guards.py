@@ -35,16 +35,25 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN or an infinity (loss, gradient norm or a parameter)."""
 
 
+_USER_ERRORS: list[type[BaseException]] = [UserError]
+
+
+def user_error(cls: type[BaseException]) -> type[BaseException]:
+    """Class decorator: ``cls`` means bad input (each module owns its error type and lists it
+    here, so this module imports none of them)."""
+    _USER_ERRORS.append(cls)
+    return cls
+
+
+@user_error
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model (``accjax.convert``, ``accjax.gguf_io``); the
+    message names every offending key."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Every exception type that means "bad input": printed in one line, exit 2.
-
-    Imported lazily: each module owns its error type, this is only the list.
-    """
-    from accjax import convert, data, hub, prompting, runfolder, tasks
-
-    return (UserError, data.DataError, data.DataNotFoundError, tasks.UnknownTaskError,
-            hub.ModelNotFoundError, convert.CheckpointError, runfolder.RunFolderBusy,
-            prompting.PromptDataError)
+    """Every exception type that means "bad input": printed in one line, exit 2."""
+    return tuple(_USER_ERRORS)
 
 
 def exit_on_user_error(fn: Callable[[], Any]) -> Any:

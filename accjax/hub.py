@@ -27,7 +27,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from accjax import guards
 
+
+@guards.user_error
 class ModelNotFoundError(FileNotFoundError):
     """A model spec that names no folder, built-in or reachable hub model."""
 

@@ -61,7 +61,36 @@ def load_exported(folder):
     return serving.load_exported(folder)
 
 
-class Predictor:
+class Planned:
+    """What every predictor shares: a length bucket for an input, a plan (``schedule.plan``:
+    the keep-lengths a speedup runs at a padded length) and the counters of its
+    ``programs`` cache. Needs ``cost``, ``bucket``, ``floor``, ``programs`` (and
+    ``length_buckets`` for ``length_bucket``)."""
+
+    @property
+    def traces(self) -> int:
+        return self.programs.traces
+
+    @property
+    def num_programs(self) -> int:
+        return len(self.programs)
+
+    def length_bucket(self, n: int) -> int:
+        return bucket_for(self.length_buckets, n)
+
+    def plan(self, length: int, speedup: float = 1.0, schedule: Sequence[int] | None = None
+             ) -> sched_lib.Plan:
+        """What runs at ``length``: ``schedule.plan`` for a speedup, or an explicit schedule."""
+        if schedule is not None:
+            return sched_lib.explicit(self.cost, length, schedule)
+        return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket, floor=self.floor)
+
+    def schedule(self, length: int, speedup: float) -> tuple[int, ...]:
+        """The keep-lengths ``speedup`` runs at ``length``."""
+        return self.plan(length, speedup).keep
+
+
+class Predictor(Planned):
     """Compiled-once inference for a classification (or base) model at any speedup.
 
     Args:
@@ -108,29 +137,6 @@ class Predictor:
     @classmethod
     def from_loaded(cls, loaded, **kw) -> "Predictor":
         return cls(loaded.module, loaded.params, loaded.config, **kw)
-
-    @property
-    def traces(self) -> int:
-        return self.programs.traces
-
-    @property
-    def num_programs(self) -> int:
-        return len(self.programs)
-
-    # ------------------------------------------------------------------ shapes & schedules
-    def length_bucket(self, n: int) -> int:
-        return bucket_for(self.length_buckets, n)
-
-    def plan(self, length: int, speedup: float = 1.0, schedule: Sequence[int] | None = None
-             ) -> sched_lib.Plan:
-        """What runs at ``length``: ``schedule.plan`` for a speedup, or an explicit schedule."""
-        if schedule is not None:
-            return sched_lib.explicit(self.cost, length, schedule)
-        return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket, floor=self.floor)
-
-    def schedule(self, length: int, speedup: float) -> tuple[int, ...]:
-        """The keep-lengths ``speedup`` runs at ``length``."""
-        return self.plan(length, speedup).keep
 
     # ----------------------------------------------------------------------- programs
     def _forward(self, params, batch, schedule):

@@ -57,11 +57,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from accjax import guards
 from accjax import inference, programs, tokenization
 
 ANSWER_PREFIX = "Answer:"
 
 
+@guards.user_error
 class PromptDataError(ValueError):
     """Unusable prompting data; the message names the file and line."""
 
@@ -375,7 +377,7 @@ def rt_polarity_examples(split: str = "validation", limit: int | None = None) ->
             for r in rows]
 
 
-class DecoderPredictor:
+class DecoderPredictor(inference.Planned):
     """Label-likelihood scoring and greedy generation for a decoder LM (GPT-2, Llama) at any
     speedup, with the interface ``evaluate`` uses (as ``seq2seq.Seq2SeqPredictor``).
 
@@ -417,13 +419,6 @@ class DecoderPredictor:
         if loaded.head != "lm":
             raise ValueError(f"prompting needs the 'lm' head, the model was loaded as {loaded.head!r}")
         return cls(loaded.module, loaded.params, loaded.config, **kw)
-
-    # the bucket / plan / counters of a classifier's Predictor
-    length_bucket = inference.Predictor.length_bucket
-    plan = inference.Predictor.plan
-    schedule = inference.Predictor.schedule
-    traces = inference.Predictor.traces
-    num_programs = inference.Predictor.num_programs
 
     def _chunks(self, batch):
         ids = np.asarray(batch["input_ids"])

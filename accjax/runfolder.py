@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from accjax import guards
 from accjax.guards import UserError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ LOCK_FILE = ".lock"
 _held: dict[str, int] = {}  # resolved run folder -> open lock fd (this process)
 
 
+@guards.user_error
 class RunFolderBusy(UserError):
     """Another process is writing this run folder (wait, or pick another: exit 2)."""
 

@@ -229,7 +229,7 @@ def make_loss_fn(module, *, schedule: tuple[int, ...] | None = None, acc_variant
 
 
 # ----------------------------------------------------------------------------- serving
-class Seq2SeqPredictor:
+class Seq2SeqPredictor(inference.Planned):
     """Compiled-once generation and scoring for a T5 model at any speedup.
 
     Inputs of any length are right-padded to the smallest length bucket that holds them and
@@ -259,13 +259,6 @@ class Seq2SeqPredictor:
         if loaded.head != "lm":
             raise ValueError(f"generation needs the 'lm' head, the model was loaded as {loaded.head!r}")
         return cls(loaded.module, loaded.params, loaded.config, **kw)
-
-    # the bucket / plan / counters of a classifier's Predictor
-    length_bucket = inference.Predictor.length_bucket
-    plan = inference.Predictor.plan
-    schedule = inference.Predictor.schedule
-    traces = inference.Predictor.traces
-    num_programs = inference.Predictor.num_programs
 
     def _program(self, key: tuple, fn, *specs):
         return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))

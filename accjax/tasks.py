@@ -30,7 +30,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from accjax import guards
 
+
+@guards.user_error
 class UnknownTaskError(KeyError):
     """A task name that is neither built in nor a file spec."""
 

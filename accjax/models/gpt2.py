@@ -262,6 +262,46 @@ def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
         scale_init=common.ones_init(("embed",)), bias_init=common.zeros_init(("embed",)))
 
 
+def run_blocks(blocks, final_norm, x: Array, rows, protect_positions: Array, schedule, *,
+               output_hidden_states: bool, output_attentions: bool, **kw) -> "GPT2Output":
+    """A decoder's blocks in turn (block i keeps ``schedule[i]`` rows), then the final norm,
+    collecting what HF returns (GPT-2 and Llama): ``kw`` goes to every block."""
+    hidden_states = [x] if output_hidden_states else None
+    attentions = [] if output_attentions else None
+    layers = []
+    for i, block in enumerate(blocks):
+        x, rows, out = block(x, rows, protect_positions, keep=None if schedule is None else schedule[i],
+                             output_attentions=output_attentions, **kw)
+        if output_attentions:
+            attentions.append(out.pop("attentions"))
+        if output_hidden_states and i < len(blocks) - 1:
+            hidden_states.append(x)
+        layers.append(out)
+    x = final_norm(x)  # [B, K_L, D]
+    if output_hidden_states:
+        hidden_states.append(x)  # as HF: the last entry is after the final norm
+    return GPT2Output(last_hidden_state=x, rows=rows, layers=tuple(layers),
+                      hidden_states=None if hidden_states is None else tuple(hidden_states),
+                      attentions=None if attentions is None else tuple(attentions))
+
+
+def eliminate_prompt_rows(scores, keep: int, rows, last, out: dict, *tensors, recent: bool,
+                          protect_first: bool):
+    """A causal decoder's elimination after attention (GPT-2 and Llama): the last token always
+    kept (``last``), the first as an attention sink when ``protect_first``; ``recent`` ranks by
+    position instead of ACC. Records acc / keep_idx / positions in ``out``; returns (rows,
+    tensors gathered to the kept rows)."""
+    if recent:
+        scores = jnp.where(rows.mask, rows.positions.astype(jnp.float32), -jnp.inf)
+        scores = jnp.where(last & rows.mask, jnp.inf, scores)
+    if protect_first:
+        sink = (rows.positions == 0) & rows.mask & ~last
+        scores = jnp.where(sink, _SINK_SCORE, scores)
+    idx, rows, tensors = acc_lib.eliminate(scores, keep, rows, *tensors)
+    out.update(acc=scores, keep_idx=idx, positions=rows.positions)
+    return rows, tensors
+
+
 # ------------------------------------------------------------------------------ modules
 class GPT2Block(nn.Module):
     """One pre-LN decoder block: x + attn(ln_1(x)), then + mlp(ln_2(.)).
@@ -340,16 +380,9 @@ class GPT2Block(nn.Module):
         if output_attentions:
             out["attentions"] = probs
 
-        if eliminate:
-            if recent:
-                scores = jnp.where(rows.mask, rows.positions.astype(jnp.float32), -jnp.inf)
-                scores = jnp.where(last & rows.mask, jnp.inf, scores)
-            if cfg.protect_first:
-                sink = (rows.positions == 0) & rows.mask & ~last
-                scores = jnp.where(sink, _SINK_SCORE, scores)
-            idx, rows, (ctx, x, k, v) = acc_lib.eliminate(scores, keep, rows, ctx, x, k, v)
-            # ctx, k, v [B, K, N, H]; x [B, K, D]
-            out.update(acc=scores, keep_idx=idx, positions=rows.positions)
+        if eliminate:  # ctx, k, v [B, K, N, H]; x [B, K, D]
+            rows, (ctx, x, k, v) = eliminate_prompt_rows(scores, keep, rows, last, out, ctx, x, k, v,
+                                                         recent=recent, protect_first=cfg.protect_first)
         if return_kv:
             out.update(k=k, v=v, rows=rows)
         return self._finish(x, ctx, deterministic), rows, out
@@ -441,26 +474,9 @@ class GPT2Model(nn.Module):
 
         x = self.wte(input_ids) + self.wpe(rows.positions)  # [B, T, D]
         x = self.embd_drop(x, deterministic=deterministic)
-        hidden_states = [x] if output_hidden_states else None
-        attentions = [] if output_attentions else None
-        layers = []
-        for i, block in enumerate(self.blocks):
-            x, rows, out = block(
-                x, rows, protect_positions, keep=None if schedule is None else schedule[i],
-                acc_variant=acc_variant, deterministic=deterministic,
-                output_attentions=output_attentions, return_kv=return_kv)
-            if output_attentions:
-                attentions.append(out.pop("attentions"))
-            if output_hidden_states and i < cfg.num_layers - 1:
-                hidden_states.append(x)
-            layers.append(out)
-        x = self.ln_f(x)  # [B, K_L, D]
-        if output_hidden_states:
-            hidden_states.append(x)  # as HF: the last entry is after the final LayerNorm
-        return GPT2Output(
-            last_hidden_state=x, rows=rows, layers=tuple(layers),
-            hidden_states=None if hidden_states is None else tuple(hidden_states),
-            attentions=None if attentions is None else tuple(attentions))
+        return run_blocks(self.blocks, self.ln_f, x, rows, protect_positions, schedule,
+                          output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                          acc_variant=acc_variant, deterministic=deterministic, return_kv=return_kv)
 
     def attend(self, x: Array) -> Array:
         """Tied LM head: [..., D] -> [..., V] float32 logits (x @ wte^T)."""

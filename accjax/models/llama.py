@@ -45,7 +45,7 @@ from jax import lax
 from accjax import acc as acc_lib
 from accjax import attention as attn_lib
 from accjax.models import common
-from accjax.models.gpt2 import RANKINGS, KVCache, _SINK_SCORE, build_cache
+from accjax.models.gpt2 import RANKINGS, KVCache, build_cache, eliminate_prompt_rows, run_blocks
 from accjax.models.gpt2 import GPT2Output as LlamaOutput  # one output type for every decoder
 from accjax.models.gpt2 import last_real_position
 
@@ -319,16 +319,9 @@ class LlamaBlock(nn.Module):
         )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
         if output_attentions:
             out["attentions"] = probs
-        if eliminate:
-            if recent:
-                scores = jnp.where(rows.mask, rows.positions.astype(jnp.float32), -jnp.inf)
-                scores = jnp.where(last & rows.mask, jnp.inf, scores)
-            if cfg.protect_first:
-                sink = (rows.positions == 0) & rows.mask & ~last
-                scores = jnp.where(sink, _SINK_SCORE, scores)
-            idx, rows, (ctx, x, k, v) = acc_lib.eliminate(scores, keep, rows, ctx, x, k, v)
-            # ctx [B, K, N, H]; x [B, K, D]; k, v [B, K, G, H]; rows keep original positions
-            out.update(acc=scores, keep_idx=idx, positions=rows.positions)
+        if eliminate:  # ctx [B, K, N, H]; x [B, K, D]; k, v [B, K, G, H]; original positions kept
+            rows, (ctx, x, k, v) = eliminate_prompt_rows(scores, keep, rows, last, out, ctx, x, k, v,
+                                                         recent=recent, protect_first=cfg.protect_first)
         if return_kv:
             out.update(k=k, v=v, rows=rows)
         return self._finish(x, ctx), rows, out
@@ -385,26 +378,9 @@ class LlamaModel(nn.Module):
         if protect_positions is None:
             protect_positions = last_real_position(rows.mask)
         x = self.embed_tokens(input_ids)  # [B, T, D]
-        hidden_states = [x] if output_hidden_states else None
-        attentions = [] if output_attentions else None
-        layers = []
-        for i, block in enumerate(self.blocks):
-            x, rows, out = block(x, rows, protect_positions,
-                                 keep=None if schedule is None else schedule[i],
-                                 acc_variant=acc_variant, output_attentions=output_attentions,
-                                 return_kv=return_kv)
-            if output_attentions:
-                attentions.append(out.pop("attentions"))
-            if output_hidden_states and i < cfg.num_layers - 1:
-                hidden_states.append(x)
-            layers.append(out)
-        x = self.norm(x)  # [B, K_L, D]
-        if output_hidden_states:
-            hidden_states.append(x)  # as HF: the last entry is after the final norm
-        return LlamaOutput(
-            last_hidden_state=x, rows=rows, layers=tuple(layers),
-            hidden_states=None if hidden_states is None else tuple(hidden_states),
-            attentions=None if attentions is None else tuple(attentions))
+        return run_blocks(self.blocks, self.norm, x, rows, protect_positions, schedule,
+                          output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                          acc_variant=acc_variant, return_kv=return_kv)
 
     def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """New tokens [B, T] against the cache -> (hidden [B, T, D] after the norm, cache)."""
