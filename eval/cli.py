@@ -82,6 +82,9 @@ def run(main: Callable[[], dict | None], *, json_path: str | None = None,
     except (*guards.user_errors(), ValueError, FileNotFoundError, KeyError, *errors) as e:
         print(f"error: {guards.one_line(e)}", file=sys.stderr)
         return 2
+    except guards.NonFiniteError as e:  # the default run's training diverged: one line, exit 1
+        print(f"error: {guards.one_line(e)}", file=sys.stderr)
+        return 1
     if out is not None and result is not None:
         from accjax import benchmark
 
