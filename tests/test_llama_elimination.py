@@ -56,7 +56,9 @@ def test_kept_rows_keep_their_original_rotation(tiny):
     original = oracle(torch.tensor(idx))
     compacted = oracle(torch.arange(10)[None].expand(2, 10))
     got = np.asarray(out.logits)
-    assert np.abs(got - original).max() <= 1e-5
+    # 2e-5: fp32 rounding (the one masked softmax of accjax.attention vs HF's: 1.03e-5 seen),
+    # three orders of magnitude under what compacted positions change
+    assert np.abs(got - original).max() <= 2e-5
     assert np.abs(got - compacted).max() > 1e-2  # the test can tell the two apart
 
 
