@@ -285,6 +285,21 @@ def run_blocks(blocks, final_norm, x: Array, rows, protect_positions: Array, sch
                       attentions=None if attentions is None else tuple(attentions))
 
 
+def extend_blocks(blocks, final_norm, x: Array, positions: Array, cache):
+    """New tokens' hidden states [B, T, D] through every block against its KV cache (GPT-2 and
+    Llama) -> (the final norm of x, the updated cache)."""
+    ks, vs, ms, ps = [], [], [], []
+    for l, block in enumerate(blocks):
+        start = cache.prompt_slots[l] + cache.step
+        x, (k, v, m, p) = block.extend(x, cache.keys[l], cache.values[l], cache.mask[l],
+                                       cache.positions[l], positions, start)
+        ks.append(k), vs.append(v), ms.append(m), ps.append(p)
+    t = positions.shape[1]
+    cache = cache.replace(keys=tuple(ks), values=tuple(vs), mask=tuple(ms), positions=tuple(ps),
+                          next_position=cache.next_position + t, step=cache.step + t)
+    return final_norm(x), cache
+
+
 def eliminate_prompt_rows(scores, keep: int, rows, last, out: dict, *tensors, recent: bool,
                           protect_first: bool):
     """A causal decoder's elimination after attention (GPT-2 and Llama): the last token always
@@ -487,15 +502,7 @@ class GPT2Model(nn.Module):
         t = input_ids.shape[1]
         positions = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
-        ks, vs, ms, ps = [], [], [], []
-        for l, block in enumerate(self.blocks):
-            start = cache.prompt_slots[l] + cache.step
-            x, (k, v, m, p) = block.extend(x, cache.keys[l], cache.values[l], cache.mask[l],
-                                           cache.positions[l], positions, start)
-            ks.append(k), vs.append(v), ms.append(m), ps.append(p)
-        cache = cache.replace(keys=tuple(ks), values=tuple(vs), mask=tuple(ms), positions=tuple(ps),
-                              next_position=cache.next_position + t, step=cache.step + t)
-        return self.ln_f(x), cache
+        return extend_blocks(self.blocks, self.ln_f, x, positions, cache)
 
 
 def build_cache(out: GPT2Output, real_lengths: Array, max_new_tokens: int) -> KVCache:

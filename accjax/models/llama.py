@@ -45,7 +45,7 @@ from jax import lax
 from accjax import acc as acc_lib
 from accjax import attention as attn_lib
 from accjax.models import common
-from accjax.models.gpt2 import RANKINGS, KVCache, build_cache, eliminate_prompt_rows, run_blocks
+from accjax.models.gpt2 import RANKINGS, KVCache, build_cache, eliminate_prompt_rows, extend_blocks, run_blocks
 from accjax.models.gpt2 import GPT2Output as LlamaOutput  # one output type for every decoder
 from accjax.models.gpt2 import last_real_position
 
@@ -387,15 +387,7 @@ class LlamaModel(nn.Module):
         t = input_ids.shape[1]
         positions = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
         x = self.embed_tokens(input_ids)
-        ks, vs, ms, ps = [], [], [], []
-        for l, block in enumerate(self.blocks):
-            start = cache.prompt_slots[l] + cache.step
-            x, (k, v, m, p) = block.extend(x, cache.keys[l], cache.values[l], cache.mask[l],
-                                           cache.positions[l], positions, start)
-            ks.append(k), vs.append(v), ms.append(m), ps.append(p)
-        cache = cache.replace(keys=tuple(ks), values=tuple(vs), mask=tuple(ms), positions=tuple(ps),
-                              next_position=cache.next_position + t, step=cache.step + t)
-        return self.norm(x), cache
+        return extend_blocks(self.blocks, self.norm, x, positions, cache)
 
 
 class LlamaForCausalLM(nn.Module):
