@@ -95,9 +95,15 @@ def base_config(objective: str, mode: str):
     c.elimination.speedup = 2.0  # fixed mode: the training speedup
     c.elimination.speedup_range = (1.0, 4.0)  # elastic mode: speedups drawn from this range ...
     c.elimination.levels = 7  # ... quantised to this many levels (bounds the compiled train programs)
+    c.elimination.sandwich = False  # elastic: every step also trains the full model (1x) and the top level
+    c.elimination.samples = 1  # elastic: levels drawn per step (sandwich: besides 1x and the top; may be 0)
     c.elimination.acc_variant = "plain"  # ACC form ranking the rows (accjax.acc.VARIANTS)
     c.elimination.bucket = 8  # keep-lengths rounded up to multiples of this (powers of two below it)
     c.elimination.floor = 1  # no layer keeps fewer rows
+
+    c.distill = ml_collections.ConfigDict()  # in-place distillation (needs elimination.sandwich)
+    c.distill.weight = 0.0  # each eliminated pass: (1 - w) task loss + w distillation from the step's 1x pass
+    c.distill.temperature = 1.0  # softmax temperature of the soft targets (classification)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.speedups = (1.0, 1.5, 2.0, 3.0, 4.0)  # dev evaluation at each epoch end, at each speedup
@@ -144,13 +150,25 @@ def validate_config(config) -> None:
          f"dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
     need(str(config.run_dir).strip() != "", "run_dir must be set")
     guards.check_optim(config.optim)
-    # Constructing the sampler checks the elimination values.
     el = config.elimination
-    try:
-        train_lib.SpeedupSampler(el.mode, speedup=el.speedup, speedup_range=tuple(el.speedup_range),
-                                 levels=el.levels)
+    need(not el.sandwich or (el.mode == "elastic" and config.objective == "classification"),
+         "elimination.sandwich needs elimination.mode 'elastic' and objective 'classification'")
+    need(0 <= float(config.distill.weight) <= 1, f"distill.weight must be in [0, 1], got {config.distill.weight}")
+    need(float(config.distill.weight) == 0 or el.sandwich,
+         "distill.weight > 0 needs elimination.sandwich = True (the teacher is the step's 1x pass)")
+    need(float(config.distill.temperature) > 0, f"distill.temperature must be > 0, got {config.distill.temperature}")
+    try:  # constructing the sampler checks the elimination values
+        sampler(config)
     except ValueError as e:
         raise guards.UserError(f"config: {e}") from None
+
+
+def sampler(config) -> train_lib.SpeedupSampler:
+    """The training speedups of each step, as ``config.elimination`` says."""
+    el = config.elimination
+    return train_lib.SpeedupSampler(el.mode, speedup=el.speedup, speedup_range=tuple(el.speedup_range),
+                                    levels=el.levels, seed=int(config.seed), sandwich=bool(el.sandwich),
+                                    samples=int(el.samples))
 
 
 # ------------------------------------------------------------------------------- models
@@ -236,7 +254,10 @@ class _Base:
         el = self.config.elimination
         mode = el.mode if el.mode == "dense" else (
             f"fixed {el.speedup:g}x" if el.mode == "fixed"
-            else f"elastic {len(sampler.levels)} levels {[round(s, 3) for s in sampler.levels]}")
+            else f"elastic {len(sampler.levels)} levels {[round(s, 3) for s in sampler.levels]}"
+            + (f", sandwich: 1x + top + {sampler.samples} drawn per step"
+               + (f", distillation weight {self.config.distill.weight:g}" if self.config.distill.weight else "")
+               if sampler.sandwich else ""))
         return (f"{self.objective}: {self.config.model} ({n_params:,} "
                 f"params, {self.config.dtype}) on {self.task_name}; {per_epoch} steps/epoch x "
                 f"{self.config.epochs} epochs = {total} steps of {self.config.batch_size}; mesh "

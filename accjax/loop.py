@@ -16,6 +16,8 @@ interrupted).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -24,7 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -145,22 +147,31 @@ class FitResult:
     seconds_per_epoch: list[float]
 
 
+def step_static(exp, el, speeds, batch):
+    """A step's static train-program argument: the schedule of its one pass (None = dense),
+    or ``train.Passes`` of its several (sandwich), for the batch's length bucket."""
+    scheds = tuple(None if s is None else sched_lib.plan(
+        exp.cost, exp.schedule_length(batch), s, bucket=int(el.bucket), floor=int(el.floor)).schedule
+        for s in speeds)
+    if len(scheds) == 1:
+        return scheds[0]
+    return train_lib.Passes(scheds, float(exp.config.distill.weight), float(exp.config.distill.temperature))
+
+
 def step_programs(exp, sampler, el, start: int, total: int) -> list[tuple[dict, Any]]:
-    """(a batch of every shape the run's steps will see, schedule) for each distinct train
-    program: the batch shapes of one epoch x the sampler's levels."""
+    """(a batch of every shape the run's steps will see, static argument) for each distinct
+    train program: the batch shapes of one epoch x the sampler's level combinations."""
     shapes = {}
     first, _ = exp.train.position(start)
     n = 1 if exp.objective == "seq2seq" else len(exp.train)  # text-to-text batches have one shape
     for i in range(n) if start < total else ():
         b = exp.train.batch(first, i)
         shapes.setdefault(tuple(sorted((k, v.shape) for k, v in b.items())), b)
-    speeds = [None] if sampler.mode == "dense" else list(sampler.levels)
     work = {}
-    for b in shapes.values():
-        for s in speeds:
-            sched = None if s is None else sched_lib.plan(
-                exp.cost, exp.schedule_length(b), s, bucket=int(el.bucket), floor=int(el.floor)).schedule
-            work.setdefault((tuple(sorted((k, v.shape) for k, v in b.items())), sched), (b, sched))
+    for key, b in shapes.items():
+        for speeds in sampler.combinations():
+            static = step_static(exp, el, speeds, b)
+            work.setdefault((key, static), (b, static))
     return list(work.values())
 
 
@@ -201,8 +212,7 @@ def fit(config) -> FitResult:
     trainer = train_lib.Trainer(exp.loss_fn, tx, lr, mesh, rules, exp.param_specs, seed=int(config.seed),
                       dropout=bool(config.dropout), forward=exp.forward)
     el = config.elimination
-    sampler = train_lib.SpeedupSampler(el.mode, speedup=el.speedup, speedup_range=tuple(el.speedup_range),
-                             levels=el.levels, seed=int(config.seed))
+    sampler = exp_lib.sampler(config)
 
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +268,7 @@ def fit(config) -> FitResult:
                dynamic_ncols=True, mininterval=1.0)
     every = int(config.checkpoint.every_steps)
     log_every = max(1, int(config.log_every_steps))
-    pending: list[tuple[float | None, dict, float]] = []  # (speedup, device metrics, real examples)
+    pending: list[tuple[tuple, dict, float]] = []  # (the passes' speedups, device metrics, real examples)
     t_log, t_epoch, epoch_times = time.perf_counter(), time.perf_counter(), []
     cpu_epoch, epoch_cpu = time.process_time(), []  # process CPU seconds (all threads)
     delay = float(config.debug.step_delay_s)
@@ -281,7 +291,7 @@ def fit(config) -> FitResult:
         mean = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
         rec = {"step": step, "epoch": round(step / nb, 4), **mean,
                "examples_per_s": n_ex / dt if dt > 0 else None}
-        speeds = [s for s, _, _ in pending if s is not None]
+        speeds = [s for ss, _, _ in pending for s in ss if s is not None]
         if speeds:
             rec["train_speedup_mean"] = float(np.mean(speeds))
         mlog.write(rec, {k: v for k, v in rec.items() if k not in ("step", "epoch")}, prefix="train/")
@@ -293,11 +303,9 @@ def fit(config) -> FitResult:
     while step < total:
         epoch, index = exp.train.position(step)
         batch = exp.train.batch(epoch, index)
-        s = sampler.speedup(step)
-        sched = None if s is None else sched_lib.plan(exp.cost, exp.schedule_length(batch), s,
-                                                      bucket=int(el.bucket), floor=int(el.floor)).schedule
-        state, metrics = trainer.step(state, batch, sched)
-        pending.append((s, metrics, float(np.sum(batch["weights"])) if "weights" in batch
+        speeds = sampler.speedups(step)
+        state, metrics = trainer.step(state, batch, step_static(exp, el, speeds, batch))
+        pending.append((speeds, metrics, float(np.sum(batch["weights"])) if "weights" in batch
                         else float(len(next(iter(batch.values()))))))
         step += 1
         if first_step_at is None:
@@ -374,6 +382,39 @@ def fit(config) -> FitResult:
               + evaluation.format_table(final), flush=True)
         runfolder.unlock(run_dir)
     return FitResult(run_dir, step, resumed_from, best, final, epoch_times)
+
+
+def fit_seeds(config, seeds: Sequence[int]) -> dict:
+    """``fit`` once per seed, into ``run_dir/seed{N}``, then the final rows' mean and sample
+    standard deviation over the seeds per (split, speedup), written to ``run_dir/seeds.json``
+    and ``seeds.md``. Runs that differ only in the seed share their compiled programs."""
+    base, runs = Path(config.run_dir), []
+    for seed in seeds:
+        c = copy.deepcopy(config)
+        with c.unlocked() if hasattr(c, "unlocked") else contextlib.nullcontext():
+            c.seed, c.run_dir = int(seed), str(base / f"seed{int(seed)}")
+        runs.append(fit(c))
+    groups: dict[tuple, list[dict]] = {}
+    for res in runs:
+        for r in res.final_eval:
+            groups.setdefault((r["split"], r["speedup"]), []).append(r)
+    rows = [{"split": split, "speedup": speedup, "seeds": len(rs),
+             "mean": float(np.mean([r["primary"] for r in rs])),
+             "std": float(np.std([r["primary"] for r in rs], ddof=1)) if len(rs) > 1 else 0.0,
+             "values": [r["primary"] for r in rs],
+             "analytic_speedup": float(np.mean([r["analytic_speedup"] for r in rs]))}
+            for (split, speedup), rs in groups.items()]
+    out = {"config": config_dict(config), "seeds": [int(x) for x in seeds], "rows": rows,
+           "train_seconds": [sum(r.seconds_per_epoch) for r in runs]}
+    if shard_lib.is_primary():
+        (base / "seeds.json").write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
+        lines = [f"| split | speedup | analytic | mean +- std over seeds {list(out['seeds'])} | values |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {r['split']} | {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['mean']:.2f} +- "
+                  f"{r['std']:.2f} | {', '.join(f'{v:.2f}' for v in r['values'])} |" for r in rows]
+        (base / "seeds.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------ default model

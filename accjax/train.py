@@ -43,7 +43,9 @@ metrics)`` plugs in.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import logging
 import math
 from typing import Any, Callable, Sequence
@@ -122,6 +124,58 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
 
 
 # ----------------------------------------------------------------------------------- losses
+def _logits(module, params, batch, rng, schedule, acc_variant):
+    kw = {} if rng is None else {"rngs": {"dropout": rng}}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    out = module.apply({"params": params}, **inputs, schedule=schedule, acc_variant=acc_variant,
+                       deterministic=rng is None, **kw)
+    return out.logits.astype(jnp.float32)  # [B, C]
+
+
+def _weighted_mean(per: Array, batch: dict[str, Array]) -> Array:
+    w = batch["weights"].astype(jnp.float32)  # [B], 0 on filler rows
+    return (per * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def task_loss(logits: Array, batch: dict[str, Array], num_labels: int) -> tuple[Array, dict[str, Array]]:
+    """Weighted cross-entropy (classes) or mean squared error (``num_labels == 1``) of [B, C]
+    logits; (loss, {'accuracy' in percent, or 'mse'}), means over real rows."""
+    if num_labels == 1:
+        loss = _weighted_mean((logits[:, 0] - batch["labels"].astype(jnp.float32)) ** 2, batch)
+        return loss, {"mse": loss}
+    labels = batch["labels"].astype(jnp.int32)
+    loss = _weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), batch)
+    return loss, {"accuracy": 100.0 * _weighted_mean(jnp.argmax(logits, -1) == labels, batch)}
+
+
+def distill_loss(student: Array, teacher: Array, batch: dict[str, Array], num_labels: int,
+                 temperature: float = 1.0) -> Array:
+    """What a student pass pays for departing from the teacher (the same step's full-model
+    pass): T^2 KL(softmax(teacher / T) || softmax(student / T)) for classes (Hinton et al.;
+    the T^2 keeps its gradient scale independent of T), the squared difference of the
+    predictions for regression; a weighted mean over real rows. Zero when they agree; no
+    gradient reaches the teacher."""
+    teacher = jax.lax.stop_gradient(teacher)
+    if num_labels == 1:
+        return _weighted_mean((student[:, 0] - teacher[:, 0]) ** 2, batch)
+    t = jax.nn.log_softmax(teacher / temperature, -1)
+    s = jax.nn.log_softmax(student / temperature, -1)
+    kl = (jnp.exp(t) * (t - s)).sum(-1)  # [B]
+    return temperature ** 2 * _weighted_mean(kl, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Passes:
+    """The passes of one elastic step (a static, hashable train-program key): one schedule
+    each (None = the full model). The loss is their sum; with ``distill_weight`` > 0 and a
+    full-model first pass, every later pass's loss is (1 - w) task loss + w distillation
+    from that first pass (in-place distillation)."""
+
+    schedules: tuple
+    distill_weight: float = 0.0
+    temperature: float = 1.0
+
+
 def classification_loss(module, params, batch: dict[str, Array], rng: Array | None, schedule, *,
                         num_labels: int, acc_variant: str = "plain") -> tuple[Array, dict[str, Array]]:
     """Weighted cross-entropy (classes) or mean squared error (``num_labels == 1``).
@@ -130,36 +184,38 @@ def classification_loss(module, params, batch: dict[str, Array], rng: Array | No
       batch: input_ids / attention_mask / token_type_ids [B, T], labels [B] (int class ids,
         or float targets), weights [B] (0 for filler rows).
       rng: dropout key; None = deterministic.
-      schedule: static keep-lengths, None = dense.
+      schedule: static keep-lengths, None = dense; or ``Passes`` (several passes, summed).
     Returns:
-      (loss, {'loss', 'accuracy' (classification) or 'mse'}): means over real rows.
+      (loss, {'loss', 'accuracy' (classification) or 'mse'}): means over real rows; for
+      ``Passes`` the metrics of the first pass and the mean distillation term.
     """
-    kw = {} if rng is None else {"rngs": {"dropout": rng}}
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    out = module.apply({"params": params}, **inputs, schedule=schedule, acc_variant=acc_variant,
-                       deterministic=rng is None, **kw)
-    logits = out.logits.astype(jnp.float32)  # [B, C]
-    w = batch["weights"].astype(jnp.float32)  # [B]
-    n = jnp.maximum(w.sum(), 1.0)
-    if num_labels == 1:
-        per = (logits[:, 0] - batch["labels"].astype(jnp.float32)) ** 2  # [B]
-        loss = (per * w).sum() / n
-        return loss, {"mse": loss}
-    labels = batch["labels"].astype(jnp.int32)
-    per = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B]
-    loss = (per * w).sum() / n
-    acc = 100.0 * ((jnp.argmax(logits, -1) == labels) * w).sum() / n  # percent, as dev metrics
-    return loss, {"accuracy": acc}
+    if not isinstance(schedule, Passes):
+        return task_loss(_logits(module, params, batch, rng, schedule, acc_variant), batch, num_labels)
+    total, first, teacher, kd = 0.0, None, None, []
+    for i, sched in enumerate(schedule.schedules):
+        r = None if rng is None else jax.random.fold_in(rng, i)  # each pass its own dropout
+        logits = _logits(module, params, batch, r, sched, acc_variant)
+        loss, metrics = task_loss(logits, batch, num_labels)
+        if teacher is not None and schedule.distill_weight > 0:
+            kd.append(distill_loss(logits, teacher, batch, num_labels, schedule.temperature))
+            loss = (1 - schedule.distill_weight) * loss + schedule.distill_weight * kd[-1]
+        if i == 0 and sched is None:
+            teacher = logits
+        first = metrics if first is None else first
+        total = total + loss
+    if kd:
+        first = {**first, "distill": sum(kd) / len(kd)}
+    return total, first
 
 
 def make_classification_loss(module, num_labels: int, acc_variant: str = "plain") -> LossFn:
-    """``loss_fn(params, batch, rng, schedule)`` for ``Trainer``."""
+    """``loss_fn(params, batch, rng, schedule or Passes)`` for ``Trainer``."""
     return functools.partial(classification_loss, module, num_labels=num_labels, acc_variant=acc_variant)
 
 
 # -------------------------------------------------------------------------------- sampling
 class SpeedupSampler:
-    """The training speedup of each step (None = dense); see the module docstring.
+    """The training speedups of each step (None = dense); see the module docstring.
 
     Args:
       mode: 'dense' | 'fixed' | 'elastic'.
@@ -167,13 +223,18 @@ class SpeedupSampler:
       speedup_range: (low, high) of the elastic mode.
       levels: K, the elastic range is ``np.linspace(low, high, K)``.
       seed: with the step, seeds the level draw.
+      sandwich: elastic: every step also runs the full model (1x) and the top level (the
+        sandwich rule of slimmable networks), besides ``samples`` levels drawn from those
+        strictly between.
+      samples: elastic: levels drawn per step (distinct; without sandwich at least 1).
     """
 
     def __init__(self, mode: str, *, speedup: float = 1.0, speedup_range: Sequence[float] = (1.0, 1.0),
-                 levels: int = 1, seed: int = 0):
+                 levels: int = 1, seed: int = 0, sandwich: bool = False, samples: int = 1):
         if mode not in MODES:
             raise ValueError(f"elimination.mode must be one of {MODES}, not {mode!r}")
         self.mode, self.seed = mode, int(seed)
+        self.sandwich, self.samples = bool(sandwich) and mode == "elastic", int(samples)
         if mode == "fixed":
             if not float(speedup) >= 1:
                 raise ValueError(f"elimination.speedup must be >= 1, got {speedup}")
@@ -188,19 +249,52 @@ class SpeedupSampler:
             self.levels = tuple(float(x) for x in np.linspace(lo, hi, int(levels)))
         else:
             self.levels = (1.0,)
+        # the levels a step draws from: with the sandwich, those strictly between 1x and the top
+        self.pool = tuple(x for x in self.levels if 1.0 < x < self.levels[-1]) if self.sandwich else self.levels
+        if mode == "elastic" and not (int(not self.sandwich) <= self.samples <= len(self.pool)):
+            raise ValueError(f"elimination.samples must be in [{int(not self.sandwich)}, {len(self.pool)}] "
+                             f"(levels {'strictly between 1x and the top' if self.sandwich else 'drawn from'}: "
+                             f"{len(self.pool)}), got {self.samples}")
 
     def level(self, step: int) -> int:
         if len(self.levels) == 1:
             return 0
         return int(np.random.default_rng([self.seed, int(step)]).integers(len(self.levels)))
 
-    def speedup(self, step: int) -> float | None:
+    def speedups(self, step: int) -> tuple[float | None, ...]:
+        """The passes of step ``step``: one speedup each (None = dense), a pure function of
+        (seed, step)."""
         if self.mode == "dense":
-            return None
-        return self.levels[self.level(step)]
+            return (None,)
+        if not self.sandwich and self.samples == 1:  # one level per step: the original draw
+            return (self.levels[self.level(step)],)
+        drawn = np.random.default_rng([self.seed, int(step)]).choice(len(self.pool), self.samples, replace=False)
+        sampled = tuple(self.pool[i] for i in sorted(drawn))
+        return ((1.0, self.levels[-1]) if self.sandwich else ()) + sampled
+
+    def combinations(self) -> list[tuple[float | None, ...]]:
+        """Every value ``speedups`` can return (each is one train program per length bucket)."""
+        if self.mode != "elastic":
+            return [self.speedups(0)]
+        if not self.sandwich and self.samples == 1:
+            return [(x,) for x in self.levels]
+        head = (1.0, self.levels[-1]) if self.sandwich else ()
+        return [head + c for c in itertools.combinations(self.pool, self.samples)]
+
+    def speedup(self, step: int) -> float | None:
+        """The one speedup of a single-pass step."""
+        (s,) = self.speedups(step)
+        return s
 
 
 # ---------------------------------------------------------------------------------- trainer
+def static_schedule(schedule):
+    """A step's static argument: None (dense), a tuple of ints, or ``Passes`` as it is."""
+    if schedule is None or isinstance(schedule, Passes):
+        return schedule
+    return tuple(int(k) for k in schedule)
+
+
 class Trainer:
     """Compiled, sharded train and eval steps for one model and optimizer.
 
@@ -272,8 +366,10 @@ class Trainer:
         return shard_lib.to_global(batch, self.batch_shardings(batch))
 
     # ----------------------------------------------------------------------------- steps
-    def _train_step(self, state: TrainState, batch: dict[str, Array], schedule):
-        rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step) if self.dropout else None
+    def _train_step(self, state: TrainState, batch: dict[str, Array], seed: Array, schedule):
+        # the seed is an input, not a constant: runs that differ only in it share programs
+        # (and persistent-cache entries)
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step) if self.dropout else None
 
         def loss(params):
             return self.loss_fn(self._gathered(params), batch, rng, schedule)
@@ -297,10 +393,10 @@ class Trainer:
     def _lower_train(self, state: TrainState, batch: dict[str, Any], schedule):
         st_sh = jax.tree.map(lambda x: x.sharding, state)
         b_sh, spec = self._specs(batch)
-        fn = jax.jit(self.programs.counted(self._train_step), in_shardings=(st_sh, b_sh),
-                     out_shardings=(st_sh, shard_lib.replicated(self.mesh)),
-                     static_argnums=2, donate_argnums=0)
-        return fn.lower(state, spec, schedule)
+        repl = shard_lib.replicated(self.mesh)
+        fn = jax.jit(self.programs.counted(self._train_step), in_shardings=(st_sh, b_sh, repl),
+                     out_shardings=(st_sh, repl), static_argnums=3, donate_argnums=0)
+        return fn.lower(state, spec, jax.ShapeDtypeStruct((), jnp.uint32, sharding=repl), schedule)
 
     def train_program(self, state: TrainState, batch: dict[str, Any], schedule):
         """The compiled step for this (batch shapes, schedule); compiled on first use only."""
@@ -316,10 +412,11 @@ class Trainer:
 
     def step(self, state: TrainState, batch: dict[str, np.ndarray], schedule=None
              ) -> tuple[TrainState, dict[str, Array]]:
-        """One update on a GLOBAL host batch; ``state`` is donated (do not reuse it)."""
-        schedule = None if schedule is None else tuple(int(k) for k in schedule)
+        """One update on a GLOBAL host batch; ``state`` is donated (do not reuse it).
+        ``schedule``: keep-lengths, None (dense) or ``Passes``."""
+        schedule = static_schedule(schedule)
         prog = self.train_program(state, batch, schedule)
-        return prog(state, self.put_batch(batch))
+        return prog(state, self.put_batch(batch), np.uint32(self.seed))
 
     def eval_program(self, params, batch: dict[str, Any], schedule):
         """The compiled ``forward`` for this (batch shapes, schedule); compiled on first use."""
@@ -350,6 +447,5 @@ class Trainer:
 
     def eval_outputs(self, params: Any, batch: dict[str, np.ndarray], schedule=None) -> np.ndarray:
         """``forward`` on a GLOBAL host batch with sharded params -> [B, ...] numpy (every process)."""
-        schedule = None if schedule is None else tuple(int(k) for k in schedule)
-        prog = self.eval_program(params, batch, schedule)
+        prog = self.eval_program(params, batch, static_schedule(schedule))
         return np.asarray(prog(params, shard_lib.to_global(batch, self.batch_shardings(batch))))

@@ -50,10 +50,10 @@ def random_batch(b=16, t=16, vocab=99, seed=0, fillers=3):
             "labels": rng.integers(0, 2, b).astype(np.int32), "weights": weights}
 
 
-def make_trainer(mesh, rules, module, specs, *, num_labels=2, dropout=True, total=10, **opt):
+def make_trainer(mesh, rules, module, specs, *, num_labels=2, dropout=True, total=10, seed=3, **opt):
     tx, lr = train.make_optimizer(optim(**opt), total)
     return train.Trainer(train.make_classification_loss(module, num_labels), tx, lr, mesh, rules, specs,
-                         seed=3, dropout=dropout)
+                         seed=seed, dropout=dropout)
 
 
 def test_one_step_agrees_on_three_meshes():

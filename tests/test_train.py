@@ -145,3 +145,90 @@ def test_speedups_beyond_a_length_run_at_its_maximum():
     assert (sched_lib.plan(cm, 16, 1.0).schedule, sched_lib.plan(cm, 16, 1.0).analytic) == (None, 1.0)
     sched2 = sched_lib.plan(cm, 16, 1.5).schedule
     assert sched2 == sched_lib.schedule_for_speedup(cm, 16, 1.5)  # what the Predictor runs
+
+
+# ------------------------------------------------------- the sandwich rule and distillation
+def test_sandwich_steps_run_the_full_model_and_the_top_level_every_step():
+    s = train.SpeedupSampler("elastic", speedup_range=(1.0, 5.0), levels=9, seed=3, sandwich=True, samples=2)
+    assert s.pool == (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)  # drawn only from strictly between
+    steps = [s.speedups(t) for t in range(400)]
+    assert all(p[:2] == (1.0, 5.0) and len(p) == 4 and p[2] < p[3] and set(p[2:]) <= set(s.pool)
+               for p in steps)
+    assert set(steps) == set(s.combinations()) and len(s.combinations()) == 21  # C(7, 2) programs
+    again = train.SpeedupSampler("elastic", speedup_range=(1.0, 5.0), levels=9, seed=3, sandwich=True, samples=2)
+    assert [again.speedups(t) for t in range(200, 400)] == steps[200:]  # a resumed run draws the same
+    two = train.SpeedupSampler("elastic", speedup_range=(1.0, 5.0), levels=9, sandwich=True, samples=0)
+    assert {two.speedups(t) for t in range(50)} == {(1.0, 5.0)} and two.combinations() == [(1.0, 5.0)]
+    # without the sandwich and one sample per step: today's draw, unchanged
+    plain = train.SpeedupSampler("elastic", speedup_range=(1.0, 4.0), levels=7, seed=0)
+    assert [plain.speedups(t) for t in range(30)] == [(plain.speedup(t),) for t in range(30)]
+    with pytest.raises(ValueError, match="samples must be in"):
+        train.SpeedupSampler("elastic", speedup_range=(1.0, 5.0), levels=3, sandwich=True, samples=2)
+
+
+def test_distillation_is_zero_when_student_and_teacher_agree_and_never_moves_the_teacher():
+    rng = np.random.default_rng(0)
+    batch = {"weights": np.array([1, 1, 1, 0], np.float32)}
+    t = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    assert abs(float(train.distill_loss(t, t, batch, 3, 2.0))) < 1e-6
+    s = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    assert float(train.distill_loss(s, t, batch, 3, 2.0)) > 1e-3  # it does see a difference
+    g_teacher = jax.grad(lambda x: train.distill_loss(s, x, batch, 3, 2.0))(t)
+    assert float(jnp.abs(g_teacher).max()) == 0.0
+    g_student = jax.grad(lambda x: train.distill_loss(x, t, batch, 3, 2.0))(s)
+    assert float(jnp.abs(g_student[:3]).max()) > 0 and float(jnp.abs(g_student[3]).max()) == 0  # filler row
+    # regression: the squared difference of the predictions
+    np.testing.assert_allclose(float(train.distill_loss(s[:, :1], t[:, :1], batch, 1)),
+                               float(((s[:3, 0] - t[:3, 0]) ** 2).mean()), rtol=1e-6)
+
+
+def test_passes_loss_sums_every_pass_and_distills_from_the_full_pass():
+    cfg, module, params, _ = tiny_setup()
+    # a random classifier's logits are ~1e-2: a scaled head and a high temperature make the
+    # passes' soft predictions differ visibly
+    params = {**params, "classifier": jax.tree.map(lambda x: x * 3000.0, params["classifier"])}
+    batch = random_batch(fillers=3)
+    top = sched_lib.plan(models.cost_model(cfg), 16, 3.0).schedule
+    mid = sched_lib.plan(models.cost_model(cfg), 16, 1.6).schedule
+    assert top is not None and mid is not None and top != mid
+    loss = jax.jit(train.classification_loss, static_argnums=(0, 4), static_argnames="num_labels")
+    one = {s: loss(module, params, batch, None, s, num_labels=2)[0] for s in (None, top, mid)}
+    summed, m = loss(module, params, batch, None, train.Passes((None, top, mid)), num_labels=2)
+    np.testing.assert_allclose(float(summed), float(sum(one.values())), rtol=1e-5)  # three passes ran
+    logits = {s: train._logits(module, params, batch, None, s, "plain") for s in (None, top, mid)}
+    w = 0.7
+    want = float(one[None]) + sum(
+        (1 - w) * float(one[s]) + w * float(train.distill_loss(logits[s], logits[None], batch, 2, 20.0))
+        for s in (top, mid))
+    got, m = loss(module, params, batch, None, train.Passes((None, top, mid), w, 20.0), num_labels=2)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    kd = [float(train.distill_loss(logits[s], logits[None], batch, 2, 20.0)) for s in (top, mid)]
+    assert min(kd) > 1e-5  # the students really depart from the teacher (float32 noise: ~1e-8)
+    np.testing.assert_allclose(float(m["distill"]), np.mean(kd), rtol=0.05)  # jit fuses differently
+    # the teacher's gradient comes from its own task loss only: distillation does not reach it
+    def with_teacher(p, teacher_logits):
+        total = train.task_loss(train._logits(module, p, batch, None, None, "plain"), batch, 2)[0]
+        for s in (top, mid):
+            st = train._logits(module, p, batch, None, s, "plain")
+            total += (1 - w) * train.task_loss(st, batch, 2)[0] + w * train.distill_loss(st, teacher_logits, batch, 2, 20.0)
+        return total
+    g = jax.grad(lambda p: loss(module, p, batch, None, train.Passes((None, top, mid), w, 20.0), num_labels=2)[0])(params)
+    g_const = jax.grad(with_teacher)(params, logits[None])  # the teacher as a constant
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_const)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_a_sandwich_step_is_one_program_and_the_seed_is_not_compiled_in():
+    cfg, module, params, specs = tiny_setup()
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    top = sched_lib.plan(models.cost_model(cfg), 16, 3.0).schedule
+    passes = train.Passes((None, top), 1.0, 1.0)
+    tr = make_trainer(mesh, sharding.DP_RULES, module, specs, dropout=True, total=10, lr=3e-3)
+    state = tr.init_state(params)
+    for _ in range(3):
+        state, m = tr.step(state, random_batch(), passes)
+    assert tr.num_programs == 1 and tr.traces == 1 and np.isfinite(float(m["distill"]))
+    # two trainers that differ only in the seed lower to the same program (one cache entry)
+    texts = [t._lower_train(t.init_state(params), random_batch(), passes).as_text()
+             for t in (make_trainer(mesh, sharding.DP_RULES, module, specs, seed=s) for s in (0, 7))]
+    assert texts[0] == texts[1]

@@ -3,6 +3,7 @@
     python -m train.finetune --config configs/rt_minilm.py
     python -m train.finetune --config configs/rt_minilm.py:elastic --config.optim.lr=3e-5
     python -m train.finetune --config configs/glue_bert_base.py:sst2 --config.data_dir=/data/glue
+    python -m train.finetune --config configs/rt_minilm.py:elastic --seeds 0,1,2   # mean +- std
 
 A key the config does not have is an error (the config is locked). Restarting with the same
 config and run_dir resumes from the latest checkpoint. Multi-host: set
@@ -22,6 +23,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "ml_collections config file, optionally with ':arg' (see configs/)", lock_config=True)
 flags.mark_flags_as_required(["config"])
+_SEEDS = flags.DEFINE_string("seeds", None, "comma list: one run per seed in RUN_DIR/seed{N}, then their "
+                             "mean and standard deviation in RUN_DIR/seeds.md (and .json)")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -54,7 +57,13 @@ def main(argv):
     from accjax import guards, loop
 
     # Bad input: one line, exit 2 (checked before the long work); divergence: one line, exit 1.
-    guards.exit_on_user_error(lambda: loop.fit(_CONFIG.value))
+    if _SEEDS.value:
+        from eval import cli
+
+        seeds = guards.exit_on_user_error(lambda: cli.ints(_SEEDS.value, "--seeds", low=0))
+        guards.exit_on_user_error(lambda: loop.fit_seeds(_CONFIG.value, seeds))
+    else:
+        guards.exit_on_user_error(lambda: loop.fit(_CONFIG.value))
 
 
 if __name__ == "__main__":
