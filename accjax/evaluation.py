@@ -41,6 +41,7 @@ from accjax import data as data_lib
 from accjax import metrics as metrics_lib
 from accjax import models, programs
 from accjax import schedule as sched_lib
+from accjax import search as search_lib
 from accjax import tasks as tasks_lib
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ RunFn = Callable[[dict, sched_lib.Plan], np.ndarray]
 def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, cost: sched_lib.CostModel,
                  speedups: Sequence[float], batch_size: int, buckets: Sequence[int], bucket: int = 8,
                  floor: int = 1, compile: Callable[[sched_lib.Plan, dict], Any] | None = None,
-                 baseline: bool = False, progress: bool = False, repeats: int = 0) -> list[dict]:
+                 baseline: bool = False, progress: bool = False, repeats: int = 0,
+                 schedules: dict[tuple[float, int], Sequence[int]] | None = None) -> list[dict]:
     """THE classifier evaluation: every split x speedup, one row each.
 
     Each pass compiles what it needs first (``compile``; compilation is never timed), then
@@ -161,10 +163,13 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
       features: split -> labelled ``data.Features``.
       run: runs one batch at one plan (a ``Predictor``, or the trainer's sharded eval step).
       baseline: add a dense pass (marked ``baseline``) when 1 is not among ``speedups``.
+      schedules: (speedup, padded length) -> keep-lengths searched for it (``searched``);
+        the other pairs run ``schedule.plan``'s decay. A row's ``source`` says which ran.
     Returns:
       rows {task, split, speedup, analytic_speedup, measured_speedup, metrics..., primary,
       drop (vs dense), examples_per_s, ms_per_batch, seconds, examples, batch_size,
-      truncated, schedules (per length), clamped (length -> its maximum speedup)}.
+      truncated, schedules (per length), source ('dense', 'decay' or 'searched'), clamped
+      (length -> its maximum speedup)}.
     """
     speedups = list(dict.fromkeys(float(s) for s in speedups))  # a repeated speedup is scored once
     levels = list(speedups)
@@ -178,7 +183,10 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
         items = [batches.batch(k) for k in range(len(batches))]
         split_rows = []
         for s in levels:
-            plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor) for b in items]
+            keeps = [(schedules or {}).get((s, b["input_ids"].shape[1])) for b in items]
+            plans = [sched_lib.explicit(cost, b["input_ids"].shape[1], k) if k else
+                     sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor)
+                     for b, k in zip(items, keeps)]
             if compile is not None:
                 for p, b in {p: b for b, p in zip(items, plans)}.items():
                     compile(p, b)
@@ -196,6 +204,7 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
                    **m, "primary": primary,
                    "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
                    "schedules": {str(p.length): list(p.keep) for p in sorted(set(plans), key=lambda p: p.length)},
+                   "source": "searched" if any(keeps) else "dense" if all(p.dense for p in plans) else "decay",
                    "clamped": {str(p.length): round(sched_lib.max_speedup(cost, p.length, bucket=bucket, floor=floor), 2)
                                for p in sorted(set(plans), key=lambda p: p.length) if p.clamped_from}}
             if s not in speedups:
@@ -231,11 +240,27 @@ def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: 
 def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | None = None,
              speedups: Sequence[float] | None = None, batch_size: int | None = None,
              data_dir: str | None = None, progress: bool = True, include_test: bool = False,
-             repeats: int = 5) -> list[dict]:
+             repeats: int = 5, schedules: dict | None = None, predictor=None) -> list[dict]:
     """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
     in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
     eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
-    skipped), and where training read its data."""
+    skipped), where training read its data, and the schedules ``eval.offline_tune --search``
+    stored beside it for this task (``schedules`` overrides them; ``{}``: the decay)."""
+    t, feats = features(run, task, splits, data_dir, include_test)
+    if schedules is None:
+        schedules = searched(read_tune(run.folder), t.name)
+    pred = predictor or run.predictor(batch_size or run.eval_batch_size)
+    return score_splits(
+        t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
+        speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
+        bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
+        baseline=True, progress=progress, repeats=repeats, schedules=schedules)
+
+
+def features(run: RunModel, task: str | None, splits: Sequence[str] | None, data_dir: str | None,
+             include_test: bool = False) -> tuple[tasks_lib.Task, dict]:
+    """(task, split -> labelled features) that ``evaluate`` scores: only the splits named, or
+    the dev splits (and the test splits with ``include_test``)."""
     t = run.resolve_task(task)
     try:
         data = data_lib.load_task(t, data_dir or run.data_dir, max_examples=run.max_examples if task is None else None,
@@ -256,12 +281,7 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
         if not f.has_labels:
             log.warning("%s/%s is unlabelled: skipped", t.name, split)
             del feats[split]
-    pred = run.predictor(batch_size or run.eval_batch_size)
-    return score_splits(
-        t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
-        speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
-        bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
-        baseline=True, progress=progress, repeats=repeats)
+    return t, feats
 
 
 def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None = None,
@@ -272,7 +292,7 @@ def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None 
                     data_dir=data_dir, progress=False, include_test=True)
 
 
-_TABLE_FIELDS = {"slower", "task", "split", "speedup", "analytic_speedup", "measured_speedup", "measured_min",
+_TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "analytic_speedup", "measured_speedup", "measured_min",
                  "measured_max", "primary", "drop", "examples_per_s", "ms_per_batch", "seconds",
                  "seconds_min", "seconds_max", "examples", "batch_size", "truncated", "schedules",
                  "clamped", "baseline"}
@@ -290,44 +310,63 @@ def format_table(rows: list[dict]) -> str:
     cols = [("measured_speedup", "measured", 9, ".2f")] + [(k, k, 11, ".2f") for k in metric_keys] + [
         ("drop", "drop", 7, ".2f"), ("examples_per_s", "ex/s", 9, ".0f"),
         ("ms_per_batch", "ms/batch", 9, ".1f")]
-    head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}"
+    head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}{'schedule':>10}"
             + "".join(f"{h:>{w}}" for _, h, w, _ in cols) + f"{'measured range':>16}  keep")
     lines = [head, "-" * len(head)]
     for r in rows:
         keep = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in r.get("schedules", {}).items())
         note = "".join(f" (len {k}: max {v})" for k, v in r.get("clamped", {}).items())
         lines.append(f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
+                     f"{r.get('source', '-'):>10}"
                      + "".join(f"{r[k]:>{w}{f}}" if k in r else f"{'-':>{w}}" for k, _, w, f in cols)
                      + f"{_spread(r):>16}  {keep}{note}")
     if "measured_speedup" in rows[0]:
         sizes = " or ".join(map(str, sorted({r["batch_size"] for r in rows})))
         lines.append(f"ms/batch: per batch of {sizes} examples; drop: the dense row's primary metric minus "
                      "this row's, in points; measured: dense time / this row's, median (range) of "
-                     "interleaved passes; keep: rows kept per layer, by padded length")
+                     "interleaved passes; keep: rows kept per layer, by padded length; schedule: "
+                     "'searched' on dev by eval.offline_tune --search, or the one-ratio 'decay'")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------- offline-tuning
 def tune_levels(run: RunModel, task: tasks_lib.Task | None = None, step: float = 0.5) -> list[float]:
-    """1, 1.5, 2, ... up to the largest speedup the shortest length bucket in use permits."""
+    """1, 1.5, 2, ... up to the largest speedup the shortest length bucket in use permits, and
+    the main job's 4.8 (``eval.glue --speedup 4.8``) where it is within that."""
     top = sched_lib.max_speedup(models.cost_model(run.loaded.config), min(run.buckets), bucket=run.bucket,
                                 floor=run.floor)
     top = min(top, 8.0)
-    return [float(x) for x in np.arange(1.0, top + 1e-9, step)]
+    return sorted({float(x) for x in np.arange(1.0, top + 1e-9, step)} | ({4.8} if top >= 4.8 else set()))
 
 
 def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batch_size: int = 64,
                  data_dir: str | None = None, split: str | None = None, progress: bool = True,
-                 out_dir: str | os.PathLike | None = None, repeats: int = 5) -> dict:
+                 out_dir: str | os.PathLike | None = None, repeats: int = 5, search: int = 0) -> dict:
     """Sweeps speedups on the dev split; writes the table and plot beside the checkpoint.
+
+    With ``search`` N > 0, first searches N schedules per (level, length bucket) on the dev
+    split (``accjax.search``); the levels are then run and timed at the winners, which the
+    table stores under ``schedules`` (level -> length -> keep) for ``evaluate`` to run.
 
     A level measured no faster than a less aggressive one is flagged (``slower``): more rows
     dropped bought no time on this machine, so ``pick_level`` never chooses it."""
     t = run.resolve_task(None)
     split = split or t.dev_split
     levels = list(speedups) if speedups else tune_levels(run, t)
-    rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size,
-                    data_dir=data_dir, progress=progress, repeats=repeats)
+    pred, found = run.predictor(batch_size), None
+    if search:
+        t, feats = features(run, None, [split], data_dir)
+        found = search_lib.search(t, feats[split], pred, levels=levels, buckets=run.buckets, budget=search,
+                                  log=(lambda m: print(m, file=sys.stderr)) if progress else None)
+    schedules = {(s, n): k for s, by_len in (found or {}).get("schedules", {}).items() for n, k in by_len.items()}
+    rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size, data_dir=data_dir,
+                    progress=progress, repeats=repeats, schedules=schedules, predictor=pred)
+    decay = {}  # a level's first record scored the decay at every length: its dev metric
+    for x in (found or {}).get("records", ()):
+        decay.setdefault(x["speedup"], x["decay_primary"])
+    for r in rows:
+        if r["source"] == "searched":
+            r["decay_primary"] = decay[r["speedup"]]
     best = 0.0
     for r in sorted(rows, key=lambda r: r["speedup"]):
         r["slower"] = r["speedup"] > 1 and r["measured_speedup"] <= best
@@ -335,6 +374,10 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
              "task": t.name, "split": split,
              "metric": t.primary_metric, "machine": _machine(), "repeats": repeats, "rows": rows}
+    if found is not None:
+        table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
+                              for s, by_len in found["schedules"].items()}
+        table["search"] = {k: found[k] for k in ("budget", "programs", "seconds", "records")}
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{TUNE_FILE}.json").write_text(json.dumps(table, indent=2, default=_jsonable) + "\n")
@@ -361,13 +404,23 @@ def tune_markdown(table: dict) -> str:
              f"({table['metric']}); latency on {m['device']} ({m['cpu']}, {m['cpu_count']} cores), "
              f"jax {m['jax']}.", "",
              f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes) | "
-             f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | keep per layer (per length) |",
-             "|---|---|---|---|---|---|---|"]
+             f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | schedule | keep per layer (per length) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         keep = "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in r["schedules"].items())
         flag = " (no faster than a lower level: never picked)" if r.get("slower") else ""
+        source = r.get("source", "decay") + (f" (decay {r['decay_primary']:.2f})" if "decay_primary" in r else "")
         lines.append(f"| {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['measured_speedup']:.2f} ({_spread(r)}){flag} | "
-                     f"{r['primary']:.2f} | {r['drop']:.2f} | {r['ms_per_batch']:.1f} | {keep} |")
+                     f"{r['primary']:.2f} | {r['drop']:.2f} | {r['ms_per_batch']:.1f} | {source} | {keep} |")
+    if "search" in table:
+        s = table["search"]
+        lines += ["", f"Schedule search on {table['split']} only: up to {s['budget']} schedules per level and "
+                  f"length, {s['programs']} programs compiled, {s['seconds']:.0f} s. Dev {table['metric']} "
+                  "of the decay and of the best schedule found (the best replaces the decay only when higher):",
+                  "", "| speedup | length | decay | dev | best | dev | analytic | scored |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['speedup']:g} | {x['length']} | {','.join(map(str, x['decay_keep']))} | {x['decay_primary']:.2f} | "
+                  f"{','.join(map(str, x['best_keep']))} | {x['best_primary']:.2f} | {x['best_analytic']:.2f} | "
+                  f"{x['scored']} |" for x in s["records"]]
     return "\n".join(lines) + "\n"
 
 
@@ -402,6 +455,16 @@ def read_tune(folder: str | os.PathLike) -> dict | None:
         print(f"note: {p} was measured on other weights than {folder}'s: not used", file=sys.stderr)
         return None
     return table
+
+
+def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int, ...]]:
+    """(speedup, padded length) -> the keep-lengths an offline-tuning table searched for
+    ``task`` (``score_splits``'s ``schedules``); empty without a table, a search, or for
+    another task than the table's."""
+    if not table or table.get("task") != task:
+        return {}
+    return {(float(s), int(n)): tuple(k) for s, by_len in table.get("schedules", {}).items()
+            for n, k in by_len.items()}
 
 
 def pick_level(table: dict, max_drop: float) -> dict:

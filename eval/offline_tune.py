@@ -2,6 +2,7 @@
 
     python -m eval.offline_tune --checkpoint runs/rt_minilm_elastic
     python -m eval.offline_tune --checkpoint runs/sst2 --speedups 1,1.5,2,3,4 --data_dir /data/glue
+    python -m eval.offline_tune --checkpoint runs/rt --speedups 1,2,3,4.8 --search --json tune.json
 
 One training-free pass per speedup level on the dev split, latency measured on this machine
 (compilation excluded). Writes, beside the checkpoint (or into ``--out``): the table
@@ -9,6 +10,12 @@ One training-free pass per speedup level on the dev split, latency measured on t
 measured and analytic speedup, ms per batch) and ``offline_tune.png`` (metric against the
 analytic and the measured speedup). ``python -m eval.glue --max_drop X`` then runs the
 fastest level whose dev drop is at most X. Without ``--checkpoint``: the embedded default.
+
+``--search`` first searches keep-length schedules per level and length bucket on the dev
+split (``accjax.search``: the decay, hold-then-decay shapes and an evolutionary search,
+``--candidates`` scored per level and length, each one compiled program and one pass over
+that length's dev batches); the table then stores the winners and ``eval.glue --speedup`` /
+``--max_drop`` run them. The test split is never read.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--out", default=None, help="folder for the table and plot (default: the checkpoint)")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per level, interleaved")
+    ap.add_argument("--search", action="store_true", help="search schedules per level on dev first")
+    ap.add_argument("--candidates", type=int, default=12,
+                    help="schedules scored per level and length bucket by --search (the decay included)")
+    ap.add_argument("--json", default=None, help="also write the table (with the machine) here")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     from accjax import evaluation, guards, loop
@@ -36,17 +47,20 @@ def main(argv=None) -> int:
     def run():
         speedups = cli.speedups(args.speedups, "--speedups") if args.speedups else None
         cli.batch_size(args.batch_size)
+        guards.positive_int(args.candidates, "--candidates")
+        guards.positive_int(args.repeats, "--repeats")
         if args.out or args.checkpoint:  # the table is written after the sweep: check first
             guards.writable_dir(args.out or args.checkpoint, "--out" if args.out else "--checkpoint")
         ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
         table = evaluation.offline_tune(evaluation.RunModel.load(ckpt), speedups=speedups,
                                         batch_size=args.batch_size, data_dir=args.data_dir,
                                         split=args.split, progress=args.progress, out_dir=args.out,
-                                        repeats=args.repeats)
+                                        repeats=args.repeats, search=args.candidates if args.search else 0)
         print(evaluation.tune_markdown(table))
         print(f"wrote {Path(args.out) if args.out else ckpt}/{evaluation.TUNE_FILE}.json, .md and .png")
+        return table
 
-    return cli.run(run)
+    return cli.run(run, json_path=args.json)
 
 
 if __name__ == "__main__":
