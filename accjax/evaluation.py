@@ -25,8 +25,10 @@ call it, and ``format_table`` prints all of their rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -108,11 +110,23 @@ class RunModel:
     def task_spec(self) -> str | None:
         return self.meta.get("task")
 
-    def predictor(self, batch_size: int):
+    def predictor(self, batch_size: int, *, max_drop: float | None = None):
+        """A ``Predictor``; with ``max_drop``, one whose ``predict(batch)`` runs the fastest
+        program measured for the batch's size and length within that dev drop, at the
+        searched schedules (``pick_program`` on the offline-tuning table beside the run)."""
         from accjax.inference import Predictor
 
+        table, pick = None, None
+        if max_drop is not None:
+            table = read_tune(self.folder)
+            if not (table or {}).get("latency"):
+                raise EvalError(f"no latency per batch size beside {self.folder}: run python -m "
+                                f"eval.offline_tune --checkpoint {self.folder} --batch_sizes 1,8,64 first")
+            pick_program(table, max_drop, 1, min(self.buckets))  # a bad bound fails here, not mid-serving
+            pick = functools.partial(pick_program, table, max_drop)
         return Predictor.from_loaded(self.loaded, batch_size=batch_size, length_buckets=self.buckets,
-                                     acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor)
+                                     acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor,
+                                     searched=searched(table, (table or {}).get("task")), pick=pick)
 
     def resolve_task(self, task: str | None) -> tasks_lib.Task:
         """The task to score: the checkpoint's own, or one with the same label count (a file
@@ -183,10 +197,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
         items = [batches.batch(k) for k in range(len(batches))]
         split_rows = []
         for s in levels:
-            keeps = [(schedules or {}).get((s, b["input_ids"].shape[1])) for b in items]
-            plans = [sched_lib.explicit(cost, b["input_ids"].shape[1], k) if k else
-                     sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor)
-                     for b, k in zip(items, keeps)]
+            plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor,
+                                    searched=schedules) for b in items]
             if compile is not None:
                 for p, b in {p: b for b, p in zip(items, plans)}.items():
                     compile(p, b)
@@ -204,7 +216,7 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
                    **m, "primary": primary,
                    "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
                    "schedules": {str(p.length): list(p.keep) for p in sorted(set(plans), key=lambda p: p.length)},
-                   "source": "searched" if any(keeps) else "dense" if all(p.dense for p in plans) else "decay",
+                   "source": _source(plans),
                    "clamped": {str(p.length): round(sched_lib.max_speedup(cost, p.length, bucket=bucket, floor=floor), 2)
                                for p in sorted(set(plans), key=lambda p: p.length) if p.clamped_from}}
             if s not in speedups:
@@ -217,6 +229,10 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
             _time_interleaved(split_rows, items, run, repeats, with_dense=levels[0] == 1.0)
         rows += [r for r, _ in split_rows]
     return rows
+
+
+def _source(plans: Sequence[sched_lib.Plan]) -> str:
+    return "searched" if any(p.searched for p in plans) else "dense" if all(p.dense for p in plans) else "decay"
 
 
 def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: int, with_dense: bool):
@@ -341,15 +357,21 @@ def tune_levels(run: RunModel, task: tasks_lib.Task | None = None, step: float =
 
 def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batch_size: int = 64,
                  data_dir: str | None = None, split: str | None = None, progress: bool = True,
-                 out_dir: str | os.PathLike | None = None, repeats: int = 5, search: int = 0) -> dict:
+                 out_dir: str | os.PathLike | None = None, repeats: int = 5, search: int = 0,
+                 batch_sizes: Sequence[int] = ()) -> dict:
     """Sweeps speedups on the dev split; writes the table and plot beside the checkpoint.
 
     With ``search`` N > 0, first searches N schedules per (level, length bucket) on the dev
     split (``accjax.search``); the levels are then run and timed at the winners, which the
     table stores under ``schedules`` (level -> length -> keep) for ``evaluate`` to run.
 
-    A level measured no faster than a less aggressive one is flagged (``slower``): more rows
-    dropped bought no time on this machine, so ``pick_level`` never chooses it."""
+    With ``batch_sizes``, every level's program is also timed per (batch size, length bucket
+    of the dev rows) on random full-length inputs, levels interleaved (``latency`` rows, keyed
+    by device too; ``RunModel.predictor(max_drop=...)`` picks from them).
+
+    A level measured no faster than a less aggressive one is flagged (``slower``; in the
+    latency rows, at that batch size and length): more rows dropped bought no time on this
+    machine, so ``pick_level`` and ``pick_program`` never choose it there."""
     t = run.resolve_task(None)
     split = split or t.dev_split
     levels = list(speedups) if speedups else tune_levels(run, t)
@@ -359,6 +381,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
         found = search_lib.search(t, feats[split], pred, levels=levels, buckets=run.buckets, budget=search,
                                   log=(lambda m: print(m, file=sys.stderr)) if progress else None)
     schedules = {(s, n): k for s, by_len in (found or {}).get("schedules", {}).items() for n, k in by_len.items()}
+    pred.searched = schedules
     rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size, data_dir=data_dir,
                     progress=progress, repeats=repeats, schedules=schedules, predictor=pred)
     decay = {}  # a level's first record scored the decay at every length: its dev metric
@@ -367,10 +390,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     for r in rows:
         if r["source"] == "searched":
             r["decay_primary"] = decay[r["speedup"]]
-    best = 0.0
-    for r in sorted(rows, key=lambda r: r["speedup"]):
-        r["slower"] = r["speedup"] > 1 and r["measured_speedup"] <= best
-        best = max(best, r["measured_speedup"])
+    _flag_slower(rows, "measured_speedup")
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
              "task": t.name, "split": split,
              "metric": t.primary_metric, "machine": _machine(), "repeats": repeats, "rows": rows}
@@ -378,12 +398,50 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
         table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
                               for s, by_len in found["schedules"].items()}
         table["search"] = {k: found[k] for k in ("budget", "programs", "seconds", "records")}
+    if batch_sizes:
+        lengths = sorted({int(n) for r in rows for n in r["schedules"]})
+        table["latency"] = latency(pred, [r["speedup"] for r in rows], batch_sizes, lengths, repeats)
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{TUNE_FILE}.json").write_text(json.dumps(table, indent=2, default=_jsonable) + "\n")
     (out / f"{TUNE_FILE}.md").write_text(tune_markdown(table))
     plot_tune(table, out / f"{TUNE_FILE}.png")
     return table
+
+
+def latency(pred, speedups: Sequence[float], batch_sizes: Sequence[int], lengths: Sequence[int],
+            repeats: int) -> list[dict]:
+    """Median (min, max) ms of each level's program per (batch size, length), the levels
+    interleaved over ``repeats`` rounds after one warm-up round; ``measured`` = dense ms / ms."""
+    out = []
+    for b in batch_sizes:
+        for n in lengths:
+            plans = {s: pred.plan(n, s) for s in sorted(set(speedups) | {1.0})}
+            (inputs,) = pred.random_batches(b, n)[:1]
+            calls = {s: functools.partial(pred.program(b, p), pred.params, inputs) for s, p in plans.items()}
+            ms = programs.time_interleaved(calls, rounds=repeats, warmup=1)
+            rows = [{"device": _device(), "batch_size": b, "length": n, "speedup": s, "keep": list(p.keep),
+                     "source": _source([p]), "ms": float(np.median(ms[s])), "ms_min": min(ms[s]),
+                     "ms_max": max(ms[s]), "measured": float(np.median(ms[1.0]) / np.median(ms[s]))}
+                    for s, p in plans.items()]
+            out += _flag_slower(rows, "measured")
+    return out
+
+
+def _flag_slower(rows: list[dict], key: str) -> list[dict]:
+    """Marks ``slower`` each level no faster (``key``) than a less aggressive one."""
+    best = 0.0
+    for r in sorted(rows, key=lambda r: r["speedup"]):
+        r["slower"] = r["speedup"] > 1 and r[key] <= best
+        best = max(best, r[key])
+    return rows
+
+
+def _device() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    return getattr(dev, "device_kind", str(dev))
 
 
 def _machine() -> dict:
@@ -421,6 +479,13 @@ def tune_markdown(table: dict) -> str:
         lines += [f"| {x['speedup']:g} | {x['length']} | {','.join(map(str, x['decay_keep']))} | {x['decay_primary']:.2f} | "
                   f"{','.join(map(str, x['best_keep']))} | {x['best_primary']:.2f} | {x['best_analytic']:.2f} | "
                   f"{x['scored']} |" for x in s["records"]]
+    if table.get("latency"):
+        lines += ["", f"Latency per program on {table['latency'][0]['device']} (random full-length inputs, "
+                  f"median of {table.get('repeats', 5)} interleaved rounds):", "",
+                  "| batch | length | speedup | schedule | ms (min-max) | measured |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch_size']} | {r['length']} | {r['speedup']:g} | {r['source']} | {r['ms']:.2f} "
+                  f"({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['measured']:.2f}"
+                  f"{' (no faster than a lower level: never picked)' if r['slower'] else ''} |" for r in table["latency"]]
     return "\n".join(lines) + "\n"
 
 
@@ -465,6 +530,30 @@ def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int
         return {}
     return {(float(s), int(n)): tuple(k) for s, by_len in table.get("schedules", {}).items()
             for n, k in by_len.items()}
+
+
+def pick_program(table: dict, max_drop: float, examples: int, length: int) -> tuple[float, int]:
+    """(speedup, batch size): the fastest program measured on this device (``latency`` rows)
+    whose level's dev drop is at most ``max_drop``, at the nearest recorded batch size at or
+    above ``examples`` (else the largest) and the same for ``length``; never a level flagged
+    ``slower`` there."""
+    here = [r for r in table.get("latency", ()) if r["device"] == _device()]
+    if not here:
+        raise EvalError(f"the offline-tuning table of {table['checkpoint']} holds no latency measured on "
+                        f"{_device()}: run python -m eval.offline_tune --batch_sizes 1,8,64 on this machine")
+
+    def at_or_above(values, x):
+        return next((v for v in sorted(values) if v >= x), max(values))
+
+    b = at_or_above({r["batch_size"] for r in here}, examples)
+    n = at_or_above({r["length"] for r in here}, length)
+    drop = {r["speedup"]: r["drop"] for r in table["rows"]}
+    ok = [r for r in here if (r["batch_size"], r["length"]) == (b, n) and not r["slower"]
+          and drop.get(r["speedup"], math.inf) <= max_drop + 1e-9]
+    if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
+        raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
+    best = min(ok, key=lambda r: (r["ms"], -r["speedup"]))
+    return best["speedup"], b
 
 
 def pick_level(table: dict, max_drop: float) -> dict:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +138,15 @@ class Plan:
 
     ``keep``: the keep-length of every layer (all ``length`` when dense); ``schedule``: the
     same, or None for the dense program; ``analytic``: its FLOP speedup; ``clamped_from``:
-    the requested speedup when the length permits less (then ``analytic`` is the maximum).
+    the requested speedup when the length permits less (then ``analytic`` is the maximum);
+    ``searched``: the keep-lengths were searched for the task (``accjax.search``), not decayed.
     """
 
     length: int
     keep: tuple[int, ...]
     analytic: float
     clamped_from: float | None = None
+    searched: bool = False
 
     @property
     def dense(self) -> bool:
@@ -156,14 +158,17 @@ class Plan:
 
 
 def plan(cm: CostModel, length: int, speedup: float, *, bucket: int = 8, floor: int = 1,
-         clamp: bool = True) -> Plan:
+         clamp: bool = True, searched: Mapping[tuple[float, int], Sequence[int]] | None = None) -> Plan:
     """The one policy from a speedup to a program (see the module docstring).
 
     ``clamp=False`` refuses a speedup above the length's maximum (``SpeedupError`` stating
     the permitted range) instead of running the maximum: for a sweep at ONE length, where a
-    clamped row would only repeat the maximum's.
+    clamped row would only repeat the maximum's. ``searched``: (speedup, length) -> the
+    keep-lengths an offline-tuning search chose for the task; such a pair runs them.
     """
     _check_number(speedup)
+    if searched and (float(speedup), int(length)) in searched:
+        return dataclasses.replace(explicit(cm, length, searched[float(speedup), int(length)]), searched=True)
     if not clamp:
         _solve(cm, int(length), float(speedup), int(bucket), int(floor))  # raises outside the range
     return _plan(cm, int(length), float(speedup), int(bucket), int(floor))

@@ -16,6 +16,11 @@ split (``accjax.search``: the decay, hold-then-decay shapes and an evolutionary 
 ``--candidates`` scored per level and length, each one compiled program and one pass over
 that length's dev batches); the table then stores the winners and ``eval.glue --speedup`` /
 ``--max_drop`` run them. The test split is never read.
+
+``--batch_sizes 1,8,64`` also times every level's program per (batch size, length bucket) on
+this device; a level no faster than a less aggressive one there is flagged and never picked,
+and ``RunModel.predictor(max_drop=X)`` runs, per batch, the fastest measured program within
+X dev points at the nearest recorded batch size at or above the batch's.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--search", action="store_true", help="search schedules per level on dev first")
     ap.add_argument("--candidates", type=int, default=12,
                     help="schedules scored per level and length bucket by --search (the decay included)")
+    ap.add_argument("--batch_sizes", default=None,
+                    help="also time every level's program per batch size and length, e.g. 1,8,64")
     ap.add_argument("--json", default=None, help="also write the table (with the machine) here")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
@@ -48,6 +55,8 @@ def main(argv=None) -> int:
         speedups = cli.speedups(args.speedups, "--speedups") if args.speedups else None
         cli.batch_size(args.batch_size)
         guards.positive_int(args.candidates, "--candidates")
+        sizes = [cli.batch_size(b, "--batch_sizes") for b in cli.ints(args.batch_sizes, "--batch_sizes", low=1)
+                 ] if args.batch_sizes else []
         guards.positive_int(args.repeats, "--repeats")
         if args.out or args.checkpoint:  # the table is written after the sweep: check first
             guards.writable_dir(args.out or args.checkpoint, "--out" if args.out else "--checkpoint")
@@ -55,7 +64,8 @@ def main(argv=None) -> int:
         table = evaluation.offline_tune(evaluation.RunModel.load(ckpt), speedups=speedups,
                                         batch_size=args.batch_size, data_dir=args.data_dir,
                                         split=args.split, progress=args.progress, out_dir=args.out,
-                                        repeats=args.repeats, search=args.candidates if args.search else 0)
+                                        repeats=args.repeats, search=args.candidates if args.search else 0,
+                                        batch_sizes=sizes)
         print(evaluation.tune_markdown(table))
         print(f"wrote {Path(args.out) if args.out else ckpt}/{evaluation.TUNE_FILE}.json, .md and .png")
         return table

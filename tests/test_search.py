@@ -164,3 +164,53 @@ def test_glue_runs_the_stored_schedule(tiny_run, tmp_path, capsys):
                       "--no-progress"]) == 0
     row = json.loads(res.read_text())["rows"][-1]
     assert row["source"] == "decay" and row["schedules"] == {"32": list(decay)}
+
+
+# ------------------------------------------------------- latency per batch size (issue 15)
+def test_latency_rows_per_batch_size_and_length(tiny_run, tmp_path):
+    out = tmp_path / "tune"
+    assert offline_tune.main(["--checkpoint", str(tiny_run), "--speedups", "1,2,3", "--batch_sizes", "1,8",
+                              "--repeats", "2", "--out", str(out), "--no-progress"]) == 0
+    table = json.loads((out / "offline_tune.json").read_text())
+    lat = table["latency"]
+    keys = [(r["device"], r["batch_size"], r["length"], r["speedup"]) for r in lat]
+    assert len(set(keys)) == len(keys) == 2 * 1 * 3  # batch sizes x lengths in use x levels
+    assert {k[1] for k in keys} == {1, 8} and {k[2] for k in keys} == {32}
+    assert "| 8 | 32 | 3 |" in (out / "offline_tune.md").read_text()
+    for b in (1, 8):
+        rows = sorted((r for r in lat if r["batch_size"] == b), key=lambda r: r["speedup"])
+        assert rows[0]["speedup"] == 1.0 and rows[0]["measured"] == 1.0 and not rows[0]["slower"]
+        for i, r in enumerate(rows[1:], 1):  # flagged iff no faster than a less aggressive level there
+            assert r["slower"] == (r["measured"] <= max(x["measured"] for x in rows[:i]))
+
+
+def test_predictor_picks_the_fastest_program_per_batch_size(tiny_run, tmp_path):
+    from accjax import inference
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    model = evaluation.RunModel.load(run)
+    with pytest.raises(evaluation.EvalError, match="--batch_sizes"):
+        model.predictor(16, max_drop=1.0)
+    dev = evaluation._device()
+    # level 2 is slower than 1.5 for one example, faster for 64; both within the drop bound
+    ms = {(1, 1.0): 1.0, (1, 1.5): 0.8, (1, 2.0): 0.9, (64, 1.0): 10.0, (64, 1.5): 8.0, (64, 2.0): 5.0}
+    table = {"checkpoint": str(run), "model_sha256": evaluation.ckpt_lib.model_fingerprint(run),
+             "task": "data", "rows": [{"speedup": s, "drop": d} for s, d in ((1.0, 0.0), (1.5, 0.1), (2.0, 0.2))],
+             "latency": [r for size in (1, 64) for r in evaluation._flag_slower(
+                 [{"device": dev, "batch_size": b, "length": 32, "speedup": s, "ms": v, "measured": ms[b, 1.0] / v}
+                  for (b, s), v in ms.items() if b == size], "measured")]}
+    assert [r["slower"] for r in table["latency"]] == [False, False, True, False, False, False]
+    (run / "offline_tune.json").write_text(json.dumps(table))
+    pred = evaluation.RunModel.load(run).predictor(16, max_drop=1.0)
+    assert pred.pick(1, 32) == (1.5, 1) and pred.pick(5, 32) == (2.0, 64) and pred.pick(64, 32) == (2.0, 64)
+    rng = np.random.default_rng(0)
+    for n, (s, b) in ((1, (1.5, 1)), (64, (2.0, 64)), (100, (2.0, 64))):
+        batch = {"input_ids": rng.integers(1, 99, (n, 20)), "attention_mask": np.ones((n, 20), np.int64)}
+        out = pred.predict(batch)
+        assert out.shape == (n, 2)
+        assert (b, 32, S.plan(pred.cost, 32, s).schedule) in pred.programs._programs  # the picked program ran
+        np.testing.assert_allclose(out, pred.predict(batch, speedup=s), atol=1e-5)
+    assert isinstance(pred, inference.Predictor)
+    with pytest.raises(evaluation.EvalError, match="must be >= 0"):
+        evaluation.RunModel.load(run).predictor(16, max_drop=-1)
