@@ -308,8 +308,9 @@ def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None 
                     data_dir=data_dir, progress=False, include_test=True)
 
 
-_TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "analytic_speedup", "measured_speedup", "measured_min",
-                 "measured_max", "primary", "drop", "examples_per_s", "ms_per_batch", "seconds",
+_TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "analytic_speedup",
+                 "measured_speedup", "measured_min", "measured_max", "primary", "drop", "examples_per_s",
+                 "ms_per_batch", "seconds",
                  "seconds_min", "seconds_max", "examples", "batch_size", "truncated", "schedules",
                  "clamped", "baseline"}
 
@@ -462,7 +463,8 @@ def tune_markdown(table: dict) -> str:
              f"({table['metric']}); latency on {m['device']} ({m['cpu']}, {m['cpu_count']} cores), "
              f"jax {m['jax']}.", "",
              f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes) | "
-             f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | schedule | keep per layer (per length) |",
+             f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | schedule | "
+             "keep per layer (per length) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         keep = "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in r["schedules"].items())
@@ -472,20 +474,22 @@ def tune_markdown(table: dict) -> str:
                      f"{r['primary']:.2f} | {r['drop']:.2f} | {r['ms_per_batch']:.1f} | {source} | {keep} |")
     if "search" in table:
         s = table["search"]
-        lines += ["", f"Schedule search on {table['split']} only: up to {s['budget']} schedules per level and "
-                  f"length, {s['programs']} programs compiled, {s['seconds']:.0f} s. Dev {table['metric']} "
+        lines += ["", f"Schedule search on {table['split']} only: up to {s['budget']} schedules per level "
+                  f"and length, {s['programs']} programs compiled, {s['seconds']:.0f} s. Dev {table['metric']} "
                   "of the decay and of the best schedule found (the best replaces the decay only when higher):",
-                  "", "| speedup | length | decay | dev | best | dev | analytic | scored |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['speedup']:g} | {x['length']} | {','.join(map(str, x['decay_keep']))} | {x['decay_primary']:.2f} | "
-                  f"{','.join(map(str, x['best_keep']))} | {x['best_primary']:.2f} | {x['best_analytic']:.2f} | "
-                  f"{x['scored']} |" for x in s["records"]]
+                  "", "| speedup | length | decay | dev | best | dev | analytic | scored |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['speedup']:g} | {x['length']} | {','.join(map(str, x['decay_keep']))} | "
+                  f"{x['decay_primary']:.2f} | {','.join(map(str, x['best_keep']))} | {x['best_primary']:.2f} | "
+                  f"{x['best_analytic']:.2f} | {x['scored']} |" for x in s["records"]]
     if table.get("latency"):
         lines += ["", f"Latency per program on {table['latency'][0]['device']} (random full-length inputs, "
                   f"median of {table.get('repeats', 5)} interleaved rounds):", "",
                   "| batch | length | speedup | schedule | ms (min-max) | measured |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['batch_size']} | {r['length']} | {r['speedup']:g} | {r['source']} | {r['ms']:.2f} "
                   f"({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['measured']:.2f}"
-                  f"{' (no faster than a lower level: never picked)' if r['slower'] else ''} |" for r in table["latency"]]
+                  f"{' (no faster than a lower level: never picked)' if r['slower'] else ''} |"
+                  for r in table["latency"]]
     return "\n".join(lines) + "\n"
 
 

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the table and plot (default: the checkpoint)")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per level, interleaved")
     ap.add_argument("--search", action="store_true", help="search schedules per level on dev first")
-    ap.add_argument("--candidates", type=int, default=12,
+    ap.add_argument("--candidates", type=int, default=4,
                     help="schedules scored per level and length bucket by --search (the decay included)")
     ap.add_argument("--batch_sizes", default=None,
                     help="also time every level's program per batch size and length, e.g. 1,8,64")
