@@ -18,7 +18,8 @@ split's primary metric with that bucket's batches run at the candidate and every
 bucket at its current choice; outputs are cached per (length, schedule), so a candidate
 costs one compiled program and one pass over its own bucket's batches. A winner replaces
 the decay only when it scores higher on dev (ties keep the decay). Only the split handed in
-(dev) is read.
+(dev) is read. A search compiles at most levels x lengths x budget programs (the decays
+included; fewer where a schedule repeats).
 
 Example (MiniLM-L6, length 32, level 3): the decay ``(24, 16, 8, 4, 2, 2)`` against, among
 others, hold-1 ``(32, 16, 4, 2, 1, 1)``; the search returns whichever scores higher on dev.

@@ -50,6 +50,15 @@ def test_hold_then_decay_shapes():
         S.decay_after(MINILM, 64, 2.0, (32, 64))
 
 
+@pytest.mark.parametrize("flags, says", [(["--candidates", "0"], "--candidates must be an integer >= 1"),
+                                         (["--batch_sizes", "1,x"], "--batch_sizes takes whole numbers"),
+                                         (["--batch_sizes", "0"], "--batch_sizes takes whole numbers of at least 1")])
+def test_bad_search_flags_are_one_line(flags, says, tmp_path, capsys):
+    rc = offline_tune.main(["--checkpoint", str(tmp_path / "absent"), "--search", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err and "Traceback" not in err, err
+
+
 # ------------------------------------------------------------------ on a tiny trained run
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
