@@ -25,8 +25,10 @@ call it, and ``format_table`` prints all of their rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -41,6 +43,7 @@ from accjax import data as data_lib
 from accjax import metrics as metrics_lib
 from accjax import models, programs
 from accjax import schedule as sched_lib
+from accjax import search as search_lib
 from accjax import tasks as tasks_lib
 
 log = logging.getLogger(__name__)
@@ -107,11 +110,23 @@ class RunModel:
     def task_spec(self) -> str | None:
         return self.meta.get("task")
 
-    def predictor(self, batch_size: int):
+    def predictor(self, batch_size: int, *, max_drop: float | None = None):
+        """A ``Predictor``; with ``max_drop``, one whose ``predict(batch)`` runs the fastest
+        program measured for the batch's size and length within that dev drop, at the
+        searched schedules (``pick_program`` on the offline-tuning table beside the run)."""
         from accjax.inference import Predictor
 
+        table, pick = None, None
+        if max_drop is not None:
+            table = read_tune(self.folder)
+            if not (table or {}).get("latency"):
+                raise EvalError(f"no latency per batch size beside {self.folder}: run python -m "
+                                f"eval.offline_tune --checkpoint {self.folder} --batch_sizes 1,8,64 first")
+            pick_program(table, max_drop, 1, min(self.buckets))  # a bad bound fails here, not mid-serving
+            pick = functools.partial(pick_program, table, max_drop)
         return Predictor.from_loaded(self.loaded, batch_size=batch_size, length_buckets=self.buckets,
-                                     acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor)
+                                     acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor,
+                                     searched=searched(table, (table or {}).get("task")), pick=pick)
 
     def resolve_task(self, task: str | None) -> tasks_lib.Task:
         """The task to score: the checkpoint's own, or one with the same label count (a file
@@ -142,7 +157,8 @@ RunFn = Callable[[dict, sched_lib.Plan], np.ndarray]
 def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, cost: sched_lib.CostModel,
                  speedups: Sequence[float], batch_size: int, buckets: Sequence[int], bucket: int = 8,
                  floor: int = 1, compile: Callable[[sched_lib.Plan, dict], Any] | None = None,
-                 baseline: bool = False, progress: bool = False, repeats: int = 0) -> list[dict]:
+                 baseline: bool = False, progress: bool = False, repeats: int = 0,
+                 schedules: dict[tuple[float, int], Sequence[int]] | None = None) -> list[dict]:
     """THE classifier evaluation: every split x speedup, one row each.
 
     Each pass compiles what it needs first (``compile``; compilation is never timed), then
@@ -161,10 +177,13 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
       features: split -> labelled ``data.Features``.
       run: runs one batch at one plan (a ``Predictor``, or the trainer's sharded eval step).
       baseline: add a dense pass (marked ``baseline``) when 1 is not among ``speedups``.
+      schedules: (speedup, padded length) -> keep-lengths searched for it (``searched``);
+        the other pairs run ``schedule.plan``'s decay. A row's ``source`` says which ran.
     Returns:
       rows {task, split, speedup, analytic_speedup, measured_speedup, metrics..., primary,
       drop (vs dense), examples_per_s, ms_per_batch, seconds, examples, batch_size,
-      truncated, schedules (per length), clamped (length -> its maximum speedup)}.
+      truncated, schedules (per length), source ('dense', 'decay' or 'searched'), clamped
+      (length -> its maximum speedup)}.
     """
     speedups = list(dict.fromkeys(float(s) for s in speedups))  # a repeated speedup is scored once
     levels = list(speedups)
@@ -178,7 +197,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
         items = [batches.batch(k) for k in range(len(batches))]
         split_rows = []
         for s in levels:
-            plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor) for b in items]
+            plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor,
+                                    searched=schedules) for b in items]
             if compile is not None:
                 for p, b in {p: b for b, p in zip(items, plans)}.items():
                     compile(p, b)
@@ -196,6 +216,7 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
                    **m, "primary": primary,
                    "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
                    "schedules": {str(p.length): list(p.keep) for p in sorted(set(plans), key=lambda p: p.length)},
+                   "source": _source(plans),
                    "clamped": {str(p.length): round(sched_lib.max_speedup(cost, p.length, bucket=bucket, floor=floor), 2)
                                for p in sorted(set(plans), key=lambda p: p.length) if p.clamped_from}}
             if s not in speedups:
@@ -208,6 +229,10 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
             _time_interleaved(split_rows, items, run, repeats, with_dense=levels[0] == 1.0)
         rows += [r for r, _ in split_rows]
     return rows
+
+
+def _source(plans: Sequence[sched_lib.Plan]) -> str:
+    return "searched" if any(p.searched for p in plans) else "dense" if all(p.dense for p in plans) else "decay"
 
 
 def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: int, with_dense: bool):
@@ -231,11 +256,27 @@ def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: 
 def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | None = None,
              speedups: Sequence[float] | None = None, batch_size: int | None = None,
              data_dir: str | None = None, progress: bool = True, include_test: bool = False,
-             repeats: int = 5) -> list[dict]:
+             repeats: int = 5, schedules: dict | None = None, predictor=None) -> list[dict]:
     """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
     in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
     eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
-    skipped), and where training read its data."""
+    skipped), where training read its data, and the schedules ``eval.offline_tune --search``
+    stored beside it for this task (``schedules`` overrides them; ``{}``: the decay)."""
+    t, feats = features(run, task, splits, data_dir, include_test)
+    if schedules is None:
+        schedules = searched(read_tune(run.folder), t.name)
+    pred = predictor or run.predictor(batch_size or run.eval_batch_size)
+    return score_splits(
+        t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
+        speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
+        bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
+        baseline=True, progress=progress, repeats=repeats, schedules=schedules)
+
+
+def features(run: RunModel, task: str | None, splits: Sequence[str] | None, data_dir: str | None,
+             include_test: bool = False) -> tuple[tasks_lib.Task, dict]:
+    """(task, split -> labelled features) that ``evaluate`` scores: only the splits named, or
+    the dev splits (and the test splits with ``include_test``)."""
     t = run.resolve_task(task)
     try:
         data = data_lib.load_task(t, data_dir or run.data_dir, max_examples=run.max_examples if task is None else None,
@@ -256,12 +297,7 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
         if not f.has_labels:
             log.warning("%s/%s is unlabelled: skipped", t.name, split)
             del feats[split]
-    pred = run.predictor(batch_size or run.eval_batch_size)
-    return score_splits(
-        t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
-        speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
-        bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
-        baseline=True, progress=progress, repeats=repeats)
+    return t, feats
 
 
 def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None = None,
@@ -272,8 +308,9 @@ def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None 
                     data_dir=data_dir, progress=False, include_test=True)
 
 
-_TABLE_FIELDS = {"slower", "task", "split", "speedup", "analytic_speedup", "measured_speedup", "measured_min",
-                 "measured_max", "primary", "drop", "examples_per_s", "ms_per_batch", "seconds",
+_TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "analytic_speedup",
+                 "measured_speedup", "measured_min", "measured_max", "primary", "drop", "examples_per_s",
+                 "ms_per_batch", "seconds",
                  "seconds_min", "seconds_max", "examples", "batch_size", "truncated", "schedules",
                  "clamped", "baseline"}
 
@@ -290,57 +327,122 @@ def format_table(rows: list[dict]) -> str:
     cols = [("measured_speedup", "measured", 9, ".2f")] + [(k, k, 11, ".2f") for k in metric_keys] + [
         ("drop", "drop", 7, ".2f"), ("examples_per_s", "ex/s", 9, ".0f"),
         ("ms_per_batch", "ms/batch", 9, ".1f")]
-    head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}"
+    head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}{'schedule':>10}"
             + "".join(f"{h:>{w}}" for _, h, w, _ in cols) + f"{'measured range':>16}  keep")
     lines = [head, "-" * len(head)]
     for r in rows:
         keep = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in r.get("schedules", {}).items())
         note = "".join(f" (len {k}: max {v})" for k, v in r.get("clamped", {}).items())
         lines.append(f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
+                     f"{r.get('source', '-'):>10}"
                      + "".join(f"{r[k]:>{w}{f}}" if k in r else f"{'-':>{w}}" for k, _, w, f in cols)
                      + f"{_spread(r):>16}  {keep}{note}")
     if "measured_speedup" in rows[0]:
         sizes = " or ".join(map(str, sorted({r["batch_size"] for r in rows})))
         lines.append(f"ms/batch: per batch of {sizes} examples; drop: the dense row's primary metric minus "
                      "this row's, in points; measured: dense time / this row's, median (range) of "
-                     "interleaved passes; keep: rows kept per layer, by padded length")
+                     "interleaved passes; keep: rows kept per layer, by padded length; schedule: "
+                     "'searched' on dev by eval.offline_tune --search, or the one-ratio 'decay'")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------- offline-tuning
 def tune_levels(run: RunModel, task: tasks_lib.Task | None = None, step: float = 0.5) -> list[float]:
-    """1, 1.5, 2, ... up to the largest speedup the shortest length bucket in use permits."""
+    """1, 1.5, 2, ... up to the largest speedup the shortest length bucket in use permits, and
+    the main job's 4.8 (``eval.glue --speedup 4.8``) where it is within that."""
     top = sched_lib.max_speedup(models.cost_model(run.loaded.config), min(run.buckets), bucket=run.bucket,
                                 floor=run.floor)
     top = min(top, 8.0)
-    return [float(x) for x in np.arange(1.0, top + 1e-9, step)]
+    return sorted({float(x) for x in np.arange(1.0, top + 1e-9, step)} | ({4.8} if top >= 4.8 else set()))
 
 
 def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batch_size: int = 64,
                  data_dir: str | None = None, split: str | None = None, progress: bool = True,
-                 out_dir: str | os.PathLike | None = None, repeats: int = 5) -> dict:
+                 out_dir: str | os.PathLike | None = None, repeats: int = 5, search: int = 0,
+                 batch_sizes: Sequence[int] = ()) -> dict:
     """Sweeps speedups on the dev split; writes the table and plot beside the checkpoint.
 
-    A level measured no faster than a less aggressive one is flagged (``slower``): more rows
-    dropped bought no time on this machine, so ``pick_level`` never chooses it."""
+    With ``search`` N > 0, first searches N schedules per (level, length bucket) on the dev
+    split (``accjax.search``); the levels are then run and timed at the winners, which the
+    table stores under ``schedules`` (level -> length -> keep) for ``evaluate`` to run.
+
+    With ``batch_sizes``, every level's program is also timed per (batch size, length bucket
+    of the dev rows) on random full-length inputs, levels interleaved (``latency`` rows, keyed
+    by device too; ``RunModel.predictor(max_drop=...)`` picks from them).
+
+    A level measured no faster than a less aggressive one is flagged (``slower``; in the
+    latency rows, at that batch size and length): more rows dropped bought no time on this
+    machine, so ``pick_level`` and ``pick_program`` never choose it there."""
     t = run.resolve_task(None)
     split = split or t.dev_split
     levels = list(speedups) if speedups else tune_levels(run, t)
-    rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size,
-                    data_dir=data_dir, progress=progress, repeats=repeats)
-    best = 0.0
-    for r in sorted(rows, key=lambda r: r["speedup"]):
-        r["slower"] = r["speedup"] > 1 and r["measured_speedup"] <= best
-        best = max(best, r["measured_speedup"])
+    pred, found = run.predictor(batch_size), None
+    if search:
+        t, feats = features(run, None, [split], data_dir)
+        found = search_lib.search(t, feats[split], pred, levels=levels, buckets=run.buckets, budget=search,
+                                  log=(lambda m: print(m, file=sys.stderr)) if progress else None)
+    schedules = {(s, n): k for s, by_len in (found or {}).get("schedules", {}).items() for n, k in by_len.items()}
+    pred.searched = schedules
+    rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size, data_dir=data_dir,
+                    progress=progress, repeats=repeats, schedules=schedules, predictor=pred)
+    decay = {}  # a level's first record scored the decay at every length: its dev metric
+    for x in (found or {}).get("records", ()):
+        decay.setdefault(x["speedup"], x["decay_primary"])
+    for r in rows:
+        if r["source"] == "searched":
+            r["decay_primary"] = decay[r["speedup"]]
+    _flag_slower(rows, "measured_speedup")
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
              "task": t.name, "split": split,
              "metric": t.primary_metric, "machine": _machine(), "repeats": repeats, "rows": rows}
+    if found is not None:
+        table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
+                              for s, by_len in found["schedules"].items()}
+        table["search"] = {k: found[k] for k in ("budget", "programs", "seconds", "records")}
+    if batch_sizes:
+        lengths = sorted({int(n) for r in rows for n in r["schedules"]})
+        table["latency"] = latency(pred, [r["speedup"] for r in rows], batch_sizes, lengths, repeats)
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{TUNE_FILE}.json").write_text(json.dumps(table, indent=2, default=_jsonable) + "\n")
     (out / f"{TUNE_FILE}.md").write_text(tune_markdown(table))
     plot_tune(table, out / f"{TUNE_FILE}.png")
     return table
+
+
+def latency(pred, speedups: Sequence[float], batch_sizes: Sequence[int], lengths: Sequence[int],
+            repeats: int) -> list[dict]:
+    """Median (min, max) ms of each level's program per (batch size, length), the levels
+    interleaved over ``repeats`` rounds after one warm-up round; ``measured`` = dense ms / ms."""
+    out = []
+    for b in batch_sizes:
+        for n in lengths:
+            plans = {s: pred.plan(n, s) for s in sorted(set(speedups) | {1.0})}
+            (inputs,) = pred.random_batches(b, n)[:1]
+            calls = {s: functools.partial(pred.program(b, p), pred.params, inputs) for s, p in plans.items()}
+            ms = programs.time_interleaved(calls, rounds=repeats, warmup=1)
+            rows = [{"device": _device(), "batch_size": b, "length": n, "speedup": s, "keep": list(p.keep),
+                     "source": _source([p]), "ms": float(np.median(ms[s])), "ms_min": min(ms[s]),
+                     "ms_max": max(ms[s]), "measured": float(np.median(ms[1.0]) / np.median(ms[s]))}
+                    for s, p in plans.items()]
+            out += _flag_slower(rows, "measured")
+    return out
+
+
+def _flag_slower(rows: list[dict], key: str) -> list[dict]:
+    """Marks ``slower`` each level no faster (``key``) than a less aggressive one."""
+    best = 0.0
+    for r in sorted(rows, key=lambda r: r["speedup"]):
+        r["slower"] = r["speedup"] > 1 and r[key] <= best
+        best = max(best, r[key])
+    return rows
+
+
+def _device() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    return getattr(dev, "device_kind", str(dev))
 
 
 def _machine() -> dict:
@@ -361,13 +463,33 @@ def tune_markdown(table: dict) -> str:
              f"({table['metric']}); latency on {m['device']} ({m['cpu']}, {m['cpu_count']} cores), "
              f"jax {m['jax']}.", "",
              f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes) | "
-             f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | keep per layer (per length) |",
-             "|---|---|---|---|---|---|---|"]
+             f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | schedule | "
+             "keep per layer (per length) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         keep = "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in r["schedules"].items())
         flag = " (no faster than a lower level: never picked)" if r.get("slower") else ""
+        source = r.get("source", "decay") + (f" (decay {r['decay_primary']:.2f})" if "decay_primary" in r else "")
         lines.append(f"| {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['measured_speedup']:.2f} ({_spread(r)}){flag} | "
-                     f"{r['primary']:.2f} | {r['drop']:.2f} | {r['ms_per_batch']:.1f} | {keep} |")
+                     f"{r['primary']:.2f} | {r['drop']:.2f} | {r['ms_per_batch']:.1f} | {source} | {keep} |")
+    if "search" in table:
+        s = table["search"]
+        lines += ["", f"Schedule search on {table['split']} only: up to {s['budget']} schedules per level "
+                  f"and length, {s['programs']} programs compiled, {s['seconds']:.0f} s. Dev {table['metric']} "
+                  "of the decay and of the best schedule found (the best replaces the decay only when higher):",
+                  "", "| speedup | length | decay | dev | best | dev | analytic | scored |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['speedup']:g} | {x['length']} | {','.join(map(str, x['decay_keep']))} | "
+                  f"{x['decay_primary']:.2f} | {','.join(map(str, x['best_keep']))} | {x['best_primary']:.2f} | "
+                  f"{x['best_analytic']:.2f} | {x['scored']} |" for x in s["records"]]
+    if table.get("latency"):
+        lines += ["", f"Latency per program on {table['latency'][0]['device']} (random full-length inputs, "
+                  f"median of {table.get('repeats', 5)} interleaved rounds):", "",
+                  "| batch | length | speedup | schedule | ms (min-max) | measured |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch_size']} | {r['length']} | {r['speedup']:g} | {r['source']} | {r['ms']:.2f} "
+                  f"({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['measured']:.2f}"
+                  f"{' (no faster than a lower level: never picked)' if r['slower'] else ''} |"
+                  for r in table["latency"]]
     return "\n".join(lines) + "\n"
 
 
@@ -402,6 +524,40 @@ def read_tune(folder: str | os.PathLike) -> dict | None:
         print(f"note: {p} was measured on other weights than {folder}'s: not used", file=sys.stderr)
         return None
     return table
+
+
+def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int, ...]]:
+    """(speedup, padded length) -> the keep-lengths an offline-tuning table searched for
+    ``task`` (``score_splits``'s ``schedules``); empty without a table, a search, or for
+    another task than the table's."""
+    if not table or table.get("task") != task:
+        return {}
+    return {(float(s), int(n)): tuple(k) for s, by_len in table.get("schedules", {}).items()
+            for n, k in by_len.items()}
+
+
+def pick_program(table: dict, max_drop: float, examples: int, length: int) -> tuple[float, int]:
+    """(speedup, batch size): the fastest program measured on this device (``latency`` rows)
+    whose level's dev drop is at most ``max_drop``, at the nearest recorded batch size at or
+    above ``examples`` (else the largest) and the same for ``length``; never a level flagged
+    ``slower`` there."""
+    here = [r for r in table.get("latency", ()) if r["device"] == _device()]
+    if not here:
+        raise EvalError(f"the offline-tuning table of {table['checkpoint']} holds no latency measured on "
+                        f"{_device()}: run python -m eval.offline_tune --batch_sizes 1,8,64 on this machine")
+
+    def at_or_above(values, x):
+        return next((v for v in sorted(values) if v >= x), max(values))
+
+    b = at_or_above({r["batch_size"] for r in here}, examples)
+    n = at_or_above({r["length"] for r in here}, length)
+    drop = {r["speedup"]: r["drop"] for r in table["rows"]}
+    ok = [r for r in here if (r["batch_size"], r["length"]) == (b, n) and not r["slower"]
+          and drop.get(r["speedup"], math.inf) <= max_drop + 1e-9]
+    if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
+        raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
+    best = min(ok, key=lambda r: (r["ms"], -r["speedup"]))
+    return best["speedup"], b
 
 
 def pick_level(table: dict, max_drop: float) -> dict:

@@ -67,6 +67,8 @@ class Planned:
     ``programs`` cache. Needs ``cost``, ``bucket``, ``floor``, ``programs`` (and
     ``length_buckets`` for ``length_bucket``)."""
 
+    searched: dict = {}  # (speedup, length) -> keep-lengths searched for the task (schedule.plan)
+
     @property
     def traces(self) -> int:
         return self.programs.traces
@@ -83,7 +85,8 @@ class Planned:
         """What runs at ``length``: ``schedule.plan`` for a speedup, or an explicit schedule."""
         if schedule is not None:
             return sched_lib.explicit(self.cost, length, schedule)
-        return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket, floor=self.floor)
+        return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket, floor=self.floor,
+                              searched=self.searched)
 
     def schedule(self, length: int, speedup: float) -> tuple[int, ...]:
         """The keep-lengths ``speedup`` runs at ``length``."""
@@ -102,6 +105,10 @@ class Predictor(Planned):
       acc_variant: ACC form used for ranking (``accjax.acc.VARIANTS``).
       bucket, floor: schedule rounding and minimum keep-length.
       output: which ``BertOutput`` field ``predict`` returns ('logits', 'pooler_output').
+      searched: (speedup, length) -> keep-lengths an offline-tuning search stored for the task.
+      pick: (examples, length) -> (speedup, batch size): the program ``predict`` runs when no
+        speedup is asked (``evaluation.RunModel.predictor(max_drop=...)``: the fastest one
+        measured at that batch size and length within a dev accuracy drop).
     """
 
     def __init__(
@@ -117,7 +124,11 @@ class Predictor(Planned):
         floor: int = 1,
         output: str = "logits",
         param_dtype: str | None = None,
+        searched: dict | None = None,
+        pick=None,
     ):
+        self.searched = dict(searched or {})
+        self.pick = pick
         self.module = module
         self.config = config
         self.batch_size = int(batch_size)
@@ -164,10 +175,12 @@ class Predictor(Planned):
         return self.num_programs - before
 
     # ------------------------------------------------------------------------ running
-    def predict(self, batch: dict[str, np.ndarray], speedup: float = 1.0, *,
+    def predict(self, batch: dict[str, np.ndarray], speedup: float | None = None, *,
                 schedule: Sequence[int] | None = None) -> np.ndarray:
         """Runs a [b, t] batch (any b, any t up to the largest bucket) -> [b, ...] numpy, at
-        ``speedup`` or at an explicit ``schedule`` of keep-lengths for the padded length."""
+        ``speedup`` or at an explicit ``schedule`` of keep-lengths for the padded length;
+        with neither, the program ``pick`` chooses for (b, padded length), in chunks of its
+        batch size (without ``pick``: dense)."""
         ids = np.asarray(batch["input_ids"])
         n, t = ids.shape
         if n == 0:
@@ -176,11 +189,14 @@ class Predictor(Planned):
                 "attention_mask": np.asarray(batch.get("attention_mask", np.ones_like(ids))),
                 "token_type_ids": np.asarray(batch.get("token_type_ids", np.zeros_like(ids)))}
         real = int(full["attention_mask"].sum(1).max())  # trailing all-padding columns can go
-        plan = self.plan(self.length_bucket(real), speedup, schedule)
-        prog = self.program(self.batch_size, plan)
+        length, size = self.length_bucket(real), self.batch_size
+        if speedup is None and schedule is None and self.pick is not None:
+            speedup, size = self.pick(n, length)
+        plan = self.plan(length, 1.0 if speedup is None else speedup, schedule)
+        prog = self.program(size, plan)
         outs = []
-        for i in range(0, n, self.batch_size):
-            chunk = {k: programs.pad_rows(full[k][i:i + self.batch_size], self.batch_size, plan.length,
+        for i in range(0, n, size):
+            chunk = {k: programs.pad_rows(full[k][i:i + size], size, plan.length,
                                           fill=int(k == "attention_mask"))
                      for k in self.input_names}
             outs.append(prog(self.params, chunk))
@@ -193,10 +209,14 @@ class Predictor(Planned):
         """Median wall time (ms) of one compiled program on random full-length inputs."""
         plan = self.plan(length, speedup, schedule)
         prog = self.program(batch_size, plan)
+        batches = self.random_batches(batch_size, length, seed)
+        return {**programs.time_calls(lambda b: prog(self.params, b), batches, iters=iters,
+                                      warmup=warmup), "schedule": plan.keep}
+
+    def random_batches(self, batch_size: int, length: int, seed: int = 0) -> list[dict]:
+        """Full-length random inputs on the device, for timing programs."""
         ids = programs.random_batches(np.random.default_rng(seed), (batch_size, length),
                                       getattr(self.config, "vocab_size", 1000))
         fill = {"input_ids": None, "attention_mask": 1, "token_type_ids": 0}
-        batches = [jax.device_put({k: a if fill[k] is None else np.full_like(a, fill[k])
-                                   for k in self.input_names}) for a in ids]
-        return {**programs.time_calls(lambda b: prog(self.params, b), batches, iters=iters,
-                                      warmup=warmup), "schedule": plan.keep}
+        return [jax.device_put({k: a if fill[k] is None else np.full_like(a, fill[k])
+                                for k in self.input_names}) for a in ids]

@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +87,12 @@ def bucket_up(n: float, bucket: int = 8) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _bucketed(seq_len: int, num_layers: int, r: float, bucket: int, floor: int) -> tuple[int, ...]:
-    keep = []
-    for l in range(1, num_layers + 1):
-        k = min(seq_len, bucket_up(max(floor, seq_len * r ** l), bucket))
-        keep.append(k)
+def _bucketed(seq_len: int, num_layers: int, r: float, bucket: int, floor: int,
+              prefix: tuple[int, ...] = ()) -> tuple[int, ...]:
+    # the layers after ``prefix`` decay from its last keep-length (from seq_len without one)
+    start, keep = (prefix[-1] if prefix else seq_len), list(prefix)
+    for l in range(1, num_layers - len(prefix) + 1):
+        keep.append(min(start, bucket_up(max(floor, start * r ** l), bucket)))
     return tuple(keep)
 
 
@@ -137,13 +138,15 @@ class Plan:
 
     ``keep``: the keep-length of every layer (all ``length`` when dense); ``schedule``: the
     same, or None for the dense program; ``analytic``: its FLOP speedup; ``clamped_from``:
-    the requested speedup when the length permits less (then ``analytic`` is the maximum).
+    the requested speedup when the length permits less (then ``analytic`` is the maximum);
+    ``searched``: the keep-lengths were searched for the task (``accjax.search``), not decayed.
     """
 
     length: int
     keep: tuple[int, ...]
     analytic: float
     clamped_from: float | None = None
+    searched: bool = False
 
     @property
     def dense(self) -> bool:
@@ -155,14 +158,17 @@ class Plan:
 
 
 def plan(cm: CostModel, length: int, speedup: float, *, bucket: int = 8, floor: int = 1,
-         clamp: bool = True) -> Plan:
+         clamp: bool = True, searched: Mapping[tuple[float, int], Sequence[int]] | None = None) -> Plan:
     """The one policy from a speedup to a program (see the module docstring).
 
     ``clamp=False`` refuses a speedup above the length's maximum (``SpeedupError`` stating
     the permitted range) instead of running the maximum: for a sweep at ONE length, where a
-    clamped row would only repeat the maximum's.
+    clamped row would only repeat the maximum's. ``searched``: (speedup, length) -> the
+    keep-lengths an offline-tuning search chose for the task; such a pair runs them.
     """
     _check_number(speedup)
+    if searched and (float(speedup), int(length)) in searched:
+        return dataclasses.replace(explicit(cm, length, searched[float(speedup), int(length)]), searched=True)
     if not clamp:
         _solve(cm, int(length), float(speedup), int(bucket), int(floor))  # raises outside the range
     return _plan(cm, int(length), float(speedup), int(bucket), int(floor))
@@ -197,19 +203,43 @@ def _solve(cm: CostModel, seq_len: int, speedup: float, bucket: int, floor: int)
             "1 is the dense model")
     if speedup == 1:
         return (seq_len,) * L
+    return _bisect(cm, seq_len, speedup, bucket, floor, ())
+
+
+def decay_after(cm: CostModel, seq_len: int, speedup: float, prefix: Sequence[int], *,
+                bucket: int = 8, floor: int = 1) -> tuple[int, ...] | None:
+    """Keep-lengths that start with ``prefix`` (the first layers' keep-lengths, e.g. all
+    ``seq_len`` rows for k layers) and then decay by one ratio solved for ``speedup`` as
+    ``plan`` does; None when no ratio reaches it within that prefix.
+
+    Example (MiniLM-L6, N = 64): ``decay_after(cm, 64, 2, (64,))`` keeps all rows in layer 1
+    and decays faster in layers 2..6 than ``plan(cm, 64, 2).keep`` does."""
+    prefix = check(prefix, len(prefix), seq_len) if prefix else ()
+    if len(prefix) >= cm.num_layers:
+        return None
+    lo = analytic_speedup(cm, seq_len, _bucketed(seq_len, cm.num_layers, 1.0, bucket, floor, prefix))
+    hi = analytic_speedup(cm, seq_len, _bucketed(seq_len, cm.num_layers, 0.0, bucket, floor, prefix))
+    if not lo <= speedup <= hi * (1 + 1e-9):
+        return None
+    return _bisect(cm, seq_len, float(speedup), int(bucket), int(floor), tuple(prefix))
+
+
+def _bisect(cm: CostModel, seq_len: int, speedup: float, bucket: int, floor: int,
+            prefix: tuple[int, ...]) -> tuple[int, ...]:
+    L = cm.num_layers
 
     def s(r):
-        return analytic_speedup(cm, seq_len, _bucketed(seq_len, L, r, bucket, floor))
+        return analytic_speedup(cm, seq_len, _bucketed(seq_len, L, r, bucket, floor, prefix))
 
-    lo, hi = 0.0, 1.0  # s(lo) = top >= speedup >= 1 = s(hi)
+    lo, hi = 0.0, 1.0  # s(lo) = top >= speedup >= s(hi) (1 without a prefix)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         if s(mid) >= speedup:
             lo = mid
         else:
             hi = mid
-    a = _bucketed(seq_len, L, lo, bucket, floor)  # speedup >= target
-    b = _bucketed(seq_len, L, hi, bucket, floor)  # speedup < target
+    a = _bucketed(seq_len, L, lo, bucket, floor, prefix)  # speedup >= target
+    b = _bucketed(seq_len, L, hi, bucket, floor, prefix)  # speedup < target
     sa, sb = s(lo), s(hi)
     return a if abs(sa - speedup) <= abs(sb - speedup) else b
 

@@ -2,6 +2,7 @@
 
     python -m eval.offline_tune --checkpoint runs/rt_minilm_elastic
     python -m eval.offline_tune --checkpoint runs/sst2 --speedups 1,1.5,2,3,4 --data_dir /data/glue
+    python -m eval.offline_tune --checkpoint runs/rt --speedups 1,2,3,4.8 --search --json tune.json
 
 One training-free pass per speedup level on the dev split, latency measured on this machine
 (compilation excluded). Writes, beside the checkpoint (or into ``--out``): the table
@@ -9,6 +10,17 @@ One training-free pass per speedup level on the dev split, latency measured on t
 measured and analytic speedup, ms per batch) and ``offline_tune.png`` (metric against the
 analytic and the measured speedup). ``python -m eval.glue --max_drop X`` then runs the
 fastest level whose dev drop is at most X. Without ``--checkpoint``: the embedded default.
+
+``--search`` first searches keep-length schedules per level and length bucket on the dev
+split (``accjax.search``: the decay, hold-then-decay shapes and an evolutionary search,
+``--candidates`` scored per level and length, each one compiled program and one pass over
+that length's dev batches); the table then stores the winners and ``eval.glue --speedup`` /
+``--max_drop`` run them. The test split is never read.
+
+``--batch_sizes 1,8,64`` also times every level's program per (batch size, length bucket) on
+this device; a level no faster than a less aggressive one there is flagged and never picked,
+and ``RunModel.predictor(max_drop=X)`` runs, per batch, the fastest measured program within
+X dev points at the nearest recorded batch size at or above the batch's.
 """
 
 from __future__ import annotations
@@ -29,6 +41,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--out", default=None, help="folder for the table and plot (default: the checkpoint)")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per level, interleaved")
+    ap.add_argument("--search", action="store_true", help="search schedules per level on dev first")
+    ap.add_argument("--candidates", type=int, default=4,
+                    help="schedules scored per level and length bucket by --search (the decay included)")
+    ap.add_argument("--batch_sizes", default=None,
+                    help="also time every level's program per batch size and length, e.g. 1,8,64")
+    ap.add_argument("--json", default=None, help="also write the table (with the machine) here")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     from accjax import evaluation, guards, loop
@@ -36,17 +54,23 @@ def main(argv=None) -> int:
     def run():
         speedups = cli.speedups(args.speedups, "--speedups") if args.speedups else None
         cli.batch_size(args.batch_size)
+        guards.positive_int(args.candidates, "--candidates")
+        sizes = [cli.batch_size(b, "--batch_sizes") for b in cli.ints(args.batch_sizes, "--batch_sizes", low=1)
+                 ] if args.batch_sizes else []
+        guards.positive_int(args.repeats, "--repeats")
         if args.out or args.checkpoint:  # the table is written after the sweep: check first
             guards.writable_dir(args.out or args.checkpoint, "--out" if args.out else "--checkpoint")
         ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
         table = evaluation.offline_tune(evaluation.RunModel.load(ckpt), speedups=speedups,
                                         batch_size=args.batch_size, data_dir=args.data_dir,
                                         split=args.split, progress=args.progress, out_dir=args.out,
-                                        repeats=args.repeats)
+                                        repeats=args.repeats, search=args.candidates if args.search else 0,
+                                        batch_sizes=sizes)
         print(evaluation.tune_markdown(table))
         print(f"wrote {Path(args.out) if args.out else ckpt}/{evaluation.TUNE_FILE}.json, .md and .png")
+        return table
 
-    return cli.run(run)
+    return cli.run(run, json_path=args.json)
 
 
 if __name__ == "__main__":
