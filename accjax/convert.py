@@ -227,6 +227,21 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
+def max_positions(folder: str | Path) -> int | None:
+    """The longest sequence a model folder allows, from its config alone (no weights read):
+    accjax.json, config.json or a GGUF file's metadata."""
+    from accjax import gguf_io
+
+    folder = Path(folder)
+    if (folder / ACCJAX_META).exists():
+        d = read_meta(folder).get("config") or {}
+    elif (g := None if (folder / "config.json").exists() else gguf_io.find(folder)) is not None:
+        d = gguf_io.hf_config(gguf_io.metadata(g), g)
+    else:
+        d = read_hf_config(folder)
+    return d.get("max_position_embeddings") or d.get("n_positions")
+
+
 # --------------------------------------------------------------------------- conversion
 @dataclasses.dataclass
 class LoadReport:
@@ -644,6 +659,18 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
+    if (dst / "tokenizer.json").exists():
+        return
+    from accjax import gguf_io
+
+    try:  # a GGUF holds its tokenizer in its metadata: written out, the folder loads alone
+        tok, path = gguf_io.folder_tokenizer(src), gguf_io.find(src)
+    except gguf_io.GGUFError:  # no tokenizer we can build: the folder's own error says what to copy
+        return
+    if tok is not None:
+        tok.save(str(dst / "tokenizer.json"))
+        if template := gguf_io.chat_template(gguf_io.metadata(path)):
+            (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -139,6 +139,12 @@ def make_windows(token_lists: Sequence[np.ndarray], context: int, continuation: 
     return w[:, :context], w[:, context:]
 
 
+def check_fits(limit: int | None, context: int, continuation: int) -> None:
+    if limit is not None and context + continuation > limit:
+        raise ValueError(f"context {context} + continuation {continuation} exceeds the "
+                         f"model's {limit} positions: pass a shorter --context")
+
+
 # ------------------------------------------------------------------------ evaluator
 class LMEvaluator:
     """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup.
@@ -155,10 +161,7 @@ class LMEvaluator:
     def __init__(self, module, params, config, *, batch_size: int, context: int, continuation: int,
                  param_dtype: str | None = None, bucket: int = 8, floor: int = 1,
                  acc_variant: str = "plain"):
-        limit = config.max_position_embeddings
-        if context + continuation > limit:
-            raise ValueError(f"context {context} + continuation {continuation} exceeds the "
-                             f"model's {limit} positions")
+        check_fits(config.max_position_embeddings, context, continuation)
         self.module, self.config = module, config
         self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
         self.params = inference.cast_params(params, param_dtype)

@@ -53,11 +53,13 @@ def build(args):
         if cfg.family not in DECODERS:
             raise ValueError(f"eval.lm runs decoders ({', '.join(DECODERS)}); {args.model!r} is a "
                              f"{cfg.family} preset")
+        lm.check_fits(cfg.max_position_embeddings, args.context, args.continuation)
         module = models.get_family(cfg.family).module(cfg, "lm")
         return module, models.init_params(cfg, "lm", args.seed), cfg, None
     from accjax import convert
 
     folder = hub.resolve(args.model)
+    lm.check_fits(convert.max_positions(folder), args.context, args.continuation)  # before the weights
     ld = convert.load(folder, "lm", **overrides)
     if ld.family.name not in DECODERS:
         raise ValueError(f"eval.lm runs decoders ({', '.join(DECODERS)}); {folder} holds a "

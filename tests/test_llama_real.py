@@ -47,22 +47,27 @@ def _batch(tok, texts):
     return arr, mask
 
 
-def test_config_tokenizer_and_chat_template(real):
+def test_config_tokenizer_and_chat_template(real, tmp_path):
+    """From the GGUF, and from tokenizer.json + tokenizer_config.json written out of it (what
+    a converted accjax folder holds)."""
     ld, hf, htok, tok = real
     cfg = ld.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
     assert cfg.tie_word_embeddings and cfg.max_position_embeddings == 8192
-    for s in SENTENCES + ["<|im_start|>user\nHi 12345<|im_end|>"]:
-        assert tok.encode([s]).ids[0] == htok(s)["input_ids"], s
+    convert.copy_tokenizer_files(ld.folder, tmp_path)
     msgs = [{"role": "user", "content": "Is this review positive or negative? A gorgeous movie."}]
-    assert prompting.render_chat(tok.chat_template, msgs) == htok.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=True)
+    for t in (tok, tokenization.Tokenizer.from_folder(tmp_path)):
+        for s in SENTENCES + ["<|im_start|>user\nHi 12345<|im_end|>"]:
+            assert t.encode([s]).ids[0] == htok(s)["input_ids"], s
+        assert prompting.render_chat(t.chat_template, msgs) == htok.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True)
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_logits_parity_on_a_padded_batch(real):
     """fp32 logits against transformers' float64 run of the same weights (its RMSNorm and
-    rotary angles stay float32 even then), which says which
-    side carries the error: ours 1.04e-4, its own fp32 paths eager 7.3e-5 and sdpa 9.0e-5
+    rotary angles stay float32 even then), which says which side carries the error: ours
+    1.04e-4, its own fp32 paths eager 7.3e-5 and sdpa 9.0e-5
     (ours against them: 1.6e-4 and 1.2e-4; they differ by 1.1e-4 between themselves).
     RMSNorm, rotary angles, the mask value and SwiGLU follow HF's order of operations; what
     is left is fp32 summation order in the matmuls, amplified where the MLPs of blocks 2 and
