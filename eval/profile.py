@@ -30,8 +30,8 @@ import time
 import jax
 import numpy as np
 
-from accjax import benchmark, inference, models
-from eval.bench import build, parse_sets
+from accjax import benchmark, inference, models, seq2seq
+from eval import bench
 
 KINDS = [
     ("attention(cudnn)", re.compile(r"cudnn|fmha|flash|sdpa|fprop", re.I)),
@@ -419,28 +419,17 @@ def main(argv=None) -> int:
         if args.json:
             benchmark.write_json(args.json, {"machine": benchmark.machine(), "kernels": rows})
         return 0
-    t5 = args.model.startswith("flan-t5") or args.model.startswith("t5")
-    if t5:  # encoder + first token, as eval.bench_t5 times it
-        from accjax import seq2seq
-        from eval import bench_t5
-
-        cfg, params = bench_t5.build(args.model, args.dtype, args.attention_impl,
-                                     acc_impl=parse_sets(args.set).get("acc_impl", "auto"))
-        module = models.get_family(cfg.family).module(cfg, "lm")
-    else:
-        cfg, params = build(args.model, args.dtype, args.attention_impl, overrides=parse_sets(args.set))
-        if args.hidden_act:
-            cfg = cfg.replace(hidden_act=args.hidden_act)
-        module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+    t5 = bench.is_t5(args.model)  # encoder + first token, as eval.bench times a T5
+    cfg, params = bench.build(args.model, args.dtype, args.attention_impl, overrides=bench.parse_sets(args.set), t5=t5)
+    if args.hidden_act and not t5:
+        cfg = cfg.replace(hidden_act=args.hidden_act)
+    module = models.get_family(cfg.family).module(cfg, "lm" if t5 else "sequence_classification")
     results = []
     for shape in args.shapes.split(","):
         b, n = map(int, shape.split("x"))
-        if t5:
-            pred = seq2seq.Seq2SeqPredictor(module, params, cfg, batch_size=b, length_buckets=(n,),
-                                            param_dtype=args.dtype, acc_variant=args.acc_variant)
-        else:
-            pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
-                                       param_dtype=args.dtype, acc_variant=args.acc_variant)
+        pred = (seq2seq.Seq2SeqPredictor if t5 else inference.Predictor)(
+            module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=args.dtype,
+            acc_variant=args.acc_variant)
         for s in [float(x) for x in args.speedups.split(",")]:
             r = (profile_t5_first_token if t5 else profile_program)(pred, b, n, s, args.iters)
             if args.dump_hlo:
