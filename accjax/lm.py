@@ -87,28 +87,10 @@ def read_texts(paths: Sequence[str | Path]) -> list[str]:
 
 
 def load_tokenizer(folder: str | Path):
-    """The model folder's tokenizer as a ``tokenizers.Tokenizer``.
+    """The model folder's tokenizer as a ``tokenizers.Tokenizer`` (``Tokenizer.from_folder``)."""
+    from accjax import tokenization
 
-    Reads ``tokenizer.json``, or builds the byte-level BPE from ``vocab.json`` +
-    ``merges.txt`` (what older GPT-2 folders carry), or from a GGUF file's metadata.
-    """
-    from tokenizers import Tokenizer
-
-    folder = Path(folder)
-    if (folder / "tokenizer.json").exists():
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        from tokenizers import ByteLevelBPETokenizer
-
-        return ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
-    from accjax import gguf_io
-
-    tok = gguf_io.folder_tokenizer(folder)  # a GGUF model carries its tokenizer inside
-    if tok is not None:
-        return tok
-    raise FileNotFoundError(
-        f"{folder} has no tokenizer.json (or vocab.json + merges.txt); a GPT-2 folder saved by "
-        "transformers has them: copy them next to the weights")
+    return tokenization.Tokenizer.from_folder(folder)._tok
 
 
 def tokenize(tok, texts: Sequence[str]) -> list[np.ndarray]:
