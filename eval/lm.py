@@ -28,10 +28,11 @@ A program, not a test: it asserts nothing about time. Never imports ``datasets``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from accjax import benchmark, hub, lm, models
+from accjax import benchmark, guards, hub, lm, models
 from eval import cli
 
 
@@ -174,22 +175,16 @@ def main(argv=None) -> int:
         args.continuation = 0 if args.bench else 64
     if args.floor is None:
         args.floor = 2 if args.protect_first else 1
-    try:
-        from accjax import guards
 
+    def checked():
         for flag in ("bucket", "floor", "batch", "context", "iters"):  # 0 divided by later
             guards.positive_int(getattr(args, flag), f"--{flag}")
-        if args.json:
-            guards.writable_dir(Path(args.json).parent, "--json")
-        result = run(args)
-    except (ValueError, FileNotFoundError) as e:  # also CheckpointError, SpeedupError, ModelNotFoundError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        benchmark.write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return 0
+        return run(args)
+
+    if args.json:  # a new results folder is made; cli.run says so in one line if it cannot be
+        with contextlib.suppress(OSError):
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    return cli.run(checked, json_path=args.json)
 
 
 if __name__ == "__main__":
