@@ -176,11 +176,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        out = {}
         with safe_open(str(path), framework="numpy") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-        return out
+            return {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
@@ -188,12 +185,9 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from None
     except TypeError:
         # numpy has no bfloat16: read through the flax framework and upcast.
-        out = {}
         with safe_open(str(path), framework="flax") as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                out[k] = np.asarray(t.astype("float32") if t.dtype.name == "bfloat16" else t)
-        return out
+            return {k: np.asarray(t.astype("float32") if (t := f.get_tensor(k)).dtype.name == "bfloat16" else t)
+                    for k in f.keys()}
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
@@ -402,29 +396,18 @@ def to_state_dict(family: models_lib.Family, config, params: Mapping, head: str 
 
 
 def flatten(params: Mapping, sep: str = "/") -> dict[str, Any]:
-    out = {}
+    """{'a': {'b': x}} -> {'a/b': x}."""
+    from flax import traverse_util
 
-    def rec(d, prefix):
-        for k, v in d.items():
-            key = f"{prefix}{sep}{k}" if prefix else str(k)
-            if isinstance(v, Mapping):
-                rec(v, key)
-            else:
-                out[key] = v
-
-    rec(params, "")
-    return out
+    return traverse_util.flatten_dict(dict(params), sep=sep)
 
 
 def unflatten(flat: Mapping, sep: str = "/") -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        parts = k.split(sep) if isinstance(k, str) else list(k)
-        d = out
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = v
-    return out
+    """{'a/b': x} or {('a', 'b'): x} -> {'a': {'b': x}}."""
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict({tuple(k.split(sep)) if isinstance(k, str) else tuple(k): v
+                                         for k, v in flat.items()})
 
 
 # ---------------------------------------------------------------------- high-level API
