@@ -68,10 +68,8 @@ def build(args):
     return ld.module, ld.params, ld.config, ld.folder
 
 
-def hf_reference(folder, ctx, cont, batch: int) -> dict:
-    """transformers' fp32 perplexity of the same windows, dense (the reference at speedup 1):
-    one forward pass over context + continuation, NLL of the continuation tokens."""
-    import numpy as np
+def hf_model(folder):
+    """transformers' fp32 ``AutoModelForCausalLM`` of an HF folder or a GGUF file's folder."""
     import torch
     import transformers
 
@@ -79,7 +77,16 @@ def hf_reference(folder, ctx, cont, batch: int) -> dict:
 
     g = None if (folder / "config.json").exists() else gguf_io.find(folder)
     kw = {"gguf_file": g.name} if g is not None else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+
+
+def hf_reference(folder, ctx, cont, batch: int) -> dict:
+    """transformers' fp32 perplexity of the same windows, dense (the reference at speedup 1):
+    one forward pass over context + continuation, NLL of the continuation tokens."""
+    import numpy as np
+    import torch
+
+    model = hf_model(folder)
     c = ctx.shape[1]
     total = 0.0
     for i in range(0, len(ctx), batch):

@@ -42,13 +42,11 @@ def hf_reference(folder, tok, examples, *, shots, pool, seed, max_length, render
     with ``generate_tokens``, greedy exact match (one prompt at a time, no padding)."""
     import numpy as np
     import torch
-    import transformers
 
-    from accjax import gguf_io, prompting
+    from accjax import prompting
+    from eval import lm as lm_cli
 
-    g = None if (folder / "config.json").exists() else gguf_io.find(folder)
-    kw = {"gguf_file": g.name} if g is not None else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+    model = lm_cli.hf_model(folder)
     gold = [labels.index(e.target) for e in examples]
     cands = tok.encode([label_encoding["prefix"] + w for w in labels], add_special_tokens=False).ids
     rows = []

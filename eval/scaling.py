@@ -55,6 +55,7 @@ import os
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before jax creates a backend (issue 8: NVLS off)
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -284,9 +285,7 @@ def matmul_precision(args) -> str | None:
 
 def run(args) -> dict[str, Any]:
     prec = matmul_precision(args)
-    if prec is None:
-        return _run(args, prec)
-    with jax.default_matmul_precision(prec):
+    with jax.default_matmul_precision(prec) if prec else contextlib.nullcontext():
         return _run(args, prec)
 
 
