@@ -127,6 +127,17 @@ def check_fits(limit: int | None, context: int, continuation: int) -> None:
                          f"model's {limit} positions: pass a shorter --context")
 
 
+def continuation_logp(module, params, first: jax.Array, cache, toks: jax.Array) -> jax.Array:
+    """log p of each token of ``toks`` [B, L] continuing a prefill, by teacher forcing on its
+    (pruned) KV cache: ``first`` [B, V] the prefill's next-token logits -> [B, L] float32."""
+    logits = first[:, None]
+    if toks.shape[1] > 1:
+        rest, _ = module.apply({"params": params}, toks[:, :-1], cache, method="extend")
+        logits = jnp.concatenate([logits, rest], axis=1)  # [B, L, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]
+
+
 # ------------------------------------------------------------------------ evaluator
 class LMEvaluator:
     """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup.
@@ -192,14 +203,7 @@ class LMEvaluator:
         module = self.module
 
         def run(params, ctx, cont):
-            logits0, cache = prefill(params, ctx)  # [B, V]
-            logits = logits0[:, None]
-            if cont.shape[1] > 1:
-                rest, _ = module.apply({"params": params}, cont[:, :-1], cache, method="extend")
-                logits = jnp.concatenate([logits, rest], axis=1)  # [B, T, V]
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            nll = -jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]  # [B, T]
-            return nll.sum(axis=1)
+            return -continuation_logp(module, params, *prefill(params, ctx), cont).sum(axis=1)
 
         return self.programs.get(("score", tuple(schedule)), lambda: jax.jit(self.programs.counted(run)).lower(
             self.params, self._spec(self.context), self._spec(self.continuation)))

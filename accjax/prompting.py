@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from accjax import guards
-from accjax import inference, programs, tokenization
+from accjax import inference, lm, programs, tokenization
 
 ANSWER_PREFIX = "Answer:"
 
@@ -433,20 +433,11 @@ class DecoderPredictor(inference.Planned):
         module, sch = self.module, plan.schedule
 
         def run(params, ids, mask, cids, cmask):
-            v = {"params": params}
-            first, cache, _ = module.apply(v, ids, mask, max_new_tokens=width, schedule=sch,
+            first, cache, _ = module.apply({"params": params}, ids, mask, max_new_tokens=width, schedule=sch,
                                            method="prefill")  # [B, V]
-            out = []
-            for j in range(c):  # each candidate continues the same pruned caches
-                toks = jnp.broadcast_to(cids[j], (ids.shape[0], width))  # [B, L]
-                logits = first[:, None]
-                if width > 1:
-                    rest, _ = module.apply(v, toks[:, :-1], cache, method="extend")
-                    logits = jnp.concatenate([logits, rest], axis=1)  # [B, L, V]
-                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-                tok_lp = jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]  # [B, L]
-                out.append((tok_lp * cmask[j]).sum(axis=1))
-            return jnp.stack(out, axis=1)  # [B, C]
+            # each candidate continues the same pruned caches
+            return jnp.stack([(lm.continuation_logp(module, params, first, cache, jnp.broadcast_to(
+                cids[j], (ids.shape[0], width))) * cmask[j]).sum(axis=1) for j in range(c)], axis=1)  # [B, C]
 
         spec = jax.ShapeDtypeStruct((self.batch_size, plan.length), jnp.int32)
         cspec = jax.ShapeDtypeStruct((c, width), jnp.int32)
