@@ -73,38 +73,31 @@ MODES = ("dense", "elim")
 CHECK_STEPS = 3
 
 # Allowed disagreement of a mesh with the 1-device run, per compute dtype (None: reported,
-# not checked):
-#   loss         |loss_mesh - loss_1|, each of the 3 steps;
-#   grad_norm    |g_mesh - g_1| / g_1, each step (catches a gradient scaled by the device
-#                count, which Adam's scale-invariant first update would hide in the params);
-#   param        max |p_mesh - p_1| over every parameter after the 3 updates;
-#   update       ||dp_mesh - dp_1|| / ||dp_1||, dp = p_3 - p_0 over all parameters: the
-#                fraction of the 3 updates the meshes disagree on.
+# not checked): loss |loss_mesh - loss_1| and grad_norm |g_mesh - g_1| / g_1 at each of the
+# 3 steps (grad_norm catches a gradient scaled by the device count, which Adam's
+# scale-invariant first update would hide); param max |p_mesh - p_1| after the 3 updates;
+# update ||dp_mesh - dp_1|| / ||dp_1||, dp = p_3 - p_0 over all parameters.
 # float32: the CPU test's 1e-5 (reduction order alone: ~1e-7 relative).
-# bfloat16 has an 8-bit significand, unit roundoff u = 2^-8 = 3.9e-3. A device's rows go
-# through the same computation on any mesh (up to GEMM algorithm choices); what changes is
-# how the weight gradients (dots over B x T rows, accumulated in f32, output rounded to
-# bf16) are split and summed across devices: a few roundings of u each, relative to each
-# gradient entry. loss ~ ln 2 = 0.69 for 2 random classes, where one bf16 ulp is 2^-8 =
-# 0.0039: 1e-2 allows ~2.5 ulps. grad_norm: 3e-2 (~8 u). Parameters: Adam divides the first
-# moment by the root of the second, so a gradient's relative error becomes the same relative
-# error of an update of about lr, and an entry whose sign the rounding flips (partial sums
-# that cancel to below u) moves up to 2 lr the other way. A max-abs parameter bound would be
-# 2 lr x 3 steps, which ANY two Adam runs meet: it cannot fail, so it is not checked; the
-# update difference is. Measured on 8 fake CPU devices, bf16, lr 1e-3 .. 2e-5 (about the
-# same at each), update difference:
+# bfloat16 (unit roundoff u = 2^-8 = 3.9e-3): a device's rows go through the same
+# computation on any mesh; what changes is how the weight gradients (f32-accumulated dots
+# over B x T rows, rounded to bf16) are split and summed across devices: a few roundings of
+# u per entry. loss ~ ln 2 = 0.69 (2 random classes), one bf16 ulp 0.0039: 1e-2 is ~2.5
+# ulps; grad_norm 3e-2 is ~8 u. Adam turns a gradient's relative error into the same error
+# of an update of about lr, and a sign flipped by rounding (partial sums cancelling below u)
+# moves an entry up to 2 lr the other way: a max-abs parameter bound (2 lr x 3 steps) that
+# ANY two Adam runs meet cannot fail, so only the update difference is checked. Measured on
+# 8 fake CPU devices, bf16, lr 1e-3 .. 2e-5 (about the same at each), update difference:
 #   model                   mesh vs 1 device   bf16 vs f32 compute, 1 device   other dropout key
 #   tiny (2 x 32), dense    0.02               0.06                            -
 #   tiny, elim@3            0.02               0.08                            1.15
 #   MiniLM (6 x 384), dense 0.03               0.07                            -
 #   MiniLM, elim@3          0.06 - 0.07        0.21 - 0.25                     1.12 - 1.22
-# Rounding between meshes stays at 0.3 - 0.4 x the whole bf16-vs-f32 effect; a real fault
-# (another dropout key; a gradient missing a shard or a reduction) is of order 1. 0.3 sits
-# between the two. NOT yet measured on GPUs, where GEMM algorithms may differ between batch
-# shapes (so the forward pass too, and with it which rows elimination keeps).
-# The loss and grad-norm bounds are coarse (another dropout key moved the loss by only
-# 1e-3 .. 2e-2): the update difference is the sharp test. ``--no_f32_reference`` aside,
-# each run also reports its own bf16-vs-f32 figure beside the mesh figures.
+# Mesh rounding stays at 0.3 - 0.4 x the whole bf16-vs-f32 effect; a real fault (another
+# dropout key, a gradient missing a shard or a reduction) is of order 1: 0.3 sits between.
+# NOT yet measured on GPUs, where GEMM algorithms may differ between batch shapes (so the
+# forward pass too, and which rows elimination keeps). The loss and grad-norm bounds are
+# coarse (another dropout key moved the loss by only 1e-3 .. 2e-2): the update difference is
+# the sharp test; each run also reports its own bf16-vs-f32 figure (``--no_f32_reference``).
 TOLERANCES = {
     "float32": {"loss": 1e-5, "grad_norm": 1e-5, "param": 1e-5, "update": None},
     "bfloat16": {"loss": 1e-2, "grad_norm": 3e-2, "param": None, "update": 0.3},
