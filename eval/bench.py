@@ -22,6 +22,7 @@ machine, as JSON. A program, not a test: it asserts nothing about time. Never im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import jax
@@ -54,20 +55,13 @@ def parse_sets(items) -> dict:
     """['xla_attention_below=64', 'fused_qkv=false'] -> typed config overrides."""
     out = {}
     for item in items or []:
-        if "=" not in item:
+        k, eq, v = item.partition("=")
+        if not eq:
             raise SystemExit(f"error: --set takes key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-        else:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    out[k] = v
+        out[k] = {"true": True, "false": False}.get(v.lower(), v)
+        for cast in (int, float):  # the first that reads it
+            with contextlib.suppress(ValueError):
+                out[k] = cast(v) if isinstance(out[k], str) else out[k]
     return out
 
 
