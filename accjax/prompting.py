@@ -177,13 +177,8 @@ def label_candidates(tokenizer: tokenization.Tokenizer, labels: Sequence[str], *
     for lab, ids in zip(labels, enc):
         if tokenizer.token_to_id("<unk>") is not None and tokenizer.token_to_id("<unk>") in ids:
             raise PromptDataError(f"label {lab!r} contains tokens unknown to the tokenizer")
-    width = max(len(x) for x in enc)
-    ids = np.zeros((len(enc), width), np.int32)
-    mask = np.zeros((len(enc), width), np.int32)
-    for i, x in enumerate(enc):
-        ids[i, :len(x)] = x
-        mask[i, :len(x)] = 1
-    return ids, mask
+    p = tokenization.pad(tokenization.Encoded(enc), max(len(x) for x in enc), 0)
+    return p["input_ids"], p["attention_mask"]
 
 
 def text_to_text_batch(tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *,
@@ -195,7 +190,7 @@ def text_to_text_batch(tokenizer: tokenization.Tokenizer, examples: Sequence[Exa
     ``batch_size`` > len(examples) appends rows with no counted label (all -100)."""
     ids, _ = encode_prompts(tokenizer, examples, shots=shots, seed=seed, max_length=source_length)
     b = batch_size or len(examples)
-    src = tokenization.pad(tokenization.Encoded(ids, [[0] * len(x) for x in ids], 0), source_length,
+    src = tokenization.pad(tokenization.Encoded(ids), source_length,
                            tokenizer.pad_id, b)
     tgt = tokenizer.encode([ex.target for ex in examples], max_length=target_length).ids
     labels = np.full((b, target_length), -100, np.int32)
@@ -273,13 +268,8 @@ def _batches(ids: list[list[int]], batch_size: int, pad_id: int):
     order = np.argsort([len(x) for x in ids], kind="stable")
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        t = max(len(ids[i]) for i in idx)
-        arr = np.full((len(idx), t), pad_id, np.int32)
-        mask = np.zeros((len(idx), t), np.int32)
-        for r, i in enumerate(idx):
-            arr[r, :len(ids[i])] = ids[i]
-            mask[r, :len(ids[i])] = 1
-        yield idx, arr, mask
+        p = tokenization.pad(tokenization.Encoded([ids[i] for i in idx]), max(len(ids[i]) for i in idx), pad_id)
+        yield idx, p["input_ids"], p["attention_mask"]
 
 
 def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *,

@@ -28,13 +28,13 @@ class Encoded:
 
     Attributes:
       ids: per example the token ids, special tokens included.
-      type_ids: per example the segment ids (0 for text, 1 for the pair text).
+      type_ids: per example the segment ids (0 for text, 1 for the pair text; None: all 0).
       truncated: how many examples lost tokens to ``max_length``.
     """
 
     ids: list[list[int]]
-    type_ids: list[list[int]]
-    truncated: int
+    type_ids: list[list[int]] | None = None
+    truncated: int = 0
 
     @property
     def lengths(self) -> np.ndarray:
@@ -139,12 +139,12 @@ def pad(encoded: Encoded, length: int, pad_id: int, batch_size: int | None = Non
     ids = np.full((b, length), pad_id, np.int32)
     mask = np.zeros((b, length), np.int32)
     types = np.zeros((b, length), np.int32)
-    for i, (x, t) in enumerate(zip(encoded.ids, encoded.type_ids)):
+    for i, x in enumerate(encoded.ids):
         if len(x) > length:
             raise ValueError(f"example {i} has {len(x)} tokens, more than the padded length {length}")
         ids[i, :len(x)] = x
         mask[i, :len(x)] = 1
-        types[i, :len(x)] = t
+        types[i, :len(x)] = encoded.type_ids[i] if encoded.type_ids is not None else 0
     if n and b > n:
         ids[n:, 0] = ids[0, 0]
         mask[n:, 0] = 1
