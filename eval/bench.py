@@ -30,6 +30,7 @@ import numpy as np
 
 from accjax import acc as acc_lib
 from accjax import benchmark, inference, models, programs, seq2seq
+from accjax.kernels import acc_pallas
 from eval import cli
 
 TINY_T5 = dict(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3,
@@ -96,18 +97,12 @@ def run(args) -> dict:
     acc_lib.SELECT_METHOD = args.select
     name = "tiny" if args.tiny else args.model
     head = "lm" if t5 else "sequence_classification"
-    kernel = None
-    if t5:
-        from accjax.kernels import acc_pallas
-
-        kernel = acc_pallas.available(rel_bias=True)
-        note = (f", encoder + first token, acc_impl {args.acc_impl} (Pallas kernel with bias "
-                f"{'available' if kernel else 'UNAVAILABLE'})")
-    elif info["backend"] == "gpu":
-        note = (f", ACC kernel {'pallas' if info.get('acc_pallas_kernel') else 'UNAVAILABLE (XLA lse path)'}"
-                f", fused attention+ACC kernel {'yes' if info.get('acc_fused_kernel') else 'UNAVAILABLE'}")
-    else:
-        note = ""
+    kernel = acc_pallas.available(rel_bias=True) if t5 else None
+    note = (f", encoder + first token, acc_impl {args.acc_impl} (Pallas kernel with bias "
+            f"{'available' if kernel else 'UNAVAILABLE'})" if t5 else
+            f", ACC kernel {'pallas' if info.get('acc_pallas_kernel') else 'UNAVAILABLE (XLA lse path)'}"
+            f", fused attention+ACC kernel {'yes' if info.get('acc_fused_kernel') else 'UNAVAILABLE'}"
+            if info["backend"] == "gpu" else "")
     print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {name}, {args.dtype}{note}, "
           f"select {args.select}")
     rows, errors = [], []
