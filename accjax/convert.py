@@ -676,8 +676,7 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = hub.resolve(args.src)
         runfolder.refuse_writing_into_run(args.out, folder)  # a run's metadata is never rewritten
-        head = args.head or ("base" if not (folder / ACCJAX_META).exists()
-                             else json.loads((folder / ACCJAX_META).read_text())["head"])
+        head = args.head or (read_meta(folder).get("head", "base") if (folder / ACCJAX_META).exists() else "base")
         loaded = load(folder, head, num_labels=args.num_labels)
         out = save_hf(loaded, args.out) if args.to_hf else save_accjax(loaded, out_dir=args.out)
     except (CheckpointError, ValueError, FileNotFoundError) as e:

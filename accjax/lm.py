@@ -171,9 +171,6 @@ class LMEvaluator:
     def schedule(self, speedup: float) -> tuple[int, ...]:
         return self.plan(speedup).keep
 
-    def analytic(self, schedule: Sequence[int]) -> float:
-        return sched_lib.analytic_speedup(self.cost, self.context, schedule)
-
     def _sched_arg(self, schedule):
         return None if all(k >= self.context for k in schedule) else tuple(schedule)
 
@@ -249,10 +246,11 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
     """One row per speedup: schedule, analytic and measured prefill speedup, TTFT, KV bytes,
     and (when windows are given) perplexity. The first row is always the dense model."""
     speedups = [1.0] + [float(s) for s in speedups if float(s) != 1.0]
-    schedules = [ev.schedule(s) for s in speedups]  # validates every speedup before any work
+    plans = [ev.plan(s) for s in speedups]  # validates every speedup before any work
     rows, dense = [], None
-    for s, sch in zip(speedups, schedules):
-        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": ev.analytic(sch)}
+    for s, plan in zip(speedups, plans):
+        sch = plan.keep
+        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": plan.analytic}
         kv = ev.kv_bytes(sch)
         row.update(kv_prompt_bytes=kv["prompt"], kv_total_bytes=kv["total"])
         if ctx is not None:
