@@ -1,4 +1,4 @@
-"""Timing helpers shared by ``eval.bench``, ``eval.glue`` and ``eval.offline_tune``.
+"""Timing helpers and the table of ``eval.bench``, ``eval.lm``, ``eval.scaling``, ``eval.glue``.
 
 Never imports ``datasets`` (the GPU image has none). Times are medians over repeated calls
 of an ahead-of-time compiled program, inputs rotated over three buffers, after warm-up.
@@ -149,6 +149,24 @@ def time_torch_t5_first_token(config, params, *, batch_size: int, length: int, d
     return _time_torch_model(hf_t5_model(config, params), config, batch_size=batch_size, length=length,
                              dtype=dtype, iters=iters, warmup=warmup, compile=compile, seed=seed,
                              extra={"decoder_input_ids": start})
+
+
+def joined(r: dict) -> str:
+    """A row's keep-lengths per layer: '16,8,4'."""
+    return ",".join(map(str, r["schedule"]))
+
+
+def table(rows: list[dict], cols, *, markdown: bool = False) -> str:
+    """The one text (or Markdown) table of the benchmark programs (eval.bench, eval.lm,
+    eval.scaling). cols: (key, header, a format spec or a function of the row); a missing
+    key shows '-'; the last column is left unpadded."""
+    head = [h for _, h, _ in cols]
+    body = [[f(r) if callable(f) else format(r[k], f) if k in r else "-" for k, _, f in cols] for r in rows]
+    if markdown:
+        return "\n".join("| " + " | ".join(x) + " |" for x in [head, ["---"] * len(head), *body])
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs[:-1], widths)) + "  " + xs[-1]
+    return "\n".join([line(head), "-" * (sum(widths) + 2 * len(widths) - 2)] + [line(x) for x in body])
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -176,11 +176,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        out = {}
         with safe_open(str(path), framework="numpy") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-        return out
+            return {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
@@ -188,12 +185,9 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from None
     except TypeError:
         # numpy has no bfloat16: read through the flax framework and upcast.
-        out = {}
         with safe_open(str(path), framework="flax") as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                out[k] = np.asarray(t.astype("float32") if t.dtype.name == "bfloat16" else t)
-        return out
+            return {k: np.asarray(t.astype("float32") if (t := f.get_tensor(k)).dtype.name == "bfloat16" else t)
+                    for k in f.keys()}
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
@@ -225,6 +219,21 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def max_positions(folder: str | Path) -> int | None:
+    """The longest sequence a model folder allows, from its config alone (no weights read):
+    accjax.json, config.json or a GGUF file's metadata."""
+    from accjax import gguf_io
+
+    folder = Path(folder)
+    if (folder / ACCJAX_META).exists():
+        d = read_meta(folder).get("config") or {}
+    elif (g := None if (folder / "config.json").exists() else gguf_io.find(folder)) is not None:
+        d = gguf_io.hf_config(gguf_io.metadata(g), g)
+    else:
+        d = read_hf_config(folder)
+    return d.get("max_position_embeddings") or d.get("n_positions")
 
 
 # --------------------------------------------------------------------------- conversion
@@ -387,29 +396,18 @@ def to_state_dict(family: models_lib.Family, config, params: Mapping, head: str 
 
 
 def flatten(params: Mapping, sep: str = "/") -> dict[str, Any]:
-    out = {}
+    """{'a': {'b': x}} -> {'a/b': x}."""
+    from flax import traverse_util
 
-    def rec(d, prefix):
-        for k, v in d.items():
-            key = f"{prefix}{sep}{k}" if prefix else str(k)
-            if isinstance(v, Mapping):
-                rec(v, key)
-            else:
-                out[key] = v
-
-    rec(params, "")
-    return out
+    return traverse_util.flatten_dict(dict(params), sep=sep)
 
 
 def unflatten(flat: Mapping, sep: str = "/") -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        parts = k.split(sep) if isinstance(k, str) else list(k)
-        d = out
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = v
-    return out
+    """{'a/b': x} or {('a', 'b'): x} -> {'a': {'b': x}}."""
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict({tuple(k.split(sep)) if isinstance(k, str) else tuple(k): v
+                                         for k, v in flat.items()})
 
 
 # ---------------------------------------------------------------------- high-level API
@@ -644,6 +642,18 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
+    if (dst / "tokenizer.json").exists():
+        return
+    from accjax import gguf_io
+
+    try:  # a GGUF holds its tokenizer in its metadata: written out, the folder loads alone
+        tok, path = gguf_io.folder_tokenizer(src), gguf_io.find(src)
+    except gguf_io.GGUFError:  # no tokenizer we can build: the folder's own error says what to copy
+        return
+    if tok is not None:
+        tok.save(str(dst / "tokenizer.json"))
+        if template := gguf_io.chat_template(gguf_io.metadata(path)):
+            (dst / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -666,8 +676,7 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = hub.resolve(args.src)
         runfolder.refuse_writing_into_run(args.out, folder)  # a run's metadata is never rewritten
-        head = args.head or ("base" if not (folder / ACCJAX_META).exists()
-                             else json.loads((folder / ACCJAX_META).read_text())["head"])
+        head = args.head or (read_meta(folder).get("head", "base") if (folder / ACCJAX_META).exists() else "base")
         loaded = load(folder, head, num_labels=args.num_labels)
         out = save_hf(loaded, args.out) if args.to_hf else save_accjax(loaded, out_dir=args.out)
     except (CheckpointError, ValueError, FileNotFoundError) as e:

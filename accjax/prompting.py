@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from accjax import guards
-from accjax import inference, programs, tokenization
+from accjax import inference, lm, programs, tokenization
 
 ANSWER_PREFIX = "Answer:"
 
@@ -177,13 +177,8 @@ def label_candidates(tokenizer: tokenization.Tokenizer, labels: Sequence[str], *
     for lab, ids in zip(labels, enc):
         if tokenizer.token_to_id("<unk>") is not None and tokenizer.token_to_id("<unk>") in ids:
             raise PromptDataError(f"label {lab!r} contains tokens unknown to the tokenizer")
-    width = max(len(x) for x in enc)
-    ids = np.zeros((len(enc), width), np.int32)
-    mask = np.zeros((len(enc), width), np.int32)
-    for i, x in enumerate(enc):
-        ids[i, :len(x)] = x
-        mask[i, :len(x)] = 1
-    return ids, mask
+    p = tokenization.pad(tokenization.Encoded(enc), max(len(x) for x in enc), 0)
+    return p["input_ids"], p["attention_mask"]
 
 
 def text_to_text_batch(tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *,
@@ -195,7 +190,7 @@ def text_to_text_batch(tokenizer: tokenization.Tokenizer, examples: Sequence[Exa
     ``batch_size`` > len(examples) appends rows with no counted label (all -100)."""
     ids, _ = encode_prompts(tokenizer, examples, shots=shots, seed=seed, max_length=source_length)
     b = batch_size or len(examples)
-    src = tokenization.pad(tokenization.Encoded(ids, [[0] * len(x) for x in ids], 0), source_length,
+    src = tokenization.pad(tokenization.Encoded(ids), source_length,
                            tokenizer.pad_id, b)
     tgt = tokenizer.encode([ex.target for ex in examples], max_length=target_length).ids
     labels = np.full((b, target_length), -100, np.int32)
@@ -273,13 +268,8 @@ def _batches(ids: list[list[int]], batch_size: int, pad_id: int):
     order = np.argsort([len(x) for x in ids], kind="stable")
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        t = max(len(ids[i]) for i in idx)
-        arr = np.full((len(idx), t), pad_id, np.int32)
-        mask = np.zeros((len(idx), t), np.int32)
-        for r, i in enumerate(idx):
-            arr[r, :len(ids[i])] = ids[i]
-            mask[r, :len(ids[i])] = 1
-        yield idx, arr, mask
+        p = tokenization.pad(tokenization.Encoded([ids[i] for i in idx]), max(len(ids[i]) for i in idx), pad_id)
+        yield idx, p["input_ids"], p["attention_mask"]
 
 
 def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *,
@@ -433,20 +423,11 @@ class DecoderPredictor(inference.Planned):
         module, sch = self.module, plan.schedule
 
         def run(params, ids, mask, cids, cmask):
-            v = {"params": params}
-            first, cache, _ = module.apply(v, ids, mask, max_new_tokens=width, schedule=sch,
+            first, cache, _ = module.apply({"params": params}, ids, mask, max_new_tokens=width, schedule=sch,
                                            method="prefill")  # [B, V]
-            out = []
-            for j in range(c):  # each candidate continues the same pruned caches
-                toks = jnp.broadcast_to(cids[j], (ids.shape[0], width))  # [B, L]
-                logits = first[:, None]
-                if width > 1:
-                    rest, _ = module.apply(v, toks[:, :-1], cache, method="extend")
-                    logits = jnp.concatenate([logits, rest], axis=1)  # [B, L, V]
-                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-                tok_lp = jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]  # [B, L]
-                out.append((tok_lp * cmask[j]).sum(axis=1))
-            return jnp.stack(out, axis=1)  # [B, C]
+            # each candidate continues the same pruned caches
+            return jnp.stack([(lm.continuation_logp(module, params, first, cache, jnp.broadcast_to(
+                cids[j], (ids.shape[0], width))) * cmask[j]).sum(axis=1) for j in range(c)], axis=1)  # [B, C]
 
         spec = jax.ShapeDtypeStruct((self.batch_size, plan.length), jnp.int32)
         cspec = jax.ShapeDtypeStruct((c, width), jnp.int32)

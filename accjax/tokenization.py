@@ -6,7 +6,8 @@ so every program sees one of a few static shapes.
 
 Pairs are truncated ``longest_first`` (tokens come off the longer text first), as HF does.
 A folder without tokenizer.json but with a BERT ``vocab.txt`` gets an equivalent WordPiece
-tokenizer built from it (lower-casing as its tokenizer_config.json says).
+tokenizer built from it (lower-casing as its tokenizer_config.json says); one with GPT-2's
+``vocab.json`` + ``merges.txt`` a byte-level BPE; a GGUF model's, from its metadata.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from accjax import gguf_io
+
 
 @dataclasses.dataclass
 class Encoded:
@@ -25,13 +28,13 @@ class Encoded:
 
     Attributes:
       ids: per example the token ids, special tokens included.
-      type_ids: per example the segment ids (0 for text, 1 for the pair text).
+      type_ids: per example the segment ids (0 for text, 1 for the pair text; None: all 0).
       truncated: how many examples lost tokens to ``max_length``.
     """
 
     ids: list[list[int]]
-    type_ids: list[list[int]]
-    truncated: int
+    type_ids: list[list[int]] | None = None
+    truncated: int = 0
 
     @property
     def lengths(self) -> np.ndarray:
@@ -65,12 +68,14 @@ class Tokenizer:
 
             tok = BertWordPieceTokenizer(
                 str(folder / "vocab.txt"), lowercase=cfg.get("do_lower_case", True))._tokenizer
-        elif (tok := _gguf_tokenizer(folder)) is not None:
-            pass
-        else:
+        elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():  # older GPT-2 folders
+            from tokenizers import ByteLevelBPETokenizer
+
+            tok = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
+        elif (tok := gguf_io.folder_tokenizer(folder)) is None:  # a GGUF model carries its tokenizer inside
             raise FileNotFoundError(
-                f"{folder} has no tokenizer.json (or BERT vocab.txt); copy the tokenizer files "
-                "of the model's original folder next to its weights")
+                f"{folder} has no tokenizer.json (or BERT vocab.txt, GPT-2 vocab.json + merges.txt); "
+                "copy the tokenizer files of the model's original folder next to its weights")
         tok.no_padding()
         tok.no_truncation()
         out = cls(tok, max_length=max_length)
@@ -116,15 +121,7 @@ class Tokenizer:
         )
 
 
-def _gguf_tokenizer(folder: Path):
-    from accjax import gguf_io
-
-    return gguf_io.folder_tokenizer(folder)
-
-
 def _gguf_chat_template(folder: Path) -> str | None:
-    from accjax import gguf_io
-
     path = gguf_io.find(folder)
     return None if path is None else gguf_io.chat_template(gguf_io.metadata(path))
 
@@ -142,12 +139,12 @@ def pad(encoded: Encoded, length: int, pad_id: int, batch_size: int | None = Non
     ids = np.full((b, length), pad_id, np.int32)
     mask = np.zeros((b, length), np.int32)
     types = np.zeros((b, length), np.int32)
-    for i, (x, t) in enumerate(zip(encoded.ids, encoded.type_ids)):
+    for i, x in enumerate(encoded.ids):
         if len(x) > length:
             raise ValueError(f"example {i} has {len(x)} tokens, more than the padded length {length}")
         ids[i, :len(x)] = x
         mask[i, :len(x)] = 1
-        types[i, :len(x)] = t
+        types[i, :len(x)] = encoded.type_ids[i] if encoded.type_ids is not None else 0
     if n and b > n:
         ids[n:, 0] = ids[0, 0]
         mask[n:, 0] = 1

@@ -2,24 +2,43 @@
 
     python -m eval.bench --model bert-base-uncased --shapes 32x128 --dtype float32 \
         --speedups 1.5,2,3,4,4.8 --vs-torch --json bench.json
+    PYTHONPATH=. python -m eval.bench --model flan-t5-base --shapes 16x512 --dtype bfloat16 \
+        --speedups 1.5,2,3,4 --attention_impl auto,xla --vs-torch --json t5_bench.json
+    python -m eval.bench --tiny --iters 3          # a tiny random T5: a seconds-long CPU smoke run
 
-``--model`` is a preset (random weights) or any model spec / accjax run folder. Prints one
-table per shape and writes every row, plus the machine, as JSON. A program, not a test:
-it asserts nothing about time. Never imports ``datasets``.
+An encoder classifier (BERT family) is timed as one forward pass. A T5 (a T5 preset,
+``--family t5`` for a T5 folder, ``--tiny``; ``python -m eval.bench_t5`` is this with T5
+defaults) is timed as one compiled program: the encoder (with elimination at the schedule
+for the speedup), the cross-attention keys/values of the kept rows for every decoder layer,
+and the first decoder step with the LM head and argmax: the time to the first generated
+token; its ``analytic`` is ``t5_family.cost_model``'s (encoder layers plus the fixed first
+decoder step plus the per-kept-row cross-attention projections). ``measured`` is dense
+median / eliminated median. ``--model`` is a preset (random weights, nothing to download)
+or any model spec / accjax run folder. Prints one table and writes every row, plus the
+machine, as JSON. A program, not a test: it asserts nothing about time. Never imports
+``datasets``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
-
-from accjax import acc as acc_lib
 import jax
 import numpy as np
 
-from accjax import benchmark, inference, models, programs
+from accjax import acc as acc_lib
+from accjax import benchmark, inference, models, programs, seq2seq
+from accjax.kernels import acc_pallas
 from eval import cli
+
+TINY_T5 = dict(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3,
+               num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=32)
+COLUMNS = [("shape", "shape", ""), ("impl", "impl", ""), ("speedup", "asked", ".2f"),
+           ("analytic", "analytic", ".2f"), ("median_ms", "ms", ".3f"), ("measured", "measured", ".2f"),
+           ("measured_over_analytic", "meas/an", ".2f"), ("tokens_per_s", "tok/s", ".0f"),
+           ("schedule", "keep", benchmark.joined)]
 
 
 def parse_shapes(s: str) -> list[tuple[int, int]]:
@@ -37,141 +56,159 @@ def parse_sets(items) -> dict:
     """['xla_attention_below=64', 'fused_qkv=false'] -> typed config overrides."""
     out = {}
     for item in items or []:
-        if "=" not in item:
+        k, eq, v = item.partition("=")
+        if not eq:
             raise SystemExit(f"error: --set takes key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-        else:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    out[k] = v
+        out[k] = {"true": True, "false": False}.get(v.lower(), v)
+        for cast in (int, float):  # the first that reads it
+            with contextlib.suppress(ValueError):
+                out[k] = cast(v) if isinstance(out[k], str) else out[k]
     return out
 
 
-def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides: dict | None = None):
-    """(config, params) for a preset (random init) or a checkpoint spec."""
-    return cli.model(model, "sequence_classification", seed=seed, dtype=dtype,
-                     attention_impl=attention_impl, **(overrides or {}))
+def is_t5(model: str, family: str | None = None, tiny: bool = False) -> bool:
+    """T5 (timed to the first token) or an encoder classifier: --tiny, --family, else the preset's."""
+    if tiny or family:
+        return tiny or family == "t5"
+    return model in models.all_presets() and models.preset(model).family == "t5"
+
+
+def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides: dict | None = None, *,
+          t5: bool = False, tiny: bool = False):
+    """(config, params) for a preset (random init), a checkpoint spec or (``tiny``) a small T5."""
+    kw = dict(dtype=dtype, attention_impl=attention_impl, **(overrides or {}))
+    if tiny:
+        from accjax.models import t5 as t5_lib
+
+        cfg = t5_lib.T5Config(**TINY_T5, **kw)
+        return cfg, models.init_params(cfg, "lm", seed)
+    return cli.model(model, "lm" if t5 else "sequence_classification", seed=seed, **kw)
 
 
 def run(args) -> dict:
+    t5 = is_t5(args.model, args.family, args.tiny)
     shapes = parse_shapes(args.shapes)
-    speedups = cli.speedups(args.speedups, "--speedups")
-    impls = args.attention_impl.split(",")
-    rows, torch_rows = [], []
+    if args.batch or args.length:
+        shapes = [(args.batch or shapes[0][0], args.length or shapes[0][1])]
+    speedups = cli.speedups(args.speedups, "--speedups") if args.speedups.strip() else []
+    levels = [1.0] + [x for x in speedups if x != 1.0]
+    overrides = {"acc_impl": args.acc_impl, **parse_sets(args.set)}
     info = benchmark.machine()
     acc_lib.SELECT_METHOD = args.select
-    print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}"
-          + (f", ACC kernel {'pallas' if info.get('acc_pallas_kernel') else 'UNAVAILABLE (XLA lse path)'}"
-             f", fused attention+ACC kernel {'yes' if info.get('acc_fused_kernel') else 'UNAVAILABLE'}"
-             if info["backend"] == "gpu" else "") + f", select {args.select}")
-    params_f32 = None
-    for impl in impls:
-        cfg, params = build(args.model, args.dtype, impl, overrides=parse_sets(args.set))
-        params_f32 = params
-        module = models.get_family(cfg.family).module(cfg, "sequence_classification")
-        for b, n in shapes:
-            pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
-                                       param_dtype=args.dtype, acc_variant=args.acc_variant,
-                                       bucket=args.bucket, floor=args.floor)
-            levels = [1.0] + [x for x in speedups if x != 1.0]
-            plans = {s: pred.plan(n, s) for s in levels}
-            for s, plan in plans.items():
-                if plan.clamped_from:
-                    print(f"  {b}x{n}: speedup {s:g} exceeds the maximum: runs at {plan.analytic:.2f}")
-            if args.interleave:
-                timed = time_interleaved(pred, b, n, plans, iters=args.iters)
-            dense = timed[1.0] if args.interleave else pred.time_program(b, n, 1.0, iters=args.iters)
-            for s in levels:
-                if args.interleave:
-                    t = timed[s]
-                else:
-                    t = dense if s == 1.0 else pred.time_program(b, n, s, iters=args.iters)
-                sch, analytic = plans[s].keep, plans[s].analytic
-                measured = dense["median_ms"] / t["median_ms"]
-                rows.append({
-                    "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
-                    "acc_variant": args.acc_variant, "speedup": s, "analytic": analytic,
-                    "schedule": list(sch), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
-                    "measured": measured, "measured_over_analytic": measured / analytic,
-                    "tokens_per_s": b * n / (t["median_ms"] / 1e3),
-                    "label": args.label, "overrides": parse_sets(args.set), "select": args.select,
-                })
-                print(row_line(rows[-1]), flush=True)  # as measured: a cut-off run keeps its rows
-    if args.vs_torch:
-        for b, n in shapes:
-            for compile_ in ([False, True] if args.torch_compile else [False]):
-                name = "torch+compile" if compile_ else "torch eager (SDPA)"
-                try:
-                    t = benchmark.time_torch(cfg, params_f32, batch_size=b, length=n, dtype=args.dtype,
-                                             iters=args.iters, compile=compile_)
-                    torch_rows.append({"shape": f"{b}x{n}", "impl": name, **t,
-                                       "tokens_per_s": b * n / (t["median_ms"] / 1e3)})
-                    print(f"{b}x{n} {name}: {t['median_ms']:.3f} ms", flush=True)
-                except Exception as e:  # torch.compile unavailable on this machine, etc.
-                    torch_rows.append({"shape": f"{b}x{n}", "impl": name, "error": f"{type(e).__name__}: {e}"})
+    name = "tiny" if args.tiny else args.model
+    head = "lm" if t5 else "sequence_classification"
+    kernel = acc_pallas.available(rel_bias=True) if t5 else None
+    note = (f", encoder + first token, acc_impl {args.acc_impl} (Pallas kernel with bias "
+            f"{'available' if kernel else 'UNAVAILABLE'})" if t5 else
+            f", ACC kernel {'pallas' if info.get('acc_pallas_kernel') else 'UNAVAILABLE (XLA lse path)'}"
+            f", fused attention+ACC kernel {'yes' if info.get('acc_fused_kernel') else 'UNAVAILABLE'}"
+            if info["backend"] == "gpu" else "")
+    print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {name}, {args.dtype}{note}, "
+          f"select {args.select}")
+    rows, errors = [], []
+    for impl in args.attention_impl.split(","):
+        try:
+            cfg, params = build(args.model, args.dtype, impl, overrides=overrides, t5=t5, tiny=args.tiny)
+            module = models.get_family(cfg.family).module(cfg, head)
+            for b, n in shapes:
+                pred = (seq2seq.Seq2SeqPredictor if t5 else inference.Predictor)(
+                    module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=args.dtype,
+                    acc_variant=args.acc_variant, bucket=args.bucket, floor=args.floor)
+                plans = {s: pred.plan(n, s) for s in levels}
+                for s, plan in plans.items():
+                    if plan.clamped_from:
+                        print(f"  {b}x{n}: speedup {s:g} exceeds the maximum: runs at {plan.analytic:.2f}")
+                timed = time_interleaved(pred, b, n, plans, iters=args.iters, t5=t5) if args.interleave else {}
+                for s, plan in plans.items():  # dense first
+                    if s not in timed:
+                        timed[s] = (pred.time_first_token if t5 else pred.time_program)(b, n, s, iters=args.iters)
+                    t, measured = timed[s], timed[1.0]["median_ms"] / timed[s]["median_ms"]
+                    rows.append({
+                        "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
+                        "acc_variant": args.acc_variant, "speedup": s, "analytic": plan.analytic,
+                        "schedule": list(plan.keep), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
+                        "measured": measured, "measured_over_analytic": measured / plan.analytic,
+                        "tokens_per_s": b * n / (t["median_ms"] / 1e3),
+                        "label": args.label, "overrides": parse_sets(args.set), "select": args.select,
+                    })
+                    # each program takes a while to compile on a GPU: show progress as it comes
+                    print(f"  {b}x{n} {impl} speedup {s:g}: analytic {plan.analytic:.2f}, "
+                          f"{t['median_ms']:.3f} ms, measured {measured:.2f}", flush=True)
+        except Exception as e:  # e.g. a cuDNN path this GPU/jax lacks: keep the other impls
+            errors.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
+            print(f"  impl {impl}: failed ({type(e).__name__}: {str(e)[:200]})")
+    torch_rows = time_torch(args, shapes, t5) if args.vs_torch and rows else []
     print()
-    print_table(rows, torch_rows)
-    return {"machine": info, "model": args.model, "dtype": args.dtype, "iters": args.iters,
-            "config": {k: v for k, v in vars(cfg).items()} if rows else None,
-            "rows": rows, "torch": torch_rows}
+    print(benchmark.table(rows, COLUMNS))
+    for r in torch_rows:  # HF PyTorch, same shapes and weights, dense
+        print(f"{r['shape']:>8} {r['impl']} (HF, dense): "
+              + (f"{r['median_ms']:.3f} ms, {r['tokens_per_s']:.0f} tok/s" if "error" not in r
+                 else f"n/a ({r['error'][:100]})"))
+    if not rows:
+        raise RuntimeError("every attention implementation failed: " + "; ".join(e["error"] for e in errors))
+    return {"machine": info, "model": name, "dtype": args.dtype, "iters": args.iters,
+            "measures": "encoder + cross-attention K/V + first decoder step" if t5 else "forward pass",
+            "acc_impl": args.acc_impl, "acc_kernel_with_bias": kernel, "config": dict(vars(cfg)),
+            "rows": rows, "torch": torch_rows, "errors": errors}
 
 
-def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int) -> dict:
+def time_torch(args, shapes, t5: bool) -> list[dict]:
+    """HF PyTorch with the same config and float32 weights: eager (BERT: SDPA) and torch.compile."""
+    cfg, params = build(args.model, "float32", "xla", overrides=parse_sets(args.set), t5=t5, tiny=args.tiny)
+    timer = benchmark.time_torch_t5_first_token if t5 else benchmark.time_torch
+    out = []
+    for b, n in shapes:
+        for compile_ in ([False, True] if args.torch_compile else [False]):
+            row = {"shape": f"{b}x{n}", "impl": "torch+compile" if compile_ else "torch eager" + ("" if t5 else " (SDPA)")}
+            try:
+                t = timer(cfg, params, batch_size=b, length=n, dtype=args.dtype, iters=args.iters, compile=compile_)
+                out.append({**row, **t, "tokens_per_s": b * n / (t["median_ms"] / 1e3)})
+                print(f"  {b}x{n} {row['impl']}: {t['median_ms']:.3f} ms", flush=True)
+            except Exception as e:  # torch.compile unavailable on this machine, etc.
+                out.append({**row, "error": f"{type(e).__name__}: {e}"})
+                print(f"  {row['impl']}: failed ({type(e).__name__}: {str(e)[:200]})")
+    return out
+
+
+def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int, t5: bool = False) -> dict:
     """{speedup: timing} with the levels' programs called in rounds (dense, 1.5, 2, ...,
     dense, ...): on a shared or throttling machine every level meets the same conditions, so
     the ratios hold where level-after-level timing drifts. Same inputs for every program."""
     ids = programs.random_batches(np.random.default_rng(0), (b, n), getattr(pred.config, "vocab_size", 1000),
-                                  count=1)[0]
-    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    batch = jax.device_put({k: full[k] for k in pred.input_names})
-    progs = {s: pred.program(b, p) for s, p in plans.items()}
-    ms = programs.time_interleaved({s: (lambda p=p: p(pred.params, batch)) for s, p in progs.items()},
-                                   rounds=iters)
+                                  low=2, count=1)[0]
+    if t5:
+        inputs, program = jax.device_put((ids, np.ones_like(ids))), pred.first_token_program
+    else:
+        full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        inputs, program = (jax.device_put({k: full[k] for k in pred.input_names}),), pred.program
+    calls = {s: (lambda p=program(b, plan): p(pred.params, *inputs)) for s, plan in plans.items()}
+    ms = programs.time_interleaved(calls, rounds=iters)
     return {s: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)), "schedule": plans[s].keep}
             for s, v in ms.items()}
 
 
-def row_line(r) -> str:
-    return (f"{r['shape']:>8} {r['impl']:>6} {r['speedup']:>6.2f} {r['analytic']:>8.2f} "
-            f"{r['median_ms']:>9.3f} {r['measured']:>8.2f} {r['measured_over_analytic']:>7.2f} "
-            f"{r['tokens_per_s']:>10.0f}  {','.join(map(str, r['schedule']))}")
-
-
-def print_table(rows, torch_rows):
-    hdr = f"{'shape':>8} {'impl':>6} {'asked':>6} {'analytic':>8} {'ms':>9} {'measured':>8} {'meas/an':>7} {'tok/s':>10}  keep"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(row_line(r))
-    for r in torch_rows:
-        if "error" in r:
-            print(f"{r['shape']:>8} {r['impl']}: n/a ({r['error'][:100]})")
-        else:
-            print(f"{r['shape']:>8} {r['impl']}: {r['median_ms']:.3f} ms, {r['tokens_per_s']:.0f} tok/s")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="bert-base-uncased", help="preset or checkpoint")
+    ap.add_argument("--model", default="bert-base-uncased", help="preset (random weights) or checkpoint")
+    ap.add_argument("--family", default=None, choices=["bert", "t5"],
+                    help="what to time (default: the preset's family; bert for a folder)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random T5 config (CPU smoke run)")
     ap.add_argument("--shapes", default="32x128", help="BATCHxLENGTH list, e.g. 128x128,32x512")
+    ap.add_argument("--batch", type=int, default=None, help="with --length: one shape instead of --shapes")
+    ap.add_argument("--length", type=int, default=None, help="input tokens (all real)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--speedups", default="1.5,2,3,4,4.8")
+    ap.add_argument("--speedups", default="1.5,2,3,4,4.8", help="comma list; dense (1) always runs")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--attention_impl", default="auto",
                     help="auto, xla, cudnn; a comma list compares them")
     ap.add_argument("--acc_variant", default="plain",
                     help="plain, minus_diagonal, value_norm, or prefix (no scoring: a lower bound)")
+    ap.add_argument("--acc_impl", default="auto",
+                    help="ACC beside flash attention: auto (Pallas kernel where it compiles), lse, pallas")
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--floor", type=int, default=1)
     ap.add_argument("--vs-torch", dest="vs_torch", action="store_true",
-                    help="also time HF PyTorch (eager SDPA and torch.compile)")
+                    help="also time HF PyTorch (eager and torch.compile)")
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set xla_attention_below=64 (repeatable)")
@@ -183,7 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="", help="a name for this variant in the JSON rows")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)
-    return cli.run(lambda: run(args), json_path=args.json)
+    return cli.run(lambda: run(args), json_path=args.json, errors=(RuntimeError,))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ A program, not a test: it asserts nothing about time. Never imports ``datasets``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from accjax import benchmark, hub, lm, models
+from accjax import benchmark, guards, hub, lm, models
 from eval import cli
 
 
@@ -53,11 +54,13 @@ def build(args):
         if cfg.family not in DECODERS:
             raise ValueError(f"eval.lm runs decoders ({', '.join(DECODERS)}); {args.model!r} is a "
                              f"{cfg.family} preset")
+        lm.check_fits(cfg.max_position_embeddings, args.context, args.continuation)
         module = models.get_family(cfg.family).module(cfg, "lm")
         return module, models.init_params(cfg, "lm", args.seed), cfg, None
     from accjax import convert
 
     folder = hub.resolve(args.model)
+    lm.check_fits(convert.max_positions(folder), args.context, args.continuation)  # before the weights
     ld = convert.load(folder, "lm", **overrides)
     if ld.family.name not in DECODERS:
         raise ValueError(f"eval.lm runs decoders ({', '.join(DECODERS)}); {folder} holds a "
@@ -65,10 +68,8 @@ def build(args):
     return ld.module, ld.params, ld.config, ld.folder
 
 
-def hf_reference(folder, ctx, cont, batch: int) -> dict:
-    """transformers' fp32 perplexity of the same windows, dense (the reference at speedup 1):
-    one forward pass over context + continuation, NLL of the continuation tokens."""
-    import numpy as np
+def hf_model(folder):
+    """transformers' fp32 ``AutoModelForCausalLM`` of an HF folder or a GGUF file's folder."""
     import torch
     import transformers
 
@@ -76,7 +77,16 @@ def hf_reference(folder, ctx, cont, batch: int) -> dict:
 
     g = None if (folder / "config.json").exists() else gguf_io.find(folder)
     kw = {"gguf_file": g.name} if g is not None else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+
+
+def hf_reference(folder, ctx, cont, batch: int) -> dict:
+    """transformers' fp32 perplexity of the same windows, dense (the reference at speedup 1):
+    one forward pass over context + continuation, NLL of the continuation tokens."""
+    import numpy as np
+    import torch
+
+    model = hf_model(folder)
     c = ctx.shape[1]
     total = 0.0
     for i in range(0, len(ctx), batch):
@@ -172,22 +182,16 @@ def main(argv=None) -> int:
         args.continuation = 0 if args.bench else 64
     if args.floor is None:
         args.floor = 2 if args.protect_first else 1
-    try:
-        from accjax import guards
 
+    def checked():
         for flag in ("bucket", "floor", "batch", "context", "iters"):  # 0 divided by later
             guards.positive_int(getattr(args, flag), f"--{flag}")
-        if args.json:
-            guards.writable_dir(Path(args.json).parent, "--json")
-        result = run(args)
-    except (ValueError, FileNotFoundError) as e:  # also CheckpointError, SpeedupError, ModelNotFoundError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        benchmark.write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return 0
+        return run(args)
+
+    if args.json:  # a new results folder is made; cli.run says so in one line if it cannot be
+        with contextlib.suppress(OSError):
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    return cli.run(checked, json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,13 @@ import re
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from accjax import benchmark, inference, models
-from eval.bench import build, parse_sets
+from accjax import benchmark, inference, models, seq2seq
+from eval import bench
 
 KINDS = [
     ("attention(cudnn)", re.compile(r"cudnn|fmha|flash|sdpa|fprop", re.I)),
@@ -305,26 +306,19 @@ def _xla_cost(prog) -> dict:
 
 
 def profile_program(pred, b, n, s, iters=20):
-    """A BERT-family ``inference.Predictor`` program at speedup ``s``."""
+    """A BERT-family ``inference.Predictor`` program, or a ``seq2seq.Seq2SeqPredictor``
+    encoder + first-token program, at speedup ``s``."""
     plan = pred.plan(n, s)
-    prog = pred.program(b, plan)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, pred.config.vocab_size, (b, n)).astype(np.int32)
-    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    batch = jax.device_put({k: full[k] for k in pred.input_names})
-    r = _attribute(profile_call(lambda: prog(pred.params, batch), iters), prog)
-    return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic,
-            "layer_costs": layer_costs(pred.config, b, n, plan.keep), **r, **_xla_cost(prog)}
-
-
-def profile_t5_first_token(pred, b, n, s, iters=20):
-    """A ``seq2seq.Seq2SeqPredictor`` encoder + first-token program at speedup ``s``."""
-    plan = pred.plan(n, s)
-    prog = pred.first_token_program(b, plan)
     ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
-    ids, mask = jax.device_put((ids, np.ones_like(ids)))
-    r = _attribute(profile_call(lambda: prog(pred.params, ids, mask), iters), prog)
-    return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic, **r, **_xla_cost(prog)}
+    if isinstance(pred, seq2seq.Seq2SeqPredictor):
+        prog, inputs, costs = pred.first_token_program(b, plan), jax.device_put((ids, np.ones_like(ids))), {}
+    else:
+        full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        prog, inputs = pred.program(b, plan), (jax.device_put({k: full[k] for k in pred.input_names}),)
+        costs = {"layer_costs": layer_costs(pred.config, b, n, plan.keep)}
+    r = _attribute(profile_call(lambda: prog(pred.params, *inputs), iters), prog)
+    return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic, **costs, **r,
+            **_xla_cost(prog), "hlo": prog.as_text}
 
 
 def _pipelined_ms(fn, *args, calls: int = 20, repeats: int = 7) -> float:
@@ -413,43 +407,29 @@ def main(argv=None) -> int:
     from accjax import acc as acc_lib
 
     acc_lib.SELECT_METHOD = args.select
+    shapes = bench.parse_shapes(args.shapes)
     if args.kernels:
-        shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes.split(",")]
         rows = kernel_table(shapes, dtype=args.dtype)
         if args.json:
             benchmark.write_json(args.json, {"machine": benchmark.machine(), "kernels": rows})
         return 0
-    t5 = args.model.startswith("flan-t5") or args.model.startswith("t5")
-    if t5:  # encoder + first token, as eval.bench_t5 times it
-        from accjax import seq2seq
-        from eval import bench_t5
-
-        cfg, params = bench_t5.build(args.model, args.dtype, args.attention_impl,
-                                     acc_impl=parse_sets(args.set).get("acc_impl", "auto"))
-        module = models.get_family(cfg.family).module(cfg, "lm")
-    else:
-        cfg, params = build(args.model, args.dtype, args.attention_impl, overrides=parse_sets(args.set))
-        if args.hidden_act:
-            cfg = cfg.replace(hidden_act=args.hidden_act)
-        module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+    t5 = bench.is_t5(args.model)  # encoder + first token, as eval.bench times a T5
+    cfg, params = bench.build(args.model, args.dtype, args.attention_impl, overrides=bench.parse_sets(args.set), t5=t5)
+    if args.hidden_act and not t5:
+        cfg = cfg.replace(hidden_act=args.hidden_act)
+    module = models.get_family(cfg.family).module(cfg, "lm" if t5 else "sequence_classification")
     results = []
-    for shape in args.shapes.split(","):
-        b, n = map(int, shape.split("x"))
-        if t5:
-            pred = seq2seq.Seq2SeqPredictor(module, params, cfg, batch_size=b, length_buckets=(n,),
-                                            param_dtype=args.dtype, acc_variant=args.acc_variant)
-        else:
-            pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
-                                       param_dtype=args.dtype, acc_variant=args.acc_variant)
+    for b, n in shapes:
+        shape = f"{b}x{n}"
+        pred = (seq2seq.Seq2SeqPredictor if t5 else inference.Predictor)(
+            module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=args.dtype,
+            acc_variant=args.acc_variant)
         for s in [float(x) for x in args.speedups.split(",")]:
-            r = (profile_t5_first_token if t5 else profile_program)(pred, b, n, s, args.iters)
+            r = profile_program(pred, b, n, s, args.iters)
+            hlo = r.pop("hlo")
             if args.dump_hlo:
-                import os
-                os.makedirs(args.dump_hlo, exist_ok=True)
-                plan = pred.plan(n, s)
-                prog = pred.first_token_program(b, plan) if t5 else pred.program(b, plan)
-                with open(f"{args.dump_hlo}/{shape}_s{s:g}.hlo.txt", "w") as f:
-                    f.write(prog.as_text())
+                Path(args.dump_hlo).mkdir(parents=True, exist_ok=True)
+                (Path(args.dump_hlo) / f"{shape}_s{s:g}.hlo.txt").write_text(hlo())
             r["shape"] = shape
             results.append(r)
             print(f"\n== {shape} speedup {s:g} (analytic {r['analytic']:.2f}) {args.acc_variant} "

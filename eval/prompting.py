@@ -30,28 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _floats(s: str) -> list[float]:
-    try:
-        out = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--speedup takes numbers separated by commas, got {s!r}") from None
-    if not out:
-        raise ValueError("--speedup is empty")
-    bad = [x for x in out if not x >= 1]
-    if bad:
-        raise ValueError(f"speedup must be >= 1 (1 is the dense model), got {bad}")
-    return out
-
-
-def _ints(s: str, flag: str = "--shots") -> list[int]:
-    try:
-        out = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes integers separated by commas, got {s!r}") from None
-    if not out or any(k < 0 for k in out):
-        raise ValueError(f"{flag} must be integers >= 0, got {s!r}")
-    return out
+from eval import cli
 
 
 DECODERS = ("gpt2", "llama")
@@ -63,13 +42,11 @@ def hf_reference(folder, tok, examples, *, shots, pool, seed, max_length, render
     with ``generate_tokens``, greedy exact match (one prompt at a time, no padding)."""
     import numpy as np
     import torch
-    import transformers
 
-    from accjax import gguf_io, prompting
+    from accjax import prompting
+    from eval import lm as lm_cli
 
-    g = None if (folder / "config.json").exists() else gguf_io.find(folder)
-    kw = {"gguf_file": g.name} if g is not None else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+    model = lm_cli.hf_model(folder)
     gold = [labels.index(e.target) for e in examples]
     cands = tok.encode([label_encoding["prefix"] + w for w in labels], add_special_tokens=False).ids
     rows = []
@@ -103,7 +80,7 @@ def hf_reference(folder, tok, examples, *, shots, pool, seed, max_length, render
 def run(args) -> dict:
     from accjax import benchmark, convert, prompting, seq2seq, tokenization
 
-    speedups, shots = _floats(args.speedup), _ints(args.shots)
+    speedups, shots = cli.speedups(args.speedup, "--speedup"), cli.ints(args.shots, "--shots")
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
     if labels is not None and len(labels) < 2:
         raise ValueError("--labels needs at least two label words")
@@ -131,7 +108,7 @@ def run(args) -> dict:
         pred = prompting.DecoderPredictor.from_loaded(
             ld, chat_template=tok.chat_template if args.prompt == "chat" else None,
             batch_size=args.batch_size, param_dtype=args.dtype, acc_variant=args.acc_variant,
-            length_buckets=_ints(args.length_buckets, "--length_buckets"))
+            length_buckets=cli.ints(args.length_buckets, "--length_buckets", low=1))
         if args.prompt == "chat" and tok.chat_template is None:
             raise ValueError(f"{args.model} has no chat template; use --prompt plain")
     else:
@@ -195,17 +172,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = 6 if args.generate else 32
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        from accjax import benchmark
-
-        benchmark.write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return 0
+    return cli.run(lambda: run(args), json_path=args.json, errors=(OSError,))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import os
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before jax creates a backend (issue 8: NVLS off)
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -66,43 +67,37 @@ import numpy as np
 from accjax import benchmark, models, train
 from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
+from eval import cli
 
 MODES = ("dense", "elim")
 CHECK_STEPS = 3
 
 # Allowed disagreement of a mesh with the 1-device run, per compute dtype (None: reported,
-# not checked):
-#   loss         |loss_mesh - loss_1|, each of the 3 steps;
-#   grad_norm    |g_mesh - g_1| / g_1, each step (catches a gradient scaled by the device
-#                count, which Adam's scale-invariant first update would hide in the params);
-#   param        max |p_mesh - p_1| over every parameter after the 3 updates;
-#   update       ||dp_mesh - dp_1|| / ||dp_1||, dp = p_3 - p_0 over all parameters: the
-#                fraction of the 3 updates the meshes disagree on.
+# not checked): loss |loss_mesh - loss_1| and grad_norm |g_mesh - g_1| / g_1 at each of the
+# 3 steps (grad_norm catches a gradient scaled by the device count, which Adam's
+# scale-invariant first update would hide); param max |p_mesh - p_1| after the 3 updates;
+# update ||dp_mesh - dp_1|| / ||dp_1||, dp = p_3 - p_0 over all parameters.
 # float32: the CPU test's 1e-5 (reduction order alone: ~1e-7 relative).
-# bfloat16 has an 8-bit significand, unit roundoff u = 2^-8 = 3.9e-3. A device's rows go
-# through the same computation on any mesh (up to GEMM algorithm choices); what changes is
-# how the weight gradients (dots over B x T rows, accumulated in f32, output rounded to
-# bf16) are split and summed across devices: a few roundings of u each, relative to each
-# gradient entry. loss ~ ln 2 = 0.69 for 2 random classes, where one bf16 ulp is 2^-8 =
-# 0.0039: 1e-2 allows ~2.5 ulps. grad_norm: 3e-2 (~8 u). Parameters: Adam divides the first
-# moment by the root of the second, so a gradient's relative error becomes the same relative
-# error of an update of about lr, and an entry whose sign the rounding flips (partial sums
-# that cancel to below u) moves up to 2 lr the other way. A max-abs parameter bound would be
-# 2 lr x 3 steps, which ANY two Adam runs meet: it cannot fail, so it is not checked; the
-# update difference is. Measured on 8 fake CPU devices, bf16, lr 1e-3 .. 2e-5 (about the
-# same at each), update difference:
+# bfloat16 (unit roundoff u = 2^-8 = 3.9e-3): a device's rows go through the same
+# computation on any mesh; what changes is how the weight gradients (f32-accumulated dots
+# over B x T rows, rounded to bf16) are split and summed across devices: a few roundings of
+# u per entry. loss ~ ln 2 = 0.69 (2 random classes), one bf16 ulp 0.0039: 1e-2 is ~2.5
+# ulps; grad_norm 3e-2 is ~8 u. Adam turns a gradient's relative error into the same error
+# of an update of about lr, and a sign flipped by rounding (partial sums cancelling below u)
+# moves an entry up to 2 lr the other way: a max-abs parameter bound (2 lr x 3 steps) that
+# ANY two Adam runs meet cannot fail, so only the update difference is checked. Measured on
+# 8 fake CPU devices, bf16, lr 1e-3 .. 2e-5 (about the same at each), update difference:
 #   model                   mesh vs 1 device   bf16 vs f32 compute, 1 device   other dropout key
 #   tiny (2 x 32), dense    0.02               0.06                            -
 #   tiny, elim@3            0.02               0.08                            1.15
 #   MiniLM (6 x 384), dense 0.03               0.07                            -
 #   MiniLM, elim@3          0.06 - 0.07        0.21 - 0.25                     1.12 - 1.22
-# Rounding between meshes stays at 0.3 - 0.4 x the whole bf16-vs-f32 effect; a real fault
-# (another dropout key; a gradient missing a shard or a reduction) is of order 1. 0.3 sits
-# between the two. NOT yet measured on GPUs, where GEMM algorithms may differ between batch
-# shapes (so the forward pass too, and with it which rows elimination keeps).
-# The loss and grad-norm bounds are coarse (another dropout key moved the loss by only
-# 1e-3 .. 2e-2): the update difference is the sharp test. ``--no_f32_reference`` aside,
-# each run also reports its own bf16-vs-f32 figure beside the mesh figures.
+# Mesh rounding stays at 0.3 - 0.4 x the whole bf16-vs-f32 effect; a real fault (another
+# dropout key, a gradient missing a shard or a reduction) is of order 1: 0.3 sits between.
+# NOT yet measured on GPUs, where GEMM algorithms may differ between batch shapes (so the
+# forward pass too, and which rows elimination keeps). The loss and grad-norm bounds are
+# coarse (another dropout key moved the loss by only 1e-3 .. 2e-2): the update difference is
+# the sharp test; each run also reports its own bf16-vs-f32 figure (``--no_f32_reference``).
 TOLERANCES = {
     "float32": {"loss": 1e-5, "grad_norm": 1e-5, "param": 1e-5, "update": None},
     "bfloat16": {"loss": 1e-2, "grad_norm": 3e-2, "param": None, "update": 0.3},
@@ -187,11 +182,6 @@ def make_trainer(setup: Setup, mesh, rules, args) -> train.Trainer:
                          rules, setup.specs, seed=args.seed, dropout=args.dropout)
 
 
-def device_param_bytes(params) -> int:
-    """Bytes of parameters one device holds (halved leaves under 2-way fsdp)."""
-    return int(sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params)))
-
-
 # ------------------------------------------------------------------------ check and time
 def check_steps(trainer: train.Trainer, params0, batches, schedule):
     """3 steps exactly as ``loop.fit`` takes them (host batches through ``Trainer.step``)."""
@@ -239,7 +229,9 @@ def compare(ref: dict, got: dict, params0, tol: dict[str, float | None], lr: flo
 
 
 def time_steps(trainer: train.Trainer, state, batches, schedule, *, warmup: int, iters: int):
-    """Median ms of the compiled step on device-resident batches, each call synchronised."""
+    """Median ms of the compiled step on device-resident batches, each call synchronised, and
+    the parameter bytes one device holds (halved leaves under 2-way fsdp)."""
+    pbytes = int(sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.params)))
     prog = trainer.train_program(state, batches[0], schedule)  # compiled by the steps before
     placed = [trainer.put_batch(b) for b in batches]
     for i in range(warmup):
@@ -254,7 +246,7 @@ def time_steps(trainer: train.Trainer, state, batches, schedule, *, warmup: int,
     loss = float(jax.device_get(m["loss"]))
     del state
     return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
-            "max_ms": float(np.max(times)), "iters": iters, "last_loss": loss}
+            "max_ms": float(np.max(times)), "iters": iters, "last_loss": loss, "param_bytes_per_device": pbytes}
 
 
 # ---------------------------------------------------------------------------------- run
@@ -286,9 +278,7 @@ def matmul_precision(args) -> str | None:
 
 def run(args) -> dict[str, Any]:
     prec = matmul_precision(args)
-    if prec is None:
-        return _run(args, prec)
-    with jax.default_matmul_precision(prec):
+    with jax.default_matmul_precision(prec) if prec else contextlib.nullcontext():
         return _run(args, prec)
 
 
@@ -338,7 +328,6 @@ def _run(args, precision: str | None) -> dict[str, Any]:
             state, res = check_steps(trainer, setup.params, check_batches, schedules[mode])
             first_s = time.perf_counter() - t0  # compile + 3 steps
             res["params"] = shard_lib.to_host(state.params)
-            pbytes = device_param_bytes(state.params)
             if name == meshes[0][0]:
                 refs[mode] = res
             c = compare(refs[mode], res, setup.params, tol, args.lr)
@@ -350,11 +339,8 @@ def _run(args, precision: str | None) -> dict[str, Any]:
                   f"rel update diff {c['rel_update_diff']:.2e}  "
                   f"{'PASS' if c['passed'] else 'FAIL ' + str([k for k, v in c['ok'].items() if not v])}",
                   flush=True)
-            key = (name, mode, args.global_batch)
-            measured[key] = time_steps(trainer, state, check_batches, schedules[mode],
-                                       warmup=args.warmup, iters=args.iters)
-            measured[key]["first_call_s"] = first_s
-            measured[key]["param_bytes_per_device"] = pbytes
+            measured[(name, mode, args.global_batch)] = {"first_call_s": first_s, **time_steps(
+                trainer, state, check_batches, schedules[mode], warmup=args.warmup, iters=args.iters)}
             del state
             gb = weak_gb[name]
             if (name, mode, gb) not in measured:
@@ -364,11 +350,8 @@ def _run(args, precision: str | None) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 state, _ = trainer.step(state, batches[0], schedules[mode])  # compile
                 jax.block_until_ready(state)
-                first_s = time.perf_counter() - t0
-                pbytes = device_param_bytes(state.params)
-                m = time_steps(trainer, state, batches, schedules[mode], warmup=args.warmup,
-                               iters=args.iters)  # donates state
-                measured[(name, mode, gb)] = {**m, "first_call_s": first_s, "param_bytes_per_device": pbytes}
+                measured[(name, mode, gb)] = {"first_call_s": time.perf_counter() - t0, **time_steps(
+                    trainer, state, batches, schedules[mode], warmup=args.warmup, iters=args.iters)}
                 del state
         mesh_info.append({"name": name, "shape": dict(mesh.shape), "devices": d,
                           "rules": [list(r) for r in rules], "programs": trainer.num_programs,
@@ -434,38 +417,31 @@ def _run(args, precision: str | None) -> dict[str, Any]:
     }
 
 
+CHECK_COLUMNS = [("mesh", "mesh", ""), ("mode", "mode", ""), ("max_abs_loss_diff", "|dloss|", ".2e"),
+                 ("max_rel_grad_norm_diff", "dgnorm rel", ".2e"), ("max_abs_param_diff", "|dparam|", ".2e"),
+                 ("max_abs_param_update", "moved", ".2e"), ("rel_update_diff", "rel upd", ".2e"),
+                 ("result", "result", "")]
+SCALING_COLUMNS = [("mesh", "mesh", ""), ("mode", "mode", ""), ("global_batch", "global B", "d"),
+                   ("per_device_batch", "per-dev B", "d"), ("step_ms", "step ms", ".2f"),
+                   ("examples_per_s", "examples/s", ".1f"), ("efficiency", "efficiency", ".2f"),
+                   ("vs_dense", "vs dense", ".2f")]
+
+
 def print_tables(rows, checks, rounding, labels, tol, passed, args) -> None:
     print(f"\ncheck after {CHECK_STEPS} steps vs 1 device (tolerances: "
           + ", ".join(f"{k} {v:g}" for k, v in tol.items() if v is not None)
           + "; loss, |dparam|: max abs; grad norm, update: relative)")
-    hdr = (f"{'mesh':>18} {'mode':>8} {'|dloss|':>9} {'dgnorm rel':>10} {'|dparam|':>9} "
-           f"{'moved':>9} {'rel upd':>9}  result")
-    print(hdr)
-    print("-" * len(hdr))
-    for name, per in checks.items():
-        for mode, c in per.items():
-            print(f"{name:>18} {labels[mode]:>8} {c['max_abs_loss_diff']:>9.2e} "
-                  f"{c['max_rel_grad_norm_diff']:>10.2e} {c['max_abs_param_diff']:>9.2e} "
-                  f"{c['max_abs_param_update']:>9.2e} {c['rel_update_diff']:>9.2e}  "
-                  f"{'PASS' if c['passed'] else 'FAIL'}")
-    for mode, c in rounding.items():
-        print(f"{'1 dev, f32 compute':>18} {labels[mode]:>8} {c['max_abs_loss_diff']:>9.2e} "
-              f"{c['max_rel_grad_norm_diff']:>10.2e} {c['max_abs_param_diff']:>9.2e} "
-              f"{c['max_abs_param_update']:>9.2e} {c['rel_update_diff']:>9.2e}  (rounding scale)")
+    lines = [{**c, "mesh": name, "mode": labels[mode], "result": "PASS" if c["passed"] else "FAIL"}
+             for name, per in checks.items() for mode, c in per.items()]
+    lines += [{**c, "mesh": "1 dev, f32 compute", "mode": labels[mode], "result": "(rounding scale)"}
+              for mode, c in rounding.items()]
+    print(benchmark.table(lines, CHECK_COLUMNS))
     print(f"check: {'PASS' if passed else 'FAIL'}")
     for scaling in ("strong", "weak"):
         what = (f"global batch {args.global_batch} fixed" if scaling == "strong"
                 else f"per-device batch {args.per_device_batch} fixed")
         print(f"\n{scaling} scaling ({what}; length {args.length}, {args.dtype})")
-        hdr = (f"{'mesh':>18} {'mode':>8} {'global B':>8} {'per-dev B':>9} {'step ms':>9} "
-               f"{'examples/s':>11} {'efficiency':>10} {'vs dense':>8}")
-        print(hdr)
-        print("-" * len(hdr))
-        for r in rows:
-            if r["scaling"] == scaling:
-                print(f"{r['mesh']:>18} {r['mode']:>8} {r['global_batch']:>8} {r['per_device_batch']:>9} "
-                      f"{r['step_ms']:>9.2f} {r['examples_per_s']:>11.1f} {r['efficiency']:>10.2f} "
-                      f"{r['vs_dense']:>8.2f}")
+        print(benchmark.table([r for r in rows if r["scaling"] == scaling], SCALING_COLUMNS))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -496,15 +472,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        result = run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        benchmark.write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return 0 if result["check_passed"] else 1
+    result = {}
+    rc = cli.run(lambda: result.update(run(args)) or result, json_path=args.json)
+    return rc or (0 if result["check_passed"] else 1)
 
 
 if __name__ == "__main__":

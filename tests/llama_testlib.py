@@ -59,7 +59,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, model, *, arch: str = "llama", quant: str | None = "Q8_0",
-               raw_type: str | None = None) -> Path:
+               raw_type: str | None = None, chat_template: str | None = None) -> Path:
     """Writes an HF ``LlamaForCausalLM`` as a GGUF file the way llama.cpp's converter does
     (names, q/k row permutation, metadata, a byte-level vocabulary of placeholder tokens).
 
@@ -93,6 +93,8 @@ def write_gguf(path: Path, model, *, arch: str = "llama", quant: str | None = "Q
     w.add_token_merges([f"{t[0]} {t[1]}" for t in toks[3 + len(alphabet):]])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from accjax import convert, gguf_io
+from accjax import convert, gguf_io, tokenization
 from tests.llama_testlib import jit_apply, make_hf_llama, padded_batch, write_gguf
 
 
@@ -18,7 +18,10 @@ def tiny(tmp_path_factory):
                                num_attention_heads=4, num_key_value_heads=2)
     gdir = tmp / "g"
     gdir.mkdir()
-    return write_gguf(gdir / "tiny.gguf", hf), hf
+    return write_gguf(gdir / "tiny.gguf", hf, chat_template=CHAT), hf
+
+
+CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
 
 def test_gguf_loads_like_transformers_gguf_loader(tiny):
@@ -58,6 +61,37 @@ def test_tokenizer_from_metadata(tiny):
     toks = gguf_io.metadata(path)["tokenizer.ggml.tokens"]
     assert [toks[i] for i in ids] == ["ab", "ba", "<|endoftext|>"]  # merges and a control token
     assert tok.decode(ids, skip_special_tokens=True) == "abba"
+
+
+def test_converted_folder_carries_the_tokenizer_and_chat_template(tiny, tmp_path):
+    path, _ = tiny
+    out = tmp_path / "acc"
+    assert convert.main([str(path), str(out), "--head", "lm"]) == 0
+    assert not list(out.glob("*.gguf"))  # the folder stands alone
+    tok = tokenization.Tokenizer.from_folder(out)
+    want = gguf_io.folder_tokenizer(path.parent)
+    for s in ("abba<|endoftext|>", "h(e)llo, 12!"):
+        assert tok.encode([s]).ids[0] == want.encode(s).ids
+    assert tok.chat_template == CHAT
+    assert convert.load(out, "lm").config == convert.load(path, "lm").config
+
+
+def test_lm_cli_checks_the_context_before_reading_weights(tiny, tmp_path, monkeypatch, capsys):
+    from eval import lm as lm_cli
+
+    path, _ = tiny
+    acc = tmp_path / "acc"
+    assert convert.main([str(path), str(acc), "--head", "lm"]) == 0
+
+    def no_weights(*a, **k):
+        raise AssertionError("read the weights")
+
+    monkeypatch.setattr(convert, "load", no_weights)
+    for model in (path, path.parent.parent / "hf", acc):  # GGUF, HF folder, accjax folder: 128 positions
+        rc = lm_cli.main(["--model", str(model), "--context", "120", "--continuation", "16"])
+        assert rc == 2 and "exceeds the model's 128 positions" in capsys.readouterr().err, model
+        with pytest.raises(AssertionError, match="read the weights"):  # a context that fits goes on
+            lm_cli.main(["--model", str(model), "--context", "100", "--continuation", "16"])
 
 
 def test_unsupported_architecture(tmp_path):

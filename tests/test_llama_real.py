@@ -47,24 +47,34 @@ def _batch(tok, texts):
     return arr, mask
 
 
-def test_config_tokenizer_and_chat_template(real):
+def test_config_tokenizer_and_chat_template(real, tmp_path):
+    """From the GGUF, and from tokenizer.json + tokenizer_config.json written out of it (what
+    a converted accjax folder holds)."""
     ld, hf, htok, tok = real
     cfg = ld.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
     assert cfg.tie_word_embeddings and cfg.max_position_embeddings == 8192
-    for s in SENTENCES + ["<|im_start|>user\nHi 12345<|im_end|>"]:
-        assert tok.encode([s]).ids[0] == htok(s)["input_ids"], s
+    convert.copy_tokenizer_files(ld.folder, tmp_path)
     msgs = [{"role": "user", "content": "Is this review positive or negative? A gorgeous movie."}]
-    assert prompting.render_chat(tok.chat_template, msgs) == htok.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=True)
+    for t in (tok, tokenization.Tokenizer.from_folder(tmp_path)):
+        for s in SENTENCES + ["<|im_start|>user\nHi 12345<|im_end|>"]:
+            assert t.encode([s]).ids[0] == htok(s)["input_ids"], s
+        assert prompting.render_chat(t.chat_template, msgs) == htok.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True)
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_logits_parity_on_a_padded_batch(real):
-    """fp32: our logits vs transformers' within 2e-4 (measured 1.3e-4 against its sdpa
-    attention, 1.9e-4 against eager). The issue asked for 1e-4, which is below what fp32
-    reproduces on this model: the residual stream reaches 2.4e4 (fp32 spacing 2e-3 there),
-    and transformers against itself, sdpa vs eager attention, differs by 1.1e-4 on these
-    sentences. So the bound is also tied to that measured spread."""
+    """fp32 logits against transformers' float64 run of the same weights (its RMSNorm and
+    rotary angles stay float32 even then), which says which side carries the error: ours
+    1.04e-4, its own fp32 paths eager 7.3e-5 and sdpa 9.0e-5
+    (ours against them: 1.6e-4 and 1.2e-4; they differ by 1.1e-4 between themselves).
+    RMSNorm, rotary angles, the mask value and SwiGLU follow HF's order of operations; what
+    is left is fp32 summation order in the matmuls, amplified where the MLPs of blocks 2 and
+    11 build the residual stream's massive activations (|h| to 2.4e4, fp32 spacing 2e-3).
+    XLA:CPU's default YNNPACK dot sums 2-10x less accurately than torch's, but switching it
+    off (Eigen) moves us to 0.8e-4..1.3e-4 from float64 with the thread split: the issue's
+    1e-4 lies inside that summation-order noise, so the bound is transformers' own error."""
     ld, hf, _, tok = real
     arr, mask = _batch(tok, SENTENCES)
     m = mask.astype(bool)
@@ -73,16 +83,19 @@ def test_logits_parity_on_a_padded_batch(real):
     refs = {}
     impl = hf.config._attn_implementation
     try:
-        for name in ("sdpa", "eager"):
+        for name, dtype in (("sdpa", torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
             hf.config._attn_implementation = name
             with torch.no_grad():
-                refs[name] = hf(input_ids=torch.tensor(arr), attention_mask=torch.tensor(mask)).logits.numpy()
-    finally:
+                refs[name, dtype] = torch.nn.Module.to(hf, dtype)(  # (HF's .to refuses a GGUF model)
+                    input_ids=torch.tensor(arr), attention_mask=torch.tensor(mask)).logits.numpy()
+    finally:  # fp32 weights -> float64 -> fp32 is exact
         hf.config._attn_implementation = impl
-    spread = np.abs(refs["sdpa"] - refs["eager"])[m].max()
-    diff = np.abs(got - refs["sdpa"])[m].max()
-    assert diff <= 2e-4 and diff <= 2 * spread, (diff, spread)
-    assert np.abs(refs["sdpa"][m]).max() > 10  # real logits, not a near-zero model
+        torch.nn.Module.float(hf)
+    truth = refs["eager", torch.float64]
+    err = {k: np.abs(v - truth)[m].max() for k, v in refs.items()}
+    ours = np.abs(got - truth)[m].max()
+    assert ours <= 1.5 * max(err["sdpa", torch.float32], err["eager", torch.float32]), (ours, err)
+    assert np.abs(truth[m]).max() > 10  # real logits, not a near-zero model
 
 
 def test_greedy_chat_generation_matches_transformers(real):

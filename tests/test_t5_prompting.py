@@ -190,7 +190,7 @@ def test_cli_bad_input_is_a_clear_error(model_dir, data_file, tmp_path, capsys):
     folder, _ = model_dir
     (tmp_path / "empty.jsonl").write_text("")
     for argv, msg in [
-        (["--model", str(folder), "--data", str(data_file), "--speedup", "0.5"], "speedup must be >= 1"),
+        (["--model", str(folder), "--data", str(data_file), "--speedup", "0.5"], "is below 1 (1 = the dense model)"),
         (["--model", str(folder), "--data", str(tmp_path / "empty.jsonl")], "holds no examples"),
         (["--model", str(folder), "--data", str(data_file), "--labels", "positive,maybe"],
          "is not one of the labels"),
