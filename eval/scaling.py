@@ -234,13 +234,14 @@ def time_steps(trainer: train.Trainer, state, batches, schedule, *, warmup: int,
     pbytes = int(sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.params)))
     prog = trainer.train_program(state, batches[0], schedule)  # compiled by the steps before
     placed = [trainer.put_batch(b) for b in batches]
+    seed = np.uint32(trainer.seed)  # the dropout seed is a program input
     for i in range(warmup):
-        state, m = prog(state, placed[i % len(placed)])
+        state, m = prog(state, placed[i % len(placed)], seed)
     jax.block_until_ready((state, m))
     times = []
     for i in range(iters):
         t0 = time.perf_counter()
-        state, m = prog(state, placed[i % len(placed)])
+        state, m = prog(state, placed[i % len(placed)], seed)
         jax.block_until_ready((state, m))
         times.append((time.perf_counter() - t0) * 1e3)
     loss = float(jax.device_get(m["loss"]))

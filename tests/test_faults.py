@@ -460,7 +460,9 @@ def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     (config,) = got
     lo, hi = config.elimination.speedup_range
-    assert f"over speedups {lo:g}-{hi:g} in {config.elimination.levels} levels, {config.epochs} epochs" in err
+    # the sandwich recipe trains 1x and the top level every step: the message says so
+    assert config.elimination.sandwich and config.elimination.samples == 0
+    assert f"over speedups {lo:g}-{hi:g}, {config.epochs} epochs: each step trains 1x and {hi:g}x" in err
 
 
 def test_result_table_says_the_batch_size_and_what_drop_is_against(csv_run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -16,7 +17,7 @@ from tests.train_helpers import REPO, load_config_file, sentiment_task, subproce
 
 
 @pytest.mark.parametrize("name,arg", [
-    ("rt_minilm", None), ("rt_minilm", "elastic"), ("rt_minilm", "tiny,fixed"),
+    ("rt_minilm", None), ("rt_minilm", "elastic"), ("rt_minilm", "tiny,fixed"), ("rt_minilm", "elastic,sandwich"),
     ("glue_bert_base", "sst2"), ("glue_bert_base", "mnli,elastic,fsdp"), ("glue_bert_base", "stsb,tiny"),
     ("flan_t5_instruct", None), ("flan_t5_instruct", "tiny,dense"),
 ])
@@ -141,3 +142,30 @@ def test_glue_config_trains_with_fsdp_on_a_glue_tsv_folder(tmp_path):
     assert summary["data"]["examples"] == {"train": 64, "validation": 32}
     params, meta = checkpoint.restore_params(result.run_dir)  # sharded state saved and read back
     assert meta["step"] == 4 and params["bert"]["layer_0"]["mlp_in"]["kernel"].shape == (32, 64)
+
+
+def test_seeds_train_one_folder_each_and_report_their_mean_and_deviation(tmp_path):
+    """train.finetune --seeds: one run per seed (the sandwich recipe: one two-pass program for
+    the one length bucket), then the mean and sample standard deviation of their final rows."""
+    import json
+
+    from accjax import loop
+
+    spec = sentiment_task(tmp_path / "data")
+    c = tiny_config(tmp_path / "runs", spec, "tiny,elastic,sandwich",
+                    **{"eval.speedups": (1.0, 2.0), "eval.select_mean": True, "debug.max_steps": 4})
+    out = loop.fit_seeds(c, [0, 1])
+    finals = {}
+    for seed in (0, 1):
+        summary = json.loads((tmp_path / "runs" / f"seed{seed}" / "summary.json").read_text())
+        assert summary["train_programs"] == 1 and summary["steps"] == 4
+        for r in summary["final"]:
+            finals.setdefault((r["split"], r["speedup"]), []).append(r["primary"])
+    assert {(r["split"], r["speedup"]) for r in out["rows"]} == set(finals) and len(finals) == 4
+    for r in out["rows"]:
+        v = finals[(r["split"], r["speedup"])]
+        assert r["values"] == v and r["seeds"] == 2
+        np.testing.assert_allclose([r["mean"], r["std"]], [np.mean(v), np.std(v, ddof=1)], atol=1e-9)
+    saved = json.loads((tmp_path / "runs" / "seeds.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["rows"] == out["rows"]
+    assert "mean +- std over seeds [0, 1]" in (tmp_path / "runs" / "seeds.md").read_text()
