@@ -67,7 +67,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     spec = sentiment_task(root / "data", 160, 64)
     run = root / "run"
-    loop.fit(tiny_config(run, spec, epochs=2, **{"elimination.mode": "fixed", "elimination.speedup": 2.0}))
+    loop.fit(tiny_config(run, spec, epochs=1, **{"elimination.mode": "fixed", "elimination.speedup": 2.0}))
     (root / "data" / "test.csv").unlink()  # from here on, reading the test split raises
     return run
 

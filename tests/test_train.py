@@ -195,7 +195,8 @@ def test_passes_loss_sums_every_pass_and_distills_from_the_full_pass():
     one = {s: loss(module, params, batch, None, s, num_labels=2)[0] for s in (None, top, mid)}
     summed, m = loss(module, params, batch, None, train.Passes((None, top, mid)), num_labels=2)
     np.testing.assert_allclose(float(summed), float(sum(one.values())), rtol=1e-5)  # three passes ran
-    logits = {s: train._logits(module, params, batch, None, s, "plain") for s in (None, top, mid)}
+    logits_of = jax.jit(train._logits, static_argnums=(0, 4, 5))
+    logits = {s: logits_of(module, params, batch, None, s, "plain") for s in (None, top, mid)}
     w = 0.7
     want = float(one[None]) + sum(
         (1 - w) * float(one[s]) + w * float(train.distill_loss(logits[s], logits[None], batch, 2, 20.0))
@@ -207,13 +208,12 @@ def test_passes_loss_sums_every_pass_and_distills_from_the_full_pass():
     np.testing.assert_allclose(float(m["distill"]), np.mean(kd), rtol=0.05)  # jit fuses differently
     # the teacher's gradient comes from its own task loss only: distillation does not reach it
     def with_teacher(p, teacher_logits):
-        total = train.task_loss(train._logits(module, p, batch, None, None, "plain"), batch, 2)[0]
-        for s in (top, mid):
-            st = train._logits(module, p, batch, None, s, "plain")
-            total += (1 - w) * train.task_loss(st, batch, 2)[0] + w * train.distill_loss(st, teacher_logits, batch, 2, 20.0)
-        return total
-    g = jax.grad(lambda p: loss(module, p, batch, None, train.Passes((None, top, mid), w, 20.0), num_labels=2)[0])(params)
-    g_const = jax.grad(with_teacher)(params, logits[None])  # the teacher as a constant
+        st = train._logits(module, p, batch, None, top, "plain")
+        return (train.task_loss(train._logits(module, p, batch, None, None, "plain"), batch, 2)[0]
+                + (1 - w) * train.task_loss(st, batch, 2)[0] + w * train.distill_loss(st, teacher_logits, batch, 2, 20.0))
+    passes = train.Passes((None, top), w, 20.0)
+    g = jax.jit(jax.grad(lambda p: train.classification_loss(module, p, batch, None, passes, num_labels=2)[0]))(params)
+    g_const = jax.jit(jax.grad(with_teacher))(params, logits[None])  # the teacher as a constant
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_const)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5 * float(np.abs(b).max()))
 
