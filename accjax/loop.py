@@ -16,7 +16,6 @@ interrupted).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -390,9 +389,8 @@ def fit_seeds(config, seeds: Sequence[int]) -> dict:
     and ``seeds.md``. Runs that differ only in the seed share their compiled programs."""
     base, runs = Path(config.run_dir), []
     for seed in seeds:
-        c = copy.deepcopy(config)
-        with c.unlocked() if hasattr(c, "unlocked") else contextlib.nullcontext():
-            c.seed, c.run_dir = int(seed), str(base / f"seed{int(seed)}")
+        c = copy.deepcopy(config)  # existing keys: a locked config takes them
+        c.seed, c.run_dir = int(seed), str(base / f"seed{int(seed)}")
         runs.append(fit(c))
     groups: dict[tuple, list[dict]] = {}
     for res in runs:

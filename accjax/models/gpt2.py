@@ -226,6 +226,16 @@ def last_real_position(mask: Array) -> Array:
     return jnp.maximum(mask.astype(jnp.int32).sum(axis=1) - 1, 0)
 
 
+def decoder_rows(input_ids: Array, attention_mask: Array | None, position_ids: Array | None,
+                 protect_positions: Array | None) -> tuple[acc_lib.Rows, Array]:
+    """A decoder call's rows (all real when no mask is given) and the [B] position never
+    dropped (default: the last real token)."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, bool)
+    rows = acc_lib.Rows.create(attention_mask, position_ids)
+    return rows, last_real_position(rows.mask) if protect_positions is None else protect_positions
+
+
 def pool_positions(input_ids: Array, mask: Array, pad_token_id: int | None) -> Array:
     """[B] the token the classifier reads, as HF ``GPT2ForSequenceClassification`` picks it.
 
@@ -480,12 +490,7 @@ class GPT2Model(nn.Module):
         """
         cfg = self.config
         schedule = common.check_schedule(schedule, cfg.num_layers)
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), bool)
-        rows = acc_lib.Rows.create(attention_mask, position_ids)
-        if protect_positions is None:
-            protect_positions = last_real_position(rows.mask)
+        rows, protect_positions = decoder_rows(input_ids, attention_mask, position_ids, protect_positions)
 
         x = self.wte(input_ids) + self.wpe(rows.positions)  # [B, T, D]
         x = self.embd_drop(x, deterministic=deterministic)

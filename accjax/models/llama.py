@@ -47,7 +47,7 @@ from accjax import attention as attn_lib
 from accjax.models import common
 from accjax.models.gpt2 import RANKINGS, KVCache, build_cache, eliminate_prompt_rows, extend_blocks, run_blocks
 from accjax.models.gpt2 import GPT2Output as LlamaOutput  # one output type for every decoder
-from accjax.models.gpt2 import last_real_position
+from accjax.models.gpt2 import decoder_rows, last_real_position
 
 Array = jax.Array
 
@@ -371,12 +371,7 @@ class LlamaModel(nn.Module):
         del deterministic
         cfg = self.config
         schedule = common.check_schedule(schedule, cfg.num_layers)
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), bool)
-        rows = acc_lib.Rows.create(attention_mask, position_ids)
-        if protect_positions is None:
-            protect_positions = last_real_position(rows.mask)
+        rows, protect_positions = decoder_rows(input_ids, attention_mask, position_ids, protect_positions)
         x = self.embed_tokens(input_ids)  # [B, T, D]
         return run_blocks(self.blocks, self.norm, x, rows, protect_positions, schedule,
                           output_hidden_states=output_hidden_states, output_attentions=output_attentions,
