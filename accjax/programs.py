@@ -23,6 +23,21 @@ import jax
 import numpy as np
 
 
+def compiler_options() -> dict[str, Any]:
+    """XLA options every program of this cache is compiled with. On GPUs XLA's own Triton GEMM
+    fusions are off, so GEMMs run on cuBLAS: measured faster for every BERT-base program on an
+    H200 and much quicker to compile (fp32 Triton autotuning took minutes per training program;
+    docs/benchmarks.md). ``ACCJAX_TRITON_GEMM=1`` leaves XLA's choice."""
+    if jax.default_backend() != "gpu" or os.environ.get("ACCJAX_TRITON_GEMM") == "1":
+        return {}
+    return {"xla_gpu_enable_triton_gemm": False}
+
+
+def compile_lowered(lowered) -> Any:
+    """``lowered.compile()`` with ``compiler_options()``: the one place programs are compiled."""
+    return lowered.compile(compiler_options() or None)
+
+
 class ProgramCache:
     """Keyed ahead-of-time compiled programs with trace and compile counters."""
 
@@ -44,7 +59,7 @@ class ProgramCache:
         compile only the first time."""
         prog = self._programs.get(key)
         if prog is None:
-            prog = lower().compile()
+            prog = compile_lowered(lower())
             self.compiles += 1
             self._programs[key] = prog
         return prog
@@ -57,7 +72,7 @@ class ProgramCache:
         todo = {k: lower for k, lower in items if k not in self._programs}
         lowered = [(k, lower()) for k, lower in todo.items()]
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-            futures = {pool.submit(low.compile): k for k, low in lowered}
+            futures = {pool.submit(compile_lowered, low): k for k, low in lowered}
             for i, fut in enumerate(as_completed(futures), 1):
                 self._programs[futures[fut]] = fut.result()
                 self.compiles += 1

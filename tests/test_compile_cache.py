@@ -121,3 +121,29 @@ def test_second_run_of_a_training_config_compiles_nothing(tmp_path):
     assert second["compilation"]["cache_misses"] == 0, second["compilation"]  # no XLA compile
     assert second["compilation"]["cache_hits"] >= 2
     assert 0 < second["time_to_first_step"]
+
+
+def test_programs_compile_with_the_backend_options(monkeypatch):
+    """Every ProgramCache program is compiled with ``compiler_options()``: on GPUs XLA's Triton
+    GEMMs off (unless ACCJAX_TRITON_GEMM=1), on the CPU nothing."""
+    import jax
+
+    from accjax import programs
+
+    assert programs.compiler_options() == {}  # this machine: CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert programs.compiler_options() == {"xla_gpu_enable_triton_gemm": False}
+
+    seen = []
+
+    class Lowered:
+        def compile(self, options=None):
+            seen.append(options)
+            return lambda: len(seen)
+
+    cache = programs.ProgramCache()
+    cache.get("a", Lowered)
+    cache.compile_all([("b", Lowered), ("a", Lowered)])  # "a" exists: compiled once
+    assert seen == [{"xla_gpu_enable_triton_gemm": False}] * 2
+    monkeypatch.setenv("ACCJAX_TRITON_GEMM", "1")
+    assert programs.compiler_options() == {}
