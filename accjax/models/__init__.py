@@ -24,16 +24,20 @@ class Family:
     config_cls: type
     hf_model_types: tuple[str, ...]  # config.json "model_type" values it reads
     presets: dict[str, Any]  # preset name -> config
-    modules: dict[str, Callable[[Any], nn.Module]]  # head -> module factory
+    # head -> module class, named as its transformers counterpart (the HF architecture written)
+    modules: dict[str, Callable[[Any], nn.Module]]
     rules: Callable[[Any, str], list]  # (config, head) -> list[convert.Rule]
     hf_prefix: str  # base-model prefix inside task checkpoints ('bert.'); '' if none
     hf_ignore: tuple[str, ...] = ()  # regexes of HF keys that are dropped (buffers, other heads)
-    hf_architectures: dict[str, str] = dataclasses.field(default_factory=dict)  # head -> HF class
     dummy_inputs: Callable[[Any, int, int], dict] | None = None  # (config, B, T) -> model kwargs
     cost_model: Callable[[Any, str], Any] | None = None  # (config, head) -> schedule.CostModel
     # (config, HF state dict) -> (config, state dict), reconciled before conversion when the
     # config.json alone cannot say (T5: is the LM head tied?); None: used as read.
     adapt_checkpoint: Callable[[Any, dict], tuple[Any, dict]] | None = None
+
+    @property
+    def hf_architectures(self) -> dict[str, str]:
+        return {head: cls.__name__ for head, cls in self.modules.items()}
 
     def module(self, config, head: str = "base") -> nn.Module:
         try:

@@ -57,6 +57,13 @@ class BertConfig(common.ModelConfig):
     fused_qkv: bool = False
     family: str = "bert"
 
+    hf_keys = {**{f: f for f in ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings",
+                                 "type_vocab_size", "layer_norm_eps", "hidden_act", "classifier_dropout",
+                                 "initializer_range", "pad_token_id")},
+               "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+               "hidden_dropout": "hidden_dropout_prob", "attention_dropout": "attention_probs_dropout_prob"}
+    hf_required = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+
     # -- Hugging Face config.json <-> BertConfig ------------------------------------------
     @classmethod
     def from_hf(cls, d: dict[str, Any], **overrides) -> "BertConfig":
@@ -65,51 +72,14 @@ class BertConfig(common.ModelConfig):
                 f"position_embedding_type={d['position_embedding_type']!r} is not supported; "
                 "accjax's BERT implements absolute positions only"
             )
-        num_labels = d.get("num_labels") or len(d.get("id2label") or {}) or 2
-        kw = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            intermediate_size=d["intermediate_size"],
-            max_position_embeddings=d.get("max_position_embeddings", 512),
-            type_vocab_size=d.get("type_vocab_size", 2),
-            layer_norm_eps=d.get("layer_norm_eps", 1e-12),
-            hidden_act=d.get("hidden_act", "gelu"),
-            hidden_dropout=d.get("hidden_dropout_prob", 0.1),
-            attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
-            classifier_dropout=d.get("classifier_dropout"),
-            initializer_range=d.get("initializer_range", 0.02),
-            pad_token_id=d.get("pad_token_id") or 0,
-            num_labels=num_labels,
-        )
+        kw = cls.hf_fields(d)
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
-        return {
-            "model_type": "bert",
-            "architectures": ["BertForSequenceClassification"],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "type_vocab_size": self.type_vocab_size,
-            "layer_norm_eps": self.layer_norm_eps,
-            "hidden_act": self.hidden_act,
-            "hidden_dropout_prob": self.hidden_dropout,
-            "attention_probs_dropout_prob": self.attention_dropout,
-            "classifier_dropout": self.classifier_dropout,
-            "initializer_range": self.initializer_range,
-            "pad_token_id": self.pad_token_id,
-            "position_embedding_type": "absolute",
-            "num_labels": self.num_labels,
-            "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_labels)},
-            "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
-            "problem_type": "regression" if self.num_labels == 1 else "single_label_classification",
-        }
+        return {"model_type": "bert", "architectures": ["BertForSequenceClassification"],
+                **self.hf_values(), "position_embedding_type": "absolute",
+                "problem_type": "regression" if self.num_labels == 1 else "single_label_classification"}
 
 
 PRESETS: dict[str, BertConfig] = {

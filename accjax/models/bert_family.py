@@ -80,15 +80,11 @@ def family() -> Family:
         config_cls=bert.BertConfig,
         hf_model_types=("bert",),
         presets=bert.PRESETS,
-        modules={
-            "base": lambda c: bert.BertModel(c),
-            "sequence_classification": lambda c: bert.BertForSequenceClassification(c),
-        },
+        modules={"base": bert.BertModel, "sequence_classification": bert.BertForSequenceClassification},
         rules=rules,
         hf_prefix="bert.",
         # position_ids: a buffer; cls.*: BERT's pre-training (MLM / NSP) heads.
         hf_ignore=(r"(bert\.)?embeddings\.position_ids", r"cls\..*"),
-        hf_architectures={"base": "BertModel", "sequence_classification": "BertForSequenceClassification"},
         dummy_inputs=dummy_inputs,
         cost_model=cost_model,
     )

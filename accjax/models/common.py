@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -134,6 +134,27 @@ class ModelConfig:
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
+
+    # field -> config.json key, read by ``hf_fields`` and written by ``hf_values``
+    hf_keys: ClassVar[dict[str, str]] = {}
+    hf_required: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "num_layers", "num_heads")
+
+    @classmethod
+    def hf_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The ``hf_keys`` fields a config.json sets (absent or null keys keep the field's
+        default; ``hf_required`` ones must be there) and ``num_labels`` from its label map."""
+        missing = [cls.hf_keys[f] for f in cls.hf_required if d.get(cls.hf_keys[f]) is None]
+        if missing:
+            raise KeyError(missing[0])
+        kw = {f: d[k] for f, k in cls.hf_keys.items() if d.get(k) is not None}
+        return {**kw, "num_labels": d.get("num_labels") or len(d.get("id2label") or {}) or 2}
+
+    def hf_values(self) -> dict[str, Any]:
+        """``hf_keys`` written back, with transformers' label maps for ``num_labels``."""
+        n = self.num_labels
+        return {**{k: getattr(self, f) for f, k in self.hf_keys.items()}, "num_labels": n,
+                "id2label": {str(i): f"LABEL_{i}" for i in range(n)},
+                "label2id": {f"LABEL_{i}": i for i in range(n)}}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -88,6 +88,11 @@ class GPT2Config(common.ModelConfig):
     xla_attention_below: int = 0  # layers with fewer input rows use XLA attention on GPU
     family: str = "gpt2"
     activation_field = "activation"  # (a class attribute, not a field)
+    hf_keys = {**{f: f for f in ("vocab_size", "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id")},
+               "hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
+               "intermediate_size": "n_inner", "max_position_embeddings": "n_positions",
+               "layer_norm_eps": "layer_norm_epsilon", "activation": "activation_function",
+               "embd_dropout": "embd_pdrop", "resid_dropout": "resid_pdrop", "attention_dropout": "attn_pdrop"}
 
     # -- Hugging Face config.json <-> GPT2Config ------------------------------------------
     @classmethod
@@ -101,57 +106,18 @@ class GPT2Config(common.ModelConfig):
         bad = [f"{k}={v!r}" for k, (v, want) in unsupported.items() if bool(v) != want]
         if bad:
             raise ValueError(f"GPT-2 options not supported by accjax: {', '.join(bad)}")
-        d_model = d["n_embd"]
-        num_labels = d.get("num_labels") or len(d.get("id2label") or {}) or 2
-        bos, eos = d.get("bos_token_id"), d.get("eos_token_id")
-        kw = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d_model,
-            num_layers=d["n_layer"],
-            num_heads=d["n_head"],
-            intermediate_size=d.get("n_inner") or 4 * d_model,
-            max_position_embeddings=d.get("n_positions", 1024),
-            layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
-            activation=d.get("activation_function", "gelu_new"),
-            embd_dropout=d.get("embd_pdrop", 0.1),
-            resid_dropout=d.get("resid_pdrop", 0.1),
-            attention_dropout=d.get("attn_pdrop", 0.1),
-            initializer_range=d.get("initializer_range", 0.02),
-            num_labels=num_labels,
-            pad_token_id=d.get("pad_token_id"),
-            bos_token_id=bos if isinstance(bos, int) else 50256,
-            eos_token_id=eos if isinstance(eos, int) else 50256,
-        )
+        kw = cls.hf_fields(d)
+        kw.setdefault("intermediate_size", 4 * kw["hidden_size"])  # n_inner null: 4 D
+        for k in ("bos_token_id", "eos_token_id"):  # some files hold a list: keep 50256
+            if not isinstance(kw.get(k, 0), int):
+                del kw[k]
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
-        return {
-            "model_type": "gpt2",
-            "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": self.vocab_size,
-            "n_embd": self.hidden_size,
-            "n_layer": self.num_layers,
-            "n_head": self.num_heads,
-            "n_inner": self.intermediate_size,
-            "n_positions": self.max_position_embeddings,
-            "layer_norm_epsilon": self.layer_norm_eps,
-            "activation_function": self.activation,
-            "embd_pdrop": self.embd_dropout,
-            "resid_pdrop": self.resid_dropout,
-            "attn_pdrop": self.attention_dropout,
-            "initializer_range": self.initializer_range,
-            "pad_token_id": self.pad_token_id,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": True,
-            "num_labels": self.num_labels,
-            "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_labels)},
-            "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
-        }
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **self.hf_values(),
+                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "reorder_and_upcast_attn": False, "tie_word_embeddings": True}
 
 
 PRESETS: dict[str, GPT2Config] = {

@@ -95,18 +95,13 @@ def family() -> Family:
         config_cls=gpt2.GPT2Config,
         hf_model_types=("gpt2",),
         presets=gpt2.PRESETS,
-        modules={
-            "base": lambda c: gpt2.GPT2Model(c),
-            "lm": lambda c: gpt2.GPT2LMHeadModel(c),
-            "sequence_classification": lambda c: gpt2.GPT2ForSequenceClassification(c),
-        },
+        modules={"base": gpt2.GPT2Model, "lm": gpt2.GPT2LMHeadModel,
+                 "sequence_classification": gpt2.GPT2ForSequenceClassification},
         rules=rules,
         hf_prefix="transformer.",
         # Causal-mask buffers of old checkpoints; the LM head, tied to wte (from_hf refuses
         # configs with tie_word_embeddings=False, so an ignored lm_head is always a copy).
         hf_ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
-        hf_architectures={"base": "GPT2Model", "lm": "GPT2LMHeadModel",
-                          "sequence_classification": "GPT2ForSequenceClassification"},
         dummy_inputs=dummy_inputs,
         cost_model=cost_model,
     )
