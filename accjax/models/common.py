@@ -157,19 +157,6 @@ class ModelConfig:
                 "label2id": {f"LABEL_{i}": i for i in range(n)}}
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(cls: type, d: dict[str, Any]):
-    """Builds a frozen config dataclass from a dict, rejecting unknown keys by name."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
-
-
 def attention_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
