@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+from tests.train_helpers import xla_flags  # noqa: E402 (numpy only: jax is not imported yet)
+
 # Tests run on the CPU; 8 fake devices let sharding tests build real meshes. Set before jax
 # is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -155,31 +155,27 @@ def test_run_folder_is_locked_while_a_run_writes_it(tmp_path):
     runfolder.unlock(run)
 
 
-def test_resume_checks_the_config_inside_the_checkpoint(tmp_path):
-    """4: restarting after train_config.json was deleted resumed with a changed config."""
-    spec = sentiment_task(tmp_path / "d", n_train=64, n_dev=8)
-    _fit(tmp_path, "r", spec, **{"debug.max_steps": 2})
-    (tmp_path / "r" / "train_config.json").unlink()
-    with pytest.raises(ValueError, match=r"another config \(optim.lr: 0.001 -> 0.002\)"):
-        _fit(tmp_path, "r", spec, **{"debug.max_steps": 3, "optim.lr": 2e-3})
-    result = _fit(tmp_path, "r", spec, **{"debug.max_steps": 3})  # the same config resumes
-    assert result.resumed_from == 2 and result.steps == 3
-
-
 # ------------------------------------------------------------------------------------ 7
-def test_torn_metrics_line_and_corrupt_latest_checkpoint_resume(tmp_path, capsys):
-    """7: a torn metrics.jsonl line or a corrupt newest checkpoint blocked every restart."""
+def test_resume_checks_the_config_inside_the_checkpoint_and_survives_torn_files(tmp_path, capsys):
+    """4: restarting after train_config.json was deleted resumed with a changed config.
+    7: a torn metrics.jsonl line or a corrupt newest checkpoint blocked every restart.
+    (One run serves both: the refused restart changes nothing, the same config then resumes.)"""
     spec = sentiment_task(tmp_path / "d", n_train=64, n_dev=8)
     kw = {"epochs": 2, "checkpoint.every_steps": 2, "checkpoint.keep": 3}
     _fit(tmp_path, "r", spec, **kw, **{"debug.max_steps": 6})
     run = tmp_path / "r"
+    assert runfolder.checkpoint_steps(run) == [6, 4, 2]
+    (run / "train_config.json").unlink()
+    with pytest.raises(ValueError, match=r"another config \(optim.lr: 0.001 -> 0.002\)"):
+        _fit(tmp_path, "r", spec, **kw, **{"optim.lr": 2e-3})
     assert runfolder.checkpoint_steps(run) == [6, 4, 2]
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 0.')  # killed mid-write
     for f in glob.glob(str(run / "checkpoints" / "6" / "state" / "**" / "d" / "*"), recursive=True):
         with open(f, "r+b") as fh:
             fh.truncate(10)
-    result = _fit(tmp_path, "r", spec, **kw)
+    capsys.readouterr()
+    result = _fit(tmp_path, "r", spec, **kw)  # the same config resumes
     out = capsys.readouterr().out
     assert result.resumed_from == 4 and result.steps == 8
     assert "checkpoint(s) at step 6" in out and "intact one at step 4" in out
@@ -522,16 +518,17 @@ def test_a_nan_model_folder_is_refused_not_scored(csv_run, tmp_path, capsys):
     assert "the model diverged in training" in capsys.readouterr().err
 
 
-def test_cli_reports_another_config_and_bad_mesh_values_in_one_line(tmp_path):
+def test_cli_reports_another_config_and_bad_mesh_values_in_one_line(csv_run, tmp_path):
     """4, 10: a restart with another config (and bad sampler / mesh values) gave tracebacks."""
-    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=8)
-    _fit(tmp_path, "r", spec, **{"debug.max_steps": 1})
+    run, spec = csv_run
+    files = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    before = files()
     base = [sys.executable, "-m", "train.finetune", "--config=configs/rt_minilm.py:tiny",
             "--config.progress=False", f"--config.task={spec}", "--config.max_examples=0",
             "--config.length_buckets=(32,)", "--config.max_length=32", "--config.eval.speedups=(1.0,)",
-            "--config.eval.select_mean=False"]
+            "--config.eval.select_mean=False", "--config.dropout=False"]
     for extra, message in (
-            ([f"--config.run_dir={tmp_path / 'r'}", "--config.optim.lr=0.5"], "holds a run with another config"),
+            ([f"--config.run_dir={run}", "--config.optim.lr=0.5"], "holds a run with another config"),
             ([f"--config.run_dir={tmp_path / 'x'}", "--config.elimination.mode=elastic",
               "--config.elimination.speedup_range=(3.0,2.0)"], "config: elimination.speedup_range"),
             ([f"--config.run_dir={tmp_path / 'y'}", "--config.mesh.data=3"], "mesh data=3")):
@@ -539,6 +536,7 @@ def test_cli_reports_another_config_and_bad_mesh_values_in_one_line(tmp_path):
                            text=True, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
         assert message in r.stderr.strip().splitlines()[-1]
+    assert files() == before  # the refused restart left the run as it was
 
 
 def test_lock_is_reentrant_in_one_process_whatever_the_path_spelling(tmp_path):
