@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 import sys
@@ -173,14 +175,21 @@ def check_finite_metrics(records: Sequence[Mapping[str, Any]], first_step: int,
                 "checkpoint and best model")
 
 
-def check_finite_params(params: Any, step: int) -> None:
-    """Raises NonFiniteError naming the step and the first parameter holding a NaN / inf."""
+@functools.cache
+def _all_finite():
+    """One jitted check for every call (a new lambda each call compiled again every time)."""
     import jax
     import jax.numpy as jnp
 
+    return jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])
+
+
+def check_finite_params(params: Any, step: int) -> None:
+    """Raises NonFiniteError naming the step and the first parameter holding a NaN / inf."""
+    import jax
+
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    flags = jax.device_get(jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])(
-        [x for _, x in leaves]))
+    flags = jax.device_get(_all_finite()([x for _, x in leaves]))
     for (path, _), ok in zip(leaves, flags):
         if not bool(ok):
             name = "/".join(str(getattr(k, "key", k)) for k in path)
