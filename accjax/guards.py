@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import functools
-
 import math
 import os
 import sys
