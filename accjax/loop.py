@@ -40,7 +40,7 @@ from accjax.runfolder import read_jsonl, rewrite_jsonl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUN_NAME = "minilm-l6_rt_polarity_sandwich_1-5"
+DEFAULT_RUN_NAME = "minilm-l6_rt_polarity_sandwich_1-5_e2"
 DEFAULT_CONFIG = "rt_minilm.py:elastic,sandwich"
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -455,7 +455,7 @@ def ensure_default_run() -> Path:
         config.eval.speedups = (1.0, 1.5, 2.0, 3.0, 4.0, 4.8)
         lo, hi = config.elimination.speedup_range
         recipe = (f"{spec} over speedups {lo:g}-{hi:g}, {config.epochs} epochs: each step trains 1x and "
-                  f"{hi:g}x, the {hi:g}x pass distilled from the 1x one; about 22 minutes on 2 CPU cores")
+                  f"{hi:g}x, the {hi:g}x pass distilled from the 1x one; about 15 minutes on 2 CPU cores")
     print(f"accjax: no default checkpoint in {run} yet: fine-tuning MiniLM-L6 on rt_polarity with "
           f"elastic elimination ({recipe}; once: an interrupted run resumes). Pass "
           "--checkpoint RUN_DIR to use your own.", file=sys.stderr, flush=True)
