@@ -147,3 +147,52 @@ def test_programs_compile_with_the_backend_options(monkeypatch):
     assert seen == [{"xla_gpu_enable_triton_gemm": False}] * 2
     monkeypatch.setenv("ACCJAX_TRITON_GEMM", "1")
     assert programs.compiler_options() == {}
+
+
+def test_bound_programs_call_the_executable_directly_and_fall_back_to_jax():
+    """A predictor's program called with its parameters again goes straight to the
+    executable (same outputs as jax's path, numpy inputs too); a different input tree, a
+    wrong dtype, a donated argument or ACCJAX_DIRECT_CALL=0 keep jax's path and its errors."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+
+    from accjax import programs
+
+    params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4), "unused": jnp.zeros(2)}
+    x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    fn = lambda p, x: {"y": x @ p["w"] + p["b"]}  # noqa: E731 - "unused" is pruned by jit
+    cache = programs.ProgramCache(bind_params=True)
+    prog = cache.get("k", lambda: jax.jit(cache.counted(fn)).lower(params, x))
+    assert isinstance(prog, programs.Program) and "dot" in prog.as_text()  # attributes pass through
+    want = np.asarray(fn(params, x)["y"])
+    for inputs in (x, jnp.asarray(x)):
+        np.testing.assert_array_equal(np.asarray(prog(params, inputs)["y"]), want)
+    assert prog._bound.direct and prog._bound.params is params
+    # another parameter tree rebinds; a new input tree or dtype goes to jax, which raises
+    other = {**params, "b": jnp.zeros(4)}
+    np.testing.assert_array_equal(np.asarray(prog(other, x)["y"]), want - 1)
+    assert prog._bound.params is other
+    with pytest.raises(TypeError):
+        prog(other, x.astype(np.int32))
+    with pytest.raises(TypeError):
+        prog(other, {"x": x})
+    assert cache.compiles == 1 and cache.traces == 1
+    # donated arguments: jax's path (it marks the donated buffers deleted)
+    donating = programs.Bound(jax.jit(fn, donate_argnums=1).lower(params, x).compile(), params)
+    assert not donating.direct
+    np.testing.assert_array_equal(np.asarray(donating(jnp.asarray(x))["y"]), want)
+
+
+def test_direct_calls_switch_off(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from accjax import programs
+
+    compiled = jax.jit(lambda p, x: x + p).lower(jnp.ones(2), jnp.ones(2)).compile()
+    assert programs.Bound(compiled, jnp.ones(2)).direct
+    monkeypatch.setenv("ACCJAX_DIRECT_CALL", "0")
+    bound = programs.Bound(compiled, jnp.ones(2))
+    assert not bound.direct and float(bound(jnp.ones(2))[0]) == 2.0
