@@ -139,7 +139,7 @@ class Predictor(Planned):
         self.output = output
         self.params = cast_params(params, param_dtype)
         self.cost = models.cost_model(config)
-        self.programs = programs.ProgramCache(bind_params=True)
+        self.programs = programs.ProgramCache()
         # Only the inputs the family's modules take (GPT-2 has no token types).
         fam = models.get_family(config.family)
         names = tuple(fam.dummy_inputs(config, 1, 8)) if fam.dummy_inputs else ()

@@ -160,7 +160,7 @@ class LMEvaluator:
         self.params = inference.cast_params(params, param_dtype)
         self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
         self.cost = models.cost_model(config, "lm")
-        self.programs = programs.ProgramCache(bind_params=True)
+        self.programs = programs.ProgramCache()
 
     # ----------------------------------------------------------------- schedules
     def plan(self, speedup: float) -> sched_lib.Plan:

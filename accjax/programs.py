@@ -38,92 +38,10 @@ def compile_lowered(lowered) -> Any:
     return lowered.compile(compiler_options() or None)
 
 
-class Bound:
-    """``compiled(params, *inputs)`` with ``params`` fixed, called straight through the
-    program's PJRT executable where that is safe.
-
-    jax checks every argument of every call (type, shape, sharding, device); for BERT-base's
-    153 parameter arrays that is a fixed host cost which a batch-1 call on a GPU pays in full
-    (docs/benchmarks.md, "Batch 1"). Here the parameters are flattened once; a call flattens and
-    checks only its inputs (tree, shape and dtype; numpy inputs are put on the device) and hands
-    the buffers to the executable. jax's path is kept for whatever this cannot check cheaply:
-    programs with effects, host callbacks, donated or mutable arguments, more than one device,
-    ``jax_debug_nans``, an input tree or aval that differs (jax then raises its own error), or
-    ``ACCJAX_DIRECT_CALL=0``. ``direct`` says which path a program got.
-    """
-
-    def __init__(self, compiled, params):
-        self.compiled, self.params = compiled, params
-        self.direct, self._inputs = False, None
-        if os.environ.get("ACCJAX_DIRECT_CALL") == "0":
-            return
-        try:
-            run = compiled._executable.unsafe_call  # jax internals: any change keeps jax's path
-            devices = run.xla_executable.local_devices()
-            if (run.ordered_effects or run.has_unordered_effects or run.has_host_callbacks or run.mut
-                    or len(devices) != 1 or any(compiled.donate_argnums)):
-                return
-            self._run, self._handlers, self._device = run, run.out_handler.handlers, devices[0]
-            n = len(jax.tree_util.tree_leaves(params))
-            kept = sorted(run.kept_var_idx)
-            self._params = [leaf for i, leaf in enumerate(jax.tree_util.tree_leaves(params)) if i in kept]
-            self._kept_inputs = [i - n for i in kept if i >= n]
-            self._avals = list(compiled.in_avals)[n:]  # the inputs' shapes and dtypes
-        except Exception:  # noqa: BLE001 - a jax without these internals: jax's own path
-            return
-        self.direct = True
-
-    def _check(self, inputs) -> list | None:
-        """Flat device buffers of every argument, or None where jax's path must decide."""
-        leaves, tree = jax.tree_util.tree_flatten(inputs)
-        if self._inputs is None:  # first call: the whole tree must be the compiled one
-            if jax.tree_util.tree_structure(((self.params, *inputs), {})) != self.compiled.in_tree:
-                return None
-            self._inputs = tree
-        elif tree != self._inputs:
-            return None
-        if len(leaves) != len(self._avals) or any(
-                getattr(x, "shape", None) != a.shape or getattr(x, "dtype", None) != a.dtype
-                for x, a in zip(leaves, self._avals)):
-            return None
-        host = [i for i, x in enumerate(leaves) if not isinstance(x, jax.Array)]
-        if host:
-            for i, x in zip(host, jax.device_put([leaves[i] for i in host], self._device)):
-                leaves[i] = x
-        return self._params + [leaves[i] for i in self._kept_inputs]
-
-    def __call__(self, *inputs):
-        bufs = self._check(inputs) if self.direct and not jax.config.jax_debug_nans else None
-        if bufs is None:
-            return self.compiled(self.params, *inputs)
-        out = self._run.xla_executable.execute_sharded(bufs).consume_with_handlers(self._handlers)
-        return jax.tree_util.tree_unflatten(self.compiled.out_tree, out)
-
-
-class Program:
-    """A compiled program whose first argument is always the same parameter tree (a
-    predictor's): ``program(params, *inputs)`` goes through ``Bound`` for those parameters,
-    rebound when another tree is passed. Everything else is the compiled program's."""
-
-    def __init__(self, compiled):
-        self.compiled, self._bound = compiled, None
-
-    def __call__(self, params, *inputs):
-        if self._bound is None or self._bound.params is not params:
-            self._bound = Bound(self.compiled, params)
-        return self._bound(*inputs)
-
-    def __getattr__(self, name):
-        return getattr(self.compiled, name)
-
-
 class ProgramCache:
-    """Keyed ahead-of-time compiled programs with trace and compile counters; with
-    ``bind_params`` each is a ``Program`` (for predictors, whose programs all take the same
-    parameters first)."""
+    """Keyed ahead-of-time compiled programs with trace and compile counters."""
 
-    def __init__(self, bind_params: bool = False):
-        self.bind_params = bind_params
+    def __init__(self):
         self._programs: dict[Hashable, Any] = {}
         self.traces = 0  # Python traces of ``counted`` functions: a retrace would show here
         self.compiles = 0
@@ -141,12 +59,9 @@ class ProgramCache:
         compile only the first time."""
         prog = self._programs.get(key)
         if prog is None:
-            prog = self._keep(key, compile_lowered(lower()))
-        return prog
-
-    def _keep(self, key: Hashable, compiled) -> Any:
-        self.compiles += 1
-        prog = self._programs[key] = Program(compiled) if self.bind_params else compiled
+            prog = compile_lowered(lower())
+            self.compiles += 1
+            self._programs[key] = prog
         return prog
 
     def compile_all(self, items: Sequence[tuple[Hashable, Callable[[], Any]]], *,
@@ -159,7 +74,8 @@ class ProgramCache:
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
             futures = {pool.submit(compile_lowered, low): k for k, low in lowered}
             for i, fut in enumerate(as_completed(futures), 1):
-                self._keep(futures[fut], fut.result())
+                self._programs[futures[fut]] = fut.result()
+                self.compiles += 1
                 if progress is not None:
                     progress(i, len(lowered))
         return len(lowered)

@@ -252,7 +252,7 @@ class Seq2SeqPredictor(inference.Planned):
         self.bucket, self.floor = bucket, floor
         self.params = inference.cast_params(params, param_dtype)
         self.cost = models.cost_model(config, "lm")
-        self.programs = programs.ProgramCache(bind_params=True)
+        self.programs = programs.ProgramCache()
 
     @classmethod
     def from_loaded(cls, loaded, **kw) -> "Seq2SeqPredictor":
