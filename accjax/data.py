@@ -34,14 +34,7 @@ Batching. Every batch is a dict of numpy arrays with a FIXED batch size B:
 length bucket (``accjax.inference.DEFAULT_LENGTH_BUCKETS``, capped at the tokenizer's max
 length) holding the batch's longest row, so training and the predictor compile the same few
 shapes. Filler rows (the tail of a partial batch) hold one valid token and label 0.
-
-  * ``TrainBatches``: epoch e's order is a pure function of (seed, e): permute the examples
-    with ``numpy.random.default_rng([seed, e])``, sort by length within chunks of
-    ``chunk_batches * B`` consecutive examples, cut batches, permute the batch order with the
-    same generator. ``iterate(epoch, index)`` starts at any position, so a resumed run sees
-    exactly the batches the uninterrupted run would have.
-  * ``EvalBatches``: all examples sorted by length (less padding); ``restore`` puts the
-    predictions back into the split's order.
+``TrainBatches`` shuffles resumably; ``EvalBatches`` sorts by length and ``restore`` s order.
 """
 
 from __future__ import annotations
@@ -226,10 +219,7 @@ class _Collector:
 
     def add(self, split: str, text: Any, pair: Any, label: int | float | None, where: str):
         text = "" if text is None else str(text)
-        if self.task.text_pair is not None:
-            pair = "" if pair is None else str(pair)
-        else:
-            pair = None
+        pair = None if self.task.text_pair is None else "" if pair is None else str(pair)
         if not text.strip() or (pair is not None and not pair.strip()):
             if self.on_empty == "error":
                 raise DataError(f"empty text in {where} (pass on_empty='drop' to skip such examples)")
@@ -241,15 +231,10 @@ class _Collector:
 def _class_label(raw: Any, task: Task, where: str) -> int:
     """A GLUE label (a name or an id) -> its id; anything else is an error."""
     key = _label_key(raw)  # "1.0" is id 1, as "1" is
-    ids = task.label_to_id
-    if key in ids:
-        return ids[key]
-    try:
-        i = int(key)
-    except ValueError:
-        i = -1
-    if 0 <= i < task.num_labels:
-        return i
+    if key in task.label_to_id:
+        return task.label_to_id[key]
+    if key.isdecimal() and int(key) < task.num_labels:
+        return int(key)
     raise DataError(f"label {raw!r} in {where} is not in the label set of {task.name} "
                     f"({', '.join(task.label_names)} or ids 0..{task.num_labels - 1})")
 
@@ -601,9 +586,8 @@ class Features:
 
     @property
     def has_labels(self) -> bool:
-        if self.regression:
-            return bool(len(self)) and not np.isnan(self.labels).any()
-        return bool(len(self)) and bool((self.labels >= 0).all())
+        valid = ~np.isnan(self.labels) if self.regression else self.labels >= 0
+        return bool(len(self)) and bool(valid.all())
 
     def rows(self, index: Sequence[int]) -> Encoded:
         """Rows ``index`` as an (unpadded) ``Encoded``."""
@@ -638,23 +622,20 @@ def encode(
     paired = any(e.text_pair is not None for e in examples)
     if paired and any(e.text_pair is None for e in examples):
         raise DataError(f"{name or 'examples'}: some examples have a text pair and some do not")
-    ids, types, lengths, truncated = [], [], [], 0
+    ids, types, truncated = [], [], 0
     for s in range(0, len(examples), chunk_size):
         part = examples[s:s + chunk_size]
         enc = tokenizer.encode([e.text for e in part],
                                [e.text_pair for e in part] if paired else None,
                                max_length=max_length)
         truncated += enc.truncated
-        for x, t in zip(enc.ids, enc.type_ids, strict=True):
-            ids.append(np.asarray(x, np.int32))
-            types.append(np.asarray(t, np.int32))
-            lengths.append(len(x))
-    offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if regression:
-        labels = np.array([np.nan if e.label is None else e.label for e in examples], np.float32)
-    else:
-        labels = np.array([-1 if e.label is None else e.label for e in examples], np.int32)
+        ids += [np.asarray(x, np.int32) for x in enc.ids]
+        types += [np.asarray(t, np.int32) for t in enc.type_ids]
+    offsets = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    unlabelled = np.nan if regression else -1
+    labels = np.array([unlabelled if e.label is None else e.label for e in examples],
+                      np.float32 if regression else np.int32)
     if truncated:
         log.warning("%s: %d of %d example(s) were longer than %d tokens and were truncated",
                     name or "examples", truncated, len(examples), max_length)
@@ -706,11 +687,7 @@ def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int]) ->
     batch = pad(enc, t, features.pad_id, batch_size=b)  # fillers: one valid token
     labels = np.zeros(b, features.labels.dtype)  # filler label 0: a valid class id
     labels[:len(real)] = features.labels[real]
-    weights = np.zeros(b, np.float32)
-    weights[:len(real)] = 1.0
-    batch["labels"] = labels
-    batch["weights"] = weights
-    return batch
+    return {**batch, "labels": labels, "weights": (np.arange(b) < len(real)).astype(np.float32)}
 
 
 class TrainBatches:
@@ -745,7 +722,12 @@ class TrainBatches:
         return self.num_batches
 
     def plan(self, epoch: int) -> np.ndarray:
-        """Example indices of every batch of ``epoch``: [num_batches, B], -1 = filler."""
+        """Example indices of every batch of ``epoch``: [num_batches, B], -1 = filler.
+
+        A pure function of (seed, epoch), so a resumed run sees the batches the uninterrupted
+        run would: permute with ``default_rng([seed, epoch])``, sort by length within chunks of
+        ``chunk_batches * B`` examples, cut batches, permute the batches with the same generator.
+        """
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan[1]
         n, b = len(self.features), self.batch_size
@@ -817,8 +799,7 @@ class EvalBatches:
         return make_batch(self.features, rows, self.buckets)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for k in range(self.num_batches):
-            yield self.batch(k)
+        return map(self.batch, range(self.num_batches))
 
     def restore(self, outputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Per-row outputs in batch order -> [N, ...] in the split's order (fillers removed).
