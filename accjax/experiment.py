@@ -18,12 +18,9 @@ accjax folder) or ``preset:NAME`` for a randomly initialised preset
 (``accjax.models.preset(NAME, **config.model_overrides)``; tiny test runs), whose tokenizer
 comes from ``config.tokenizer``.
 
-Bad input, as the data layer states it (``accjax.data``): an unknown task raises
-``UnknownTaskError``; a missing file ``DataNotFoundError``; a label outside the label set
-``DataError``; empty texts are dropped and counted; texts longer than the model's maximum are
-truncated and counted. The counts go to ``metrics.jsonl`` (the ``data`` record), to
-``summary.json`` and to the log. A ``max_length`` above the model's position table is cut to
-it, with a warning.
+Bad input raises as ``accjax.data`` says; its drop and truncation counts go to ``metrics.jsonl``
+(the ``data`` record), ``summary.json`` and the log. A ``max_length`` above the model's
+position table is cut to it, with a warning.
 
 Classification rows come from ``evaluation.score_splits``, the one classifier evaluation
 that ``eval.glue`` and ``train.evaluate`` also use on a run folder.
@@ -210,7 +207,6 @@ class _Base:
     objective: str
     dev_split: str
     primary_name: str
-
     head: str
 
     def __init__(self, config):
@@ -283,15 +279,12 @@ class ClassificationExperiment(_Base):
 
         tok = Tokenizer.from_folder(self.tokenizer_dir)
         limit = min(tok.max_length, getattr(self.model_config, "max_position_embeddings", tok.max_length))
-        max_length = int(config.max_length)
-        if max_length > limit:
-            log.warning("max_length %d exceeds the model's maximum %d: using %d", max_length, limit, limit)
-            max_length = limit
-        self.max_length = max_length
+        self.max_length = max_length = min(int(config.max_length), limit)
+        if int(config.max_length) > limit:
+            log.warning("max_length %d exceeds the model's maximum %d: using %d",
+                        int(config.max_length), limit, limit)
         self.buckets = tuple(int(b) for b in config.length_buckets)
-        self.features = data_lib.encode_splits(data, tok, max_length)
-        if self.task.train_split not in self.features:
-            raise data_lib.DataError(f"task {self.task.name} has no {self.task.train_split!r} split")
+        self.features = data_lib.encode_splits(data, tok, max_length)  # check_splits: a train split
         self.train = data_lib.TrainBatches(self.features[self.task.train_split], int(config.batch_size),
                                            seed=int(config.seed), buckets=self.buckets)
         self.data_report = {
@@ -338,7 +331,6 @@ class ClassificationExperiment(_Base):
             bucket=int(el.bucket), floor=int(el.floor), compile=compile)
 
 
-
 # ---------------------------------------------------------------------------- seq2seq
 class Seq2SeqBatches:
     """Shuffled, fixed-shape text-to-text training batches, resumable at any (epoch, index).
@@ -372,10 +364,7 @@ class Seq2SeqBatches:
         out = prompting.text_to_text_batch(self.tokenizer, [self.examples[i] for i in idx],
                                            source_length=self.source_length,
                                            target_length=self.target_length, batch_size=self.batch_size)
-        w = np.zeros(self.batch_size, np.float32)
-        w[:len(idx)] = 1.0
-        out["weights"] = w
-        return out
+        return {**out, "weights": (np.arange(self.batch_size) < len(idx)).astype(np.float32)}
 
 
 class Seq2SeqExperiment(_Base):

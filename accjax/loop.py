@@ -91,10 +91,8 @@ class MetricsLog:
 
 
 def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
     if isinstance(x, (np.ndarray, jax.Array)):
         return np.asarray(x).tolist()
     if isinstance(x, tuple):
@@ -111,11 +109,7 @@ RESUME_MAY_CHANGE = ("debug", "checkpoint.every_steps", "checkpoint.keep", "log_
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -204,9 +198,7 @@ def fit(config) -> FitResult:
     exp = exp_lib.build(config)
     nb = exp.train.num_batches
     schedule_steps = int(config.epochs) * nb  # the learning-rate schedule always spans the full run
-    total = schedule_steps  # where this invocation stops
-    if int(config.debug.max_steps) > 0:
-        total = min(total, int(config.debug.max_steps))
+    total = min(schedule_steps, max(int(config.debug.max_steps), 0) or schedule_steps)  # this call stops here
     tx, lr = train_lib.make_optimizer(config.optim, schedule_steps)
     trainer = train_lib.Trainer(exp.loss_fn, tx, lr, mesh, rules, exp.param_specs, seed=int(config.seed),
                       dropout=bool(config.dropout), forward=exp.forward)
@@ -222,8 +214,7 @@ def fit(config) -> FitResult:
     restored = ckpt.restore_latest(trainer.abstract_state(params_shape))  # skips a corrupt newest
     if restored is not None:
         latest, state, meta = restored
-        best = meta.get("best")
-        resumed_from = int(latest)
+        best, resumed_from = meta.get("best"), int(latest)
         log.info("resuming from the checkpoint at step %d of %d (%s)", latest, total, run_dir)
         if primary:
             print(f"resumed from step {latest} (checkpoint in {run_dir / 'checkpoints'})", flush=True)
@@ -243,8 +234,8 @@ def fit(config) -> FitResult:
     exp.params = None  # the host copy is no longer needed
 
     mlog = MetricsLog(run_dir, start_step=start, enabled=primary)
-    if primary and resumed_from is None:
-        mlog.write({"step": 0, "event": "data", **exp.data_report})
+    if resumed_from is None:
+        mlog.write({"step": 0, "event": "data", **exp.data_report})  # (a no-op off process 0)
     if primary:
         print(exp.describe(total, nb, mesh, sampler, n_params), flush=True)
 
@@ -285,8 +276,7 @@ def fit(config) -> FitResult:
         host = jax.device_get([m for _, m, _ in pending])
         guards.check_finite_metrics(host, step - len(host) + 1)
         n_ex = sum(n for _, _, n in pending)
-        dt = time.perf_counter() - t_log
-        t_log = time.perf_counter()
+        dt, t_log = time.perf_counter() - t_log, time.perf_counter()
         mean = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
         rec = {"step": step, "epoch": round(step / nb, 4), **mean,
                "examples_per_s": n_ex / dt if dt > 0 else None}
@@ -316,8 +306,7 @@ def fit(config) -> FitResult:
             time.sleep(delay)
         if step % log_every == 0:
             flush_metrics(step)
-        epoch_end = index == nb - 1 or step == total
-        if epoch_end:
+        if epoch_end := index == nb - 1 or step == total:
             flush_metrics(step)
             guards.check_finite_params(state.params, step)  # never evaluate or export NaN weights
             jax.block_until_ready(state)
@@ -444,9 +433,8 @@ def ensure_default_run() -> Path:
     run = Path(os.environ.get("ACCJAX_DEFAULT_RUN") or default_run_dir())
     if (run / convert.ACCJAX_META).exists() and (run / "summary.json").exists():
         return run
-    spec = os.environ.get("ACCJAX_DEFAULT_CONFIG", DEFAULT_CONFIG)
+    recipe = spec = os.environ.get("ACCJAX_DEFAULT_CONFIG", DEFAULT_CONFIG)
     config = load_config_file(spec)
-    recipe = spec
     if "ACCJAX_DEFAULT_CONFIG" not in os.environ:
         # The README's job asks for 4.8x: train over [1, 5] so it is inside the range the model
         # learned, and choose the epoch by the mean dev accuracy up to 4.8x.
