@@ -171,15 +171,17 @@ def table(rows: list[dict], cols, *, markdown: bool = False) -> str:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=_default)
+        json.dump(obj, f, indent=2, default=json_default)
         f.write("\n")
 
 
-def _default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(type(o))
+def json_default(x):
+    """``json.dumps``' ``default`` for every record accjax writes: numpy scalars, numpy and jax
+    arrays, tuples."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from accjax import convert
+from accjax.benchmark import json_default
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def export_model(run_dir: str | os.PathLike, family, model_config, params: Any, 
     if tmp.exists():
         shutil.rmtree(tmp)
     convert.save_accjax(family, model_config, params, head, tmp, tokenizer_from=tokenizer_from,
-                        extra=json.loads(json.dumps(extra, default=_json_default)))
+                        extra=json.loads(json.dumps(extra, default=json_default)))
     names = sorted(p.name for p in tmp.iterdir())
     for name in [n for n in names if n != convert.ACCJAX_META] + [convert.ACCJAX_META]:
         os.replace(tmp / name, run_dir / name)
@@ -191,12 +192,3 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
 
     return hub.sha256_of(Path(folder) / convert.ACCJAX_PARAMS)
 
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, (np.ndarray,)):
-        return x.tolist()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from accjax import benchmark
 from accjax import checkpoint as ckpt_lib
 from accjax import convert
 from accjax import data as data_lib
@@ -394,7 +395,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     _flag_slower(rows, "measured_speedup")
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
              "task": t.name, "split": split,
-             "metric": t.primary_metric, "machine": _machine(), "repeats": repeats, "rows": rows}
+             "metric": t.primary_metric, "machine": benchmark.machine(), "repeats": repeats, "rows": rows}
     if found is not None:
         table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
                               for s, by_len in found["schedules"].items()}
@@ -404,7 +405,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
         table["latency"] = latency(pred, [r["speedup"] for r in rows], batch_sizes, lengths, repeats)
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{TUNE_FILE}.json").write_text(json.dumps(table, indent=2, default=_jsonable) + "\n")
+    (out / f"{TUNE_FILE}.json").write_text(json.dumps(table, indent=2, default=benchmark.json_default) + "\n")
     (out / f"{TUNE_FILE}.md").write_text(tune_markdown(table))
     plot_tune(table, out / f"{TUNE_FILE}.png")
     return table
@@ -443,18 +444,6 @@ def _device() -> str:
 
     dev = jax.devices()[0]
     return getattr(dev, "device_kind", str(dev))
-
-
-def _machine() -> dict:
-    from accjax import benchmark
-
-    return benchmark.machine()
-
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(type(x).__name__)
 
 
 def tune_markdown(table: dict) -> str:

@@ -36,6 +36,7 @@ from accjax import experiment as exp_lib
 from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
 from accjax import train as train_lib
+from accjax.benchmark import json_default
 from accjax.runfolder import read_jsonl, rewrite_jsonl
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.write(json.dumps(record, default=json_default) + "\n")
         if self._tb is not None and scalars:
             for k, v in scalars.items():
                 if v is not None and np.isfinite(v):
@@ -88,16 +89,6 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 # ---------------------------------------------------------------------------------- fit
@@ -116,7 +107,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 def config_dict(config) -> dict[str, Any]:
     """An ml_collections config (or a dict) as plain JSON data."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return json.loads(json.dumps(d, default=_json_default))
+    return json.loads(json.dumps(d, default=json_default))
 
 
 def check_resume_config(saved: dict, current: dict) -> None:
@@ -365,7 +356,7 @@ def fit(config) -> FitResult:
                    "data": exp.data_report,
                    "devices": jax.device_count(), "processes": jax.process_count(),
                    "mesh": dict(mesh.shape)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
         print(f"the best model (exported to {run_dir}) on every labelled split:\n"
               + evaluation.format_table(final), flush=True)
         runfolder.unlock(run_dir)
@@ -394,7 +385,7 @@ def fit_seeds(config, seeds: Sequence[int]) -> dict:
     out = {"config": config_dict(config), "seeds": [int(x) for x in seeds], "rows": rows,
            "train_seconds": [sum(r.seconds_per_epoch) for r in runs]}
     if shard_lib.is_primary():
-        (base / "seeds.json").write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
+        (base / "seeds.json").write_text(json.dumps(out, indent=2, default=json_default) + "\n")
         lines = [f"| split | speedup | analytic | mean +- std over seeds {list(out['seeds'])} | values |",
                  "|---|---|---|---|---|"]
         lines += [f"| {r['split']} | {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['mean']:.2f} +- "

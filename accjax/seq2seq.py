@@ -16,11 +16,7 @@ a static ``max_new_tokens`` slots. After EOS a row emits the pad token, as HF do
 
 Decoding modes: ``greedy`` (argmax; equals HF ``generate(do_sample=False, num_beams=1)``)
 and ``sample`` (temperature, then optional top-k and nucleus top-p filtering). Beam search
-is not implemented.
-
-Loss (``seq2seq_loss``): mean token cross-entropy of ``labels`` given the inputs, teacher
-forced with decoder inputs = labels shifted right behind the start token; labels < 0
-(HF's -100) are ignored. It matches HF ``T5ForConditionalGeneration(labels=...).loss``.
+is not implemented. ``seq2seq_loss`` matches HF ``T5ForConditionalGeneration(labels=...).loss``.
 """
 
 from __future__ import annotations
@@ -79,9 +75,7 @@ def generate_tokens(
         raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
     if mode == "sample" and rng is None:
         raise ValueError("mode='sample' needs an rng key")
-    cfg = module.config
-    b = input_ids.shape[0]
-    m = int(max_new_tokens)
+    cfg, b, m = module.config, input_ids.shape[0], int(max_new_tokens)
     enc = _encode(module, params, input_ids, attention_mask, schedule, acc_variant, protect_last)
     enc_mask = enc.rows.mask  # [B, K] the cross-attention mask of the kept rows
     kv = module.apply({"params": params}, enc.last_hidden_state, method="cross_kv")
@@ -209,10 +203,9 @@ def seq2seq_loss(
                        protect_last=protect_last, deterministic=rng is None, **kw)
     logits = out.logits  # [B, L, V] float32
     valid = (labels >= 0).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]  # [B, L]
+    nll = -token_log_probs(logits, labels)  # [B, L]
     if label_smoothing > 0:
-        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+        nll = (1 - label_smoothing) * nll - label_smoothing * jax.nn.log_softmax(logits, axis=-1).mean(axis=-1)
     n = jnp.maximum(valid.sum(), 1.0)
     loss = (nll * valid).sum() / n
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * valid
@@ -229,6 +222,21 @@ def make_loss_fn(module, *, schedule: tuple[int, ...] | None = None, acc_variant
 
 
 # ----------------------------------------------------------------------------- serving
+def chunk_batch(pred, batch: dict[str, np.ndarray], fill: int | None = None):
+    """(n, padded length, [(ids [B, length], mask [B, length])]): ``batch`` right-padded to
+    ``pred``'s smallest length bucket holding it and cut into chunks of ``pred.batch_size``
+    (filler rows: one token ``fill``, default the first row's first token)."""
+    ids = np.asarray(batch["input_ids"])
+    n = ids.shape[0]
+    if n == 0:
+        raise ValueError("empty batch")
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+    length, b = pred.length_bucket(int(mask.sum(1).max())), pred.batch_size
+    fill = int(ids[0, 0]) if fill is None else fill
+    return n, length, [(programs.pad_rows(ids[i:i + b], b, length, fill=fill),
+                        programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, n, b)]
+
+
 class Seq2SeqPredictor(inference.Planned):
     """Compiled-once generation and scoring for a T5 model at any speedup.
 
@@ -292,16 +300,7 @@ class Seq2SeqPredictor(inference.Planned):
 
     # ------------------------------------------------------------------------- running
     def _chunks(self, batch: dict[str, np.ndarray]):
-        ids = np.asarray(batch["input_ids"])
-        n = ids.shape[0]
-        if n == 0:
-            raise ValueError("empty batch")
-        mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-        length = self.length_bucket(int(mask.sum(1).max()))
-        b = self.batch_size
-        chunks = [(programs.pad_rows(ids[i:i + b], b, length, fill=self.config.eos_token_id),
-                   programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, n, b)]
-        return n, length, chunks
+        return chunk_batch(self, batch, fill=self.config.eos_token_id)
 
     def generate(self, batch: dict[str, np.ndarray], speedup: float = 1.0, *,
                  max_new_tokens: int = 32, mode: str = "greedy", temperature: float = 1.0,
@@ -322,8 +321,7 @@ class Seq2SeqPredictor(inference.Planned):
               speedup: float = 1.0) -> np.ndarray:
         """[n, t] prompts, [C, L] candidates -> [n, C] log-likelihoods."""
         n, length, chunks = self._chunks(batch)
-        cand_ids = np.asarray(cand_ids, np.int32)
-        cand_mask = np.asarray(cand_mask, np.int32)
+        cand_ids, cand_mask = np.asarray(cand_ids, np.int32), np.asarray(cand_mask, np.int32)
         prog = self.score_program(self.batch_size, self.plan(length, speedup), *cand_ids.shape)
         outs = [np.asarray(prog(self.params, cid, cm, cand_ids, cand_mask)) for cid, cm in chunks]
         return np.concatenate(outs)[:n]

@@ -185,13 +185,12 @@ class Task:
         if not text or not label:
             raise ValueError("name the text and label columns (text=..., label=...)")
         files = tuple((s, str(Path(p).expanduser())) for s, p in paths)
-        regression_metrics = ("pearson", "spearman")
         return cls(
             name=name or Path(files[0][1]).resolve().parent.name or "files",
             text=text, text_pair=text_pair or None, label=label,
             num_labels=1 if regression else None,
             dev_splits=("validation",), test_splits=("test",) if test else (),
-            metrics=regression_metrics if regression else ("accuracy",),
+            metrics=("pearson", "spearman") if regression else ("accuracy",),
             primary_metric="spearman" if regression else "accuracy",
             source="files", files=files, file_format=fmt,
         )
@@ -204,12 +203,10 @@ SPEC_HELP = ("csv:train=train.csv,dev=dev.csv,text=sentence,label=label "
 
 
 def _format_of(path: str | Path) -> str:
-    p = Path(path)
-    suffixes = [s.lower() for s in p.suffixes]
-    for s in reversed(suffixes):
-        if s in _EXTENSIONS:
-            return _EXTENSIONS[s]
-    raise ValueError(f"cannot tell the format of {p} from its extension; pass format='csv', "
+    for s in reversed(Path(path).suffixes):
+        if s.lower() in _EXTENSIONS:
+            return _EXTENSIONS[s.lower()]
+    raise ValueError(f"cannot tell the format of {Path(path)} from its extension; pass format='csv', "
                      "'tsv' or 'jsonl'")
 
 
@@ -260,7 +257,7 @@ def _glue(name: str, folder: str, text: str, text_pair: str | None, label_names:
     )
 
 
-def _pair_files(s1: str, s2: str, label: str) -> tuple[TsvFile, ...]:
+def _pair_files(s1: str, s2: str | None, label: str) -> tuple[TsvFile, ...]:
     """Headered train/dev/test files (test unlabelled), the common GLUE layout."""
     return (TsvFile("train", "train.tsv", s1, s2, label),
             TsvFile("validation", "dev.tsv", s1, s2, label),
@@ -284,9 +281,7 @@ GLUE_TASKS: dict[str, Task] = {
         TsvFile("validation", "dev.tsv", 3, None, 1, header=False),
         TsvFile("test", "test.tsv", "sentence", None, None))),
     "sst2": _glue("sst2", "SST-2", "sentence", None, ("negative", "positive"), ("accuracy",),
-                  "accuracy", (TsvFile("train", "train.tsv", "sentence", None, "label"),
-                               TsvFile("validation", "dev.tsv", "sentence", None, "label"),
-                               TsvFile("test", "test.tsv", "sentence", None, None))),
+                  "accuracy", _pair_files("sentence", None, "label")),
     "mrpc": _glue("mrpc", "MRPC", "sentence1", "sentence2", ("not_equivalent", "equivalent"),
                   ("accuracy", "f1"), "f1", _pair_files("#1 String", "#2 String", "Quality")),
     "qqp": _glue("qqp", "QQP", "question1", "question2", ("not_duplicate", "duplicate"),
