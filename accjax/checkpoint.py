@@ -81,9 +81,7 @@ class Checkpointer:
         Raises:
           CheckpointError when checkpoints exist and none of them reads back.
         """
-        steps = sorted(self.all_steps(), reverse=True)
-        broken: list[int] = []
-        first_error = None
+        steps, broken, first_error = sorted(self.all_steps(), reverse=True), [], None
         for step in steps:
             try:
                 state, meta = self.restore(step, abstract_state)
@@ -147,13 +145,7 @@ def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple
                                                         meta=ocp.args.JsonRestore()))
     finally:
         mgr.close()
-    return _to_numpy(out.state["params"]), out.meta
-
-
-def _to_numpy(tree):
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(tree)
+    return jax.tree.map(np.asarray, out.state["params"]), out.meta
 
 
 def export_model(run_dir: str | os.PathLike, family, model_config, params: Any, head: str, *,
