@@ -34,7 +34,8 @@ Batching. Every batch is a dict of numpy arrays with a FIXED batch size B:
 length bucket (``accjax.inference.DEFAULT_LENGTH_BUCKETS``, capped at the tokenizer's max
 length) holding the batch's longest row, so training and the predictor compile the same few
 shapes. Filler rows (the tail of a partial batch) hold one valid token and label 0.
-``TrainBatches`` shuffles resumably; ``EvalBatches`` sorts by length and ``restore`` s order.
+``TrainBatches`` shuffles, resumable at any (epoch, index); ``EvalBatches`` sorts by length
+and ``restore`` undoes the sort.
 """
 
 from __future__ import annotations

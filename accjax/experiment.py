@@ -13,10 +13,8 @@
 ``accjax.loop.fit`` drives either through the same small interface (``train``, ``params``,
 ``param_specs``, ``loss_fn``, ``forward``, ``evaluate``, ``export``, ``final_eval``).
 
-Models: ``config.model`` is a ``convert.load`` spec (HF folder, hub id, ``minilm-l6``, an
-accjax folder) or ``preset:NAME`` for a randomly initialised preset
-(``accjax.models.preset(NAME, **config.model_overrides)``; tiny test runs), whose tokenizer
-comes from ``config.tokenizer``.
+Models: ``config.model`` is a ``convert.load`` spec or ``preset:NAME`` (random weights; its
+tokenizer from ``config.tokenizer``).
 
 Bad input raises as ``accjax.data`` says; its drop and truncation counts go to ``metrics.jsonl``
 (the ``data`` record), ``summary.json`` and the log. A ``max_length`` above the model's
@@ -377,12 +375,9 @@ class Seq2SeqExperiment(_Base):
         from accjax import prompting, seq2seq
         from accjax.tokenization import Tokenizer
 
-        self.splits = {"train": prompting.load_jsonl(config.train_file),
-                       "validation": prompting.load_jsonl(config.dev_file)}
-        if config.test_file:
-            self.splits["test"] = prompting.load_jsonl(config.test_file)
-        if int(config.max_examples) > 0:
-            self.splits = {k: v[:int(config.max_examples)] for k, v in self.splits.items()}
+        files = {"train": config.train_file, "validation": config.dev_file, "test": config.test_file}
+        self.splits = {k: prompting.load_jsonl(f)[:max(int(config.max_examples), 0) or None]
+                       for k, f in files.items() if k != "test" or f}
         self.labels = [w.strip() for w in str(config.labels).split(",") if w.strip()] or None
         self.primary_name = "accuracy" if self.labels else "token_f1"
         self.task_name = Path(config.train_file).name
@@ -393,13 +388,9 @@ class Seq2SeqExperiment(_Base):
                                     seed=int(config.seed), source_length=self.source_length,
                                     target_length=self.target_length)
         module, variant = self.module, self.acc_variant
-
-        def loss_fn(params, batch, rng, schedule):
-            return seq2seq.seq2seq_loss(module, params, batch, rng, schedule=schedule, acc_variant=variant)
-
-        self.loss_fn = loss_fn
-        self.forward = None
-        self._predictor = None
+        self.loss_fn = lambda params, batch, rng, schedule: seq2seq.seq2seq_loss(
+            module, params, batch, rng, schedule=schedule, acc_variant=variant)
+        self.forward, self._predictor = None, None
         self.data_report = {"task": {"train_file": str(config.train_file), "dev_file": str(config.dev_file),
                                      "test_file": str(config.test_file) or None, "labels": self.labels},
                             "examples": {k: len(v) for k, v in self.splits.items()}}

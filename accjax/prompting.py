@@ -1,9 +1,7 @@
 """Instruction data, prompts, and prompting evaluation of T5 models and decoders (GPT-2,
 Llama) at several speedups.
 
-Data: JSONL, one example per line, ``{"instruction": str, "input": str, "target": str}``
-(``instruction`` and ``input`` may be empty or absent, ``target`` may not). ``load_jsonl``
-names the file and line of every problem.
+Data: JSONL, one ``{"instruction", "input", "target"}`` object a line (``load_jsonl``).
 
 Prompt (``build_prompt``), the same layout with and without exemplars; k exemplars make
 k-shot prompting, none zero-shot::
@@ -52,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from accjax import guards
-from accjax import inference, lm, programs, tokenization
+from accjax import generate, inference, lm, programs, seq2seq, tokenization
 
 ANSWER_PREFIX = "Answer:"
 
@@ -354,7 +352,7 @@ def rt_polarity_examples(split: str = "validation", limit: int | None = None) ->
             for r in rows]
 
 
-class DecoderPredictor(inference.Planned):
+class DecoderPredictor(generate.LMPredictor):
     """Label-likelihood scoring and greedy generation for a decoder LM (GPT-2, Llama) at any
     speedup, with the interface ``evaluate`` uses (as ``seq2seq.Seq2SeqPredictor``).
 
@@ -377,8 +375,6 @@ class DecoderPredictor(inference.Planned):
                  batch_size: int = 8, length_buckets: Sequence[int] = (64, 128, 256, 512, 1024),
                  bucket: int = 8, floor: int = 1, acc_variant: str = "plain",
                  param_dtype: str | None = None):
-        from accjax import generate
-
         self.gen = generate.Generator(module, params, config, param_dtype=param_dtype,
                                       bucket=bucket, floor=floor, acc_variant=acc_variant)
         self.module, self.config, self.cost = module, config, self.gen.cost
@@ -391,15 +387,7 @@ class DecoderPredictor(inference.Planned):
         self.programs = programs.ProgramCache()
         self.bucket, self.floor = bucket, floor
 
-    @classmethod
-    def from_loaded(cls, loaded, **kw) -> "DecoderPredictor":
-        if loaded.head != "lm":
-            raise ValueError(f"prompting needs the 'lm' head, the model was loaded as {loaded.head!r}")
-        return cls(loaded.module, loaded.params, loaded.config, **kw)
-
     def _chunks(self, batch):
-        from accjax import seq2seq
-
         return seq2seq.chunk_batch(self, batch)
 
     def _score_program(self, plan, c: int, width: int):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import generate, inference, models, programs
+from accjax import generate, inference, programs
 from accjax import schedule as sched_lib
 from accjax.models import t5 as t5_lib
 
@@ -85,10 +85,6 @@ def generate_tokens(
     done = jnp.zeros((b,), bool)
     key = rng if rng is not None else jax.random.PRNGKey(0)
 
-    def cond(state):
-        i, _, _, done, _, _ = state
-        return (i < m) & ~jnp.all(done)
-
     def body(state):
         i, tok, cache, done, out, key = state
         logits, cache = module.apply({"params": params}, tok, i, cache, kv, enc_mask,
@@ -102,7 +98,7 @@ def generate_tokens(
         return i + 1, nxt, cache, done, out, key
 
     state = (jnp.int32(0), tok, cache, done, out, key)
-    return jax.lax.while_loop(cond, body, state)[4]
+    return jax.lax.while_loop(generate.decoding(m), body, state)[4]
 
 
 def first_token(module, params, input_ids: Array, attention_mask: Array, *,
@@ -205,7 +201,8 @@ def seq2seq_loss(
     valid = (labels >= 0).astype(jnp.float32)
     nll = -token_log_probs(logits, labels)  # [B, L]
     if label_smoothing > 0:
-        nll = (1 - label_smoothing) * nll - label_smoothing * jax.nn.log_softmax(logits, axis=-1).mean(axis=-1)
+        uniform = -jax.nn.log_softmax(logits, axis=-1).mean(axis=-1)  # [B, L]
+        nll = (1 - label_smoothing) * nll + label_smoothing * uniform
     n = jnp.maximum(valid.sum(), 1.0)
     loss = (nll * valid).sum() / n
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * valid
@@ -237,7 +234,7 @@ def chunk_batch(pred, batch: dict[str, np.ndarray], fill: int | None = None):
                         programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, n, b)]
 
 
-class Seq2SeqPredictor(inference.Planned):
+class Seq2SeqPredictor(generate.LMPredictor):
     """Compiled-once generation and scoring for a T5 model at any speedup.
 
     Inputs of any length are right-padded to the smallest length bucket that holds them and
@@ -253,20 +250,10 @@ class Seq2SeqPredictor(inference.Planned):
                  length_buckets: Sequence[int] = inference.DEFAULT_LENGTH_BUCKETS,
                  acc_variant: str = "plain", protect_last: bool = False, bucket: int = 8,
                  floor: int = 1, param_dtype: str | None = None):
-        self.module, self.config = module, config
-        self.batch_size = int(batch_size)
+        super().__init__(module, params, config, param_dtype=param_dtype, bucket=bucket, floor=floor,
+                         acc_variant=acc_variant)
+        self.batch_size, self.protect_last = int(batch_size), protect_last
         self.length_buckets = inference.cap_buckets(config, length_buckets)
-        self.acc_variant, self.protect_last = acc_variant, protect_last
-        self.bucket, self.floor = bucket, floor
-        self.params = inference.cast_params(params, param_dtype)
-        self.cost = models.cost_model(config, "lm")
-        self.programs = programs.ProgramCache()
-
-    @classmethod
-    def from_loaded(cls, loaded, **kw) -> "Seq2SeqPredictor":
-        if loaded.head != "lm":
-            raise ValueError(f"generation needs the 'lm' head, the model was loaded as {loaded.head!r}")
-        return cls(loaded.module, loaded.params, loaded.config, **kw)
 
     def _program(self, key: tuple, fn, *specs):
         return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))

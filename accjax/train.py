@@ -245,9 +245,8 @@ class SpeedupSampler:
                              f"{len(self.pool)}), got {self.samples}")
 
     def level(self, step: int) -> int:
-        if len(self.levels) == 1:
-            return 0
-        return int(np.random.default_rng([self.seed, int(step)]).integers(len(self.levels)))
+        return 0 if len(self.levels) == 1 else int(
+            np.random.default_rng([self.seed, int(step)]).integers(len(self.levels)))
 
     def speedups(self, step: int) -> tuple[float | None, ...]:
         """The passes of step ``step``: one speedup each (None = dense), a pure function of

@@ -130,10 +130,8 @@ def random_batches(setup: Setup, batch: int, length: int, seed: int, count: int 
         mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)  # [B, T]
         ids = np.where(mask == 1, rng.integers(1, vocab, (batch, length)), 0).astype(np.int32)
         full = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        b = {k: full[k] for k in setup.input_names}
-        b["labels"] = rng.integers(0, 2, batch).astype(np.int32)
-        b["weights"] = np.ones(batch, np.float32)
-        out.append(b)
+        out.append({**{k: full[k] for k in setup.input_names}, "weights": np.ones(batch, np.float32),
+                    "labels": rng.integers(0, 2, batch).astype(np.int32)})
     return out
 
 
