@@ -168,15 +168,6 @@ def export_model(run_dir: str | os.PathLike, family, model_config, params: Any, 
     return run_dir
 
 
-def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The run folder's accjax.json (model config, task, training config, best dev rows)."""
-    path = Path(run_dir) / convert.ACCJAX_META
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} holds no exported model ({convert.ACCJAX_META}); has "
-                                "its run finished an epoch?")
-    return convert.read_meta(run_dir)
-
-
 def model_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 of a model folder's parameters: what a table measured beside it (offline-tuning)
     records, so a table left by other weights (a re-export, a copied folder) is not reused."""

@@ -58,7 +58,7 @@ import numpy as np
 
 from accjax import guards
 from accjax import hub
-from accjax.inference import DEFAULT_LENGTH_BUCKETS
+from accjax.inference import DEFAULT_LENGTH_BUCKETS, bucket_for
 from accjax.tasks import Task, TsvFile, get_task
 from accjax.tokenization import Encoded, Tokenizer, pad
 
@@ -663,14 +663,6 @@ def length_buckets(max_length: int, buckets: Sequence[int] = DEFAULT_LENGTH_BUCK
     return tuple(out)
 
 
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket holding ``n`` tokens."""
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{n} tokens exceed the largest length bucket {buckets[-1]}")
-
-
 def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int]) -> dict[str, np.ndarray]:
     """The batch of rows ``index`` ([B]; -1 = filler, only at the end), padded to a bucket."""
     index = np.asarray(index)
@@ -679,7 +671,7 @@ def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int]) ->
     if len(real) == 0 or (len(real) < b and (index[len(real):] >= 0).any()):
         raise ValueError("a batch needs real rows first and filler rows (-1) only at the end")
     enc = features.rows(real)
-    t = bucket_length(int(max(len(x) for x in enc.ids)), buckets)
+    t = bucket_for(buckets, int(max(len(x) for x in enc.ids)))
     batch = pad(enc, t, features.pad_id, batch_size=b)  # fillers: one valid token
     labels = np.zeros(b, features.labels.dtype)  # filler label 0: a valid class id
     labels[:len(real)] = features.labels[real]

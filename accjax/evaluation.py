@@ -5,11 +5,8 @@ speedups side by side, offline-tuning, and the embedded default model.
 first, then each speedup (``score_splits`` says what is timed and how). A speedup above what
 a length bucket permits runs at that bucket's maximum; the row says so (``clamped``).
 
-Offline-tuning (``offline_tune``): one training-free pass per speedup level on the dev split,
-with latency measured on this machine; the table (speedup, keep-lengths, metric, drop, ms)
-and a plot of metric against analytic and measured speedup are written beside the
-checkpoint (``offline_tune.json`` / ``.md`` / ``.png``). ``pick_level(table, max_drop)``
-then returns the fastest measured level whose dev drop is within the bound.
+Offline-tuning (``offline_tune``) sweeps the levels on the dev split with no training and
+writes its table beside the checkpoint; ``pick_level`` and ``pick_program`` choose from it.
 
 ``score_splits`` is the one classifier evaluation: training's dev evaluation
 (``experiment``), ``evaluate`` (``eval.glue``, ``train.evaluate``) and ``offline_tune`` all
@@ -132,10 +129,9 @@ class RunModel:
         return self.check_labels(t) if t.num_labels is not None else t
 
     def check_labels(self, t: tasks_lib.Task) -> tasks_lib.Task:
-        own = self.task_spec
         if t.num_labels != self.loaded.config.num_labels:
             raise EvalError(
-                f"checkpoint {self.folder} was fine-tuned for {own!r} with "
+                f"checkpoint {self.folder} was fine-tuned for {self.task_spec!r} with "
                 f"{self.loaded.config.num_labels} label(s); task {t.name!r} has {t.num_labels}: "
                 "pass a checkpoint fine-tuned for this task")
         return t

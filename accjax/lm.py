@@ -224,8 +224,7 @@ class LMEvaluator(generate.LMPredictor):
     def kv_bytes(self, schedule) -> dict[str, int]:
         """Bytes of the prefill's KV cache for one batch: prompt slots, and with the
         continuation's slots (from the program's output shapes, nothing is run)."""
-        spec = jax.ShapeDtypeStruct((self.batch_size, self.context), jnp.int32)
-        _, cache = jax.eval_shape(self._prefill_fn(schedule), self.params, spec)
+        _, cache = jax.eval_shape(self._prefill_fn(schedule), self.params, self._spec(self.context))
         return {"prompt": cache.nbytes(prompt_only=True), "total": cache.nbytes()}
 
 

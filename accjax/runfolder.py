@@ -173,9 +173,8 @@ def finished(run_dir: str | os.PathLike, total_steps: int) -> dict | None:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(summary, dict) or int(summary.get("steps") or -1) != int(total_steps):
-        return None
-    return summary
+    done = isinstance(summary, dict) and int(summary.get("steps") or -1) == int(total_steps)
+    return summary if done else None
 
 
 # ------------------------------------------------------------------------ other writers

@@ -4,13 +4,11 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
         PYTHONPATH=. python -m eval.scaling --tiny --dtype float32 --json scaling_cpu.json
 
-One call does all of it, with the fine-tuning pipeline's own step (``accjax.train.Trainer``:
-the compiled, sharded, donated AdamW step that ``loop.fit`` runs, optimizer values from
-``configs/glue_bert_base.py`` but the learning rate and warmup), a random-weight
-preset (``--model``, default ``bert-base-uncased``; ``--tiny``: a 2-layer, 32-wide BERT for
-CPU tests), float32 parameters and ``--dtype`` compute, two elimination modes: ``dense`` and
-``fixed`` at ``--speedup`` (3; its schedule is the one ``loop.fit`` would run at this
-length), dropout on as in fine-tuning. Meshes over the devices of this process:
+One call does all of it, with the fine-tuning pipeline's own step (``accjax.train.Trainer``,
+optimizer values from ``configs/glue_bert_base.py`` but the learning rate and warmup), a
+random-weight preset (``--model``; ``--tiny``: a 2-layer, 32-wide BERT for CPU tests), float32
+parameters and ``--dtype`` compute, ``dense`` and ``fixed`` elimination at ``--speedup``,
+dropout on as in fine-tuning. Meshes over the devices of this process:
 
   * ``1 device``             the reference;
   * ``n data``               all n devices data-parallel (``sharding.DP_RULES``);
@@ -31,13 +29,10 @@ checked), else agreement proves nothing; Adam moves each by about ``--lr`` (1e-4
 per step whatever the gradient's scale.
 
 **Measure.** Examples/s of each (mesh, mode, global batch): the median over ``--iters``
-synchronised steps (``block_until_ready`` on state and metrics) after the 3 check steps and
-``--warmup`` more, batches already on the devices (rotated over 3), so host-to-device input
-copies are not timed. Strong scaling: ``--global_batch`` fixed, efficiency = examples/s on n
-devices / (n x examples/s on 1 device at the same global batch). Weak scaling:
-``--per_device_batch`` fixed (default global_batch / n), global batch = per_device x devices,
-efficiency against 1 device at per_device rows. A (mesh, mode, global batch) measured once
-serves both tables.
+synchronised steps after ``--warmup`` more, on batches already on the devices (input copies
+are not timed). Strong scaling: ``--global_batch`` fixed, efficiency = examples/s on n devices
+/ (n x examples/s on 1 device). Weak scaling: ``--per_device_batch`` fixed, efficiency against
+1 device at per_device rows.
 
 Multi-GPU: NVLink multicast (NVLS) stays off (``NCCL_NVLS_ENABLE=0`` unless the environment
 says otherwise, set before jax starts a backend). One process only: every mesh, the 1-device
