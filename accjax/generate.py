@@ -56,6 +56,12 @@ def sample_logits(logits: Array, rng: Array, *, greedy: bool, temperature: Array
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def token_log_probs(logits: Array, labels: Array) -> Array:
+    """log p(labels) per position: logits [B, T, V], labels [B, T] (negatives -> 0) -> [B, T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+
+
 def decoding(m: int):
     """The condition of a decoding ``while_loop`` whose state is (step, _, _, done [B], ...):
     fewer than ``m`` steps and a row not done yet."""

@@ -126,8 +126,7 @@ def continuation_logp(module, params, first: jax.Array, cache, toks: jax.Array) 
     if toks.shape[1] > 1:
         rest, _ = module.apply({"params": params}, toks[:, :-1], cache, method="extend")
         logits = jnp.concatenate([logits, rest], axis=1)  # [B, L, V]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]
+    return generate.token_log_probs(logits, toks)
 
 
 # ------------------------------------------------------------------------ evaluator

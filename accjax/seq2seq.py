@@ -118,12 +118,6 @@ def first_token(module, params, input_ids: Array, attention_mask: Array, *,
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def token_log_probs(logits: Array, labels: Array) -> Array:
-    """log p(labels) per position: logits [B, T, V], labels [B, T] (negatives -> 0) -> [B, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-
-
 def score_candidates(
     module,
     params,
@@ -158,7 +152,7 @@ def score_candidates(
     dec_in = t5_lib.shift_right(jnp.where(lmask > 0, labels, -100), cfg.decoder_start_token_id,
                                 cfg.pad_token_id)
     logits = module.apply({"params": params}, dec_in, h, m, method="decode")  # [B*C, L, V]
-    lp = (token_log_probs(logits, labels) * lmask).sum(axis=-1)  # [B*C]
+    lp = (generate.token_log_probs(logits, labels) * lmask).sum(axis=-1)  # [B*C]
     return lp.reshape(b, c)
 
 
@@ -199,7 +193,7 @@ def seq2seq_loss(
                        protect_last=protect_last, deterministic=rng is None, **kw)
     logits = out.logits  # [B, L, V] float32
     valid = (labels >= 0).astype(jnp.float32)
-    nll = -token_log_probs(logits, labels)  # [B, L]
+    nll = -generate.token_log_probs(logits, labels)  # [B, L]
     if label_smoothing > 0:
         uniform = -jax.nn.log_softmax(logits, axis=-1).mean(axis=-1)  # [B, L]
         nll = (1 - label_smoothing) * nll + label_smoothing * uniform
