@@ -196,10 +196,6 @@ def param_specs(loaded: convert.Loaded) -> Any:
     return shard_lib.logical_specs(models_lib.abstract_variables(loaded.config, loaded.head))["params"]
 
 
-def _none_if_empty(v):
-    return v if v not in ("", None, 0) else None
-
-
 # ------------------------------------------------------------------- shared reporting
 class _Base:
     objective: str
@@ -265,8 +261,8 @@ class ClassificationExperiment(_Base):
 
     def __init__(self, config):
         super().__init__(config)
-        data = data_lib.load_task(config.task, _none_if_empty(config.data_dir),
-                                  max_examples=_none_if_empty(int(config.max_examples)))
+        data = data_lib.load_task(config.task, config.data_dir or None,
+                                  max_examples=int(config.max_examples) or None)
         data_lib.check_splits(data, int(config.batch_size))  # before the model loads
         self.task = data.task
         self.task_name = self.task.name
@@ -291,9 +287,6 @@ class ClassificationExperiment(_Base):
             "dropped_empty": dict(data.dropped), "skipped_corrupt": dict(data.skipped),
             "max_length": max_length, "length_buckets": list(data_lib.length_buckets(max_length, self.buckets)),
         }
-        for s, n in self.data_report["truncated"].items():
-            if n:
-                log.warning("%s/%s: %d example(s) truncated to %d tokens", self.task.name, s, n, max_length)
         self.loss_fn = train_lib.make_classification_loss(self.module, self.task.num_labels, self.acc_variant)
         self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
                                  if n in self.family.dummy_inputs(self.model_config, 1, 8))

@@ -149,11 +149,8 @@ def step_programs(exp, sampler, el, start: int, total: int) -> list[tuple[dict, 
     for i in range(n) if start < total else ():
         b = exp.train.batch(first, i)
         shapes.setdefault(tuple(sorted((k, v.shape) for k, v in b.items())), b)
-    work = {}
-    for key, b in shapes.items():
-        for speeds in sampler.combinations():
-            static = step_static(exp, el, speeds, b)
-            work.setdefault((key, static), (b, static))
+    work = {(key, s): (b, s) for key, b in shapes.items()
+            for s in (step_static(exp, el, speeds, b) for speeds in sampler.combinations())}
     return list(work.values())
 
 
