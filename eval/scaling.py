@@ -185,8 +185,7 @@ def compare(ref: dict, got: dict, params0, tol: dict[str, float | None], lr: flo
     10x the parameter tolerance where one is checked, else by at least ``lr`` (Adam moves
     about lr per step).
     """
-    leaves_ref, leaves_got = jax.tree.leaves(ref["params"]), jax.tree.leaves(got["params"])
-    leaves_0 = jax.tree.leaves(params0)
+    leaves_ref, leaves_got, leaves_0 = (jax.tree.leaves(t) for t in (ref["params"], got["params"], params0))
     param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(leaves_got, leaves_ref))
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(leaves_ref, leaves_0))
     du_num = sum(float(np.sum((np.asarray(g, np.float64) - r) ** 2)) for g, r in zip(leaves_got, leaves_ref))
@@ -195,12 +194,8 @@ def compare(ref: dict, got: dict, params0, tol: dict[str, float | None], lr: flo
     norm_rel = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(got["grad_norm"], ref["grad_norm"]))
     update_rel = (du_num / du_den) ** 0.5 if du_den > 0 else float("inf")
     finite = all(np.isfinite(got["loss"])) and all(np.isfinite(got["grad_norm"]))
-    ok = {
-        "finite": bool(finite),
-        "loss": loss_diff <= tol["loss"],
-        "grad_norm": norm_rel <= tol["grad_norm"],
-        "moved": moved > (10 * tol["param"] if tol["param"] is not None else float(lr)),
-    }
+    ok = {"finite": bool(finite), "loss": loss_diff <= tol["loss"], "grad_norm": norm_rel <= tol["grad_norm"],
+          "moved": moved > (10 * tol["param"] if tol["param"] is not None else float(lr))}
     if tol["param"] is not None:
         ok["param"] = param_diff <= tol["param"]
     if tol["update"] is not None:
@@ -292,15 +287,14 @@ def _run(args, precision: str | None) -> dict[str, Any]:
     for note in notes:
         print(f"# note: {note}", flush=True)
 
-    weak_gb = {name: args.per_device_batch * int(np.prod(list(mesh.shape.values())))
-               for name, mesh, _ in meshes}
+    weak_gb = {name: args.per_device_batch * mesh.devices.size for name, mesh, _ in meshes}
     check_batches = random_batches(setup, args.global_batch, args.length, args.seed)
     measured: dict[tuple, dict] = {}  # (mesh, mode, global batch) -> timing
     checks: dict[str, dict] = {}  # mesh -> mode -> compare()
     refs: dict[str, dict] = {}  # mode -> 1-device result (host params)
     mesh_info = []
     for name, mesh, rules in meshes:
-        d = int(np.prod(list(mesh.shape.values())))
+        d = mesh.devices.size
         shard_lib.check_batch_size(args.global_batch, mesh, rules, "--global_batch")
         trainer = make_trainer(setup, mesh, rules, args)
         checks[name] = {}
@@ -363,7 +357,7 @@ def _run(args, precision: str | None) -> dict[str, Any]:
     rows = []
     for scaling in ("strong", "weak"):
         for name, mesh, _ in meshes:
-            d = int(np.prod(list(mesh.shape.values())))
+            d = mesh.devices.size
             gb = args.global_batch if scaling == "strong" else weak_gb[name]
             base_gb = args.global_batch if scaling == "strong" else args.per_device_batch
             for mode in MODES:
