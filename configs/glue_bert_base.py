@@ -23,8 +23,9 @@ weight decay 0.01, 10% warmup then linear decay, 3 epochs; the elastic range rea
 import ml_collections
 
 from accjax.experiment import base_config, config_words
+from accjax.tasks import GLUE_TASKS
 
-GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+GLUE = tuple(GLUE_TASKS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -22,9 +22,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from accjax.tasks import GLUE_TASKS
 from eval import cli
-
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 
 
 def build_parser() -> argparse.ArgumentParser:
