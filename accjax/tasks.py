@@ -296,11 +296,8 @@ GLUE_TASKS: dict[str, Task] = {
                   ("accuracy",), "accuracy", _pair_files("sentence1", "sentence2", "label")),
 }
 
-RT_POLARITY = Task(
-    name="rt_polarity", text="text", text_pair=None, label="label", num_labels=2,
-    label_names=("rotten", "fresh"), metrics=("accuracy",), primary_metric="accuracy",
-    source="rt_polarity",
-)
+RT_POLARITY = Task(name="rt_polarity", text="text", text_pair=None, label="label", num_labels=2,
+                   label_names=("rotten", "fresh"), source="rt_polarity")  # metric: accuracy
 
 TASKS: dict[str, Task] = {**GLUE_TASKS, "rt_polarity": RT_POLARITY}
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "rt-polarity": "rt_polarity", "rtpolarity": "rt_polarity"}
