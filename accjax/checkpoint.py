@@ -53,9 +53,6 @@ class Checkpointer:
             item_names=("state", "meta"),
         )
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 

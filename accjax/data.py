@@ -439,7 +439,7 @@ def rt_polarity_splits() -> dict[str, list[Example]]:
 def _label_key(v: Any) -> str:
     """A raw class label -> its string key (JSON 1, 1.0 and "1" are one class)."""
     if isinstance(v, bool):
-        return "true" if v else "false"
+        return str(v).lower()
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     key = str(v).strip()
