@@ -19,17 +19,9 @@ import numpy as np
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    dev = jax.devices()[0]
-    info = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": getattr(dev, "device_kind", str(dev)),
-        "device_count": jax.device_count(),
-        "python": platform.python_version(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "host": platform.node(),
-    }
+    info = {"jax": jax.__version__, "backend": jax.default_backend(), "device": device_kind(),
+            "device_count": jax.device_count(), "python": platform.python_version(),
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "host": platform.node()}
     if info["backend"] == "gpu":
         from accjax.kernels import acc_pallas
 
@@ -44,6 +36,12 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def device_kind() -> str:
+    """The first device's model name (e.g. 'NVIDIA H200', 'cpu')."""
+    dev = jax.devices()[0]
+    return getattr(dev, "device_kind", str(dev))
 
 
 def _cpu_model() -> str:
@@ -170,16 +168,16 @@ def table(rows: list[dict], cols, *, markdown: bool = False) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=_default)
-        f.write("\n")
+    Path(path).write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
-def _default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(type(o))
+def json_default(x):
+    """``json.dumps``' ``default`` for every record accjax writes: numpy scalars, numpy and jax
+    arrays, tuples."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

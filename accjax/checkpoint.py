@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from accjax import convert
+from accjax.benchmark import json_default
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ class Checkpointer:
                                                  enable_async_checkpointing=False),
             item_names=("state", "meta"),
         )
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -80,9 +78,7 @@ class Checkpointer:
         Raises:
           CheckpointError when checkpoints exist and none of them reads back.
         """
-        steps = sorted(self.all_steps(), reverse=True)
-        broken: list[int] = []
-        first_error = None
+        steps, broken, first_error = sorted(self.all_steps(), reverse=True), [], None
         for step in steps:
             try:
                 state, meta = self.restore(step, abstract_state)
@@ -146,13 +142,7 @@ def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple
                                                         meta=ocp.args.JsonRestore()))
     finally:
         mgr.close()
-    return _to_numpy(out.state["params"]), out.meta
-
-
-def _to_numpy(tree):
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(tree)
+    return jax.tree.map(np.asarray, out.state["params"]), out.meta
 
 
 def export_model(run_dir: str | os.PathLike, family, model_config, params: Any, head: str, *,
@@ -167,21 +157,12 @@ def export_model(run_dir: str | os.PathLike, family, model_config, params: Any, 
     if tmp.exists():
         shutil.rmtree(tmp)
     convert.save_accjax(family, model_config, params, head, tmp, tokenizer_from=tokenizer_from,
-                        extra=json.loads(json.dumps(extra, default=_json_default)))
+                        extra=json.loads(json.dumps(extra, default=json_default)))
     names = sorted(p.name for p in tmp.iterdir())
     for name in [n for n in names if n != convert.ACCJAX_META] + [convert.ACCJAX_META]:
         os.replace(tmp / name, run_dir / name)
     tmp.rmdir()
     return run_dir
-
-
-def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The run folder's accjax.json (model config, task, training config, best dev rows)."""
-    path = Path(run_dir) / convert.ACCJAX_META
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} holds no exported model ({convert.ACCJAX_META}); has "
-                                "its run finished an epoch?")
-    return convert.read_meta(run_dir)
 
 
 def model_fingerprint(folder: str | os.PathLike) -> str:
@@ -191,12 +172,3 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
 
     return hub.sha256_of(Path(folder) / convert.ACCJAX_PARAMS)
 
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, (np.ndarray,)):
-        return x.tolist()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

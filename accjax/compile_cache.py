@@ -22,10 +22,9 @@ What is set, and why:
   dependent) skip most CPU programs, which compile in well under a second each but add up to
   minutes over a run's programs.
 * ``jax_persistent_cache_enable_xla_caches = 'xla_gpu_per_fusion_autotune_cache_dir'``: XLA:GPU
-  stores each fusion's autotuning result (GEMM and fusion configurations) in
-  ``<dir>/xla_gpu_per_fusion_autotune_cache_dir``, so a program that misses the executable
-  cache (one changed layer) still skips re-autotuning the fusions it shares. This is jax
-  0.10/0.11's default value; it is set explicitly so a changed default cannot drop it.
+  stores each fusion's autotuning result in that subfolder, so a program that misses the
+  executable cache (one changed layer) still skips re-autotuning the fusions it shares (jax
+  0.10/0.11's default, set explicitly so a changed default cannot drop it).
 """
 
 from __future__ import annotations

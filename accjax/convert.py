@@ -95,22 +95,14 @@ def linear(path, hf_key, in_axes: int = 1, head=False, top=False) -> Rule:
     ``in_axes`` is how many leading Flax axes make up the input dimension (2 for the
     attention output kernel [N, H, D]).
     """
-    def to_flax(w, shape):
-        return np.ascontiguousarray(w.T).reshape(shape)
-
-    def to_hf(k):
-        n_in = math.prod(k.shape[:in_axes])
-        return (np.ascontiguousarray(k.reshape(n_in, -1).T),)
-
-    return Rule(tuple(path), (hf_key,), to_flax, to_hf, head, top)
+    return Rule(tuple(path), (hf_key,), lambda w, shape: np.ascontiguousarray(w.T).reshape(shape),
+                lambda k: (np.ascontiguousarray(k.reshape(math.prod(k.shape[:in_axes]), -1).T),), head, top)
 
 
 def conv1d(path, hf_key, in_axes: int = 1, head=False, top=False) -> Rule:
     """HF GPT-2 ``Conv1D`` weight, stored [in, out] (already Flax order) <-> Flax kernel."""
-    def to_hf(k):
-        return (np.ascontiguousarray(k.reshape(math.prod(k.shape[:in_axes]), -1)),)
-
-    return Rule(tuple(path), (hf_key,), lambda w, shape: w.reshape(shape), to_hf, head, top)
+    return Rule(tuple(path), (hf_key,), lambda w, shape: w.reshape(shape),
+                lambda k: (np.ascontiguousarray(k.reshape(math.prod(k.shape[:in_axes]), -1)),), head, top)
 
 
 def stacked_linear(path, hf_keys, axis: int = 1, head=False, top=False) -> Rule:
@@ -159,10 +151,7 @@ def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
         return _read_safetensors(single)
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        out: dict[str, np.ndarray] = {}
-        for s in shards:
-            out.update(_read_safetensors(folder / s))
-        return out
+        return {k: v for s in shards for k, v in _read_safetensors(folder / s).items()}
     if pt.exists():
         return _read_torch_bin(pt)
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -202,13 +191,7 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip archives, disallowed globals
         raise CheckpointError(f"{path} could not be read with torch.load(weights_only=True): {e}") from None
-    out = {}
-    for k, v in sd.items():
-        v = v.detach()
-        if v.is_floating_point() and v.dtype != torch.float32:
-            v = v.float()
-        out[k] = v.numpy()
-    return out
+    return {k: _to_numpy(v) for k, v in sd.items()}
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -286,13 +269,10 @@ def from_state_dict(
     sd, ignored = _normalise_keys(family, sd)
     # Top-level keys of the family's other heads (a classifier when loading the base model).
     own = {k for r in rules for k in r.hf}
-    for other in family.modules:
-        if other != head:
-            for r in family.rules(config, other):
-                for k in r.hf:
-                    if r.top and k not in own and k in sd:
-                        ignored.append(k)
-                        del sd[k]
+    for k in {k for h in family.modules if h != head for r in family.rules(config, h) if r.top for k in r.hf}:
+        if k not in own and k in sd:
+            ignored.append(k)
+            del sd[k]
     shapes = _flax_shapes(family, config, head)
     report = LoadReport(ignored=sorted(ignored))
 
@@ -303,11 +283,8 @@ def from_state_dict(
             f"only in module {sorted(set(shapes) - set(by_path))}")
 
     # Head groups (e.g. 'classifier') absent from the checkpoint altogether are initialised.
-    head_groups: dict[str, list[Rule]] = {}
-    for r in rules:
-        if r.head:
-            head_groups.setdefault(_head_group(r), []).append(r)
-    fresh = {g for g, rs in head_groups.items() if not any(k in sd for r in rs for k in r.hf)}
+    heads = [r for r in rules if r.head]
+    fresh = {_head_group(r) for r in heads} - {_head_group(r) for r in heads if any(k in sd for k in r.hf)}
 
     missing, mismatched, params = [], [], {}
     used: set[str] = set()
@@ -323,14 +300,10 @@ def from_state_dict(
             missing.extend(_hf_name(family, r, k) for k in absent)
             used.update(k for k in r.hf if k in sd)  # a fused rule's other keys are not unexpected
             continue
-        want = r.to_hf(np.zeros(shape, np.float32))
-        bad = False
-        for k, w in zip(r.hf, want):
-            used.add(k)
-            if tuple(sd[k].shape) != tuple(w.shape):
-                mismatched.append(
-                    f"{_hf_name(family, r, k)}: checkpoint {tuple(sd[k].shape)}, model expects {tuple(w.shape)}")
-                bad = True
+        used.update(r.hf)
+        bad = [f"{_hf_name(family, r, k)}: checkpoint {tuple(sd[k].shape)}, model expects {tuple(w.shape)}"
+               for k, w in zip(r.hf, r.to_hf(np.zeros(shape, np.float32))) if sd[k].shape != w.shape]
+        mismatched += bad
         if not bad:
             params[r.path] = np.asarray(r.to_flax(*(sd[k] for k in r.hf), shape), dtype=np.float32)
     unexpected = sorted(k for k in sd if k not in used)
@@ -361,10 +334,8 @@ def _hf_name(family, r: Rule, k: str) -> str:
 def _fresh(path, shape, config, rng) -> np.ndarray:
     """HF's `_init_weights`: N(0, initializer_range) kernels, zero biases, unit scales."""
     leaf = path[-1]
-    if leaf in ("bias",):
-        return np.zeros(shape, np.float32)
-    if leaf in ("scale",):
-        return np.ones(shape, np.float32)
+    if leaf in ("bias", "scale"):
+        return (np.zeros if leaf == "bias" else np.ones)(shape, np.float32)
     std = getattr(config, "initializer_range", 0.02)
     return (rng.standard_normal(shape) * std).astype(np.float32)
 
@@ -459,14 +430,11 @@ def load(
         hf_cfg, sd, folder = ck.config, ck.state_dict, gguf_file.parent
     else:
         hf_cfg = read_hf_config(folder)
-    model_type = hf_cfg.get("model_type")
-    if model_type is None:
+    if hf_cfg.get("model_type") is None:
         raise CheckpointError(f"{folder}/config.json has no model_type")
-    family = models_lib.family_for_hf_type(model_type)
-    overrides = dict(config_overrides)
-    if num_labels is not None:
-        overrides["num_labels"] = num_labels
-    config = family.config_cls.from_hf(hf_cfg, **overrides)
+    family = models_lib.family_for_hf_type(hf_cfg["model_type"])
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    config = family.config_cls.from_hf(hf_cfg, **{**config_overrides, **labels})
     if sd is None:
         sd = read_state_dict(folder)
     if family.adapt_checkpoint is not None:
@@ -476,7 +444,7 @@ def load(
 
 
 def _check_compatible(loaded: Loaded, head: str, num_labels: int | None) -> None:
-    if head != loaded.head and not (head == "base"):
+    if head != loaded.head and head != "base":
         raise CheckpointError(
             f"{loaded.folder} holds a {loaded.family.name} model with head {loaded.head!r}, "
             f"not {head!r}")
@@ -503,9 +471,7 @@ def save_accjax(loaded_or_family, config=None, params=None, head="base", out_dir
     out.mkdir(parents=True, exist_ok=True)
     flat = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flatten(params).items()}
     save_file(flat, str(out / ACCJAX_PARAMS))
-    meta = {"family": family.name, "head": head, "config": dataclasses.asdict(config)}
-    if extra:
-        meta.update(extra)
+    meta = {"family": family.name, "head": head, "config": dataclasses.asdict(config), **(extra or {})}
     (out / ACCJAX_META).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer_from is not None:
         copy_tokenizer_files(tokenizer_from, out)
@@ -531,8 +497,7 @@ def load_accjax(folder: str | Path) -> Loaded:
     """An accjax model folder, every field of ``accjax.json`` and every parameter shape checked
     (a damaged file names the field or parameter in a ``CheckpointError``)."""
     folder = Path(folder)
-    path = folder / ACCJAX_META
-    fix = _REPAIR
+    path, fix = folder / ACCJAX_META, _REPAIR
     meta = read_meta(folder)
     for key, kind in (("family", str), ("head", str), ("config", dict)):
         if not isinstance(meta.get(key), kind):
@@ -597,15 +562,13 @@ def save_hf(loaded: Loaded, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = to_state_dict(loaded.family, loaded.config, loaded.params, loaded.head)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(to_state_dict(loaded.family, loaded.config, loaded.params, loaded.head),
+              str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = loaded.config.to_hf()
-    names = label_names(loaded)
-    if names:  # transformers' pipelines print these instead of LABEL_0, LABEL_1
+    if names := label_names(loaded):  # transformers' pipelines print these instead of LABEL_0, LABEL_1
         cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
         cfg["label2id"] = {n: i for i, n in enumerate(names)}
-    arch = loaded.family.hf_architectures.get(loaded.head)
-    if arch:
+    if arch := loaded.family.hf_architectures.get(loaded.head):
         cfg["architectures"] = [arch]
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     copy_tokenizer_files(loaded.folder, out)
@@ -670,9 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="write an HF folder (config.json + model.safetensors) instead")
     args = ap.parse_args(argv)
     try:
-        from accjax import hub
-
-        from accjax import runfolder
+        from accjax import hub, runfolder
 
         folder = hub.resolve(args.src)
         runfolder.refuse_writing_into_run(args.out, folder)  # a run's metadata is never rewritten

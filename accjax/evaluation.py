@@ -1,21 +1,12 @@
 """Evaluation of a fine-tuned classifier at several speedups: metrics, analytic and measured
 speedups side by side, offline-tuning, and the embedded default model.
 
-``evaluate`` scores a run folder (written by ``train.finetune``) on a task's splits. For every
-split the dense model (speedup 1) runs first, then each speedup; every pass is timed after
-its programs are compiled (compilation is never timed), so
+``evaluate`` scores a run folder (written by ``train.finetune``) on a task's splits, dense
+first, then each speedup (``score_splits`` says what is timed and how). A speedup above what
+a length bucket permits runs at that bucket's maximum; the row says so (``clamped``).
 
-    measured speedup = dense seconds / seconds at that speedup      (same data, same run)
-    analytic speedup = dense FLOPs / FLOPs run                       (accjax.schedule's model)
-
-A speedup above what a length bucket permits runs at that bucket's maximum; the row says so
-(``clamped``) and its analytic column shows what was reached.
-
-Offline-tuning (``offline_tune``): one training-free pass per speedup level on the dev split,
-with latency measured on this machine; the table (speedup, keep-lengths, metric, drop, ms)
-and a plot of metric against analytic and measured speedup are written beside the
-checkpoint (``offline_tune.json`` / ``.md`` / ``.png``). ``pick_level(table, max_drop)``
-then returns the fastest measured level whose dev drop is within the bound.
+Offline-tuning (``offline_tune``) sweeps the levels on the dev split with no training and
+writes its table beside the checkpoint; ``pick_level`` and ``pick_program`` choose from it.
 
 ``score_splits`` is the one classifier evaluation: training's dev evaluation
 (``experiment``), ``evaluate`` (``eval.glue``, ``train.evaluate``) and ``offline_tune`` all
@@ -37,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from accjax import benchmark
 from accjax import checkpoint as ckpt_lib
 from accjax import convert
 from accjax import data as data_lib
@@ -81,8 +73,7 @@ class RunModel:
         folder = Path(folder)
         if not folder.is_dir():
             raise EvalError(f"checkpoint folder {folder} does not exist")
-        meta_path = folder / convert.ACCJAX_META
-        if not meta_path.exists():
+        if not (folder / convert.ACCJAX_META).exists():
             raise EvalError(f"{folder} holds no accjax model ({convert.ACCJAX_META}); pass a run "
                             "folder written by train.finetune (or convert an HF checkpoint first)")
         meta = convert.read_meta(folder)
@@ -133,17 +124,14 @@ class RunModel:
         task's label count is known only once its data is read: ``check_labels`` then)."""
         try:
             t = tasks_lib.get_task(task or self.task_spec)
-        except KeyError as e:
-            raise EvalError(str(e.args[0] if e.args else e)) from None
-        except ValueError as e:
-            raise EvalError(str(e)) from None
+        except (KeyError, ValueError) as e:
+            raise EvalError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
         return self.check_labels(t) if t.num_labels is not None else t
 
     def check_labels(self, t: tasks_lib.Task) -> tasks_lib.Task:
-        own = self.task_spec
         if t.num_labels != self.loaded.config.num_labels:
             raise EvalError(
-                f"checkpoint {self.folder} was fine-tuned for {own!r} with "
+                f"checkpoint {self.folder} was fine-tuned for {self.task_spec!r} with "
                 f"{self.loaded.config.num_labels} label(s); task {t.name!r} has {t.num_labels}: "
                 "pass a checkpoint fine-tuned for this task")
         return t
@@ -186,11 +174,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
       (length -> its maximum speedup)}.
     """
     speedups = list(dict.fromkeys(float(s) for s in speedups))  # a repeated speedup is scored once
-    levels = list(speedups)
-    if baseline and 1.0 not in levels:
-        levels = [1.0] + levels
-    elif 1.0 in levels:  # dense first: the other rows are measured against it
-        levels = [1.0] + [s for s in levels if s != 1.0]
+    # dense first (added with ``baseline``): the other rows are measured against it
+    levels = ([1.0] if baseline or 1.0 in speedups else []) + [s for s in speedups if s != 1.0]
     rows = []
     for split, feats in features.items():
         batches = data_lib.EvalBatches(feats, batch_size, buckets=buckets)
@@ -208,12 +193,11 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
                           disable=False)  # None would hide it when piped
             outs = [run(b, p) for b, p in it]
             m = metrics_lib.compute(task, batches.restore(outs), feats.labels)
-            primary = metrics_lib.primary(task, m)
             n = [float(b["weights"].sum()) for b in items]
             flops = [w * cost.total(p.length, (p.length,) * cost.num_layers) for w, p in zip(n, plans)]
             row = {"task": task.name, "split": split, "speedup": s,
                    "analytic_speedup": sum(flops) / sum(f / p.analytic for f, p in zip(flops, plans)),
-                   **m, "primary": primary,
+                   **m, "primary": metrics_lib.primary(task, m),
                    "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
                    "schedules": {str(p.length): list(p.keep) for p in sorted(set(plans), key=lambda p: p.length)},
                    "source": _source(plans),
@@ -310,9 +294,8 @@ def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None 
 
 _TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "analytic_speedup",
                  "measured_speedup", "measured_min", "measured_max", "primary", "drop", "examples_per_s",
-                 "ms_per_batch", "seconds",
-                 "seconds_min", "seconds_max", "examples", "batch_size", "truncated", "schedules",
-                 "clamped", "baseline"}
+                 "ms_per_batch", "seconds", "seconds_min", "seconds_max", "examples", "batch_size",
+                 "truncated", "schedules", "clamped", "baseline"}
 
 
 def _spread(r: dict) -> str:
@@ -350,9 +333,8 @@ def format_table(rows: list[dict]) -> str:
 def tune_levels(run: RunModel, task: tasks_lib.Task | None = None, step: float = 0.5) -> list[float]:
     """1, 1.5, 2, ... up to the largest speedup the shortest length bucket in use permits, and
     the main job's 4.8 (``eval.glue --speedup 4.8``) where it is within that."""
-    top = sched_lib.max_speedup(models.cost_model(run.loaded.config), min(run.buckets), bucket=run.bucket,
-                                floor=run.floor)
-    top = min(top, 8.0)
+    top = min(sched_lib.max_speedup(models.cost_model(run.loaded.config), min(run.buckets), bucket=run.bucket,
+                                    floor=run.floor), 8.0)
     return sorted({float(x) for x in np.arange(1.0, top + 1e-9, step)} | ({4.8} if top >= 4.8 else set()))
 
 
@@ -394,7 +376,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     _flag_slower(rows, "measured_speedup")
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
              "task": t.name, "split": split,
-             "metric": t.primary_metric, "machine": _machine(), "repeats": repeats, "rows": rows}
+             "metric": t.primary_metric, "machine": benchmark.machine(), "repeats": repeats, "rows": rows}
     if found is not None:
         table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
                               for s, by_len in found["schedules"].items()}
@@ -404,7 +386,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
         table["latency"] = latency(pred, [r["speedup"] for r in rows], batch_sizes, lengths, repeats)
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{TUNE_FILE}.json").write_text(json.dumps(table, indent=2, default=_jsonable) + "\n")
+    benchmark.write_json(out / f"{TUNE_FILE}.json", table)
     (out / f"{TUNE_FILE}.md").write_text(tune_markdown(table))
     plot_tune(table, out / f"{TUNE_FILE}.png")
     return table
@@ -414,14 +396,14 @@ def latency(pred, speedups: Sequence[float], batch_sizes: Sequence[int], lengths
             repeats: int) -> list[dict]:
     """Median (min, max) ms of each level's program per (batch size, length), the levels
     interleaved over ``repeats`` rounds after one warm-up round; ``measured`` = dense ms / ms."""
-    out = []
+    out, dev = [], benchmark.device_kind()
     for b in batch_sizes:
         for n in lengths:
             plans = {s: pred.plan(n, s) for s in sorted(set(speedups) | {1.0})}
             (inputs,) = pred.random_batches(b, n)[:1]
             calls = {s: functools.partial(pred.program(b, p), pred.params, inputs) for s, p in plans.items()}
             ms = programs.time_interleaved(calls, rounds=repeats, warmup=1)
-            rows = [{"device": _device(), "batch_size": b, "length": n, "speedup": s, "keep": list(p.keep),
+            rows = [{"device": dev, "batch_size": b, "length": n, "speedup": s, "keep": list(p.keep),
                      "source": _source([p]), "ms": float(np.median(ms[s])), "ms_min": min(ms[s]),
                      "ms_max": max(ms[s]), "measured": float(np.median(ms[1.0]) / np.median(ms[s]))}
                     for s, p in plans.items()]
@@ -436,25 +418,6 @@ def _flag_slower(rows: list[dict], key: str) -> list[dict]:
         r["slower"] = r["speedup"] > 1 and r[key] <= best
         best = max(best, r[key])
     return rows
-
-
-def _device() -> str:
-    import jax
-
-    dev = jax.devices()[0]
-    return getattr(dev, "device_kind", str(dev))
-
-
-def _machine() -> dict:
-    from accjax import benchmark
-
-    return benchmark.machine()
-
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(type(x).__name__)
 
 
 def tune_markdown(table: dict) -> str:
@@ -541,10 +504,11 @@ def pick_program(table: dict, max_drop: float, examples: int, length: int) -> tu
     whose level's dev drop is at most ``max_drop``, at the nearest recorded batch size at or
     above ``examples`` (else the largest) and the same for ``length``; never a level flagged
     ``slower`` there."""
-    here = [r for r in table.get("latency", ()) if r["device"] == _device()]
+    dev = benchmark.device_kind()
+    here = [r for r in table.get("latency", ()) if r["device"] == dev]
     if not here:
         raise EvalError(f"the offline-tuning table of {table['checkpoint']} holds no latency measured on "
-                        f"{_device()}: run python -m eval.offline_tune --batch_sizes 1,8,64 on this machine")
+                        f"{dev}: run python -m eval.offline_tune --batch_sizes 1,8,64 on this machine")
 
     def at_or_above(values, x):
         return next((v for v in sorted(values) if v >= x), max(values))

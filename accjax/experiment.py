@@ -13,17 +13,12 @@
 ``accjax.loop.fit`` drives either through the same small interface (``train``, ``params``,
 ``param_specs``, ``loss_fn``, ``forward``, ``evaluate``, ``export``, ``final_eval``).
 
-Models: ``config.model`` is a ``convert.load`` spec (HF folder, hub id, ``minilm-l6``, an
-accjax folder) or ``preset:NAME`` for a randomly initialised preset
-(``accjax.models.preset(NAME, **config.model_overrides)``; tiny test runs), whose tokenizer
-comes from ``config.tokenizer``.
+Models: ``config.model`` is a ``convert.load`` spec or ``preset:NAME`` (random weights; its
+tokenizer from ``config.tokenizer``).
 
-Bad input, as the data layer states it (``accjax.data``): an unknown task raises
-``UnknownTaskError``; a missing file ``DataNotFoundError``; a label outside the label set
-``DataError``; empty texts are dropped and counted; texts longer than the model's maximum are
-truncated and counted. The counts go to ``metrics.jsonl`` (the ``data`` record), to
-``summary.json`` and to the log. A ``max_length`` above the model's position table is cut to
-it, with a warning.
+Bad input raises as ``accjax.data`` says; its drop and truncation counts go to ``metrics.jsonl``
+(the ``data`` record), ``summary.json`` and the log. A ``max_length`` above the model's
+position table is cut to it, with a warning.
 
 Classification rows come from ``evaluation.score_splits``, the one classifier evaluation
 that ``eval.glue`` and ``train.evaluate`` also use on a run folder.
@@ -201,16 +196,11 @@ def param_specs(loaded: convert.Loaded) -> Any:
     return shard_lib.logical_specs(models_lib.abstract_variables(loaded.config, loaded.head))["params"]
 
 
-def _none_if_empty(v):
-    return v if v not in ("", None, 0) else None
-
-
 # ------------------------------------------------------------------- shared reporting
 class _Base:
     objective: str
     dev_split: str
     primary_name: str
-
     head: str
 
     def __init__(self, config):
@@ -271,8 +261,8 @@ class ClassificationExperiment(_Base):
 
     def __init__(self, config):
         super().__init__(config)
-        data = data_lib.load_task(config.task, _none_if_empty(config.data_dir),
-                                  max_examples=_none_if_empty(int(config.max_examples)))
+        data = data_lib.load_task(config.task, config.data_dir or None,
+                                  max_examples=int(config.max_examples) or None)
         data_lib.check_splits(data, int(config.batch_size))  # before the model loads
         self.task = data.task
         self.task_name = self.task.name
@@ -283,15 +273,12 @@ class ClassificationExperiment(_Base):
 
         tok = Tokenizer.from_folder(self.tokenizer_dir)
         limit = min(tok.max_length, getattr(self.model_config, "max_position_embeddings", tok.max_length))
-        max_length = int(config.max_length)
-        if max_length > limit:
-            log.warning("max_length %d exceeds the model's maximum %d: using %d", max_length, limit, limit)
-            max_length = limit
-        self.max_length = max_length
+        self.max_length = max_length = min(int(config.max_length), limit)
+        if int(config.max_length) > limit:
+            log.warning("max_length %d exceeds the model's maximum %d: using %d",
+                        int(config.max_length), limit, limit)
         self.buckets = tuple(int(b) for b in config.length_buckets)
-        self.features = data_lib.encode_splits(data, tok, max_length)
-        if self.task.train_split not in self.features:
-            raise data_lib.DataError(f"task {self.task.name} has no {self.task.train_split!r} split")
+        self.features = data_lib.encode_splits(data, tok, max_length)  # check_splits: a train split
         self.train = data_lib.TrainBatches(self.features[self.task.train_split], int(config.batch_size),
                                            seed=int(config.seed), buckets=self.buckets)
         self.data_report = {
@@ -300,9 +287,6 @@ class ClassificationExperiment(_Base):
             "dropped_empty": dict(data.dropped), "skipped_corrupt": dict(data.skipped),
             "max_length": max_length, "length_buckets": list(data_lib.length_buckets(max_length, self.buckets)),
         }
-        for s, n in self.data_report["truncated"].items():
-            if n:
-                log.warning("%s/%s: %d example(s) truncated to %d tokens", self.task.name, s, n, max_length)
         self.loss_fn = train_lib.make_classification_loss(self.module, self.task.num_labels, self.acc_variant)
         self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
                                  if n in self.family.dummy_inputs(self.model_config, 1, 8))
@@ -338,7 +322,6 @@ class ClassificationExperiment(_Base):
             bucket=int(el.bucket), floor=int(el.floor), compile=compile)
 
 
-
 # ---------------------------------------------------------------------------- seq2seq
 class Seq2SeqBatches:
     """Shuffled, fixed-shape text-to-text training batches, resumable at any (epoch, index).
@@ -372,10 +355,7 @@ class Seq2SeqBatches:
         out = prompting.text_to_text_batch(self.tokenizer, [self.examples[i] for i in idx],
                                            source_length=self.source_length,
                                            target_length=self.target_length, batch_size=self.batch_size)
-        w = np.zeros(self.batch_size, np.float32)
-        w[:len(idx)] = 1.0
-        out["weights"] = w
-        return out
+        return {**out, "weights": (np.arange(self.batch_size) < len(idx)).astype(np.float32)}
 
 
 class Seq2SeqExperiment(_Base):
@@ -388,12 +368,9 @@ class Seq2SeqExperiment(_Base):
         from accjax import prompting, seq2seq
         from accjax.tokenization import Tokenizer
 
-        self.splits = {"train": prompting.load_jsonl(config.train_file),
-                       "validation": prompting.load_jsonl(config.dev_file)}
-        if config.test_file:
-            self.splits["test"] = prompting.load_jsonl(config.test_file)
-        if int(config.max_examples) > 0:
-            self.splits = {k: v[:int(config.max_examples)] for k, v in self.splits.items()}
+        files = {"train": config.train_file, "validation": config.dev_file, "test": config.test_file}
+        self.splits = {k: prompting.load_jsonl(f)[:max(int(config.max_examples), 0) or None]
+                       for k, f in files.items() if k != "test" or f}
         self.labels = [w.strip() for w in str(config.labels).split(",") if w.strip()] or None
         self.primary_name = "accuracy" if self.labels else "token_f1"
         self.task_name = Path(config.train_file).name
@@ -404,13 +381,9 @@ class Seq2SeqExperiment(_Base):
                                     seed=int(config.seed), source_length=self.source_length,
                                     target_length=self.target_length)
         module, variant = self.module, self.acc_variant
-
-        def loss_fn(params, batch, rng, schedule):
-            return seq2seq.seq2seq_loss(module, params, batch, rng, schedule=schedule, acc_variant=variant)
-
-        self.loss_fn = loss_fn
-        self.forward = None
-        self._predictor = None
+        self.loss_fn = lambda params, batch, rng, schedule: seq2seq.seq2seq_loss(
+            module, params, batch, rng, schedule=schedule, acc_variant=variant)
+        self.forward, self._predictor = None, None
         self.data_report = {"task": {"train_file": str(config.train_file), "dev_file": str(config.dev_file),
                                      "test_file": str(config.test_file) or None, "labels": self.labels},
                             "examples": {k: len(v) for k, v in self.splits.items()}}

@@ -29,28 +29,11 @@ and runs them in chunks of the largest exported batch size; the rest goes to the
 exported batch size that holds it, padded with one-token filler rows (dropped from the output).
 Rows never interact, so padding and chunking do not change any example's logits.
 
-Parameters as an argument, not baked in (``--embed_params`` bakes them in, for comparison).
-Measured on this project's 2-core CPU machine (shared, load average 8-12: wall times are
-noisy, CPU seconds less so), MiniLM-L6 shapes with random weights (22.7 M params, 91 MB fp32),
-speedups 1,2,4.8 x batch sizes 1,32 x lengths 32,64 = 12 programs, jax 0.10.2, no compile cache:
-
-    params                            argument (default)      baked in (--embed_params)
-    OUT_DIR size                      92 MB                   1091 MB
-    export (wall)                     13 s                    46 s
-    open (manifest + params)          0.35 s                  0.02 s
-    read + check + deserialize        0.004-0.04 s            0.42-0.55 s       per program
-    first call (compile), CPU         3.4-3.7 s               4.0-4.4 s         per program
-    all 12 programs ready: wall, CPU  65 s, 28 s              100 s, 44 s
-    peak memory, all 12 loaded        0.7 GB                  3.3 GB
-    one call, 32 x 64 at 4.8x         290-420 ms              250-345 ms        (same, noise)
-
-Baked in, every program carries its own copy of every weight as a StableHLO constant: the
-folder grows with the number of programs, each program costs a 91 MB read, hash and
-deserialization, and each loaded module and compiled executable holds its own copy of the
-weights (3.3 GB resident for 12 programs).
-As an argument the weights are read once (safetensors) and shared by every program; a
-program is 60-90 KB of code. Run time is the same within this machine's noise. With ``accjax.compile_cache.enable()`` a second
-process's first call drops from 9-10 s to 1.3 s (wall; the compiled program comes from disk).
+Parameters are an argument, not baked in (``--embed_params`` bakes them in, for comparison):
+baked in, every program carries its own copy of every weight as a StableHLO constant, so the
+folder, each program's read and deserialization, and resident memory grow with the number of
+programs; as an argument the weights are read once and shared, and a program is only code
+(figures: docs/benchmarks.md, "Exported programs").
 
 Compatibility: ``manifest.json`` carries ``format_version``; a reader refuses another version,
 a jax that cannot deserialize the programs' serialization version, and a machine whose
@@ -77,16 +60,12 @@ from accjax.serving import (FORMAT, FORMAT_VERSION, INPUT_NAMES, MANIFEST, PARAM
                             PROGRAMS_DIR, ExportedModel, ExportError, load_exported)
 
 def _parse_platforms(text: str | Sequence[str]) -> tuple[str, ...]:
-    items = text.split(",") if isinstance(text, str) else list(text)
     out = []
-    for item in items:
-        p = str(item).strip().lower()
-        if p == "gpu":
-            p = "cuda"
+    for item in text.split(",") if isinstance(text, str) else text:
+        p = {"gpu": "cuda"}.get(str(item).strip().lower(), str(item).strip().lower())
         if p not in PLATFORMS:
             raise ExportError(f"platform {item.strip()!r} is unknown; choose from {','.join(PLATFORMS)}")
-        if p not in out:
-            out.append(p)
+        out += [p] if p not in out else []
     if not out:
         raise ExportError("no platform given; write e.g. --platforms cpu or --platforms cpu,cuda")
     return tuple(out)
@@ -106,13 +85,12 @@ def check_paths(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overw
                           "outside it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"OUT_DIR {out_dir} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"OUT_DIR {out_dir} is not empty; pass --overwrite to replace an "
-                              "earlier export, or choose an empty folder")
-        if not (out / MANIFEST).exists():
-            raise ExportError(f"OUT_DIR {out_dir} holds files but no {MANIFEST}; --overwrite only "
-                              "replaces an earlier export: choose an empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"OUT_DIR {out_dir} is not empty; pass --overwrite to replace an "
+                          "earlier export, or choose an empty folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise ExportError(f"OUT_DIR {out_dir} holds files but no {MANIFEST}; --overwrite only "
+                          "replaces an earlier export: choose an empty folder")
     return run, out
 
 
@@ -172,6 +150,7 @@ def export_run(
 
     import jax
     import jax.numpy as jnp
+    import jaxlib
     from jax import export as jexport
 
     import accjax
@@ -214,8 +193,7 @@ def export_run(
             params_entry.update(file=PARAMS_FILE, sha256=sha256_of(tmp / PARAMS_FILE),
                                 tensors=len(flat), bytes=int(sum(v.nbytes for v in flat.values())))
         param_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
-        programs, files = [], {}
-        serialization = None
+        programs, files, serialization = [], {}, None
         for t in lengths:
             for s in speedups:
                 plan = sched_lib.plan(models.cost_model(cfg), t, s, bucket=run.bucket, floor=run.floor)
@@ -242,7 +220,7 @@ def export_run(
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "accjax_version": accjax.__version__, "jax_version": jax.__version__,
-            "jaxlib_version": _jaxlib_version(), "serialization_version": serialization,
+            "jaxlib_version": jaxlib.__version__, "serialization_version": serialization,
             "platforms": list(platforms),
             "family": run.loaded.family.name, "head": run.loaded.head,
             "num_labels": int(getattr(cfg, "num_labels", 0)),
@@ -270,12 +248,6 @@ def _family_inputs(loaded) -> tuple[str, ...]:
     """The inputs this family's modules take (GPT-2 has no token types)."""
     fam = loaded.family
     return tuple(fam.dummy_inputs(loaded.config, 1, 8)) if fam.dummy_inputs else ("input_ids",)
-
-
-def _jaxlib_version() -> str:
-    import jaxlib
-
-    return jaxlib.__version__
 
 
 # ==================================================================================== CLI

@@ -56,6 +56,18 @@ def sample_logits(logits: Array, rng: Array, *, greedy: bool, temperature: Array
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def token_log_probs(logits: Array, labels: Array) -> Array:
+    """log p(labels) per position: logits [B, T, V], labels [B, T] (negatives -> 0) -> [B, T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+
+
+def decoding(m: int):
+    """The condition of a decoding ``while_loop`` whose state is (step, _, _, done [B], ...):
+    fewer than ``m`` steps and a row not done yet."""
+    return lambda state: (state[0] < m) & ~jnp.all(state[3])
+
+
 @dataclasses.dataclass
 class GenerateOutput:
     """tokens [B, M] (pad after eos), lengths [B] tokens before and including the first eos,
@@ -91,10 +103,6 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
         tokens = jnp.full((b, m), pad_token_id, jnp.int32).at[:, 0].set(tok)
         lengths = jnp.ones((b,), jnp.int32)
 
-        def cond(state):
-            i, _, _, done, _, _ = state
-            return (i < m) & ~jnp.all(done)
-
         def body(state):
             i, tokens, lengths, done, cache, rng = state
             prev = lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)  # [B, 1]
@@ -110,20 +118,20 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
             return i + 1, tokens, lengths, done, cache, rng
 
         state = (jnp.ones((), jnp.int32), tokens, lengths, done, cache, rng)
-        _, tokens, lengths, done, cache, _ = lax.while_loop(cond, body, state)
+        _, tokens, lengths, done, cache, _ = lax.while_loop(decoding(m), body, state)
         return {"tokens": tokens, "lengths": lengths, "first_logits": logits, "cache": cache}
 
     return run
 
 
-class Generator(inference.Planned):
-    """Compiled-once generation at any speedup for a decoder LM (GPT-2, Llama).
+class LMPredictor(inference.Planned):
+    """A predictor of an 'lm' head model (decoders, T5), made from ``convert.load(spec, 'lm')``.
 
     Args:
-      module: a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``; params; config: its config.
+      module: e.g. a ``GPT2LMHeadModel``, ``LlamaForCausalLM``; params; config: its config.
       param_dtype: cast the parameters once (e.g. 'bfloat16').
       bucket, floor: schedule rounding and the smallest keep-length.
-      acc_variant: how prompt rows are ranked (``gpt2.RANKINGS``).
+      acc_variant: how rows are ranked (decoders: ``gpt2.RANKINGS``).
     """
 
     def __init__(self, module, params, config, *, param_dtype: str | None = None, bucket: int = 8,
@@ -135,11 +143,16 @@ class Generator(inference.Planned):
         self.programs = programs.ProgramCache()
 
     @classmethod
-    def from_loaded(cls, loaded, **kw) -> "Generator":
+    def from_loaded(cls, loaded, **kw):
         if loaded.head != "lm":
-            raise ValueError(f"generation needs an LM head; {loaded.folder} was loaded with head "
+            raise ValueError(f"{cls.__name__} needs an LM head; {loaded.folder} was loaded with head "
                              f"{loaded.head!r} (load it with head='lm')")
         return cls(loaded.module, loaded.params, loaded.config, **kw)
+
+
+class Generator(LMPredictor):
+    """Compiled-once generation at any speedup for a decoder LM (GPT-2, Llama); arguments as
+    ``LMPredictor``."""
 
     def program(self, batch: int, plan: sched_lib.Plan, max_new_tokens: int, greedy: bool,
                 top_k: int, eos_token_id: int | None, pad_token_id: int):

@@ -36,15 +36,10 @@ ARCHITECTURES = ("llama",)
 
 # GGUF tensor name (after 'blk.{i}.') -> HF name (after 'model.layers.{i}.').
 _NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -140,19 +135,14 @@ def hf_config(meta: dict[str, Any], path="GGUF") -> dict[str, Any]:
             raise GGUFError(f"{path}: metadata {arch}.{key} is missing")
         return v
 
-    n = int(get("attention.head_count"))
-    d = int(get("embedding_length"))
+    n, d = int(get("attention.head_count")), int(get("embedding_length"))
     vocab = get("vocab_size", None, required=False)
-    if vocab is None:
-        vocab = len(meta.get("tokenizer.ggml.tokens") or [])
+    vocab = len(meta.get("tokenizer.ggml.tokens") or []) if vocab is None else vocab
     if not vocab:
         raise GGUFError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
     cfg = {
-        "model_type": "llama",
-        "vocab_size": int(vocab),
-        "hidden_size": d,
-        "num_hidden_layers": int(get("block_count")),
-        "num_attention_heads": n,
+        "model_type": "llama", "vocab_size": int(vocab), "hidden_size": d,
+        "num_hidden_layers": int(get("block_count")), "num_attention_heads": n,
         "num_key_value_heads": int(get("attention.head_count_kv", n)),
         "head_dim": int(get("rope.dimension_count", d // n)),
         "intermediate_size": int(get("feed_forward_length")),
@@ -194,10 +184,8 @@ def read(path: str | Path) -> GGUFCheckpoint:
     """
     from gguf import quants
 
-    path = Path(path)
-    reader = _reader(path)
-    meta = metadata(path, reader)
-    cfg = hf_config(meta, path)
+    reader = _reader(path := Path(path))
+    cfg = hf_config(meta := metadata(path, reader), path)
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     sd, unknown = {}, []
     for t in reader.tensors:
@@ -257,9 +245,8 @@ def tokenizer(meta: dict[str, Any], path="GGUF"):
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     types = list(meta.get("tokenizer.ggml.token_type") or [])
-    special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty == 3]  # 3: CONTROL
-    if special:
+    if special := [AddedToken(t, special=True, normalized=False)
+                   for t, ty in zip(tokens, types) if ty == 3]:  # 3: CONTROL
         tok.add_special_tokens(special)
     bos = meta.get("tokenizer.ggml.bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:

@@ -62,12 +62,9 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
     one line and exit 1 (the run stopped; its last good checkpoint is kept)."""
     try:
         return fn()
-    except user_errors() as e:
+    except (*user_errors(), NonFiniteError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(1 if isinstance(e, NonFiniteError) else 2)
 
 
 def one_line(e: BaseException) -> str:

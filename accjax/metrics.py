@@ -49,27 +49,19 @@ def matthews_corrcoef(predictions, labels) -> float:
     k, n = len(classes), len(y)
     cm = np.zeros((k, k), np.float64)  # [true, predicted]
     np.add.at(cm, (inv[:n], inv[n:]), 1)
-    t = cm.sum(1)  # true count per class
-    q = cm.sum(0)  # predicted count per class
-    c = np.trace(cm)
-    s = cm.sum()
-    cov_tp = c * s - t @ q
-    cov_pp = s * s - q @ q
-    cov_tt = s * s - t @ t
-    denom = np.sqrt(cov_tt * cov_pp)
-    return float(cov_tp / denom) if denom else 0.0
+    t, q = cm.sum(1), cm.sum(0)  # true, predicted count per class
+    c, s = np.trace(cm), cm.sum()
+    denom = np.sqrt((s * s - t @ t) * (s * s - q @ q))
+    return float((c * s - t @ q) / denom) if denom else 0.0
 
 
 def pearson(predictions, labels) -> float:
     x, y = _pair(predictions, labels, dtype=np.float64)
     if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return 0.0  # undefined; checked exactly, as x - mean of a constant need not be 0
-    x = x - x.mean()
-    y = y - y.mean()
+    x, y = x - x.mean(), y - y.mean()
     denom = np.sqrt((x @ x) * (y @ y))
-    if not denom:
-        return 0.0
-    return float(np.clip((x @ y) / denom, -1.0, 1.0))
+    return float(np.clip((x @ y) / denom, -1.0, 1.0)) if denom else 0.0
 
 
 def rankdata(x) -> np.ndarray:
@@ -92,12 +84,7 @@ def spearman(predictions, labels) -> float:
 
 
 METRICS: dict[str, Callable[..., float]] = {
-    "accuracy": accuracy,
-    "f1": f1,
-    "mcc": matthews_corrcoef,
-    "pearson": pearson,
-    "spearman": spearman,
-}
+    "accuracy": accuracy, "f1": f1, "mcc": matthews_corrcoef, "pearson": pearson, "spearman": spearman}
 
 
 def predicted_labels(task: Task, predictions) -> np.ndarray:
@@ -157,8 +144,7 @@ def primary(task: Task, metrics: dict[str, float]) -> float:
 
 
 def _pair(a, b, dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(a, dtype).reshape(-1)
-    b = np.asarray(b, dtype).reshape(-1)
+    a, b = np.asarray(a, dtype).reshape(-1), np.asarray(b, dtype).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"{a.shape[0]} predictions for {b.shape[0]} labels")
     return a, b

@@ -1,9 +1,7 @@
 """Instruction data, prompts, and prompting evaluation of T5 models and decoders (GPT-2,
 Llama) at several speedups.
 
-Data: JSONL, one example per line, ``{"instruction": str, "input": str, "target": str}``
-(``instruction`` and ``input`` may be empty or absent, ``target`` may not). ``load_jsonl``
-names the file and line of every problem.
+Data: JSONL, one ``{"instruction", "input", "target"}`` object a line (``load_jsonl``).
 
 Prompt (``build_prompt``), the same layout with and without exemplars; k exemplars make
 k-shot prompting, none zero-shot::
@@ -31,15 +29,9 @@ Scoring:
     normalisation (lower case, punctuation and the articles a/an/the removed, whitespace
     collapsed); F1 over the bag of normalised tokens.
 
-Decoders (``DecoderPredictor``): the prompt is prefilled with elimination and each label
-word is scored by teacher forcing on the pruned KV caches (no EOS; after 'Answer:' with a
-leading space). With a chat template (``render_chat``, as transformers renders it) each
-exemplar becomes a user turn and an assistant answer, and the example the last user turn;
-the label word is then the start of the assistant's answer. Free generation keeps the first
-line of the greedy answer for exact match.
-
-Training data (``text_to_text_batch``): prompt -> input_ids/attention_mask, target ->
-``labels`` (ending in EOS, padding = -100), what ``seq2seq.seq2seq_loss`` takes.
+Decoders (``DecoderPredictor``) score a label word without EOS, after 'Answer:' with a
+leading space, or, with a chat template (``chat_messages``), as the start of the assistant's
+answer; free generation keeps the first line of the greedy answer for exact match.
 """
 
 from __future__ import annotations
@@ -58,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from accjax import guards
-from accjax import inference, lm, programs, tokenization
+from accjax import generate, inference, lm, programs, seq2seq, tokenization
 
 ANSWER_PREFIX = "Answer:"
 
@@ -174,8 +166,9 @@ def label_candidates(tokenizer: tokenization.Tokenizer, labels: Sequence[str], *
     without special tokens.
     """
     enc = tokenizer.encode([prefix + w for w in labels], add_special_tokens=add_special_tokens).ids
+    unk = tokenizer.token_to_id("<unk>")
     for lab, ids in zip(labels, enc):
-        if tokenizer.token_to_id("<unk>") is not None and tokenizer.token_to_id("<unk>") in ids:
+        if unk is not None and unk in ids:
             raise PromptDataError(f"label {lab!r} contains tokens unknown to the tokenizer")
     p = tokenization.pad(tokenization.Encoded(enc), max(len(x) for x in enc), 0)
     return p["input_ids"], p["attention_mask"]
@@ -190,8 +183,7 @@ def text_to_text_batch(tokenizer: tokenization.Tokenizer, examples: Sequence[Exa
     ``batch_size`` > len(examples) appends rows with no counted label (all -100)."""
     ids, _ = encode_prompts(tokenizer, examples, shots=shots, seed=seed, max_length=source_length)
     b = batch_size or len(examples)
-    src = tokenization.pad(tokenization.Encoded(ids), source_length,
-                           tokenizer.pad_id, b)
+    src = tokenization.pad(tokenization.Encoded(ids), source_length, tokenizer.pad_id, b)
     tgt = tokenizer.encode([ex.target for ex in examples], max_length=target_length).ids
     labels = np.full((b, target_length), -100, np.int32)
     for i, t in enumerate(tgt):
@@ -227,10 +219,8 @@ def render_chat(template: str, messages: Sequence[dict[str, str]], *,
 # ---------------------------------------------------------------------------- metrics
 def normalize_answer(s: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
 
 
 def exact_match(prediction: str, target: str) -> float:
@@ -254,13 +244,10 @@ def _label_index(examples: Sequence[Example], labels: Sequence[str]) -> np.ndarr
     norm = {normalize_answer(word): i for i, word in enumerate(labels)}
     if len(norm) != len(labels):
         raise PromptDataError(f"labels {list(labels)} are not distinct after normalisation")
-    out = []
     for i, ex in enumerate(examples):
-        j = norm.get(normalize_answer(ex.target))
-        if j is None:
+        if normalize_answer(ex.target) not in norm:
             raise PromptDataError(f"example {i + 1}: target {ex.target!r} is not one of the labels {list(labels)}")
-        out.append(j)
-    return np.array(out)
+    return np.array([norm[normalize_answer(ex.target)] for ex in examples])
 
 
 def _batches(ids: list[list[int]], batch_size: int, pad_id: int):
@@ -297,9 +284,7 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
                                     max_length=min(max_length, predictor.length_buckets[-1]),
                                     render=render)
         for s in speedups:
-            t0 = time.perf_counter()
-            preds: list[Any] = [None] * len(examples)
-            analytic = []
+            t0, preds, analytic = time.perf_counter(), [None] * len(examples), []
             for idx, arr, mask in _batches(ids, predictor.batch_size, tokenizer.pad_id):
                 length = predictor.length_bucket(arr.shape[1])
                 analytic += [predictor.plan(length, s).analytic] * len(idx)
@@ -367,7 +352,7 @@ def rt_polarity_examples(split: str = "validation", limit: int | None = None) ->
             for r in rows]
 
 
-class DecoderPredictor(inference.Planned):
+class DecoderPredictor(generate.LMPredictor):
     """Label-likelihood scoring and greedy generation for a decoder LM (GPT-2, Llama) at any
     speedup, with the interface ``evaluate`` uses (as ``seq2seq.Seq2SeqPredictor``).
 
@@ -390,8 +375,6 @@ class DecoderPredictor(inference.Planned):
                  batch_size: int = 8, length_buckets: Sequence[int] = (64, 128, 256, 512, 1024),
                  bucket: int = 8, floor: int = 1, acc_variant: str = "plain",
                  param_dtype: str | None = None):
-        from accjax import generate
-
         self.gen = generate.Generator(module, params, config, param_dtype=param_dtype,
                                       bucket=bucket, floor=floor, acc_variant=acc_variant)
         self.module, self.config, self.cost = module, config, self.gen.cost
@@ -404,20 +387,8 @@ class DecoderPredictor(inference.Planned):
         self.programs = programs.ProgramCache()
         self.bucket, self.floor = bucket, floor
 
-    @classmethod
-    def from_loaded(cls, loaded, **kw) -> "DecoderPredictor":
-        if loaded.head != "lm":
-            raise ValueError(f"prompting needs the 'lm' head, the model was loaded as {loaded.head!r}")
-        return cls(loaded.module, loaded.params, loaded.config, **kw)
-
     def _chunks(self, batch):
-        ids = np.asarray(batch["input_ids"])
-        mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-        length = self.length_bucket(int(mask.sum(1).max()))
-        b = self.batch_size
-        chunks = [(programs.pad_rows(ids[i:i + b], b, length, fill=int(ids[0, 0])),
-                   programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, len(ids), b)]
-        return len(ids), length, chunks
+        return seq2seq.chunk_batch(self, batch)
 
     def _score_program(self, plan, c: int, width: int):
         module, sch = self.module, plan.schedule

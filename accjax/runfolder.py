@@ -1,20 +1,12 @@
 """The run folder's rules: one writer at a time, resume only the same run, survive torn files.
 
-A run folder (``train.finetune``'s ``run_dir``) is written by one training process at a time:
-
-  * ``lock(run_dir)`` takes an exclusive ``flock`` on ``run_dir/.lock`` (the holder's pid is
-    written inside). A second process gets ``RunFolderBusy`` naming that pid. The kernel drops
-    the lock when its process ends, however it ends (a SIGKILL leaves no stale lock).
-  * ``check_resume(run_dir, config)``: a restart must train the same thing. The config is
-    compared against the one recorded INSIDE the newest readable checkpoint (``meta['config']``),
-    and against ``train_config.json`` too; deleting the side file does not bypass the check.
-  * ``read_jsonl(path)``: ``metrics.jsonl`` records, tolerating a torn last line (a process
-    killed mid-write); ``rewrite_jsonl`` writes the kept records back whole.
-  * ``finished(run_dir, total_steps)``: the summary of a run that already reached its last
-    step, so re-running it changes nothing (no duplicate ``final`` records, no lost timings).
-  * ``refuse_writing_into_run(out)``: tools that write model folders (``accjax.convert``) never
-    overwrite a run folder's metadata.
-  * ``recorded_data_dir(meta, data_dir)``: where a run read its data, for every evaluator.
+A run folder (``train.finetune``'s ``run_dir``) is written by one training process at a time
+(``lock``: an exclusive ``flock`` on ``run_dir/.lock``, which the kernel drops when its process
+ends, however it ends: a SIGKILL leaves no stale lock). A restart must train the same thing
+(``check_resume``: against the config INSIDE the newest readable checkpoint too, so deleting
+``train_config.json`` does not bypass the check), survives a torn last line of
+``metrics.jsonl`` (``read_jsonl``) and changes nothing once the run finished (``finished``).
+Tools that write model folders never overwrite a run folder (``refuse_writing_into_run``).
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from accjax import guards
 from accjax.guards import UserError
@@ -65,10 +57,9 @@ def lock(run_dir: str | os.PathLike) -> Path:
         os.close(fd)
         if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
-        holder = _read_pid(path)
         raise RunFolderBusy(
-            f"run folder {run_dir} is in use by another training process (pid {holder}); wait "
-            "for it to finish (or stop it), or pass another --config.run_dir") from None
+            f"run folder {run_dir} is in use by another training process (pid {_read_pid(path)}); "
+            "wait for it to finish (or stop it), or pass another --config.run_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = fd
@@ -122,19 +113,13 @@ def check_resume(run_dir: str | os.PathLike, config: dict,
     steps = checkpoint_steps(run_dir)
     if not steps:
         return
-    recorded = None
-    for step in steps:
-        meta = checkpoint_meta(run_dir, step)
-        if meta is not None:
-            recorded = meta.get("config")
-            break
+    metas = (checkpoint_meta(run_dir, step) for step in steps)
+    recorded = next((m.get("config") for m in metas if m is not None), None)
     side = run_dir / "train_config.json"
-    saved = None
-    if side.exists():
-        try:
-            saved = json.loads(side.read_text())
-        except ValueError:
-            saved = None  # a torn side file; the checkpoint's copy is the record
+    try:
+        saved = json.loads(side.read_text()) if side.exists() else None
+    except ValueError:
+        saved = None  # a torn side file; the checkpoint's copy is the record
     try:
         for one in (recorded, saved):
             if one is not None:
@@ -161,8 +146,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             try:
                 rec = json.loads(line)
             except ValueError:
-                bad.append(n)
-                continue
+                rec = None
             if isinstance(rec, dict):
                 out.append(rec)
             else:
@@ -189,9 +173,8 @@ def finished(run_dir: str | os.PathLike, total_steps: int) -> dict | None:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(summary, dict) or int(summary.get("steps") or -1) != int(total_steps):
-        return None
-    return summary
+    done = isinstance(summary, dict) and int(summary.get("steps") or -1) == int(total_steps)
+    return summary if done else None
 
 
 # ------------------------------------------------------------------------ other writers
@@ -218,10 +201,3 @@ def refuse_writing_into_run(out: str | os.PathLike, src: str | os.PathLike | Non
         raise UserError(f"{out} is a training run's folder; its model and metadata are never "
                         "rewritten: pass a new output folder")
 
-
-def recorded_data_dir(meta: dict[str, Any], data_dir: str | None = None) -> str | None:
-    """``data_dir`` when given, else the one the run trained with (``train_config.data_dir``)."""
-    if data_dir:
-        return data_dir
-    tc = meta.get("train_config") or {}
-    return tc.get("data_dir") or None

@@ -179,9 +179,8 @@ def _plan(cm: CostModel, length: int, speedup: float, bucket: int, floor: int) -
     top = max_speedup(cm, length, bucket=bucket, floor=floor)
     clamped = speedup if speedup > top * (1 + 1e-9) else None
     keep = _solve(cm, length, min(speedup, top), bucket, floor)
-    if all(k >= length for k in keep):
-        return Plan(length, keep, 1.0, clamped)
-    return Plan(length, keep, analytic_speedup(cm, length, keep), clamped)
+    return Plan(length, keep, 1.0 if all(k >= length for k in keep) else analytic_speedup(cm, length, keep),
+                clamped)
 
 
 def explicit(cm: CostModel, length: int, schedule: Sequence[int]) -> Plan:
@@ -234,14 +233,9 @@ def _bisect(cm: CostModel, seq_len: int, speedup: float, bucket: int, floor: int
     lo, hi = 0.0, 1.0  # s(lo) = top >= speedup >= s(hi) (1 without a prefix)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if s(mid) >= speedup:
-            lo = mid
-        else:
-            hi = mid
-    a = _bucketed(seq_len, L, lo, bucket, floor, prefix)  # speedup >= target
-    b = _bucketed(seq_len, L, hi, bucket, floor, prefix)  # speedup < target
-    sa, sb = s(lo), s(hi)
-    return a if abs(sa - speedup) <= abs(sb - speedup) else b
+        lo, hi = (mid, hi) if s(mid) >= speedup else (lo, mid)
+    r = lo if abs(s(lo) - speedup) <= abs(s(hi) - speedup) else hi  # lo: at or above the target
+    return _bucketed(seq_len, L, r, bucket, floor, prefix)
 
 
 def check(schedule: Sequence[int], num_layers: int, seq_len: int) -> tuple[int, ...]:

@@ -55,10 +55,8 @@ def shapes(cm: sched_lib.CostModel, length: int, level: float, *, bucket: int = 
     out = [sched_lib.plan(cm, length, level, bucket=bucket, floor=floor).keep]
     prefixes = [(length,) * k for k in range(1, cm.num_layers)] + [
         (max(floor, sched_lib.bucket_up(length * f, bucket)),) for f in (0.75, 0.5)]
-    for p in prefixes:
-        keep = sched_lib.decay_after(cm, length, level, p, bucket=bucket, floor=floor)
-        if keep is not None:
-            out.append(keep)
+    out += [k for p in prefixes
+            if (k := sched_lib.decay_after(cm, length, level, p, bucket=bucket, floor=floor)) is not None]
     return list(dict.fromkeys(out))
 
 

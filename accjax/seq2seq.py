@@ -16,11 +16,7 @@ a static ``max_new_tokens`` slots. After EOS a row emits the pad token, as HF do
 
 Decoding modes: ``greedy`` (argmax; equals HF ``generate(do_sample=False, num_beams=1)``)
 and ``sample`` (temperature, then optional top-k and nucleus top-p filtering). Beam search
-is not implemented.
-
-Loss (``seq2seq_loss``): mean token cross-entropy of ``labels`` given the inputs, teacher
-forced with decoder inputs = labels shifted right behind the start token; labels < 0
-(HF's -100) are ignored. It matches HF ``T5ForConditionalGeneration(labels=...).loss``.
+is not implemented. ``seq2seq_loss`` matches HF ``T5ForConditionalGeneration(labels=...).loss``.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import generate, inference, models, programs
+from accjax import generate, inference, programs
 from accjax import schedule as sched_lib
 from accjax.models import t5 as t5_lib
 
@@ -79,9 +75,7 @@ def generate_tokens(
         raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
     if mode == "sample" and rng is None:
         raise ValueError("mode='sample' needs an rng key")
-    cfg = module.config
-    b = input_ids.shape[0]
-    m = int(max_new_tokens)
+    cfg, b, m = module.config, input_ids.shape[0], int(max_new_tokens)
     enc = _encode(module, params, input_ids, attention_mask, schedule, acc_variant, protect_last)
     enc_mask = enc.rows.mask  # [B, K] the cross-attention mask of the kept rows
     kv = module.apply({"params": params}, enc.last_hidden_state, method="cross_kv")
@@ -90,10 +84,6 @@ def generate_tokens(
     tok = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
     key = rng if rng is not None else jax.random.PRNGKey(0)
-
-    def cond(state):
-        i, _, _, done, _, _ = state
-        return (i < m) & ~jnp.all(done)
 
     def body(state):
         i, tok, cache, done, out, key = state
@@ -108,7 +98,7 @@ def generate_tokens(
         return i + 1, nxt, cache, done, out, key
 
     state = (jnp.int32(0), tok, cache, done, out, key)
-    return jax.lax.while_loop(cond, body, state)[4]
+    return jax.lax.while_loop(generate.decoding(m), body, state)[4]
 
 
 def first_token(module, params, input_ids: Array, attention_mask: Array, *,
@@ -126,12 +116,6 @@ def first_token(module, params, input_ids: Array, attention_mask: Array, *,
     logits, _ = module.apply({"params": params}, tok, jnp.int32(0), t5_lib.init_cache(cfg, b, 1), kv,
                              enc.rows.mask, method="decode_step")
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-def token_log_probs(logits: Array, labels: Array) -> Array:
-    """log p(labels) per position: logits [B, T, V], labels [B, T] (negatives -> 0) -> [B, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
 
 
 def score_candidates(
@@ -168,7 +152,7 @@ def score_candidates(
     dec_in = t5_lib.shift_right(jnp.where(lmask > 0, labels, -100), cfg.decoder_start_token_id,
                                 cfg.pad_token_id)
     logits = module.apply({"params": params}, dec_in, h, m, method="decode")  # [B*C, L, V]
-    lp = (token_log_probs(logits, labels) * lmask).sum(axis=-1)  # [B*C]
+    lp = (generate.token_log_probs(logits, labels) * lmask).sum(axis=-1)  # [B*C]
     return lp.reshape(b, c)
 
 
@@ -209,10 +193,10 @@ def seq2seq_loss(
                        protect_last=protect_last, deterministic=rng is None, **kw)
     logits = out.logits  # [B, L, V] float32
     valid = (labels >= 0).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]  # [B, L]
+    nll = -generate.token_log_probs(logits, labels)  # [B, L]
     if label_smoothing > 0:
-        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+        uniform = -jax.nn.log_softmax(logits, axis=-1).mean(axis=-1)  # [B, L]
+        nll = (1 - label_smoothing) * nll + label_smoothing * uniform
     n = jnp.maximum(valid.sum(), 1.0)
     loss = (nll * valid).sum() / n
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * valid
@@ -229,7 +213,22 @@ def make_loss_fn(module, *, schedule: tuple[int, ...] | None = None, acc_variant
 
 
 # ----------------------------------------------------------------------------- serving
-class Seq2SeqPredictor(inference.Planned):
+def chunk_batch(pred, batch: dict[str, np.ndarray], fill: int | None = None):
+    """(n, padded length, [(ids [B, length], mask [B, length])]): ``batch`` right-padded to
+    ``pred``'s smallest length bucket holding it and cut into chunks of ``pred.batch_size``
+    (filler rows: one token ``fill``, default the first row's first token)."""
+    ids = np.asarray(batch["input_ids"])
+    n = ids.shape[0]
+    if n == 0:
+        raise ValueError("empty batch")
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+    length, b = pred.length_bucket(int(mask.sum(1).max())), pred.batch_size
+    fill = int(ids[0, 0]) if fill is None else fill
+    return n, length, [(programs.pad_rows(ids[i:i + b], b, length, fill=fill),
+                        programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, n, b)]
+
+
+class Seq2SeqPredictor(generate.LMPredictor):
     """Compiled-once generation and scoring for a T5 model at any speedup.
 
     Inputs of any length are right-padded to the smallest length bucket that holds them and
@@ -245,20 +244,10 @@ class Seq2SeqPredictor(inference.Planned):
                  length_buckets: Sequence[int] = inference.DEFAULT_LENGTH_BUCKETS,
                  acc_variant: str = "plain", protect_last: bool = False, bucket: int = 8,
                  floor: int = 1, param_dtype: str | None = None):
-        self.module, self.config = module, config
-        self.batch_size = int(batch_size)
+        super().__init__(module, params, config, param_dtype=param_dtype, bucket=bucket, floor=floor,
+                         acc_variant=acc_variant)
+        self.batch_size, self.protect_last = int(batch_size), protect_last
         self.length_buckets = inference.cap_buckets(config, length_buckets)
-        self.acc_variant, self.protect_last = acc_variant, protect_last
-        self.bucket, self.floor = bucket, floor
-        self.params = inference.cast_params(params, param_dtype)
-        self.cost = models.cost_model(config, "lm")
-        self.programs = programs.ProgramCache()
-
-    @classmethod
-    def from_loaded(cls, loaded, **kw) -> "Seq2SeqPredictor":
-        if loaded.head != "lm":
-            raise ValueError(f"generation needs the 'lm' head, the model was loaded as {loaded.head!r}")
-        return cls(loaded.module, loaded.params, loaded.config, **kw)
 
     def _program(self, key: tuple, fn, *specs):
         return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))
@@ -292,16 +281,7 @@ class Seq2SeqPredictor(inference.Planned):
 
     # ------------------------------------------------------------------------- running
     def _chunks(self, batch: dict[str, np.ndarray]):
-        ids = np.asarray(batch["input_ids"])
-        n = ids.shape[0]
-        if n == 0:
-            raise ValueError("empty batch")
-        mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-        length = self.length_bucket(int(mask.sum(1).max()))
-        b = self.batch_size
-        chunks = [(programs.pad_rows(ids[i:i + b], b, length, fill=self.config.eos_token_id),
-                   programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, n, b)]
-        return n, length, chunks
+        return chunk_batch(self, batch, fill=self.config.eos_token_id)
 
     def generate(self, batch: dict[str, np.ndarray], speedup: float = 1.0, *,
                  max_new_tokens: int = 32, mode: str = "greedy", temperature: float = 1.0,
@@ -322,8 +302,7 @@ class Seq2SeqPredictor(inference.Planned):
               speedup: float = 1.0) -> np.ndarray:
         """[n, t] prompts, [C, L] candidates -> [n, C] log-likelihoods."""
         n, length, chunks = self._chunks(batch)
-        cand_ids = np.asarray(cand_ids, np.int32)
-        cand_mask = np.asarray(cand_mask, np.int32)
+        cand_ids, cand_mask = np.asarray(cand_ids, np.int32), np.asarray(cand_mask, np.int32)
         prog = self.score_program(self.batch_size, self.plan(length, speedup), *cand_ids.shape)
         outs = [np.asarray(prog(self.params, cid, cm, cand_ids, cand_mask)) for cid, cm in chunks]
         return np.concatenate(outs)[:n]

@@ -53,8 +53,7 @@ class ExportedModel:
     def __init__(self, folder: Path, manifest: dict):
         import jax
 
-        self.folder = folder
-        self.manifest = manifest
+        self.folder, self.manifest = folder, manifest
         self.input_names = tuple(i["name"] for i in manifest["inputs"])
         self.speedups = tuple(float(s) for s in manifest["speedups"])
         self.batch_sizes = tuple(sorted(int(b) for b in manifest["batch_sizes"]))
@@ -98,9 +97,8 @@ class ExportedModel:
                           f"{', '.join(f'{s:g}' for s in self.speedups)} (re-export with --speedups)")
 
     def length_for(self, n: int) -> int:
-        for t in self.lengths:
-            if n <= t:
-                return t
+        if (t := next((t for t in self.lengths if n <= t), None)) is not None:
+            return t
         raise ExportError(f"input of {n} tokens is longer than the largest exported length "
                           f"{self.lengths[-1]}; truncate it or re-export with a longer --lengths")
 
@@ -186,6 +184,8 @@ def check_manifest(manifest: dict, folder: Path | str = "") -> None:
     from jax import export as jexport
     import jax
 
+    import accjax
+
     fmt, ver = manifest.get("format"), manifest.get("format_version")
     if fmt != FORMAT:
         raise ExportError(f"{folder}/{MANIFEST} is not an accjax export (format {fmt!r}); pass a "
@@ -193,7 +193,7 @@ def check_manifest(manifest: dict, folder: Path | str = "") -> None:
     if ver != FORMAT_VERSION:
         raise ExportError(
             f"{folder} was exported in format version {ver} (accjax {manifest.get('accjax_version')}); "
-            f"this accjax {_accjax_version()} reads version {FORMAT_VERSION}: export the run again "
+            f"this accjax {accjax.__version__} reads version {FORMAT_VERSION}: export the run again "
             "with this accjax (python -m accjax.export RUN_DIR OUT_DIR ...)")
     sv = manifest.get("serialization_version")
     lo = jexport.minimum_supported_calling_convention_version
@@ -208,12 +208,6 @@ def check_manifest(manifest: dict, folder: Path | str = "") -> None:
         raise ExportError(
             f"{folder} was exported for {','.join(manifest.get('platforms', []))}, this machine "
             f"runs {here}: export again with --platforms {','.join(manifest.get('platforms', []) + [here])}")
-
-
-def _accjax_version() -> str:
-    import accjax
-
-    return accjax.__version__
 
 
 def load_exported(folder: str | os.PathLike) -> ExportedModel:

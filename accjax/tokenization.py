@@ -114,11 +114,8 @@ class Tokenizer:
             encs = self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
         finally:
             self._tok.no_truncation()
-        return Encoded(
-            ids=[e.ids for e in encs],
-            type_ids=[e.type_ids for e in encs],
-            truncated=sum(1 for e in encs if e.overflowing),
-        )
+        return Encoded(ids=[e.ids for e in encs], type_ids=[e.type_ids for e in encs],
+                       truncated=sum(1 for e in encs if e.overflowing))
 
 
 def _gguf_chat_template(folder: Path) -> str | None:

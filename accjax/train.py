@@ -20,9 +20,7 @@ Elimination while training (``config.elimination.mode``):
     so a resumed run draws exactly the levels the uninterrupted run drew, with no generator
     state to checkpoint.
 
-The schedule of a step is ``schedule.plan`` of its speedup at the batch's length bucket (a
-speedup above what the bucket permits runs at that maximum; evaluation rows record the
-analytic speedup actually run).
+A step's schedule is ``schedule.plan`` of its speedup at the batch's length bucket.
 
 Determinism and exact resume: the dropout key of step t is ``fold_in(PRNGKey(seed), t)``;
 batch t is ``TrainBatches.position(t)``; the elastic level of step t is drawn as above. A
@@ -33,12 +31,8 @@ Optimizer: AdamW (decoupled weight decay, not on biases or LayerNorm / RMSNorm s
 Hugging Face's Trainer), learning rate warmed up linearly from 0 over
 ``ceil(warmup_ratio * total_steps)`` steps then decayed linearly to 0, gradients clipped by
 global norm. Parameters and optimizer state are float32; ``config.dtype = 'bfloat16'``
-makes the model compute in bfloat16.
-
-Losses: weighted cross-entropy for classification (``batch['weights']``, 0 on filler rows),
-weighted mean squared error for regression (one output), token cross-entropy for
-text-to-text (``accjax.seq2seq``). Any ``loss_fn(params, batch, rng, schedule) -> (loss,
-metrics)`` plugs in.
+makes the model compute in bfloat16. Any ``loss_fn(params, batch, rng, schedule) -> (loss,
+metrics)`` plugs in (``classification_loss``; ``accjax.seq2seq`` for text-to-text).
 """
 
 from __future__ import annotations
@@ -80,11 +74,8 @@ class TrainState:
 def decay_mask(params: Any) -> Any:
     """True for parameters AdamW decays: kernels and embedding tables, not biases or norm
     scales (Hugging Face's ``no_decay = ['bias', 'LayerNorm.weight']``)."""
-    def one(path, _):
-        name = getattr(path[-1], "key", str(path[-1]))
-        return name not in ("bias", "scale")
-
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", str(path[-1])) not in ("bias", "scale"), params)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
@@ -115,12 +106,9 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
       (the optax transformation, the learning-rate schedule).
     """
     sched = lr_schedule(float(optim.lr), total_steps, float(optim.warmup_ratio))
-    parts = []
-    if float(optim.clip) > 0:
-        parts.append(optax.clip_by_global_norm(float(optim.clip)))
-    parts.append(optax.adamw(sched, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
-                             weight_decay=float(optim.weight_decay), mask=decay_mask))
-    return optax.chain(*parts), sched
+    clip = [optax.clip_by_global_norm(float(optim.clip))] if float(optim.clip) > 0 else []
+    return optax.chain(*clip, optax.adamw(sched, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
+                                          weight_decay=float(optim.weight_decay), mask=decay_mask)), sched
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -257,9 +245,8 @@ class SpeedupSampler:
                              f"{len(self.pool)}), got {self.samples}")
 
     def level(self, step: int) -> int:
-        if len(self.levels) == 1:
-            return 0
-        return int(np.random.default_rng([self.seed, int(step)]).integers(len(self.levels)))
+        return 0 if len(self.levels) == 1 else int(
+            np.random.default_rng([self.seed, int(step)]).integers(len(self.levels)))
 
     def speedups(self, step: int) -> tuple[float | None, ...]:
         """The passes of step ``step``: one speedup each (None = dense), a pure function of
@@ -349,17 +336,14 @@ class Trainer:
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
         sh = self.state_shardings(params)
         params = shard_lib.put(params, sh.params)
-        opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
-        step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
-        return TrainState(step, params, opt_state)
+        return TrainState(jax.device_put(jnp.zeros((), jnp.int32), sh.step), params,
+                          jax.jit(self.tx.init, out_shardings=sh.opt_state)(params))
 
     def batch_shardings(self, batch: dict[str, Any]) -> dict:
         key = tuple(sorted((k, np.ndim(v)) for k, v in batch.items()))
-        sh = self._batch_shardings.get(key)
-        if sh is None:
-            sh = shard_lib.batch_shardings(batch, self.mesh, self.rules)
-            self._batch_shardings[key] = sh
-        return sh
+        if key not in self._batch_shardings:
+            self._batch_shardings[key] = shard_lib.batch_shardings(batch, self.mesh, self.rules)
+        return self._batch_shardings[key]
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
         """A global host batch -> global arrays sharded over the batch axis."""
@@ -414,8 +398,7 @@ class Trainer:
              ) -> tuple[TrainState, dict[str, Array]]:
         """One update on a GLOBAL host batch; ``state`` is donated (do not reuse it).
         ``schedule``: keep-lengths, None (dense) or ``Passes``."""
-        schedule = static_schedule(schedule)
-        prog = self.train_program(state, batch, schedule)
+        prog = self.train_program(state, batch, static_schedule(schedule))
         return prog(state, self.put_batch(batch), np.uint32(self.seed))
 
     def eval_program(self, params, batch: dict[str, Any], schedule):

@@ -35,28 +35,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.labels = ""  # comma-separated label words: classification by label likelihood; '' = generation
     c.source_length = 256  # prompt tokens (longer prompts are truncated, EOS kept)
     c.target_length = 32  # target tokens (and the generation limit at evaluation)
-    c.batch_size = 16
-    c.eval_batch_size = 16
-    c.optim.lr = 3e-4  # T5 fine-tunes well at 1e-4 .. 1e-3
-    c.optim.warmup_ratio = 0.06
-    c.elimination.speedup_range = (1.0, 3.0)  # encoder elimination
-    c.elimination.levels = 5
+    c.update(batch_size=16, eval_batch_size=16, log_every_steps=20, run_dir=f"runs/flan_t5_instruct_{mode}")
+    c.optim.update(lr=3e-4, warmup_ratio=0.06)  # T5 fine-tunes well at lr 1e-4 .. 1e-3
+    c.elimination.update(speedup_range=(1.0, 3.0), levels=5)  # encoder elimination
     c.eval.speedups = (1.0, 2.0, 3.0)
     c.checkpoint.every_steps = 500
-    c.run_dir = f"runs/flan_t5_instruct_{mode}"
-    c.log_every_steps = 20
 
     if "tiny" in words:
-        c.source_length = 32
-        c.target_length = 4
-        c.batch_size = 8
-        c.eval_batch_size = 8
-        c.epochs = 1
-        c.optim.lr = 3e-3
-        c.optim.warmup_ratio = 0.0
+        c.update(source_length=32, target_length=4, batch_size=8, eval_batch_size=8, epochs=1,
+                 log_every_steps=2, run_dir=f"runs/flan_t5_tiny_{mode}")
+        c.optim.update(lr=3e-3, warmup_ratio=0.0)
         c.elimination.levels = 2
         c.eval.speedups = (1.0, 2.0)
         c.checkpoint.every_steps = 0
-        c.log_every_steps = 2
-        c.run_dir = f"runs/flan_t5_tiny_{mode}"
     return c

@@ -23,8 +23,9 @@ weight decay 0.01, 10% warmup then linear decay, 3 epochs; the elastic range rea
 import ml_collections
 
 from accjax.experiment import base_config, config_words
+from accjax.tasks import GLUE_TASKS
 
-GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+GLUE = tuple(GLUE_TASKS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,32 +43,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data_dir = ""  # folder in the GLUE TSV layout (DIR/SST-2/train.tsv ...); '' = the hub (nyu-mll/glue)
     c.max_length = 128  # tokens per example (pairs truncated longest-first; counted and reported)
     c.length_buckets = (32, 64, 128, 256, 512)  # padded lengths; one compiled program per bucket and schedule
-    c.eval_batch_size = 128
+    c.update(eval_batch_size=128, log_every_steps=50, run_dir=f"runs/glue_bert_base_{task}_{mode}")
     c.optim.lr = 2e-5
-    c.elimination.speedup_range = (1.0, 4.8)  # reaches the 4.8x the method reports for BERT-base
-    c.elimination.levels = 9
+    c.elimination.update(speedup_range=(1.0, 4.8), levels=9)  # reaches the 4.8x reported for BERT-base
     c.eval.speedups = (1.0, 2.0, 3.0, 4.0, 4.8)
-    c.mesh.data = 1 if fsdp else -1
-    c.mesh.fsdp = -1 if fsdp else 1
+    c.mesh.update(data=1 if fsdp else -1, fsdp=-1 if fsdp else 1)
     c.logical_axis_rules = [("batch", ("data", "fsdp"))] + ([("embed", "fsdp")] if fsdp else [])
     c.checkpoint.every_steps = 1000
-    c.run_dir = f"runs/glue_bert_base_{task}_{mode}"
-    c.log_every_steps = 50
 
     if tiny:
         c.model = "preset:bert-base-uncased"
         c.model_overrides = ml_collections.ConfigDict(dict(
             hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=128))
         c.tokenizer = "minilm-l6"  # the same uncased WordPiece vocabulary (30522) as bert-base-uncased
-        c.max_examples = 128
-        c.max_length = 64
-        c.batch_size = 16
-        c.eval_batch_size = 32
-        c.epochs = 1
+        c.update(max_examples=128, max_length=64, batch_size=16, eval_batch_size=32, epochs=1,
+                 log_every_steps=2, run_dir=f"runs/glue_tiny_{task}_{mode}")
         c.optim.lr = 1e-3
         c.elimination.levels = 3
         c.eval.speedups = (1.0, 2.0)
         c.checkpoint.every_steps = 4
-        c.log_every_steps = 2
-        c.run_dir = f"runs/glue_tiny_{task}_{mode}"
     return c

@@ -39,8 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 1x + the top level each step (no drawn level: 1.2 dense passes a step keeps the first
         # run of the embedded default within 15 minutes on 2 CPU cores; a drawn third pass
         # gained 1 point at 4x and 4.8x on the GPU runs of docs/results.md for +35% compute)
-        c.elimination.sandwich = True
-        c.elimination.samples = 0
+        c.elimination.update(sandwich=True, samples=0)
         c.distill.weight = 1.0  # the eliminated pass learns from the 1x pass alone (LAT's in-place distillation)
         c.distill.temperature = 1.0
         # 2 epochs at a higher peak rate: over 3 seeds on the GPU as good as 3 epochs at 5e-5
@@ -52,14 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = "preset:minilm-l6-h384"
         c.model_overrides = ml_collections.ConfigDict(dict(
             hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64))
-        c.tokenizer = "minilm-l6"
-        c.max_examples = 256
-        c.batch_size = 16
-        c.eval_batch_size = 64
-        c.epochs = 1
+        c.update(tokenizer="minilm-l6", max_examples=256, batch_size=16, eval_batch_size=64, epochs=1,
+                 log_every_steps=4, run_dir=f"runs/rt_minilm_tiny_{mode}")
         c.optim.lr = 1e-3
         c.eval.speedups = (1.0, 2.0)
         c.checkpoint.every_steps = 8
-        c.log_every_steps = 4
-        c.run_dir = f"runs/rt_minilm_tiny_{mode}"
     return c

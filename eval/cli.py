@@ -18,10 +18,7 @@ from accjax.guards import UserError as UsageError  # bad command-line input: one
 def speedups(text: str, flag: str = "--speedup") -> list[float]:
     """'1.5,2,4.8' -> [1.5, 2.0, 4.8]: finite numbers >= 1 (1 = dense), duplicates scored once."""
     out = []
-    for item in str(text).split(","):
-        s = item.strip()
-        if not s:
-            continue
+    for s in (x.strip() for x in str(text).split(",") if x.strip()):
         try:
             v = float(s)
         except ValueError:
@@ -79,12 +76,10 @@ def run(main: Callable[[], dict | None], *, json_path: str | None = None,
     try:
         out = guards.writable_file(json_path, "--json") if json_path else None
         result = main()
-    except (*guards.user_errors(), ValueError, FileNotFoundError, KeyError, *errors) as e:
+    except (*guards.user_errors(), ValueError, FileNotFoundError, KeyError, guards.NonFiniteError,
+            *errors) as e:
         print(f"error: {guards.one_line(e)}", file=sys.stderr)
-        return 2
-    except guards.NonFiniteError as e:  # the default run's training diverged: one line, exit 1
-        print(f"error: {guards.one_line(e)}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, guards.NonFiniteError) else 2  # 1: the default run's training diverged
     if out is not None and result is not None:
         from accjax import benchmark
 

@@ -5,19 +5,15 @@
     python -m eval.glue --checkpoint runs/glue --task all --speedup 2 --json glue.json
     python -m eval.glue --checkpoint runs/rt --max_drop 0.5    # fastest level within 0.5 dev points
 
-For each task and speedup: the official metric(s) (CoLA Matthews corr.; STS-B Pearson and
-Spearman; MRPC and QQP accuracy and F1; MNLI matched and mismatched accuracy; accuracy for
-the rest; x100), the analytic speedup, the measured speedup against the dense model timed in
-the same run on the same data, examples/s and latency per batch; as a table and as JSON.
+For each task and speedup: the task's official metric(s) x100, the analytic speedup, the
+measured speedup against the dense model timed in the same run on the same data, examples/s
+and latency per batch (``accjax.evaluation.score_splits``); as a table and as JSON.
 
-With no ``--checkpoint`` it uses the default run: MiniLM-L6 (real all-MiniLM-L6-v2 weights)
-fine-tuned on ``rt_polarity`` with elastic elimination, from ``$ACCJAX_CACHE/runs``; if it is
-not there yet, it is fine-tuned first (``configs/rt_minilm.py:elastic``, ~10 min on 2 CPU
-cores, once). A speedup beyond what a length allows runs at that length's maximum and the
-table says so. ``--task all`` takes a folder holding one run folder per GLUE task
-(``RUN/cola``, ``RUN/sst2``, ...). ``--max_drop X`` reads (or first makes) the offline-tuning
-table beside the checkpoint (``python -m eval.offline_tune``) and runs the fastest level whose
-dev drop is at most X points.
+With no ``--checkpoint`` it uses the embedded default run (``accjax.loop.ensure_default_run``:
+fine-tuned once on first use). ``--task all`` takes a folder holding one run folder per GLUE
+task (``RUN/cola``, ``RUN/sst2``, ...). ``--max_drop X`` reads (or first makes) the
+offline-tuning table beside the checkpoint (``python -m eval.offline_tune``) and runs the
+fastest level whose dev drop is at most X points.
 """
 
 from __future__ import annotations
@@ -26,9 +22,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from accjax.tasks import GLUE_TASKS
 from eval import cli
-
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,12 +51,9 @@ def run(args) -> dict:
     cli.batch_size(args.batch_size)
     guards.positive_int(args.repeats, "--repeats")
     splits = cli.words(args.split)
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
-    if ckpt is None:
-        from accjax import loop
+    from accjax import loop
 
-        ckpt = loop.ensure_default_run()
-
+    ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
     if args.task == "all":
         if (ckpt / "accjax.json").exists():
             raise evaluation.EvalError(
@@ -99,10 +91,7 @@ def run(args) -> dict:
                                     batch_size=args.batch_size, data_dir=args.data_dir,
                                     progress=args.progress, repeats=args.repeats)
     print(evaluation.format_table(rows))
-    result = {"checkpoint": str(ckpt), "rows": rows}
-    if picked:
-        result["picked"] = picked
-    return result
+    return {"checkpoint": str(ckpt), "rows": rows, **({"picked": picked} if picked else {})}
 
 
 def main(argv=None) -> int:

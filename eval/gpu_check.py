@@ -39,7 +39,6 @@ def check_attention(dtype, impl, b=8, t=128, n=12, h=64, seed=0) -> dict:
     m = np.asarray(mask)
     kernel = {}
     if jax.default_backend() == "gpu" and impl == "cudnn":
-        from accjax.kernels import acc_pallas
         for name, fn in (("v1", lambda: acc.acc_scores_fused(q, k, mask, scale=scale)),
                          ("v2_lse", lambda: acc.acc_scores_fused(q, k, mask, scale=scale, lse=lse))):
             try:

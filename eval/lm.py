@@ -7,13 +7,9 @@ token (prefill latency) vs dense, and KV-cache bytes vs dense::
         --speedups 1.5,2,3 --batch 8 --json lm.json            # default text: Hamlet
     python -m eval.lm --model /path/to/gpt2 --text a.txt b.txt ...  # any local text files
 
-``--model`` is a local Hugging Face GPT-2 or Llama folder (config.json, model.safetensors or
-pytorch_model.bin, and tokenizer.json or vocab.json + merges.txt), e.g. a downloaded
-``gpt2``; the tokenizer is read from that folder.
-
-Llama-family decoders too: ``--model smollm2-135m`` (the built-in real SmolLM2-135M-Instruct,
-a pinned GGUF), a local HF Llama folder or a ``.gguf`` file; ``--reference hf`` adds the
-transformers fp32 perplexity of the same windows (dense, speedup 1) beside ours.
+``--model`` is a local Hugging Face GPT-2 or Llama folder (weights and tokenizer), a ``.gguf``
+file or ``smollm2-135m`` (the built-in real SmolLM2-135M-Instruct, a pinned GGUF);
+``--reference hf`` adds the transformers fp32 perplexity of the same windows (dense) beside ours.
 
 Prefill benchmark (no text, no tokenizer; a preset gets random weights)::
 

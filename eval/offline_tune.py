@@ -4,23 +4,12 @@
     python -m eval.offline_tune --checkpoint runs/sst2 --speedups 1,1.5,2,3,4 --data_dir /data/glue
     python -m eval.offline_tune --checkpoint runs/rt --speedups 1,2,3,4.8 --search --json tune.json
 
-One training-free pass per speedup level on the dev split, latency measured on this machine
-(compilation excluded). Writes, beside the checkpoint (or into ``--out``): the table
-``offline_tune.json`` / ``offline_tune.md`` (speedup, keep-lengths, metric, drop vs dense,
-measured and analytic speedup, ms per batch) and ``offline_tune.png`` (metric against the
-analytic and the measured speedup). ``python -m eval.glue --max_drop X`` then runs the
-fastest level whose dev drop is at most X. Without ``--checkpoint``: the embedded default.
-
-``--search`` first searches keep-length schedules per level and length bucket on the dev
-split (``accjax.search``: the decay, hold-then-decay shapes and an evolutionary search,
-``--candidates`` scored per level and length, each one compiled program and one pass over
-that length's dev batches); the table then stores the winners and ``eval.glue --speedup`` /
-``--max_drop`` run them. The test split is never read.
-
-``--batch_sizes 1,8,64`` also times every level's program per (batch size, length bucket) on
-this device; a level no faster than a less aggressive one there is flagged and never picked,
-and ``RunModel.predictor(max_drop=X)`` runs, per batch, the fastest measured program within
-X dev points at the nearest recorded batch size at or above the batch's.
+Writes ``offline_tune.json`` / ``.md`` / ``.png`` beside the checkpoint (or into ``--out``);
+``python -m eval.glue --max_drop X`` then runs the fastest level whose dev drop is at most X.
+Without ``--checkpoint``: the embedded default. ``--search`` first searches keep-length
+schedules per level and length bucket on the dev split (``accjax.search``; the test split is
+never read), ``--batch_sizes 1,8,64`` also times every level's program per batch size and
+length (``accjax.evaluation.offline_tune`` says what is measured and how it is picked).
 """
 
 from __future__ import annotations

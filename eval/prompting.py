@@ -31,9 +31,7 @@ import argparse
 import sys
 
 from eval import cli
-
-
-DECODERS = ("gpt2", "llama")
+from eval.lm import DECODERS
 
 
 def hf_reference(folder, tok, examples, *, shots, pool, seed, max_length, render, labels,
@@ -93,9 +91,7 @@ def run(args) -> dict:
         pool = (prompting.load_jsonl(args.exemplars) if args.exemplars
                 else prompting.rt_polarity_examples("train", 2000))
     else:
-        examples = prompting.load_jsonl(args.data)
-        if args.limit:
-            examples = examples[:args.limit]
+        examples = prompting.load_jsonl(args.data)[:args.limit or None]
         pool = prompting.load_jsonl(args.exemplars) if args.exemplars else None
     ld = convert.load(args.model, "lm", dtype=args.dtype)
     tok = tokenization.Tokenizer.from_folder(ld.folder, max_length=args.max_length)

@@ -96,7 +96,7 @@ def test_run_folder_alone_reproduces_the_recorded_dev_metric(tiny_run, tmp_path)
     for name in os.listdir(result.run_dir):
         if (result.run_dir / name).is_file() and name not in ("metrics.jsonl", "summary.json"):
             shutil.copy(result.run_dir / name, folder / name)
-    meta = checkpoint.read_run_meta(folder)
+    meta = convert.read_meta(folder)
     assert tasks.get_task(meta["task"]).files == tasks.get_task(cfg.task).files
     assert meta["train_config"]["elimination"]["mode"] == "fixed"
     rows = evaluation.evaluate_folder(folder, splits=["validation"])

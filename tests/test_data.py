@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from accjax import data, tasks
+from accjax import data, inference, tasks
 from accjax.data import DataError, DataNotFoundError, Example, load_task
 from accjax.tokenization import Tokenizer
 
@@ -439,6 +439,6 @@ def test_length_buckets():
     assert data.length_buckets(128) == (32, 64, 128)
     assert data.length_buckets(100) == (32, 64, 100)
     assert data.length_buckets(1024) == (32, 64, 128, 256, 512, 1024)
-    assert data.bucket_length(33, (32, 64)) == 64
+    assert inference.bucket_for((32, 64), 33) == 64
     with pytest.raises(ValueError):
-        data.bucket_length(65, (32, 64))
+        inference.bucket_for((32, 64), 65)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from accjax import data as data_lib, guards, loop, runfolder
+from accjax import benchmark, data as data_lib, guards, loop, runfolder
 from tests.train_helpers import REPO, sentiment_rows, sentiment_task, subprocess_env, tiny_config, write_csv
 
 
@@ -438,7 +438,7 @@ def test_stale_offline_tune_table_is_not_used(csv_run, tmp_path, capsys):
     table = evaluation.offline_tune(model, speedups=[1.0, 2.0], batch_size=16, progress=False)
     assert evaluation.read_tune(folder)["rows"] == json.loads(json.dumps(table["rows"]))
     stale = {**table, "model_sha256": "0" * 64}
-    (folder / "offline_tune.json").write_text(json.dumps(stale, default=evaluation._jsonable))
+    (folder / "offline_tune.json").write_text(json.dumps(stale, default=benchmark.json_default))
     assert evaluation.read_tune(folder) is None
     assert "measured on other weights" in capsys.readouterr().err
 

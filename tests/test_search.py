@@ -201,7 +201,7 @@ def test_predictor_picks_the_fastest_program_per_batch_size(tiny_run, tmp_path):
     model = evaluation.RunModel.load(run)
     with pytest.raises(evaluation.EvalError, match="--batch_sizes"):
         model.predictor(16, max_drop=1.0)
-    dev = evaluation._device()
+    dev = evaluation.benchmark.device_kind()
     # level 2 is slower than 1.5 for one example, faster for 64; both within the drop bound
     ms = {(1, 1.0): 1.0, (1, 1.5): 0.8, (1, 2.0): 0.9, (64, 1.0): 10.0, (64, 1.5): 8.0, (64, 2.0): 5.0}
     table = {"checkpoint": str(run), "model_sha256": evaluation.ckpt_lib.model_fingerprint(run),

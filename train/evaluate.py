@@ -4,10 +4,8 @@
     python -m train.evaluate runs/rt_minilm_elastic --speedups 1,1.5,2,3,4 --splits validation,test
 
 A thin entry over ``accjax.evaluation.evaluate_folder`` (the evaluation ``eval.glue`` and
-training use): the exported best model, its tokenizer, task and data settings come from the
-run folder, scored at each speedup (a speedup above what a
-length bucket permits runs at that bucket's maximum; the analytic speedup column says what
-ran), prints a table and writes ``eval.json`` into the folder (or ``--out``).
+training use): model, tokenizer, task and data settings come from the run folder; prints a
+table and writes ``eval.json`` into the folder (or ``--out``).
 """
 
 from __future__ import annotations
