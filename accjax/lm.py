@@ -25,6 +25,7 @@ Never imports ``datasets``.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -207,18 +208,21 @@ class LMEvaluator(generate.LMPredictor):
         return {"nll": total / tokens, "ppl": float(np.exp(total / tokens)), "tokens": tokens,
                 "windows": n}
 
-    def time_prefill(self, schedule, *, iters: int = 30, warmup: int = 3, seed: int = 0,
-                     ctx: np.ndarray | None = None) -> dict[str, float]:
-        """Median / min wall ms of one prefill (batch_size x context) after warm-up."""
-        prog = self.prefill_program(schedule)
+    def time_prefills(self, schedules: Sequence, *, iters: int = 30, seed: int = 0,
+                      ctx: np.ndarray | None = None) -> list[dict[str, float]]:
+        """Median / min wall ms of each schedule's prefill (batch_size x context) on one batch,
+        the schedules interleaved over ``iters`` rounds after a warm-up round, so that on a
+        shared or throttling GPU every level meets the same conditions."""
         rng = np.random.default_rng(seed)
-        if ctx is not None and len(ctx) >= self.batch_size:  # real text, 3 random row picks
-            batches = [ctx[rng.choice(len(ctx), self.batch_size, replace=False)].astype(np.int32)
-                       for _ in range(3)]
+        if ctx is not None and len(ctx) >= self.batch_size:  # real text, a random pick of rows
+            x = ctx[rng.choice(len(ctx), self.batch_size, replace=False)].astype(np.int32)
         else:
-            batches = programs.random_batches(rng, (self.batch_size, self.context), self.config.vocab_size, low=0)
-        return programs.time_calls(lambda x: prog(self.params, x), [jax.device_put(x) for x in batches],
-                                   iters=iters, warmup=warmup)
+            x = programs.random_batches(rng, (self.batch_size, self.context), self.config.vocab_size,
+                                        low=0, count=1)[0]
+        x = jax.device_put(x)
+        calls = {i: functools.partial(self.prefill_program(sch), self.params, x) for i, sch in enumerate(schedules)}
+        ms = programs.time_interleaved(calls, rounds=iters)
+        return [{"median_ms": float(np.median(ms[i])), "min_ms": float(np.min(ms[i]))} for i in calls]
 
     def kv_bytes(self, schedule) -> dict[str, int]:
         """Bytes of the prefill's KV cache for one batch: prompt slots, and with the
@@ -229,23 +233,24 @@ class LMEvaluator(generate.LMPredictor):
 
 def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None = None,
           cont: np.ndarray | None = None, iters: int = 30, time_it: bool = True) -> list[dict]:
-    """One row per speedup: schedule, analytic and measured prefill speedup, TTFT, KV bytes,
-    and (when windows are given) perplexity. The first row is always the dense model."""
+    """One row per speedup: schedule, analytic and measured prefill speedup (levels timed
+    interleaved), TTFT, KV bytes, and (when windows are given) perplexity. The first row is
+    always the dense model."""
     speedups = [1.0] + [float(s) for s in speedups if float(s) != 1.0]
     plans = [ev.plan(s) for s in speedups]  # validates every speedup before any work
+    timed = ev.time_prefills([p.keep for p in plans], iters=iters, ctx=ctx) if time_it else None
     rows, dense = [], None
-    for s, plan in zip(speedups, plans):
+    for i, (s, plan) in enumerate(zip(speedups, plans)):
         sch, kv = plan.keep, ev.kv_bytes(plan.keep)
         row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": plan.analytic,
                                "kv_prompt_bytes": kv["prompt"], "kv_total_bytes": kv["total"]}
         if ctx is not None:
             row.update(ev.score(ctx, cont, sch))
-        if time_it:
-            t = ev.time_prefill(sch, iters=iters, ctx=ctx)
-            row.update(ttft_ms=t["median_ms"], ttft_min_ms=t["min_ms"])
+        if timed:
+            row.update(ttft_ms=timed[i]["median_ms"], ttft_min_ms=timed[i]["min_ms"])
         dense = dense or row
         row["kv_ratio"] = row["kv_prompt_bytes"] / dense["kv_prompt_bytes"]
-        if time_it:
+        if timed:
             row["measured"] = dense["ttft_ms"] / row["ttft_ms"]
             row["measured_over_analytic"] = row["measured"] / row["analytic"]
         if ctx is not None:

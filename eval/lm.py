@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                     help="never drop the first position (attention sink)")
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--floor", type=int, default=None, help="smallest keep-length (default 1; 2 with --protect-first)")
-    ap.add_argument("--iters", type=int, default=10, help="timed prefill calls per speedup")
+    ap.add_argument("--iters", type=int, default=10, help="timed rounds (every speedup's prefill once a round, interleaved)")
     ap.add_argument("--no-timing", dest="no_timing", action="store_true", help="skip TTFT timing")
     ap.add_argument("--bench", action="store_true",
                     help="prefill timing only: no text; a preset model gets random weights")

@@ -73,9 +73,13 @@ def test_kv_bytes_are_the_kept_rows(tiny_dir):
     assert bf16.kv_bytes((16, 8, 4))["prompt"] == 2 * 3 * 28 * d * 2
 
 
-def test_eval_cli_end_to_end(tiny_dir, tmp_path, capsys):
+def test_eval_cli_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
     folder, text = tiny_dir
     out = tmp_path / "lm.json"
+    rounds = []  # every level's prefill is timed in the same interleaved rounds (issue 15)
+    real = lm.programs.time_interleaved
+    monkeypatch.setattr(lm.programs, "time_interleaved",
+                        lambda calls, **kw: rounds.append((len(calls), kw)) or real(calls, **kw))
     rc = lm_cli.main(["--model", str(folder), "--text", str(text), "--context", "32",
                       "--continuation", "8", "--speedups", "1.5,2.5", "--batch", "4",
                       "--max-windows", "6", "--iters", "2", "--json", str(out)])
@@ -86,6 +90,7 @@ def test_eval_cli_end_to_end(tiny_dir, tmp_path, capsys):
     assert res["text"]["windows"] == 6 and res["mode"] == "eval"
     rows = res["rows"]
     assert [r["speedup"] for r in rows] == [1.0, 1.5, 2.5]
+    assert rounds == [(3, {"rounds": 2})]
     assert rows[0]["kv_ratio"] == 1.0 and rows[0]["analytic"] == 1.0 and rows[0]["measured"] == 1.0
     assert rows[0]["schedule"] == [32, 32, 32]
     analytic = [r["analytic"] for r in rows]
