@@ -36,17 +36,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.run_dir = f"runs/rt_minilm_{mode}"
 
     if "sandwich" in words:
-        # 1x + the top level each step (no drawn level: 1.2 dense passes a step keeps the first
-        # run of the embedded default within 15 minutes on 2 CPU cores; a drawn third pass
-        # gained 1 point at 4x and 4.8x on the GPU runs of docs/results.md for +35% compute)
+        # 1x + the top level each step, the top level distilled from the 1x pass (LAT's in-place
+        # distillation); no drawn level: a third pass gained 1 point at 4x-4.8x on the GPU for
+        # +35% compute. 2 epochs at peak lr 8e-5: over 3 GPU seeds as good as 3 epochs at 5e-5
+        # at 1x and better at 2x-4.8x, and a third shorter on the CPU (docs/results.md)
         c.elimination.update(sandwich=True, samples=0)
-        c.distill.weight = 1.0  # the eliminated pass learns from the 1x pass alone (LAT's in-place distillation)
-        c.distill.temperature = 1.0
-        # 2 epochs at a higher peak rate: over 3 seeds on the GPU as good as 3 epochs at 5e-5
-        # at 1x and better at 2x-4.8x (docs/results.md), and a third shorter on the CPU
-        c.epochs = 2
+        c.distill.update(weight=1.0, temperature=1.0)
+        c.update(epochs=2, run_dir=f"runs/rt_minilm_{mode}_sandwich")
         c.optim.lr = 8e-5
-        c.run_dir = f"runs/rt_minilm_{mode}_sandwich"
     if "tiny" in words:
         c.model = "preset:minilm-l6-h384"
         c.model_overrides = ml_collections.ConfigDict(dict(
