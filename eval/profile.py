@@ -3,6 +3,7 @@
     python -m eval.profile --model bert-base-uncased --shapes 128x128 --dtype bfloat16 \
         --speedups 1,4.8 --json prof.json
     python -m eval.profile --model flan-t5-base --shapes 16x512 --speedups 1,2   # T5: encoder + first token
+    python -m eval.profile --model gpt2 --shapes 8x1024 --speedups 1,3.72 --prefill  # + KV caches
 
     python -m eval.profile --kernels --shapes 128x128,32x512,128x24   # one layer's attention/ACC paths
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from accjax import benchmark, inference, models, seq2seq
+from accjax import benchmark, inference, lm, models, seq2seq
 from eval import bench
 
 KINDS = [
@@ -306,11 +307,16 @@ def _xla_cost(prog) -> dict:
 
 
 def profile_program(pred, b, n, s, iters=20):
-    """A BERT-family ``inference.Predictor`` program, or a ``seq2seq.Seq2SeqPredictor``
-    encoder + first-token program, at speedup ``s``."""
-    plan = pred.plan(n, s)
+    """A BERT-family ``inference.Predictor`` program, a ``seq2seq.Seq2SeqPredictor``
+    encoder + first-token program, or a decoder's prefill (``lm.LMEvaluator``: the pruned KV
+    caches built, as ``eval.lm --bench`` times it), at speedup ``s``."""
+    prefill = isinstance(pred, lm.LMEvaluator)
+    plan = pred.plan(s) if prefill else pred.plan(n, s)
     ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
-    if isinstance(pred, seq2seq.Seq2SeqPredictor):
+    if prefill:
+        prog, inputs = pred.prefill_program(plan.keep), (jax.device_put(ids),)
+        costs = {"layer_costs": layer_costs(pred.config, b, n, plan.keep)}
+    elif isinstance(pred, seq2seq.Seq2SeqPredictor):
         prog, inputs, costs = pred.first_token_program(b, plan), jax.device_put((ids, np.ones_like(ids))), {}
     else:
         full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
@@ -400,6 +406,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dump_hlo", default=None, help="write each program's optimised HLO here")
     ap.add_argument("--select", default="auto", choices=("auto", "top_k", "rank"),
                     help="how kept rows are chosen (acc.select_rows)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="decoders (GPT-2, Llama): profile the prefill that builds the KV caches")
     ap.add_argument("--kernels", action="store_true",
                     help="time attention/ACC paths and selection in isolation at each BxT instead")
     ap.add_argument("--json", default=None)
@@ -414,16 +422,21 @@ def main(argv=None) -> int:
             benchmark.write_json(args.json, {"machine": benchmark.machine(), "kernels": rows})
         return 0
     t5 = bench.is_t5(args.model)  # encoder + first token, as eval.bench times a T5
-    cfg, params = bench.build(args.model, args.dtype, args.attention_impl, overrides=bench.parse_sets(args.set), t5=t5)
+    cfg, params = bench.build(args.model, args.dtype, args.attention_impl, overrides=bench.parse_sets(args.set),
+                              t5=t5 or args.prefill)  # T5 and prefills: the lm head
     if args.hidden_act and not t5:
         cfg = cfg.replace(hidden_act=args.hidden_act)
-    module = models.get_family(cfg.family).module(cfg, "lm" if t5 else "sequence_classification")
+    module = models.get_family(cfg.family).module(cfg, "lm" if t5 or args.prefill else "sequence_classification")
     results = []
     for b, n in shapes:
         shape = f"{b}x{n}"
-        pred = (seq2seq.Seq2SeqPredictor if t5 else inference.Predictor)(
-            module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=args.dtype,
-            acc_variant=args.acc_variant)
+        if args.prefill:
+            pred = lm.LMEvaluator(module, params, cfg, batch_size=b, context=n, continuation=0,
+                                  param_dtype=args.dtype, acc_variant=args.acc_variant)
+        else:
+            pred = (seq2seq.Seq2SeqPredictor if t5 else inference.Predictor)(
+                module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=args.dtype,
+                acc_variant=args.acc_variant)
         for s in [float(x) for x in args.speedups.split(",")]:
             r = profile_program(pred, b, n, s, args.iters)
             hlo = r.pop("hlo")

@@ -56,3 +56,26 @@ def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path):
     assert rows[0]["measured"] == 1.0 and rows[0]["schedule"] == [16, 16]
     assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkeypatch):
+    """--prefill profiles the program eval.lm --bench times (lm.LMEvaluator's prefill, which
+    builds the pruned KV caches), not the classification program."""
+    import json
+
+    from accjax import lm
+
+    built = []
+    real = lm.LMEvaluator.prefill_program
+    monkeypatch.setattr(lm.LMEvaluator, "prefill_program",
+                        lambda self, sch: built.append(tuple(sch)) or real(self, sch))
+    out = tmp_path / "p.json"
+    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "vocab_size=64"]
+    assert P.main(["--model", "gpt2", "--shapes", "2x16", "--speedups", "1,2", "--iters", "2",
+                   "--dtype", "float32", "--prefill", "--json", str(out), *tiny]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["speedup"] for r in rows] == [1.0, 2.0] and rows[0]["schedule"] == [16, 16]
+    assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
+    assert [c["rows_in"] for c in rows[1]["layer_costs"]] == [16, rows[1]["schedule"][0]]
+    assert built == [(16, 16), tuple(rows[1]["schedule"])]
