@@ -220,7 +220,8 @@ class LMEvaluator(generate.LMPredictor):
             x = programs.random_batches(rng, (self.batch_size, self.context), self.config.vocab_size,
                                         low=0, count=1)[0]
         x = jax.device_put(x)
-        calls = {i: functools.partial(self.prefill_program(sch), self.params, x) for i, sch in enumerate(schedules)}
+        calls = {i: functools.partial(self.prefill_program(sch), self.params, x)
+                 for i, sch in enumerate(schedules)}
         ms = programs.time_interleaved(calls, rounds=iters)
         return [{"median_ms": float(np.median(ms[i])), "min_ms": float(np.min(ms[i]))} for i in calls]
 

@@ -422,11 +422,12 @@ def main(argv=None) -> int:
             benchmark.write_json(args.json, {"machine": benchmark.machine(), "kernels": rows})
         return 0
     t5 = bench.is_t5(args.model)  # encoder + first token, as eval.bench times a T5
-    cfg, params = bench.build(args.model, args.dtype, args.attention_impl, overrides=bench.parse_sets(args.set),
-                              t5=t5 or args.prefill)  # T5 and prefills: the lm head
+    lm_head = t5 or args.prefill  # T5 (encoder + first token) and decoder prefills
+    cfg, params = bench.build(args.model, args.dtype, args.attention_impl,
+                              overrides=bench.parse_sets(args.set), t5=lm_head)
     if args.hidden_act and not t5:
         cfg = cfg.replace(hidden_act=args.hidden_act)
-    module = models.get_family(cfg.family).module(cfg, "lm" if t5 or args.prefill else "sequence_classification")
+    module = models.get_family(cfg.family).module(cfg, "lm" if lm_head else "sequence_classification")
     results = []
     for b, n in shapes:
         shape = f"{b}x{n}"
