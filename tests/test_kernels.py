@@ -43,6 +43,36 @@ def test_fused_kernel_matches_probabilities(causal, t, h):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+# query tiles smaller, equal and larger than key tiles; 40 rows fill no tile exactly
+@pytest.mark.parametrize("blocks", [(16, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)])
+def test_second_pass_tiles_match_probabilities(causal, with_bias, blocks):
+    """The log-sum-exp second pass at every tile shape: its causal walk starts inside the key
+    tile's first query tile, padding queries add nothing, padding keys get 0."""
+    rng = np.random.default_rng(11)
+    b, t, n, h, p_len = 2, 40, 3, 16, 50
+    q, k, _ = _qkv(rng, b, t, n, h)
+    m = np.arange(t)[None] < np.array([[t], [17]])
+    pos = np.stack([np.sort(rng.choice(p_len, t, replace=False)) for _ in range(b)])  # [B, T]
+    by_distance = rng.normal(0.0, 2.0, size=(n, 2 * p_len - 1))
+    logits = np.einsum("btnh,bsnh->bnts", np.asarray(q, np.float64), np.asarray(k, np.float64)) * 0.3
+    if with_bias:
+        logits = logits + by_distance[:, pos[:, None, :] - pos[:, :, None] + p_len - 1].transpose(1, 0, 2, 3)
+    vis = m[:, None, None, :] & (np.tril(np.ones((t, t), bool)) if causal else True)
+    logits = np.where(vis, logits, -np.inf)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)  # [B, N, T]
+    ref = (np.exp(logits - lse[..., None]) * m[:, None, :, None]).sum(axis=2)  # [B, N, S]
+    kw = dict(rel_bias=jnp.asarray(by_distance, jnp.float32), positions=jnp.asarray(pos)) if with_bias else {}
+    mask = jnp.asarray(m)
+    got = np.asarray(acc_pallas.column_sums_from_lse(
+        q, k, jnp.asarray(lse, jnp.float32), mask, mask, scale=0.3, causal=causal, interpret=True,
+        blocks=blocks, **kw))
+    assert got.shape == (b, n, t)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6)
+    assert np.all(got[~m[:, None, :].repeat(n, 1)] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_attend_and_score_fused_equals_probs_path(causal):
     rng = np.random.default_rng(7)
     q, k, v = _qkv(rng, 3, 20, 2, 16)

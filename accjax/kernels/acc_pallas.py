@@ -120,56 +120,63 @@ def column_sums(q, k, query_mask, key_mask, *, scale: float, causal: bool = Fals
     return out[:, :, :s]
 
 
-def _lse_kernel(qm_ref, km_ref, q_ref, k_ref, lse_ref, *rest, scale: float, block_q: int,
-                causal: bool, block_k: int, rel_offset: int | None):
-    # refs (batch, head squeezed): qm [Tp], km [BK], q [Tp, H], k [BK, H], lse [Tp], then
-    # with a relative bias: q positions [Tp], k positions [BK], bias by distance [R]; o [BK]
+def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal: bool,
+                block_k: int, rel_offset: int | None):
+    # refs (batch, head squeezed): lse [Tp] (log2 units; +inf-like for padding queries),
+    # q [Tp, H], k [BK, H] (this program's key block), then with a relative bias: q positions
+    # [Tp], k positions [BK], bias by distance [R]; o [BK]
     if rel_offset is None:
         (o_ref,) = rest
     else:
         qp_ref, kp_ref, rb_ref, o_ref = rest
     t_pad = q_ref.shape[0]
     kb = pl.program_id(2)
-    k = k_ref[...]  # [BK, H], this program's key block
-    key_ok = km_ref[...] != 0  # [BK]
+    k = k_ref[...]  # [BK, H]
     cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
     k_pos = None if rel_offset is None else kp_ref[...]  # [BK] original positions
+    log2e = 1.4426950408889634
 
     def body(i, acc):
         start = i * block_q
         q = q_ref[pl.ds(start, block_q), :]  # [BQ, H]
-        lse = lse_ref[pl.ds(start, block_q)]  # [BQ] float32
-        q_ok = qm_ref[pl.ds(start, block_q)] != 0  # [BQ]
+        lse = lse_ref[pl.ds(start, block_q)]  # [BQ] float32, already times log2(e)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * scale  # [BQ, BK]
+                                preferred_element_type=jnp.float32) * (scale * log2e)  # [BQ, BK]
         if rel_offset is not None:
             # T5's bias depends only on key position - query position: one gathered load
             # from a [R] vector per head (L1-resident), never a [T, S] bias in memory.
             q_pos = qp_ref[pl.ds(start, block_q)]  # [BQ]
-            s = s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]  # [BQ, BK]
-        ok = q_ok[:, None] & key_ok[None, :]
+            s = s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset] * log2e
+        p = jnp.exp2(s - lse[:, None])  # softmax probabilities; 0 for padding queries
         if causal:
             rows = start + jnp.arange(block_q, dtype=jnp.int32)
-            ok = ok & (cols[None, :] <= rows[:, None])
-        return acc + jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)  # softmax probabilities
+            p = jnp.where(cols[None, :] <= rows[:, None], p, 0.0)
+        return acc + p
 
     # Accumulate the [BQ, BK] tile in registers and reduce over queries once at the end: a
     # column sum inside the loop is a cross-warp reduction through shared memory per block.
-    # Causal: query blocks that end before this key block's first column see none of it, so
-    # the walk starts at the block holding row kb * BK (half the work on average).
+    # Padding keys are zeroed by the caller. Causal: query blocks that end before this key
+    # block's first column see none of it, so the walk starts at the block holding row kb * BK.
     first = (kb * block_k) // block_q if causal else 0
     acc = jax.lax.fori_loop(first, t_pad // block_q, body, jnp.zeros((block_q, block_k), jnp.float32))
     o_ref[...] = jnp.sum(acc, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret"))
+# (block_q, block_k, num_warps, num_stages) of the second pass: the fastest of eight tilings
+# summed over GPT-2, T5 and BERT shapes on an H200 (docs/benchmarks.md, issue 17).
+LSE_BLOCKS = (64, 64, 4, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks"))
 def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causal: bool = False,
-                         interpret: bool = False, rel_bias=None, positions=None):
+                         interpret: bool = False, rel_bias=None, positions=None,
+                         blocks: tuple[int, int, int, int] | None = None):
     """Per-head softmax column sums given each query's log-sum-exp (from flash attention).
 
-    Grid (batch, head, key block of 128): each program keeps its [BK, H] keys and walks the
-    queries in blocks of 32, so the live tiles are [32, 128] float32 and nothing spills; this is
-    the loop structure of flash attention's dK pass, without dV.
+    Grid (batch, head, key block): each program keeps its [BK, H] keys and walks the query
+    blocks, accumulating the [BQ, BK] float32 probabilities in registers (the loop structure
+    of flash attention's dK pass, without dV). q and k are read in their [B, T, N, H] layout
+    (no transposes); rows are padded only to a whole number of tiles.
 
     Args:
       q: [B, T, N, H]; k: [B, S, N, H]; lse: [B, N, T] float32 log-sum-exp of the masked,
@@ -177,6 +184,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
       rel_bias: optional [N, 2P - 1] logits bias by relative position (T5): entry
         ``r + P - 1`` is added for key position - query position = r. Needs ``positions``
         [B, T] int (self-attention, T == S): each row's ORIGINAL position in [0, P).
+      blocks: (block_q, block_k, num_warps, num_stages); None: ``LSE_BLOCKS``.
     Returns:
       [B, N, S] float32: sum over valid queries i of exp(scale q_i.k_j (+ bias) - lse_i).
     """
@@ -186,21 +194,21 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         raise ValueError("causal column sums need T == S")
     if (rel_bias is None) != (positions is None) or (rel_bias is not None and t != s):
         raise ValueError("a relative bias needs positions, and self-attention (T == S)")
-    tp, sp = _pow2(t), _pow2(s)
-    hp = max(16, -(-h // 16) * 16)
-    block_q, block_k = min(32, tp), min(128, sp)
-    qt = jnp.pad(jnp.swapaxes(q, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, hp - h)))  # [B, N, Tp, Hp]
-    kt = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, 0), (0, sp - s), (0, hp - h)))  # [B, N, Sp, Hp]
-    lse = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))  # [B, N, Tp]
-    qm = jnp.pad(query_mask.astype(jnp.int32), ((0, 0), (0, tp - t)))  # [B, Tp]
-    km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, sp - s)))  # [B, Sp]
-    args = [qm, km, qt, kt, lse]
+    block_q, block_k, num_warps, num_stages = blocks or LSE_BLOCKS
+    block_q, block_k = min(block_q, _pow2(t)), min(block_k, _pow2(s))
+    tp, sp, hp = _round_up(t, block_q), _round_up(s, block_k), max(16, _round_up(h, 16))
+    if (tp, hp) != (t, h):
+        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, hp - h)))  # [B, Tp, N, Hp]
+    if (sp, hp) != (s, h):
+        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, N, Hp]
+    # padding queries get a huge log-sum-exp, so their probabilities are exactly 0 in-kernel
+    lse = jnp.where(query_mask[:, None, :], lse.astype(jnp.float32) * 1.4426950408889634, 1e30)
+    lse = jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t)), constant_values=1e30)  # [B, N, Tp]
+    args = [lse, q, k]
     in_specs = [
-        pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
-        pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
-        pl.BlockSpec((None, None, tp, hp), lambda i, j, c: (i, j, 0, 0)),
-        pl.BlockSpec((None, None, block_k, hp), lambda i, j, c: (i, j, c, 0)),
         pl.BlockSpec((None, None, tp), lambda i, j, c: (i, j, 0)),
+        pl.BlockSpec((None, tp, None, hp), lambda i, j, c: (i, 0, j, 0)),
+        pl.BlockSpec((None, block_k, None, hp), lambda i, j, c: (i, c, j, 0)),
     ]
     rel_offset = None
     if rel_bias is not None:
@@ -208,8 +216,8 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         rel_offset = (r - 1) // 2
         rp = _pow2(r)
         # padded rows get position 0: their distances stay inside the vector (and are masked)
-        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, tp - t)))  # [B, Tp]
-        args += [pos, pos, jnp.pad(rel_bias.astype(jnp.float32), ((0, 0), (0, rp - r)))]
+        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tp, sp) - t)))  # [B, max]
+        args += [pos[:, :tp], pos[:, :sp], jnp.pad(rel_bias.astype(jnp.float32), ((0, 0), (0, rp - r)))]
         in_specs += [
             pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
             pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
@@ -221,7 +229,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, n, sp), jnp.float32),
@@ -231,7 +239,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         interpret=interpret,
         **params,
     )(*args)
-    return out[:, :, :s]
+    return jnp.where(key_mask[:, None, :], out[:, :, :s], 0.0)
 
 
 def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, o_ref, col_ref, *, scale: float,
