@@ -437,7 +437,7 @@ def ensure_default_run() -> Path:
         config.eval.epochs = (config.epochs,)  # dev scored once, at the end (epoch 2 was the best)
         lo, hi = config.elimination.speedup_range
         recipe = (f"{spec} over speedups {lo:g}-{hi:g}, {config.epochs} epochs: each step trains 1x and "
-                  f"{hi:g}x, the {hi:g}x pass distilled from the 1x one; about 17 minutes on 2 CPU cores")
+                  f"{hi:g}x, the {hi:g}x pass distilled from the 1x one; about 16 minutes on 2 CPU cores")
     print(f"accjax: no default checkpoint in {run} yet: fine-tuning MiniLM-L6 on rt_polarity with "
           f"elastic elimination ({recipe}; once: an interrupted run resumes). Pass "
           "--checkpoint RUN_DIR to use your own.", file=sys.stderr, flush=True)
