@@ -159,8 +159,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
     split's batches are then timed R more times with every level interleaved (dense, 2x, 4.8x,
     dense, 2x, ...): ``measured`` is the median of the R paired ratios and ``measured_min`` /
     ``measured_max`` their spread, so a level is never judged by one pass or by a pass that
-    paid for warm-up. Without repeats
-    (training's dev evaluation) nothing is timed and the rows carry no measured speedup.
+    paid for warm-up. Without repeats (training's dev evaluation) nothing is timed and the rows
+    carry no measured speedup.
 
     Args:
       features: split -> labelled ``data.Features``.
