@@ -155,11 +155,12 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
         analytic speedup = dense FLOPs / FLOPs run   (every example at its padded length)
         measured speedup = dense seconds / seconds   (same data, same run; needs a dense row)
 
-    With ``repeats`` R > 0 the scoring pass is the warm-up, and the split is then timed R more
-    times with every level interleaved (dense, 2x, 4.8x, dense, 2x, ...): ``measured`` is the
-    median of the R paired ratios and ``measured_min`` / ``measured_max`` their spread, so a
-    level is never judged by one pass or by a pass that paid for warm-up. Without repeats
-    (training's dev evaluation) nothing is timed and the rows carry no measured speedup.
+    With ``repeats`` R > 0 the scoring pass is the warm-up, and ``TIMED_BATCHES`` of the
+    split's batches are then timed R more times with every level interleaved (dense, 2x, 4.8x,
+    dense, 2x, ...): ``measured`` is the median of the R paired ratios and ``measured_min`` /
+    ``measured_max`` their spread, so a level is never judged by one pass or by a pass that
+    paid for warm-up. Without repeats (training's dev evaluation) nothing is timed and the rows
+    carry no measured speedup.
 
     Args:
       features: split -> labelled ``data.Features``.
@@ -169,7 +170,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
         the other pairs run ``schedule.plan``'s decay. A row's ``source`` says which ran.
     Returns:
       rows {task, split, speedup, analytic_speedup, measured_speedup, metrics..., primary,
-      drop (vs dense), examples_per_s, ms_per_batch, seconds, examples, batch_size,
+      drop (vs dense), examples_per_s, ms_per_batch, seconds (of a timed pass of
+      ``timed_batches`` batches), examples, batch_size,
       truncated, schedules (per length), source ('dense', 'decay' or 'searched'), clamped
       (length -> its maximum speedup)}.
     """
@@ -219,18 +221,29 @@ def _source(plans: Sequence[sched_lib.Plan]) -> str:
     return "searched" if any(p.searched for p in plans) else "dense" if all(p.dense for p in plans) else "decay"
 
 
+TIMED_BATCHES = 8  # a timed pass runs this many of a split's batches (all when it has fewer)
+
+
 def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: int, with_dense: bool):
-    """Times every level's pass ``repeats`` times, levels interleaved; fills the rows' timing."""
+    """Times every level's pass ``repeats`` times, levels interleaved; fills the rows' timing.
+
+    A timed pass runs ``TIMED_BATCHES`` of the split's batches, evenly spread over their
+    length-sorted order so that each padded length has its share: a median of paired passes
+    needs no more, and the scoring pass has already run every batch."""
+    pick = np.unique(np.linspace(0, len(items) - 1, min(TIMED_BATCHES, len(items))).round().astype(int))
+    timed = [items[k] for k in pick]
+    examples = sum(float(b["weights"].sum()) for b in timed)
+
     def one_pass(plans):
-        return lambda: [run(b, p) for b, p in zip(items, plans)]  # numpy outputs: synchronised
+        return lambda: [run(items[k], plans[k]) for k in pick]  # numpy outputs: synchronised
 
     ms = programs.time_interleaved({i: one_pass(plans) for i, (_, plans) in enumerate(split_rows)},
                                    rounds=repeats, warmup=0)  # the scoring pass was the warm-up
     for i, (row, _) in enumerate(split_rows):
         secs = [t / 1e3 for t in ms[i]]
         med = float(np.median(secs))
-        row.update(seconds=med, examples_per_s=row["examples"] / med, ms_per_batch=1e3 * med / len(items),
-                   seconds_min=min(secs), seconds_max=max(secs))
+        row.update(seconds=med, examples_per_s=examples / med, ms_per_batch=1e3 * med / len(timed),
+                   seconds_min=min(secs), seconds_max=max(secs), timed_batches=len(timed))
         if with_dense:
             ratios = np.asarray(ms[0]) / np.asarray(ms[i])  # paired by round
             row.update(measured_speedup=float(np.median(ratios)), measured_min=float(ratios.min()),
@@ -295,7 +308,7 @@ def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None 
 _TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "analytic_speedup",
                  "measured_speedup", "measured_min", "measured_max", "primary", "drop", "examples_per_s",
                  "ms_per_batch", "seconds", "seconds_min", "seconds_max", "examples", "batch_size",
-                 "truncated", "schedules", "clamped", "baseline"}
+                 "truncated", "schedules", "clamped", "baseline", "timed_batches"}
 
 
 def _spread(r: dict) -> str:

@@ -36,6 +36,7 @@ import numpy as np
 from accjax import checkpoint as ckpt_lib
 from accjax import convert, data as data_lib, evaluation, guards, hub
 from accjax import models as models_lib
+from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
 from accjax import train as train_lib
 
@@ -102,6 +103,8 @@ def base_config(objective: str, mode: str):
 
     c.eval = ml_collections.ConfigDict()
     c.eval.speedups = (1.0, 1.5, 2.0, 3.0, 4.0)  # dev evaluation at each epoch end, at each speedup
+    c.eval.epochs = ()  # epochs (from 1) whose end scores dev and may export the best model; () = every
+    # epoch. The run's last epoch is always scored, so a run always exports a model
     c.eval.select_speedup = 1.0  # the best model is chosen by the dev primary metric at this speedup ...
     c.eval.select_mean = mode == "elastic"  # ... or by its mean over eval.speedups (elastic: serve them all)
 
@@ -139,6 +142,9 @@ def validate_config(config) -> None:
          f"elimination.mode must be one of {train_lib.MODES}, not {config.elimination.mode!r}")
     speedups = [float(s) for s in config.eval.speedups]
     need(speedups and all(s >= 1 for s in speedups), f"eval.speedups must be numbers >= 1, got {speedups}")
+    epochs = tuple(config.eval.get("epochs", ()))
+    need(all(1 <= int(e) <= int(config.epochs) for e in epochs),
+         f"eval.epochs must be epochs 1..{config.epochs} (or () for every epoch), got {epochs}")
     need(bool(config.eval.select_mean) or float(config.eval.select_speedup) in speedups,
          f"eval.select_speedup {config.eval.select_speedup} is not one of eval.speedups {speedups}")
     need(config.dtype in ("float32", "bfloat16", "float16"),
@@ -221,13 +227,24 @@ class _Base:
                               tokenizer_from=self.tokenizer_dir,
                               extra={"objective": self.objective, **self.export_meta, **extra})
 
-    def final_eval(self, trainer, run_dir: Path, speedups: Sequence[float]) -> list[dict]:
-        """The exported best model, reloaded from the run folder, on every labelled dev/test split."""
+    def final_eval(self, trainer, run_dir: Path, speedups: Sequence[float],
+                   scored: tuple[list[dict], Any] | None = None) -> list[dict]:
+        """The exported best model, reloaded from the run folder, on every labelled dev/test split.
+
+        ``scored``: (dev rows, host params) of the best model as this run scored and exported
+        it. Its dev rows are then not scored again; the export round trip is checked instead:
+        the reloaded model's outputs on one dev batch, at the lowest and the highest speedup,
+        must equal those of the parameters that were exported.
+        """
         if not (Path(run_dir) / convert.ACCJAX_META).exists():
             return []
         best = convert.load(run_dir, self.head)
-        return self.evaluate(trainer, shard_lib.put(best.params, trainer.param_shardings), speedups,
-                             include_test=True)
+        params = shard_lib.put(best.params, trainer.param_shardings)
+        if scored is None or self.forward is None:  # (text-to-text: no forward pass to compare)
+            return self.evaluate(trainer, params, speedups, include_test=True)
+        rows, exported = scored
+        self.check_export(trainer, params, shard_lib.put(exported, trainer.param_shardings), speedups, run_dir)
+        return rows + self.evaluate(trainer, params, speedups, include_test=True, dev=False)
 
     @property
     def select_label(self) -> str:
@@ -301,12 +318,29 @@ class ClassificationExperiment(_Base):
                                 schedule=schedule, acc_variant=self.acc_variant)
         return out.logits
 
-    def _eval_splits(self, include_test: bool) -> list[str]:
-        names = list(self.task.dev_splits) + (list(self.task.test_splits) if include_test else [])
+    def _eval_splits(self, include_test: bool, dev: bool = True) -> list[str]:
+        names = (list(self.task.dev_splits) if dev else []) + (list(self.task.test_splits) if include_test else [])
         return [s for s in names if s in self.features and self.features[s].has_labels]
 
-    def evaluate(self, trainer, params, speedups: Sequence[float], *, include_test: bool = False) -> list[dict]:
-        """``evaluation.score_splits`` rows per split x speedup, through the trainer's sharded
+    def check_export(self, trainer, reloaded, exported, speedups: Sequence[float], run_dir) -> None:
+        """Raises unless both parameter sets give the same logits on the first dev batch at the
+        lowest and the highest of ``speedups`` (programs the dev evaluation compiled)."""
+        batch = data_lib.EvalBatches(self.features[self.dev_split], int(self.config.eval_batch_size),
+                                     buckets=self.buckets).batch(0)
+        batch = {k: batch[k] for k in self.input_names}
+        el = self.config.elimination
+        for s in (min(speedups), max(speedups)):
+            sched = sched_lib.plan(self.cost, self.schedule_length(batch), s, bucket=int(el.bucket),
+                                   floor=int(el.floor)).schedule
+            a, b = (trainer.eval_outputs(p, batch, sched) for p in (reloaded, exported))
+            if not np.array_equal(a, b):
+                raise RuntimeError(f"the model exported to {run_dir} does not reproduce the trained "
+                                   f"model's logits at {s:g}x (max difference {np.abs(a - b).max():.3g})")
+
+    def evaluate(self, trainer, params, speedups: Sequence[float], *, include_test: bool = False,
+                 dev: bool = True) -> list[dict]:
+        """``evaluation.score_splits`` rows per split x speedup (the dev splits unless not
+        ``dev``, and the test splits with ``include_test``), through the trainer's sharded
         forward pass."""
         el = self.config.elimination
 
@@ -317,7 +351,7 @@ class ClassificationExperiment(_Base):
             trainer.eval_program(params, {k: batch[k] for k in self.input_names}, plan.schedule)
 
         return evaluation.score_splits(
-            self.task, {s: self.features[s] for s in self._eval_splits(include_test)}, run, cost=self.cost,
+            self.task, {s: self.features[s] for s in self._eval_splits(include_test, dev)}, run, cost=self.cost,
             speedups=speedups, batch_size=int(self.config.eval_batch_size), buckets=self.buckets,
             bucket=int(el.bucket), floor=int(el.floor), compile=compile)
 

@@ -8,10 +8,11 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from accjax import checkpoint, convert, evaluation, loop, tasks
+from accjax import checkpoint, convert, evaluation, experiment, guards, loop, tasks
 from tests.train_helpers import REPO, finetune_cmd, run_finetune, sentiment_task, subprocess_env, tiny_config
 
 
@@ -124,6 +125,50 @@ def test_bad_and_odd_input_is_counted_and_reported(tiny_run):
     assert first["event"] == "data" and first["truncated"]["train"] == 1
     assert {r["split"] for r in summary["final"]} == {"validation", "test"}
     assert (result.run_dir / "tb").is_dir() and any((result.run_dir / "tb").iterdir())
+
+
+def test_epochs_left_out_of_eval_epochs_are_not_scored_and_training_is_unchanged(tiny_run, tmp_path,
+                                                                                 monkeypatch):
+    cfg, full = tiny_run  # the same run, dev scored at both epoch ends
+    calls = []
+    real = experiment.ClassificationExperiment.evaluate
+    monkeypatch.setattr(experiment.ClassificationExperiment, "evaluate", lambda self, *a, **k: calls.append(
+        (k.get("include_test", False), k.get("dev", True))) or real(self, *a, **k))
+    other = tiny_config(tmp_path / "last", cfg.task, "tiny,fixed", max_length=100, length_buckets=(32, 64),
+                        dropout=False, **{"eval.speedups": (1.0, 50.0), "epochs": 2, "elimination.speedup": 2.0,
+                                          "eval.epochs": (2,)})
+    result = loop.fit(other)
+    # epoch 2's dev evaluation, then the final table's test splits only (dev rows reused)
+    assert calls == [(False, True), (True, False)]
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["epoch"] for r in records if r.get("event") == "eval"} == {2}
+    train = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda recs: [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r]
+    assert losses(records) and losses(records) == losses(train)  # same data order, same dropout keys
+    final = {(r["split"], r["speedup"]): r["primary"] for r in result.final_eval}
+    epoch2 = [r for r in train if r.get("event") == "eval" and r["epoch"] == 2]
+    assert {(r["split"], r["speedup"]): r["primary"] for r in epoch2} == {
+        k: v for k, v in final.items() if k[0] == "validation"}
+    assert {k[0] for k in final} == {"validation", "test"}
+    bad = tiny_config(tmp_path / "bad", cfg.task, "tiny,fixed", **{"eval.epochs": (3,)})
+    with pytest.raises(guards.UserError, match=r"eval.epochs must be epochs 1..1"):
+        loop.fit(bad)
+
+
+def test_a_broken_export_round_trip_fails_the_run(tiny_run, tmp_path, monkeypatch):
+    cfg, _ = tiny_run
+    real = convert.load
+
+    def reloaded_wrong(*a, **k):  # the run folder's model, one weight off
+        m = real(*a, **k)
+        m.params = jax.tree.map(np.copy, m.params)
+        m.params["classifier"]["bias"] += 1e-3
+        return m
+
+    monkeypatch.setattr(convert, "load", reloaded_wrong)
+    other = tiny_config(tmp_path / "broken", cfg.task, "tiny,fixed", dropout=False)
+    with pytest.raises(RuntimeError, match="does not reproduce the trained model's logits at 1x"):
+        loop.fit(other)
 
 
 def test_restart_with_another_config_refuses(tiny_run):

@@ -164,3 +164,30 @@ def test_embedded_default_trains_once_then_evaluates(tmp_path, monkeypatch, caps
     second = capsys.readouterr()
     assert "no default checkpoint" not in second.err  # reused, not retrained
     assert (tmp_path / "default" / "summary.json").stat().st_mtime == summary
+
+
+def test_timed_passes_run_a_spread_of_the_batches_after_scoring_every_one(monkeypatch):
+    from accjax import data as data_lib, tasks
+
+    lengths = np.r_[np.full(40, 10), np.full(12, 50)]  # 13 batches of 4: 10 at length 32, 3 at 64
+    offsets = np.r_[0, np.cumsum(lengths)]
+    labels = np.arange(len(lengths)) % 2
+    feats = data_lib.Features(np.ones(offsets[-1], np.int32), np.zeros(offsets[-1], np.int32), offsets,
+                              labels.astype(np.int32), max_length=64, pad_id=0)
+    seen = []
+
+    def run(batch, plan):  # logits that pick each row's label: accuracy 100 only if every row ran
+        seen.append((plan.dense, batch["input_ids"].shape[1]))
+        return np.eye(2)[batch["labels"]]
+
+    monkeypatch.setattr(evaluation, "TIMED_BATCHES", 5)
+    rows = evaluation.score_splits(tasks.get_task("sst2"), {"validation": feats}, run, speedups=[1.0, 2.0],
+                                   cost=schedule.CostModel(num_layers=2, d=8, f=16), batch_size=4,
+                                   buckets=(32, 64), repeats=3)
+    assert [r["accuracy"] for r in rows] == [100.0, 100.0]
+    scored, timed = seen[:26], seen[26:]
+    assert len(timed) == 3 * 2 * 5  # 3 rounds x 2 levels x 5 batches, the levels interleaved
+    assert [d for d, _ in timed[:10]] == [True] * 5 + [False] * 5
+    assert sorted(n for _, n in timed[:5]) == [32, 32, 32, 32, 64]  # both lengths, in their share
+    assert all(r["timed_batches"] == 5 and r["examples_per_s"] * r["seconds"] == pytest.approx(20)
+               for r in rows)

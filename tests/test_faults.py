@@ -458,6 +458,7 @@ def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, cap
     lo, hi = config.elimination.speedup_range
     # the sandwich recipe trains 1x and the top level every step: the message says so
     assert config.elimination.sandwich and config.elimination.samples == 0
+    assert tuple(config.eval.epochs) == (config.epochs,)  # dev scored once, at the last epoch
     assert f"over speedups {lo:g}-{hi:g}, {config.epochs} epochs: each step trains 1x and {hi:g}x" in err
 
 
