@@ -186,6 +186,7 @@ def test_timed_passes_run_a_spread_of_the_batches_after_scoring_every_one(monkey
                                    buckets=(32, 64), repeats=3)
     assert [r["accuracy"] for r in rows] == [100.0, 100.0]
     scored, timed = seen[:26], seen[26:]
+    assert [d for d, _ in scored].count(True) == 13  # the scoring pass ran all 13 batches a level
     assert len(timed) == 3 * 2 * 5  # 3 rounds x 2 levels x 5 batches, the levels interleaved
     assert [d for d, _ in timed[:10]] == [True] * 5 + [False] * 5
     assert sorted(n for _, n in timed[:5]) == [32, 32, 32, 32, 64]  # both lengths, in their share
