@@ -132,13 +132,15 @@ class LMPredictor(inference.Planned):
       param_dtype: cast the parameters once (e.g. 'bfloat16').
       bucket, floor: schedule rounding and the smallest keep-length.
       acc_variant: how rows are ranked (decoders: ``gpt2.RANKINGS``).
+      prune_every: k > 1 drops rows only in layers 1, 1 + k, ... (``schedule.plan``).
     """
 
     def __init__(self, module, params, config, *, param_dtype: str | None = None, bucket: int = 8,
-                 floor: int = 1, acc_variant: str = "plain"):
+                 floor: int = 1, acc_variant: str = "plain", prune_every: int = 1):
         self.module, self.config = module, config
         self.params = inference.cast_params(params, param_dtype)
         self.bucket, self.floor, self.acc_variant = bucket, floor, acc_variant
+        self.prune_every = sched_lib.check_every(prune_every)
         self.cost = models.cost_model(config, "lm")
         self.programs = programs.ProgramCache()
 

@@ -68,6 +68,7 @@ class Planned:
     ``length_buckets`` for ``length_bucket``)."""
 
     searched: dict = {}  # (speedup, length) -> keep-lengths searched for the task (schedule.plan)
+    prune_every = 1  # schedule.plan's prune_every: only every k-th layer drops rows
 
     @property
     def traces(self) -> int:
@@ -86,7 +87,7 @@ class Planned:
         if schedule is not None:
             return sched_lib.explicit(self.cost, length, schedule)
         return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket, floor=self.floor,
-                              searched=self.searched)
+                              searched=self.searched, prune_every=self.prune_every)
 
     def schedule(self, length: int, speedup: float) -> tuple[int, ...]:
         """The keep-lengths ``speedup`` runs at ``length``."""
@@ -104,6 +105,7 @@ class Predictor(Planned):
       length_buckets: padded lengths; inputs go to the smallest that holds them.
       acc_variant: ACC form used for ranking (``accjax.acc.VARIANTS``).
       bucket, floor: schedule rounding and minimum keep-length.
+      prune_every: k > 1 drops rows only in layers 1, 1 + k, ... (``schedule.plan``).
       output: which ``BertOutput`` field ``predict`` returns ('logits', 'pooler_output').
       searched: (speedup, length) -> keep-lengths an offline-tuning search stored for the task.
       pick: (examples, length) -> (speedup, batch size): the program ``predict`` runs when no
@@ -122,6 +124,7 @@ class Predictor(Planned):
         acc_variant: str = "plain",
         bucket: int = 8,
         floor: int = 1,
+        prune_every: int = 1,
         output: str = "logits",
         param_dtype: str | None = None,
         searched: dict | None = None,
@@ -136,6 +139,7 @@ class Predictor(Planned):
         self.acc_variant = acc_variant
         self.bucket = bucket
         self.floor = floor
+        self.prune_every = sched_lib.check_every(prune_every)
         self.output = output
         self.params = cast_params(params, param_dtype)
         self.cost = models.cost_model(config)

@@ -146,17 +146,17 @@ class LMEvaluator(generate.LMPredictor):
 
     def __init__(self, module, params, config, *, batch_size: int, context: int, continuation: int,
                  param_dtype: str | None = None, bucket: int = 8, floor: int = 1,
-                 acc_variant: str = "plain"):
+                 acc_variant: str = "plain", prune_every: int = 1):
         check_fits(config.max_position_embeddings, context, continuation)
         super().__init__(module, params, config, param_dtype=param_dtype, bucket=bucket, floor=floor,
-                         acc_variant=acc_variant)
+                         acc_variant=acc_variant, prune_every=prune_every)
         self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
 
     # ----------------------------------------------------------------- schedules
     def plan(self, speedup: float) -> sched_lib.Plan:
         """``schedule.plan`` at the context length."""
         return sched_lib.plan(self.cost, self.context, speedup, bucket=self.bucket, floor=self.floor,
-                              clamp=False)
+                              clamp=False, prune_every=self.prune_every)
 
     def schedule(self, speedup: float) -> tuple[int, ...]:
         return self.plan(speedup).keep

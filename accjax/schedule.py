@@ -21,7 +21,9 @@ decoder projecting the kept encoder rows to cross-attention keys and values:
 ``cost += tail_per_row * n_L``.
 
 Schedule from a speedup s: ``keep[l] = bucket_up(max(floor, N * r**l))`` for l = 1..L, one
-decay ratio r in (0, 1]. The bucketed speedup is a non-increasing step function of r;
+decay ratio r in (0, 1]. With ``prune_every`` k > 1 only layers 1, 1 + k, 1 + 2k, ... drop rows
+(to that same formula) and the layers between keep every row that enters them: fewer layers
+pay for ranking, selection and gathers, at the same analytic cost (docs/benchmarks.md). The bucketed speedup is a non-increasing step function of r;
 bisection finds the step where it crosses s and the closer of its two sides is returned,
 so the analytic speedup differs from s only by what bucketing allows (at most half a step).
 
@@ -88,11 +90,14 @@ def bucket_up(n: float, bucket: int = 8) -> int:
 
 
 def _bucketed(seq_len: int, num_layers: int, r: float, bucket: int, floor: int,
-              prefix: tuple[int, ...] = ()) -> tuple[int, ...]:
-    # the layers after ``prefix`` decay from its last keep-length (from seq_len without one)
+              prefix: tuple[int, ...] = (), every: int = 1) -> tuple[int, ...]:
+    # the layers after ``prefix`` decay from its last keep-length (from seq_len without one);
+    # only every ``every``-th of them drops rows, the others keep what enters them
     start, keep = (prefix[-1] if prefix else seq_len), list(prefix)
     for l in range(1, num_layers - len(prefix) + 1):
-        keep.append(min(start, bucket_up(max(floor, start * r ** l), bucket)))
+        if (l - 1) % every == 0:
+            cur = min(start, bucket_up(max(floor, start * r ** l), bucket))
+        keep.append(cur)
     return tuple(keep)
 
 
@@ -114,7 +119,7 @@ class SpeedupError(ValueError):
 
 
 def schedule_for_speedup(
-    cm: CostModel, seq_len: int, speedup: float, *, bucket: int = 8, floor: int = 1
+    cm: CostModel, seq_len: int, speedup: float, *, bucket: int = 8, floor: int = 1, prune_every: int = 1
 ) -> tuple[int, ...]:
     """Per-layer keep-lengths whose analytic speedup is closest to ``speedup`` (the solver;
     callers that turn a user's speedup into a program use ``plan``).
@@ -123,7 +128,14 @@ def schedule_for_speedup(
       SpeedupError if ``speedup`` < 1 or above ``max_speedup`` (the message gives the range).
     """
     _check_number(speedup)
-    return _solve(cm, int(seq_len), float(speedup), int(bucket), int(floor))
+    return _solve(cm, int(seq_len), float(speedup), int(bucket), int(floor), check_every(prune_every))
+
+
+def check_every(prune_every) -> int:
+    """``prune_every`` as an int >= 1 (1: every layer may drop rows)."""
+    if isinstance(prune_every, bool) or not isinstance(prune_every, int) or prune_every < 1:
+        raise ValueError(f"prune_every must be an int >= 1 (1 = every layer drops rows), got {prune_every!r}")
+    return prune_every
 
 
 def _check_number(speedup) -> None:
@@ -158,27 +170,30 @@ class Plan:
 
 
 def plan(cm: CostModel, length: int, speedup: float, *, bucket: int = 8, floor: int = 1,
-         clamp: bool = True, searched: Mapping[tuple[float, int], Sequence[int]] | None = None) -> Plan:
+         clamp: bool = True, searched: Mapping[tuple[float, int], Sequence[int]] | None = None,
+         prune_every: int = 1) -> Plan:
     """The one policy from a speedup to a program (see the module docstring).
 
     ``clamp=False`` refuses a speedup above the length's maximum (``SpeedupError`` stating
     the permitted range) instead of running the maximum: for a sweep at ONE length, where a
     clamped row would only repeat the maximum's. ``searched``: (speedup, length) -> the
     keep-lengths an offline-tuning search chose for the task; such a pair runs them.
+    ``prune_every``: k > 1 drops rows only in layers 1, 1 + k, ... (the module docstring).
     """
     _check_number(speedup)
     if searched and (float(speedup), int(length)) in searched:
         return dataclasses.replace(explicit(cm, length, searched[float(speedup), int(length)]), searched=True)
+    every = check_every(prune_every)
     if not clamp:
-        _solve(cm, int(length), float(speedup), int(bucket), int(floor))  # raises outside the range
-    return _plan(cm, int(length), float(speedup), int(bucket), int(floor))
+        _solve(cm, int(length), float(speedup), int(bucket), int(floor), every)  # raises outside the range
+    return _plan(cm, int(length), float(speedup), int(bucket), int(floor), every)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(cm: CostModel, length: int, speedup: float, bucket: int, floor: int) -> Plan:
+def _plan(cm: CostModel, length: int, speedup: float, bucket: int, floor: int, every: int = 1) -> Plan:
     top = max_speedup(cm, length, bucket=bucket, floor=floor)
     clamped = speedup if speedup > top * (1 + 1e-9) else None
-    keep = _solve(cm, length, min(speedup, top), bucket, floor)
+    keep = _solve(cm, length, min(speedup, top), bucket, floor, every)
     return Plan(length, keep, 1.0 if all(k >= length for k in keep) else analytic_speedup(cm, length, keep),
                 clamped)
 
@@ -190,7 +205,8 @@ def explicit(cm: CostModel, length: int, schedule: Sequence[int]) -> Plan:
 
 
 @functools.lru_cache(maxsize=4096)
-def _solve(cm: CostModel, seq_len: int, speedup: float, bucket: int, floor: int) -> tuple[int, ...]:
+def _solve(cm: CostModel, seq_len: int, speedup: float, bucket: int, floor: int,
+           every: int = 1) -> tuple[int, ...]:
     """The bisection behind ``schedule_for_speedup``; cached because a serving loop asks for
     the same (length, speedup) on every call and one solve costs ~1 ms of host time."""
     L = cm.num_layers
@@ -202,7 +218,7 @@ def _solve(cm: CostModel, seq_len: int, speedup: float, bucket: int, floor: int)
             "1 is the dense model")
     if speedup == 1:
         return (seq_len,) * L
-    return _bisect(cm, seq_len, speedup, bucket, floor, ())
+    return _bisect(cm, seq_len, speedup, bucket, floor, (), every)
 
 
 def decay_after(cm: CostModel, seq_len: int, speedup: float, prefix: Sequence[int], *,
@@ -224,18 +240,18 @@ def decay_after(cm: CostModel, seq_len: int, speedup: float, prefix: Sequence[in
 
 
 def _bisect(cm: CostModel, seq_len: int, speedup: float, bucket: int, floor: int,
-            prefix: tuple[int, ...]) -> tuple[int, ...]:
+            prefix: tuple[int, ...], every: int = 1) -> tuple[int, ...]:
     L = cm.num_layers
 
     def s(r):
-        return analytic_speedup(cm, seq_len, _bucketed(seq_len, L, r, bucket, floor, prefix))
+        return analytic_speedup(cm, seq_len, _bucketed(seq_len, L, r, bucket, floor, prefix, every))
 
     lo, hi = 0.0, 1.0  # s(lo) = top >= speedup >= s(hi) (1 without a prefix)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if s(mid) >= speedup else (lo, mid)
     r = lo if abs(s(lo) - speedup) <= abs(s(hi) - speedup) else hi  # lo: at or above the target
-    return _bucketed(seq_len, L, r, bucket, floor, prefix)
+    return _bucketed(seq_len, L, r, bucket, floor, prefix, every)
 
 
 def check(schedule: Sequence[int], num_layers: int, seq_len: int) -> tuple[int, ...]:

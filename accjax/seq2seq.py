@@ -243,9 +243,9 @@ class Seq2SeqPredictor(generate.LMPredictor):
     def __init__(self, module, params, config, *, batch_size: int = 16,
                  length_buckets: Sequence[int] = inference.DEFAULT_LENGTH_BUCKETS,
                  acc_variant: str = "plain", protect_last: bool = False, bucket: int = 8,
-                 floor: int = 1, param_dtype: str | None = None):
+                 floor: int = 1, param_dtype: str | None = None, prune_every: int = 1):
         super().__init__(module, params, config, param_dtype=param_dtype, bucket=bucket, floor=floor,
-                         acc_variant=acc_variant)
+                         acc_variant=acc_variant, prune_every=prune_every)
         self.batch_size, self.protect_last = int(batch_size), protect_last
         self.length_buckets = inference.cap_buckets(config, length_buckets)
 

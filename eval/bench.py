@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from accjax import acc as acc_lib
-from accjax import benchmark, inference, models, programs, seq2seq
+from accjax import benchmark, guards, inference, models, programs, seq2seq
 from accjax.kernels import acc_pallas
 from eval import cli
 
@@ -86,6 +86,7 @@ def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides:
 
 
 def run(args) -> dict:
+    guards.positive_int(args.prune_every, "--prune_every")
     t5 = is_t5(args.model, args.family, args.tiny)
     shapes = parse_shapes(args.shapes)
     if args.batch or args.length:
@@ -113,7 +114,8 @@ def run(args) -> dict:
             for b, n in shapes:
                 pred = (seq2seq.Seq2SeqPredictor if t5 else inference.Predictor)(
                     module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=args.dtype,
-                    acc_variant=args.acc_variant, bucket=args.bucket, floor=args.floor)
+                    acc_variant=args.acc_variant, bucket=args.bucket, floor=args.floor,
+                    prune_every=args.prune_every)
                 plans = {s: pred.plan(n, s) for s in levels}
                 for s, plan in plans.items():
                     if plan.clamped_from:
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
                     help="ACC beside flash attention: auto (Pallas kernel where it compiles), lse, pallas")
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--floor", type=int, default=1)
+    ap.add_argument("--prune_every", type=int, default=1,
+                    help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost")
     ap.add_argument("--vs-torch", dest="vs_torch", action="store_true",
                     help="also time HF PyTorch (eager and torch.compile)")
     ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")

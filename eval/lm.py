@@ -105,12 +105,14 @@ def run(args) -> dict:
     module, params, cfg, folder = build(args)
     ev = lm.LMEvaluator(module, params, cfg, batch_size=args.batch, context=args.context,
                         continuation=args.continuation, param_dtype=args.dtype,
-                        bucket=args.bucket, floor=args.floor, acc_variant=args.acc_variant)
+                        bucket=args.bucket, floor=args.floor, acc_variant=args.acc_variant,
+                        prune_every=args.prune_every)
     info = benchmark.machine()
     result = {"machine": info, "mode": "bench" if args.bench else "eval", "model": args.model,
               "dtype": args.dtype, "batch": args.batch, "context": args.context,
               "continuation": args.continuation, "acc_variant": args.acc_variant,
               "protect_first": args.protect_first, "bucket": args.bucket, "floor": args.floor,
+              "prune_every": args.prune_every,
               "iters": args.iters}
     print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}, "
           f"batch {args.batch}, context {args.context}, continuation {args.continuation}")
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
                     help="never drop the first position (attention sink)")
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--floor", type=int, default=None, help="smallest keep-length (default 1; 2 with --protect-first)")
+    ap.add_argument("--prune_every", type=int, default=1,
+                    help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost")
     ap.add_argument("--iters", type=int, default=10, help="timed rounds (every speedup's prefill once a round, interleaved)")
     ap.add_argument("--no-timing", dest="no_timing", action="store_true", help="skip TTFT timing")
     ap.add_argument("--bench", action="store_true",
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
         args.floor = 2 if args.protect_first else 1
 
     def checked():
-        for flag in ("bucket", "floor", "batch", "context", "iters"):  # 0 divided by later
+        for flag in ("bucket", "floor", "batch", "context", "iters", "prune_every"):  # 0 divided by later
             guards.positive_int(getattr(args, flag), f"--{flag}")
         return run(args)
 

@@ -69,3 +69,52 @@ def test_explicit_schedule_checks():
         S.check((8,), 12, 128)
     with pytest.raises(ValueError, match=r"ints in \[1, 128\]"):
         S.check((200,) * 12, 12, 128)
+
+
+@pytest.mark.parametrize("cm,n", [(BERT, 512), (models.cost_model(models.preset("gpt2"), "lm"), 1024)])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("s", [1.5, 2, 3, 4.8])
+def test_prune_every_drops_rows_only_at_every_kth_layer(cm, n, k, s):
+    """prune_every=k: layers 1, 1 + k, ... drop rows, the others keep what enters them, and
+    the analytic speedup is the one asked (within bucketing), as with every layer pruning."""
+    p = S.plan(cm, n, s, prune_every=k)
+    keep = (n,) + p.keep
+    drops = [l for l in range(1, len(keep)) if keep[l] < keep[l - 1]]
+    assert drops and all((l - 1) % k == 0 for l in drops), p.keep
+    assert len(drops) > 1  # not one big drop: several pruning layers share the speedup
+    assert list(p.keep) == sorted(p.keep, reverse=True)
+    assert abs(p.analytic / s - 1) <= 0.03, p
+    assert p.keep != S.plan(cm, n, s).keep  # a different shape from every-layer decay
+
+
+def test_prune_every_one_is_the_default_and_bad_values_are_refused():
+    for s in (1.5, 3, 4.8):
+        assert S.plan(BERT, 128, s, prune_every=1) == S.plan(BERT, 128, s)
+    assert S.plan(BERT, 128, 1.0, prune_every=3).dense
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="prune_every must be an int >= 1"):
+            S.plan(BERT, 128, 2.0, prune_every=bad)
+
+
+def test_predictors_and_the_bench_take_prune_every(tmp_path, capsys):
+    import json
+
+    from accjax import inference
+    from eval import bench
+
+    cfg = models.preset("bert-base-uncased", num_layers=4, hidden_size=32, num_heads=2,
+                        intermediate_size=64, vocab_size=50)
+    pred = inference.Predictor(None, {}, cfg, batch_size=2, length_buckets=(64,), prune_every=2)
+    keep = pred.plan(64, 2.0).keep
+    assert keep == S.plan(pred.cost, 64, 2.0, prune_every=2).keep and keep[0] == keep[1] > keep[2]
+    with pytest.raises(ValueError, match="prune_every"):
+        inference.Predictor(None, {}, cfg, prune_every=0)
+    tiny = ["--set", "num_layers=4", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    assert bench.main(["--shapes", "2x16", "--speedups", "2", "--iters", "1", "--prune_every", "0", *tiny]) == 2
+    assert "--prune_every" in capsys.readouterr().err
+    out = tmp_path / "b.json"
+    assert bench.main(["--shapes", "2x32", "--speedups", "2", "--iters", "1", "--prune_every", "2",
+                       "--json", str(out), *tiny]) == 0
+    sch = json.loads(out.read_text())["rows"][1]["schedule"]
+    assert sch[0] == sch[1] and sch[2] == sch[3] and sch[1] > sch[2], sch
