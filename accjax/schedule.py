@@ -21,9 +21,10 @@ decoder projecting the kept encoder rows to cross-attention keys and values:
 ``cost += tail_per_row * n_L``.
 
 Schedule from a speedup s: ``keep[l] = bucket_up(max(floor, N * r**l))`` for l = 1..L, one
-decay ratio r in (0, 1]. With ``prune_every`` k > 1 only layers 1, 1 + k, 1 + 2k, ... drop rows
-(to that same formula) and the layers between keep every row that enters them: fewer layers
-pay for ranking, selection and gathers, at the same analytic cost (docs/benchmarks.md). The bucketed speedup is a non-increasing step function of r;
+decay ratio r in (0, 1]. With ``prune_every`` k > 1 only layers 1, 1 + k, 1 + 2k, ... drop
+rows (to that same formula) and the layers between keep every row that enters them: fewer
+layers pay for ranking, selection and gathers, at the same analytic cost (docs/benchmarks.md;
+its accuracy cost: docs/results.md). The bucketed speedup is a non-increasing step function of r;
 bisection finds the step where it crosses s and the closer of its two sides is returned,
 so the analytic speedup differs from s only by what bucketing allows (at most half a step).
 
