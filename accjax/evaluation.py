@@ -101,7 +101,7 @@ class RunModel:
     def task_spec(self) -> str | None:
         return self.meta.get("task")
 
-    def predictor(self, batch_size: int, *, max_drop: float | None = None):
+    def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int = 1):
         """A ``Predictor``; with ``max_drop``, one whose ``predict(batch)`` runs the fastest
         program measured for the batch's size and length within that dev drop, at the
         searched schedules (``pick_program`` on the offline-tuning table beside the run)."""
@@ -117,7 +117,8 @@ class RunModel:
             pick = functools.partial(pick_program, table, max_drop)
         return Predictor.from_loaded(self.loaded, batch_size=batch_size, length_buckets=self.buckets,
                                      acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor,
-                                     searched=searched(table, (table or {}).get("task")), pick=pick)
+                                     searched=searched(table, (table or {}).get("task")), pick=pick,
+                                     prune_every=prune_every)
 
     def resolve_task(self, task: str | None) -> tasks_lib.Task:
         """The task to score: the checkpoint's own, or one with the same label count (a file
@@ -146,7 +147,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
                  speedups: Sequence[float], batch_size: int, buckets: Sequence[int], bucket: int = 8,
                  floor: int = 1, compile: Callable[[sched_lib.Plan, dict], Any] | None = None,
                  baseline: bool = False, progress: bool = False, repeats: int = 0,
-                 schedules: dict[tuple[float, int], Sequence[int]] | None = None) -> list[dict]:
+                 schedules: dict[tuple[float, int], Sequence[int]] | None = None,
+                 prune_every: int = 1) -> list[dict]:
     """THE classifier evaluation: every split x speedup, one row each.
 
     Each pass compiles what it needs first (``compile``; compilation is never timed), then
@@ -185,7 +187,7 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
         split_rows = []
         for s in levels:
             plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor,
-                                    searched=schedules) for b in items]
+                                    searched=schedules, prune_every=prune_every) for b in items]
             if compile is not None:
                 for p, b in {p: b for b, p in zip(items, plans)}.items():
                     compile(p, b)
@@ -253,21 +255,23 @@ def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: 
 def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | None = None,
              speedups: Sequence[float] | None = None, batch_size: int | None = None,
              data_dir: str | None = None, progress: bool = True, include_test: bool = False,
-             repeats: int = 5, schedules: dict | None = None, predictor=None) -> list[dict]:
+             repeats: int = 5, schedules: dict | None = None, predictor=None,
+             prune_every: int = 1) -> list[dict]:
     """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
     in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
     eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
     skipped), where training read its data, and the schedules ``eval.offline_tune --search``
-    stored beside it for this task (``schedules`` overrides them; ``{}``: the decay)."""
+    stored beside it for this task (``schedules`` overrides them; ``{}``: the decay);
+    ``prune_every`` k > 1 decays by dropping rows only in every k-th layer (``schedule.plan``)."""
     t, feats = features(run, task, splits, data_dir, include_test)
     if schedules is None:
         schedules = searched(read_tune(run.folder), t.name)
-    pred = predictor or run.predictor(batch_size or run.eval_batch_size)
+    pred = predictor or run.predictor(batch_size or run.eval_batch_size, prune_every=prune_every)
     return score_splits(
         t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
         speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
         bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
-        baseline=True, progress=progress, repeats=repeats, schedules=schedules)
+        baseline=True, progress=progress, repeats=repeats, schedules=schedules, prune_every=prune_every)
 
 
 def features(run: RunModel, task: str | None, splits: Sequence[str] | None, data_dir: str | None,

@@ -192,3 +192,20 @@ def test_timed_passes_run_a_spread_of_the_batches_after_scoring_every_one(monkey
     assert sorted(n for _, n in timed[:5]) == [32, 32, 32, 32, 64]  # both lengths, in their share
     assert all(r["timed_batches"] == 5 and r["examples_per_s"] * r["seconds"] == pytest.approx(20)
                for r in rows)
+
+
+def test_prune_every_reaches_the_scored_schedules(sst2_run, tmp_path, capsys):
+    run, data_dir = sst2_run
+    out = tmp_path / "glue.json"
+    base = ["--checkpoint", str(run), "--task", "sst2", "--data_dir", str(data_dir), "--no-progress"]
+    assert glue.main([*base, "--speedup", "2", "--prune_every", "2", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][1]
+    cost = evaluation.RunModel.load(run).predictor(64).cost
+    for length, keep in row["schedules"].items():
+        want = schedule.plan(cost, int(length), 2.0, prune_every=2).keep
+        assert tuple(keep) == want != schedule.plan(cost, int(length), 2.0).keep
+    capsys.readouterr()
+    assert glue.main([*base, "--speedup", "2", "--prune_every", "0"]) == 2
+    assert "--prune_every" in capsys.readouterr().err
+    assert glue.main([*base, "--max_drop", "1", "--prune_every", "2"]) == 2
+    assert "--max_drop" in capsys.readouterr().err
