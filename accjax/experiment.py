@@ -243,7 +243,8 @@ class _Base:
         if scored is None or self.forward is None:  # (text-to-text: no forward pass to compare)
             return self.evaluate(trainer, params, speedups, include_test=True)
         rows, exported = scored
-        self.check_export(trainer, params, shard_lib.put(exported, trainer.param_shardings), speedups, run_dir)
+        exported = shard_lib.put(exported, trainer.param_shardings)
+        self.check_export(trainer, params, exported, speedups, run_dir)
         return rows + self.evaluate(trainer, params, speedups, include_test=True, dev=False)
 
     @property
@@ -319,7 +320,8 @@ class ClassificationExperiment(_Base):
         return out.logits
 
     def _eval_splits(self, include_test: bool, dev: bool = True) -> list[str]:
-        names = (list(self.task.dev_splits) if dev else []) + (list(self.task.test_splits) if include_test else [])
+        names = ((list(self.task.dev_splits) if dev else [])
+                 + (list(self.task.test_splits) if include_test else []))
         return [s for s in names if s in self.features and self.features[s].has_labels]
 
     def check_export(self, trainer, reloaded, exported, speedups: Sequence[float], run_dir) -> None:
@@ -351,7 +353,8 @@ class ClassificationExperiment(_Base):
             trainer.eval_program(params, {k: batch[k] for k in self.input_names}, plan.schedule)
 
         return evaluation.score_splits(
-            self.task, {s: self.features[s] for s in self._eval_splits(include_test, dev)}, run, cost=self.cost,
+            self.task, {s: self.features[s] for s in self._eval_splits(include_test, dev)}, run,
+            cost=self.cost,
             speedups=speedups, batch_size=int(self.config.eval_batch_size), buckets=self.buckets,
             bucket=int(el.bucket), floor=int(el.floor), compile=compile)
 

@@ -111,7 +111,8 @@ def test_predictors_and_the_bench_take_prune_every(tmp_path, capsys):
         inference.Predictor(None, {}, cfg, prune_every=0)
     tiny = ["--set", "num_layers=4", "--set", "hidden_size=32", "--set", "num_heads=2",
             "--set", "intermediate_size=64", "--set", "vocab_size=50"]
-    assert bench.main(["--shapes", "2x16", "--speedups", "2", "--iters", "1", "--prune_every", "0", *tiny]) == 2
+    assert bench.main(["--shapes", "2x16", "--speedups", "2", "--iters", "1", "--prune_every", "0",
+                       *tiny]) == 2
     assert "--prune_every" in capsys.readouterr().err
     out = tmp_path / "b.json"
     assert bench.main(["--shapes", "2x32", "--speedups", "2", "--iters", "1", "--prune_every", "2",

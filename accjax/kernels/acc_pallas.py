@@ -38,6 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 NEG = -1e30
+LOG2E = 1.4426950408889634  # the second pass works in base 2: exp(x) = exp2(x * log2(e))
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -134,19 +135,18 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
     k = k_ref[...]  # [BK, H]
     cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
     k_pos = None if rel_offset is None else kp_ref[...]  # [BK] original positions
-    log2e = 1.4426950408889634
 
     def body(i, acc):
         start = i * block_q
         q = q_ref[pl.ds(start, block_q), :]  # [BQ, H]
         lse = lse_ref[pl.ds(start, block_q)]  # [BQ] float32, already times log2(e)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * (scale * log2e)  # [BQ, BK]
+                                preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
         if rel_offset is not None:
             # T5's bias depends only on key position - query position: one gathered load
             # from a [R] vector per head (L1-resident), never a [T, S] bias in memory.
             q_pos = qp_ref[pl.ds(start, block_q)]  # [BQ]
-            s = s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset] * log2e
+            s = s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]  # (times log2(e))
         p = jnp.exp2(s - lse[:, None])  # softmax probabilities; 0 for padding queries
         if causal:
             rows = start + jnp.arange(block_q, dtype=jnp.int32)
@@ -202,7 +202,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
     if (sp, hp) != (s, h):
         k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, N, Hp]
     # padding queries get a huge log-sum-exp, so their probabilities are exactly 0 in-kernel
-    lse = jnp.where(query_mask[:, None, :], lse.astype(jnp.float32) * 1.4426950408889634, 1e30)
+    lse = jnp.where(query_mask[:, None, :], lse.astype(jnp.float32) * LOG2E, 1e30)
     lse = jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t)), constant_values=1e30)  # [B, N, Tp]
     args = [lse, q, k]
     in_specs = [
@@ -217,7 +217,8 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         rp = _pow2(r)
         # padded rows get position 0: their distances stay inside the vector (and are masked)
         pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tp, sp) - t)))  # [B, max]
-        args += [pos[:, :tp], pos[:, :sp], jnp.pad(rel_bias.astype(jnp.float32), ((0, 0), (0, rp - r)))]
+        bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
+        args += [pos[:, :tp], pos[:, :sp], bias]
         in_specs += [
             pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
             pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
