@@ -273,6 +273,27 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: b
     return acc_impl, interpret
 
 
+# T5's bias by distance (``bias_by_distance``) in a program that eliminates: 'auto' reads it
+# inside a Pallas flash attention (``acc_pallas.attention_by_distance``, on a GPU where it
+# compiles) once the rows' positions differ per example, instead of writing the [B, N, T, T]
+# bias out for cuDNN in every layer (a layer sharing one [1, N, T, T] bias keeps cuDNN, which
+# measured as fast); 'never' keeps cuDNN; 'interpret' runs the kernel in Pallas' interpreter
+# (tests on the CPU).
+DISTANCE_ATTENTION = "auto"
+
+
+def _distance_attention(impl: str, bias, bias_by_distance) -> bool:
+    if bias_by_distance is None or DISTANCE_ATTENTION == "never":
+        return False
+    if DISTANCE_ATTENTION == "interpret":
+        return True
+    if impl != "cudnn" or bias.shape[0] == 1:
+        return False
+    from accjax.kernels import acc_pallas
+
+    return acc_pallas.available(distance=True)
+
+
 def attend_and_score(
     q: Array,
     k: Array,
@@ -305,6 +326,8 @@ def attend_and_score(
       * ACC source 'fused': one Pallas kernel returns the context and the column sums
         (``acc_pallas.self_attention_with_column_sums``) at any row count (its tiles shrink
         with the rows, so it also replaces XLA attention in tail layers);
+      * T5 once its rows' positions differ per example (``DISTANCE_ATTENTION``): a Pallas
+        flash attention reading ``bias_by_distance`` at ``positions``, with its log-sum-exp;
       * ``fused_attention`` (cuDNN flash or XLA), with its log-sum-exp where the ACC source
         reads it, then ``acc_scores_fused`` (Pallas) or ``acc_scores_from_lse`` (XLA).
     The logits ``bias`` goes to the attention as given (cuDNN casts it to the input dtype,
@@ -349,6 +372,11 @@ def attend_and_score(
         if need_probs or (score and how == "probs"):
             ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
                                                        bias=bias, probs_dropout=probs_dropout)
+        elif _distance_attention(impl, bias, bias_by_distance):
+            from accjax.kernels import acc_pallas
+
+            ctx, lse = acc_pallas.self_attention_by_distance(
+                q, k, v, mask, bias_by_distance, positions, scale, DISTANCE_ATTENTION == "interpret")
         else:
             want_lse = score and how in ("lse", "pallas_lse")
             out = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,

@@ -199,9 +199,11 @@ def test_kernel_probe_works_inside_a_trace():
     def traced(x):
         seen.append(acc_pallas.available(interpret=True))
         seen.append(acc_pallas.available(interpret=True, rel_bias=True))  # T5's variant
+        seen.append(acc_pallas.available(interpret=True, distance=True))  # T5's attention
         return x + 1
 
     traced(jnp.zeros(2))
-    assert seen == [True, True]
+    assert seen == [True, True, True]
     if jax.default_backend() != "gpu":
         assert acc_pallas.available() is False  # no Triton here: callers fall back
+        assert acc_pallas.available(distance=True) is False

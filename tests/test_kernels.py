@@ -42,6 +42,37 @@ def test_fused_kernel_matches_probabilities(causal, t, h):
     np.testing.assert_allclose(np.asarray(col).sum(-1), m.sum(1)[:, None].repeat(3, 1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [(16, 32, 4, 2), (64, 16, 4, 2)])
+def test_attention_by_distance_matches_float64(blocks):
+    """Flash attention reading T5's bias by key - query distance at per-example positions:
+    context and log-sum-exp against float64 on 40 rows (no tile filled), padding keys
+    excluded; its gradient (q, k, v, the bias vector) is plain attention's."""
+    rng = np.random.default_rng(5)
+    b, t, n, h, p_len = 2, 40, 3, 16, 50
+    q, k, v = _qkv(rng, b, t, n, h)
+    m = np.arange(t)[None] < np.array([[t], [17]])
+    pos = np.stack([np.sort(rng.choice(p_len, t, replace=False)) for _ in range(b)]).astype(np.int32)
+    rb = jnp.asarray(rng.normal(0.0, 2.0, size=(n, 2 * p_len - 1)), jnp.float32)
+    ctx, lse = acc_pallas.attention_by_distance(q, k, v, m, rb, pos, scale=0.3, interpret=True,
+                                                blocks=blocks)
+    bias = np.asarray(rb, np.float64)[:, pos[:, None, :] - pos[:, :, None] + p_len - 1].transpose(1, 0, 2, 3)
+    lg = np.einsum("btnh,bsnh->bnts", np.asarray(q, np.float64), np.asarray(k, np.float64)) * 0.3 + bias
+    lg = np.where(m[:, None, None, :], lg, -np.inf)
+    ref_lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    ref_ctx = np.einsum("bnts,bsnh->btnh", np.exp(lg - ref_lse[..., None]), np.asarray(v, np.float64))
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ctx), ref_ctx, rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda q_, k_, v_, rb_: (fn(q_, k_, v_, rb_) * v).sum()
+    kernel = loss(lambda *a: acc_pallas.self_attention_by_distance(*a[:3], m, a[3], pos, 0.3, True)[0])
+    plain = loss(lambda *a: attention.attention_with_probs(
+        *a[:3], jnp.asarray(m), scale=0.3, bias=acc_pallas._distance_bias(a[3], pos))[0])
+    for g, r in zip(jax.grad(kernel, (0, 1, 2, 3))(q, k, v, rb), jax.grad(plain, (0, 1, 2, 3))(q, k, v, rb)):
+        assert float(jnp.abs(r).max()) > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 # query tiles smaller, equal and larger than key tiles; 40 rows fill no tile exactly

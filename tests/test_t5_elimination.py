@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from accjax import acc as acc_lib
 from accjax import convert, models, seq2seq
 from accjax import schedule as S
 from accjax.models import t5
@@ -258,10 +259,13 @@ def test_bias_lookup_at_original_positions_equals_gathering_the_entering_bias(ti
     assert len(np.unique(np.asarray(bias))) > 4  # a bias with structure, not a constant
 
 
-def test_pallas_acc_with_bias_by_distance_matches_probabilities(tiny):
+@pytest.mark.parametrize("distance_attention", ["never", "interpret"])
+def test_pallas_acc_with_bias_by_distance_matches_probabilities(tiny, monkeypatch, distance_attention):
     """The kernel path GPUs take (flash log-sum-exp + Pallas column sums adding the bias by
     key - query distance of the ORIGINAL positions), run in Pallas' interpreter, scores and
-    keeps what ACC from the materialised probabilities does, through three eliminations."""
+    keeps what ACC from the materialised probabilities does, through three eliminations.
+    'interpret': the attention itself is the Pallas kernel that reads the bias by distance
+    (``acc_pallas.attention_by_distance``), as on GPUs once positions differ per example."""
     import dataclasses
 
     from accjax.models import get_family
@@ -272,6 +276,7 @@ def test_pallas_acc_with_bias_by_distance_matches_probabilities(tiny):
     schedule = (16, 10, 6)
     kw = dict(method="encode", schedule=schedule)
     ref = _apply(tiny, batch["input_ids"], batch["attention_mask"], **kw)
+    monkeypatch.setattr(acc_lib, "DISTANCE_ATTENTION", distance_attention)
     got = jax.jit(functools.partial(module.apply, **kw))({"params": tiny.params}, batch["input_ids"],
                                                          batch["attention_mask"])
     for i in range(len(schedule)):

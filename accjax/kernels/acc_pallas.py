@@ -6,6 +6,10 @@ float32 log-sum-exp; one kernel per (batch, head, key block) recomputes
 position bias enters as a vector by distance, ``rel_bias[n, pos_j - pos_i + P - 1]`` over the
 rows' original positions, gathered per tile (no [T, S] bias in memory).
 
+``attention_by_distance``: flash attention (forward) reading that same bias vector, with the
+log-sum-exp the second pass needs; T5's eliminated layers run it instead of cuDNN, which would
+need the bias written out per example as [B, N, T, T].
+
 ``column_sums`` (below): a self-contained variant that computes the softmax itself, one
 program per (batch, head) holding all keys; simpler, but its [BQ, S] tile spills registers
 for S >= 256 on an H100 (measured slower than the log-sum-exp path there), so it is kept for
@@ -378,6 +382,101 @@ def attention_with_column_sums(q, k, v, query_mask, key_mask, *, scale: float,
     return ctx[:, :t, :, :h], col.sum(axis=2)[:, :, :s]  # [B, T, N, H], [B, N, S]
 
 
+def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
+                     scale: float, block_k: int, n_kb: int, rel_offset: int):
+    # refs (batch, head squeezed; this program's query block): km [Sp], q [BQ, H], k / v
+    # [Sp, H], positions qp [BQ] / kp [Sp], bias by distance rb [R] (times log2(e));
+    # outputs o [BQ, H] (context), lse [BQ] (natural log)
+    q = q_ref[...]
+    q_pos = qp_ref[...]
+
+    def step(kb, carry):
+        m, l, acc = carry  # online softmax in base 2: running max, sum, unnormalised context
+        start = kb * block_k
+        k = k_ref[pl.ds(start, block_k), :]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
+        s = s + rb_ref[kp_ref[pl.ds(start, block_k)][None, :] - q_pos[:, None] + rel_offset]
+        s = jnp.where((km_ref[pl.ds(start, block_k)] != 0)[None, :], s, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        v = v_ref[pl.ds(start, block_k), :]
+        acc = acc * alpha[:, None] + jax.lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+    bq, hp = q.shape
+    m, l, acc = jax.lax.fori_loop(0, n_kb, step, (jnp.full((bq,), NEG, jnp.float32),
+                                                 jnp.zeros((bq,), jnp.float32),
+                                                 jnp.zeros((bq, hp), jnp.float32)))
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = (m + jnp.log2(l)) / LOG2E
+
+
+# (block_q, block_k, num_warps, num_stages) of ``attention_by_distance``; 128x64 with 8 warps
+# and 64x128 measured the same on Flan-T5 16x512 (docs/benchmarks.md)
+DISTANCE_BLOCKS = (64, 64, 4, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "blocks"))
+def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: float,
+                          interpret: bool = False, blocks: tuple[int, int, int, int] | None = None):
+    """Flash attention (forward) with T5's bias read by key - query distance, and the
+    log-sum-exp the second ACC pass needs: once rows are eliminated their positions differ per
+    example, and cuDNN would need the bias written out as [B, N, T, T] in every layer.
+
+    Args:
+      q, k, v: [B, T, N, H] self-attention rows; key_mask [B, T] bool (padding keys get no
+        probability); rel_bias [N, 2P - 1], entry ``r + P - 1`` added for key position - query
+        position = r; positions [B, T] int, each row's ORIGINAL position in [0, P).
+    Returns:
+      (context [B, T, N, H] in v.dtype, log-sum-exp [B, N, T] float32 of each query's biased,
+      masked, scaled logits, as cuDNN returns it).
+    """
+    b, t, n, h = q.shape
+    block_q, block_k, num_warps, num_stages = blocks or DISTANCE_BLOCKS
+    block_q, block_k = min(block_q, _pow2(t)), min(block_k, _pow2(t))
+    tq, tk, hp = _round_up(t, block_q), _round_up(t, block_k), max(16, _round_up(h, 16))
+    q = jnp.pad(q, ((0, 0), (0, tq - t), (0, 0), (0, hp - h)))
+    k, v = (jnp.pad(x, ((0, 0), (0, tk - t), (0, 0), (0, hp - h))) for x in (k, v))
+    km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, tk - t)))  # [B, Tk]
+    r = rel_bias.shape[1]
+    rp = _pow2(r)
+    # padded rows get position 0: their distances stay inside the vector (keys are masked)
+    pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tq, tk) - t)))
+    bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
+    kernel = functools.partial(_distance_kernel, scale=scale, block_k=block_k, n_kb=tk // block_k,
+                               rel_offset=(r - 1) // 2)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    ctx, lse = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, tq, n, hp), v.dtype),
+                   jax.ShapeDtypeStruct((b, n, tq), jnp.float32)),
+        grid=(b, n, tq // block_q),
+        in_specs=[
+            pl.BlockSpec((None, tk), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
+            pl.BlockSpec((None, tk, None, hp), lambda i, j, c: (i, 0, j, 0)),
+            pl.BlockSpec((None, tk, None, hp), lambda i, j, c: (i, 0, j, 0)),
+            pl.BlockSpec((None, block_q), lambda i, j, c: (i, c)),
+            pl.BlockSpec((None, tk), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((None, rp), lambda i, j, c: (j, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
+            pl.BlockSpec((None, None, block_q), lambda i, j, c: (i, j, c)),
+        ],
+        interpret=interpret,
+        **params,
+    )(km, q, k, v, pos[:, :tq], pos[:, :tk], bias)
+    return ctx[:, :t, :, :h], lse[:, :, :t]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def self_attention_with_column_sums(q, k, v, mask, scale: float, causal: bool, interpret: bool):
     """``attention_with_column_sums`` for self-attention (one mask for queries and keys),
@@ -408,6 +507,38 @@ def _self_bwd(scale, causal, interpret, res, g):
 
 
 self_attention_with_column_sums.defvjp(_self_fwd, _self_bwd)
+
+
+def _distance_bias(rel_bias, positions):
+    """[N, 2P - 1] by distance at [B, T] positions -> the [B, N, T, T] logits bias."""
+    r = (rel_bias.shape[1] - 1) // 2
+    return jnp.moveaxis(rel_bias[:, positions[:, None, :] - positions[:, :, None] + r], 0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale: float, interpret: bool):
+    """``attention_by_distance``, differentiable in q, k, v and the bias: the backward pass is
+    plain attention's, recomputed by XLA with the bias written out (training only)."""
+    return attention_by_distance(q, k, v, mask, rel_bias, positions, scale=scale, interpret=interpret)
+
+
+def _distance_fwd(q, k, v, mask, rel_bias, positions, scale, interpret):
+    out = self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale, interpret)
+    return out, (q, k, v, mask, rel_bias, positions)
+
+
+def _distance_bwd(scale, interpret, res, g):
+    from accjax import attention
+
+    q, k, v, mask, rel_bias, positions = res
+    _, vjp = jax.vjp(lambda q_, k_, v_, rb: attention.fused_attention(
+        q_, k_, v_, mask, scale=scale, bias=_distance_bias(rb, positions), implementation="xla"),
+        q, k, v, rel_bias)
+    dq, dk, dv, drb = vjp(g[0].astype(v.dtype))  # the log-sum-exp only ranks rows: no cotangent
+    return dq, dk, dv, None, drb, None
+
+
+self_attention_by_distance.defvjp(_distance_fwd, _distance_bwd)
 
 
 _AVAILABLE: dict[str, bool] = {}
@@ -443,7 +574,26 @@ def _probe_fused(interpret: bool) -> bool:
     return True
 
 
-def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = False) -> bool:
+def _probe_distance(interpret: bool) -> bool:
+    """``attention_by_distance`` against numpy on 40 rows in two key tiles, bf16, padding."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, 40, 2, 64)).astype(jnp.bfloat16) for _ in range(3))
+    pos = np.stack([np.sort(rng.choice(50, 40, replace=False)) for _ in range(2)]).astype(np.int32)
+    rb = rng.standard_normal((2, 99)).astype(np.float32)
+    m = np.arange(40)[None] < np.array([[40], [23]])
+    prog = attention_by_distance.lower(q, k, v, m, rb, pos, scale=0.125, interpret=interpret,
+                                       blocks=(32, 32, 4, 2)).compile()
+    ctx, lse = (np.asarray(x, np.float32) for x in prog(q, k, v, m, rb, pos))
+    lg = np.einsum("btnh,bsnh->bnts", q.astype(np.float32), k.astype(np.float32)) * 0.125
+    bias = np.moveaxis(rb[:, pos[:, None, :] - pos[:, :, None] + 49], 0, 1)  # numpy: no trace
+    lg = np.where(m[:, None, None, :], lg + bias, -1e30)
+    ref_lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    ref_ctx = np.einsum("bnts,bsnh->btnh", np.exp(lg - ref_lse[..., None]), v.astype(np.float32))
+    return bool(np.allclose(ctx, ref_ctx, rtol=3e-2, atol=3e-2) and np.allclose(lse, ref_lse, atol=2e-2))
+
+
+def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = False,
+              distance: bool = False) -> bool:
     """Whether the Triton kernel compiles and agrees with numpy on this backend (probed once).
 
     Often first asked while a model is being traced: the probe lowers, compiles and runs its
@@ -451,13 +601,19 @@ def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = 
     (``ensure_compile_time_eval`` would not: Pallas' ``program_id`` has no eager rule).
     ``interpret=True`` runs the probe in Pallas' interpreter (how the tests exercise it).
     ``rel_bias=True`` probes the variant with a relative-position bias (T5); ``fused=True``
-    the attention kernel that returns the column sums (``attention_with_column_sums``).
+    the attention kernel that returns the column sums (``attention_with_column_sums``);
+    ``distance=True`` the attention with T5's bias by distance (``attention_by_distance``).
     """
     backend = jax.default_backend()
-    key = f"{backend}:{interpret}:{rel_bias}:{fused}"
+    key = f"{backend}:{interpret}:{rel_bias}:{fused}:{distance}"
     if key not in _AVAILABLE:
         ok = False
-        if (backend == "gpu" or interpret) and fused:
+        if (backend == "gpu" or interpret) and distance:
+            try:
+                ok = _probe_distance(interpret)
+            except Exception:  # lowering unsupported by this jax / Triton / GPU
+                ok = False
+        elif (backend == "gpu" or interpret) and fused:
             try:
                 ok = _probe_fused(interpret)
             except Exception:  # lowering unsupported by this jax / Triton / GPU

@@ -26,7 +26,8 @@ carries each kept row's ORIGINAL position, and the position bias for later layer
 there: ``table[bucket(pos[j] - pos[i])]``, exactly the rows and columns of the entering bias
 (``take_bias`` gathers them; tested equal), never recomputed from compacted indices. The
 lookup writes the [B, N, K, K] bias in one fusion, cheaper than gathering it from the larger
-entering bias (docs/benchmarks.md, Flan-T5).
+entering bias (docs/benchmarks.md, Flan-T5); on GPUs the attention of those layers reads the
+bias by distance itself (``acc.DISTANCE_ATTENTION``), and the unused lookup is compiled away.
 Worked example, T = 4 rows at positions [0 1 2 3], layer keeps rows [0, 3]::
 
     bias before: B[i, j] = tab[bucket(j - i)]     after: [[B[0,0] B[0,3]]   = tab[bucket(  0)] tab[bucket(3)]
