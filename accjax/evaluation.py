@@ -65,6 +65,7 @@ class RunModel:
     max_examples: int | None = None  # training's cap on each split (quick runs)
     eval_batch_size: int = 64
     eval_speedups: tuple[float, ...] = (1.0,)
+    prune_every: int = 1  # the stride training planned with (schedule.plan): scoring's default
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "RunModel":
@@ -95,16 +96,18 @@ class RunModel:
                    int(el.get("floor", 1)), el.get("acc_variant", "plain"),
                    data_dir=tc.get("data_dir") or None, max_examples=int(tc.get("max_examples") or 0) or None,
                    eval_batch_size=int(tc.get("eval_batch_size", 64)),
-                   eval_speedups=tuple(float(x) for x in tc.get("eval", {}).get("speedups", (1.0,))))
+                   eval_speedups=tuple(float(x) for x in tc.get("eval", {}).get("speedups", (1.0,))),
+                   prune_every=int(el.get("prune_every", 1)))
 
     @property
     def task_spec(self) -> str | None:
         return self.meta.get("task")
 
-    def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int = 1):
-        """A ``Predictor``; with ``max_drop``, one whose ``predict(batch)`` runs the fastest
-        program measured for the batch's size and length within that dev drop, at the
-        searched schedules (``pick_program`` on the offline-tuning table beside the run)."""
+    def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int | None = None):
+        """A ``Predictor`` planning with ``prune_every`` (default: the run's); with ``max_drop``,
+        one whose ``predict(batch)`` runs the fastest program measured for the batch's size and
+        length within that dev drop, at the searched schedules (``pick_program`` on the
+        offline-tuning table beside the run)."""
         from accjax.inference import Predictor
 
         table, pick = None, None
@@ -118,7 +121,7 @@ class RunModel:
         return Predictor.from_loaded(self.loaded, batch_size=batch_size, length_buckets=self.buckets,
                                      acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor,
                                      searched=searched(table, (table or {}).get("task")), pick=pick,
-                                     prune_every=prune_every)
+                                     prune_every=self.prune_every if prune_every is None else prune_every)
 
     def resolve_task(self, task: str | None) -> tasks_lib.Task:
         """The task to score: the checkpoint's own, or one with the same label count (a file
@@ -256,13 +259,14 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
              speedups: Sequence[float] | None = None, batch_size: int | None = None,
              data_dir: str | None = None, progress: bool = True, include_test: bool = False,
              repeats: int = 5, schedules: dict | None = None, predictor=None,
-             prune_every: int = 1) -> list[dict]:
+             prune_every: int | None = None) -> list[dict]:
     """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
     in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
     eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
     skipped), where training read its data, and the schedules ``eval.offline_tune --search``
     stored beside it for this task (``schedules`` overrides them; ``{}``: the decay);
-    ``prune_every`` k > 1 decays by dropping rows only in every k-th layer (``schedule.plan``)."""
+    ``prune_every`` k > 1 decays by dropping rows only in every k-th layer (``schedule.plan``;
+    default: the run's, or ``predictor``'s)."""
     t, feats = features(run, task, splits, data_dir, include_test)
     if schedules is None:
         schedules = searched(read_tune(run.folder), t.name)
@@ -271,7 +275,7 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
         t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
         speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
         bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
-        baseline=True, progress=progress, repeats=repeats, schedules=schedules, prune_every=prune_every)
+        baseline=True, progress=progress, repeats=repeats, schedules=schedules, prune_every=pred.prune_every)
 
 
 def features(run: RunModel, task: str | None, splits: Sequence[str] | None, data_dir: str | None,

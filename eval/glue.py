@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pick the fastest offline-tuned level whose dev drop is at most this")
     ap.add_argument("--repeats", type=int, default=5,
                     help="timed passes per level, interleaved with dense (measured = their median)")
-    ap.add_argument("--prune_every", type=int, default=1,
+    ap.add_argument("--prune_every", type=int, default=None,
                     help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost "
-                         "(faster on GPUs; its accuracy cost: docs/results.md)")
+                         "(faster on GPUs; its accuracy cost: docs/results.md); default: the run's "
+                         "(training's elimination.prune_every)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -53,8 +54,9 @@ def run(args) -> dict:
     speedups = cli.speedups(args.speedup)
     cli.batch_size(args.batch_size)
     guards.positive_int(args.repeats, "--repeats")
-    guards.positive_int(args.prune_every, "--prune_every")
-    if args.prune_every > 1 and args.max_drop is not None:
+    if args.prune_every is not None:
+        guards.positive_int(args.prune_every, "--prune_every")
+    if (args.prune_every or 1) > 1 and args.max_drop is not None:
         raise evaluation.EvalError("--max_drop picks a level measured with every layer pruning; "
                                    "drop --prune_every, or pass --speedup instead of --max_drop")
     splits = cli.words(args.split)

@@ -209,3 +209,28 @@ def test_prune_every_reaches_the_scored_schedules(sst2_run, tmp_path, capsys):
     assert "--prune_every" in capsys.readouterr().err
     assert glue.main([*base, "--max_drop", "1", "--prune_every", "2"]) == 2
     assert "--max_drop" in capsys.readouterr().err
+
+
+def _recording_every(run: Path, dest: Path, every: int) -> Path:
+    """A copy of ``run``'s model whose recorded training config says elimination.prune_every
+    = ``every`` (what ``train.finetune`` writes for a run trained with it)."""
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "tb", "offline_tune*"))
+    meta = json.loads((dest / "accjax.json").read_text())
+    meta["train_config"]["elimination"]["prune_every"] = every
+    (dest / "accjax.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_a_run_is_scored_with_the_prune_every_it_records(sst2_run, tmp_path):
+    run = _recording_every(sst2_run[0], tmp_path / "run", 2)
+    model = evaluation.RunModel.load(run)
+    assert model.prune_every == 2 and model.predictor(64).prune_every == 2
+    out = tmp_path / "glue.json"
+    base = ["--checkpoint", str(run), "--speedup", "2", "--no-progress", "--json", str(out)]
+    for flag, every in (([], 2), (["--prune_every", "1"], 1)):  # the run's k unless the flag says otherwise
+        assert glue.main(base + flag) == 0
+        keep = json.loads(out.read_text())["rows"][1]["schedules"]
+        assert keep and keep == {n: list(schedule.plan(model.predictor(64).cost, int(n), 2.0,
+                                                        prune_every=every).keep) for n in keep}
