@@ -56,9 +56,6 @@ def run(args) -> dict:
     guards.positive_int(args.repeats, "--repeats")
     if args.prune_every is not None:
         guards.positive_int(args.prune_every, "--prune_every")
-    if (args.prune_every or 1) > 1 and args.max_drop is not None:
-        raise evaluation.EvalError("--max_drop picks a level measured with every layer pruning; "
-                                   "drop --prune_every, or pass --speedup instead of --max_drop")
     splits = cli.words(args.split)
     from accjax import loop
 
@@ -80,7 +77,7 @@ def run(args) -> dict:
     rows, picked = [], []
     for task, folder in targets:
         model = evaluation.RunModel.load(folder)
-        levels = speedups
+        levels, every = speedups, args.prune_every
         if args.max_drop is not None:
             table = evaluation.read_tune(folder)
             if table is None:
@@ -88,7 +85,9 @@ def run(args) -> dict:
                 print(f"no offline-tuning table beside {folder}: sweeping the dev split first "
                       "(python -m eval.offline_tune)", file=sys.stderr)
                 table = evaluation.offline_tune(model, batch_size=args.batch_size, data_dir=args.data_dir,
-                                                progress=args.progress, repeats=args.repeats)
+                                                progress=args.progress, repeats=args.repeats,
+                                                prune_every=every)
+            every = evaluation.tuned_every(table, every)  # the stride its levels were measured with
             level = evaluation.pick_level(table, args.max_drop)
             picked.append({"checkpoint": str(folder), **{k: level[k] for k in (
                 "speedup", "analytic_speedup", "measured_speedup", "drop")}})
@@ -99,7 +98,7 @@ def run(args) -> dict:
         rows += evaluation.evaluate(model, task=task, splits=splits, speedups=levels,
                                     batch_size=args.batch_size, data_dir=args.data_dir,
                                     progress=args.progress, repeats=args.repeats,
-                                    prune_every=args.prune_every)
+                                    prune_every=every)
     print(evaluation.format_table(rows))
     return {"checkpoint": str(ckpt), "rows": rows, **({"picked": picked} if picked else {})}
 
