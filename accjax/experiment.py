@@ -96,7 +96,7 @@ def base_config(objective: str, mode: str):
     c.elimination.acc_variant = "plain"  # ACC form ranking the rows (accjax.acc.VARIANTS)
     c.elimination.bucket = 8  # keep-lengths rounded up to multiples of this (powers of two below it)
     c.elimination.floor = 1  # no layer keeps fewer rows
-    c.elimination.prune_every = 1  # k > 1: only layers 1, 1 + k, ... drop rows (schedule.plan; docs/results.md)
+    c.elimination.prune_every = 1  # k > 1: only layers 1, 1 + k, ... drop rows (schedule.plan)
 
     c.distill = ml_collections.ConfigDict()  # in-place distillation (needs elimination.sandwich)
     c.distill.weight = 0.0  # each eliminated pass: (1 - w) task loss + w distillation from the step's 1x pass
