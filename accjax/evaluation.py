@@ -65,6 +65,7 @@ class RunModel:
     max_examples: int | None = None  # training's cap on each split (quick runs)
     eval_batch_size: int = 64
     eval_speedups: tuple[float, ...] = (1.0,)
+    prune_every: int = 1  # the stride training planned with (schedule.plan): scoring's default
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "RunModel":
@@ -95,16 +96,18 @@ class RunModel:
                    int(el.get("floor", 1)), el.get("acc_variant", "plain"),
                    data_dir=tc.get("data_dir") or None, max_examples=int(tc.get("max_examples") or 0) or None,
                    eval_batch_size=int(tc.get("eval_batch_size", 64)),
-                   eval_speedups=tuple(float(x) for x in tc.get("eval", {}).get("speedups", (1.0,))))
+                   eval_speedups=tuple(float(x) for x in tc.get("eval", {}).get("speedups", (1.0,))),
+                   prune_every=int(el.get("prune_every", 1)))
 
     @property
     def task_spec(self) -> str | None:
         return self.meta.get("task")
 
-    def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int = 1):
-        """A ``Predictor``; with ``max_drop``, one whose ``predict(batch)`` runs the fastest
-        program measured for the batch's size and length within that dev drop, at the
-        searched schedules (``pick_program`` on the offline-tuning table beside the run)."""
+    def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int | None = None):
+        """A ``Predictor`` planning with ``prune_every`` (default: the run's); with ``max_drop``,
+        one whose ``predict(batch)`` runs the fastest program measured for the batch's size and
+        length within that dev drop, at the searched schedules and the stride (``tuned_every``)
+        of the offline-tuning table beside the run (``pick_program``)."""
         from accjax.inference import Predictor
 
         table, pick = None, None
@@ -115,10 +118,11 @@ class RunModel:
                                 f"eval.offline_tune --checkpoint {self.folder} --batch_sizes 1,8,64 first")
             pick_program(table, max_drop, 1, min(self.buckets))  # a bad bound fails here, not mid-serving
             pick = functools.partial(pick_program, table, max_drop)
+            prune_every = tuned_every(table, prune_every)
         return Predictor.from_loaded(self.loaded, batch_size=batch_size, length_buckets=self.buckets,
                                      acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor,
                                      searched=searched(table, (table or {}).get("task")), pick=pick,
-                                     prune_every=prune_every)
+                                     prune_every=self.prune_every if prune_every is None else prune_every)
 
     def resolve_task(self, task: str | None) -> tasks_lib.Task:
         """The task to score: the checkpoint's own, or one with the same label count (a file
@@ -256,22 +260,26 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
              speedups: Sequence[float] | None = None, batch_size: int | None = None,
              data_dir: str | None = None, progress: bool = True, include_test: bool = False,
              repeats: int = 5, schedules: dict | None = None, predictor=None,
-             prune_every: int = 1) -> list[dict]:
+             prune_every: int | None = None) -> list[dict]:
     """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
     in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
     eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
     skipped), where training read its data, and the schedules ``eval.offline_tune --search``
     stored beside it for this task (``schedules`` overrides them; ``{}``: the decay);
-    ``prune_every`` k > 1 decays by dropping rows only in every k-th layer (``schedule.plan``)."""
+    ``prune_every`` k > 1 decays by dropping rows only in every k-th layer (``schedule.plan``;
+    default: the run's, or ``predictor``'s)."""
     t, feats = features(run, task, splits, data_dir, include_test)
-    if schedules is None:
-        schedules = searched(read_tune(run.folder), t.name)
+    if schedules is None:  # the schedules searched beside the run, at the stride they were searched with
+        table = read_tune(run.folder)
+        k = tuned_every(table or {})
+        schedules = searched(table, t.name) if prune_every in (None, k) else {}
+        prune_every = k if schedules else prune_every
     pred = predictor or run.predictor(batch_size or run.eval_batch_size, prune_every=prune_every)
     return score_splits(
         t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
         speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
         bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
-        baseline=True, progress=progress, repeats=repeats, schedules=schedules, prune_every=prune_every)
+        baseline=True, progress=progress, repeats=repeats, schedules=schedules, prune_every=pred.prune_every)
 
 
 def features(run: RunModel, task: str | None, splits: Sequence[str] | None, data_dir: str | None,
@@ -358,8 +366,11 @@ def tune_levels(run: RunModel, task: tasks_lib.Task | None = None, step: float =
 def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batch_size: int = 64,
                  data_dir: str | None = None, split: str | None = None, progress: bool = True,
                  out_dir: str | os.PathLike | None = None, repeats: int = 5, search: int = 0,
-                 batch_sizes: Sequence[int] = ()) -> dict:
+                 batch_sizes: Sequence[int] = (), prune_every: int | None = None) -> dict:
     """Sweeps speedups on the dev split; writes the table and plot beside the checkpoint.
+
+    Every level is planned with ``prune_every`` (default: the run's), which the table stores
+    (``tuned_every``); the search explores every layer's keep-length, so needs k = 1.
 
     With ``search`` N > 0, first searches N schedules per (level, length bucket) on the dev
     split (``accjax.search``); the levels are then run and timed at the winners, which the
@@ -375,7 +386,10 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     t = run.resolve_task(None)
     split = split or t.dev_split
     levels = list(speedups) if speedups else tune_levels(run, t)
-    pred, found = run.predictor(batch_size), None
+    pred, found = run.predictor(batch_size, prune_every=prune_every), None
+    if search and pred.prune_every > 1:
+        raise EvalError(f"--search varies every layer's keep-length, which prune_every {pred.prune_every} "
+                        "fixes: pass --prune_every 1 with --search, or drop --search")
     if search:
         t, feats = features(run, None, [split], data_dir)
         found = search_lib.search(t, feats[split], pred, levels=levels, buckets=run.buckets, budget=search,
@@ -392,7 +406,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
             r["decay_primary"] = decay[r["speedup"]]
     _flag_slower(rows, "measured_speedup")
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
-             "task": t.name, "split": split,
+             "task": t.name, "split": split, "prune_every": pred.prune_every,
              "metric": t.primary_metric, "machine": benchmark.machine(), "repeats": repeats, "rows": rows}
     if found is not None:
         table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
@@ -441,7 +455,8 @@ def tune_markdown(table: dict) -> str:
     m = table["machine"]
     lines = [f"Offline-tuning of `{table['checkpoint']}` on {table['task']}/{table['split']} "
              f"({table['metric']}); latency on {m['device']} ({m['cpu']}, {m['cpu_count']} cores), "
-             f"jax {m['jax']}.", "",
+             f"jax {m['jax']}." + (f" Rows dropped only in layers 1, {1 + k}, ... (prune_every {k})."
+                                   if (k := tuned_every(table)) > 1 else ""), "",
              f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes) | "
              f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | schedule | "
              "keep per layer (per length) |",
@@ -504,6 +519,17 @@ def read_tune(folder: str | os.PathLike) -> dict | None:
         print(f"note: {p} was measured on other weights than {folder}'s: not used", file=sys.stderr)
         return None
     return table
+
+
+def tuned_every(table: dict, prune_every: int | None = None) -> int:
+    """The ``prune_every`` an offline-tuning table's levels and schedules were measured with
+    (1 in tables that predate it); ``prune_every``, when given, must be the same."""
+    k = int(table.get("prune_every", 1))
+    if prune_every not in (None, k):
+        raise EvalError(f"--max_drop picks from the offline-tuning table of {table['checkpoint']}, measured "
+                        f"with prune_every {k}: drop --prune_every, or rerun eval.offline_tune --prune_every "
+                        f"{prune_every} first")
+    return k
 
 
 def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int, ...]]:

@@ -96,6 +96,7 @@ def base_config(objective: str, mode: str):
     c.elimination.acc_variant = "plain"  # ACC form ranking the rows (accjax.acc.VARIANTS)
     c.elimination.bucket = 8  # keep-lengths rounded up to multiples of this (powers of two below it)
     c.elimination.floor = 1  # no layer keeps fewer rows
+    c.elimination.prune_every = 1  # k > 1: only layers 1, 1 + k, ... drop rows (schedule.plan)
 
     c.distill = ml_collections.ConfigDict()  # in-place distillation (needs elimination.sandwich)
     c.distill.weight = 0.0  # each eliminated pass: (1 - w) task loss + w distillation from the step's 1x pass
@@ -160,8 +161,14 @@ def validate_config(config) -> None:
     need(float(config.distill.temperature) > 0, f"distill.temperature must be > 0, got {config.distill.temperature}")
     try:  # constructing the sampler checks the elimination values
         sampler(config)
+        sched_lib.check_every(el.prune_every)
     except ValueError as e:
         raise guards.UserError(f"config: {e}") from None
+
+
+def plan_kw(el) -> dict:
+    """``schedule.plan``'s rounding, floor and stride, as ``config.elimination`` says."""
+    return dict(bucket=int(el.bucket), floor=int(el.floor), prune_every=el.prune_every)
 
 
 def sampler(config) -> train_lib.SpeedupSampler:
@@ -269,7 +276,9 @@ class _Base:
         return (f"{self.objective}: {self.config.model} ({n_params:,} "
                 f"params, {self.config.dtype}) on {self.task_name}; {per_epoch} steps/epoch x "
                 f"{self.config.epochs} epochs = {total} steps of {self.config.batch_size}; mesh "
-                f"{dict(mesh.shape)} on {jax.process_count()} process(es); elimination {mode}")
+                f"{dict(mesh.shape)} on {jax.process_count()} process(es); elimination {mode}"
+                + (f", rows dropped only in layers 1, {1 + el.prune_every}, ..." if el.prune_every > 1
+                   else ""))
 
 
 # -------------------------------------------------------------------- classification
@@ -330,10 +339,9 @@ class ClassificationExperiment(_Base):
         batch = data_lib.EvalBatches(self.features[self.dev_split], int(self.config.eval_batch_size),
                                      buckets=self.buckets).batch(0)
         batch = {k: batch[k] for k in self.input_names}
-        el = self.config.elimination
         for s in (min(speedups), max(speedups)):
-            sched = sched_lib.plan(self.cost, self.schedule_length(batch), s, bucket=int(el.bucket),
-                                   floor=int(el.floor)).schedule
+            sched = sched_lib.plan(self.cost, self.schedule_length(batch), s,
+                                   **plan_kw(self.config.elimination)).schedule
             a, b = (trainer.eval_outputs(p, batch, sched) for p in (reloaded, exported))
             if not np.array_equal(a, b):
                 raise RuntimeError(f"the model exported to {run_dir} does not reproduce the trained "
@@ -344,8 +352,6 @@ class ClassificationExperiment(_Base):
         """``evaluation.score_splits`` rows per split x speedup (the dev splits unless not
         ``dev``, and the test splits with ``include_test``), through the trainer's sharded
         forward pass."""
-        el = self.config.elimination
-
         def run(batch, plan):
             return trainer.eval_outputs(params, {k: batch[k] for k in self.input_names}, plan.schedule)
 
@@ -356,7 +362,7 @@ class ClassificationExperiment(_Base):
             self.task, {s: self.features[s] for s in self._eval_splits(include_test, dev)}, run,
             cost=self.cost,
             speedups=speedups, batch_size=int(self.config.eval_batch_size), buckets=self.buckets,
-            bucket=int(el.bucket), floor=int(el.floor), compile=compile)
+            compile=compile, **plan_kw(self.config.elimination))
 
 
 # ---------------------------------------------------------------------------- seq2seq
@@ -433,10 +439,9 @@ class Seq2SeqExperiment(_Base):
         from accjax import seq2seq
 
         if self._predictor is None:
-            el = self.config.elimination
             self._predictor = seq2seq.Seq2SeqPredictor(
                 self.module, params_host, self.model_config, batch_size=int(self.config.eval_batch_size),
-                acc_variant=self.acc_variant, bucket=int(el.bucket), floor=int(el.floor))
+                acc_variant=self.acc_variant, **plan_kw(self.config.elimination))
         else:  # compiled programs take params as an argument: swap them in, keep the programs
             self._predictor.params = jax.device_put(params_host)
         return self._predictor

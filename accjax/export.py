@@ -196,7 +196,8 @@ def export_run(
         programs, files, serialization = [], {}, None
         for t in lengths:
             for s in speedups:
-                plan = sched_lib.plan(models.cost_model(cfg), t, s, bucket=run.bucket, floor=run.floor)
+                plan = sched_lib.plan(models.cost_model(cfg), t, s, bucket=run.bucket, floor=run.floor,
+                                      prune_every=run.prune_every)  # the run's stride
                 sch, analytic, clamped = plan.keep, plan.analytic, plan.clamped_from is not None
                 for b in batch_sizes:
                     key = (b, t, sch)

@@ -110,7 +110,8 @@ def config_dict(config) -> dict[str, Any]:
 
 def check_resume_config(saved: dict, current: dict) -> None:
     """A restart must train the same thing: differing keys (outside RESUME_MAY_CHANGE) raise."""
-    a, b = _flat(saved), _flat(current)
+    # a key added after the run started: the value that trains as that run did
+    a, b = {"elimination.prune_every": 1, **_flat(saved)}, _flat(current)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
     if diff:
@@ -133,8 +134,7 @@ def step_static(exp, el, speeds, batch):
     """A step's static train-program argument: the schedule of its one pass (None = dense),
     or ``train.Passes`` of its several (sandwich), for the batch's length bucket."""
     scheds = tuple(None if s is None else sched_lib.plan(
-        exp.cost, exp.schedule_length(batch), s, bucket=int(el.bucket), floor=int(el.floor)).schedule
-        for s in speeds)
+        exp.cost, exp.schedule_length(batch), s, **exp_lib.plan_kw(el)).schedule for s in speeds)
     if len(scheds) == 1:
         return scheds[0]
     return train_lib.Passes(scheds, float(exp.config.distill.weight), float(exp.config.distill.temperature))

@@ -13,7 +13,8 @@ With no ``--checkpoint`` it uses the embedded default run (``accjax.loop.ensure_
 fine-tuned once on first use). ``--task all`` takes a folder holding one run folder per GLUE
 task (``RUN/cola``, ``RUN/sst2``, ...). ``--max_drop X`` reads (or first makes) the
 offline-tuning table beside the checkpoint (``python -m eval.offline_tune``) and runs the
-fastest level whose dev drop is at most X points.
+fastest level whose dev drop is at most X points, at the ``prune_every`` the table was measured
+with. Otherwise ``--prune_every`` defaults to the run's (training's ``elimination.prune_every``).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pick the fastest offline-tuned level whose dev drop is at most this")
     ap.add_argument("--repeats", type=int, default=5,
                     help="timed passes per level, interleaved with dense (measured = their median)")
-    ap.add_argument("--prune_every", type=int, default=1,
+    ap.add_argument("--prune_every", type=int, default=None,
                     help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost "
-                         "(faster on GPUs; its accuracy cost: docs/results.md)")
+                         "(faster on GPUs; its accuracy cost: docs/results.md); default: the run's "
+                         "(training's elimination.prune_every)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -53,10 +55,8 @@ def run(args) -> dict:
     speedups = cli.speedups(args.speedup)
     cli.batch_size(args.batch_size)
     guards.positive_int(args.repeats, "--repeats")
-    guards.positive_int(args.prune_every, "--prune_every")
-    if args.prune_every > 1 and args.max_drop is not None:
-        raise evaluation.EvalError("--max_drop picks a level measured with every layer pruning; "
-                                   "drop --prune_every, or pass --speedup instead of --max_drop")
+    if args.prune_every is not None:
+        guards.positive_int(args.prune_every, "--prune_every")
     splits = cli.words(args.split)
     from accjax import loop
 
@@ -78,7 +78,7 @@ def run(args) -> dict:
     rows, picked = [], []
     for task, folder in targets:
         model = evaluation.RunModel.load(folder)
-        levels = speedups
+        levels, every = speedups, args.prune_every
         if args.max_drop is not None:
             table = evaluation.read_tune(folder)
             if table is None:
@@ -86,7 +86,9 @@ def run(args) -> dict:
                 print(f"no offline-tuning table beside {folder}: sweeping the dev split first "
                       "(python -m eval.offline_tune)", file=sys.stderr)
                 table = evaluation.offline_tune(model, batch_size=args.batch_size, data_dir=args.data_dir,
-                                                progress=args.progress, repeats=args.repeats)
+                                                progress=args.progress, repeats=args.repeats,
+                                                prune_every=every)
+            every = evaluation.tuned_every(table, every)  # the stride its levels were measured with
             level = evaluation.pick_level(table, args.max_drop)
             picked.append({"checkpoint": str(folder), **{k: level[k] for k in (
                 "speedup", "analytic_speedup", "measured_speedup", "drop")}})
@@ -97,7 +99,7 @@ def run(args) -> dict:
         rows += evaluation.evaluate(model, task=task, splits=splits, speedups=levels,
                                     batch_size=args.batch_size, data_dir=args.data_dir,
                                     progress=args.progress, repeats=args.repeats,
-                                    prune_every=args.prune_every)
+                                    prune_every=every)
     print(evaluation.format_table(rows))
     return {"checkpoint": str(ckpt), "rows": rows, **({"picked": picked} if picked else {})}
 

@@ -207,5 +207,64 @@ def test_prune_every_reaches_the_scored_schedules(sst2_run, tmp_path, capsys):
     capsys.readouterr()
     assert glue.main([*base, "--speedup", "2", "--prune_every", "0"]) == 2
     assert "--prune_every" in capsys.readouterr().err
-    assert glue.main([*base, "--max_drop", "1", "--prune_every", "2"]) == 2
-    assert "--max_drop" in capsys.readouterr().err
+
+
+def _recording_every(run: Path, dest: Path, every: int) -> Path:
+    """A copy of ``run``'s model whose recorded training config says elimination.prune_every
+    = ``every`` (what ``train.finetune`` writes for a run trained with it)."""
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "tb", "offline_tune*"))
+    meta = json.loads((dest / "accjax.json").read_text())
+    meta["train_config"]["elimination"]["prune_every"] = every
+    (dest / "accjax.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_a_run_is_scored_with_the_prune_every_it_records(sst2_run, tmp_path):
+    run = _recording_every(sst2_run[0], tmp_path / "run", 2)
+    model = evaluation.RunModel.load(run)
+    assert model.prune_every == 2 and model.predictor(64).prune_every == 2
+    out = tmp_path / "glue.json"
+    base = ["--checkpoint", str(run), "--speedup", "2", "--no-progress", "--json", str(out)]
+    for flag, every in (([], 2), (["--prune_every", "1"], 1)):  # the run's k unless the flag says otherwise
+        assert glue.main(base + flag) == 0
+        keep = json.loads(out.read_text())["rows"][1]["schedules"]
+        assert keep and keep == {n: list(schedule.plan(model.predictor(64).cost, int(n), 2.0,
+                                                        prune_every=every).keep) for n in keep}
+
+
+def test_offline_tune_prune_every_is_stored_and_max_drop_runs_it(sst2_run, tmp_path, capsys):
+    run = _recording_every(sst2_run[0], tmp_path / "run", 1)  # trained at k = 1, tuned at k = 2
+    assert offline_tune.main(["--checkpoint", str(run), "--speedups", "1,2", "--repeats", "1",
+                              "--batch_sizes", "64", "--prune_every", "2", "--no-progress"]) == 0
+    table = json.loads((run / "offline_tune.json").read_text())
+    cost = evaluation.RunModel.load(run).predictor(64).cost
+    assert table["prune_every"] == 2 and "prune_every 2" in (run / "offline_tune.md").read_text()
+    fast = table["rows"][1]["schedules"]
+    assert fast and all(k[1] == k[0] < int(n) for n, k in fast.items())  # layer 2 keeps what enters it
+    assert fast == {n: list(schedule.plan(cost, int(n), 2.0, prune_every=2).keep) for n in fast} != {
+        n: list(schedule.plan(cost, int(n), 2.0).keep) for n in fast}
+    assert all(r["keep"] == list(schedule.plan(cost, r["length"], r["speedup"], prune_every=2).keep)
+               for r in table["latency"])
+    # --max_drop runs the table's stride, not the run's; another stride with it is refused
+    table["rows"][1].update(measured_speedup=9.0, slower=False)  # 2x is picked whatever this CPU measured
+    (run / "offline_tune.json").write_text(json.dumps(table))
+    out = tmp_path / "glue.json"
+    ck = ["--checkpoint", str(run), "--no-progress"]
+    assert glue.main(ck + ["--max_drop", "100", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["picked"][0]["speedup"] == 2.0 and res["rows"][-1]["schedules"] == fast
+    assert evaluation.RunModel.load(run).predictor(64, max_drop=100).prune_every == 2
+    capsys.readouterr()
+    assert glue.main(ck + ["--max_drop", "1", "--prune_every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max_drop") and "prune_every 2" in err and "Traceback" not in err
+    # the search cannot keep to a stride: refused (here the k = 2 a run recorded), as is a bad k
+    k2 = _recording_every(sst2_run[0], tmp_path / "k2", 2)
+    for argv, says in ((["--checkpoint", str(k2), "--search"], "--search"),
+                       (["--checkpoint", str(run), "--prune_every", "0"], "--prune_every")):
+        assert offline_tune.main(argv + ["--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err, err
+    assert not (k2 / "offline_tune.json").exists()

@@ -168,3 +168,44 @@ def test_seeds_train_one_folder_each_and_report_their_mean_and_deviation(tmp_pat
     saved = json.loads((tmp_path / "runs" / "seeds.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["rows"] == out["rows"]
     assert "mean +- std over seeds [0, 1]" in (tmp_path / "runs" / "seeds.md").read_text()
+
+
+def test_prune_every_plans_every_train_program_and_is_recorded(tmp_path):
+    """elimination.prune_every = 2: the train programs a run compiles (``loop.step_programs``,
+    what ``fit`` hands to ``precompile``) run ``schedule.plan(..., prune_every=2)``'s
+    schedules, and the config ``fit`` records in the run folder holds k."""
+    from accjax import experiment, schedule
+
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=16)
+    cfg = tiny_config(tmp_path / "r", spec, "tiny,elastic",
+                      **{"elimination.prune_every": 2, "model_overrides.num_layers": 3})
+    experiment.validate_config(cfg)
+    exp, sampler = experiment.build(cfg), experiment.sampler(cfg)
+    got = {s for _, s in loop.step_programs(exp, sampler, cfg.elimination, 0, 2)}
+    want = {schedule.plan(exp.cost, 32, s, prune_every=2).schedule for s in sampler.levels}
+    every = {schedule.plan(exp.cost, 32, s).schedule for s in sampler.levels}
+    assert got == want != every and None in want and len(want) >= 3  # dense and eliminating levels
+    assert all(k[1] == k[0] and k[2] < k[1] for k in want - {None})  # layers 1 and 3 drop rows
+    assert loop.config_dict(cfg)["elimination"]["prune_every"] == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_prune_every_stops_before_training(tmp_path, bad):
+    import ml_collections
+
+    cfg = tiny_config(tmp_path / "r", "rt_polarity")
+    # a whole sub-config: ConfigDict refuses 1.5 for an int field (the command line says so itself)
+    cfg.elimination = ml_collections.ConfigDict({**cfg.elimination.to_dict(), "prune_every": bad})
+    with pytest.raises(ValueError, match=rf"config: prune_every must be an int >= 1 .*got {bad!r}"):
+        loop.fit(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
+    saved = loop.config_dict(load_config_file("rt_minilm", "tiny"))
+    del saved["elimination"]["prune_every"]  # the config such a run recorded
+    now = loop.config_dict(load_config_file("rt_minilm", "tiny"))
+    loop.check_resume_config(saved, now)  # k = 1 trains as that run did
+    now["elimination"]["prune_every"] = 2
+    with pytest.raises(ValueError, match=r"elimination.prune_every: 1 -> 2"):
+        loop.check_resume_config(saved, now)
