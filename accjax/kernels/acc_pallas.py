@@ -414,9 +414,9 @@ def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref,
     lse_ref[...] = (m + jnp.log2(l)) / LOG2E
 
 
-# (block_q, block_k, num_warps, num_stages) of ``attention_by_distance``; 128x64 with 8 warps
-# and 64x128 measured the same on Flan-T5 16x512 (docs/benchmarks.md)
-DISTANCE_BLOCKS = (64, 64, 4, 2)
+# (block_q, block_k, num_warps, num_stages) of ``attention_by_distance``: the fastest of six
+# tilings alone at Flan-T5's 16 x 400 and 16 x 232 rows on an H200 (docs/benchmarks.md)
+DISTANCE_BLOCKS = (64, 32, 4, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "blocks"))
