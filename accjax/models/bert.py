@@ -133,25 +133,8 @@ class Embeddings(nn.Module):
         x = table("word_embeddings", cfg.vocab_size, ("vocab", "embed"))(input_ids)  # [B, T, D]
         x = x + table("position_embeddings", cfg.max_position_embeddings, ("positions", "embed"))(positions)
         x = x + table("token_type_embeddings", cfg.type_vocab_size, ("types", "embed"))(token_types)
-        x = layer_norm(cfg, "LayerNorm")(x)
+        x = common.layer_norm(cfg, "LayerNorm")(x)
         return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
-
-
-def layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=common.to_dtype(cfg.dtype),
-        param_dtype=common.to_dtype(cfg.param_dtype), name=name,
-        scale_init=common.ones_init(("embed",)), bias_init=common.zeros_init(("embed",)),
-    )
-
-
-def dense(cfg: BertConfig, features, axes: tuple[str, ...], name: str, axis=-1) -> nn.DenseGeneral:
-    n_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
-        features, axis=axis, dtype=common.to_dtype(cfg.dtype), param_dtype=common.to_dtype(cfg.param_dtype),
-        kernel_init=common.normal_init(cfg.initializer_range, axes),
-        bias_init=common.zeros_init(axes[-n_out:]), name=name,
-    )
 
 
 class BertLayer(nn.Module):
@@ -183,7 +166,7 @@ class BertLayer(nn.Module):
         scale = common.attention_scale(cfg.head_dim)
         out: dict[str, Array] = {}
 
-        qkv_proj = dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
+        qkv_proj = common.dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
         if cfg.fused_qkv:
             qkv = qkv_proj(x)  # [B, T, 3, N, H]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
@@ -214,12 +197,12 @@ class BertLayer(nn.Module):
 
         h = heads_out(ctx)  # [B, K, D]
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-        x = layer_norm(cfg, "attn_norm")(x + h)
-        h = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")(x)  # [B, K, F]
+        x = common.layer_norm(cfg, "attn_norm")(x + h)
+        h = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")(x)  # [B, K, F]
         h = common.activation(cfg.hidden_act)(h)
-        h = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")(h)  # [B, K, D]
+        h = common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")(h)  # [B, K, D]
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-        x = layer_norm(cfg, "mlp_norm")(x + h)
+        x = common.layer_norm(cfg, "mlp_norm")(x + h)
         return x, rows, out
 
 
@@ -293,7 +276,7 @@ class BertModel(nn.Module):
         pooled = None
         if self.add_pooling_layer:
             # The CLS row is protected and order is preserved, so it is always row 0.
-            pooled = dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")(x[:, 0])  # [B, D]
+            pooled = common.dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")(x[:, 0])  # [B, D]
             pooled = jnp.tanh(pooled)
         return BertOutput(
             last_hidden_state=x, pooler_output=pooled, rows=rows, layers=tuple(layers),
@@ -315,5 +298,5 @@ class BertForSequenceClassification(nn.Module):
             input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic, **kw)
         p = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
         h = nn.Dropout(p)(out.pooler_output, deterministic=deterministic)
-        logits = dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(h)  # [B, C]
+        logits = common.dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(h)  # [B, C]
         return out.replace(logits=logits.astype(jnp.float32))

@@ -106,10 +106,31 @@ class HeadsOut(nn.Module):
         return y if self.bias is None else y + self.bias.astype(dtype)
 
     def value_norms(self, v: Array) -> Array:
-        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
-        dtype = to_dtype(self.config.dtype)
-        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
-        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+        return value_norms(v, self.kernel, self.config.dtype)
+
+
+def value_norms(v: Array, kernel: Array, dtype) -> Array:
+    """||v[n, j] W_O[n]|| for every head and row: v [B, S, N, H], W_O [N, H, D] -> [B, N, S]
+    float32 (the ``value_norm`` ACC variant)."""
+    dtype = to_dtype(dtype)
+    moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), kernel.astype(dtype))
+    return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+
+
+def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True) -> nn.DenseGeneral:
+    """A projection in the config's dtypes, N(0, initializer_range) kernel on logical ``axes``."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=use_bias, dtype=to_dtype(cfg.dtype),
+        param_dtype=to_dtype(cfg.param_dtype), kernel_init=normal_init(cfg.initializer_range, axes),
+        bias_init=zeros_init(axes[-n_out:]), name=name)
+
+
+def layer_norm(cfg, name: str) -> nn.LayerNorm:
+    """LayerNorm over the hidden size with ``cfg.layer_norm_eps`` (BERT, GPT-2)."""
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype),
+                        param_dtype=to_dtype(cfg.param_dtype), scale_init=ones_init(("embed",)),
+                        bias_init=zeros_init(("embed",)), name=name)
 
 
 class ModelConfig:
