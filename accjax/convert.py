@@ -105,6 +105,19 @@ def conv1d(path, hf_key, in_axes: int = 1, head=False, top=False) -> Rule:
                 lambda k: (np.ascontiguousarray(k.reshape(math.prod(k.shape[:in_axes]), -1)),), head, top)
 
 
+def norm(path, hf_prefix, bias=True) -> list[Rule]:
+    """A norm's scale (and bias) <-> HF ``{hf_prefix}.weight`` (and ``.bias``)."""
+    return [copy(tuple(path) + ("scale",), f"{hf_prefix}.weight")] + (
+        [copy(tuple(path) + ("bias",), f"{hf_prefix}.bias")] if bias else [])
+
+
+def with_bias(rule: Callable[..., Rule], path, hf_prefix, **kw) -> list[Rule]:
+    """``rule`` (linear / conv1d) for the kernel <-> ``{hf_prefix}.weight``, plus its bias."""
+    head = {k: v for k, v in kw.items() if k in ("head", "top")}
+    return [rule(tuple(path) + ("kernel",), f"{hf_prefix}.weight", **kw),
+            bias(tuple(path) + ("bias",), f"{hf_prefix}.bias", **head)]
+
+
 def stacked_linear(path, hf_keys, axis: int = 1, head=False, top=False) -> Rule:
     """Several HF Linear weights [out, in] stacked into one Flax kernel along ``axis``.
 

@@ -144,6 +144,10 @@ class LMPredictor(inference.Planned):
         self.cost = models.cost_model(config, "lm")
         self.programs = programs.ProgramCache()
 
+    def _compiled(self, key: tuple, fn, *specs):
+        """``fn(params, *args)`` compiled once for ``key``, traced with ``specs``."""
+        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))
+
     @classmethod
     def from_loaded(cls, loaded, **kw):
         if loaded.head != "lm":
@@ -163,8 +167,7 @@ class Generator(LMPredictor):
                          pad_token_id=pad_token_id, acc_variant=self.acc_variant)
         spec = jax.ShapeDtypeStruct((batch, plan.length), jnp.int32)
         key = (batch, plan.length, plan.schedule, max_new_tokens, greedy, top_k, eos_token_id, pad_token_id)
-        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(
-            self.params, spec, spec, jax.random.PRNGKey(0), jnp.float32(1.0)))
+        return self._compiled(key, fn, spec, spec, jax.random.PRNGKey(0), jnp.float32(1.0))
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
                  speedup: float = 1.0, temperature: float = 0.0, top_k: int = 0,

@@ -181,8 +181,8 @@ class LMEvaluator(generate.LMPredictor):
 
     def prefill_program(self, schedule):
         """Prompt [B, context] -> (next-token logits [B, V], KV cache); compiled once."""
-        return self.programs.get(("prefill", tuple(schedule)), lambda: jax.jit(
-            self.programs.counted(self._prefill_fn(schedule))).lower(self.params, self._spec(self.context)))
+        return self._compiled(("prefill", tuple(schedule)), self._prefill_fn(schedule),
+                              self._spec(self.context))
 
     def score_program(self, schedule):
         """(ctx [B, C], cont [B, T]) -> per-window NLL sums [B] float32; compiled once."""
@@ -192,8 +192,8 @@ class LMEvaluator(generate.LMPredictor):
         def run(params, ctx, cont):
             return -continuation_logp(module, params, *prefill(params, ctx), cont).sum(axis=1)
 
-        return self.programs.get(("score", tuple(schedule)), lambda: jax.jit(self.programs.counted(run)).lower(
-            self.params, self._spec(self.context), self._spec(self.continuation)))
+        return self._compiled(("score", tuple(schedule)), run, self._spec(self.context),
+                              self._spec(self.continuation))
 
     # ------------------------------------------------------------------- running
     def score(self, ctx: np.ndarray, cont: np.ndarray, schedule) -> dict[str, float]:

@@ -377,7 +377,7 @@ class DecoderPredictor(generate.LMPredictor):
                  param_dtype: str | None = None):
         self.gen = generate.Generator(module, params, config, param_dtype=param_dtype,
                                       bucket=bucket, floor=floor, acc_variant=acc_variant)
-        self.module, self.config, self.cost = module, config, self.gen.cost
+        self.module, self.config, self.cost, self.params = module, config, self.gen.cost, self.gen.params
         self.batch_size = int(batch_size)
         self.length_buckets = inference.cap_buckets(config, length_buckets)
         self.render = chat_renderer(chat_template) if chat_template is not None else None
@@ -403,8 +403,7 @@ class DecoderPredictor(generate.LMPredictor):
         spec = jax.ShapeDtypeStruct((self.batch_size, plan.length), jnp.int32)
         cspec = jax.ShapeDtypeStruct((c, width), jnp.int32)
         mspec = jax.ShapeDtypeStruct((c, width), jnp.float32)
-        return self.programs.get((plan.length, sch, c, width), lambda: jax.jit(self.programs.counted(run)).lower(
-            self.gen.params, spec, spec, cspec, mspec))
+        return self._compiled((plan.length, sch, c, width), run, spec, spec, cspec, mspec)
 
     def score(self, batch, cand_ids, cand_mask, speedup=1.0) -> np.ndarray:
         """[n, t] prompts, [C, L] candidates -> [n, C] log-likelihoods."""

@@ -249,9 +249,6 @@ class Seq2SeqPredictor(generate.LMPredictor):
         self.batch_size, self.protect_last = int(batch_size), protect_last
         self.length_buckets = inference.cap_buckets(config, length_buckets)
 
-    def _program(self, key: tuple, fn, *specs):
-        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))
-
     def generate_program(self, b: int, plan: sched_lib.Plan, *, max_new_tokens: int,
                          mode: str = "greedy", temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0):
@@ -262,7 +259,7 @@ class Seq2SeqPredictor(generate.LMPredictor):
             mode=mode, temperature=temperature, top_k=top_k, top_p=top_p,
             acc_variant=self.acc_variant, protect_last=self.protect_last)
         key = ("generate", b, plan.length, plan.schedule, max_new_tokens, mode, temperature, top_k, top_p)
-        return self._program(key, fn, spec, spec, rng_spec)
+        return self._compiled(key, fn, spec, spec, rng_spec)
 
     def score_program(self, b: int, plan: sched_lib.Plan, c: int, width: int):
         spec = jax.ShapeDtypeStruct((b, plan.length), jnp.int32)
@@ -270,14 +267,15 @@ class Seq2SeqPredictor(generate.LMPredictor):
         fn = lambda p, ids, mask, cids, cmask: score_candidates(  # noqa: E731
             self.module, p, ids, mask, cids, cmask, schedule=plan.schedule,
             acc_variant=self.acc_variant, protect_last=self.protect_last)
-        return self._program(("score", b, plan.length, plan.schedule, c, width), fn, spec, spec, cspec, cspec)
+        key = ("score", b, plan.length, plan.schedule, c, width)
+        return self._compiled(key, fn, spec, spec, cspec, cspec)
 
     def first_token_program(self, b: int, plan: sched_lib.Plan):
         spec = jax.ShapeDtypeStruct((b, plan.length), jnp.int32)
         fn = lambda p, ids, mask: first_token(  # noqa: E731
             self.module, p, ids, mask, schedule=plan.schedule, acc_variant=self.acc_variant,
             protect_last=self.protect_last)
-        return self._program(("first_token", b, plan.length, plan.schedule), fn, spec, spec)
+        return self._compiled(("first_token", b, plan.length, plan.schedule), fn, spec, spec)
 
     # ------------------------------------------------------------------------- running
     def _chunks(self, batch: dict[str, np.ndarray]):

@@ -72,9 +72,7 @@ class BertConfig(common.ModelConfig):
                 f"position_embedding_type={d['position_embedding_type']!r} is not supported; "
                 "accjax's BERT implements absolute positions only"
             )
-        kw = cls.hf_fields(d)
-        kw.update(overrides)
-        return cls(**kw)
+        return cls(**{**cls.hf_fields(d), **overrides})
 
     def to_hf(self) -> dict[str, Any]:
         return {"model_type": "bert", "architectures": ["BertForSequenceClassification"],

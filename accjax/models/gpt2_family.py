@@ -44,26 +44,19 @@ def rules(config: gpt2.GPT2Config, head: str) -> list[cv.Rule]:
     r.append(cv.copy(p("wpe", "embedding"), "wpe.weight"))
     for i in range(config.num_layers):
         hf, fx = f"h.{i}", f"layer_{i}"
-        for ln in ("ln_1", "ln_2"):
-            r.append(cv.copy(p(fx, ln, "scale"), f"{hf}.{ln}.weight"))
-            r.append(cv.copy(p(fx, ln, "bias"), f"{hf}.{ln}.bias"))
-        r.append(cv.conv1d(p(fx, "qkv", "kernel"), f"{hf}.attn.c_attn.weight"))  # [D,3D]->[D,3,N,H]
-        r.append(cv.bias(p(fx, "qkv", "bias"), f"{hf}.attn.c_attn.bias"))  # [3D] -> [3, N, H]
-        r.append(cv.conv1d(p(fx, "attn_out", "kernel"), f"{hf}.attn.c_proj.weight", in_axes=2))
-        r.append(cv.bias(p(fx, "attn_out", "bias"), f"{hf}.attn.c_proj.bias"))
-        r.append(cv.conv1d(p(fx, "mlp_in", "kernel"), f"{hf}.mlp.c_fc.weight"))
-        r.append(cv.bias(p(fx, "mlp_in", "bias"), f"{hf}.mlp.c_fc.bias"))
-        r.append(cv.conv1d(p(fx, "mlp_out", "kernel"), f"{hf}.mlp.c_proj.weight"))
-        r.append(cv.bias(p(fx, "mlp_out", "bias"), f"{hf}.mlp.c_proj.bias"))
-    r.append(cv.copy(p("ln_f", "scale"), "ln_f.weight"))
-    r.append(cv.copy(p("ln_f", "bias"), "ln_f.bias"))
+        r += cv.norm(p(fx, "ln_1"), f"{hf}.ln_1") + cv.norm(p(fx, "ln_2"), f"{hf}.ln_2")
+        r += cv.with_bias(cv.conv1d, p(fx, "qkv"), f"{hf}.attn.c_attn")  # [D, 3D] -> [D, 3, N, H]
+        r += cv.with_bias(cv.conv1d, p(fx, "attn_out"), f"{hf}.attn.c_proj", in_axes=2)
+        r += cv.with_bias(cv.conv1d, p(fx, "mlp_in"), f"{hf}.mlp.c_fc")
+        r += cv.with_bias(cv.conv1d, p(fx, "mlp_out"), f"{hf}.mlp.c_proj")
+    r += cv.norm(p("ln_f"), "ln_f")
     if head == "sequence_classification":
         r.append(cv.linear(("score", "kernel"), "score.weight", head=True, top=True))
     return r
 
 
-def dummy_inputs(config: gpt2.GPT2Config, b: int, t: int) -> dict:
-    # Only what the modules take: GPT-2 has no token types.
+def dummy_inputs(config, b: int, t: int) -> dict:
+    # Only what the modules take: decoders (GPT-2, Llama) have no token types.
     return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32)}
 
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax.numpy as jnp
 import numpy as np
 
 from accjax import convert as cv
 from accjax import schedule as sched_lib
 from accjax.models import Family
-from accjax.models import llama
+from accjax.models import gpt2_family, llama
 
 
 def rules(config: llama.LlamaConfig, head: str) -> list[cv.Rule]:
@@ -40,8 +39,8 @@ def rules(config: llama.LlamaConfig, head: str) -> list[cv.Rule]:
     r.append(cv.copy(p("embed_tokens", "embedding"), "embed_tokens.weight"))
     for i in range(config.num_layers):
         hf, fx = f"layers.{i}", f"layer_{i}"
-        r.append(cv.copy(p(fx, "input_norm", "scale"), f"{hf}.input_layernorm.weight"))
-        r.append(cv.copy(p(fx, "post_norm", "scale"), f"{hf}.post_attention_layernorm.weight"))
+        r += cv.norm(p(fx, "input_norm"), f"{hf}.input_layernorm", bias=False)
+        r += cv.norm(p(fx, "post_norm"), f"{hf}.post_attention_layernorm", bias=False)
         for name in ("q_proj", "k_proj", "v_proj"):  # [out, D] -> [D, heads, H]
             r.append(cv.linear(p(fx, name, "kernel"), f"{hf}.self_attn.{name}.weight"))
         r.append(cv.linear(p(fx, "o_proj", "kernel"), f"{hf}.self_attn.o_proj.weight", in_axes=2))
@@ -66,10 +65,6 @@ def adapt_checkpoint(config: llama.LlamaConfig, sd: dict) -> tuple[llama.LlamaCo
                 "config says tie_word_embeddings=true but lm_head.weight differs from "
                 "embed_tokens.weight: set tie_word_embeddings to false in config.json")
     return config, sd
-
-
-def dummy_inputs(config: llama.LlamaConfig, b: int, t: int) -> dict:
-    return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +108,7 @@ def family() -> Family:
         rules=rules,
         hf_prefix="model.",
         hf_ignore=(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
-        dummy_inputs=dummy_inputs,
+        dummy_inputs=gpt2_family.dummy_inputs,
         cost_model=cost_model,
         adapt_checkpoint=adapt_checkpoint,
     )
