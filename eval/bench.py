@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 
 import jax
@@ -176,17 +177,22 @@ def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int, t5: bool 
     """{speedup: timing} with the levels' programs called in rounds (dense, 1.5, 2, ...,
     dense, ...): on a shared or throttling machine every level meets the same conditions, so
     the ratios hold where level-after-level timing drifts. Same inputs for every program."""
-    ids = programs.random_batches(np.random.default_rng(0), (b, n), getattr(pred.config, "vocab_size", 1000),
-                                  low=2, count=1)[0]
-    if t5:
-        inputs, program = jax.device_put((ids, np.ones_like(ids))), pred.first_token_program
-    else:
-        full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        inputs, program = (jax.device_put({k: full[k] for k in pred.input_names}),), pred.program
-    calls = {s: (lambda p=program(b, plan): p(pred.params, *inputs)) for s, plan in plans.items()}
+    progs = {s: program_inputs(pred, b, n, plan, t5) for s, plan in plans.items()}
+    calls = {s: functools.partial(prog, pred.params, *inputs) for s, (prog, inputs) in progs.items()}
     ms = programs.time_interleaved(calls, rounds=iters)
     return {s: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)), "schedule": plans[s].keep}
             for s, v in ms.items()}
+
+
+def program_inputs(pred, b: int, n: int, plan, t5: bool) -> tuple:
+    """(compiled program, its device inputs after the parameters) of an encoder classifier or
+    (``t5``) a T5's encoder + first token at ``plan``, on a random full [b, n] batch (seed 0)."""
+    vocab = getattr(pred.config, "vocab_size", 1000)
+    ids = programs.random_batches(np.random.default_rng(0), (b, n), vocab, low=2, count=1)[0]
+    if t5:
+        return pred.first_token_program(b, plan), jax.device_put((ids, np.ones_like(ids)))
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return pred.program(b, plan), (jax.device_put({k: full[k] for k in pred.input_names}),)
 
 
 def main(argv=None) -> int:

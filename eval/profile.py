@@ -310,18 +310,14 @@ def profile_program(pred, b, n, s, iters=20):
     """A BERT-family ``inference.Predictor`` program, a ``seq2seq.Seq2SeqPredictor``
     encoder + first-token program, or a decoder's prefill (``lm.LMEvaluator``: the pruned KV
     caches built, as ``eval.lm --bench`` times it), at speedup ``s``."""
-    prefill = isinstance(pred, lm.LMEvaluator)
+    prefill, t5 = isinstance(pred, lm.LMEvaluator), isinstance(pred, seq2seq.Seq2SeqPredictor)
     plan = pred.plan(s) if prefill else pred.plan(n, s)
-    ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
     if prefill:
+        ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
         prog, inputs = pred.prefill_program(plan.keep), (jax.device_put(ids),)
-        costs = {"layer_costs": layer_costs(pred.config, b, n, plan.keep)}
-    elif isinstance(pred, seq2seq.Seq2SeqPredictor):
-        prog, inputs, costs = pred.first_token_program(b, plan), jax.device_put((ids, np.ones_like(ids))), {}
     else:
-        full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        prog, inputs = pred.program(b, plan), (jax.device_put({k: full[k] for k in pred.input_names}),)
-        costs = {"layer_costs": layer_costs(pred.config, b, n, plan.keep)}
+        prog, inputs = bench.program_inputs(pred, b, n, plan, t5)
+    costs = {} if t5 else {"layer_costs": layer_costs(pred.config, b, n, plan.keep)}
     r = _attribute(profile_call(lambda: prog(pred.params, *inputs), iters), prog)
     return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic, **costs, **r,
             **_xla_cost(prog), "hlo": prog.as_text}
