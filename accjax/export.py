@@ -1,18 +1,10 @@
 r"""Serving without the model code: ``jax.export`` programs of a fine-tuned classifier.
 
-Export (needs accjax's model code, once)::
-
     python -m accjax.export RUN_DIR OUT_DIR --speedups 1,2,4.8 --batch_sizes 1,32 --lengths 32,64
     python -m accjax.export RUN_DIR OUT_DIR ... --platforms cpu,cuda   # one program, both platforms
 
-Serve (needs only jax, numpy, safetensors and tokenizers; no Flax module is built)::
-
-    from accjax.inference import load_exported     # = accjax.serving.load_exported
-    model = load_exported(OUT_DIR)
-    logits = model.predict(["a gripping film", "dull"], speedup=4.8)    # [2, C] numpy
-    logits = model.predict({"input_ids": ids, "attention_mask": mask}, speedup=1)
-
-OUT_DIR holds::
+``accjax.serving.load_exported(OUT_DIR).predict(texts, speedup=4.8)`` runs them with only
+jax, numpy, safetensors and tokenizers (README: "Serving exported programs"). OUT_DIR holds::
 
     manifest.json                 what is inside (below); read first, checked for compatibility
     params.safetensors            the parameters, once, flat ('bert/layer_0/qkv/kernel' keys)
@@ -24,20 +16,13 @@ int32 [batch, length] inputs, with the keep-lengths of its speedup (``accjax.sch
 the run's bucket and floor, clamped to the length's maximum as ``eval.glue`` does) fixed in
 it. Two speedups whose bucketed schedules coincide share one program file.
 
-``predict`` pads inputs to the smallest exported length that holds their longest example,
-and runs them in chunks of the largest exported batch size; the rest goes to the smallest
-exported batch size that holds it, padded with one-token filler rows (dropped from the output).
-Rows never interact, so padding and chunking do not change any example's logits.
-
 Parameters are an argument, not baked in (``--embed_params`` bakes them in, for comparison):
 baked in, every program carries its own copy of every weight as a StableHLO constant, so the
 folder, each program's read and deserialization, and resident memory grow with the number of
 programs; as an argument the weights are read once and shared, and a program is only code
-(figures: docs/benchmarks.md, "Exported programs").
-
-Compatibility: ``manifest.json`` carries ``format_version``; a reader refuses another version,
-a jax that cannot deserialize the programs' serialization version, and a machine whose
-platform the programs were not exported for, each with one line that says what to do.
+(figures: docs/benchmarks.md, "Exported programs"). ``manifest.json`` carries
+``format_version``: a reader refuses another version, a jax that cannot read the programs'
+serialization version and a machine of another platform, each in one line.
 """
 
 from __future__ import annotations

@@ -133,16 +133,9 @@ def continuation_logp(module, params, first: jax.Array, cache, toks: jax.Array) 
 # ------------------------------------------------------------------------ evaluator
 class LMEvaluator(generate.LMPredictor):
     """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup;
-    one context length, so ``plan`` and ``schedule`` take only the speedup.
-
-    Args:
-      module: a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``; params; config: its config.
-      batch_size: windows per program (the last batch is padded with zero-weight copies).
-      context, continuation: window sizes (static shapes).
-      param_dtype: cast the parameters once (e.g. 'bfloat16'; the config's ``dtype`` sets
-        the compute dtype).
-      bucket, floor, acc_variant: schedule rounding, smallest keep-length, row ranking.
-    """
+    one context length, so ``plan`` and ``schedule`` take only the speedup. ``batch_size``
+    windows a program (a last partial batch padded), ``context`` + ``continuation`` tokens a
+    window; the other arguments as ``LMPredictor``'s."""
 
     def __init__(self, module, params, config, *, batch_size: int, context: int, continuation: int,
                  param_dtype: str | None = None, bucket: int = 8, floor: int = 1,

@@ -69,12 +69,8 @@ class Example:
 
 # ------------------------------------------------------------------------------- data
 def load_jsonl(path: str | Path) -> list[Example]:
-    """Reads ``{"instruction", "input", "target"}`` lines; blank lines are skipped.
-
-    Raises:
-      PromptDataError for a missing or empty file, invalid JSON, a non-object line, a
-      missing/empty ``target`` or a non-string field (file and line named).
-    """
+    """Reads ``{"instruction", "input", "target"}`` lines (blank lines skipped); a bad file or
+    line is a PromptDataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise PromptDataError(f"data file {path} does not exist")
@@ -132,13 +128,9 @@ def choose_exemplars(n_examples: int, index: int, k: int, seed: int, pool_size: 
 def encode_prompts(tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *, shots: int = 0,
                    pool: Sequence[Example] | None = None, seed: int = 0, max_length: int = 512,
                    answer_prefix: str = ANSWER_PREFIX, render=None) -> tuple[list[list[int]], dict[str, int]]:
-    """Tokenised prompts (with the tokenizer's special tokens), dropping exemplars that do not
-    fit ``max_length``. ``render(example, exemplars) -> str`` replaces ``build_prompt``
-    (``chat_renderer``: a chat model's template).
-
-    Returns:
-      (ids per example, stats {'shots_dropped', 'truncated'}).
-    """
+    """(ids per example, stats {'shots_dropped', 'truncated'}): tokenised prompts (with the
+    tokenizer's special tokens), dropping exemplars that do not fit ``max_length``.
+    ``render(example, exemplars) -> str`` replaces ``build_prompt`` (``chat_renderer``)."""
     if render is None:
         render = lambda ex, shown: build_prompt(ex, shown, answer_prefix=answer_prefix)  # noqa: E731
     ids, dropped, truncated = [], 0, 0
@@ -354,19 +346,14 @@ def rt_polarity_examples(split: str = "validation", limit: int | None = None) ->
 
 class DecoderPredictor(generate.LMPredictor):
     """Label-likelihood scoring and greedy generation for a decoder LM (GPT-2, Llama) at any
-    speedup, with the interface ``evaluate`` uses (as ``seq2seq.Seq2SeqPredictor``).
-
-    Prompts of any length are right-padded to the smallest length bucket that holds them and
-    cut into chunks of ``batch_size`` (filler rows hold one token). The prompt is prefilled
-    with ACC elimination at the asked speedup; each candidate answer is then scored by
-    teacher forcing on the pruned KV caches, as generation would read them::
+    speedup, with the interface ``evaluate`` uses (as ``seq2seq.Seq2SeqPredictor``): prompts
+    are padded and chunked as ``seq2seq.chunk_batch`` does, prefilled with ACC elimination,
+    and each candidate answer scored by teacher forcing on the pruned KV caches::
 
         log p(answer | prompt) = sum_t log p(answer[t] | pruned prompt, answer[:t])
 
-    Args:
-      module, params, config: the LM (``prefill`` / ``extend`` methods) and its parameters.
-      chat_template: render prompts with it (None: the plain 'Answer:' layout).
-      batch_size, length_buckets, bucket, floor, acc_variant, param_dtype: as ``Generator``.
+    ``chat_template``: render prompts with it (None: the plain 'Answer:' layout); the other
+    arguments as ``Generator``'s.
     """
 
     first_line = True  # a generated answer ends at its first line break

@@ -61,16 +61,9 @@ def generate_tokens(
     acc_variant: str = "plain",
     protect_last: bool = False,
 ) -> Array:
-    """Generates up to ``max_new_tokens`` tokens per row; traceable under ``jax.jit``.
-
-    Args:
-      module: a ``T5ForConditionalGeneration``; params: its parameters.
-      input_ids, attention_mask: [B, T] encoder inputs.
-      rng: PRNG key, needed by ``mode='sample'``.
-      schedule: encoder keep-lengths (static), None = dense.
-    Returns:
-      [B, max_new_tokens] int32, the start token excluded; pad after each row's EOS.
-    """
+    """[B, max_new_tokens] int32 tokens generated after [B, T] encoder inputs (a
+    ``T5ForConditionalGeneration``'s), pad after each row's EOS; ``schedule``: static encoder
+    keep-lengths (None = dense); ``rng``: needed by ``mode='sample'``. Traceable under jit."""
     if mode not in MODES:
         raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
     if mode == "sample" and rng is None:
@@ -229,16 +222,9 @@ def chunk_batch(pred, batch: dict[str, np.ndarray], fill: int | None = None):
 
 
 class Seq2SeqPredictor(generate.LMPredictor):
-    """Compiled-once generation and scoring for a T5 model at any speedup.
-
-    Inputs of any length are right-padded to the smallest length bucket that holds them and
-    split into chunks of ``batch_size`` (the last padded with one-token EOS rows). The
-    speedup becomes an encoder plan for the padded length (``accjax.schedule.plan``).
-
-    Args:
-      module, params, config: the ``T5ForConditionalGeneration`` and its parameters.
-      param_dtype: cast the parameters once (e.g. 'bfloat16' for serving).
-    """
+    """Compiled-once generation and scoring for a T5 model at any speedup: inputs padded and
+    chunked by ``chunk_batch`` (filler rows: one EOS token), the speedup an encoder plan for
+    the padded length (``schedule.plan``); arguments as ``LMPredictor``'s."""
 
     def __init__(self, module, params, config, *, batch_size: int = 16,
                  length_buckets: Sequence[int] = inference.DEFAULT_LENGTH_BUCKETS,

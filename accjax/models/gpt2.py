@@ -212,14 +212,11 @@ def pool_positions(input_ids: Array, mask: Array, pad_token_id: int | None) -> A
     pads with it), and accjax's rule also works for batches without a pad id.
     """
     real = mask.astype(bool)
-    t = real.shape[1]
-    idx = jnp.arange(t, dtype=jnp.int32)
-    if pad_token_id is not None:
-        ok = real & (input_ids != pad_token_id)
-        has = ok.any(axis=1)
-        by_id = jnp.max(jnp.where(ok, idx, -1), axis=1)
-        return jnp.where(has, by_id, last_real_position(real)).astype(jnp.int32)
-    return last_real_position(real)
+    if pad_token_id is None:
+        return last_real_position(real)
+    ok = real & (input_ids != pad_token_id)  # [B, T]
+    by_id = jnp.max(jnp.where(ok, jnp.arange(real.shape[1], dtype=jnp.int32), -1), axis=1)
+    return jnp.where(ok.any(axis=1), by_id, last_real_position(real)).astype(jnp.int32)
 
 
 def run_blocks(blocks, final_norm, x: Array, rows, protect_positions: Array, schedule, *,
@@ -251,15 +248,15 @@ def extend_blocks(blocks, final_norm, embed, input_ids: Array, cache):
     their hidden states [B, T, D], the updated cache)."""
     positions = cache.next_position[:, None] + jnp.arange(input_ids.shape[1], dtype=jnp.int32)  # [B, T]
     x = embed(input_ids, positions)  # [B, T, D]
-    ks, vs, ms, ps = [], [], [], []
+    layers = []
     for l, block in enumerate(blocks):
-        start = cache.prompt_slots[l] + cache.step
-        x, (k, v, m, p) = block.extend(x, (cache.keys[l], cache.values[l], cache.mask[l], cache.positions[l]),
-                                       positions, start)
-        ks.append(k), vs.append(v), ms.append(m), ps.append(p)
+        x, layer = block.extend(x, (cache.keys[l], cache.values[l], cache.mask[l], cache.positions[l]),
+                                positions, cache.prompt_slots[l] + cache.step)
+        layers.append(layer)
+    ks, vs, ms, ps = zip(*layers)
     t = positions.shape[1]
-    cache = cache.replace(keys=tuple(ks), values=tuple(vs), mask=tuple(ms), positions=tuple(ps),
-                          next_position=cache.next_position + t, step=cache.step + t)
+    cache = cache.replace(keys=ks, values=vs, mask=ms, positions=ps, next_position=cache.next_position + t,
+                          step=cache.step + t)
     return final_norm(x), cache
 
 
