@@ -257,30 +257,17 @@ class BertModel(nn.Module):
         rows = acc_lib.Rows.create(attention_mask, position_ids, token_type_ids)
 
         x = Embeddings(cfg, name="embeddings")(input_ids, rows.positions, rows.token_types, deterministic)
-        hidden_states = [x] if output_hidden_states else None
-        attentions = [] if output_attentions else None
-        layers = []
-        for i in range(cfg.num_layers):
-            x, rows, out = BertLayer(cfg, name=f"layer_{i}")(
-                x, rows, keep=None if schedule is None else schedule[i], acc_variant=acc_variant,
-                deterministic=deterministic, output_attentions=output_attentions,
-            )
-            if output_attentions:
-                attentions.append(out.pop("attentions"))
-            if output_hidden_states:
-                hidden_states.append(x)
-            layers.append(out)
-
+        x, rows, layers, hidden_states, attentions = common.run_layers(
+            [BertLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)], x, rows, schedule,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            acc_variant=acc_variant, deterministic=deterministic)
         pooled = None
         if self.add_pooling_layer:
             # The CLS row is protected and order is preserved, so it is always row 0.
             pooled = common.dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")(x[:, 0])  # [B, D]
             pooled = jnp.tanh(pooled)
-        return BertOutput(
-            last_hidden_state=x, pooler_output=pooled, rows=rows, layers=tuple(layers),
-            hidden_states=None if hidden_states is None else tuple(hidden_states),
-            attentions=None if attentions is None else tuple(attentions),
-        )
+        return BertOutput(last_hidden_state=x, pooler_output=pooled, rows=rows, layers=layers,
+                          hidden_states=hidden_states, attentions=attentions)
 
 
 class BertForSequenceClassification(nn.Module):

@@ -193,3 +193,27 @@ def check_schedule(schedule, num_layers: int, *, layers: str = "layer") -> tuple
             f"schedule must be {num_layers} positive Python ints (one keep-length per {layers}), "
             f"got {schedule!r}")
     return schedule
+
+
+def run_layers(layers, x: Array, rows, schedule, *args, output_hidden_states: bool = False,
+               output_attentions: bool = False, final_norm=None, **kw):
+    """Layer i called as ``layer(x, rows, *args, keep=schedule[i], **kw)`` (every family), then
+    ``final_norm``. Returns (x, rows, per-layer out dicts, hidden states (the input, then each
+    layer's output, the last after the norm) or None, attentions [B, N, T, T] each or None)."""
+    hidden_states = [x] if output_hidden_states else None
+    attentions = [] if output_attentions else None
+    outs = []
+    for i, layer in enumerate(layers):
+        x, rows, out = layer(x, rows, *args, keep=None if schedule is None else schedule[i],
+                             output_attentions=output_attentions, **kw)
+        if output_attentions:
+            attentions.append(out.pop("attentions"))
+        if output_hidden_states:
+            hidden_states.append(x)
+        outs.append(out)
+    if final_norm is not None:
+        x = final_norm(x)  # [B, K_L, D]
+        if hidden_states:
+            hidden_states[-1] = x
+    return (x, rows, tuple(outs), None if hidden_states is None else tuple(hidden_states),
+            None if attentions is None else tuple(attentions))

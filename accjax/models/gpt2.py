@@ -97,13 +97,9 @@ class GPT2Config(common.ModelConfig):
     # -- Hugging Face config.json <-> GPT2Config ------------------------------------------
     @classmethod
     def from_hf(cls, d: dict[str, Any], **overrides) -> "GPT2Config":
-        unsupported = {
-            "scale_attn_weights": (d.get("scale_attn_weights", True), True),
-            "scale_attn_by_inverse_layer_idx": (d.get("scale_attn_by_inverse_layer_idx", False), False),
-            "add_cross_attention": (d.get("add_cross_attention", False), False),
-            "tie_word_embeddings": (d.get("tie_word_embeddings", True), True),
-        }
-        bad = [f"{k}={v!r}" for k, (v, want) in unsupported.items() if bool(v) != want]
+        supported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                     "add_cross_attention": False, "tie_word_embeddings": True}  # the value, absent ones too
+        bad = [f"{k}={d[k]!r}" for k, want in supported.items() if bool(d.get(k, want)) != want]
         if bad:
             raise ValueError(f"GPT-2 options not supported by accjax: {', '.join(bad)}")
         kw = cls.hf_fields(d)
@@ -219,27 +215,14 @@ def pool_positions(input_ids: Array, mask: Array, pad_token_id: int | None) -> A
     return jnp.where(ok.any(axis=1), by_id, last_real_position(real)).astype(jnp.int32)
 
 
-def run_blocks(blocks, final_norm, x: Array, rows, protect_positions: Array, schedule, *,
-               output_hidden_states: bool, output_attentions: bool, **kw) -> "GPT2Output":
-    """A decoder's blocks in turn (block i keeps ``schedule[i]`` rows), then the final norm,
-    collecting what HF returns (GPT-2 and Llama): ``kw`` goes to every block."""
-    hidden_states = [x] if output_hidden_states else None
-    attentions = [] if output_attentions else None
-    layers = []
-    for i, block in enumerate(blocks):
-        x, rows, out = block(x, rows, protect_positions, keep=None if schedule is None else schedule[i],
-                             output_attentions=output_attentions, **kw)
-        if output_attentions:
-            attentions.append(out.pop("attentions"))
-        if output_hidden_states and i < len(blocks) - 1:
-            hidden_states.append(x)
-        layers.append(out)
-    x = final_norm(x)  # [B, K_L, D]
-    if output_hidden_states:
-        hidden_states.append(x)  # as HF: the last entry is after the final norm
-    return GPT2Output(last_hidden_state=x, rows=rows, layers=tuple(layers),
-                      hidden_states=None if hidden_states is None else tuple(hidden_states),
-                      attentions=None if attentions is None else tuple(attentions))
+def run_blocks(blocks, final_norm, x: Array, rows, protect_positions: Array, schedule, **kw
+               ) -> GPT2Output:
+    """A decoder's blocks in turn (``common.run_layers``), then the final norm: as HF, the last
+    hidden state is after it (GPT-2 and Llama)."""
+    x, rows, layers, hidden, attentions = common.run_layers(
+        blocks, x, rows, schedule, protect_positions, final_norm=final_norm, **kw)
+    return GPT2Output(last_hidden_state=x, rows=rows, layers=layers, hidden_states=hidden,
+                      attentions=attentions)
 
 
 def extend_blocks(blocks, final_norm, embed, input_ids: Array, cache):

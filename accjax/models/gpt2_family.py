@@ -69,16 +69,12 @@ def cost_model(config: gpt2.GPT2Config, head: str = "sequence_classification") -
     computed. Embeddings are a lookup and an add (D a token); the final LayerNorm is ignored.
     """
     d = config.hidden_size
-    if head == "lm":
-        head_flops = 2 * d * config.vocab_size
-    elif head == "sequence_classification":
-        head_flops = 2 * d * max(1, config.num_labels)
-    elif head == "base":
-        head_flops = 0
-    else:
+    heads = {"lm": 2 * d * config.vocab_size, "base": 0,
+             "sequence_classification": 2 * d * max(1, config.num_labels)}
+    if head not in heads:
         raise ValueError(f"no cost model for GPT-2 head {head!r}")
     return sched_lib.CostModel(num_layers=config.num_layers, d=d, f=config.intermediate_size,
-                               head=head_flops, embed_per_token=d, causal=True)
+                               head=heads[head], embed_per_token=d, causal=True)
 
 
 @functools.cache

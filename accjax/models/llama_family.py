@@ -85,14 +85,11 @@ def cost_model(config: llama.LlamaConfig, head: str = "lm") -> sched_lib.CostMod
     """Matmul FLOPs of a Llama prefill: SwiGLU (3 matrices), GQA, causal attention; the LM
     head on the last row only (2 D V); embeddings are a lookup (D a token)."""
     d = config.hidden_size
-    if head == "lm":
-        head_flops = 2 * d * config.vocab_size
-    elif head == "base":
-        head_flops = 0
-    else:
+    heads = {"lm": 2 * d * config.vocab_size, "base": 0}
+    if head not in heads:
         raise ValueError(f"no cost model for Llama head {head!r}")
     return GQACostModel(num_layers=config.num_layers, d=d, f=config.intermediate_size,
-                        a=config.num_heads * config.head_dim, ffn_mats=3, head=head_flops,
+                        a=config.num_heads * config.head_dim, ffn_mats=3, head=heads[head],
                         embed_per_token=d, causal=True,
                         kv=config.num_kv_heads * config.head_dim)
 
