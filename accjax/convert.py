@@ -16,14 +16,10 @@ Weights: ``model.safetensors`` (also sharded with an index) first; ``pytorch_mod
 through ``torch.load(weights_only=True)``; a folder (or file) with one ``*.gguf`` and no
 config.json is read through ``accjax.gguf_io`` (dequantised, renamed to HF keys).
 
-CLI::
+CLI (SRC: an HF folder, hub id, built-in name or accjax folder)::
 
     python -m accjax.convert SRC OUT [--head sequence_classification] [--num_labels 2]
     python -m accjax.convert SRC OUT --to-hf        # an accjax folder back to an HF folder
-
-SRC is a local HF folder, a hub id (online), a built-in name (``minilm-l6``) or an accjax
-folder; OUT receives ``accjax.json`` + ``params.safetensors`` + tokenizer files (or, with
-``--to-hf``, ``config.json`` + ``model.safetensors`` + tokenizer files).
 """
 
 from __future__ import annotations
@@ -151,11 +147,8 @@ def stacked_bias(path, hf_keys, axis: int = 0, head=False, top=False) -> Rule:
 
 # ------------------------------------------------------------------------------ reading
 def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of an HF checkpoint folder as float/int numpy arrays.
-
-    Reads model.safetensors, a sharded safetensors index, or (only if no safetensors file
-    exists) pytorch_model.bin through ``torch.load(weights_only=True)``.
-    """
+    """All tensors of an HF checkpoint folder as numpy arrays (the module docstring says which
+    files are read)."""
     folder = Path(folder)
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
@@ -419,14 +412,9 @@ def load(
     seed: int = 0,
     **config_overrides,
 ) -> Loaded:
-    """Loads a model from an HF folder, hub id, built-in name or accjax folder.
-
-    Args:
-      spec: see ``accjax.hub.resolve``.
-      head: 'base', 'sequence_classification', 'lm'.
-      num_labels: classification width; None = what the checkpoint says.
-      config_overrides: e.g. ``dtype='bfloat16'``, ``hidden_dropout=0.0``.
-    """
+    """A model from an HF folder, hub id, built-in name or accjax folder (``hub.resolve``), with
+    ``head`` ('base', 'sequence_classification', 'lm'), ``num_labels`` (None: what the
+    checkpoint says) and ``config_overrides`` (e.g. ``dtype='bfloat16'``)."""
     from accjax import gguf_io, hub
 
     folder = hub.resolve(spec)

@@ -10,9 +10,7 @@ ACC elimination when the schedule drops rows) and a ``lax.while_loop`` of single
     out.tokens          # [B, 32] numpy; after an eos every token is the pad id
 
 Prompts are right-padded ([B, T] plus a mask); each row continues from its own last real
-token, with position ids counting on from its real length. Sampling: ``temperature=0`` is
-greedy (argmax); otherwise logits / temperature, optionally restricted to the ``top_k``
-most likely tokens, sampled with a ``jax.random`` key derived from ``seed``.
+token, with position ids counting on from its real length. Sampling: ``sample_logits``.
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ runs under ``jax.jit``; ``Seq2SeqPredictor`` compiles each program once per
     scores = pred.score(batch, candidates, speedup=2.0)                  # [B, C] log-probs
 
 Elimination happens in the encoder (``T5ForConditionalGeneration.encode``); the decoder sees
-only the kept rows. Generation computes the cross-attention keys and values of those rows
-once, then runs one cached decoder step per token inside a ``lax.while_loop`` that stops
-when every row has emitted EOS (or after ``max_new_tokens``). The self-attention cache has
-a static ``max_new_tokens`` slots. After EOS a row emits the pad token, as HF does.
+only the kept rows, whose cross-attention keys and values generation computes once, then one
+cached decoder step per token in a ``lax.while_loop`` until every row has emitted EOS (then
+pad, as HF does) or ``max_new_tokens``.
 
 Decoding modes: ``greedy`` (argmax; equals HF ``generate(do_sample=False, num_beams=1)``)
 and ``sample`` (temperature, then optional top-k and nucleus top-p filtering). Beam search

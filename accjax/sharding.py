@@ -14,13 +14,11 @@ gradients as the update sees them and the Adam moments are stored split over 'fs
 train step all-gathers the parameters for the forward and backward pass and reduce-scatters
 the gradients (ZeRO-3 style, ``train.Trainer._gathered``), so activations stay batch-sharded.
 
-Multi-host: ``maybe_initialize_distributed()`` starts ``jax.distributed`` when
-``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or a
-cluster jax detects on its own). Every process builds the same GLOBAL numpy batch and hands
-over only the rows its devices hold (``to_global``); parameters start as the same numpy
-arrays on every process and are placed with ``put`` (each device takes its shard). The run
-folder must be on a filesystem every process sees (orbax writes one checkpoint together;
-process 0 writes logs and the exported model, which every process reads back at the end).
+Multi-host (``maybe_initialize_distributed``): every process builds the same GLOBAL numpy
+batch and hands over only the rows its devices hold (``to_global``); parameters start as the
+same numpy arrays on every process and are placed with ``put``. The run folder must be on a
+filesystem every process sees (orbax writes one checkpoint together; process 0 writes logs
+and the exported model, which every process reads back at the end).
 """
 
 from __future__ import annotations

@@ -108,12 +108,10 @@ def run(args) -> dict:
                         bucket=args.bucket, floor=args.floor, acc_variant=args.acc_variant,
                         prune_every=args.prune_every)
     info = benchmark.machine()
-    result = {"machine": info, "mode": "bench" if args.bench else "eval", "model": args.model,
-              "dtype": args.dtype, "batch": args.batch, "context": args.context,
-              "continuation": args.continuation, "acc_variant": args.acc_variant,
-              "protect_first": args.protect_first, "bucket": args.bucket, "floor": args.floor,
-              "prune_every": args.prune_every,
-              "iters": args.iters}
+    result = {"machine": info, "mode": "bench" if args.bench else "eval",
+              **{k: getattr(args, k) for k in ("model", "dtype", "batch", "context", "continuation",
+                                               "acc_variant", "protect_first", "bucket", "floor",
+                                               "prune_every", "iters")}}
     print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}, "
           f"batch {args.batch}, context {args.context}, continuation {args.continuation}")
     ctx = cont = None

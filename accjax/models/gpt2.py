@@ -10,15 +10,12 @@ Inputs are RIGHT-padded (real tokens first), as accjax's tokenizer pads; GPT-2 h
 token, so the mask says what is real and the pad id (usually eos, 50256) is never read.
 Position ids default to 0..T-1, which is right for right-padded rows.
 
-Elimination (the same placement as BERT, see ``accjax.acc``). A layer given a static ``keep``
-below its input rows T runs causal self-attention over all T rows, scores them by causal ACC
-(each column divided by the number of real queries that can see it), and keeps the ``keep``
-best rows in original order. The residual stream x and the attention context are gathered
-with the same indices, so the output projection, the residual adds and the MLP run on the
-kept rows only. Padding (-inf) goes first; the protected row, the last real token (the one
-whose output predicts the next token, or that the classifier pools), gets +inf and is never
-dropped. With ``protect_first`` the first position (an "attention sink") is kept too, ranked
-just below the protected row, so a keep-length of 1 still keeps the last token.
+Elimination (BERT's placement, see ``accjax.acc``): a layer given a static ``keep`` below its
+input rows T scores them by causal ACC (each column divided by the number of real queries
+that can see it) and keeps the ``keep`` best in original order; the output projection, the
+residual adds and the MLP run on the kept rows only. The last real token (it predicts the
+next token, or the classifier pools it) is never dropped; with ``protect_first`` neither is
+the first position (an "attention sink"), ranked just below it (``eliminate_prompt_rows``).
 
 KV cache (decoding after a pruned prefill). Layer l computes K/V for the rows that ENTER it,
 then keeps ``keep_l`` of them; its cache holds the K/V of exactly those kept rows (the rows

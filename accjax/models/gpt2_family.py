@@ -13,12 +13,9 @@ with ``transformer.``)::
     lm_head.weight [V, D]   tied to wte: not stored by save_pretrained, ignored when present
     score.weight [C, D]     classifier, nn.Linear without bias (top level)
 
-HF's ``Conv1D`` stores its weight as [in, out], already the Flax kernel order, so every
-Conv1D converts by a reshape only, no transpose (``convert.conv1d``): c_attn's [D, 3D]
-becomes the fused kernel [D, 3, N, H] (columns are q | k | v, each head-major), c_proj's
-[D, D] becomes [N, H, D]. ``score`` is an ``nn.Linear`` ([out, in]) and is transposed.
-Old checkpoints also carry ``h.{i}.attn.bias`` / ``attn.masked_bias`` causal-mask buffers;
-they are ignored.
+HF's ``Conv1D`` stores its weight as [in, out], already the Flax kernel order, so it converts
+by a reshape only (``convert.conv1d``): c_attn's [D, 3D] becomes the fused kernel
+[D, 3, N, H] (columns q | k | v, each head-major), c_proj's [D, D] becomes [N, H, D].
 """
 
 from __future__ import annotations

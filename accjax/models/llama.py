@@ -19,13 +19,10 @@ later layer's attention (``tests/test_llama_elimination.py`` fails if that happe
     prompt rows 0..5, layer 0 keeps rows [0, 2, 5]
     layer 1 rotates them by positions [0, 2, 5]   (never [0, 1, 2])
 
-Grouped-query attention: the one attention/ACC dispatch (``acc.attend_and_score``) takes as
-many key/value heads as query heads, so K/V are expanded (``repeat_kv``, as HF does) just
-before it; ACC is the mean over the N query heads. The KV cache keeps the N_kv heads only:
-the memory GQA saves is kept.
-
-KV cache and decoding: ``gpt2.KVCache`` and ``gpt2.build_cache`` (one cache type for every
-decoder); cached keys are stored already rotated, by their original positions.
+Grouped-query attention: K/V are expanded to the N query heads (``repeat_kv``, as HF does)
+just before the attention/ACC dispatch; ACC is the mean over the N query heads. The KV cache
+(``gpt2.KVCache``, one cache type for every decoder) keeps the N_kv heads only, keys already
+rotated by their original positions.
 
 Einsum letters: B batch, T query rows, S key rows / cache slots, K kept rows, D hidden size,
 N query heads, G key/value heads, H head size, F feed-forward width, V vocabulary.
@@ -141,19 +138,13 @@ class LlamaConfig:
             rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
                         high_freq_factor=self.rope_high_freq_factor,
                         original_max_position_embeddings=self.rope_original_max_position)
-        return {
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope, "hidden_act": "silu",
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "initializer_range": self.initializer_range, "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-            "attention_bias": False, "mlp_bias": False,
-        }
+        same = ("vocab_size", "hidden_size", "head_dim", "intermediate_size", "max_position_embeddings",
+                "rms_norm_eps", "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id",
+                "pad_token_id")
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                **{k: getattr(self, k) for k in same}, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                "rope_parameters": rope, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 
 
 PRESETS: dict[str, LlamaConfig] = {
