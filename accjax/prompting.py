@@ -374,9 +374,6 @@ class DecoderPredictor(generate.LMPredictor):
         self.programs = programs.ProgramCache()
         self.bucket, self.floor = bucket, floor
 
-    def _chunks(self, batch):
-        return seq2seq.chunk_batch(self, batch)
-
     def _score_program(self, plan, c: int, width: int):
         module, sch = self.module, plan.schedule
 
@@ -394,15 +391,15 @@ class DecoderPredictor(generate.LMPredictor):
 
     def score(self, batch, cand_ids, cand_mask, speedup=1.0) -> np.ndarray:
         """[n, t] prompts, [C, L] candidates -> [n, C] log-likelihoods."""
-        n, length, chunks = self._chunks(batch)
+        n, length, chunks = seq2seq.chunk_batch(self, batch)
         cand_ids, cand_mask = np.asarray(cand_ids, np.int32), np.asarray(cand_mask, np.float32)
         prog = self._score_program(self.plan(length, speedup), *cand_ids.shape)
-        outs = [np.asarray(prog(self.gen.params, i, m, cand_ids, cand_mask)) for i, m in chunks]
+        outs = [np.asarray(prog(self.params, i, m, cand_ids, cand_mask)) for i, m in chunks]
         return np.concatenate(outs)[:n]
 
     def generate(self, batch, speedup=1.0, *, max_new_tokens: int = 8) -> list[list[int]]:
         """[n, t] prompts -> per prompt the greedy tokens before the end-of-sequence token."""
-        n, length, chunks = self._chunks(batch)
+        n, length, chunks = seq2seq.chunk_batch(self, batch)
         out = []
         for ids, mask in chunks:
             res = self.gen.generate(ids, mask, max_new_tokens=max_new_tokens, speedup=speedup)

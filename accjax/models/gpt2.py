@@ -172,11 +172,8 @@ class KVCache:
 
     def nbytes(self, prompt_only: bool = False) -> int:
         """Bytes of the K and V buffers (all slots, or only the prompt slots)."""
-        total = 0
-        for k, p in zip(self.keys, self.prompt_slots):
-            slots = p if prompt_only else k.shape[1]
-            total += 2 * k.shape[0] * slots * k.shape[2] * k.shape[3] * jnp.dtype(k.dtype).itemsize
-        return int(total)
+        return int(sum(2 * k.shape[0] * (p if prompt_only else k.shape[1]) * k.shape[2] * k.shape[3]
+                       * jnp.dtype(k.dtype).itemsize for k, p in zip(self.keys, self.prompt_slots)))
 
 
 # ------------------------------------------------------------------------------ helpers
