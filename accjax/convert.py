@@ -314,14 +314,11 @@ def from_state_dict(
             params[r.path] = np.asarray(r.to_flax(*(sd[k] for k in r.hf), shape), dtype=np.float32)
     unexpected = sorted(k for k in sd if k not in used)
     if missing or unexpected or mismatched:
+        found = (("missing", missing, ", "), ("unexpected", unexpected, ", "),
+                 ("mis-shaped", mismatched, "; "))
         lines = [f"checkpoint ({source}) does not match {family.name} head {head!r} "
                  f"({_describe(config)}):"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-        if mismatched:
-            lines.append(f"  mis-shaped keys ({len(mismatched)}): " + "; ".join(mismatched))
+        lines += [f"  {what} keys ({len(keys)}): " + sep.join(keys) for what, keys, sep in found if keys]
         if mismatched and any("classifier" in m or "score" in m for m in mismatched):
             lines.append("  (a head of another label count: pass the checkpoint's num_labels, "
                          "or load with head='base' and fine-tune a new head)")
