@@ -122,15 +122,10 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array, token_types: Array, deterministic: bool) -> Array:
         cfg = self.config
-        std, dtype, pdt = cfg.initializer_range, common.to_dtype(cfg.dtype), common.to_dtype(cfg.param_dtype)
-
-        def table(name, n, axes):
-            return nn.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
-                            embedding_init=common.normal_init(std, axes), name=name)
-
-        x = table("word_embeddings", cfg.vocab_size, ("vocab", "embed"))(input_ids)  # [B, T, D]
-        x = x + table("position_embeddings", cfg.max_position_embeddings, ("positions", "embed"))(positions)
-        x = x + table("token_type_embeddings", cfg.type_vocab_size, ("types", "embed"))(token_types)
+        x = common.embed(cfg, cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)  # [B, T, D]
+        x += common.embed(cfg, cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(
+            positions)
+        x += common.embed(cfg, cfg.type_vocab_size, ("types", "embed"), "token_type_embeddings")(token_types)
         x = common.layer_norm(cfg, "LayerNorm")(x)
         return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
 

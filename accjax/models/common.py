@@ -117,6 +117,12 @@ def value_norms(v: Array, kernel: Array, dtype) -> Array:
     return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
 
 
+def embed(cfg, n: int, axes: tuple[str, str], name: str) -> nn.Embed:
+    """An [n, hidden_size] table in the config's dtypes, N(0, initializer_range) on ``axes``."""
+    return nn.Embed(n, cfg.hidden_size, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
+                    embedding_init=normal_init(cfg.initializer_range, axes), name=name)
+
+
 def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True) -> nn.DenseGeneral:
     """A projection in the config's dtypes, N(0, initializer_range) kernel on logical ``axes``."""
     n_out = len(features) if isinstance(features, tuple) else 1

@@ -409,11 +409,8 @@ class GPT2Model(nn.Module):
 
     def setup(self):
         cfg = self.config
-        std, dtype, pdt = cfg.initializer_range, common.to_dtype(cfg.dtype), common.to_dtype(cfg.param_dtype)
-        self.wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
-                            embedding_init=common.normal_init(std, ("vocab", "embed")), name="wte")
-        self.wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
-                            embedding_init=common.normal_init(std, ("positions", "embed")), name="wpe")
+        self.wte = common.embed(cfg, cfg.vocab_size, ("vocab", "embed"), "wte")
+        self.wpe = common.embed(cfg, cfg.max_position_embeddings, ("positions", "embed"), "wpe")
         self.embd_drop = nn.Dropout(cfg.embd_dropout)
         self.blocks = [GPT2Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
         self.ln_f = common.layer_norm(cfg, "ln_f")

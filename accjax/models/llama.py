@@ -296,11 +296,7 @@ class LlamaModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=common.to_dtype(cfg.dtype),
-            param_dtype=common.to_dtype(cfg.param_dtype),
-            embedding_init=common.normal_init(cfg.initializer_range, ("vocab", "embed")),
-            name="embed_tokens")
+        self.embed_tokens = common.embed(cfg, cfg.vocab_size, ("vocab", "embed"), "embed_tokens")
         self.blocks = [LlamaBlock(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg, name="norm")
 
