@@ -8,15 +8,11 @@
 
 An encoder classifier (BERT family) is timed as one forward pass. A T5 (a T5 preset,
 ``--family t5`` for a T5 folder, ``--tiny``; ``python -m eval.bench_t5`` is this with T5
-defaults) is timed as one compiled program: the encoder (with elimination at the schedule
-for the speedup), the cross-attention keys/values of the kept rows for every decoder layer,
-and the first decoder step with the LM head and argmax: the time to the first generated
-token; its ``analytic`` is ``t5_family.cost_model``'s (encoder layers plus the fixed first
-decoder step plus the per-kept-row cross-attention projections). ``measured`` is dense
-median / eliminated median. ``--model`` is a preset (random weights, nothing to download)
-or any model spec / accjax run folder. Prints one table and writes every row, plus the
-machine, as JSON. A program, not a test: it asserts nothing about time. Never imports
-``datasets``.
+defaults) is timed to its first generated token: the encoder (with elimination), the
+cross-attention keys/values of the kept rows and the first decoder step, as one program
+(``analytic``: ``t5_family.cost_model``'s). ``measured`` is dense median / eliminated median.
+Prints one table and writes every row, plus the machine, as JSON. A program, not a test: it
+asserts nothing about time. Never imports ``datasets``.
 """
 
 from __future__ import annotations

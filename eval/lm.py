@@ -7,10 +7,6 @@ token (prefill latency) vs dense, and KV-cache bytes vs dense::
         --speedups 1.5,2,3 --batch 8 --json lm.json            # default text: Hamlet
     python -m eval.lm --model /path/to/gpt2 --text a.txt b.txt ...  # any local text files
 
-``--model`` is a local Hugging Face GPT-2 or Llama folder (weights and tokenizer), a ``.gguf``
-file or ``smollm2-135m`` (the built-in real SmolLM2-135M-Instruct, a pinned GGUF);
-``--reference hf`` adds the transformers fp32 perplexity of the same windows (dense) beside ours.
-
 Prefill benchmark (no text, no tokenizer; a preset gets random weights)::
 
     python -m eval.lm --bench --model gpt2 --batch 8 --context 1024 --dtype bfloat16 \
