@@ -40,15 +40,9 @@ def default_path() -> Path:
 
 
 def enable(path: str | os.PathLike | None = None, *, enabled: bool | None = None) -> Path | None:
-    """Turns the persistent compilation cache on (or off); safe to call any number of times.
-
-    Args:
-      path: cache folder; None = ``$ACCJAX_CACHE/xla/jaxlib-<version>``.
-      enabled: None = what ``ACCJAX_COMPILE_CACHE`` says (on unless it is 0/false/off/no).
-
-    Returns:
-      the folder in use, or None when the cache is off.
-    """
+    """Turns the persistent compilation cache on in ``path`` (default
+    ``$ACCJAX_CACHE/xla/jaxlib-<version>``), or off (``enabled``; default what
+    ``ACCJAX_COMPILE_CACHE`` says); idempotent. Returns the folder in use, or None when off."""
     global _active
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc

@@ -110,20 +110,11 @@ def load_task(
     on_empty: str = "drop",
     max_examples: int | None = None,
 ) -> TaskData:
-    """Reads a task's splits.
+    """A task's splits (``task``: a Task, a name such as ``mrpc`` or a file spec) as TaskData.
 
-    Args:
-      task: a Task, a task name (``mrpc``, ``rt_polarity``) or a file spec (``csv:train=...``).
-      data_dir: GLUE only (other sources ignore it): a folder in the standard GLUE TSV
-        layout, read instead of the hub.
-      splits: split names to read; default all of ``task.splits`` (a test split whose file
-        is absent is skipped; a named split must exist).
-      on_empty: ``'drop'`` (count in ``TaskData.dropped``, warn) or ``'error'``.
-      max_examples: keep only the first n examples of each split (quick runs).
-
-    Returns:
-      TaskData: ``split -> list[Example]`` with ``.task`` (resolved), ``.dropped`` and
-      ``.skipped``.
+    ``data_dir``: GLUE only, a folder in the standard GLUE TSV layout read instead of the hub.
+    ``splits``: the splits to read (default all; then a test split whose file is absent is
+    skipped). ``on_empty``: ``'drop'`` or ``'error'``. ``max_examples``: the first n of each.
     """
     task = get_task(task)
     if on_empty not in ("drop", "error"):
@@ -652,16 +643,10 @@ def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int]) ->
 
 
 class TrainBatches:
-    """Shuffled, length-bucketed training batches; resumable at any (epoch, index).
-
-    Args:
-      features: the tokenised train split (labelled).
-      batch_size: B, fixed; the epoch's one partial batch gets filler rows of weight 0.
-      seed: a non-negative int; epoch e uses ``numpy.random.default_rng([seed, e])``.
-      chunk_batches: examples are sorted by length within chunks of this many batches
-        (1: no grouping beyond one batch; larger: less padding, less randomness).
-      buckets: length buckets (capped at ``features.max_length``).
-    """
+    """Shuffled, length-bucketed training batches of a labelled split; resumable at any (epoch,
+    index) (``plan``). The epoch's one partial batch gets filler rows of weight 0; examples are
+    sorted by length within chunks of ``chunk_batches`` batches (larger: less padding, less
+    randomness)."""
 
     def __init__(self, features: Features, batch_size: int, *, seed: int, chunk_batches: int = 50,
                  buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS):

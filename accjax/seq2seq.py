@@ -122,18 +122,10 @@ def score_candidates(
     acc_variant: str = "plain",
     protect_last: bool = False,
 ) -> Array:
-    """Log-likelihood of every candidate target given every input (rank classification).
-
-    The encoder runs once per input (with elimination); each candidate is decoded, teacher
-    forced, against the kept encoder rows.
-
-    Args:
-      input_ids, attention_mask: [B, T] prompts.
-      cand_ids: [C, L] candidate target ids (e.g. a label word and its EOS), right-padded;
-        cand_mask: [C, L], 1 on the tokens that count.
-    Returns:
-      [B, C] float32, sum over the candidate's tokens of log p(token | prompt, earlier tokens).
-    """
+    """[B, C] float32 log-likelihood of every candidate target (``cand_ids`` [C, L], e.g. a label
+    word and its EOS, right-padded; ``cand_mask`` [C, L] 1 on the tokens that count) given
+    every [B, T] prompt: the encoder runs once per prompt (with elimination), each candidate
+    is decoded, teacher forced, against the kept encoder rows (rank classification)."""
     cfg = module.config
     b, c = input_ids.shape[0], cand_ids.shape[0]
     enc = _encode(module, params, input_ids, attention_mask, schedule, acc_variant, protect_last)

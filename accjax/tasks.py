@@ -36,17 +36,9 @@ class UnknownTaskError(KeyError):
 
 @dataclasses.dataclass(frozen=True)
 class TsvFile:
-    """One file of the standard GLUE TSV layout.
-
-    Columns are header names when ``header`` is true, else 0-based positions.
-
-    Attributes:
-      split: the split the file holds (``train``, ``validation``, ...).
-      filename: file name inside the task's folder (``dev_matched.tsv``).
-      text, text_pair: columns of the text and the optional second text.
-      label: column of the label; None for unlabelled (test) files.
-      header: whether the first line names the columns.
-    """
+    """One file of the standard GLUE TSV layout: the split it holds, its name in the task's
+    folder, and the columns of text, text_pair and label (None: absent), named by the header
+    line when ``header``, else 0-based positions."""
 
     split: str
     filename: str

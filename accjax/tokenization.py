@@ -80,7 +80,9 @@ class Tokenizer:
         tok.no_truncation()
         out = cls(tok, max_length=max_length)
         # A chat model's template (Jinja; rendered by accjax.prompting.render_chat).
-        out.chat_template = cfg.get("chat_template") or _gguf_chat_template(folder)
+        out.chat_template = cfg.get("chat_template") or None
+        if out.chat_template is None and (gguf := gguf_io.find(folder)) is not None:
+            out.chat_template = gguf_io.chat_template(gguf_io.metadata(gguf))
         return out
 
     @property
@@ -116,11 +118,6 @@ class Tokenizer:
             self._tok.no_truncation()
         return Encoded(ids=[e.ids for e in encs], type_ids=[e.type_ids for e in encs],
                        truncated=sum(1 for e in encs if e.overflowing))
-
-
-def _gguf_chat_template(folder: Path) -> str | None:
-    path = gguf_io.find(folder)
-    return None if path is None else gguf_io.chat_template(gguf_io.metadata(path))
 
 
 def pad(encoded: Encoded, length: int, pad_id: int, batch_size: int | None = None) -> dict[str, np.ndarray]:

@@ -409,7 +409,7 @@ def print_tables(rows, checks, rounding, labels, tol, passed, args) -> None:
         print(benchmark.table([r for r in rows if r["scaling"] == scaling], SCALING_COLUMNS))
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.scaling", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bert-base-uncased", help="a BERT-family preset (random weights)")
     ap.add_argument("--tiny", action="store_true", help="2-layer, 32-wide model, small defaults (CPU tests)")
@@ -432,11 +432,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps after the check (3; tiny 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the check, all rows and the machine here")
-    return ap
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = ap.parse_args(argv)
     result = {}
     rc = cli.run(lambda: result.update(run(args)) or result, json_path=args.json)
     return rc or (0 if result["check_passed"] else 1)
