@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -85,13 +84,9 @@ class Example(NamedTuple):
 
 
 class TaskData(dict):
-    """``split -> list[Example]``, plus what loading learnt.
-
-    Attributes:
-      task: the task, resolved (your own files: label names and num_labels from the data).
-      dropped: examples dropped per split for an empty text.
-      skipped: corrupted GLUE TSV rows skipped per split (see the module docstring).
-    """
+    """``split -> list[Example]``, plus what loading learnt: ``task`` resolved (your own files:
+    its labels from the data), and per split the examples ``dropped`` for an empty text and
+    the corrupted GLUE TSV rows ``skipped``."""
 
     def __init__(self, task: Task, splits: dict[str, list[Example]], dropped: dict[str, int],
                  skipped: dict[str, int] | None = None):
@@ -155,11 +150,8 @@ def load_task(
 def check_splits(data: "TaskData", batch_size: int | None = None) -> None:
     """What training needs of the data, checked before any model is loaded: a train split and
     a labelled dev split that are not empty (an empty dev split would leave model selection
-    with no score), and a batch no larger than the train split.
-
-    Raises:
-      DataError naming the split, its file (your own files) and what to do.
-    """
+    with no score), and a batch no larger than the train split; else a DataError naming the
+    split, its file (your own files) and what to do."""
     task = data.task
     files = dict(task.files)
     for split in (task.train_split, task.dev_split):
@@ -398,14 +390,7 @@ def rt_polarity_splits() -> dict[str, list[Example]]:
             (tmp / f"{split}.jsonl").write_text("".join(
                 json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n" for e in examples),
                 encoding="utf-8")
-        (tmp / ".complete").write_text("ok\n")
-        if folder.exists():
-            shutil.rmtree(folder)  # an incomplete earlier attempt
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / ".complete").exists():
-                raise
+        hub.publish(tmp, folder, "ok\n")
     return out
 
 
@@ -712,14 +697,8 @@ class TrainBatches:
 
 
 class EvalBatches:
-    """Evaluation batches sorted by length, fixed batch size; ``restore`` undoes the sort.
-
-    Args:
-      features: a tokenised split (labelled or not).
-      batch_size: B; the last batch gets filler rows of weight 0.
-      buckets: length buckets (capped at ``features.max_length``).
-
-    Example::
+    """Evaluation batches of a split sorted by length, fixed batch size (the last one's filler
+    rows weigh 0); ``restore`` undoes the sort::
 
         ev = EvalBatches(features, 64)
         preds = ev.restore([predict(b) for b in ev])   # [N, ...] in the split's order

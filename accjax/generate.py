@@ -123,15 +123,9 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
 
 
 class LMPredictor(inference.Planned):
-    """A predictor of an 'lm' head model (decoders, T5), made from ``convert.load(spec, 'lm')``.
-
-    Args:
-      module: e.g. a ``GPT2LMHeadModel``, ``LlamaForCausalLM``; params; config: its config.
-      param_dtype: cast the parameters once (e.g. 'bfloat16').
-      bucket, floor: schedule rounding and the smallest keep-length.
-      acc_variant: how rows are ranked (decoders: ``gpt2.RANKINGS``).
-      prune_every: k > 1 drops rows only in layers 1, 1 + k, ... (``schedule.plan``).
-    """
+    """A predictor of an 'lm' head model (decoders, T5), made from ``convert.load(spec, 'lm')``:
+    parameters cast once to ``param_dtype``; ``bucket``, ``floor`` and ``prune_every`` as
+    ``schedule.plan`` takes them; ``acc_variant``: how rows are ranked."""
 
     def __init__(self, module, params, config, *, param_dtype: str | None = None, bucket: int = 8,
                  floor: int = 1, acc_variant: str = "plain", prune_every: int = 1):

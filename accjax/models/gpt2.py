@@ -429,18 +429,10 @@ class GPT2Model(nn.Module):
         return_kv: bool = False,
         protect_positions: Array | None = None,
     ) -> GPT2Output:
-        """
-        Args:
-          input_ids: [B, T] int token ids, right-padded.
-          attention_mask: [B, T], 1/True for real tokens (default: all real).
-          position_ids: [B, T] (default 0..T-1).
-          schedule: per-layer keep-lengths (static Python ints), None = dense.
-          acc_variant: how rows are ranked (``RANKINGS``).
-          deterministic: False enables dropout (needs a 'dropout' rng).
-          return_kv: each layer's out dict also holds the K/V of its kept rows.
-          protect_positions: [B] original position that is never dropped (default: the
-            last real token).
-        """
+        """As ``BertModel.__call__`` for right-padded [B, T] inputs (rows ranked by one of
+        ``RANKINGS``); ``return_kv``: each layer's out dict also holds the K/V of its kept rows;
+        ``protect_positions`` [B]: the original position never dropped (default: the last
+        real token)."""
         cfg = self.config
         schedule = common.check_schedule(schedule, cfg.num_layers)
         rows, protect_positions = decoder_rows(input_ids, attention_mask, position_ids, protect_positions)
