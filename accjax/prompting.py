@@ -255,16 +255,11 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
              speedups: Sequence[float], shots: Sequence[int] = (0,), labels: Sequence[str] | None = None,
              pool: Sequence[Example] | None = None, max_new_tokens: int = 32, max_length: int = 512,
              seed: int = 0, log=None) -> dict[str, Any]:
-    """Scores ``examples`` for every (shots, speedup) pair.
-
-    Args:
-      predictor: a ``seq2seq.Seq2SeqPredictor`` or a ``DecoderPredictor``.
-      labels: label words -> classification by label likelihood; None -> generation.
-      pool: exemplar pool (default: the examples themselves, leaving each one out).
-    Returns:
-      {'task', 'labels', 'n', 'rows': [{'shots', 'speedup', 'analytic_speedup', metrics...,
-      'shots_dropped', 'truncated', 'seconds'}], 'predictions': {'k-shot@s': [...]}}.
-    """
+    """Scores ``examples`` for every (shots, speedup) pair with a ``seq2seq.Seq2SeqPredictor``
+    or a ``DecoderPredictor``: by label likelihood with ``labels``, else by generation;
+    exemplars from ``pool`` (default: the examples themselves, leaving each one out). Returns
+    {'task', 'labels', 'n', 'rows': [{'shots', 'speedup', 'analytic_speedup', metrics...,
+    'shots_dropped', 'truncated', 'seconds'}], 'predictions': {'k-shot@s': [...]}}."""
     task = "classification" if labels else "generation"
     gold = _label_index(examples, labels) if labels else None
     cands = (label_candidates(tokenizer, labels, **getattr(predictor, "label_encoding", {}))

@@ -7,15 +7,11 @@
 
     python -m eval.profile --kernels --shapes 128x128,32x512,128x24   # one layer's attention/ACC paths
 
-For each speedup: wall time per call, device-busy time per call (sum of kernel durations
-from a ``jax.profiler`` trace, parsed with ``jax.profiler.ProfileData``), the idle gap
-between them (launch/host overhead), kernels grouped by kind (GEMM, attention, gather,
-top-k/sort, elementwise fusions, ...), the top kernels, XLA's own FLOP and byte counts
-from ``cost_analysis``, and a per-layer table: rows in/out, the analytic FLOP/byte floor
-(``layer_costs``), measured kernel time and count, split by part (``per_layer``: named
-scopes set in ``accjax.acc``, found through the kernels' HLO instruction names). The JSON
-keeps one call's kernel sequence (``events_one_call``). A program for performance work, not
-a test.
+For each speedup: wall and device-busy time per call (kernel durations of a
+``jax.profiler`` trace) and the idle gap between them, kernels grouped by kind (``KINDS``),
+the top kernels, XLA's FLOP and byte counts, and a per-layer table: rows in/out, the
+analytic floor (``layer_costs``) and measured kernel time by part (``per_layer``). The JSON
+keeps one call's kernel sequence. A program for performance work, not a test.
 """
 
 from __future__ import annotations
