@@ -95,7 +95,7 @@ class GPT2Config(common.ModelConfig):
     @classmethod
     def from_hf(cls, d: dict[str, Any], **overrides) -> "GPT2Config":
         supported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                     "add_cross_attention": False, "tie_word_embeddings": True}  # the value, absent ones too
+                     "add_cross_attention": False, "tie_word_embeddings": True}  # absent keys count as these
         bad = [f"{k}={d[k]!r}" for k, want in supported.items() if bool(d.get(k, want)) != want]
         if bad:
             raise ValueError(f"GPT-2 options not supported by accjax: {', '.join(bad)}")
