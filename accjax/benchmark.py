@@ -54,9 +54,11 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _time_torch_model(model, config, *, batch_size, length, dtype, iters, warmup, compile, seed,
+def _time_torch_model(model, config, *, batch_size: int, length: int, dtype: str = "float32",
+                      iters: int = 30, warmup: int = 5, compile: bool = False, seed: int = 0,
                       extra=None) -> dict[str, Any]:
-    """Median ms of ``model(input_ids, attention_mask, **extra)`` on the GPU when there is one."""
+    """Median ms of ``model(input_ids, attention_mask, **extra)`` on the GPU when there is one
+    (``compile``: wrapped in ``torch.compile``); inputs rotated over three random batches."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,12 +98,9 @@ def _load_into(model, sd, allowed_missing=("position_ids",)):
         raise RuntimeError(f"HF model does not take these weights: missing {bad}, unexpected {unexpected}")
 
 
-def time_torch(config, params, *, batch_size: int, length: int, dtype: str = "float32",
-               iters: int = 30, warmup: int = 5, compile: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Median ms of the HF PyTorch BERT classifier with the same config and weights.
-
-    Eager uses PyTorch's SDPA attention; ``compile=True`` wraps it in ``torch.compile``.
-    """
+def time_torch(config, params, **kw) -> dict[str, Any]:
+    """Median ms of the HF PyTorch BERT classifier with the same config and weights (SDPA
+    attention); ``kw`` as ``_time_torch_model``."""
     import transformers
 
     from accjax import convert
@@ -112,8 +111,7 @@ def time_torch(config, params, *, batch_size: int, length: int, dtype: str = "fl
     hf_cfg._attn_implementation = "sdpa"
     model = transformers.BertForSequenceClassification(hf_cfg)
     _load_into(model, convert.to_state_dict(fam, config, params, "sequence_classification"))
-    return _time_torch_model(model, config, batch_size=batch_size, length=length, dtype=dtype,
-                             iters=iters, warmup=warmup, compile=compile, seed=seed)
+    return _time_torch_model(model, config, **kw)
 
 
 def hf_t5_model(config, params):
@@ -135,18 +133,14 @@ def hf_t5_model(config, params):
         return transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
 
 
-def time_torch_t5_first_token(config, params, *, batch_size: int, length: int, dtype: str = "float32",
-                              iters: int = 30, warmup: int = 5, compile: bool = False,
-                              seed: int = 0) -> dict[str, Any]:
-    """Median ms of HF ``T5ForConditionalGeneration`` doing what ``eval.bench_t5`` times: the
-    encoder over ``length`` tokens and one decoder step from the start token (logits for the
-    first generated token), with the same config and weights (HF's default attention)."""
+def time_torch_t5_first_token(config, params, **kw) -> dict[str, Any]:
+    """Median ms of HF ``T5ForConditionalGeneration`` doing what ``eval.bench`` times of a T5:
+    the encoder over ``length`` tokens and one decoder step from the start token (logits for
+    the first generated token), with the same config and weights (HF's default attention)."""
     import torch
 
-    start = torch.full((batch_size, 1), config.decoder_start_token_id, dtype=torch.long)
-    return _time_torch_model(hf_t5_model(config, params), config, batch_size=batch_size, length=length,
-                             dtype=dtype, iters=iters, warmup=warmup, compile=compile, seed=seed,
-                             extra={"decoder_input_ids": start})
+    start = torch.full((kw["batch_size"], 1), config.decoder_start_token_id, dtype=torch.long)
+    return _time_torch_model(hf_t5_model(config, params), config, extra={"decoder_input_ids": start}, **kw)
 
 
 def joined(r: dict) -> str:

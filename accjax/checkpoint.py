@@ -35,12 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """The resume checkpoints of a run (orbax ``CheckpointManager``).
-
-    Args:
-      directory: ``run_dir/checkpoints``.
-      keep: how many of the newest checkpoints to keep (>= 1).
-    """
+    """The resume checkpoints of a run in ``run_dir/checkpoints`` (orbax ``CheckpointManager``),
+    the newest ``keep`` kept."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2):
         if keep < 1:
@@ -119,12 +115,8 @@ class Checkpointer:
 
 
 def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict[str, Any]]:
-    """The parameters (numpy, nested dicts) and meta of a run's checkpoint (default: latest).
-
-    Reads a checkpoint saved on any mesh (other device counts, other processes) onto this
-    process's first device. For inspection and tests; training resumes through
-    ``Checkpointer.restore``.
-    """
+    """The parameters (numpy, nested dicts) and meta of a run's checkpoint (default: latest),
+    saved on any mesh, read onto this process's first device (for inspection and tests)."""
     import jax
 
     directory = Path(run_dir).absolute() / "checkpoints"

@@ -10,21 +10,7 @@ XLA flags: jax's own cache key), so a second run of the same config skips compil
 Switches: ``ACCJAX_COMPILE_CACHE=0`` (or ``false``/``off``/``no``) in the environment, or
 ``enable(enabled=False)``. Off means accjax configures no cache (and undoes one it set up
 earlier in the process); a cache a user configured through JAX's own
-``JAX_COMPILATION_CACHE_DIR`` is theirs and left alone.
-
-What is set, and why:
-
-* ``jax_compilation_cache_dir``: ``<root>/xla/jaxlib-<version>``. jax's key already holds the
-  version, but the GPU autotune cache below is keyed by fusion only and XLA leaves version
-  checks to the user, so each jaxlib gets its own folder.
-* ``jax_persistent_cache_min_compile_time_secs = 0`` and
-  ``jax_persistent_cache_min_entry_size_bytes = -1``: jax's defaults (1 s, filesystem
-  dependent) skip most CPU programs, which compile in well under a second each but add up to
-  minutes over a run's programs.
-* ``jax_persistent_cache_enable_xla_caches = 'xla_gpu_per_fusion_autotune_cache_dir'``: XLA:GPU
-  stores each fusion's autotuning result in that subfolder, so a program that misses the
-  executable cache (one changed layer) still skips re-autotuning the fusions it shares (jax
-  0.10/0.11's default, set explicitly so a changed default cannot drop it).
+``JAX_COMPILATION_CACHE_DIR`` is theirs and left alone. Why each setting: ``enable``.
 """
 
 from __future__ import annotations
@@ -54,15 +40,9 @@ def default_path() -> Path:
 
 
 def enable(path: str | os.PathLike | None = None, *, enabled: bool | None = None) -> Path | None:
-    """Turns the persistent compilation cache on (or off); safe to call any number of times.
-
-    Args:
-      path: cache folder; None = ``$ACCJAX_CACHE/xla/jaxlib-<version>``.
-      enabled: None = what ``ACCJAX_COMPILE_CACHE`` says (on unless it is 0/false/off/no).
-
-    Returns:
-      the folder in use, or None when the cache is off.
-    """
+    """Turns the persistent compilation cache on in ``path`` (default
+    ``$ACCJAX_CACHE/xla/jaxlib-<version>``), or off (``enabled``; default what
+    ``ACCJAX_COMPILE_CACHE`` says); idempotent. Returns the folder in use, or None when off."""
     global _active
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
@@ -80,9 +60,14 @@ def enable(path: str | os.PathLike | None = None, *, enabled: bool | None = None
             return folder
         folder.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_enable_compilation_cache", True)
+        # jax's defaults (1 s, filesystem dependent) skip most CPU programs, which compile in
+        # well under a second each but add up to minutes over a run's programs.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        # XLA:GPU keeps each fusion's autotuning there: a program that misses the cache (one
+        # changed layer) skips re-autotuning the fusions it shares (set, not left to a default).
         jax.config.update("jax_persistent_cache_enable_xla_caches", XLA_CACHES)
+        # One folder per jaxlib: the autotune cache is keyed by fusion only, not by version.
         jax.config.update("jax_compilation_cache_dir", str(folder))
         # jax opens its cache object once per process, at the first compile; a new folder
         # (or one set after a compile already happened) needs that object rebuilt.

@@ -16,14 +16,10 @@ Weights: ``model.safetensors`` (also sharded with an index) first; ``pytorch_mod
 through ``torch.load(weights_only=True)``; a folder (or file) with one ``*.gguf`` and no
 config.json is read through ``accjax.gguf_io`` (dequantised, renamed to HF keys).
 
-CLI::
+CLI (SRC: an HF folder, hub id, built-in name or accjax folder)::
 
     python -m accjax.convert SRC OUT [--head sequence_classification] [--num_labels 2]
     python -m accjax.convert SRC OUT --to-hf        # an accjax folder back to an HF folder
-
-SRC is a local HF folder, a hub id (online), a built-in name (``minilm-l6``) or an accjax
-folder; OUT receives ``accjax.json`` + ``params.safetensors`` + tokenizer files (or, with
-``--to-hf``, ``config.json`` + ``model.safetensors`` + tokenizer files).
 """
 
 from __future__ import annotations
@@ -105,6 +101,19 @@ def conv1d(path, hf_key, in_axes: int = 1, head=False, top=False) -> Rule:
                 lambda k: (np.ascontiguousarray(k.reshape(math.prod(k.shape[:in_axes]), -1)),), head, top)
 
 
+def norm(path, hf_prefix, bias=True) -> list[Rule]:
+    """A norm's scale (and bias) <-> HF ``{hf_prefix}.weight`` (and ``.bias``)."""
+    return [copy(tuple(path) + ("scale",), f"{hf_prefix}.weight")] + (
+        [copy(tuple(path) + ("bias",), f"{hf_prefix}.bias")] if bias else [])
+
+
+def with_bias(rule: Callable[..., Rule], path, hf_prefix, **kw) -> list[Rule]:
+    """``rule`` (linear / conv1d) for the kernel <-> ``{hf_prefix}.weight``, plus its bias."""
+    head = {k: v for k, v in kw.items() if k in ("head", "top")}
+    return [rule(tuple(path) + ("kernel",), f"{hf_prefix}.weight", **kw),
+            bias(tuple(path) + ("bias",), f"{hf_prefix}.bias", **head)]
+
+
 def stacked_linear(path, hf_keys, axis: int = 1, head=False, top=False) -> Rule:
     """Several HF Linear weights [out, in] stacked into one Flax kernel along ``axis``.
 
@@ -138,11 +147,8 @@ def stacked_bias(path, hf_keys, axis: int = 0, head=False, top=False) -> Rule:
 
 # ------------------------------------------------------------------------------ reading
 def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of an HF checkpoint folder as float/int numpy arrays.
-
-    Reads model.safetensors, a sharded safetensors index, or (only if no safetensors file
-    exists) pytorch_model.bin through ``torch.load(weights_only=True)``.
-    """
+    """All tensors of an HF checkpoint folder as numpy arrays (the module docstring says which
+    files are read)."""
     folder = Path(folder)
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
@@ -308,14 +314,11 @@ def from_state_dict(
             params[r.path] = np.asarray(r.to_flax(*(sd[k] for k in r.hf), shape), dtype=np.float32)
     unexpected = sorted(k for k in sd if k not in used)
     if missing or unexpected or mismatched:
+        found = (("missing", missing, ", "), ("unexpected", unexpected, ", "),
+                 ("mis-shaped", mismatched, "; "))
         lines = [f"checkpoint ({source}) does not match {family.name} head {head!r} "
                  f"({_describe(config)}):"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-        if mismatched:
-            lines.append(f"  mis-shaped keys ({len(mismatched)}): " + "; ".join(mismatched))
+        lines += [f"  {what} keys ({len(keys)}): " + sep.join(keys) for what, keys, sep in found if keys]
         if mismatched and any("classifier" in m or "score" in m for m in mismatched):
             lines.append("  (a head of another label count: pass the checkpoint's num_labels, "
                          "or load with head='base' and fine-tune a new head)")
@@ -406,14 +409,9 @@ def load(
     seed: int = 0,
     **config_overrides,
 ) -> Loaded:
-    """Loads a model from an HF folder, hub id, built-in name or accjax folder.
-
-    Args:
-      spec: see ``accjax.hub.resolve``.
-      head: 'base', 'sequence_classification', 'lm'.
-      num_labels: classification width; None = what the checkpoint says.
-      config_overrides: e.g. ``dtype='bfloat16'``, ``hidden_dropout=0.0``.
-    """
+    """A model from an HF folder, hub id, built-in name or accjax folder (``hub.resolve``), with
+    ``head`` ('base', 'sequence_classification', 'lm'), ``num_labels`` (None: what the
+    checkpoint says) and ``config_overrides`` (e.g. ``dtype='bfloat16'``)."""
     from accjax import gguf_io, hub
 
     folder = hub.resolve(spec)

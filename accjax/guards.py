@@ -1,13 +1,10 @@
 """Checks that turn bad input and bad numbers into one clear sentence, before the long work.
 
-Two kinds of failure, kept apart:
-
-  * a USER error (a flag, a config value, a file, a path): ``UserError`` or one of the
-    library's own input errors (``USER_ERRORS`` lists them all). Entry points print
-    ``error: <message>`` on one line and exit 2, with no traceback (``exit_on_user_error``).
-  * a NUMERIC failure while training: ``NonFiniteError``, raised by ``check_finite_metrics``
-    (NaN / inf loss or gradient norm) and ``check_finite_params`` (a NaN / inf parameter), each
-    naming the step, so a diverged run stops instead of exporting a NaN model as its best.
+Two kinds of failure, kept apart: a USER error (a flag, a config value, a file, a path:
+``UserError`` or a library error registered with ``user_error``), which entry points print
+as ``error: <message>`` on one line, exit 2, no traceback; and a NUMERIC failure while
+training (``NonFiniteError``: a NaN / inf loss, gradient norm or parameter), naming the
+step, so a diverged run stops instead of exporting a NaN model as its best.
 
 Example::
 

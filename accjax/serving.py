@@ -7,7 +7,6 @@ module reads it with nothing but jax, numpy, safetensors and tokenizers: no Flax
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -32,16 +31,6 @@ class ExportError(ValueError):
 
 
 # ================================================================================ serving
-@dataclasses.dataclass(frozen=True)
-class Program:
-    batch_size: int
-    length: int
-    speedup: float
-    schedule: tuple[int, ...]
-    file: str
-    sha256: str
-
-
 class ExportedModel:
     """Exported programs + parameters + tokenizer; runs with no accjax model code.
 
@@ -58,9 +47,9 @@ class ExportedModel:
         self.speedups = tuple(float(s) for s in manifest["speedups"])
         self.batch_sizes = tuple(sorted(int(b) for b in manifest["batch_sizes"]))
         self.lengths = tuple(sorted(int(t) for t in manifest["lengths"]))
+        # (batch size, length, speedup) -> its program's entry (a manifest lacking one is refused)
         self.programs = {(p["batch_size"], p["length"], float(p["speedup"])):
-                         Program(p["batch_size"], p["length"], float(p["speedup"]),
-                                 tuple(p["schedule"]), p["file"], p["sha256"])
+                         {"schedule": tuple(p["schedule"]), "file": p["file"], "sha256": p["sha256"]}
                          for p in manifest["programs"]}
         self._loaded: dict[str, Any] = {}  # file -> jitted call of its Exported
         self.calls: list[tuple[int, int, float]] = []
@@ -78,15 +67,14 @@ class ExportedModel:
     def program(self, batch_size: int, length: int, speedup: float):
         """The deserialized program for this key, as a jitted callable (loaded once)."""
         p = self.programs[(batch_size, length, speedup)]
-        fn = self._loaded.get(p.file)
+        fn = self._loaded.get(p["file"])
         if fn is None:
             import jax
             from jax import export as jexport
 
-            path = self.folder / p.file
-            _verify(path, p.sha256)
-            exp = jexport.deserialize(bytearray(path.read_bytes()))
-            fn = self._loaded[p.file] = jax.jit(exp.call)
+            path = self.folder / p["file"]
+            _verify(path, p["sha256"])
+            fn = self._loaded[p["file"]] = jax.jit(jexport.deserialize(bytearray(path.read_bytes())).call)
         return fn
 
     def _speedup(self, speedup: float) -> float:

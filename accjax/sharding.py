@@ -14,13 +14,11 @@ gradients as the update sees them and the Adam moments are stored split over 'fs
 train step all-gathers the parameters for the forward and backward pass and reduce-scatters
 the gradients (ZeRO-3 style, ``train.Trainer._gathered``), so activations stay batch-sharded.
 
-Multi-host: ``maybe_initialize_distributed()`` starts ``jax.distributed`` when
-``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or a
-cluster jax detects on its own). Every process builds the same GLOBAL numpy batch and hands
-over only the rows its devices hold (``to_global``); parameters start as the same numpy
-arrays on every process and are placed with ``put`` (each device takes its shard). The run
-folder must be on a filesystem every process sees (orbax writes one checkpoint together;
-process 0 writes logs and the exported model, which every process reads back at the end).
+Multi-host (``maybe_initialize_distributed``): every process builds the same GLOBAL numpy
+batch and hands over only the rows its devices hold (``to_global``); parameters start as the
+same numpy arrays on every process and are placed with ``put``. The run folder must be on a
+filesystem every process sees (orbax writes one checkpoint together; process 0 writes logs
+and the exported model, which every process reads back at the end).
 """
 
 from __future__ import annotations
@@ -52,13 +50,9 @@ FSDP_RULES: tuple[tuple[str, Any], ...] = ((BATCH, ("data", "fsdp")), ("embed", 
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
                                  process_id: int | None = None) -> bool:
-    """Starts ``jax.distributed`` when asked to; returns whether it did.
-
-    Asked to means: a coordinator address is given, or ``JAX_COORDINATOR_ADDRESS`` is set
-    (``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` give the rest; otherwise jax's cluster
-    detection fills them in). On the CPU, cross-process collectives go through gloo, which
-    must be chosen before the backend starts.
-    """
+    """Starts ``jax.distributed`` when a coordinator address is given or in
+    ``JAX_COORDINATOR_ADDRESS`` (``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` or jax's cluster
+    detection give the rest); returns whether it did. CPU collectives go through gloo."""
     addr = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not addr:
         return False
@@ -81,13 +75,8 @@ def is_primary() -> bool:
 
 # ---------------------------------------------------------------------------------- mesh
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp) mesh over ``devices`` (default: all, every process's).
-
-    Args:
-      data, fsdp: axis sizes; one of them may be -1 (= all devices not used by the other).
-    Raises:
-      ValueError when the sizes do not multiply to the device count.
-    """
+    """A (data, fsdp) mesh over ``devices`` (default: all, every process's); one axis size may
+    be -1 (the devices the other leaves); sizes that do not use every device are a UserError."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     data, fsdp = int(data), int(fsdp)

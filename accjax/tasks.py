@@ -36,17 +36,9 @@ class UnknownTaskError(KeyError):
 
 @dataclasses.dataclass(frozen=True)
 class TsvFile:
-    """One file of the standard GLUE TSV layout.
-
-    Columns are header names when ``header`` is true, else 0-based positions.
-
-    Attributes:
-      split: the split the file holds (``train``, ``validation``, ...).
-      filename: file name inside the task's folder (``dev_matched.tsv``).
-      text, text_pair: columns of the text and the optional second text.
-      label: column of the label; None for unlabelled (test) files.
-      header: whether the first line names the columns.
-    """
+    """One file of the standard GLUE TSV layout: the split it holds, its name in the task's
+    folder, and the columns of text, text_pair and label (None: absent), named by the header
+    line when ``header``, else 0-based positions."""
 
     split: str
     filename: str
@@ -152,24 +144,16 @@ class Task:
         name: str | None = None,
         format: str | None = None,
     ) -> "Task":
-        """Your own data: local CSV / TSV / JSONL files with named columns.
+        """Your own data: local CSV / TSV / JSONL files (``format``; default from the train
+        file's extension) with named columns ``text``, ``text_pair`` (None for single texts)
+        and ``label``; ``regression``: a numeric target (Pearson/Spearman); ``name`` defaults
+        to the train file's folder name.
 
-        CSV is read with standard quoting (``csv`` module), TSV as GLUE does (tab-separated,
-        no quoting: a quote character is text), JSONL as one JSON object a line. CSV and TSV
-        need a header line naming the columns. A classification label set is read from the
-        train file on load (sorted: numerically when every label is a number, else as
-        strings); a dev/test label outside it is an error. A test file may lack the label
-        column (unlabelled).
-
-        Args:
-          train, dev, test: file paths (test optional).
-          text, text_pair, label: column names (``text_pair`` None for single texts).
-          regression: a numeric target (num_labels 1, Pearson/Spearman) instead of classes.
-          name: the task's name (default: the train file's parent folder name).
-          format: ``csv`` | ``tsv`` | ``jsonl``; default from the train file's extension.
-
-        Returns:
-          A Task with ``source='files'`` (``num_labels`` None until loaded, classification).
+        CSV is read with standard quoting, TSV as GLUE does (no quoting: a quote character is
+        text), JSONL as one JSON object a line; CSV and TSV need a header line. A
+        classification label set is read from the train file on load (sorted: numerically
+        when every label is a number); a dev/test label outside it is an error. A test file
+        may lack the label column (unlabelled).
         """
         paths = [("train", train), ("validation", dev)] + ([("test", test)] if test else [])
         fmt = (format or _format_of(train)).lower()

@@ -24,13 +24,8 @@ from accjax import gguf_io
 
 @dataclasses.dataclass
 class Encoded:
-    """A tokenised batch, not yet padded.
-
-    Attributes:
-      ids: per example the token ids, special tokens included.
-      type_ids: per example the segment ids (0 for text, 1 for the pair text; None: all 0).
-      truncated: how many examples lost tokens to ``max_length``.
-    """
+    """A tokenised batch, not yet padded: per example the token ids (special tokens included)
+    and segment ids (1 for the pair text; None: all 0); ``truncated`` examples lost tokens."""
 
     ids: list[list[int]]
     type_ids: list[list[int]] | None = None
@@ -80,7 +75,9 @@ class Tokenizer:
         tok.no_truncation()
         out = cls(tok, max_length=max_length)
         # A chat model's template (Jinja; rendered by accjax.prompting.render_chat).
-        out.chat_template = cfg.get("chat_template") or _gguf_chat_template(folder)
+        out.chat_template = cfg.get("chat_template") or None
+        if out.chat_template is None and (gguf := gguf_io.find(folder)) is not None:
+            out.chat_template = gguf_io.chat_template(gguf_io.metadata(gguf))
         return out
 
     @property
@@ -116,11 +113,6 @@ class Tokenizer:
             self._tok.no_truncation()
         return Encoded(ids=[e.ids for e in encs], type_ids=[e.type_ids for e in encs],
                        truncated=sum(1 for e in encs if e.overflowing))
-
-
-def _gguf_chat_template(folder: Path) -> str | None:
-    path = gguf_io.find(folder)
-    return None if path is None else gguf_io.chat_template(gguf_io.metadata(path))
 
 
 def pad(encoded: Encoded, length: int, pad_id: int, batch_size: int | None = None) -> dict[str, np.ndarray]:

@@ -8,21 +8,18 @@
 
 An encoder classifier (BERT family) is timed as one forward pass. A T5 (a T5 preset,
 ``--family t5`` for a T5 folder, ``--tiny``; ``python -m eval.bench_t5`` is this with T5
-defaults) is timed as one compiled program: the encoder (with elimination at the schedule
-for the speedup), the cross-attention keys/values of the kept rows for every decoder layer,
-and the first decoder step with the LM head and argmax: the time to the first generated
-token; its ``analytic`` is ``t5_family.cost_model``'s (encoder layers plus the fixed first
-decoder step plus the per-kept-row cross-attention projections). ``measured`` is dense
-median / eliminated median. ``--model`` is a preset (random weights, nothing to download)
-or any model spec / accjax run folder. Prints one table and writes every row, plus the
-machine, as JSON. A program, not a test: it asserts nothing about time. Never imports
-``datasets``.
+defaults) is timed to its first generated token: the encoder (with elimination), the
+cross-attention keys/values of the kept rows and the first decoder step, as one program
+(``analytic``: ``t5_family.cost_model``'s). ``measured`` is dense median / eliminated median.
+Prints one table and writes every row, plus the machine, as JSON. A program, not a test: it
+asserts nothing about time. Never imports ``datasets``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 
 import jax
@@ -176,17 +173,22 @@ def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int, t5: bool 
     """{speedup: timing} with the levels' programs called in rounds (dense, 1.5, 2, ...,
     dense, ...): on a shared or throttling machine every level meets the same conditions, so
     the ratios hold where level-after-level timing drifts. Same inputs for every program."""
-    ids = programs.random_batches(np.random.default_rng(0), (b, n), getattr(pred.config, "vocab_size", 1000),
-                                  low=2, count=1)[0]
-    if t5:
-        inputs, program = jax.device_put((ids, np.ones_like(ids))), pred.first_token_program
-    else:
-        full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        inputs, program = (jax.device_put({k: full[k] for k in pred.input_names}),), pred.program
-    calls = {s: (lambda p=program(b, plan): p(pred.params, *inputs)) for s, plan in plans.items()}
+    progs = {s: program_inputs(pred, b, n, plan, t5) for s, plan in plans.items()}
+    calls = {s: functools.partial(prog, pred.params, *inputs) for s, (prog, inputs) in progs.items()}
     ms = programs.time_interleaved(calls, rounds=iters)
     return {s: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)), "schedule": plans[s].keep}
             for s, v in ms.items()}
+
+
+def program_inputs(pred, b: int, n: int, plan, t5: bool) -> tuple:
+    """(compiled program, its device inputs after the parameters) of an encoder classifier or
+    (``t5``) a T5's encoder + first token at ``plan``, on a random full [b, n] batch (seed 0)."""
+    vocab = getattr(pred.config, "vocab_size", 1000)
+    ids = programs.random_batches(np.random.default_rng(0), (b, n), vocab, low=2, count=1)[0]
+    if t5:
+        return pred.first_token_program(b, plan), jax.device_put((ids, np.ones_like(ids)))
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return pred.program(b, plan), (jax.device_put({k: full[k] for k in pred.input_names}),)
 
 
 def main(argv=None) -> int:

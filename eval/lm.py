@@ -7,10 +7,6 @@ token (prefill latency) vs dense, and KV-cache bytes vs dense::
         --speedups 1.5,2,3 --batch 8 --json lm.json            # default text: Hamlet
     python -m eval.lm --model /path/to/gpt2 --text a.txt b.txt ...  # any local text files
 
-``--model`` is a local Hugging Face GPT-2 or Llama folder (weights and tokenizer), a ``.gguf``
-file or ``smollm2-135m`` (the built-in real SmolLM2-135M-Instruct, a pinned GGUF);
-``--reference hf`` adds the transformers fp32 perplexity of the same windows (dense) beside ours.
-
 Prefill benchmark (no text, no tokenizer; a preset gets random weights)::
 
     python -m eval.lm --bench --model gpt2 --batch 8 --context 1024 --dtype bfloat16 \
@@ -108,12 +104,10 @@ def run(args) -> dict:
                         bucket=args.bucket, floor=args.floor, acc_variant=args.acc_variant,
                         prune_every=args.prune_every)
     info = benchmark.machine()
-    result = {"machine": info, "mode": "bench" if args.bench else "eval", "model": args.model,
-              "dtype": args.dtype, "batch": args.batch, "context": args.context,
-              "continuation": args.continuation, "acc_variant": args.acc_variant,
-              "protect_first": args.protect_first, "bucket": args.bucket, "floor": args.floor,
-              "prune_every": args.prune_every,
-              "iters": args.iters}
+    result = {"machine": info, "mode": "bench" if args.bench else "eval",
+              **{k: getattr(args, k) for k in ("model", "dtype", "batch", "context", "continuation",
+                                               "acc_variant", "protect_first", "bucket", "floor",
+                                               "prune_every", "iters")}}
     print(f"# {info['device']} ({info['backend']}), jax {info['jax']}, {args.model}, {args.dtype}, "
           f"batch {args.batch}, context {args.context}, continuation {args.continuation}")
     ctx = cont = None

@@ -7,15 +7,11 @@
 
     python -m eval.profile --kernels --shapes 128x128,32x512,128x24   # one layer's attention/ACC paths
 
-For each speedup: wall time per call, device-busy time per call (sum of kernel durations
-from a ``jax.profiler`` trace, parsed with ``jax.profiler.ProfileData``), the idle gap
-between them (launch/host overhead), kernels grouped by kind (GEMM, attention, gather,
-top-k/sort, elementwise fusions, ...), the top kernels, XLA's own FLOP and byte counts
-from ``cost_analysis``, and a per-layer table: rows in/out, the analytic FLOP/byte floor
-(``layer_costs``), measured kernel time and count, split by part (``per_layer``: named
-scopes set in ``accjax.acc``, found through the kernels' HLO instruction names). The JSON
-keeps one call's kernel sequence (``events_one_call``). A program for performance work, not
-a test.
+For each speedup: wall and device-busy time per call (kernel durations of a
+``jax.profiler`` trace) and the idle gap between them, kernels grouped by kind (``KINDS``),
+the top kernels, XLA's FLOP and byte counts, and a per-layer table: rows in/out, the
+analytic floor (``layer_costs``) and measured kernel time by part (``per_layer``). The JSON
+keeps one call's kernel sequence. A program for performance work, not a test.
 """
 
 from __future__ import annotations
@@ -310,18 +306,14 @@ def profile_program(pred, b, n, s, iters=20):
     """A BERT-family ``inference.Predictor`` program, a ``seq2seq.Seq2SeqPredictor``
     encoder + first-token program, or a decoder's prefill (``lm.LMEvaluator``: the pruned KV
     caches built, as ``eval.lm --bench`` times it), at speedup ``s``."""
-    prefill = isinstance(pred, lm.LMEvaluator)
+    prefill, t5 = isinstance(pred, lm.LMEvaluator), isinstance(pred, seq2seq.Seq2SeqPredictor)
     plan = pred.plan(s) if prefill else pred.plan(n, s)
-    ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
     if prefill:
+        ids = np.random.default_rng(0).integers(2, pred.config.vocab_size, (b, n)).astype(np.int32)
         prog, inputs = pred.prefill_program(plan.keep), (jax.device_put(ids),)
-        costs = {"layer_costs": layer_costs(pred.config, b, n, plan.keep)}
-    elif isinstance(pred, seq2seq.Seq2SeqPredictor):
-        prog, inputs, costs = pred.first_token_program(b, plan), jax.device_put((ids, np.ones_like(ids))), {}
     else:
-        full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        prog, inputs = pred.program(b, plan), (jax.device_put({k: full[k] for k in pred.input_names}),)
-        costs = {"layer_costs": layer_costs(pred.config, b, n, plan.keep)}
+        prog, inputs = bench.program_inputs(pred, b, n, plan, t5)
+    costs = {} if t5 else {"layer_costs": layer_costs(pred.config, b, n, plan.keep)}
     r = _attribute(profile_call(lambda: prog(pred.params, *inputs), iters), prog)
     return {"speedup": s, "schedule": list(plan.keep), "analytic": plan.analytic, **costs, **r,
             **_xla_cost(prog), "hlo": prog.as_text}

@@ -4,21 +4,13 @@
         --labels positive,negative --speedup 1,2,3 --shots 0,3 --json prompting.json
     python -m eval.prompting --model /path/to/flan-t5-base --data qa.jsonl --max_new_tokens 16
 
-``--model`` (alias ``--checkpoint``) is a local HF folder (config.json, model.safetensors,
-tokenizer.json; e.g. a downloaded ``google/flan-t5-base``) or an accjax folder. ``--data`` is
-JSONL with ``{"instruction", "input", "target"}`` per line. With ``--labels`` each example is
-classified by the likelihood of each label word (accuracy); without, the model generates
-greedily and is scored by exact match and token F1. Prompt layout, exemplar choice and
-metrics: ``accjax.prompting``. Prints one row per (shots, speedup); ``--json`` also writes
-every prediction.
-
-Decoders (GPT-2, Llama; e.g. the built-in real ``smollm2-135m``) run the same evaluation: the
-prompt is prefilled with elimination and each label word scored on the pruned KV caches;
-``--prompt chat`` applies the model's chat template (exemplars become earlier turns),
-``--prompt plain`` the 'Answer:' layout. ``--task rt_polarity`` uses the dev split of the
-pinned Rotten Tomatoes data (exemplars from its train split) instead of ``--data``;
-``--generate`` adds free generation scored by exact match of the label word; ``--reference
-hf`` adds transformers' fp32 dense result on the same prompts (the reference at 1x)::
+With ``--labels`` each example is classified by the likelihood of each label word
+(accuracy); without, the model generates greedily (exact match and token F1). Prompt layout,
+exemplar choice and metrics: ``accjax.prompting``. Prints one row per (shots, speedup);
+``--json`` also writes every prediction. Decoders (GPT-2, Llama; e.g. the built-in real
+``smollm2-135m``) prefill the prompt with elimination and score each label word on the
+pruned KV caches; ``--prompt chat`` applies the model's chat template (exemplars become
+earlier turns)::
 
     python -m eval.prompting --model smollm2-135m --task rt_polarity --limit 200 \
         --labels positive,negative --speedup 1,1.5,2,3,4 --shots 0,3 --prompt chat \

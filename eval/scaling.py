@@ -16,17 +16,12 @@ dropout on as in fine-tuning. Meshes over the devices of this process:
                              (``sharding.FSDP_RULES``); skipped (and said so) when n < 2 or odd.
 
 **Check.** On every mesh and mode: fresh state from the same host parameters, 3 steps on the
-same 3 random batches (random tokens, random row lengths, random labels of 2 classes).
-Compared with the 1-device run of that mode: the loss and the gradient norm of each step,
-the parameters after the 3 updates, and the updates themselves (relative difference).
-float32: |loss diff|, max |param diff| and the relative grad-norm difference <= 1e-5, as
-``tests/test_sharding.py``, with float32 matmuls (``--matmul_precision`` is highest for
-float32 runs: recent GPUs compute DEFAULT-precision float32 dots in TF32). bfloat16 /
-float16: loss 1e-2, grad norm 3e-2, update 0.3 (why: ``TOLERANCES``); beside them, the same
-1-device run with float32 compute shows how far low precision alone moves the result. Also
-required: the parameters moved (by 10x the parameter tolerance, or by lr where none is
-checked), else agreement proves nothing; Adam moves each by about ``--lr`` (1e-4, no warmup)
-per step whatever the gradient's scale.
+same 3 random batches (random tokens, row lengths and labels of 2 classes), compared with the
+1-device run of that mode within ``TOLERANCES`` (float32 runs with float32 matmuls: recent
+GPUs compute DEFAULT-precision float32 dots in TF32): the loss and gradient norm of each step,
+the parameters and the updates after the 3 steps; the same 1-device run with float32 compute
+shows how far low precision alone moves the result. The parameters must have moved (``compare``),
+else agreement proves nothing.
 
 **Measure.** Examples/s of each (mesh, mode, global batch): the median over ``--iters``
 synchronised steps after ``--warmup`` more, on batches already on the devices (input copies
@@ -57,7 +52,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from accjax import benchmark, models, train
+from accjax import benchmark, models, programs, train
 from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
 from eval import cli
@@ -211,21 +206,16 @@ def time_steps(trainer: train.Trainer, state, batches, schedule, *, warmup: int,
     the parameter bytes one device holds (halved leaves under 2-way fsdp)."""
     pbytes = int(sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.params)))
     prog = trainer.train_program(state, batches[0], schedule)  # compiled by the steps before
-    placed = [trainer.put_batch(b) for b in batches]
     seed = np.uint32(trainer.seed)  # the dropout seed is a program input
-    for i in range(warmup):
-        state, m = prog(state, placed[i % len(placed)], seed)
-    jax.block_until_ready((state, m))
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        state, m = prog(state, placed[i % len(placed)], seed)
-        jax.block_until_ready((state, m))
-        times.append((time.perf_counter() - t0) * 1e3)
-    loss = float(jax.device_get(m["loss"]))
-    del state
-    return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
-            "max_ms": float(np.max(times)), "iters": iters, "last_loss": loss, "param_bytes_per_device": pbytes}
+    box = [state, None]  # (state, metrics), each step's state fed to the next
+
+    def step(batch):
+        box[:] = prog(box[0], batch, seed)
+        return box
+
+    t = programs.time_calls(step, [trainer.put_batch(b) for b in batches], iters=iters, warmup=warmup)
+    return {**t, "iters": iters, "last_loss": float(jax.device_get(box[1]["loss"])),
+            "param_bytes_per_device": pbytes}
 
 
 # ---------------------------------------------------------------------------------- run
@@ -419,7 +409,7 @@ def print_tables(rows, checks, rounding, labels, tol, passed, args) -> None:
         print(benchmark.table([r for r in rows if r["scaling"] == scaling], SCALING_COLUMNS))
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.scaling", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bert-base-uncased", help="a BERT-family preset (random weights)")
     ap.add_argument("--tiny", action="store_true", help="2-layer, 32-wide model, small defaults (CPU tests)")
@@ -442,11 +432,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps after the check (3; tiny 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the check, all rows and the machine here")
-    return ap
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = ap.parse_args(argv)
     result = {}
     rc = cli.run(lambda: result.update(run(args)) or result, json_path=args.json)
     return rc or (0 if result["check_passed"] else 1)

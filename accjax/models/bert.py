@@ -72,9 +72,7 @@ class BertConfig(common.ModelConfig):
                 f"position_embedding_type={d['position_embedding_type']!r} is not supported; "
                 "accjax's BERT implements absolute positions only"
             )
-        kw = cls.hf_fields(d)
-        kw.update(overrides)
-        return cls(**kw)
+        return cls(**{**cls.hf_fields(d), **overrides})
 
     def to_hf(self) -> dict[str, Any]:
         return {"model_type": "bert", "architectures": ["BertForSequenceClassification"],
@@ -124,34 +122,12 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array, token_types: Array, deterministic: bool) -> Array:
         cfg = self.config
-        std, dtype, pdt = cfg.initializer_range, common.to_dtype(cfg.dtype), common.to_dtype(cfg.param_dtype)
-
-        def table(name, n, axes):
-            return nn.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
-                            embedding_init=common.normal_init(std, axes), name=name)
-
-        x = table("word_embeddings", cfg.vocab_size, ("vocab", "embed"))(input_ids)  # [B, T, D]
-        x = x + table("position_embeddings", cfg.max_position_embeddings, ("positions", "embed"))(positions)
-        x = x + table("token_type_embeddings", cfg.type_vocab_size, ("types", "embed"))(token_types)
-        x = layer_norm(cfg, "LayerNorm")(x)
+        x = common.embed(cfg, cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)  # [B, T, D]
+        x += common.embed(cfg, cfg.max_position_embeddings, ("positions", "embed"), "position_embeddings")(
+            positions)
+        x += common.embed(cfg, cfg.type_vocab_size, ("types", "embed"), "token_type_embeddings")(token_types)
+        x = common.layer_norm(cfg, "LayerNorm")(x)
         return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
-
-
-def layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=common.to_dtype(cfg.dtype),
-        param_dtype=common.to_dtype(cfg.param_dtype), name=name,
-        scale_init=common.ones_init(("embed",)), bias_init=common.zeros_init(("embed",)),
-    )
-
-
-def dense(cfg: BertConfig, features, axes: tuple[str, ...], name: str, axis=-1) -> nn.DenseGeneral:
-    n_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
-        features, axis=axis, dtype=common.to_dtype(cfg.dtype), param_dtype=common.to_dtype(cfg.param_dtype),
-        kernel_init=common.normal_init(cfg.initializer_range, axes),
-        bias_init=common.zeros_init(axes[-n_out:]), name=name,
-    )
 
 
 class BertLayer(nn.Module):
@@ -183,7 +159,7 @@ class BertLayer(nn.Module):
         scale = common.attention_scale(cfg.head_dim)
         out: dict[str, Array] = {}
 
-        qkv_proj = dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
+        qkv_proj = common.dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
         if cfg.fused_qkv:
             qkv = qkv_proj(x)  # [B, T, 3, N, H]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
@@ -214,12 +190,12 @@ class BertLayer(nn.Module):
 
         h = heads_out(ctx)  # [B, K, D]
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-        x = layer_norm(cfg, "attn_norm")(x + h)
-        h = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")(x)  # [B, K, F]
+        x = common.layer_norm(cfg, "attn_norm")(x + h)
+        h = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")(x)  # [B, K, F]
         h = common.activation(cfg.hidden_act)(h)
-        h = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")(h)  # [B, K, D]
+        h = common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")(h)  # [B, K, D]
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-        x = layer_norm(cfg, "mlp_norm")(x + h)
+        x = common.layer_norm(cfg, "mlp_norm")(x + h)
         return x, rows, out
 
 
@@ -276,30 +252,17 @@ class BertModel(nn.Module):
         rows = acc_lib.Rows.create(attention_mask, position_ids, token_type_ids)
 
         x = Embeddings(cfg, name="embeddings")(input_ids, rows.positions, rows.token_types, deterministic)
-        hidden_states = [x] if output_hidden_states else None
-        attentions = [] if output_attentions else None
-        layers = []
-        for i in range(cfg.num_layers):
-            x, rows, out = BertLayer(cfg, name=f"layer_{i}")(
-                x, rows, keep=None if schedule is None else schedule[i], acc_variant=acc_variant,
-                deterministic=deterministic, output_attentions=output_attentions,
-            )
-            if output_attentions:
-                attentions.append(out.pop("attentions"))
-            if output_hidden_states:
-                hidden_states.append(x)
-            layers.append(out)
-
+        x, rows, layers, hidden_states, attentions = common.run_layers(
+            [BertLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)], x, rows, schedule,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            acc_variant=acc_variant, deterministic=deterministic)
         pooled = None
         if self.add_pooling_layer:
             # The CLS row is protected and order is preserved, so it is always row 0.
-            pooled = dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")(x[:, 0])  # [B, D]
+            pooled = common.dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")(x[:, 0])  # [B, D]
             pooled = jnp.tanh(pooled)
-        return BertOutput(
-            last_hidden_state=x, pooler_output=pooled, rows=rows, layers=tuple(layers),
-            hidden_states=None if hidden_states is None else tuple(hidden_states),
-            attentions=None if attentions is None else tuple(attentions),
-        )
+        return BertOutput(last_hidden_state=x, pooler_output=pooled, rows=rows, layers=layers,
+                          hidden_states=hidden_states, attentions=attentions)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -315,5 +278,5 @@ class BertForSequenceClassification(nn.Module):
             input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic, **kw)
         p = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
         h = nn.Dropout(p)(out.pooler_output, deterministic=deterministic)
-        logits = dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(h)  # [B, C]
+        logits = common.dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(h)  # [B, C]
         return out.replace(logits=logits.astype(jnp.float32))

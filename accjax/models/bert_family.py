@@ -34,28 +34,20 @@ def rules(config: bert.BertConfig, head: str) -> list[cv.Rule]:
     e = "embeddings"
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         r.append(cv.copy(p(e, name, "embedding"), f"{e}.{name}.weight"))
-    r.append(cv.copy(p(e, "LayerNorm", "scale"), f"{e}.LayerNorm.weight"))
-    r.append(cv.copy(p(e, "LayerNorm", "bias"), f"{e}.LayerNorm.bias"))
+    r += cv.norm(p(e, "LayerNorm"), f"{e}.LayerNorm")
     for i in range(config.num_layers):
         hf, fx = f"encoder.layer.{i}", f"layer_{i}"
         qkv = [f"{hf}.attention.self.{n}" for n in ("query", "key", "value")]
         r.append(cv.stacked_linear(p(fx, "qkv", "kernel"), [f"{k}.weight" for k in qkv], axis=1))
         r.append(cv.stacked_bias(p(fx, "qkv", "bias"), [f"{k}.bias" for k in qkv], axis=0))
-        r.append(cv.linear(p(fx, "attn_out", "kernel"), f"{hf}.attention.output.dense.weight", in_axes=2))
-        r.append(cv.bias(p(fx, "attn_out", "bias"), f"{hf}.attention.output.dense.bias"))
-        r.append(cv.copy(p(fx, "attn_norm", "scale"), f"{hf}.attention.output.LayerNorm.weight"))
-        r.append(cv.copy(p(fx, "attn_norm", "bias"), f"{hf}.attention.output.LayerNorm.bias"))
-        r.append(cv.linear(p(fx, "mlp_in", "kernel"), f"{hf}.intermediate.dense.weight"))
-        r.append(cv.bias(p(fx, "mlp_in", "bias"), f"{hf}.intermediate.dense.bias"))
-        r.append(cv.linear(p(fx, "mlp_out", "kernel"), f"{hf}.output.dense.weight"))
-        r.append(cv.bias(p(fx, "mlp_out", "bias"), f"{hf}.output.dense.bias"))
-        r.append(cv.copy(p(fx, "mlp_norm", "scale"), f"{hf}.output.LayerNorm.weight"))
-        r.append(cv.copy(p(fx, "mlp_norm", "bias"), f"{hf}.output.LayerNorm.bias"))
-    r.append(cv.linear(p("pooler", "kernel"), "pooler.dense.weight", head=True))
-    r.append(cv.bias(p("pooler", "bias"), "pooler.dense.bias", head=True))
+        r += cv.with_bias(cv.linear, p(fx, "attn_out"), f"{hf}.attention.output.dense", in_axes=2)
+        r += cv.norm(p(fx, "attn_norm"), f"{hf}.attention.output.LayerNorm")
+        r += cv.with_bias(cv.linear, p(fx, "mlp_in"), f"{hf}.intermediate.dense")
+        r += cv.with_bias(cv.linear, p(fx, "mlp_out"), f"{hf}.output.dense")
+        r += cv.norm(p(fx, "mlp_norm"), f"{hf}.output.LayerNorm")
+    r += cv.with_bias(cv.linear, p("pooler"), "pooler.dense", head=True)
     if head == "sequence_classification":
-        r.append(cv.linear(("classifier", "kernel"), "classifier.weight", head=True, top=True))
-        r.append(cv.bias(("classifier", "bias"), "classifier.bias", head=True, top=True))
+        r += cv.with_bias(cv.linear, ("classifier",), "classifier", head=True, top=True)
     return r
 
 

@@ -106,10 +106,37 @@ class HeadsOut(nn.Module):
         return y if self.bias is None else y + self.bias.astype(dtype)
 
     def value_norms(self, v: Array) -> Array:
-        """||v[n, j] W_O[n]|| for every head and row: [B, S, N, H] -> [B, N, S] float32."""
-        dtype = to_dtype(self.config.dtype)
-        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
-        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+        return value_norms(v, self.kernel, self.config.dtype)
+
+
+def value_norms(v: Array, kernel: Array, dtype) -> Array:
+    """||v[n, j] W_O[n]|| for every head and row: v [B, S, N, H], W_O [N, H, D] -> [B, N, S]
+    float32 (the ``value_norm`` ACC variant)."""
+    dtype = to_dtype(dtype)
+    moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), kernel.astype(dtype))
+    return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+
+
+def embed(cfg, n: int, axes: tuple[str, str], name: str) -> nn.Embed:
+    """An [n, hidden_size] table in the config's dtypes, N(0, initializer_range) on ``axes``."""
+    return nn.Embed(n, cfg.hidden_size, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
+                    embedding_init=normal_init(cfg.initializer_range, axes), name=name)
+
+
+def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True) -> nn.DenseGeneral:
+    """A projection in the config's dtypes, N(0, initializer_range) kernel on logical ``axes``."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=use_bias, dtype=to_dtype(cfg.dtype),
+        param_dtype=to_dtype(cfg.param_dtype), kernel_init=normal_init(cfg.initializer_range, axes),
+        bias_init=zeros_init(axes[-n_out:]), name=name)
+
+
+def layer_norm(cfg, name: str) -> nn.LayerNorm:
+    """LayerNorm over the hidden size with ``cfg.layer_norm_eps`` (BERT, GPT-2)."""
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype),
+                        param_dtype=to_dtype(cfg.param_dtype), scale_init=ones_init(("embed",)),
+                        bias_init=zeros_init(("embed",)), name=name)
 
 
 class ModelConfig:
@@ -172,3 +199,27 @@ def check_schedule(schedule, num_layers: int, *, layers: str = "layer") -> tuple
             f"schedule must be {num_layers} positive Python ints (one keep-length per {layers}), "
             f"got {schedule!r}")
     return schedule
+
+
+def run_layers(layers, x: Array, rows, schedule, *args, output_hidden_states: bool = False,
+               output_attentions: bool = False, final_norm=None, **kw):
+    """Layer i called as ``layer(x, rows, *args, keep=schedule[i], **kw)`` (every family), then
+    ``final_norm``. Returns (x, rows, per-layer out dicts, hidden states (the input, then each
+    layer's output, the last after the norm) or None, attentions [B, N, T, T] each or None)."""
+    hidden_states = [x] if output_hidden_states else None
+    attentions = [] if output_attentions else None
+    outs = []
+    for i, layer in enumerate(layers):
+        x, rows, out = layer(x, rows, *args, keep=None if schedule is None else schedule[i],
+                             output_attentions=output_attentions, **kw)
+        if output_attentions:
+            attentions.append(out.pop("attentions"))
+        if output_hidden_states:
+            hidden_states.append(x)
+        outs.append(out)
+    if final_norm is not None:
+        x = final_norm(x)  # [B, K_L, D]
+        if hidden_states:
+            hidden_states[-1] = x
+    return (x, rows, tuple(outs), None if hidden_states is None else tuple(hidden_states),
+            None if attentions is None else tuple(attentions))

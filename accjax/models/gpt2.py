@@ -10,15 +10,12 @@ Inputs are RIGHT-padded (real tokens first), as accjax's tokenizer pads; GPT-2 h
 token, so the mask says what is real and the pad id (usually eos, 50256) is never read.
 Position ids default to 0..T-1, which is right for right-padded rows.
 
-Elimination (the same placement as BERT, see ``accjax.acc``). A layer given a static ``keep``
-below its input rows T runs causal self-attention over all T rows, scores them by causal ACC
-(each column divided by the number of real queries that can see it), and keeps the ``keep``
-best rows in original order. The residual stream x and the attention context are gathered
-with the same indices, so the output projection, the residual adds and the MLP run on the
-kept rows only. Padding (-inf) goes first; the protected row, the last real token (the one
-whose output predicts the next token, or that the classifier pools), gets +inf and is never
-dropped. With ``protect_first`` the first position (an "attention sink") is kept too, ranked
-just below the protected row, so a keep-length of 1 still keeps the last token.
+Elimination (BERT's placement, see ``accjax.acc``): a layer given a static ``keep`` below its
+input rows T scores them by causal ACC (each column divided by the number of real queries
+that can see it) and keeps the ``keep`` best in original order; the output projection, the
+residual adds and the MLP run on the kept rows only. The last real token (it predicts the
+next token, or the classifier pools it) is never dropped; with ``protect_first`` neither is
+the first position (an "attention sink"), ranked just below it (``eliminate_prompt_rows``).
 
 KV cache (decoding after a pruned prefill). Layer l computes K/V for the rows that ENTER it,
 then keeps ``keep_l`` of them; its cache holds the K/V of exactly those kept rows (the rows
@@ -97,13 +94,9 @@ class GPT2Config(common.ModelConfig):
     # -- Hugging Face config.json <-> GPT2Config ------------------------------------------
     @classmethod
     def from_hf(cls, d: dict[str, Any], **overrides) -> "GPT2Config":
-        unsupported = {
-            "scale_attn_weights": (d.get("scale_attn_weights", True), True),
-            "scale_attn_by_inverse_layer_idx": (d.get("scale_attn_by_inverse_layer_idx", False), False),
-            "add_cross_attention": (d.get("add_cross_attention", False), False),
-            "tie_word_embeddings": (d.get("tie_word_embeddings", True), True),
-        }
-        bad = [f"{k}={v!r}" for k, (v, want) in unsupported.items() if bool(v) != want]
+        supported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                     "add_cross_attention": False, "tie_word_embeddings": True}  # absent keys count as these
+        bad = [f"{k}={d[k]!r}" for k, want in supported.items() if bool(d.get(k, want)) != want]
         if bad:
             raise ValueError(f"GPT-2 options not supported by accjax: {', '.join(bad)}")
         kw = cls.hf_fields(d)
@@ -179,11 +172,8 @@ class KVCache:
 
     def nbytes(self, prompt_only: bool = False) -> int:
         """Bytes of the K and V buffers (all slots, or only the prompt slots)."""
-        total = 0
-        for k, p in zip(self.keys, self.prompt_slots):
-            slots = p if prompt_only else k.shape[1]
-            total += 2 * k.shape[0] * slots * k.shape[2] * k.shape[3] * jnp.dtype(k.dtype).itemsize
-        return int(total)
+        return int(sum(2 * k.shape[0] * (p if prompt_only else k.shape[1]) * k.shape[2] * k.shape[3]
+                       * jnp.dtype(k.dtype).itemsize for k, p in zip(self.keys, self.prompt_slots)))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -212,68 +202,109 @@ def pool_positions(input_ids: Array, mask: Array, pad_token_id: int | None) -> A
     pads with it), and accjax's rule also works for batches without a pad id.
     """
     real = mask.astype(bool)
-    t = real.shape[1]
-    idx = jnp.arange(t, dtype=jnp.int32)
-    if pad_token_id is not None:
-        ok = real & (input_ids != pad_token_id)
-        has = ok.any(axis=1)
-        by_id = jnp.max(jnp.where(ok, idx, -1), axis=1)
-        return jnp.where(has, by_id, last_real_position(real)).astype(jnp.int32)
-    return last_real_position(real)
+    if pad_token_id is None:
+        return last_real_position(real)
+    ok = real & (input_ids != pad_token_id)  # [B, T]
+    by_id = jnp.max(jnp.where(ok, jnp.arange(real.shape[1], dtype=jnp.int32), -1), axis=1)
+    return jnp.where(ok.any(axis=1), by_id, last_real_position(real)).astype(jnp.int32)
 
 
-def _dense(cfg: GPT2Config, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True):
-    n_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
-        features, axis=axis, use_bias=use_bias, dtype=common.to_dtype(cfg.dtype),
-        param_dtype=common.to_dtype(cfg.param_dtype),
-        kernel_init=common.normal_init(cfg.initializer_range, axes),
-        bias_init=common.zeros_init(axes[-n_out:]), name=name)
+def run_blocks(blocks, final_norm, x: Array, rows, protect_positions: Array, schedule, **kw
+               ) -> GPT2Output:
+    """A decoder's blocks in turn (``common.run_layers``), then the final norm: as HF, the last
+    hidden state is after it (GPT-2 and Llama)."""
+    x, rows, layers, hidden, attentions = common.run_layers(
+        blocks, x, rows, schedule, protect_positions, final_norm=final_norm, **kw)
+    return GPT2Output(last_hidden_state=x, rows=rows, layers=layers, hidden_states=hidden,
+                      attentions=attentions)
 
 
-def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=common.to_dtype(cfg.dtype),
-        param_dtype=common.to_dtype(cfg.param_dtype), name=name,
-        scale_init=common.ones_init(("embed",)), bias_init=common.zeros_init(("embed",)))
-
-
-def run_blocks(blocks, final_norm, x: Array, rows, protect_positions: Array, schedule, *,
-               output_hidden_states: bool, output_attentions: bool, **kw) -> "GPT2Output":
-    """A decoder's blocks in turn (block i keeps ``schedule[i]`` rows), then the final norm,
-    collecting what HF returns (GPT-2 and Llama): ``kw`` goes to every block."""
-    hidden_states = [x] if output_hidden_states else None
-    attentions = [] if output_attentions else None
+def extend_blocks(blocks, final_norm, embed, input_ids: Array, cache):
+    """New tokens [B, T], embedded by ``embed(ids, positions)`` (positions counting on from the
+    cache's), through every block against its KV cache (GPT-2 and Llama) -> (the final norm of
+    their hidden states [B, T, D], the updated cache)."""
+    positions = cache.next_position[:, None] + jnp.arange(input_ids.shape[1], dtype=jnp.int32)  # [B, T]
+    x = embed(input_ids, positions)  # [B, T, D]
     layers = []
-    for i, block in enumerate(blocks):
-        x, rows, out = block(x, rows, protect_positions, keep=None if schedule is None else schedule[i],
-                             output_attentions=output_attentions, **kw)
-        if output_attentions:
-            attentions.append(out.pop("attentions"))
-        if output_hidden_states and i < len(blocks) - 1:
-            hidden_states.append(x)
-        layers.append(out)
-    x = final_norm(x)  # [B, K_L, D]
-    if output_hidden_states:
-        hidden_states.append(x)  # as HF: the last entry is after the final norm
-    return GPT2Output(last_hidden_state=x, rows=rows, layers=tuple(layers),
-                      hidden_states=None if hidden_states is None else tuple(hidden_states),
-                      attentions=None if attentions is None else tuple(attentions))
-
-
-def extend_blocks(blocks, final_norm, x: Array, positions: Array, cache):
-    """New tokens' hidden states [B, T, D] through every block against its KV cache (GPT-2 and
-    Llama) -> (the final norm of x, the updated cache)."""
-    ks, vs, ms, ps = [], [], [], []
     for l, block in enumerate(blocks):
-        start = cache.prompt_slots[l] + cache.step
-        x, (k, v, m, p) = block.extend(x, cache.keys[l], cache.values[l], cache.mask[l],
-                                       cache.positions[l], positions, start)
-        ks.append(k), vs.append(v), ms.append(m), ps.append(p)
+        x, layer = block.extend(x, (cache.keys[l], cache.values[l], cache.mask[l], cache.positions[l]),
+                                positions, cache.prompt_slots[l] + cache.step)
+        layers.append(layer)
+    ks, vs, ms, ps = zip(*layers)
     t = positions.shape[1]
-    cache = cache.replace(keys=tuple(ks), values=tuple(vs), mask=tuple(ms), positions=tuple(ps),
-                          next_position=cache.next_position + t, step=cache.step + t)
+    cache = cache.replace(keys=ks, values=vs, mask=ms, positions=ps, next_position=cache.next_position + t,
+                          step=cache.step + t)
     return final_norm(x), cache
+
+
+def write_cache(layer_cache, k: Array, v: Array, positions: Array, start: Array):
+    """Writes new tokens (k, v [B, T, G, H], positions [B, T]) into one layer's cache (keys,
+    values [B, S, G, H], slot mask and positions [B, S]) from slot ``start`` on. Returns the
+    cache and what each new token sees [B, 1, T, S]: every filled slot up to its own."""
+    keys, values, slot_mask, slot_positions = layer_cache
+    keys = lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
+    values = lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
+    slot_mask = lax.dynamic_update_slice(slot_mask, jnp.ones(positions.shape, bool), (0, start))
+    slot_positions = lax.dynamic_update_slice(slot_positions, positions.astype(jnp.int32), (0, start))
+    upto = start + jnp.arange(k.shape[1])[:, None] >= jnp.arange(keys.shape[1])[None, :]  # [T, S]
+    return (keys, values, slot_mask, slot_positions), slot_mask[:, None, None, :] & upto[None, None]
+
+
+def row_at(out, pos: Array) -> Array:
+    """The hidden state [B, D] of the surviving row at original position ``pos`` [B] (a
+    protected row, so exactly one survives)."""
+    j = jnp.argmax(out.rows.positions == pos[:, None], axis=1)  # [B]
+    return jnp.take_along_axis(out.last_hidden_state, j[:, None, None], axis=1)[:, 0]
+
+
+def prefill(model, input_ids: Array, attention_mask: Array | None, *, max_new_tokens: int,
+            schedule, acc_variant: str):
+    """A decoder's pruned prefill of a right-padded prompt (GPT-2 and Llama) -> (hidden state
+    [B, D] of the last real token, the KV cache with ``max_new_tokens`` free slots a layer,
+    ``model``'s output), the last real token protected."""
+    mask = (jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask).astype(bool)
+    last = last_real_position(mask)  # [B]
+    out = model(input_ids, mask, schedule=schedule, acc_variant=acc_variant, return_kv=True,
+                protect_positions=last)
+    return row_at(out, last), build_cache(out, mask.sum(axis=1), max_new_tokens), out
+
+
+def repeat_kv(x: Array, groups: int) -> Array:
+    """[B, S, G, H] -> [B, S, G * groups, H]: query head n reads key/value head n // groups."""
+    return x if groups == 1 else jnp.repeat(x, groups, axis=2)
+
+
+def attend_and_eliminate(cfg, family: str, x: Array, rows, protect_pos: Array, q: Array, k: Array, v: Array,
+                         *, keep: int | None, acc_variant: str, output_attentions: bool, return_kv: bool,
+                         out_proj, groups: int = 1, probs_dropout=None):
+    """A decoder layer's attention half (GPT-2 and Llama): causal attention of q [B, T, N, H]
+    over k, v [B, T, G, H] (each key/value head serves ``groups`` query heads), then, when
+    ``keep`` < T, elimination of rows (``eliminate_prompt_rows``; the row at ``protect_pos``
+    [B] never goes). Returns (x [B, K, D], ctx [B, K, N, H], rows, out dict); with
+    ``return_kv`` out also holds k, v [B, K, G, H] and the kept rows."""
+    if acc_variant not in RANKINGS:
+        raise ValueError(f"unknown ACC variant {acc_variant!r} for {family}; choose one of {RANKINGS} "
+                         "('prefix' would drop the last token of a causal prompt)")
+    eliminate = keep is not None and keep < x.shape[1]
+    recent = acc_variant == "recent"
+    out: dict[str, Any] = {}
+    last = rows.positions == protect_pos[:, None]  # [B, T]
+    k_all, v_all = repeat_kv(k, groups), repeat_kv(v, groups)  # [B, T, N, H]
+    ctx, scores, probs = acc_lib.attend_and_score(
+        q, k_all, v_all, rows.mask, scale=common.attention_scale(cfg.head_dim), causal=True,
+        score=eliminate and not recent, variant=acc_variant, protect=last,
+        attention_impl=cfg.attention_impl, acc_impl=cfg.acc_impl, xla_attention_below=cfg.xla_attention_below,
+        output_attentions=output_attentions, probs_dropout=probs_dropout,
+        value_norms=lambda: out_proj.value_norms(v_all),
+    )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
+    if output_attentions:
+        out["attentions"] = probs
+    if eliminate:  # ctx [B, K, N, H]; x [B, K, D]; k, v [B, K, G, H]; original positions kept
+        rows, (ctx, x, k, v) = eliminate_prompt_rows(scores, keep, rows, last, out, ctx, x, k, v,
+                                                     recent=recent, protect_first=cfg.protect_first)
+    if return_kv:
+        out.update(k=k, v=v, rows=rows)
+    return x, ctx, rows, out
 
 
 def eliminate_prompt_rows(scores, keep: int, rows, last, out: dict, *tensors, recent: bool,
@@ -305,12 +336,12 @@ class GPT2Block(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.ln_1 = _layer_norm(cfg, "ln_1")
-        self.qkv = _dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
+        self.ln_1 = common.layer_norm(cfg, "ln_1")
+        self.qkv = common.dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
         self.attn_out = common.HeadsOut(cfg, name="attn_out")
-        self.ln_2 = _layer_norm(cfg, "ln_2")
-        self.mlp_in = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")
-        self.mlp_out = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")
+        self.ln_2 = common.layer_norm(cfg, "ln_2")
+        self.mlp_in = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")
+        self.mlp_out = common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")
         self.attn_drop = nn.Dropout(cfg.attention_dropout)
         self.resid_drop = nn.Dropout(cfg.resid_dropout)
 
@@ -346,70 +377,29 @@ class GPT2Block(nn.Module):
         Returns:
           (x [B, K, D], rows of the K kept rows, out dict of named intermediates).
         """
-        cfg = self.config
-        if acc_variant not in RANKINGS:
-            raise ValueError(
-                f"unknown ACC variant {acc_variant!r} for GPT-2; choose one of {RANKINGS} "
-                "('prefix' would drop the last token of a causal prompt)")
-        t = x.shape[1]
-        eliminate = keep is not None and keep < t
-        scale = common.attention_scale(cfg.head_dim)
-        out: dict[str, Any] = {}
-        q, k, v = self._project(x)  # each [B, T, N, H]
-
-        train_dropout = not deterministic and cfg.attention_dropout > 0
-        recent = acc_variant == "recent"
-        last = rows.positions == protect_pos[:, None]  # [B, T]
-        ctx, scores, probs = acc_lib.attend_and_score(
-            q, k, v, rows.mask, scale=scale, causal=True, score=eliminate and not recent,
-            variant=acc_variant, protect=last, attention_impl=cfg.attention_impl,
-            acc_impl=cfg.acc_impl, xla_attention_below=cfg.xla_attention_below,
-            output_attentions=output_attentions,
-            probs_dropout=(lambda p: self.attn_drop(p, deterministic=False)) if train_dropout else None,
-            value_norms=lambda: self.attn_out.value_norms(v),
-        )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
-        if output_attentions:
-            out["attentions"] = probs
-
-        if eliminate:  # ctx, k, v [B, K, N, H]; x [B, K, D]
-            rows, (ctx, x, k, v) = eliminate_prompt_rows(scores, keep, rows, last, out, ctx, x, k, v,
-                                                         recent=recent, protect_first=cfg.protect_first)
-        if return_kv:
-            out.update(k=k, v=v, rows=rows)
+        train_dropout = not deterministic and self.config.attention_dropout > 0
+        x, ctx, rows, out = attend_and_eliminate(
+            self.config, "GPT-2", x, rows, protect_pos, *self._project(x), keep=keep, acc_variant=acc_variant,
+            output_attentions=output_attentions, return_kv=return_kv, out_proj=self.attn_out,
+            probs_dropout=(lambda p: self.attn_drop(p, deterministic=False)) if train_dropout else None)
         return self._finish(x, ctx, deterministic), rows, out
 
-    def extend(
-        self,
-        x: Array,
-        keys: Array,
-        values: Array,
-        slot_mask: Array,
-        slot_positions: Array,
-        positions: Array,
-        start: Array,
-    ) -> tuple[Array, tuple[Array, Array, Array, Array]]:
+    def extend(self, x: Array, layer_cache, positions: Array, start: Array):
         """Runs T new tokens against this layer's cache.
 
         Args:
           x: [B, T, D] the new tokens' rows entering the layer.
-          keys, values: [B, S, N, H] the cache; slot_mask [B, S]; slot_positions [B, S].
+          layer_cache: (keys, values [B, S, N, H], slot_mask [B, S], slot_positions [B, S]).
           positions: [B, T] position ids of the new tokens.
           start: [] int32 first cache slot the new tokens are written to.
         Returns:
-          (x [B, T, D], (keys, values, slot_mask, slot_positions) with the tokens written).
+          (x [B, T, D], layer_cache with the tokens written).
         """
-        t, s = x.shape[1], keys.shape[1]
         q, k, v = self._project(x)  # each [B, T, N, H]
-        keys = lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
-        values = lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
-        slot_mask = lax.dynamic_update_slice(slot_mask, jnp.ones(positions.shape, bool), (0, start))
-        slot_positions = lax.dynamic_update_slice(slot_positions, positions.astype(jnp.int32), (0, start))
-        # New token i sits in slot start + i and sees every filled slot up to its own.
-        upto = start + jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # [T, S]
-        vis = slot_mask[:, None, None, :] & upto[None, None]  # [B, 1, T, S]
-        ctx, _, _ = attn_lib.softmax_attention(q, keys, values, vis,
+        layer_cache, vis = write_cache(layer_cache, k, v, positions, start)
+        ctx, _, _ = attn_lib.softmax_attention(q, *layer_cache[:2], vis,
                                                scale=common.attention_scale(self.config.head_dim))
-        return self._finish(x, ctx, True), (keys, values, slot_mask, slot_positions)
+        return self._finish(x, ctx, True), layer_cache
 
 
 class GPT2Model(nn.Module):
@@ -419,14 +409,11 @@ class GPT2Model(nn.Module):
 
     def setup(self):
         cfg = self.config
-        std, dtype, pdt = cfg.initializer_range, common.to_dtype(cfg.dtype), common.to_dtype(cfg.param_dtype)
-        self.wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
-                            embedding_init=common.normal_init(std, ("vocab", "embed")), name="wte")
-        self.wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
-                            embedding_init=common.normal_init(std, ("positions", "embed")), name="wpe")
+        self.wte = common.embed(cfg, cfg.vocab_size, ("vocab", "embed"), "wte")
+        self.wpe = common.embed(cfg, cfg.max_position_embeddings, ("positions", "embed"), "wpe")
         self.embd_drop = nn.Dropout(cfg.embd_dropout)
         self.blocks = [GPT2Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
-        self.ln_f = _layer_norm(cfg, "ln_f")
+        self.ln_f = common.layer_norm(cfg, "ln_f")
 
     def __call__(
         self,
@@ -442,18 +429,10 @@ class GPT2Model(nn.Module):
         return_kv: bool = False,
         protect_positions: Array | None = None,
     ) -> GPT2Output:
-        """
-        Args:
-          input_ids: [B, T] int token ids, right-padded.
-          attention_mask: [B, T], 1/True for real tokens (default: all real).
-          position_ids: [B, T] (default 0..T-1).
-          schedule: per-layer keep-lengths (static Python ints), None = dense.
-          acc_variant: how rows are ranked (``RANKINGS``).
-          deterministic: False enables dropout (needs a 'dropout' rng).
-          return_kv: each layer's out dict also holds the K/V of its kept rows.
-          protect_positions: [B] original position that is never dropped (default: the
-            last real token).
-        """
+        """As ``BertModel.__call__`` for right-padded [B, T] inputs (rows ranked by one of
+        ``RANKINGS``); ``return_kv``: each layer's out dict also holds the K/V of its kept rows;
+        ``protect_positions`` [B]: the original position never dropped (default: the last
+        real token)."""
         cfg = self.config
         schedule = common.check_schedule(schedule, cfg.num_layers)
         rows, protect_positions = decoder_rows(input_ids, attention_mask, position_ids, protect_positions)
@@ -470,10 +449,8 @@ class GPT2Model(nn.Module):
 
     def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """Runs new tokens [B, T] against the cache -> (hidden [B, T, D] after ln_f, cache)."""
-        t = input_ids.shape[1]
-        positions = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
-        x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
-        return extend_blocks(self.blocks, self.ln_f, x, positions, cache)
+        embed = lambda ids, pos: self.wte(ids) + self.wpe(pos)  # noqa: E731
+        return extend_blocks(self.blocks, self.ln_f, embed, input_ids, cache)
 
 
 def build_cache(out: GPT2Output, real_lengths: Array, max_new_tokens: int) -> KVCache:
@@ -530,17 +507,8 @@ class GPT2LMHeadModel(nn.Module):
           (logits [B, V] float32 of the token after the last real one, the KV cache with
           ``max_new_tokens`` free slots per layer, the prefill's ``GPT2Output``).
         """
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), bool)
-        mask = attention_mask.astype(bool)
-        last = last_real_position(mask)  # [B]
-        out = self.transformer(input_ids, mask, schedule=schedule, acc_variant=acc_variant,
-                               return_kv=True, protect_positions=last)
-        # The last real token is protected, so exactly one surviving row carries it.
-        j = jnp.argmax(out.rows.positions == last[:, None], axis=1)  # [B]
-        h = jnp.take_along_axis(out.last_hidden_state, j[:, None, None], axis=1)[:, 0]  # [B, D]
-        cache = build_cache(out, mask.sum(axis=1), max_new_tokens)
+        h, cache, out = prefill(self.transformer, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                schedule=schedule, acc_variant=acc_variant)
         return self.transformer.attend(h), cache, out
 
     def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
@@ -557,7 +525,7 @@ class GPT2ForSequenceClassification(nn.Module):
     def setup(self):
         cfg = self.config
         self.transformer = GPT2Model(cfg, name="transformer")
-        self.score = _dense(cfg, cfg.num_labels, ("embed", "classes"), "score", use_bias=False)
+        self.score = common.dense(cfg, cfg.num_labels, ("embed", "classes"), "score", use_bias=False)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *,
                  deterministic: bool = True, **kw) -> GPT2Output:
@@ -567,6 +535,4 @@ class GPT2ForSequenceClassification(nn.Module):
         pool = pool_positions(input_ids, attention_mask, self.config.pad_token_id)  # [B]
         out = self.transformer(input_ids, attention_mask, position_ids, deterministic=deterministic,
                                protect_positions=pool, **kw)
-        j = jnp.argmax(out.rows.positions == pool[:, None], axis=1)  # [B], protected: present
-        h = jnp.take_along_axis(out.last_hidden_state, j[:, None, None], axis=1)[:, 0]  # [B, D]
-        return out.replace(logits=self.score(h).astype(jnp.float32))  # [B, C]
+        return out.replace(logits=self.score(row_at(out, pool)).astype(jnp.float32))  # [B, C]

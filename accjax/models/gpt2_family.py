@@ -13,12 +13,9 @@ with ``transformer.``)::
     lm_head.weight [V, D]   tied to wte: not stored by save_pretrained, ignored when present
     score.weight [C, D]     classifier, nn.Linear without bias (top level)
 
-HF's ``Conv1D`` stores its weight as [in, out], already the Flax kernel order, so every
-Conv1D converts by a reshape only, no transpose (``convert.conv1d``): c_attn's [D, 3D]
-becomes the fused kernel [D, 3, N, H] (columns are q | k | v, each head-major), c_proj's
-[D, D] becomes [N, H, D]. ``score`` is an ``nn.Linear`` ([out, in]) and is transposed.
-Old checkpoints also carry ``h.{i}.attn.bias`` / ``attn.masked_bias`` causal-mask buffers;
-they are ignored.
+HF's ``Conv1D`` stores its weight as [in, out], already the Flax kernel order, so it converts
+by a reshape only (``convert.conv1d``): c_attn's [D, 3D] becomes the fused kernel
+[D, 3, N, H] (columns q | k | v, each head-major), c_proj's [D, D] becomes [N, H, D].
 """
 
 from __future__ import annotations
@@ -44,26 +41,19 @@ def rules(config: gpt2.GPT2Config, head: str) -> list[cv.Rule]:
     r.append(cv.copy(p("wpe", "embedding"), "wpe.weight"))
     for i in range(config.num_layers):
         hf, fx = f"h.{i}", f"layer_{i}"
-        for ln in ("ln_1", "ln_2"):
-            r.append(cv.copy(p(fx, ln, "scale"), f"{hf}.{ln}.weight"))
-            r.append(cv.copy(p(fx, ln, "bias"), f"{hf}.{ln}.bias"))
-        r.append(cv.conv1d(p(fx, "qkv", "kernel"), f"{hf}.attn.c_attn.weight"))  # [D,3D]->[D,3,N,H]
-        r.append(cv.bias(p(fx, "qkv", "bias"), f"{hf}.attn.c_attn.bias"))  # [3D] -> [3, N, H]
-        r.append(cv.conv1d(p(fx, "attn_out", "kernel"), f"{hf}.attn.c_proj.weight", in_axes=2))
-        r.append(cv.bias(p(fx, "attn_out", "bias"), f"{hf}.attn.c_proj.bias"))
-        r.append(cv.conv1d(p(fx, "mlp_in", "kernel"), f"{hf}.mlp.c_fc.weight"))
-        r.append(cv.bias(p(fx, "mlp_in", "bias"), f"{hf}.mlp.c_fc.bias"))
-        r.append(cv.conv1d(p(fx, "mlp_out", "kernel"), f"{hf}.mlp.c_proj.weight"))
-        r.append(cv.bias(p(fx, "mlp_out", "bias"), f"{hf}.mlp.c_proj.bias"))
-    r.append(cv.copy(p("ln_f", "scale"), "ln_f.weight"))
-    r.append(cv.copy(p("ln_f", "bias"), "ln_f.bias"))
+        r += cv.norm(p(fx, "ln_1"), f"{hf}.ln_1") + cv.norm(p(fx, "ln_2"), f"{hf}.ln_2")
+        r += cv.with_bias(cv.conv1d, p(fx, "qkv"), f"{hf}.attn.c_attn")  # [D, 3D] -> [D, 3, N, H]
+        r += cv.with_bias(cv.conv1d, p(fx, "attn_out"), f"{hf}.attn.c_proj", in_axes=2)
+        r += cv.with_bias(cv.conv1d, p(fx, "mlp_in"), f"{hf}.mlp.c_fc")
+        r += cv.with_bias(cv.conv1d, p(fx, "mlp_out"), f"{hf}.mlp.c_proj")
+    r += cv.norm(p("ln_f"), "ln_f")
     if head == "sequence_classification":
         r.append(cv.linear(("score", "kernel"), "score.weight", head=True, top=True))
     return r
 
 
-def dummy_inputs(config: gpt2.GPT2Config, b: int, t: int) -> dict:
-    # Only what the modules take: GPT-2 has no token types.
+def dummy_inputs(config, b: int, t: int) -> dict:
+    # Only what the modules take: decoders (GPT-2, Llama) have no token types.
     return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32)}
 
 
@@ -76,16 +66,12 @@ def cost_model(config: gpt2.GPT2Config, head: str = "sequence_classification") -
     computed. Embeddings are a lookup and an add (D a token); the final LayerNorm is ignored.
     """
     d = config.hidden_size
-    if head == "lm":
-        head_flops = 2 * d * config.vocab_size
-    elif head == "sequence_classification":
-        head_flops = 2 * d * max(1, config.num_labels)
-    elif head == "base":
-        head_flops = 0
-    else:
+    heads = {"lm": 2 * d * config.vocab_size, "base": 0,
+             "sequence_classification": 2 * d * max(1, config.num_labels)}
+    if head not in heads:
         raise ValueError(f"no cost model for GPT-2 head {head!r}")
     return sched_lib.CostModel(num_layers=config.num_layers, d=d, f=config.intermediate_size,
-                               head=head_flops, embed_per_token=d, causal=True)
+                               head=heads[head], embed_per_token=d, causal=True)
 
 
 @functools.cache

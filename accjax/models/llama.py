@@ -19,13 +19,10 @@ later layer's attention (``tests/test_llama_elimination.py`` fails if that happe
     prompt rows 0..5, layer 0 keeps rows [0, 2, 5]
     layer 1 rotates them by positions [0, 2, 5]   (never [0, 1, 2])
 
-Grouped-query attention: the one attention/ACC dispatch (``acc.attend_and_score``) takes as
-many key/value heads as query heads, so K/V are expanded (``repeat_kv``, as HF does) just
-before it; ACC is the mean over the N query heads. The KV cache keeps the N_kv heads only:
-the memory GQA saves is kept.
-
-KV cache and decoding: ``gpt2.KVCache`` and ``gpt2.build_cache`` (one cache type for every
-decoder); cached keys are stored already rotated, by their original positions.
+Grouped-query attention: K/V are expanded to the N query heads (``repeat_kv``, as HF does)
+just before the attention/ACC dispatch; ACC is the mean over the N query heads. The KV cache
+(``gpt2.KVCache``, one cache type for every decoder) keeps the N_kv heads only, keys already
+rotated by their original positions.
 
 Einsum letters: B batch, T query rows, S key rows / cache slots, K kept rows, D hidden size,
 N query heads, G key/value heads, H head size, F feed-forward width, V vocabulary.
@@ -45,9 +42,9 @@ from jax import lax
 from accjax import acc as acc_lib
 from accjax import attention as attn_lib
 from accjax.models import common
-from accjax.models.gpt2 import RANKINGS, KVCache, build_cache, eliminate_prompt_rows, extend_blocks, run_blocks
+from accjax.models.gpt2 import KVCache, attend_and_eliminate, decoder_rows, extend_blocks, prefill
 from accjax.models.gpt2 import GPT2Output as LlamaOutput  # one output type for every decoder
-from accjax.models.gpt2 import decoder_rows, last_real_position
+from accjax.models.gpt2 import repeat_kv, run_blocks, write_cache
 
 Array = jax.Array
 
@@ -141,19 +138,13 @@ class LlamaConfig:
             rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
                         high_freq_factor=self.rope_high_freq_factor,
                         original_max_position_embeddings=self.rope_original_max_position)
-        return {
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope, "hidden_act": "silu",
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "initializer_range": self.initializer_range, "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-            "attention_bias": False, "mlp_bias": False,
-        }
+        same = ("vocab_size", "hidden_size", "head_dim", "intermediate_size", "max_position_embeddings",
+                "rms_norm_eps", "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id",
+                "pad_token_id")
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                **{k: getattr(self, k) for k in same}, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                "rope_parameters": rope, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -205,11 +196,6 @@ def rotate(x: Array, positions: Array, inv_freq: Array) -> Array:
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def repeat_kv(x: Array, groups: int) -> Array:
-    """[B, S, G, H] -> [B, S, G * groups, H]: query head n reads key/value head n // groups."""
-    return x if groups == 1 else jnp.repeat(x, groups, axis=2)
-
-
 # ------------------------------------------------------------------------------ modules
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * scale, normalised in float32 (HF ``LlamaRMSNorm``)."""
@@ -243,11 +229,8 @@ class Einsum(nn.Module):
         dtype = common.to_dtype(self.config.dtype)
         return jnp.einsum(self.spec, x.astype(dtype), self.kernel.astype(dtype))
 
-    def value_norms(self, v: Array) -> Array:
-        """(output projection only) ||v[n, j] W_O[n]||: [B, S, N, H] -> [B, N, S] float32."""
-        dtype = common.to_dtype(self.config.dtype)
-        moved = jnp.einsum("BSNH,NHD->BNSD", v.astype(dtype), self.kernel.astype(dtype))
-        return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
+    def value_norms(self, v: Array) -> Array:  # (output projection only)
+        return common.value_norms(v, self.kernel, self.config.dtype)
 
 
 class LlamaBlock(nn.Module):
@@ -289,62 +272,21 @@ class LlamaBlock(nn.Module):
     def __call__(self, x: Array, rows: acc_lib.Rows, protect_pos: Array, *, keep: int | None = None,
                  acc_variant: str = "plain", output_attentions: bool = False,
                  return_kv: bool = False) -> tuple[Array, acc_lib.Rows, dict[str, Any]]:
-        """
-        Args:
-          x: [B, T, D] rows entering the layer; rows: their ``acc.Rows`` (original positions).
-          protect_pos: [B] original position of the row that must survive (+inf).
-          keep: static Python int; rows kept after attention (None or >= T: keep all).
-          acc_variant: one of ``gpt2.RANKINGS``.
-          return_kv: also return this layer's K/V (G heads) of the kept rows.
-        Returns:
-          (x [B, K, D], rows of the K kept rows, out dict of named intermediates).
-        """
-        cfg = self.config
-        if acc_variant not in RANKINGS:
-            raise ValueError(f"unknown ACC variant {acc_variant!r} for Llama; choose one of {RANKINGS}")
-        t = x.shape[1]
-        eliminate = keep is not None and keep < t
-        recent = acc_variant == "recent"
-        out: dict[str, Any] = {}
-        q, k, v = self._project(x, rows.positions)
-        last = rows.positions == protect_pos[:, None]  # [B, T]
-        v_all = repeat_kv(v, self.groups)  # [B, T, N, H]
-        ctx, scores, probs = acc_lib.attend_and_score(
-            q, repeat_kv(k, self.groups), v_all, rows.mask,
-            scale=common.attention_scale(cfg.head_dim), causal=True,
-            score=eliminate and not recent, variant=acc_variant, protect=last,
-            attention_impl=cfg.attention_impl, acc_impl=cfg.acc_impl,
-            xla_attention_below=cfg.xla_attention_below, output_attentions=output_attentions,
-            value_norms=lambda: self.o_proj.value_norms(v_all),
-        )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
-        if output_attentions:
-            out["attentions"] = probs
-        if eliminate:  # ctx [B, K, N, H]; x [B, K, D]; k, v [B, K, G, H]; original positions kept
-            rows, (ctx, x, k, v) = eliminate_prompt_rows(scores, keep, rows, last, out, ctx, x, k, v,
-                                                         recent=recent, protect_first=cfg.protect_first)
-        if return_kv:
-            out.update(k=k, v=v, rows=rows)
+        """As ``GPT2Block.__call__``; the K/V it returns have G heads."""
+        x, ctx, rows, out = attend_and_eliminate(
+            self.config, "Llama", x, rows, protect_pos, *self._project(x, rows.positions), keep=keep,
+            acc_variant=acc_variant, output_attentions=output_attentions, return_kv=return_kv,
+            out_proj=self.o_proj, groups=self.groups)  # rotated by the rows' original positions
         return self._finish(x, ctx), rows, out
 
-    def extend(self, x: Array, keys: Array, values: Array, slot_mask: Array,
-               slot_positions: Array, positions: Array, start: Array):
-        """T new tokens against this layer's cache (as ``GPT2Block.extend``).
-
-        x: [B, T, D]; keys, values: [B, S, G, H]; slot_mask, slot_positions: [B, S];
-        positions: [B, T] of the new tokens; start: [] first slot written.
-        Returns (x [B, T, D], (keys, values, slot_mask, slot_positions) updated).
-        """
-        t, s = x.shape[1], keys.shape[1]
+    def extend(self, x: Array, layer_cache, positions: Array, start: Array):
+        """T new tokens against this layer's cache of G key/value heads (as ``GPT2Block.extend``)."""
         q, k, v = self._project(x, positions)
-        keys = lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
-        values = lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
-        slot_mask = lax.dynamic_update_slice(slot_mask, jnp.ones(positions.shape, bool), (0, start))
-        slot_positions = lax.dynamic_update_slice(slot_positions, positions.astype(jnp.int32), (0, start))
-        upto = start + jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # [T, S]
-        vis = slot_mask[:, None, None, :] & upto[None, None]  # [B, 1, T, S]
-        ctx, _, _ = attn_lib.softmax_attention(q, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
-                                               vis, scale=common.attention_scale(self.config.head_dim))
-        return self._finish(x, ctx), (keys, values, slot_mask, slot_positions)
+        layer_cache, vis = write_cache(layer_cache, k, v, positions, start)
+        keys, values = (repeat_kv(a, self.groups) for a in layer_cache[:2])  # [B, S, N, H]
+        ctx, _, _ = attn_lib.softmax_attention(q, keys, values, vis,
+                                               scale=common.attention_scale(self.config.head_dim))
+        return self._finish(x, ctx), layer_cache
 
 
 class LlamaModel(nn.Module):
@@ -354,11 +296,7 @@ class LlamaModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=common.to_dtype(cfg.dtype),
-            param_dtype=common.to_dtype(cfg.param_dtype),
-            embedding_init=common.normal_init(cfg.initializer_range, ("vocab", "embed")),
-            name="embed_tokens")
+        self.embed_tokens = common.embed(cfg, cfg.vocab_size, ("vocab", "embed"), "embed_tokens")
         self.blocks = [LlamaBlock(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg, name="norm")
 
@@ -379,10 +317,7 @@ class LlamaModel(nn.Module):
 
     def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """New tokens [B, T] against the cache -> (hidden [B, T, D] after the norm, cache)."""
-        t = input_ids.shape[1]
-        positions = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
-        x = self.embed_tokens(input_ids)
-        return extend_blocks(self.blocks, self.norm, x, positions, cache)
+        return extend_blocks(self.blocks, self.norm, lambda ids, _: self.embed_tokens(ids), input_ids, cache)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -411,23 +346,10 @@ class LlamaForCausalLM(nn.Module):
     def prefill(self, input_ids: Array, attention_mask: Array | None = None, *,
                 max_new_tokens: int, schedule: tuple[int, ...] | None = None,
                 acc_variant: str = "plain") -> tuple[Array, KVCache, LlamaOutput]:
-        """Runs a right-padded prompt, pruning it by ``schedule``.
-
-        Returns:
-          (logits [B, V] float32 of the token after the last real one, the KV cache with
-          ``max_new_tokens`` free slots per layer, the prefill's output).
-        """
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), bool)
-        mask = attention_mask.astype(bool)
-        last = last_real_position(mask)  # [B]
-        out = self.model(input_ids, mask, schedule=schedule, acc_variant=acc_variant,
-                         return_kv=True, protect_positions=last)
-        j = jnp.argmax(out.rows.positions == last[:, None], axis=1)  # [B], protected: present
-        h = jnp.take_along_axis(out.last_hidden_state, j[:, None, None], axis=1)  # [B, 1, D]
-        cache = build_cache(out, mask.sum(axis=1), max_new_tokens)
-        return self.logits(h)[:, 0], cache, out
+        """As ``GPT2LMHeadModel.prefill``."""
+        h, cache, out = prefill(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                schedule=schedule, acc_variant=acc_variant)
+        return self.logits(h[:, None])[:, 0], cache, out
 
     def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """New tokens [B, T] against the cache -> (logits [B, T, V] float32, cache)."""

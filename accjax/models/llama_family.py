@@ -21,13 +21,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax.numpy as jnp
 import numpy as np
 
 from accjax import convert as cv
 from accjax import schedule as sched_lib
 from accjax.models import Family
-from accjax.models import llama
+from accjax.models import gpt2_family, llama
 
 
 def rules(config: llama.LlamaConfig, head: str) -> list[cv.Rule]:
@@ -40,8 +39,8 @@ def rules(config: llama.LlamaConfig, head: str) -> list[cv.Rule]:
     r.append(cv.copy(p("embed_tokens", "embedding"), "embed_tokens.weight"))
     for i in range(config.num_layers):
         hf, fx = f"layers.{i}", f"layer_{i}"
-        r.append(cv.copy(p(fx, "input_norm", "scale"), f"{hf}.input_layernorm.weight"))
-        r.append(cv.copy(p(fx, "post_norm", "scale"), f"{hf}.post_attention_layernorm.weight"))
+        r += cv.norm(p(fx, "input_norm"), f"{hf}.input_layernorm", bias=False)
+        r += cv.norm(p(fx, "post_norm"), f"{hf}.post_attention_layernorm", bias=False)
         for name in ("q_proj", "k_proj", "v_proj"):  # [out, D] -> [D, heads, H]
             r.append(cv.linear(p(fx, name, "kernel"), f"{hf}.self_attn.{name}.weight"))
         r.append(cv.linear(p(fx, "o_proj", "kernel"), f"{hf}.self_attn.o_proj.weight", in_axes=2))
@@ -68,10 +67,6 @@ def adapt_checkpoint(config: llama.LlamaConfig, sd: dict) -> tuple[llama.LlamaCo
     return config, sd
 
 
-def dummy_inputs(config: llama.LlamaConfig, b: int, t: int) -> dict:
-    return {"input_ids": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32)}
-
-
 @dataclasses.dataclass(frozen=True)
 class GQACostModel(sched_lib.CostModel):
     """``schedule.CostModel`` with grouped-query attention: k and v project to ``kv`` = G*H
@@ -90,14 +85,11 @@ def cost_model(config: llama.LlamaConfig, head: str = "lm") -> sched_lib.CostMod
     """Matmul FLOPs of a Llama prefill: SwiGLU (3 matrices), GQA, causal attention; the LM
     head on the last row only (2 D V); embeddings are a lookup (D a token)."""
     d = config.hidden_size
-    if head == "lm":
-        head_flops = 2 * d * config.vocab_size
-    elif head == "base":
-        head_flops = 0
-    else:
+    heads = {"lm": 2 * d * config.vocab_size, "base": 0}
+    if head not in heads:
         raise ValueError(f"no cost model for Llama head {head!r}")
     return GQACostModel(num_layers=config.num_layers, d=d, f=config.intermediate_size,
-                        a=config.num_heads * config.head_dim, ffn_mats=3, head=head_flops,
+                        a=config.num_heads * config.head_dim, ffn_mats=3, head=heads[head],
                         embed_per_token=d, causal=True,
                         kv=config.num_kv_heads * config.head_dim)
 
@@ -113,7 +105,7 @@ def family() -> Family:
         rules=rules,
         hf_prefix="model.",
         hf_ignore=(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
-        dummy_inputs=dummy_inputs,
+        dummy_inputs=gpt2_family.dummy_inputs,
         cost_model=cost_model,
         adapt_checkpoint=adapt_checkpoint,
     )
