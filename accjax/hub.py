@@ -146,6 +146,7 @@ def publish(tmp: Path, dest: Path, stamp: str) -> None:
     except OSError:
         if not (dest / ".complete").exists():
             raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process's complete copy won
 
 
 def resolve(spec: str | os.PathLike) -> Path:
