@@ -282,8 +282,8 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: b
 DISTANCE_ATTENTION = "auto"
 
 
-def _distance_attention(impl: str, bias, bias_by_distance) -> bool:
-    if bias_by_distance is None or DISTANCE_ATTENTION == "never":
+def _distance_attention(impl: str, bias, bias_by_distance, causal: bool) -> bool:
+    if bias_by_distance is None or causal or DISTANCE_ATTENTION == "never":  # the kernel is bidirectional
         return False
     if DISTANCE_ATTENTION == "interpret":
         return True
@@ -372,7 +372,7 @@ def attend_and_score(
         if need_probs or (score and how == "probs"):
             ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
                                                        bias=bias, probs_dropout=probs_dropout)
-        elif _distance_attention(impl, bias, bias_by_distance):
+        elif _distance_attention(impl, bias, bias_by_distance, causal):
             from accjax.kernels import acc_pallas
 
             ctx, lse = acc_pallas.self_attention_by_distance(
