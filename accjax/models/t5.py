@@ -146,13 +146,8 @@ class T5Config(common.ModelConfig):
             eos = eos[0]
         pad = d.get("pad_token_id", 0)
         kw = dict(
-            vocab_size=d["vocab_size"],
-            d_model=d["d_model"],
-            d_kv=d["d_kv"],
-            d_ff=d["d_ff"],
-            num_layers=d["num_layers"],
+            {k: d[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")},
             num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"],
-            num_heads=d["num_heads"],
             relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
             relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
             layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-6),
@@ -172,30 +167,17 @@ class T5Config(common.ModelConfig):
     def to_hf(self) -> dict[str, Any]:
         if self.is_gated_act and self.dense_act_fn == "gelu":
             raise ValueError("HF T5 has no gated exact-GELU ('gated-gelu' means gelu_new)")
-        return {
-            "model_type": "t5",
-            "architectures": ["T5ForConditionalGeneration"],
-            "vocab_size": self.vocab_size,
-            "d_model": self.d_model,
-            "d_kv": self.d_kv,
-            "d_ff": self.d_ff,
-            "num_layers": self.num_layers,
-            "num_decoder_layers": self.num_decoder_layers,
-            "num_heads": self.num_heads,
-            "relative_attention_num_buckets": self.relative_attention_num_buckets,
-            "relative_attention_max_distance": self.relative_attention_max_distance,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "feed_forward_proj": self.feed_forward_proj,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            # transformers 5 reads this key in preference to tie_word_embeddings.
-            "scale_decoder_outputs": self.scale_decoder_outputs,
-            "dropout_rate": self.dropout,
-            "initializer_factor": self.initializer_factor,
-            "pad_token_id": self.pad_token_id,
-            "decoder_start_token_id": self.decoder_start_token_id,
-            "eos_token_id": self.eos_token_id,
-            "is_encoder_decoder": True,
-        }
+        # HF's names in HF's order; transformers 5 reads scale_decoder_outputs in preference
+        # to tie_word_embeddings.
+        hf = {"dropout_rate" if k == "dropout" else k: getattr(self, k) for k in _HF_FIELDS}
+        return {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], **hf,
+                "is_encoder_decoder": True}
+
+
+_HF_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+              "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
+              "feed_forward_proj", "tie_word_embeddings", "scale_decoder_outputs", "dropout",
+              "initializer_factor", "pad_token_id", "decoder_start_token_id", "eos_token_id")
 
 
 PRESETS: dict[str, T5Config] = {
@@ -768,10 +750,7 @@ class T5ForConditionalGeneration(nn.Module):
         cfg = self.config
         if cfg.scale_decoder_outputs:
             h = h * (cfg.d_model ** -0.5)
-        if cfg.tie_word_embeddings:
-            out = self.shared.attend(h)
-        else:
-            out = self.lm_head(h)
+        out = self.shared.attend(h) if cfg.tie_word_embeddings else self.lm_head(h)
         return out.astype(jnp.float32)
 
 
