@@ -93,12 +93,16 @@ def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
 
 def checkpoint_meta(run_dir: str | os.PathLike, step: int) -> dict | None:
     """The JSON ``meta`` item of checkpoint ``step`` (None when absent or unreadable)."""
-    path = Path(run_dir) / "checkpoints" / str(step) / "meta" / "metadata"
+    return _read_json(Path(run_dir) / "checkpoints" / str(step) / "meta" / "metadata")
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file's content; None when absent, unreadable, torn or not an object."""
     try:
-        meta = json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return meta if isinstance(meta, dict) else None
+    return d if isinstance(d, dict) else None
 
 
 def check_resume(run_dir: str | os.PathLike, config: dict,
@@ -115,11 +119,7 @@ def check_resume(run_dir: str | os.PathLike, config: dict,
         return
     metas = (checkpoint_meta(run_dir, step) for step in steps)
     recorded = next((m.get("config") for m in metas if m is not None), None)
-    side = run_dir / "train_config.json"
-    try:
-        saved = json.loads(side.read_text()) if side.exists() else None
-    except ValueError:
-        saved = None  # a torn side file; the checkpoint's copy is the record
+    saved = _read_json(run_dir / "train_config.json")  # torn: the checkpoint's copy is the record
     try:
         for one in (recorded, saved):
             if one is not None:
@@ -168,13 +168,8 @@ def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 # ----------------------------------------------------------------------------- finished
 def finished(run_dir: str | os.PathLike, total_steps: int) -> dict | None:
     """The ``summary.json`` of a run that already completed ``total_steps`` steps, else None."""
-    path = Path(run_dir) / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    done = isinstance(summary, dict) and int(summary.get("steps") or -1) == int(total_steps)
-    return summary if done else None
+    summary = _read_json(Path(run_dir) / "summary.json")
+    return summary if summary and int(summary.get("steps") or -1) == int(total_steps) else None
 
 
 # ------------------------------------------------------------------------ other writers
@@ -183,11 +178,8 @@ def is_run_folder(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     if (folder / "train_config.json").exists() or (folder / "checkpoints").is_dir():
         return True
-    try:
-        meta = json.loads((folder / "accjax.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and ("train_config" in meta or "task" in meta)
+    meta = _read_json(folder / "accjax.json") or {}
+    return "train_config" in meta or "task" in meta
 
 
 def refuse_writing_into_run(out: str | os.PathLike, src: str | os.PathLike | None = None) -> None:
