@@ -414,7 +414,8 @@ def select_rows(scores: Array, keep: int, method: str | None = None) -> Array:
     the lower index (as ``lax.top_k``). ``method``: 'top_k' (``lax.top_k``, then a sort of
     the kept indices), 'rank' (no sort: a row is kept when fewer than ``keep`` rows beat it,
     and the i-th kept row is found by counting), 'auto' (rank on a GPU up to
-    ``RANK_SELECT_MAX_ROWS`` rows, else top_k); None: ``SELECT_METHOD``. Worked example, scores [0.2, 0.9, -inf, 0.5], keep 2::
+    ``RANK_SELECT_MAX_ROWS`` rows, else top_k); None: ``SELECT_METHOD``.
+    Worked example, scores [0.2, 0.9, -inf, 0.5], keep 2::
 
         beaten by   [2, 0, 3, 1]  -> kept [F, T, F, T]
         kept so far [0, 1, 1, 2]  -> index r = #(kept so far <= r): r=0 -> 1, r=1 -> 3

@@ -204,8 +204,7 @@ class Predictor(Planned):
                                           fill=int(k == "attention_mask"))
                      for k in self.input_names}
             outs.append(prog(self.params, chunk))
-        out = np.concatenate([np.asarray(o) for o in outs])
-        return out[:n]
+        return np.concatenate([np.asarray(o) for o in outs])[:n]
 
     def time_program(self, batch_size: int, length: int, speedup: float = 1.0, *,
                      schedule: Sequence[int] | None = None, iters: int = 30, warmup: int = 3,

@@ -32,18 +32,18 @@ from accjax.models import Family
 from accjax.models import t5
 
 
-def _attention(r, fx_prefix, hf, *, cross: bool, top: bool):
-    """Rules of one attention sub-block (self: fused q/k/v; cross: q + fused k/v)."""
-    if cross:
-        r.append(cv.linear(fx_prefix("cross_q", "kernel"), f"{hf}.q.weight", top=top))
-        r.append(cv.stacked_linear(fx_prefix("cross_kv", "kernel"), [f"{hf}.k.weight", f"{hf}.v.weight"],
+def _attention(r, p, hf, names, *, top: bool):
+    """Rules of one attention sub-block: self-attention's fused q/k/v and output (``names``:
+    their modules), or cross-attention's q, fused k/v and output (``names`` None)."""
+    if names is None:
+        r.append(cv.linear(p("cross_q", "kernel"), f"{hf}.q.weight", top=top))
+        r.append(cv.stacked_linear(p("cross_kv", "kernel"), [f"{hf}.k.weight", f"{hf}.v.weight"],
                                    axis=1, top=top))
-        r.append(cv.linear(fx_prefix("cross_out", "kernel"), f"{hf}.o.weight", in_axes=2, top=top))
+        names = (None, "cross_out")
     else:
-        names = fx_prefix.self_names
-        r.append(cv.stacked_linear(fx_prefix(names[0], "kernel"), [f"{hf}.{n}.weight" for n in "qkv"],
+        r.append(cv.stacked_linear(p(names[0], "kernel"), [f"{hf}.{n}.weight" for n in "qkv"],
                                    axis=1, top=top))
-        r.append(cv.linear(fx_prefix(names[1], "kernel"), f"{hf}.o.weight", in_axes=2, top=top))
+    r.append(cv.linear(p(names[1], "kernel"), f"{hf}.o.weight", in_axes=2, top=top))
 
 
 def _ffn(r, p, hf, config: t5.T5Config, top: bool):
@@ -55,12 +55,8 @@ def _ffn(r, p, hf, config: t5.T5Config, top: bool):
     r.append(cv.linear(p("mlp", "wo", "kernel"), f"{hf}.wo.weight", top=top))
 
 
-class _Prefix:
-    def __init__(self, base, self_names):
-        self.base, self.self_names = base, self_names
-
-    def __call__(self, *path):
-        return self.base + path
+def _prefix(base: tuple):
+    return lambda *path: base + path
 
 
 def rules(config: t5.T5Config, head: str) -> list[cv.Rule]:
@@ -74,8 +70,8 @@ def rules(config: t5.T5Config, head: str) -> list[cv.Rule]:
                      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))
     for i in range(config.num_layers):
         hf = f"encoder.block.{i}"
-        p = _Prefix(("encoder", f"layer_{i}"), ("qkv", "attn_out"))
-        _attention(r, p, f"{hf}.layer.0.SelfAttention", cross=False, top=False)
+        p = _prefix(("encoder", f"layer_{i}"))
+        _attention(r, p, f"{hf}.layer.0.SelfAttention", ("qkv", "attn_out"), top=False)
         r.append(cv.copy(p("attn_norm", "scale"), f"{hf}.layer.0.layer_norm.weight"))
         _ffn(r, p, f"{hf}.layer.1.DenseReluDense", config, top=False)
         r.append(cv.copy(p("mlp_norm", "scale"), f"{hf}.layer.1.layer_norm.weight"))
@@ -88,10 +84,10 @@ def rules(config: t5.T5Config, head: str) -> list[cv.Rule]:
                      "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", top=True))
     for i in range(config.num_decoder_layers):
         hf = f"decoder.block.{i}"
-        p = _Prefix(("decoder", f"layer_{i}"), ("self_qkv", "self_out"))
-        _attention(r, p, f"{hf}.layer.0.SelfAttention", cross=False, top=True)
+        p = _prefix(("decoder", f"layer_{i}"))
+        _attention(r, p, f"{hf}.layer.0.SelfAttention", ("self_qkv", "self_out"), top=True)
         r.append(cv.copy(p("self_norm", "scale"), f"{hf}.layer.0.layer_norm.weight", top=True))
-        _attention(r, p, f"{hf}.layer.1.EncDecAttention", cross=True, top=True)
+        _attention(r, p, f"{hf}.layer.1.EncDecAttention", None, top=True)
         r.append(cv.copy(p("cross_norm", "scale"), f"{hf}.layer.1.layer_norm.weight", top=True))
         _ffn(r, p, f"{hf}.layer.2.DenseReluDense", config, top=True)
         r.append(cv.copy(p("mlp_norm", "scale"), f"{hf}.layer.2.layer_norm.weight", top=True))
