@@ -14,6 +14,7 @@ nor compiles. ``traces`` counts Python traces of the wrapped functions (``counte
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -83,9 +84,6 @@ class ProgramCache:
     def __len__(self) -> int:
         return len(self._programs)
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._programs
-
 
 def pad_rows(a: np.ndarray, rows: int, length: int, *, fill: int = 0) -> np.ndarray:
     """Pads / crops a [b, t] int batch to [rows, length] int32.
@@ -129,14 +127,9 @@ def time_interleaved(calls: dict[Hashable, Callable[[], Any]], *, rounds: int,
 
 def time_calls(call: Callable[[Any], Any], inputs: Sequence[Any], *, iters: int = 30,
                warmup: int = 3) -> dict[str, float]:
-    """Median, min and max wall milliseconds of ``call(inputs[i % len])`` (synchronised on its
-    result), after ``warmup`` untimed calls."""
-    for i in range(warmup):
-        jax.block_until_ready(call(inputs[i % len(inputs)]))
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call(inputs[i % len(inputs)]))
-        times.append((time.perf_counter() - t0) * 1e3)
+    """Median, min and max wall milliseconds of ``call`` on each of ``inputs`` in turn
+    (synchronised on its result), after ``warmup`` untimed calls (``time_interleaved``)."""
+    rotation = itertools.cycle(inputs)
+    times = time_interleaved({0: lambda: call(next(rotation))}, rounds=iters, warmup=warmup)[0]
     return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
             "max_ms": float(np.max(times))}
