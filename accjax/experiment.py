@@ -19,9 +19,6 @@ tokenizer from ``config.tokenizer``).
 Bad input raises as ``accjax.data`` says; its drop and truncation counts go to ``metrics.jsonl``
 (the ``data`` record), ``summary.json`` and the log. A ``max_length`` above the model's
 position table is cut to it, with a warning.
-
-Classification rows come from ``evaluation.score_splits``, the one classifier evaluation
-that ``eval.glue`` and ``train.evaluate`` also use on a run folder.
 """
 
 from __future__ import annotations

@@ -34,10 +34,8 @@ Worked example, T = 4 rows at positions [0 1 2 3], layer keeps rows [0, 3]::
                                                          [B[3,0] B[3,3]]]   tab[bucket(-3)] tab[bucket(0)]
     (recomputing from compacted positions [0 1] would wrongly give bucket(1) and bucket(-1))
 
-On GPUs, ACC beside cuDNN flash attention comes from the Pallas log-sum-exp kernel, given the
-same bias as a vector by key - query distance and the rows' original positions
-(``acc_impl='auto'``; ``'lse'`` recomputes it in XLA from the materialised bias); the choice
-is ``acc.attend_and_score``'s, as for BERT and GPT-2.
+The ACC source (the Pallas kernel reads the bias by key - query distance at the rows' original
+positions) is chosen by ``acc.attend_and_score``, as for BERT and GPT-2.
 
 The decoder cross-attends to the final kept encoder rows under their gathered mask.
 
@@ -494,10 +492,7 @@ class T5Encoder(nn.Module):
                 x, rows, bias, keep=None if schedule is None else schedule[i],
                 acc_variant=acc_variant, protect=protect, deterministic=deterministic,
                 output_attentions=output_attentions, bias_by_distance=by_distance)
-            if x.shape[1] < n_in:
-                # The kept rows' bias from their ORIGINAL positions: table[bucket(p_j - p_i)],
-                # equal to gathering rows and columns of the entering bias (``take_bias``),
-                # written once in one fusion instead of two gathers over the larger bias.
+            if x.shape[1] < n_in:  # the kept rows' bias from their ORIGINAL positions (module docstring)
                 bias = rel_bias(rows.positions, rows.positions)  # [B, N, K, K]
             if output_attentions:
                 attentions.append(out.pop("attentions"))
