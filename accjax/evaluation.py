@@ -300,12 +300,11 @@ def features(run: RunModel, task: str | None, splits: Sequence[str] | None, data
             raise EvalError(f"task {t.name} has no split {split!r}; it has {list(data)}")
     feats = {split: data_lib.encode(data[split], run.tokenizer, regression=t.is_regression,
                                     max_length=run.max_length, name=f"{t.name}/{split}") for split in wanted}
-    for split, f in list(feats.items()):
-        if not f.has_labels and splits:
+    for split in [s for s, f in feats.items() if not f.has_labels]:
+        if splits:
             raise EvalError(f"{t.name}/{split} has no labels to score; choose a labelled split")
-        if not f.has_labels:
-            log.warning("%s/%s is unlabelled: skipped", t.name, split)
-            del feats[split]
+        log.warning("%s/%s is unlabelled: skipped", t.name, split)
+        del feats[split]
     return t, feats
 
 
@@ -355,7 +354,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------- offline-tuning
-def tune_levels(run: RunModel, task: tasks_lib.Task | None = None, step: float = 0.5) -> list[float]:
+def tune_levels(run: RunModel, step: float = 0.5) -> list[float]:
     """1, 1.5, 2, ... up to the largest speedup the shortest length bucket in use permits, and
     the main job's 4.8 (``eval.glue --speedup 4.8``) where it is within that."""
     top = min(sched_lib.max_speedup(models.cost_model(run.loaded.config), min(run.buckets), bucket=run.bucket,
@@ -385,7 +384,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     machine, so ``pick_level`` and ``pick_program`` never choose it there."""
     t = run.resolve_task(None)
     split = split or t.dev_split
-    levels = list(speedups) if speedups else tune_levels(run, t)
+    levels = list(speedups) if speedups else tune_levels(run)
     pred, found = run.predictor(batch_size, prune_every=prune_every), None
     if search and pred.prune_every > 1:
         raise EvalError(f"--search varies every layer's keep-length, which prune_every {pred.prune_every} "

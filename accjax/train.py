@@ -302,7 +302,6 @@ class Trainer:
         self.seed, self.dropout, self.forward = int(seed), bool(dropout), forward
         self.param_shardings = shard_lib.mesh_shardings(param_specs, mesh, self.rules)
         self.sharded_params = any(not s.is_fully_replicated for s in jax.tree.leaves(self.param_shardings))
-        self._param_specs = param_specs
         self.programs = programs.ProgramCache()  # train steps
         self.eval_programs = programs.ProgramCache()  # forward passes
         self._batch_shardings: dict[tuple, dict] = {}
