@@ -250,7 +250,6 @@ def fit(config) -> FitResult:
     delay = float(config.debug.step_delay_s)
     eval_epochs = {int(e) for e in config.eval.get("epochs", ())}  # empty: every epoch
     best_now = None  # (dev rows, host params) of the best model, when this call exported it
-    saved_at = start if resumed_from is not None else None
 
     def meta_now(step):
         epoch, index = exp.train.position(step)
@@ -330,14 +329,10 @@ def fit(config) -> FitResult:
             mlog.flush()
             t_epoch = t_log = time.perf_counter()  # evaluation time counts in neither
             cpu_epoch = time.process_time()
-        if (every > 0 and step % every == 0) or epoch_end or step == total:
+        if (every > 0 and step % every == 0) or epoch_end or step == total:  # the last step saves
             guards.check_finite_params(state.params, step)  # a resume point must be finite
             ckpt.save(step, state, meta_now(step))
-            saved_at = step
     bar.close()
-    if saved_at != step:
-        guards.check_finite_params(state.params, step)
-        ckpt.save(step, state, meta_now(step))
     ckpt.close()
 
     # The best model as exported, on every labelled dev and test split.
