@@ -281,8 +281,7 @@ def fit(config) -> FitResult:
         batch = exp.train.batch(epoch, index)
         speeds = sampler.speedups(step)
         state, metrics = trainer.step(state, batch, step_static(exp, el, speeds, batch))
-        pending.append((speeds, metrics, float(np.sum(batch["weights"])) if "weights" in batch
-                        else float(len(next(iter(batch.values()))))))
+        pending.append((speeds, metrics, float(np.sum(batch["weights"]))))  # both experiments weigh rows
         step += 1
         if first_step_at is None:
             jax.block_until_ready(metrics)
