@@ -145,16 +145,14 @@ class T5Config(common.ModelConfig):
         pad = d.get("pad_token_id", 0)
         kw = dict(
             {k: d[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")},
+            **{k: d[k] for k in ("relative_attention_num_buckets", "relative_attention_max_distance",
+                                 "layer_norm_epsilon", "initializer_factor") if k in d},  # else the defaults
             num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"],
-            relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
-            relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
-            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-6),
             dense_act_fn=act,
             is_gated_act=parts[0] == "gated" and len(parts) == 2,
             tie_word_embeddings=tie,
             scale_decoder_outputs=bool(scale),
             dropout=d.get("dropout_rate", 0.1),
-            initializer_factor=d.get("initializer_factor", 1.0),
             pad_token_id=0 if pad is None else pad,
             decoder_start_token_id=d.get("decoder_start_token_id", 0 if pad is None else pad),
             eos_token_id=1 if eos is None else eos,
@@ -560,9 +558,8 @@ class DecoderLayer(nn.Module):
         qkv = self.self_qkv(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
         if cache is not None:
-            ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
-            k, v = cache = (ck, cv)  # [B, M, N, H] each; self_mask: the visible slots
+            k, v = cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, a.astype(c.dtype), index, axis=1)
+                                 for c, a in zip(cache, (k, v)))  # [B, M, N, H] each; self_mask: visible
         # One query a step against the cache: XLA is right at this size whatever the backend.
         impl = "xla" if cache is not None else None
         ctx = self._attend(q, k, v, self_mask, self_bias, causal=cache is None, train_dropout=train_dropout,
