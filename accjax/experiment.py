@@ -201,11 +201,6 @@ def load_model(config, head: str, num_labels: int | None) -> tuple[convert.Loade
     return loaded, tok
 
 
-def param_specs(loaded: convert.Loaded) -> Any:
-    """Logical PartitionSpecs of the model's parameters (from the module's annotations)."""
-    return shard_lib.logical_specs(models_lib.abstract_variables(loaded.config, loaded.head))["params"]
-
-
 # ------------------------------------------------------------------- shared reporting
 class _Base:
     objective: str
@@ -223,7 +218,8 @@ class _Base:
         loaded, self.tokenizer_dir = load_model(self.config, self.head, num_labels)
         self.loaded, self.model_config, self.family = loaded, loaded.config, loaded.family
         self.module, self.params = loaded.module, loaded.params
-        self.param_specs = param_specs(loaded)
+        variables = models_lib.abstract_variables(loaded.config, loaded.head)
+        self.param_specs = shard_lib.logical_specs(variables)["params"]  # from the modules' axis names
         self.cost = models_lib.cost_model(self.model_config, self.head)
 
     def export(self, params, run_dir: Path, extra: dict) -> None:

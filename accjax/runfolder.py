@@ -91,11 +91,6 @@ def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
                   reverse=True)
 
 
-def checkpoint_meta(run_dir: str | os.PathLike, step: int) -> dict | None:
-    """The JSON ``meta`` item of checkpoint ``step`` (None when absent or unreadable)."""
-    return _read_json(Path(run_dir) / "checkpoints" / str(step) / "meta" / "metadata")
-
-
 def _read_json(path: Path) -> dict | None:
     """A JSON object file's content; None when absent, unreadable, torn or not an object."""
     try:
@@ -117,7 +112,7 @@ def check_resume(run_dir: str | os.PathLike, config: dict,
     steps = checkpoint_steps(run_dir)
     if not steps:
         return
-    metas = (checkpoint_meta(run_dir, step) for step in steps)
+    metas = (_read_json(run_dir / "checkpoints" / str(step) / "meta" / "metadata") for step in steps)
     recorded = next((m.get("config") for m in metas if m is not None), None)
     saved = _read_json(run_dir / "train_config.json")  # torn: the checkpoint's copy is the record
     try:
