@@ -150,15 +150,9 @@ def _cudnn_attention(q, k, v, key_mask, *, scale, causal, bias, return_lse):
 
 
 def resolve_implementation(implementation: str | None, dtype) -> str:
-    if implementation in (None, "auto"):
-        return default_implementation(dtype)
+    if implementation in (None, "auto"):  # cuDNN flash attention on GPU for half-precision inputs
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     if implementation not in ("xla", "cudnn"):
         raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {implementation!r}")
     return implementation
-
-
-def default_implementation(dtype) -> str:
-    """cuDNN flash attention on GPU for half-precision inputs, XLA otherwise."""
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
-    return "xla"

@@ -392,10 +392,6 @@ def fit_seeds(config, seeds: Sequence[int]) -> dict:
 
 
 # ------------------------------------------------------------------------ default model
-def default_run_dir() -> Path:
-    return hub.cache_dir() / "runs" / DEFAULT_RUN_NAME
-
-
 def load_config_file(spec: str):
     """``'file.py:arg'`` (relative to ``configs/`` or a path) -> its ml_collections config."""
     path_s, _, arg = spec.partition(":")
@@ -417,7 +413,7 @@ def ensure_default_run() -> Path:
     ``ACCJAX_DEFAULT_CONFIG`` names another config (e.g. ``rt_minilm.py:elastic,tiny``, used by
     the tests) and ``ACCJAX_DEFAULT_RUN`` another folder.
     """
-    run = Path(os.environ.get("ACCJAX_DEFAULT_RUN") or default_run_dir())
+    run = Path(os.environ.get("ACCJAX_DEFAULT_RUN") or hub.cache_dir() / "runs" / DEFAULT_RUN_NAME)
     if (run / convert.ACCJAX_META).exists() and (run / "summary.json").exists():
         return run
     recipe = spec = os.environ.get("ACCJAX_DEFAULT_CONFIG", DEFAULT_CONFIG)

@@ -307,12 +307,6 @@ def _qkv(cfg: T5Config, name: str, parts: int = 3) -> Proj:
                 ("embed", "qkv", "heads", "kv"), stds, name=name)
 
 
-def _q(cfg: T5Config, name: str) -> Proj:
-    f = cfg.initializer_factor
-    return Proj(cfg, (cfg.d_model, cfg.num_heads, cfg.d_kv), "BTD,DNH->BTNH",
-                ("embed", "heads", "kv"), f * (cfg.d_model * cfg.d_kv) ** -0.5, name=name)
-
-
 def _out(cfg: T5Config, name: str | None = None) -> common.HeadsOut:
     """Attention output projection [B, T, N, H] -> [B, T, D] (no bias), and value norms."""
     return common.HeadsOut(cfg, std=cfg.initializer_factor * cfg.inner_dim ** -0.5, use_bias=False,
@@ -517,7 +511,9 @@ class DecoderLayer(nn.Module):
         self.self_qkv = _qkv(cfg, None)
         self.self_out = _out(cfg)
         self.cross_norm = RMSNorm(cfg)
-        self.cross_q = _q(cfg, None)
+        d, f = cfg.d_model, cfg.initializer_factor
+        self.cross_q = Proj(cfg, (d, cfg.num_heads, cfg.d_kv), "BTD,DNH->BTNH", ("embed", "heads", "kv"),
+                            f * (d * cfg.d_kv) ** -0.5)
         self.cross_kv = _qkv(cfg, None, parts=2)
         self.cross_out = _out(cfg)
         self.mlp_norm = RMSNorm(cfg)
