@@ -354,14 +354,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------- offline-tuning
-def tune_levels(run: RunModel, step: float = 0.5) -> list[float]:
-    """1, 1.5, 2, ... up to the largest speedup the shortest length bucket in use permits, and
-    the main job's 4.8 (``eval.glue --speedup 4.8``) where it is within that."""
-    top = min(sched_lib.max_speedup(models.cost_model(run.loaded.config), min(run.buckets), bucket=run.bucket,
-                                    floor=run.floor), 8.0)
-    return sorted({float(x) for x in np.arange(1.0, top + 1e-9, step)} | ({4.8} if top >= 4.8 else set()))
-
-
 def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batch_size: int = 64,
                  data_dir: str | None = None, split: str | None = None, progress: bool = True,
                  out_dir: str | os.PathLike | None = None, repeats: int = 5, search: int = 0,
@@ -384,7 +376,11 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     machine, so ``pick_level`` and ``pick_program`` never choose it there."""
     t = run.resolve_task(None)
     split = split or t.dev_split
-    levels = list(speedups) if speedups else tune_levels(run)
+    levels = list(speedups or ())
+    if not levels:  # 1, 1.5, 2, ... up to the shortest bucket's maximum (8 at most), and 4.8 within it
+        cost = models.cost_model(run.loaded.config)
+        top = min(sched_lib.max_speedup(cost, min(run.buckets), bucket=run.bucket, floor=run.floor), 8.0)
+        levels = sorted({*map(float, np.arange(1.0, top + 1e-9, 0.5)), *([4.8] if top >= 4.8 else [])})
     pred, found = run.predictor(batch_size, prune_every=prune_every), None
     if search and pred.prune_every > 1:
         raise EvalError(f"--search varies every layer's keep-length, which prune_every {pred.prune_every} "
