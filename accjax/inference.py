@@ -53,6 +53,15 @@ def cast_params(params, param_dtype: str | None):
     return jax.device_put(params)
 
 
+def load_exported(folder):
+    """Serves a folder written by ``python -m accjax.export`` with no model code
+    (``accjax.serving.ExportedModel``: ``.predict(texts or batch, speedup=...)``); the entry
+    issue 15 names, kept beside ``accjax.export.load_exported``."""
+    from accjax import serving
+
+    return serving.load_exported(folder)
+
+
 class Planned:
     """What every predictor shares: a length bucket for an input, a plan (``schedule.plan``:
     the keep-lengths a speedup runs at a padded length) and the counters of its
