@@ -400,8 +400,8 @@ def attend_and_score(
 
 # On a GPU, up to this many rows, select by counting ranks ([B, T, T] comparisons, a few
 # small fusions) instead of lax.top_k + sort (sort kernels); both give the same indices.
-# Not on the CPU, where the comparisons cost more than the sort (32 x 128 keep 88: 0.58 vs
-# 0.22 ms; 32 x 512 keep 360: 77 vs 3 ms, jax 0.10.2, 2 cores).
+# Not on the CPU, where the comparisons cost more than the sort (docs/benchmarks.md, "CPU
+# check" of issue 17).
 RANK_SELECT_MAX_ROWS = 1024
 SELECT_METHODS = ("auto", "top_k", "rank")
 SELECT_METHOD = "auto"  # what ``select_rows`` uses when not told (benchmarks A/B it)
