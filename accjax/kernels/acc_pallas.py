@@ -509,10 +509,11 @@ def _self_bwd(scale, causal, interpret, res, g):
 self_attention_with_column_sums.defvjp(_self_fwd, _self_bwd)
 
 
-def _distance_bias(rel_bias, positions):
-    """[N, 2P - 1] by distance at [B, T] positions -> the [B, N, T, T] logits bias."""
+def _distance_bias(rel_bias, positions, xp=jnp):
+    """[N, 2P - 1] by distance at [B, T] positions -> the [B, N, T, T] logits bias (``xp=np``
+    in the probes, which must not be traced)."""
     r = (rel_bias.shape[1] - 1) // 2
-    return jnp.moveaxis(rel_bias[:, positions[:, None, :] - positions[:, :, None] + r], 0, 1)
+    return xp.moveaxis(rel_bias[:, positions[:, None, :] - positions[:, :, None] + r], 0, 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -585,8 +586,7 @@ def _probe_distance(interpret: bool) -> bool:
                                        blocks=(32, 32, 4, 2)).compile()
     ctx, lse = (np.asarray(x, np.float32) for x in prog(q, k, v, m, rb, pos))
     lg = np.einsum("btnh,bsnh->bnts", q.astype(np.float32), k.astype(np.float32)) * 0.125
-    bias = np.moveaxis(rb[:, pos[:, None, :] - pos[:, :, None] + 49], 0, 1)  # numpy: no trace
-    lg = np.where(m[:, None, None, :], lg + bias, -1e30)
+    lg = np.where(m[:, None, None, :], lg + _distance_bias(rb, pos, np), -1e30)
     ref_lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
     ref_ctx = np.einsum("bnts,bsnh->btnh", np.exp(lg - ref_lse[..., None]), v.astype(np.float32))
     return bool(np.allclose(ctx, ref_ctx, rtol=3e-2, atol=3e-2) and np.allclose(lse, ref_lse, atol=2e-2))
@@ -631,7 +631,7 @@ def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = 
                     pos = pos.astype(np.int32)  # the kept rows' original positions, P = 40
                     rb = rng.standard_normal((2, 79)).astype(np.float32)  # [N, 2P - 1]
                     kw = {"rel_bias": rb, "positions": pos}
-                    bias = rb[:, pos[:, None, :] - pos[:, :, None] + 39].transpose(1, 0, 2, 3)
+                    bias = _distance_bias(rb, pos, np)
                 prog = column_sums_from_lse.lower(q, k, lse, m, m, scale=0.2, interpret=interpret,
                                                   **kw).compile()
                 got = np.asarray(prog(q, k, lse, m, m, **kw))
