@@ -383,12 +383,15 @@ def attention_with_column_sums(q, k, v, query_mask, key_mask, *, scale: float,
 
 
 def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
-                     scale: float, block_k: int, n_kb: int, rel_offset: int):
+                     scale: float, block_k: int, n_kb: int, rel_offset: int, far: int | None):
     # refs (batch, head squeezed; this program's query block): km [Sp], q [BQ, H], k / v
     # [Sp, H], positions qp [BQ] / kp [Sp], bias by distance rb [R] (times log2(e));
     # outputs o [BQ, H] (context), lse [BQ] (natural log)
     q = q_ref[...]
     q_pos = qp_ref[...]
+    if far is not None:  # rb is constant beyond +-far: one scalar each side, read once
+        q_lo, q_hi, rb_above, rb_below = (jnp.min(q_pos), jnp.max(q_pos),
+                                          rb_ref[rel_offset + far], rb_ref[rel_offset - far])
 
     def step(kb, carry):
         m, l, acc = carry  # online softmax in base 2: running max, sum, unnormalised context
@@ -396,7 +399,14 @@ def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref,
         k = k_ref[pl.ds(start, block_k), :]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
-        s = s + rb_ref[kp_ref[pl.ds(start, block_k)][None, :] - q_pos[:, None] + rel_offset]
+        kp = kp_ref[pl.ds(start, block_k)]
+        gather = lambda: s + rb_ref[kp[None, :] - q_pos[:, None] + rel_offset]  # noqa: E731
+        if far is None:
+            s = gather()
+        else:  # a tile pair wholly beyond +-far adds one scalar (lax.cond: no gather at all)
+            lo, hi = jnp.min(kp) - q_hi, jnp.max(kp) - q_lo  # its distance range (rows unsorted)
+            s = jax.lax.cond((lo >= far) | (hi <= -far),
+                             lambda: s + jnp.where(lo >= far, rb_above, rb_below), gather)
         s = jnp.where((km_ref[pl.ds(start, block_k)] != 0)[None, :], s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -419,9 +429,10 @@ def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref,
 DISTANCE_BLOCKS = (64, 32, 4, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "blocks", "far"))
 def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: float,
-                          interpret: bool = False, blocks: tuple[int, int, int, int] | None = None):
+                          interpret: bool = False, blocks: tuple[int, int, int, int] | None = None,
+                          far: int | None = None):
     """Flash attention (forward) with T5's bias read by key - query distance, and the
     log-sum-exp the second ACC pass needs: once rows are eliminated their positions differ per
     example, and cuDNN would need the bias written out as [B, N, T, T] in every layer.
@@ -430,6 +441,9 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
       q, k, v: [B, T, N, H] self-attention rows; key_mask [B, T] bool (padding keys get no
         probability); rel_bias [N, 2P - 1], entry ``r + P - 1`` added for key position - query
         position = r; positions [B, T] int, each row's ORIGINAL position in [0, P).
+      far: static int, only where ``rel_bias`` is constant beyond +-far (T5's bidirectional
+        ``relative_attention_max_distance``): tile pairs whose distances all lie there skip
+        the lookup. None (or far >= P): look up every tile.
     Returns:
       (context [B, T, N, H] in v.dtype, log-sum-exp [B, N, T] float32 of each query's biased,
       masked, scaled logits, as cuDNN returns it).
@@ -443,11 +457,13 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
     km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, tk - t)))  # [B, Tk]
     r = rel_bias.shape[1]
     rp = _pow2(r)
-    # padded rows get position 0: their distances stay inside the vector (keys are masked)
-    pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tq, tk) - t)))
+    # padded rows repeat the last position: their distances stay inside the vector (keys are
+    # masked) and they widen no tile's distance range (0 would, and block far-tile skips)
+    pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tq, tk) - t)), mode="edge")
     bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
+    far = far if far is not None and far < (r + 1) // 2 else None  # no distance reaches +-P
     kernel = functools.partial(_distance_kernel, scale=scale, block_k=block_k, n_kb=tk // block_k,
-                               rel_offset=(r - 1) // 2)
+                               rel_offset=(r - 1) // 2, far=far)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -516,19 +532,21 @@ def _distance_bias(rel_bias, positions, xp=jnp):
     return xp.moveaxis(rel_bias[:, positions[:, None, :] - positions[:, :, None] + r], 0, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale: float, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale: float, interpret: bool,
+                               far: int | None = None):
     """``attention_by_distance``, differentiable in q, k, v and the bias: the backward pass is
     plain attention's, recomputed by XLA with the bias written out (training only)."""
-    return attention_by_distance(q, k, v, mask, rel_bias, positions, scale=scale, interpret=interpret)
+    return attention_by_distance(q, k, v, mask, rel_bias, positions, scale=scale, interpret=interpret,
+                                 far=far)
 
 
-def _distance_fwd(q, k, v, mask, rel_bias, positions, scale, interpret):
-    out = self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale, interpret)
+def _distance_fwd(q, k, v, mask, rel_bias, positions, scale, interpret, far):
+    out = self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale, interpret, far)
     return out, (q, k, v, mask, rel_bias, positions)
 
 
-def _distance_bwd(scale, interpret, res, g):
+def _distance_bwd(scale, interpret, far, res, g):
     from accjax import attention
 
     q, k, v, mask, rel_bias, positions = res
@@ -582,8 +600,9 @@ def _probe_distance(interpret: bool) -> bool:
     pos = np.stack([np.sort(rng.choice(50, 40, replace=False)) for _ in range(2)]).astype(np.int32)
     rb = rng.standard_normal((2, 99)).astype(np.float32)
     m = np.arange(40)[None] < np.array([[40], [23]])
+    # far=40 compiles the far-tile branch T5 runs (no tile pair here lies beyond +-40)
     prog = attention_by_distance.lower(q, k, v, m, rb, pos, scale=0.125, interpret=interpret,
-                                       blocks=(32, 32, 4, 2)).compile()
+                                       blocks=(32, 32, 4, 2), far=40).compile()
     ctx, lse = (np.asarray(x, np.float32) for x in prog(q, k, v, m, rb, pos))
     lg = np.einsum("btnh,bsnh->bnts", q.astype(np.float32), k.astype(np.float32)) * 0.125
     lg = np.where(m[:, None, None, :], lg + _distance_bias(rb, pos, np), -1e30)
