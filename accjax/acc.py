@@ -305,6 +305,7 @@ def attend_and_score(
     bias: Array | None = None,
     bias_by_distance: Array | None = None,
     positions: Array | None = None,
+    far: int | None = None,
     score: bool = False,
     variant: str = "plain",
     protect: Array | None = None,
@@ -341,6 +342,8 @@ def attend_and_score(
       bias: additive logits bias broadcastable to [B, N, T, S] (T5's position bias), or None.
       bias_by_distance: [N, 2P - 1] the same bias by key - query position (P = input length),
         with positions [B, T] the rows' ORIGINAL positions; lets the Pallas kernel score.
+      far: static int where ``bias_by_distance`` is constant beyond +-far (T5's bidirectional
+        max_distance): the Pallas attention skips its lookup on tiles that lie beyond.
       score: compute ACC (the layer eliminates).
       value_norms: () -> [B, N, S], called only for the ``value_norm`` variant.
     Returns:
@@ -376,7 +379,7 @@ def attend_and_score(
             from accjax.kernels import acc_pallas
 
             ctx, lse = acc_pallas.self_attention_by_distance(
-                q, k, v, mask, bias_by_distance, positions, scale, DISTANCE_ATTENTION == "interpret")
+                q, k, v, mask, bias_by_distance, positions, scale, DISTANCE_ATTENTION == "interpret", far)
         else:
             want_lse = score and how in ("lse", "pallas_lse")
             out = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
