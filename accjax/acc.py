@@ -194,6 +194,7 @@ def acc_scores_fused(
     interpret: bool = False,
     rel_bias: Array | None = None,
     positions: Array | None = None,
+    far: int | None = None,
 ) -> Array:
     """Plain ACC from q and k by the Pallas kernels of ``accjax.kernels.acc_pallas``: the
     probabilities are recomputed in registers (float32) and never stored.
@@ -204,7 +205,8 @@ def acc_scores_fused(
         it); None: the kernel computes each row's softmax itself.
       interpret: run the kernel in Pallas' interpreter (CPU tests).
       rel_bias, positions: a logits bias by relative position (T5), [N, 2P - 1], and the
-        rows' original positions [B, T]; needs ``lse`` (see ``column_sums_from_lse``).
+        rows' original positions [B, T]; needs ``lse`` (see ``column_sums_from_lse``);
+        ``far`` where that bias is constant beyond +-far.
     Returns:
       [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``.
     """
@@ -220,7 +222,7 @@ def acc_scores_fused(
     else:
         col = acc_pallas.column_sums_from_lse(q, k, lse, query_mask, key_mask, scale=scale,
                                               causal=causal, interpret=interpret,
-                                              rel_bias=rel_bias, positions=positions)
+                                              rel_bias=rel_bias, positions=positions, far=far)
     col = col.sum(axis=1)  # [B, S]
     return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
 
@@ -397,7 +399,7 @@ def attend_and_score(
             else:
                 scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
                                           protect=protect, interpret=interpret, lse=sg(lse),
-                                          rel_bias=sg(bias_by_distance), positions=positions)
+                                          rel_bias=sg(bias_by_distance), positions=positions, far=far)
     return ctx, scores, probs
 
 

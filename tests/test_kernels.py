@@ -82,7 +82,8 @@ def test_attention_by_distance_skips_far_tiles():
     """``far``: tile pairs whose key - query distances all lie beyond +-far add one scalar
     instead of looking the bias up. With T5's bucketed bias (constant there) it matches
     float64; with a bias that is not constant beyond +-far it differs (the lookup really is
-    skipped). Example 0 sorted, example 1 shuffled; 60 rows padded to 64."""
+    skipped); so do the second pass's column sums. Example 0 sorted, example 1 shuffled; 60
+    rows padded to 64."""
     from accjax.models import t5
 
     rng = np.random.default_rng(7)
@@ -108,6 +109,11 @@ def test_attention_by_distance_skips_far_tiles():
     skipped, looked_up = (acc_pallas.attention_by_distance(q, k, v, m, raw, pos, far=f, **kw)[1]
                           for f in (far, None))
     assert float(jnp.abs(skipped - looked_up).max()) > 1e-2
+    # the second ACC pass (column sums from the log-sum-exp) skips the same tile pairs
+    cols = [acc_pallas.column_sums_from_lse(q, k, lse, m, m, rel_bias=x, positions=pos, far=f, **kw)
+            for x, f in ((rb, far), (rb, None), (raw, far), (raw, None))]
+    np.testing.assert_allclose(np.asarray(cols[0]), np.asarray(cols[1]), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(cols[2] - cols[3]).max()) > 1e-3
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -126,7 +126,7 @@ def column_sums(q, k, query_mask, key_mask, *, scale: float, causal: bool = Fals
 
 
 def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal: bool,
-                block_k: int, rel_offset: int | None):
+                block_k: int, rel_offset: int | None, far: int | None = None):
     # refs (batch, head squeezed): lse [Tp] (log2 units; +inf-like for padding queries),
     # q [Tp, H], k [BK, H] (this program's key block), then with a relative bias: q positions
     # [Tp], k positions [BK], bias by distance [R]; o [BK]
@@ -139,6 +139,9 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
     k = k_ref[...]  # [BK, H]
     cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
     k_pos = None if rel_offset is None else kp_ref[...]  # [BK] original positions
+    if far is not None:  # the bias is constant beyond +-far: as ``_distance_kernel``
+        k_lo, k_hi, rb_above, rb_below = (jnp.min(k_pos), jnp.max(k_pos),
+                                          rb_ref[rel_offset + far], rb_ref[rel_offset - far])
 
     def body(i, acc):
         start = i * block_q
@@ -150,7 +153,13 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
             # T5's bias depends only on key position - query position: one gathered load
             # from a [R] vector per head (L1-resident), never a [T, S] bias in memory.
             q_pos = qp_ref[pl.ds(start, block_q)]  # [BQ]
-            s = s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]  # (times log2(e))
+            gather = lambda: s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]  # noqa: E731
+            if far is None:
+                s = gather()  # (times log2(e))
+            else:
+                lo, hi = k_lo - jnp.max(q_pos), k_hi - jnp.min(q_pos)
+                s = jax.lax.cond((lo >= far) | (hi <= -far),
+                                 lambda: s + jnp.where(lo >= far, rb_above, rb_below), gather)
         p = jnp.exp2(s - lse[:, None])  # softmax probabilities; 0 for padding queries
         if causal:
             rows = start + jnp.arange(block_q, dtype=jnp.int32)
@@ -171,10 +180,10 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
 LSE_BLOCKS = (64, 64, 4, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks", "far"))
 def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causal: bool = False,
                          interpret: bool = False, rel_bias=None, positions=None,
-                         blocks: tuple[int, int, int, int] | None = None):
+                         blocks: tuple[int, int, int, int] | None = None, far: int | None = None):
     """Per-head softmax column sums given each query's log-sum-exp (from flash attention).
 
     Grid (batch, head, key block): each program keeps its [BK, H] keys and walks the query
@@ -189,6 +198,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         ``r + P - 1`` is added for key position - query position = r. Needs ``positions``
         [B, T] int (self-attention, T == S): each row's ORIGINAL position in [0, P).
       blocks: (block_q, block_k, num_warps, num_stages); None: ``LSE_BLOCKS``.
+      far: as ``attention_by_distance``'s (tile pairs beyond +-far skip the bias lookup).
     Returns:
       [B, N, S] float32: sum over valid queries i of exp(scale q_i.k_j (+ bias) - lse_i).
     """
@@ -219,8 +229,9 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         r = rel_bias.shape[1]
         rel_offset = (r - 1) // 2
         rp = _pow2(r)
-        # padded rows get position 0: their distances stay inside the vector (and are masked)
-        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tp, sp) - t)))  # [B, max]
+        # padded rows repeat the last position (as ``attention_by_distance``; masked)
+        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tp, sp) - t)), mode="edge")
+        far = far if far is not None and far < (r + 1) // 2 else None
         bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
         args += [pos[:, :tp], pos[:, :sp], bias]
         in_specs += [
@@ -229,7 +240,8 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
             pl.BlockSpec((None, rp), lambda i, j, c: (j, 0)),
         ]
     kernel = functools.partial(_lse_kernel, scale=scale, block_q=block_q, causal=causal,
-                               block_k=block_k, rel_offset=rel_offset)
+                               block_k=block_k, rel_offset=rel_offset,
+                               far=far if rel_bias is not None else None)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
