@@ -82,15 +82,14 @@ def test_attention_by_distance_skips_far_tiles():
     """``far``: tile pairs whose key - query distances all lie beyond +-far add one scalar
     instead of looking the bias up. With T5's bucketed bias (constant there) it matches
     float64; with a bias that is not constant beyond +-far it differs (the lookup really is
-    skipped); so do the second pass's column sums. Example 0 sorted, example 1 shuffled; 60
-    rows padded to 64."""
+    skipped); so do the second pass's column sums. 60 rows padded to 64."""
     from accjax.models import t5
 
     rng = np.random.default_rng(7)
     b, t, n, h, p_len, far, tile = 2, 60, 2, 16, 200, 16, 16
     q, k, v = _qkv(rng, b, t, n, h)
     m = np.arange(t)[None] < np.array([[t], [45]])
-    pos = np.stack([np.sort(rng.choice(p_len, t, replace=False)), rng.choice(p_len, t, replace=False)])
+    pos = np.stack([np.sort(rng.choice(p_len, t, replace=False)) for _ in range(b)])  # ascending, as kept rows
     d = np.arange(-(p_len - 1), p_len)
     bucket = np.asarray(t5.relative_position_bucket(jnp.asarray(d), bidirectional=True, num_buckets=16,
                                                     max_distance=far))

@@ -139,27 +139,20 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
     k = k_ref[...]  # [BK, H]
     cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
     k_pos = None if rel_offset is None else kp_ref[...]  # [BK] original positions
-    if far is not None:  # the bias is constant beyond +-far: as ``_distance_kernel``
-        k_lo, k_hi, rb_above, rb_below = (jnp.min(k_pos), jnp.max(k_pos),
-                                          rb_ref[rel_offset + far], rb_ref[rel_offset - far])
 
-    def body(i, acc):
+    def body(bias, i, acc):
         start = i * block_q
         q = q_ref[pl.ds(start, block_q), :]  # [BQ, H]
         lse = lse_ref[pl.ds(start, block_q)]  # [BQ] float32, already times log2(e)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
-        if rel_offset is not None:
+        if bias is not None:
+            s = s + bias
+        elif rel_offset is not None:
             # T5's bias depends only on key position - query position: one gathered load
             # from a [R] vector per head (L1-resident), never a [T, S] bias in memory.
             q_pos = qp_ref[pl.ds(start, block_q)]  # [BQ]
-            gather = lambda: s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]  # noqa: E731
-            if far is None:
-                s = gather()  # (times log2(e))
-            else:
-                lo, hi = k_lo - jnp.max(q_pos), k_hi - jnp.min(q_pos)
-                s = jax.lax.cond((lo >= far) | (hi <= -far),
-                                 lambda: s + jnp.where(lo >= far, rb_above, rb_below), gather)
+            s = s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]  # (times log2(e))
         p = jnp.exp2(s - lse[:, None])  # softmax probabilities; 0 for padding queries
         if causal:
             rows = start + jnp.arange(block_q, dtype=jnp.int32)
@@ -171,7 +164,12 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
     # Padding keys are zeroed by the caller. Causal: query blocks that end before this key
     # block's first column see none of it, so the walk starts at the block holding row kb * BK.
     first = (kb * block_k) // block_q if causal else 0
-    acc = jax.lax.fori_loop(first, t_pad // block_q, body, jnp.zeros((block_q, block_k), jnp.float32))
+    acc = jnp.zeros((block_q, block_k), jnp.float32)
+    ranges = [(first, t_pad // block_q, None)] if far is None else _far_ranges(
+        far, qp_ref[...], jnp.min(k_pos), jnp.max(k_pos), block_q, t_pad // block_q, rb_ref,
+        rel_offset, sign=-1)
+    for lo, hi, bias in ranges:
+        acc = jax.lax.fori_loop(lo, hi, functools.partial(body, bias), acc)
     o_ref[...] = jnp.sum(acc, axis=0)
 
 
@@ -394,6 +392,22 @@ def attention_with_column_sums(q, k, v, query_mask, key_mask, *, scale: float,
     return ctx[:, :t, :, :h], col.sum(axis=2)[:, :, :s]  # [B, T, N, H], [B, N, S]
 
 
+def _far_ranges(far, other_pos, lo_pos, hi_pos, block, n_blocks, rb_ref, rel_offset, sign=1):
+    """[(first block, end block, bias or None)] walking the other side's blocks in three
+    stretches (T5's bias is constant beyond +-far): blocks whose distances to this program's
+    rows [lo_pos, hi_pos] are all <= -far add one scalar, the band between looks the bias up,
+    blocks all >= far add the other scalar. Rows are in ascending position order (eliminated
+    rows keep their order; padding repeats the last), so each stretch is contiguous. Separate
+    loops, not a branch inside one: a branch stalls Triton's pipelining of the loads.
+    ``sign`` -1: the other side are queries (distance = this row - other)."""
+    if far is None:
+        return [(0, n_blocks, None)]
+    below = jnp.sum((other_pos <= lo_pos - far).astype(jnp.int32)) // block
+    above = n_blocks - jnp.sum((other_pos >= hi_pos + far).astype(jnp.int32)) // block
+    return [(0, below, rb_ref[rel_offset - sign * far]), (below, above, None),
+            (above, n_blocks, rb_ref[rel_offset + sign * far])]
+
+
 def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
                      scale: float, block_k: int, n_kb: int, rel_offset: int, far: int | None):
     # refs (batch, head squeezed; this program's query block): km [Sp], q [BQ, H], k / v
@@ -401,24 +415,15 @@ def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref,
     # outputs o [BQ, H] (context), lse [BQ] (natural log)
     q = q_ref[...]
     q_pos = qp_ref[...]
-    if far is not None:  # rb is constant beyond +-far: one scalar each side, read once
-        q_lo, q_hi, rb_above, rb_below = (jnp.min(q_pos), jnp.max(q_pos),
-                                          rb_ref[rel_offset + far], rb_ref[rel_offset - far])
 
-    def step(kb, carry):
+    def step(bias, kb, carry):
         m, l, acc = carry  # online softmax in base 2: running max, sum, unnormalised context
         start = kb * block_k
         k = k_ref[pl.ds(start, block_k), :]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
-        kp = kp_ref[pl.ds(start, block_k)]
-        gather = lambda: s + rb_ref[kp[None, :] - q_pos[:, None] + rel_offset]  # noqa: E731
-        if far is None:
-            s = gather()
-        else:  # a tile pair wholly beyond +-far adds one scalar (lax.cond: no gather at all)
-            lo, hi = jnp.min(kp) - q_hi, jnp.max(kp) - q_lo  # its distance range (rows unsorted)
-            s = jax.lax.cond((lo >= far) | (hi <= -far),
-                             lambda: s + jnp.where(lo >= far, rb_above, rb_below), gather)
+        s = s + (rb_ref[kp_ref[pl.ds(start, block_k)][None, :] - q_pos[:, None] + rel_offset]
+                 if bias is None else bias)
         s = jnp.where((km_ref[pl.ds(start, block_k)] != 0)[None, :], s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -429,9 +434,12 @@ def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref,
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     bq, hp = q.shape
-    m, l, acc = jax.lax.fori_loop(0, n_kb, step, (jnp.full((bq,), NEG, jnp.float32),
-                                                 jnp.zeros((bq,), jnp.float32),
-                                                 jnp.zeros((bq, hp), jnp.float32)))
+    carry = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
+             jnp.zeros((bq, hp), jnp.float32))
+    for lo, hi, bias in _far_ranges(far, kp_ref[...], jnp.min(q_pos), jnp.max(q_pos), block_k,
+                                    n_kb, rb_ref, rel_offset):
+        carry = jax.lax.fori_loop(lo, hi, functools.partial(step, bias), carry)
+    m, l, acc = carry
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log2(l)) / LOG2E
 
