@@ -82,11 +82,11 @@ def test_attention_by_distance_skips_far_tiles():
     """``far``: tile pairs whose key - query distances all lie beyond +-far add one scalar
     instead of looking the bias up. With T5's bucketed bias (constant there) it matches
     float64; with a bias that is not constant beyond +-far it differs (the lookup really is
-    skipped); so do the second pass's column sums. 60 rows padded to 64."""
+    skipped); so do the second pass's column sums. 72 rows padded to 80 (positions to 128)."""
     from accjax.models import t5
 
     rng = np.random.default_rng(7)
-    b, t, n, h, p_len, far, tile = 2, 60, 2, 16, 200, 16, 16
+    b, t, n, h, p_len, far, tile = 2, 72, 2, 16, 200, 16, 16
     q, k, v = _qkv(rng, b, t, n, h)
     m = np.arange(t)[None] < np.array([[t], [45]])
     pos = np.stack([np.sort(rng.choice(p_len, t, replace=False)) for _ in range(b)])  # ascending, as kept rows
@@ -96,7 +96,7 @@ def test_attention_by_distance_skips_far_tiles():
     assert (bucket[d >= far] == bucket[d == far]).all() and (bucket[d <= -far] == bucket[d == -far]).all()
     rb = jnp.asarray(rng.normal(0.0, 2.0, size=(n, 16))[:, bucket], jnp.float32)  # [N, 2P - 1]
     # the setup holds both kinds of tile pair: ranges of the padded positions per tile
-    tiles = np.pad(pos, ((0, 0), (0, 4)), mode="edge").reshape(b, -1, tile)
+    tiles = np.pad(pos, ((0, 0), (0, 8)), mode="edge").reshape(b, -1, tile)
     lo = tiles.min(-1)[:, None, :] - tiles.max(-1)[:, :, None]  # [B, q tile, k tile]
     hi = tiles.max(-1)[:, None, :] - tiles.min(-1)[:, :, None]
     skip = (lo >= far) | (hi <= -far)

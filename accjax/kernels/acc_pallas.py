@@ -228,12 +228,13 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         rel_offset = (r - 1) // 2
         rp = _pow2(r)
         # padded rows repeat the last position (as ``attention_by_distance``; masked)
-        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tp, sp) - t)), mode="edge")
+        # (query positions to a power of two: Triton loads the whole vector; ``_far_ranges``)
+        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(_pow2(tp), sp) - t)), mode="edge")
         far = far if far is not None and far < (r + 1) // 2 else None
         bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
-        args += [pos[:, :tp], pos[:, :sp], bias]
+        args += [pos[:, :_pow2(tp)], pos[:, :sp], bias]
         in_specs += [
-            pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((None, _pow2(tp)), lambda i, j, c: (i, 0)),
             pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
             pl.BlockSpec((None, rp), lambda i, j, c: (j, 0)),
         ]
@@ -399,11 +400,13 @@ def _far_ranges(far, other_pos, lo_pos, hi_pos, block, n_blocks, rb_ref, rel_off
     blocks all >= far add the other scalar. Rows are in ascending position order (eliminated
     rows keep their order; padding repeats the last), so each stretch is contiguous. Separate
     loops, not a branch inside one: a branch stalls Triton's pipelining of the loads.
-    ``sign`` -1: the other side are queries (distance = this row - other)."""
+    ``sign`` -1: the other side are queries (distance = this row - other). ``other_pos`` is
+    padded to a power of two (Triton's rule); only its first ``n_blocks * block`` count."""
     if far is None:
         return [(0, n_blocks, None)]
-    below = jnp.sum((other_pos <= lo_pos - far).astype(jnp.int32)) // block
-    above = n_blocks - jnp.sum((other_pos >= hi_pos + far).astype(jnp.int32)) // block
+    real = jnp.arange(other_pos.shape[0]) < n_blocks * block
+    below = jnp.sum((real & (other_pos <= lo_pos - far)).astype(jnp.int32)) // block
+    above = n_blocks - jnp.sum((real & (other_pos >= hi_pos + far)).astype(jnp.int32)) // block
     return [(0, below, rb_ref[rel_offset - sign * far]), (below, above, None),
             (above, n_blocks, rb_ref[rel_offset + sign * far])]
 
@@ -479,7 +482,7 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
     rp = _pow2(r)
     # padded rows repeat the last position: their distances stay inside the vector (keys are
     # masked) and they widen no tile's distance range (0 would, and block far-tile skips)
-    pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tq, tk) - t)), mode="edge")
+    pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tq, _pow2(tk)) - t)), mode="edge")
     bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
     far = far if far is not None and far < (r + 1) // 2 else None  # no distance reaches +-P
     kernel = functools.partial(_distance_kernel, scale=scale, block_k=block_k, n_kb=tk // block_k,
@@ -500,7 +503,7 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
             pl.BlockSpec((None, tk, None, hp), lambda i, j, c: (i, 0, j, 0)),
             pl.BlockSpec((None, tk, None, hp), lambda i, j, c: (i, 0, j, 0)),
             pl.BlockSpec((None, block_q), lambda i, j, c: (i, c)),
-            pl.BlockSpec((None, tk), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((None, _pow2(tk)), lambda i, j, c: (i, 0)),
             pl.BlockSpec((None, rp), lambda i, j, c: (j, 0)),
         ],
         out_specs=[
@@ -509,7 +512,7 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
         ],
         interpret=interpret,
         **params,
-    )(km, q, k, v, pos[:, :tq], pos[:, :tk], bias)
+    )(km, q, k, v, pos[:, :tq], pos[:, :_pow2(tk)], bias)
     return ctx[:, :t, :, :h], lse[:, :, :t]
 
 
