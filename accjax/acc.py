@@ -194,7 +194,6 @@ def acc_scores_fused(
     interpret: bool = False,
     rel_bias: Array | None = None,
     positions: Array | None = None,
-    far: int | None = None,
 ) -> Array:
     """Plain ACC from q and k by the Pallas kernels of ``accjax.kernels.acc_pallas``: the
     probabilities are recomputed in registers (float32) and never stored.
@@ -205,8 +204,7 @@ def acc_scores_fused(
         it); None: the kernel computes each row's softmax itself.
       interpret: run the kernel in Pallas' interpreter (CPU tests).
       rel_bias, positions: a logits bias by relative position (T5), [N, 2P - 1], and the
-        rows' original positions [B, T]; needs ``lse`` (see ``column_sums_from_lse``);
-        ``far`` where that bias is constant beyond +-far.
+        rows' original positions [B, T]; needs ``lse`` (see ``column_sums_from_lse``).
     Returns:
       [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``.
     """
@@ -222,7 +220,7 @@ def acc_scores_fused(
     else:
         col = acc_pallas.column_sums_from_lse(q, k, lse, query_mask, key_mask, scale=scale,
                                               causal=causal, interpret=interpret,
-                                              rel_bias=rel_bias, positions=positions, far=far)
+                                              rel_bias=rel_bias, positions=positions)
     col = col.sum(axis=1)  # [B, S]
     return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
 
@@ -307,7 +305,6 @@ def attend_and_score(
     bias: Array | None = None,
     bias_by_distance: Array | None = None,
     positions: Array | None = None,
-    far: int | None = None,
     score: bool = False,
     variant: str = "plain",
     protect: Array | None = None,
@@ -344,8 +341,6 @@ def attend_and_score(
       bias: additive logits bias broadcastable to [B, N, T, S] (T5's position bias), or None.
       bias_by_distance: [N, 2P - 1] the same bias by key - query position (P = input length),
         with positions [B, T] the rows' ORIGINAL positions; lets the Pallas kernel score.
-      far: static int where ``bias_by_distance`` is constant beyond +-far (T5's bidirectional
-        max_distance): the Pallas attention skips its lookup on tiles that lie beyond.
       score: compute ACC (the layer eliminates).
       value_norms: () -> [B, N, S], called only for the ``value_norm`` variant.
     Returns:
@@ -381,7 +376,7 @@ def attend_and_score(
             from accjax.kernels import acc_pallas
 
             ctx, lse = acc_pallas.self_attention_by_distance(
-                q, k, v, mask, bias_by_distance, positions, scale, DISTANCE_ATTENTION == "interpret", far)
+                q, k, v, mask, bias_by_distance, positions, scale, DISTANCE_ATTENTION == "interpret")
         else:
             want_lse = score and how in ("lse", "pallas_lse")
             out = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,
@@ -399,7 +394,7 @@ def attend_and_score(
             else:
                 scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
                                           protect=protect, interpret=interpret, lse=sg(lse),
-                                          rel_bias=sg(bias_by_distance), positions=positions, far=far)
+                                          rel_bias=sg(bias_by_distance), positions=positions)
     return ctx, scores, probs
 
 

@@ -126,7 +126,7 @@ def column_sums(q, k, query_mask, key_mask, *, scale: float, causal: bool = Fals
 
 
 def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal: bool,
-                block_k: int, rel_offset: int | None, far: int | None = None):
+                block_k: int, rel_offset: int | None):
     # refs (batch, head squeezed): lse [Tp] (log2 units; +inf-like for padding queries),
     # q [Tp, H], k [BK, H] (this program's key block), then with a relative bias: q positions
     # [Tp], k positions [BK], bias by distance [R]; o [BK]
@@ -140,15 +140,13 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
     cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
     k_pos = None if rel_offset is None else kp_ref[...]  # [BK] original positions
 
-    def body(bias, i, acc):
+    def body(i, acc):
         start = i * block_q
         q = q_ref[pl.ds(start, block_q), :]  # [BQ, H]
         lse = lse_ref[pl.ds(start, block_q)]  # [BQ] float32, already times log2(e)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
-        if bias is not None:
-            s = s + bias
-        elif rel_offset is not None:
+        if rel_offset is not None:
             # T5's bias depends only on key position - query position: one gathered load
             # from a [R] vector per head (L1-resident), never a [T, S] bias in memory.
             q_pos = qp_ref[pl.ds(start, block_q)]  # [BQ]
@@ -164,12 +162,7 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
     # Padding keys are zeroed by the caller. Causal: query blocks that end before this key
     # block's first column see none of it, so the walk starts at the block holding row kb * BK.
     first = (kb * block_k) // block_q if causal else 0
-    acc = jnp.zeros((block_q, block_k), jnp.float32)
-    ranges = [(first, t_pad // block_q, None)] if far is None else _far_ranges(
-        far, qp_ref[...], jnp.min(k_pos), jnp.max(k_pos), block_q, t_pad // block_q, rb_ref,
-        rel_offset, sign=-1)
-    for lo, hi, bias in ranges:
-        acc = jax.lax.fori_loop(lo, hi, functools.partial(body, bias), acc)
+    acc = jax.lax.fori_loop(first, t_pad // block_q, body, jnp.zeros((block_q, block_k), jnp.float32))
     o_ref[...] = jnp.sum(acc, axis=0)
 
 
@@ -178,10 +171,10 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
 LSE_BLOCKS = (64, 64, 4, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks", "far"))
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks"))
 def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causal: bool = False,
                          interpret: bool = False, rel_bias=None, positions=None,
-                         blocks: tuple[int, int, int, int] | None = None, far: int | None = None):
+                         blocks: tuple[int, int, int, int] | None = None):
     """Per-head softmax column sums given each query's log-sum-exp (from flash attention).
 
     Grid (batch, head, key block): each program keeps its [BK, H] keys and walks the query
@@ -196,7 +189,6 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         ``r + P - 1`` is added for key position - query position = r. Needs ``positions``
         [B, T] int (self-attention, T == S): each row's ORIGINAL position in [0, P).
       blocks: (block_q, block_k, num_warps, num_stages); None: ``LSE_BLOCKS``.
-      far: as ``attention_by_distance``'s (tile pairs beyond +-far skip the bias lookup).
     Returns:
       [B, N, S] float32: sum over valid queries i of exp(scale q_i.k_j (+ bias) - lse_i).
     """
@@ -227,20 +219,17 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         r = rel_bias.shape[1]
         rel_offset = (r - 1) // 2
         rp = _pow2(r)
-        # padded rows repeat the last position (as ``attention_by_distance``; masked)
-        # (query positions to a power of two: Triton loads the whole vector; ``_far_ranges``)
-        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(_pow2(tp), sp) - t)), mode="edge")
-        far = far if far is not None and far < (r + 1) // 2 else None
+        # padded rows get position 0: their distances stay inside the vector (and are masked)
+        pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tp, sp) - t)))  # [B, max]
         bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
-        args += [pos[:, :_pow2(tp)], pos[:, :sp], bias]
+        args += [pos[:, :tp], pos[:, :sp], bias]
         in_specs += [
-            pl.BlockSpec((None, _pow2(tp)), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
             pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
             pl.BlockSpec((None, rp), lambda i, j, c: (j, 0)),
         ]
     kernel = functools.partial(_lse_kernel, scale=scale, block_q=block_q, causal=causal,
-                               block_k=block_k, rel_offset=rel_offset,
-                               far=far if rel_bias is not None else None)
+                               block_k=block_k, rel_offset=rel_offset)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -393,40 +382,21 @@ def attention_with_column_sums(q, k, v, query_mask, key_mask, *, scale: float,
     return ctx[:, :t, :, :h], col.sum(axis=2)[:, :, :s]  # [B, T, N, H], [B, N, S]
 
 
-def _far_ranges(far, other_pos, lo_pos, hi_pos, block, n_blocks, rb_ref, rel_offset, sign=1):
-    """[(first block, end block, bias or None)] walking the other side's blocks in three
-    stretches (T5's bias is constant beyond +-far): blocks whose distances to this program's
-    rows [lo_pos, hi_pos] are all <= -far add one scalar, the band between looks the bias up,
-    blocks all >= far add the other scalar. Rows are in ascending position order (eliminated
-    rows keep their order; padding repeats the last), so each stretch is contiguous. Separate
-    loops, not a branch inside one: a branch stalls Triton's pipelining of the loads.
-    ``sign`` -1: the other side are queries (distance = this row - other). ``other_pos`` is
-    padded to a power of two (Triton's rule); only its first ``n_blocks * block`` count."""
-    if far is None:
-        return [(0, n_blocks, None)]
-    real = jnp.arange(other_pos.shape[0]) < n_blocks * block
-    below = jnp.sum((real & (other_pos <= lo_pos - far)).astype(jnp.int32)) // block
-    above = n_blocks - jnp.sum((real & (other_pos >= hi_pos + far)).astype(jnp.int32)) // block
-    return [(0, below, rb_ref[rel_offset - sign * far]), (below, above, None),
-            (above, n_blocks, rb_ref[rel_offset + sign * far])]
-
-
 def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
-                     scale: float, block_k: int, n_kb: int, rel_offset: int, far: int | None):
+                     scale: float, block_k: int, n_kb: int, rel_offset: int):
     # refs (batch, head squeezed; this program's query block): km [Sp], q [BQ, H], k / v
     # [Sp, H], positions qp [BQ] / kp [Sp], bias by distance rb [R] (times log2(e));
     # outputs o [BQ, H] (context), lse [BQ] (natural log)
     q = q_ref[...]
     q_pos = qp_ref[...]
 
-    def step(bias, kb, carry):
+    def step(kb, carry):
         m, l, acc = carry  # online softmax in base 2: running max, sum, unnormalised context
         start = kb * block_k
         k = k_ref[pl.ds(start, block_k), :]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
-        s = s + (rb_ref[kp_ref[pl.ds(start, block_k)][None, :] - q_pos[:, None] + rel_offset]
-                 if bias is None else bias)
+        s = s + rb_ref[kp_ref[pl.ds(start, block_k)][None, :] - q_pos[:, None] + rel_offset]
         s = jnp.where((km_ref[pl.ds(start, block_k)] != 0)[None, :], s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -437,12 +407,9 @@ def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref,
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     bq, hp = q.shape
-    carry = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
-             jnp.zeros((bq, hp), jnp.float32))
-    for lo, hi, bias in _far_ranges(far, kp_ref[...], jnp.min(q_pos), jnp.max(q_pos), block_k,
-                                    n_kb, rb_ref, rel_offset):
-        carry = jax.lax.fori_loop(lo, hi, functools.partial(step, bias), carry)
-    m, l, acc = carry
+    m, l, acc = jax.lax.fori_loop(0, n_kb, step, (jnp.full((bq,), NEG, jnp.float32),
+                                                 jnp.zeros((bq,), jnp.float32),
+                                                 jnp.zeros((bq, hp), jnp.float32)))
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log2(l)) / LOG2E
 
@@ -452,10 +419,9 @@ def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref,
 DISTANCE_BLOCKS = (64, 32, 4, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "blocks", "far"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "blocks"))
 def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: float,
-                          interpret: bool = False, blocks: tuple[int, int, int, int] | None = None,
-                          far: int | None = None):
+                          interpret: bool = False, blocks: tuple[int, int, int, int] | None = None):
     """Flash attention (forward) with T5's bias read by key - query distance, and the
     log-sum-exp the second ACC pass needs: once rows are eliminated their positions differ per
     example, and cuDNN would need the bias written out as [B, N, T, T] in every layer.
@@ -464,9 +430,6 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
       q, k, v: [B, T, N, H] self-attention rows; key_mask [B, T] bool (padding keys get no
         probability); rel_bias [N, 2P - 1], entry ``r + P - 1`` added for key position - query
         position = r; positions [B, T] int, each row's ORIGINAL position in [0, P).
-      far: static int, only where ``rel_bias`` is constant beyond +-far (T5's bidirectional
-        ``relative_attention_max_distance``): tile pairs whose distances all lie there skip
-        the lookup. None (or far >= P): look up every tile.
     Returns:
       (context [B, T, N, H] in v.dtype, log-sum-exp [B, N, T] float32 of each query's biased,
       masked, scaled logits, as cuDNN returns it).
@@ -480,13 +443,11 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
     km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, tk - t)))  # [B, Tk]
     r = rel_bias.shape[1]
     rp = _pow2(r)
-    # padded rows repeat the last position: their distances stay inside the vector (keys are
-    # masked) and they widen no tile's distance range (0 would, and block far-tile skips)
-    pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tq, _pow2(tk)) - t)), mode="edge")
+    # padded rows get position 0: their distances stay inside the vector (keys are masked)
+    pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tq, tk) - t)))
     bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
-    far = far if far is not None and far < (r + 1) // 2 else None  # no distance reaches +-P
     kernel = functools.partial(_distance_kernel, scale=scale, block_k=block_k, n_kb=tk // block_k,
-                               rel_offset=(r - 1) // 2, far=far)
+                               rel_offset=(r - 1) // 2)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -503,7 +464,7 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
             pl.BlockSpec((None, tk, None, hp), lambda i, j, c: (i, 0, j, 0)),
             pl.BlockSpec((None, tk, None, hp), lambda i, j, c: (i, 0, j, 0)),
             pl.BlockSpec((None, block_q), lambda i, j, c: (i, c)),
-            pl.BlockSpec((None, _pow2(tk)), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((None, tk), lambda i, j, c: (i, 0)),
             pl.BlockSpec((None, rp), lambda i, j, c: (j, 0)),
         ],
         out_specs=[
@@ -512,7 +473,7 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
         ],
         interpret=interpret,
         **params,
-    )(km, q, k, v, pos[:, :tq], pos[:, :_pow2(tk)], bias)
+    )(km, q, k, v, pos[:, :tq], pos[:, :tk], bias)
     return ctx[:, :t, :, :h], lse[:, :, :t]
 
 
@@ -555,21 +516,19 @@ def _distance_bias(rel_bias, positions, xp=jnp):
     return xp.moveaxis(rel_bias[:, positions[:, None, :] - positions[:, :, None] + r], 0, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale: float, interpret: bool,
-                               far: int | None = None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale: float, interpret: bool):
     """``attention_by_distance``, differentiable in q, k, v and the bias: the backward pass is
     plain attention's, recomputed by XLA with the bias written out (training only)."""
-    return attention_by_distance(q, k, v, mask, rel_bias, positions, scale=scale, interpret=interpret,
-                                 far=far)
+    return attention_by_distance(q, k, v, mask, rel_bias, positions, scale=scale, interpret=interpret)
 
 
-def _distance_fwd(q, k, v, mask, rel_bias, positions, scale, interpret, far):
-    out = self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale, interpret, far)
+def _distance_fwd(q, k, v, mask, rel_bias, positions, scale, interpret):
+    out = self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale, interpret)
     return out, (q, k, v, mask, rel_bias, positions)
 
 
-def _distance_bwd(scale, interpret, far, res, g):
+def _distance_bwd(scale, interpret, res, g):
     from accjax import attention
 
     q, k, v, mask, rel_bias, positions = res
@@ -623,9 +582,8 @@ def _probe_distance(interpret: bool) -> bool:
     pos = np.stack([np.sort(rng.choice(50, 40, replace=False)) for _ in range(2)]).astype(np.int32)
     rb = rng.standard_normal((2, 99)).astype(np.float32)
     m = np.arange(40)[None] < np.array([[40], [23]])
-    # far=40 compiles the far-tile branch T5 runs (no tile pair here lies beyond +-40)
     prog = attention_by_distance.lower(q, k, v, m, rb, pos, scale=0.125, interpret=interpret,
-                                       blocks=(32, 32, 4, 2), far=40).compile()
+                                       blocks=(32, 32, 4, 2)).compile()
     ctx, lse = (np.asarray(x, np.float32) for x in prog(q, k, v, m, rb, pos))
     lg = np.einsum("btnh,bsnh->bnts", q.astype(np.float32), k.astype(np.float32)) * 0.125
     lg = np.where(m[:, None, None, :], lg + _distance_bias(rb, pos, np), -1e30)

@@ -391,8 +391,7 @@ class EncoderLayer(nn.Module):
         prefix = acc_variant in acc_lib.BASELINES
         ctx, scores, probs = acc_lib.attend_and_score(
             q, k, v, rows.mask, scale=1.0, bias=bias, bias_by_distance=bias_by_distance,
-            positions=rows.positions, far=cfg.relative_attention_max_distance,  # bidirectional
-            score=eliminate and not prefix, variant=acc_variant,
+            positions=rows.positions, score=eliminate and not prefix, variant=acc_variant,
             protect=protect, attention_impl=cfg.attention_impl, acc_impl=cfg.acc_impl,
             output_attentions=output_attentions,
             probs_dropout=(lambda p: drop(p, deterministic=False)) if train_dropout else None,
