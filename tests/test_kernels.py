@@ -193,3 +193,32 @@ def test_rank_selection_docstring_example():
     assert acc.select_rows(s, 3, method="rank").tolist() == [[0, 1, 3]]
     with pytest.raises(ValueError, match="select method"):
         acc.select_rows(s, 2, method="sort")
+
+
+def test_kernels_lower_for_the_gpu_at_uneven_rows():
+    """Every Pallas kernel lowers to Triton (CUDA) at row counts that are no power of two, as
+    eliminated layers have (T5 at 4x keeps 400, 304, 232, ... rows). Interpret mode does not enforce
+    Triton's rules, e.g. that a loaded array's size is a power of two; a kernel that broke one
+    would fail only on a GPU, at a shape the availability probe never compiles (400 rows are
+    416 or 448 once padded to whole tiles)."""
+    rng = np.random.default_rng(0)
+    b, t, n, h, p_len = 2, 400, 2, 64, 512
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.bfloat16) for _ in range(3))
+    m = jnp.asarray(np.arange(t)[None] < np.array([[t], [101]]))
+    lse = jnp.zeros((b, n, t), jnp.float32)
+    pos = jnp.asarray(np.stack([np.sort(rng.choice(p_len, t, replace=False)) for _ in range(b)]), jnp.int32)
+    rb = jnp.zeros((n, 2 * p_len - 1), jnp.float32)
+    kernels = {
+        "attention_by_distance": lambda: acc_pallas.attention_by_distance(q, k, v, m, rb, pos, scale=0.1),
+        "column_sums_from_lse (T5)": lambda: acc_pallas.column_sums_from_lse(
+            q, k, lse, m, m, scale=0.1, rel_bias=rb, positions=pos),
+        "attention_with_column_sums (causal)": lambda: acc_pallas.attention_with_column_sums(
+            q, k, v, m, m, scale=0.1, causal=True),
+        "column_sums_from_lse (causal)": lambda: acc_pallas.column_sums_from_lse(
+            q, k, lse, m, m, scale=0.1, causal=True),
+        "column_sums (120 keys)": lambda: acc_pallas.column_sums(
+            q[:, :120], k[:, :120], m[:, :120], m[:, :120], scale=0.1),
+    }
+    for name, fn in kernels.items():
+        text = jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton_kernel_call" in text or "__gpu$xla.gpu.triton" in text, name
