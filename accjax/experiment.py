@@ -98,6 +98,7 @@ def base_config(objective: str, mode: str):
     c.distill = ml_collections.ConfigDict()  # in-place distillation (needs elimination.sandwich)
     c.distill.weight = 0.0  # each eliminated pass: (1 - w) task loss + w distillation from the step's 1x pass
     c.distill.temperature = 1.0  # softmax temperature of the soft targets (classification)
+    c.distill.hidden_weight = 0.0  # + w x squared distance of its last-layer kept rows to the 1x pass's
 
     c.eval = ml_collections.ConfigDict()
     c.eval.speedups = (1.0, 1.5, 2.0, 3.0, 4.0)  # dev evaluation at each epoch end, at each speedup
@@ -153,8 +154,10 @@ def validate_config(config) -> None:
     need(not el.sandwich or (el.mode == "elastic" and config.objective == "classification"),
          "elimination.sandwich needs elimination.mode 'elastic' and objective 'classification'")
     need(0 <= float(config.distill.weight) <= 1, f"distill.weight must be in [0, 1], got {config.distill.weight}")
-    need(float(config.distill.weight) == 0 or el.sandwich,
-         "distill.weight > 0 needs elimination.sandwich = True (the teacher is the step's 1x pass)")
+    need(float(config.distill.hidden_weight) >= 0,
+         f"distill.hidden_weight must be >= 0, got {config.distill.hidden_weight}")
+    need((float(config.distill.weight) == 0 and float(config.distill.hidden_weight) == 0) or el.sandwich,
+         "distill.weight or hidden_weight > 0 needs elimination.sandwich = True (the teacher is the step's 1x pass)")
     need(float(config.distill.temperature) > 0, f"distill.temperature must be > 0, got {config.distill.temperature}")
     try:  # constructing the sampler checks the elimination values
         sampler(config)
@@ -265,6 +268,8 @@ class _Base:
             else f"elastic {len(sampler.levels)} levels {[round(s, 3) for s in sampler.levels]}"
             + (f", sandwich: 1x + top + {sampler.samples} drawn per step"
                + (f", distillation weight {self.config.distill.weight:g}" if self.config.distill.weight else "")
+               + (f", hidden-state distillation weight {self.config.distill.hidden_weight:g}"
+                  if self.config.distill.hidden_weight else "")
                if sampler.sandwich else ""))
         return (f"{self.objective}: {self.config.model} ({n_params:,} "
                 f"params, {self.config.dtype}) on {self.task_name}; {per_epoch} steps/epoch x "

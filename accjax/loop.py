@@ -110,8 +110,8 @@ def config_dict(config) -> dict[str, Any]:
 
 def check_resume_config(saved: dict, current: dict) -> None:
     """A restart must train the same thing: differing keys (outside RESUME_MAY_CHANGE) raise."""
-    # a key added after the run started: the value that trains as that run did
-    a, b = {"elimination.prune_every": 1, **_flat(saved)}, _flat(current)
+    # keys added after the run started: the values that train as that run did
+    a, b = {"elimination.prune_every": 1, "distill.hidden_weight": 0.0, **_flat(saved)}, _flat(current)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
     if diff:
@@ -137,7 +137,8 @@ def step_static(exp, el, speeds, batch):
         exp.cost, exp.schedule_length(batch), s, **exp_lib.plan_kw(el)).schedule for s in speeds)
     if len(scheds) == 1:
         return scheds[0]
-    return train_lib.Passes(scheds, float(exp.config.distill.weight), float(exp.config.distill.temperature))
+    d = exp.config.distill
+    return train_lib.Passes(scheds, float(d.weight), float(d.temperature), float(d.hidden_weight))
 
 
 def step_programs(exp, sampler, el, start: int, total: int) -> list[tuple[dict, Any]]:

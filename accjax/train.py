@@ -112,12 +112,15 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
 
 
 # ----------------------------------------------------------------------------------- losses
-def _logits(module, params, batch, rng, schedule, acc_variant):
+def _apply(module, params, batch, rng, schedule, acc_variant):
     kw = {} if rng is None else {"rngs": {"dropout": rng}}
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    out = module.apply({"params": params}, **inputs, schedule=schedule, acc_variant=acc_variant,
-                       deterministic=rng is None, **kw)
-    return out.logits.astype(jnp.float32)  # [B, C]
+    return module.apply({"params": params}, **inputs, schedule=schedule, acc_variant=acc_variant,
+                        deterministic=rng is None, **kw)
+
+
+def _logits(module, params, batch, rng, schedule, acc_variant):
+    return _apply(module, params, batch, rng, schedule, acc_variant).logits.astype(jnp.float32)  # [B, C]
 
 
 def _weighted_mean(per: Array, batch: dict[str, Array]) -> Array:
@@ -152,16 +155,31 @@ def distill_loss(student: Array, teacher: Array, batch: dict[str, Array], num_la
     return temperature ** 2 * _weighted_mean(kl, batch)
 
 
+def hidden_distill_loss(student, teacher, batch: dict[str, Array]) -> Array:
+    """Mean squared distance of the student's last-layer rows (those it kept) to the
+    teacher's rows at the same original positions; ``student`` / ``teacher`` are model outputs
+    (``last_hidden_state`` [B, K, D] / [B, T, D], ``rows``), the teacher a full-model pass
+    (row i at position i). Means over the kept real rows, then over real examples. Zero when
+    they agree; no gradient reaches the teacher."""
+    t = jax.lax.stop_gradient(teacher.last_hidden_state.astype(jnp.float32))
+    t = jnp.take_along_axis(t, student.rows.positions[..., None], axis=1)  # [B, K, D]
+    mask = student.rows.mask.astype(jnp.float32)  # [B, K]
+    per = ((student.last_hidden_state.astype(jnp.float32) - t) ** 2).mean(-1)
+    return _weighted_mean((per * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0), batch)
+
+
 @dataclasses.dataclass(frozen=True)
 class Passes:
     """The passes of one elastic step (a static, hashable train-program key): one schedule
     each (None = the full model). The loss is their sum; with ``distill_weight`` > 0 and a
     full-model first pass, every later pass's loss is (1 - w) task loss + w distillation
-    from that first pass (in-place distillation)."""
+    from that first pass (in-place distillation), plus ``hidden_weight`` x
+    ``hidden_distill_loss`` from it."""
 
     schedules: tuple
     distill_weight: float = 0.0
     temperature: float = 1.0
+    hidden_weight: float = 0.0
 
 
 def classification_loss(module, params, batch: dict[str, Array], rng: Array | None, schedule, *,
@@ -179,20 +197,25 @@ def classification_loss(module, params, batch: dict[str, Array], rng: Array | No
     """
     if not isinstance(schedule, Passes):
         return task_loss(_logits(module, params, batch, rng, schedule, acc_variant), batch, num_labels)
-    total, first, teacher, kd = 0.0, None, None, []
+    total, first, teacher, kd, hd = 0.0, None, None, [], []
     for i, sched in enumerate(schedule.schedules):
         r = None if rng is None else jax.random.fold_in(rng, i)  # each pass its own dropout
-        logits = _logits(module, params, batch, r, sched, acc_variant)
+        out = _apply(module, params, batch, r, sched, acc_variant)
+        logits = out.logits.astype(jnp.float32)  # [B, C]
         loss, metrics = task_loss(logits, batch, num_labels)
         if teacher is not None and schedule.distill_weight > 0:
-            kd.append(distill_loss(logits, teacher, batch, num_labels, schedule.temperature))
+            kd.append(distill_loss(logits, teacher.logits, batch, num_labels, schedule.temperature))
             loss = (1 - schedule.distill_weight) * loss + schedule.distill_weight * kd[-1]
+        if teacher is not None and schedule.hidden_weight > 0:
+            hd.append(hidden_distill_loss(out, teacher, batch))
+            loss = loss + schedule.hidden_weight * hd[-1]
         if i == 0 and sched is None:
-            teacher = logits
+            teacher = out
         first = metrics if first is None else first
         total = total + loss
-    if kd:
-        first = {**first, "distill": sum(kd) / len(kd)}
+    for name, terms in (("distill", kd), ("distill_hidden", hd)):
+        if terms:
+            first = {**first, name: sum(terms) / len(terms)}
     return total, first
 
 

@@ -182,6 +182,33 @@ def test_distillation_is_zero_when_student_and_teacher_agree_and_never_moves_the
                                float(((s[:3, 0] - t[:3, 0]) ** 2).mean()), rtol=1e-6)
 
 
+def test_hidden_state_distillation_compares_kept_rows_at_their_positions():
+    """The eliminated pass's last-layer rows against the full pass's rows at the same original
+    positions: zero for the full pass against itself, the hand-computed mean otherwise; added
+    to the pass's loss with its weight; no gradient reaches the teacher."""
+    cfg, module, params, _ = tiny_setup()
+    batch = random_batch(fillers=3)
+    top = sched_lib.plan(models.cost_model(cfg), 16, 3.0).schedule
+    out_of = jax.jit(train._apply, static_argnums=(0, 4, 5))
+    full, st = (out_of(module, params, batch, None, s, "plain") for s in (None, top))
+    assert st.last_hidden_state.shape[1] < full.last_hidden_state.shape[1]
+    assert abs(float(train.hidden_distill_loss(full, full, batch))) < 1e-9
+    h = float(train.hidden_distill_loss(st, full, batch))
+    t, s = np.asarray(full.last_hidden_state), np.asarray(st.last_hidden_state)
+    pos, mask, w = (np.asarray(x) for x in (st.rows.positions, st.rows.mask, batch["weights"]))
+    per = (((s - np.take_along_axis(t, pos[..., None], 1)) ** 2).mean(-1) * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    assert h > 1e-6
+    np.testing.assert_allclose(h, (per * w).sum() / w.sum(), rtol=1e-4)
+    loss = jax.jit(train.classification_loss, static_argnums=(0, 4), static_argnames="num_labels")
+    task = [float(loss(module, params, batch, None, s, num_labels=2)[0]) for s in (None, top)]
+    got, m = loss(module, params, batch, None, train.Passes((None, top), hidden_weight=0.5), num_labels=2)
+    np.testing.assert_allclose(float(got), sum(task) + 0.5 * h, rtol=1e-4)
+    np.testing.assert_allclose(float(m["distill_hidden"]), h, rtol=1e-3)
+    g = jax.grad(lambda x: train.hidden_distill_loss(st, full.replace(last_hidden_state=x), batch))(
+        full.last_hidden_state)
+    assert float(jnp.abs(g).max()) == 0.0
+
+
 def test_passes_loss_sums_every_pass_and_distills_from_the_full_pass():
     cfg, module, params, _ = tiny_setup()
     # a random classifier's logits are ~1e-2: a scaled head and a high temperature make the

@@ -109,6 +109,10 @@ def test_bad_input_fails_clearly(tmp_path):
                   "select_speedup 3.0 is not one of eval.speedups"))
     cases.append((tiny_config(tmp_path / "r6", spec, batch_size=12), ValueError,
                   "batch_size 12 does not split over 8 devices"))
+    cases.append((tiny_config(tmp_path / "r7", spec, **{"distill.hidden_weight": 0.5}), ValueError,
+                  "hidden_weight > 0 needs elimination.sandwich"))
+    cases.append((tiny_config(tmp_path / "r8", spec, **{"distill.hidden_weight": -1.0}), ValueError,
+                  "distill.hidden_weight must be >= 0, got -1.0"))
     for cfg, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             loop.fit(cfg)
@@ -204,8 +208,12 @@ def test_bad_prune_every_stops_before_training(tmp_path, bad):
 def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
     saved = loop.config_dict(load_config_file("rt_minilm", "tiny"))
     del saved["elimination"]["prune_every"]  # the config such a run recorded
+    del saved["distill"]["hidden_weight"]  # (added later still)
     now = loop.config_dict(load_config_file("rt_minilm", "tiny"))
-    loop.check_resume_config(saved, now)  # k = 1 trains as that run did
+    loop.check_resume_config(saved, now)  # k = 1, no hidden-state term: trains as that run did
     now["elimination"]["prune_every"] = 2
     with pytest.raises(ValueError, match=r"elimination.prune_every: 1 -> 2"):
+        loop.check_resume_config(saved, now)
+    now["elimination"]["prune_every"], now["distill"]["hidden_weight"] = 1, 0.5
+    with pytest.raises(ValueError, match=r"distill.hidden_weight: 0.0 -> 0.5"):
         loop.check_resume_config(saved, now)
