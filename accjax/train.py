@@ -204,7 +204,8 @@ def classification_loss(module, params, batch: dict[str, Array], rng: Array | No
         logits = out.logits.astype(jnp.float32)  # [B, C]
         loss, metrics = task_loss(logits, batch, num_labels)
         if teacher is not None and schedule.distill_weight > 0:
-            kd.append(distill_loss(logits, teacher.logits, batch, num_labels, schedule.temperature))
+            kd.append(distill_loss(logits, teacher.logits.astype(jnp.float32), batch, num_labels,
+                                   schedule.temperature))
             loss = (1 - schedule.distill_weight) * loss + schedule.distill_weight * kd[-1]
         if teacher is not None and schedule.hidden_weight > 0:
             hd.append(hidden_distill_loss(out, teacher, batch))
