@@ -280,6 +280,9 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: b
 # measured as fast); 'never' keeps cuDNN; 'interpret' runs the kernel in Pallas' interpreter
 # (tests on the CPU).
 DISTANCE_ATTENTION = "auto"
+# The fused kernel reads q, k and v from the q/k/v projection's output when the model hands
+# it over (``attend_and_score(packed=...)``, BERT family): no split, bias or padding copies.
+PACKED_QKV = True
 
 
 def _distance_attention(impl: str, bias, bias_by_distance, causal: bool) -> bool:
@@ -314,6 +317,7 @@ def attend_and_score(
     output_attentions: bool = False,
     probs_dropout=None,
     value_norms=None,
+    packed: tuple[Array, Array | None] | None = None,
 ) -> tuple[Array, Array | None, Array | None]:
     """Attention and, when ``score``, the ACC of every key row: the one dispatch of all
     model families (BERT, GPT-2, Llama, T5 encoder and decoder), so each path is chosen here.
@@ -343,6 +347,9 @@ def attend_and_score(
         with positions [B, T] the rows' ORIGINAL positions; lets the Pallas kernel score.
       score: compute ACC (the layer eliminates).
       value_norms: () -> [B, N, S], called only for the ``value_norm`` variant.
+      packed: (qkv [B, T, 3, N, H] before its bias, bias [3, N, H] or None), the fused
+        projection q, k and v were split from: the fused kernel reads it directly
+        (``PACKED_QKV``), so the split copies are never made (unused, XLA drops them).
     Returns:
       (context [B, T, N, H], ACC [B, S] or None, probabilities [B, N, T, S] or None).
     """
@@ -357,8 +364,12 @@ def attend_and_score(
         from accjax.kernels import acc_pallas
 
         with jax.named_scope("attention_acc"):
-            ctx, col = acc_pallas.self_attention_with_column_sums(
-                q, k, v, mask.astype(jnp.float32), scale, causal, interpret)  # [B, T, N, H], [B, N, S]
+            if PACKED_QKV and packed is not None and acc_pallas.packed_heads_ok(q.shape[-1]):
+                ctx, col = acc_pallas.self_attention_with_column_sums_packed(
+                    *packed, mask.astype(jnp.float32), scale, causal, interpret)
+            else:
+                ctx, col = acc_pallas.self_attention_with_column_sums(
+                    q, k, v, mask.astype(jnp.float32), scale, causal, interpret)  # [B, T, N, H], [B, N, S]
         with jax.named_scope("acc_score"):
             scores = _finish(sg(col).sum(axis=1), mask, _denominator(mask, mask, q.shape[2], causal),
                              protect)

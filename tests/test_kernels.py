@@ -42,6 +42,42 @@ def test_fused_kernel_matches_probabilities(causal, t, h):
     np.testing.assert_allclose(np.asarray(col).sum(-1), m.sum(1)[:, None].repeat(3, 1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+# 40 rows: one key tile of 64 (24 past the end), query tiles of 64 past the end; 150: three
+# key tiles of 128 (two passes), the last one mostly past the end
+@pytest.mark.parametrize("t", [40, 150])
+def test_packed_kernel_reads_the_projection_output(causal, t):
+    """The fused kernel on the q/k/v projection's [B, T, 3, N, H] output with the bias added
+    in the kernel, rows not padded (blocks overhang and are masked): context and column sums
+    against float64; its gradient in the projection and the bias is plain attention's."""
+    rng = np.random.default_rng(t + causal)
+    b, n, h = 2, 3, 16
+    qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(3, n, h)), jnp.float32)
+    m = np.arange(t)[None] < np.array([[t], [t // 3 + 1]])
+    x = np.asarray(qkv, np.float64) + np.asarray(bias, np.float64)
+    lg = np.einsum("btnh,bsnh->bnts", x[:, :, 0], x[:, :, 1]) * 0.3
+    vis = m[:, None, None, :] & (np.tril(np.ones((t, t), bool)) if causal else True)
+    p = np.exp(np.where(vis, lg, -np.inf) - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ctx, col = acc_pallas.packed_attention_with_column_sums(qkv, bias, jnp.asarray(m), scale=0.3,
+                                                            causal=causal, interpret=True)
+    assert ctx.shape == (b, t, n, h) and col.shape == (b, n, t)
+    ref_ctx = np.einsum("bnts,bsnh->btnh", p, x[:, :, 2])
+    np.testing.assert_allclose(np.asarray(ctx)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(col), (p * m[:, None, :, None]).sum(2), rtol=1e-5, atol=1e-6)
+
+    w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * m[:, :, None, None]
+    mf = jnp.asarray(m, jnp.float32)
+    kernel = jax.grad(lambda a, c: (acc_pallas.self_attention_with_column_sums_packed(
+        a, c, mf, 0.3, causal, True)[0] * w).sum(), (0, 1))(qkv, bias)
+    plain = jax.grad(lambda a, c: (attention.attention_with_probs(
+        *acc_pallas._unpack(a, c), jnp.asarray(m), scale=0.3, causal=causal)[0] * w).sum(), (0, 1))(qkv, bias)
+    for g, r in zip(kernel, plain):
+        assert float(jnp.abs(r).max()) > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("blocks", [(16, 32, 4, 2), (64, 16, 4, 2)])
 def test_attention_by_distance_matches_float64(blocks):
     """Flash attention reading T5's bias by key - query distance at per-example positions:
@@ -156,16 +192,24 @@ def test_fused_probe():
         assert acc.resolve_acc_impl("auto", "xla", keys=16) == ("probs", False)
 
 
-def test_bert_with_fused_kernel_keeps_the_same_rows(tmp_path):
-    """A whole eliminating BERT: same kept rows and logits as ACC from probabilities."""
-    folder, _ = make_hf_bert(tmp_path, num_hidden_layers=3, max_position_embeddings=64)
+@pytest.mark.parametrize("heads,packed_calls", [(4, 0), (2, 3)])
+def test_bert_with_fused_kernel_keeps_the_same_rows(tmp_path, monkeypatch, heads, packed_calls):
+    """A whole eliminating BERT: same kept rows and logits as ACC from probabilities. Head
+    size 8 takes the split q, k, v; head size 16 the packed projection (one call a layer)."""
+    folder, _ = make_hf_bert(tmp_path, num_hidden_layers=3, max_position_embeddings=64,
+                             num_attention_heads=heads)
     ld = convert.load(folder, "sequence_classification")
     batch = random_batch(np.random.default_rng(2), 3, 24, 99)
+    calls = []
+    packed = acc_pallas.self_attention_with_column_sums_packed
+    monkeypatch.setattr(acc_pallas, "self_attention_with_column_sums_packed",
+                        lambda *a: calls.append(a[0].shape) or packed(*a))
     outs = {}
     for how in ("probs", "fused_interpret"):
         module = ld.module.clone(config=dataclasses.replace(ld.config, acc_impl=how))
         # jitted: eagerly, every ACC op (and the interpreted kernel's) compiles on its own
         outs[how] = jax.jit(lambda p, m=module: m.apply({"params": p}, **batch, schedule=(16, 8, 3)))(ld.params)
+    assert len(calls) == packed_calls
     a, b = outs["probs"], outs["fused_interpret"]
     for la, lb in zip(a.layers, b.layers):
         np.testing.assert_array_equal(np.asarray(la["keep_idx"]), np.asarray(lb["keep_idx"]))
@@ -214,6 +258,8 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
             q, k, lse, m, m, scale=0.1, rel_bias=rb, positions=pos),
         "attention_with_column_sums (causal)": lambda: acc_pallas.attention_with_column_sums(
             q, k, v, m, m, scale=0.1, causal=True),
+        "packed_attention_with_column_sums (88 rows)": lambda: acc_pallas.packed_attention_with_column_sums(
+            jnp.stack([q, k, v], axis=2)[:, :88], None, m[:, :88], scale=0.1),
         "column_sums_from_lse (causal)": lambda: acc_pallas.column_sums_from_lse(
             q, k, lse, m, m, scale=0.1, causal=True),
         "column_sums (120 keys)": lambda: acc_pallas.column_sums(

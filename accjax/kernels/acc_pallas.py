@@ -247,40 +247,78 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
     return jnp.where(key_mask[:, None, :], out[:, :, :s], 0.0)
 
 
-def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, o_ref, col_ref, *, scale: float,
-                 causal: bool, block_q: int, block_k: int, n_kb: int):
-    # refs (batch, head squeezed; this program's query block): qm [BQ], km [Sp], q [BQ, H],
-    # k [Sp, H], v [Sp, H]; outputs o [BQ, H] (context), col [Sp] (this block's column sums)
+def _masked_load(ref, mask):
+    """``ref[...]``, or where ``mask`` (broadcast over trailing dims) is False, zero: the
+    block overhangs its array (rows not a whole number of tiles), and Triton must not read
+    past the end."""
+    if mask is None:
+        return ref[...]
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.load(ref, mask=mask.reshape(mask.shape + (1,) * (len(ref.shape) - mask.ndim)), other=0)
+
+
+def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causal: bool,
+                 block_q: int, block_k: int, n_kb: int, t: int, s: int, biased: bool):
+    # refs (batch, head squeezed; this program's query block): qm [BQ], km [Sp] (int masks),
+    # q [BQ, H], k [Sp, H], v [Sp, H]; with ``biased`` the q/k/v biases [H] each; outputs
+    # o [BQ, H] (context), col [Sp] (this block's column sums). Blocks may overhang T and S
+    # (rows are not padded outside): overhanging rows are masked on load and store.
+    if biased:
+        bq_ref, bk_ref, bv_ref, o_ref, col_ref = rest
+    else:
+        o_ref, col_ref = rest
     qb = pl.program_id(2)
-    q = q_ref[...]  # [BQ, H]
-    q_ok = qm_ref[...] != 0  # [BQ]
     rows = qb * block_q + jnp.arange(block_q, dtype=jnp.int32)
+    row_in = rows < t if t % block_q else None
+    q = _masked_load(q_ref, row_in)  # [BQ, H]
+    q_ok = _masked_load(qm_ref, row_in) != 0  # [BQ]
+    if biased:
+        q = (q.astype(jnp.float32) + bq_ref[...].astype(jnp.float32)[None, :]).astype(q.dtype)
+
+    def tile(ref, start, bias_ref):
+        """Rows [start, start + BK) of k or v, masked past S, plus the bias (in float32,
+        rounded to the input dtype as XLA's bias add of the unfused layer rounds)."""
+        cols = start + jnp.arange(block_k, dtype=jnp.int32)
+        x = _masked_load(ref.at[pl.ds(start, block_k), :], cols < s if s % block_k else None)
+        if biased:
+            x = (x.astype(jnp.float32) + bias_ref[...].astype(jnp.float32)[None, :]).astype(x.dtype)
+        return x
 
     def logits(kb):
         start = kb * block_k
-        k = k_ref[pl.ds(start, block_k), :]  # [BK, H]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * scale  # [BQ, BK]
-        ok = (km_ref[pl.ds(start, block_k)] != 0)[None, :]  # [1, BK]
+        k = tile(k_ref, start, bk_ref if biased else None)  # [BK, H]
+        s_ = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32) * scale  # [BQ, BK]
+        cols = start + jnp.arange(block_k, dtype=jnp.int32)
+        km = _masked_load(km_ref.at[pl.ds(start, block_k)], cols < s if s % block_k else None)
+        ok = (km != 0)[None, :]  # [1, BK] (0 past S)
         if causal:
-            cols = start + jnp.arange(block_k, dtype=jnp.int32)
             ok = ok & (cols[None, :] <= rows[:, None])  # [BQ, BK]
-        return jnp.where(ok, s, NEG), ok
+        return jnp.where(ok, s_, NEG), ok
 
     def context_and_columns(kb, p, ok):
         # p [BQ, BK]: final softmax probabilities of this key block
-        v = v_ref[pl.ds(kb * block_k, block_k), :]  # [BK, H]
+        v = tile(v_ref, kb * block_k, bv_ref if biased else None)  # [BK, H]
         col_ref[pl.ds(kb * block_k, block_k)] = jnp.sum(jnp.where(q_ok[:, None] & ok, p, 0.0), axis=0)
         return jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)  # [BQ, H]
 
+    def store(acc):
+        if row_in is None:
+            o_ref[...] = acc.astype(o_ref.dtype)
+        else:
+            from jax.experimental.pallas import triton as plgpu
+
+            plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row_in[:, None])
+
     if n_kb == 1:
         # every key in one tile: the exact softmax in one pass
-        s, ok = logits(0)
-        m = jnp.max(s, axis=1)
-        p = jnp.exp(s - m[:, None])
+        s_, ok = logits(0)
+        m = jnp.max(s_, axis=1)
+        p = jnp.exp(s_ - m[:, None])
         p = p / jnp.sum(p, axis=1)[:, None]
-        o_ref[...] = context_and_columns(0, p, ok).astype(o_ref.dtype)
+        store(context_and_columns(0, p, ok))
         return
 
     # Several key tiles. A column sum needs each row's FINAL normaliser, which online softmax
@@ -289,9 +327,9 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, o_ref, col_ref, *, scale: 
     # attention's backward dK sweep, with the forward's output added to it).
     def stats(kb, carry):
         m, l = carry
-        s, _ = logits(kb)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+        s_, _ = logits(kb)
+        m_new = jnp.maximum(m, jnp.max(s_, axis=1))
+        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s_ - m_new[:, None]), axis=1)
         return m_new, l
 
     m, l = jax.lax.fori_loop(0, n_kb, stats, (jnp.full((block_q,), NEG, jnp.float32),
@@ -299,12 +337,11 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, o_ref, col_ref, *, scale: 
     inv_l = 1.0 / l
 
     def sweep(kb, acc):
-        s, ok = logits(kb)
-        p = jnp.exp(s - m[:, None]) * inv_l[:, None]
+        s_, ok = logits(kb)
+        p = jnp.exp(s_ - m[:, None]) * inv_l[:, None]
         return acc + context_and_columns(kb, p, ok)
 
-    acc = jax.lax.fori_loop(0, n_kb, sweep, jnp.zeros((block_q, q.shape[1]), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    store(jax.lax.fori_loop(0, n_kb, sweep, jnp.zeros((block_q, q.shape[1]), jnp.float32)))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -320,6 +357,48 @@ def attention_blocks(t: int, s: int) -> tuple[int, int, int, int]:
     return block_q, block_k, _round_up(t, block_q), _round_up(s, block_k)
 
 
+def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale, causal,
+                interpret):
+    """The fused kernel over operands whose blocks ``qkv_specs(block_q, sp)`` select each
+    (batch, head, query block)'s q and each (batch, head)'s k and v; ``bias`` None or
+    [3, N, H]; ``shape`` (B, T, S, N, H) with H a power of two >= 16; ``key_mask`` None: the
+    query mask (self-attention). Rows are not padded: overhanging blocks are masked."""
+    b, t, s, n, h = shape
+    block_q, block_k, tp, sp = attention_blocks(t, s)
+    qm = query_mask.astype(jnp.int32)  # [B, T] (blocks overhang T and S: masked loads)
+    km = qm if key_mask is None else key_mask.astype(jnp.int32)  # [B, S]
+    n_qb = tp // block_q
+    in_specs = [pl.BlockSpec((None, block_q), lambda i, j, c: (i, c)),
+                pl.BlockSpec((None, sp), lambda i, j, c: (i, 0)), *qkv_specs(block_q, sp)]
+    args = [qm, km, q, k, v]
+    if bias is not None:  # one [3, N, H] operand read as three [H] blocks (no slices made)
+        for which in range(3):
+            args.append(bias)
+            in_specs.append(pl.BlockSpec((None, None, h), lambda i, j, c, w=which: (w, j, 0)))
+    kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
+                               block_k=block_k, n_kb=sp // block_k, t=t, s=s,
+                               biased=bias is not None)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    ctx, col = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, t, n, h), v.dtype),
+                   jax.ShapeDtypeStruct((b, n, n_qb, sp), jnp.float32)),
+        grid=(b, n, n_qb),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, block_q, None, h), lambda i, j, c: (i, c, j, 0)),
+            pl.BlockSpec((None, None, None, sp), lambda i, j, c: (i, j, c, 0)),
+        ],
+        interpret=interpret,
+        **params,
+    )(*args)
+    return ctx, col.sum(axis=2)[:, :, :s]  # [B, T, N, H], [B, N, S]
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret"))
 def attention_with_column_sums(q, k, v, query_mask, key_mask, *, scale: float,
                                causal: bool = False, interpret: bool = False):
@@ -327,9 +406,9 @@ def attention_with_column_sums(q, k, v, query_mask, key_mask, *, scale: float,
     once, in registers, and feed both the context and the column sums.
 
     Grid (batch, head, query block); q, k, v are read in their [B, T, N, H] layout (no
-    transposes). Each program writes its query block's context and its own [S] column sums;
-    the query blocks' partial sums are added outside (a small [B, N, T/BQ, S] array, no
-    atomics).
+    transposes, no padding of rows). Each program writes its query block's context and its
+    own [S] column sums; the query blocks' partial sums are added outside (a small
+    [B, N, T/BQ, S] array, no atomics).
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, N, H]; query_mask [B, T], key_mask [B, S] bool (True =
@@ -343,43 +422,52 @@ def attention_with_column_sums(q, k, v, query_mask, key_mask, *, scale: float,
     s = k.shape[1]
     if causal and t != s:
         raise ValueError("causal attention with column sums needs T == S")
-    block_q, block_k, tp, sp = attention_blocks(t, s)
     hp = _pow2(h)
-    if (tp, hp) != (t, h):
-        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, hp - h)))  # [B, Tp, N, Hp]
-    if (sp, hp) != (s, h):
-        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, N, Hp]
-        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))  # [B, Sp, N, Hp]
-    qm = jnp.pad(query_mask.astype(jnp.int32), ((0, 0), (0, tp - t)))  # [B, Tp]
-    km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, sp - s)))  # [B, Sp]
-    n_qb = tp // block_q
-    kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
-                               block_k=block_k, n_kb=sp // block_k)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
+    if hp != h:  # head sizes Triton cannot tile are padded (copies); BERT's 64 and 32 are not
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, hp - h))) for x in (q, k, v))
 
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
-    ctx, col = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, tp, n, hp), v.dtype),
-                   jax.ShapeDtypeStruct((b, n, n_qb, sp), jnp.float32)),
-        grid=(b, n, n_qb),
-        in_specs=[
-            pl.BlockSpec((None, block_q), lambda i, j, c: (i, c)),
-            pl.BlockSpec((None, sp), lambda i, j, c: (i, 0)),
-            pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
-            pl.BlockSpec((None, sp, None, hp), lambda i, j, c: (i, 0, j, 0)),
-            pl.BlockSpec((None, sp, None, hp), lambda i, j, c: (i, 0, j, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
-            pl.BlockSpec((None, None, None, sp), lambda i, j, c: (i, j, c, 0)),
-        ],
-        interpret=interpret,
-        **params,
-    )(qm, km, q, k, v)
-    return ctx[:, :t, :, :h], col.sum(axis=2)[:, :, :s]  # [B, T, N, H], [B, N, S]
+    def specs(block_q, sp):
+        return [pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
+                pl.BlockSpec((None, sp, None, hp), lambda i, j, c: (i, 0, j, 0)),
+                pl.BlockSpec((None, sp, None, hp), lambda i, j, c: (i, 0, j, 0))]
+
+    ctx, col = _fused_call(q, k, v, specs, None, query_mask, key_mask, shape=(b, t, s, n, hp),
+                           scale=scale, causal=causal, interpret=interpret)
+    return ctx[..., :h], col
+
+
+def packed_heads_ok(head_dim: int) -> bool:
+    """Whether ``packed_attention_with_column_sums`` takes this head size (Triton tiles are
+    powers of two >= 16; the packed operand cannot be padded without a copy)."""
+    return head_dim >= 16 and head_dim == _pow2(head_dim)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret"))
+def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: bool = False,
+                                      interpret: bool = False):
+    """``attention_with_column_sums`` for self-attention reading q, k and v straight from the
+    fused projection's output, with its bias added in the kernel: no split, bias or padding
+    copies between the GEMM and the attention (on an H200 those copies took ~50 us a BERT-base
+    layer at 128 x 128, docs/benchmarks.md).
+
+    Args:
+      qkv: [B, T, 3, N, H] the q/k/v projection BEFORE its bias (H a power of two >= 16:
+        ``packed_heads_ok``); bias: [3, N, H] or None; mask [B, T] bool (queries and keys).
+    Returns:
+      (context [B, T, N, H] in qkv.dtype, column sums [B, N, T] float32).
+    """
+    b, t, three, n, h = qkv.shape
+    if three != 3 or not packed_heads_ok(h):
+        raise ValueError(f"packed q/k/v must be [B, T, 3, N, H] with H a power of two >= 16, got {qkv.shape}")
+
+    def specs(block_q, sp):
+        return [pl.BlockSpec((None, block_q, None, None, h), lambda i, j, c: (i, c, 0, j, 0)),
+                pl.BlockSpec((None, sp, None, None, h), lambda i, j, c: (i, 0, 1, j, 0)),
+                pl.BlockSpec((None, sp, None, None, h), lambda i, j, c: (i, 0, 2, j, 0))]
+
+    bias = None if bias is None else bias.astype(qkv.dtype)
+    return _fused_call(qkv, qkv, qkv, specs, bias, mask, None, shape=(b, t, t, n, h),
+                       scale=scale, causal=causal, interpret=interpret)
 
 
 def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
@@ -509,6 +597,39 @@ def _self_bwd(scale, causal, interpret, res, g):
 self_attention_with_column_sums.defvjp(_self_fwd, _self_bwd)
 
 
+def _unpack(qkv, bias):
+    """[B, T, 3, N, H] (+ [3, N, H]) -> q, k, v [B, T, N, H] each (XLA's split and bias add)."""
+    if bias is not None:
+        qkv = qkv + bias.astype(qkv.dtype)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def self_attention_with_column_sums_packed(qkv, bias, mask, scale: float, causal: bool,
+                                           interpret: bool):
+    """``packed_attention_with_column_sums``, differentiable in qkv and the bias as
+    ``self_attention_with_column_sums`` is in q, k, v. mask [B, T] float (1.0 = real token)."""
+    return packed_attention_with_column_sums(qkv, bias, mask > 0.5, scale=scale, causal=causal,
+                                             interpret=interpret)
+
+
+def _packed_fwd(qkv, bias, mask, scale, causal, interpret):
+    return self_attention_with_column_sums_packed(qkv, bias, mask, scale, causal, interpret), (qkv, bias, mask)
+
+
+def _packed_bwd(scale, causal, interpret, res, g):
+    from accjax import attention
+
+    qkv, bias, mask = res
+    _, vjp = jax.vjp(lambda x, b_: attention.fused_attention(
+        *_unpack(x, b_), mask > 0.5, scale=scale, causal=causal, implementation="xla"), qkv, bias)
+    d_qkv, d_bias = vjp(g[0].astype(qkv.dtype))  # the column sums only rank rows: no cotangent
+    return d_qkv, d_bias, jnp.zeros_like(mask)
+
+
+self_attention_with_column_sums_packed.defvjp(_packed_fwd, _packed_bwd)
+
+
 def _distance_bias(rel_bias, positions, xp=jnp):
     """[N, 2P - 1] by distance at [B, T] positions -> the [B, N, T, T] logits bias (``xp=np``
     in the probes, which must not be traced)."""
@@ -592,6 +713,25 @@ def _probe_distance(interpret: bool) -> bool:
     return bool(np.allclose(ctx, ref_ctx, rtol=3e-2, atol=3e-2) and np.allclose(lse, ref_lse, atol=2e-2))
 
 
+def _probe_lse(interpret: bool, rel_bias: bool) -> bool:
+    """``column_sums_from_lse`` against numpy on 24 rows with padding (with T5's bias)."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 24, 2, 32)).astype(jnp.bfloat16)
+    k = rng.standard_normal((2, 24, 2, 32)).astype(jnp.bfloat16)
+    lse = rng.uniform(2.0, 4.0, (2, 2, 24)).astype(np.float32)
+    m = np.arange(24)[None] < np.array([[24], [17]])
+    kw, bias = {}, None
+    if rel_bias:
+        pos = np.stack([np.sort(rng.choice(40, 24, replace=False)) for _ in range(2)])
+        pos = pos.astype(np.int32)  # the kept rows' original positions, P = 40
+        rb = rng.standard_normal((2, 79)).astype(np.float32)  # [N, 2P - 1]
+        kw = {"rel_bias": rb, "positions": pos}
+        bias = _distance_bias(rb, pos, np)
+    prog = column_sums_from_lse.lower(q, k, lse, m, m, scale=0.2, interpret=interpret, **kw).compile()
+    got = np.asarray(prog(q, k, lse, m, m, **kw))
+    return bool(np.allclose(got, _numpy_column_sums(q, k, lse, m, m, 0.2, bias), rtol=2e-2, atol=1e-3))
+
+
 def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = False,
               distance: bool = False) -> bool:
     """Whether the Triton kernel compiles and agrees with numpy on this backend (probed once).
@@ -600,43 +740,20 @@ def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = 
     own executable on numpy inputs, which works the same inside or outside a trace
     (``ensure_compile_time_eval`` would not: Pallas' ``program_id`` has no eager rule).
     ``interpret=True`` runs the probe in Pallas' interpreter (how the tests exercise it).
-    ``rel_bias=True`` probes the variant with a relative-position bias (T5); ``fused=True``
-    the attention kernel that returns the column sums (``attention_with_column_sums``);
-    ``distance=True`` the attention with T5's bias by distance (``attention_by_distance``).
+    Which kernel: the second pass ``column_sums_from_lse`` by default, ``rel_bias=True`` with
+    T5's relative-position bias; ``fused=True`` the attention kernel that returns the column
+    sums (``attention_with_column_sums``); ``distance=True`` the attention with T5's bias by
+    distance (``attention_by_distance``).
     """
     backend = jax.default_backend()
     key = f"{backend}:{interpret}:{rel_bias}:{fused}:{distance}"
     if key not in _AVAILABLE:
         ok = False
-        if (backend == "gpu" or interpret) and distance:
+        if backend == "gpu" or interpret:
+            probe = (_probe_distance if distance else _probe_fused if fused
+                     else functools.partial(_probe_lse, rel_bias=rel_bias))
             try:
-                ok = _probe_distance(interpret)
-            except Exception:  # lowering unsupported by this jax / Triton / GPU
-                ok = False
-        elif (backend == "gpu" or interpret) and fused:
-            try:
-                ok = _probe_fused(interpret)
-            except Exception:  # lowering unsupported by this jax / Triton / GPU
-                ok = False
-        elif backend == "gpu" or interpret:
-            try:
-                rng = np.random.default_rng(0)
-                q = rng.standard_normal((2, 24, 2, 32)).astype(jnp.bfloat16)
-                k = rng.standard_normal((2, 24, 2, 32)).astype(jnp.bfloat16)
-                lse = rng.uniform(2.0, 4.0, (2, 2, 24)).astype(np.float32)
-                m = np.arange(24)[None] < np.array([[24], [17]])
-                kw, bias = {}, None
-                if rel_bias:
-                    pos = np.stack([np.sort(rng.choice(40, 24, replace=False)) for _ in range(2)])
-                    pos = pos.astype(np.int32)  # the kept rows' original positions, P = 40
-                    rb = rng.standard_normal((2, 79)).astype(np.float32)  # [N, 2P - 1]
-                    kw = {"rel_bias": rb, "positions": pos}
-                    bias = _distance_bias(rb, pos, np)
-                prog = column_sums_from_lse.lower(q, k, lse, m, m, scale=0.2, interpret=interpret,
-                                                  **kw).compile()
-                got = np.asarray(prog(q, k, lse, m, m, **kw))
-                ref = _numpy_column_sums(q, k, lse, m, m, 0.2, bias)
-                ok = bool(np.allclose(got, ref, rtol=2e-2, atol=1e-3))
+                ok = probe(interpret)
             except Exception:  # lowering unsupported by this jax / Triton / GPU
                 ok = False
         _AVAILABLE[key] = ok

@@ -163,8 +163,9 @@ class BertLayer(nn.Module):
         if cfg.fused_qkv:
             qkv = qkv_proj(x)  # [B, T, 3, N, H]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+            packed = (qkv, None)
         else:
-            q, k, v = _split_qkv(qkv_proj, x, cfg)  # each [B, T, N, H], contiguous
+            q, k, v, packed = _split_qkv(qkv_proj, x, cfg)  # each [B, T, N, H], contiguous
 
         heads_out = common.HeadsOut(cfg, name="attn_out")
         prefix = acc_variant in acc_lib.BASELINES
@@ -177,6 +178,7 @@ class BertLayer(nn.Module):
             xla_attention_below=cfg.xla_attention_below, output_attentions=output_attentions,
             probs_dropout=(lambda p: drop(p, deterministic=False)) if train_dropout else None,
             value_norms=lambda: heads_out.value_norms(v),
+            packed=packed,
         )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
         if output_attentions:
             out["attentions"] = probs
@@ -201,16 +203,19 @@ class BertLayer(nn.Module):
 
 def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
     """q, k, v by three GEMMs on slices of the fused kernel: each output is contiguous, so a
-    flash-attention call needs no copies (same parameters as the fused form)."""
+    flash-attention call needs no copies (same parameters as the fused form); and the packed
+    form (one GEMM's [B, T, 3, N, H] output before the bias, the bias) for the fused attention
+    + ACC kernel. Each consumer uses one form; XLA drops the other."""
     kernel = proj.variables["params"]["kernel"] if proj.has_variable("params", "kernel") else None
     if kernel is None:  # first call (init): create the parameters through the module
         qkv = proj(x)
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], (qkv, None)
     dtype = common.to_dtype(cfg.dtype)
     kernel = nn.meta.unbox(kernel).astype(dtype)  # [D, 3, N, H]
     bias = nn.meta.unbox(proj.variables["params"]["bias"]).astype(dtype)  # [3, N, H]
     x = x.astype(dtype)
-    return tuple(jnp.einsum("BTD,DNH->BTNH", x, kernel[:, j]) + bias[j] for j in range(3))
+    q, k, v = (jnp.einsum("BTD,DNH->BTNH", x, kernel[:, j]) + bias[j] for j in range(3))
+    return q, k, v, (jnp.einsum("BTD,DJNH->BTJNH", x, kernel), bias)
 
 
 class BertModel(nn.Module):
