@@ -55,7 +55,8 @@ def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path):
     assert [r["speedup"] for r in rows] == [1.0, 2.0, 99.0] and rows[2]["schedule"] == [1, 1]
     assert rows[0]["measured"] == 1.0 and rows[0]["schedule"] == [16, 16]
     assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
-    assert all(r["median_ms"] > 0 for r in rows)
+    assert all(r["median_ms"] > 0 and r["pipelined_ms"] > 0 for r in rows)
+    assert rows[0]["measured_pipelined"] == 1.0
 
 
 def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkeypatch):

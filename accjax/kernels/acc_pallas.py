@@ -348,23 +348,28 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def attention_blocks(t: int, s: int) -> tuple[int, int, int, int]:
+# (largest query tile, num_warps, num_stages) of the fused attention + ACC kernel
+FUSED_BLOCKS = (64, 4, 2)
+
+
+def attention_blocks(t: int, s: int, max_block_q: int | None = None) -> tuple[int, int, int, int]:
     """(block_q, block_k, padded T, padded S) of ``attention_with_column_sums``: <= 128 keys
-    in one tile (one pass), more in tiles of 128; query tiles of up to 64 rows. Triton needs
-    power-of-two tiles of >= 16."""
-    block_q = min(64, _pow2(t))
+    in one tile (one pass), more in tiles of 128; query tiles of up to ``max_block_q`` rows
+    (``FUSED_BLOCKS``). Triton needs power-of-two tiles of >= 16."""
+    block_q = min(max_block_q or FUSED_BLOCKS[0], _pow2(t))
     block_k = _pow2(s) if s <= 128 else 128
     return block_q, block_k, _round_up(t, block_q), _round_up(s, block_k)
 
 
 def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale, causal,
-                interpret):
+                interpret, blocks=None):
     """The fused kernel over operands whose blocks ``qkv_specs(block_q, sp)`` select each
     (batch, head, query block)'s q and each (batch, head)'s k and v; ``bias`` None or
     [3, N, H]; ``shape`` (B, T, S, N, H) with H a power of two >= 16; ``key_mask`` None: the
     query mask (self-attention). Rows are not padded: overhanging blocks are masked."""
     b, t, s, n, h = shape
-    block_q, block_k, tp, sp = attention_blocks(t, s)
+    max_block_q, num_warps, num_stages = blocks or FUSED_BLOCKS
+    block_q, block_k, tp, sp = attention_blocks(t, s, max_block_q)
     qm = query_mask.astype(jnp.int32)  # [B, T] (blocks overhang T and S: masked loads)
     km = qm if key_mask is None else key_mask.astype(jnp.int32)  # [B, S]
     n_qb = tp // block_q
@@ -382,7 +387,7 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     ctx, col = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((b, t, n, h), v.dtype),
@@ -442,9 +447,10 @@ def packed_heads_ok(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim == _pow2(head_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks"))
 def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: bool = False,
-                                      interpret: bool = False):
+                                      interpret: bool = False,
+                                      blocks: tuple[int, int, int] | None = None):
     """``attention_with_column_sums`` for self-attention reading q, k and v straight from the
     fused projection's output, with its bias added in the kernel: no split, bias or padding
     copies between the GEMM and the attention (on an H200 those copies took ~50 us a BERT-base
@@ -453,6 +459,7 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
     Args:
       qkv: [B, T, 3, N, H] the q/k/v projection BEFORE its bias (H a power of two >= 16:
         ``packed_heads_ok``); bias: [3, N, H] or None; mask [B, T] bool (queries and keys).
+      blocks: (largest query tile, num_warps, num_stages); None: ``FUSED_BLOCKS``.
     Returns:
       (context [B, T, N, H] in qkv.dtype, column sums [B, N, T] float32).
     """
@@ -467,7 +474,7 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
 
     bias = None if bias is None else bias.astype(qkv.dtype)
     return _fused_call(qkv, qkv, qkv, specs, bias, mask, None, shape=(b, t, t, n, h),
-                       scale=scale, causal=causal, interpret=interpret)
+                       scale=scale, causal=causal, interpret=interpret, blocks=blocks)
 
 
 def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
