@@ -235,10 +235,12 @@ def acc_scores_fused(
 ACC_IMPLS = ("auto", "probs", "lse", "pallas", "pallas_softmax", "pallas_lse", "pallas_interpret",
              "fused", "fused_interpret")
 FUSED = ("fused", "fused_interpret")
-# 'auto' fuses attention and ACC up to this many keys: there every key fits one tile and the
-# kernel is one pass. Beyond, the kernel needs two passes (row statistics, then the sweep) and
-# measured slower than cuDNN + the second-pass kernel (docs/benchmarks.md, issue 17 section).
-FUSED_MAX_KEYS = 128
+# 'auto' fuses attention and ACC up to this many keys. Up to 128 every key fits one tile and
+# the kernel is one pass; at 129-256 it makes two passes over two key tiles (row statistics,
+# then the sweep) and, reading the packed q/k/v, measured as fast as cuDNN + the second-pass
+# kernel on the device and 1-4% faster per synchronised call (fewer kernels); at 512 keys
+# 6-12% slower (docs/benchmarks.md, issue 17, sixth session).
+FUSED_MAX_KEYS = 256
 
 
 def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: bool = False,
