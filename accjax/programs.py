@@ -109,28 +109,13 @@ def random_batches(rng: np.random.Generator, shape: tuple[int, int], vocab: int,
 
 
 def time_interleaved(calls: dict[Hashable, Callable[[], Any]], *, rounds: int,
-                     warmup: int = 1) -> dict[Hashable, list[float]]:
-    """Wall milliseconds of every call, ``rounds`` times, the calls interleaved (a, b, c, a, b,
-    ...) so that on a shared or throttling machine each meets the same conditions and their
-    ratios hold; each result synchronised; ``warmup`` untimed rounds first."""
-    for _ in range(warmup):
-        for call in calls.values():
-            jax.block_until_ready(call())
-    times: dict[Hashable, list[float]] = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, call in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def time_pipelined(calls: dict[Hashable, Callable[[], Any]], *, rounds: int, depth: int = 20,
-                   warmup: int = 1) -> dict[Hashable, list[float]]:
-    """Milliseconds per call with ``depth`` calls in flight: each round enqueues ``depth``
-    calls of one program, waits for the last, and divides (a server with queued requests;
-    the host's dispatch of a call overlaps the device's work on the previous ones). Programs
-    interleaved by round as in ``time_interleaved``."""
+                     warmup: int = 1, depth: int = 1) -> dict[Hashable, list[float]]:
+    """Wall milliseconds per call of every call, ``rounds`` times, the calls interleaved (a, b,
+    c, a, b, ...) so that on a shared or throttling machine each meets the same conditions and
+    their ratios hold; ``warmup`` untimed rounds first. ``depth`` 1: each call synchronised
+    (one request at a time); ``depth`` d > 1: d calls of one program enqueued, the last waited
+    for, the time divided by d (a server with queued requests: the host's dispatch of a call
+    overlaps the device's work on the previous ones)."""
     for _ in range(warmup):
         for call in calls.values():
             jax.block_until_ready(call())

@@ -181,11 +181,11 @@ def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int, t5: bool 
     dense, ...): on a shared or throttling machine every level meets the same conditions, so
     the ratios hold where level-after-level timing drifts. Same inputs for every program.
     Each call synchronised (``median_ms``: one request at a time), then with 20 calls in flight
-    (``pipelined_ms``: a server with queued requests, ``programs.time_pipelined``)."""
+    (``pipelined_ms``: a server with queued requests)."""
     progs = {s: program_inputs(pred, b, n, plan, t5) for s, plan in plans.items()}
     calls = {s: functools.partial(prog, pred.params, *inputs) for s, (prog, inputs) in progs.items()}
     ms = programs.time_interleaved(calls, rounds=iters)
-    pipe = programs.time_pipelined(calls, rounds=max(3, iters // 4))
+    pipe = programs.time_interleaved(calls, rounds=max(3, iters // 4), depth=20)
     return {s: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)),
                 "pipelined_ms": float(np.median(pipe[s])), "schedule": plans[s].keep}
             for s, v in ms.items()}

@@ -90,7 +90,7 @@ def test_eval_cli_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
     assert res["text"]["windows"] == 6 and res["mode"] == "eval"
     rows = res["rows"]
     assert [r["speedup"] for r in rows] == [1.0, 1.5, 2.5]
-    assert rounds == [(3, {"rounds": 2})]
+    assert rounds == [(3, {"rounds": 2}), (3, {"rounds": 3, "depth": 20})]  # synchronised, then pipelined
     assert rows[0]["kv_ratio"] == 1.0 and rows[0]["analytic"] == 1.0 and rows[0]["measured"] == 1.0
     assert rows[0]["schedule"] == [32, 32, 32]
     analytic = [r["analytic"] for r in rows]
@@ -98,7 +98,7 @@ def test_eval_cli_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
     assert analytic == sorted(analytic) and analytic[-1] > 2.0
     assert kv == sorted(kv, reverse=True) and kv[-1] < 0.6
     for r in rows:
-        assert np.isfinite(r["ppl"]) and r["ttft_ms"] > 0 and r["tokens"] == 48
+        assert np.isfinite(r["ppl"]) and r["ttft_ms"] > 0 and r["pipelined_ms"] > 0 and r["tokens"] == 48
         assert r["kv_prompt_bytes"] == 2 * 4 * sum(r["schedule"]) * 32 * 4  # B=4, D=32, fp32
 
 

@@ -45,6 +45,15 @@ NEG = -1e30
 LOG2E = 1.4426950408889634  # the second pass works in base 2: exp(x) = exp2(x * log2(e))
 
 
+def _triton_params(interpret: bool, num_warps: int, num_stages: int) -> dict:
+    """``pallas_call`` keyword arguments of a Triton kernel (none for the interpreter)."""
+    if interpret:
+        return {}
+    from jax.experimental.pallas import triton as plgpu
+
+    return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
 def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (int(n) - 1).bit_length())
 
@@ -103,11 +112,7 @@ def column_sums(q, k, query_mask, key_mask, *, scale: float, causal: bool = Fals
     qm = jnp.pad(query_mask.astype(jnp.int32), ((0, 0), (0, tp - t)))  # [B, Tp]
     km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, sp - s)))  # [B, Sp]
     kernel = functools.partial(_kernel, scale=scale, block_q=block_q, causal=causal)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=4 if sp <= 128 else 8, num_stages=1)
+    params = _triton_params(interpret, 4 if sp <= 128 else 8, 1)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, n, sp), jnp.float32),
@@ -230,11 +235,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         ]
     kernel = functools.partial(_lse_kernel, scale=scale, block_q=block_q, causal=causal,
                                block_k=block_k, rel_offset=rel_offset)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = _triton_params(interpret, num_warps, num_stages)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, n, sp), jnp.float32),
@@ -383,11 +384,7 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
     kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
                                block_k=block_k, n_kb=sp // block_k, t=t, s=s,
                                biased=bias is not None)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = _triton_params(interpret, num_warps, num_stages)
     ctx, col = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((b, t, n, h), v.dtype),
@@ -543,11 +540,7 @@ def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: floa
     bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
     kernel = functools.partial(_distance_kernel, scale=scale, block_k=block_k, n_kb=tk // block_k,
                                rel_offset=(r - 1) // 2)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = _triton_params(interpret, num_warps, num_stages)
     ctx, lse = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((b, tq, n, hp), v.dtype),
