@@ -239,7 +239,7 @@ FUSED = ("fused", "fused_interpret")
 # the kernel is one pass; at 129-256 it makes two passes over two key tiles (row statistics,
 # then the sweep) and, reading the packed q/k/v, measured as fast as cuDNN + the second-pass
 # kernel on the device and 1-4% faster per synchronised call (fewer kernels); at 512 keys
-# 6-12% slower (docs/benchmarks.md, issue 17, sixth session).
+# 2-12% slower (docs/benchmarks.md, issue 17, sixth session).
 FUSED_MAX_KEYS = 256
 
 
