@@ -285,6 +285,24 @@ DISTANCE_ATTENTION = "auto"
 # The fused kernel reads q, k and v from the q/k/v projection's output when the model hands
 # it over (``attend_and_score(packed=...)``, BERT family): no split, bias or padding copies.
 PACKED_QKV = True
+# A layer that does not score, given the packed projection, runs attention alone in the same
+# kernel (``acc_pallas.self_attention_packed``) instead of the split copies + cuDNN, up to
+# this many keys: 'auto' on a GPU where it compiles, 'never', or 'interpret' (tests on the CPU).
+PACKED_ATTENTION = "auto"
+PACKED_ATTENTION_MAX_KEYS = 256
+
+
+def _packed_attention(impl: str, packed, keys: int, head_dim: int, bias, causal: bool) -> bool:
+    if (packed is None or not PACKED_QKV or PACKED_ATTENTION == "never" or bias is not None
+            or causal or keys > PACKED_ATTENTION_MAX_KEYS):
+        return False
+    from accjax.kernels import acc_pallas
+
+    if not acc_pallas.packed_heads_ok(head_dim):
+        return False
+    if PACKED_ATTENTION == "interpret":
+        return True
+    return impl == "cudnn" and acc_pallas.available(fused=True)
 
 
 def _distance_attention(impl: str, bias, bias_by_distance, causal: bool) -> bool:
@@ -332,6 +350,9 @@ def attend_and_score(
       * ACC source 'fused': one Pallas kernel returns the context and the column sums
         (``acc_pallas.self_attention_with_column_sums``) at any row count (its tiles shrink
         with the rows, so it also replaces XLA attention in tail layers);
+      * a layer that does not score, given the ``packed`` projection: attention alone in the
+        same kernel (``PACKED_ATTENTION``, up to ``PACKED_ATTENTION_MAX_KEYS`` keys, any row
+        count), which reads q, k, v and their bias from the one GEMM output;
       * T5 once its rows' positions differ per example (``DISTANCE_ATTENTION``): a Pallas
         flash attention reading ``bias_by_distance`` at ``positions``, with its log-sum-exp;
       * ``fused_attention`` (cuDNN flash or XLA), with its log-sum-exp where the ACC source
@@ -376,6 +397,9 @@ def attend_and_score(
             scores = _finish(sg(col).sum(axis=1), mask, _denominator(mask, mask, q.shape[2], causal),
                              protect)
         return ctx.astype(q.dtype), scores, None
+    # attention alone from the packed projection at any row count (tiles shrink with the rows)
+    packed_attention = not score and not need_probs and _packed_attention(
+        impl, packed, k.shape[1], q.shape[-1], bias, causal)
     if impl == "cudnn" and q.shape[1] < xla_attention_below:
         impl = "xla"
         if score and acc_impl == "auto" and variant == "plain":
@@ -385,6 +409,11 @@ def attend_and_score(
         if need_probs or (score and how == "probs"):
             ctx, probs = attn_lib.attention_with_probs(q, k, v, mask, scale=scale, causal=causal,
                                                        bias=bias, probs_dropout=probs_dropout)
+        elif packed_attention:
+            from accjax.kernels import acc_pallas
+
+            ctx = acc_pallas.self_attention_packed(*packed, mask.astype(jnp.float32), scale, causal,
+                                                   PACKED_ATTENTION == "interpret").astype(q.dtype)
         elif _distance_attention(impl, bias, bias_by_distance, causal):
             from accjax.kernels import acc_pallas
 

@@ -12,6 +12,7 @@ import pytest
 
 from accjax import acc, attention, convert
 from accjax.kernels import acc_pallas
+from accjax.kernels import layer_norm as ln_kernel
 from tests.conftest import make_hf_bert, random_batch
 
 
@@ -75,6 +76,17 @@ def test_packed_kernel_reads_the_projection_output(causal, t):
         *acc_pallas._unpack(a, c), jnp.asarray(m), scale=0.3, causal=causal)[0] * w).sum(), (0, 1))(qkv, bias)
     for g, r in zip(kernel, plain):
         assert float(jnp.abs(r).max()) > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+    # attention alone (a layer that does not eliminate): one online-softmax pass over the
+    # key tiles, same context; its gradient is plain attention's too
+    alone = acc_pallas.packed_attention_with_column_sums(qkv, bias, jnp.asarray(m), scale=0.3,
+                                                         causal=causal, interpret=True, columns=False)
+    assert alone.shape == (b, t, n, h)
+    np.testing.assert_allclose(np.asarray(alone)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
+    kernel = jax.grad(lambda a, c: (acc_pallas.self_attention_packed(
+        a, c, mf, 0.3, causal, True) * w).sum(), (0, 1))(qkv, bias)
+    for g, r in zip(kernel, plain):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
@@ -192,28 +204,66 @@ def test_fused_probe():
         assert acc.resolve_acc_impl("auto", "xla", keys=16) == ("probs", False)
 
 
-@pytest.mark.parametrize("heads,packed_calls", [(4, 0), (2, 3)])
-def test_bert_with_fused_kernel_keeps_the_same_rows(tmp_path, monkeypatch, heads, packed_calls):
+@pytest.mark.parametrize("heads,packed_calls,alone_calls", [(4, 0, 0), (2, 2, 2)])
+def test_bert_with_fused_kernel_keeps_the_same_rows(tmp_path, monkeypatch, heads, packed_calls,
+                                                    alone_calls):
     """A whole eliminating BERT: same kept rows and logits as ACC from probabilities. Head
-    size 8 takes the split q, k, v; head size 16 the packed projection (one call a layer)."""
-    folder, _ = make_hf_bert(tmp_path, num_hidden_layers=3, max_position_embeddings=64,
+    size 8 takes the split q, k, v; head size 16 the packed projection: the fused kernel in
+    each layer that ranks (24 -> 16, 16 -> 8), attention alone from the same projection in
+    the layer that keeps every row (8 -> 8) and in the one that keeps only CLS (8 -> 1, no
+    ranking needed)."""
+    folder, _ = make_hf_bert(tmp_path, num_hidden_layers=4, max_position_embeddings=64,
                              num_attention_heads=heads)
     ld = convert.load(folder, "sequence_classification")
     batch = random_batch(np.random.default_rng(2), 3, 24, 99)
-    calls = []
-    packed = acc_pallas.self_attention_with_column_sums_packed
+    calls, alone = [], []
+    packed, attn = acc_pallas.self_attention_with_column_sums_packed, acc_pallas.self_attention_packed
     monkeypatch.setattr(acc_pallas, "self_attention_with_column_sums_packed",
                         lambda *a: calls.append(a[0].shape) or packed(*a))
+    monkeypatch.setattr(acc_pallas, "self_attention_packed", lambda *a: alone.append(a[0].shape) or attn(*a))
+    norms, norm = [], ln_kernel.layer_norm
+    monkeypatch.setattr(ln_kernel, "layer_norm", lambda *a: norms.append(a[0].shape) or norm(*a))
     outs = {}
-    for how in ("probs", "fused_interpret"):
+    for how in ("probs", "fused_interpret"):  # the kernels' run also normalises in the LayerNorm kernel
+        monkeypatch.setattr(acc, "PACKED_ATTENTION", "interpret" if how != "probs" else "never")
+        monkeypatch.setattr(ln_kernel, "KERNEL", "interpret" if how != "probs" else "never")
         module = ld.module.clone(config=dataclasses.replace(ld.config, acc_impl=how))
         # jitted: eagerly, every ACC op (and the interpreted kernel's) compiles on its own
-        outs[how] = jax.jit(lambda p, m=module: m.apply({"params": p}, **batch, schedule=(16, 8, 3)))(ld.params)
-    assert len(calls) == packed_calls
+        outs[how] = jax.jit(lambda p, m=module: m.apply({"params": p}, **batch, schedule=(16, 8, 8, 1)))(ld.params)
+    assert len(calls) == packed_calls and len(alone) == alone_calls
+    assert len(norms) == 1 + 2 * 4  # embeddings, then two a layer (kernels' run only)
     a, b = outs["probs"], outs["fused_interpret"]
+    assert ["keep_idx" in la for la in a.layers] == [True, True, False, True]
     for la, lb in zip(a.layers, b.layers):
-        np.testing.assert_array_equal(np.asarray(la["keep_idx"]), np.asarray(lb["keep_idx"]))
+        assert la.keys() == lb.keys()
+        if "keep_idx" in la:
+            np.testing.assert_array_equal(np.asarray(la["keep_idx"]), np.asarray(lb["keep_idx"]))
     np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("d,dtype", [(48, jnp.float32), (64, jnp.bfloat16)])
+def test_layer_norm_kernel_matches_flax(d, dtype):
+    """One-pass LayerNorm kernel: 39 rows (the last block of 8 overhangs), hidden size 48
+    (padded to 64 inside the block) or 64, against Flax's LayerNorm; its gradient is Flax's."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(d)
+    x = jnp.asarray(rng.normal(size=(3, 13, d)) * 2 + 0.5, dtype)
+    g, b = (jnp.asarray(rng.normal(size=d), jnp.float32) for _ in range(2))
+    flax_ln = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
+    params = {"params": {"scale": g, "bias": b}}
+    got = ln_kernel.layer_norm(x, g, b, 1e-6, dtype, True)
+    ref = flax_ln.apply(params, x)
+    assert got.dtype == ref.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    mine = jax.grad(lambda *a: (ln_kernel.layer_norm(*a, 1e-6, jnp.float32, True) * w).sum(),
+                    (0, 1, 2))(x.astype(jnp.float32), g, b)
+    theirs = jax.grad(lambda x_, g_, b_: (nn.LayerNorm(epsilon=1e-6).apply(
+        {"params": {"scale": g_, "bias": b_}}, x_) * w).sum(), (0, 1, 2))(x.astype(jnp.float32), g, b)
+    for a, r in zip(mine, theirs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -260,6 +310,12 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
             q, k, v, m, m, scale=0.1, causal=True),
         "packed_attention_with_column_sums (88 rows)": lambda: acc_pallas.packed_attention_with_column_sums(
             jnp.stack([q, k, v], axis=2)[:, :88], None, m[:, :88], scale=0.1),
+        "packed attention alone (200 rows, online softmax)": lambda: acc_pallas.packed_attention_with_column_sums(
+            jnp.stack([q, k, v], axis=2)[:, :200], None, m[:, :200], scale=0.1, columns=False),
+        "layer_norm_rows (74 rows of 128)": lambda: ln_kernel.layer_norm_rows(
+            q[:, :37].reshape(2, 37, 128), rb[0, :128], rb[1, :128], eps=1e-12),
+        "layer_norm_rows (176 rows of 96)": lambda: ln_kernel.layer_norm_rows(
+            q[:, :88, :, :48].reshape(2, 88, 96), rb[0, :96], rb[1, :96], eps=1e-12),
         "column_sums_from_lse (causal)": lambda: acc_pallas.column_sums_from_lse(
             q, k, lse, m, m, scale=0.1, causal=True),
         "column_sums (120 keys)": lambda: acc_pallas.column_sums(

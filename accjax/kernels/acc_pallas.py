@@ -260,15 +260,19 @@ def _masked_load(ref, mask):
 
 
 def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causal: bool,
-                 block_q: int, block_k: int, n_kb: int, t: int, s: int, biased: bool):
+                 block_q: int, block_k: int, n_kb: int, t: int, s: int, biased: bool,
+                 columns: bool):
     # refs (batch, head squeezed; this program's query block): qm [BQ], km [Sp] (int masks),
     # q [BQ, H], k [Sp, H], v [Sp, H]; with ``biased`` the q/k/v biases [H] each; outputs
-    # o [BQ, H] (context), col [Sp] (this block's column sums). Blocks may overhang T and S
-    # (rows are not padded outside): overhanging rows are masked on load and store.
+    # o [BQ, H] (context) and, with ``columns``, col [Sp] (this block's column sums). Blocks
+    # may overhang T and S (rows are not padded outside): overhanging rows are masked on load
+    # and store.
+    bq_ref = bk_ref = bv_ref = col_ref = None
     if biased:
-        bq_ref, bk_ref, bv_ref, o_ref, col_ref = rest
-    else:
-        o_ref, col_ref = rest
+        bq_ref, bk_ref, bv_ref, *rest = rest
+    o_ref, *rest = rest
+    if columns:
+        (col_ref,) = rest
     qb = pl.program_id(2)
     rows = qb * block_q + jnp.arange(block_q, dtype=jnp.int32)
     row_in = rows < t if t % block_q else None
@@ -288,7 +292,7 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
 
     def logits(kb):
         start = kb * block_k
-        k = tile(k_ref, start, bk_ref if biased else None)  # [BK, H]
+        k = tile(k_ref, start, bk_ref)  # [BK, H]
         s_ = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * scale  # [BQ, BK]
         cols = start + jnp.arange(block_k, dtype=jnp.int32)
@@ -299,9 +303,11 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
         return jnp.where(ok, s_, NEG), ok
 
     def context_and_columns(kb, p, ok):
-        # p [BQ, BK]: final softmax probabilities of this key block
-        v = tile(v_ref, kb * block_k, bv_ref if biased else None)  # [BK, H]
-        col_ref[pl.ds(kb * block_k, block_k)] = jnp.sum(jnp.where(q_ok[:, None] & ok, p, 0.0), axis=0)
+        # p [BQ, BK]: final softmax probabilities of this key block (or, without columns,
+        # the online softmax's unnormalised ones)
+        v = tile(v_ref, kb * block_k, bv_ref)  # [BK, H]
+        if columns:
+            col_ref[pl.ds(kb * block_k, block_k)] = jnp.sum(jnp.where(q_ok[:, None] & ok, p, 0.0), axis=0)
         return jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)  # [BQ, H]
 
@@ -320,6 +326,22 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
         p = jnp.exp(s_ - m[:, None])
         p = p / jnp.sum(p, axis=1)[:, None]
         store(context_and_columns(0, p, ok))
+        return
+
+    if not columns:
+        # attention alone: flash attention's online softmax, one pass over the key tiles
+        def online(kb, carry):
+            m, l, acc = carry
+            s_, ok = logits(kb)
+            m_new = jnp.maximum(m, jnp.max(s_, axis=1))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(s_ - m_new[:, None])
+            return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + context_and_columns(kb, p, ok)
+
+        _, l, acc = jax.lax.fori_loop(0, n_kb, online, (
+            jnp.full((block_q,), NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+            jnp.zeros((block_q, q.shape[1]), jnp.float32)))
+        store(acc / l[:, None])
         return
 
     # Several key tiles. A column sum needs each row's FINAL normaliser, which online softmax
@@ -351,6 +373,10 @@ def _round_up(n: int, m: int) -> int:
 
 # (largest query tile, num_warps, num_stages) of the fused attention + ACC kernel
 FUSED_BLOCKS = (64, 4, 2)
+# ... and of attention alone (``columns=False``) above 64 rows: one program takes 128 query
+# rows with 8 warps (H200, BERT-base heads, B = 128: 61 against 69 us at 128 rows, 47 against
+# 59 at 88; at 64 rows or fewer FUSED_BLOCKS is as fast; docs/benchmarks.md).
+ATTENTION_BLOCKS = (128, 8, 1)
 
 
 def attention_blocks(t: int, s: int, max_block_q: int | None = None) -> tuple[int, int, int, int]:
@@ -363,11 +389,13 @@ def attention_blocks(t: int, s: int, max_block_q: int | None = None) -> tuple[in
 
 
 def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale, causal,
-                interpret, blocks=None):
+                interpret, blocks=None, columns=True):
     """The fused kernel over operands whose blocks ``qkv_specs(block_q, sp)`` select each
     (batch, head, query block)'s q and each (batch, head)'s k and v; ``bias`` None or
     [3, N, H]; ``shape`` (B, T, S, N, H) with H a power of two >= 16; ``key_mask`` None: the
-    query mask (self-attention). Rows are not padded: overhanging blocks are masked."""
+    query mask (self-attention). Rows are not padded: overhanging blocks are masked.
+    Returns (context, column sums [B, N, S]), or without ``columns`` the context alone (one
+    online-softmax pass over the key tiles)."""
     b, t, s, n, h = shape
     max_block_q, num_warps, num_stages = blocks or FUSED_BLOCKS
     block_q, block_k, tp, sp = attention_blocks(t, s, max_block_q)
@@ -383,21 +411,18 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
             in_specs.append(pl.BlockSpec((None, None, h), lambda i, j, c, w=which: (w, j, 0)))
     kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
                                block_k=block_k, n_kb=sp // block_k, t=t, s=s,
-                               biased=bias is not None)
+                               biased=bias is not None, columns=columns)
     params = _triton_params(interpret, num_warps, num_stages)
-    ctx, col = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, t, n, h), v.dtype),
-                   jax.ShapeDtypeStruct((b, n, n_qb, sp), jnp.float32)),
-        grid=(b, n, n_qb),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, block_q, None, h), lambda i, j, c: (i, c, j, 0)),
-            pl.BlockSpec((None, None, None, sp), lambda i, j, c: (i, j, c, 0)),
-        ],
-        interpret=interpret,
-        **params,
-    )(*args)
+    out_shape = [jax.ShapeDtypeStruct((b, t, n, h), v.dtype)]
+    out_specs = [pl.BlockSpec((None, block_q, None, h), lambda i, j, c: (i, c, j, 0))]
+    if columns:
+        out_shape.append(jax.ShapeDtypeStruct((b, n, n_qb, sp), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, None, sp), lambda i, j, c: (i, j, c, 0)))
+    out = pl.pallas_call(kernel, out_shape=out_shape, grid=(b, n, n_qb), in_specs=in_specs,
+                         out_specs=out_specs, interpret=interpret, **params)(*args)
+    if not columns:
+        return out[0]  # [B, T, N, H]
+    ctx, col = out
     return ctx, col.sum(axis=2)[:, :, :s]  # [B, T, N, H], [B, N, S]
 
 
@@ -444,10 +469,11 @@ def packed_heads_ok(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim == _pow2(head_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks", "columns"))
 def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: bool = False,
                                       interpret: bool = False,
-                                      blocks: tuple[int, int, int] | None = None):
+                                      blocks: tuple[int, int, int] | None = None,
+                                      columns: bool = True):
     """``attention_with_column_sums`` for self-attention reading q, k and v straight from the
     fused projection's output, with its bias added in the kernel: no split, bias or padding
     copies between the GEMM and the attention (on an H200 those copies took ~50 us a BERT-base
@@ -456,9 +482,13 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
     Args:
       qkv: [B, T, 3, N, H] the q/k/v projection BEFORE its bias (H a power of two >= 16:
         ``packed_heads_ok``); bias: [3, N, H] or None; mask [B, T] bool (queries and keys).
-      blocks: (largest query tile, num_warps, num_stages); None: ``FUSED_BLOCKS``.
+      blocks: (largest query tile, num_warps, num_stages); None: ``FUSED_BLOCKS``, or for
+        attention alone above 64 rows ``ATTENTION_BLOCKS``.
+      columns: False: attention alone (a layer that does not eliminate), one online-softmax
+        pass over the key tiles, no column sums.
     Returns:
-      (context [B, T, N, H] in qkv.dtype, column sums [B, N, T] float32).
+      (context [B, T, N, H] in qkv.dtype, column sums [B, N, T] float32); without
+      ``columns`` the context alone.
     """
     b, t, three, n, h = qkv.shape
     if three != 3 or not packed_heads_ok(h):
@@ -470,8 +500,11 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
                 pl.BlockSpec((None, sp, None, None, h), lambda i, j, c: (i, 0, 2, j, 0))]
 
     bias = None if bias is None else bias.astype(qkv.dtype)
+    if blocks is None and not columns and t > 64:
+        blocks = ATTENTION_BLOCKS
     return _fused_call(qkv, qkv, qkv, specs, bias, mask, None, shape=(b, t, t, n, h),
-                       scale=scale, causal=causal, interpret=interpret, blocks=blocks)
+                       scale=scale, causal=causal, interpret=interpret, blocks=blocks,
+                       columns=columns)
 
 
 def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
@@ -628,6 +661,33 @@ def _packed_bwd(scale, causal, interpret, res, g):
 
 
 self_attention_with_column_sums_packed.defvjp(_packed_fwd, _packed_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def self_attention_packed(qkv, bias, mask, scale: float, causal: bool, interpret: bool):
+    """Self-attention alone from the packed projection (``packed_attention_with_column_sums``
+    without column sums): a layer that does not eliminate. The backward pass is cuDNN's
+    (XLA's in the interpreter) on the split q, k, v. mask [B, T] float (1.0 = real token)."""
+    return packed_attention_with_column_sums(qkv, bias, mask > 0.5, scale=scale, causal=causal,
+                                             interpret=interpret, columns=False)
+
+
+def _attn_fwd(qkv, bias, mask, scale, causal, interpret):
+    return self_attention_packed(qkv, bias, mask, scale, causal, interpret), (qkv, bias, mask)
+
+
+def _attn_bwd(scale, causal, interpret, res, g):
+    from accjax import attention
+
+    qkv, bias, mask = res
+    impl = "xla" if interpret else "cudnn"
+    _, vjp = jax.vjp(lambda x, b_: attention.fused_attention(
+        *_unpack(x, b_), mask > 0.5, scale=scale, causal=causal, implementation=impl), qkv, bias)
+    d_qkv, d_bias = vjp(g.astype(qkv.dtype))
+    return d_qkv, d_bias, jnp.zeros_like(mask)
+
+
+self_attention_packed.defvjp(_attn_fwd, _attn_bwd)
 
 
 def _distance_bias(rel_bias, positions, xp=jnp):
