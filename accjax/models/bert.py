@@ -168,7 +168,9 @@ class BertLayer(nn.Module):
             q, k, v, packed = _split_qkv(qkv_proj, x, cfg)  # each [B, T, N, H], contiguous
 
         heads_out = common.HeadsOut(cfg, name="attn_out")
-        prefix = acc_variant in acc_lib.BASELINES
+        # Keeping one row keeps the protected CLS, always row 0 (order is preserved): no
+        # ranking needed, the prefix of one row is the same selection.
+        prefix = acc_variant in acc_lib.BASELINES or keep == 1
         drop = nn.Dropout(cfg.attention_dropout)
         train_dropout = not deterministic and cfg.attention_dropout > 0
         ctx, scores, probs = acc_lib.attend_and_score(
