@@ -132,11 +132,26 @@ def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=Tru
         bias_init=zeros_init(axes[-n_out:]), name=name)
 
 
+class LayerNorm(nn.LayerNorm):
+    """Flax's LayerNorm (same parameters and numerics); once its parameters exist, on a GPU
+    where the kernel compiles, one Pallas kernel (``accjax.kernels.layer_norm``) instead of
+    XLA's two."""
+
+    def __call__(self, x, *args, **kwargs):
+        from accjax.kernels import layer_norm as ln
+
+        if not args and not kwargs and self.has_variable("params", "scale") and ln.applies(x):
+            p = self.variables["params"]
+            return ln.layer_norm(x, nn.meta.unbox(p["scale"]), nn.meta.unbox(p["bias"]),
+                                 self.epsilon, self.dtype or x.dtype, ln.KERNEL == "interpret")
+        return super().__call__(x, *args, **kwargs)
+
+
 def layer_norm(cfg, name: str) -> nn.LayerNorm:
     """LayerNorm over the hidden size with ``cfg.layer_norm_eps`` (BERT, GPT-2)."""
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype),
-                        param_dtype=to_dtype(cfg.param_dtype), scale_init=ones_init(("embed",)),
-                        bias_init=zeros_init(("embed",)), name=name)
+    return LayerNorm(epsilon=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype),
+                     param_dtype=to_dtype(cfg.param_dtype), scale_init=ones_init(("embed",)),
+                     bias_init=zeros_init(("embed",)), name=name)
 
 
 class ModelConfig:
