@@ -208,6 +208,7 @@ def acc_scores_fused(
     Returns:
       [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``.
     """
+    from accjax import sharding
     from accjax.kernels import acc_pallas
 
     if query_mask is None:
@@ -215,12 +216,17 @@ def acc_scores_fused(
     if lse is None:
         if rel_bias is not None:
             raise ValueError("a relative bias needs the log-sum-exp of the attention pass")
-        col = acc_pallas.column_sums(q, k, query_mask, key_mask, scale=scale, causal=causal,
-                                     interpret=interpret)
+        col = sharding.batch_partitioned(
+            ("column_sums", scale, causal, interpret), lambda q_, k_, qm, km: acc_pallas.column_sums(
+                q_, k_, qm, km, scale=scale, causal=causal, interpret=interpret),
+            (q, k, query_mask, key_mask), (1, 1, 1, 1))
     else:
-        col = acc_pallas.column_sums_from_lse(q, k, lse, query_mask, key_mask, scale=scale,
-                                              causal=causal, interpret=interpret,
-                                              rel_bias=rel_bias, positions=positions)
+        col = sharding.batch_partitioned(
+            ("column_sums_from_lse", scale, causal, interpret),
+            lambda q_, k_, lse_, qm, km, rb, pos: acc_pallas.column_sums_from_lse(
+                q_, k_, lse_, qm, km, scale=scale, causal=causal, interpret=interpret, rel_bias=rb,
+                positions=pos),
+            (q, k, lse, query_mask, key_mask, rel_bias, positions), (1, 1, 1, 1, 1, 0, 1))
     col = col.sum(axis=1)  # [B, S]
     return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
 

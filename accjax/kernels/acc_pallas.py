@@ -58,6 +58,14 @@ def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (int(n) - 1).bit_length())
 
 
+def _per_example(key, fn, args, batched):
+    """``fn(*args)`` split along the batch axis under SPMD (``sharding.batch_partitioned``):
+    every kernel here is independent per example."""
+    from accjax import sharding
+
+    return sharding.batch_partitioned(key, fn, args, batched)
+
+
 def _kernel(qm_ref, km_ref, q_ref, k_ref, o_ref, *, scale: float, block_q: int, causal: bool):
     # refs (batch and head squeezed): qm [Tp], km [Sp], q [Tp, H], k [Sp, H], o [Sp]
     t_pad = q_ref.shape[0]
@@ -608,8 +616,8 @@ def self_attention_with_column_sums(q, k, v, mask, scale: float, causal: bool, i
     Args: q, k, v [B, T, N, H]; mask [B, T] float (1.0 = real token). Returns as
     ``attention_with_column_sums``.
     """
-    m = mask > 0.5
-    return attention_with_column_sums(q, k, v, m, m, scale=scale, causal=causal, interpret=interpret)
+    return _per_example(("fused", scale, causal, interpret), lambda q_, k_, v_, m_: attention_with_column_sums(
+        q_, k_, v_, m_ > 0.5, m_ > 0.5, scale=scale, causal=causal, interpret=interpret), (q, k, v, mask), (1, 1, 1, 1))
 
 
 def _self_fwd(q, k, v, mask, scale, causal, interpret):
@@ -642,8 +650,8 @@ def self_attention_with_column_sums_packed(qkv, bias, mask, scale: float, causal
                                            interpret: bool):
     """``packed_attention_with_column_sums``, differentiable in qkv and the bias as
     ``self_attention_with_column_sums`` is in q, k, v. mask [B, T] float (1.0 = real token)."""
-    return packed_attention_with_column_sums(qkv, bias, mask > 0.5, scale=scale, causal=causal,
-                                             interpret=interpret)
+    return _per_example(("packed", scale, causal, interpret), lambda x, b, m: packed_attention_with_column_sums(
+        x, b, m > 0.5, scale=scale, causal=causal, interpret=interpret), (qkv, bias, mask), (1, 0, 1))
 
 
 def _packed_fwd(qkv, bias, mask, scale, causal, interpret):
@@ -668,8 +676,8 @@ def self_attention_packed(qkv, bias, mask, scale: float, causal: bool, interpret
     """Self-attention alone from the packed projection (``packed_attention_with_column_sums``
     without column sums): a layer that does not eliminate. The backward pass is cuDNN's
     (XLA's in the interpreter) on the split q, k, v. mask [B, T] float (1.0 = real token)."""
-    return packed_attention_with_column_sums(qkv, bias, mask > 0.5, scale=scale, causal=causal,
-                                             interpret=interpret, columns=False)
+    return _per_example(("alone", scale, causal, interpret), lambda x, b, m: packed_attention_with_column_sums(
+        x, b, m > 0.5, scale=scale, causal=causal, interpret=interpret, columns=False), (qkv, bias, mask), (1, 0, 1))
 
 
 def _attn_fwd(qkv, bias, mask, scale, causal, interpret):
@@ -701,7 +709,9 @@ def _distance_bias(rel_bias, positions, xp=jnp):
 def self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale: float, interpret: bool):
     """``attention_by_distance``, differentiable in q, k, v and the bias: the backward pass is
     plain attention's, recomputed by XLA with the bias written out (training only)."""
-    return attention_by_distance(q, k, v, mask, rel_bias, positions, scale=scale, interpret=interpret)
+    return _per_example(("distance", scale, interpret), lambda q_, k_, v_, m, rb, pos: attention_by_distance(
+        q_, k_, v_, m, rb, pos, scale=scale, interpret=interpret), (q, k, v, mask, rel_bias, positions),
+        (1, 1, 1, 1, 0, 1))
 
 
 def _distance_fwd(q, k, v, mask, rel_bias, positions, scale, interpret):

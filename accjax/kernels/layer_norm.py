@@ -88,8 +88,13 @@ def reference(x, scale, bias, eps: float, out_dtype=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def layer_norm(x, scale, bias, eps: float, out_dtype, interpret: bool):
-    """``layer_norm_rows``, differentiable: the gradient is ``reference``'s."""
-    return layer_norm_rows(x, scale, bias, eps=eps, interpret=interpret, out_dtype=out_dtype)
+    """``layer_norm_rows``, differentiable: the gradient is ``reference``'s; split along the
+    batch axis under SPMD (``sharding.batch_partitioned``)."""
+    from accjax import sharding
+
+    return sharding.batch_partitioned(
+        ("layer_norm", eps, out_dtype, interpret), lambda x_, s, b: layer_norm_rows(
+            x_, s, b, eps=eps, interpret=interpret, out_dtype=out_dtype), (x, scale, bias), (1, 0, 0))
 
 
 def _fwd(x, scale, bias, eps, out_dtype, interpret):
