@@ -57,11 +57,11 @@ def batch_partitioned(key: Any, fn, args: Sequence[Any], batched: Sequence[bool]
     are sharded over several devices it would all-gather them and run the whole batch on
     every device. Every kernel of ``accjax.kernels`` is independent per example, so this runs
     it on each device's rows: ``batched[i]`` says whether ``args[i]``'s axis 0 is the batch
-    (sharded as ``args[0]`` is along it, every other axis whole), else the argument is
+    (split as the first batched argument's is, every other axis whole), else the argument is
     replicated (None arguments stay Python constants); every result is batched. Only in a
     process that sees more than one device: with one, ``fn`` is called as it is (the
     programs measured in docs/benchmarks.md). ``key`` names ``fn`` with its static arguments
-    (the wrapped op is built once per key and operand ranks)."""
+    (the wrapped op is built once per key, present arguments and ranks)."""
     if jax.device_count() == 1:
         return fn(*args)
     from jax.experimental.custom_partitioning import custom_partitioning
@@ -69,7 +69,7 @@ def batch_partitioned(key: Any, fn, args: Sequence[Any], batched: Sequence[bool]
     present = [i for i, a in enumerate(args) if a is not None]
     operands = [args[i] for i in present]
     flags = [bool(batched[i]) for i in present]
-    cache_key = (key, tuple(len(a.shape) for a in operands), tuple(flags))
+    cache_key = (key, tuple(present), tuple(len(a.shape) for a in operands), tuple(flags))
     op = _BATCH_PARTITIONED.get(cache_key)
     if op is None:
         n_args = len(args)
