@@ -480,8 +480,11 @@ def select_rows(scores: Array, keep: int, method: str | None = None) -> Array:
         gpu = jax.default_backend() == "gpu"
         method = "rank" if gpu and t <= RANK_SELECT_MAX_ROWS else "top_k"
     if method == "top_k":
-        _, idx = lax.top_k(scores, keep)  # [B, K], best first
-        return jnp.sort(idx, axis=1).astype(jnp.int32)  # [B, K], original order
+        from accjax import sharding
+
+        # lax.top_k is a custom call on the CPU: split along the batch, not gathered, under SPMD
+        idx = sharding.batch_partitioned(("top_k", keep), lambda s: lax.top_k(s, keep)[1], (scores,), (1,))
+        return jnp.sort(idx, axis=1).astype(jnp.int32)  # [B, K] (best first -> original order)
     i = jnp.arange(t, dtype=jnp.int32)
     a, b = scores[:, :, None], scores[:, None, :]  # [B, I, 1], [B, 1, J]
     beats = (a > b) | ((a == b) & (i[:, None] < i[None, :]))  # [B, I, J]: row i ranks above j

@@ -328,9 +328,10 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
 
 def test_kernels_split_along_the_batch_under_spmd(tmp_path, monkeypatch):
     """On 4 of the 8 fake devices, a data-parallel BERT forward whose attention, ACC and
-    LayerNorm run the Pallas kernels (interpreted) keeps every kernel on its own device's
-    examples: no all-gather in the compiled program (an opaque kernel would gather the whole
-    batch onto every device), outputs split as the inputs are, logits equal to one device's."""
+    LayerNorm run the Pallas kernels (interpreted) keeps every kernel, and the selection by
+    ``lax.top_k`` too, on its own device's examples: no all-gather in the compiled program (an
+    opaque custom call would gather the whole batch onto every device), outputs split as the
+    inputs are, logits equal to one device's."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     folder, _ = make_hf_bert(tmp_path, num_hidden_layers=3, max_position_embeddings=64,
@@ -339,14 +340,15 @@ def test_kernels_split_along_the_batch_under_spmd(tmp_path, monkeypatch):
     batch = random_batch(np.random.default_rng(5), 8, 24, 99)
     monkeypatch.setattr(acc, "PACKED_ATTENTION", "interpret")
     monkeypatch.setattr(ln_kernel, "KERNEL", "interpret")
-    monkeypatch.setattr(acc, "SELECT_METHOD", "rank")  # the GPU's (XLA's CPU TopK call gathers)
     module = ld.module.clone(config=dataclasses.replace(ld.config, acc_impl="fused_interpret"))
-    fwd = jax.jit(lambda p, b: module.apply({"params": p}, **b, schedule=(16, 16, 1)).logits)
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
     sharded = {k: jax.device_put(v, NamedSharding(mesh, P("data"))) for k, v in batch.items()}
     params = jax.device_put(ld.params, NamedSharding(mesh, P()))
-    text = fwd.lower(params, sharded).compile().as_text()
-    assert "all-gather" not in text
-    got = fwd(params, sharded)
-    assert got.sharding.spec == P("data")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(fwd(ld.params, batch)), rtol=1e-5, atol=1e-6)
+    for select in ("rank", "top_k"):  # the GPU's selection, and XLA's TopK call (the CPU's)
+        monkeypatch.setattr(acc, "SELECT_METHOD", select)
+        fwd = jax.jit(lambda p, b: module.apply({"params": p}, **b, schedule=(16, 16, 1)).logits)
+        text = fwd.lower(params, sharded).compile().as_text()
+        assert "all-gather" not in text, select
+        got = fwd(params, sharded)
+        assert got.sharding.spec == P("data")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(fwd(ld.params, batch)), rtol=1e-5, atol=1e-6)
