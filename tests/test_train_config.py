@@ -18,7 +18,7 @@ from tests.train_helpers import REPO, load_config_file, sentiment_task, subproce
 
 @pytest.mark.parametrize("name,arg", [
     ("rt_minilm", None), ("rt_minilm", "elastic"), ("rt_minilm", "tiny,fixed"), ("rt_minilm", "elastic,sandwich"),
-    ("glue_bert_base", "sst2"), ("glue_bert_base", "mnli,elastic,fsdp"), ("glue_bert_base", "stsb,tiny"),
+    ("rt_minilm", "elastic,sandwich,long"), ("glue_bert_base", "sst2"), ("glue_bert_base", "mnli,elastic,fsdp"), ("glue_bert_base", "stsb,tiny"),
     ("flan_t5_instruct", None), ("flan_t5_instruct", "tiny,dense"),
 ])
 def test_every_config_loads_and_validates(name, arg):
@@ -90,6 +90,16 @@ def test_cli_reports_an_unknown_key_in_one_line():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "error: the config has no key 'lrr'" in r.stderr and 'Did you mean "lr"' in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("arg,says", [("elastic,bogus", "unknown config argument(s) ['bogus']"),
+                                      ("elastic,long", "'long' extends 'sandwich'")])
+def test_cli_reports_a_bad_config_word_in_one_line(arg, says):
+    r = subprocess.run([sys.executable, "-m", "train.finetune", f"--config=configs/rt_minilm.py:{arg}"],
+                       cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr
     assert "Traceback" not in r.stderr
 
 

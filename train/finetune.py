@@ -40,8 +40,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(f"error: the config has no key {detail} (overrides given: {', '.join(overrides)})",
               file=sys.stderr)
         sys.exit(2)
-    except flags.Error as e:  # a value of the wrong type, a missing --config
-        print(f"error: {e}", file=sys.stderr)
+    except flags.Error as e:  # a value of the wrong type, a missing --config, a bad ':arg'
+        text = str(e)
+        if "Traceback" in text:  # ml_collections wraps the config file's own error with its trace
+            text = f"--config: {text.strip().splitlines()[-1].partition(': ')[2]}"
+        print(f"error: {' '.join(text.split())}", file=sys.stderr)
         sys.exit(2)
 
 
