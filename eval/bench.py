@@ -40,13 +40,16 @@ COLUMNS = [("shape", "shape", ""), ("impl", "impl", ""), ("speedup", "asked", ".
 
 
 def parse_shapes(s: str) -> list[tuple[int, int]]:
+    """'128x128,32x512' -> [(128, 128), (32, 512)]; anything else is a UserError (exit 2)."""
     out = []
     for part in s.split(","):
         try:
-            b, n = part.lower().split("x")
-            out.append((int(b), int(n)))
+            b, n = (int(v) for v in part.lower().split("x"))
         except ValueError:
-            raise SystemExit(f"error: bad shape {part!r}; write BATCHxLENGTH, e.g. 32x128") from None
+            raise guards.UserError(f"bad shape {part!r}; write BATCHxLENGTH, e.g. 32x128") from None
+        if b < 1 or n < 1:
+            raise guards.UserError(f"bad shape {part!r}: batch and length must be >= 1, e.g. 32x128")
+        out.append((b, n))
     return out
 
 
@@ -56,7 +59,7 @@ def parse_sets(items) -> dict:
     for item in items or []:
         k, eq, v = item.partition("=")
         if not eq:
-            raise SystemExit(f"error: --set takes key=value, got {item!r}")
+            raise guards.UserError(f"--set takes key=value, got {item!r}")
         out[k] = {"true": True, "false": False}.get(v.lower(), v)
         for cast in (int, float):  # the first that reads it
             with contextlib.suppress(ValueError):
@@ -85,8 +88,12 @@ def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides:
 
 def run(args) -> dict:
     guards.positive_int(args.prune_every, "--prune_every")
+    guards.positive_int(args.iters, "--iters")
     t5 = is_t5(args.model, args.family, args.tiny)
     shapes = parse_shapes(args.shapes)
+    for flag in ("batch", "length"):
+        if getattr(args, flag) is not None:
+            guards.positive_int(getattr(args, flag), f"--{flag}")
     if args.batch or args.length:
         shapes = [(args.batch or shapes[0][0], args.length or shapes[0][1])]
     speedups = cli.speedups(args.speedups, "--speedups") if args.speedups.strip() else []

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from accjax import benchmark, inference, lm, models, seq2seq
+from accjax import benchmark, guards, inference, lm, models, seq2seq
 from eval import bench
 
 KINDS = [
@@ -407,7 +407,9 @@ def main(argv=None) -> int:
     from accjax import acc as acc_lib
 
     acc_lib.SELECT_METHOD = args.select
-    shapes = bench.parse_shapes(args.shapes)
+    # bad input: one line, exit 2, before anything compiles
+    guards.exit_on_user_error(lambda: guards.positive_int(args.iters, "--iters"))
+    shapes, sets = guards.exit_on_user_error(lambda: (bench.parse_shapes(args.shapes), bench.parse_sets(args.set)))
     if args.kernels:
         rows = kernel_table(shapes, dtype=args.dtype)
         if args.json:
@@ -416,7 +418,7 @@ def main(argv=None) -> int:
     t5 = bench.is_t5(args.model)  # encoder + first token, as eval.bench times a T5
     lm_head = t5 or args.prefill  # T5 (encoder + first token) and decoder prefills
     cfg, params = bench.build(args.model, args.dtype, args.attention_impl,
-                              overrides=bench.parse_sets(args.set), t5=lm_head)
+                              overrides=sets, t5=lm_head)
     if args.hidden_act and not t5:
         cfg = cfg.replace(hidden_act=args.hidden_act)
     module = models.get_family(cfg.family).module(cfg, "lm" if lm_head else "sequence_classification")

@@ -82,6 +82,33 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path):
     assert "error: config: optim.lr must be a finite number" in r.stderr
 
 
+def test_bench_and_profile_refuse_bad_shapes_and_counts_in_one_line(capsys):
+    """eval.bench / eval.profile: a shape of 0 rows ran and printed a table of zeros, a
+    malformed one exited 1; now each is one line, exit 2, before anything is built."""
+    from eval import bench, profile
+
+    for argv, message in (
+            (["--shapes", "0x5"], "bad shape '0x5': batch and length must be >= 1, e.g. 32x128"),
+            (["--shapes", "2x"], "bad shape '2x'; write BATCHxLENGTH, e.g. 32x128"),
+            (["--iters", "0"], "--iters must be an integer >= 1, got 0"),
+            (["--set", "foo"], "--set takes key=value, got 'foo'")):
+        assert bench.main(argv) == 2
+        assert capsys.readouterr().err.strip() == "error: " + message, argv
+        with pytest.raises(SystemExit) as e:
+            profile.main(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip() == "error: " + message, argv
+
+
+def test_finetune_refuses_a_missing_config_file_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "train.finetune", "--config=configs/no_such.py"], cwd=REPO,
+                       env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: --config: [Errno 2] No such file or directory: 'configs/no_such.py'; pass a config file, "
+        "e.g. --config configs/rt_minilm.py"]
+
+
 # ------------------------------------------------------------------------------------ 3
 def test_nan_learning_rate_is_refused(tmp_path):
     """3: --config.optim.lr=nan trained to the end and exported an all-NaN model."""

@@ -54,6 +54,13 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax", "orbax.checkpoint", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # ml_collections loads a missing or broken config file only when it is first read
+        _CONFIG.value.get("objective")
+    except OSError as e:
+        detail = str(e).strip().splitlines()[-1].strip()
+        print(f"error: --config: {detail}; pass a config file, e.g. --config configs/rt_minilm.py",
+              file=sys.stderr)
+        sys.exit(2)
     from accjax import sharding
 
     sharding.maybe_initialize_distributed()
