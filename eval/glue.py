@@ -55,6 +55,8 @@ def run(args) -> dict:
     speedups = cli.speedups(args.speedup)
     cli.batch_size(args.batch_size)
     guards.positive_int(args.repeats, "--repeats")
+    if args.max_drop is not None:  # before the default run's training, which takes minutes
+        guards.finite_number(args.max_drop, "--max_drop (dev accuracy points)", minimum=0)
     if args.prune_every is not None:
         guards.positive_int(args.prune_every, "--prune_every")
     splits = cli.words(args.split)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import acc, attention, benchmark, inference, models
+from accjax import acc, attention, inference, models
+from eval import cli
 
 
 def rel(a, b) -> float:
@@ -87,6 +88,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.gpu_check")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    return cli.run(check, json_path=args.json)  # the --json path is checked before any work
+
+
+def check() -> dict:
+    """Every attention path on this device, then a whole model."""
     rows = []
     impls = ["xla", "cudnn"] if jax.default_backend() == "gpu" else ["xla"]
     for dtype in (jnp.bfloat16, jnp.float32):
@@ -101,9 +107,7 @@ def main(argv=None) -> int:
         print(r)
     model = check_model("bfloat16")
     print(model)
-    if args.json:
-        benchmark.write_json(args.json, {"machine": benchmark.machine(), "attention": rows, "model": model})
-    return 0
+    return {"attention": rows, "model": model}
 
 
 if __name__ == "__main__":

@@ -100,6 +100,21 @@ def test_bench_and_profile_refuse_bad_shapes_and_counts_in_one_line(capsys):
         assert capsys.readouterr().err.strip() == "error: " + message, argv
 
 
+def test_glue_and_gpu_check_refuse_bad_values_before_any_work(capsys, monkeypatch):
+    """eval.glue --max_drop -1 (or nan) started the default run's 15-minute training first;
+    eval.gpu_check wrote its --json only at the end and died there with a traceback."""
+    from accjax import loop
+    from eval import glue, gpu_check
+
+    monkeypatch.setattr(loop, "ensure_default_run", lambda: pytest.fail("trained before checking"))
+    for value, says in (("-1", "must be >= 0, got -1"), ("nan", "must be a finite number, got nan")):
+        assert glue.main(["--max_drop", value]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --max_drop (dev accuracy points) {says}"
+    monkeypatch.setattr(gpu_check, "check_attention", lambda *a, **k: pytest.fail("ran before checking"))
+    assert gpu_check.main(["--json", "/nonexistent/dir/x.json"]) == 2
+    assert "/nonexistent/dir is not a writable folder" in capsys.readouterr().err
+
+
 def test_finetune_refuses_a_missing_config_file_in_one_line():
     r = subprocess.run([sys.executable, "-m", "train.finetune", "--config=configs/no_such.py"], cwd=REPO,
                        env=subprocess_env(1), capture_output=True, text=True, timeout=120)
