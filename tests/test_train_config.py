@@ -18,7 +18,8 @@ from tests.train_helpers import REPO, load_config_file, sentiment_task, subproce
 
 @pytest.mark.parametrize("name,arg", [
     ("rt_minilm", None), ("rt_minilm", "elastic"), ("rt_minilm", "tiny,fixed"), ("rt_minilm", "elastic,sandwich"),
-    ("rt_minilm", "elastic,sandwich,long"), ("glue_bert_base", "sst2"), ("glue_bert_base", "mnli,elastic,fsdp"), ("glue_bert_base", "stsb,tiny"),
+    ("rt_minilm", "elastic,sandwich,long"),
+    ("glue_bert_base", "sst2"), ("glue_bert_base", "mnli,elastic,fsdp"), ("glue_bert_base", "stsb,tiny"),
     ("flan_t5_instruct", None), ("flan_t5_instruct", "tiny,dense"),
 ])
 def test_every_config_loads_and_validates(name, arg):
