@@ -99,6 +99,7 @@ def base_config(objective: str, mode: str):
     c.distill.weight = 0.0  # each eliminated pass: (1 - w) task loss + w distillation from the step's 1x pass
     c.distill.temperature = 1.0  # softmax temperature of the soft targets (classification)
     c.distill.hidden_weight = 0.0  # + w x squared distance of its last-layer kept rows to the 1x pass's
+    c.distill.hidden_layers = "last"  # rows compared: the last layer's, or 'all' (each layer's, mean)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.speedups = (1.0, 1.5, 2.0, 3.0, 4.0)  # dev evaluation at each epoch end, at each speedup
@@ -158,6 +159,8 @@ def validate_config(config) -> None:
          f"distill.hidden_weight must be >= 0, got {config.distill.hidden_weight}")
     need((float(config.distill.weight) == 0 and float(config.distill.hidden_weight) == 0) or el.sandwich,
          "distill.weight or hidden_weight > 0 needs elimination.sandwich = True (the teacher is the step's 1x pass)")
+    need(config.distill.hidden_layers in ("last", "all"),
+         f"distill.hidden_layers must be 'last' or 'all', got {config.distill.hidden_layers!r}")
     need(float(config.distill.temperature) > 0, f"distill.temperature must be > 0, got {config.distill.temperature}")
     try:  # constructing the sampler checks the elimination values
         sampler(config)

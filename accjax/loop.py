@@ -111,7 +111,9 @@ def config_dict(config) -> dict[str, Any]:
 def check_resume_config(saved: dict, current: dict) -> None:
     """A restart must train the same thing: differing keys (outside RESUME_MAY_CHANGE) raise."""
     # keys added after the run started: the values that train as that run did
-    a, b = {"elimination.prune_every": 1, "distill.hidden_weight": 0.0, **_flat(saved)}, _flat(current)
+    a = {"elimination.prune_every": 1, "distill.hidden_weight": 0.0, "distill.hidden_layers": "last",
+         **_flat(saved)}
+    b = _flat(current)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
     if diff:
@@ -138,7 +140,8 @@ def step_static(exp, el, speeds, batch):
     if len(scheds) == 1:
         return scheds[0]
     d = exp.config.distill
-    return train_lib.Passes(scheds, float(d.weight), float(d.temperature), float(d.hidden_weight))
+    return train_lib.Passes(scheds, float(d.weight), float(d.temperature), float(d.hidden_weight),
+                            str(d.hidden_layers))
 
 
 def step_programs(exp, sampler, el, start: int, total: int) -> list[tuple[dict, Any]]:

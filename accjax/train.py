@@ -112,8 +112,10 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
 
 
 # ----------------------------------------------------------------------------------- losses
-def _apply(module, params, batch, rng, schedule, acc_variant):
+def _apply(module, params, batch, rng, schedule, acc_variant, hidden_states=False):
     kw = {} if rng is None else {"rngs": {"dropout": rng}}
+    if hidden_states:
+        kw["output_hidden_states"] = True
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     return module.apply({"params": params}, **inputs, schedule=schedule, acc_variant=acc_variant,
                         deterministic=rng is None, **kw)
@@ -155,17 +157,35 @@ def distill_loss(student: Array, teacher: Array, batch: dict[str, Array], num_la
     return temperature ** 2 * _weighted_mean(kl, batch)
 
 
-def hidden_distill_loss(student, teacher, batch: dict[str, Array]) -> Array:
-    """Mean squared distance of the student's last-layer rows (those it kept) to the
-    teacher's rows at the same original positions; ``student`` / ``teacher`` are model outputs
+def hidden_distill_loss(student, teacher, batch: dict[str, Array], layers: str = "last") -> Array:
+    """Mean squared distance of the student's rows (those it kept) to the teacher's rows at
+    the same original positions; ``student`` / ``teacher`` are model outputs
     (``last_hidden_state`` [B, K, D] / [B, T, D], ``rows``), the teacher a full-model pass
-    (row i at position i). Means over the kept real rows, then over real examples. Zero when
-    they agree; no gradient reaches the teacher."""
-    t = jax.lax.stop_gradient(teacher.last_hidden_state.astype(jnp.float32))
-    t = jnp.take_along_axis(t, student.rows.positions[..., None], axis=1)  # [B, K, D]
-    mask = student.rows.mask.astype(jnp.float32)  # [B, K]
-    per = ((student.last_hidden_state.astype(jnp.float32) - t) ** 2).mean(-1)
-    return _weighted_mean((per * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0), batch)
+    (row i at position i). Means over the kept real rows, then over real examples. ``layers``:
+    'last' compares the last layer's rows; 'all' each layer's output rows (the outputs need
+    ``hidden_states``), the mean over layers. Zero when they agree; no gradient reaches the
+    teacher."""
+    if layers == "last":
+        pairs = [(student.last_hidden_state, teacher.last_hidden_state, student.rows.positions)]
+    elif layers == "all":
+        positions, pairs = None, []
+        for out, s, t in zip(student.layers, student.hidden_states[1:], teacher.hidden_states[1:]):
+            positions = out.get("positions", positions)  # None until a layer drops rows
+            pairs.append((s, t, positions))
+    else:
+        raise ValueError(f"hidden-state distillation layers must be 'last' or 'all', not {layers!r}")
+    real = batch["attention_mask"].astype(jnp.float32)  # [B, T] original rows
+    terms = []
+    for s, t, pos in pairs:
+        t = jax.lax.stop_gradient(t.astype(jnp.float32))
+        if pos is None:
+            mask = real
+        else:
+            t = jnp.take_along_axis(t, pos[..., None], axis=1)  # [B, K, D]
+            mask = jnp.take_along_axis(real, pos, axis=1)  # [B, K]
+        per = ((s.astype(jnp.float32) - t) ** 2).mean(-1)
+        terms.append(_weighted_mean((per * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0), batch))
+    return sum(terms) / len(terms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,12 +194,13 @@ class Passes:
     each (None = the full model). The loss is their sum; with ``distill_weight`` > 0 and a
     full-model first pass, every later pass's loss is (1 - w) task loss + w distillation
     from that first pass (in-place distillation), plus ``hidden_weight`` x
-    ``hidden_distill_loss`` from it."""
+    ``hidden_distill_loss`` from it over ``hidden_layers`` ('last' or 'all')."""
 
     schedules: tuple
     distill_weight: float = 0.0
     temperature: float = 1.0
     hidden_weight: float = 0.0
+    hidden_layers: str = "last"
 
 
 def classification_loss(module, params, batch: dict[str, Array], rng: Array | None, schedule, *,
@@ -200,7 +221,8 @@ def classification_loss(module, params, batch: dict[str, Array], rng: Array | No
     total, first, teacher, kd, hd = 0.0, None, None, [], []
     for i, sched in enumerate(schedule.schedules):
         r = None if rng is None else jax.random.fold_in(rng, i)  # each pass its own dropout
-        out = _apply(module, params, batch, r, sched, acc_variant)
+        out = _apply(module, params, batch, r, sched, acc_variant,
+                     hidden_states=schedule.hidden_weight > 0 and schedule.hidden_layers == "all")
         logits = out.logits.astype(jnp.float32)  # [B, C]
         loss, metrics = task_loss(logits, batch, num_labels)
         if teacher is not None and schedule.distill_weight > 0:
@@ -208,7 +230,7 @@ def classification_loss(module, params, batch: dict[str, Array], rng: Array | No
                                    schedule.temperature))
             loss = (1 - schedule.distill_weight) * loss + schedule.distill_weight * kd[-1]
         if teacher is not None and schedule.hidden_weight > 0:
-            hd.append(hidden_distill_loss(out, teacher, batch))
+            hd.append(hidden_distill_loss(out, teacher, batch, schedule.hidden_layers))
             loss = loss + schedule.hidden_weight * hd[-1]
         if i == 0 and sched is None:
             teacher = out

@@ -209,6 +209,40 @@ def test_hidden_state_distillation_compares_kept_rows_at_their_positions():
     assert float(jnp.abs(g).max()) == 0.0
 
 
+def test_hidden_state_distillation_over_all_layers_follows_each_layers_kept_rows():
+    """'all': each layer's output rows against the full pass's rows of that layer at the
+    same original positions (those the layer kept, padding excluded), the mean over layers;
+    zero for the full pass against itself; no gradient reaches the teacher."""
+    cfg, module, params, _ = tiny_setup()
+    batch = random_batch(fillers=3)
+    top = sched_lib.plan(models.cost_model(cfg), 16, 3.0).schedule
+    out_of = jax.jit(train._apply, static_argnums=(0, 4, 5, 6))
+    full, st = (out_of(module, params, batch, None, s, "plain", True) for s in (None, top))
+    assert abs(float(train.hidden_distill_loss(full, full, batch, "all"))) < 1e-9
+    h = float(train.hidden_distill_loss(st, full, batch, "all"))
+    am, w = np.asarray(batch["attention_mask"], np.float64), np.asarray(batch["weights"], np.float64)
+    pos, want = np.broadcast_to(np.arange(am.shape[1]), am.shape), []
+    for i in range(cfg.num_layers):
+        if "positions" in st.layers[i]:
+            pos = np.asarray(st.layers[i]["positions"])
+        s, t = np.asarray(st.hidden_states[i + 1]), np.asarray(full.hidden_states[i + 1])
+        assert s.shape[1] == pos.shape[1]
+        mask = np.take_along_axis(am, pos, 1)
+        per = (((s - np.take_along_axis(t, pos[..., None], 1)) ** 2).mean(-1) * mask).sum(1) / np.maximum(mask.sum(1), 1)
+        want.append((per * w).sum() / w.sum())
+    assert h > 1e-6 and want[-1] > 0 and not np.isclose(h, want[-1])
+    np.testing.assert_allclose(h, np.mean(want), rtol=1e-4)
+    hs = list(full.hidden_states)
+    g = jax.grad(lambda x: train.hidden_distill_loss(
+        st, full.replace(hidden_states=tuple(hs[:2] + [x] + hs[3:])), batch, "all"))(hs[2])
+    assert float(jnp.abs(g).max()) == 0.0
+    loss = jax.jit(train.classification_loss, static_argnums=(0, 4), static_argnames="num_labels")
+    task = [float(loss(module, params, batch, None, s, num_labels=2)[0]) for s in (None, top)]
+    got, _ = loss(module, params, batch, None, train.Passes((None, top), hidden_weight=0.5, hidden_layers="all"),
+                  num_labels=2)
+    np.testing.assert_allclose(float(got), sum(task) + 0.5 * h, rtol=1e-4)
+
+
 def test_passes_loss_sums_every_pass_and_distills_from_the_full_pass():
     cfg, module, params, _ = tiny_setup()
     # a random classifier's logits are ~1e-2: a scaled head and a high temperature make the
