@@ -99,7 +99,7 @@ def base_config(objective: str, mode: str):
     c.distill.weight = 0.0  # each eliminated pass: (1 - w) task loss + w distillation from the step's 1x pass
     c.distill.temperature = 1.0  # softmax temperature of the soft targets (classification)
     c.distill.hidden_weight = 0.0  # + w x squared distance of its last-layer kept rows to the 1x pass's
-    c.distill.hidden_layers = "last"  # rows compared: the last layer's, or 'all' (each layer's, mean)
+    c.distill.hidden_layers = "last"  # rows compared: the last layer's, 'all' (each layer's, mean) or 'both' (the two summed)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.speedups = (1.0, 1.5, 2.0, 3.0, 4.0)  # dev evaluation at each epoch end, at each speedup
@@ -159,8 +159,8 @@ def validate_config(config) -> None:
          f"distill.hidden_weight must be >= 0, got {config.distill.hidden_weight}")
     need((float(config.distill.weight) == 0 and float(config.distill.hidden_weight) == 0) or el.sandwich,
          "distill.weight or hidden_weight > 0 needs elimination.sandwich = True (the teacher is the step's 1x pass)")
-    need(config.distill.hidden_layers in ("last", "all"),
-         f"distill.hidden_layers must be 'last' or 'all', got {config.distill.hidden_layers!r}")
+    need(config.distill.hidden_layers in train_lib.HIDDEN_LAYERS,
+         f"distill.hidden_layers must be one of {', '.join(train_lib.HIDDEN_LAYERS)}, got {config.distill.hidden_layers!r}")
     need(float(config.distill.temperature) > 0, f"distill.temperature must be > 0, got {config.distill.temperature}")
     try:  # constructing the sampler checks the elimination values
         sampler(config)
@@ -272,6 +272,8 @@ class _Base:
             + (f", sandwich: 1x + top + {sampler.samples} drawn per step"
                + (f", distillation weight {self.config.distill.weight:g}" if self.config.distill.weight else "")
                + (f", hidden-state distillation weight {self.config.distill.hidden_weight:g}"
+                  + ("" if self.config.distill.hidden_layers == "last"
+                     else f" ({self.config.distill.hidden_layers} layers)")
                   if self.config.distill.hidden_weight else "")
                if sampler.sandwich else ""))
         return (f"{self.objective}: {self.config.model} ({n_params:,} "

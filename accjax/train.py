@@ -157,23 +157,29 @@ def distill_loss(student: Array, teacher: Array, batch: dict[str, Array], num_la
     return temperature ** 2 * _weighted_mean(kl, batch)
 
 
+# the rows ``hidden_distill_loss`` compares (docs/results.md, issue 16: every layer's terms
+# held 1x-3x, the last layer's alone 4.8x)
+HIDDEN_LAYERS = ("last", "all", "both")
+
+
 def hidden_distill_loss(student, teacher, batch: dict[str, Array], layers: str = "last") -> Array:
     """Mean squared distance of the student's rows (those it kept) to the teacher's rows at
     the same original positions; ``student`` / ``teacher`` are model outputs
     (``last_hidden_state`` [B, K, D] / [B, T, D], ``rows``), the teacher a full-model pass
-    (row i at position i). Means over the kept real rows, then over real examples. ``layers``:
-    'last' compares the last layer's rows; 'all' each layer's output rows (the outputs need
-    ``hidden_states``), the mean over layers. Zero when they agree; no gradient reaches the
+    (row i at position i). Means over the kept real rows, then over real examples. ``layers``
+    (one of ``HIDDEN_LAYERS``): 'last' compares the last layer's rows; 'all' each layer's
+    output rows (the outputs need ``hidden_states``), the mean over layers; 'both' that mean
+    plus the last layer's term once more. Zero when they agree; no gradient reaches the
     teacher."""
     if layers == "last":
         pairs = [(student.last_hidden_state, teacher.last_hidden_state, student.rows.positions)]
-    elif layers == "all":
+    elif layers in ("all", "both"):
         positions, pairs = None, []
         for out, s, t in zip(student.layers, student.hidden_states[1:], teacher.hidden_states[1:]):
             positions = out.get("positions", positions)  # None until a layer drops rows
             pairs.append((s, t, positions))
     else:
-        raise ValueError(f"hidden-state distillation layers must be 'last' or 'all', not {layers!r}")
+        raise ValueError(f"hidden-state distillation layers must be one of {HIDDEN_LAYERS}, not {layers!r}")
     real = batch["attention_mask"].astype(jnp.float32)  # [B, T] original rows
     terms = []
     for s, t, pos in pairs:
@@ -185,7 +191,7 @@ def hidden_distill_loss(student, teacher, batch: dict[str, Array], layers: str =
             mask = jnp.take_along_axis(real, pos, axis=1)  # [B, K]
         per = ((s.astype(jnp.float32) - t) ** 2).mean(-1)
         terms.append(_weighted_mean((per * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0), batch))
-    return sum(terms) / len(terms)
+    return sum(terms) / len(terms) + (terms[-1] if layers == "both" else 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +200,7 @@ class Passes:
     each (None = the full model). The loss is their sum; with ``distill_weight`` > 0 and a
     full-model first pass, every later pass's loss is (1 - w) task loss + w distillation
     from that first pass (in-place distillation), plus ``hidden_weight`` x
-    ``hidden_distill_loss`` from it over ``hidden_layers`` ('last' or 'all')."""
+    ``hidden_distill_loss`` from it over ``hidden_layers`` (``HIDDEN_LAYERS``)."""
 
     schedules: tuple
     distill_weight: float = 0.0
@@ -222,7 +228,7 @@ def classification_loss(module, params, batch: dict[str, Array], rng: Array | No
     for i, sched in enumerate(schedule.schedules):
         r = None if rng is None else jax.random.fold_in(rng, i)  # each pass its own dropout
         out = _apply(module, params, batch, r, sched, acc_variant,
-                     hidden_states=schedule.hidden_weight > 0 and schedule.hidden_layers == "all")
+                     hidden_states=schedule.hidden_weight > 0 and schedule.hidden_layers != "last")
         logits = out.logits.astype(jnp.float32)  # [B, C]
         loss, metrics = task_loss(logits, batch, num_labels)
         if teacher is not None and schedule.distill_weight > 0:

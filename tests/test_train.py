@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,7 +214,8 @@ def test_hidden_state_distillation_compares_kept_rows_at_their_positions():
 def test_hidden_state_distillation_over_all_layers_follows_each_layers_kept_rows():
     """'all': each layer's output rows against the full pass's rows of that layer at the
     same original positions (those the layer kept, padding excluded), the mean over layers;
-    zero for the full pass against itself; no gradient reaches the teacher."""
+    zero for the full pass against itself; no gradient reaches the teacher. 'both' adds the
+    last layer's term ('last', the same as the last layer's term of 'all') to that mean."""
     cfg, module, params, _ = tiny_setup()
     batch = random_batch(fillers=3)
     top = sched_lib.plan(models.cost_model(cfg), 16, 3.0).schedule
@@ -241,6 +244,14 @@ def test_hidden_state_distillation_over_all_layers_follows_each_layers_kept_rows
     got, _ = loss(module, params, batch, None, train.Passes((None, top), hidden_weight=0.5, hidden_layers="all"),
                   num_labels=2)
     np.testing.assert_allclose(float(got), sum(task) + 0.5 * h, rtol=1e-4)
+    # 'both': the mean over layers plus the last layer's term ('last') once more
+    last = float(train.hidden_distill_loss(st, full, batch, "last"))
+    np.testing.assert_allclose(last, want[-1], rtol=1e-4)
+    np.testing.assert_allclose(float(train.hidden_distill_loss(st, full, batch, "both")), np.mean(want) + want[-1],
+                               rtol=1e-4)
+    assert abs(float(train.hidden_distill_loss(full, full, batch, "both"))) < 1e-9
+    with pytest.raises(ValueError, match="must be one of"):
+        train.hidden_distill_loss(st, full, batch, "first")
 
 
 def test_passes_loss_sums_every_pass_and_distills_from_the_full_pass():
@@ -289,6 +300,9 @@ def test_a_sandwich_step_is_one_program_and_the_seed_is_not_compiled_in():
     for _ in range(3):
         state, m = tr.step(state, random_batch(), passes)
     assert tr.num_programs == 1 and tr.traces == 1 and np.isfinite(float(m["distill"]))
+    # every layer's hidden states and the last layer's once more: one more program, a term > 0
+    state, m = tr.step(state, random_batch(), dataclasses.replace(passes, hidden_weight=0.5, hidden_layers="both"))
+    assert tr.num_programs == 2 and float(m["distill_hidden"]) > 0
     # two trainers that differ only in the seed lower to the same program (one cache entry)
     texts = [t._lower_train(t.init_state(params), random_batch(), passes).as_text()
              for t in (make_trainer(mesh, sharding.DP_RULES, module, specs, seed=s) for s in (0, 7))]

@@ -125,7 +125,7 @@ def test_bad_input_fails_clearly(tmp_path):
     cases.append((tiny_config(tmp_path / "r8", spec, **{"distill.hidden_weight": -1.0}), ValueError,
                   "distill.hidden_weight must be >= 0, got -1.0"))
     cases.append((tiny_config(tmp_path / "r9", spec, **{"distill.hidden_layers": "first"}), ValueError,
-                  "distill.hidden_layers must be 'last' or 'all', got 'first'"))
+                  "distill.hidden_layers must be one of last, all, both, got 'first'"))
     for cfg, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             loop.fit(cfg)
