@@ -517,3 +517,18 @@ def eliminate(scores: Array, keep: int, rows: Rows, *tensors: Array) -> tuple[Ar
         idx = select_rows(scores, keep)
     with jax.named_scope("gather_rows"):
         return idx, rows.take(idx), tuple(take_rows(t, idx) for t in tensors)
+
+
+def drop_rows(scores: Array | None, keep: int, rows: Rows, out: dict, *tensors: Array,
+              prefix: bool = False) -> tuple[Rows, tuple[Any, ...]]:
+    """A layer's elimination after attention, as every family records it: the ``keep`` best
+    rows by ``scores`` (``eliminate``), or rows [0, keep) when ``prefix`` (``take_prefix``,
+    no scores). Writes ``keep_idx`` [B, K], ``positions`` [B, K] (and ``acc``, the scores
+    ranked) into the layer's ``out``; returns (rows, tensors) gathered to the kept rows."""
+    if prefix:
+        idx, rows, tensors = take_prefix(keep, rows, *tensors)
+    else:
+        idx, rows, tensors = eliminate(scores, keep, rows, *tensors)
+        out["acc"] = scores
+    out.update(keep_idx=idx, positions=rows.positions)
+    return rows, tensors

@@ -319,9 +319,7 @@ def eliminate_prompt_rows(scores, keep: int, rows, last, out: dict, *tensors, re
     if protect_first:
         sink = (rows.positions == 0) & rows.mask & ~last
         scores = jnp.where(sink, _SINK_SCORE, scores)
-    idx, rows, tensors = acc_lib.eliminate(scores, keep, rows, *tensors)
-    out.update(acc=scores, keep_idx=idx, positions=rows.positions)
-    return rows, tensors
+    return acc_lib.drop_rows(scores, keep, rows, out, *tensors)
 
 
 # ------------------------------------------------------------------------------ modules

@@ -399,12 +399,8 @@ class EncoderLayer(nn.Module):
         )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
         if output_attentions:
             out["attentions"] = probs
-        if eliminate and prefix:
-            idx, rows, (ctx, x) = acc_lib.take_prefix(keep, rows, ctx, x)
-            out.update(keep_idx=idx, positions=rows.positions)
-        elif eliminate:
-            idx, rows, (ctx, x) = acc_lib.eliminate(scores, keep, rows, ctx, x)  # ctx [B, K, N, H]
-            out.update(acc=scores, keep_idx=idx, positions=rows.positions)
+        if eliminate:  # ctx [B, K, N, H], x [B, K, D]
+            rows, (ctx, x) = acc_lib.drop_rows(scores, keep, rows, out, ctx, x, prefix=prefix)
 
         h = heads_out(ctx)  # [B, K, D]
         x = clamp_fp16(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
