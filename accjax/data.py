@@ -61,18 +61,39 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 
 
 @contextlib.contextmanager
-def _reading(path: Path, line: Callable[[], int] = lambda: 0):
-    """Turns a malformed CSV/TSV row or bytes that are not UTF-8 into a DataError naming
+def _reading(path: Path, line: Callable[[], int] = lambda: 0, error: type[Exception] = DataError):
+    """Turns a malformed CSV/TSV row or bytes that are not UTF-8 into ``error`` naming
     ``path`` (and the line ``line()`` reports, when the reader knows it)."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
         yield
     except csv.Error as e:
         at = f" line {line()}" if line() else ""
-        raise DataError(f"{path}{at}: malformed row ({e})") from None
+        raise error(f"{path}{at}: malformed row ({e})") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
-                        f"offset {e.start} of a read block); save the file as UTF-8") from None
+        raise error(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
+                    f"offset {e.start} of a read block); save the file as UTF-8") from None
+
+
+def json_lines(path: Path, error: type[Exception] = DataError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file. A line that is not
+    a JSON object, or bytes that are not UTF-8, raise ``error`` naming the file and line:
+
+        {"text": "good", "label": 1}     -> (1, {...})
+                                         (blank: skipped)
+        ["good", 1]                      -> error("f.jsonl:3: expected a JSON object, got list")
+    """
+    with open(path, encoding="utf-8-sig") as fh, _reading(path, error=error):
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise error(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
+            yield n, d
 
 
 class Example(NamedTuple):
@@ -423,17 +444,7 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict]]]
     """(column names, [(line, row dict)]) of a CSV / TSV / JSONL file, read whole."""
     rows: list[tuple[int, dict]] = []
     if fmt == "jsonl":
-        with open(path, encoding="utf-8-sig") as fh, _reading(path):
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n}: not JSON ({e.msg})") from None
-                if not isinstance(d, dict):
-                    raise DataError(f"{path} line {n}: expected a JSON object")
-                rows.append((n, d))
+        rows = list(json_lines(path))
         return (list(rows[0][1]) if rows else []), rows
     # TSV as GLUE writes it: no quoting, a quote character is text
     kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}

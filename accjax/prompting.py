@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import re
 import string
 import time
@@ -49,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import guards
+from accjax import data, guards
 from accjax import generate, inference, lm, programs, seq2seq, tokenization
 
 ANSWER_PREFIX = "Answer:"
@@ -75,23 +74,14 @@ def load_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise PromptDataError(f"data file {path} does not exist")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise PromptDataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            for k in ("instruction", "input", "target"):
-                if k in obj and not isinstance(obj[k], str):
-                    raise PromptDataError(f"{path}:{n}: field {k!r} must be a string")
-            if not obj.get("target", "").strip():
-                raise PromptDataError(f"{path}:{n}: missing or empty 'target'")
-            out.append(Example(obj.get("instruction", "").strip(), obj.get("input", "").strip(),
-                               obj["target"].strip()))
+    for n, obj in data.json_lines(path, PromptDataError):
+        for k in ("instruction", "input", "target"):
+            if k in obj and not isinstance(obj[k], str):
+                raise PromptDataError(f"{path}:{n}: field {k!r} must be a string")
+        if not obj.get("target", "").strip():
+            raise PromptDataError(f"{path}:{n}: missing or empty 'target'")
+        out.append(Example(obj.get("instruction", "").strip(), obj.get("input", "").strip(),
+                           obj["target"].strip()))
     if not out:
         raise PromptDataError(f"{path} holds no examples (one JSON object per line: "
                               '{"instruction": ..., "input": ..., "target": ...})')
@@ -331,8 +321,6 @@ def rt_polarity_examples(split: str = "validation", limit: int | None = None) ->
     """``rt_polarity`` (``accjax.data``, pinned PyPI source) as prompting examples: the
     instruction above, the review as input, 'positive' / 'negative' as target; file order,
     the first ``limit`` of them."""
-    from accjax import data
-
     rows = data.rt_polarity_splits()[split]
     rows = rows[:limit] if limit else rows
     return [Example(RT_POLARITY_INSTRUCTION, r.text, "positive" if r.label == 1 else "negative")

@@ -309,6 +309,27 @@ def test_own_jsonl_regression(tmp_path):
         load_task(t)
 
 
+def test_json_lines_numbers_lines_skips_blanks_and_names_the_bad_line(tmp_path):
+    """The one JSON Lines reader (own data files and prompting data): a UTF-8 byte-order mark
+    is read past, blank lines are skipped but counted, and a line that is not a JSON object
+    raises the caller's error naming file and line."""
+    f = tmp_path / "f.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "good", "label": 1}\n\n{"text": "bad", "label": 0}\n')
+    assert list(data.json_lines(f)) == [(1, {"text": "good", "label": 1}), (3, {"text": "bad", "label": 0})]
+    f.write_text('{"text": "good"}\n\n["good", 1]\n')
+    with pytest.raises(DataError, match=r"f.jsonl:3: expected a JSON object, got list"):
+        list(data.json_lines(f))
+    f.write_text('{"text": "good"}\n{"text": oops}\n')
+    class Mine(Exception):
+        pass
+
+    with pytest.raises(Mine, match=r"f.jsonl:2: not valid JSON"):
+        list(data.json_lines(f, Mine))
+    f.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        list(data.json_lines(f))
+
+
 def test_own_files_bad_input(tmp_path):
     _write(tmp_path / "train.csv", ["text,label", "a,1", "b,1"])
     _write(tmp_path / "dev.csv", ["text,label", "c,1"])
