@@ -16,7 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (tests/test_compile_cache.py switches it on in its own processes).
 os.environ.setdefault("ACCJAX_COMPILE_CACHE", "0")
 
-import json
 from pathlib import Path
 
 import numpy as np

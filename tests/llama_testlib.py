@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 # Small, but with everything that can go wrong: GQA (4 query heads over 2 KV heads), a head
 # size that is not D / N, untied head, Llama 3 rope scaling.
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -43,13 +44,6 @@ def padded_batch(rng: np.random.Generator, lengths, t: int, vocab: int, pad_id: 
     return {"input_ids": np.where(mask == 1, ids, pad_id), "attention_mask": mask}
 
 
-def jit_apply(module, params, batch, method=None, **static):
-    import jax
-
-    def run(p, b):
-        return module.apply({"params": p}, **b, method=method, **static)
-
-    return jax.jit(run)(params, batch)
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -488,8 +488,6 @@ def test_stale_offline_tune_table_is_not_used(csv_run, tmp_path, capsys):
 # ----------------------------------------------------------------------------------- 11
 def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, capsys):
     """11: the first-run message named rt_minilm.py:elastic but trained another range."""
-    from accjax import evaluation
-
     got = []
     monkeypatch.delenv("ACCJAX_DEFAULT_CONFIG", raising=False)
     monkeypatch.setenv("ACCJAX_DEFAULT_RUN", str(tmp_path / "default"))

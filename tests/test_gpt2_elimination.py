@@ -11,7 +11,7 @@ import torch
 from accjax import acc, attention, convert, generate, inference, models
 from accjax import schedule as S
 from accjax.models import gpt2, gpt2_family
-from tests.gpt2_testlib import jit_apply, make_hf_gpt2, padded_batch
+from tests.gpt2_testlib import check_generation_uses_the_pruned_cache, jit_apply, make_hf_gpt2, padded_batch
 
 
 @pytest.fixture(scope="module")
@@ -244,23 +244,7 @@ def test_greedy_generation_matches_hf_at_speedup_one(tiny):
 
 def test_generation_at_a_speedup_uses_the_pruned_cache(tiny):
     ld, _ = tiny
-    batch = padded_batch(np.random.default_rng(5), [16, 10], 16, 97)
-    gen = generate.Generator.from_loaded(ld)
-    sch = gen.schedule(16, 2.0)
-    assert sch[-1] < 16 and S.analytic_speedup(gen.cost, 16, sch) > 1.5
-    out = gen.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, speedup=2.0,
-                       eos_token_id=None)
-    assert [k.shape[1] for k in out.cache.keys] == [k + 6 for k in sch]
-    # the same tokens come out of an explicit prefill + greedy extend loop
-    first, cache, _ = jit_apply(ld.module, ld.params, batch, method="prefill", max_new_tokens=6,
-                                schedule=sch)
-    tok, toks = np.argmax(np.asarray(first), -1), []
-    step = jax.jit(lambda par, t, c: ld.module.apply({"params": par}, t, c, method="extend"))
-    for _ in range(6):
-        toks.append(tok)
-        logits, cache = step(ld.params, jnp.asarray(tok[:, None], jnp.int32), cache)
-        tok = np.argmax(np.asarray(logits[:, 0]), -1)
-    np.testing.assert_array_equal(out.tokens, np.stack(toks, 1))
+    check_generation_uses_the_pruned_cache(ld, padded_batch(np.random.default_rng(5), [16, 10], 16, 97))
 
 
 def test_sampling_top_k_and_seeds(tiny):

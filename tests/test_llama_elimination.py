@@ -4,7 +4,6 @@ cached decoding and generation (random tiny models; HF LlamaForCausalLM as the o
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,7 +11,8 @@ import torch
 from accjax import convert, generate, lm
 from accjax import schedule as S
 from accjax.models import llama, llama_family
-from tests.llama_testlib import jit_apply, make_hf_llama, padded_batch
+from tests.gpt2_testlib import check_generation_uses_the_pruned_cache, jit_apply
+from tests.llama_testlib import make_hf_llama, padded_batch
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +142,8 @@ def test_greedy_generation_matches_hf_at_speedup_one(tiny):
 def test_generation_at_a_speedup_uses_the_pruned_cache(tiny):
     ld, _ = tiny
     batch = padded_batch(np.random.default_rng(5), [16, 10], 16, 101)
+    check_generation_uses_the_pruned_cache(ld, batch)
     gen = generate.Generator.from_loaded(ld)
-    sch = gen.schedule(16, 2.0)
-    assert sch[-1] < 16 and S.analytic_speedup(gen.cost, 16, sch) > 1.5
-    out = gen.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, speedup=2.0,
-                       eos_token_id=None)
-    assert [k.shape[1] for k in out.cache.keys] == [k + 6 for k in sch]
-    first, cache, _ = jit_apply(ld.module, ld.params, batch, method="prefill", max_new_tokens=6,
-                                schedule=sch)
-    tok, toks = np.argmax(np.asarray(first), -1), []
-    step = jax.jit(lambda par, t, c: ld.module.apply({"params": par}, t, c, method="extend"))
-    for _ in range(6):
-        toks.append(tok)
-        logits, cache = step(ld.params, jnp.asarray(tok[:, None], jnp.int32), cache)
-        tok = np.argmax(np.asarray(logits[:, 0]), -1)
-    np.testing.assert_array_equal(out.tokens, np.stack(toks, 1))
     s = gen.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6, speedup=2.0,
                      temperature=1.0, top_k=5, seed=1, eos_token_id=None)
     top5 = np.argsort(-s.first_logits, -1)[:, :5]

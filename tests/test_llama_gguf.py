@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from accjax import convert, gguf_io, tokenization
-from tests.llama_testlib import jit_apply, make_hf_llama, padded_batch, write_gguf
+from tests.gpt2_testlib import jit_apply
+from tests.llama_testlib import make_hf_llama, padded_batch, write_gguf
 
 
 @pytest.fixture(scope="module")

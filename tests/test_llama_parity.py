@@ -11,7 +11,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from accjax import convert
-from tests.llama_testlib import jit_apply, make_hf_llama, padded_batch
+from tests.gpt2_testlib import jit_apply
+from tests.llama_testlib import make_hf_llama, padded_batch
 
 TOL = 1e-5
 
