@@ -66,3 +66,17 @@ def random_batch(rng: np.random.Generator, b: int, t: int, vocab: int, *, pairs:
             split = rng.integers(1, n) if n > 1 else n
             types[i, split:n] = rng.integers(1, type_vocab) if type_vocab > 1 else 0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def broken_copy(tmp_path: Path, folder: Path, edit) -> Path:
+    """A copy of the HF folder ``folder`` (config.json + model.safetensors) under
+    ``tmp_path / "broken"`` whose state dict ``edit`` changed in place: checkpoint error tests."""
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    edit(sd)
+    out = tmp_path / "broken"
+    out.mkdir()
+    save_file(sd, str(out / "model.safetensors"))
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    return out

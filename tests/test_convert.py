@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
 
 from accjax import convert
 from accjax.models import get_family
-from tests.conftest import make_hf_bert, random_batch
+from tests.conftest import broken_copy, make_hf_bert, random_batch
 
 
 @pytest.fixture
@@ -43,14 +42,7 @@ def test_base_round_trip_without_prefix(tmp_path):
 
 
 def _broken(tmp_path, hf_folder, edit):
-    folder, _ = hf_folder
-    sd = load_file(str(folder / "model.safetensors"))
-    edit(sd)
-    out = tmp_path / "broken"
-    out.mkdir()
-    save_file(sd, str(out / "model.safetensors"))
-    (out / "config.json").write_text((folder / "config.json").read_text())
-    return out
+    return broken_copy(tmp_path, hf_folder[0], edit)
 
 
 def test_missing_key_is_named(tmp_path, hf_folder):

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from accjax import convert
 from accjax.models import get_family
+from tests.conftest import broken_copy
 from tests.t5_helpers import make_hf_t5, random_batch
 
 
@@ -87,14 +88,7 @@ def test_encoder_loads_from_a_full_checkpoint(hf_folder):
 
 
 def _broken(tmp_path, hf_folder, edit):
-    folder, _ = hf_folder
-    sd = load_file(str(folder / "model.safetensors"))
-    edit(sd)
-    out = tmp_path / "broken"
-    out.mkdir()
-    save_file(sd, str(out / "model.safetensors"))
-    (out / "config.json").write_text((folder / "config.json").read_text())
-    return out
+    return broken_copy(tmp_path, hf_folder[0], edit)
 
 
 def test_bad_keys_are_named_together(tmp_path, hf_folder):
