@@ -98,7 +98,7 @@ def base_config(objective: str, mode: str):
     c.distill = ml_collections.ConfigDict()  # in-place distillation (needs elimination.sandwich)
     c.distill.weight = 0.0  # each eliminated pass: (1 - w) task loss + w distillation from the step's 1x pass
     c.distill.temperature = 1.0  # softmax temperature of the soft targets (classification)
-    c.distill.hidden_weight = 0.0  # + w x squared distance of its last-layer kept rows to the 1x pass's
+    c.distill.hidden_weight = 0.0  # + w x squared distance of its kept rows to the 1x pass's (layers below)
     c.distill.hidden_layers = "last"  # rows compared: the last layer's, 'all' (each layer's, mean) or 'both' (the two summed)
 
     c.eval = ml_collections.ConfigDict()

@@ -320,6 +320,7 @@ def test_json_lines_numbers_lines_skips_blanks_and_names_the_bad_line(tmp_path):
     with pytest.raises(DataError, match=r"f.jsonl:3: expected a JSON object, got list"):
         list(data.json_lines(f))
     f.write_text('{"text": "good"}\n{"text": oops}\n')
+
     class Mine(Exception):
         pass
 
