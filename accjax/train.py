@@ -280,8 +280,8 @@ class SpeedupSampler:
                 raise ValueError(f"elimination.speedup must be >= 1, got {speedup}")
             self.levels = (float(speedup),)
         elif mode == "elastic":
-            lo, hi = (float(x) for x in speedup_range)
-            if not 1 <= lo <= hi:
+            lo, hi = (float(x) for x in (tuple(speedup_range) + (0.0, 0.0))[:2])
+            if len(tuple(speedup_range)) != 2 or not 1 <= lo <= hi:
                 raise ValueError(f"elimination.speedup_range must be (low, high) with 1 <= low <= high, "
                                  f"got {tuple(speedup_range)}")
             if int(levels) < 1:

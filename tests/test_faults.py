@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from accjax import benchmark, data as data_lib, guards, loop, runfolder
+from accjax import benchmark, data as data_lib, guards, loop, runfolder, train as train_lib
 from tests.train_helpers import REPO, sentiment_rows, sentiment_task, subprocess_env, tiny_config, write_csv
 
 
@@ -122,6 +122,21 @@ def test_finetune_refuses_a_missing_config_file_in_one_line():
     assert r.stderr.strip().splitlines() == [
         "error: --config: [Errno 2] No such file or directory: 'configs/no_such.py'; pass a config file, "
         "e.g. --config configs/rt_minilm.py"]
+
+
+def test_finetune_refuses_an_override_given_twice_in_one_line(tmp_path):
+    """ml_collections joins a tuple given twice, (1, 4.8) -> (1, 4.8, 1, 4.8): the run died on
+    'too many values to unpack (expected 2)'. Now the repeat is named, before anything is read."""
+    r = subprocess.run([sys.executable, "-m", "train.finetune", "--config=configs/rt_minilm.py:elastic,tiny",
+                        "--config.elimination.speedup_range=(1.0,5.0)", "--config.epochs=1",
+                        "--config.elimination.speedup_range=(1.0,4.8)", f"--config.run_dir={tmp_path / 'r'}"],
+                       cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: --config.elimination.speedup_range is given 2 times; pass each --config.* override once"]
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match=r"speedup_range must be \(low, high\).*got \(1.0, 4.8, 1.0, 4.8\)"):
+        train_lib.SpeedupSampler("elastic", speedup_range=(1.0, 4.8, 1.0, 4.8), levels=3)
 
 
 # ------------------------------------------------------------------------------------ 3
