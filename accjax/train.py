@@ -280,10 +280,11 @@ class SpeedupSampler:
                 raise ValueError(f"elimination.speedup must be >= 1, got {speedup}")
             self.levels = (float(speedup),)
         elif mode == "elastic":
-            lo, hi = (float(x) for x in (tuple(speedup_range) + (0.0, 0.0))[:2])
-            if len(tuple(speedup_range)) != 2 or not 1 <= lo <= hi:
+            bounds = tuple(float(x) for x in speedup_range)
+            if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
                 raise ValueError(f"elimination.speedup_range must be (low, high) with 1 <= low <= high, "
                                  f"got {tuple(speedup_range)}")
+            lo, hi = bounds
             if int(levels) < 1:
                 raise ValueError(f"elimination.levels must be >= 1, got {levels}")
             self.levels = tuple(float(x) for x in np.linspace(lo, hi, int(levels)))

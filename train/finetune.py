@@ -28,7 +28,8 @@ _SEEDS = flags.DEFINE_string("seeds", None, "comma list: one run per seed in RUN
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with an unknown ``--config.*`` key reported in one line (exit 2)."""
+    """absl flag parsing, with an unknown or repeated ``--config.*`` key reported in one line
+    (exit 2)."""
     keys = [a[2:].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:  # ml_collections would join a repeated tuple's values: (1, 4.8) twice -> (1, 4.8, 1, 4.8)
