@@ -19,10 +19,10 @@ The argument after ':' is a comma-separated list of words: ``dense`` (default) |
 the eliminated pass learns from the full one, 2 epochs at lr 8e-5: the embedded default's
 recipe, docs/results.md "Accuracy at speed"); ``long`` (with ``sandwich``: the 5x pass also
 distilled from the 1x pass's hidden states at every layer, weight 2, soft targets at
-temperature 4, 8 epochs at lr 5e-5, over speedups 1-5 as the main job's default: over 3 GPU
-seeds 0.26 / 0.03 / 1.00 / 2.58 dev points under the dense fine-tune at 1x / 2x / 3x / 4.8x,
-against 0.44 / 0.49 / 1.30 / 5.23 for the default, for 4x its training; docs/results.md "Six
-seeds, the top level at 4.8x, and the soft targets' temperature"), and ``tiny`` (a 2-layer,
+temperature 4, 8 epochs at lr 5e-5, over speedups 1-5 as the main job's default: over 6 GPU
+seeds 0.46 / 0.50 / 1.28 / 2.83 dev points under the dense fine-tune at 1x / 2x / 3x / 4.8x,
+against 0.44 / 0.49 / 1.30 / 5.23 for the default (3 seeds), for 4x its training;
+docs/results.md "Six seeds of temperature 4"), and ``tiny`` (a 2-layer,
 32-wide random BERT with the MiniLM tokenizer on 256 examples per split: a CPU run of
 seconds, for tests and CI).
 """
