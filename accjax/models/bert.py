@@ -45,10 +45,6 @@ class BertConfig(common.ModelConfig):
     initializer_range: float = 0.02  # std of N(0, std) weight init
     pad_token_id: int = 0
     num_labels: int = 2  # classification head width; 1 = regression
-    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
-    param_dtype: str = "float32"  # parameter storage dtype
-    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
-    acc_impl: str = "auto"  # ACC from: 'probs', 'lse' (flash log-sum-exp), 'pallas' kernel
     # layers with fewer input rows use XLA attention on GPU: cuDNN's 64 x 128 tiles are mostly
     # padding for a few rows (measured: docs/benchmarks.md)
     xla_attention_below: int = 64

@@ -154,10 +154,35 @@ def layer_norm(cfg, name: str) -> nn.LayerNorm:
                      bias_init=zeros_init(("embed",)), name=name)
 
 
-class ModelConfig:
-    """What every family's frozen config dataclass shares: ``replace``, ``head_dim`` and the
-    checks of width / heads, activation name and ``acc_impl`` at construction (a family names
-    its activation field in ``activation_field``)."""
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How a model runs, not what it computes: the fields every family's config has (a family
+    whose layers can switch to XLA attention below some row count adds
+    ``xla_attention_below`` with its own default). ``check_runtime`` validates them; every
+    family's ``__post_init__`` calls it."""
+
+    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
+    param_dtype: str = "float32"  # parameter storage dtype
+    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
+    # ACC source, one of acc.ACC_IMPLS: 'auto' picks per attention path and device (acc.py:
+    # beside flash attention the Pallas kernel where it compiles, else 'lse'; probabilities
+    # with XLA attention), 'probs', 'lse' (flash log-sum-exp), the 'pallas*' kernels
+    acc_impl: str = "auto"
+
+    def check_runtime(self) -> None:
+        from accjax import acc
+
+        if self.acc_impl not in acc.ACC_IMPLS:
+            raise ValueError(f"acc_impl must be one of {acc.ACC_IMPLS}, got {self.acc_impl!r}")
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
+class ModelConfig(Runtime):
+    """What the BERT, GPT-2 and T5 frozen config dataclasses share beyond ``Runtime``:
+    ``head_dim`` and the checks of width / heads and activation name at construction (a family
+    names its activation field in ``activation_field``)."""
 
     activation_field = "hidden_act"
 
@@ -165,17 +190,11 @@ class ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         activation(getattr(self, self.activation_field))  # fail early on an unknown activation
-        from accjax import acc
-
-        if self.acc_impl not in acc.ACC_IMPLS:
-            raise ValueError(f"acc_impl must be one of {acc.ACC_IMPLS}, got {self.acc_impl!r}")
+        self.check_runtime()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    def replace(self, **kw):
-        return dataclasses.replace(self, **kw)
 
     # field -> config.json key, read by ``hf_fields`` and written by ``hf_values``
     hf_keys: ClassVar[dict[str, str]] = {}

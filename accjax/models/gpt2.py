@@ -78,10 +78,6 @@ class GPT2Config(common.ModelConfig):
     bos_token_id: int = 50256
     eos_token_id: int = 50256  # '<|endoftext|>'; also the pad id accjax uses for GPT-2
     protect_first: bool = False  # never drop position 0 (attention sink) during elimination
-    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
-    param_dtype: str = "float32"  # parameter storage dtype
-    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
-    acc_impl: str = "auto"  # ACC from: 'probs', 'lse' (flash log-sum-exp), 'pallas' kernel
     xla_attention_below: int = 0  # layers with fewer input rows use XLA attention on GPU
     family: str = "gpt2"
     activation_field = "activation"  # (a class attribute, not a field)

@@ -52,7 +52,7 @@ ROPE_TYPES = ("default", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(common.Runtime):
     vocab_size: int = 49152  # V (SmolLM2's vocabulary)
     hidden_size: int = 576  # D
     num_layers: int = 30  # L decoder blocks (HF num_hidden_layers)
@@ -74,10 +74,6 @@ class LlamaConfig:
     eos_token_id: int = 2
     pad_token_id: int | None = None
     protect_first: bool = False  # never drop position 0 (attention sink) during elimination
-    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
-    param_dtype: str = "float32"  # parameter storage dtype
-    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
-    acc_impl: str = "auto"  # ACC from: 'probs', 'lse' (flash log-sum-exp), 'pallas' kernel
     xla_attention_below: int = 0  # layers with fewer input rows use XLA attention on GPU
     family: str = "llama"
 
@@ -90,9 +86,7 @@ class LlamaConfig:
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope type {self.rope_type!r} is not supported; accjax implements "
                              f"{ROPE_TYPES}")
-
-    def replace(self, **kw) -> "LlamaConfig":
-        return dataclasses.replace(self, **kw)
+        self.check_runtime()
 
     # -- Hugging Face config.json <-> LlamaConfig -----------------------------------------
     @classmethod

@@ -83,12 +83,6 @@ class T5Config(common.ModelConfig):
     decoder_start_token_id: int = 0  # T5 starts decoding from the pad token
     eos_token_id: int = 1
     max_position_embeddings: int = 512  # T5 has no absolute limit: the longest length bucket
-    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
-    param_dtype: str = "float32"  # parameter storage dtype
-    attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
-    # ACC source, one of acc.ACC_IMPLS: 'auto' (beside flash attention the Pallas kernel with
-    # the bias by distance where it compiles, else 'lse'; probabilities with XLA attention)
-    acc_impl: str = "auto"
     family: str = "t5"
 
     def __post_init__(self):
@@ -96,8 +90,7 @@ class T5Config(common.ModelConfig):
         if self.scale_decoder_outputs is None:
             # HF: the original T5 (tied head) scales, v1.1 / Flan (untied) does not.
             object.__setattr__(self, "scale_decoder_outputs", bool(self.tie_word_embeddings))
-        if self.acc_impl not in acc_lib.ACC_IMPLS:
-            raise ValueError(f"acc_impl must be one of {acc_lib.ACC_IMPLS}, got {self.acc_impl!r}")
+        self.check_runtime()
         if self.relative_attention_num_buckets < 4:
             raise ValueError("relative_attention_num_buckets must be at least 4")
 
