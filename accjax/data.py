@@ -623,15 +623,21 @@ def length_buckets(max_length: int, buckets: Sequence[int] = DEFAULT_LENGTH_BUCK
     return tuple(out)
 
 
-def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int]) -> dict[str, np.ndarray]:
-    """The batch of rows ``index`` ([B]; -1 = filler, only at the end), padded to a bucket."""
+def make_batch(features: Features, index: np.ndarray, buckets: Sequence[int], pad_multiple: int = 0
+               ) -> dict[str, np.ndarray]:
+    """The batch of rows ``index`` ([B]; -1 = filler, only at the end), padded to a bucket, or
+    with ``pad_multiple`` > 0 to the next multiple of it at most that bucket (``bucket_for``
+    of the padded length is still the bucket: schedules are planned there)."""
     index = np.asarray(index)
     real = index[index >= 0]
     b = len(index)
     if len(real) == 0 or (len(real) < b and (index[len(real):] >= 0).any()):
         raise ValueError("a batch needs real rows first and filler rows (-1) only at the end")
     enc = features.rows(real)
-    t = bucket_for(buckets, int(max(len(x) for x in enc.ids)))
+    longest = int(max(len(x) for x in enc.ids))
+    t = bucket_for(buckets, longest)
+    if pad_multiple > 0:
+        t = min(t, -(-longest // pad_multiple) * pad_multiple)
     batch = pad(enc, t, features.pad_id, batch_size=b)  # fillers: one valid token
     labels = np.zeros(b, features.labels.dtype)  # filler label 0: a valid class id
     labels[:len(real)] = features.labels[real]
@@ -642,20 +648,22 @@ class TrainBatches:
     """Shuffled, length-bucketed training batches of a labelled split; resumable at any (epoch,
     index) (``plan``). The epoch's one partial batch gets filler rows of weight 0; examples are
     sorted by length within chunks of ``chunk_batches`` batches (larger: less padding, less
-    randomness)."""
+    randomness). ``pad_multiple`` > 0 pads each batch only to the next multiple of it within
+    its bucket (``make_batch``)."""
 
     def __init__(self, features: Features, batch_size: int, *, seed: int, chunk_batches: int = 50,
-                 buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS):
+                 buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS, pad_multiple: int = 0):
         if len(features) == 0:
             raise DataError(f"{features.name or 'train split'} has no examples")
         if not features.has_labels:
             raise DataError(f"{features.name or 'train split'} has unlabelled examples")
-        if seed < 0 or batch_size < 1 or chunk_batches < 1:
-            raise ValueError("seed must be >= 0, batch_size and chunk_batches >= 1")
+        if seed < 0 or batch_size < 1 or chunk_batches < 1 or pad_multiple < 0:
+            raise ValueError("seed and pad_multiple must be >= 0, batch_size and chunk_batches >= 1")
         self.features = features
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.chunk_batches = int(chunk_batches)
+        self.pad_multiple = int(pad_multiple)
         self.buckets = length_buckets(features.max_length, buckets)
         self.num_batches = -(-len(features) // self.batch_size)  # per epoch
         self._plan: tuple[int, np.ndarray] | None = None
@@ -688,7 +696,7 @@ class TrainBatches:
 
     def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
         """Batch ``index`` of ``epoch``."""
-        return make_batch(self.features, self.plan(epoch)[index], self.buckets)
+        return make_batch(self.features, self.plan(epoch)[index], self.buckets, self.pad_multiple)
 
     def position(self, step: int) -> tuple[int, int]:
         """A global step count -> (epoch, index) of the next batch."""

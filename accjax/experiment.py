@@ -73,6 +73,10 @@ def base_config(objective: str, mode: str):
     c.epochs = 3  # passes over the train split
     c.seed = 0  # data order, dropout keys, elastic level draws, fresh head init
     c.dropout = True  # dropout on in training (the model's own probabilities)
+    # Schedules are still planned at the bucket and padding is always dropped first, so a step
+    # computes the same function on fewer rows; each padded length is one more train program
+    # to compile (docs/results.md "Time")
+    c.train_pad_multiple = 0  # classification: pad training batches to a multiple of this within their bucket; 0 = to it
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-5  # peak learning rate
@@ -150,6 +154,8 @@ def validate_config(config) -> None:
     need(config.dtype in ("float32", "bfloat16", "float16"),
          f"dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
     need(str(config.run_dir).strip() != "", "run_dir must be set")
+    need(int(config.get("train_pad_multiple", 0)) >= 0,
+         f"train_pad_multiple must be >= 0 (0: pad to the length bucket), got {config.get('train_pad_multiple')}")
     guards.check_optim(config.optim)
     el = config.elimination
     need(not el.sandwich or (el.mode == "elastic" and config.objective == "classification"),
@@ -310,7 +316,8 @@ class ClassificationExperiment(_Base):
         self.buckets = tuple(int(b) for b in config.length_buckets)
         self.features = data_lib.encode_splits(data, tok, max_length)  # check_splits: a train split
         self.train = data_lib.TrainBatches(self.features[self.task.train_split], int(config.batch_size),
-                                           seed=int(config.seed), buckets=self.buckets)
+                                           seed=int(config.seed), buckets=self.buckets,
+                                           pad_multiple=int(config.get("train_pad_multiple", 0)))
         self.data_report = {
             "task": self.task.spec, "examples": {s: len(f) for s, f in self.features.items()},
             "truncated": {s: f.truncated for s, f in self.features.items()},
@@ -324,7 +331,9 @@ class ClassificationExperiment(_Base):
                             "data": {"max_length": self.max_length, "length_buckets": list(self.buckets)}}
 
     def schedule_length(self, batch) -> int:
-        return int(batch["input_ids"].shape[1])
+        """The length a batch's schedule is planned at: its length bucket (the padded length,
+        unless ``train_pad_multiple`` padded it tighter)."""
+        return data_lib.bucket_for(self.train.buckets, int(batch["input_ids"].shape[1]))
 
     def forward(self, params, batch, schedule):
         out = self.module.apply({"params": params}, **{k: batch[k] for k in self.input_names},

@@ -134,9 +134,17 @@ class FitResult:
 
 def step_static(exp, el, speeds, batch):
     """A step's static train-program argument: the schedule of its one pass (None = dense),
-    or ``train.Passes`` of its several (sandwich), for the batch's length bucket."""
-    scheds = tuple(None if s is None else sched_lib.plan(
-        exp.cost, exp.schedule_length(batch), s, **exp_lib.plan_kw(el)).schedule for s in speeds)
+    or ``train.Passes`` of its several (sandwich), planned at the batch's length bucket and
+    capped at its rows (a batch padded tighter than its bucket keeps what it has: padding
+    goes first, so the kept real rows are those the bucket's program would keep)."""
+    rows = int(batch["input_ids"].shape[1])
+
+    def planned(speedup):
+        keep = None if speedup is None else sched_lib.plan(
+            exp.cost, exp.schedule_length(batch), speedup, **exp_lib.plan_kw(el)).schedule
+        return None if keep is None else tuple(min(k, rows) for k in keep)
+
+    scheds = tuple(planned(s) for s in speeds)
     if len(scheds) == 1:
         return scheds[0]
     d = exp.config.distill

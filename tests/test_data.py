@@ -407,6 +407,24 @@ def test_train_batches_deterministic_complete_and_bucketed(rt_train):
     assert _padded_tokens(tb, 0) < _padded_tokens(data.TrainBatches(rt_train, b, seed=3, chunk_batches=1), 0)
 
 
+def test_train_batches_pad_to_a_multiple_within_their_bucket(rt_train):
+    coarse, tight = (data.TrainBatches(rt_train, 64, seed=3, pad_multiple=m) for m in (0, 8))
+    assert np.array_equal(coarse.plan(0), tight.plan(0))  # the same examples in the same order
+    lengths = set()
+    for k in range(len(tight)):
+        a, b = coarse.batch(0, k), tight.batch(0, k)
+        t, longest = b["input_ids"].shape[1], int(b["attention_mask"].sum(1).max())
+        assert t % 8 == 0 and longest <= t < longest + 8 and t <= a["input_ids"].shape[1]
+        assert data.bucket_for(tight.buckets, t) == a["input_ids"].shape[1]  # schedules: the bucket's
+        for key in ("input_ids", "attention_mask", "token_type_ids"):  # the coarse batch, cut short
+            assert np.array_equal(b[key], a[key][:, :t]) and not a[key][:, t:].any()
+        assert np.array_equal(b["labels"], a["labels"]) and np.array_equal(b["weights"], a["weights"])
+        lengths.add(t)
+    assert len(lengths) > 2 and _padded_tokens(tight, 0) < 0.9 * _padded_tokens(coarse, 0)
+    with pytest.raises(ValueError, match="pad_multiple"):
+        data.TrainBatches(rt_train, 64, seed=3, pad_multiple=-8)
+
+
 def test_train_batches_resume_exactly(rt_train):
     tb = data.TrainBatches(rt_train, 128, seed=0, chunk_batches=4)
     full = list(tb.iterate(end_epoch=2))

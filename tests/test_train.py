@@ -307,3 +307,43 @@ def test_a_sandwich_step_is_one_program_and_the_seed_is_not_compiled_in():
     texts = [t._lower_train(t.init_state(params), random_batch(), passes).as_text()
              for t in (make_trainer(mesh, sharding.DP_RULES, module, specs, seed=s) for s in (0, 7))]
     assert texts[0] == texts[1]
+
+
+def test_a_batch_padded_below_its_bucket_trains_the_function_the_bucket_would():
+    """``train_pad_multiple``: a batch padded to 24 rows with the 32-bucket's schedules capped
+    at 24 gives the loss and gradients of the same batch padded to 32 (padding is dropped
+    first, and padded rows never reach a real one)."""
+    import types
+
+    import ml_collections
+
+    from accjax import data
+    from accjax.loop import step_static
+
+    cfg, module, params, _ = tiny_setup()
+    tight = random_batch(t=24, seed=5)
+    tight["attention_mask"][:, 20:] = 0  # every row at most 20 tokens: 24 is the next multiple of 8
+    tight["input_ids"] = np.where(tight["attention_mask"] == 1, tight["input_ids"], 0)
+    assert tight["attention_mask"].sum(1).max() > 16  # layer 2 of 1.5x (16 rows) drops real tokens
+    full = {k: (np.pad(v, ((0, 0), (0, 8))) if v.ndim == 2 else v) for k, v in tight.items()}
+    exp = types.SimpleNamespace(
+        cost=models.cost_model(cfg), schedule_length=lambda b: data.bucket_for((32,), b["input_ids"].shape[1]),
+        config=ml_collections.ConfigDict({"distill": dict(weight=0.5, temperature=2.0, hidden_weight=1.0,
+                                                          hidden_layers="all")}))
+    el = ml_collections.ConfigDict(dict(bucket=8, floor=1, prune_every=1))
+    grad = jax.jit(jax.value_and_grad(lambda p, b, s: train.classification_loss(module, p, b, None, s, num_labels=2)[0]),
+                   static_argnums=2)
+    for speeds in [(1.5,), (2.0,), (None, 2.0)]:
+        s_full, s_tight = step_static(exp, el, speeds, full), step_static(exp, el, speeds, tight)
+        if speeds == (1.5,):
+            assert s_full == (24, 16) and s_tight == (24, 16)
+        if speeds == (2.0,):
+            assert s_full == (16, 2) and s_tight == (16, 2)
+        (l_full, g_full), (l_tight, g_tight) = grad(params, full, s_full), grad(params, tight, s_tight)
+        np.testing.assert_allclose(float(l_tight), float(l_full), rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_tight), jax.tree.leaves(g_full)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+    # a schedule longer than the rows present is capped, never handed on as it is
+    short = {k: (v[:, :8] if v.ndim == 2 else v) for k, v in tight.items()}
+    assert step_static(exp, el, (1.5,), short) == (8, 8)
+    assert step_static(exp, el, (1.0,), short) is None  # the dense level stays dense

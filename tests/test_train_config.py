@@ -126,6 +126,8 @@ def test_bad_input_fails_clearly(tmp_path):
                   "distill.hidden_weight must be >= 0, got -1.0"))
     cases.append((tiny_config(tmp_path / "r9", spec, **{"distill.hidden_layers": "first"}), ValueError,
                   "distill.hidden_layers must be one of last, all, both, got 'first'"))
+    cases.append((tiny_config(tmp_path / "r10", spec, train_pad_multiple=-8), ValueError,
+                  r"train_pad_multiple must be >= 0 \(0: pad to the length bucket\), got -8"))
     for cfg, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             loop.fit(cfg)
