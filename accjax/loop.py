@@ -112,7 +112,7 @@ def check_resume_config(saved: dict, current: dict) -> None:
     """A restart must train the same thing: differing keys (outside RESUME_MAY_CHANGE) raise."""
     # keys added after the run started: the values that train as that run did
     a = {"elimination.prune_every": 1, "distill.hidden_weight": 0.0, "distill.hidden_layers": "last",
-         **_flat(saved)}
+         "train_pad_multiple": 0, **_flat(saved)}
     b = _flat(current)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))

@@ -224,6 +224,7 @@ def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
     saved = loop.config_dict(load_config_file("rt_minilm", "tiny"))
     del saved["elimination"]["prune_every"]  # the config such a run recorded
     del saved["distill"]["hidden_weight"]  # (added later still)
+    del saved["train_pad_multiple"]  # (and later)
     now = loop.config_dict(load_config_file("rt_minilm", "tiny"))
     loop.check_resume_config(saved, now)  # k = 1, no hidden-state term: trains as that run did
     now["elimination"]["prune_every"] = 2
@@ -231,4 +232,7 @@ def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
         loop.check_resume_config(saved, now)
     now["elimination"]["prune_every"], now["distill"]["hidden_weight"] = 1, 0.5
     with pytest.raises(ValueError, match=r"distill.hidden_weight: 0.0 -> 0.5"):
+        loop.check_resume_config(saved, now)
+    now["distill"]["hidden_weight"], now["train_pad_multiple"] = 0.0, 8
+    with pytest.raises(ValueError, match=r"train_pad_multiple: 0 -> 8"):
         loop.check_resume_config(saved, now)
