@@ -206,9 +206,8 @@ def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
     dtype = common.to_dtype(cfg.dtype)
     kernel = nn.meta.unbox(kernel).astype(dtype)  # [D, 3, N, H]
     bias = nn.meta.unbox(proj.variables["params"]["bias"]).astype(dtype)  # [3, N, H]
-    x = x.astype(dtype)
-    q, k, v = (jnp.einsum("BTD,DNH->BTNH", x, kernel[:, j]) + bias[j] for j in range(3))
-    return q, k, v, (jnp.einsum("BTD,DJNH->BTJNH", x, kernel), bias)
+    q, k, v = (common.project("BTD,DNH->BTNH", x, kernel[:, j], cfg) + bias[j] for j in range(3))
+    return q, k, v, (common.project("BTD,DJNH->BTJNH", x, kernel, cfg), bias)
 
 
 class BertModel(nn.Module):

@@ -22,6 +22,7 @@ Logical axis names used by the models:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, ClassVar
 
@@ -82,6 +83,67 @@ def ones_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
+def project(spec: str, x: Array, kernel: Array, cfg) -> Array:
+    """``einsum(spec, x, kernel)`` for a projection (activations times a weight) in the
+    config's compute dtype; with ``cfg.matmul_dtype`` set (and not the compute dtype), the
+    product takes inputs rounded to it and accumulates in float32, forward and backward
+    (``_low_einsum``), and returns the compute dtype. Every family's projections go through
+    here or ``dense``; attention's own products stay in the compute dtype."""
+    dtype = to_dtype(cfg.dtype)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    low = getattr(cfg, "matmul_dtype", "")
+    if not low or to_dtype(low) == dtype:
+        return jnp.einsum(spec, x, kernel)
+    return _low_einsum(spec, to_dtype(low), x, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_einsum(spec: str, low, x: Array, w: Array) -> Array:
+    return jnp.einsum(spec, x.astype(low), w.astype(low), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _low_einsum_fwd(spec, low, x, w):
+    xl, wl = x.astype(low), w.astype(low)  # the residuals are kept in the low dtype (half the bytes)
+    y = jnp.einsum(spec, xl, wl, preferred_element_type=jnp.float32).astype(x.dtype)
+    return y, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _low_einsum_bwd(spec, low, res, g):
+    # a projection's spec names every index of x in the output or w, and of w in x or the
+    # output, so each gradient is one more einsum of two low-dtype operands
+    xl, wl, x_tag, w_tag = res
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    gl = g.astype(low)
+    dx = jnp.einsum(f"{out},{ws}->{xs}", gl, wl, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{xs},{out}->{ws}", xl, gl, preferred_element_type=jnp.float32)
+    return dx.astype(x_tag.dtype), dw.astype(w_tag.dtype)
+
+
+_low_einsum.defvjp(_low_einsum_fwd, _low_einsum_bwd)
+
+
+def _projection_dot_general(cfg):
+    """``nn.DenseGeneral``'s ``dot_general`` as ``project`` (contracting the input's trailing
+    axes with the kernel's leading ones; no batch axes), or None (lax.dot_general) when the
+    config asks for no low-precision products."""
+    low = getattr(cfg, "matmul_dtype", "")
+    if not low or to_dtype(low) == to_dtype(cfg.dtype):
+        return None
+
+    def dot_general(x, kernel, dimension_numbers, precision=None):
+        (xc, kc), (xb, kb) = dimension_numbers
+        if xb or kb or tuple(kc) != tuple(range(len(kc))):
+            raise NotImplementedError("matmul_dtype products support a kernel contracted on its leading axes")
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        xs = letters[:x.ndim]
+        ws = "".join(xs[i] for i in xc) + letters[x.ndim:x.ndim + kernel.ndim - len(kc)]
+        free = "".join(c for i, c in enumerate(xs) if i not in set(xc))
+        return project(f"{xs},{ws}->{free}{ws[len(kc):]}", x, kernel, cfg)
+
+    return dot_general
+
+
 class HeadsOut(nn.Module):
     """Attention output projection [B, T, N, H] -> [B, T, D], and the per-head value norms
     the ``value_norm`` ACC variant uses. ``config`` needs num_heads, head_dim, hidden_size,
@@ -101,9 +163,8 @@ class HeadsOut(nn.Module):
         self.bias = self.param("bias", zeros_init(("embed",)), (cfg.hidden_size,), pdt) if self.use_bias else None
 
     def __call__(self, ctx: Array) -> Array:
-        dtype = to_dtype(self.config.dtype)
-        y = jnp.einsum("BTNH,NHD->BTD", ctx.astype(dtype), self.kernel.astype(dtype))
-        return y if self.bias is None else y + self.bias.astype(dtype)
+        y = project("BTNH,NHD->BTD", ctx, self.kernel, self.config)
+        return y if self.bias is None else y + self.bias.astype(y.dtype)
 
     def value_norms(self, v: Array) -> Array:
         return value_norms(v, self.kernel, self.config.dtype)
@@ -129,7 +190,7 @@ def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=Tru
     return nn.DenseGeneral(
         features, axis=axis, use_bias=use_bias, dtype=to_dtype(cfg.dtype),
         param_dtype=to_dtype(cfg.param_dtype), kernel_init=normal_init(cfg.initializer_range, axes),
-        bias_init=zeros_init(axes[-n_out:]), name=name)
+        bias_init=zeros_init(axes[-n_out:]), dot_general=_projection_dot_general(cfg), name=name)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -154,6 +215,9 @@ def layer_norm(cfg, name: str) -> nn.LayerNorm:
                      bias_init=zeros_init(("embed",)), name=name)
 
 
+MATMUL_DTYPES = ("", "float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     """How a model runs, not what it computes: the fields every family's config has (a family
@@ -163,6 +227,10 @@ class Runtime:
 
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # parameter storage dtype
+    # the projections' products (``project``): '' = in ``dtype``; 'bfloat16' = bf16 inputs with
+    # float32 accumulation, forward and backward, the rest in ``dtype`` (a CPU with AMX runs
+    # them 3-6x faster than float32 products: docs/results.md "Time")
+    matmul_dtype: str = ""
     attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
     # ACC source, one of acc.ACC_IMPLS: 'auto' picks per attention path and device (acc.py:
     # beside flash attention the Pallas kernel where it compiles, else 'lse'; probabilities
@@ -174,6 +242,8 @@ class Runtime:
 
         if self.acc_impl not in acc.ACC_IMPLS:
             raise ValueError(f"acc_impl must be one of {acc.ACC_IMPLS}, got {self.acc_impl!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)

@@ -220,8 +220,7 @@ class Einsum(nn.Module):
                                  self.shape, common.to_dtype(cfg.param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        dtype = common.to_dtype(self.config.dtype)
-        return jnp.einsum(self.spec, x.astype(dtype), self.kernel.astype(dtype))
+        return common.project(self.spec, x, self.kernel, self.config)
 
     def value_norms(self, v: Array) -> Array:  # (output projection only)
         return common.value_norms(v, self.kernel, self.config.dtype)

@@ -269,10 +269,9 @@ class Proj(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dtype = common.to_dtype(cfg.dtype)
         kernel = self.param("kernel", _normal(self.std, self.axes), self.shape,
                             common.to_dtype(cfg.param_dtype))
-        return jnp.einsum(self.spec, x.astype(dtype), kernel.astype(dtype))
+        return common.project(self.spec, x, kernel, cfg)
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,105 @@
+"""``matmul_dtype``: the projections' products in bfloat16 with float32 accumulation, forward
+and backward (``models.common.project``), in every family; attention stays in the compute dtype."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from accjax import models
+from accjax.models import common
+
+TINY = {
+    "minilm-l6-h384": dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+    "gpt2": dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+    "smollm2-135m": dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                         intermediate_size=48),
+    "flan-t5-small": dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4),
+}
+
+
+def _round(x, dtype=jnp.bfloat16):
+    return np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64)
+
+
+def _dots(jaxpr) -> list[tuple[str, str]]:
+    """(lhs dtype, rhs dtype) of every dot_general in a closed jaxpr, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    out += _dots(inner if hasattr(inner, "eqns") else inner.jaxpr)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg(common.Runtime):
+    pass
+
+
+def test_project_is_bf16_inputs_with_float32_accumulation_forward_and_backward():
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (2, 5, 16))
+    w = jax.random.normal(k[1], (16, 3, 4))
+    g = jax.random.normal(k[2], (2, 5, 3, 4))
+    spec = "BTD,DNH->BTNH"
+    low = _Cfg(matmul_dtype="bfloat16")
+    y = common.project(spec, x, w, low)
+    assert y.dtype == jnp.float32
+    # the product of the rounded inputs, accumulated without further rounding
+    want = np.einsum(spec, _round(x), _round(w))
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(common.project(spec, x, w, _Cfg())) - want)) > 1e-3  # float32 differs
+
+    loss = lambda x, w: jnp.sum(common.project(spec, x, w, low) * g)  # noqa: E731
+    dx, dw = jax.grad(loss, (0, 1))(x, w)
+    assert dx.dtype == dw.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dx), np.einsum("BTNH,DNH->BTD", _round(g), _round(w)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("BTD,BTNH->DNH", _round(x), _round(g)), rtol=1e-5, atol=1e-5)
+    # all three products take bf16 operands
+    assert _dots(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w).jaxpr) == [("bfloat16", "bfloat16")] * 3
+    # the same dtype as the compute dtype is the plain product
+    assert _dots(jax.make_jaxpr(lambda x, w: common.project(spec, x, w, _Cfg(matmul_dtype="float32")))(x, w).jaxpr) \
+        == [("float32", "float32")]
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_family_projects_in_bf16_and_keeps_attention_in_float32(name):
+    cfg = models.preset(name, vocab_size=97, **TINY[name])
+    fam = models.get_family(cfg.family)
+    head = "sequence_classification" if cfg.family in ("bert", "gpt2") else "lm"
+    params = models.init_params(cfg, head, seed=1)
+    batch = fam.dummy_inputs(cfg, 2, 8)
+    batch = {k: (jnp.asarray(np.random.default_rng(0).integers(1, 90, v.shape), v.dtype)
+                 if k in ("input_ids", "decoder_input_ids") else v) for k, v in batch.items()}
+
+    def run(c):
+        module = fam.module(c, head)
+        f = lambda p: module.apply({"params": p}, **batch)  # noqa: E731
+        out = f(params)
+        logits = out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)
+        return np.asarray(logits, np.float32), _dots(jax.make_jaxpr(f)(params).jaxpr)
+
+    ref, dots32 = run(cfg)
+    got, dots16 = run(dataclasses.replace(cfg, matmul_dtype="bfloat16"))
+    assert set(dots32) == {("float32", "float32")}
+    low = [d for d in dots16 if d == ("bfloat16", "bfloat16")]
+    rest = [d for d in dots16 if d != ("bfloat16", "bfloat16")]
+    # attention's two products per attention layer (scores, context; T5: encoder self, decoder
+    # self and cross) and a tied LM head (the embedding's ``attend``) stay float32; every other
+    # product is a projection in bf16
+    attn = cfg.num_layers + (2 * cfg.num_decoder_layers if cfg.family == "t5" else 0)
+    tied = int(head == "lm" and bool(getattr(cfg, "tie_word_embeddings", False)))
+    assert rest == [("float32", "float32")] * (2 * attn + tied)
+    assert len(low) == len(dots32) - len(rest) and len(low) >= 4 * cfg.num_layers
+    # close to float32, but not the same program
+    scale = float(np.max(np.abs(ref)))
+    assert 0 < float(np.max(np.abs(got - ref))) < 0.05 * max(scale, 1.0)
