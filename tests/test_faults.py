@@ -513,7 +513,11 @@ def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, cap
     lo, hi = config.elimination.speedup_range
     # the sandwich recipe trains 1x and the top level every step: the message says so
     assert config.elimination.sandwich and config.elimination.samples == 0
-    assert tuple(config.eval.epochs) == (config.epochs,)  # dev scored once, at the last epoch
+    assert tuple(config.eval.epochs) == (config.epochs - 1, config.epochs)  # dev scored after the last two
+    assert config.matmul_dtype == "bfloat16" and config.distill.hidden_layers == "all"
+    import jax
+
+    assert config.train_pad_multiple == (8 if jax.default_backend() == "cpu" else 0)
     assert f"over speedups {lo:g}-{hi:g}, {config.epochs} epochs: each step trains 1x and {hi:g}x" in err
 
 

@@ -18,7 +18,7 @@ from tests.train_helpers import REPO, load_config_file, sentiment_task, subproce
 
 @pytest.mark.parametrize("name,arg", [
     ("rt_minilm", None), ("rt_minilm", "elastic"), ("rt_minilm", "tiny,fixed"), ("rt_minilm", "elastic,sandwich"),
-    ("rt_minilm", "elastic,sandwich,long"),
+    ("rt_minilm", "elastic,sandwich,hidden"), ("rt_minilm", "elastic,sandwich,long"),
     ("glue_bert_base", "sst2"), ("glue_bert_base", "mnli,elastic,fsdp"), ("glue_bert_base", "stsb,tiny"),
     ("flan_t5_instruct", None), ("flan_t5_instruct", "tiny,dense"),
 ])
@@ -95,7 +95,8 @@ def test_cli_reports_an_unknown_key_in_one_line():
 
 
 @pytest.mark.parametrize("arg,says", [("elastic,bogus", "unknown config argument(s) ['bogus']"),
-                                      ("elastic,long", "'long' extends 'sandwich'")])
+                                      ("elastic,long", "'long' extends 'sandwich'"),
+                                      ("elastic,hidden", "'hidden' extends 'sandwich'")])
 def test_cli_reports_a_bad_config_word_in_one_line(arg, says):
     r = subprocess.run([sys.executable, "-m", "train.finetune", f"--config=configs/rt_minilm.py:{arg}"],
                        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
@@ -128,6 +129,8 @@ def test_bad_input_fails_clearly(tmp_path):
                   "distill.hidden_layers must be one of last, all, both, got 'first'"))
     cases.append((tiny_config(tmp_path / "r10", spec, train_pad_multiple=-8), ValueError,
                   r"train_pad_multiple must be >= 0 \(0: pad to the length bucket\), got -8"))
+    cases.append((tiny_config(tmp_path / "r11", spec, matmul_dtype="bf16"), ValueError,
+                  r"matmul_dtype must be one of '', 'float32', 'bfloat16', 'float16', not 'bf16'"))
     for cfg, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             loop.fit(cfg)
@@ -224,7 +227,7 @@ def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
     saved = loop.config_dict(load_config_file("rt_minilm", "tiny"))
     del saved["elimination"]["prune_every"]  # the config such a run recorded
     del saved["distill"]["hidden_weight"]  # (added later still)
-    del saved["train_pad_multiple"]  # (and later)
+    del saved["train_pad_multiple"], saved["matmul_dtype"]  # (and later)
     now = loop.config_dict(load_config_file("rt_minilm", "tiny"))
     loop.check_resume_config(saved, now)  # k = 1, no hidden-state term: trains as that run did
     now["elimination"]["prune_every"] = 2
@@ -235,4 +238,7 @@ def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
         loop.check_resume_config(saved, now)
     now["distill"]["hidden_weight"], now["train_pad_multiple"] = 0.0, 8
     with pytest.raises(ValueError, match=r"train_pad_multiple: 0 -> 8"):
+        loop.check_resume_config(saved, now)
+    now["train_pad_multiple"], now["matmul_dtype"] = 0, "bfloat16"
+    with pytest.raises(ValueError, match=r"matmul_dtype: '' -> 'bfloat16'"):
         loop.check_resume_config(saved, now)
