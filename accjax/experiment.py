@@ -23,6 +23,7 @@ position table is cut to it, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,8 +69,9 @@ def base_config(objective: str, mode: str):
     c.model_overrides = ml_collections.ConfigDict()  # model config fields to change (e.g. hidden_dropout)
     c.tokenizer = ""  # folder / spec holding tokenizer.json or vocab.txt; '' = the model's folder
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimizer state stay float32)
-    # bf16 products: a training step 1.8x faster on a CPU with AMX (docs/results.md "Time")
-    c.matmul_dtype = ""  # the projections' products: '' = in dtype; 'bfloat16' = bf16 inputs, float32 accumulation
+    # bf16 products: a training step 1.8x faster on a CPU with AMX (docs/results.md "Time"); the
+    # evaluation and the exported model run them in dtype
+    c.matmul_dtype = ""  # the training step's projection products: '' = in dtype; 'bfloat16' = bf16 inputs, f32 sums
     c.max_examples = 0  # keep the first n examples of every split (quick runs); 0 = all
     c.batch_size = 32  # GLOBAL batch (split over all devices of all processes)
     c.eval_batch_size = 64  # GLOBAL evaluation batch
@@ -200,8 +202,6 @@ def load_model(config, head: str, num_labels: int | None) -> tuple[convert.Loade
     overrides = dict(config.model_overrides.to_dict() if hasattr(config.model_overrides, "to_dict")
                      else config.model_overrides or {})
     overrides["dtype"] = config.dtype
-    if config.get("matmul_dtype", ""):
-        overrides["matmul_dtype"] = config.matmul_dtype
     spec = str(config.model)
     if spec.startswith("preset:"):
         if num_labels is not None and head == "sequence_classification":
@@ -238,6 +238,11 @@ class _Base:
         loaded, self.tokenizer_dir = load_model(self.config, self.head, num_labels)
         self.loaded, self.model_config, self.family = loaded, loaded.config, loaded.family
         self.module, self.params = loaded.module, loaded.params
+        # the training step's module: its projections' products in config.matmul_dtype; the
+        # evaluation, the exported model and whoever loads it run them in the compute dtype
+        low = str(self.config.get("matmul_dtype", "") or "")
+        self.train_module = (loaded.family.module(dataclasses.replace(loaded.config, matmul_dtype=low), loaded.head)
+                             if low else self.module)
         variables = models_lib.abstract_variables(loaded.config, loaded.head)
         self.param_specs = shard_lib.logical_specs(variables)["params"]  # from the modules' axis names
         self.cost = models_lib.cost_model(self.model_config, self.head)
@@ -332,7 +337,7 @@ class ClassificationExperiment(_Base):
             "dropped_empty": dict(data.dropped), "skipped_corrupt": dict(data.skipped),
             "max_length": max_length, "length_buckets": list(data_lib.length_buckets(max_length, self.buckets)),
         }
-        self.loss_fn = train_lib.make_classification_loss(self.module, self.task.num_labels, self.acc_variant)
+        self.loss_fn = train_lib.make_classification_loss(self.train_module, self.task.num_labels, self.acc_variant)
         self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
                                  if n in self.family.dummy_inputs(self.model_config, 1, 8))
         self.export_meta = {"task": self.task.spec, "label_names": list(self.task.label_names),
@@ -443,7 +448,7 @@ class Seq2SeqExperiment(_Base):
         self.train = Seq2SeqBatches(self.tokenizer, self.splits["train"], int(config.batch_size),
                                     seed=int(config.seed), source_length=self.source_length,
                                     target_length=self.target_length)
-        module, variant = self.module, self.acc_variant
+        module, variant = self.train_module, self.acc_variant
         self.loss_fn = lambda params, batch, rng, schedule: seq2seq.seq2seq_loss(
             module, params, batch, rng, schedule=schedule, acc_variant=variant)
         self.forward, self._predictor = None, None

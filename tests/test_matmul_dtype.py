@@ -103,3 +103,23 @@ def test_every_family_projects_in_bf16_and_keeps_attention_in_float32(name):
     # close to float32, but not the same program
     scale = float(np.max(np.abs(ref)))
     assert 0 < float(np.max(np.abs(got - ref))) < 0.05 * max(scale, 1.0)
+
+
+def test_config_matmul_dtype_changes_the_training_step_only(tmp_path):
+    """``config.matmul_dtype``: the loss (and so its gradients) takes bf16 products; the
+    evaluation's forward and the model a run exports keep the compute dtype's."""
+    from accjax import experiment
+    from tests.train_helpers import sentiment_task, tiny_config
+
+    spec = sentiment_task(tmp_path / "data", n_train=32, n_dev=16)
+    exp = experiment.build(tiny_config(tmp_path / "run", spec, matmul_dtype="bfloat16"))
+    assert exp.train_module.config.matmul_dtype == "bfloat16" and exp.model_config.matmul_dtype == ""
+    batch = {k: jnp.asarray(v) for k, v in exp.train.batch(0, 0).items()}
+    loss = lambda p: exp.loss_fn(p, batch, None, None)[0]  # noqa: E731
+    grad_dots = _dots(jax.make_jaxpr(jax.grad(loss))(exp.params).jaxpr)
+    fwd_dots = _dots(jax.make_jaxpr(lambda p: exp.forward(p, batch, None))(exp.params).jaxpr)
+    assert ("bfloat16", "bfloat16") in grad_dots and ("bfloat16", "bfloat16") not in fwd_dots
+    dense = experiment.build(tiny_config(tmp_path / "run2", spec))
+    assert dense.train_module is dense.module
+    assert ("bfloat16", "bfloat16") not in _dots(jax.make_jaxpr(lambda p: dense.loss_fn(p, batch, None, None)[0])(
+        dense.params).jaxpr)
