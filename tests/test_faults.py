@@ -517,7 +517,7 @@ def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, cap
     assert config.matmul_dtype == "bfloat16" and config.distill.hidden_layers == "all"
     import jax
 
-    assert config.train_pad_multiple == (8 if jax.default_backend() == "cpu" else 0)
+    assert config.train_pad_multiple == (16 if jax.default_backend() == "cpu" else 0)
     assert f"over speedups {lo:g}-{hi:g}, {config.epochs} epochs: each step trains 1x and {hi:g}x" in err
 
 
