@@ -83,41 +83,46 @@ def ones_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
+def _low_dtype(cfg):
+    """The products' dtype ``cfg.matmul_dtype`` asks for, or None when that is the compute
+    dtype (or unset)."""
+    low = getattr(cfg, "matmul_dtype", "")
+    return None if not low or to_dtype(low) == to_dtype(cfg.dtype) else to_dtype(low)
+
+
 def project(spec: str, x: Array, kernel: Array, cfg) -> Array:
     """``einsum(spec, x, kernel)`` for a projection (activations times a weight) in the
     config's compute dtype; with ``cfg.matmul_dtype`` set (and not the compute dtype), the
     product takes inputs rounded to it and accumulates in float32, forward and backward
     (``_low_einsum``), and returns the compute dtype. Every family's projections go through
-    here or ``dense``; attention's own products stay in the compute dtype."""
+    here or ``dense``; attention's own products and a tied LM head stay in the compute dtype."""
     dtype = to_dtype(cfg.dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    low = getattr(cfg, "matmul_dtype", "")
-    if not low or to_dtype(low) == dtype:
-        return jnp.einsum(spec, x, kernel)
-    return _low_einsum(spec, to_dtype(low), x, kernel)
+    low = _low_dtype(cfg)
+    return jnp.einsum(spec, x, kernel) if low is None else _low_einsum(spec, low, x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _low_einsum(spec: str, low, x: Array, w: Array) -> Array:
+    """x, w and the result share one dtype (``project`` casts them)."""
     return jnp.einsum(spec, x.astype(low), w.astype(low), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _low_einsum_fwd(spec, low, x, w):
     xl, wl = x.astype(low), w.astype(low)  # the residuals are kept in the low dtype (half the bytes)
-    y = jnp.einsum(spec, xl, wl, preferred_element_type=jnp.float32).astype(x.dtype)
-    return y, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    return jnp.einsum(spec, xl, wl, preferred_element_type=jnp.float32).astype(x.dtype), (xl, wl)
 
 
 def _low_einsum_bwd(spec, low, res, g):
     # a projection's spec names every index of x in the output or w, and of w in x or the
     # output, so each gradient is one more einsum of two low-dtype operands
-    xl, wl, x_tag, w_tag = res
+    xl, wl = res
     ins, out = spec.split("->")
     xs, ws = ins.split(",")
     gl = g.astype(low)
     dx = jnp.einsum(f"{out},{ws}->{xs}", gl, wl, preferred_element_type=jnp.float32)
     dw = jnp.einsum(f"{xs},{out}->{ws}", xl, gl, preferred_element_type=jnp.float32)
-    return dx.astype(x_tag.dtype), dw.astype(w_tag.dtype)
+    return dx.astype(g.dtype), dw.astype(g.dtype)
 
 
 _low_einsum.defvjp(_low_einsum_fwd, _low_einsum_bwd)
@@ -127,8 +132,7 @@ def _projection_dot_general(cfg):
     """``nn.DenseGeneral``'s ``dot_general`` as ``project`` (contracting the input's trailing
     axes with the kernel's leading ones; no batch axes), or None (lax.dot_general) when the
     config asks for no low-precision products."""
-    low = getattr(cfg, "matmul_dtype", "")
-    if not low or to_dtype(low) == to_dtype(cfg.dtype):
+    if _low_dtype(cfg) is None:
         return None
 
     def dot_general(x, kernel, dimension_numbers, precision=None):
