@@ -439,7 +439,7 @@ def ensure_default_run() -> Path:
             config.train_pad_multiple = 16
         lo, hi = config.elimination.speedup_range
         recipe = (f"{spec} over speedups {lo:g}-{hi:g}, {config.epochs} epochs: each step trains 1x and "
-                  f"{hi:g}x, the {hi:g}x pass distilled from the 1x one; about 15 minutes on 2 CPU cores")
+                  f"{hi:g}x, the {hi:g}x pass distilled from the 1x one; about 12 minutes on 2 quiet CPU cores")
     print(f"accjax: no default checkpoint in {run} yet: fine-tuning MiniLM-L6 on rt_polarity with "
           f"elastic elimination ({recipe}; once: an interrupted run resumes). Pass "
           "--checkpoint RUN_DIR to use your own.", file=sys.stderr, flush=True)
