@@ -20,10 +20,10 @@ The argument after ':' is a comma-separated list of words: ``dense`` (default) |
 the eliminated pass learns from the full one, 2 epochs at lr 8e-5: the embedded default's
 recipe until 2026-12-03, docs/results.md "Accuracy at speed"); ``hidden`` (with ``sandwich``:
 the 5x pass also distilled from the 1x pass's hidden states at every layer, weight 2, soft
-targets at temperature 4, over speedups 1-5, 4 epochs at lr 8e-5, dev scored after epochs 3
-and 4, the training step's projection products in bfloat16 with float32 accumulation (the
+targets at temperature 4, over speedups 1-5, 4 epochs at lr 8e-5, dev scored after the last
+two epochs, the training step's projection products in bfloat16 with float32 accumulation (the
 evaluation's and the exported model's in float32): the main job's recipe;
-over 6 GPU seeds 0.87 / 1.05 / 1.44 / 3.22 dev points under the dense fine-tune at 1x / 2x /
+over 6 GPU seeds 0.78 / 0.87 / 1.43 / 3.42 dev points under the dense fine-tune at 1x / 2x /
 3x / 4.8x, against 0.44 / 0.49 / 1.30 / 5.23 for ``sandwich`` alone (3 seeds); docs/results.md
 "Four epochs with every layer's states: the main job's recipe"); ``long`` (``hidden`` for 8
 epochs at lr 5e-5 in float32 products, dev scored every epoch: over 6 GPU seeds 0.46 / 0.50 /
