@@ -119,6 +119,12 @@ def check_optim(optim: Any) -> None:
         if b >= 1:
             raise UserError(f"config: optim.{name} must be in [0, 1), got {b:g}")
     finite_number(optim.eps, "config: optim.eps", above=0.0)
+    d = finite_number(optim.get("layer_decay", 1.0), "config: optim.layer_decay", above=0.0)
+    if d > 2:
+        raise UserError(f"config: optim.layer_decay must be in (0, 2] (1: the same rate everywhere), got {d:g}")
+    a = finite_number(optim.get("average", 0.0), "config: optim.average", minimum=0.0)
+    if a >= 1:
+        raise UserError(f"config: optim.average must be in [0, 1) (0: no weight average), got {a:g}")
 
 
 # -------------------------------------------------------------------------------- paths

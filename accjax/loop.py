@@ -112,7 +112,8 @@ def check_resume_config(saved: dict, current: dict) -> None:
     """A restart must train the same thing: differing keys (outside RESUME_MAY_CHANGE) raise."""
     # keys added after the run started: the values that train as that run did
     a = {"elimination.prune_every": 1, "distill.hidden_weight": 0.0, "distill.hidden_layers": "last",
-         "train_pad_multiple": 0, "matmul_dtype": "", **_flat(saved)}
+         "train_pad_multiple": 0, "matmul_dtype": "", "optim.average": 0.0,
+         "optim.layer_decay": 1.0, **_flat(saved)}
     b = _flat(current)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
@@ -306,14 +307,15 @@ def fit(config) -> FitResult:
             flush_metrics(step)
         if epoch_end := index == nb - 1 or step == total:
             flush_metrics(step)
-            guards.check_finite_params(state.params, step)  # never evaluate or export NaN weights
-            jax.block_until_ready(state)
+            weights = trainer.weights(state)  # the weight average when optim.average > 0
+            guards.check_finite_params(weights, step)  # never evaluate or export NaN weights
+            jax.block_until_ready((state, weights))
             epoch_times.append(time.perf_counter() - t_epoch)
             epoch_cpu.append(time.process_time() - cpu_epoch)
             # skipping an evaluation leaves training as it is (data order and dropout keys
             # follow the step alone); the last epoch always scores, so a model is exported
             score_now = step == total or not eval_epochs or epoch + 1 in eval_epochs
-            rows = exp.evaluate(trainer, state.params, list(config.eval.speedups)) if score_now else []
+            rows = exp.evaluate(trainer, weights, list(config.eval.speedups)) if score_now else []
             for r in rows:
                 rec = {"step": step, "epoch": epoch + 1, "event": "eval", **r}
                 mlog.write(rec, {k: v for k, v in r.items() if isinstance(v, (int, float))
@@ -332,7 +334,7 @@ def fit(config) -> FitResult:
             if rows and (best is None or score > best["score"]):
                 best = {"score": score, "step": step, "epoch": epoch + 1,
                         "rows": [r for r in rows if r["split"] == exp.dev_split]}
-                host_params = shard_lib.to_host(state.params)
+                host_params = shard_lib.to_host(weights)
                 best_now = (rows, host_params)  # the exported model's dev rows, for the final table
                 if primary:
                     exp.export(host_params, run_dir, {"train_config": cfg_json, "eval": best})

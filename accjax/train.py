@@ -42,7 +42,7 @@ import functools
 import itertools
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,34 @@ def decay_mask(params: Any) -> Any:
         lambda path, _: getattr(path[-1], "key", str(path[-1])) not in ("bias", "scale"), params)
 
 
+def layer_scales(params: Any, decay: float) -> Any:
+    """Layer-wise learning-rate decay: a factor per parameter, 1 above the last layer (head,
+    pooler, final norm), decay^(L - i) in ``layer_i`` of L layers, decay^(L + 1) elsewhere below
+    them (the embeddings). decay 1: every factor 1."""
+    def index(path):
+        names = [str(getattr(k, "key", k)) for k in path]
+        found = [int(n[6:]) for n in names if n.startswith("layer_") and n[6:].isdigit()]
+        return found[0] if found else None, any("embed" in n for n in names)
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    n_layers = 1 + max((i for i in (index(p)[0] for p, _ in flat) if i is not None), default=-1)
+
+    def scale(path, _):
+        i, embedding = index(path)
+        depth = n_layers - i if i is not None else (n_layers + 1 if embedding else 0)
+        return float(decay) ** depth
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_layer(decay: float) -> optax.GradientTransformation:
+    """Multiplies each update by its ``layer_scales`` factor (no state)."""
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, f: u * f, updates, layer_scales(updates, decay)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     """Hugging Face's rule: ``ceil(warmup_ratio * total_steps)``."""
     return int(math.ceil(total_steps * warmup_ratio))
@@ -96,19 +124,64 @@ def lr_schedule(lr: float, total_steps: int, warmup_ratio: float) -> optax.Sched
     return optax.join_schedules([optax.linear_schedule(0.0, lr, w), decay], [w])
 
 
+class ParamAverage(NamedTuple):
+    """``param_average``'s state: decayed sums of the weights after each update and of 1."""
+
+    mass: Array  # sum_s decay^(t-s) (1 - decay) = 1 - decay^t (float32 scalar)
+    total: Any  # like the parameters: sum_s decay^(t-s) (1 - decay) w_s
+
+
+def param_average(decay: float) -> optax.GradientTransformation:
+    """An exponential moving average of the weights after each update (Polyak averaging);
+    the updates pass through unchanged. The sums start at zero and ``averaged_weights``
+    divides by the mass (Adam's debiasing), so the average is a weighted mean of the weights
+    after every update so far, the latest weighing most."""
+
+    def init(params):
+        return ParamAverage(jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params):
+        new = optax.apply_updates(params, updates)
+        total = jax.tree.map(lambda t, w: decay * t + (1.0 - decay) * w, state.total, new)
+        return updates, ParamAverage(decay * state.mass + (1.0 - decay), total)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _average_state(opt_state: Any) -> ParamAverage | None:
+    return next((s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamAverage))
+                 if isinstance(s, ParamAverage)), None)
+
+
+def averaged_weights(params: Any, opt_state: Any) -> Any:
+    """The weight average ``param_average`` keeps in ``opt_state``; ``params`` when it keeps
+    none (or before the first update)."""
+    avg = _average_state(opt_state)
+    if avg is None:
+        return params
+    return jax.tree.map(lambda t, p: jnp.where(avg.mass > 0, t / jnp.maximum(avg.mass, 1e-30), p),
+                        avg.total, params)
+
+
 def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with warmup + linear decay and global-norm clipping.
+    """AdamW with warmup + linear decay and global-norm clipping; a learning-rate factor per
+    layer when ``optim.layer_decay`` != 1 (``layer_scales``); a weight average when
+    ``optim.average`` (its decay) is above 0.
 
     Args:
-      optim: config with lr, weight_decay, warmup_ratio, clip (<= 0: none), b1, b2, eps.
+      optim: config with lr, weight_decay, warmup_ratio, clip (<= 0: none), b1, b2, eps,
+        layer_decay and average (both optional; 1 and 0: none).
       total_steps: optimizer steps of the whole run.
     Returns:
       (the optax transformation, the learning-rate schedule).
     """
     sched = lr_schedule(float(optim.lr), total_steps, float(optim.warmup_ratio))
     clip = [optax.clip_by_global_norm(float(optim.clip))] if float(optim.clip) > 0 else []
+    avg, layer = float(optim.get("average", 0.0)), float(optim.get("layer_decay", 1.0))
     return optax.chain(*clip, optax.adamw(sched, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
-                                          weight_decay=float(optim.weight_decay), mask=decay_mask)), sched
+                                          weight_decay=float(optim.weight_decay), mask=decay_mask),
+                       *([scale_by_layer(layer)] if layer != 1.0 else []),
+                       *([param_average(avg)] if avg > 0 else [])), sched
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -358,6 +431,7 @@ class Trainer:
         self.programs = programs.ProgramCache()  # train steps
         self.eval_programs = programs.ProgramCache()  # forward passes
         self._batch_shardings: dict[tuple, dict] = {}
+        self._average = None  # jitted ``averaged_weights``, built on first use
 
     @property
     def traces(self) -> int:
@@ -466,6 +540,15 @@ class Trainer:
             return fn.lower(params, spec, schedule)
 
         return self.eval_programs.get((self._signature(batch), schedule), lower)
+
+    def weights(self, state: TrainState) -> Any:
+        """The weights to evaluate and export: the optimizer's weight average when it keeps one
+        (``optim.average``), else ``state.params`` itself."""
+        if _average_state(state.opt_state) is None:
+            return state.params
+        if self._average is None:
+            self._average = jax.jit(averaged_weights, out_shardings=self.param_shardings)
+        return self._average(state.params, state.opt_state)
 
     def _gathered(self, params):
         """Sharded parameters, all-gathered for compute (ZeRO-3 style FSDP).

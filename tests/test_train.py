@@ -64,6 +64,52 @@ def test_adamw_step_matches_torch():
     del sched
 
 
+def test_weight_average_is_the_debiased_decayed_mean_of_the_weights_after_each_update():
+    d = 0.6
+    tx, _ = train.make_optimizer(optim(lr=0.1, warmup_ratio=0.0, average=d), total_steps=10)
+    params = {"kernel": jnp.asarray([[0.5, -1.0], [2.0, 0.1]]), "bias": jnp.asarray([0.3, -0.2])}
+    state = tx.init(params)
+    np.testing.assert_array_equal(train.averaged_weights(params, state)["kernel"], params["kernel"])  # no update yet
+    seen = []
+    for t in range(5):
+        grads = jax.tree.map(lambda p: jnp.sin(3.0 * p + t), params)
+        upd, state = tx.update(grads, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, upd)
+        seen.append(jax.tree.map(np.asarray, params))
+    w = np.array([d ** (len(seen) - 1 - s) * (1 - d) for s in range(len(seen))])
+    avg = train.averaged_weights(params, state)
+    for k in params:
+        want = sum(wi * p[k] for wi, p in zip(w, seen)) / w.sum()  # w.sum() == 1 - d**5
+        np.testing.assert_allclose(np.asarray(avg[k]), want, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(want, seen[-1][k], atol=1e-3)  # the average is not the last weights
+    # the updates themselves are AdamW's: the same weights with and without the average
+    plain, _ = train.make_optimizer(optim(lr=0.1, warmup_ratio=0.0), total_steps=10)
+    p0 = {"kernel": jnp.asarray([[0.5, -1.0], [2.0, 0.1]]), "bias": jnp.asarray([0.3, -0.2])}
+    g = jax.tree.map(jnp.cos, p0)
+    a, _ = tx.update(g, tx.init(p0), p0)
+    b, _ = plain.update(g, plain.init(p0), p0)
+    np.testing.assert_array_equal(a["kernel"], b["kernel"])
+    assert train.averaged_weights(p0, plain.init(p0)) is p0  # no average kept: the weights
+
+
+def test_layer_decay_scales_each_layers_step_by_its_depth():
+    _, _, params, _ = tiny_setup()  # 2 layers
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
+    steps = {}
+    for decay in (1.0, 0.5, 1.5):
+        tx, _ = train.make_optimizer(optim(lr=0.1, warmup_ratio=0.0, layer_decay=decay), total_steps=10)
+        upd, _ = tx.update(grads, tx.init(params), params)
+        steps[decay] = {"/".join(getattr(k, "key", str(k)) for k in path): np.asarray(v)
+                        for path, v in jax.tree_util.tree_flatten_with_path(upd)[0]}
+    want = {"classifier/kernel": 0, "bert/pooler/kernel": 0, "bert/layer_1/mlp_in/kernel": 1,
+            "bert/layer_0/qkv/bias": 2, "bert/embeddings/word_embeddings/embedding": 3,
+            "bert/embeddings/LayerNorm/scale": 3}  # depth below the head: decay ** depth
+    for decay in (0.5, 1.5):
+        for name, depth in want.items():
+            np.testing.assert_allclose(steps[decay][name], steps[1.0][name] * decay ** depth, rtol=1e-6)
+    assert np.abs(steps[1.0]["bert/layer_0/qkv/bias"]).min() > 0  # a real step to scale
+
+
 def test_classification_loss_weights_and_regression():
     cfg, module, params, _ = tiny_setup()
     batch = random_batch(fillers=4)

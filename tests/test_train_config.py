@@ -10,7 +10,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from accjax import loop
+import jax
+
+from accjax import loop, sharding
 from accjax.data import DataError, DataNotFoundError
 from accjax.tasks import UnknownTaskError
 from tests.train_helpers import REPO, load_config_file, sentiment_task, subprocess_env, tiny_config, write_csv
@@ -131,6 +133,10 @@ def test_bad_input_fails_clearly(tmp_path):
                   r"train_pad_multiple must be >= 0 \(0: pad to the length bucket\), got -8"))
     cases.append((tiny_config(tmp_path / "r11", spec, matmul_dtype="bf16"), ValueError,
                   r"matmul_dtype must be one of '', 'float32', 'bfloat16', 'float16', not 'bf16'"))
+    cases.append((tiny_config(tmp_path / "r12", spec, **{"optim.average": 1.0}), ValueError,
+                  r"optim.average must be in \[0, 1\) \(0: no weight average\), got 1"))
+    cases.append((tiny_config(tmp_path / "r13", spec, **{"optim.layer_decay": 0.0}), ValueError,
+                  "optim.layer_decay must be > 0, got 0"))
     for cfg, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             loop.fit(cfg)
@@ -211,6 +217,33 @@ def test_prune_every_plans_every_train_program_and_is_recorded(tmp_path):
     assert loop.config_dict(cfg)["elimination"]["prune_every"] == 2
 
 
+def test_a_run_with_a_weight_average_scores_and_exports_the_average(tmp_path, monkeypatch):
+    from accjax import convert, train
+
+    seen = []
+    original = train.Trainer.weights
+
+    def weights(self, state):
+        w = original(self, state)
+        seen.append((sharding.to_host(state.params), sharding.to_host(w)))
+        return w
+
+    monkeypatch.setattr(train.Trainer, "weights", weights)
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=16)
+    cfg = tiny_config(tmp_path / "r", spec, **{"optim.average": 0.8, "optim.layer_decay": 0.9})
+    loop.fit(cfg)
+    assert len(seen) == 1  # one epoch, scored once
+
+    def flat(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    (raw, avg), exported = (flat(t) for t in seen[0]), flat(convert.load(tmp_path / "r").params)
+    name = "layer_0/mlp_in/kernel"
+    np.testing.assert_array_equal(exported[name], avg["bert/" + name])  # the average was exported
+    assert not np.allclose(avg["bert/" + name], raw["bert/" + name])  # and it is not the weights
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_prune_every_stops_before_training(tmp_path, bad):
     import ml_collections
@@ -228,6 +261,7 @@ def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
     del saved["elimination"]["prune_every"]  # the config such a run recorded
     del saved["distill"]["hidden_weight"]  # (added later still)
     del saved["train_pad_multiple"], saved["matmul_dtype"]  # (and later)
+    del saved["optim"]["average"], saved["optim"]["layer_decay"]  # (and later still)
     now = loop.config_dict(load_config_file("rt_minilm", "tiny"))
     loop.check_resume_config(saved, now)  # k = 1, no hidden-state term: trains as that run did
     now["elimination"]["prune_every"] = 2
@@ -241,4 +275,7 @@ def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
         loop.check_resume_config(saved, now)
     now["train_pad_multiple"], now["matmul_dtype"] = 0, "bfloat16"
     with pytest.raises(ValueError, match=r"matmul_dtype: '' -> 'bfloat16'"):
+        loop.check_resume_config(saved, now)
+    now["matmul_dtype"], now["optim"]["average"] = "", 0.99
+    with pytest.raises(ValueError, match=r"optim.average: 0.0 -> 0.99"):
         loop.check_resume_config(saved, now)
