@@ -91,7 +91,7 @@ def base_config(objective: str, mode: str):
     c.optim.b1 = 0.9  # Adam beta1
     c.optim.b2 = 0.999  # Adam beta2
     c.optim.eps = 1e-8  # Adam epsilon
-    c.optim.layer_decay = 1.0  # < 1: layer i of L learns at lr * layer_decay^(L - i), the embeddings one step less
+    c.optim.layer_decay = 1.0  # layer i of L learns at lr * layer_decay^(L - i), the embeddings at ^(L + 1), the head at lr
     c.optim.average = 0.0  # > 0: evaluate and export a moving average of the weights with this decay
 
     c.elimination = ml_collections.ConfigDict()
