@@ -1,4 +1,4 @@
-"""Issue 16's accuracy frontier: every recipe measured on the H200 (docs/data/issue16_h200_set4-9.json),
+"""Issue 16's accuracy frontier: every recipe measured on the H200 with 3 or more seeds (docs/data/issue16_h200_set4-9.json),
 its mean dev drop against the dense fine-tune at 1x against that at 4.8x, with the issue's bounds.
 
     python docs/plot_issue16.py   # writes docs/img/issue16_frontier.png and prints the points
