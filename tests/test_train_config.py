@@ -242,6 +242,13 @@ def test_a_run_with_a_weight_average_scores_and_exports_the_average(tmp_path, mo
     name = "layer_0/mlp_in/kernel"
     np.testing.assert_array_equal(exported[name], avg["bert/" + name])  # the average was exported
     assert not np.allclose(avg["bert/" + name], raw["bert/" + name])  # and it is not the weights
+    # stopped after step 1 of 2 and resumed: the average comes back from the checkpoint, and
+    # the last step's average is the uninterrupted run's
+    cut = {"optim.average": 0.8, "optim.layer_decay": 0.9}
+    loop.fit(tiny_config(tmp_path / "cut", spec, **cut, **{"debug.max_steps": 1}))
+    assert loop.fit(tiny_config(tmp_path / "cut", spec, **cut)).resumed_from == 1
+    assert len(seen) == 3
+    np.testing.assert_array_equal(flat(seen[2][1])["bert/" + name], avg["bert/" + name])
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
