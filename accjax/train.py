@@ -79,9 +79,11 @@ def decay_mask(params: Any) -> Any:
 
 
 def layer_scales(params: Any, decay: float) -> Any:
-    """Layer-wise learning-rate decay: a factor per parameter, 1 above the last layer (head,
-    pooler, final norm), decay^(L - i) in ``layer_i`` of L layers, decay^(L + 1) elsewhere below
-    them (the embeddings). decay 1: every factor 1."""
+    """Layer-wise learning-rate decay: a factor per parameter, decay^(L - i) in ``layer_i`` of L
+    layers (every family names its blocks so), decay^(L + 1) outside them for a path with
+    'embed' in it (every ``nn.Embed`` table's leaf is ``embedding``: GPT-2's ``wte``, T5's
+    ``shared``; and BERT's embedding LayerNorm), 1 for the rest (head, pooler, final norm).
+    decay 1: every factor 1."""
     def index(path):
         names = [str(getattr(k, "key", k)) for k in path]
         found = [int(n[6:]) for n in names if n.startswith("layer_") and n[6:].isdigit()]

@@ -110,6 +110,18 @@ def test_layer_decay_scales_each_layers_step_by_its_depth():
     assert np.abs(steps[1.0]["bert/layer_0/qkv/bias"]).min() > 0  # a real step to scale
 
 
+def test_layer_decay_finds_every_familys_embeddings():
+    """GPT-2's ``wte`` / ``wpe`` and T5's ``shared`` are nn.Embed tables without 'embed' in
+    their module name: they sit below the layers all the same."""
+    tree = {"wte": {"embedding": 1.0}, "wpe": {"embedding": 1.0}, "shared": {"embedding": 1.0},
+            "layer_0": {"mlp": {"kernel": 1.0}}, "layer_1": {"mlp": {"kernel": 1.0}},
+            "final_norm": {"scale": 1.0}, "relative_attention_bias": {"kernel": 1.0}}
+    f = train.layer_scales(tree, 0.5)
+    assert f["wte"]["embedding"] == f["wpe"]["embedding"] == f["shared"]["embedding"] == 0.5 ** 3
+    assert (f["layer_0"]["mlp"]["kernel"], f["layer_1"]["mlp"]["kernel"]) == (0.25, 0.5)
+    assert f["final_norm"]["scale"] == f["relative_attention_bias"]["kernel"] == 1.0
+
+
 def test_classification_loss_weights_and_regression():
     cfg, module, params, _ = tiny_setup()
     batch = random_batch(fillers=4)
