@@ -23,6 +23,7 @@ position table is cut to it, with a warning.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -106,6 +107,12 @@ def base_config(objective: str, mode: str):
     c.elimination.floor = 1  # no layer keeps fewer rows
     c.elimination.prune_every = 1  # k > 1: only layers 1, 1 + k, ... drop rows (schedule.plan)
 
+    # Start from a dense fine-tune: the run first fine-tunes densely (1x, its own warmup and
+    # decay) into RUN_DIR/dense, resumably, then trains as configured from that model
+    c.warm_start = ml_collections.ConfigDict()
+    c.warm_start.epochs = 0  # epochs of that dense fine-tune; 0 = none (start from config.model)
+    c.warm_start.lr = 5e-5  # its peak learning rate
+
     c.distill = ml_collections.ConfigDict()  # in-place distillation (needs elimination.sandwich)
     c.distill.weight = 0.0  # each eliminated pass: (1 - w) task loss + w distillation from the step's 1x pass
     c.distill.temperature = 1.0  # softmax temperature of the soft targets (classification)
@@ -178,11 +185,36 @@ def validate_config(config) -> None:
     need(config.distill.hidden_layers in train_lib.HIDDEN_LAYERS,
          f"distill.hidden_layers must be one of {', '.join(train_lib.HIDDEN_LAYERS)}, got {config.distill.hidden_layers!r}")
     need(float(config.distill.temperature) > 0, f"distill.temperature must be > 0, got {config.distill.temperature}")
+    warm = config.get("warm_start", {})
+    need(isinstance(warm.get("epochs", 0), int) and int(warm.get("epochs", 0)) >= 0,
+         f"warm_start.epochs must be a whole number >= 0, got {warm.get('epochs')!r}")
+    need(int(warm.get("epochs", 0)) == 0 or el.mode != "dense",
+         "warm_start.epochs > 0 needs elimination.mode 'fixed' or 'elastic' (a dense run would "
+         "just train longer: raise epochs instead)")
+    if int(warm.get("epochs", 0)) > 0:
+        guards.finite_number(warm.get("lr"), "config: warm_start.lr", above=0.0)
     try:  # constructing the sampler checks the elimination values
         sampler(config)
         sched_lib.check_every(el.prune_every)
     except ValueError as e:
         raise guards.UserError(f"config: {e}") from None
+
+
+def warm_start_config(config):
+    """The dense fine-tune a run with ``warm_start.epochs`` > 0 starts from: the same model,
+    data, batches, seed, products and optimizer, dense, for ``warm_start.epochs`` epochs at
+    peak lr ``warm_start.lr``, in ``RUN_DIR/dense``, dev scored at 1x after its last epoch
+    (``loop.fit`` trains it first, or finds it finished, and starts the run from its model)."""
+    d = copy.deepcopy(config)
+    n = int(config.warm_start.epochs)
+    d.warm_start.epochs = 0
+    d.elimination.update(mode="dense", sandwich=False)
+    d.distill.update(weight=0.0, hidden_weight=0.0)
+    d.epochs, d.optim.lr = n, float(config.warm_start.lr)
+    d.eval.update(speedups=(1.0,), epochs=(n,), select_speedup=1.0, select_mean=False)
+    d.run_dir = str(Path(config.run_dir) / "dense")
+    d.debug.max_steps = 0  # debug.max_steps stops the run after its warm start
+    return d
 
 
 def plan_kw(el) -> dict:

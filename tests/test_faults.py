@@ -518,7 +518,9 @@ def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, cap
     import jax
 
     assert config.train_pad_multiple == (16 if jax.default_backend() == "cpu" else 0)
-    assert f"over speedups {lo:g}-{hi:g}, {config.epochs} epochs: each step trains 1x and {hi:g}x" in err
+    assert config.warm_start.epochs >= 1  # a dense fine-tune first, then the elastic epochs
+    assert (f"{config.warm_start.epochs} dense epoch(s), then over speedups {lo:g}-{hi:g}, "
+            f"{config.epochs} epochs: each step trains 1x and {hi:g}x") in err
 
 
 def test_result_table_says_the_batch_size_and_what_drop_is_against(csv_run):

@@ -137,10 +137,46 @@ def test_bad_input_fails_clearly(tmp_path):
                   r"optim.average must be in \[0, 1\) \(0: no weight average\), got 1"))
     cases.append((tiny_config(tmp_path / "r13", spec, **{"optim.layer_decay": 0.0}), ValueError,
                   "optim.layer_decay must be > 0, got 0"))
+    cases.append((tiny_config(tmp_path / "r14", spec, **{"warm_start.epochs": 1}), ValueError,
+                  "warm_start.epochs > 0 needs elimination.mode 'fixed' or 'elastic'"))
+    cases.append((tiny_config(tmp_path / "r15", spec, "elastic,tiny", **{"warm_start.epochs": 1,
+                                                                       "warm_start.lr": 0.0}),
+                  ValueError, "warm_start.lr must be > 0, got 0"))
     for cfg, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             loop.fit(cfg)
     assert not (tmp_path / "r1" / "checkpoints").exists()  # nothing was started
+    assert not (tmp_path / "r15" / "dense").exists()  # no warm start was begun either
+
+
+def test_a_warm_start_fine_tunes_densely_first_and_the_run_starts_from_its_model(tmp_path, monkeypatch):
+    from accjax import convert, experiment
+
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=16)
+    cfg = tiny_config(tmp_path / "r", spec, "elastic,tiny",
+                      **{"warm_start.epochs": 2, "warm_start.lr": 3e-3, "debug.max_steps": 1,
+                         "elimination.levels": 2})
+    started = []
+    original = experiment.build
+    monkeypatch.setattr(experiment, "build", lambda c: started.append(c) or original(c))
+    res = loop.fit(cfg)
+    dense, run = started  # two runs were built: the dense one first
+    assert (dense.elimination.mode, dense.epochs, dense.optim.lr) == ("dense", 2, 3e-3)
+    assert dense.run_dir == str(tmp_path / "r" / "dense") and dense.debug.max_steps == 0
+    assert loop.runfolder.finished(tmp_path / "r" / "dense", 2 * 2)  # 2 epochs of 2 steps: complete
+    # the elastic run starts from the dense run's exported model and records it
+    assert run.elimination.mode == "elastic" and run.model == str(tmp_path / "r" / "dense")
+    saved = (tmp_path / "r" / "train_config.json").read_text()
+    assert f'"model": "{tmp_path / "r" / "dense"}"' in saved
+    start = experiment.build(run).params  # what the elastic run began from ...
+    end = convert.load(tmp_path / "r" / "dense").params  # ... is the dense fine-tune's model
+    np.testing.assert_array_equal(start["bert"]["layer_0"]["mlp_in"]["kernel"],
+                                  end["layer_0"]["mlp_in"]["kernel"])
+    assert res.steps == 1  # debug.max_steps stopped the elastic run, not the dense one
+    # run again: the dense run is found finished, the elastic one resumes where it stopped
+    cfg.debug.max_steps, built = 0, len(started)
+    assert loop.fit(cfg).resumed_from == 1
+    assert len(started) == built + 2
 
 
 def test_glue_config_trains_with_fsdp_on_a_glue_tsv_folder(tmp_path):
@@ -285,4 +321,8 @@ def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
         loop.check_resume_config(saved, now)
     now["matmul_dtype"], now["optim"]["average"] = "", 0.99
     with pytest.raises(ValueError, match=r"optim.average: 0.0 -> 0.99"):
+        loop.check_resume_config(saved, now)
+    del saved["warm_start"]  # (and later still)
+    now["optim"]["average"], now["warm_start"]["epochs"] = 0.0, 1
+    with pytest.raises(ValueError, match=r"warm_start.epochs: 0 -> 1"):
         loop.check_resume_config(saved, now)
