@@ -519,14 +519,65 @@ def eliminate(scores: Array, keep: int, rows: Rows, *tensors: Array) -> tuple[Ar
         return idx, rows.take(idx), tuple(take_rows(t, idx) for t in tensors)
 
 
+# ``fuse`` of ``drop_rows``: '' drops the rows; 'acc' / 'mean' keeps ``keep - 1`` rows and
+# replaces the others by one row, their ACC-weighted / plain mean
+FUSE_MODES = ("", "acc", "mean")
+FUSED_POSITION = -1  # ``Rows.positions`` of a fused row: it stands for no single input token
+
+
+def fuse_dropped(scores: Array, keep: int, rows: Rows, *tensors: Array, weights: str = "acc"
+                 ) -> tuple[Array, Rows, tuple[Any, ...]]:
+    """Keeps the ``keep - 1`` best rows and appends one row that stands for all the others:
+    each tensor's mean over the dropped real rows, weighted by their ACC (``weights='acc'``;
+    no gradient flows through the weights) or not ('mean'). The token-fusion variant of
+    elimination (EViT, Liang et al. 2022): what the dropped rows carried stays in the
+    sequence as one row, at the cost of one kept row. The fused row's position is
+    ``FUSED_POSITION``; it is real when any dropped row was. Returns (idx [B, K-1] of the
+    kept rows, rows [B, K], tensors [B, K, ...])."""
+    if keep < 2:
+        raise ValueError(f"a fused row needs keep >= 2 (one kept row and the fused one), got {keep}")
+    idx, kept_rows, kept = eliminate(scores, keep - 1, rows, *tensors)
+    with jax.named_scope("fuse_rows"):
+        b, t = rows.mask.shape
+        kept_any = (idx[:, :, None] == jnp.arange(t, dtype=idx.dtype)).any(1)  # [B, T] (no scatter)
+        dropped = ~kept_any & rows.mask  # [B, T]
+        if weights == "acc":
+            w = jnp.where(dropped, jnp.maximum(lax.stop_gradient(scores).astype(jnp.float32), 0.0), 0.0)
+            w = w + 1e-6 * dropped  # rows with zero ACC still count when all weights are zero
+        elif weights == "mean":
+            w = dropped.astype(jnp.float32)
+        else:
+            raise ValueError(f"fuse weights must be 'acc' or 'mean', got {weights!r}")
+        w = w / jnp.maximum(w.sum(1, keepdims=True), 1e-30)  # [B, T], 0 where nothing is dropped
+
+        def with_fused(full: Array, part: Array) -> Array:  # [B, T, ...], [B, K-1, ...]
+            fused = jnp.einsum("bt,bt...->b...", w.astype(full.dtype), full,
+                               preferred_element_type=jnp.float32).astype(full.dtype)
+            return jnp.concatenate([part, fused[:, None]], axis=1)
+
+        fused_rows = Rows(
+            mask=jnp.concatenate([kept_rows.mask, dropped.any(1, keepdims=True)], 1),
+            positions=jnp.concatenate([kept_rows.positions, jnp.full((b, 1), FUSED_POSITION, jnp.int32)], 1),
+            token_types=None if rows.token_types is None else jnp.concatenate(
+                [kept_rows.token_types, jnp.zeros((b, 1), jnp.int32)], 1))
+        return idx, fused_rows, tuple(with_fused(f, p) for f, p in zip(tensors, kept))
+
+
 def drop_rows(scores: Array | None, keep: int, rows: Rows, out: dict, *tensors: Array,
-              prefix: bool = False) -> tuple[Rows, tuple[Any, ...]]:
+              prefix: bool = False, fuse: str = "") -> tuple[Rows, tuple[Any, ...]]:
     """A layer's elimination after attention, as every family records it: the ``keep`` best
     rows by ``scores`` (``eliminate``), or rows [0, keep) when ``prefix`` (``take_prefix``,
-    no scores). Writes ``keep_idx`` [B, K], ``positions`` [B, K] (and ``acc``, the scores
-    ranked) into the layer's ``out``; returns (rows, tensors) gathered to the kept rows."""
+    no scores), or with ``fuse`` (``FUSE_MODES``) and keep >= 2 the ``keep - 1`` best and
+    one fused row (``fuse_dropped``). Writes ``keep_idx`` (indices of the kept input rows),
+    ``positions`` [B, K] (``FUSED_POSITION`` for a fused row) and ``acc``, the scores
+    ranked, into the layer's ``out``; returns (rows, tensors) gathered to the kept rows."""
+    if fuse not in FUSE_MODES:
+        raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
     if prefix:
         idx, rows, tensors = take_prefix(keep, rows, *tensors)
+    elif fuse and keep >= 2:
+        idx, rows, tensors = fuse_dropped(scores, keep, rows, *tensors, weights=fuse)
+        out["acc"] = scores
     else:
         idx, rows, tensors = eliminate(scores, keep, rows, *tensors)
         out["acc"] = scores

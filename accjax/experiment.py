@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from accjax import acc as acc_lib
 from accjax import checkpoint as ckpt_lib
 from accjax import convert, data as data_lib, evaluation, guards, hub
 from accjax import models as models_lib
@@ -106,6 +107,9 @@ def base_config(objective: str, mode: str):
     c.elimination.bucket = 8  # keep-lengths rounded up to multiples of this (powers of two below it)
     c.elimination.floor = 1  # no layer keeps fewer rows
     c.elimination.prune_every = 1  # k > 1: only layers 1, 1 + k, ... drop rows (schedule.plan)
+    # BERT family: 'acc' / 'mean' keeps one row fewer and appends the ACC-weighted / plain mean
+    # of the rows a layer drops (acc.fuse_dropped; the exported model keeps it)
+    c.elimination.fuse = ""  # '' = the dropped rows are discarded (acc.FUSE_MODES)
 
     # Start from a dense fine-tune: the run first fine-tunes densely (1x, its own warmup and
     # decay) into RUN_DIR/dense, resumably, then trains as configured from that model
@@ -193,6 +197,8 @@ def validate_config(config) -> None:
          "just train longer: raise epochs instead)")
     if int(warm.get("epochs", 0)) > 0:
         guards.finite_number(warm.get("lr"), "config: warm_start.lr", above=0.0)
+    need(el.get("fuse", "") in acc_lib.FUSE_MODES,
+         f"elimination.fuse must be one of {', '.join(repr(m) for m in acc_lib.FUSE_MODES)}, not {el.get('fuse')!r}")
     try:  # constructing the sampler checks the elimination values
         sampler(config)
         sched_lib.check_every(el.prune_every)
@@ -236,6 +242,18 @@ def load_model(config, head: str, num_labels: int | None) -> tuple[convert.Loade
     overrides = dict(config.model_overrides.to_dict() if hasattr(config.model_overrides, "to_dict")
                      else config.model_overrides or {})
     overrides["dtype"] = config.dtype
+    if config.elimination.get("fuse", ""):  # else the model's own (config.json) setting holds
+        overrides["fuse_dropped"] = config.elimination.fuse
+    try:
+        return _load_model(config, head, num_labels, overrides)
+    except TypeError as e:  # a family whose config has no such field
+        if "fuse_dropped" not in str(e):
+            raise
+        raise guards.UserError("config: elimination.fuse works for BERT-family encoders only; "
+                               "leave it '' for this model") from None
+
+
+def _load_model(config, head: str, num_labels: int | None, overrides: dict) -> tuple[convert.Loaded, Path]:
     spec = str(config.model)
     if spec.startswith("preset:"):
         if num_labels is not None and head == "sequence_classification":

@@ -261,9 +261,11 @@ def hidden_distill_loss(student, teacher, batch: dict[str, Array], layers: str =
         t = jax.lax.stop_gradient(t.astype(jnp.float32))
         if pos is None:
             mask = real
-        else:
+        else:  # a fused row (acc.FUSED_POSITION) has no teacher row: it is left out
+            own = pos >= 0
+            pos = jnp.maximum(pos, 0)
             t = jnp.take_along_axis(t, pos[..., None], axis=1)  # [B, K, D]
-            mask = jnp.take_along_axis(real, pos, axis=1)  # [B, K]
+            mask = jnp.take_along_axis(real, pos, axis=1) * own  # [B, K]
         per = ((s.astype(jnp.float32) - t) ** 2).mean(-1)
         terms.append(_weighted_mean((per * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0), batch))
     return sum(terms) / len(terms) + (terms[-1] if layers == "both" else 0.0)

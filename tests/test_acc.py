@@ -120,6 +120,31 @@ def test_rows_gather_together():
     np.testing.assert_array_equal(x2[0], x[0, [0, 2]])
 
 
+def test_fused_row_is_the_weighted_mean_of_the_dropped_real_rows():
+    # rows: CLS, three real tokens, one padding row; keep 3 = CLS, the best token, fused row
+    rows = acc.Rows.create(jnp.asarray([[1, 1, 1, 1, 0]]), token_types=jnp.asarray([[0, 0, 1, 1, 1]]))
+    x = jnp.arange(5 * 2, dtype=jnp.float32).reshape(1, 5, 2)
+    scores = jnp.asarray([[np.inf, 0.1, 0.6, 0.3, -np.inf]])
+    out = {}
+    r2, (x2,) = acc.drop_rows(scores, 3, rows, out, x, fuse="acc")
+    assert out["keep_idx"].tolist() == [[0, 2]]
+    assert r2.positions.tolist() == [[0, 2, acc.FUSED_POSITION]] == out["positions"].tolist()
+    assert r2.mask.tolist() == [[True, True, True]] and r2.token_types.tolist() == [[0, 1, 0]]
+    np.testing.assert_allclose(x2[0, :2], x[0, [0, 2]])
+    # dropped real rows 1 and 3, weights 0.1 and 0.3 (the padding row weighs nothing)
+    np.testing.assert_allclose(x2[0, 2], (0.1 * x[0, 1] + 0.3 * x[0, 3]) / 0.4, rtol=1e-5)
+    r3, (x3,) = acc.drop_rows(scores, 3, rows, {}, x, fuse="mean")
+    np.testing.assert_allclose(x3[0, 2], (x[0, 1] + x[0, 3]) / 2, rtol=1e-6)
+    # nothing real dropped: the fused row is padding; keep 1 keeps CLS alone, as without fusion
+    short = acc.Rows.create(jnp.asarray([[1, 1, 0, 0, 0]]))
+    r4, _ = acc.drop_rows(jnp.asarray([[np.inf, 0.1, -np.inf, -np.inf, -np.inf]]), 3, short, {}, x, fuse="acc")
+    assert r4.mask.tolist() == [[True, True, False]]
+    r5, (x5,) = acc.drop_rows(scores, 1, rows, {}, x, fuse="acc")
+    assert r5.positions.tolist() == [[0]] and x5.shape == (1, 1, 2)
+    with pytest.raises(ValueError, match="fuse must be one of"):
+        acc.drop_rows(scores, 3, rows, {}, x, fuse="sum")
+
+
 def test_select_rows_rejects_bad_keep():
     with pytest.raises(ValueError, match="positive Python int"):
         acc.select_rows(jnp.zeros((1, 4)), 0)

@@ -188,3 +188,26 @@ def test_too_long_input_is_refused(tiny):
     pred = inference.Predictor.from_loaded(tiny, batch_size=2, length_buckets=(16, 32))
     with pytest.raises(ValueError, match="longer than the largest length bucket 32"):
         pred.predict(random_batch(np.random.default_rng(10), 2, 40, 99))
+
+
+def test_fused_rows_travel_with_the_model(tiny, tmp_path):
+    """``fuse_dropped`` is part of what the model computes: the accjax folder and the HF
+    config.json keep it (an HF config without the key loads as plain dropping), a wrong value
+    is refused, and with it an eliminating model gives other logits at the same schedule."""
+    import dataclasses
+
+    fused = dataclasses.replace(tiny, config=tiny.config.replace(fuse_dropped="acc"))
+    batch = random_batch(np.random.default_rng(3), 4, 24, 99)
+    sched = S.plan(models.cost_model(tiny.config), 24, 3.0).schedule
+    a = np.asarray(_apply(tiny, batch, schedule=sched).last_hidden_state[:, 0])  # CLS
+    b = np.asarray(_apply(fused, batch, schedule=sched).last_hidden_state[:, 0])
+    assert np.abs(a - b).max() > 1e-3  # 0 if the setting were ignored
+    np.testing.assert_allclose(np.asarray(_apply(fused, batch).logits), np.asarray(_apply(tiny, batch).logits),
+                               rtol=1e-6, atol=1e-6)  # dense: nothing is dropped, nothing fused
+    assert convert.load(convert.save_accjax(fused, out_dir=tmp_path / "ax"), "sequence_classification"
+                        ).config.fuse_dropped == "acc"
+    hf = fused.config.to_hf()
+    assert hf["accjax_fuse_dropped"] == "acc" and "accjax_fuse_dropped" not in tiny.config.to_hf()
+    assert type(tiny.config).from_hf(hf).fuse_dropped == "acc"
+    with pytest.raises(ValueError, match="fuse_dropped must be one of"):
+        tiny.config.replace(fuse_dropped="sum")

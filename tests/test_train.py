@@ -312,6 +312,42 @@ def test_hidden_state_distillation_over_all_layers_follows_each_layers_kept_rows
         train.hidden_distill_loss(st, full, batch, "first")
 
 
+def test_fused_rows_stand_for_no_position_so_hidden_distillation_leaves_them_out():
+    """With ``fuse_dropped`` every eliminating layer keeps one row fewer and appends the fused
+    row (position -1): the kept rows are those the same layer keeps without fusion at one row
+    less, and hidden-state distillation compares only those (the fused row has no teacher)."""
+    cfg, module, params, _ = tiny_setup()
+    fcfg, fmodule, _, _ = tiny_setup(fuse_dropped="acc")
+    batch = random_batch(fillers=3)
+    top = sched_lib.plan(models.cost_model(cfg), 16, 3.0).schedule
+    out_of = jax.jit(train._apply, static_argnums=(0, 4, 5, 6))
+    full = out_of(module, params, batch, None, None, "plain", True)
+    st = out_of(fmodule, params, batch, None, top, "plain", True)
+    first = top[0]  # layer 1 drops rows: it keeps first - 1 of them, then the fused row
+    plain = out_of(module, params, batch, None, (first - 1,) + top[1:], "plain", True)
+    pos = np.asarray(st.layers[0]["positions"])
+    assert pos.shape[1] == first and (pos[:, -1] == -1).all() and (pos[:, :-1] >= 0).all()
+    np.testing.assert_array_equal(pos[:, :-1], np.asarray(plain.layers[0]["positions"]))
+    real = np.asarray(st.rows.mask)
+    assert np.asarray(st.layers[0]["keep_idx"]).shape[1] == first - 1
+    # the kept rows leave layer 1 as without fusion (attention ran before the drop)
+    np.testing.assert_allclose(np.asarray(st.hidden_states[1])[:, :-1], np.asarray(plain.hidden_states[1]),
+                               rtol=1e-5, atol=1e-5)
+    h = float(train.hidden_distill_loss(st, full, batch, "all"))
+    am, w = np.asarray(batch["attention_mask"], np.float64), np.asarray(batch["weights"], np.float64)
+    want, pos = [], np.broadcast_to(np.arange(am.shape[1]), am.shape)
+    for i in range(cfg.num_layers):
+        if "positions" in st.layers[i]:
+            pos = np.asarray(st.layers[i]["positions"])
+        s, t = np.asarray(st.hidden_states[i + 1]), np.asarray(full.hidden_states[i + 1])
+        mask = np.take_along_axis(am, np.maximum(pos, 0), 1) * (pos >= 0)
+        d = s - np.take_along_axis(t, np.maximum(pos, 0)[..., None], 1)
+        per = ((d ** 2).mean(-1) * mask).sum(1) / np.maximum(mask.sum(1), 1)
+        want.append((per * w).sum() / w.sum())
+    np.testing.assert_allclose(h, np.mean(want), rtol=1e-4)
+    assert real.shape[1] == top[-1]
+
+
 def test_passes_loss_sums_every_pass_and_distills_from_the_full_pass():
     cfg, module, params, _ = tiny_setup()
     # a random classifier's logits are ~1e-2: a scaled head and a high temperature make the

@@ -66,6 +66,9 @@ def test_config_arguments_select_modes():
         load_config_file("glue_bert_base", "sst3")
     with pytest.raises(ValueError, match="unknown config argument"):
         load_config_file("rt_minilm", "elastc")
+    fuse = load_config_file("rt_minilm", "elastic,sandwich,hidden,warm,fuse")
+    assert fuse.elimination.fuse == "acc" and fuse.run_dir.endswith("_warm_fuse")
+    assert load_config_file("rt_minilm", "elastic,sandwich,hidden,warm").elimination.fuse == ""
 
 
 def _parse(*argv):
@@ -98,7 +101,8 @@ def test_cli_reports_an_unknown_key_in_one_line():
 
 @pytest.mark.parametrize("arg,says", [("elastic,bogus", "unknown config argument(s) ['bogus']"),
                                       ("elastic,long", "'long' extends 'sandwich'"),
-                                      ("elastic,hidden", "'hidden' extends 'sandwich'")])
+                                      ("elastic,hidden", "'hidden' extends 'sandwich'"),
+                                      ("fuse", "'fuse' needs elimination")])
 def test_cli_reports_a_bad_config_word_in_one_line(arg, says):
     r = subprocess.run([sys.executable, "-m", "train.finetune", f"--config=configs/rt_minilm.py:{arg}"],
                        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
@@ -142,6 +146,11 @@ def test_bad_input_fails_clearly(tmp_path):
     cases.append((tiny_config(tmp_path / "r15", spec, "elastic,tiny", **{"warm_start.epochs": 1,
                                                                        "warm_start.lr": 0.0}),
                   ValueError, "warm_start.lr must be > 0, got 0"))
+    cases.append((tiny_config(tmp_path / "r16", spec, **{"elimination.fuse": "sum"}), ValueError,
+                  "elimination.fuse must be one of '', 'acc', 'mean', not 'sum'"))
+    gpt2 = tiny_config(tmp_path / "r17", spec, "elastic,tiny", **{"elimination.fuse": "acc"})
+    gpt2.model = "preset:gpt2"
+    cases.append((gpt2, ValueError, "elimination.fuse works for BERT-family encoders only"))
     for cfg, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             loop.fit(cfg)
@@ -326,3 +335,9 @@ def test_a_run_started_before_prune_every_existed_resumes_only_at_k_1():
     now["optim"]["average"], now["warm_start"]["epochs"] = 0.0, 1
     with pytest.raises(ValueError, match=r"warm_start.epochs: 0 -> 1"):
         loop.check_resume_config(saved, now)
+    del saved["elimination"]["fuse"]  # (and later still)
+    now["warm_start"]["epochs"], now["elimination"]["fuse"] = 0, "acc"
+    with pytest.raises(ValueError, match=r"elimination.fuse: '' -> 'acc'"):
+        loop.check_resume_config(saved, now)
+    now["elimination"]["fuse"] = ""
+    loop.check_resume_config(saved, now)  # off: trains as that run did

@@ -51,13 +51,18 @@ class BertConfig(common.ModelConfig):
     # three [D, D] GEMMs (False) give contiguous q, k, v; one [D, 3D] GEMM (True) needs three
     # slice copies before flash attention (measured: docs/benchmarks.md)
     fused_qkv: bool = False
+    # what an eliminating layer does with the rows it drops (acc.FUSE_MODES): '' drops them;
+    # 'acc' / 'mean' keeps one row fewer and appends their ACC-weighted / plain mean
+    # (acc.fuse_dropped); written to config.json as ``accjax_fuse_dropped``
+    fuse_dropped: str = ""
     family: str = "bert"
 
     hf_keys = {**{f: f for f in ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings",
                                  "type_vocab_size", "layer_norm_eps", "hidden_act", "classifier_dropout",
                                  "initializer_range", "pad_token_id")},
                "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-               "hidden_dropout": "hidden_dropout_prob", "attention_dropout": "attention_probs_dropout_prob"}
+               "hidden_dropout": "hidden_dropout_prob", "attention_dropout": "attention_probs_dropout_prob",
+               "fuse_dropped": "accjax_fuse_dropped"}
     hf_required = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 
     # -- Hugging Face config.json <-> BertConfig ------------------------------------------
@@ -70,10 +75,20 @@ class BertConfig(common.ModelConfig):
             )
         return cls(**{**cls.hf_fields(d), **overrides})
 
+    def __post_init__(self):
+        super().__post_init__()
+        from accjax import acc
+
+        if self.fuse_dropped not in acc.FUSE_MODES:
+            raise ValueError(f"fuse_dropped must be one of {acc.FUSE_MODES}, got {self.fuse_dropped!r}")
+
     def to_hf(self) -> dict[str, Any]:
-        return {"model_type": "bert", "architectures": ["BertForSequenceClassification"],
-                **self.hf_values(), "position_embedding_type": "absolute",
-                "problem_type": "regression" if self.num_labels == 1 else "single_label_classification"}
+        d = {"model_type": "bert", "architectures": ["BertForSequenceClassification"],
+             **self.hf_values(), "position_embedding_type": "absolute",
+             "problem_type": "regression" if self.num_labels == 1 else "single_label_classification"}
+        if not self.fuse_dropped:  # HF's own configs: no accjax key unless it matters
+            del d["accjax_fuse_dropped"]
+        return d
 
 
 PRESETS: dict[str, BertConfig] = {
@@ -181,7 +196,8 @@ class BertLayer(nn.Module):
         if output_attentions:
             out["attentions"] = probs
         if eliminate:  # ctx [B, K, N, H], x [B, K, D]
-            rows, (ctx, x) = acc_lib.drop_rows(scores, keep, rows, out, ctx, x, prefix=prefix)
+            rows, (ctx, x) = acc_lib.drop_rows(scores, keep, rows, out, ctx, x, prefix=prefix,
+                                               fuse=cfg.fuse_dropped)
 
         h = heads_out(ctx)  # [B, K, D]
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
