@@ -347,6 +347,9 @@ class _Base:
                      else f" ({self.config.distill.hidden_layers} layers)")
                   if self.config.distill.hidden_weight else "")
                if sampler.sandwich else ""))
+        fuse = getattr(self.model_config, "fuse_dropped", "")
+        if fuse and el.mode != "dense":
+            mode += f", dropped rows fused into one ({fuse} weights)"
         return (f"{self.objective}: {self.config.model} ({n_params:,} "
                 f"params, {self.config.dtype}) on {self.task_name}; {per_epoch} steps/epoch x "
                 f"{self.config.epochs} epochs = {total} steps of {self.config.batch_size}; mesh "

@@ -188,6 +188,21 @@ def test_a_warm_start_fine_tunes_densely_first_and_the_run_starts_from_its_model
     assert len(started) == built + 2
 
 
+def test_a_fused_run_trains_says_so_and_exports_a_model_that_fuses(tmp_path, capsys):
+    """elimination.fuse through the whole loop: the sandwich step with every layer's hidden
+    states (fused rows left out) trains, the run's first line names it, and the exported model
+    (what eval.glue, Predictor and accjax.export load) fuses as well."""
+    from accjax import convert
+
+    spec = sentiment_task(tmp_path / "d", n_train=32, n_dev=16)
+    cfg = tiny_config(tmp_path / "r", spec, "elastic,sandwich,hidden,tiny,fuse", **{"elimination.levels": 2})
+    cfg.eval.speedups, cfg.eval.select_mean = (1.0, 3.0), True
+    res = loop.fit(cfg)
+    assert "dropped rows fused into one (acc weights)" in capsys.readouterr().out
+    assert np.isfinite(res.final_eval[0]["primary"]) and {r["speedup"] for r in res.final_eval} == {1.0, 3.0}
+    assert convert.load(tmp_path / "r").config.fuse_dropped == "acc"
+
+
 def test_glue_config_trains_with_fsdp_on_a_glue_tsv_folder(tmp_path):
     """configs/glue_bert_base.py:sst2,tiny,fsdp on a GLUE-layout SST-2 folder (8 fake devices)."""
     import json
