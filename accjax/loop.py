@@ -113,7 +113,8 @@ def check_resume_config(saved: dict, current: dict) -> None:
     # keys added after the run started: the values that train as that run did
     a = {"elimination.prune_every": 1, "distill.hidden_weight": 0.0, "distill.hidden_layers": "last",
          "train_pad_multiple": 0, "matmul_dtype": "", "optim.average": 0.0,
-         "optim.layer_decay": 1.0, "warm_start.epochs": 0, "warm_start.lr": 5e-5, "elimination.fuse": "", **_flat(saved)}
+         "optim.layer_decay": 1.0, "warm_start.epochs": 0, "warm_start.lr": 5e-5, "elimination.fuse": "",
+         **_flat(saved)}
     b = _flat(current)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE))
