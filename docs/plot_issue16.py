@@ -41,9 +41,8 @@ def main():
     ax.fill_between([-1, 0.5], -1, 2.5, color="tab:green", alpha=0.15, label="issue 16's 1x and 4.8x bounds")
     for p in pts:
         short = p["epochs"] <= 5
-        ax.scatter(p["1"], p["4.8"], s=18 + 6 * p["seeds"], marker="o" if short else "s",
-                   color={9: "tab:red", 10: "tab:purple", 11: "tab:orange"}.get(p["set"], "tab:blue") if short else "tab:gray",
-                   alpha=0.8)
+        color = {9: "tab:red", 10: "tab:purple", 11: "tab:orange"}.get(p["set"], "tab:blue") if short else "tab:gray"
+        ax.scatter(p["1"], p["4.8"], s=18 + 6 * p["seeds"], marker="o" if short else "s", color=color, alpha=0.8)
         if p["set"] >= 8:
             ax.annotate(p["recipe"], (p["1"], p["4.8"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.scatter([], [], marker="o", color="tab:blue", label="4-5 epochs (fits the 15-minute CPU budget)")

@@ -193,7 +193,8 @@ def test_too_long_input_is_refused(tiny):
 def test_fused_rows_travel_with_the_model(tiny, tmp_path):
     """``fuse_dropped`` is part of what the model computes: the accjax folder and the HF
     config.json keep it (an HF config without the key loads as plain dropping), a wrong value
-    is refused, and with it an eliminating model gives other logits at the same schedule."""
+    is refused, and with it an eliminating model computes another CLS row at the same schedule
+    (and the same one dense)."""
     import dataclasses
 
     fused = dataclasses.replace(tiny, config=tiny.config.replace(fuse_dropped="acc"))

@@ -317,7 +317,7 @@ def test_fused_rows_stand_for_no_position_so_hidden_distillation_leaves_them_out
     row (position -1): the kept rows are those the same layer keeps without fusion at one row
     less, and hidden-state distillation compares only those (the fused row has no teacher)."""
     cfg, module, params, _ = tiny_setup()
-    fcfg, fmodule, _, _ = tiny_setup(fuse_dropped="acc")
+    _, fmodule, _, _ = tiny_setup(fuse_dropped="acc")
     batch = random_batch(fillers=3)
     top = sched_lib.plan(models.cost_model(cfg), 16, 3.0).schedule
     out_of = jax.jit(train._apply, static_argnums=(0, 4, 5, 6))
