@@ -12,6 +12,7 @@ import pytest
 
 from accjax import acc, attention, convert
 from accjax.kernels import acc_pallas
+from accjax.kernels import gemm_act
 from accjax.kernels import layer_norm as ln_kernel
 from tests.conftest import make_hf_bert, random_batch
 
@@ -352,3 +353,92 @@ def test_kernels_split_along_the_batch_under_spmd(tmp_path, monkeypatch):
         got = fwd(params, sharded)
         assert got.sharding.spec == P("data")
         np.testing.assert_allclose(np.asarray(got), np.asarray(fwd(ld.params, batch)), rtol=1e-5, atol=1e-6)
+
+
+# tiles of the GEMM kernel small enough for the interpreter (the GPU's are 128 x 2 x 128)
+SMALL_TILES = gemm_act.Tiles(m=64, n=64, k=64, stages=2)
+
+
+def _gelu_float64(y, activation):
+    import math
+
+    if activation == "gelu":
+        return 0.5 * y * (1 + np.vectorize(math.erf)(y / math.sqrt(2)))
+    return 0.5 * y * (1 + np.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))
+
+
+@pytest.mark.parametrize("activation,order", [("gelu", {}), ("gelu_new", {"width": 2, "minor": 0})])
+def test_gemm_act_kernel_matches_float64(activation, order):
+    """act(x @ w + b) in one Mosaic GPU kernel (interpreted): 3 x 2 output blocks of 64 x 128,
+    three pipeline steps over the depth, 4 CTAs walking 6 blocks (row-major, or the snake of
+    strips 2 blocks wide). Within one bf16 rounding of
+    float64 (the bias rounded to bf16 as the parameter is), no further from it than XLA's path
+    (a bf16 product and bias add, then the activation); whatever is not whole tiles is refused."""
+    rng = np.random.default_rng(3)
+    m, k, n = 192, 192, 256
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=n), jnp.bfloat16)
+    tiles = dataclasses.replace(SMALL_TILES, **order)
+    got = np.asarray(gemm_act.gemm_act_rows(x, w, b, activation=activation, tiles=tiles,
+                                            interpret=True, sms=4), np.float64)
+    y = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+    ref = _gelu_float64(y, activation)
+    err = np.abs(got - ref)
+    assert (err <= 2.0 ** -8 * np.abs(ref) + 1e-4).all(), err.max()
+    xla = np.asarray(gemm_act.reference(x, w, b, activation), np.float64)
+    assert err.max() <= np.abs(xla - ref).max()
+    assert gemm_act.fits(m, k, n, SMALL_TILES) and not gemm_act.fits(m - 8, k, n, SMALL_TILES)
+    with pytest.raises(ValueError, match="whole tiles"):
+        gemm_act.gemm_act_rows(x[:100], w, b, tiles=SMALL_TILES, interpret=True)
+
+
+def test_gemm_act_gradient_is_the_xla_paths():
+    """The kernel's gradient in x, w and b is the XLA path's at the same inputs."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 64, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(64, 128)) / 8, jnp.float32)
+    b = jnp.asarray(rng.normal(size=128), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 64, 128)), jnp.float32)
+    mine = jax.grad(lambda *a: (gemm_act.gemm_act(*a, "gelu", True) * g).sum(), (0, 1, 2))(x, w, b)
+    theirs = jax.grad(lambda *a: (gemm_act.reference(*a, "gelu") * g).sum(), (0, 1, 2))(x, w, b)
+    for a, r in zip(mine, theirs):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+
+
+def test_bert_with_the_gemm_kernel_gives_the_xla_paths_logits(tmp_path, monkeypatch):
+    """A bf16 BERT (hidden 64, FFN 256) whose FFN input projections run the kernel
+    (interpreted) in both layers of the dense program (128 rows) and of an eliminating one (64
+    rows after the first attention): logits within bf16 rounding of the XLA path's, the same kept rows; the same
+    parameters either way."""
+    folder, _ = make_hf_bert(tmp_path, hidden_size=64, intermediate_size=256, num_attention_heads=2)
+    ld = convert.load(folder, "sequence_classification")
+    module = ld.module.clone(config=dataclasses.replace(ld.config, dtype="bfloat16"))
+    batch = random_batch(np.random.default_rng(6), 4, 32, 99)
+    monkeypatch.setattr(gemm_act, "TILES", SMALL_TILES)
+    calls, rows = [], gemm_act.gemm_act_rows
+    monkeypatch.setattr(gemm_act, "gemm_act_rows", lambda x, *a, **kw: calls.append(x.shape) or rows(x, *a, **kw))
+    for schedule in (None, (16, 16)):
+        outs = {}
+        for how in ("never", "interpret"):
+            monkeypatch.setattr(gemm_act, "KERNEL", how)
+            outs[how] = jax.jit(lambda p: module.apply({"params": p}, **batch, schedule=schedule))(ld.params)
+        a, b = outs["never"], outs["interpret"]
+        np.testing.assert_allclose(np.asarray(b.logits, np.float32), np.asarray(a.logits, np.float32),
+                                   rtol=0.05, atol=0.05)
+        for la, lb in zip(a.layers, b.layers):
+            if "keep_idx" in la:
+                np.testing.assert_array_equal(np.asarray(la["keep_idx"]), np.asarray(lb["keep_idx"]))
+    assert calls == [(128, 64), (128, 64), (64, 64), (64, 64)]  # 4 x 32 rows, then 4 x 16
+
+
+def test_gemm_act_probe_runs_inside_a_trace(monkeypatch):
+    """The availability probe is first asked while a model is traced: its check must run on
+    concrete arrays there, not be staged into the trace and fail on tracers (checked with an
+    XLA stand-in for the kernel: the interpreter cannot run inside a trace)."""
+    stand_in = jax.jit(lambda x, w, b, interpret=False: gemm_act.reference(x, w, b, "gelu"),
+                       static_argnames="interpret")
+    monkeypatch.setattr(gemm_act, "gemm_act_rows", stand_in)
+    seen = []
+    jax.jit(lambda x: seen.append(gemm_act._probe()) or x)(jnp.ones(3))
+    assert seen == [True]

@@ -202,8 +202,8 @@ class BertLayer(nn.Module):
         h = heads_out(ctx)  # [B, K, D]
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         x = common.layer_norm(cfg, "attn_norm")(x + h)
-        h = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")(x)  # [B, K, F]
-        h = common.activation(cfg.hidden_act)(h)
+        h = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in",
+                         activation=cfg.hidden_act)(x)  # [B, K, F], activated
         h = common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")(h)  # [B, K, D]
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         x = common.layer_norm(cfg, "mlp_norm")(x + h)

@@ -188,13 +188,39 @@ def embed(cfg, n: int, axes: tuple[str, str], name: str) -> nn.Embed:
                     embedding_init=normal_init(cfg.initializer_range, axes), name=name)
 
 
-def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True) -> nn.DenseGeneral:
-    """A projection in the config's dtypes, N(0, initializer_range) kernel on logical ``axes``."""
+def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True,
+          activation: str | None = None) -> nn.DenseGeneral:
+    """A projection in the config's dtypes, N(0, initializer_range) kernel on logical ``axes``;
+    with ``activation`` (a name of ``ACTIVATIONS``) followed by it (``DenseActivation``, the
+    same parameters)."""
     n_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
-        features, axis=axis, use_bias=use_bias, dtype=to_dtype(cfg.dtype),
-        param_dtype=to_dtype(cfg.param_dtype), kernel_init=normal_init(cfg.initializer_range, axes),
-        bias_init=zeros_init(axes[-n_out:]), dot_general=_projection_dot_general(cfg), name=name)
+    kw = dict(axis=axis, use_bias=use_bias, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
+              kernel_init=normal_init(cfg.initializer_range, axes), bias_init=zeros_init(axes[-n_out:]),
+              dot_general=_projection_dot_general(cfg), name=name)
+    if activation is None:
+        return nn.DenseGeneral(features, **kw)
+    return DenseActivation(features, activation=activation, **kw)
+
+
+class DenseActivation(nn.DenseGeneral):
+    """``activation(DenseGeneral(x))``, the same parameters. Once they exist, where
+    ``accjax.kernels.gemm_act`` applies (opted in, a Hopper GPU, bf16 or fp16, enough rows),
+    one kernel with the bias and the activation in its epilogue instead of XLA's GEMM and the
+    activation's own pass over the output."""
+
+    activation: str = "gelu"
+
+    def __call__(self, x):
+        from accjax.kernels import gemm_act as ga
+
+        plain = (isinstance(self.features, int) and self.axis in (-1, x.ndim - 1) and self.use_bias
+                 and self.dot_general is None and self.has_variable("params", "kernel"))
+        dtype = self.dtype or x.dtype
+        if plain and ga.applies(x.astype(dtype), self.features, self.activation):
+            p = self.variables["params"]
+            kernel, bias = (nn.meta.unbox(p[k]).astype(dtype) for k in ("kernel", "bias"))
+            return ga.gemm_act(x.astype(dtype), kernel, bias, self.activation, ga.KERNEL == "interpret")
+        return activation(self.activation)(super().__call__(x))
 
 
 class LayerNorm(nn.LayerNorm):

@@ -334,7 +334,7 @@ class GPT2Block(nn.Module):
         self.qkv = common.dense(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"), "qkv")
         self.attn_out = common.HeadsOut(cfg, name="attn_out")
         self.ln_2 = common.layer_norm(cfg, "ln_2")
-        self.mlp_in = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in")
+        self.mlp_in = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in", activation=cfg.activation)
         self.mlp_out = common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")
         self.attn_drop = nn.Dropout(cfg.attention_dropout)
         self.resid_drop = nn.Dropout(cfg.resid_dropout)
@@ -345,8 +345,7 @@ class GPT2Block(nn.Module):
 
     def _finish(self, x: Array, ctx: Array, deterministic: bool) -> Array:
         x = x + self.resid_drop(self.attn_out(ctx), deterministic=deterministic)  # [B, K, D]
-        h = self.mlp_in(self.ln_2(x))  # [B, K, F]
-        h = self.mlp_out(common.activation(self.config.activation)(h))  # [B, K, D]
+        h = self.mlp_out(self.mlp_in(self.ln_2(x)))  # [B, K, F] activated, then [B, K, D]
         return x + self.resid_drop(h, deterministic=deterministic)
 
     def __call__(
