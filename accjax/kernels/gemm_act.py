@@ -12,8 +12,8 @@ columns; a block is one CTA's, its two compute warpgroups own ``tiles.n`` column
 third warpgroup streams the [m, k] and [k, 2n] operand tiles through shared memory
 (``tiles.stages`` in flight). The grid is persistent: one CTA per SM walks the blocks, the
 columns of a row of blocks first by default (the [k, n] weights stay in L2; other orders
-measured the same). The bias slice of a
-warpgroup's columns is fetched by TMA while its main loop runs.
+measured the same). The bias slice of a warpgroup's columns is fetched by TMA while its main
+loop runs.
 
 ``KERNEL`` says where it runs: 'never' (the default), 'auto' on a GPU where it compiles and
 agrees with XLA (probed once: Hopper), or 'interpret' (Mosaic GPU's interpreter: how the tests
@@ -63,8 +63,9 @@ TILES = Tiles()
 
 
 def _erf(z):
-    """erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7; 5e-7 in float32): Mosaic GPU's warpgroup lowering
-    has no layout rule for ``math.erf``; this is exp, abs, sign and arithmetic."""
+    """erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7; 5e-7 in float32): Mosaic GPU's
+    warpgroup lowering has no layout rule for ``math.erf``; this is exp, abs, sign and
+    arithmetic."""
     a = jnp.abs(z)
     t = 1.0 / (1.0 + 0.3275911 * a)
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
