@@ -29,7 +29,8 @@ Rows of P are queries, columns keys; the padding query (row 3) is ignored::
 
 Selection with a static keep-length k (a Python int): the k highest ACC rows (ties to the
 lower index, as ``lax.top_k``), in their original order (``select_rows``: on a GPU by counting
-ranks, no sort, up to 1024 rows; else ``lax.top_k`` and a sort of the kept indices), then every
+ranks, no sort, up to 1024 rows, and up to 256 in one Pallas kernel that also does the gathers,
+``accjax.kernels.keep_rows``; else ``lax.top_k`` and a sort of the kept indices), then every
 per-row array is gathered with the same indices. On the example, k=2 keeps rows [0, 2];
 k=3 keeps the best [0, 2, 1] as [0, 1, 2]; padding is always dropped before any real row.
 
@@ -451,8 +452,28 @@ def attend_and_score(
 # Not on the CPU, where the comparisons cost more than the sort (docs/benchmarks.md, "CPU
 # check" of issue 17).
 RANK_SELECT_MAX_ROWS = 1024
-SELECT_METHODS = ("auto", "top_k", "rank")
+SELECT_METHODS = ("auto", "top_k", "rank", "kernel")
 SELECT_METHOD = "auto"  # what ``select_rows`` uses when not told (benchmarks A/B it)
+
+
+def _select_method(method: str | None, t: int, tensors=()) -> str:
+    """The selection ``select_rows`` / ``eliminate`` run among ``t`` rows: ``method`` (None:
+    ``SELECT_METHOD``); 'auto' is the one kernel of ``accjax.kernels.keep_rows`` (selection
+    and gather) where it applies, else rank counting on a GPU up to ``RANK_SELECT_MAX_ROWS``
+    rows, else top_k."""
+    from accjax.kernels import keep_rows
+
+    method = SELECT_METHOD if method is None else method
+    if method not in SELECT_METHODS:
+        raise ValueError(f"select method must be one of {SELECT_METHODS}, got {method!r}")
+    if method == "kernel" and not keep_rows.applies(t, tensors):
+        method = "auto"  # asked for where it cannot run (the CPU, too many rows): the XLA paths
+    if method == "auto":
+        gpu = jax.default_backend() == "gpu"
+        if gpu and keep_rows.applies(t, tensors):
+            return "kernel"
+        return "rank" if gpu and t <= RANK_SELECT_MAX_ROWS else "top_k"
+    return method
 
 
 def select_rows(scores: Array, keep: int, method: str | None = None) -> Array:
@@ -461,8 +482,9 @@ def select_rows(scores: Array, keep: int, method: str | None = None) -> Array:
     ``keep`` is a static Python int: it fixes the output shape under ``jax.jit``. Ties go to
     the lower index (as ``lax.top_k``). ``method``: 'top_k' (``lax.top_k``, then a sort of
     the kept indices), 'rank' (no sort: a row is kept when fewer than ``keep`` rows beat it,
-    and the i-th kept row is found by counting), 'auto' (rank on a GPU up to
-    ``RANK_SELECT_MAX_ROWS`` rows, else top_k); None: ``SELECT_METHOD``.
+    and the i-th kept row is found by counting), 'kernel' (the same counting in one Pallas
+    kernel, ``accjax.kernels.keep_rows``), 'auto' (``_select_method``); None:
+    ``SELECT_METHOD``.
     Worked example, scores [0.2, 0.9, -inf, 0.5], keep 2::
 
         beaten by   [2, 0, 3, 1]  -> kept [F, T, F, T]
@@ -472,13 +494,12 @@ def select_rows(scores: Array, keep: int, method: str | None = None) -> Array:
         raise ValueError(f"keep must be a positive Python int, got {keep!r}")
     if keep > scores.shape[1]:
         raise ValueError(f"cannot keep {keep} of {scores.shape[1]} rows")
-    method = SELECT_METHOD if method is None else method
-    if method not in SELECT_METHODS:
-        raise ValueError(f"select method must be one of {SELECT_METHODS}, got {method!r}")
     t = scores.shape[1]
-    if method == "auto":
-        gpu = jax.default_backend() == "gpu"
-        method = "rank" if gpu and t <= RANK_SELECT_MAX_ROWS else "top_k"
+    method = _select_method(method, t)
+    if method == "kernel":
+        from accjax.kernels import keep_rows
+
+        return keep_rows.select_and_gather(scores, [], keep, keep_rows.KERNEL == "interpret")[0]
     if method == "top_k":
         from accjax import sharding
 
@@ -513,6 +534,15 @@ def eliminate(scores: Array, keep: int, rows: Rows, *tensors: Array) -> tuple[Ar
     Returns:
       (idx [B, K], rows gathered, tensors gathered), all in original row order.
     """
+    if _select_method(None, scores.shape[1], tensors) == "kernel":
+        from accjax.kernels import keep_rows
+
+        if not isinstance(keep, int) or not 1 <= keep <= scores.shape[1]:
+            select_rows(scores, keep)  # its error
+        with jax.named_scope("select_gather"):
+            idx, kept = keep_rows.select_and_gather(scores, list(tensors), keep, keep_rows.KERNEL == "interpret")
+        with jax.named_scope("gather_rows"):
+            return idx, rows.take(idx), tuple(kept)
     with jax.named_scope("select"):
         idx = select_rows(scores, keep)
     with jax.named_scope("gather_rows"):

@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from accjax import acc as acc_lib
 from accjax import benchmark, guards, inference, lm, models, seq2seq
 from eval import bench
 
@@ -101,7 +102,7 @@ device_events.samples = []  # a few raw events (their stats), written to the JSO
 PARTS = [
     ("attention+acc", re.compile(r"/attention_acc/")),
     ("acc", re.compile(r"/acc_score/")),
-    ("select", re.compile(r"/select/")),
+    ("select", re.compile(r"/select/|/select_gather/")),
     ("gather", re.compile(r"/gather_rows/")),
     ("attention", re.compile(r"/attention/")),
     ("qkv", re.compile(r"/qkv/|BTD,DNH->BTNH")),
@@ -373,7 +374,7 @@ def kernel_table(shapes, heads: int = 12, head_dim: int = 64, dtype="bfloat16") 
                 rows.append({"shape": f"{b}x{t}", "what": name, "error": f"{type(e).__name__}: {e}"[:200]})
         scores = jnp.asarray(rng.standard_normal((b, t)), jnp.float32)
         keep = max(1, int(t * 0.7))
-        for method in ("top_k", "rank"):
+        for method in ("top_k", "rank", "kernel"):  # 'kernel' falls back to XLA where it cannot run
             ms = _pipelined_ms(lambda s_: acc.select_rows(s_, keep, method=method), scores)
             rows.append({"shape": f"{b}x{t}", "what": f"select {keep} by {method}", "us": ms * 1e3})
         for r in rows:
@@ -396,7 +397,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--dump_hlo", default=None, help="write each program's optimised HLO here")
-    ap.add_argument("--select", default="auto", choices=("auto", "top_k", "rank"),
+    ap.add_argument("--select", default="auto", choices=acc_lib.SELECT_METHODS,
                     help="how kept rows are chosen (acc.select_rows)")
     ap.add_argument("--prefill", action="store_true",
                     help="decoders (GPT-2, Llama): profile the prefill that builds the KV caches")
@@ -404,8 +405,6 @@ def main(argv=None) -> int:
                     help="time attention/ACC paths and selection in isolation at each BxT instead")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from accjax import acc as acc_lib
-
     acc_lib.SELECT_METHOD = args.select
     # bad input: one line, exit 2, before anything compiles
     guards.exit_on_user_error(lambda: guards.positive_int(args.iters, "--iters"))

@@ -13,6 +13,7 @@ import pytest
 from accjax import acc, attention, convert
 from accjax.kernels import acc_pallas
 from accjax.kernels import gemm_act
+from accjax.kernels import keep_rows
 from accjax.kernels import layer_norm as ln_kernel
 from tests.conftest import make_hf_bert, random_batch
 
@@ -290,6 +291,90 @@ def test_rank_selection_docstring_example():
         acc.select_rows(s, 2, method="sort")
 
 
+def _tied_scores(rng, b, t):
+    s = rng.integers(0, 6, (b, t)).astype(np.float32)  # many ties
+    s[:, 0] = np.inf  # protected
+    s[rng.random((b, t)) < 0.3] = -np.inf  # padding, tied among themselves
+    return jnp.asarray(s)
+
+
+@pytest.mark.parametrize("t", [37, 64, 150])
+def test_keep_rows_kernel_selects_and_gathers_as_xla(t):
+    """Selection and gather in one kernel (interpreted): the indices of ``lax.top_k`` + sort
+    (ties to the lower index, original order) at every keep from 1 to all rows, and each
+    tensor's rows bit for bit (a [B, T, D] hidden state and a [B, T, N, H] context, bf16 and
+    float32), with rows and kept rows that are no power of two; 150 rows rank in five chunks."""
+    rng = np.random.default_rng(t)
+    b = 3
+    s = _tied_scores(rng, b, t)
+    x = jnp.asarray(rng.normal(size=(b, t, 48)), jnp.bfloat16)
+    ctx = jnp.asarray(rng.normal(size=(b, t, 3, 16)), jnp.float32)
+    for keep in sorted({1, 2, 13, t // 2 + 1, t}):
+        ref = acc.select_rows(s, keep, method="top_k")
+        idx, (gx, gc) = keep_rows.select_and_gather_rows(s, [x, ctx], keep=keep, interpret=True)
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref), err_msg=str(keep))
+        np.testing.assert_array_equal(np.asarray(gx), np.asarray(acc.take_rows(x, ref)))
+        np.testing.assert_array_equal(np.asarray(gc), np.asarray(acc.take_rows(ctx, ref)))
+    idx, rows = keep_rows.select_and_gather_rows(s, [], keep=5, interpret=True)  # selection alone
+    assert rows == [] and np.array_equal(np.asarray(idx), np.asarray(acc.select_rows(s, 5, method="top_k")))
+    with pytest.raises(ValueError, match="cannot select"):
+        keep_rows.select_and_gather_rows(s, [x[..., :40]], keep=5, interpret=True)  # 40 columns: no chunk
+
+
+def test_keep_rows_kernel_gradient_is_the_gathers(monkeypatch):
+    """Through ``acc.eliminate`` with the kernel, the tensors' gradient is what XLA's gather
+    gives (a scatter-add: rows kept get theirs, the others zero), and the scores get none."""
+    rng = np.random.default_rng(1)
+    s = _tied_scores(rng, 2, 24)
+    x = jnp.asarray(rng.normal(size=(2, 24, 32)), jnp.float32)
+    rows = acc.Rows.create(jnp.ones((2, 24), bool))
+    w = jnp.asarray(rng.normal(size=(2, 9, 32)), jnp.float32)
+
+    def loss(s_, x_):
+        return (acc.eliminate(s_, 9, rows, x_)[2][0] * w).sum()
+
+    ref = jax.grad(lambda x_: loss(jax.lax.stop_gradient(s), x_))(x)  # top_k: no derivative
+    monkeypatch.setattr(keep_rows, "KERNEL", "interpret")
+    monkeypatch.setattr(acc, "SELECT_METHOD", "kernel")
+    calls, real = [], keep_rows.select_and_gather
+    monkeypatch.setattr(keep_rows, "select_and_gather", lambda *a: calls.append(a[2]) or real(*a))
+    got = jax.grad(loss, argnums=(0, 1))(s, x)
+    assert calls == [9]
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref))
+    assert np.asarray(ref).any() and not np.asarray(got[0]).any()
+
+
+def test_bert_with_the_keep_rows_kernel_keeps_the_same_rows(tmp_path, monkeypatch):
+    """A whole eliminating BERT with the selection-and-gather kernel (interpreted) in each
+    layer that ranks: the kept rows and logits of XLA's selection and gathers; asked for on
+    the CPU without the interpreter, the XLA paths run."""
+    folder, _ = make_hf_bert(tmp_path, num_hidden_layers=4, max_position_embeddings=64,
+                             num_attention_heads=2)
+    ld = convert.load(folder, "sequence_classification")
+    batch = random_batch(np.random.default_rng(4), 3, 24, 99)
+    calls, real = [], keep_rows.select_and_gather
+    monkeypatch.setattr(keep_rows, "select_and_gather", lambda *a: calls.append(a[2]) or real(*a))
+
+    def run():
+        return jax.jit(lambda p: ld.module.apply({"params": p}, **batch, schedule=(16, 8, 8, 2)))(ld.params)
+
+    ref = run()
+    monkeypatch.setattr(acc, "SELECT_METHOD", "kernel")
+    assert acc._select_method(None, 24) == "top_k" and not calls  # the CPU: no kernel unless interpreted
+    monkeypatch.setattr(keep_rows, "KERNEL", "interpret")
+    got = run()
+    assert calls == [16, 8, 2]  # the layer that keeps its 8 rows does not rank
+    for la, lb in zip(ref.layers, got.layers):
+        if "keep_idx" in la:
+            np.testing.assert_array_equal(np.asarray(lb["keep_idx"]), np.asarray(la["keep_idx"]))
+            np.testing.assert_array_equal(np.asarray(lb["positions"]), np.asarray(la["positions"]))
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), rtol=1e-6, atol=1e-6)
+
+
+def test_keep_rows_probe():
+    assert keep_rows._probe(interpret=True)
+
+
 def test_kernels_lower_for_the_gpu_at_uneven_rows():
     """Every Pallas kernel lowers to Triton (CUDA) at row counts that are no power of two, as
     eliminated layers have (T5 at 4x keeps 400, 304, 232, ... rows). Interpret mode does not enforce
@@ -321,6 +406,8 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
             q, k, lse, m, m, scale=0.1, causal=True),
         "column_sums (120 keys)": lambda: acc_pallas.column_sums(
             q[:, :120], k[:, :120], m[:, :120], m[:, :120], scale=0.1),
+        "select_and_gather_rows (keep 88 of 200)": lambda: keep_rows.select_and_gather_rows(
+            lse[:, 0, :200], [q[:, :200].reshape(2, 200, 128)], keep=88),
     }
     for name, fn in kernels.items():
         text = jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
