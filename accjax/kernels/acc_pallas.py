@@ -815,16 +815,12 @@ def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = 
     sums (``attention_with_column_sums``); ``distance=True`` the attention with T5's bias by
     distance (``attention_by_distance``).
     """
+    from accjax.kernels import probed_once
+
     backend = jax.default_backend()
-    key = f"{backend}:{interpret}:{rel_bias}:{fused}:{distance}"
-    if key not in _AVAILABLE:
-        ok = False
-        if backend == "gpu" or interpret:
-            probe = (_probe_distance if distance else _probe_fused if fused
-                     else functools.partial(_probe_lse, rel_bias=rel_bias))
-            try:
-                ok = probe(interpret)
-            except Exception:  # lowering unsupported by this jax / Triton / GPU
-                ok = False
-        _AVAILABLE[key] = ok
-    return _AVAILABLE[key]
+    if backend != "gpu" and not interpret:
+        return False
+    probe = (_probe_distance if distance else _probe_fused if fused
+             else functools.partial(_probe_lse, rel_bias=rel_bias))
+    return probed_once(_AVAILABLE, f"{backend}:{interpret}:{rel_bias}:{fused}:{distance}",
+                       lambda: probe(interpret))

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from accjax.kernels import probed_once
+
 KERNEL = "never"
 # rows of a projection below which the XLA path runs (cuBLAS + the activation's own kernel):
 # on the H200 the kernel alone is 7-9% faster from 8192 rows up, as fast at 4096, slower at 2048
@@ -289,9 +291,4 @@ def applies(x, n: int, activation: str) -> bool:
     key = str(getattr(jax.devices()[0], "compute_capability", ""))
     if not key.startswith("9"):  # wgmma: Hopper only
         return False
-    if key not in _AVAILABLE:
-        try:
-            _AVAILABLE[key] = _probe()
-        except Exception:  # lowering unsupported by this jax / GPU
-            _AVAILABLE[key] = False
-    return _AVAILABLE[key]
+    return probed_once(_AVAILABLE, key, _probe)

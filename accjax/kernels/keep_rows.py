@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from accjax.kernels import runs_here
 from accjax.kernels.acc_pallas import _pow2, _triton_params
 
 KERNEL = "auto"
@@ -189,16 +190,4 @@ def _probe(interpret: bool = False) -> bool:
 def applies(t: int, tensors=()) -> bool:
     """Whether selecting among ``t`` rows (and gathering ``tensors``) runs this kernel
     (``KERNEL``; 'auto': a GPU where the probe passes; ``fits``)."""
-    if KERNEL == "never" or not fits(t, tensors):
-        return False
-    if KERNEL == "interpret":
-        return True
-    if jax.default_backend() != "gpu":
-        return False
-    key = jax.default_backend()
-    if key not in _AVAILABLE:
-        try:
-            _AVAILABLE[key] = _probe()
-        except Exception:  # lowering unsupported by this jax / Triton / GPU
-            _AVAILABLE[key] = False
-    return _AVAILABLE[key]
+    return fits(t, tensors) and runs_here(KERNEL, _AVAILABLE, _probe)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from accjax.kernels import runs_here
 from accjax.kernels.acc_pallas import _masked_load, _pow2, _triton_params
 
 KERNEL = "auto"
@@ -126,16 +127,4 @@ def _probe() -> bool:
 def applies(x) -> bool:
     """Whether a LayerNorm of ``x`` runs this kernel (``KERNEL``; 'auto': a GPU where the
     probe passes, hidden sizes up to 4096)."""
-    if KERNEL == "never" or x.shape[-1] > 4096:
-        return False
-    if KERNEL == "interpret":
-        return True
-    if jax.default_backend() != "gpu":
-        return False
-    key = jax.default_backend()
-    if key not in _AVAILABLE:
-        try:
-            _AVAILABLE[key] = _probe()
-        except Exception:  # lowering unsupported by this jax / Triton / GPU
-            _AVAILABLE[key] = False
-    return _AVAILABLE[key]
+    return x.shape[-1] <= 4096 and runs_here(KERNEL, _AVAILABLE, _probe)
