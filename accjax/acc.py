@@ -86,13 +86,55 @@ class Rows:
                     token_types=None if token_types is None else token_types.astype(jnp.int32))
 
 
-def _finish(col: Array, key_mask: Array, denom: Array, protect: Array | None) -> Array:
+# ``protect`` given as this: row 0 of every example (BERT's CLS, which elimination keeps in
+# place: it ranks first and kept rows keep their order). Unlike an array it is known when the
+# program is traced, so the selection kernel can apply it itself (``ColumnSums``).
+FIRST_ROW = "first_row"
+
+
+def _protected(protect: Array | str | None, key_mask: Array) -> Array | None:
+    """``protect`` as a [B, S] (or broadcastable) bool array, or None."""
+    if isinstance(protect, str):
+        if protect != FIRST_ROW:
+            raise ValueError(f"protect must be a bool array, None or acc.FIRST_ROW, got {protect!r}")
+        return (jnp.arange(key_mask.shape[1]) == 0)[None, :]
+    return protect
+
+
+def _finish(col: Array, key_mask: Array, denom: Array, protect: Array | str | None) -> Array:
     """col [B, S] summed contributions -> ACC with padding -inf and protected rows +inf."""
     scores = col / denom
     scores = jnp.where(key_mask, scores, -jnp.inf)
+    protect = _protected(protect, key_mask)
     if protect is not None:
         scores = jnp.where(protect & key_mask, jnp.inf, scores)
     return scores
+
+
+@struct.dataclass
+class ColumnSums:
+    """ACC before it is finished, as the fused attention kernel leaves it: each key row's
+    column sums in ``parts`` [B, P, Sp] partial sums (one per head and query tile; columns
+    past S are zero), the key mask ``mask`` [B, S] float (1.0 = real row), the normaliser
+    ``denom`` [B, 1] and ``protect`` (None or ``FIRST_ROW``). ``finished()`` is the ACC
+    array; ``eliminate`` hands the parts to the selection kernel instead, which adds them
+    itself (one kernel fewer per eliminating layer: XLA's sum, division and masking are not
+    made). The normaliser is one positive number per example, so the rows ranked by the
+    sums are ACC's."""
+
+    parts: Array
+    mask: Array
+    denom: Array
+    protect: str | None = struct.field(pytree_node=False, default=None)
+
+    def finished(self) -> Array:
+        s = self.mask.shape[1]
+        return _finish(self.parts.sum(axis=1)[:, :s], self.mask > 0.5, self.denom, self.protect)
+
+
+def finished(scores: Array | ColumnSums | None) -> Array | None:
+    """ACC [B, S] from what ``attend_and_score`` returned."""
+    return scores.finished() if isinstance(scores, ColumnSums) else scores
 
 
 def _denominator(key_mask: Array, query_mask: Array, num_heads: int, causal: bool) -> Array:
@@ -123,7 +165,7 @@ def acc_scores(
       query_mask: [B, T] bool; defaults to ``key_mask`` (self-attention).
       variant: one of ``VARIANTS``.
       causal: normalise each column by the number of valid queries that can see it.
-      protect: [B, S] bool, rows that must never be dropped (+inf).
+      protect: [B, S] bool, rows that must never be dropped (+inf); or ``FIRST_ROW``.
       value_norms: [B, N, S] = ||v[n, j] W_O[n]||, required by ``value_norm``.
     Returns:
       [B, S] float32 scores.
@@ -381,7 +423,10 @@ def attend_and_score(
         projection q, k and v were split from: the fused kernel reads it directly
         (``PACKED_QKV``), so the split copies are never made (unused, XLA drops them).
     Returns:
-      (context [B, T, N, H], ACC [B, S] or None, probabilities [B, N, T, S] or None).
+      (context [B, T, N, H], ACC [B, S] or None, probabilities [B, N, T, S] or None). From
+      the fused kernel on the packed projection (bidirectional, ``protect`` None or
+      ``FIRST_ROW``) the ACC comes unfinished, as ``ColumnSums``: ``eliminate`` ranks by
+      them, ``finished`` makes the array.
     """
     impl = attn_lib.resolve_implementation(attention_impl, q.dtype)
     how, interpret = "probs", False
@@ -393,16 +438,21 @@ def attend_and_score(
     if score and how == "fused" and not need_probs:
         from accjax.kernels import acc_pallas
 
+        mf = mask.astype(jnp.float32)
+        denom = _denominator(mask, mask, q.shape[2], causal)
         with jax.named_scope("attention_acc"):
             if PACKED_QKV and packed is not None and acc_pallas.packed_heads_ok(q.shape[-1]):
-                ctx, col = acc_pallas.self_attention_with_column_sums_packed(
-                    *packed, mask.astype(jnp.float32), scale, causal, interpret)
+                ctx, parts = acc_pallas.self_attention_with_column_sums_packed(
+                    *packed, mf, scale, causal, interpret, True)
+                if not causal and (protect is None or isinstance(protect, str)):
+                    # finished by the selection kernel, or by XLA where that does not run
+                    return ctx.astype(q.dtype), ColumnSums(sg(parts), mf, denom, protect), None
+                col = parts.sum(axis=1)[:, None, :k.shape[1]]
             else:
                 ctx, col = acc_pallas.self_attention_with_column_sums(
-                    q, k, v, mask.astype(jnp.float32), scale, causal, interpret)  # [B, T, N, H], [B, N, S]
+                    q, k, v, mf, scale, causal, interpret)  # [B, T, N, H], [B, N, S]
         with jax.named_scope("acc_score"):
-            scores = _finish(sg(col).sum(axis=1), mask, _denominator(mask, mask, q.shape[2], causal),
-                             protect)
+            scores = _finish(sg(col).sum(axis=1), mask, denom, protect)
         return ctx.astype(q.dtype), scores, None
     # attention alone from the packed projection at any row count (tiles shrink with the rows)
     packed_attention = not score and not need_probs and _packed_attention(
@@ -528,21 +578,32 @@ def take_prefix(keep: int, rows: Rows, *tensors: Array) -> tuple[Array, Rows, tu
     return idx, jax.tree.map(lambda a: a[:, :keep], rows), tuple(t[:, :keep] for t in tensors)
 
 
-def eliminate(scores: Array, keep: int, rows: Rows, *tensors: Array) -> tuple[Array, Rows, tuple[Any, ...]]:
-    """Keeps the ``keep`` best rows of ``rows`` and of every tensor [B, T, ...] given.
+def eliminate(scores: Array | ColumnSums, keep: int, rows: Rows, *tensors: Array
+              ) -> tuple[Array, Rows, tuple[Any, ...]]:
+    """Keeps the ``keep`` best rows of ``rows`` and of every tensor [B, T, ...] given, by ACC
+    [B, T] or by the fused kernel's ``ColumnSums``.
 
     Returns:
       (idx [B, K], rows gathered, tensors gathered), all in original row order.
     """
-    if _select_method(None, scores.shape[1], tensors) == "kernel":
+    t = rows.mask.shape[1]
+    if _select_method(None, t, tensors) == "kernel":
         from accjax.kernels import keep_rows
 
-        if not isinstance(keep, int) or not 1 <= keep <= scores.shape[1]:
-            select_rows(scores, keep)  # its error
+        if not isinstance(keep, int) or not 1 <= keep <= t:
+            select_rows(finished(scores), keep)  # its error
+        raw = isinstance(scores, ColumnSums)
+        # the row mask (as the fused kernel reads it, float) and positions are gathered in
+        # the kernel too; token types (read by nothing after the embeddings) by XLA
+        mask = scores.mask if raw else rows.mask.astype(jnp.float32)
         with jax.named_scope("select_gather"):
-            idx, kept = keep_rows.select_and_gather(scores, list(tensors), keep, keep_rows.KERNEL == "interpret")
+            idx, kept, (kept_mask, kept_pos) = keep_rows.select_and_gather(
+                scores.parts if raw else scores, list(tensors), keep, keep_rows.KERNEL == "interpret",
+                scores.mask if raw else None, raw and scores.protect == FIRST_ROW, [mask, rows.positions])
         with jax.named_scope("gather_rows"):
-            return idx, rows.take(idx), tuple(kept)
+            types = None if rows.token_types is None else jnp.take_along_axis(rows.token_types, idx, axis=1)
+            return idx, Rows(mask=kept_mask > 0.5, positions=kept_pos, token_types=types), tuple(kept)
+    scores = finished(scores)
     with jax.named_scope("select"):
         idx = select_rows(scores, keep)
     with jax.named_scope("gather_rows"):
@@ -555,7 +616,7 @@ FUSE_MODES = ("", "acc", "mean")
 FUSED_POSITION = -1  # ``Rows.positions`` of a fused row: it stands for no single input token
 
 
-def fuse_dropped(scores: Array, keep: int, rows: Rows, *tensors: Array, weights: str = "acc"
+def fuse_dropped(scores: Array | ColumnSums, keep: int, rows: Rows, *tensors: Array, weights: str = "acc"
                  ) -> tuple[Array, Rows, tuple[Any, ...]]:
     """Keeps the ``keep - 1`` best rows and appends one row that stands for all the others:
     each tensor's mean over the dropped real rows, weighted by their ACC (``weights='acc'``;
@@ -566,6 +627,7 @@ def fuse_dropped(scores: Array, keep: int, rows: Rows, *tensors: Array, weights:
     kept rows, rows [B, K], tensors [B, K, ...])."""
     if keep < 2:
         raise ValueError(f"a fused row needs keep >= 2 (one kept row and the fused one), got {keep}")
+    scores = finished(scores)
     idx, kept_rows, kept = eliminate(scores, keep - 1, rows, *tensors)
     with jax.named_scope("fuse_rows"):
         b, t = rows.mask.shape
@@ -593,7 +655,7 @@ def fuse_dropped(scores: Array, keep: int, rows: Rows, *tensors: Array, weights:
         return idx, fused_rows, tuple(with_fused(f, p) for f, p in zip(tensors, kept))
 
 
-def drop_rows(scores: Array | None, keep: int, rows: Rows, out: dict, *tensors: Array,
+def drop_rows(scores: Array | ColumnSums | None, keep: int, rows: Rows, out: dict, *tensors: Array,
               prefix: bool = False, fuse: str = "") -> tuple[Rows, tuple[Any, ...]]:
     """A layer's elimination after attention, as every family records it: the ``keep`` best
     rows by ``scores`` (``eliminate``), or rows [0, keep) when ``prefix`` (``take_prefix``,
@@ -607,9 +669,9 @@ def drop_rows(scores: Array | None, keep: int, rows: Rows, out: dict, *tensors: 
         idx, rows, tensors = take_prefix(keep, rows, *tensors)
     elif fuse and keep >= 2:
         idx, rows, tensors = fuse_dropped(scores, keep, rows, *tensors, weights=fuse)
-        out["acc"] = scores
+        out["acc"] = finished(scores)
     else:
         idx, rows, tensors = eliminate(scores, keep, rows, *tensors)
-        out["acc"] = scores
+        out["acc"] = finished(scores)  # XLA drops it where nothing reads it
     out.update(keep_idx=idx, positions=rows.positions)
     return rows, tensors

@@ -66,6 +66,12 @@ def test_packed_kernel_reads_the_projection_output(causal, t):
     ctx, col = acc_pallas.packed_attention_with_column_sums(qkv, bias, jnp.asarray(m), scale=0.3,
                                                             causal=causal, interpret=True)
     assert ctx.shape == (b, t, n, h) and col.shape == (b, n, t)
+    # unreduced: one partial sum per (head, query tile), columns past T zero; they add up
+    _, parts = acc_pallas.packed_attention_with_column_sums(qkv, bias, jnp.asarray(m), scale=0.3, causal=causal,
+                                                            interpret=True, parts=True)
+    assert parts.shape[:2] == (b, n * -(-t // acc_pallas.attention_blocks(t, t)[0])) and parts.shape[2] >= t
+    assert not np.asarray(parts)[:, :, t:].any()
+    np.testing.assert_allclose(np.asarray(parts).sum(1)[:, :t], np.asarray(col).sum(1), rtol=1e-5, atol=1e-6)
     ref_ctx = np.einsum("bnts,bsnh->btnh", p, x[:, :, 2])
     np.testing.assert_allclose(np.asarray(ctx)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(col), (p * m[:, None, :, None]).sum(2), rtol=1e-5, atol=1e-6)
@@ -321,6 +327,42 @@ def test_keep_rows_kernel_selects_and_gathers_as_xla(t):
         keep_rows.select_and_gather_rows(s, [x[..., :40]], keep=5, interpret=True)  # 40 columns: no chunk
 
 
+@pytest.mark.parametrize("t,n_parts", [(37, 6), (64, 24), (150, 5)])
+def test_keep_rows_kernel_ranks_by_column_sums_as_acc(t, n_parts):
+    """Given the fused kernel's column sums unreduced (``acc.ColumnSums``), the kernel keeps
+    the rows XLA keeps by the finished ACC (summed, normalised, padding -inf, row 0 +inf):
+    integer parts, so every sum is exact in any order and many rows tie; padded columns past
+    T hold garbage the kernel must not read as rows; each keep from 1 to all rows; [B, T]
+    fields (the mask, positions) come back gathered."""
+    rng = np.random.default_rng(t + n_parts)
+    b, tp = 3, acc_pallas._pow2(t)
+    parts = rng.integers(0, 3, (b, n_parts, tp)).astype(np.float32)
+    parts[:, :, t:] = 1e9  # past T: never a row
+    mask = (np.arange(t)[None] < np.array([[t], [t // 2 + 1], [3]])).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(b, t, 3, 16)), jnp.bfloat16)
+    pos = jnp.asarray(rng.permutation(1000)[: b * t].reshape(b, t), jnp.int32)
+    for protect in (None, acc.FIRST_ROW):
+        cs = acc.ColumnSums(jnp.asarray(parts), jnp.asarray(mask), jnp.asarray(mask.sum(1, keepdims=True) * 4),
+                            protect)
+        scores = cs.finished()
+        assert np.isneginf(np.asarray(scores)[mask == 0]).all()
+        assert (protect is None) != np.isposinf(np.asarray(scores)[:, 0]).all()
+        for keep in sorted({1, 2, 5, t // 2 + 1, t}):
+            ref = acc.select_rows(scores, keep, method="top_k")
+            idx, (gx, gm, gp) = keep_rows.select_and_gather_rows(
+                cs.parts, [x], keep=keep, interpret=True, mask=cs.mask, protect_first=protect is not None,
+                fields=(cs.mask, pos))  # the rows' mask and positions gathered too
+            np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref), err_msg=f"{protect} {keep}")
+            np.testing.assert_array_equal(np.asarray(gx), np.asarray(acc.take_rows(x, ref)))
+            np.testing.assert_array_equal(np.asarray(gm), np.take_along_axis(mask, np.asarray(ref), 1))
+            np.testing.assert_array_equal(np.asarray(gp), np.take_along_axis(np.asarray(pos), np.asarray(ref), 1))
+    with pytest.raises(ValueError, match="32-bit"):
+        keep_rows.select_and_gather_rows(cs.parts, [x], keep=2, interpret=True, mask=cs.mask,
+                                         fields=(cs.mask > 0.5,))
+    with pytest.raises(ValueError, match="do not cover"):
+        keep_rows.select_and_gather_rows(cs.parts[:, :, : t - 1], [x], keep=2, interpret=True, mask=cs.mask)
+
+
 def test_keep_rows_kernel_gradient_is_the_gathers(monkeypatch):
     """Through ``acc.eliminate`` with the kernel, the tensors' gradient is what XLA's gather
     gives (a scatter-add: rows kept get theirs, the others zero), and the scores get none."""
@@ -342,33 +384,50 @@ def test_keep_rows_kernel_gradient_is_the_gathers(monkeypatch):
     assert calls == [9]
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref))
     assert np.asarray(ref).any() and not np.asarray(got[0]).any()
+    # from column sums (the fused kernel's): the same rows and gradient, none to the sums
+    cs = acc.ColumnSums(jnp.stack([jnp.where(jnp.isfinite(s), s, 0.0)] * 3, 1), (s > -jnp.inf).astype(jnp.float32),
+                        jnp.ones((2, 1)), acc.FIRST_ROW)
+    got = jax.grad(lambda c, x_: (acc.eliminate(c, 9, rows, x_)[2][0] * w).sum(), argnums=(0, 1))(cs, x)
+    assert calls == [9, 9]
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref))
+    assert not np.asarray(got[0].parts).any()
 
 
 def test_bert_with_the_keep_rows_kernel_keeps_the_same_rows(tmp_path, monkeypatch):
     """A whole eliminating BERT with the selection-and-gather kernel (interpreted) in each
-    layer that ranks: the kept rows and logits of XLA's selection and gathers; asked for on
-    the CPU without the interpreter, the XLA paths run."""
+    layer that ranks: the kept rows and logits of XLA's selection and gathers, whether the
+    kernel is given ACC (from probabilities) or, behind the fused attention kernel on the
+    packed projection, its column sums unreduced; asked for on the CPU without the
+    interpreter, the XLA paths run."""
     folder, _ = make_hf_bert(tmp_path, num_hidden_layers=4, max_position_embeddings=64,
                              num_attention_heads=2)
     ld = convert.load(folder, "sequence_classification")
     batch = random_batch(np.random.default_rng(4), 3, 24, 99)
     calls, real = [], keep_rows.select_and_gather
-    monkeypatch.setattr(keep_rows, "select_and_gather", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(keep_rows, "select_and_gather",
+                        lambda *a: calls.append((a[2], len(a) > 4 and a[4] is not None)) or real(*a))
 
-    def run():
-        return jax.jit(lambda p: ld.module.apply({"params": p}, **batch, schedule=(16, 8, 8, 2)))(ld.params)
+    def run(acc_impl="auto"):
+        module = ld.module.clone(config=dataclasses.replace(ld.config, acc_impl=acc_impl))
+        return jax.jit(lambda p: module.apply({"params": p}, **batch, schedule=(16, 8, 8, 2)))(ld.params)
 
     ref = run()
     monkeypatch.setattr(acc, "SELECT_METHOD", "kernel")
     assert acc._select_method(None, 24) == "top_k" and not calls  # the CPU: no kernel unless interpreted
     monkeypatch.setattr(keep_rows, "KERNEL", "interpret")
     got = run()
-    assert calls == [16, 8, 2]  # the layer that keeps its 8 rows does not rank
-    for la, lb in zip(ref.layers, got.layers):
-        if "keep_idx" in la:
-            np.testing.assert_array_equal(np.asarray(lb["keep_idx"]), np.asarray(la["keep_idx"]))
-            np.testing.assert_array_equal(np.asarray(lb["positions"]), np.asarray(la["positions"]))
-    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), rtol=1e-6, atol=1e-6)
+    assert calls == [(16, False), (8, False), (2, False)]  # the layer that keeps its 8 rows does not rank
+    calls.clear()
+    monkeypatch.setattr(acc, "PACKED_ATTENTION", "interpret")
+    fused = run("fused_interpret")
+    assert calls == [(16, True), (8, True), (2, True)]  # the column sums, unreduced
+    for out in (got, fused):
+        for la, lb in zip(ref.layers, out.layers):
+            if "keep_idx" in la:
+                np.testing.assert_array_equal(np.asarray(lb["keep_idx"]), np.asarray(la["keep_idx"]))
+                np.testing.assert_array_equal(np.asarray(lb["positions"]), np.asarray(la["positions"]))
+                np.testing.assert_allclose(np.asarray(lb["acc"]), np.asarray(la["acc"]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), rtol=1e-5, atol=1e-5)
 
 
 def test_keep_rows_probe():
@@ -408,6 +467,9 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
             q[:, :120], k[:, :120], m[:, :120], m[:, :120], scale=0.1),
         "select_and_gather_rows (keep 88 of 200)": lambda: keep_rows.select_and_gather_rows(
             lse[:, 0, :200], [q[:, :200].reshape(2, 200, 128)], keep=88),
+        "select_and_gather_rows from 24 column sums (keep 88 of 200)": lambda: keep_rows.select_and_gather_rows(
+            jnp.zeros((2, 24, 256)), [q[:, :200].reshape(2, 200, 128)], keep=88, mask=m[:, :200],
+            protect_first=True, fields=(m[:, :200].astype(jnp.float32), pos[:, :200])),
     }
     for name, fn in kernels.items():
         text = jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()

@@ -397,13 +397,14 @@ def attention_blocks(t: int, s: int, max_block_q: int | None = None) -> tuple[in
 
 
 def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale, causal,
-                interpret, blocks=None, columns=True):
+                interpret, blocks=None, columns=True, parts=False):
     """The fused kernel over operands whose blocks ``qkv_specs(block_q, sp)`` select each
     (batch, head, query block)'s q and each (batch, head)'s k and v; ``bias`` None or
     [3, N, H]; ``shape`` (B, T, S, N, H) with H a power of two >= 16; ``key_mask`` None: the
     query mask (self-attention). Rows are not padded: overhanging blocks are masked.
     Returns (context, column sums [B, N, S]), or without ``columns`` the context alone (one
-    online-softmax pass over the key tiles)."""
+    online-softmax pass over the key tiles); with ``parts`` the column sums as the kernel
+    leaves them, [B, N * query blocks, padded S]: one partial sum per (head, query block)."""
     b, t, s, n, h = shape
     max_block_q, num_warps, num_stages = blocks or FUSED_BLOCKS
     block_q, block_k, tp, sp = attention_blocks(t, s, max_block_q)
@@ -431,6 +432,8 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
     if not columns:
         return out[0]  # [B, T, N, H]
     ctx, col = out
+    if parts:
+        return ctx, col.reshape(b, n * n_qb, sp)
     return ctx, col.sum(axis=2)[:, :, :s]  # [B, T, N, H], [B, N, S]
 
 
@@ -477,11 +480,11 @@ def packed_heads_ok(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim == _pow2(head_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks", "columns"))
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "blocks", "columns", "parts"))
 def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: bool = False,
                                       interpret: bool = False,
                                       blocks: tuple[int, int, int] | None = None,
-                                      columns: bool = True):
+                                      columns: bool = True, parts: bool = False):
     """``attention_with_column_sums`` for self-attention reading q, k and v straight from the
     fused projection's output, with its bias added in the kernel: no split, bias or padding
     copies between the GEMM and the attention (on an H200 those copies took ~50 us a BERT-base
@@ -494,6 +497,8 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
         attention alone above 64 rows ``ATTENTION_BLOCKS``.
       columns: False: attention alone (a layer that does not eliminate), one online-softmax
         pass over the key tiles, no column sums.
+      parts: the column sums unreduced, [B, P, Tp] (P = N x query blocks, Tp >= T: columns
+        past T are zero), for a consumer that adds them itself (``keep_rows``).
     Returns:
       (context [B, T, N, H] in qkv.dtype, column sums [B, N, T] float32); without
       ``columns`` the context alone.
@@ -512,7 +517,7 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
         blocks = ATTENTION_BLOCKS
     return _fused_call(qkv, qkv, qkv, specs, bias, mask, None, shape=(b, t, t, n, h),
                        scale=scale, causal=causal, interpret=interpret, blocks=blocks,
-                       columns=columns)
+                       columns=columns, parts=parts)
 
 
 def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
@@ -645,20 +650,22 @@ def _unpack(qkv, bias):
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def self_attention_with_column_sums_packed(qkv, bias, mask, scale: float, causal: bool,
-                                           interpret: bool):
+                                           interpret: bool, parts: bool = False):
     """``packed_attention_with_column_sums``, differentiable in qkv and the bias as
-    ``self_attention_with_column_sums`` is in q, k, v. mask [B, T] float (1.0 = real token)."""
-    return _per_example(("packed", scale, causal, interpret), lambda x, b, m: packed_attention_with_column_sums(
-        x, b, m > 0.5, scale=scale, causal=causal, interpret=interpret), (qkv, bias, mask), (1, 0, 1))
+    ``self_attention_with_column_sums`` is in q, k, v. mask [B, T] float (1.0 = real token);
+    ``parts``: the column sums unreduced (see there)."""
+    return _per_example(("packed", scale, causal, interpret, parts), lambda x, b, m: packed_attention_with_column_sums(
+        x, b, m > 0.5, scale=scale, causal=causal, interpret=interpret, parts=parts), (qkv, bias, mask), (1, 0, 1))
 
 
-def _packed_fwd(qkv, bias, mask, scale, causal, interpret):
-    return self_attention_with_column_sums_packed(qkv, bias, mask, scale, causal, interpret), (qkv, bias, mask)
+def _packed_fwd(qkv, bias, mask, scale, causal, interpret, parts):
+    return (self_attention_with_column_sums_packed(qkv, bias, mask, scale, causal, interpret, parts),
+            (qkv, bias, mask))
 
 
-def _packed_bwd(scale, causal, interpret, res, g):
+def _packed_bwd(scale, causal, interpret, parts, res, g):
     from accjax import attention
 
     qkv, bias, mask = res

@@ -47,19 +47,36 @@ MAX_COLS = 256  # columns of each tensor a program copies (the largest power of 
 BLOCKS = (4, 1)
 
 
-def _kernel(s_ref, *refs, keep: int, t: int, n_tensors: int):
-    # s_ref [Tp] one example's scores (past T: masked); refs: n_tensors inputs [Tp, DC] (rows
-    # past T never read), idx [Kp], n_tensors outputs [Kp, DC] (rows past keep never written)
+def _kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
+            protect_first: bool):
+    # s_ref [Tp] one example's scores (past T: masked), or with ``parts`` > 0 its column sums
+    # unreduced [parts, Tp] followed by m_ref [Tp] (float, 1.0 = real row); refs: n_tensors
+    # inputs [Tp, DC] (rows past T never read), n_fields inputs [Tp], idx [Kp], n_tensors
+    # outputs [Kp, DC] and n_fields outputs [Kp] (rows past keep never written)
     from jax.experimental.pallas import triton as plgpu
 
-    ins, (idx_ref, *outs) = refs[:n_tensors], refs[n_tensors:]
-    tp = s_ref.shape[0]
+    if parts:
+        m_ref, refs = refs[0], refs[1:]
+    ins, fields, refs = refs[:n_tensors], refs[n_tensors:n_tensors + n_fields], refs[n_tensors + n_fields:]
+    idx_ref, outs, field_outs = refs[0], refs[1:1 + n_tensors], refs[1 + n_tensors:]
+    tp = s_ref.shape[-1]
     kp = idx_ref.shape[0]
+
+    def load(ref, i, other):
+        return ref[...] if t == tp else plgpu.load(ref, mask=i < t, other=other)
 
     def scores(start, size):
         i = start + jnp.arange(size, dtype=jnp.int32)
-        ref = s_ref.at[pl.ds(start, size)]
-        s = ref[...] if t == tp else plgpu.load(ref, mask=i < t, other=-jnp.inf)
+        if not parts:
+            return i, load(s_ref.at[pl.ds(start, size)], i, -jnp.inf)
+        # the partial sums added in one fixed order, so a row's score is the same float in
+        # every chunk it is computed in (its rank compares it with itself)
+        col = jax.lax.fori_loop(0, parts, lambda p, acc: acc + load(s_ref.at[p, pl.ds(start, size)], i, 0.0),
+                                jnp.zeros((size,), jnp.float32))
+        real = load(m_ref.at[pl.ds(start, size)], i, 0.0) > 0.5
+        s = jnp.where(real, col, -jnp.inf)
+        if protect_first:
+            s = jnp.where(real & (i == 0), jnp.inf, s)
         return i, s
 
     j, s_j = scores(0, tp)
@@ -81,6 +98,8 @@ def _kernel(s_ref, *refs, keep: int, t: int, n_tensors: int):
         @pl.when(first)
         def _():
             plgpu.store(idx_ref.at[pl.ds(start, size)], idx, mask=live)
+            for f_ref, g_ref in zip(fields, field_outs):
+                plgpu.store(g_ref.at[pl.ds(start, size)], f_ref[idx], mask=live)
 
         for x_ref, o_ref in zip(ins, outs):
             plgpu.store(o_ref.at[pl.ds(start, size), :], x_ref[idx, :], mask=live[:, None])
@@ -102,12 +121,22 @@ def fits(t: int, tensors) -> bool:
     return t <= MAX_ROWS and len(cols) <= 1 and all(_col_chunk(c) for c in cols)
 
 
-@functools.partial(jax.jit, static_argnames=("keep", "interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("keep", "interpret", "blocks", "protect_first"))
 def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = False,
-                           blocks: tuple[int, int] | None = None):
+                           blocks: tuple[int, int] | None = None, mask=None,
+                           protect_first: bool = False, fields=()):
     """(idx [B, keep] int32, [each tensor's rows idx]) for scores [B, T] and tensors
-    [B, T, ...] (``fits``): ``acc.select_rows(scores, keep)`` and ``acc.take_rows``."""
-    b, t = scores.shape
+    [B, T, ...] (``fits``): ``acc.select_rows(scores, keep)`` and ``acc.take_rows``. Each of
+    ``fields`` ([B, T], 32-bit: a mask, positions) is gathered too and its [B, keep] rows
+    follow the tensors' in the list.
+
+    With ``mask`` [B, T] (float, 1.0 = real row) ``scores`` are the fused attention kernel's
+    column sums unreduced, [B, P, >= T] (``acc_pallas.packed_attention_with_column_sums``
+    with ``parts``): a row's score is then the sum of its P parts, -inf where the mask is 0,
+    and +inf for row 0 when ``protect_first`` (BERT's CLS). That is ACC up to its
+    normaliser, one positive number per example (``acc.ColumnSums``), so the rows kept are
+    ACC's; XLA's sum of the parts and its division are not made at all."""
+    b, t = scores.shape[0], scores.shape[-1] if mask is None else mask.shape[1]
     if not 1 <= keep <= t or not fits(t, tensors):
         raise ValueError(f"cannot select {keep} of {t} rows from {[x.shape for x in tensors]} here")
     tp, kp = _pow2(t), _pow2(keep)
@@ -115,54 +144,83 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
     d = flat[0].shape[2] if flat else 16
     dc = _col_chunk(d)
     num_warps, num_stages = blocks or BLOCKS
-    kernel = functools.partial(_kernel, keep=keep, t=t, n_tensors=len(flat))
+    n_parts = 0 if mask is None else scores.shape[1]
+    if n_parts and scores.shape[2] < t:
+        raise ValueError(f"column sums {scores.shape} do not cover the {t} rows")
+    fields = list(fields)
+    if any(f.shape != (b, t) or f.dtype.itemsize != 4 for f in fields):
+        raise ValueError(f"fields must be [{b}, {t}] 32-bit arrays, got {[(f.shape, f.dtype) for f in fields]}")
+    kernel = functools.partial(_kernel, keep=keep, t=t, n_tensors=len(flat), n_fields=len(fields),
+                               parts=n_parts, protect_first=protect_first)
     out_shape = [jax.ShapeDtypeStruct((b, keep), jnp.int32)] + [
-        jax.ShapeDtypeStruct((b, keep, d), x.dtype) for x in flat]
+        jax.ShapeDtypeStruct((b, keep, d), x.dtype) for x in flat] + [
+        jax.ShapeDtypeStruct((b, keep), f.dtype) for f in fields]
+    if n_parts:
+        head = [pl.BlockSpec((None, n_parts, tp), lambda i, c: (i, 0, 0)),
+                pl.BlockSpec((None, tp), lambda i, c: (i, 0))]
+        head_args = [scores.astype(jnp.float32), mask.astype(jnp.float32)]
+    else:
+        head = [pl.BlockSpec((None, tp), lambda i, c: (i, 0))]
+        head_args = [scores.astype(jnp.float32)]
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(b, d // dc),
-        in_specs=[pl.BlockSpec((None, tp), lambda i, c: (i, 0))]
-        + [pl.BlockSpec((None, tp, dc), lambda i, c: (i, 0, c)) for _ in flat],
+        in_specs=head + [pl.BlockSpec((None, tp, dc), lambda i, c: (i, 0, c)) for _ in flat]
+        + [pl.BlockSpec((None, tp), lambda i, c: (i, 0)) for _ in fields],
         out_specs=[pl.BlockSpec((None, kp), lambda i, c: (i, 0))]
-        + [pl.BlockSpec((None, kp, dc), lambda i, c: (i, 0, c)) for _ in flat],
+        + [pl.BlockSpec((None, kp, dc), lambda i, c: (i, 0, c)) for _ in flat]
+        + [pl.BlockSpec((None, kp), lambda i, c: (i, 0)) for _ in fields],
         interpret=interpret,
         **_triton_params(interpret, num_warps, num_stages),
-    )(scores.astype(jnp.float32), *flat)
-    idx, rows = out[0], out[1:]
-    return idx, [r.reshape((b, keep) + x.shape[2:]) for r, x in zip(rows, tensors)]
+    )(*head_args, *flat, *fields)
+    idx, rows, gathered = out[0], out[1:1 + len(flat)], out[1 + len(flat):]
+    return idx, [r.reshape((b, keep) + x.shape[2:]) for r, x in zip(rows, tensors)] + list(gathered)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def select_and_gather(scores, tensors, keep: int, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 5))
+def select_and_gather(scores, tensors, keep: int, interpret: bool, mask=None, protect_first: bool = False,
+                      fields=()):
     """``select_and_gather_rows``, differentiable in the tensors (the transpose of the gather,
-    a scatter-add; no gradient to the scores); split along the batch axis under SPMD."""
-    return _partitioned(scores, tensors, keep, interpret)
+    a scatter-add; no gradient to the scores, the mask or the fields); split along the batch
+    axis under SPMD. Returns (idx, [tensors' rows], [fields' rows])."""
+    return _partitioned(scores, tensors, keep, interpret, mask, protect_first, fields)
 
 
-def _partitioned(scores, tensors, keep: int, interpret: bool):
+def _partitioned(scores, tensors, keep: int, interpret: bool, mask, protect_first: bool, fields):
     from accjax import sharding
 
-    def call(s, *xs):
-        idx, rows = select_and_gather_rows(s, list(xs), keep=keep, interpret=interpret)
+    n, fields = len(tensors), list(fields)
+
+    def call(s, m, *xs):
+        idx, rows = select_and_gather_rows(s, list(xs[:n]), keep=keep, interpret=interpret, mask=m,
+                                           protect_first=protect_first, fields=xs[n:])
         return (idx, *rows)
 
-    out = sharding.batch_partitioned(("keep_rows", keep, len(tensors), interpret), call,
-                                     (scores, *tensors), (1,) * (len(tensors) + 1))
-    return out[0], list(out[1:])
+    out = sharding.batch_partitioned(("keep_rows", keep, n, len(fields), interpret, protect_first), call,
+                                     (scores, mask, *tensors, *fields), (1,) * (n + len(fields) + 2))
+    return out[0], list(out[1:1 + n]), list(out[1 + n:])
 
 
-def _fwd(scores, tensors, keep, interpret):
-    idx, rows = _partitioned(scores, tensors, keep, interpret)
-    return (idx, rows), (idx, scores, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tensors])
+def _fwd(scores, tensors, keep, interpret, mask, protect_first, fields):
+    idx, rows, gathered = _partitioned(scores, tensors, keep, interpret, mask, protect_first, fields)
+    return (idx, rows, gathered), (idx, scores, mask, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tensors],
+                                   list(fields))
 
 
-def _bwd(keep, interpret, res, g):
-    idx, scores, shapes = res
-    _, g_rows = g
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _bwd(keep, interpret, protect_first, res, g):
+    idx, scores, mask, shapes, fields = res
+    _, g_rows, _ = g
     b = jnp.arange(idx.shape[0])[:, None]
     grads = [jnp.zeros(sd.shape, sd.dtype).at[b, idx].add(gr.astype(sd.dtype)) for sd, gr in zip(shapes, g_rows)]
-    return jnp.zeros_like(scores), grads
+    return (jnp.zeros_like(scores), grads, None if mask is None else jnp.zeros_like(mask),
+            [_zero_cotangent(f) for f in fields])
 
 
 select_and_gather.defvjp(_fwd, _bwd)

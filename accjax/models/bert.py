@@ -186,7 +186,7 @@ class BertLayer(nn.Module):
         train_dropout = not deterministic and cfg.attention_dropout > 0
         ctx, scores, probs = acc_lib.attend_and_score(
             q, k, v, rows.mask, scale=scale, score=eliminate and not prefix, variant=acc_variant,
-            protect=rows.positions == 0,  # CLS
+            protect=acc_lib.FIRST_ROW,  # CLS: row 0 (ranked first, so kept there by every layer)
             attention_impl=cfg.attention_impl, acc_impl=cfg.acc_impl,
             xla_attention_below=cfg.xla_attention_below, output_attentions=output_attentions,
             probs_dropout=(lambda p: drop(p, deterministic=False)) if train_dropout else None,
