@@ -180,6 +180,8 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
             tags.append((None, "attention+acc"))  # the layer comes from the next kernel
         elif base in ("_kernel", "_lse_kernel"):
             tags.append((None, "acc"))
+        elif base == "_keep_rows_kernel":  # kernels.keep_rows: selection and gathers
+            tags.append((None, "select"))
         elif kind_of(name) == "gemm":
             tags.append((None, "gemm"))
         elif kind_of(name) == "attention(cudnn)":

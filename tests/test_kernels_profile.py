@@ -35,6 +35,9 @@ def test_kernels_are_attributed_to_layers_and_parts():
     assert table["1"]["gather"]["us"] == 2.0
     assert table["-"]["unattributed"] == {"us": 2.0, "kernels": 0.5}
     assert np.isclose(sum(c["us"] for layer in table.values() for c in layer.values()), 15.0)
+    # the selection-and-gather kernel (kernels.keep_rows) is selection, not ACC's second pass
+    table = P.per_layer([("_keep_rows_kernel__3", 0.002, ""), (gat.replace(".", "_"), 0.001, "")], scopes, iters=1)
+    assert table["1"]["select"] == {"us": 2.0, "kernels": 1.0} and "acc" not in table["1"]
     costs = P.layer_costs(cfg, 2, 16, (8, 4))
     assert [(c["rows_in"], c["rows_out"]) for c in costs] == [(16, 8), (8, 4)]
     assert costs[0]["gflop"] > costs[1]["gflop"] > 0

@@ -47,7 +47,7 @@ MAX_COLS = 256  # columns of each tensor a program copies (the largest power of 
 BLOCKS = (4, 1)
 
 
-def _kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
+def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
             protect_first: bool):
     # s_ref [Tp] one example's scores (past T: masked), or with ``parts`` > 0 its column sums
     # unreduced [parts, Tp] followed by m_ref [Tp] (float, 1.0 = real row); refs: n_tensors
@@ -150,7 +150,7 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
     fields = list(fields)
     if any(f.shape != (b, t) or f.dtype.itemsize != 4 for f in fields):
         raise ValueError(f"fields must be [{b}, {t}] 32-bit arrays, got {[(f.shape, f.dtype) for f in fields]}")
-    kernel = functools.partial(_kernel, keep=keep, t=t, n_tensors=len(flat), n_fields=len(fields),
+    kernel = functools.partial(_keep_rows_kernel, keep=keep, t=t, n_tensors=len(flat), n_fields=len(fields),
                                parts=n_parts, protect_first=protect_first)
     out_shape = [jax.ShapeDtypeStruct((b, keep), jnp.int32)] + [
         jax.ShapeDtypeStruct((b, keep, d), x.dtype) for x in flat] + [
