@@ -15,6 +15,12 @@ registers:
     idx_r    = #{j : so_far_j <= r}                            the r-th kept row (r < keep)
     out[r]   = x[idx_r]                                        each tensor's column chunk
 
+The scores s may also come unfinished, as the fused attention kernel leaves them
+(``acc.ColumnSums``): s_j is then the sum of row j's partial column sums (heads x query
+tiles), -inf for padding and +inf for a protected row 0, which saves XLA's finishing fusion;
+and [B, T] fields (the rows' mask and positions) are gathered with the indices, which saves
+XLA's gather of them: two kernels fewer an eliminating layer.
+
 The rank count is recomputed by each column chunk's program (it is a few thousand
 comparisons; the rows are what cost). With no tensors it is a selection kernel alone
 (``acc.select_rows(..., method='kernel')``). Differentiated, the gather's transpose (a
