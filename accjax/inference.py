@@ -166,7 +166,8 @@ class Predictor(Planned):
         return self.programs.get(
             (batch_size, plan.length, plan.schedule),
             lambda: jax.jit(self.programs.counted(self._forward), static_argnums=2).lower(
-                self.params, {k: spec for k in self.input_names}, plan.schedule))
+                self.params, {k: spec for k in self.input_names}, plan.schedule),
+            rows=batch_size * plan.length / plan.analytic)  # its GEMMs' rows on average
 
     def warmup(self, speedups: Iterable[float], lengths: Iterable[int] | None = None,
                batch_sizes: Iterable[int] | None = None) -> int:

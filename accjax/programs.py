@@ -24,19 +24,30 @@ import jax
 import numpy as np
 
 
-def compiler_options() -> dict[str, Any]:
+# Inference programs whose GEMMs have at most this many rows on average (batch x length /
+# analytic speedup) keep XLA's Triton GEMMs: on an H200 (BERT-base, bf16) 5-11% faster than
+# cuBLAS from 64 rows down (1 x 128 at 2x-4.8x, 1 x 64), 3-14% slower from 128 up (1 x 128
+# dense, 8 x 128 and 32 x 128 at every level): docs/benchmarks.md, thirteenth session.
+TRITON_GEMM_MAX_ROWS = 96
+
+
+def compiler_options(rows: float | None = None) -> dict[str, Any]:
     """XLA options every program of this cache is compiled with. On GPUs XLA's own Triton GEMM
-    fusions are off, so GEMMs run on cuBLAS: measured faster for every BERT-base program on an
+    fusions are off, so GEMMs run on cuBLAS: measured faster for BERT-base programs on an
     H200 and much quicker to compile (fp32 Triton autotuning took minutes per training program;
-    docs/benchmarks.md). ``ACCJAX_TRITON_GEMM=1`` leaves XLA's choice."""
+    docs/benchmarks.md), except an inference program whose GEMMs have at most
+    ``TRITON_GEMM_MAX_ROWS`` rows on average (``rows``, given by its predictor): there XLA's
+    small Triton tiles win. ``ACCJAX_TRITON_GEMM=1`` leaves XLA's choice everywhere."""
     if jax.default_backend() != "gpu" or os.environ.get("ACCJAX_TRITON_GEMM") == "1":
+        return {}
+    if rows is not None and rows <= TRITON_GEMM_MAX_ROWS:
         return {}
     return {"xla_gpu_enable_triton_gemm": False}
 
 
-def compile_lowered(lowered) -> Any:
-    """``lowered.compile()`` with ``compiler_options()``: the one place programs are compiled."""
-    return lowered.compile(compiler_options() or None)
+def compile_lowered(lowered, rows: float | None = None) -> Any:
+    """``lowered.compile()`` with ``compiler_options(rows)``: the one place programs are compiled."""
+    return lowered.compile(compiler_options(rows) or None)
 
 
 class ProgramCache:
@@ -55,12 +66,12 @@ class ProgramCache:
 
         return traced
 
-    def get(self, key: Hashable, lower: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable, lower: Callable[[], Any], *, rows: float | None = None) -> Any:
         """The program for ``key``; ``lower()`` (returning a ``jax.stages.Lowered``) and
-        compile only the first time."""
+        compile only the first time (``rows``: see ``compiler_options``)."""
         prog = self._programs.get(key)
         if prog is None:
-            prog = compile_lowered(lower())
+            prog = compile_lowered(lower(), rows)
             self.compiles += 1
             self._programs[key] = prog
         return prog

@@ -145,5 +145,26 @@ def test_programs_compile_with_the_backend_options(monkeypatch):
     cache.get("a", Lowered)
     cache.compile_all([("b", Lowered), ("a", Lowered)])  # "a" exists: compiled once
     assert seen == [{"xla_gpu_enable_triton_gemm": False}] * 2
+    # an inference program whose GEMMs have few rows on average keeps XLA's Triton GEMMs
+    assert programs.compiler_options(rows=programs.TRITON_GEMM_MAX_ROWS) == {}
+    assert programs.compiler_options(rows=128) == {"xla_gpu_enable_triton_gemm": False}
     monkeypatch.setenv("ACCJAX_TRITON_GEMM", "1")
     assert programs.compiler_options() == {}
+
+
+def test_a_predictor_gives_its_programs_average_gemm_rows(monkeypatch):
+    """``inference.Predictor`` compiles each program with its GEMMs' average rows (batch x
+    length / analytic speedup), which ``compiler_options`` reads."""
+    from accjax import inference, models, programs
+    from eval.bench import build
+
+    cfg, params = build("bert-base-uncased", "float32", "auto", overrides=dict(
+        num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=50))
+    module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+    pred = inference.Predictor(module, params, cfg, batch_size=2, length_buckets=(16,), param_dtype="float32")
+    seen, real = [], programs.compile_lowered
+    monkeypatch.setattr(programs, "compile_lowered", lambda low, rows=None: seen.append(rows) or real(low, rows))
+    dense, fast = pred.plan(16, 1.0), pred.plan(16, 3.0)
+    pred.program(2, dense)
+    pred.program(2, fast)
+    assert seen == [32.0, 32 / fast.analytic] and fast.analytic > 2
