@@ -167,7 +167,14 @@ class Predictor(Planned):
             (batch_size, plan.length, plan.schedule),
             lambda: jax.jit(self.programs.counted(self._forward), static_argnums=2).lower(
                 self.params, {k: spec for k in self.input_names}, plan.schedule),
-            rows=batch_size * plan.length / plan.analytic)  # its GEMMs' rows on average
+            rows=self._gemm_rows(batch_size, plan))
+
+    def _gemm_rows(self, batch_size: int, plan: sched_lib.Plan) -> float | None:
+        """The program's GEMMs' rows on average (``programs.compiler_options``), for 16-bit
+        compute (where it was measured; float32 GEMMs keep cuBLAS)."""
+        if jnp.dtype(getattr(self.config, "dtype", "float32")).itemsize != 2:
+            return None
+        return batch_size * plan.length / plan.analytic
 
     def warmup(self, speedups: Iterable[float], lengths: Iterable[int] | None = None,
                batch_sizes: Iterable[int] | None = None) -> int:

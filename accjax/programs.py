@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 
-# Inference programs whose GEMMs have at most this many rows on average (batch x length /
+# Inference programs (16-bit) whose GEMMs have at most this many rows on average (batch x length /
 # analytic speedup) keep XLA's Triton GEMMs: on an H200 (BERT-base, bf16) 5-11% faster than
 # cuBLAS from 64 rows down (1 x 128 at 2x-4.8x, 1 x 64), 3-14% slower from 128 up (1 x 128
 # dense, 8 x 128 and 32 x 128 at every level): docs/benchmarks.md, thirteenth session.

@@ -153,18 +153,20 @@ def test_programs_compile_with_the_backend_options(monkeypatch):
 
 
 def test_a_predictor_gives_its_programs_average_gemm_rows(monkeypatch):
-    """``inference.Predictor`` compiles each program with its GEMMs' average rows (batch x
-    length / analytic speedup), which ``compiler_options`` reads."""
+    """``inference.Predictor`` compiles each 16-bit program with its GEMMs' average rows
+    (batch x length / analytic speedup), which ``compiler_options`` reads; float32 programs
+    with none (they keep cuBLAS)."""
     from accjax import inference, models, programs
     from eval.bench import build
 
-    cfg, params = build("bert-base-uncased", "float32", "auto", overrides=dict(
-        num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=50))
-    module = models.get_family(cfg.family).module(cfg, "sequence_classification")
-    pred = inference.Predictor(module, params, cfg, batch_size=2, length_buckets=(16,), param_dtype="float32")
     seen, real = [], programs.compile_lowered
     monkeypatch.setattr(programs, "compile_lowered", lambda low, rows=None: seen.append(rows) or real(low, rows))
-    dense, fast = pred.plan(16, 1.0), pred.plan(16, 3.0)
-    pred.program(2, dense)
-    pred.program(2, fast)
-    assert seen == [32.0, 32 / fast.analytic] and fast.analytic > 2
+    for dtype in ("bfloat16", "float32"):
+        cfg, params = build("bert-base-uncased", dtype, "auto", overrides=dict(
+            num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=50))
+        module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+        pred = inference.Predictor(module, params, cfg, batch_size=2, length_buckets=(16,), param_dtype=dtype)
+        dense, fast = pred.plan(16, 1.0), pred.plan(16, 3.0)
+        pred.program(2, dense)
+        pred.program(2, fast)
+    assert seen == [32.0, 32 / fast.analytic, None, None] and fast.analytic > 2
