@@ -268,13 +268,15 @@ def _masked_load(ref, mask):
 
 
 def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causal: bool,
-                 block_q: int, block_k: int, n_kb: int, t: int, s: int, biased: bool,
+                 block_q: int, key_tiles: tuple[int, ...], n_kb: int, t: int, s: int, biased: bool,
                  columns: bool):
     # refs (batch, head squeezed; this program's query block): qm [BQ], km [Sp] (int masks),
     # q [BQ, H], k [Sp, H], v [Sp, H]; with ``biased`` the q/k/v biases [H] each; outputs
     # o [BQ, H] (context) and, with ``columns``, col [Sp] (this block's column sums). Blocks
     # may overhang T and S (rows are not padded outside): overhanging rows are masked on load
-    # and store.
+    # and store. Keys: ``n_kb`` == 1: every key in one pass, over the static tiles
+    # ``key_tiles`` (powers of two, largest first: 72 keys are 64 + 16, not 128); n_kb > 1:
+    # n_kb tiles of ``key_tiles[0]`` keys in a loop.
     bq_ref = bk_ref = bv_ref = col_ref = None
     if biased:
         bq_ref, bk_ref, bv_ref, *rest = rest
@@ -289,33 +291,38 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
     if biased:
         q = (q.astype(jnp.float32) + bq_ref[...].astype(jnp.float32)[None, :]).astype(q.dtype)
 
-    def tile(ref, start, bias_ref):
-        """Rows [start, start + BK) of k or v, masked past S, plus the bias (in float32,
+    block_k = key_tiles[0]
+
+    def past_s(start, size):
+        """Whether keys [start, start + size) may reach past S (static where start is)."""
+        return start + size > s if isinstance(start, int) else s % size != 0
+
+    def tile(ref, start, size, bias_ref):
+        """Rows [start, start + size) of k or v, masked past S, plus the bias (in float32,
         rounded to the input dtype as XLA's bias add of the unfused layer rounds)."""
-        cols = start + jnp.arange(block_k, dtype=jnp.int32)
-        x = _masked_load(ref.at[pl.ds(start, block_k), :], cols < s if s % block_k else None)
+        cols = start + jnp.arange(size, dtype=jnp.int32)
+        x = _masked_load(ref.at[pl.ds(start, size), :], cols < s if past_s(start, size) else None)
         if biased:
             x = (x.astype(jnp.float32) + bias_ref[...].astype(jnp.float32)[None, :]).astype(x.dtype)
         return x
 
-    def logits(kb):
-        start = kb * block_k
-        k = tile(k_ref, start, bk_ref)  # [BK, H]
+    def logits(start, size):
+        k = tile(k_ref, start, size, bk_ref)  # [BK, H]
         s_ = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * scale  # [BQ, BK]
-        cols = start + jnp.arange(block_k, dtype=jnp.int32)
-        km = _masked_load(km_ref.at[pl.ds(start, block_k)], cols < s if s % block_k else None)
+        cols = start + jnp.arange(size, dtype=jnp.int32)
+        km = _masked_load(km_ref.at[pl.ds(start, size)], cols < s if past_s(start, size) else None)
         ok = (km != 0)[None, :]  # [1, BK] (0 past S)
         if causal:
             ok = ok & (cols[None, :] <= rows[:, None])  # [BQ, BK]
         return jnp.where(ok, s_, NEG), ok
 
-    def context_and_columns(kb, p, ok):
+    def context_and_columns(start, size, p, ok):
         # p [BQ, BK]: final softmax probabilities of this key block (or, without columns,
         # the online softmax's unnormalised ones)
-        v = tile(v_ref, kb * block_k, bv_ref)  # [BK, H]
+        v = tile(v_ref, start, size, bv_ref)  # [BK, H]
         if columns:
-            col_ref[pl.ds(kb * block_k, block_k)] = jnp.sum(jnp.where(q_ok[:, None] & ok, p, 0.0), axis=0)
+            col_ref[pl.ds(start, size)] = jnp.sum(jnp.where(q_ok[:, None] & ok, p, 0.0), axis=0)
         return jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)  # [BQ, H]
 
@@ -328,23 +335,27 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
             plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row_in[:, None])
 
     if n_kb == 1:
-        # every key in one tile: the exact softmax in one pass
-        s_, ok = logits(0)
-        m = jnp.max(s_, axis=1)
-        p = jnp.exp(s_ - m[:, None])
-        p = p / jnp.sum(p, axis=1)[:, None]
-        store(context_and_columns(0, p, ok))
+        # every key in registers: the exact softmax in one pass, over one or two tiles
+        starts = [sum(key_tiles[:i]) for i in range(len(key_tiles))]
+        tiles = [logits(start, size) for start, size in zip(starts, key_tiles)]
+        m = functools.reduce(jnp.maximum, [jnp.max(s_, axis=1) for s_, _ in tiles])
+        ps = [jnp.exp(s_ - m[:, None]) for s_, _ in tiles]
+        l = functools.reduce(jnp.add, [jnp.sum(p, axis=1) for p in ps])
+        store(functools.reduce(jnp.add, [
+            context_and_columns(start, size, p / l[:, None], ok)
+            for start, size, p, (_, ok) in zip(starts, key_tiles, ps, tiles)]))
         return
 
     if not columns:
         # attention alone: flash attention's online softmax, one pass over the key tiles
         def online(kb, carry):
             m, l, acc = carry
-            s_, ok = logits(kb)
+            s_, ok = logits(kb * block_k, block_k)
             m_new = jnp.maximum(m, jnp.max(s_, axis=1))
             alpha = jnp.exp(m - m_new)
             p = jnp.exp(s_ - m_new[:, None])
-            return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + context_and_columns(kb, p, ok)
+            return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + context_and_columns(
+                kb * block_k, block_k, p, ok)
 
         _, l, acc = jax.lax.fori_loop(0, n_kb, online, (
             jnp.full((block_q,), NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
@@ -358,7 +369,7 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
     # attention's backward dK sweep, with the forward's output added to it).
     def stats(kb, carry):
         m, l = carry
-        s_, _ = logits(kb)
+        s_, _ = logits(kb * block_k, block_k)
         m_new = jnp.maximum(m, jnp.max(s_, axis=1))
         l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s_ - m_new[:, None]), axis=1)
         return m_new, l
@@ -368,9 +379,9 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
     inv_l = 1.0 / l
 
     def sweep(kb, acc):
-        s_, ok = logits(kb)
+        s_, ok = logits(kb * block_k, block_k)
         p = jnp.exp(s_ - m[:, None]) * inv_l[:, None]
-        return acc + context_and_columns(kb, p, ok)
+        return acc + context_and_columns(kb * block_k, block_k, p, ok)
 
     store(jax.lax.fori_loop(0, n_kb, sweep, jnp.zeros((block_q, q.shape[1]), jnp.float32)))
 
@@ -387,13 +398,31 @@ FUSED_BLOCKS = (64, 4, 2)
 ATTENTION_BLOCKS = (128, 8, 1)
 
 
-def attention_blocks(t: int, s: int, max_block_q: int | None = None) -> tuple[int, int, int, int]:
-    """(block_q, block_k, padded T, padded S) of ``attention_with_column_sums``: <= 128 keys
-    in one tile (one pass), more in tiles of 128; query tiles of up to ``max_block_q`` rows
+def key_tiles(s: int) -> tuple[int, ...]:
+    """The key tiles of one pass over ``s`` <= 128 keys with column sums (Triton tiles are
+    powers of two of >= 16): one tile, or two (a + b with b <= a / 4) where that covers far
+    fewer padded keys: 65-80 keys as 64 + 16 rather than 128. Measured on an H200 (BERT-base
+    heads, B = 128): 72 keys 46 against 61 us; a smaller saving does not pay for the second
+    tile's products (88 keys as 64 + 32: 61 against 62.5 us; 40 as 32 + 16: 15.5 against
+    15.0), nor does attention alone gain (72: 38 against 36 us; docs/benchmarks.md)."""
+    one = _pow2(s)
+    a = one // 2
+    if a >= 16 and s > a and 4 * _pow2(s - a) <= a:
+        return a, _pow2(s - a)
+    return (one,)
+
+
+def attention_blocks(t: int, s: int, max_block_q: int | None = None,
+                     columns: bool = True) -> tuple[int, tuple[int, ...], int, int]:
+    """(block_q, key tiles, padded T, padded S) of ``attention_with_column_sums``: <= 128
+    keys in one pass (with ``columns``: ``key_tiles``; without: one power-of-two tile), more
+    in a loop over tiles of 128; query tiles of up to ``max_block_q`` rows
     (``FUSED_BLOCKS``). Triton needs power-of-two tiles of >= 16."""
     block_q = min(max_block_q or FUSED_BLOCKS[0], _pow2(t))
-    block_k = _pow2(s) if s <= 128 else 128
-    return block_q, block_k, _round_up(t, block_q), _round_up(s, block_k)
+    if s > 128:
+        return block_q, (128,), _round_up(t, block_q), _round_up(s, 128)
+    tiles = key_tiles(s) if columns else (_pow2(s),)
+    return block_q, tiles, _round_up(t, block_q), sum(tiles)
 
 
 def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale, causal,
@@ -407,7 +436,7 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
     leaves them, [B, N * query blocks, padded S]: one partial sum per (head, query block)."""
     b, t, s, n, h = shape
     max_block_q, num_warps, num_stages = blocks or FUSED_BLOCKS
-    block_q, block_k, tp, sp = attention_blocks(t, s, max_block_q)
+    block_q, tiles, tp, sp = attention_blocks(t, s, max_block_q, columns)
     qm = query_mask.astype(jnp.int32)  # [B, T] (blocks overhang T and S: masked loads)
     km = qm if key_mask is None else key_mask.astype(jnp.int32)  # [B, S]
     n_qb = tp // block_q
@@ -419,7 +448,7 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
             args.append(bias)
             in_specs.append(pl.BlockSpec((None, None, h), lambda i, j, c, w=which: (w, j, 0)))
     kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
-                               block_k=block_k, n_kb=sp // block_k, t=t, s=s,
+                               key_tiles=tiles, n_kb=1 if s <= 128 else sp // 128, t=t, s=s,
                                biased=bias is not None, columns=columns)
     params = _triton_params(interpret, num_warps, num_stages)
     out_shape = [jax.ShapeDtypeStruct((b, t, n, h), v.dtype)]
