@@ -399,12 +399,13 @@ ATTENTION_BLOCKS = (128, 8, 1)
 
 
 def key_tiles(s: int) -> tuple[int, ...]:
-    """The key tiles of one pass over ``s`` <= 128 keys with column sums (Triton tiles are
+    """The key tiles of one pass over ``s`` <= 160 keys with column sums (Triton tiles are
     powers of two of >= 16): one tile, or two (a + b with b <= a / 4) where that covers far
-    fewer padded keys: 65-80 keys as 64 + 16 rather than 128. Measured on an H200 (BERT-base
-    heads, B = 128): 72 keys 46 against 61 us; a smaller saving does not pay for the second
-    tile's products (88 keys as 64 + 32: 61 against 62.5 us; 40 as 32 + 16: 15.5 against
-    15.0), nor does attention alone gain (72: 38 against 36 us; docs/benchmarks.md)."""
+    fewer padded keys: 65-80 keys as 64 + 16 rather than 128, 129-160 as 128 + 16 or 32
+    rather than two passes over 256. Measured on an H200 (BERT-base heads, B = 128): 72
+    keys 46 against 61 us; a smaller saving does not pay for the second tile's products (88
+    keys as 64 + 32: 61 against 62.5 us; 40 as 32 + 16: 15.5 against 15.0), nor does
+    attention alone gain (72: 38 against 36 us; docs/benchmarks.md)."""
     one = _pow2(s)
     a = one // 2
     if a >= 16 and s > a and 4 * _pow2(s - a) <= a:
@@ -414,14 +415,14 @@ def key_tiles(s: int) -> tuple[int, ...]:
 
 def attention_blocks(t: int, s: int, max_block_q: int | None = None,
                      columns: bool = True) -> tuple[int, tuple[int, ...], int, int]:
-    """(block_q, key tiles, padded T, padded S) of ``attention_with_column_sums``: <= 128
-    keys in one pass (with ``columns``: ``key_tiles``; without: one power-of-two tile), more
-    in a loop over tiles of 128; query tiles of up to ``max_block_q`` rows
-    (``FUSED_BLOCKS``). Triton needs power-of-two tiles of >= 16."""
+    """(block_q, key tiles, padded T, padded S) of ``attention_with_column_sums``: the keys
+    in one pass (up to 128 in one tile; with ``columns`` ``key_tiles``' one or two, up to
+    160 keys), or more in a loop over tiles of 128; query tiles of up to ``max_block_q``
+    rows (``FUSED_BLOCKS``). Triton needs power-of-two tiles of >= 16."""
     block_q = min(max_block_q or FUSED_BLOCKS[0], _pow2(t))
-    if s > 128:
-        return block_q, (128,), _round_up(t, block_q), _round_up(s, 128)
     tiles = key_tiles(s) if columns else (_pow2(s),)
+    if tiles[0] > 128:
+        return block_q, (128,), _round_up(t, block_q), _round_up(s, 128)
     return block_q, tiles, _round_up(t, block_q), sum(tiles)
 
 
@@ -448,7 +449,7 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
             args.append(bias)
             in_specs.append(pl.BlockSpec((None, None, h), lambda i, j, c, w=which: (w, j, 0)))
     kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
-                               key_tiles=tiles, n_kb=1 if s <= 128 else sp // 128, t=t, s=s,
+                               key_tiles=tiles, n_kb=1 if sum(tiles) == sp else sp // 128, t=t, s=s,
                                biased=bias is not None, columns=columns)
     params = _triton_params(interpret, num_warps, num_stages)
     out_shape = [jax.ShapeDtypeStruct((b, t, n, h), v.dtype)]
