@@ -339,11 +339,20 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
         starts = [sum(key_tiles[:i]) for i in range(len(key_tiles))]
         tiles = [logits(start, size) for start, size in zip(starts, key_tiles)]
         m = functools.reduce(jnp.maximum, [jnp.max(s_, axis=1) for s_, _ in tiles])
-        ps = [jnp.exp(s_ - m[:, None]) for s_, _ in tiles]
-        l = functools.reduce(jnp.add, [jnp.sum(p, axis=1) for p in ps])
-        store(functools.reduce(jnp.add, [
-            context_and_columns(start, size, p / l[:, None], ok)
-            for start, size, p, (_, ok) in zip(starts, key_tiles, ps, tiles)]))
+        es = [jnp.exp(s_ - m[:, None]) for s_, _ in tiles]  # 0 at masked keys
+        # normalised once per row, not per probability: the column sums weigh each row's
+        # exponentials by its 1 / l (0 for padding queries), the context is scaled at the end
+        inv_l = 1.0 / functools.reduce(jnp.add, [jnp.sum(e, axis=1) for e in es])
+        w = jnp.where(q_ok, inv_l, 0.0)[:, None]  # [BQ, 1]
+        acc = None
+        for start, size, e, (_, ok) in zip(starts, key_tiles, es, tiles):
+            v = tile(v_ref, start, size, bv_ref)  # [BK, H]
+            if columns:  # (a row with every key masked has e = 1 there: kept out)
+                col_ref[pl.ds(start, size)] = jnp.sum(jnp.where(ok, e, 0.0) * w, axis=0)
+            part = jax.lax.dot_general(e.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32)  # [BQ, H]
+            acc = part if acc is None else acc + part
+        store(acc * inv_l[:, None])
         return
 
     if not columns:
