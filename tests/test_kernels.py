@@ -23,10 +23,10 @@ def _qkv(rng, b, t, n, h):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-# 24: one key tile, query tile 32 with padding; 200: tiles of 128 keys, two passes, padding
-# in both; head size 24 is padded to 32 inside; 72 and 130: one pass over two key tiles
-# (64 + 16, 128 + 16)
-@pytest.mark.parametrize("t,h", [(24, 16), (200, 16), (40, 24), (72, 16), (130, 16)])
+# 24: one key tile, query tile 32 with padding; 260: tiles of 128 keys, two passes, padding
+# in both; head size 24 is padded to 32 inside; 72 and 200: one pass over two key tiles
+# (64 + 16, 128 + 128)
+@pytest.mark.parametrize("t,h", [(24, 16), (260, 16), (40, 24), (72, 16), (200, 16)])
 def test_fused_kernel_matches_probabilities(causal, t, h):
     rng = np.random.default_rng(t + h + causal)
     q, k, v = _qkv(rng, 2, t, 3, h)
@@ -47,10 +47,10 @@ def test_fused_kernel_matches_probabilities(causal, t, h):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-# 40 rows: one key tile of 64 (24 past the end), query tiles of 64 past the end; 170: two
-# key tiles of 128 (two passes), the last one mostly past the end; 150: key tiles of 128 and
-# 32 in one pass (the second 10 past the end)
-@pytest.mark.parametrize("t", [40, 170, 150])
+# 40 rows: one key tile of 64 (24 past the end), query tiles of 64 past the end; 150: key
+# tiles of 128 and 32 in one pass (the second 10 past the end). (The loop over tiles of 128,
+# above 256 keys, is the same code: test_fused_kernel_matches_probabilities runs it.)
+@pytest.mark.parametrize("t", [40, 150])
 def test_packed_kernel_reads_the_projection_output(causal, t):
     """The fused kernel on the q/k/v projection's [B, T, 3, N, H] output with the bias added
     in the kernel, rows not padded (blocks overhang and are masked): context and column sums
@@ -162,20 +162,22 @@ def test_second_pass_tiles_match_probabilities(causal, with_bias, blocks):
 
 
 def test_key_tiles_cover_the_keys_with_powers_of_two():
-    """One pass covers s <= 160 keys with one power-of-two tile of 16-128, or two where the
-    second is at most a quarter of the first (65-80 keys: 64 + 16, 129-160: 128 + 16 or 32);
-    attention alone and more keys keep one tile size (more than 128 in a loop)."""
-    for s in range(1, 161):
+    """One pass covers s <= 256 keys with one power-of-two tile of 16-128, or two: up to 128
+    keys where the second is at most a quarter of the first (65-80 keys: 64 + 16), above 128
+    always (128 + a power of two); attention alone and more keys keep one tile size (more
+    than 128 in a loop)."""
+    for s in range(1, 257):
         tiles = acc_pallas.key_tiles(s)
-        assert sum(tiles) >= s and all(x >= 16 and x & (x - 1) == 0 for x in tiles), s
+        assert sum(tiles) >= s and all(16 <= x <= 128 and x & (x - 1) == 0 for x in tiles), s
         assert sum(tiles) <= max(16, 1 << (s - 1).bit_length()), s
-        assert len(tiles) == (2 if 65 <= s <= 80 or 129 <= s <= 160 else 1), (s, tiles)
+        assert len(tiles) == (2 if 65 <= s <= 80 or s > 128 else 1), (s, tiles)
         block_q, one_pass, tp, sp = acc_pallas.attention_blocks(s, s)
         assert one_pass == tiles and sp == sum(tiles) and tp % block_q == 0 and tp >= s
     assert acc_pallas.key_tiles(72) == (64, 16) and acc_pallas.key_tiles(150) == (128, 32)
     assert acc_pallas.attention_blocks(72, 72, columns=False) == (64, (128,), 128, 128)
     assert acc_pallas.attention_blocks(150, 150, columns=False) == (64, (128,), 192, 256)
-    assert acc_pallas.attention_blocks(170, 170) == (64, (128,), 192, 256)  # a loop of 128
+    assert acc_pallas.attention_blocks(170, 170) == (64, (128, 64), 192, 192)
+    assert acc_pallas.attention_blocks(300, 300) == (64, (128,), 320, 384)  # a loop of 128
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -408,13 +408,16 @@ ATTENTION_BLOCKS = (128, 8, 1)
 
 
 def key_tiles(s: int) -> tuple[int, ...]:
-    """The key tiles of one pass over ``s`` <= 160 keys with column sums (Triton tiles are
-    powers of two of >= 16): one tile, or two (a + b with b <= a / 4) where that covers far
-    fewer padded keys: 65-80 keys as 64 + 16 rather than 128, 129-160 as 128 + 16 or 32
-    rather than two passes over 256. Measured on an H200 (BERT-base heads, B = 128): 72
-    keys 46 against 61 us; a smaller saving does not pay for the second tile's products (88
-    keys as 64 + 32: 61 against 62.5 us; 40 as 32 + 16: 15.5 against 15.0), nor does
-    attention alone gain (72: 38 against 36 us; docs/benchmarks.md)."""
+    """The key tiles of one pass over ``s`` <= 256 keys with column sums (Triton tiles are
+    powers of two of >= 16): up to 128 keys one tile, or two (a + b with b <= a / 4) where
+    that covers far fewer padded keys (65-80 keys as 64 + 16 rather than 128); 129-256 keys
+    as 128 + a power of two, one pass instead of two over tiles of 128. Measured on an H200
+    (BERT-base heads): at B = 128, 72 keys 46 against 61 us, while a smaller saving does not
+    pay for the second tile's products (88 keys as 64 + 32: 61 against 62.5 us; 40 as 32 +
+    16: 15.5 against 15.0), nor does attention alone gain (72: 38 against 36 us); at B = 32,
+    144 keys 40 against 69 us, 176 42 against 72, 248 86 against 90 (docs/benchmarks.md)."""
+    if s > 128:
+        return 128, _pow2(s - 128)
     one = _pow2(s)
     a = one // 2
     if a >= 16 and s > a and 4 * _pow2(s - a) <= a:
@@ -426,10 +429,10 @@ def attention_blocks(t: int, s: int, max_block_q: int | None = None,
                      columns: bool = True) -> tuple[int, tuple[int, ...], int, int]:
     """(block_q, key tiles, padded T, padded S) of ``attention_with_column_sums``: the keys
     in one pass (up to 128 in one tile; with ``columns`` ``key_tiles``' one or two, up to
-    160 keys), or more in a loop over tiles of 128; query tiles of up to ``max_block_q``
+    256 keys), or more in a loop over tiles of 128; query tiles of up to ``max_block_q``
     rows (``FUSED_BLOCKS``). Triton needs power-of-two tiles of >= 16."""
     block_q = min(max_block_q or FUSED_BLOCKS[0], _pow2(t))
-    tiles = key_tiles(s) if columns else (_pow2(s),)
+    tiles = key_tiles(s) if columns and s <= 256 else (_pow2(s),)
     if tiles[0] > 128:
         return block_q, (128,), _round_up(t, block_q), _round_up(s, 128)
     return block_q, tiles, _round_up(t, block_q), sum(tiles)
