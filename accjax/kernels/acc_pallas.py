@@ -461,7 +461,7 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
             args.append(bias)
             in_specs.append(pl.BlockSpec((None, None, h), lambda i, j, c, w=which: (w, j, 0)))
     kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
-                               key_tiles=tiles, n_kb=1 if sum(tiles) == sp else sp // 128, t=t, s=s,
+                               key_tiles=tiles, n_kb=1 if sum(tiles) == sp else sp // tiles[0], t=t, s=s,
                                biased=bias is not None, columns=columns)
     params = _triton_params(interpret, num_warps, num_stages)
     out_shape = [jax.ShapeDtypeStruct((b, t, n, h), v.dtype)]
