@@ -198,6 +198,29 @@ def test_attend_and_score_fused_equals_probs_path(causal):
     np.testing.assert_allclose(s2[np.isfinite(s1)], s1[np.isfinite(s1)], rtol=1e-5)
 
 
+def test_fused_kernel_launch_orders_agree(monkeypatch):
+    """The fused kernel launched (example, head, block) or (block, head, example), the default:
+    the same context and the same unreduced column sums, each (head, query block) part in its
+    place (150 rows: three query tiles, the last past T; keys in tiles of 128 and 32), so the index maps
+    follow the grid."""
+    rng = np.random.default_rng(3)
+    b, t, n, h = 2, 150, 2, 16
+    qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(3, n, h)), jnp.float32)
+    m = jnp.asarray(np.arange(t)[None] < np.array([[t], [70]]))
+    assert acc_pallas._grid(b, n, 3, "block")[0] == (3, n, b)
+    outs = {}
+    for order in ("example", "block"):
+        monkeypatch.setattr(acc_pallas, "GRID_ORDER", order)
+        acc_pallas.packed_attention_with_column_sums.clear_cache()  # the order is read when traced
+        outs[order] = [np.asarray(x) for x in acc_pallas.packed_attention_with_column_sums(
+            qkv, bias, m, scale=0.3, interpret=True, parts=True)]
+    (ctx_e, parts_e), (ctx_b, parts_b) = outs["example"], outs["block"]
+    assert parts_b.shape == (b, n * 3, 160) and np.abs(parts_b).sum(axis=(0, 2)).min() > 0  # every part written
+    np.testing.assert_array_equal(ctx_b, ctx_e)
+    np.testing.assert_array_equal(parts_b, parts_e)
+
+
 def test_fused_path_gradient_is_plain_attention():
     """Training through an eliminating layer: d(context)/d(q, k, v) as with XLA attention."""
     rng = np.random.default_rng(8)
@@ -481,6 +504,9 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
                                                          scale=0.1, parts=True)),
         "packed_attention_with_column_sums (150 rows: key tiles of 128 and 32)": lambda: (
             acc_pallas.packed_attention_with_column_sums(jnp.stack([q, k, v], axis=2)[:, :150], None, m[:, :150],
+                                                         scale=0.1, parts=True)),
+        "packed_attention_with_column_sums (12 rows: a 16-row tile on one warp)": lambda: (
+            acc_pallas.packed_attention_with_column_sums(jnp.stack([q, k, v], axis=2)[:, :12], None, m[:, :12],
                                                          scale=0.1, parts=True)),
         "packed attention alone (200 rows, online softmax)": lambda: acc_pallas.packed_attention_with_column_sums(
             jnp.stack([q, k, v], axis=2)[:, :200], None, m[:, :200], scale=0.1, columns=False),

@@ -34,6 +34,7 @@ rows are masked. On machines without a GPU the same kernel runs in Pallas' inter
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -52,6 +53,32 @@ def _triton_params(interpret: bool, num_warps: int, num_stages: int) -> dict:
     from jax.experimental.pallas import triton as plgpu
 
     return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
+# Launch order of the fused attention kernel's (example, head, query block) grid. CUDA starts
+# a grid's programs x-first and Pallas maps the grid's first axis to x. "example": the grid is
+# (example, head, block), so programs launched together read different examples, and the
+# query blocks of one (example, head) run a whole batch of programs apart, each fetching the
+# same keys and values from memory. "block": the grid is (block, head, example): the query
+# blocks of one (example, head) run side by side (keys and values read once, then from L2),
+# then the heads of one example, whose rows are adjacent in memory.
+GRID_ORDER = "block"
+
+
+def _grid(b: int, n: int, c: int, order: str):
+    """(grid, ``at``, the grid axis of the block) of an (example, head, block) grid launched
+    in ``order``; ``at(specs)`` turns BlockSpecs whose index maps take (example, head, block)
+    into ones that take the grid's own order."""
+    if order == "example":
+        return (b, n, c), (lambda specs: specs), 2
+    if order != "block":
+        raise ValueError(f"grid order must be 'example' or 'block', got {order!r}")
+
+    def at(specs):
+        return [dataclasses.replace(x, index_map=lambda cc, j, i, f=x.index_map: f(i, j, cc))
+                for x in specs]
+
+    return (c, n, b), at, 0
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -269,7 +296,7 @@ def _masked_load(ref, mask):
 
 def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causal: bool,
                  block_q: int, key_tiles: tuple[int, ...], n_kb: int, t: int, s: int, biased: bool,
-                 columns: bool):
+                 columns: bool, block_axis: int):
     # refs (batch, head squeezed; this program's query block): qm [BQ], km [Sp] (int masks),
     # q [BQ, H], k [Sp, H], v [Sp, H]; with ``biased`` the q/k/v biases [H] each; outputs
     # o [BQ, H] (context) and, with ``columns``, col [Sp] (this block's column sums). Blocks
@@ -283,7 +310,7 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
     o_ref, *rest = rest
     if columns:
         (col_ref,) = rest
-    qb = pl.program_id(2)
+    qb = pl.program_id(block_axis)
     rows = qb * block_q + jnp.arange(block_q, dtype=jnp.int32)
     row_in = rows < t if t % block_q else None
     q = _masked_load(q_ref, row_in)  # [BQ, H]
@@ -399,12 +426,13 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-# (largest query tile, num_warps, num_stages) of the fused attention + ACC kernel
+# (largest query tile, num_warps, num_stages) of the fused attention kernel, with or without
+# the column sums; a 16-row query tile (16 keys or fewer) runs on one warp. In the "block"
+# grid order, the fastest of ten tilings or within 4% of it at every measured shape but one
+# (H200, BERT-base heads, kernel alone: at B = 128, 128 keys with column sums 64.5 us, attention
+# alone 51.8; 16 keys 4.8 us on one warp against 7.7 on four; at B = 32, 512 keys alone 154
+# against 254 us for the former 128-row, 8-warp tiles of attention alone; docs/benchmarks.md).
 FUSED_BLOCKS = (64, 4, 2)
-# ... and of attention alone (``columns=False``) above 64 rows: one program takes 128 query
-# rows with 8 warps (H200, BERT-base heads, B = 128: 61 against 69 us at 128 rows, 47 against
-# 59 at 88; at 64 rows or fewer FUSED_BLOCKS is as fast; docs/benchmarks.md).
-ATTENTION_BLOCKS = (128, 8, 1)
 
 
 def key_tiles(s: int) -> tuple[int, ...]:
@@ -450,6 +478,8 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
     b, t, s, n, h = shape
     max_block_q, num_warps, num_stages = blocks or FUSED_BLOCKS
     block_q, tiles, tp, sp = attention_blocks(t, s, max_block_q, columns)
+    if blocks is None and block_q == 16:
+        num_warps = 1
     qm = query_mask.astype(jnp.int32)  # [B, T] (blocks overhang T and S: masked loads)
     km = qm if key_mask is None else key_mask.astype(jnp.int32)  # [B, S]
     n_qb = tp // block_q
@@ -460,17 +490,18 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
         for which in range(3):
             args.append(bias)
             in_specs.append(pl.BlockSpec((None, None, h), lambda i, j, c, w=which: (w, j, 0)))
+    grid, at, block_axis = _grid(b, n, n_qb, GRID_ORDER)
     kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
                                key_tiles=tiles, n_kb=1 if sum(tiles) == sp else sp // tiles[0], t=t, s=s,
-                               biased=bias is not None, columns=columns)
+                               biased=bias is not None, columns=columns, block_axis=block_axis)
     params = _triton_params(interpret, num_warps, num_stages)
     out_shape = [jax.ShapeDtypeStruct((b, t, n, h), v.dtype)]
     out_specs = [pl.BlockSpec((None, block_q, None, h), lambda i, j, c: (i, c, j, 0))]
     if columns:
         out_shape.append(jax.ShapeDtypeStruct((b, n, n_qb, sp), jnp.float32))
         out_specs.append(pl.BlockSpec((None, None, None, sp), lambda i, j, c: (i, j, c, 0)))
-    out = pl.pallas_call(kernel, out_shape=out_shape, grid=(b, n, n_qb), in_specs=in_specs,
-                         out_specs=out_specs, interpret=interpret, **params)(*args)
+    out = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=at(in_specs),
+                         out_specs=at(out_specs), interpret=interpret, **params)(*args)
     if not columns:
         return out[0]  # [B, T, N, H]
     ctx, col = out
@@ -535,8 +566,7 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
     Args:
       qkv: [B, T, 3, N, H] the q/k/v projection BEFORE its bias (H a power of two >= 16:
         ``packed_heads_ok``); bias: [3, N, H] or None; mask [B, T] bool (queries and keys).
-      blocks: (largest query tile, num_warps, num_stages); None: ``FUSED_BLOCKS``, or for
-        attention alone above 64 rows ``ATTENTION_BLOCKS``.
+      blocks: (largest query tile, num_warps, num_stages); None: ``FUSED_BLOCKS``.
       columns: False: attention alone (a layer that does not eliminate), one online-softmax
         pass over the key tiles, no column sums.
       parts: the column sums unreduced, [B, P, Tp] (P = N x query blocks, Tp >= T: columns
@@ -555,8 +585,6 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
                 pl.BlockSpec((None, sp, None, None, h), lambda i, j, c: (i, 0, 2, j, 0))]
 
     bias = None if bias is None else bias.astype(qkv.dtype)
-    if blocks is None and not columns and t > 64:
-        blocks = ATTENTION_BLOCKS
     return _fused_call(qkv, qkv, qkv, specs, bias, mask, None, shape=(b, t, t, n, h),
                        scale=scale, causal=causal, interpret=interpret, blocks=blocks,
                        columns=columns, parts=parts)
