@@ -201,8 +201,8 @@ def test_attend_and_score_fused_equals_probs_path(causal):
 def test_fused_kernel_launch_orders_agree(monkeypatch):
     """The fused kernel launched (example, head, block) or (block, head, example), the default:
     the same context and the same unreduced column sums, each (head, query block) part in its
-    place (150 rows: three query tiles, the last past T; keys in tiles of 128 and 32), so the index maps
-    follow the grid."""
+    place (150 rows: three query tiles, the last past T; keys in tiles of 128 and 32), so the
+    index maps follow the grid."""
     rng = np.random.default_rng(3)
     b, t, n, h = 2, 150, 2, 16
     qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)

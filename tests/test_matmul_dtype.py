@@ -100,7 +100,7 @@ def test_dense_into_several_axes_is_dense_general_with_a_vector_bias(matmul_dtyp
     # one product with a [16, 96] kernel, and the bias added as a [96] vector before the reshape
     eqns = jax.make_jaxpr(lambda p: proj.apply(p, x))(params).jaxpr.eqns
     dots = [e for e in eqns if e.primitive.name == "dot_general"]
-    if not dots:  # the bf16 product is a custom_vjp: look inside
+    if not dots:  # the bf16 product is a custom_vjp call, whose operands are the product's
         dots = [e for e in eqns if "jvp" in e.primitive.name or "vjp" in e.primitive.name]
     assert len(dots) == 1 and dots[0].invars[1].aval.shape == (16, 96)
     adds = [e for e in eqns if e.primitive.name == "add"]
