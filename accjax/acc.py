@@ -290,16 +290,22 @@ FUSED = ("fused", "fused_interpret")
 # kernel on the device and 1-4% faster per synchronised call (fewer kernels); at 512 keys
 # 2-12% slower (docs/benchmarks.md, issue 17, sixth session).
 FUSED_MAX_KEYS = 256
+# The same for causal attention (decoders' prompts), whose kernel skips the key tiles past
+# each query tile's last row; above it cuDNN's causal attention + the second pass. GPT-2
+# 8 x 1024 prefill on an H200, same process, pipelined ms at 2x / 3x / 3.72x: 0 (cuDNN
+# everywhere) 3.03 / 2.55 / 2.46; 256: 2.94 / 2.25 / 2.09; 1024: 3.24 / 2.45 / 2.12
+# (docs/benchmarks.md, sixteenth session).
+FUSED_MAX_KEYS_CAUSAL = 256
 
 
 def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: bool = False,
                      bias: bool = False, by_distance: bool = False) -> tuple[str, bool]:
     """One layer's (ACC source, run the kernel interpreted?). 'auto' -> beside cuDNN attention
     the fused attention + ACC kernel where it compiles (bidirectional, no bias, at most
-    ``FUSED_MAX_KEYS`` keys), else the second-pass Pallas kernel (given a logits ``bias`` only
-    ``by_distance``), else 'lse'; with XLA attention the probabilities it materialises anyway.
-    Causal attention keeps cuDNN (it skips the masked upper triangle, the fused kernel does
-    not). Explicit choices stay."""
+    ``FUSED_MAX_KEYS`` keys; causal, ``FUSED_MAX_KEYS_CAUSAL``; T5's bias by distance at any
+    row count, ``_distance_attention``), else the second-pass Pallas kernel (given a logits
+    ``bias`` only ``by_distance``), else 'lse'; with XLA attention the probabilities it
+    materialises anyway. Explicit choices stay."""
     if acc_impl not in ACC_IMPLS:
         raise ValueError(f"acc_impl must be one of {ACC_IMPLS}, got {acc_impl!r}")
     if acc_impl == "auto":
@@ -307,14 +313,17 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: b
             return "probs", False
         from accjax.kernels import acc_pallas
 
-        if keys <= FUSED_MAX_KEYS and not causal and not bias and acc_pallas.available(fused=True):
+        if keys <= (FUSED_MAX_KEYS_CAUSAL if causal else FUSED_MAX_KEYS) and not bias and acc_pallas.available(fused=True):
             return "fused", False
+        if _distance_attention(attention_impl, by_distance, causal):
+            return "fused", DISTANCE_ATTENTION == "interpret"
         kernel = (by_distance or not bias) and acc_pallas.available(rel_bias=bias)
         acc_impl = "pallas" if kernel else "lse"
     interpret = acc_impl in ("pallas_interpret", "fused_interpret")
     if acc_impl in FUSED:
-        if bias:
-            raise ValueError("the fused attention + ACC kernel takes no logits bias; use acc_impl='lse'")
+        if bias and (causal or not by_distance):
+            raise ValueError("the fused attention + ACC kernel takes a logits bias only as "
+                             "bias_by_distance, bidirectional; use acc_impl='lse'")
         return "fused", interpret
     if acc_impl in ("pallas", "pallas_interpret"):
         acc_impl = "pallas_softmax" if keys <= 128 and not bias else "pallas_lse"
@@ -325,11 +334,13 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: b
 
 
 # T5's bias by distance (``bias_by_distance``) in a program that eliminates: 'auto' reads it
-# inside a Pallas flash attention (``acc_pallas.attention_by_distance``, on a GPU where it
-# compiles) once the rows' positions differ per example, instead of writing the [B, N, T, T]
-# bias out for cuDNN in every layer (a layer sharing one [1, N, T, T] bias keeps cuDNN, which
-# measured as fast); 'never' keeps cuDNN; 'interpret' runs the kernel in Pallas' interpreter
-# (tests on the CPU).
+# inside the fused attention kernel (``acc_pallas.self_attention_by_distance_packed``, on a
+# GPU where it compiles), which in an eliminating layer also returns the ACC column sums
+# (every eliminating layer, the first included), and in a layer that does not eliminate runs
+# attention alone once the rows' positions differ per example, instead of writing the
+# [B, N, T, T] bias out for cuDNN in every layer (a layer sharing one [1, N, T, T] bias keeps
+# cuDNN); 'never' keeps cuDNN + the second ACC pass; 'interpret' runs the kernel in Pallas'
+# interpreter (tests on the CPU).
 DISTANCE_ATTENTION = "auto"
 # The fused kernel reads q, k and v from the q/k/v projection's output when the model hands
 # it over (``attend_and_score(packed=...)``, BERT family): no split, bias or padding copies.
@@ -354,16 +365,40 @@ def _packed_attention(impl: str, packed, keys: int, head_dim: int, bias, causal:
     return impl == "cudnn" and acc_pallas.available(fused=True)
 
 
-def _distance_attention(impl: str, bias, bias_by_distance, causal: bool) -> bool:
-    if bias_by_distance is None or causal or DISTANCE_ATTENTION == "never":  # the kernel is bidirectional
+def _distance_attention(impl: str, by_distance, causal: bool, shared_bias: bool = False) -> bool:
+    """Whether a T5 layer's attention reads its bias by distance in the fused kernel
+    (``DISTANCE_ATTENTION``): bidirectional, given the bias by distance, cuDNN otherwise;
+    ``shared_bias`` (one [1, N, T, T] bias for the batch: no row eliminated yet) keeps cuDNN
+    for attention alone."""
+    if not by_distance or causal or DISTANCE_ATTENTION == "never":  # the kernel is bidirectional
         return False
     if DISTANCE_ATTENTION == "interpret":
         return True
-    if impl != "cudnn" or bias.shape[0] == 1:
+    if impl != "cudnn" or shared_bias:
         return False
     from accjax.kernels import acc_pallas
 
     return acc_pallas.available(distance=True)
+
+
+def _attention_by_distance(q, k, v, packed, mf, by_distance, positions, scale, interpret, *, columns):
+    """``acc_pallas.self_attention_by_distance_packed`` on the packed projection (``packed``:
+    (qkv, None), T5's) where the kernel can read it, else on q, k, v stacked (head size
+    padded to a power of two: zeros change no logit). Returns the context [B, T, N, H] and,
+    with ``columns``, the unreduced column sums."""
+    from accjax.kernels import acc_pallas
+
+    h = q.shape[-1]
+    if packed is not None and packed[1] is None and acc_pallas.packed_heads_ok(h):
+        qkv = packed[0]
+    else:
+        hp = acc_pallas._pow2(h)
+        qkv = jnp.pad(jnp.stack([q, k, v], axis=2), ((0, 0),) * 4 + ((0, hp - h),))
+    out = acc_pallas.self_attention_by_distance_packed(qkv, mf, by_distance, positions, scale,
+                                                       interpret, columns, columns)
+    if columns:
+        return out[0][..., :h], out[1]
+    return out[..., :h]
 
 
 def attend_and_score(
@@ -398,12 +433,14 @@ def attend_and_score(
         than ``xla_attention_below`` rows, where a flash kernel's tiles are mostly empty);
       * ACC source 'fused': one Pallas kernel returns the context and the column sums
         (``acc_pallas.self_attention_with_column_sums``) at any row count (its tiles shrink
-        with the rows, so it also replaces XLA attention in tail layers);
+        with the rows, so it also replaces XLA attention in tail layers); T5's reads
+        ``bias_by_distance`` at ``positions`` from the packed projection;
       * a layer that does not score, given the ``packed`` projection: attention alone in the
         same kernel (``PACKED_ATTENTION``, up to ``PACKED_ATTENTION_MAX_KEYS`` keys, any row
         count), which reads q, k, v and their bias from the one GEMM output;
-      * T5 once its rows' positions differ per example (``DISTANCE_ATTENTION``): a Pallas
-        flash attention reading ``bias_by_distance`` at ``positions``, with its log-sum-exp;
+      * a T5 layer that does not score, once its rows' positions differ per example
+        (``DISTANCE_ATTENTION``): attention alone in the same kernel, reading
+        ``bias_by_distance`` at ``positions``;
       * ``fused_attention`` (cuDNN flash or XLA), with its log-sum-exp where the ACC source
         reads it, then ``acc_scores_fused`` (Pallas) or ``acc_scores_from_lse`` (XLA).
     The logits ``bias`` goes to the attention as given (cuDNN casts it to the input dtype,
@@ -441,7 +478,13 @@ def attend_and_score(
         mf = mask.astype(jnp.float32)
         denom = _denominator(mask, mask, q.shape[2], causal)
         with jax.named_scope("attention_acc"):
-            if PACKED_QKV and packed is not None and acc_pallas.packed_heads_ok(q.shape[-1]):
+            if bias_by_distance is not None:  # T5: bias by distance, no projection bias
+                ctx, parts = _attention_by_distance(q, k, v, packed, mf, bias_by_distance, positions,
+                                                    scale, interpret, columns=True)
+                if protect is None or isinstance(protect, str):
+                    return ctx.astype(q.dtype), ColumnSums(sg(parts), mf, denom, protect), None
+                col = parts.sum(axis=1)[:, None, :k.shape[1]]
+            elif PACKED_QKV and packed is not None and acc_pallas.packed_heads_ok(q.shape[-1]):
                 ctx, parts = acc_pallas.self_attention_with_column_sums_packed(
                     *packed, mf, scale, causal, interpret, True)
                 if not causal and (protect is None or isinstance(protect, str)):
@@ -471,11 +514,11 @@ def attend_and_score(
 
             ctx = acc_pallas.self_attention_packed(*packed, mask.astype(jnp.float32), scale, causal,
                                                    PACKED_ATTENTION == "interpret").astype(q.dtype)
-        elif _distance_attention(impl, bias, bias_by_distance, causal):
-            from accjax.kernels import acc_pallas
-
-            ctx, lse = acc_pallas.self_attention_by_distance(
-                q, k, v, mask, bias_by_distance, positions, scale, DISTANCE_ATTENTION == "interpret")
+        elif not score and _distance_attention(impl, bias_by_distance is not None, causal,
+                                               shared_bias=bias is not None and bias.shape[0] == 1):
+            # (a layer that scores with the bias by distance took the fused path above)
+            ctx = _attention_by_distance(q, k, v, packed, mask.astype(jnp.float32), bias_by_distance,
+                                         positions, scale, DISTANCE_ATTENTION == "interpret", columns=False)
         else:
             want_lse = score and how in ("lse", "pallas_lse")
             out = attn_lib.fused_attention(q, k, v, mask, scale=scale, causal=causal, bias=bias,

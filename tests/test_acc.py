@@ -197,13 +197,14 @@ def test_attend_and_score_every_cpu_path(causal, with_bias):
     kw = dict(bias=jnp.asarray(bias, jnp.float32), bias_by_distance=jnp.asarray(by_distance, jnp.float32),
               positions=jnp.asarray(pos, jnp.int32)) if with_bias else {}
     for attention_impl in ("xla", "auto"):
-        for acc_impl in ("auto", "probs", "lse", "pallas_interpret"):
+        fused = () if causal and with_bias else ("fused_interpret",)  # (T5's bias: bidirectional)
+        for acc_impl in ("auto", "probs", "lse", "pallas_interpret", *fused):
             ctx, scores, _ = acc.attend_and_score(
                 q, k, v, jnp.asarray(mask), scale=0.3, causal=causal, score=True,
                 attention_impl=attention_impl, acc_impl=acc_impl, **kw)
             what = f"attention {attention_impl}, acc {acc_impl}"
             np.testing.assert_allclose(np.asarray(ctx), ref_ctx, rtol=1e-5, atol=1e-5, err_msg=what)
-            scores = np.asarray(scores)
+            scores = np.asarray(acc.finished(scores))  # (T5's fused kernel leaves ColumnSums)
             np.testing.assert_allclose(np.where(mask, scores, 0), np.where(mask, ref, 0), rtol=1e-5,
                                        atol=1e-7, err_msg=what)
             assert np.all(np.isneginf(scores[~mask])), what

@@ -83,6 +83,27 @@ def test_layer_acc_matches_numpy_reference(tiny):
     np.testing.assert_allclose(np.asarray(from_lse)[finite], ref_plain[finite], rtol=1e-4, atol=1e-6)
 
 
+def test_fused_causal_kernel_prefill_keeps_what_probabilities_keep(tiny):
+    """The path GPUs take up to ``acc.FUSED_MAX_KEYS_CAUSAL`` prompt rows (attention and causal
+    column sums in one Pallas kernel, run in the interpreter) scores, keeps and caches what
+    ACC from the materialised probabilities does, through three eliminations."""
+    ld, _ = tiny
+    batch = padded_batch(np.random.default_rng(4), [16, 11, 5], 16, 97)
+    runs = {}
+    for how in ("probs", "fused_interpret"):
+        module = gpt2.GPT2LMHeadModel(ld.config.replace(acc_impl=how))
+        runs[how] = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2, schedule=(12, 6, 3))
+    (l1, c1, o1), (l2, c2, o2) = runs["probs"], runs["fused_interpret"]
+    for a, b in zip(o1.layers, o2.layers):
+        np.testing.assert_array_equal(np.asarray(b["keep_idx"]), np.asarray(a["keep_idx"]))
+        fin = np.isfinite(np.asarray(a["acc"]))
+        assert (np.isfinite(np.asarray(b["acc"])) == fin).all()
+        np.testing.assert_allclose(np.asarray(b["acc"])[fin], np.asarray(a["acc"])[fin], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=1e-5, atol=1e-5)
+    for a, b in zip(c1.keys + c1.values, c2.keys + c2.values):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------- elimination + cache
 def test_speedup_one_is_the_dense_path(tiny):
     ld, _ = tiny

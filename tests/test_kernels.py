@@ -48,9 +48,9 @@ def test_fused_kernel_matches_probabilities(causal, t, h):
 
 @pytest.mark.parametrize("causal", [False, True])
 # 40 rows: one key tile of 64 (24 past the end), query tiles of 64 past the end; 150: key
-# tiles of 128 and 32 in one pass (the second 10 past the end). (The loop over tiles of 128,
-# above 256 keys, is the same code: test_fused_kernel_matches_probabilities runs it.)
-@pytest.mark.parametrize("t", [40, 150])
+# tiles of 128 and 32 in one pass (the second 10 past the end); 300: the loop over three
+# tiles of 128 (causal: each query tile's loops stop at the tile holding its last row)
+@pytest.mark.parametrize("t", [40, 150, 300])
 def test_packed_kernel_reads_the_projection_output(causal, t):
     """The fused kernel on the q/k/v projection's [B, T, 3, N, H] output with the bias added
     in the kernel, rows not padded (blocks overhang and are masked): context and column sums
@@ -100,35 +100,52 @@ def test_packed_kernel_reads_the_projection_output(causal, t):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("blocks", [(16, 32, 4, 2), (64, 16, 4, 2)])
-def test_attention_by_distance_matches_float64(blocks):
-    """Flash attention reading T5's bias by key - query distance at per-example positions:
-    context and log-sum-exp against float64 on 40 rows (no tile filled), padding keys
-    excluded; its gradient (q, k, v, the bias vector) is plain attention's."""
-    rng = np.random.default_rng(5)
-    b, t, n, h, p_len = 2, 40, 3, 16, 50
-    q, k, v = _qkv(rng, b, t, n, h)
-    m = np.arange(t)[None] < np.array([[t], [17]])
+# 40 rows: one key tile of 64, query tiles overhanging; 150: key tiles of 128 + 32, one pass;
+# 300: three tiles of 128, two passes (row statistics, then the sweep)
+@pytest.mark.parametrize("t", [40, 150, 300])
+def test_packed_kernel_reads_the_bias_by_distance(t):
+    """T5's eliminated layers: the fused kernel on the packed projection adds the bias by key -
+    query distance at each example's ORIGINAL positions (gathered from a [N, 2P - 1] vector in
+    the kernel): context, column sums and attention alone against float64, padding keys
+    excluded; its gradient in the projection and the bias vector is plain attention's."""
+    rng = np.random.default_rng(t)
+    b, n, h, p_len = 2, 3, 16, 2 * t
+    qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
+    m = np.arange(t)[None] < np.array([[t], [t // 3 + 1]])
     pos = np.stack([np.sort(rng.choice(p_len, t, replace=False)) for _ in range(b)]).astype(np.int32)
     rb = jnp.asarray(rng.normal(0.0, 2.0, size=(n, 2 * p_len - 1)), jnp.float32)
-    ctx, lse = acc_pallas.attention_by_distance(q, k, v, m, rb, pos, scale=0.3, interpret=True,
-                                                blocks=blocks)
     bias = np.asarray(rb, np.float64)[:, pos[:, None, :] - pos[:, :, None] + p_len - 1].transpose(1, 0, 2, 3)
-    lg = np.einsum("btnh,bsnh->bnts", np.asarray(q, np.float64), np.asarray(k, np.float64)) * 0.3 + bias
+    x = np.asarray(qkv, np.float64)
+    lg = np.einsum("btnh,bsnh->bnts", x[:, :, 0], x[:, :, 1]) * 0.3 + bias
     lg = np.where(m[:, None, None, :], lg, -np.inf)
-    ref_lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
-    ref_ctx = np.einsum("bnts,bsnh->btnh", np.exp(lg - ref_lse[..., None]), np.asarray(v, np.float64))
-    np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(ctx), ref_ctx, rtol=1e-5, atol=1e-5)
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref_ctx = np.einsum("bnts,bsnh->btnh", p, x[:, :, 2])
+    ref_col = (p * m[:, None, :, None]).sum(2)  # [B, N, S]
+    kw = dict(scale=0.3, interpret=True, rel_bias=rb, positions=jnp.asarray(pos))
+    ctx, col = acc_pallas.packed_attention_with_column_sums(qkv, None, jnp.asarray(m), **kw)
+    np.testing.assert_allclose(np.asarray(ctx)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(col), ref_col, rtol=1e-5, atol=1e-6)
+    alone = acc_pallas.packed_attention_with_column_sums(qkv, None, jnp.asarray(m), columns=False, **kw)
+    np.testing.assert_allclose(np.asarray(alone)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
+    # without the bias the context moves far beyond the tolerance (the test sees the bias)
+    plain_ctx = acc_pallas.packed_attention_with_column_sums(qkv, None, jnp.asarray(m), scale=0.3, interpret=True)[0]
+    assert np.abs(np.asarray(plain_ctx)[m] - ref_ctx[m]).max() > 1e-2
 
-    def loss(fn):
-        return lambda q_, k_, v_, rb_: (fn(q_, k_, v_, rb_) * v).sum()
-    kernel = loss(lambda *a: acc_pallas.self_attention_by_distance(*a[:3], m, a[3], pos, 0.3, True)[0])
-    plain = loss(lambda *a: attention.attention_with_probs(
-        *a[:3], jnp.asarray(m), scale=0.3, bias=acc_pallas._distance_bias(a[3], pos))[0])
-    for g, r in zip(jax.grad(kernel, (0, 1, 2, 3))(q, k, v, rb), jax.grad(plain, (0, 1, 2, 3))(q, k, v, rb)):
-        assert float(jnp.abs(r).max()) > 0
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+    mf, posj = jnp.asarray(m, jnp.float32), jnp.asarray(pos)
+    w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * m[:, :, None, None]
+    plain = jax.grad(lambda a, r: (attention.attention_with_probs(
+        *acc_pallas._unpack(a, None), jnp.asarray(m), scale=0.3,
+        bias=acc_pallas._distance_bias(r, posj))[0] * w).sum(), (0, 1))(qkv, rb)
+    for columns in (True, False):
+        def out(a, r, columns=columns):
+            o = acc_pallas.self_attention_by_distance_packed(a, mf, r, posj, 0.3, True, columns, columns)
+            return o[0] if columns else o
+        for g, r in zip(jax.grad(lambda a, r: (out(a, r) * w).sum(), (0, 1))(qkv, rb), plain):
+            assert float(jnp.abs(r).max()) > 0
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+    _, parts = acc_pallas.self_attention_by_distance_packed(qkv, mf, rb, posj, 0.3, True, True, True)
+    np.testing.assert_allclose(np.asarray(parts).sum(1)[:, :t], np.asarray(col).sum(1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -241,11 +258,14 @@ def test_fused_path_gradient_is_plain_attention():
 
 
 def test_fused_kernel_rejects_a_logits_bias():
+    """A bias the kernel cannot read by distance (any [B, N, T, S] array), or T5's by distance
+    with causal attention, is refused with what to use instead."""
     q, k, v = _qkv(np.random.default_rng(0), 1, 8, 1, 16)
-    with pytest.raises(ValueError, match="no logits bias"):
-        acc.attend_and_score(q, k, v, jnp.ones((1, 8), bool), scale=0.25, score=True,
-                             acc_impl="fused_interpret", attention_impl="xla",
-                             bias=jnp.zeros((1, 1, 8, 8)))
+    for kw in ({}, {"causal": True, "bias_by_distance": jnp.zeros((1, 15)), "positions": jnp.zeros((1, 8), int)}):
+        with pytest.raises(ValueError, match="only as bias_by_distance, bidirectional; use acc_impl='lse'"):
+            acc.attend_and_score(q, k, v, jnp.ones((1, 8), bool), scale=0.25, score=True,
+                                 acc_impl="fused_interpret", attention_impl="xla",
+                                 bias=jnp.zeros((1, 1, 8, 8)), **kw)
 
 
 def test_fused_probe():
@@ -492,7 +512,6 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
     pos = jnp.asarray(np.stack([np.sort(rng.choice(p_len, t, replace=False)) for _ in range(b)]), jnp.int32)
     rb = jnp.zeros((n, 2 * p_len - 1), jnp.float32)
     kernels = {
-        "attention_by_distance": lambda: acc_pallas.attention_by_distance(q, k, v, m, rb, pos, scale=0.1),
         "column_sums_from_lse (T5)": lambda: acc_pallas.column_sums_from_lse(
             q, k, lse, m, m, scale=0.1, rel_bias=rb, positions=pos),
         "attention_with_column_sums (causal)": lambda: acc_pallas.attention_with_column_sums(
@@ -510,6 +529,15 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
                                                          scale=0.1, parts=True)),
         "packed attention alone (200 rows, online softmax)": lambda: acc_pallas.packed_attention_with_column_sums(
             jnp.stack([q, k, v], axis=2)[:, :200], None, m[:, :200], scale=0.1, columns=False),
+        "packed_attention_with_column_sums (T5's bias by distance, 400 rows)": lambda: (
+            acc_pallas.packed_attention_with_column_sums(jnp.stack([q, k, v], axis=2), None, m, scale=0.1,
+                                                         parts=True, rel_bias=rb, positions=pos)),
+        "packed attention alone (T5's bias by distance, 400 rows)": lambda: (
+            acc_pallas.packed_attention_with_column_sums(jnp.stack([q, k, v], axis=2), None, m, scale=0.1,
+                                                         columns=False, rel_bias=rb, positions=pos)),
+        "packed_attention_with_column_sums (causal, 400 rows: tiles skipped past the diagonal)": lambda: (
+            acc_pallas.packed_attention_with_column_sums(jnp.stack([q, k, v], axis=2), None, m, scale=0.1,
+                                                         causal=True, parts=True)),
         "layer_norm_rows (74 rows of 128)": lambda: ln_kernel.layer_norm_rows(
             q[:, :37].reshape(2, 37, 128), rb[0, :128], rb[1, :128], eps=1e-12),
         "layer_norm_rows (176 rows of 96)": lambda: ln_kernel.layer_norm_rows(

@@ -259,27 +259,32 @@ def test_bias_lookup_at_original_positions_equals_gathering_the_entering_bias(ti
     assert len(np.unique(np.asarray(bias))) > 4  # a bias with structure, not a constant
 
 
-@pytest.mark.parametrize("distance_attention", ["never", "interpret"])
-def test_pallas_acc_with_bias_by_distance_matches_probabilities(tiny, monkeypatch, distance_attention):
-    """The kernel path GPUs take (flash log-sum-exp + Pallas column sums adding the bias by
-    key - query distance of the ORIGINAL positions), run in Pallas' interpreter, scores and
-    keeps what ACC from the materialised probabilities does, through three eliminations.
-    'interpret': the attention itself is the Pallas kernel that reads the bias by distance
-    (``acc_pallas.attention_by_distance``), as on GPUs once positions differ per example."""
+@pytest.mark.parametrize("distance_attention,acc_impl", [
+    ("never", "pallas_interpret"), ("interpret", "fused_interpret")])
+# (16, 16, 6): layer 1 keeps every row but reads them at positions that differ per example:
+# with 'interpret' it runs attention alone in the kernel
+@pytest.mark.parametrize("schedule", [(16, 10, 6), (16, 16, 6)])
+def test_pallas_acc_with_bias_by_distance_matches_probabilities(tiny, monkeypatch, distance_attention, acc_impl,
+                                                                 schedule):
+    """The kernel paths GPUs take, run in Pallas' interpreter, score and keep what ACC from
+    the materialised probabilities does, through three eliminations, reading the bias by key
+    - query distance of the ORIGINAL positions. 'pallas_interpret': attention with its
+    log-sum-exp, then the second ACC pass adding the bias by distance (what 'never' runs);
+    'fused_interpret' with 'interpret': attention and column sums in one kernel that reads the
+    bias by distance (``acc_pallas.self_attention_by_distance_packed``), as on GPUs."""
     import dataclasses
 
     from accjax.models import get_family
 
-    cfg = dataclasses.replace(tiny.config, acc_impl="pallas_interpret")
+    cfg = dataclasses.replace(tiny.config, acc_impl=acc_impl)
     module = get_family("t5").module(cfg, "lm")
     batch = random_batch(np.random.default_rng(9), 4, 24, 99, min_len=10)
-    schedule = (16, 10, 6)
     kw = dict(method="encode", schedule=schedule)
     ref = _apply(tiny, batch["input_ids"], batch["attention_mask"], **kw)
     monkeypatch.setattr(acc_lib, "DISTANCE_ATTENTION", distance_attention)
     got = jax.jit(functools.partial(module.apply, **kw))({"params": tiny.params}, batch["input_ids"],
                                                          batch["attention_mask"])
-    for i in range(len(schedule)):
+    for i in (i for i in range(len(schedule)) if "acc" in ref.layers[i]):
         a, b = np.asarray(got.layers[i]["acc"]), np.asarray(ref.layers[i]["acc"])
         fin = np.isfinite(b)
         assert (np.isfinite(a) == fin).all()

@@ -6,9 +6,10 @@ float32 log-sum-exp; one kernel per (batch, head, key block) recomputes
 position bias enters as a vector by distance, ``rel_bias[n, pos_j - pos_i + P - 1]`` over the
 rows' original positions, gathered per tile (no [T, S] bias in memory).
 
-``attention_by_distance``: flash attention (forward) reading that same bias vector, with the
-log-sum-exp the second pass needs; T5's eliminated layers run it instead of cuDNN, which would
-need the bias written out per example as [B, N, T, T].
+``attention_with_column_sums`` / ``packed_attention_with_column_sums``: attention and the
+column sums in ONE kernel (BERT's eliminating layers; decoders' up to 256 prompt rows, the key
+tiles past each query tile's last row skipped; T5's, reading that same bias vector by
+distance, where cuDNN would need the bias written out per example as [B, N, T, T]).
 
 ``column_sums`` (below): a self-contained variant that computes the softmax itself, one
 program per (batch, head) holding all keys; simpler, but its [BQ, S] tile spills registers
@@ -298,17 +299,22 @@ def _masked_load(ref, mask):
 
 def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causal: bool,
                  block_q: int, key_tiles: tuple[int, ...], n_kb: int, t: int, s: int, biased: bool,
-                 columns: bool, block_axis: int):
+                 columns: bool, block_axis: int, rel_offset: int | None = None):
     # refs (batch, head squeezed; this program's query block): qm [BQ], km [Sp] (int masks),
-    # q [BQ, H], k [Sp, H], v [Sp, H]; with ``biased`` the q/k/v biases [H] each; outputs
-    # o [BQ, H] (context) and, with ``columns``, col [Sp] (this block's column sums). Blocks
-    # may overhang T and S (rows are not padded outside): overhanging rows are masked on load
-    # and store. Keys: ``n_kb`` == 1: every key in one pass, over the static tiles
-    # ``key_tiles`` (powers of two, largest first: 72 keys are 64 + 16, not 128); n_kb > 1:
-    # n_kb tiles of ``key_tiles[0]`` keys in a loop.
-    bq_ref = bk_ref = bv_ref = col_ref = None
+    # q [BQ, H], k [Sp, H], v [Sp, H]; with ``biased`` the q/k/v biases [H] each; with
+    # ``rel_offset`` (T5's bias by distance) the query positions qp [BQ], key positions kp
+    # [Sp] and this head's bias by distance rb [Rp] (entry key - query position +
+    # rel_offset); outputs o [BQ, H] (context) and, with ``columns``, col [Sp] (this block's
+    # column sums). Blocks may overhang T and S (rows are not padded outside): overhanging
+    # rows are masked on load and store. Keys: ``n_kb`` == 1: every key in one pass, over
+    # the static tiles ``key_tiles`` (powers of two, largest first: 72 keys are 64 + 16, not
+    # 128); n_kb > 1: n_kb tiles of ``key_tiles[0]`` keys in a loop (causal: only the tiles
+    # up to this query block's last row).
+    bq_ref = bk_ref = bv_ref = col_ref = qp_ref = kp_ref = rb_ref = None
     if biased:
         bq_ref, bk_ref, bv_ref, *rest = rest
+    if rel_offset is not None:
+        qp_ref, kp_ref, rb_ref, *rest = rest
     o_ref, *rest = rest
     if columns:
         (col_ref,) = rest
@@ -317,6 +323,7 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
     row_in = rows < t if t % block_q else None
     q = _masked_load(q_ref, row_in)  # [BQ, H]
     q_ok = _masked_load(qm_ref, row_in) != 0  # [BQ]
+    q_pos = None if rel_offset is None else _masked_load(qp_ref, row_in)  # [BQ] (0 past T)
     if biased:
         q = (q.astype(jnp.float32) + bq_ref[...].astype(jnp.float32)[None, :]).astype(q.dtype)
 
@@ -340,7 +347,14 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
         s_ = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * scale  # [BQ, BK]
         cols = start + jnp.arange(size, dtype=jnp.int32)
-        km = _masked_load(km_ref.at[pl.ds(start, size)], cols < s if past_s(start, size) else None)
+        key_in = cols < s if past_s(start, size) else None
+        if rel_offset is not None:
+            # T5's bias depends only on key position - query position: one gathered load from
+            # this head's [R] vector (L1-resident), never a [T, S] bias in memory. Positions
+            # past T or S load as 0, which keeps the index inside the vector (masked below).
+            k_pos = _masked_load(kp_ref.at[pl.ds(start, size)], key_in)  # [BK]
+            s_ = s_ + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]
+        km = _masked_load(km_ref.at[pl.ds(start, size)], key_in)
         ok = (km != 0)[None, :]  # [1, BK] (0 past S)
         if causal:
             ok = ok & (cols[None, :] <= rows[:, None])  # [BQ, BK]
@@ -384,6 +398,10 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
         store(acc * inv_l[:, None])
         return
 
+    # causal: key tiles past this query block's last row are wholly masked, so the loops
+    # stop before them (a dynamic bound: about half the tiles of a causal grid)
+    n_loop = jnp.minimum(n_kb, ((qb + 1) * block_q + block_k - 1) // block_k) if causal else n_kb
+
     if not columns:
         # attention alone: flash attention's online softmax, one pass over the key tiles
         def online(kb, carry):
@@ -395,7 +413,7 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
             return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + context_and_columns(
                 kb * block_k, block_k, p, ok)
 
-        _, l, acc = jax.lax.fori_loop(0, n_kb, online, (
+        _, l, acc = jax.lax.fori_loop(0, n_loop, online, (
             jnp.full((block_q,), NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, q.shape[1]), jnp.float32)))
         store(acc / l[:, None])
@@ -412,8 +430,8 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
         l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s_ - m_new[:, None]), axis=1)
         return m_new, l
 
-    m, l = jax.lax.fori_loop(0, n_kb, stats, (jnp.full((block_q,), NEG, jnp.float32),
-                                             jnp.zeros((block_q,), jnp.float32)))
+    m, l = jax.lax.fori_loop(0, n_loop, stats, (jnp.full((block_q,), NEG, jnp.float32),
+                                               jnp.zeros((block_q,), jnp.float32)))
     inv_l = 1.0 / l
 
     def sweep(kb, acc):
@@ -421,7 +439,13 @@ def _attn_kernel(qm_ref, km_ref, q_ref, k_ref, v_ref, *rest, scale: float, causa
         p = jnp.exp(s_ - m[:, None]) * inv_l[:, None]
         return acc + context_and_columns(kb * block_k, block_k, p, ok)
 
-    store(jax.lax.fori_loop(0, n_kb, sweep, jnp.zeros((block_q, q.shape[1]), jnp.float32)))
+    if causal:  # the skipped tiles' column sums are 0 (col is not zeroed outside)
+        def zero(kb, carry):
+            col_ref[pl.ds(kb * block_k, block_k)] = jnp.zeros((block_k,), jnp.float32)
+            return carry
+
+        jax.lax.fori_loop(n_loop, n_kb, zero, 0)
+    store(jax.lax.fori_loop(0, n_loop, sweep, jnp.zeros((block_q, q.shape[1]), jnp.float32)))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -469,11 +493,13 @@ def attention_blocks(t: int, s: int, max_block_q: int | None = None,
 
 
 def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale, causal,
-                interpret, blocks=None, columns=True, parts=False):
+                interpret, blocks=None, columns=True, parts=False, distance=None):
     """The fused kernel over operands whose blocks ``qkv_specs(block_q, sp)`` select each
     (batch, head, query block)'s q and each (batch, head)'s k and v; ``bias`` None or
     [3, N, H]; ``shape`` (B, T, S, N, H) with H a power of two >= 16; ``key_mask`` None: the
-    query mask (self-attention). Rows are not padded: overhanging blocks are masked.
+    query mask (self-attention); ``distance`` None or (rel_bias [N, 2P - 1], positions
+    [B, T]): T5's logits bias by key - query position, self-attention only. Rows are not
+    padded: overhanging blocks are masked.
     Returns (context, column sums [B, N, S]), or without ``columns`` the context alone (one
     online-softmax pass over the key tiles); with ``parts`` the column sums as the kernel
     leaves them, [B, N * query blocks, padded S]: one partial sum per (head, query block)."""
@@ -492,10 +518,21 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
         for which in range(3):
             args.append(bias)
             in_specs.append(pl.BlockSpec((None, None, h), lambda i, j, c, w=which: (w, j, 0)))
+    rel_offset = None
+    if distance is not None:  # query and key positions (blocks overhang: masked), the bias
+        rel_bias, positions = distance
+        r = rel_bias.shape[1]
+        rel_offset, rp = (r - 1) // 2, _pow2(r)
+        pos = positions.astype(jnp.int32)
+        args += [pos, pos, jnp.pad(rel_bias.astype(jnp.float32), ((0, 0), (0, rp - r)))]
+        in_specs += [pl.BlockSpec((None, block_q), lambda i, j, c: (i, c)),
+                     pl.BlockSpec((None, sp), lambda i, j, c: (i, 0)),
+                     pl.BlockSpec((None, rp), lambda i, j, c: (j, 0))]
     grid, at, block_axis = _grid(b, n, n_qb, GRID_ORDER)
     kernel = functools.partial(_attn_kernel, scale=scale, causal=causal, block_q=block_q,
                                key_tiles=tiles, n_kb=1 if sum(tiles) == sp else sp // tiles[0], t=t, s=s,
-                               biased=bias is not None, columns=columns, block_axis=block_axis)
+                               biased=bias is not None, columns=columns, block_axis=block_axis,
+                               rel_offset=rel_offset)
     params = _triton_params(interpret, num_warps, num_stages)
     out_shape = [jax.ShapeDtypeStruct((b, t, n, h), v.dtype)]
     out_specs = [pl.BlockSpec((None, block_q, None, h), lambda i, j, c: (i, c, j, 0))]
@@ -559,7 +596,8 @@ def packed_heads_ok(head_dim: int) -> bool:
 def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: bool = False,
                                       interpret: bool = False,
                                       blocks: tuple[int, int, int] | None = None,
-                                      columns: bool = True, parts: bool = False):
+                                      columns: bool = True, parts: bool = False,
+                                      rel_bias=None, positions=None):
     """``attention_with_column_sums`` for self-attention reading q, k and v straight from the
     fused projection's output, with its bias added in the kernel: no split, bias or padding
     copies between the GEMM and the attention (on an H200 those copies took ~50 us a BERT-base
@@ -573,6 +611,9 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
         pass over the key tiles, no column sums.
       parts: the column sums unreduced, [B, P, Tp] (P = N x query blocks, Tp >= T: columns
         past T are zero), for a consumer that adds them itself (``keep_rows``).
+      rel_bias: optional [N, 2P - 1] logits bias by key - query position (T5, bidirectional):
+        entry ``r + P - 1`` is added for key position - query position = r, read in the
+        kernel at ``positions`` [B, T] (each row's ORIGINAL position in [0, P)).
     Returns:
       (context [B, T, N, H] in qkv.dtype, column sums [B, N, T] float32); without
       ``columns`` the context alone.
@@ -586,101 +627,13 @@ def packed_attention_with_column_sums(qkv, bias, mask, *, scale: float, causal: 
                 pl.BlockSpec((None, sp, None, None, h), lambda i, j, c: (i, 0, 1, j, 0)),
                 pl.BlockSpec((None, sp, None, None, h), lambda i, j, c: (i, 0, 2, j, 0))]
 
+    if (rel_bias is None) != (positions is None) or (rel_bias is not None and causal):
+        raise ValueError("a bias by distance needs positions, and bidirectional attention")
     bias = None if bias is None else bias.astype(qkv.dtype)
     return _fused_call(qkv, qkv, qkv, specs, bias, mask, None, shape=(b, t, t, n, h),
                        scale=scale, causal=causal, interpret=interpret, blocks=blocks,
-                       columns=columns, parts=parts)
-
-
-def _distance_kernel(km_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, rb_ref, o_ref, lse_ref, *,
-                     scale: float, block_k: int, n_kb: int, rel_offset: int):
-    # refs (batch, head squeezed; this program's query block): km [Sp], q [BQ, H], k / v
-    # [Sp, H], positions qp [BQ] / kp [Sp], bias by distance rb [R] (times log2(e));
-    # outputs o [BQ, H] (context), lse [BQ] (natural log)
-    q = q_ref[...]
-    q_pos = qp_ref[...]
-
-    def step(kb, carry):
-        m, l, acc = carry  # online softmax in base 2: running max, sum, unnormalised context
-        start = kb * block_k
-        k = k_ref[pl.ds(start, block_k), :]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
-        s = s + rb_ref[kp_ref[pl.ds(start, block_k)][None, :] - q_pos[:, None] + rel_offset]
-        s = jnp.where((km_ref[pl.ds(start, block_k)] != 0)[None, :], s, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        v = v_ref[pl.ds(start, block_k), :]
-        acc = acc * alpha[:, None] + jax.lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc
-
-    bq, hp = q.shape
-    m, l, acc = jax.lax.fori_loop(0, n_kb, step, (jnp.full((bq,), NEG, jnp.float32),
-                                                 jnp.zeros((bq,), jnp.float32),
-                                                 jnp.zeros((bq, hp), jnp.float32)))
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = (m + jnp.log2(l)) / LOG2E
-
-
-# (block_q, block_k, num_warps, num_stages) of ``attention_by_distance``: the fastest of six
-# tilings alone at Flan-T5's 16 x 400 and 16 x 232 rows on an H200 (docs/benchmarks.md)
-DISTANCE_BLOCKS = (64, 32, 4, 2)
-
-
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "blocks"))
-def attention_by_distance(q, k, v, key_mask, rel_bias, positions, *, scale: float,
-                          interpret: bool = False, blocks: tuple[int, int, int, int] | None = None):
-    """Flash attention (forward) with T5's bias read by key - query distance, and the
-    log-sum-exp the second ACC pass needs: once rows are eliminated their positions differ per
-    example, and cuDNN would need the bias written out as [B, N, T, T] in every layer.
-
-    Args:
-      q, k, v: [B, T, N, H] self-attention rows; key_mask [B, T] bool (padding keys get no
-        probability); rel_bias [N, 2P - 1], entry ``r + P - 1`` added for key position - query
-        position = r; positions [B, T] int, each row's ORIGINAL position in [0, P).
-    Returns:
-      (context [B, T, N, H] in v.dtype, log-sum-exp [B, N, T] float32 of each query's biased,
-      masked, scaled logits, as cuDNN returns it).
-    """
-    b, t, n, h = q.shape
-    block_q, block_k, num_warps, num_stages = blocks or DISTANCE_BLOCKS
-    block_q, block_k = min(block_q, _pow2(t)), min(block_k, _pow2(t))
-    tq, tk, hp = _round_up(t, block_q), _round_up(t, block_k), max(16, _round_up(h, 16))
-    q = jnp.pad(q, ((0, 0), (0, tq - t), (0, 0), (0, hp - h)))
-    k, v = (jnp.pad(x, ((0, 0), (0, tk - t), (0, 0), (0, hp - h))) for x in (k, v))
-    km = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, tk - t)))  # [B, Tk]
-    r = rel_bias.shape[1]
-    rp = _pow2(r)
-    # padded rows get position 0: their distances stay inside the vector (keys are masked)
-    pos = jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, max(tq, tk) - t)))
-    bias = jnp.pad(rel_bias.astype(jnp.float32) * LOG2E, ((0, 0), (0, rp - r)))  # [N, Rp]
-    kernel = functools.partial(_distance_kernel, scale=scale, block_k=block_k, n_kb=tk // block_k,
-                               rel_offset=(r - 1) // 2)
-    params = _triton_params(interpret, num_warps, num_stages)
-    ctx, lse = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, tq, n, hp), v.dtype),
-                   jax.ShapeDtypeStruct((b, n, tq), jnp.float32)),
-        grid=(b, n, tq // block_q),
-        in_specs=[
-            pl.BlockSpec((None, tk), lambda i, j, c: (i, 0)),
-            pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
-            pl.BlockSpec((None, tk, None, hp), lambda i, j, c: (i, 0, j, 0)),
-            pl.BlockSpec((None, tk, None, hp), lambda i, j, c: (i, 0, j, 0)),
-            pl.BlockSpec((None, block_q), lambda i, j, c: (i, c)),
-            pl.BlockSpec((None, tk), lambda i, j, c: (i, 0)),
-            pl.BlockSpec((None, rp), lambda i, j, c: (j, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, block_q, None, hp), lambda i, j, c: (i, c, j, 0)),
-            pl.BlockSpec((None, None, block_q), lambda i, j, c: (i, j, c)),
-        ],
-        interpret=interpret,
-        **params,
-    )(km, q, k, v, pos[:, :tq], pos[:, :tk], bias)
-    return ctx[:, :t, :, :h], lse[:, :, :t]
+                       columns=columns, parts=parts,
+                       distance=None if rel_bias is None else (rel_bias, positions))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -777,39 +730,46 @@ def _attn_bwd(scale, causal, interpret, res, g):
 self_attention_packed.defvjp(_attn_fwd, _attn_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def self_attention_by_distance_packed(qkv, mask, rel_bias, positions, scale: float, interpret: bool,
+                                      columns: bool, parts: bool):
+    """``packed_attention_with_column_sums`` with T5's bias by distance (no projection bias):
+    the context, with ``columns`` also the column sums (``parts``: unreduced), differentiable
+    in qkv and the bias as ``self_attention_with_column_sums_packed`` (the backward pass is
+    plain attention's, recomputed by XLA with the bias written out: training only).
+    mask [B, T] float (1.0 = real token); rel_bias [N, 2P - 1]; positions [B, T] int."""
+    return _per_example(("distance_packed", scale, interpret, columns, parts),
+                        lambda x, m, rb, pos: packed_attention_with_column_sums(
+                            x, None, m > 0.5, scale=scale, interpret=interpret, columns=columns,
+                            parts=parts, rel_bias=rb, positions=pos),
+                        (qkv, mask, rel_bias, positions), (1, 1, 0, 1))
+
+
+def _dist_packed_fwd(qkv, mask, rel_bias, positions, scale, interpret, columns, parts):
+    out = self_attention_by_distance_packed(qkv, mask, rel_bias, positions, scale, interpret, columns, parts)
+    return out, (qkv, mask, rel_bias, positions)
+
+
+def _dist_packed_bwd(scale, interpret, columns, parts, res, g):
+    from accjax import attention
+
+    qkv, mask, rel_bias, positions = res
+    g_ctx = g[0] if columns else g  # the column sums only rank rows: no cotangent
+    _, vjp = jax.vjp(lambda x, rb: attention.fused_attention(
+        *_unpack(x, None), mask > 0.5, scale=scale, bias=_distance_bias(rb, positions),
+        implementation="xla"), qkv, rel_bias)
+    d_qkv, d_rb = vjp(g_ctx.astype(qkv.dtype))
+    return d_qkv, jnp.zeros_like(mask), d_rb, None
+
+
+self_attention_by_distance_packed.defvjp(_dist_packed_fwd, _dist_packed_bwd)
+
+
 def _distance_bias(rel_bias, positions, xp=jnp):
     """[N, 2P - 1] by distance at [B, T] positions -> the [B, N, T, T] logits bias (``xp=np``
     in the probes, which must not be traced)."""
     r = (rel_bias.shape[1] - 1) // 2
     return xp.moveaxis(rel_bias[:, positions[:, None, :] - positions[:, :, None] + r], 0, 1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale: float, interpret: bool):
-    """``attention_by_distance``, differentiable in q, k, v and the bias: the backward pass is
-    plain attention's, recomputed by XLA with the bias written out (training only)."""
-    return _per_example(("distance", scale, interpret), lambda q_, k_, v_, m, rb, pos: attention_by_distance(
-        q_, k_, v_, m, rb, pos, scale=scale, interpret=interpret), (q, k, v, mask, rel_bias, positions),
-        (1, 1, 1, 1, 0, 1))
-
-
-def _distance_fwd(q, k, v, mask, rel_bias, positions, scale, interpret):
-    out = self_attention_by_distance(q, k, v, mask, rel_bias, positions, scale, interpret)
-    return out, (q, k, v, mask, rel_bias, positions)
-
-
-def _distance_bwd(scale, interpret, res, g):
-    from accjax import attention
-
-    q, k, v, mask, rel_bias, positions = res
-    _, vjp = jax.vjp(lambda q_, k_, v_, rb: attention.fused_attention(
-        q_, k_, v_, mask, scale=scale, bias=_distance_bias(rb, positions), implementation="xla"),
-        q, k, v, rel_bias)
-    dq, dk, dv, drb = vjp(g[0].astype(v.dtype))  # the log-sum-exp only ranks rows: no cotangent
-    return dq, dk, dv, None, drb, None
-
-
-self_attention_by_distance.defvjp(_distance_fwd, _distance_bwd)
 
 
 _AVAILABLE: dict[str, bool] = {}
@@ -846,20 +806,27 @@ def _probe_fused(interpret: bool) -> bool:
 
 
 def _probe_distance(interpret: bool) -> bool:
-    """``attention_by_distance`` against numpy on 40 rows in two key tiles, bf16, padding."""
+    """``packed_attention_with_column_sums`` with T5's bias by distance against numpy: 40 rows
+    (one key tile) and 200 (tiles of 128, two passes), bf16, padding, sorted positions."""
     rng = np.random.default_rng(2)
-    q, k, v = (rng.standard_normal((2, 40, 2, 64)).astype(jnp.bfloat16) for _ in range(3))
-    pos = np.stack([np.sort(rng.choice(50, 40, replace=False)) for _ in range(2)]).astype(np.int32)
-    rb = rng.standard_normal((2, 99)).astype(np.float32)
-    m = np.arange(40)[None] < np.array([[40], [23]])
-    prog = attention_by_distance.lower(q, k, v, m, rb, pos, scale=0.125, interpret=interpret,
-                                       blocks=(32, 32, 4, 2)).compile()
-    ctx, lse = (np.asarray(x, np.float32) for x in prog(q, k, v, m, rb, pos))
-    lg = np.einsum("btnh,bsnh->bnts", q.astype(np.float32), k.astype(np.float32)) * 0.125
-    lg = np.where(m[:, None, None, :], lg + _distance_bias(rb, pos, np), -1e30)
-    ref_lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
-    ref_ctx = np.einsum("bnts,bsnh->btnh", np.exp(lg - ref_lse[..., None]), v.astype(np.float32))
-    return bool(np.allclose(ctx, ref_ctx, rtol=3e-2, atol=3e-2) and np.allclose(lse, ref_lse, atol=2e-2))
+    for t in (40, 200):
+        qkv = rng.standard_normal((2, t, 3, 2, 64)).astype(jnp.bfloat16)
+        pos = np.stack([np.sort(rng.choice(2 * t, t, replace=False)) for _ in range(2)]).astype(np.int32)
+        rb = rng.standard_normal((2, 4 * t - 1)).astype(np.float32)
+        m = np.arange(t)[None] < np.array([[t], [t // 2 + 3]])
+        prog = packed_attention_with_column_sums.lower(qkv, None, m, scale=0.125, interpret=interpret,
+                                                       rel_bias=rb, positions=pos).compile()
+        ctx, col = (np.asarray(x, np.float32) for x in prog(qkv, None, m, rel_bias=rb, positions=pos))
+        x = qkv.astype(np.float32)
+        lg = np.einsum("btnh,bsnh->bnts", x[:, :, 0], x[:, :, 1]) * 0.125 + _distance_bias(rb, pos, np)
+        lg = np.where(m[:, None, None, :], lg, -1e30)
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ref_ctx = np.einsum("bnts,bsnh->btnh", p, x[:, :, 2])
+        if not (np.allclose(ctx[m], ref_ctx[m], rtol=3e-2, atol=3e-2)
+                and np.allclose(col, (p * m[:, None, :, None]).sum(2), rtol=2e-2, atol=1e-3)):
+            return False
+    return True
 
 
 def _probe_lse(interpret: bool, rel_bias: bool) -> bool:
@@ -891,8 +858,8 @@ def available(interpret: bool = False, *, rel_bias: bool = False, fused: bool = 
     ``interpret=True`` runs the probe in Pallas' interpreter (how the tests exercise it).
     Which kernel: the second pass ``column_sums_from_lse`` by default, ``rel_bias=True`` with
     T5's relative-position bias; ``fused=True`` the attention kernel that returns the column
-    sums (``attention_with_column_sums``); ``distance=True`` the attention with T5's bias by
-    distance (``attention_by_distance``).
+    sums (``attention_with_column_sums``); ``distance=True`` the same kernel reading T5's bias
+    by distance (``packed_attention_with_column_sums(rel_bias=...)``).
     """
     from accjax.kernels import probed_once
 

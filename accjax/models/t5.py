@@ -388,6 +388,7 @@ class EncoderLayer(nn.Module):
             output_attentions=output_attentions,
             probs_dropout=(lambda p: drop(p, deterministic=False)) if train_dropout else None,
             value_norms=lambda: heads_out.value_norms(v),
+            packed=(qkv, None),  # the fused kernel reads q, k, v from it (no split copies)
         )  # ctx [B, T, N, H], scores [B, T], probs [B, N, T, T]
         if output_attentions:
             out["attentions"] = probs
