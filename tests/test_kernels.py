@@ -368,12 +368,15 @@ def _tied_scores(rng, b, t):
     return jnp.asarray(s)
 
 
-@pytest.mark.parametrize("t", [37, 64, 150])
-def test_keep_rows_kernel_selects_and_gathers_as_xla(t):
+# 150 rows rank in five chunks; 700 (above ``MAX_ROWS``, allowed here) in a loop of 8-row
+# chunks (and its 350 kept rows are copied in one)
+@pytest.mark.parametrize("t", [37, 64, 150, 700])
+def test_keep_rows_kernel_selects_and_gathers_as_xla(t, monkeypatch):
     """Selection and gather in one kernel (interpreted): the indices of ``lax.top_k`` + sort
     (ties to the lower index, original order) at every keep from 1 to all rows, and each
     tensor's rows bit for bit (a [B, T, D] hidden state and a [B, T, N, H] context, bf16 and
-    float32), with rows and kept rows that are no power of two; 150 rows rank in five chunks."""
+    float32), with rows and kept rows that are no power of two."""
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)
     rng = np.random.default_rng(t)
     b = 3
     s = _tied_scores(rng, b, t)
@@ -391,20 +394,21 @@ def test_keep_rows_kernel_selects_and_gathers_as_xla(t):
         keep_rows.select_and_gather_rows(s, [x[..., :40]], keep=5, interpret=True)  # 40 columns: no chunk
 
 
-@pytest.mark.parametrize("t,n_parts", [(37, 6), (64, 24), (150, 5)])
-def test_keep_rows_kernel_ranks_by_column_sums_as_acc(t, n_parts):
+@pytest.mark.parametrize("t,n_parts", [(37, 6), (64, 24), (150, 5), (600, 3)])
+def test_keep_rows_kernel_ranks_by_column_sums_as_acc(t, n_parts, monkeypatch):
     """Given the fused kernel's column sums unreduced (``acc.ColumnSums``), the kernel keeps
     the rows XLA keeps by the finished ACC (summed, normalised, padding -inf, row 0 +inf):
     integer parts, so every sum is exact in any order and many rows tie; padded columns past
     T hold garbage the kernel must not read as rows; each keep from 1 to all rows; [B, T]
     fields (the mask, positions) come back gathered."""
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)  # (600 rows: above 'auto''s bound)
     rng = np.random.default_rng(t + n_parts)
     b, tp = 3, acc_pallas._pow2(t)
     parts = rng.integers(0, 3, (b, n_parts, tp)).astype(np.float32)
     parts[:, :, t:] = 1e9  # past T: never a row
     mask = (np.arange(t)[None] < np.array([[t], [t // 2 + 1], [3]])).astype(np.float32)
     x = jnp.asarray(rng.normal(size=(b, t, 3, 16)), jnp.bfloat16)
-    pos = jnp.asarray(rng.permutation(1000)[: b * t].reshape(b, t), jnp.int32)
+    pos = jnp.asarray(rng.permutation(10000)[: b * t].reshape(b, t), jnp.int32)
     for protect in (None, acc.FIRST_ROW):
         cs = acc.ColumnSums(jnp.asarray(parts), jnp.asarray(mask), jnp.asarray(mask.sum(1, keepdims=True) * 4),
                             protect)
@@ -498,7 +502,7 @@ def test_keep_rows_probe():
     assert keep_rows._probe(interpret=True)
 
 
-def test_kernels_lower_for_the_gpu_at_uneven_rows():
+def test_kernels_lower_for_the_gpu_at_uneven_rows(monkeypatch):
     """Every Pallas kernel lowers to Triton (CUDA) at row counts that are no power of two, as
     eliminated layers have (T5 at 4x keeps 400, 304, 232, ... rows). Interpret mode does not enforce
     Triton's rules, e.g. that a loaded array's size is a power of two; a kernel that broke one
@@ -551,7 +555,11 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows():
         "select_and_gather_rows from 24 column sums (keep 88 of 200)": lambda: keep_rows.select_and_gather_rows(
             jnp.zeros((2, 24, 256)), [q[:, :200].reshape(2, 200, 128)], keep=88, mask=m[:, :200],
             protect_first=True, fields=(m[:, :200].astype(jnp.float32), pos[:, :200])),
+        "select_and_gather_rows from column sums (keep 310 of 400: loops over 16-row chunks)": lambda: (
+            keep_rows.select_and_gather_rows(jnp.zeros((2, 4, 512)), [q.reshape(2, 400, 128)], keep=310, mask=m,
+                                             fields=(m.astype(jnp.float32), pos))),
     }
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)  # the kernel above 'auto''s bound
     for name, fn in kernels.items():
         text = jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
         assert "triton_kernel_call" in text or "__gpu$xla.gpu.triton" in text, name

@@ -45,9 +45,13 @@ from accjax.kernels import runs_here
 from accjax.kernels.acc_pallas import _pow2, _triton_params
 
 KERNEL = "auto"
-MAX_ROWS = 256  # rows of a layer ranked in registers; above, XLA's rank count or top_k runs
+# Rows of a layer this kernel selects among; above, XLA's rank count or top_k runs. The
+# kernel takes up to 1024 (its chunks shrink with the rows: CHUNK_ELEMS), but above 256 rows
+# it is not yet measured against XLA's selection on a GPU, so 'auto' stops at 256.
+MAX_ROWS = 256
 RANK_CHUNK = 32  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time
+CHUNK_ELEMS = 8192  # at most this many comparisons a chunk: above 256 rows, smaller chunks
 MAX_COLS = 256  # columns of each tensor a program copies (the largest power of two dividing D)
 # (num_warps, num_stages)
 BLOCKS = (4, 1)
@@ -86,29 +90,45 @@ def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
         return i, s
 
     j, s_j = scores(0, tp)
-    rank = jnp.zeros((tp,), jnp.int32)
-    for start in range(0, tp, min(RANK_CHUNK, tp)):
-        i, s_i = scores(start, min(RANK_CHUNK, tp))
+    # [chunk, Tp] comparisons in registers at a time: RANK_CHUNK / OUT_CHUNK rows up to 256
+    # rows, fewer above (CHUNK_ELEMS elements), in a loop once there are more than 8 chunks
+    rc, oc = (min(c, tp, max(1, CHUNK_ELEMS // tp)) for c in (RANK_CHUNK, OUT_CHUNK))
+    oc = min(oc, kp)
+
+    def chunks(n, size, body, carry):
+        if n // size <= 8:
+            for k in range(n // size):
+                carry = body(k * size, carry)
+            return carry
+        return jax.lax.fori_loop(0, n // size, lambda k, c: body(k * size, c), carry)
+
+    def count(start, rank):
+        i, s_i = scores(start, rc)
         beats = (s_i[:, None] > s_j[None, :]) | ((s_i[:, None] == s_j[None, :]) & (i[:, None] < j[None, :]))
-        rank = rank + jnp.sum(beats.astype(jnp.int32), axis=0)
+        return rank + jnp.sum(beats.astype(jnp.int32), axis=0)
+
+    rank = chunks(tp, rc, count, jnp.zeros((tp,), jnp.int32))
     # rows past T rank below every real row (-inf, higher index): never kept, as keep <= T
     so_far = jnp.cumsum((rank < keep).astype(jnp.int32))  # [Tp]
     first = pl.program_id(1) == 0
-    for start in range(0, kp, min(OUT_CHUNK, kp)):
-        size = min(OUT_CHUNK, kp)
-        r = start + jnp.arange(size, dtype=jnp.int32)
-        idx = jnp.sum((so_far[None, :] <= r[:, None]).astype(jnp.int32), axis=1)  # [size]
+
+    def copy(start, carry):
+        r = start + jnp.arange(oc, dtype=jnp.int32)
+        idx = jnp.sum((so_far[None, :] <= r[:, None]).astype(jnp.int32), axis=1)  # [oc]
         live = r < keep
         idx = jnp.where(live, idx, 0)  # rows past keep: a valid row, never stored
 
         @pl.when(first)
         def _():
-            plgpu.store(idx_ref.at[pl.ds(start, size)], idx, mask=live)
+            plgpu.store(idx_ref.at[pl.ds(start, oc)], idx, mask=live)
             for f_ref, g_ref in zip(fields, field_outs):
-                plgpu.store(g_ref.at[pl.ds(start, size)], f_ref[idx], mask=live)
+                plgpu.store(g_ref.at[pl.ds(start, oc)], f_ref[idx], mask=live)
 
         for x_ref, o_ref in zip(ins, outs):
-            plgpu.store(o_ref.at[pl.ds(start, size), :], x_ref[idx, :], mask=live[:, None])
+            plgpu.store(o_ref.at[pl.ds(start, oc), :], x_ref[idx, :], mask=live[:, None])
+        return carry
+
+    chunks(kp, oc, copy, 0)
 
 
 def _col_chunk(d: int) -> int:
