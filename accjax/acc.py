@@ -516,7 +516,7 @@ def attend_and_score(
                                                    PACKED_ATTENTION == "interpret").astype(q.dtype)
         elif not score and _distance_attention(impl, bias_by_distance is not None, causal,
                                                shared_bias=bias is not None and bias.shape[0] == 1):
-            # (a layer that scores with the bias by distance took the fused path above)
+            # (a scoring layer took the fused path above, or needs the log-sum-exp below)
             ctx = _attention_by_distance(q, k, v, packed, mask.astype(jnp.float32), bias_by_distance,
                                          positions, scale, DISTANCE_ATTENTION == "interpret", columns=False)
         else:
