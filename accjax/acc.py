@@ -313,7 +313,8 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: b
             return "probs", False
         from accjax.kernels import acc_pallas
 
-        if keys <= (FUSED_MAX_KEYS_CAUSAL if causal else FUSED_MAX_KEYS) and not bias and acc_pallas.available(fused=True):
+        max_keys = FUSED_MAX_KEYS_CAUSAL if causal else FUSED_MAX_KEYS
+        if keys <= max_keys and not bias and acc_pallas.available(fused=True):
             return "fused", False
         if _distance_attention(attention_impl, by_distance, causal):
             return "fused", DISTANCE_ATTENTION == "interpret"
