@@ -368,8 +368,8 @@ def _tied_scores(rng, b, t):
     return jnp.asarray(s)
 
 
-# 150 rows rank in five chunks; 700 (above ``MAX_ROWS``, allowed here) in a loop of 8-row
-# chunks (and its 350 kept rows are copied in one)
+# 150 rows rank in five chunks; 700 (above ``MAX_ROWS``, allowed here) take the threshold
+# path (eight row tiles, each scattering its kept rows)
 @pytest.mark.parametrize("t", [37, 64, 150, 700])
 def test_keep_rows_kernel_selects_and_gathers_as_xla(t, monkeypatch):
     """Selection and gather in one kernel (interpreted): the indices of ``lax.top_k`` + sort
@@ -392,6 +392,23 @@ def test_keep_rows_kernel_selects_and_gathers_as_xla(t, monkeypatch):
     assert rows == [] and np.array_equal(np.asarray(idx), np.asarray(acc.select_rows(s, 5, method="top_k")))
     with pytest.raises(ValueError, match="cannot select"):
         keep_rows.select_and_gather_rows(s, [x[..., :40]], keep=5, interpret=True)  # 40 columns: no chunk
+
+
+def test_keep_rows_threshold_orders_every_float_as_top_k(monkeypatch):
+    """Above ``THRESHOLD_ROWS`` the kernel searches the keep-th highest score over its float32
+    bits: negative scores of every magnitude, subnormals, -0.0 (below 0.0, as ``lax.top_k``
+    orders them), ties and infinities select what ``lax.top_k`` selects, at every keep tried."""
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)
+    rng = np.random.default_rng(5)
+    t = 300
+    assert keep_rows._pow2(t) > keep_rows.THRESHOLD_ROWS
+    vals = np.array([-np.inf, -3e38, -1.0, -1.5e-45, -0.0, 0.0, 1.5e-45, 1e-38, 1.0, 2.0, 3e38, np.inf], np.float32)
+    s = np.concatenate([rng.choice(vals, (2, t)), -rng.exponential(1e3, (1, t)).astype(np.float32)])
+    s = jnp.asarray(s)
+    for keep in (1, 77, 150, 299, 300):
+        ref = jax.lax.top_k(s, keep)[1]
+        idx, _ = keep_rows.select_and_gather_rows(s, [], keep=keep, interpret=True)
+        np.testing.assert_array_equal(np.asarray(idx), np.sort(np.asarray(ref), axis=1), err_msg=str(keep))
 
 
 @pytest.mark.parametrize("t,n_parts", [(37, 6), (64, 24), (150, 5), (600, 3)])
@@ -555,7 +572,7 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows(monkeypatch):
         "select_and_gather_rows from 24 column sums (keep 88 of 200)": lambda: keep_rows.select_and_gather_rows(
             jnp.zeros((2, 24, 256)), [q[:, :200].reshape(2, 200, 128)], keep=88, mask=m[:, :200],
             protect_first=True, fields=(m[:, :200].astype(jnp.float32), pos[:, :200])),
-        "select_and_gather_rows from column sums (keep 310 of 400: loops over 16-row chunks)": lambda: (
+        "select_and_gather_rows from column sums (keep 310 of 400: the threshold path)": lambda: (
             keep_rows.select_and_gather_rows(jnp.zeros((2, 4, 512)), [q.reshape(2, 400, 128)], keep=310, mask=m,
                                              fields=(m.astype(jnp.float32), pos))),
     }

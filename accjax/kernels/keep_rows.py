@@ -22,7 +22,16 @@ and [B, T] fields (the rows' mask and positions) are gathered with the indices, 
 XLA's gather of them: two kernels fewer an eliminating layer.
 
 The rank count is recomputed by each column chunk's program (it is a few thousand
-comparisons; the rows are what cost). With no tensors it is a selection kernel alone
+comparisons; the rows are what cost). Above ``THRESHOLD_ROWS`` rows (GPT-2's and T5's
+prompts) T^2 comparisons in one program are what cost, so the kept rows are found without
+ranking them: each program of an (example, row tile, column chunk) grid finds the keep-th
+highest score v by an exact search over its float32 bits (8 steps of 4 bits, each counting
+the scores at or above 15 candidates), keeps the rows above v and the first of those equal to
+it, and scatters its own row tile's kept rows to their places (running counts):
+
+    v        = max{u : #{i : s_i >= u} >= keep}
+    kept_j   = s_j > v, or s_j == v and #{i <= j : s_i == v} <= keep - #{i : s_i > v}
+    out[so_far_j - 1] = x[j]  for kept j With no tensors it is a selection kernel alone
 (``acc.select_rows(..., method='kernel')``). Differentiated, the gather's transpose (a
 scatter-add) is XLA's; the scores get no gradient (ACC only ranks rows).
 
@@ -46,31 +55,29 @@ from accjax.kernels.acc_pallas import _pow2, _triton_params
 
 KERNEL = "auto"
 # Rows of a layer this kernel selects among; above, XLA's rank count or top_k runs. The
-# kernel takes up to 1024 (its chunks shrink with the rows: CHUNK_ELEMS), but above 256 rows
-# it is not yet measured against XLA's selection on a GPU, so 'auto' stops at 256.
+# kernel takes any number of rows; above 256 ('auto''s bound) it is not yet measured against
+# XLA's selection on a GPU.
 MAX_ROWS = 256
 RANK_CHUNK = 32  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time
-CHUNK_ELEMS = 8192  # at most this many comparisons a chunk: above 256 rows, smaller chunks
 MAX_COLS = 256  # columns of each tensor a program copies (the largest power of two dividing D)
+# Above THRESHOLD_ROWS (padded) rows the kept rows are not ranked (T^2 comparisons in one
+# program per example: at 1024 rows that made GPT-2's 1.5x program on an H200 twice as slow)
+# but found by the keep-th highest score (eight passes over the scores) and scattered,
+# ROW_TILE rows a program.
+THRESHOLD_ROWS = 256
+ROW_TILE = 128
 # (num_warps, num_stages)
 BLOCKS = (4, 1)
 
 
-def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
-            protect_first: bool):
-    # s_ref [Tp] one example's scores (past T: masked), or with ``parts`` > 0 its column sums
-    # unreduced [parts, Tp] followed by m_ref [Tp] (float, 1.0 = real row); refs: n_tensors
-    # inputs [Tp, DC] (rows past T never read), n_fields inputs [Tp], idx [Kp], n_tensors
-    # outputs [Kp, DC] and n_fields outputs [Kp] (rows past keep never written)
+def _scores_fn(s_ref, m_ref, *, t: int, parts: int, protect_first: bool):
+    """``scores(start, size)`` -> (row indices, float32 scores) of rows [start, start + size):
+    -inf past T; from the column sums unreduced (``parts`` > 0): their sum, -inf for padding,
+    +inf for a protected row 0."""
     from jax.experimental.pallas import triton as plgpu
 
-    if parts:
-        m_ref, refs = refs[0], refs[1:]
-    ins, fields, refs = refs[:n_tensors], refs[n_tensors:n_tensors + n_fields], refs[n_tensors + n_fields:]
-    idx_ref, outs, field_outs = refs[0], refs[1:1 + n_tensors], refs[1 + n_tensors:]
     tp = s_ref.shape[-1]
-    kp = idx_ref.shape[0]
 
     def load(ref, i, other):
         return ref[...] if t == tp else plgpu.load(ref, mask=i < t, other=other)
@@ -89,18 +96,39 @@ def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
             s = jnp.where(real & (i == 0), jnp.inf, s)
         return i, s
 
+    return scores
+
+
+def _split_refs(refs, n_tensors: int, n_fields: int, parts: int):
+    """(m_ref or None, tensor inputs, field inputs, idx output, tensor outputs, field outputs)."""
+    m_ref = None
+    if parts:
+        m_ref, refs = refs[0], refs[1:]
+    ins, fields, refs = refs[:n_tensors], refs[n_tensors:n_tensors + n_fields], refs[n_tensors + n_fields:]
+    return m_ref, ins, fields, refs[0], refs[1:1 + n_tensors], refs[1 + n_tensors:]
+
+
+def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
+            protect_first: bool):
+    # s_ref [Tp] one example's scores (past T: masked), or with ``parts`` > 0 its column sums
+    # unreduced [parts, Tp] followed by m_ref [Tp] (float, 1.0 = real row); refs: n_tensors
+    # inputs [Tp, DC] (rows past T never read), n_fields inputs [Tp], idx [Kp], n_tensors
+    # outputs [Kp, DC] and n_fields outputs [Kp] (rows past keep never written)
+    from jax.experimental.pallas import triton as plgpu
+
+    m_ref, ins, fields, idx_ref, outs, field_outs = _split_refs(refs, n_tensors, n_fields, parts)
+    tp = s_ref.shape[-1]
+    kp = idx_ref.shape[0]
+    scores = _scores_fn(s_ref, m_ref, t=t, parts=parts, protect_first=protect_first)
+
     j, s_j = scores(0, tp)
-    # [chunk, Tp] comparisons in registers at a time: RANK_CHUNK / OUT_CHUNK rows up to 256
-    # rows, fewer above (CHUNK_ELEMS elements), in a loop once there are more than 8 chunks
-    rc, oc = (min(c, tp, max(1, CHUNK_ELEMS // tp)) for c in (RANK_CHUNK, OUT_CHUNK))
-    oc = min(oc, kp)
+    # [chunk, Tp] comparisons in registers at a time (Tp <= THRESHOLD_ROWS: at most 8 chunks)
+    rc, oc = min(RANK_CHUNK, tp), min(OUT_CHUNK, tp, kp)
 
     def chunks(n, size, body, carry):
-        if n // size <= 8:
-            for k in range(n // size):
-                carry = body(k * size, carry)
-            return carry
-        return jax.lax.fori_loop(0, n // size, lambda k, c: body(k * size, c), carry)
+        for k in range(n // size):
+            carry = body(k * size, carry)
+        return carry
 
     def count(start, rank):
         i, s_i = scores(start, rc)
@@ -129,6 +157,70 @@ def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
         return carry
 
     chunks(kp, oc, copy, 0)
+
+
+def _order_key(s):
+    """float32 -> int32 in the same order (for scores without NaN; -0.0 below 0.0, as
+    ``lax.top_k`` orders them)."""
+    i = jax.lax.bitcast_convert_type(s, jnp.int32)
+    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)  # negative floats: larger magnitude, smaller key
+
+
+def _threshold_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
+                      protect_first: bool, row_tile: int):
+    # refs as ``_keep_rows_kernel``'s; the grid is (example, row tile, column chunk): a program
+    # finds the example's kept rows without ranking them and scatters its own row tile's.
+    from jax.experimental.pallas import triton as plgpu
+
+    m_ref, ins, fields, idx_ref, outs, field_outs = _split_refs(refs, n_tensors, n_fields, parts)
+    tp = s_ref.shape[-1]
+    scores = _scores_fn(s_ref, m_ref, t=t, parts=parts, protect_first=protect_first)
+    j, s_j = scores(0, tp)
+    key = _order_key(s_j)  # [Tp]; rows past T -inf: the lowest keys
+
+    # v = the keep-th highest key, 4 bits a step from the top: after each step at least keep
+    # keys are >= v, and fewer than keep are >= v + 2^b (b: the step's lowest bit). Every
+    # candidate fits in int32 (v + 16 * 2^b <= 2^31 throughout).
+    m = jnp.arange(16, dtype=jnp.int32)
+
+    def digit(cands):  # the largest m whose candidate still has keep keys at or above it
+        n_at_least = jnp.sum((key[None, :] >= cands[:, None]).astype(jnp.int32), axis=1)  # [16]
+        return jnp.sum((n_at_least >= keep).astype(jnp.int32)) - 1
+
+    v = (digit((m - 8) * (1 << 28)) - 8) * (1 << 28)  # bits 31-28: -2^31 + m * 2^28
+    for b in range(24, -1, -4):
+        v = v + digit(v + m * (1 << b)) * (1 << b)
+    # kept: keys above v, and of the keys equal to v the first (keep - #above) by index
+    need = keep - jnp.sum((key > v).astype(jnp.int32))
+    tie = key == v
+    kept = (key > v) | (tie & (jnp.cumsum(tie.astype(jnp.int32)) <= need))  # [Tp]
+
+    # this program's rows [r0, r0 + row_tile): the same decision, and each kept row's place
+    # among the kept rows of the example
+    r0 = pl.program_id(1) * row_tile
+    i, s_i = scores(r0, row_tile)
+    key_i = _order_key(s_i)
+    before = j < r0
+    tie_i = key_i == v
+    ties_before = jnp.sum((before & tie).astype(jnp.int32))
+    kept_i = (key_i > v) | (tie_i & (ties_before + jnp.cumsum(tie_i.astype(jnp.int32)) <= need))
+    dest = jnp.sum((before & kept).astype(jnp.int32)) + jnp.cumsum(kept_i.astype(jnp.int32)) - 1
+    # rows not kept: past the output block, never stored (the interpreter drops such writes;
+    # a place they shared with a kept row would race with it there)
+    dest = jnp.where(kept_i, dest, idx_ref.shape[0])
+    real = i < t
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        plgpu.store(idx_ref.at[dest], i, mask=kept_i)
+        for f_ref, g_ref in zip(fields, field_outs):
+            plgpu.store(g_ref.at[dest], plgpu.load(f_ref.at[pl.ds(r0, row_tile)], mask=real), mask=kept_i)
+
+    for x_ref, o_ref in zip(ins, outs):
+        rows = plgpu.load(x_ref.at[pl.ds(r0, row_tile), :], mask=real[:, None])
+        cols = jnp.arange(rows.shape[1], dtype=jnp.int32)
+        plgpu.store(o_ref.at[dest[:, None], cols[None, :]], rows, mask=kept_i[:, None])  # (array indices only:
+        # what the interpreter stores through)
 
 
 def _col_chunk(d: int) -> int:
@@ -176,27 +268,36 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
     fields = list(fields)
     if any(f.shape != (b, t) or f.dtype.itemsize != 4 for f in fields):
         raise ValueError(f"fields must be [{b}, {t}] 32-bit arrays, got {[(f.shape, f.dtype) for f in fields]}")
-    kernel = functools.partial(_keep_rows_kernel, keep=keep, t=t, n_tensors=len(flat), n_fields=len(fields),
-                               parts=n_parts, protect_first=protect_first)
+    common = dict(keep=keep, t=t, n_tensors=len(flat), n_fields=len(fields), parts=n_parts,
+                  protect_first=protect_first)
+    if tp > THRESHOLD_ROWS:  # (example, row tile, column chunk)
+        rt = min(ROW_TILE, tp)
+        kernel = functools.partial(_threshold_kernel, row_tile=rt, **common)
+        grid = (b, tp // rt, d // dc)
+
+        def spec(shape, cols=False):
+            return pl.BlockSpec((None,) + shape, lambda i, r, c: (i,) + (0,) * (len(shape) - cols) + ((c,) if cols else ()))
+    else:  # (example, column chunk)
+        kernel = functools.partial(_keep_rows_kernel, **common)
+        grid = (b, d // dc)
+
+        def spec(shape, cols=False):
+            return pl.BlockSpec((None,) + shape, lambda i, c: (i,) + (0,) * (len(shape) - cols) + ((c,) if cols else ()))
     out_shape = [jax.ShapeDtypeStruct((b, keep), jnp.int32)] + [
         jax.ShapeDtypeStruct((b, keep, d), x.dtype) for x in flat] + [
         jax.ShapeDtypeStruct((b, keep), f.dtype) for f in fields]
     if n_parts:
-        head = [pl.BlockSpec((None, n_parts, tp), lambda i, c: (i, 0, 0)),
-                pl.BlockSpec((None, tp), lambda i, c: (i, 0))]
+        head = [spec((n_parts, tp)), spec((tp,))]
         head_args = [scores.astype(jnp.float32), mask.astype(jnp.float32)]
     else:
-        head = [pl.BlockSpec((None, tp), lambda i, c: (i, 0))]
+        head = [spec((tp,))]
         head_args = [scores.astype(jnp.float32)]
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(b, d // dc),
-        in_specs=head + [pl.BlockSpec((None, tp, dc), lambda i, c: (i, 0, c)) for _ in flat]
-        + [pl.BlockSpec((None, tp), lambda i, c: (i, 0)) for _ in fields],
-        out_specs=[pl.BlockSpec((None, kp), lambda i, c: (i, 0))]
-        + [pl.BlockSpec((None, kp, dc), lambda i, c: (i, 0, c)) for _ in flat]
-        + [pl.BlockSpec((None, kp), lambda i, c: (i, 0)) for _ in fields],
+        grid=grid,
+        in_specs=head + [spec((tp, dc), cols=True) for _ in flat] + [spec((tp,)) for _ in fields],
+        out_specs=[spec((kp,))] + [spec((kp, dc), cols=True) for _ in flat] + [spec((kp,)) for _ in fields],
         interpret=interpret,
         **_triton_params(interpret, num_warps, num_stages),
     )(*head_args, *flat, *fields)
