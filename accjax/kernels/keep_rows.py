@@ -55,8 +55,9 @@ from accjax.kernels.acc_pallas import _pow2, _triton_params
 
 KERNEL = "auto"
 # Rows of a layer this kernel selects among; above, XLA's rank count or top_k runs. The
-# kernel takes any number of rows; above 256 ('auto''s bound) it is not yet measured against
-# XLA's selection on a GPU.
+# kernel takes any number of rows; above 256 ('auto''s bound) it measured as fast as XLA's
+# selection in GPT-2's 8 x 1024 programs on an H200, not faster (docs/benchmarks.md,
+# seventeenth session), and was not measured on T5.
 MAX_ROWS = 256
 RANK_CHUNK = 32  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time
