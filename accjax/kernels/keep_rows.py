@@ -31,9 +31,11 @@ it, and scatters its own row tile's kept rows to their places (running counts):
 
     v        = max{u : #{i : s_i >= u} >= keep}
     kept_j   = s_j > v, or s_j == v and #{i <= j : s_i == v} <= keep - #{i : s_i > v}
-    out[so_far_j - 1] = x[j]  for kept j With no tensors it is a selection kernel alone
-(``acc.select_rows(..., method='kernel')``). Differentiated, the gather's transpose (a
-scatter-add) is XLA's; the scores get no gradient (ACC only ranks rows).
+    out[so_far_j - 1] = x[j]  for kept j
+
+With no tensors it is a selection kernel alone (``acc.select_rows(..., method='kernel')``).
+Differentiated, the gather's transpose (a scatter-add) is XLA's; the scores get no gradient
+(ACC only ranks rows).
 
 ``KERNEL`` says where it runs: 'auto' on a GPU where it compiles and agrees with numpy
 (probed once), 'never', or 'interpret' (Pallas' interpreter: how the tests run it on the CPU).
@@ -219,9 +221,9 @@ def _threshold_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
 
     for x_ref, o_ref in zip(ins, outs):
         rows = plgpu.load(x_ref.at[pl.ds(r0, row_tile), :], mask=real[:, None])
+        # indexed by arrays in both dimensions: the interpreter stores through no other mix
         cols = jnp.arange(rows.shape[1], dtype=jnp.int32)
-        plgpu.store(o_ref.at[dest[:, None], cols[None, :]], rows, mask=kept_i[:, None])  # (array indices only:
-        # what the interpreter stores through)
+        plgpu.store(o_ref.at[dest[:, None], cols[None, :]], rows, mask=kept_i[:, None])
 
 
 def _col_chunk(d: int) -> int:
