@@ -125,41 +125,29 @@ def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
     scores = _scores_fn(s_ref, m_ref, t=t, parts=parts, protect_first=protect_first)
 
     j, s_j = scores(0, tp)
-    # [chunk, Tp] comparisons in registers at a time (Tp <= THRESHOLD_ROWS: at most 8 chunks)
-    rc, oc = min(RANK_CHUNK, tp), min(OUT_CHUNK, tp, kp)
-
-    def chunks(n, size, body, carry):
-        for k in range(n // size):
-            carry = body(k * size, carry)
-        return carry
-
-    def count(start, rank):
-        i, s_i = scores(start, rc)
+    rank = jnp.zeros((tp,), jnp.int32)
+    for start in range(0, tp, min(RANK_CHUNK, tp)):  # (tp <= THRESHOLD_ROWS: at most 8 chunks)
+        i, s_i = scores(start, min(RANK_CHUNK, tp))
         beats = (s_i[:, None] > s_j[None, :]) | ((s_i[:, None] == s_j[None, :]) & (i[:, None] < j[None, :]))
-        return rank + jnp.sum(beats.astype(jnp.int32), axis=0)
-
-    rank = chunks(tp, rc, count, jnp.zeros((tp,), jnp.int32))
+        rank = rank + jnp.sum(beats.astype(jnp.int32), axis=0)
     # rows past T rank below every real row (-inf, higher index): never kept, as keep <= T
     so_far = jnp.cumsum((rank < keep).astype(jnp.int32))  # [Tp]
     first = pl.program_id(1) == 0
-
-    def copy(start, carry):
-        r = start + jnp.arange(oc, dtype=jnp.int32)
-        idx = jnp.sum((so_far[None, :] <= r[:, None]).astype(jnp.int32), axis=1)  # [oc]
+    for start in range(0, kp, min(OUT_CHUNK, kp)):
+        size = min(OUT_CHUNK, kp)
+        r = start + jnp.arange(size, dtype=jnp.int32)
+        idx = jnp.sum((so_far[None, :] <= r[:, None]).astype(jnp.int32), axis=1)  # [size]
         live = r < keep
         idx = jnp.where(live, idx, 0)  # rows past keep: a valid row, never stored
 
         @pl.when(first)
         def _():
-            plgpu.store(idx_ref.at[pl.ds(start, oc)], idx, mask=live)
+            plgpu.store(idx_ref.at[pl.ds(start, size)], idx, mask=live)
             for f_ref, g_ref in zip(fields, field_outs):
-                plgpu.store(g_ref.at[pl.ds(start, oc)], f_ref[idx], mask=live)
+                plgpu.store(g_ref.at[pl.ds(start, size)], f_ref[idx], mask=live)
 
         for x_ref, o_ref in zip(ins, outs):
-            plgpu.store(o_ref.at[pl.ds(start, oc), :], x_ref[idx, :], mask=live[:, None])
-        return carry
-
-    chunks(kp, oc, copy, 0)
+            plgpu.store(o_ref.at[pl.ds(start, size), :], x_ref[idx, :], mask=live[:, None])
 
 
 def _order_key(s):
