@@ -441,3 +441,26 @@ def test_a_batch_padded_below_its_bucket_trains_the_function_the_bucket_would():
     short = {k: (v[:, :8] if v.ndim == 2 else v) for k, v in tight.items()}
     assert step_static(exp, el, (1.5,), short) == (8, 8)
     assert step_static(exp, el, (1.0,), short) is None  # the dense level stays dense
+
+
+def test_dropout_drops_the_rate_with_independent_16_bit_draws():
+    """``common.Dropout`` (two 16-bit draws per random word): the fraction dropped is the rate,
+    the two halves of a word decide different elements, kept elements are scaled to keep the
+    mean, odd widths work, and off (deterministic) it is the identity."""
+    from accjax.models import common
+
+    x = jnp.ones((64, 125, 129), jnp.float32)  # odd last axis: the draws are sliced to it
+    drop = common.Dropout(0.1)
+    y = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+    dropped = y == 0
+    assert y.shape == x.shape
+    assert abs(dropped.mean() - 0.1) < 2e-3  # n ~ 1e6: one standard deviation is 3e-4
+    np.testing.assert_allclose(y[~dropped], 1 / (1 - 6554 / 65536), rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 3e-3
+    # the high and low halves of each word fill the first and second half of the last axis:
+    # drawn from the same bits, they would drop the same elements (agreement ~1, not ~0.82)
+    lo, hi = dropped[..., :64], dropped[..., 65:]
+    assert abs((lo == hi).mean() - (0.9 ** 2 + 0.1 ** 2)) < 5e-3
+    other = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})) == 0
+    assert abs((other == dropped).mean() - 0.82) < 5e-3  # another key, another mask
+    np.testing.assert_array_equal(np.asarray(drop.apply({}, x, deterministic=True)), np.asarray(x))

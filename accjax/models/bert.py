@@ -138,7 +138,7 @@ class Embeddings(nn.Module):
             positions)
         x += common.embed(cfg, cfg.type_vocab_size, ("types", "embed"), "token_type_embeddings")(token_types)
         x = common.layer_norm(cfg, "LayerNorm")(x)
-        return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+        return common.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
 
 
 class BertLayer(nn.Module):
@@ -182,7 +182,7 @@ class BertLayer(nn.Module):
         # Keeping one row keeps the protected CLS, always row 0 (order is preserved): no
         # ranking needed, the prefix of one row is the same selection.
         prefix = acc_variant in acc_lib.BASELINES or keep == 1
-        drop = nn.Dropout(cfg.attention_dropout)
+        drop = common.Dropout(cfg.attention_dropout)
         train_dropout = not deterministic and cfg.attention_dropout > 0
         ctx, scores, probs = acc_lib.attend_and_score(
             q, k, v, rows.mask, scale=scale, score=eliminate and not prefix, variant=acc_variant,
@@ -200,12 +200,12 @@ class BertLayer(nn.Module):
                                                fuse=cfg.fuse_dropped)
 
         h = heads_out(ctx)  # [B, K, D]
-        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        h = common.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         x = common.layer_norm(cfg, "attn_norm")(x + h)
         h = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in",
                          activation=cfg.hidden_act)(x)  # [B, K, F], activated
         h = common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")(h)  # [B, K, D]
-        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        h = common.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         x = common.layer_norm(cfg, "mlp_norm")(x + h)
         return x, rows, out
 
@@ -290,6 +290,6 @@ class BertForSequenceClassification(nn.Module):
         out = BertModel(cfg, name="bert")(
             input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic, **kw)
         p = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-        h = nn.Dropout(p)(out.pooler_output, deterministic=deterministic)
+        h = common.Dropout(p)(out.pooler_output, deterministic=deterministic)
         logits = common.dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(h)  # [B, C]
         return out.replace(logits=logits.astype(jnp.float32))

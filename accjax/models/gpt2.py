@@ -336,8 +336,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = common.layer_norm(cfg, "ln_2")
         self.mlp_in = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in", activation=cfg.activation)
         self.mlp_out = common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")
-        self.attn_drop = nn.Dropout(cfg.attention_dropout)
-        self.resid_drop = nn.Dropout(cfg.resid_dropout)
+        self.attn_drop = common.Dropout(cfg.attention_dropout)
+        self.resid_drop = common.Dropout(cfg.resid_dropout)
 
     def _project(self, x: Array) -> tuple[Array, Array, Array]:
         qkv = self.qkv(self.ln_1(x))  # [B, T, 3, N, H]
@@ -404,7 +404,7 @@ class GPT2Model(nn.Module):
         cfg = self.config
         self.wte = common.embed(cfg, cfg.vocab_size, ("vocab", "embed"), "wte")
         self.wpe = common.embed(cfg, cfg.max_position_embeddings, ("positions", "embed"), "wpe")
-        self.embd_drop = nn.Dropout(cfg.embd_dropout)
+        self.embd_drop = common.Dropout(cfg.embd_dropout)
         self.blocks = [GPT2Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
         self.ln_f = common.layer_norm(cfg, "ln_f")
 

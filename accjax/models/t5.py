@@ -322,7 +322,7 @@ class FeedForward(nn.Module):
             h = act(g[:, :, 0]) * g[:, :, 1]  # [B, T, F]
         else:
             h = act(Proj(cfg, (d, cfg.d_ff), "BTD,DF->BTF", ("embed", "mlp"), f * d ** -0.5, name="wi")(h))
-        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        h = common.Dropout(cfg.dropout)(h, deterministic=deterministic)
         return Proj(cfg, (cfg.d_ff, d), "BTF,FD->BTD", ("mlp", "embed"), f * cfg.d_ff ** -0.5, name="wo")(h)
 
 
@@ -379,7 +379,7 @@ class EncoderLayer(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
         heads_out = _out(cfg, "attn_out")
         train_dropout = not deterministic and cfg.dropout > 0
-        drop = nn.Dropout(cfg.dropout) if train_dropout else None
+        drop = common.Dropout(cfg.dropout) if train_dropout else None
         prefix = acc_variant in acc_lib.BASELINES
         ctx, scores, probs = acc_lib.attend_and_score(
             q, k, v, rows.mask, scale=1.0, bias=bias, bias_by_distance=bias_by_distance,
@@ -396,9 +396,9 @@ class EncoderLayer(nn.Module):
             rows, (ctx, x) = acc_lib.drop_rows(scores, keep, rows, out, ctx, x, prefix=prefix)
 
         h = heads_out(ctx)  # [B, K, D]
-        x = clamp_fp16(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
+        x = clamp_fp16(x + common.Dropout(cfg.dropout)(h, deterministic=deterministic))
         h = FeedForward(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x), deterministic)  # [B, K, D]
-        x = clamp_fp16(x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic))
+        x = clamp_fp16(x + common.Dropout(cfg.dropout)(h, deterministic=deterministic))
         return x, rows, out
 
 
@@ -462,7 +462,7 @@ class T5Encoder(nn.Module):
             dist = jnp.arange(-(t - 1), t, dtype=jnp.int32)[None]
             by_distance = rel_bias(jnp.zeros((1, 1), jnp.int32), dist)[0, :, 0, :]
 
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = common.Dropout(cfg.dropout)(x, deterministic=deterministic)
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
         layers = []
@@ -481,7 +481,7 @@ class T5Encoder(nn.Module):
                 hidden_states.append(x)
             layers.append(out)
         x = RMSNorm(cfg, name="final_norm")(x)
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = common.Dropout(cfg.dropout)(x, deterministic=deterministic)
         return T5EncoderOutput(
             last_hidden_state=x, rows=rows, layers=tuple(layers),
             hidden_states=None if hidden_states is None else tuple(hidden_states),
@@ -507,7 +507,7 @@ class DecoderLayer(nn.Module):
         self.cross_out = _out(cfg)
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = FeedForward(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = common.Dropout(cfg.dropout)
 
     def encoder_kv(self, enc: Array) -> tuple[Array, Array]:
         """Cross-attention keys and values of the encoder rows: [B, S, D] -> 2 x [B, S, N, H]."""
@@ -579,7 +579,7 @@ class T5Decoder(nn.Module):
         self.relative_attention_bias = RelativeBias(cfg, bidirectional=False)
         self.layer = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]  # layer_0, ...
         self.final_norm = RMSNorm(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = common.Dropout(cfg.dropout)
 
     def cross_kv(self, enc: Array) -> tuple[tuple[Array, Array], ...]:
         """Per layer the cross-attention (k, v) [B, S, N, H] of the (kept) encoder rows."""
