@@ -455,7 +455,7 @@ def ensure_default_run() -> Path:
         warm = int(config.warm_start.epochs)
         recipe = (f"{spec}: {warm} dense epoch(s), then over speedups {lo:g}-{hi:g}, {config.epochs} "
                   f"epochs: each step trains 1x and {hi:g}x, the {hi:g}x pass distilled from the 1x "
-                  "one; about 13 minutes on 2 quiet CPU cores")
+                  "one; about 13-15 minutes on 2 quiet CPU cores")
     print(f"accjax: no default checkpoint in {run} yet: fine-tuning MiniLM-L6 on rt_polarity with "
           f"elastic elimination ({recipe}; once: an interrupted run resumes). Pass "
           "--checkpoint RUN_DIR to use your own.", file=sys.stderr, flush=True)
