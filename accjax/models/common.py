@@ -266,8 +266,8 @@ class Dropout(nn.Dropout):
     element is dropped when its draw is below ``round(rate * 65536)`` (so the drop probability
     is ``rate`` to within 2**-17; kept elements are scaled by the exact inverse keep
     probability). Flax draws one 32-bit uniform per element, and with JAX's partitionable
-    threefry each costs a whole hash: on 2 CPU cores the masks were about a fifth of a
-    MiniLM-L6 training step at 64 tokens (docs/results.md "Time"). The words are drawn over
+    threefry each costs a whole hash: on 2 CPU cores flax's masks were 10-20% of a MiniLM-L6
+    training step at 32-64 tokens, and these cost about half as much (docs/results.md "Time"). The words are drawn over
     the leading axes and half the last, so the bits still split along the batch axis."""
 
     @nn.compact
