@@ -17,6 +17,11 @@ asserts nothing about time. Never imports ``datasets``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # malloc with huge pages for XLA's CPU buffers: restarts once
+    from accjax import host_memory
+
+    host_memory.ensure()
+
 import argparse
 import contextlib
 import functools

@@ -1,4 +1,9 @@
 """``python -m eval.bench_t5``: ``eval.bench`` timing T5 to its first token, with T5 defaults."""
+if __name__ == "__main__":  # malloc with huge pages for XLA's CPU buffers: restarts once
+    from accjax import host_memory
+
+    host_memory.ensure()
+
 import sys
 
 from eval import bench

@@ -7,6 +7,11 @@ Prints relative errors; a program for a new machine, not a test. Never imports `
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # malloc with huge pages for XLA's CPU buffers: restarts once
+    from accjax import host_memory
+
+    host_memory.ensure()
+
 import argparse
 import sys
 

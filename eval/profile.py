@@ -16,6 +16,11 @@ keeps one call's kernel sequence. A program for performance work, not a test.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # malloc with huge pages for XLA's CPU buffers: restarts once
+    from accjax import host_memory
+
+    host_memory.ensure()
+
 import argparse
 import collections
 import glob

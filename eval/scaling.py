@@ -38,6 +38,11 @@ the check fails.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # malloc with huge pages for XLA's CPU buffers: restarts once
+    from accjax import host_memory
+
+    host_memory.ensure()
+
 import os
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before jax creates a backend (issue 8: NVLS off)

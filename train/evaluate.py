@@ -10,6 +10,11 @@ table and writes ``eval.json`` into the folder (or ``--out``).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # malloc with huge pages for XLA's CPU buffers: restarts once
+    from accjax import host_memory
+
+    host_memory.ensure()
+
 import argparse
 import json
 import sys

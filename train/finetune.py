@@ -14,6 +14,11 @@ host; see accjax/sharding.py.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # malloc with huge pages for XLA's CPU buffers: restarts once
+    from accjax import host_memory
+
+    host_memory.ensure()
+
 import logging
 import sys
 
