@@ -267,8 +267,9 @@ class Dropout(nn.Dropout):
     is ``rate`` to within 2**-17; kept elements are scaled by the exact inverse keep
     probability). Flax draws one 32-bit uniform per element, and with JAX's partitionable
     threefry each costs a whole hash: on 2 CPU cores flax's masks were 10-20% of a MiniLM-L6
-    training step at 32-64 tokens, and these cost about half as much (docs/results.md "Time"). The words are drawn over
-    the leading axes and half the last, so the bits still split along the batch axis."""
+    training step at 32-64 tokens, and these cost about half as much (docs/results.md
+    "Time"). The words are drawn over the leading axes and half the last, so the bits still
+    split along the batch axis."""
 
     @nn.compact
     def __call__(self, inputs, deterministic: bool | None = None, rng=None):
