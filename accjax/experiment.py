@@ -37,7 +37,7 @@ from accjax import checkpoint as ckpt_lib
 from accjax import convert, data as data_lib, evaluation, guards, hub
 from accjax import models as models_lib
 from accjax import schedule as sched_lib
-from accjax.models.common import MATMUL_DTYPES
+from accjax.models.common import MATMUL_DTYPES, resolve_matmul_dtype
 from accjax import sharding as shard_lib
 from accjax import train as train_lib
 
@@ -71,9 +71,11 @@ def base_config(objective: str, mode: str):
     c.model_overrides = ml_collections.ConfigDict()  # model config fields to change (e.g. hidden_dropout)
     c.tokenizer = ""  # folder / spec holding tokenizer.json or vocab.txt; '' = the model's folder
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimizer state stay float32)
-    # bf16 products: a training step 1.8x faster on a CPU with AMX (docs/results.md "Time"); the
-    # evaluation and the exported model run them in dtype
-    c.matmul_dtype = ""  # the training step's projection products: '' = in dtype; 'bfloat16' = bf16 inputs, f32 sums
+    # bf16 products: a training step 1.8x faster on a CPU with AMX, 1.3-1.4x slower on one
+    # with AVX2 alone (docs/results.md "Time"); the evaluation and the exported model run them in dtype
+    # the training step's projection products: '' = in dtype; 'bfloat16' = bf16 inputs, f32 sums;
+    # 'auto' = bfloat16 where the device has bf16 instructions, else '' (common.resolve_matmul_dtype)
+    c.matmul_dtype = ""
     c.max_examples = 0  # keep the first n examples of every split (quick runs); 0 = all
     c.batch_size = 32  # GLOBAL batch (split over all devices of all processes)
     c.eval_batch_size = 64  # GLOBAL evaluation batch
@@ -171,8 +173,8 @@ def validate_config(config) -> None:
          f"eval.select_speedup {config.eval.select_speedup} is not one of eval.speedups {speedups}")
     need(config.dtype in ("float32", "bfloat16", "float16"),
          f"dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
-    need(config.get("matmul_dtype", "") in MATMUL_DTYPES,
-         f"matmul_dtype must be one of {', '.join(repr(d) for d in MATMUL_DTYPES)}, "
+    need(config.get("matmul_dtype", "") in MATMUL_DTYPES + ("auto",),
+         f"matmul_dtype must be one of {', '.join(repr(d) for d in MATMUL_DTYPES + ('auto',))}, "
          f"not {config.get('matmul_dtype')!r}")
     need(str(config.run_dir).strip() != "", "run_dir must be set")
     need(int(config.get("train_pad_multiple", 0)) >= 0,
@@ -292,7 +294,7 @@ class _Base:
         self.module, self.params = loaded.module, loaded.params
         # the training step's module: its projections' products in config.matmul_dtype; the
         # evaluation, the exported model and whoever loads it run them in the compute dtype
-        low = str(self.config.get("matmul_dtype", "") or "")
+        low = self.train_matmul_dtype = resolve_matmul_dtype(str(self.config.get("matmul_dtype", "") or ""))
         self.train_module = (loaded.family.module(dataclasses.replace(loaded.config, matmul_dtype=low), loaded.head)
                              if low else self.module)
         variables = models_lib.abstract_variables(loaded.config, loaded.head)
@@ -350,8 +352,11 @@ class _Base:
         fuse = getattr(self.model_config, "fuse_dropped", "")
         if fuse and el.mode != "dense":
             mode += f", dropped rows fused into one ({fuse} weights)"
+        asked = str(self.config.get("matmul_dtype", "") or "")
+        products = (f"; train products {self.train_matmul_dtype or self.config.dtype}"
+                    + (" (auto)" if asked == "auto" else "")) if asked else ""
         return (f"{self.objective}: {self.config.model} ({n_params:,} "
-                f"params, {self.config.dtype}) on {self.task_name}; {per_epoch} steps/epoch x "
+                f"params, {self.config.dtype}{products}) on {self.task_name}; {per_epoch} steps/epoch x "
                 f"{self.config.epochs} epochs = {total} steps of {self.config.batch_size}; mesh "
                 f"{dict(mesh.shape)} on {jax.process_count()} process(es); elimination {mode}"
                 + (f", rows dropped only in layers 1, {1 + el.prune_every}, ..." if el.prune_every > 1

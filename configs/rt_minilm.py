@@ -23,8 +23,9 @@ the eliminated pass learns from the full one, 2 epochs at lr 8e-5: the embedded 
 recipe until 2026-12-03, docs/results.md "Accuracy at speed"); ``hidden`` (with ``sandwich``:
 the 5x pass also distilled from the 1x pass's hidden states at every layer, weight 2, soft
 targets at temperature 4, over speedups 1-5, 4 epochs at lr 8e-5, dev scored after the last
-two epochs, the training step's projection products in bfloat16 with float32 accumulation (the
-evaluation's and the exported model's in float32): the main job's recipe until 2026-12-03;
+two epochs, the training step's projection products in bfloat16 with float32 accumulation where
+the device multiplies bfloat16 natively (``matmul_dtype='auto'``; the evaluation's and the
+exported model's in float32): the main job's recipe until 2026-12-03;
 over 6 GPU seeds 0.78 / 0.87 / 1.43 / 3.42 dev points under the dense fine-tune at 1x / 2x /
 3x / 4.8x, against 0.44 / 0.49 / 1.30 / 5.23 for ``sandwich`` alone (3 seeds); docs/results.md
 "Four epochs with every layer's states: the main job's recipe"); ``warm`` (with ``hidden``:
@@ -74,9 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.elimination.update(speedup_range=(1.0, 5.0), levels=9)  # as measured: the main job's range
         c.eval.speedups = (1.0, 1.5, 2.0, 3.0, 4.0, 4.8)
         # 4 epochs: the last two score dev (earlier ones never won on the GPU's 6 seeds); bf16
-        # products make a CPU step 1.8x faster (docs/results.md "Time"), so 4 epochs take about
-        # as long as the 2 of 'sandwich' alone
-        c.update(epochs=4, matmul_dtype="bfloat16", run_dir=f"runs/rt_minilm_{mode}_sandwich_hidden")
+        # products make a step 1.8x faster on a CPU with AMX and 1.3-1.4x slower on one with
+        # AVX2 alone ('auto' uses them where the device has bf16 instructions; docs/results.md "Time")
+        c.update(epochs=4, matmul_dtype="auto", run_dir=f"runs/rt_minilm_{mode}_sandwich_hidden")
     if "warm" in words:
         if "hidden" not in words or "long" in words:
             raise ValueError("the config word 'warm' extends 'hidden': use elastic,sandwich,hidden,warm")

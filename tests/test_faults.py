@@ -514,7 +514,7 @@ def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, cap
     # the sandwich recipe trains 1x and the top level every step: the message says so
     assert config.elimination.sandwich and config.elimination.samples == 0
     assert tuple(config.eval.epochs) == (config.epochs - 1, config.epochs)  # dev scored after the last two
-    assert config.matmul_dtype == "bfloat16" and config.distill.hidden_layers == "all"
+    assert config.matmul_dtype == "auto" and config.distill.hidden_layers == "all"
     import jax
 
     assert config.train_pad_multiple == (16 if jax.default_backend() == "cpu" else 0)

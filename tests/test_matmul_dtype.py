@@ -159,3 +159,38 @@ def test_config_matmul_dtype_changes_the_training_step_only(tmp_path):
     assert dense.train_module is dense.module
     assert ("bfloat16", "bfloat16") not in _dots(jax.make_jaxpr(lambda p: dense.loss_fn(p, batch, None, None)[0])(
         dense.params).jaxpr)
+
+
+@pytest.mark.parametrize("backend, features, want", [
+    ("cpu", {"avx2", "fma", "avx512f"}, ""),  # AVX-512 without its bf16 instructions
+    ("cpu", {"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+    ("cpu", {"avx2", "amx_tile", "amx_bf16"}, "bfloat16"),
+    ("cpu", {"fp", "asimd", "bf16"}, "bfloat16"),  # Arm's 'Features'
+    ("cpu", set(), ""),  # no /proc/cpuinfo
+    ("tpu", set(), "bfloat16"),
+])
+def test_auto_matmul_dtype_is_bfloat16_only_where_the_device_has_bf16_instructions(backend, features, want):
+    assert common.resolve_matmul_dtype("auto", backend=backend, features=frozenset(features)) == want
+    for name in common.MATMUL_DTYPES:  # an explicit choice is kept, whatever the machine
+        assert common.resolve_matmul_dtype(name, backend=backend, features=frozenset(features)) == name
+
+
+def test_config_auto_matmul_dtype_trains_as_this_machine_resolves_it(tmp_path, monkeypatch):
+    """``matmul_dtype='auto'``: the training module takes the dtype this machine resolves
+    (both ways, by faking the CPU's flags), and the run's description says which."""
+    from accjax import experiment
+    from tests.train_helpers import sentiment_task, tiny_config
+
+    spec = sentiment_task(tmp_path / "data", n_train=32, n_dev=16)
+    for flags, want in ((frozenset({"avx2"}), ""), (frozenset({"avx2", "avx512_bf16"}), "bfloat16")):
+        monkeypatch.setattr(common, "cpu_features", lambda flags=flags: flags)
+        exp = experiment.build(tiny_config(tmp_path / f"run{want}", spec, matmul_dtype="auto"))
+        assert exp.train_module.config.matmul_dtype == want and exp.model_config.matmul_dtype == ""
+        assert (exp.train_module is exp.module) == (want == "")
+        assert f"train products {want or 'float32'} (auto)" in exp.describe(1, 1, _mesh(), experiment.sampler(exp.config), 1)
+
+
+def _mesh():
+    from accjax import sharding
+
+    return sharding.make_mesh(-1, 1)

@@ -136,7 +136,7 @@ def test_bad_input_fails_clearly(tmp_path):
     cases.append((tiny_config(tmp_path / "r10", spec, train_pad_multiple=-8), ValueError,
                   r"train_pad_multiple must be >= 0 \(0: pad to the length bucket\), got -8"))
     cases.append((tiny_config(tmp_path / "r11", spec, matmul_dtype="bf16"), ValueError,
-                  r"matmul_dtype must be one of '', 'float32', 'bfloat16', 'float16', not 'bf16'"))
+                  r"matmul_dtype must be one of '', 'float32', 'bfloat16', 'float16', 'auto', not 'bf16'"))
     cases.append((tiny_config(tmp_path / "r12", spec, **{"optim.average": 1.0}), ValueError,
                   r"optim.average must be in \[0, 1\) \(0: no weight average\), got 1"))
     cases.append((tiny_config(tmp_path / "r13", spec, **{"optim.layer_decay": 0.0}), ValueError,

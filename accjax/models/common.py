@@ -298,6 +298,49 @@ def layer_norm(cfg, name: str) -> nn.LayerNorm:
 
 
 MATMUL_DTYPES = ("", "float32", "bfloat16", "float16")
+# CPU feature flags (Linux /proc/cpuinfo) of instructions that multiply bfloat16 natively:
+# x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_features() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (x86 'flags', Arm 'Features'); empty
+    where there is no /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_matmul_dtype(name: str, *, backend: str | None = None,
+                         features: frozenset[str] | None = None) -> str:
+    """A config's ``matmul_dtype`` as the products will run: ``'auto'`` is ``'bfloat16'``
+    where the device multiplies bfloat16 natively (TPUs, GPUs from compute capability 8,
+    CPUs with one of ``BF16_CPU_FLAGS``) and ``''`` (the compute dtype) elsewhere: an AVX2
+    CPU has no bfloat16 products and ran the main job's train steps 1.3-1.4x slower with
+    them (docs/results.md "Time"). Any other name is returned as it is.
+
+    >>> resolve_matmul_dtype("auto", backend="cpu", features=frozenset({"avx2", "fma"}))
+    ''
+    >>> resolve_matmul_dtype("auto", backend="cpu", features=frozenset({"avx512f", "avx512_bf16"}))
+    'bfloat16'
+    """
+    if name != "auto":
+        return name
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return "bfloat16"
+    if backend == "gpu":
+        cc = str(getattr(jax.devices()[0], "compute_capability", "8.0"))
+        return "bfloat16" if int(cc.split(".")[0]) >= 8 else ""
+    if backend == "cpu":
+        return "bfloat16" if BF16_CPU_FLAGS & (cpu_features() if features is None else features) else ""
+    return ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +354,8 @@ class Runtime:
     param_dtype: str = "float32"  # parameter storage dtype
     # the projections' products (``project``): '' = in ``dtype``; 'bfloat16' = bf16 inputs with
     # float32 accumulation, forward and backward, the rest in ``dtype`` (a CPU with AMX runs
-    # them 3-6x faster than float32 products: docs/results.md "Time")
+    # them 3-6x faster than float32 products, one with AVX2 alone slower: docs/results.md
+    # "Time"; a training config's 'auto' is resolved by ``resolve_matmul_dtype`` before here)
     matmul_dtype: str = ""
     attention_impl: str = "auto"  # 'auto' (cuDNN flash on GPU in bf16/fp16), 'xla', 'cudnn'
     # ACC source, one of acc.ACC_IMPLS: 'auto' picks per attention path and device (acc.py:
