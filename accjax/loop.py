@@ -35,6 +35,7 @@ from accjax import schedule as sched_lib
 from accjax import sharding as shard_lib
 from accjax import train as train_lib
 from accjax.benchmark import json_default
+from accjax.models.common import resolve_matmul_dtype
 from accjax.runfolder import read_jsonl, rewrite_jsonl
 
 log = logging.getLogger(__name__)
@@ -453,9 +454,13 @@ def ensure_default_run() -> Path:
             config.train_pad_multiple = 16
         lo, hi = config.elimination.speedup_range
         warm = int(config.warm_start.epochs)
+        # measured from fresh clones (README): 787 s on 2 cores with AVX512-BF16 (bf16 products),
+        # 1300 s on 2 with AVX2 alone (float32 products: 'auto')
+        bf16 = resolve_matmul_dtype(config.matmul_dtype, backend="cpu") == "bfloat16"
         recipe = (f"{spec}: {warm} dense epoch(s), then over speedups {lo:g}-{hi:g}, {config.epochs} "
                   f"epochs: each step trains 1x and {hi:g}x, the {hi:g}x pass distilled from the 1x "
-                  "one; about 13-15 minutes on 2 quiet CPU cores")
+                  "one; about " + ("13-15 minutes on 2 quiet CPU cores" if bf16 else
+                                   "21-23 minutes on 2 quiet CPU cores without bfloat16 instructions"))
     print(f"accjax: no default checkpoint in {run} yet: fine-tuning MiniLM-L6 on rt_polarity with "
           f"elastic elimination ({recipe}; once: an interrupted run resumes). Pass "
           "--checkpoint RUN_DIR to use your own.", file=sys.stderr, flush=True)

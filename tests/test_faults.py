@@ -521,6 +521,15 @@ def test_first_run_message_names_the_recipe_it_trains(tmp_path, monkeypatch, cap
     assert config.warm_start.epochs >= 1  # a dense fine-tune first, then the elastic epochs
     assert (f"{config.warm_start.epochs} dense epoch(s), then over speedups {lo:g}-{hi:g}, "
             f"{config.epochs} epochs: each step trains 1x and {hi:g}x") in err
+    # the estimate is the one measured for this CPU: bf16 products where it has their
+    # instructions ('auto'), float32 ones (about twice the time) where it has AVX2 alone
+    from accjax.models import common
+
+    for flags, minutes in ((frozenset({"avx2", "amx_bf16"}), "about 13-15 minutes on 2 quiet CPU cores;"),
+                           (frozenset({"avx2"}), "about 21-23 minutes on 2 quiet CPU cores without bfloat16")):
+        monkeypatch.setattr(common, "cpu_features", lambda flags=flags: flags)
+        loop.ensure_default_run()
+        assert minutes in capsys.readouterr().err
 
 
 def test_result_table_says_the_batch_size_and_what_drop_is_against(csv_run):
