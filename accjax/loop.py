@@ -353,6 +353,7 @@ def fit(config) -> FitResult:
                     exp.export(host_params, run_dir, {"train_config": cfg_json, "eval": best})
                     bar.write(f"  new best {exp.select_label} = {score:.2f}: exported to {run_dir}")
             mlog.flush()
+            sys.stdout.flush()  # the epoch's lines now, also when stdout is a file or a pipe
             t_epoch = t_log = time.perf_counter()  # evaluation time counts in neither
             cpu_epoch = time.process_time()
         if (every > 0 and step % every == 0) or epoch_end or step == total:  # the last step saves

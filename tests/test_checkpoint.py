@@ -177,3 +177,25 @@ def test_restart_with_another_config_refuses(tiny_run):
                         dropout=False, **{"eval.speedups": (1.0, 50.0), "epochs": 2, "elimination.speedup": 3.0})
     with pytest.raises(ValueError, match=r"elimination.speedup: 2.0 -> 3.0"):
         loop.fit(other)
+
+
+def test_epoch_lines_are_flushed_as_each_epoch_ends(tmp_path, monkeypatch):
+    """stdout redirected to a file or a pipe is block-buffered: each epoch's lines are flushed
+    when the epoch ends, so a log tailed during a long run shows them, not only at its end."""
+    import io
+    import sys
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.snapshots = []  # what had been written at each flush
+
+        def flush(self):
+            self.snapshots.append(self.getvalue())
+
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    task = sentiment_task(tmp_path / "data", n_train=32, n_dev=16)
+    loop.fit(tiny_config(tmp_path / "run", task, epochs=2))
+    assert "epoch 2 (step" in out.getvalue()
+    assert any("epoch 1 (step" in text and "epoch 2 (step" not in text for text in out.snapshots)
