@@ -72,10 +72,9 @@ def base_config(objective: str, mode: str):
     c.tokenizer = ""  # folder / spec holding tokenizer.json or vocab.txt; '' = the model's folder
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimizer state stay float32)
     # bf16 products: a training step 1.8x faster on a CPU with AMX, 1.3-1.4x slower on one
-    # with AVX2 alone (docs/results.md "Time"); the evaluation and the exported model run them in dtype
-    # the training step's projection products: '' = in dtype; 'bfloat16' = bf16 inputs, f32 sums;
-    # 'auto' = bfloat16 where the device has bf16 instructions, else '' (common.resolve_matmul_dtype)
-    c.matmul_dtype = ""
+    # with AVX2 alone (docs/results.md "Time"); the evaluation and the exported model run them in
+    # dtype. 'auto': bfloat16 where the device has bf16 instructions (common.resolve_matmul_dtype)
+    c.matmul_dtype = ""  # the training step's projection products: '' = in dtype; 'bfloat16' = bf16 inputs, f32 sums; 'auto'
     c.max_examples = 0  # keep the first n examples of every split (quick runs); 0 = all
     c.batch_size = 32  # GLOBAL batch (split over all devices of all processes)
     c.eval_batch_size = 64  # GLOBAL evaluation batch
