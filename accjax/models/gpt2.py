@@ -272,12 +272,14 @@ def repeat_kv(x: Array, groups: int) -> Array:
 
 def attend_and_eliminate(cfg, family: str, x: Array, rows, protect_pos: Array, q: Array, k: Array, v: Array,
                          *, keep: int | None, acc_variant: str, output_attentions: bool, return_kv: bool,
-                         out_proj, groups: int = 1, probs_dropout=None):
+                         out_proj, groups: int = 1, probs_dropout=None, packed=None):
     """A decoder layer's attention half (GPT-2 and Llama): causal attention of q [B, T, N, H]
     over k, v [B, T, G, H] (each key/value head serves ``groups`` query heads), then, when
     ``keep`` < T, elimination of rows (``eliminate_prompt_rows``; the row at ``protect_pos``
-    [B] never goes). Returns (x [B, K, D], ctx [B, K, N, H], rows, out dict); with
-    ``return_kv`` out also holds k, v [B, K, G, H] and the kept rows."""
+    [B] never goes). ``packed``: (qkv [B, T, 3, N, H], None) that q, k and v are slices of
+    (GPT-2; no groups), which the fused attention + ACC kernel reads instead of the slices'
+    copies. Returns (x [B, K, D], ctx [B, K, N, H], rows, out dict); with ``return_kv`` out
+    also holds k, v [B, K, G, H] and the kept rows."""
     if acc_variant not in RANKINGS:
         raise ValueError(f"unknown ACC variant {acc_variant!r} for {family}; choose one of {RANKINGS} "
                          "('prefix' would drop the last token of a causal prompt)")
@@ -288,7 +290,7 @@ def attend_and_eliminate(cfg, family: str, x: Array, rows, protect_pos: Array, q
     k_all, v_all = repeat_kv(k, groups), repeat_kv(v, groups)  # [B, T, N, H]
     ctx, scores, probs = acc_lib.attend_and_score(
         q, k_all, v_all, rows.mask, scale=common.attention_scale(cfg.head_dim), causal=True,
-        score=eliminate and not recent, variant=acc_variant, protect=last,
+        score=eliminate and not recent, variant=acc_variant, protect=last, packed=packed,
         attention_impl=cfg.attention_impl, acc_impl=cfg.acc_impl, xla_attention_below=cfg.xla_attention_below,
         output_attentions=output_attentions, probs_dropout=probs_dropout,
         value_norms=lambda: out_proj.value_norms(v_all),
@@ -339,9 +341,12 @@ class GPT2Block(nn.Module):
         self.attn_drop = common.Dropout(cfg.attention_dropout)
         self.resid_drop = common.Dropout(cfg.resid_dropout)
 
-    def _project(self, x: Array) -> tuple[Array, Array, Array]:
+    def _project(self, x: Array) -> tuple[Array, Array, Array, Array]:
+        """q, k, v [B, T, N, H], slices of the one q/k/v projection, and that projection
+        [B, T, 3, N, H] (bias added in the GEMM's epilogue), which the fused attention + ACC
+        kernel reads itself (no copies of the slices)."""
         qkv = self.qkv(self.ln_1(x))  # [B, T, 3, N, H]
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], qkv
 
     def _finish(self, x: Array, ctx: Array, deterministic: bool) -> Array:
         x = x + self.resid_drop(self.attn_out(ctx), deterministic=deterministic)  # [B, K, D]
@@ -371,8 +376,10 @@ class GPT2Block(nn.Module):
           (x [B, K, D], rows of the K kept rows, out dict of named intermediates).
         """
         train_dropout = not deterministic and self.config.attention_dropout > 0
+        q, k, v, qkv = self._project(x)
         x, ctx, rows, out = attend_and_eliminate(
-            self.config, "GPT-2", x, rows, protect_pos, *self._project(x), keep=keep, acc_variant=acc_variant,
+            self.config, "GPT-2", x, rows, protect_pos, q, k, v, packed=(qkv, None), keep=keep,
+            acc_variant=acc_variant,
             output_attentions=output_attentions, return_kv=return_kv, out_proj=self.attn_out,
             probs_dropout=(lambda p: self.attn_drop(p, deterministic=False)) if train_dropout else None)
         return self._finish(x, ctx, deterministic), rows, out
@@ -388,7 +395,7 @@ class GPT2Block(nn.Module):
         Returns:
           (x [B, T, D], layer_cache with the tokens written).
         """
-        q, k, v = self._project(x)  # each [B, T, N, H]
+        q, k, v, _ = self._project(x)  # each [B, T, N, H]
         layer_cache, vis = write_cache(layer_cache, k, v, positions, start)
         ctx, _, _ = attn_lib.softmax_attention(q, *layer_cache[:2], vis,
                                                scale=common.attention_scale(self.config.head_dim))
