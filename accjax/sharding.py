@@ -50,15 +50,17 @@ FSDP_RULES: tuple[tuple[str, Any], ...] = ((BATCH, ("data", "fsdp")), ("embed", 
 _BATCH_PARTITIONED: dict[Any, Any] = {}
 
 
-def batch_partitioned(key: Any, fn, args: Sequence[Any], batched: Sequence[bool]):
+def batch_partitioned(key: Any, fn, args: Sequence[Any], batched: Sequence[bool],
+                      axes: Sequence[int] | None = None):
     """``fn(*args)`` as an op the SPMD partitioner splits along the leading (batch) axis.
 
     A Pallas kernel is an opaque custom call to XLA's partitioner: in a program whose inputs
     are sharded over several devices it would all-gather them and run the whole batch on
     every device. Every kernel of ``accjax.kernels`` is independent per example, so this runs
     it on each device's rows: ``batched[i]`` says whether ``args[i]``'s axis 0 is the batch
-    (split as the first batched argument's is, every other axis whole), else the argument is
-    replicated (None arguments stay Python constants); every result is batched. Only in a
+    (split as the first batched argument's is, every other axis whole; ``axes[i]``, when
+    given, names another axis as ``args[i]``'s batch), else the argument is replicated (None
+    arguments stay Python constants); every result is batched along its axis 0. Only in a
     process that sees more than one device: with one, ``fn`` is called as it is (the
     programs measured in docs/benchmarks.md). ``key`` names ``fn`` with its static arguments
     (the wrapped op is built once per key, present arguments and ranks)."""
@@ -69,7 +71,8 @@ def batch_partitioned(key: Any, fn, args: Sequence[Any], batched: Sequence[bool]
     present = [i for i, a in enumerate(args) if a is not None]
     operands = [args[i] for i in present]
     flags = [bool(batched[i]) for i in present]
-    cache_key = (key, tuple(present), tuple(len(a.shape) for a in operands), tuple(flags))
+    where = [axes[i] if axes is not None else 0 for i in present]
+    cache_key = (key, tuple(present), tuple(len(a.shape) for a in operands), tuple(flags), tuple(where))
     op = _BATCH_PARTITIONED.get(cache_key)
     if op is None:
         n_args = len(args)
@@ -80,32 +83,35 @@ def batch_partitioned(key: Any, fn, args: Sequence[Any], batched: Sequence[bool]
                 full[i] = a
             return fn(*full)
 
-        def first_axis(shape):  # how the first batched operand splits its batch axis
-            sh = shape.sharding
-            return tuple(sh.spec)[0] if isinstance(sh, NamedSharding) and len(sh.spec) else None
+        lead = flags.index(True)
 
-        def sharded(mesh, first, rank, batch):
-            return NamedSharding(mesh, P(first, *([None] * (rank - 1))) if batch else P())
+        def first_axis(shape):  # how the first batched operand splits its batch axis
+            sh, ax = shape.sharding, where[lead]
+            return tuple(sh.spec)[ax] if isinstance(sh, NamedSharding) and len(sh.spec) > ax else None
+
+        def sharded(mesh, first, rank, batch, ax=0):
+            return NamedSharding(mesh, P(*([None] * ax), first, *([None] * (rank - 1 - ax))) if batch else P())
 
         def results(mesh, first, result_shape):
             outs = [sharded(mesh, first, len(r.shape), True) for r in jax.tree.leaves(result_shape)]
             return tuple(outs) if isinstance(result_shape, (tuple, list)) else outs[0]
 
         def infer(mesh, arg_shapes, result_shape):
-            return results(mesh, first_axis(arg_shapes[flags.index(True)]), result_shape)
+            return results(mesh, first_axis(arg_shapes[lead]), result_shape)
 
         def partition(mesh, arg_shapes, result_shape):
-            first = first_axis(arg_shapes[flags.index(True)])
-            ins = tuple(sharded(mesh, first, len(a.shape), b) for a, b in zip(arg_shapes, flags))
+            first = first_axis(arg_shapes[lead])
+            ins = tuple(sharded(mesh, first, len(a.shape), b, ax) for a, b, ax in zip(arg_shapes, flags, where))
             return mesh, call, results(mesh, first, result_shape), ins
 
         names = iter(range(1 << 30))
 
-        def factors(rank, batch):
-            return " ".join((["b"] if batch else []) + [f"x{next(names)}" for _ in range(rank - batch)])
+        def factors(rank, batch, ax=0):
+            names_ = [f"x{next(names)}" for _ in range(rank - batch)]
+            return " ".join(names_[:ax] + ["b"] + names_[ax:] if batch else names_)
 
         out_ranks = [len(r.shape) for r in jax.tree.leaves(jax.eval_shape(call, *operands))]
-        rule = (", ".join(factors(len(a.shape), b) for a, b in zip(operands, flags)) + " -> "
+        rule = (", ".join(factors(len(a.shape), b, ax) for a, b, ax in zip(operands, flags, where)) + " -> "
                 + ", ".join(factors(r, True) for r in out_ranks))
         op = custom_partitioning(call)
         op.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule)

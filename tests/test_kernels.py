@@ -338,6 +338,74 @@ def test_layer_norm_kernel_matches_flax(d, dtype):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_kernel_sums_partial_products(dtype):
+    """With partial products, the kernel normalises x + their sum + a bias: 39 rows (the last
+    block overhangs), hidden size 48 (padded inside), three partials in ``dtype``; value and
+    gradient (every input) against Flax's LayerNorm of that sum in float32."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(3, 13, 48)) * 2 + 0.5, dtype)
+    parts = jnp.asarray(rng.normal(size=(3, 3, 13, 48)), dtype)
+    c = jnp.asarray(rng.normal(size=48), dtype)
+    g, b = (jnp.asarray(rng.normal(size=48), jnp.float32) for _ in range(2))
+
+    def flax_ln(x_, p_, c_, g_, b_):
+        y = x_.astype(jnp.float32) + p_.astype(jnp.float32).sum(0) + c_.astype(jnp.float32)
+        return nn.LayerNorm(epsilon=1e-6).apply({"params": {"scale": g_, "bias": b_}}, y)
+
+    got = ln_kernel.add_layer_norm(x, parts, c, g, b, 1e-6, dtype, True)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    want = flax_ln(x, parts, c, g, b)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=tol, atol=tol)
+    assert np.abs(np.asarray(want) - np.asarray(flax_ln(x, parts[:2], c, g, b))).max() > 0.1  # every partial counts
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    f32 = [a.astype(jnp.float32) for a in (x, parts, c)]
+    mine = jax.grad(lambda *a: (ln_kernel.add_layer_norm(*a, 1e-6, jnp.float32, True) * w).sum(),
+                    range(5))(*f32, g, b)
+    theirs = jax.grad(lambda *a: (flax_ln(*a) * w).sum(), range(5))(*f32, g, b)
+    for a, r in zip(mine, theirs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+def test_bert_feed_forward_output_split_into_partials_the_layer_norm_sums(tmp_path, monkeypatch):
+    """A bfloat16 eliminating BERT with the LayerNorm kernel (interpreted): each layer with at
+    most ``SPLIT_ROWS`` rows runs its feed-forward output as two partial products the kernel
+    sums with the residual and the bias, the others as before; the last hidden states as
+    without the split (bf16 rounding). Not in float32, not while dropout drops, not above ``SPLIT_ROWS``."""
+    folder, _ = make_hf_bert(tmp_path, num_hidden_layers=4, max_position_embeddings=64)
+    ld = convert.load(folder, "sequence_classification")
+    batch = random_batch(np.random.default_rng(3), 3, 24, 99)
+    rng = np.random.default_rng(4)
+    params = jax.tree_util.tree_map_with_path(  # the output projection's share of each row made large
+        lambda k, v: v * 40 + rng.normal(size=v.shape) if "mlp_out" in jax.tree_util.keystr(k) else v, ld.params)
+    monkeypatch.setattr(ln_kernel, "KERNEL", "interpret")
+    calls, add_ln = [], ln_kernel.add_layer_norm
+    monkeypatch.setattr(ln_kernel, "add_layer_norm", lambda *a: calls.append(a[1].shape) or add_ln(*a))
+
+    def logits(dtype, split_rows, train=False):
+        monkeypatch.setattr(ln_kernel, "SPLIT_ROWS", split_rows)
+        calls.clear()
+        module = ld.module.clone(config=dataclasses.replace(ld.config, dtype=dtype))
+        rngs = {"dropout": jax.random.PRNGKey(0)} if train else None
+        out = jax.jit(lambda p: module.apply({"params": p}, **batch, schedule=(16, 8, 8, 4),
+                                             deterministic=not train, rngs=rngs).last_hidden_state)(params)
+        return np.asarray(out, np.float32), list(calls)
+
+    plain, none = logits("bfloat16", 0)
+    assert none == []
+    split, parts = logits("bfloat16", 48)  # rows a layer: 3 x 16, 3 x 8, 3 x 8, 3 x 4
+    assert parts == [(2, 3, k, 32) for k in (16, 8, 8, 4)]
+    np.testing.assert_allclose(split, plain, rtol=0.05, atol=0.05)
+    assert np.abs(plain).max() > 1
+    _, parts = logits("bfloat16", 24)
+    assert parts == [(2, 3, k, 32) for k in (8, 8, 4)]
+    assert logits("float32", 1024)[1] == []
+    assert logits("bfloat16", 1024, train=True)[1] == []
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_rank_selection_equals_top_k(seed):
     rng = np.random.default_rng(seed)
@@ -563,6 +631,9 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows(monkeypatch):
             q[:, :37].reshape(2, 37, 128), rb[0, :128], rb[1, :128], eps=1e-12),
         "layer_norm_rows (176 rows of 96)": lambda: ln_kernel.layer_norm_rows(
             q[:, :88, :, :48].reshape(2, 88, 96), rb[0, :96], rb[1, :96], eps=1e-12),
+        "layer_norm_rows with two partial products (74 rows of 128)": lambda: ln_kernel.layer_norm_rows(
+            q[:, :37].reshape(2, 37, 128), rb[0, :128], rb[1, :128], eps=1e-12,
+            parts=jnp.stack([q[:, :37], k[:, :37]]).reshape(2, 2, 37, 128), parts_bias=rb[2, :128]),
         "column_sums_from_lse (causal)": lambda: acc_pallas.column_sums_from_lse(
             q, k, lse, m, m, scale=0.1, causal=True),
         "column_sums (120 keys)": lambda: acc_pallas.column_sums(
@@ -587,7 +658,8 @@ def test_kernels_split_along_the_batch_under_spmd(tmp_path, monkeypatch):
     LayerNorm run the Pallas kernels (interpreted) keeps every kernel, and the selection by
     ``lax.top_k`` too, on its own device's examples: no all-gather in the compiled program (an
     opaque custom call would gather the whole batch onto every device), outputs split as the
-    inputs are, logits equal to one device's."""
+    inputs are, logits equal to one device's. In bfloat16 too, where the LayerNorm kernel sums
+    the feed-forward output's partial products."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     folder, _ = make_hf_bert(tmp_path, num_hidden_layers=3, max_position_embeddings=64,
@@ -608,6 +680,18 @@ def test_kernels_split_along_the_batch_under_spmd(tmp_path, monkeypatch):
         got = fwd(params, sharded)
         assert got.sharding.spec == P("data")
         np.testing.assert_allclose(np.asarray(got), np.asarray(fwd(ld.params, batch)), rtol=1e-5, atol=1e-6)
+    # bfloat16: the feed-forward output as partial products the LayerNorm kernel sums, split
+    # along their second axis
+    calls, add_ln = [], ln_kernel.add_layer_norm
+    monkeypatch.setattr(ln_kernel, "add_layer_norm", lambda *a: calls.append(a[1].shape) or add_ln(*a))
+    module = module.clone(config=dataclasses.replace(module.config, dtype="bfloat16"))
+    fwd = jax.jit(lambda p, b: module.apply({"params": p}, **b, schedule=(16, 16, 1)).logits)
+    assert "all-gather" not in fwd.lower(params, sharded).compile().as_text()
+    assert calls == [(2, 8, 16, 32), (2, 8, 16, 32), (2, 8, 1, 32)]
+    got = fwd(params, sharded)
+    assert got.sharding.spec == P("data")
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(fwd(ld.params, batch), np.float32),
+                               rtol=2e-2, atol=2e-2)
 
 
 # tiles of the GEMM kernel small enough for the interpreter (the GPU's are 128 x 2 x 128)

@@ -15,6 +15,7 @@ H head size (D = N * H), F feed-forward width, Q the 3 fused projections (q, k, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -204,9 +205,10 @@ class BertLayer(nn.Module):
         x = common.layer_norm(cfg, "attn_norm")(x + h)
         h = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in",
                          activation=cfg.hidden_act)(x)  # [B, K, F], activated
-        h = common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out")(h)  # [B, K, D]
-        h = common.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-        x = common.layer_norm(cfg, "mlp_norm")(x + h)
+        x = common.dense_add_norm(  # LN(x + dropout(h W + b)), [B, K, D]
+            common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out"), common.layer_norm(cfg, "mlp_norm"),
+            h, x, functools.partial(common.Dropout(cfg.hidden_dropout), deterministic=deterministic),
+            dropping=not deterministic and cfg.hidden_dropout > 0)
         return x, rows, out
 
 

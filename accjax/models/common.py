@@ -223,6 +223,39 @@ class Dense(nn.DenseGeneral):
             x, kernel.reshape(kernel.shape[0], -1), (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         return (y + bias.reshape(-1)).reshape(*x.shape[:-1], *self.features)
 
+    def depth_partials(self, x, splits: int):
+        """(partials [splits, ..., features] in the compute dtype, bias [features]): the
+        product (one output axis, parameters existing) split into ``splits`` slices of its
+        depth, without the bias, for ``LayerNorm.add_partials`` to sum."""
+        p = self.variables["params"]
+        x, kernel, bias = self.promote_dtype(x, nn.meta.unbox(p["kernel"]), nn.meta.unbox(p["bias"]),
+                                             dtype=self.dtype)
+        d = x.shape[-1]
+        parts = jnp.einsum("...sk,skf->s...f", x.reshape(*x.shape[:-1], splits, d // splits),
+                           kernel.reshape(splits, d // splits, -1))
+        return parts, bias
+
+
+def dense_add_norm(proj: Dense, norm: "LayerNorm", h: Array, x: Array, dropout: Callable[[Array], Array],
+                   *, dropping: bool) -> Array:
+    """``norm(x + dropout(proj(h)))``, a post-LN block's residual (``dropping``: whether
+    ``dropout`` drops anything). Where ``layer_norm.depth_splits`` says so (the LayerNorm
+    kernel on one GPU, 16-bit products, few rows), nothing is dropped and ``proj`` is a plain
+    projection, the product runs as partial products over slices of its depth, which the
+    LayerNorm kernel sums with ``x`` and the bias: cuBLAS's own split-K reduction kernel, the
+    bias and the residual add are folded into the LayerNorm's one read (the same sum, in
+    float32, of partials rounded to the compute dtype)."""
+    from accjax.kernels import layer_norm as ln
+
+    ready = (not dropping and isinstance(proj.features, int) and proj.use_bias and proj.dot_general is None
+             and proj.axis in (-1, h.ndim - 1) and proj.has_variable("params", "kernel")
+             and norm.has_variable("params", "scale"))
+    splits = ln.depth_splits(h, proj.dtype or h.dtype) if ready else 1
+    if splits == 1:
+        return norm(x + dropout(proj(h)))
+    parts, bias = proj.depth_partials(h, splits)
+    return norm.add_partials(x, parts, bias)
+
 
 class DenseActivation(nn.DenseGeneral):
     """``activation(DenseGeneral(x))``, the same parameters. Once they exist, where
@@ -258,6 +291,14 @@ class LayerNorm(nn.LayerNorm):
             return ln.layer_norm(x, nn.meta.unbox(p["scale"]), nn.meta.unbox(p["bias"]),
                                  self.epsilon, self.dtype or x.dtype, ln.KERNEL == "interpret")
         return super().__call__(x, *args, **kwargs)
+
+    def add_partials(self, x, parts, parts_bias):
+        """This LayerNorm of ``x + sum(parts) + parts_bias`` in the kernel (``dense_add_norm``)."""
+        from accjax.kernels import layer_norm as ln
+
+        p = self.variables["params"]
+        return ln.add_layer_norm(x, parts, parts_bias, nn.meta.unbox(p["scale"]), nn.meta.unbox(p["bias"]),
+                                 self.epsilon, self.dtype or x.dtype, ln.KERNEL == "interpret")
 
 
 class Dropout(nn.Dropout):
