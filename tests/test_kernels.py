@@ -396,14 +396,15 @@ def test_bert_feed_forward_output_split_into_partials_the_layer_norm_sums(tmp_pa
 
     plain, none = logits("bfloat16", 0)
     assert none == []
-    split, parts = logits("bfloat16", 48)  # rows a layer: 3 x 16, 3 x 8, 3 x 8, 3 x 4
-    assert parts == [(2, 3, k, 32) for k in (16, 8, 8, 4)]
+    split, parts = logits("bfloat16", 24)  # rows a layer: 3 x 16 (not split), 3 x 8, 3 x 8, 3 x 4
+    assert parts == [(2, 3, k, 32) for k in (8, 8, 4)]
     np.testing.assert_allclose(split, plain, rtol=0.05, atol=0.05)
     assert np.abs(plain).max() > 1
-    _, parts = logits("bfloat16", 24)
-    assert parts == [(2, 3, k, 32) for k in (8, 8, 4)]
-    assert logits("float32", 1024)[1] == []
     assert logits("bfloat16", 1024, train=True)[1] == []
+    h = jnp.zeros((3, 8, 64))
+    assert ln_kernel.depth_splits(h.astype(jnp.bfloat16), jnp.bfloat16) == 2
+    assert ln_kernel.depth_splits(h, jnp.float32) == 1
+    assert ln_kernel.depth_splits(jnp.zeros((3, 8, 63), jnp.bfloat16), jnp.bfloat16) == 1  # depth not divisible
 
 
 @pytest.mark.parametrize("seed", range(4))

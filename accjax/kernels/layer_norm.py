@@ -38,9 +38,10 @@ LN_BLOCKS = (8, 4, 1)
 # products summed by the LayerNorm kernel (``depth_splits``); 0 turns it off. H200, BERT-base's
 # FFN output (3072 deep) before its LayerNorm, 12 sublayers chained, bf16: 2.0-3.1 us a layer
 # less at 128-1024 rows (cuBLAS's split-K reduction kernel gone), 2.7 us more at 2048;
-# the attention output (768 deep) gained nothing (docs/benchmarks.md, nineteenth session).
+# the attention output (768 deep) gained nothing; in whole programs 12-20 us off BERT-base's
+# dense 1 x 128 and 8 x 128 (docs/benchmarks.md, nineteenth session).
 SPLIT_ROWS = 1024
-SPLIT = 2
+SPLIT = 2  # a power of two (the kernel loads the partials as one Triton block)
 
 
 def _ln_kernel(x_ref, *refs, d: int, r: int, block_r: int, eps: float, parts: bool):
@@ -169,7 +170,7 @@ def depth_splits(x, out_dtype) -> int:
     ``SPLIT_ROWS`` rows (few output tiles, where cuBLAS splits the depth and reduces in a
     kernel of its own), and the depth divides; else 1 (XLA's product, then the LayerNorm)."""
     rows = int(np.prod(x.shape[:-1]))
-    ok = (SPLIT > 1 and 0 < rows <= SPLIT_ROWS and x.shape[-1] % SPLIT == 0
+    ok = (SPLIT > 1 and SPLIT & (SPLIT - 1) == 0 and 0 < rows <= SPLIT_ROWS and x.shape[-1] % SPLIT == 0
           and jnp.dtype(out_dtype).itemsize == 2 and applies(x))
     return SPLIT if ok else 1
 
