@@ -166,9 +166,9 @@ add_layer_norm.defvjp(_add_fwd, _add_bwd)
 def depth_splits(x, out_dtype) -> int:
     """How many partial products a projection of ``x`` [..., depth] into the hidden size
     should be split into for ``add_layer_norm`` to sum: ``SPLIT`` where the kernel runs
-    (``applies``), the products are 16-bit and there are at most
-    ``SPLIT_ROWS`` rows (few output tiles, where cuBLAS splits the depth and reduces in a
-    kernel of its own), and the depth divides; else 1 (XLA's product, then the LayerNorm)."""
+    (``applies``), the products are 16-bit, there are at most ``SPLIT_ROWS`` rows (few
+    output tiles, where cuBLAS splits the depth and reduces in a kernel of its own) and the
+    depth divides; else 1 (XLA's product, then the LayerNorm)."""
     rows = int(np.prod(x.shape[:-1]))
     ok = (SPLIT > 1 and SPLIT & (SPLIT - 1) == 0 and 0 < rows <= SPLIT_ROWS and x.shape[-1] % SPLIT == 0
           and jnp.dtype(out_dtype).itemsize == 2 and applies(x))

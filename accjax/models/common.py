@@ -240,7 +240,7 @@ def dense_add_norm(proj: Dense, norm: "LayerNorm", h: Array, x: Array, dropout: 
                    *, dropping: bool) -> Array:
     """``norm(x + dropout(proj(h)))``, a post-LN block's residual (``dropping``: whether
     ``dropout`` drops anything). Where ``layer_norm.depth_splits`` says so (the LayerNorm
-    kernel on one GPU, 16-bit products, few rows), nothing is dropped and ``proj`` is a plain
+    kernel on a GPU, 16-bit products, few rows), nothing is dropped and ``proj`` is a plain
     projection, the product runs as partial products over slices of its depth, which the
     LayerNorm kernel sums with ``x`` and the bias: cuBLAS's own split-K reduction kernel, the
     bias and the residual add are folded into the LayerNorm's one read (the same sum, in
