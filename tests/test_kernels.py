@@ -385,7 +385,7 @@ def test_bert_feed_forward_output_split_into_partials_the_layer_norm_sums(tmp_pa
     calls, add_ln = [], ln_kernel.add_layer_norm
     monkeypatch.setattr(ln_kernel, "add_layer_norm", lambda *a: calls.append(a[1].shape) or add_ln(*a))
 
-    def logits(dtype, split_rows, train=False):
+    def hidden(dtype, split_rows, train=False):
         monkeypatch.setattr(ln_kernel, "SPLIT_ROWS", split_rows)
         calls.clear()
         module = ld.module.clone(config=dataclasses.replace(ld.config, dtype=dtype))
@@ -394,13 +394,13 @@ def test_bert_feed_forward_output_split_into_partials_the_layer_norm_sums(tmp_pa
                                              deterministic=not train, rngs=rngs).last_hidden_state)(params)
         return np.asarray(out, np.float32), list(calls)
 
-    plain, none = logits("bfloat16", 0)
+    plain, none = hidden("bfloat16", 0)
     assert none == []
-    split, parts = logits("bfloat16", 24)  # rows a layer: 3 x 16 (not split), 3 x 8, 3 x 8, 3 x 4
+    split, parts = hidden("bfloat16", 24)  # rows a layer: 3 x 16 (not split), 3 x 8, 3 x 8, 3 x 4
     assert parts == [(2, 3, k, 32) for k in (8, 8, 4)]
     np.testing.assert_allclose(split, plain, rtol=0.05, atol=0.05)
     assert np.abs(plain).max() > 1
-    assert logits("bfloat16", 1024, train=True)[1] == []
+    assert hidden("bfloat16", 1024, train=True)[1] == []
     h = jnp.zeros((3, 8, 64))
     assert ln_kernel.depth_splits(h.astype(jnp.bfloat16), jnp.bfloat16) == 2
     assert ln_kernel.depth_splits(h, jnp.float32) == 1

@@ -2,7 +2,7 @@
 against transformers' fp32 reading of the same file: tokenizer, chat template, logits on a
 padded batch of real sentences, greedy generation token for token.
 
-Cost: one GGUF read by each side (about 7 s + 8 s on 2 CPU cores) and a few forward
+Cost: one GGUF read by each side (about 7 s + 12 s on 2 CPU cores) and a few forward
 passes; everything shares one module-scoped fixture."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ SENTENCES = [
 def real():
     """transformers reads the GGUF with two of gguf's pure, slow calls memoised for the
     fixture (the same objects, asked for again: a ``GGUFReader`` per file, read-only, and the
-    tensor-name map per architecture, which transformers rebuilds for every tensor): 13 of its
-    ~19 s on 2 CPU cores."""
+    tensor-name map per architecture, which transformers rebuilds for every tensor): about 11
+    of its 23 s on 2 CPU cores."""
     import functools
 
     import gguf
