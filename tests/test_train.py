@@ -443,24 +443,48 @@ def test_a_batch_padded_below_its_bucket_trains_the_function_the_bucket_would():
     assert step_static(exp, el, (1.0,), short) is None  # the dense level stays dense
 
 
-def test_dropout_drops_the_rate_with_independent_16_bit_draws():
-    """``common.Dropout`` (two 16-bit draws per random word): the fraction dropped is the rate,
-    the two halves of a word decide different elements, kept elements are scaled to keep the
-    mean, odd widths work, and off (deterministic) it is the identity."""
+def test_dropout_drops_the_rate_with_independent_draws_that_sharding_does_not_change():
+    """``common.Dropout`` (a hash of each element's position and the key): the fraction
+    dropped is the rate, neighbours along every axis are dropped independently, kept elements
+    are scaled to keep the mean, another key draws another mask, the mask of an array sharded
+    over 8 devices is the unsharded one, and off (deterministic) it is the identity."""
     from accjax.models import common
 
-    x = jnp.ones((64, 125, 129), jnp.float32)  # odd last axis: the draws are sliced to it
+    x = jnp.ones((64, 125, 129), jnp.float32)
     drop = common.Dropout(0.1)
-    y = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+
+    def apply(x, key):
+        return drop.apply({}, x, deterministic=False, rngs={"dropout": key})
+
+    y = np.asarray(apply(x, jax.random.PRNGKey(0)))
     dropped = y == 0
     assert y.shape == x.shape
     assert abs(dropped.mean() - 0.1) < 2e-3  # n ~ 1e6: one standard deviation is 3e-4
-    np.testing.assert_allclose(y[~dropped], 1 / (1 - 6554 / 65536), rtol=1e-6)
+    np.testing.assert_allclose(y[~dropped], 1 / (1 - round(0.1 * 2 ** 32) / 2 ** 32), rtol=1e-6)
     assert abs(y.mean() - 1.0) < 3e-3
-    # the high and low halves of each word fill the first and second half of the last axis:
-    # drawn from the same bits, they would drop the same elements (agreement ~1, not ~0.82)
-    lo, hi = dropped[..., :64], dropped[..., 65:]
-    assert abs((lo == hi).mean() - (0.9 ** 2 + 0.1 ** 2)) < 5e-3
-    other = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})) == 0
-    assert abs((other == dropped).mean() - 0.82) < 5e-3  # another key, another mask
+    # independent pairs agree with probability 0.9**2 + 0.1**2 = 0.82; a hash that ignored an
+    # axis (or repeated its words along it) would agree on every pair (1.0): neighbours, and
+    # the two halves of each axis
+    both = 0.9 ** 2 + 0.1 ** 2
+    for axis in range(3):
+        n = x.shape[axis]
+        near = np.take(dropped, np.arange(1, n), axis=axis) == np.take(dropped, np.arange(n - 1), axis=axis)
+        halves = np.take(dropped, np.arange(n // 2), axis=axis) == np.take(dropped, np.arange(n // 2, 2 * (n // 2)), axis=axis)
+        assert abs(near.mean() - both) < 5e-3 and abs(halves.mean() - both) < 5e-3, axis
+    # and one step along an axis against one step back along the next (a flat index that
+    # summed the axes without their strides would give both the same word)
+    assert abs((dropped[1:, :-1] == dropped[:-1, 1:]).mean() - both) < 5e-3
+    assert abs((dropped[:, 1:, :-1] == dropped[:, :-1, 1:]).mean() - both) < 5e-3
+    other = np.asarray(apply(x, jax.random.PRNGKey(1))) == 0
+    assert abs((other == dropped).mean() - both) < 5e-3  # another key, another mask
+    typed = np.asarray(apply(x, jax.random.key(0))) == 0  # a typed key works (its data hashed)
+    assert abs(typed.mean() - 0.1) < 2e-3
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", None, "b"))
+    z = jnp.asarray(np.random.default_rng(0).normal(size=(64, 125, 128)), jnp.float32)
+    sharded = jax.jit(apply, in_shardings=(spec, None), out_shardings=spec)(
+        jax.device_put(z, spec), jax.random.PRNGKey(0))
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(apply)(z, jax.random.PRNGKey(0))))
     np.testing.assert_array_equal(np.asarray(drop.apply({}, x, deterministic=True)), np.asarray(x))
