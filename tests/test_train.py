@@ -488,3 +488,5 @@ def test_dropout_drops_the_rate_with_independent_draws_that_sharding_does_not_ch
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(apply)(z, jax.random.PRNGKey(0))))
     np.testing.assert_array_equal(np.asarray(drop.apply({}, x, deterministic=True)), np.asarray(x))
+    scalars = [float(apply(jnp.ones(()), jax.random.PRNGKey(k))) for k in range(200)]  # a 0-d input
+    assert set(scalars) == {0.0, np.float32(1 / (1 - round(0.1 * 2 ** 32) / 2 ** 32))} and 5 < scalars.count(0.0) < 40

@@ -349,7 +349,7 @@ class Dropout(nn.Dropout):
         rng = self.make_rng(self.rng_collection) if rng is None else rng
         if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
             rng = jax.random.key_data(rng)
-        words = position_hash(inputs.shape, rng.reshape(-1).astype(jnp.uint32))
+        words = position_hash(inputs.shape or (1,), rng.reshape(-1).astype(jnp.uint32)).reshape(inputs.shape)
         threshold = min(int(round(self.rate * 2 ** 32)), 2 ** 32 - 1)
         scale = 2 ** 32 / (2 ** 32 - threshold)
         return jnp.where(words >= jnp.uint32(threshold), inputs * jnp.asarray(scale, inputs.dtype),
