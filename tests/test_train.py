@@ -447,7 +447,8 @@ def test_dropout_drops_the_rate_with_independent_draws_that_sharding_does_not_ch
     """``common.Dropout`` (a hash of each element's position and the key): the fraction
     dropped is the rate, neighbours along every axis are dropped independently, kept elements
     are scaled to keep the mean, another key draws another mask, the mask of an array sharded
-    over 8 devices is the unsharded one, and off (deterministic) it is the identity."""
+    over 8 devices is the unsharded one, a 0-d input is dropped at the rate too, and off
+    (deterministic) it is the identity."""
     from accjax.models import common
 
     x = jnp.ones((64, 125, 129), jnp.float32)
