@@ -28,6 +28,26 @@ def _qkv(rng, b, t, n, h):
 # (64 + 16, 128 + 128)
 @pytest.mark.parametrize("t,h", [(24, 16), (260, 16), (40, 24), (72, 16), (200, 16)])
 def test_fused_kernel_matches_probabilities(causal, t, h):
+    _fused_against_probabilities(causal, t, h)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_pass_over_more_than_256_keys_where_allowed(causal, monkeypatch):
+    """``ONE_PASS_MAX_KEYS`` raised: 290 keys in one pass over key tiles 128 + 128 + 64, the
+    query tile halved to 32 rows to hold at most ``ONE_PASS_LOGITS`` logits; the context and
+    the column sums are the probabilities'. At 256 (the default) the same keys loop twice
+    over tiles of 128."""
+    assert acc_pallas.attention_blocks(290, 290) == (64, (128,), 320, 384)
+    monkeypatch.setattr(acc_pallas, "ONE_PASS_MAX_KEYS", 512)
+    assert acc_pallas.attention_blocks(290, 290) == (32, (128, 128, 64), 320, 320)
+    assert acc_pallas.attention_blocks(512, 512) == (32, (128,) * 4, 512, 512)
+    assert acc_pallas.attention_blocks(200, 200) == (64, (128, 128), 256, 256)  # as before
+    jax.clear_caches()  # the jitted kernel reads the bound when traced
+    _fused_against_probabilities(causal, 290, 16)
+    jax.clear_caches()
+
+
+def _fused_against_probabilities(causal, t, h):
     rng = np.random.default_rng(t + h + causal)
     q, k, v = _qkv(rng, 2, t, 3, h)
     mask = jnp.asarray(np.arange(t)[None] < np.array([[t], [t // 3 + 1]]))

@@ -461,17 +461,28 @@ def _round_up(n: int, m: int) -> int:
 FUSED_BLOCKS = (64, 4, 2)
 
 
+# Keys up to this many go through the kernel with column sums in ONE pass: every key tile's
+# logits are held at once, so no second sweep recomputes q k^T for the rows' final softmax
+# normaliser; above it, two passes over tiles of 128. Above 256 keys the query tile shrinks
+# so that a program holds at most ONE_PASS_LOGITS logits (64 x 256: the most a measured
+# tiling held). 256 is what was measured; a larger bound (BERT 32 x 512 with a larger
+# ``acc.FUSED_MAX_KEYS``, T5's bias by distance at 512 keys) is an option not yet timed.
+ONE_PASS_MAX_KEYS = 256
+ONE_PASS_LOGITS = 64 * 256
+
+
 def key_tiles(s: int) -> tuple[int, ...]:
-    """The key tiles of one pass over ``s`` <= 256 keys with column sums (Triton tiles are
-    powers of two of >= 16): up to 128 keys one tile, or two (a + b with b <= a / 4) where
-    that covers far fewer padded keys (65-80 keys as 64 + 16 rather than 128); 129-256 keys
-    as 128 + a power of two, one pass instead of two over tiles of 128. Measured on an H200
-    (BERT-base heads): at B = 128, 72 keys 46 against 61 us, while a smaller saving does not
-    pay for the second tile's products (88 keys as 64 + 32: 61 against 62.5 us; 40 as 32 +
-    16: 15.5 against 15.0), nor does attention alone gain (72: 38 against 36 us); at B = 32,
-    144 keys 40 against 69 us, 176 42 against 72, 248 86 against 90 (docs/benchmarks.md)."""
+    """The key tiles of one pass over ``s`` keys with column sums (Triton tiles are powers of
+    two of >= 16): up to 128 keys one tile, or two (a + b with b <= a / 4) where that covers
+    far fewer padded keys (65-80 keys as 64 + 16 rather than 128); above 128 keys tiles of
+    128 and a last power of two for the rest (129-256 keys: one pass instead of two over
+    tiles of 128). Measured on an H200 (BERT-base heads): at B = 128, 72 keys 46 against 61
+    us, while a smaller saving does not pay for the second tile's products (88 keys as 64 +
+    32: 61 against 62.5 us; 40 as 32 + 16: 15.5 against 15.0), nor does attention alone gain
+    (72: 38 against 36 us); at B = 32, 144 keys 40 against 69 us, 176 42 against 72, 248 86
+    against 90 (docs/benchmarks.md)."""
     if s > 128:
-        return 128, _pow2(s - 128)
+        return (128,) * (s // 128) + ((_pow2(s % 128),) if s % 128 else ())
     one = _pow2(s)
     a = one // 2
     if a >= 16 and s > a and 4 * _pow2(s - a) <= a:
@@ -482,11 +493,14 @@ def key_tiles(s: int) -> tuple[int, ...]:
 def attention_blocks(t: int, s: int, max_block_q: int | None = None,
                      columns: bool = True) -> tuple[int, tuple[int, ...], int, int]:
     """(block_q, key tiles, padded T, padded S) of ``attention_with_column_sums``: the keys
-    in one pass (up to 128 in one tile; with ``columns`` ``key_tiles``' one or two, up to
-    256 keys), or more in a loop over tiles of 128; query tiles of up to ``max_block_q``
-    rows (``FUSED_BLOCKS``). Triton needs power-of-two tiles of >= 16."""
+    in one pass (up to 128 in one tile; with ``columns`` ``key_tiles``, up to
+    ``ONE_PASS_MAX_KEYS``), or more in a loop over tiles of 128; query tiles of up to
+    ``max_block_q`` rows (``FUSED_BLOCKS``), fewer where one pass would hold more than
+    ``ONE_PASS_LOGITS`` logits. Triton needs power-of-two tiles of >= 16."""
     block_q = min(max_block_q or FUSED_BLOCKS[0], _pow2(t))
-    tiles = key_tiles(s) if columns and s <= 256 else (_pow2(s),)
+    tiles = key_tiles(s) if columns and s <= ONE_PASS_MAX_KEYS else (_pow2(s),)
+    if tiles[0] <= 128 and block_q * sum(tiles) > ONE_PASS_LOGITS:
+        block_q = max(16, 1 << ((ONE_PASS_LOGITS // sum(tiles)).bit_length() - 1))
     if tiles[0] > 128:
         return block_q, (128,), _round_up(t, block_q), _round_up(s, 128)
     return block_q, tiles, _round_up(t, block_q), sum(tiles)
@@ -506,7 +520,7 @@ def _fused_call(q, k, v, qkv_specs, bias, query_mask, key_mask, *, shape, scale,
     b, t, s, n, h = shape
     max_block_q, num_warps, num_stages = blocks or FUSED_BLOCKS
     block_q, tiles, tp, sp = attention_blocks(t, s, max_block_q, columns)
-    if blocks is None and block_q == 16:
+    if blocks is None and t <= 16:  # a 16-row query tile because the rows are few
         num_warps = 1
     qm = query_mask.astype(jnp.int32)  # [B, T] (blocks overhang T and S: masked loads)
     km = qm if key_mask is None else key_mask.astype(jnp.int32)  # [B, S]
