@@ -22,29 +22,40 @@ def _qkv(rng, b, t, n, h):
     return (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(3))
 
 
+def _two_passes_above_256(request, monkeypatch):
+    """``ONE_PASS_MAX_KEYS`` lowered to 256: from 257 keys the kernel loops twice over tiles of
+    128 (row statistics, then the sweep), the path of more than 512 keys at the default, at
+    sizes the interpreter runs quickly."""
+    jax.clear_caches()  # the jitted kernels read the bound when traced
+    request.addfinalizer(jax.clear_caches)
+    monkeypatch.setattr(acc_pallas, "ONE_PASS_MAX_KEYS", 256)
+
+
 @pytest.mark.parametrize("causal", [False, True])
-# 24: one key tile, query tile 32 with padding; 260: tiles of 128 keys, two passes, padding
-# in both; head size 24 is padded to 32 inside; 72 and 200: one pass over two key tiles
-# (64 + 16, 128 + 128)
+# 24: one key tile, query tile 32 with padding; 260 (the one-pass bound lowered to 256): tiles
+# of 128 keys, two passes, padding in both; head size 24 is padded to 32 inside; 72 and 200:
+# one pass over two key tiles (64 + 16, 128 + 128)
 @pytest.mark.parametrize("t,h", [(24, 16), (260, 16), (40, 24), (72, 16), (200, 16)])
-def test_fused_kernel_matches_probabilities(causal, t, h):
+def test_fused_kernel_matches_probabilities(causal, t, h, request, monkeypatch):
+    if t > 256:
+        _two_passes_above_256(request, monkeypatch)
+        assert acc_pallas.attention_blocks(t, t) == (64, (128,), 320, 384)
     _fused_against_probabilities(causal, t, h)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_one_pass_over_more_than_256_keys_where_allowed(causal, monkeypatch):
-    """``ONE_PASS_MAX_KEYS`` raised: 290 keys in one pass over key tiles 128 + 128 + 64, the
-    query tile halved to 32 rows to hold at most ``ONE_PASS_LOGITS`` logits; the context and
-    the column sums are the probabilities'. At 256 (the default) the same keys loop twice
-    over tiles of 128."""
-    assert acc_pallas.attention_blocks(290, 290) == (64, (128,), 320, 384)
-    monkeypatch.setattr(acc_pallas, "ONE_PASS_MAX_KEYS", 512)
+def test_one_pass_over_more_than_256_keys(causal, request, monkeypatch):
+    """Up to ``ONE_PASS_MAX_KEYS`` (512) keys in one pass: 290 over key tiles 128 + 128 + 64,
+    the query tile halved to 32 rows to hold at most ``ONE_PASS_LOGITS`` logits; the context
+    and the column sums are the probabilities'. Above the bound the keys loop twice over
+    tiles of 128."""
     assert acc_pallas.attention_blocks(290, 290) == (32, (128, 128, 64), 320, 320)
     assert acc_pallas.attention_blocks(512, 512) == (32, (128,) * 4, 512, 512)
-    assert acc_pallas.attention_blocks(200, 200) == (64, (128, 128), 256, 256)  # as before
-    jax.clear_caches()  # the jitted kernel reads the bound when traced
+    assert acc_pallas.attention_blocks(513, 513) == (64, (128,), 576, 640)
+    assert acc_pallas.attention_blocks(200, 200) == (64, (128, 128), 256, 256)  # as up to 256
     _fused_against_probabilities(causal, 290, 16)
-    jax.clear_caches()
+    _two_passes_above_256(request, monkeypatch)
+    assert acc_pallas.attention_blocks(290, 290) == (64, (128,), 320, 384)
 
 
 def _fused_against_probabilities(causal, t, h):
@@ -67,11 +78,14 @@ def _fused_against_probabilities(causal, t, h):
 
 
 # 40 rows: one key tile of 64 (24 past the end), query tiles of 64 past the end; 150: key
-# tiles of 128 and 32 in one pass (the second 10 past the end); 300, causal: the loop over
-# three tiles of 128, each query tile's loops stopping at the tile holding its last row (the
-# loop without causal: test_fused_kernel_matches_probabilities at 260)
+# tiles of 128 and 32 in one pass (the second 10 past the end); 300, causal (the one-pass
+# bound lowered to 256): the loop over three tiles of 128, each query tile's loops stopping
+# at the tile holding its last row (the loop without causal:
+# test_fused_kernel_matches_probabilities at 260)
 @pytest.mark.parametrize("causal,t", [(False, 40), (False, 150), (True, 40), (True, 150), (True, 300)])
-def test_packed_kernel_reads_the_projection_output(causal, t):
+def test_packed_kernel_reads_the_projection_output(causal, t, request, monkeypatch):
+    if t > 256:
+        _two_passes_above_256(request, monkeypatch)
     """The fused kernel on the q/k/v projection's [B, T, 3, N, H] output with the bias added
     in the kernel, rows not padded (blocks overhang and are masked): context and column sums
     against float64; its gradient in the projection and the bias is plain attention's."""
@@ -121,13 +135,16 @@ def test_packed_kernel_reads_the_projection_output(causal, t):
 
 
 # 40 rows: one key tile of 64, query tiles overhanging; 150: key tiles of 128 + 32, one pass;
-# 300: three tiles of 128, two passes (row statistics, then the sweep)
-@pytest.mark.parametrize("t", [40, 150, 300])
-def test_packed_kernel_reads_the_bias_by_distance(t):
+# 300: one pass over 128 + 128 + 64 with 32-row query tiles, and (the one-pass bound lowered
+# to 256) three tiles of 128 in two passes (row statistics, then the sweep)
+@pytest.mark.parametrize("t,two_passes", [(40, False), (150, False), (300, False), (300, True)])
+def test_packed_kernel_reads_the_bias_by_distance(t, two_passes, request, monkeypatch):
     """T5's eliminated layers: the fused kernel on the packed projection adds the bias by key -
     query distance at each example's ORIGINAL positions (gathered from a [N, 2P - 1] vector in
     the kernel): context, column sums and attention alone against float64, padding keys
     excluded; its gradient in the projection and the bias vector is plain attention's."""
+    if two_passes:
+        _two_passes_above_256(request, monkeypatch)
     rng = np.random.default_rng(t)
     b, n, h, p_len = 2, 3, 16, 2 * t
     qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
@@ -201,8 +218,8 @@ def test_second_pass_tiles_match_probabilities(causal, with_bias, blocks):
 def test_key_tiles_cover_the_keys_with_powers_of_two():
     """One pass covers s <= 256 keys with one power-of-two tile of 16-128, or two: up to 128
     keys where the second is at most a quarter of the first (65-80 keys: 64 + 16), above 128
-    always (128 + a power of two); attention alone and more keys keep one tile size (more
-    than 128 in a loop)."""
+    always (128 + a power of two); attention alone, and more than ``ONE_PASS_MAX_KEYS`` keys,
+    keep one tile size (more than 128 in a loop)."""
     for s in range(1, 257):
         tiles = acc_pallas.key_tiles(s)
         assert sum(tiles) >= s and all(16 <= x <= 128 and x & (x - 1) == 0 for x in tiles), s
@@ -214,7 +231,7 @@ def test_key_tiles_cover_the_keys_with_powers_of_two():
     assert acc_pallas.attention_blocks(72, 72, columns=False) == (64, (128,), 128, 128)
     assert acc_pallas.attention_blocks(150, 150, columns=False) == (64, (128,), 192, 256)
     assert acc_pallas.attention_blocks(170, 170) == (64, (128, 64), 192, 192)
-    assert acc_pallas.attention_blocks(300, 300) == (64, (128,), 320, 384)  # a loop of 128
+    assert acc_pallas.attention_blocks(600, 600) == (64, (128,), 640, 640)  # a loop of 128
 
 
 @pytest.mark.parametrize("causal", [False, True])

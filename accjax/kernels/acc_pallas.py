@@ -462,12 +462,16 @@ FUSED_BLOCKS = (64, 4, 2)
 
 
 # Keys up to this many go through the kernel with column sums in ONE pass: every key tile's
-# logits are held at once, so no second sweep recomputes q k^T for the rows' final softmax
-# normaliser; above it, two passes over tiles of 128. Above 256 keys the query tile shrinks
-# so that a program holds at most ONE_PASS_LOGITS logits (64 x 256: the most a measured
-# tiling held). 256 is what was measured; a larger bound (BERT 32 x 512 with a larger
-# ``acc.FUSED_MAX_KEYS``, T5's bias by distance at 512 keys) is an option not yet timed.
-ONE_PASS_MAX_KEYS = 256
+# logits are held at once, so no second sweep recomputes q k^T (and T5's bias gathers) for
+# the rows' final softmax normaliser; above it, two passes over tiles of 128. Above 256 keys
+# the query tile shrinks so that a program holds at most ONE_PASS_LOGITS logits (64 x 256:
+# the most a measured tiling held): at 512 keys 32 query rows over four tiles. H100, same
+# process, pipelined ms against the bound at 256: Flan-T5 16 x 512 (its bias-by-distance
+# kernel at every eliminating layer) 2x 3.75 against 3.94, 4x 2.35 against 2.44; BERT-base
+# 32 x 512 fused at 512 keys (``acc.FUSED_MAX_KEYS``) one pass or two both lose to cuDNN +
+# the second pass there (+7-14%), so BERT keeps 256 there (docs/benchmarks.md, twentieth
+# session). Above 512 (T5 at 1024 keys: 16-row query tiles) not timed: two passes.
+ONE_PASS_MAX_KEYS = 512
 ONE_PASS_LOGITS = 64 * 256
 
 
