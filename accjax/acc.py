@@ -431,6 +431,8 @@ def attend_and_score(
     model families (BERT, GPT-2, Llama, T5 encoder and decoder), so each path is chosen here.
 
     Paths (first that applies):
+      * one key, no ACC and no probabilities asked for: the context is the value (a
+        decoder's first step);
       * probabilities materialised (``attention.attention_with_probs``): returning attention
         maps, attention dropout in training, ACC variants other than plain, or ACC source
         'probs' (the 'auto' choice with XLA attention: the CPU, or a GPU layer with fewer
@@ -475,6 +477,13 @@ def attend_and_score(
         how, interpret = resolve_acc_impl(acc_impl, impl, keys=k.shape[1], causal=causal,
                                           bias=bias is not None, by_distance=bias_by_distance is not None)
     need_probs = output_attentions or probs_dropout is not None
+    if k.shape[1] == 1 and not score and not need_probs:
+        # One key: its softmax weight is exactly 1 whatever its logit, bias or mask (a masked
+        # logit is finite, NEG_INF), so every query's context is its value, as XLA's path
+        # computes it. A decoder's first step (T5's first token) skips the scores, bias and
+        # softmax of its self-attention in every layer.
+        with jax.named_scope("attention"):
+            return jnp.broadcast_to(v, q.shape[:3] + v.shape[3:]), None, None
     sg = jax.lax.stop_gradient  # ACC only ranks rows (top-k is not differentiable): no gradient
     if score and how == "fused" and not need_probs:
         from accjax.kernels import acc_pallas

@@ -214,6 +214,38 @@ def test_attend_and_score_every_cpu_path(causal, with_bias):
         assert np.abs(np.where(mask, plain, 0) - np.where(mask, ref, 0)).max() > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_key_is_its_value(dtype):
+    """Attention over one key (a decoder's first step, a layer entered by one row) returns the
+    value for every query, bit for bit what materialised attention computes, whatever the
+    logit, the bias and the mask (a masked key's finite logit still weighs 1); scoring or
+    asking for the probabilities takes the full path."""
+    rng = np.random.default_rng(9)
+    b, t, n, h = 3, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 5, dtype)
+    k, v = (jnp.asarray(rng.normal(size=(b, 1, n, h)) * 5, dtype) for _ in range(2))
+    mask = jnp.asarray([[True], [False], [True]])
+    bias = jnp.asarray(rng.normal(size=(1, n, t, 1)) * 3, jnp.float32)
+    for causal in (False, True):
+        for kw in ({}, {"bias": bias}):
+            ref, probs = attention.attention_with_probs(q, k, v, mask, scale=0.3, causal=causal, **kw)
+            ctx, scores, none = acc.attend_and_score(q, k, v, mask, scale=0.3, causal=causal, **kw)
+            assert ctx.shape == q.shape and ctx.dtype == q.dtype and scores is None and none is None
+            np.testing.assert_array_equal(np.asarray(ctx, np.float32), np.asarray(ref, np.float32))
+            np.testing.assert_array_equal(np.asarray(ctx[:, 1:]), np.asarray(jnp.broadcast_to(v, q.shape)[:, 1:]))
+            assert np.all(np.asarray(probs) == 1.0)
+    # the probabilities asked for: the full path returns them
+    _, _, p = acc.attend_and_score(q, k, v, mask, scale=0.3, output_attentions=True)
+    assert p is not None and p.shape == (b, n, t, 1)
+    # no scores, bias, softmax or products are traced for one key
+    jaxpr = jax.make_jaxpr(lambda q, k, v: acc.attend_and_score(q, k, v, mask, scale=0.3, bias=bias)[0])(q, k, v)
+    prims = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    assert not prims & {"dot_general", "exp", "reduce_max"}, prims
+    two = jnp.concatenate([k, k], axis=1), jnp.concatenate([v, v], axis=1)
+    jaxpr2 = jax.make_jaxpr(lambda q, k, v: acc.attend_and_score(q, k, v, jnp.ones((b, 2), bool), scale=0.3)[0])(q, *two)
+    assert {"dot_general", "exp"} <= {e.primitive.name for e in jaxpr2.jaxpr.eqns}
+
+
 def test_kernel_probe_works_inside_a_trace():
     """The availability probe is first asked while a model is traced; it must still run."""
     from accjax.kernels import acc_pallas
