@@ -287,11 +287,10 @@ FUSED = ("fused", "fused_interpret")
 # 'auto' fuses attention and ACC up to this many keys. Up to 128 every key fits one tile and
 # the kernel is one pass; at 129-256 it made two passes over two key tiles (row statistics,
 # then the sweep; one pass since ``acc_pallas.key_tiles``) and, reading the packed q/k/v,
-# measured as fast as cuDNN + the second-pass
-# kernel on the device and 1-4% faster per synchronised call (fewer kernels); at 512 keys
-# 2-12% slower (docs/benchmarks.md, issue 17, sixth session), and 7-14% slower pipelined at
-# BERT-base 32 x 512 on an H100 in one pass (``acc_pallas.ONE_PASS_MAX_KEYS``) or two
-# (twentieth session).
+# measured as fast as cuDNN + the second-pass kernel on the device and 1-4% faster per
+# synchronised call (fewer kernels); at 512 keys 2-12% slower (docs/benchmarks.md, issue 17,
+# sixth session), and 7-14% slower pipelined at BERT-base 32 x 512 on an H100 in one pass
+# (``acc_pallas.ONE_PASS_MAX_KEYS``) or two (twentieth session).
 FUSED_MAX_KEYS = 256
 # The same for causal attention (decoders' prompts), whose kernel skips the key tiles past
 # each query tile's last row; above it cuDNN's causal attention + the second pass. GPT-2
