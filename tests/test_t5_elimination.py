@@ -178,25 +178,29 @@ def test_first_step_attends_over_one_key_as_its_value(tiny):
     every decoder layer's self-attention, so the dispatch returns its value with no softmax
     traced there; its logits equal the first position of a teacher-forced two-token decode,
     whose self-attention runs in full."""
-    cfg = tiny.config
+    cfg, m = tiny.config, tiny.module
     rng = np.random.default_rng(12)
     batch = random_batch(rng, 3, 16, 99)
-    params = {"params": tiny.params}
-    m = tiny.module
-    enc = m.apply(params, batch["input_ids"], batch["attention_mask"], method="encode", schedule=(12, 8, 4))
-    kv = m.apply(params, enc.last_hidden_state, method="cross_kv")
     start = jnp.full((3,), cfg.decoder_start_token_id, jnp.int32)
+    dec = jnp.stack([start, jnp.asarray(rng.integers(3, 99, size=3), jnp.int32)], axis=1)
 
-    def step(slots):
-        return lambda p: m.apply(p, start, jnp.int32(0), t5.init_cache(cfg, 3, slots), kv, enc.rows.mask,
-                                 method="decode_step")[0]
+    def step(p, enc, slots):
+        kv = m.apply(p, enc.last_hidden_state, method="cross_kv")
+        return m.apply(p, start, jnp.int32(0), t5.init_cache(cfg, 3, slots), kv, enc.rows.mask,
+                       method="decode_step")[0]
 
-    first = np.asarray(step(1)(params))
-    dec = np.stack([np.asarray(start), rng.integers(3, 99, size=3)], axis=1)
-    forced = np.asarray(m.apply(params, dec, enc.last_hidden_state, enc.rows.mask, method="decode"))
-    np.testing.assert_allclose(first, forced[:, 0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(step(4)(params)), first, rtol=1e-5, atol=1e-5)
-    exps = [sum(e.primitive.name == "exp" for e in jax.make_jaxpr(step(n))(params).jaxpr.eqns) for n in (1, 2)]
+    @jax.jit
+    def run(p):
+        enc = m.apply(p, batch["input_ids"], batch["attention_mask"], method="encode", schedule=(12, 8, 4))
+        forced = m.apply(p, dec, enc.last_hidden_state, enc.rows.mask, method="decode")
+        return step(p, enc, 1), step(p, enc, 4), forced[:, 0], enc
+
+    params = {"params": tiny.params}
+    first, four, forced, enc = run(params)
+    np.testing.assert_allclose(np.asarray(first), np.asarray(forced), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(four), np.asarray(first), rtol=1e-5, atol=1e-5)
+    exps = [sum(e.primitive.name == "exp" for e in jax.make_jaxpr(lambda p: step(p, enc, n))(params).jaxpr.eqns)
+            for n in (1, 2)]
     # the cross-attention's softmax stays in both; one slot drops self-attention's in every layer
     assert exps[0] < exps[1] and (exps[1] - exps[0]) % cfg.num_decoder_layers == 0, exps
 
