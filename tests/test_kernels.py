@@ -84,11 +84,11 @@ def _fused_against_probabilities(causal, t, h):
 # test_fused_kernel_matches_probabilities at 260)
 @pytest.mark.parametrize("causal,t", [(False, 40), (False, 150), (True, 40), (True, 150), (True, 300)])
 def test_packed_kernel_reads_the_projection_output(causal, t, request, monkeypatch):
-    if t > 256:
-        _two_passes_above_256(request, monkeypatch)
     """The fused kernel on the q/k/v projection's [B, T, 3, N, H] output with the bias added
     in the kernel, rows not padded (blocks overhang and are masked): context and column sums
     against float64; its gradient in the projection and the bias is plain attention's."""
+    if t > 256:
+        _two_passes_above_256(request, monkeypatch)
     rng = np.random.default_rng(t + causal)
     b, n, h = 2, 3, 16
     qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
