@@ -40,9 +40,11 @@ def default_path() -> Path:
 
 
 def enable(path: str | os.PathLike | None = None, *, enabled: bool | None = None) -> Path | None:
-    """Turns the persistent compilation cache on in ``path`` (default
-    ``$ACCJAX_CACHE/xla/jaxlib-<version>``), or off (``enabled``; default what
-    ``ACCJAX_COMPILE_CACHE`` says); idempotent. Returns the folder in use, or None when off."""
+    """Turns the persistent compilation cache on in ``path``, or off (``enabled``; default what
+    ``ACCJAX_COMPILE_CACHE`` says); idempotent. Returns the folder in use, or None when off.
+
+    Without ``path`` a folder this process already set up stays in use (a training run's
+    ``enable()`` keeps the one its caller chose); with none, ``$ACCJAX_CACHE/xla/jaxlib-<version>``."""
     global _active
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
@@ -55,7 +57,10 @@ def enable(path: str | os.PathLike | None = None, *, enabled: bool | None = None
                 cc.reset_cache()
                 _active = None
             return None
-        folder = Path(path).expanduser().resolve() if path is not None else default_path()
+        if path is not None:
+            folder = Path(path).expanduser().resolve()
+        else:
+            folder = _active or default_path()
         if _active == folder:
             return folder
         folder.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,16 @@ def test_env_switch_values(monkeypatch):
     assert compile_cache.env_enabled() is True
 
 
+def test_enable_without_a_folder_keeps_the_one_set_up(tmp_path, shared_compile_cache):
+    """A training run's ``enable()`` keeps the folder its caller chose (here the test
+    session's); a folder given moves the cache there."""
+    assert compile_cache.enable() == shared_compile_cache == compile_cache.active()
+    other = compile_cache.enable(tmp_path / "other")
+    assert other == (tmp_path / "other").resolve() != shared_compile_cache
+    assert compile_cache.enable() == other == compile_cache.active()
+    assert compile_cache.enable(enabled=False) is None and compile_cache.active() is None
+
+
 def test_switching_off_in_process_stops_writing(tmp_path):
     res = _probe(tmp_path, "on-off")
     names = _entries(tmp_path / "xla")
