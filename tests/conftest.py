@@ -12,14 +12,32 @@ os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tests count traces and XLA compiles: no persistent cache serves them programs from disk
-# (tests/test_compile_cache.py switches it on in its own processes).
+# Tests count traces and XLA compiles: no persistent cache serves them programs from disk,
+# except in tests that ask for ``shared_compile_cache`` (tests/test_compile_cache.py switches
+# it on in its own processes).
 os.environ.setdefault("ACCJAX_COMPILE_CACHE", "0")
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+@pytest.fixture(scope="session")
+def session_xla_cache(tmp_path_factory):
+    """The persistent compilation cache's folder for this test session (``compile_cache_in``)."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture
+def shared_compile_cache(session_xla_cache):
+    """The test runs with JAX's persistent compilation cache on in ``session_xla_cache``: the
+    tiny training runs of many tests build the same programs, so each is compiled once per
+    session. For tests that count no XLA compiles."""
+    from tests.train_helpers import compile_cache_in
+
+    with compile_cache_in(session_xla_cache) as folder:
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 
 from accjax import checkpoint, convert, evaluation, experiment, guards, loop, tasks
-from tests.train_helpers import REPO, finetune_cmd, run_finetune, sentiment_task, subprocess_env, tiny_config
+from tests.train_helpers import (REPO, compile_cache_in, finetune_cmd, run_finetune, sentiment_task,
+                                 subprocess_env, tiny_config)
+
+# Tiny training runs: the same programs in many tests, compiled once per session.
+pytestmark = pytest.mark.usefixtures("shared_compile_cache")
 
 
 def _leaves(tree, prefix=""):
@@ -76,14 +80,15 @@ def test_sigkill_then_restart_ends_bit_identical_to_an_uninterrupted_run(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, session_xla_cache):
     """One in-process fit (fixed 2x elimination) on a task with an empty and an over-long text."""
     tmp = tmp_path_factory.mktemp("run")
     long_text = " ".join(["good fine fun"] * 40)  # 120 words: beyond the model's 64 positions
     task = sentiment_task(tmp / "data", n_train=96, extra_train=[("   ", "pos"), (long_text, "pos")])
     cfg = tiny_config(tmp / "run", task, "tiny,fixed", max_length=100, length_buckets=(32, 64), dropout=False,
                       **{"eval.speedups": (1.0, 50.0), "epochs": 2, "elimination.speedup": 2.0})
-    result = loop.fit(cfg)
+    with compile_cache_in(session_xla_cache):
+        result = loop.fit(cfg)
     return cfg, result
 
 

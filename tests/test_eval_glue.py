@@ -13,7 +13,10 @@ import pytest
 
 from accjax import evaluation, metrics, schedule
 from eval import glue, offline_tune
-from tests.train_helpers import REPO, sentiment_rows, tiny_config
+from tests.train_helpers import REPO, compile_cache_in, sentiment_rows, tiny_config
+
+# Tiny training runs: the same programs in many tests, compiled once per session.
+pytestmark = pytest.mark.usefixtures("shared_compile_cache")
 
 
 def _write_sst2(root: Path) -> Path:
@@ -28,7 +31,7 @@ def _write_sst2(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sst2_run(tmp_path_factory):
+def sst2_run(tmp_path_factory, session_xla_cache):
     from accjax import loop
 
     root = tmp_path_factory.mktemp("glue")
@@ -36,7 +39,8 @@ def sst2_run(tmp_path_factory):
     run = root / "run"
     cfg = tiny_config(run, "sst2", data_dir=str(data_dir), epochs=2,
                       **{"elimination.mode": "fixed", "elimination.speedup": 2.0})
-    loop.fit(cfg)
+    with compile_cache_in(session_xla_cache):
+        loop.fit(cfg)
     return run, data_dir
 
 

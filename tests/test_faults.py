@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 
 from accjax import benchmark, data as data_lib, guards, loop, runfolder, train as train_lib
-from tests.train_helpers import REPO, sentiment_rows, sentiment_task, subprocess_env, tiny_config, write_csv
+from tests.train_helpers import (REPO, compile_cache_in, sentiment_rows, sentiment_task, subprocess_env,
+                                 tiny_config, write_csv)
+
+# Tiny training runs: the same programs in many tests, compiled once per session.
+pytestmark = pytest.mark.usefixtures("shared_compile_cache")
 
 
 def _fit(tmp_path, name, spec, **kw):
@@ -22,11 +26,12 @@ def _fit(tmp_path, name, spec, **kw):
 
 
 @pytest.fixture(scope="module")
-def csv_run(tmp_path_factory):
+def csv_run(tmp_path_factory, session_xla_cache):
     """A tiny classifier trained on your own CSV files (labels 'neg' / 'pos')."""
     tmp = tmp_path_factory.mktemp("csv_run")
     spec = sentiment_task(tmp / "data", n_train=64, n_dev=32)
-    result = loop.fit(tiny_config(tmp / "run", spec, dropout=False))
+    with compile_cache_in(session_xla_cache):
+        result = loop.fit(tiny_config(tmp / "run", spec, dropout=False))
     return result.run_dir, spec
 
 

@@ -16,7 +16,10 @@ from accjax import evaluation, models
 from accjax import schedule as S
 from accjax import search
 from eval import glue, offline_tune
-from tests.train_helpers import sentiment_task, tiny_config
+from tests.train_helpers import compile_cache_in, sentiment_task, tiny_config
+
+# Tiny training runs: the same programs in many tests, compiled once per session.
+pytestmark = pytest.mark.usefixtures("shared_compile_cache")
 
 MINILM = models.cost_model(models.preset("minilm-l6-h384"))
 
@@ -61,13 +64,14 @@ def test_bad_search_flags_are_one_line(flags, says, tmp_path, capsys):
 
 # ------------------------------------------------------------------ on a tiny trained run
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, session_xla_cache):
     from accjax import loop
 
     root = tmp_path_factory.mktemp("search")
     spec = sentiment_task(root / "data", 160, 64)
     run = root / "run"
-    loop.fit(tiny_config(run, spec, epochs=1, **{"elimination.mode": "fixed", "elimination.speedup": 2.0}))
+    with compile_cache_in(session_xla_cache):
+        loop.fit(tiny_config(run, spec, epochs=1, **{"elimination.mode": "fixed", "elimination.speedup": 2.0}))
     (root / "data" / "test.csv").unlink()  # from here on, reading the test split raises
     return run
 

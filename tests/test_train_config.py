@@ -17,6 +17,9 @@ from accjax.data import DataError, DataNotFoundError
 from accjax.tasks import UnknownTaskError
 from tests.train_helpers import REPO, load_config_file, sentiment_task, subprocess_env, tiny_config, write_csv
 
+# Tiny training runs: the same programs in many tests, compiled once per session.
+pytestmark = pytest.mark.usefixtures("shared_compile_cache")
+
 
 @pytest.mark.parametrize("name,arg", [
     ("rt_minilm", None), ("rt_minilm", "elastic"), ("rt_minilm", "tiny,fixed"), ("rt_minilm", "elastic,sandwich"),

@@ -11,6 +11,9 @@ from accjax import convert, loop, prompting, seq2seq, tokenization
 from tests.t5_helpers import make_hf_t5, make_tokenizer
 from tests.train_helpers import load_config_file
 
+# Tiny training runs: the same programs in many tests, compiled once per session.
+pytestmark = pytest.mark.usefixtures("shared_compile_cache")
+
 SENT = [("the movie was good", "positive"), ("the film was awful", "negative"),
         ("really liked this movie", "positive"), ("hated the plot", "negative"),
         ("great acting and fun", "positive"), ("boring and bad", "negative"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import os
@@ -103,11 +104,30 @@ def xla_flags(devices: int) -> str:
     return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
 
 
+@contextlib.contextmanager
+def compile_cache_in(folder: Path):
+    """JAX's persistent compilation cache on in ``folder`` (a run's own
+    ``compile_cache.enable()`` keeps that folder), then off again and its switch as it was."""
+    from accjax import compile_cache
+
+    old = os.environ.get(compile_cache.ENV_SWITCH)
+    os.environ[compile_cache.ENV_SWITCH] = "1"
+    try:
+        yield compile_cache.enable(folder)
+    finally:
+        compile_cache.enable(enabled=False)
+        if old is None:
+            os.environ.pop(compile_cache.ENV_SWITCH, None)
+        else:
+            os.environ[compile_cache.ENV_SWITCH] = old
+
+
 def subprocess_env(devices: int, **extra) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["ACCJAX_COMPILE_CACHE"] = "0"  # even under shared_compile_cache: a run's default folder is the user's
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
