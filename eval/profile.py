@@ -114,7 +114,10 @@ PARTS = [
     ("out+ln", re.compile(r"/attn_out/|/attn_norm/")),
     ("ffn+ln", re.compile(r"/mlp_in/|/mlp_out/|/mlp_norm/|/erf|/gelu|/mul")),
 ]
-_LAYER = re.compile(r"/layer_(\d+)/")
+_LAYER = re.compile(r"/layer_(\d+)[./]")  # "layer_3/..." or a method's "layer_3.encoder_kv/..."
+# A decoder stack beside an encoder (T5: "decoder/layer_3/", "decoder.step/layer_3/"): its
+# layers are rows of their own ("dec3"), not the encoder layer of the same number.
+_DECODER_LAYER = re.compile(r"/decoder[^/]*/layer_(\d+)[./]")
 
 
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
@@ -149,14 +152,18 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
     return out
 
 
-def layer_and_part(op_name: str) -> tuple[int | None, str]:
-    m = _LAYER.search(op_name)
+def layer_and_part(op_name: str) -> tuple[int | str | None, str]:
+    """(layer, part) of an HLO op_name: the layer an int, a decoder stack's beside an
+    encoder ``"dec<k>"``, None outside layers."""
+    d = _DECODER_LAYER.search(op_name)
+    m = d or _LAYER.search(op_name)
     if m is None:
         return None, "outside layers"
+    layer = f"dec{d.group(1)}" if d else int(m.group(1))
     for part, pat in PARTS:
         if pat.search(op_name):
-            return int(m.group(1)), part
-    return int(m.group(1)), "other"
+            return layer, part
+    return layer, "other"
 
 
 def _kernel_key(name: str) -> str:
@@ -172,12 +179,22 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
     kernels (cuBLAS, cuDNN) carry no instruction name: they are counted as 'gemm' or
     'attention' in the layer of the next kernel that has one (their epilogue or consumer, in
     a layer's fixed kernel order). Pallas kernels are named by their kernel function.
+
+    XLA:GPU builds one kernel for identical fusions, named after the first, and under
+    command buffers the trace names no instruction: then every repeat of a kernel lands in
+    its first instance's layer (identical layers merge into the first). Where the trace's
+    instruction (third field) is one of ``scopes`` it is used instead of the kernel name;
+    the kernels matched by a name that runs more than once a call are listed under
+    ``"repeated"`` (name: runs a call), so a table with merged layers says so.
     """
     keyed = {_kernel_key(k): v for k, v in scopes.items()}
-    tags = []
-    for name, _, _ in events:
+    tags, by_name = [], collections.Counter()
+    for name, _, hlo_op in events:
         base = re.sub(r"__\d+$", "", name)
-        op = keyed.get(_kernel_key(name))
+        op = keyed.get(_kernel_key(hlo_op)) if hlo_op else None
+        if op is None:
+            op = keyed.get(_kernel_key(name))
+            by_name[name] += op is not None
         if op is not None:
             layer, part = layer_and_part(op)
             tags.append((layer, part) if layer is not None else (None, "outside layers"))
@@ -207,8 +224,12 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
         cell = table["-" if layer is None else str(layer)][part]
         cell[0] += ms * 1e3 / iters
         cell[1] += 1 / iters
-    return {layer: {part: {"us": us, "kernels": n} for part, (us, n) in parts.items()}
-            for layer, parts in table.items()}
+    out = {layer: {part: {"us": us, "kernels": n} for part, (us, n) in parts.items()}
+           for layer, parts in table.items()}
+    repeated = {name: n / iters for name, n in sorted(by_name.items()) if n > iters}
+    if repeated:
+        out["repeated"] = repeated
+    return out
 
 
 def layer_costs(cfg, b: int, n: int, schedule, *, acc: str = "fused") -> list[dict]:
@@ -237,20 +258,26 @@ def layer_costs(cfg, b: int, n: int, schedule, *, acc: str = "fused") -> list[di
 def print_layers(r: dict) -> None:
     """One line per layer: rows, analytic floor, measured kernel time and its split."""
     costs = {c["layer"]: c for c in r.get("layer_costs", [])}
-    layers = r.get("per_layer", {})
+    layers = dict(r.get("per_layer", {}))
+    repeated = layers.pop("repeated", {})
     parts = ["gemm", "qkv", "attention", "attention+acc", "acc", "select", "gather", "out+ln", "ffn+ln",
              "other"]
     print("   layer  in  out  GFLOP  floor_us   us  kernels | " + " ".join(f"{p:>9}" for p in parts))
     keys = set(layers) | {str(i) for i in costs}
-    for key in sorted(keys, key=lambda x: (x == "-", int(x) if x != "-" else 0)):
+    for key in sorted(keys, key=lambda x: (x == "-", x.startswith("dec"),
+                                           int(x.removeprefix("dec")) if x != "-" else 0)):
         cells = layers.get(key, {})
         us = sum(c["us"] for c in cells.values())
         nk = sum(c["kernels"] for c in cells.values())
-        c = costs.get(int(key)) if key != "-" else None
+        c = costs.get(int(key)) if key.isdigit() else None
         head = (f"   {key:>5} {c['rows_in']:>3} {c['rows_out']:>4} {c['gflop']:>6.1f} {c['floor_us']:>9.1f}"
                 if c else f"   {key:>5} {'':>3} {'':>4} {'':>6} {'':>9}")
         print(head + f" {us:>5.0f} {nk:>8.1f} | "
               + " ".join(f"{cells[p]['us'] if p in cells else 0:>9.1f}" for p in parts))
+    if repeated:
+        print(f"   {len(repeated)} kernel(s) ran more than once a call under one name (identical "
+              f"fusions share a kernel): each repeat is counted in its first instance's layer, so "
+              f"identical layers merge there ({sum(repeated.values()):.0f} launches)")
 
 
 device_events.shown = False

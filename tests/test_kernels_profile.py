@@ -38,6 +38,16 @@ def test_kernels_are_attributed_to_layers_and_parts():
     # the selection-and-gather kernel (kernels.keep_rows) is selection, not ACC's second pass
     table = P.per_layer([("_keep_rows_kernel__3", 0.002, ""), (gat.replace(".", "_"), 0.001, "")], scopes, iters=1)
     assert table["1"]["select"] == {"us": 2.0, "kernels": 1.0} and "acc" not in table["1"]
+    # a kernel XLA reuses for an identical fusion carries the first instance's name: where the
+    # trace names the instruction that ran (no command buffer), that instruction decides
+    s0, s1 = by_part[(0, "select")], by_part[(1, "select")]
+    reused = [(s0.replace(".", "_"), 0.001, s1), (s0.replace(".", "_"), 0.001, "command_buffer_1")]
+    table = P.per_layer(reused, scopes, iters=1)
+    assert table["1"]["select"]["kernels"] == 1.0 and table["0"]["select"]["kernels"] == 1.0
+    assert "repeated" not in table  # the name alone matched once a call
+    # ... where it does not, a name matched twice a call is reported: layers merged into one
+    table = P.per_layer([reused[1]] * 4, scopes, iters=2)
+    assert table["repeated"] == {s0.replace(".", "_"): 2.0} and table["0"]["select"]["kernels"] == 2.0
     costs = P.layer_costs(cfg, 2, 16, (8, 4))
     assert [(c["rows_in"], c["rows_out"]) for c in costs] == [(16, 8), (8, 4)]
     assert costs[0]["gflop"] > costs[1]["gflop"] > 0
@@ -83,3 +93,19 @@ def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkey
     assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
     assert [c["rows_in"] for c in rows[1]["layer_costs"]] == [16, rows[1]["schedule"][0]]
     assert built == [(16, 16), tuple(rows[1]["schedule"])]
+
+
+def test_a_t5_decoder_layer_is_its_own_row():
+    """T5's first-token program: the decoder step's layers are rows "dec0", "dec1", not the
+    encoder layers of the same number."""
+    from accjax import seq2seq
+
+    cfg, params = build("t5", "float32", "auto", t5=True, tiny=True)
+    module = models.get_family(cfg.family).module(cfg, "lm")
+    pred = seq2seq.Seq2SeqPredictor(module, params, cfg, batch_size=2, length_buckets=(16,))
+    scopes = P.hlo_scopes(pred.first_token_program(2, pred.plan(16, 2.0)).as_text())
+    rows = {P.layer_and_part(op)[0] for op in scopes.values()}
+    layers = range(cfg.num_layers)
+    assert rows == {None, *layers, *(f"dec{i}" for i in range(cfg.num_decoder_layers))}, rows
+    in_decoder_layers = [op for op in scopes.values() if "decoder" in op and "/layer_" in op]
+    assert {P.layer_and_part(op)[0] for op in in_decoder_layers} == {f"dec{i}" for i in range(cfg.num_decoder_layers)}
