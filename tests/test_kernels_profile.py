@@ -98,12 +98,20 @@ def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkey
 def test_a_t5_decoder_layer_is_its_own_row():
     """T5's first-token program: the decoder step's layers are rows "dec0", "dec1", not the
     encoder layers of the same number."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
     from accjax import seq2seq
 
     cfg, params = build("t5", "float32", "auto", t5=True, tiny=True)
     module = models.get_family(cfg.family).module(cfg, "lm")
-    pred = seq2seq.Seq2SeqPredictor(module, params, cfg, batch_size=2, length_buckets=(16,))
-    scopes = P.hlo_scopes(pred.first_token_program(2, pred.plan(16, 2.0)).as_text())
+    ids = jnp.full((2, 16), 5, jnp.int32)
+    fn = functools.partial(seq2seq.first_token, module, schedule=(12, 8, 4))
+    # the HLO as traced (op names are what the optimised module's instructions carry)
+    hlo = jax.jit(fn).lower(params, ids, jnp.ones_like(ids)).compiler_ir("hlo").as_hlo_module()
+    scopes = P.hlo_scopes(hlo.to_string())
     rows = {P.layer_and_part(op)[0] for op in scopes.values()}
     layers = range(cfg.num_layers)
     assert rows == {None, *layers, *(f"dec{i}" for i in range(cfg.num_decoder_layers))}, rows
