@@ -70,7 +70,7 @@ def generate_tokens(
     cfg, b, m = module.config, input_ids.shape[0], int(max_new_tokens)
     enc = _encode(module, params, input_ids, attention_mask, schedule, acc_variant, protect_last)
     enc_mask = enc.rows.mask  # [B, K] the cross-attention mask of the kept rows
-    kv = module.apply({"params": params}, enc.last_hidden_state, method="cross_kv")
+    kv = t5_lib.cross_kv(module, params, enc.last_hidden_state)
     cache = t5_lib.init_cache(cfg, b, m)
     out = jnp.full((b, m), cfg.pad_token_id, jnp.int32)
     tok = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
@@ -103,7 +103,7 @@ def first_token(module, params, input_ids: Array, attention_mask: Array, *,
     cfg = module.config
     b = input_ids.shape[0]
     enc = _encode(module, params, input_ids, attention_mask, schedule, acc_variant, protect_last)
-    kv = module.apply({"params": params}, enc.last_hidden_state, method="cross_kv")
+    kv = t5_lib.cross_kv(module, params, enc.last_hidden_state)
     tok = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
     logits, _ = module.apply({"params": params}, tok, jnp.int32(0), t5_lib.init_cache(cfg, b, 1), kv,
                              enc.rows.mask, method="decode_step")
@@ -204,6 +204,11 @@ def chunk_batch(pred, batch: dict[str, np.ndarray], fill: int | None = None):
                         programs.pad_rows(mask[i:i + b], b, length, fill=1)) for i in range(0, n, b)]
 
 
+# Seq2SeqPredictor's params carry the cross-attention K/V kernels packed (``t5.pack_cross_kv``:
+# one product instead of a copy and a product each call on a GPU; 2 x L x D x D more weights).
+PACK_CROSS_KV = True
+
+
 class Seq2SeqPredictor(generate.LMPredictor):
     """Compiled-once generation and scoring for a T5 model at any speedup: inputs padded and
     chunked by ``chunk_batch`` (filler rows: one EOS token), the speedup an encoder plan for
@@ -217,6 +222,17 @@ class Seq2SeqPredictor(generate.LMPredictor):
                          acc_variant=acc_variant, prune_every=prune_every)
         self.batch_size, self.protect_last = int(batch_size), protect_last
         self.length_buckets = inference.cap_buckets(config, length_buckets)
+
+    @property
+    def params(self) -> dict:
+        """The params the programs take: the model's, with the decoder's cross-attention K/V
+        kernels also packed into one array (``t5.pack_cross_kv``) when ``PACK_CROSS_KV``.
+        Assigning new params (a training run's evaluation) packs them again."""
+        return self._params
+
+    @params.setter
+    def params(self, params: dict) -> None:
+        self._params = t5_lib.pack_cross_kv(params) if PACK_CROSS_KV else params
 
     def generate_program(self, b: int, plan: sched_lib.Plan, *, max_new_tokens: int,
                          mode: str = "greedy", temperature: float = 1.0, top_k: int = 0,

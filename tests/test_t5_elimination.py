@@ -205,6 +205,48 @@ def test_first_step_attends_over_one_key_as_its_value(tiny):
     assert exps[0] < exps[1] and (exps[1] - exps[0]) % cfg.num_decoder_layers == 0, exps
 
 
+def test_packed_cross_kv_is_one_product_with_the_per_layer_values(tiny, monkeypatch):
+    """t5.pack_cross_kv: every decoder layer's cross-attention K/V from one product over the
+    kernels stacked once; the same values as the per-layer projections, and a predictor's
+    first tokens are unchanged. New params assigned to a predictor (a training run's
+    evaluation) are packed again."""
+    cfg, m = tiny.config, tiny.module
+    enc = jnp.asarray(np.random.default_rng(13).normal(size=(3, 7, cfg.d_model)), jnp.float32)
+    packed = t5.pack_cross_kv(tiny.params)
+    assert packed[t5.PACKED_CROSS_KV].shape == (cfg.d_model, cfg.num_decoder_layers, 2, cfg.num_heads, cfg.d_kv)
+    want, got = t5.cross_kv(m, tiny.params, enc), t5.cross_kv(m, packed, enc)
+    assert len(got) == len(want) == cfg.num_decoder_layers
+    for (k1, v1), (k2, v2) in zip(want, got):
+        np.testing.assert_allclose(np.asarray(k2), np.asarray(k1), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(v2), np.asarray(v1), rtol=1e-6, atol=1e-6)
+
+    def dots(jaxpr):  # dot_generals, nested jaxprs (jnp.einsum's) included
+        jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+        return sum((e.primitive.name == "dot_general") + sum(
+            dots(v) for v in e.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
+            for e in jaxpr.eqns)
+
+    counts = [dots(jax.make_jaxpr(lambda p, x: t5.cross_kv(m, p, x))(p, enc)) for p in (packed, tiny.params)]
+    assert counts == [1, cfg.num_decoder_layers], counts
+
+    rng = np.random.default_rng(14)
+    batch = random_batch(rng, 3, 16, 99)
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(seq2seq, "PACK_CROSS_KV", on)
+        pred = seq2seq.Seq2SeqPredictor.from_loaded(tiny, batch_size=4, length_buckets=(16,))
+        assert (t5.PACKED_CROSS_KV in pred.params) is on
+        first = pred.first_token_program(4, pred.plan(16, 2.0))
+        ids, mask = (np.concatenate([batch[k], batch[k][:1]]) for k in ("input_ids", "attention_mask"))
+        outs[on] = np.asarray(first(pred.params, ids, mask))
+        if on:  # new params: packed again from their own kernels
+            moved = jax.tree.map(lambda x: x * 2, tiny.params)
+            pred.params = moved
+            np.testing.assert_array_equal(np.asarray(pred.params[t5.PACKED_CROSS_KV]),
+                                          np.asarray(t5.pack_cross_kv(moved)[t5.PACKED_CROSS_KV]))
+    np.testing.assert_array_equal(outs[True], outs[False])
+
+
 def test_protect_last_keeps_the_eos(tiny):
     batch = random_batch(np.random.default_rng(5), 4, 16, 99)
     out = _apply(tiny, batch["input_ids"], batch["attention_mask"], method="encode",
