@@ -301,13 +301,16 @@ FUSED_MAX_KEYS_CAUSAL = 256
 
 
 def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: bool = False,
-                     bias: bool = False, by_distance: bool = False) -> tuple[str, bool]:
+                     bias: bool = False, by_distance: bool = False,
+                     shared_bias: bool = False) -> tuple[str, bool]:
     """One layer's (ACC source, run the kernel interpreted?). 'auto' -> beside cuDNN attention
     the fused attention + ACC kernel where it compiles (bidirectional, no bias, at most
     ``FUSED_MAX_KEYS`` keys; causal, ``FUSED_MAX_KEYS_CAUSAL``; T5's bias by distance at any
     row count, ``_distance_attention``), else the second-pass Pallas kernel (given a logits
     ``bias`` only ``by_distance``), else 'lse'; with XLA attention the probabilities it
-    materialises anyway. Explicit choices stay."""
+    materialises anyway; ``shared_bias`` (one [1, N, T, T] bias for the batch) at
+    ``SHARED_BIAS_CUDNN_MIN_KEYS`` keys or more: cuDNN + the second pass. Explicit choices
+    stay."""
     if acc_impl not in ACC_IMPLS:
         raise ValueError(f"acc_impl must be one of {ACC_IMPLS}, got {acc_impl!r}")
     if acc_impl == "auto":
@@ -318,7 +321,9 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: b
         max_keys = FUSED_MAX_KEYS_CAUSAL if causal else FUSED_MAX_KEYS
         if keys <= max_keys and not bias and acc_pallas.available(fused=True):
             return "fused", False
-        if _distance_attention(attention_impl, by_distance, causal):
+        cudnn_first = (shared_bias and SHARED_BIAS_CUDNN_MIN_KEYS is not None
+                       and keys >= SHARED_BIAS_CUDNN_MIN_KEYS)
+        if _distance_attention(attention_impl, by_distance, causal, shared_bias=cudnn_first):
             return "fused", DISTANCE_ATTENTION == "interpret"
         kernel = (by_distance or not bias) and acc_pallas.available(rel_bias=bias)
         acc_impl = "pallas" if kernel else "lse"
@@ -345,6 +350,15 @@ def resolve_acc_impl(acc_impl: str, attention_impl: str, *, keys: int, causal: b
 # cuDNN); 'never' keeps cuDNN + the second ACC pass; 'interpret' runs the kernel in Pallas'
 # interpreter (tests on the CPU).
 DISTANCE_ATTENTION = "auto"
+
+# A scoring T5 layer whose rows still share one [1, N, T, T] bias (layer 0: nothing eliminated
+# yet) with at least this many keys runs cuDNN attention on that bias + the second ACC pass
+# (``column_sums_from_lse`` by distance) instead of the fused one-pass kernel, whose query
+# tiles shrink to 32 rows at 512 keys. None: the fused kernel at every row count. H100, same
+# process, Flan-T5 16 x 512 pipelined ms (two sets): 2x 3.671, 3.673 against 3.695, 3.681;
+# 4x 2.193, 2.195 against 2.208, 2.210; scores within 2e-9 of float32 probabilities' (the
+# fused kernel 1.3e-5, scale 7.5e-3; docs/benchmarks.md, twenty-second session).
+SHARED_BIAS_CUDNN_MIN_KEYS: int | None = 512
 # The fused kernel reads q, k and v from the q/k/v projection's output when the model hands
 # it over (``attend_and_score(packed=...)``, BERT family): no split, bias or padding copies.
 PACKED_QKV = True
@@ -474,7 +488,8 @@ def attend_and_score(
     how, interpret = "probs", False
     if score and variant == "plain":
         how, interpret = resolve_acc_impl(acc_impl, impl, keys=k.shape[1], causal=causal,
-                                          bias=bias is not None, by_distance=bias_by_distance is not None)
+                                          bias=bias is not None, by_distance=bias_by_distance is not None,
+                                          shared_bias=bias is not None and bias.shape[0] == 1)
     need_probs = output_attentions or probs_dropout is not None
     if k.shape[1] == 1 and not score and not need_probs:
         # One key: its softmax weight is exactly 1 whatever its logit, bias or mask (a masked
@@ -537,6 +552,10 @@ def attend_and_score(
                                            implementation=impl, return_lse=want_lse)
             ctx, lse = out if want_lse else (out, None)
     if score:
+        if impl == "cudnn" and lse is not None:
+            # cuDNN's log-sum-exp counts the bias rounded to the inputs' dtype (as it takes it):
+            # the second pass recomputes the probabilities with the same rounding
+            bias, bias_by_distance = (None if x is None else x.astype(q.dtype) for x in (bias, bias_by_distance))
         with jax.named_scope("acc_score"):
             if probs is not None:
                 vn = sg(value_norms()) if variant == "value_norm" else None

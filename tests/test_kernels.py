@@ -819,3 +819,19 @@ def test_gemm_act_probe_runs_inside_a_trace(monkeypatch):
     seen = []
     jax.jit(lambda x: seen.append(gemm_act._probe()) or x)(jnp.ones(3))
     assert seen == [True]
+
+
+def test_shared_bias_layer_can_score_with_cudnn_and_the_second_pass(monkeypatch):
+    """Where the kernels compile (faked here), a T5 layer scoring under one shared [1, N, T, T]
+    bias at ``SHARED_BIAS_CUDNN_MIN_KEYS`` keys or more runs cuDNN attention on that bias + the
+    second pass by distance; with the bound off, or per-example biases, or fewer keys, the
+    fused kernel."""
+    monkeypatch.setattr(acc_pallas, "available", lambda *a, **kw: True)
+    kw = dict(bias=True, by_distance=True)
+    monkeypatch.setattr(acc, "SHARED_BIAS_CUDNN_MIN_KEYS", None)
+    assert acc.resolve_acc_impl("auto", "cudnn", keys=512, shared_bias=True, **kw) == ("fused", False)
+    monkeypatch.setattr(acc, "SHARED_BIAS_CUDNN_MIN_KEYS", 512)
+    assert acc.resolve_acc_impl("auto", "cudnn", keys=512, shared_bias=True, **kw) == ("pallas_lse", False)
+    assert acc.resolve_acc_impl("auto", "cudnn", keys=511, shared_bias=True, **kw) == ("fused", False)
+    assert acc.resolve_acc_impl("auto", "cudnn", keys=512, shared_bias=False, **kw) == ("fused", False)
+    assert acc.resolve_acc_impl("auto", "xla", keys=512, shared_bias=True, **kw) == ("probs", False)

@@ -57,10 +57,14 @@ from accjax.kernels.acc_pallas import _pow2, _triton_params
 
 KERNEL = "auto"
 # Rows of a layer this kernel selects among; above, XLA's rank count or top_k runs. The
-# kernel takes any number of rows; above 256 ('auto''s bound) it measured as fast as XLA's
-# selection in GPT-2's 8 x 1024 programs on an H200, not faster (docs/benchmarks.md,
-# seventeenth session), and was not measured on T5.
-MAX_ROWS = 256
+# kernel takes any number of rows; above 256 it measured as fast as XLA's selection in
+# GPT-2's 8 x 1024 programs on an H200, not faster (docs/benchmarks.md, seventeenth session);
+# T5 16 x 512 at 4x even with it off (twenty-first). At 129-256 rows XLA's selection is a
+# little faster. H100, same process, pipelined, bound 128 against 256: BERT-base 32 x 512 at
+# 2x -1.7% and -1.0% in two calls, 1.5x / 3x / 4.8x even to -0.6%; GPT-2 8 x 1024 2x even,
+# 3x -1.5 / -3.3%, 3.72x -1.7 / -1.1%; Flan-T5 16 x 512 2x -2.3%, 4x -1.6%; BERT 128 x 128
+# (no layer above 128 rows) even (docs/benchmarks.md, twenty-second session).
+MAX_ROWS = 128
 RANK_CHUNK = 32  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time
 MAX_COLS = 256  # columns of each tensor a program copies (the largest power of two dividing D)
