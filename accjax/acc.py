@@ -29,10 +29,11 @@ Rows of P are queries, columns keys; the padding query (row 3) is ignored::
 
 Selection with a static keep-length k (a Python int): the k highest ACC rows (ties to the
 lower index, as ``lax.top_k``), in their original order (``select_rows``: on a GPU by counting
-ranks, no sort, up to 1024 rows, and up to 256 in one Pallas kernel that also does the gathers,
-``accjax.kernels.keep_rows``; else ``lax.top_k`` and a sort of the kept indices), then every
-per-row array is gathered with the same indices. On the example, k=2 keeps rows [0, 2];
-k=3 keeps the best [0, 2, 1] as [0, 1, 2]; padding is always dropped before any real row.
+ranks, no sort, up to 1024 rows, and up to ``keep_rows.MAX_ROWS`` in one Pallas kernel that
+also does the gathers, ``accjax.kernels.keep_rows``; else ``lax.top_k`` and a sort of the kept
+indices), then every per-row array is gathered with the same indices. On the example, k=2
+keeps rows [0, 2]; k=3 keeps the best [0, 2, 1] as [0, 1, 2]; padding is always dropped
+before any real row.
 
     hidden  [B, 4, D] --take rows [0, 2]--> [B, 2, D]
     mask    [[T T T F]] -> [[T T]]     positions [[0 1 2 3]] -> [[0 2]]
