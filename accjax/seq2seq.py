@@ -106,7 +106,7 @@ def first_token(module, params, input_ids: Array, attention_mask: Array, *,
     kv = t5_lib.cross_kv(module, params, enc.last_hidden_state)
     tok = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
     logits, _ = module.apply({"params": params}, tok, jnp.int32(0), t5_lib.init_cache(cfg, b, 1), kv,
-                             enc.rows.mask, method="decode_step")
+                             enc.rows.mask, params.get(t5_lib.PACKED_SELF_VO), method="decode_step")
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
@@ -205,8 +205,11 @@ def chunk_batch(pred, batch: dict[str, np.ndarray], fill: int | None = None):
 
 
 # Seq2SeqPredictor's params carry the cross-attention K/V kernels packed (``t5.pack_cross_kv``:
-# one product instead of a copy and a product each call on a GPU; 2 x L x D x D more weights).
+# one product instead of a copy and a product each call on a GPU; 2 x L x D x D more weights)
+# and the first step's self-attention value and output projections folded (``t5.pack_self_vo``:
+# one product instead of two and a slice per layer; L x D x D more).
 PACK_CROSS_KV = True
+FOLD_SELF_VO = True
 
 
 class Seq2SeqPredictor(generate.LMPredictor):
@@ -226,13 +229,15 @@ class Seq2SeqPredictor(generate.LMPredictor):
     @property
     def params(self) -> dict:
         """The params the programs take: the model's, with the decoder's cross-attention K/V
-        kernels also packed into one array (``t5.pack_cross_kv``) when ``PACK_CROSS_KV``.
-        Assigning new params (a training run's evaluation) packs them again."""
+        kernels also packed into one array (``t5.pack_cross_kv``) when ``PACK_CROSS_KV``, and
+        the first step's self-attention projections folded (``t5.pack_self_vo``) when
+        ``FOLD_SELF_VO``. Assigning new params (a training run's evaluation) packs them again."""
         return self._params
 
     @params.setter
     def params(self, params: dict) -> None:
-        self._params = t5_lib.pack_cross_kv(params) if PACK_CROSS_KV else params
+        params = t5_lib.pack_cross_kv(params) if PACK_CROSS_KV else params
+        self._params = t5_lib.pack_self_vo(params) if FOLD_SELF_VO else params
 
     def generate_program(self, b: int, plan: sched_lib.Plan, *, max_new_tokens: int,
                          mode: str = "greedy", temperature: float = 1.0, top_k: int = 0,

@@ -247,6 +247,51 @@ def test_packed_cross_kv_is_one_product_with_the_per_layer_values(tiny, monkeypa
     np.testing.assert_array_equal(outs[True], outs[False])
 
 
+def test_first_step_self_attention_folds_into_one_product(tiny, monkeypatch):
+    """t5.pack_self_vo: at the first decoder step (one key) each layer's self-attention is
+    h W_V W_O, one [D, D] product: the same logits as the attention path, one product fewer
+    per layer in the compiled first-token program, refused for a longer cache; a predictor's
+    params carry it and fold assigned params again."""
+    cfg, m = tiny.config, tiny.module
+    folded = t5.pack_self_vo(tiny.params)
+    assert folded[t5.PACKED_SELF_VO].shape == (cfg.num_decoder_layers, cfg.d_model, cfg.d_model)
+    rng = np.random.default_rng(15)
+    b, s = 3, 5
+    kv = tuple((jnp.asarray(rng.normal(size=(b, s, cfg.num_heads, cfg.d_kv)), jnp.float32),
+                jnp.asarray(rng.normal(size=(b, s, cfg.num_heads, cfg.d_kv)), jnp.float32))
+               for _ in range(cfg.num_decoder_layers))
+    enc_mask = jnp.asarray(np.arange(s)[None] < np.array([[5], [3], [1]]))
+    tok = jnp.asarray([cfg.decoder_start_token_id, 7, 11], jnp.int32)
+    step = lambda p, vo, cache: m.apply({"params": p}, tok, jnp.int32(0), cache, kv, enc_mask, vo,  # noqa: E731
+                                        method="decode_step")
+    want, cache_a = step(tiny.params, None, t5.init_cache(cfg, b, 1))
+    got, cache_b = step(folded, folded[t5.PACKED_SELF_VO], t5.init_cache(cfg, b, 1))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for (ka, va), (kb, vb) in zip(cache_a, cache_b):  # the cache is still written
+        np.testing.assert_allclose(np.asarray(kb), np.asarray(ka), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(vb), np.asarray(va), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="hold for one key, a cache of one slot; this cache has 2"):
+        step(folded, folded[t5.PACKED_SELF_VO], t5.init_cache(cfg, b, 2))
+
+    batch = random_batch(np.random.default_rng(16), 4, 16, 99)
+    outs, dots = {}, {}
+    for on in (True, False):
+        monkeypatch.setattr(seq2seq, "FOLD_SELF_VO", on)
+        pred = seq2seq.Seq2SeqPredictor.from_loaded(tiny, batch_size=4, length_buckets=(16,))
+        assert (t5.PACKED_SELF_VO in pred.params) is on and t5.PACKED_CROSS_KV in pred.params
+        first = pred.first_token_program(4, pred.plan(16, 2.0))
+        outs[on] = np.asarray(first(pred.params, batch["input_ids"], batch["attention_mask"]))
+        hlo = first.as_text()  # the compiled program (AOT)
+        dots[on] = hlo.count(" dot(")
+        if on:  # new params: folded again from their own kernels
+            moved = jax.tree.map(lambda x: x * 2, tiny.params)
+            pred.params = moved
+            np.testing.assert_array_equal(np.asarray(pred.params[t5.PACKED_SELF_VO]),
+                                          np.asarray(t5.pack_self_vo(moved)[t5.PACKED_SELF_VO]))
+    np.testing.assert_array_equal(outs[True], outs[False])
+    assert dots[False] - dots[True] == cfg.num_decoder_layers, dots
+
+
 def test_protect_last_keeps_the_eos(tiny):
     batch = random_batch(np.random.default_rng(5), 4, 16, 99)
     out = _apply(tiny, batch["input_ids"], batch["attention_mask"], method="encode",

@@ -525,6 +525,7 @@ class DecoderLayer(nn.Module):
         cache: tuple[Array, Array] | None = None,
         index: Array | None = None,
         deterministic: bool = True,
+        self_vo: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """
         Args:
@@ -534,6 +535,9 @@ class DecoderLayer(nn.Module):
           self_bias: [1, N, T, T] causal position bias ([1, N, 1, M] with a cache).
           enc_kv: cross-attention (k, v), each [B, S, N, H]; enc_mask: [B, S] bool.
           cache: (k, v) of earlier steps, each [B, M, N, H]; index: the scalar step.
+          self_vo: [D, D] this layer's value and output projections multiplied
+            (``pack_self_vo``), for a step whose self-attention has ONE key (a cache of one
+            slot): its softmax weight is 1, so the sub-block is ``h @ W_V W_O``.
         Returns:
           (x [B, T, D], updated cache or None).
         """
@@ -547,9 +551,12 @@ class DecoderLayer(nn.Module):
                                  for c, a in zip(cache, (k, v)))  # [B, M, N, H] each; self_mask: visible
         # One query a step against the cache: XLA is right at this size whatever the backend.
         impl = "xla" if cache is not None else None
-        ctx = self._attend(q, k, v, self_mask, self_bias, causal=cache is None, train_dropout=train_dropout,
-                           impl=impl)
-        x = clamp_fp16(x + self.drop(self.self_out(ctx), deterministic=deterministic))
+        if self_vo is not None:  # (the cache's k and v above are still written)
+            sa = common.project("BTD,DE->BTE", h, self_vo, cfg)
+        else:
+            sa = self.self_out(self._attend(q, k, v, self_mask, self_bias, causal=cache is None,
+                                            train_dropout=train_dropout, impl=impl))
+        x = clamp_fp16(x + self.drop(sa, deterministic=deterministic))
 
         h = self.cross_norm(x)
         q = self.cross_q(h)  # [B, T, N, H]
@@ -597,18 +604,23 @@ class T5Decoder(nn.Module):
             x, _ = layer(x, mask, bias, kv, enc_mask, deterministic=deterministic)
         return self.drop(self.final_norm(x), deterministic=deterministic)
 
-    def step(self, x: Array, index: Array, cache, enc_kv, enc_mask: Array):
+    def step(self, x: Array, index: Array, cache, enc_kv, enc_mask: Array, self_vo: Array | None = None):
         """One cached decoding step: x [B, 1, D] at position ``index`` (a traced scalar);
-        cache: per layer (k, v) [B, M, N, H]. Returns ([B, 1, D], updated cache)."""
+        cache: per layer (k, v) [B, M, N, H]; ``self_vo``: [L, D, D] (``pack_self_vo``),
+        only with a cache of one slot (the first step). Returns ([B, 1, D], updated cache)."""
         m = cache[0][0].shape[1]
+        if self_vo is not None and m != 1:
+            raise ValueError(f"the folded self-attention projections (self_vo) hold for one key, "
+                             f"a cache of one slot; this cache has {m}: pass self_vo=None")
         b = x.shape[0]
         q_pos = jnp.reshape(index, (1, 1)).astype(jnp.int32)  # [1, 1]
         k_pos = jnp.arange(m, dtype=jnp.int32)[None]  # [1, M]
         bias = self.relative_attention_bias(q_pos, k_pos)  # [1, N, 1, M]
         visible = jnp.broadcast_to(k_pos <= index, (b, m))  # [B, M] slots written so far
         new_cache = []
-        for layer, kv, c in zip(self.layer, enc_kv, cache):
-            x, c = layer(x, visible, bias, kv, enc_mask, cache=c, index=index)
+        for i, (layer, kv, c) in enumerate(zip(self.layer, enc_kv, cache)):
+            x, c = layer(x, visible, bias, kv, enc_mask, cache=c, index=index,
+                         self_vo=None if self_vo is None else self_vo[i])
             new_cache.append(c)
         return self.final_norm(x), tuple(new_cache)
 
@@ -716,10 +728,12 @@ class T5ForConditionalGeneration(nn.Module):
                          deterministic=deterministic)
         return self.logits(h)
 
-    def decode_step(self, tokens: Array, index: Array, cache, enc_kv, encoder_mask: Array):
-        """tokens [B] at step ``index`` -> (logits [B, V] float32, updated cache)."""
+    def decode_step(self, tokens: Array, index: Array, cache, enc_kv, encoder_mask: Array,
+                    self_vo: Array | None = None):
+        """tokens [B] at step ``index`` -> (logits [B, V] float32, updated cache); ``self_vo``
+        as ``T5Decoder.step`` (the first step only)."""
         x = self.shared(tokens[:, None])  # [B, 1, D]
-        h, cache = self.decoder.step(x, index, cache, enc_kv, encoder_mask.astype(bool))
+        h, cache = self.decoder.step(x, index, cache, enc_kv, encoder_mask.astype(bool), self_vo)
         return self.logits(h)[:, 0], cache
 
     def logits(self, h: Array) -> Array:
@@ -766,6 +780,29 @@ def cross_kv(module: "T5ForConditionalGeneration", params: dict, enc: Array) -> 
         return module.apply({"params": params}, enc, method="cross_kv")
     kv = common.project("BSD,DLQNH->LBSQNH", enc, packed, module.config)  # [L, B, S, 2, N, H]
     return tuple((kv[i, :, :, 0], kv[i, :, :, 1]) for i in range(kv.shape[0]))
+
+
+# The same serving layout's fold for the FIRST decoder step, whose self-attention has one key
+# (its own): the context is the value, so the sub-block is h W_V W_O, one [D, D] product per
+# layer instead of the [D, 3, N, H] projection, a slice and the output projection (two GEMMs
+# and a copy of XLA's per layer: 12 x ~4.7 us of a 2.13 ms flan-t5-base 4x call at 16 x 512
+# on an H100, docs/benchmarks.md, twenty-second session). L x D x D more weights.
+PACKED_SELF_VO = "self_vo_packed"
+
+
+def pack_self_vo(params: dict) -> dict:
+    """``params`` with ``PACKED_SELF_VO``: per decoder layer W_V [D, N*H] times W_O [N*H, D],
+    multiplied in float32 and stored in the kernels' dtype, stacked [L, D, D]."""
+    dec = params["decoder"]
+    n = sum(1 for k in dec if k.startswith("layer_"))
+    folded = []
+    for i in range(n):
+        wv = dec[f"layer_{i}"]["self_qkv"]["kernel"][:, 2]  # [D, N, H]
+        wo = dec[f"layer_{i}"]["self_out"]["kernel"]  # [N, H, D]
+        f = jnp.einsum("DNH,NHE->DE", wv.astype(jnp.float32), wo.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+        folded.append(f.astype(wo.dtype))
+    return {**{k: v for k, v in params.items() if k != PACKED_SELF_VO}, PACKED_SELF_VO: jnp.stack(folded)}
 
 
 def shift_right(labels: Array, start_token_id: int, pad_token_id: int) -> Array:
