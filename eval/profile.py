@@ -171,8 +171,9 @@ def _kernel_key(name: str) -> str:
     return re.sub(r"[.\-]", "_", name)
 
 
-def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
-    """Kernel time (us per call) and kernel count per layer and part.
+def per_layer(events, scopes: dict[str, str], iters: int) -> tuple[dict, dict]:
+    """Kernel time (us per call) and kernel count per layer and part, and the kernels that ran
+    more than once a call under one name.
 
     A kernel is matched to its HLO instruction by name (fusions and Triton GEMMs carry it;
     with XLA's command buffers the trace's hlo_op stat names only the buffer). Library
@@ -184,8 +185,11 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
     command buffers the trace names no instruction: then every repeat of a kernel lands in
     its first instance's layer (identical layers merge into the first). Where the trace's
     instruction (third field) is one of ``scopes`` it is used instead of the kernel name;
-    the kernels matched by a name that runs more than once a call are listed under
-    ``"repeated"`` (name: runs a call), so a table with merged layers says so.
+    the kernels matched by a name that runs more than once a call are returned beside the
+    table (name: runs a call), so a table with merged layers says so.
+
+    Returns:
+      ({layer: {part: {"us", "kernels"}}}, {kernel name: runs a call}).
     """
     keyed = {_kernel_key(k): v for k, v in scopes.items()}
     tags, by_name = [], collections.Counter()
@@ -226,10 +230,7 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> dict:
         cell[1] += 1 / iters
     out = {layer: {part: {"us": us, "kernels": n} for part, (us, n) in parts.items()}
            for layer, parts in table.items()}
-    repeated = {name: n / iters for name, n in sorted(by_name.items()) if n > iters}
-    if repeated:
-        out["repeated"] = repeated
-    return out
+    return out, {name: n / iters for name, n in sorted(by_name.items()) if n > iters}
 
 
 def layer_costs(cfg, b: int, n: int, schedule, *, acc: str = "fused") -> list[dict]:
@@ -258,8 +259,7 @@ def layer_costs(cfg, b: int, n: int, schedule, *, acc: str = "fused") -> list[di
 def print_layers(r: dict) -> None:
     """One line per layer: rows, analytic floor, measured kernel time and its split."""
     costs = {c["layer"]: c for c in r.get("layer_costs", [])}
-    layers = dict(r.get("per_layer", {}))
-    repeated = layers.pop("repeated", {})
+    layers, repeated = r.get("per_layer", {}), r.get("repeated_kernels", {})
     parts = ["gemm", "qkv", "attention", "attention+acc", "acc", "select", "gather", "out+ln", "ffn+ln",
              "other"]
     print("   layer  in  out  GFLOP  floor_us   us  kernels | " + " ".join(f"{p:>9}" for p in parts))
@@ -324,7 +324,7 @@ def _attribute(r: dict, prog) -> dict:
     per_call = len(ev) // max(1, r["iters"])
     r["events_one_call"] = [(name, round(ms * 1e3, 2)) for name, ms, _ in ev[:per_call]]
     try:
-        r["per_layer"] = per_layer(ev, hlo_scopes(prog.as_text()), r["iters"])
+        r["per_layer"], r["repeated_kernels"] = per_layer(ev, hlo_scopes(prog.as_text()), r["iters"])
     except Exception as e:  # a profile without the split is still worth having
         r["per_layer_error"] = f"{type(e).__name__}: {e}"
     return r

@@ -26,7 +26,8 @@ def test_kernels_are_attributed_to_layers_and_parts():
     events = [("nvjet_sm90_gemm", 0.005, "command_buffer_1"), (sel.replace(".", "_"), 0.001, ""),
               ("_attn_kernel__2", 0.003, ""), (gat.replace(".", "_"), 0.002, ""),
               ("mystery_kernel", 0.004, "")]
-    table = P.per_layer(events * 2, scopes, iters=2)
+    table, repeated = P.per_layer(events * 2, scopes, iters=2)
+    assert repeated == {}
     # per call: the GEMM (5 us) is a GEMM of layer 1; the first call's trailing unknown kernel
     # (4 us) takes the next call's first attributed kernel (select); the last has nothing after
     assert table["1"]["gemm"] == {"us": 5.0, "kernels": 1.0}
@@ -36,18 +37,20 @@ def test_kernels_are_attributed_to_layers_and_parts():
     assert table["-"]["unattributed"] == {"us": 2.0, "kernels": 0.5}
     assert np.isclose(sum(c["us"] for layer in table.values() for c in layer.values()), 15.0)
     # the selection-and-gather kernel (kernels.keep_rows) is selection, not ACC's second pass
-    table = P.per_layer([("_keep_rows_kernel__3", 0.002, ""), (gat.replace(".", "_"), 0.001, "")], scopes, iters=1)
+    table, _ = P.per_layer([("_keep_rows_kernel__3", 0.002, ""), (gat.replace(".", "_"), 0.001, "")], scopes,
+                           iters=1)
     assert table["1"]["select"] == {"us": 2.0, "kernels": 1.0} and "acc" not in table["1"]
     # a kernel XLA reuses for an identical fusion carries the first instance's name: where the
     # trace names the instruction that ran (no command buffer), that instruction decides
     s0, s1 = by_part[(0, "select")], by_part[(1, "select")]
     reused = [(s0.replace(".", "_"), 0.001, s1), (s0.replace(".", "_"), 0.001, "command_buffer_1")]
-    table = P.per_layer(reused, scopes, iters=1)
+    table, repeated = P.per_layer(reused, scopes, iters=1)
     assert table["1"]["select"]["kernels"] == 1.0 and table["0"]["select"]["kernels"] == 1.0
-    assert "repeated" not in table  # the name alone matched once a call
+    assert repeated == {}  # the name alone matched once a call
     # ... where it does not, a name matched twice a call is reported: layers merged into one
-    table = P.per_layer([reused[1]] * 4, scopes, iters=2)
-    assert table["repeated"] == {s0.replace(".", "_"): 2.0} and table["0"]["select"]["kernels"] == 2.0
+    table, repeated = P.per_layer([reused[1]] * 4, scopes, iters=2)
+    assert repeated == {s0.replace(".", "_"): 2.0} and table["0"]["select"]["kernels"] == 2.0
+    assert set(table) == {"0"}  # only layers in the table
     costs = P.layer_costs(cfg, 2, 16, (8, 4))
     assert [(c["rows_in"], c["rows_out"]) for c in costs] == [(16, 8), (8, 4)]
     assert costs[0]["gflop"] > costs[1]["gflop"] > 0
