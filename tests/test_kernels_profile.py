@@ -120,3 +120,21 @@ def test_a_t5_decoder_layer_is_its_own_row():
     assert rows == {None, *layers, *(f"dec{i}" for i in range(cfg.num_decoder_layers))}, rows
     in_decoder_layers = [op for op in scopes.values() if "decoder" in op and "/layer_" in op]
     assert {P.layer_and_part(op)[0] for op in in_decoder_layers} == {f"dec{i}" for i in range(cfg.num_decoder_layers)}
+
+
+def test_layer_table_prints_layers_in_order_and_the_repeat_warning(capsys):
+    """print_layers: one row per layer (encoder layers by number, then decoder rows, then
+    outside), each summing its parts; the repeated kernels as a warning line, not a row."""
+    cell = lambda us, n: {"us": us, "kernels": n}  # noqa: E731
+    r = {"per_layer": {"-": {"other": cell(1.0, 1)}, "dec0": {"gemm": cell(4.0, 2)},
+                       "10": {"gemm": cell(2.0, 1)}, "2": {"gemm": cell(3.0, 1), "select": cell(1.5, 1)}},
+         "repeated_kernels": {"fusion_7": 12.0, "fusion_9": 24.0}}
+    P.print_layers(r)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln.split()[0] for ln in lines[1:-1] if ln.strip() and ln.split()[0] in ("2", "10", "dec0", "-")]
+    assert rows == ["2", "10", "dec0", "-"]
+    row2 = next(ln for ln in lines if ln.split()[0] == "2").split()
+    assert row2[1:3] == ["4", "2.0"]  # 4.5 us rounded, 2 kernels
+    assert "2 kernel(s) ran more than once" in lines[-1] and "(36 launches)" in lines[-1]
+    P.print_layers({"per_layer": r["per_layer"]})
+    assert "more than once" not in capsys.readouterr().out
