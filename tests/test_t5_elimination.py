@@ -229,22 +229,29 @@ def test_packed_cross_kv_is_one_product_with_the_per_layer_values(tiny, monkeypa
     counts = [dots(jax.make_jaxpr(lambda p, x: t5.cross_kv(m, p, x))(p, enc)) for p in (packed, tiny.params)]
     assert counts == [1, cfg.num_decoder_layers], counts
 
-    rng = np.random.default_rng(14)
-    batch = random_batch(rng, 3, 16, 99)
-    outs = {}
+    batch = random_batch(np.random.default_rng(14), 3, 16, 99)
+    batch = {k: np.concatenate([v, v[:1]]) for k, v in batch.items()}
+    _serving_layout_on_and_off(tiny, monkeypatch, "PACK_CROSS_KV", t5.PACKED_CROSS_KV, t5.pack_cross_kv, batch)
+
+
+def _serving_layout_on_and_off(tiny, monkeypatch, flag, key, pack, batch):
+    """A predictor's first tokens with ``seq2seq.<flag>`` on and off: its params carry ``key``
+    only when on, the tokens are equal, and params assigned to it are packed again from their
+    own kernels (``pack``). Returns the compiled first-token programs' text by on/off."""
+    outs, texts = {}, {}
     for on in (True, False):
-        monkeypatch.setattr(seq2seq, "PACK_CROSS_KV", on)
+        monkeypatch.setattr(seq2seq, flag, on)
         pred = seq2seq.Seq2SeqPredictor.from_loaded(tiny, batch_size=4, length_buckets=(16,))
-        assert (t5.PACKED_CROSS_KV in pred.params) is on
+        assert (key in pred.params) is on
         first = pred.first_token_program(4, pred.plan(16, 2.0))
-        ids, mask = (np.concatenate([batch[k], batch[k][:1]]) for k in ("input_ids", "attention_mask"))
-        outs[on] = np.asarray(first(pred.params, ids, mask))
-        if on:  # new params: packed again from their own kernels
+        outs[on] = np.asarray(first(pred.params, batch["input_ids"], batch["attention_mask"]))
+        texts[on] = first.as_text()  # the compiled program (AOT)
+        if on:
             moved = jax.tree.map(lambda x: x * 2, tiny.params)
             pred.params = moved
-            np.testing.assert_array_equal(np.asarray(pred.params[t5.PACKED_CROSS_KV]),
-                                          np.asarray(t5.pack_cross_kv(moved)[t5.PACKED_CROSS_KV]))
+            np.testing.assert_array_equal(np.asarray(pred.params[key]), np.asarray(pack(moved)[key]))
     np.testing.assert_array_equal(outs[True], outs[False])
+    return texts
 
 
 def test_first_step_self_attention_folds_into_one_product(tiny, monkeypatch):
@@ -274,21 +281,9 @@ def test_first_step_self_attention_folds_into_one_product(tiny, monkeypatch):
         step(folded, folded[t5.PACKED_SELF_VO], t5.init_cache(cfg, b, 2))
 
     batch = random_batch(np.random.default_rng(16), 4, 16, 99)
-    outs, dots = {}, {}
-    for on in (True, False):
-        monkeypatch.setattr(seq2seq, "FOLD_SELF_VO", on)
-        pred = seq2seq.Seq2SeqPredictor.from_loaded(tiny, batch_size=4, length_buckets=(16,))
-        assert (t5.PACKED_SELF_VO in pred.params) is on and t5.PACKED_CROSS_KV in pred.params
-        first = pred.first_token_program(4, pred.plan(16, 2.0))
-        outs[on] = np.asarray(first(pred.params, batch["input_ids"], batch["attention_mask"]))
-        hlo = first.as_text()  # the compiled program (AOT)
-        dots[on] = hlo.count(" dot(")
-        if on:  # new params: folded again from their own kernels
-            moved = jax.tree.map(lambda x: x * 2, tiny.params)
-            pred.params = moved
-            np.testing.assert_array_equal(np.asarray(pred.params[t5.PACKED_SELF_VO]),
-                                          np.asarray(t5.pack_self_vo(moved)[t5.PACKED_SELF_VO]))
-    np.testing.assert_array_equal(outs[True], outs[False])
+    texts = _serving_layout_on_and_off(tiny, monkeypatch, "FOLD_SELF_VO", t5.PACKED_SELF_VO, t5.pack_self_vo,
+                                       batch)
+    dots = {on: text.count(" dot(") for on, text in texts.items()}
     assert dots[False] - dots[True] == cfg.num_decoder_layers, dots
 
 
