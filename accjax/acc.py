@@ -360,6 +360,7 @@ DISTANCE_ATTENTION = "auto"
 # 4x 2.193, 2.195 against 2.208, 2.210; scores within 2e-9 of float32 probabilities' (the
 # fused kernel 1.3e-5, scale 7.5e-3; docs/benchmarks.md, twenty-second session).
 SHARED_BIAS_CUDNN_MIN_KEYS: int | None = 512
+
 # The fused kernel reads q, k and v from the q/k/v projection's output when the model hands
 # it over (``attend_and_score(packed=...)``, BERT family): no split, bias or padding copies.
 PACKED_QKV = True
