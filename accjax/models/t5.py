@@ -762,13 +762,17 @@ def init_cache(config: T5Config, batch_size: int, max_len: int, dtype=None):
 PACKED_CROSS_KV = "cross_kv_packed"
 
 
+def _decoder_layers(params: dict) -> list[dict]:
+    """The decoder layers' params, in order."""
+    dec = params["decoder"]
+    return [dec[f"layer_{i}"] for i in range(sum(1 for k in dec if k.startswith("layer_")))]
+
+
 def pack_cross_kv(params: dict) -> dict:
     """``params`` with ``PACKED_CROSS_KV``: the decoder layers' cross-attention K/V kernels
     [D, 2, N, H] stacked along a new axis 1 (re-stacked where ``params`` already has one)."""
-    dec = params["decoder"]
-    n = sum(1 for k in dec if k.startswith("layer_"))
-    packed = jnp.stack([dec[f"layer_{i}"]["cross_kv"]["kernel"] for i in range(n)], axis=1)
-    return {**{k: v for k, v in params.items() if k != PACKED_CROSS_KV}, PACKED_CROSS_KV: packed}
+    packed = jnp.stack([layer["cross_kv"]["kernel"] for layer in _decoder_layers(params)], axis=1)
+    return {**params, PACKED_CROSS_KV: packed}
 
 
 def cross_kv(module: "T5ForConditionalGeneration", params: dict, enc: Array) -> tuple[tuple[Array, Array], ...]:
@@ -793,16 +797,14 @@ PACKED_SELF_VO = "self_vo_packed"
 def pack_self_vo(params: dict) -> dict:
     """``params`` with ``PACKED_SELF_VO``: per decoder layer W_V [D, N*H] times W_O [N*H, D],
     multiplied in float32 and stored in the kernels' dtype, stacked [L, D, D]."""
-    dec = params["decoder"]
-    n = sum(1 for k in dec if k.startswith("layer_"))
     folded = []
-    for i in range(n):
-        wv = dec[f"layer_{i}"]["self_qkv"]["kernel"][:, 2]  # [D, N, H]
-        wo = dec[f"layer_{i}"]["self_out"]["kernel"]  # [N, H, D]
+    for layer in _decoder_layers(params):
+        wv = layer["self_qkv"]["kernel"][:, 2]  # [D, N, H]
+        wo = layer["self_out"]["kernel"]  # [N, H, D]
         f = jnp.einsum("DNH,NHE->DE", wv.astype(jnp.float32), wo.astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
         folded.append(f.astype(wo.dtype))
-    return {**{k: v for k, v in params.items() if k != PACKED_SELF_VO}, PACKED_SELF_VO: jnp.stack(folded)}
+    return {**params, PACKED_SELF_VO: jnp.stack(folded)}
 
 
 def shift_right(labels: Array, start_token_id: int, pad_token_id: int) -> Array:
