@@ -15,6 +15,7 @@ from accjax.kernels import acc_pallas
 from accjax.kernels import gemm_act
 from accjax.kernels import keep_rows
 from accjax.kernels import layer_norm as ln_kernel
+from accjax.kernels import step_proj
 from tests.conftest import make_hf_bert, random_batch
 
 
@@ -684,6 +685,11 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows(monkeypatch):
         "select_and_gather_rows from column sums (keep 310 of 400: the threshold path)": lambda: (
             keep_rows.select_and_gather_rows(jnp.zeros((2, 4, 512)), [q.reshape(2, 400, 128)], keep=310, mask=m,
                                              fields=(m.astype(jnp.float32), pos))),
+        "step_proj_rows (5 rows: RMS norm, gated activation)": lambda: step_proj.step_proj_rows(
+            q[0, :5].reshape(5, 128), jnp.stack([q[1, :128, 0], k[1, :128, 0]], 1), scale=rb[0, :128],
+            act=jax.nn.gelu),
+        "step_proj_rows (5 rows: 256 deep, residual)": lambda: step_proj.step_proj_rows(
+            q[0, :10].reshape(5, 256), q[1, :256].reshape(256, 128), residual=k[0, :5].reshape(5, 128)),
     }
     monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)  # the kernel above 'auto''s bound
     for name, fn in kernels.items():
@@ -835,3 +841,33 @@ def test_shared_bias_layer_can_score_with_cudnn_and_the_second_pass(monkeypatch)
     assert acc.resolve_acc_impl("auto", "cudnn", keys=511, shared_bias=True, **kw) == ("fused", False)
     assert acc.resolve_acc_impl("auto", "cudnn", keys=512, shared_bias=False, **kw) == ("fused", False)
     assert acc.resolve_acc_impl("auto", "xla", keys=512, shared_bias=True, **kw) == ("probs", False)
+
+
+@pytest.mark.parametrize("rows", [5, 16])
+def test_step_projection_kernel_matches_xla(rows):
+    """``step_proj`` (interpreted) against XLA's kernels in sequence (``step_proj.reference``):
+    the RMS norm before the product, the gated or plain activation and the residual after it,
+    at a row count that is not a power of two and at 16; depth 384 in chunks of 128, so the
+    norm's sum and the product both cross chunks. float32 to 1e-5; bfloat16 within one
+    rounding, as both round at the same points. Shapes off the tiling are refused."""
+    rng = np.random.default_rng(rows)
+    d, n = 384, 64
+    act = jax.nn.gelu  # the tanh form, T5's gated-gelu
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        x = jnp.asarray(rng.standard_normal((rows, d)) * 2 + 0.5, dtype)
+        g = jnp.asarray(1 + 0.3 * rng.standard_normal(d), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((d, n)) / 20, jnp.float32)
+        wg = jnp.asarray(rng.standard_normal((d, 2, n)) / 20, jnp.float32)
+        r = jnp.asarray(rng.standard_normal((rows, n)), dtype)
+        cases = {"norm, residual": (w, dict(scale=g, residual=r)), "gated, norm": (wg, dict(scale=g, act=act)),
+                 "activation": (w, dict(act=act)), "product alone": (w, {})}
+        for name, (ww, kw) in cases.items():
+            got = np.asarray(step_proj.step_proj(x, ww, interpret=True, **kw), np.float32)
+            want = np.asarray(step_proj.reference(x, ww, **kw), np.float32)
+            assert got.shape == (rows, n) and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max(), err_msg=f"{dtype} {name}")
+    with pytest.raises(ValueError, match="whole chunks of 128"):
+        step_proj.step_proj(x[:, :200], w[:200], interpret=True)
+    with pytest.raises(ValueError, match="needs act"):
+        step_proj.step_proj(x, wg, interpret=True)
+    assert step_proj.fits(16, 768, 2048) and not step_proj.fits(65, 768, 768) and not step_proj.fits(4, 48, 64)

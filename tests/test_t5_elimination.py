@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -254,6 +255,17 @@ def _serving_layout_on_and_off(tiny, monkeypatch, flag, key, pack, batch):
     return texts
 
 
+def _step_encoder_rows(cfg, seed: int):
+    """Random cross-attention (k, v) per decoder layer for 3 sequences of 5, 3 and 1 encoder
+    rows (float32), and their mask: what a decoding step attends to."""
+    rng = np.random.default_rng(seed)
+    b, s = 3, 5
+    kv = tuple((jnp.asarray(rng.normal(size=(b, s, cfg.num_heads, cfg.d_kv)), jnp.float32),
+                jnp.asarray(rng.normal(size=(b, s, cfg.num_heads, cfg.d_kv)), jnp.float32))
+               for _ in range(cfg.num_decoder_layers))
+    return kv, jnp.asarray(np.arange(s)[None] < np.array([[5], [3], [1]]))
+
+
 def test_first_step_self_attention_folds_into_one_product(tiny, monkeypatch):
     """t5.pack_self_vo: at the first decoder step (one key) each layer's self-attention is
     h W_V W_O, one [D, D] product: the same logits as the attention path, one product fewer
@@ -262,12 +274,8 @@ def test_first_step_self_attention_folds_into_one_product(tiny, monkeypatch):
     cfg, m = tiny.config, tiny.module
     folded = t5.pack_self_vo(tiny.params)
     assert folded[t5.PACKED_SELF_VO].shape == (cfg.num_decoder_layers, cfg.d_model, cfg.d_model)
-    rng = np.random.default_rng(15)
-    b, s = 3, 5
-    kv = tuple((jnp.asarray(rng.normal(size=(b, s, cfg.num_heads, cfg.d_kv)), jnp.float32),
-                jnp.asarray(rng.normal(size=(b, s, cfg.num_heads, cfg.d_kv)), jnp.float32))
-               for _ in range(cfg.num_decoder_layers))
-    enc_mask = jnp.asarray(np.arange(s)[None] < np.array([[5], [3], [1]]))
+    b = 3
+    kv, enc_mask = _step_encoder_rows(cfg, 15)
     tok = jnp.asarray([cfg.decoder_start_token_id, 7, 11], jnp.int32)
     step = lambda p, vo, cache: m.apply({"params": p}, tok, jnp.int32(0), cache, kv, enc_mask, vo,  # noqa: E731
                                         method="decode_step")
@@ -285,6 +293,66 @@ def test_first_step_self_attention_folds_into_one_product(tiny, monkeypatch):
                                        batch)
     dots = {on: text.count(" dot(") for on, text in texts.items()}
     assert dots[False] - dots[True] == cfg.num_decoder_layers, dots
+
+
+def test_decoding_step_runs_each_projection_in_one_kernel(tmp_path, monkeypatch):
+    """t5.STEP_KERNEL (opt-in) with ``step_proj`` interpreted: the first step (folded self-attention) and
+    later steps give the XLA path's logits (float32, 1e-5) and caches, greedy generation the
+    same tokens; each decoder layer calls the kernel five times a step (self-attention output,
+    cross-attention query and output, the gated input, the output); more sequences than
+    ``step_proj.MAX_ROWS`` or a feed-forward width off its tiling keep XLA's path."""
+    from accjax.kernels import step_proj
+
+    folder, _ = make_hf_t5(tmp_path / "m", seed=3, **{**CFG, "d_ff": 64})
+    ld = convert.load(folder, "lm")
+    cfg, m = ld.config, ld.module
+    params = t5.pack_self_vo(ld.params)
+    b = 3
+    kv, enc_mask = _step_encoder_rows(cfg, 21)
+    calls = []
+    real = step_proj.step_proj
+    monkeypatch.setattr(t5, "STEP_KERNEL", True)  # opt-in
+    monkeypatch.setattr(step_proj, "step_proj", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def steps(mode):
+        monkeypatch.setattr(step_proj, "KERNEL", mode)
+        calls.clear()
+        tok = jnp.asarray([cfg.decoder_start_token_id, 7, 11], jnp.int32)
+        first, _ = m.apply({"params": params}, tok, jnp.int32(0), t5.init_cache(cfg, b, 1), kv, enc_mask,
+                           params[t5.PACKED_SELF_VO], method="decode_step")
+        n_first = len(calls)
+        cache, out = t5.init_cache(cfg, b, 4), [first]
+        for i in range(3):
+            logits, cache = m.apply({"params": params}, tok, jnp.int32(i), cache, kv, enc_mask, method="decode_step")
+            out.append(logits)
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        return [np.asarray(o) for o in out], cache, (n_first, len(calls))
+
+    want, cache_a, counts = steps("never")
+    assert counts == (0, 0)
+    got, cache_b, counts = steps("interpret")
+    assert counts == (5 * cfg.num_decoder_layers, 4 * 5 * cfg.num_decoder_layers), counts
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    for (ka, va), (kb, vb) in zip(cache_a, cache_b):
+        np.testing.assert_allclose(np.asarray(kb), np.asarray(ka), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(vb), np.asarray(va), rtol=1e-6, atol=1e-6)
+    batch = random_batch(np.random.default_rng(22), 4, 16, 99)
+    tokens = {}
+    for mode in ("never", "interpret"):
+        monkeypatch.setattr(step_proj, "KERNEL", mode)
+        tokens[mode] = np.asarray(seq2seq.generate_tokens(m, params, batch["input_ids"], batch["attention_mask"],
+                                                          max_new_tokens=4))
+    np.testing.assert_array_equal(tokens["interpret"], tokens["never"])
+    x = jnp.zeros((3, 1, cfg.d_model), jnp.float32)
+    assert t5._step_kernel(x, cfg)
+    monkeypatch.setattr(t5, "STEP_KERNEL", False)
+    assert not t5._step_kernel(x, cfg)
+    monkeypatch.setattr(t5, "STEP_KERNEL", True)
+    monkeypatch.setattr(step_proj, "MAX_ROWS", 2)
+    assert not t5._step_kernel(x, cfg)
+    monkeypatch.setattr(step_proj, "MAX_ROWS", 64)
+    assert not t5._step_kernel(x, dataclasses.replace(cfg, d_ff=48))
 
 
 def test_protect_last_keeps_the_eos(tiny):

@@ -56,9 +56,17 @@ import jax.numpy as jnp
 from flax import struct
 
 from accjax import acc as acc_lib
+from accjax.kernels import step_proj
 from accjax.models import common
 
 Array = jax.Array
+
+# True: a decoding step (one row a sequence, at most ``step_proj.MAX_ROWS`` sequences) runs
+# each projection with the RMSNorm before it and the activation or residual after it as one
+# kernel (``accjax.kernels.step_proj``, where its ``KERNEL`` runs) instead of XLA's kernels at
+# their latency: 8 kernels a decoder layer instead of about 12. Off until timed on a GPU (built
+# in the twenty-third session, which had no device time left to measure it): opt-in.
+STEP_KERNEL = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,6 +334,16 @@ class FeedForward(nn.Module):
         return Proj(cfg, (cfg.d_ff, d), "BTF,FD->BTD", ("mlp", "embed"), f * cfg.d_ff ** -0.5, name="wo")(h)
 
 
+def _step_kernel(x: Array, cfg: T5Config) -> bool:
+    """Whether a decoding step of ``x`` [B, 1, D] runs its projections through ``step_proj``:
+    ``STEP_KERNEL`` on, 16-bit brain float or float32 rows in the compute dtype (float16 keeps
+    XLA's path and its clamps), no separate products' dtype, and ``step_proj.applies``."""
+    return (STEP_KERNEL and x.dtype in (jnp.bfloat16, jnp.float32) and x.dtype == common.to_dtype(cfg.dtype)
+            and common._low_dtype(cfg) is None and step_proj.applies(x, (
+                (cfg.d_model, cfg.inner_dim), (cfg.inner_dim, cfg.d_model), (cfg.d_model, cfg.d_ff),
+                (cfg.d_ff, cfg.d_model))))
+
+
 def clamp_fp16(x: Array) -> Array:
     """HF clamps float16 activations after every sub-block so inf never propagates."""
     if x.dtype != jnp.float16:
@@ -551,6 +569,8 @@ class DecoderLayer(nn.Module):
                                  for c, a in zip(cache, (k, v)))  # [B, M, N, H] each; self_mask: visible
         # One query a step against the cache: XLA is right at this size whatever the backend.
         impl = "xla" if cache is not None else None
+        if cache is not None and not train_dropout and _step_kernel(x, cfg):
+            return self._step_fused(x, q, k, v, self_mask, self_bias, enc_kv, enc_mask, self_vo), cache
         if self_vo is not None:  # (the cache's k and v above are still written)
             sa = common.project("BTD,DE->BTE", h, self_vo, cfg)
         else:
@@ -567,6 +587,34 @@ class DecoderLayer(nn.Module):
         h = self.mlp(self.mlp_norm(x), deterministic)
         x = clamp_fp16(x + self.drop(h, deterministic=deterministic))
         return x, cache
+
+    def _step_fused(self, x, q, k, v, self_mask, self_bias, enc_kv, enc_mask, self_vo):
+        """The rest of a decoding step (no dropout) with each projection and the norm before
+        it, its activation or the residual after it in one kernel (``step_proj``): the same
+        values as the sub-blocks above, rounded at the same points."""
+        cfg = self.config
+        p = self.variables["params"]
+        b, t, d = x.shape
+        nh = cfg.num_heads * cfg.d_kv
+        interpret = step_proj.KERNEL == "interpret"
+
+        def proj(a, w, **kw):
+            return step_proj.step_proj(a.reshape(b * t, -1), w, eps=cfg.layer_norm_epsilon,
+                                       interpret=interpret, **kw)
+
+        x2 = x.reshape(b * t, d)
+        if self_vo is not None:
+            x2 = proj(x, self_vo, scale=p["self_norm"]["scale"], residual=x2)
+        else:
+            ctx = self._attend(q, k, v, self_mask, self_bias, causal=False, train_dropout=False, impl="xla")
+            x2 = proj(ctx, p["self_out"]["kernel"].reshape(nh, d), residual=x2)
+        q = proj(x2, p["cross_q"]["kernel"].reshape(d, nh), scale=p["cross_norm"]["scale"])
+        ctx = self._attend(q.reshape(b, t, cfg.num_heads, cfg.d_kv), enc_kv[0], enc_kv[1], enc_mask, None,
+                           causal=False, train_dropout=False, impl="xla")
+        x2 = proj(ctx, p["cross_out"]["kernel"].reshape(nh, d), residual=x2)
+        wi, act = p["mlp"]["wi"]["kernel"], common.activation(cfg.dense_act_fn)
+        f = proj(x2, wi, scale=p["mlp_norm"]["scale"], act=act)
+        return proj(f, p["mlp"]["wo"]["kernel"], residual=x2).reshape(b, t, d)
 
     def _attend(self, q, k, v, key_mask, bias, *, causal, train_dropout, impl=None):
         ctx, _, _ = acc_lib.attend_and_score(
