@@ -321,8 +321,8 @@ def test_decoding_step_runs_each_projection_in_one_kernel(tmp_path, monkeypatch)
         first, _ = m.apply({"params": params}, tok, jnp.int32(0), t5.init_cache(cfg, b, 1), kv, enc_mask,
                            params[t5.PACKED_SELF_VO], method="decode_step")
         n_first = len(calls)
-        cache, out = t5.init_cache(cfg, b, 4), [first]
-        for i in range(3):
+        cache, out = t5.init_cache(cfg, b, 3), [first]
+        for i in range(2):
             logits, cache = m.apply({"params": params}, tok, jnp.int32(i), cache, kv, enc_mask, method="decode_step")
             out.append(logits)
             tok = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -331,7 +331,7 @@ def test_decoding_step_runs_each_projection_in_one_kernel(tmp_path, monkeypatch)
     want, cache_a, counts = steps("never")
     assert counts == (0, 0)
     got, cache_b, counts = steps("interpret")
-    assert counts == (5 * cfg.num_decoder_layers, 4 * 5 * cfg.num_decoder_layers), counts
+    assert counts == (5 * cfg.num_decoder_layers, 3 * 5 * cfg.num_decoder_layers), counts
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     for (ka, va), (kb, vb) in zip(cache_a, cache_b):
@@ -342,7 +342,7 @@ def test_decoding_step_runs_each_projection_in_one_kernel(tmp_path, monkeypatch)
     for mode in ("never", "interpret"):
         monkeypatch.setattr(step_proj, "KERNEL", mode)
         tokens[mode] = np.asarray(seq2seq.generate_tokens(m, params, batch["input_ids"], batch["attention_mask"],
-                                                          max_new_tokens=4))
+                                                          max_new_tokens=3))
     np.testing.assert_array_equal(tokens["interpret"], tokens["never"])
     x = jnp.zeros((3, 1, cfg.d_model), jnp.float32)
     assert t5._step_kernel(x, cfg)
