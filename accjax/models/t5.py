@@ -595,7 +595,7 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         p = self.variables["params"]
         b, t, d = x.shape
-        nh = cfg.num_heads * cfg.d_kv
+        nh = cfg.inner_dim
         interpret = step_proj.KERNEL == "interpret"
 
         def proj(a, w, **kw):
