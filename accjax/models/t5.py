@@ -64,8 +64,10 @@ Array = jax.Array
 # True: a decoding step (one row a sequence, at most ``step_proj.MAX_ROWS`` sequences) runs
 # each projection with the RMSNorm before it and the activation or residual after it as one
 # kernel (``accjax.kernels.step_proj``, where its ``KERNEL`` runs) instead of XLA's kernels at
-# their latency: 8 kernels a decoder layer instead of about 12. Off until timed on a GPU (built
-# in the twenty-third session, which had no device time left to measure it): opt-in.
+# their latency: 8 kernels a decoder layer instead of about 12. Off: timed on an H100 at 16
+# sequences it is slower (+0.16 ms a 4x first-token call, +90 us a generated token; the Pallas
+# product at 16 rows loses about 1 us a projection to cuBLAS and the kernel's boundaries stop
+# XLA's fusions around it; docs/benchmarks.md, twenty-fourth session): opt-in.
 STEP_KERNEL = False
 
 
