@@ -21,8 +21,9 @@ x stays in L2 across programs (16 rows x 2048 of bf16 is 64 KB). Rows are masked
 padded in memory. ``KERNEL`` says where it runs: 'auto' on a GPU where it compiles (probed
 once), 'never', or 'interpret' (the tests on the CPU). Inference only: no gradient. T5's
 decoder layers reach it where ``t5.STEP_KERNEL`` is on (opt-in: on an H100 it is 0.6-1.3 us a
-projection slower than XLA's kernels at 16 and 64 rows, 3-5 us faster at one row;
-docs/benchmarks.md, twenty-fourth session).
+projection slower than XLA's kernels at 2-64 rows, 3-5 us faster at one row, where XLA's
+single-row product is itself 1.7-2.1x slower than at two rows; docs/benchmarks.md,
+twenty-fourth session).
 """
 
 from __future__ import annotations
