@@ -16,8 +16,8 @@ Every candidate holds bucket values (``schedule.bucket_up``) in [floor, length],
 non-increasing and is never slower than what the level runs without a search: its analytic
 speedup lies in ``window``, from the lower of the level and its decay's speedup up to
 ``1 + WINDOW`` times the level. (A window on both sides let a searched "4.8x" run at 4.70x
-and win dev points by keeping more rows: the knob would no longer deliver what it names.) Its score is the dev
-split's primary metric with that bucket's batches run at the candidate and every other
+and win dev points by keeping more rows: the knob would no longer deliver what it names.)
+Its score is the dev split's primary metric with that bucket's batches run at the candidate and every other
 bucket at its current choice; outputs are cached per (length, schedule), so a candidate
 costs one compiled program and one pass over its own bucket's batches. A winner replaces
 the decay only when it scores higher on dev (ties keep the decay). Only the split handed in
@@ -56,10 +56,13 @@ def window(cm: sched_lib.CostModel, length: int, level: float, *, bucket: int = 
     return min(level, decay) * (1 - 1e-9), level * (1 + WINDOW)
 
 
+def _inside(cm: sched_lib.CostModel, length: int, keep: Sequence[int], bounds: tuple[float, float]) -> bool:
+    return bounds[0] <= sched_lib.analytic_speedup(cm, length, keep) <= bounds[1]
+
+
 def within(cm: sched_lib.CostModel, length: int, keep: Sequence[int], level: float, *, bucket: int = 8,
            floor: int = 1) -> bool:
-    lo, hi = window(cm, length, level, bucket=bucket, floor=floor)
-    return lo <= sched_lib.analytic_speedup(cm, length, keep) <= hi
+    return _inside(cm, length, keep, window(cm, length, level, bucket=bucket, floor=floor))
 
 
 def shapes(cm: sched_lib.CostModel, length: int, level: float, *, bucket: int = 8,
@@ -78,13 +81,11 @@ def _into_window(keep: list[int], values: list[int], cm, length: int, bounds: tu
     """A random walk of one-step moves into the cost window ``bounds``: a layer down (and the
     layers after it, to stay non-increasing) while too slow, up (and those before it) while
     too fast."""
-    lo, hi = bounds
     for _ in range(steps):
-        s = sched_lib.analytic_speedup(cm, length, keep)
-        if lo <= s <= hi:
+        if _inside(cm, length, keep, bounds):
             return tuple(keep)
         l = int(rng.integers(len(keep)))
-        i = values.index(keep[l]) + (1 if s > hi else -1)
+        i = values.index(keep[l]) + (1 if sched_lib.analytic_speedup(cm, length, keep) > bounds[1] else -1)
         if not 0 <= i < len(values):
             continue
         v = keep[l] = values[i]
@@ -116,7 +117,7 @@ def candidates(cm: sched_lib.CostModel, length: int, level: float, score: Callab
     scored: dict[tuple[int, ...], float] = {}
     first = shapes(cm, length, level, bucket=bucket, floor=floor)
     bounds = window(cm, length, level, bucket=bucket, floor=floor)
-    for keep in first[:1] + [k for k in first[1:] if bounds[0] <= sched_lib.analytic_speedup(cm, length, k) <= bounds[1]]:
+    for keep in first[:1] + [k for k in first[1:] if _inside(cm, length, k, bounds)]:
         if len(scored) < budget:
             scored[keep] = score(keep)
     rng = np.random.default_rng([seed, length, int(round(level * 1000))])
