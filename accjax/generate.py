@@ -60,36 +60,6 @@ def token_log_probs(logits: Array, labels: Array) -> Array:
     return jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
 
 
-# A decoding step of ONE sequence multiplies one row by each weight matrix. XLA on a GPU runs
-# that product 1.7-2.1x slower than the same product of two rows at GPT-2 / T5-base widths
-# (8.7-11 us against 4.9-5.5 us a 768-wide projection on an H100; no such penalty at
-# Llama-3.2-1B widths: docs/benchmarks.md, "the decoding-step kernel timed"). On the backends
-# named here a single sequence's decoding steps carry a second, identical row (its cache and
-# cross-attention keys copied once) and keep the first row's logits; tokens, lengths and
-# sampling see the one real row only, so the output is the same token for token. Predicted to
-# save 0.2-0.3 ms a generated token of T5-base / GPT-2; not yet timed as whole programs (no
-# device came in the session that built it), so none is named by default: set
-# ``("gpu", "cuda", "rocm")`` to use it. ``docs/probes/two_rows.py`` times the two.
-TWO_ROW_BACKENDS: tuple[str, ...] = ()
-
-
-def step_rows(b: int) -> int:
-    """Rows a decoding loop of ``b`` sequences runs its steps on: 2 for one sequence on a
-    backend ``TWO_ROW_BACKENDS`` names, else ``b``."""
-    return 2 if b == 1 and jax.default_backend() in TWO_ROW_BACKENDS else b
-
-
-def widen(tree, rows: int):
-    """``tree`` (a batch of one: every array [1, ...] or a scalar) with each array's single
-    row repeated to ``rows`` rows; scalars (a cache's step counter) as they are."""
-    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (rows, *a.shape[1:])) if a.ndim else a, tree)
-
-
-def narrow(tree, b: int):
-    """The first ``b`` rows of each array of ``tree`` (undoes ``widen``); scalars as they are."""
-    return jax.tree_util.tree_map(lambda a: a[:b] if a.ndim else a, tree)
-
-
 def decoding(m: int):
     """The condition of a decoding ``while_loop`` whose state is (step, _, _, done [B], ...):
     fewer than ``m`` steps and a row not done yet."""
@@ -125,7 +95,6 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
                                         schedule=schedule, acc_variant=acc_variant,
                                         method="prefill")
         b = input_ids.shape[0]
-        r = step_rows(b)
         rng, sub = jax.random.split(rng)
         tok = sample_logits(logits, sub, greedy=greedy, temperature=temperature, top_k=top_k)
         done = (tok == eos_token_id) if eos_token_id is not None else jnp.zeros((b,), bool)
@@ -135,9 +104,9 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
         def body(state):
             i, tokens, lengths, done, cache, rng = state
             prev = lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)  # [B, 1]
-            step_logits, cache = module.apply(v, widen(prev, r), cache, method="extend")  # [R, 1, V]
+            step_logits, cache = module.apply(v, prev, cache, method="extend")  # [B, 1, V]
             rng, sub = jax.random.split(rng)
-            nxt = sample_logits(step_logits[:b, 0], sub, greedy=greedy, temperature=temperature,
+            nxt = sample_logits(step_logits[:, 0], sub, greedy=greedy, temperature=temperature,
                                 top_k=top_k)
             nxt = jnp.where(done, pad_token_id, nxt)
             lengths = lengths + (~done).astype(jnp.int32)
@@ -146,9 +115,9 @@ def generate_fn(module, *, schedule: tuple[int, ...] | None, max_new_tokens: int
             tokens = lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], i, axis=1)
             return i + 1, tokens, lengths, done, cache, rng
 
-        state = (jnp.ones((), jnp.int32), tokens, lengths, done, widen(cache, r), rng)
+        state = (jnp.ones((), jnp.int32), tokens, lengths, done, cache, rng)
         _, tokens, lengths, done, cache, _ = lax.while_loop(decoding(m), body, state)
-        return {"tokens": tokens, "lengths": lengths, "first_logits": logits, "cache": narrow(cache, b)}
+        return {"tokens": tokens, "lengths": lengths, "first_logits": logits, "cache": cache}
 
     return run
 

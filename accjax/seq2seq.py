@@ -70,10 +70,8 @@ def generate_tokens(
     cfg, b, m = module.config, input_ids.shape[0], int(max_new_tokens)
     enc = _encode(module, params, input_ids, attention_mask, schedule, acc_variant, protect_last)
     enc_mask = enc.rows.mask  # [B, K] the cross-attention mask of the kept rows
-    r = generate.step_rows(b)  # the steps' rows: a single sequence's carry a copy
-    kv = generate.widen(t5_lib.cross_kv(module, params, enc.last_hidden_state), r)
-    enc_mask = generate.widen(enc_mask, r)
-    cache = t5_lib.init_cache(cfg, r, m)
+    kv = t5_lib.cross_kv(module, params, enc.last_hidden_state)
+    cache = t5_lib.init_cache(cfg, b, m)
     out = jnp.full((b, m), cfg.pad_token_id, jnp.int32)
     tok = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
@@ -81,10 +79,10 @@ def generate_tokens(
 
     def body(state):
         i, tok, cache, done, out, key = state
-        logits, cache = module.apply({"params": params}, generate.widen(tok, r), i, cache, kv, enc_mask,
-                                     method="decode_step")  # [R, V]
+        logits, cache = module.apply({"params": params}, tok, i, cache, kv, enc_mask,
+                                     method="decode_step")  # [B, V]
         key, sub = jax.random.split(key)
-        nxt = generate.sample_logits(logits[:b], sub, greedy=mode == "greedy", temperature=max(temperature, 1e-6),
+        nxt = generate.sample_logits(logits, sub, greedy=mode == "greedy", temperature=max(temperature, 1e-6),
                                      top_k=top_k, top_p=top_p)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
@@ -105,13 +103,11 @@ def first_token(module, params, input_ids: Array, attention_mask: Array, *,
     cfg = module.config
     b = input_ids.shape[0]
     enc = _encode(module, params, input_ids, attention_mask, schedule, acc_variant, protect_last)
-    r = generate.step_rows(b)  # the step's rows: a single sequence's carry a copy
-    kv = generate.widen(t5_lib.cross_kv(module, params, enc.last_hidden_state), r)
-    tok = jnp.full((r,), cfg.decoder_start_token_id, jnp.int32)
-    logits, _ = module.apply({"params": params}, tok, jnp.int32(0), t5_lib.init_cache(cfg, r, 1), kv,
-                             generate.widen(enc.rows.mask, r), params.get(t5_lib.PACKED_SELF_VO),
-                             method="decode_step")
-    return jnp.argmax(logits[:b], axis=-1).astype(jnp.int32)
+    kv = t5_lib.cross_kv(module, params, enc.last_hidden_state)
+    tok = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
+    logits, _ = module.apply({"params": params}, tok, jnp.int32(0), t5_lib.init_cache(cfg, b, 1), kv,
+                             enc.rows.mask, params.get(t5_lib.PACKED_SELF_VO), method="decode_step")
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def score_candidates(

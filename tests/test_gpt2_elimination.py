@@ -298,36 +298,6 @@ def test_generation_at_a_speedup_uses_the_pruned_cache(tiny):
     check_generation_uses_the_pruned_cache(ld, padded_batch(np.random.default_rng(5), [16, 10], 16, 97))
 
 
-def test_one_sequence_decodes_on_two_rows_with_the_same_output(tiny, monkeypatch):
-    """Where ``generate.TWO_ROW_BACKENDS`` names the backend (made to name the CPU here), one
-    sequence's decoding steps run two identical rows: the program feeds [2, 1] tokens to
-    ``extend`` and the tokens, lengths, first logits and returned cache equal the one-row
-    program's, greedy and sampled."""
-    ld, _ = tiny
-    batch = padded_batch(np.random.default_rng(8), [13], 16, 97)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    args = (ld.params, ids, mask, jax.random.PRNGKey(0), jnp.float32(1.0))
-    outs = {}
-    for backends in ((), ("cpu",)):
-        monkeypatch.setattr(generate, "TWO_ROW_BACKENDS", backends)
-        fn = generate.generate_fn(ld.module, schedule=(12, 8, 6), max_new_tokens=5, greedy=True)
-        assert generate.step_rows(1) == (2 if backends else 1) and generate.step_rows(3) == 3
-        text = str(jax.make_jaxpr(fn)(*args))
-        v = ld.config.vocab_size  # the steps' logits [rows, 1, V]
-        assert (f"f32[2,1,{v}]" in text) == bool(backends)
-        gen = generate.Generator.from_loaded(ld)
-        outs[backends] = [gen.generate(ids, mask, max_new_tokens=6, speedup=2.0, eos_token_id=None, **kw)
-                          for kw in ({}, {"temperature": 1.5, "top_k": 5, "seed": 3})]
-    for one, two in zip(outs[()], outs[("cpu",)]):
-        np.testing.assert_array_equal(two.tokens, one.tokens)
-        np.testing.assert_array_equal(two.lengths, one.lengths)
-        np.testing.assert_allclose(two.first_logits, one.first_logits, rtol=1e-6, atol=1e-6)
-        assert two.cache.keys[0].shape == one.cache.keys[0].shape and two.cache.keys[0].shape[0] == 1
-        for a, b in zip(jax.tree_util.tree_leaves(two.cache), jax.tree_util.tree_leaves(one.cache)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    assert len(set(outs[()][0].tokens[0].tolist())) > 2  # not a constant sequence
-
-
 def test_sampling_top_k_and_seeds(tiny):
     ld, _ = tiny
     batch = padded_batch(np.random.default_rng(6), [8, 8], 8, 97)

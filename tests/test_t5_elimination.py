@@ -381,31 +381,6 @@ def test_generation_programs_compile_once_and_sampling(tiny):
     assert pred.num_programs == 3
 
 
-def test_one_sequence_decodes_on_two_rows_with_the_same_tokens(tiny, monkeypatch):
-    """``generate.TWO_ROW_BACKENDS`` naming the backend (the CPU here): one sequence's decoder
-    steps run on two identical rows (the step's tokens are [2]) while the encoder keeps one;
-    generated tokens (greedy and sampled) and the first token equal the one-row programs'."""
-    from accjax import generate
-
-    batch = random_batch(np.random.default_rng(9), 1, 16, 99)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    got = {}
-    for backends in ((), ("cpu",)):
-        monkeypatch.setattr(generate, "TWO_ROW_BACKENDS", backends)
-        run = lambda p, i, m, **kw: seq2seq.generate_tokens(tiny.module, p, i, m, jax.random.PRNGKey(4),  # noqa: E731
-                                                            schedule=(12, 8, 4), max_new_tokens=6, **kw)
-        text = str(jax.make_jaxpr(run)(tiny.params, ids, mask))
-        assert ("i32[2]" in text) == bool(backends)
-        got[backends] = [np.asarray(jax.jit(run, static_argnames="mode")(tiny.params, ids, mask, mode=mode))
-                         for mode in ("greedy", "sample")]
-        got[backends].append(np.asarray(jax.jit(functools.partial(
-            seq2seq.first_token, tiny.module, schedule=(12, 8, 4)))(tiny.params, ids, mask)))
-    for one, two in zip(got[()], got[("cpu",)]):
-        assert one.shape[0] == 1
-        np.testing.assert_array_equal(two, one)
-    assert len(set(got[()][1][0].tolist())) > 2  # the sampled sequence is not a constant one
-
-
 def test_cost_model_counts_the_decoder_first_token(tiny):
     cfg = tiny.config
     cm = models.cost_model(cfg)
