@@ -66,6 +66,15 @@ def decoding(m: int):
     return lambda state: (state[0] < m) & ~jnp.all(state[3])
 
 
+def decoding_rows(batch: int, plan: sched_lib.Plan, max_new_tokens: int) -> float:
+    """The rows a generation program's GEMMs are chosen by (``programs.compiler_options``): its
+    decoding steps' (``batch``), which take most of its time, or the prefill's (batch x length /
+    analytic) when it decodes nothing. On an H100 (GPT-2, bf16, prompts of 128 and 512, 33 and
+    65 tokens, batches 1-32) XLA's Triton GEMMs ran generation as fast as cuBLAS at one sequence
+    and 13-19% faster from 8 up, prefill included (docs/benchmarks.md, twenty-sixth session)."""
+    return float(batch) if max_new_tokens > 1 else batch * plan.length / plan.analytic
+
+
 @dataclasses.dataclass
 class GenerateOutput:
     """tokens [B, M] (pad after eos), lengths [B] tokens before and including the first eos,
@@ -136,9 +145,11 @@ class LMPredictor(inference.Planned):
         self.cost = models.cost_model(config, "lm")
         self.programs = programs.ProgramCache()
 
-    def _compiled(self, key: tuple, fn, *specs):
-        """``fn(params, *args)`` compiled once for ``key``, traced with ``specs``."""
-        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs))
+    def _compiled(self, key: tuple, fn, *specs, rows: float | None = None):
+        """``fn(params, *args)`` compiled once for ``key``, traced with ``specs``; ``rows``: its
+        GEMMs' rows on average, when known (``programs.compiler_options``)."""
+        return self.programs.get(key, lambda: jax.jit(self.programs.counted(fn)).lower(self.params, *specs),
+                                 rows=rows)
 
     @classmethod
     def from_loaded(cls, loaded, **kw):
@@ -159,7 +170,9 @@ class Generator(LMPredictor):
                          pad_token_id=pad_token_id, acc_variant=self.acc_variant)
         spec = jax.ShapeDtypeStruct((batch, plan.length), jnp.int32)
         key = (batch, plan.length, plan.schedule, max_new_tokens, greedy, top_k, eos_token_id, pad_token_id)
-        return self._compiled(key, fn, spec, spec, jax.random.PRNGKey(0), jnp.float32(1.0))
+        rows = programs.gemm_rows(getattr(self.config, "dtype", "float32"),
+                                  decoding_rows(batch, plan, max_new_tokens))
+        return self._compiled(key, fn, spec, spec, jax.random.PRNGKey(0), jnp.float32(1.0), rows=rows)
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
                  speedup: float = 1.0, temperature: float = 0.0, top_k: int = 0,

@@ -172,9 +172,8 @@ class Predictor(Planned):
     def _gemm_rows(self, batch_size: int, plan: sched_lib.Plan) -> float | None:
         """The program's GEMMs' rows on average (``programs.compiler_options``), for 16-bit
         compute (where it was measured; float32 GEMMs keep cuBLAS)."""
-        if jnp.dtype(getattr(self.config, "dtype", "float32")).itemsize != 2:
-            return None
-        return batch_size * plan.length / plan.analytic
+        return programs.gemm_rows(getattr(self.config, "dtype", "float32"),
+                                  batch_size * plan.length / plan.analytic)
 
     def warmup(self, speedups: Iterable[float], lengths: Iterable[int] | None = None,
                batch_sizes: Iterable[int] | None = None) -> int:

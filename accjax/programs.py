@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Hashable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -43,6 +44,12 @@ def compiler_options(rows: float | None = None) -> dict[str, Any]:
     if rows is not None and rows <= TRITON_GEMM_MAX_ROWS:
         return {}
     return {"xla_gpu_enable_triton_gemm": False}
+
+
+def gemm_rows(dtype, rows: float) -> float | None:
+    """``rows`` (a program's GEMMs' rows on average, for ``compiler_options``) when it computes in
+    16 bits, where the rule was measured; None (cuBLAS) for float32 programs."""
+    return float(rows) if jnp.dtype(dtype).itemsize == 2 else None
 
 
 def compile_lowered(lowered, rows: float | None = None) -> Any:

@@ -85,7 +85,9 @@ def device_events(trace_dir: str):
             device_events.shown = True
         for line in plane.lines:
             # kernel executions live on stream lines; skip the derived "XLA Ops"/"Steps" lines
-            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+            # (a stream's line may list its activity kinds: "Stream #14(MemcpyD2H,Compute,Memset)")
+            name = line.name.lower()
+            if "stream" not in name or ("memcpy" in name and "compute" not in name):
                 continue
             for e in line.events:
                 if len(device_events.samples) < 6:

@@ -180,3 +180,28 @@ def test_a_predictor_gives_its_programs_average_gemm_rows(monkeypatch):
         pred.program(2, dense)
         pred.program(2, fast)
     assert seen == [32.0, 32 / fast.analytic, None, None] and fast.analytic > 2
+
+
+def test_a_generator_gives_its_programs_their_decoding_rows(monkeypatch):
+    """``generate.Generator`` compiles a 16-bit generation program with its decoding steps' rows
+    (the batch), so it keeps XLA's Triton GEMMs up to ``TRITON_GEMM_MAX_ROWS`` sequences; a
+    program that decodes nothing past the prefill with the prefill's rows; float32: none."""
+    import jax
+
+    from accjax import generate, models, programs
+
+    seen, real = [], programs.compile_lowered
+    monkeypatch.setattr(programs, "compile_lowered", lambda low, rows=None: seen.append(rows) or real(low, rows))
+    for dtype in ("bfloat16", "float32"):
+        cfg = models.preset("gpt2", dtype=dtype, num_layers=2, hidden_size=32, num_heads=2,
+                            intermediate_size=64, vocab_size=64, max_position_embeddings=64)
+        module = models.get_family(cfg.family).module(cfg, "lm")
+        gen = generate.Generator(module, models.init_params(cfg, "lm", 0), cfg, param_dtype=dtype)
+        fast = gen.plan(16, 2.0)
+        gen.program(2, gen.plan(16, 1.0), 5, True, 0, None, 0)
+        gen.program(2, fast, 1, True, 0, None, 0)
+    assert fast.analytic > 1.5
+    assert seen == [2.0, 2 * 16 / fast.analytic, None, None]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert programs.compiler_options(rows=generate.decoding_rows(32, fast, 33)) == {}  # XLA's Triton GEMMs
+    assert programs.compiler_options(rows=generate.decoding_rows(128, fast, 33)) == {"xla_gpu_enable_triton_gemm": False}

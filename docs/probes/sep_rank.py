@@ -15,7 +15,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from accjax import acc as acc_lib
 from accjax import evaluation
