@@ -69,9 +69,11 @@ def decoding(m: int):
 def decoding_rows(batch: int, plan: sched_lib.Plan, max_new_tokens: int) -> float:
     """The rows a generation program's GEMMs are chosen by (``programs.compiler_options``): its
     decoding steps' (``batch``), which take most of its time, or the prefill's (batch x length /
-    analytic) when it decodes nothing. On an H100 (GPT-2, bf16, prompts of 128 and 512, 33 and
-    65 tokens, batches 1-32) XLA's Triton GEMMs ran generation as fast as cuBLAS at one sequence
-    and 13-19% faster from 8 up, prefill included (docs/benchmarks.md, twenty-sixth session)."""
+    analytic) when it decodes nothing. On an H100 (bf16, prompts of 128 and 512, 33 and 65
+    tokens) XLA's Triton GEMMs ran generation as fast as cuBLAS at one sequence and faster from
+    8 up, prefill or encoder included: GPT-2 13-19% (batches 8-32), Flan-T5-base 9-12% (8 and 16,
+    dense and 4x; docs/benchmarks.md, twenty-sixth and twenty-seventh sessions). ``Generator``
+    and ``seq2seq.Seq2SeqPredictor`` both use it."""
     return float(batch) if max_new_tokens > 1 else batch * plan.length / plan.analytic
 
 

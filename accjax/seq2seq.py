@@ -249,7 +249,9 @@ class Seq2SeqPredictor(generate.LMPredictor):
             mode=mode, temperature=temperature, top_k=top_k, top_p=top_p,
             acc_variant=self.acc_variant, protect_last=self.protect_last)
         key = ("generate", b, plan.length, plan.schedule, max_new_tokens, mode, temperature, top_k, top_p)
-        return self._compiled(key, fn, spec, spec, rng_spec)
+        rows = programs.gemm_rows(getattr(self.config, "dtype", "float32"),
+                                  generate.decoding_rows(b, plan, max_new_tokens))
+        return self._compiled(key, fn, spec, spec, rng_spec, rows=rows)
 
     def score_program(self, b: int, plan: sched_lib.Plan, c: int, width: int):
         spec = jax.ShapeDtypeStruct((b, plan.length), jnp.int32)

@@ -202,6 +202,20 @@ def test_a_generator_gives_its_programs_their_decoding_rows(monkeypatch):
         gen.program(2, fast, 1, True, 0, None, 0)
     assert fast.analytic > 1.5
     assert seen == [2.0, 2 * 16 / fast.analytic, None, None]
+    from accjax import seq2seq
+    from accjax.models import t5 as t5_lib
+    from eval.bench import TINY_T5
+
+    seen.clear()
+    for dtype in ("bfloat16", "float32"):  # a T5's generation programs: the same rule
+        cfg = t5_lib.T5Config(**TINY_T5, dtype=dtype)
+        pred = seq2seq.Seq2SeqPredictor(models.get_family("t5").module(cfg, "lm"), models.init_params(cfg, "lm", 0),
+                                        cfg, batch_size=2, param_dtype=dtype)
+        t5_fast = pred.plan(16, 2.0)
+        pred.generate_program(2, pred.plan(16, 1.0), max_new_tokens=5)
+        pred.generate_program(2, t5_fast, max_new_tokens=1)
+    assert t5_fast.analytic > 1.5
+    assert seen == [2.0, 2 * 16 / t5_fast.analytic, None, None]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert programs.compiler_options(rows=generate.decoding_rows(32, fast, 33)) == {}  # XLA's Triton GEMMs
     assert programs.compiler_options(rows=generate.decoding_rows(128, fast, 33)) == {"xla_gpu_enable_triton_gemm": False}
