@@ -196,3 +196,79 @@ def _mesh():
     from accjax import sharding
 
     return sharding.make_mesh(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# One-row products (``common.ONE_ROW_PRODUCTS``): on a GPU, a projection of one row runs on two
+
+
+@pytest.fixture
+def one_row_here(monkeypatch):
+    """The one-row rule on this CPU (it applies on GPUs only), for weights of 64 entries up."""
+    monkeypatch.setattr(common, "ONE_ROW_BACKENDS", ("gpu", "cpu"))
+    monkeypatch.setattr(common, "ONE_ROW_MIN_WEIGHTS", 64)
+
+
+def _barriers(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).as_text().count("optimization_barrier")
+
+
+@pytest.mark.parametrize("spec,xs,ws", [
+    ("bk,kn->bn", (1, 24), (24, 16)),
+    ("BTD,DNH->BTNH", (1, 1, 24), (24, 4, 8)),        # Llama's and T5's q/k/v
+    ("BTNH,NHD->BTD", (1, 1, 4, 8), (4, 8, 24)),       # an attention output projection
+])
+def test_a_one_row_projection_runs_on_two_rows_with_the_same_values(one_row_here, spec, xs, ws, monkeypatch):
+    cfg = _Cfg(dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=xs), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=ws), jnp.bfloat16)
+    fn = lambda x, w: common.project(spec, x, w, cfg)  # noqa: E731
+    text = jax.jit(fn).lower(x, w).as_text()
+    assert text.count("optimization_barrier") == 1 and "tensor<2x" in text.split("dot_general")[1].split("\n")[0]
+    two = np.asarray(jax.jit(fn)(x, w), np.float32)
+    monkeypatch.setattr(common, "ONE_ROW_PRODUCTS", "off")
+    plain = lambda x, w: common.project(spec, x, w, cfg)  # noqa: E731  (a new trace)
+    assert _barriers(plain, x, w) == 0
+    one = np.asarray(jax.jit(plain)(x, w), np.float32)
+    assert two.shape == one.shape == tuple(np.einsum(spec, np.zeros(xs), np.zeros(ws)).shape)
+    np.testing.assert_allclose(two, one, rtol=1e-2, atol=1e-2)  # bf16 outputs: the same row's sums
+
+
+def test_the_one_row_rule_leaves_every_other_product_alone(one_row_here, monkeypatch):
+    cfg16, cfg32 = _Cfg(dtype="bfloat16"), _Cfg(dtype="float32")
+    w = jnp.ones((24, 16), jnp.bfloat16)
+    one, rows2 = jnp.ones((1, 24), jnp.bfloat16), jnp.ones((2, 24), jnp.bfloat16)
+    assert _barriers(lambda x, w: common.project("bk,kn->bn", x, w, cfg16), one, w) == 1
+    assert _barriers(lambda x, w: common.project("bk,kn->bn", x, w, cfg16), rows2, w) == 0  # two rows
+    assert _barriers(lambda x, w: common.project("bk,kn->bn", x, w, cfg32), one, w) == 0  # float32
+    assert _barriers(lambda x, w: common.project("bk,kn->bn", x, w, cfg16), one[:, :2], w[:2]) == 0  # 32 weights
+    assert _barriers(lambda x, w: common.product_dot_general(x, w, (((2,), (1,)), ((0,), (0,)))),  # batch axes
+                     jnp.ones((3, 1, 8), jnp.bfloat16), jnp.ones((3, 8, 64), jnp.bfloat16)) == 0
+    monkeypatch.setattr(common, "ONE_ROW_BACKENDS", ("gpu",))  # this CPU, as shipped
+    assert _barriers(lambda x, w: common.project("bk,kn->bn", x, w, cfg16), one, w) == 0
+
+
+def test_a_decoding_step_at_batch_one_runs_its_projections_on_two_rows(one_row_here, monkeypatch):
+    """GPT-2 (bf16): every Dense of the batch-1 decoding step over the threshold runs on two rows
+    (q/k/v, the MLP's two; the 32 x 32 attention output stays below it), none at batch 2, and
+    the step's logits are those of the step without the rule."""
+    monkeypatch.setattr(common, "ONE_ROW_MIN_WEIGHTS", 2048)
+    cfg = models.preset("gpt2", dtype="bfloat16", vocab_size=64, max_position_embeddings=64, **TINY["gpt2"])
+    module = models.get_family(cfg.family).module(cfg, "lm")
+    v = {"params": jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), models.init_params(cfg, "lm", 0))}
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 8)), jnp.int32)
+
+    def step():  # a new function each time: jax would reuse a trace made under another rule
+        def run(v, ids):
+            _, cache, _ = module.apply(v, ids, jnp.ones_like(ids), max_new_tokens=2, schedule=None,
+                                       method="prefill")
+            return module.apply(v, ids[:, -1:], cache, method="extend")[0]
+        return run
+
+    assert _barriers(step(), v, ids[:1]) == 3 * cfg.num_layers
+    assert _barriers(step(), v, ids) == 0
+    two = np.asarray(jax.jit(step())(v, ids[:1]), np.float32)
+    monkeypatch.setattr(common, "ONE_ROW_PRODUCTS", "off")
+    assert _barriers(step(), v, ids[:1]) == 0
+    np.testing.assert_allclose(two, np.asarray(jax.jit(step())(v, ids[:1]), np.float32), rtol=0.02, atol=0.02)

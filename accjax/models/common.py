@@ -99,7 +99,68 @@ def project(spec: str, x: Array, kernel: Array, cfg) -> Array:
     dtype = to_dtype(cfg.dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     low = _low_dtype(cfg)
-    return jnp.einsum(spec, x, kernel) if low is None else _low_einsum(spec, low, x, kernel)
+    return (jnp.einsum(spec, x, kernel, _dot_general=_einsum_products(one_row_settings())) if low is None
+            else _low_einsum(spec, low, x, kernel))
+
+
+# A projection of ONE row (a decoding step at batch 1) by a weight of under 10 M entries is
+# rewritten by XLA's GPU simplifier as a multiply and a reduction, which reads the weight at a
+# fraction of the bandwidth a GEMM reaches (GPT-2, one sequence, an H100: 9 us for a 768 x 3072
+# reduction against 4.6 us for the same product on two rows; docs/benchmarks.md,
+# twenty-seventh session). On a GPU, in 16 bits, such a product runs on the row and a copy of
+# it: a [2, K] GEMM; an optimization barrier on its output keeps XLA from slicing the copy
+# away. "fused": the copy is made where XLA fuses it (into the producer); "barrier": also
+# behind a barrier of its own (a concatenation kernel); "off": as XLA rewrites it.
+ONE_ROW_PRODUCTS = "fused"
+ONE_ROW_MIN_WEIGHTS = 1 << 20  # smaller weights: as fast either way (GPT-2 768 x 768, BERT pooler, SmolLM2)
+ONE_ROW_BACKENDS = ("gpu",)  # where XLA rewrites them (tests add "cpu" to run the rule here)
+
+
+def one_row_settings() -> tuple:
+    """(``ONE_ROW_PRODUCTS``, ``ONE_ROW_MIN_WEIGHTS``, ``ONE_ROW_BACKENDS``) as they are now."""
+    return ONE_ROW_PRODUCTS, ONE_ROW_MIN_WEIGHTS, tuple(ONE_ROW_BACKENDS)
+
+
+def one_row_doubled(lhs: Array, rhs: Array, dimension_numbers, settings: tuple | None = None) -> int | None:
+    """The axis of ``lhs`` to double the one row along, when ``product_dot_general`` does (under
+    ``settings``, default ``one_row_settings()``): the rule on, a program for one of its backends,
+    16-bit operands, no batch axes, every free axis of ``lhs`` of size 1 (its first one is
+    returned), a weight of at least the minimum entries; else None."""
+    mode, min_weights, backends = settings or one_row_settings()
+    (lc, _), (lb, rb) = dimension_numbers
+    free = [d for d in range(lhs.ndim) if d not in set(lc)]
+    if (mode == "off" or lb or rb or not free or any(lhs.shape[d] != 1 for d in free)
+            or rhs.size < min_weights or jnp.dtype(lhs.dtype).itemsize != 2
+            or jax.default_backend() not in backends):
+        return None
+    return free[0]
+
+
+def product_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                        preferred_element_type=None, settings: tuple | None = None, **kw) -> Array:
+    """``lax.dot_general`` for a projection (activations, weight), one row on a GPU computed
+    as two (``ONE_ROW_PRODUCTS``): the same values (the first of two identical rows)."""
+    settings = settings or one_row_settings()
+    axis = one_row_doubled(lhs, rhs, dimension_numbers, settings)
+    if axis is None:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, **kw)
+    two = jnp.concatenate([lhs, lhs], axis=axis)
+    if settings[0] == "barrier":
+        two = jax.lax.optimization_barrier(two)
+    out = jax.lax.optimization_barrier(jax.lax.dot_general(
+        two, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kw))
+    # the lhs's free axes lead the output, in order: the doubled one is at its rank among them
+    at = sum(1 for d in range(axis) if d not in set(dimension_numbers[0][0]))
+    return jax.lax.slice_in_dim(out, 0, 1, axis=at)
+
+
+@functools.lru_cache(maxsize=None)
+def _einsum_products(settings: tuple) -> Callable:
+    """``product_dot_general`` bound to ``settings``, one object per setting: ``jnp.einsum``
+    keeps its traces by this argument, so a trace made under one setting is never reused under
+    another (a test's or probe's, within one process)."""
+    return functools.partial(product_dot_general, settings=settings)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -130,10 +191,10 @@ _low_einsum.defvjp(_low_einsum_fwd, _low_einsum_bwd)
 
 def _projection_dot_general(cfg):
     """``nn.DenseGeneral``'s ``dot_general`` as ``project`` (contracting the input's trailing
-    axes with the kernel's leading ones; no batch axes), or None (lax.dot_general) when the
+    axes with the kernel's leading ones; no batch axes), or ``product_dot_general`` when the
     config asks for no low-precision products."""
     if _low_dtype(cfg) is None:
-        return None
+        return product_dot_general
 
     def dot_general(x, kernel, dimension_numbers, precision=None):
         (xc, kc), (xb, kb) = dimension_numbers
@@ -186,6 +247,12 @@ def embed(cfg, n: int, axes: tuple[str, str], name: str) -> nn.Embed:
     """An [n, hidden_size] table in the config's dtypes, N(0, initializer_range) on ``axes``."""
     return nn.Embed(n, cfg.hidden_size, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
                     embedding_init=normal_init(cfg.initializer_range, axes), name=name)
+
+
+def plain_products(module: nn.DenseGeneral) -> bool:
+    """Whether a projection's products are plain ``dot_general``s (``product_dot_general``),
+    not a config's low-precision ones or a custom class: what a kernel may replace."""
+    return module.dot_general in (None, product_dot_general) and module.dot_general_cls is None
 
 
 def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True,
@@ -247,7 +314,7 @@ def dense_add_norm(proj: Dense, norm: "LayerNorm", h: Array, x: Array, dropout: 
     float32, of partials rounded to the compute dtype)."""
     from accjax.kernels import layer_norm as ln
 
-    ready = (not dropping and isinstance(proj.features, int) and proj.use_bias and proj.dot_general is None
+    ready = (not dropping and isinstance(proj.features, int) and proj.use_bias and plain_products(proj)
              and proj.axis in (-1, h.ndim - 1) and proj.has_variable("params", "kernel")
              and norm.has_variable("params", "scale"))
     splits = ln.depth_splits(h, proj.dtype or h.dtype) if ready else 1
@@ -269,7 +336,7 @@ class DenseActivation(nn.DenseGeneral):
         from accjax.kernels import gemm_act as ga
 
         plain = (isinstance(self.features, int) and self.axis in (-1, x.ndim - 1) and self.use_bias
-                 and self.dot_general is None and self.has_variable("params", "kernel"))
+                 and plain_products(self) and self.has_variable("params", "kernel"))
         dtype = self.dtype or x.dtype
         if plain and ga.applies(x.astype(dtype), self.features, self.activation):
             p = self.variables["params"]
