@@ -70,9 +70,20 @@ def to_dtype(name: str | Any) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def normal_init(std: float, axes: tuple[str | None, ...]):
-    """N(0, std) initialiser (HF's ``initializer_range``) annotated with logical axes."""
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+def normal_init(std, axes: tuple[str | None, ...], split_axis: int = 1):
+    """N(0, std) initialiser (HF's ``initializer_range``) annotated with logical axes; a
+    sequence of stds draws each slice of ``split_axis`` with its own (T5's fused q/k/v: HF
+    initialises q with a smaller std than k and v)."""
+    if isinstance(std, (int, float)):
+        return nn.with_logical_partitioning(nn.initializers.normal(stddev=float(std)), axes)
+
+    def init(key, shape, dtype=jnp.float32):
+        keys = jax.random.split(key, len(std))
+        part = shape[:split_axis] + shape[split_axis + 1:]
+        return jnp.stack([jax.random.normal(k, part, dtype) * s for k, s in zip(keys, std)],
+                         axis=split_axis)
+
+    return nn.with_logical_partitioning(init, axes)
 
 
 def zeros_init(axes: tuple[str | None, ...]):
@@ -207,6 +218,30 @@ def _projection_dot_general(cfg):
         return project(f"{xs},{ws}->{free}{ws[len(kc):]}", x, kernel, cfg)
 
     return dot_general
+
+
+class Einsum(nn.Module):
+    """A bias-free projection: ``project(spec, x, kernel)`` with a kernel of ``shape`` on logical
+    ``axes``, N(0, ``std``) at init (default the config's ``initializer_range``; a sequence:
+    one std per slice of the kernel's second axis). Llama's and T5's projections."""
+
+    config: Any
+    spec: str
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    std: Any = None
+
+    def setup(self):
+        cfg = self.config
+        std = cfg.initializer_range if self.std is None else self.std
+        self.kernel = self.param("kernel", normal_init(std, self.axes), self.shape, to_dtype(cfg.param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        return project(self.spec, x, self.kernel, self.config)
+
+    def value_norms(self, v: Array) -> Array:
+        """(an output projection [N, H, D]) ``value_norms`` of ``v`` through its kernel."""
+        return value_norms(v, self.kernel, self.config.dtype)
 
 
 class HeadsOut(nn.Module):

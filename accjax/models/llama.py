@@ -206,26 +206,6 @@ class RMSNorm(nn.Module):
         return scale.astype(common.to_dtype(cfg.dtype)) * xf.astype(common.to_dtype(cfg.dtype))
 
 
-class Einsum(nn.Module):
-    """One bias-free projection: ``einsum(spec, x, kernel)`` with a kernel of ``shape``."""
-
-    config: LlamaConfig
-    spec: str
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]
-
-    def setup(self):
-        cfg = self.config
-        self.kernel = self.param("kernel", common.normal_init(cfg.initializer_range, self.axes),
-                                 self.shape, common.to_dtype(cfg.param_dtype))
-
-    def __call__(self, x: Array) -> Array:
-        return common.project(self.spec, x, self.kernel, self.config)
-
-    def value_norms(self, v: Array) -> Array:  # (output projection only)
-        return common.value_norms(v, self.kernel, self.config.dtype)
-
-
 class LlamaBlock(nn.Module):
     """x + attn(norm(x)), then + mlp(norm(.)). ``__call__`` runs a prompt (with optional
     elimination after attention); ``extend`` runs new tokens against this layer's cache."""
@@ -236,14 +216,14 @@ class LlamaBlock(nn.Module):
         cfg = self.config
         d, n, g, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         self.input_norm = RMSNorm(cfg, name="input_norm")
-        self.q_proj = Einsum(cfg, "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), name="q_proj")
-        self.k_proj = Einsum(cfg, "BTD,DGH->BTGH", (d, g, h), ("embed", "kv_heads", "kv"), name="k_proj")
-        self.v_proj = Einsum(cfg, "BTD,DGH->BTGH", (d, g, h), ("embed", "kv_heads", "kv"), name="v_proj")
-        self.o_proj = Einsum(cfg, "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), name="o_proj")
+        self.q_proj = common.Einsum(cfg, "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), name="q_proj")
+        self.k_proj = common.Einsum(cfg, "BTD,DGH->BTGH", (d, g, h), ("embed", "kv_heads", "kv"), name="k_proj")
+        self.v_proj = common.Einsum(cfg, "BTD,DGH->BTGH", (d, g, h), ("embed", "kv_heads", "kv"), name="v_proj")
+        self.o_proj = common.Einsum(cfg, "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), name="o_proj")
         self.post_norm = RMSNorm(cfg, name="post_norm")
-        self.gate_proj = Einsum(cfg, "BTD,DF->BTF", (d, f), ("embed", "mlp"), name="gate_proj")
-        self.up_proj = Einsum(cfg, "BTD,DF->BTF", (d, f), ("embed", "mlp"), name="up_proj")
-        self.down_proj = Einsum(cfg, "BTF,FD->BTD", (f, d), ("mlp", "embed"), name="down_proj")
+        self.gate_proj = common.Einsum(cfg, "BTD,DF->BTF", (d, f), ("embed", "mlp"), name="gate_proj")
+        self.up_proj = common.Einsum(cfg, "BTD,DF->BTF", (d, f), ("embed", "mlp"), name="up_proj")
+        self.down_proj = common.Einsum(cfg, "BTF,FD->BTD", (f, d), ("mlp", "embed"), name="down_proj")
 
     def _project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
         """q [B, T, N, H], k and v [B, T, G, H]; q and k rotated by ``positions``."""
@@ -323,8 +303,8 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.config
         self.model = LlamaModel(cfg, name="model")
         if not cfg.tie_word_embeddings:
-            self.lm_head = Einsum(cfg, "BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size),
-                                  ("embed", "vocab"), name="lm_head")
+            self.lm_head = common.Einsum(cfg, "BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size),
+                                         ("embed", "vocab"), name="lm_head")
 
     def logits(self, h: Array) -> Array:
         """[B, T, D] -> [B, T, V] float32."""

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -242,7 +242,7 @@ class RelativeBias(nn.Module):
             num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance)  # [B, T, S]
         table = self.param(
-            "embedding", _normal(cfg.initializer_factor * cfg.d_model ** -0.5, (None, "heads")),
+            "embedding", common.normal_init(cfg.initializer_factor * cfg.d_model ** -0.5, (None, "heads")),
             (cfg.relative_attention_num_buckets, cfg.num_heads), common.to_dtype(cfg.param_dtype))
         # [N, buckets] indexed by (head, bucket): written straight in [B, N, T, S] order (one
         # fusion; a take over the bucket axis then a transpose is a gather plus a copy).
@@ -252,38 +252,6 @@ class RelativeBias(nn.Module):
 
 
 # ----------------------------------------------------------------------------- blocks
-def _normal(std: float | Sequence[float], axes: tuple[str | None, ...], split_axis: int = 1):
-    """N(0, std) init; a sequence of stds draws each slice of ``split_axis`` with its own
-    (fused q/k/v: HF initialises q with a smaller std than k and v)."""
-    if isinstance(std, (int, float)):
-        return common.normal_init(float(std), axes)
-
-    def init(key, shape, dtype=jnp.float32):
-        keys = jax.random.split(key, len(std))
-        part = shape[:split_axis] + shape[split_axis + 1:]
-        return jnp.stack([jax.random.normal(k, part, dtype) * s for k, s in zip(keys, std)],
-                         axis=split_axis)
-
-    return nn.with_logical_partitioning(init, axes)
-
-
-class Proj(nn.Module):
-    """A bias-free projection: a kernel of ``shape`` applied by the einsum ``spec``."""
-
-    config: T5Config
-    shape: tuple[int, ...]
-    spec: str
-    axes: tuple[str | None, ...]
-    std: float | tuple[float, ...]
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        kernel = self.param("kernel", _normal(self.std, self.axes), self.shape,
-                            common.to_dtype(cfg.param_dtype))
-        return common.project(self.spec, x, kernel, cfg)
-
-
 class RMSNorm(nn.Module):
     """T5LayerNorm: x / sqrt(mean(x^2) + eps) * scale; statistics in float32, no bias."""
 
@@ -300,13 +268,13 @@ class RMSNorm(nn.Module):
         return (scale.astype(jnp.float32) * y).astype(common.to_dtype(cfg.dtype))
 
 
-def _qkv(cfg: T5Config, name: str, parts: int = 3) -> Proj:
+def _qkv(cfg: T5Config, name: str, parts: int = 3) -> common.Einsum:
     """Fused projections [D, parts, N, H]: q/k/v (3) or cross-attention k/v (2)."""
     f, d = cfg.initializer_factor, cfg.d_model
     stds = ((f * (d * cfg.d_kv) ** -0.5, f * d ** -0.5, f * d ** -0.5) if parts == 3
             else (f * d ** -0.5, f * d ** -0.5))
-    return Proj(cfg, (d, parts, cfg.num_heads, cfg.d_kv), "BTD,DQNH->BTQNH",
-                ("embed", "qkv", "heads", "kv"), stds, name=name)
+    return common.Einsum(cfg, "BTD,DQNH->BTQNH", (d, parts, cfg.num_heads, cfg.d_kv),
+                         ("embed", "qkv", "heads", "kv"), stds, name=name)
 
 
 def _out(cfg: T5Config, name: str | None = None) -> common.HeadsOut:
@@ -327,13 +295,15 @@ class FeedForward(nn.Module):
         f, d = cfg.initializer_factor, cfg.d_model
         act = common.activation(cfg.dense_act_fn)
         if cfg.is_gated_act:
-            g = Proj(cfg, (d, 2, cfg.d_ff), "BTD,DGF->BTGF", ("embed", None, "mlp"),
-                     (f * d ** -0.5, f * d ** -0.5), name="wi")(h)  # [B, T, 2, F]
+            g = common.Einsum(cfg, "BTD,DGF->BTGF", (d, 2, cfg.d_ff), ("embed", None, "mlp"),
+                              (f * d ** -0.5, f * d ** -0.5), name="wi")(h)  # [B, T, 2, F]
             h = act(g[:, :, 0]) * g[:, :, 1]  # [B, T, F]
         else:
-            h = act(Proj(cfg, (d, cfg.d_ff), "BTD,DF->BTF", ("embed", "mlp"), f * d ** -0.5, name="wi")(h))
+            h = act(common.Einsum(cfg, "BTD,DF->BTF", (d, cfg.d_ff), ("embed", "mlp"), f * d ** -0.5,
+                                  name="wi")(h))
         h = common.Dropout(cfg.dropout)(h, deterministic=deterministic)
-        return Proj(cfg, (cfg.d_ff, d), "BTF,FD->BTD", ("mlp", "embed"), f * cfg.d_ff ** -0.5, name="wo")(h)
+        return common.Einsum(cfg, "BTF,FD->BTD", (cfg.d_ff, d), ("mlp", "embed"), f * cfg.d_ff ** -0.5,
+                             name="wo")(h)
 
 
 def _step_kernel(x: Array, cfg: T5Config) -> bool:
@@ -521,8 +491,8 @@ class DecoderLayer(nn.Module):
         self.self_out = _out(cfg)
         self.cross_norm = RMSNorm(cfg)
         d, f = cfg.d_model, cfg.initializer_factor
-        self.cross_q = Proj(cfg, (d, cfg.num_heads, cfg.d_kv), "BTD,DNH->BTNH", ("embed", "heads", "kv"),
-                            f * (d * cfg.d_kv) ** -0.5)
+        self.cross_q = common.Einsum(cfg, "BTD,DNH->BTNH", (d, cfg.num_heads, cfg.d_kv),
+                                     ("embed", "heads", "kv"), f * (d * cfg.d_kv) ** -0.5)
         self.cross_kv = _qkv(cfg, None, parts=2)
         self.cross_out = _out(cfg)
         self.mlp_norm = RMSNorm(cfg)
@@ -690,7 +660,7 @@ class Seq2SeqOutput:
 def _shared(cfg: T5Config, **kw) -> nn.Embed:
     return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=common.to_dtype(cfg.dtype),
                     param_dtype=common.to_dtype(cfg.param_dtype),
-                    embedding_init=_normal(cfg.initializer_factor * 1.0, ("vocab", "embed")), **kw)
+                    embedding_init=common.normal_init(cfg.initializer_factor * 1.0, ("vocab", "embed")), **kw)
 
 
 class T5EncoderModel(nn.Module):
@@ -728,8 +698,8 @@ class T5ForConditionalGeneration(nn.Module):
         self.encoder = T5Encoder(cfg)
         self.decoder = T5Decoder(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Proj(cfg, (cfg.d_model, cfg.vocab_size), "BTD,DV->BTV", ("embed", "vocab"),
-                                cfg.initializer_factor * 1.0)
+            self.lm_head = common.Einsum(cfg, "BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                         cfg.initializer_factor * 1.0)
 
     def __call__(
         self,
