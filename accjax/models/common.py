@@ -114,16 +114,17 @@ def project(spec: str, x: Array, kernel: Array, cfg) -> Array:
             else _low_einsum(spec, low, x, kernel))
 
 
-# A projection of ONE row (a decoding step at batch 1) by a weight of under 10 M entries is
-# rewritten by XLA's GPU simplifier as a multiply and a reduction, which reads the weight at a
-# fraction of the bandwidth a GEMM reaches (GPT-2, one sequence, an H100: 9 us for a 768 x 3072
-# reduction against 4.6 us for the same product on two rows; docs/benchmarks.md,
-# twenty-seventh session). On a GPU, in 16 bits, such a product runs on the row and a copy of
-# it: a [2, K] GEMM; an optimization barrier on its output keeps XLA from slicing the copy
-# away. "fused": the copy is made where XLA fuses it (into the producer); "barrier": also
-# behind a barrier of its own (a concatenation kernel); "off": as XLA rewrites it.
+# A projection of ONE row (a decoding step at batch 1) by a weight of under 10 M entries may be
+# rewritten by XLA's GPU simplifier as a multiply and a reduction, which takes about twice a
+# GEMM's time (GPT-2, one sequence, an H100: 9 us for a 3072 x 768 reduction against 4.6 us
+# for the same product on two rows; docs/benchmarks.md, twenty-seventh session). On a GPU, in
+# 16 bits, such a product runs on the row and a copy of it: a [2, K] GEMM; an optimization
+# barrier on its output keeps XLA from slicing the copy away. GPT-2's generation is 13-15%
+# faster; Llama-3.2-1B's and Flan-T5's (products into heads, which XLA seems to leave as
+# GEMMs) time the same. "fused": the copy is made where XLA fuses it (into the producer);
+# "barrier": also behind a barrier of its own (a concatenation kernel); "off": as XLA makes it.
 ONE_ROW_PRODUCTS = "fused"
-ONE_ROW_MIN_WEIGHTS = 1 << 20  # smaller weights: as fast either way (GPT-2 768 x 768, BERT pooler, SmolLM2)
+ONE_ROW_MIN_WEIGHTS = 1 << 20  # smaller weights measured no faster (GPT-2's 768 x 768, BERT's pooler)
 ONE_ROW_BACKENDS = ("gpu",)  # where XLA rewrites them (tests add "cpu" to run the rule here)
 
 
