@@ -6,8 +6,9 @@ reports. This builds GPT-2 (preset, random weights, bf16) generation programs bo
 process and times them interleaved (median of synchronised calls), at several (batch, prompt,
 tokens), and says which the rule picks. ``--profile BxTxM``: kernels of one program, by name
 (Triton GEMMs, one-row products as XLA rewrites them and on two rows, ``common.ONE_ROW_PRODUCTS``).
-``--variants triton,triton_fused,...``: programs by GEMM back end and one-row mode, interleaved. ``--model flan-t5-base``: a T5's
-generation programs (``seq2seq.generate_tokens``, encoder at ``--speedup``) instead.
+``--variants triton,triton_fused,...``: programs by GEMM back end and one-row mode, interleaved.
+``--model flan-t5-base``: a T5's generation programs (``seq2seq.generate_tokens``, encoder at
+``--speedup``) instead.
 
     PYTHONPATH=. python docs/probes/gen_rows_ab.py --out $OUT/gen_rows.json
     PYTHONPATH=. python docs/probes/gen_rows_ab.py --model flan-t5-base --speedup 4 --cases 16x512x33
@@ -32,6 +33,8 @@ def one_row(mode: str):
     programs traced next (each variant is traced afresh: jax's trace cache would otherwise hand a
     second variant the first one's program)."""
     mode, _, n = mode.partition(":")
+    if mode not in ("off", "fused", "barrier"):
+        raise SystemExit(f"unknown one-row mode {mode!r}: off, fused or barrier (e.g. triton_fused:1048576)")
     common.ONE_ROW_PRODUCTS, common.ONE_ROW_MIN_WEIGHTS = mode, int(n) if n else _MIN_WEIGHTS
 
 
@@ -45,8 +48,8 @@ def main():
     ap.add_argument("--model", default="gpt2", help="gpt2 (a decoder) or a T5 preset (flan-t5-base)")
     ap.add_argument("--speedup", type=float, default=1.0, help="the prefill's (T5: the encoder's) plan")
     ap.add_argument("--variants", default="",
-                    help="compare compile-option sets instead: comma list of cublas, triton, cublas_nosr, "
-                         "triton_nosr (nosr: xla_gpu_enable_dot_strength_reduction off)")
+                    help="compare variants instead: comma list of BACKEND[_MODE[:N]], BACKEND cublas or "
+                         "triton, MODE a common.ONE_ROW_PRODUCTS value (default off), N its minimum weights")
     a = ap.parse_args()
     cfg = models.preset(a.model, dtype="bfloat16")
     t5 = cfg.family == "t5"
