@@ -203,11 +203,10 @@ class BertLayer(nn.Module):
         h = heads_out(ctx)  # [B, K, D]
         h = common.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         x = common.layer_norm(cfg, "attn_norm")(x + h)
-        h = common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in",
-                         activation=cfg.hidden_act)(x)  # [B, K, F], activated
-        x = common.dense_add_norm(  # LN(x + dropout(h W + b)), [B, K, D]
+        x = common.feed_forward_add_norm(  # LN(x + dropout(act(x W1 + b1) W2 + b2)), [B, K, D]
+            common.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "mlp_in", activation=cfg.hidden_act),
             common.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "mlp_out"), common.layer_norm(cfg, "mlp_norm"),
-            h, x, functools.partial(common.Dropout(cfg.hidden_dropout), deterministic=deterministic),
+            x, functools.partial(common.Dropout(cfg.hidden_dropout), deterministic=deterministic),
             dropping=not deterministic and cfg.hidden_dropout > 0)
         return x, rows, out
 

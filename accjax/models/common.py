@@ -360,6 +360,30 @@ def dense_add_norm(proj: Dense, norm: "LayerNorm", h: Array, x: Array, dropout: 
     return norm.add_partials(x, parts, bias)
 
 
+def feed_forward_add_norm(mlp_in: "DenseActivation", mlp_out: Dense, norm: "LayerNorm", x: Array,
+                          dropout: Callable[[Array], Array], *, dropping: bool) -> Array:
+    """``norm(x + dropout(mlp_out(mlp_in(x))))``, a post-LN block's feed-forward sublayer.
+    Where ``accjax.kernels.ffn_block`` applies (switched on, a GPU, 16-bit, few rows, the
+    exact GELU, nothing dropped, plain projections), one persistent kernel runs the whole
+    sublayer; else ``mlp_in`` then ``dense_add_norm``."""
+    from accjax.kernels import ffn_block as fb
+
+    def plain(m):
+        return (isinstance(m.features, int) and m.use_bias and plain_products(m) and m.axis in (-1, x.ndim - 1)
+                and m.has_variable("params", "kernel"))
+
+    dtype = mlp_in.dtype or x.dtype
+    if (not dropping and isinstance(mlp_in, DenseActivation) and mlp_in.activation == "gelu" and plain(mlp_in)
+            and plain(mlp_out) and norm.use_scale and norm.use_bias and norm.has_variable("params", "scale")
+            and (norm.dtype or dtype) == dtype and fb.applies(x.astype(dtype), x.shape[-1], mlp_in.features)):
+        k1, b1, k2, b2 = [nn.meta.unbox(m.variables["params"][k]).astype(dtype)
+                          for m in (mlp_in, mlp_out) for k in ("kernel", "bias")]
+        pn = norm.variables["params"]
+        return fb.feed_forward(x.astype(dtype), k1, b1, k2, b2, nn.meta.unbox(pn["scale"]),
+                               nn.meta.unbox(pn["bias"]), norm.epsilon)
+    return dense_add_norm(mlp_out, norm, mlp_in(x), x, dropout, dropping=dropping)
+
+
 class DenseActivation(nn.DenseGeneral):
     """``activation(DenseGeneral(x))``, the same parameters. Once they exist, where
     ``accjax.kernels.gemm_act`` applies (opted in, a Hopper GPU, bf16 or fp16, enough rows),
