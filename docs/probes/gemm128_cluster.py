@@ -4,7 +4,7 @@ share one operand's tiles by TMA multicast. The twenty-eighth session found each
 to move 12-28 MB through L2 (every CTA re-reads its rows' activation over the whole depth); a
 cluster along N halves the activation's reads. Device time per GEMM from a ``jax.profiler``
 trace: 12 independent products (distinct activations and weights) in one program. Measured
-(H100, docs/benchmarks.md, twenty-eighth session): the clusters changed nothing beyond +-0.3 us,
+(H100, docs/benchmarks.md, twenty-eighth session): the clusters made each product 0.1-0.5 us slower at the same tiles,
 and the example's tiles are slower than cuBLAS's at 128 and 1024 rows.
 
     PYTHONPATH=. python docs/probes/gemm128_cluster.py --out $OUT/gemm128.json
