@@ -4,7 +4,7 @@
 
 XLA runs this as four kernels on a GPU (the input GEMM with its bias, the exact GELU, the
 output GEMM as partial products, the LayerNorm kernel that sums them with the residual).
-At a few hundred rows each of them is bound by its fixed latency, not by bytes or FLOPs
+At a few hundred rows they take far longer than their bytes or FLOPs need
 (docs/benchmarks.md: BERT-base's at 128 rows take 5.3 + 1.6 + 5.3 + 2.5 us for under 2 us
 of weight reads). Here one launch of ``programs`` programs (at most one per SM, so all
 are resident at once) runs three phases, separated by grid-wide barriers:
@@ -16,9 +16,9 @@ are resident at once) runs three phases, separated by grid-wide barriers:
   3. per row: x + sum(parts) + b2, its LayerNorm (float32 statistics), the output.
 
 What it showed (docs/benchmarks.md, twenty-eighth session): XLA's kernels follow each other
-in its CUDA graph about 0.3 us apart, so one launch instead of four saves little, and each
-phase's main loop (every program re-reads its rows' whole depth through L2) takes about as long
-as cuBLAS's GEMM; the barriers then cost more than the small kernels they replace.
+in its CUDA graph about 0.25 us apart, so one launch instead of four saves little; each
+phase's main loop over the depth takes about as long as cuBLAS's GEMM; and the barriers cost
+more than the small kernels they replace.
 
 A barrier is the cooperative-groups one: every thread's stores, a CTA barrier, one atomic
 increment (acquire-release, GPU scope) of a counter slot, spinning on the slot until every
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from accjax.kernels.acc_pallas import _pow2, _triton_params
+from accjax.kernels.gemm_act import _gelu_erf as _gelu  # exp-based: Pallas' Triton lowering has no erf
 
 # 'never' (XLA's four kernels), 'auto' (a GPU where the kernel compiles and runs right) or
 # 'interpret' (Pallas' interpreter, one program: the CPU tests). Off: measured slower. H100,
@@ -69,21 +70,6 @@ def _sync(cnt_ref, slot: int, interpret: bool):
     seen = plgpu.atomic_add(cnt_ref, (i,), jnp.int32(0))
     jax.lax.while_loop(lambda v: v < n, lambda v: plgpu.atomic_add(cnt_ref, (i,), jnp.int32(0)), seen)
     plgpu.debug_barrier()
-
-
-def _erf(x):
-    """erf in float32 from one exp (Abramowitz and Stegun 7.1.26, absolute error < 1.5e-7):
-    Pallas' Triton lowering has no erf."""
-    a = jnp.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    y = 1.0 - poly * jnp.exp(-a * a)
-    return jnp.where(x < 0, -y, y)
-
-
-def _gelu(x):
-    """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), in float32."""
-    return 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
 
 
 def _kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, g_ref, beta_ref, cnt_in, o_ref, h_ref, p_ref, cnt_ref,

@@ -67,7 +67,7 @@ TILES = Tiles()
 def _erf(z):
     """erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7; 5e-7 in float32): Mosaic GPU's
     warpgroup lowering has no layout rule for ``math.erf``; this is exp, abs, sign and
-    arithmetic."""
+    arithmetic. Pallas' Triton lowering has no erf either (``ffn_block`` uses this one)."""
     a = jnp.abs(z)
     t = 1.0 / (1.0 + 0.3275911 * a)
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
