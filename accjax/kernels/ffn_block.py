@@ -72,6 +72,24 @@ def _sync(cnt_ref, slot: int, interpret: bool):
     plgpu.debug_barrier()
 
 
+def _tile_product(item, a_ref, w_ref, *, bm: int, bn: int, bk: int, slices: int, depth: int):
+    """Work item ``item`` of a product a [R, depth] @ w [depth, N] in tiles of ``bm x bn`` over
+    ``slices`` slices of the depth, row blocks outermost, then slices, then column blocks:
+    (slice, first row, first column, the tile's float32 product over its slice)."""
+    n_cb = w_ref.shape[1] // bn
+    rb, rest = item // (slices * n_cb), item % (slices * n_cb)
+    t, cb = rest // n_cb, rest % n_cb
+    r0, c0, k0 = rb * bm, cb * bn, t * (depth // slices)
+
+    def step(k, acc):
+        a = a_ref[pl.ds(r0, bm), pl.ds(k0 + k * bk, bk)]
+        w = w_ref[pl.ds(k0 + k * bk, bk), pl.ds(c0, bn)]
+        return acc + jnp.dot(a, w, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, depth // slices // bk, step, jnp.zeros((bm, bn), jnp.float32))
+    return t, r0, c0, acc
+
+
 def _kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, g_ref, beta_ref, cnt_in, o_ref, h_ref, p_ref, cnt_ref,
             next_ref, *rest, r: int, d: int, f: int, bm: int, bn1: int, bk1: int, bn2: int, bk2: int, s: int,
             s1: int, br: int, eps: float, interpret: bool, phases: int = 3, barriers: bool = True):
@@ -92,21 +110,12 @@ def _kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, g_ref, beta_ref, cnt_in, o_re
 
     # phase 1: h = gelu(x W1 + b1); with s1 > 1 slices of the depth D, as float32 partial
     # products q[t] (fewer bytes a program: x's and W1's slices), then bias and GELU on their sum
-    n_cb1, ds1 = f // bn1, d // s1
+    n_cb1 = f // bn1
     q_ref = rest[0] if s1 > 1 else None
 
     def item1(j, carry):
-        item = pid + j * n_prog
-        rb, rest_ = item // (s1 * n_cb1), item % (s1 * n_cb1)
-        t, cb = rest_ // n_cb1, rest_ % n_cb1
-        r0, c0, k0 = rb * bm, cb * bn1, t * ds1
-
-        def step(k, acc):
-            a = x_ref[pl.ds(r0, bm), pl.ds(k0 + k * bk1, bk1)]
-            w = w1_ref[pl.ds(k0 + k * bk1, bk1), pl.ds(c0, bn1)]
-            return acc + jnp.dot(a, w, preferred_element_type=f32)
-
-        acc = jax.lax.fori_loop(0, ds1 // bk1, step, jnp.zeros((bm, bn1), f32))
+        t, r0, c0, acc = _tile_product(pid + j * n_prog, x_ref, w1_ref, bm=bm, bn=bn1, bk=bk1, slices=s1,
+                                       depth=d)
         if s1 > 1:
             q_ref[t, pl.ds(r0, bm), pl.ds(c0, bn1)] = acc
         else:
@@ -137,20 +146,10 @@ def _kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, g_ref, beta_ref, cnt_in, o_re
         _sync(cnt_ref, 0, interpret)
 
     # phase 2: parts[t] = h[:, slice t] W2[slice t]
-    n_cb2, fs = d // bn2, f // s
+    n_cb2 = d // bn2
 
     def item2(j, carry):
-        item = pid + j * n_prog
-        rb, rest = item // (s * n_cb2), item % (s * n_cb2)
-        t, cb = rest // n_cb2, rest % n_cb2
-        r0, c0, k0 = rb * bm, cb * bn2, t * fs
-
-        def step(k, acc):
-            a = h_ref[pl.ds(r0, bm), pl.ds(k0 + k * bk2, bk2)]
-            w = w2_ref[pl.ds(k0 + k * bk2, bk2), pl.ds(c0, bn2)]
-            return acc + jnp.dot(a, w, preferred_element_type=f32)
-
-        acc = jax.lax.fori_loop(0, fs // bk2, step, jnp.zeros((bm, bn2), f32))
+        t, r0, c0, acc = _tile_product(pid + j * n_prog, h_ref, w2_ref, bm=bm, bn=bn2, bk=bk2, slices=s, depth=f)
         p_ref[t, pl.ds(r0, bm), pl.ds(c0, bn2)] = acc
         return carry
 

@@ -1,9 +1,14 @@
-"""Probe: BERT-base programs (random weights, bf16) built with a library module constant at each
-of several values, each traced afresh, timed interleaved (synchronised median and 20 calls in
-flight, two pipelined sets), with the largest logit difference against the first value.
+"""Probe: BERT-base programs (random weights, bf16) built under several settings of library module
+constants, each traced afresh, timed interleaved (synchronised median and 20 calls in flight, two
+pipelined sets), with the largest logit difference against the first setting. A setting is
+``;``-separated ``NAME=literal`` assignments to constants of ``--module``.
 
-    PYTHONPATH=. python docs/probes/constant_ab.py --constant accjax.kernels.layer_norm.SPLIT \
-        --values 2,1 --shapes 1x128,8x128 --speedups 1,4.8 --out $OUT/ab.json
+    PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.layer_norm \
+        --settings 'SPLIT=2' 'SPLIT=1' --shapes 1x128,8x128 --speedups 1,4.8 --out $OUT/ab.json
+    PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.models.common \
+        --settings 'ONE_ROW_PRODUCTS="off"' 'ONE_ROW_PRODUCTS="fused"' --shapes 1x128
+    PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.ffn_block \
+        --settings 'KERNEL="never"' 'KERNEL="auto";BLOCKS=(64,64,64,64,64,4,4,3)' --shapes 1x128,8x128
 """
 import argparse
 import ast
@@ -18,44 +23,53 @@ from accjax import inference, models, programs
 from eval import bench
 
 
+def parse(setting: str) -> dict:
+    out = {}
+    for part in filter(None, setting.split(";")):
+        name, value = part.split("=", 1)
+        out[name.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--constant", required=True, help="module.path.NAME")
-    ap.add_argument("--values", required=True, help="comma list of Python literals")
+    ap.add_argument("--module", required=True, help="e.g. accjax.models.common")
+    ap.add_argument("--settings", nargs="+", required=True, help="each 'NAME=literal[;NAME=literal...]'")
     ap.add_argument("--model", default="bert-base-uncased")
     ap.add_argument("--shapes", default="1x128")
     ap.add_argument("--speedups", default="1,4.8")
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    mod_name, name = a.constant.rsplit(".", 1)
-    mod = importlib.import_module(mod_name)
-    values = [ast.literal_eval(v) for v in a.values.split(",")]
-    default = getattr(mod, name)
+    mod = importlib.import_module(a.module)
+    settings = [parse(s) for s in a.settings]
     cfg, params = bench.build(a.model, "bfloat16", "auto")
     module = models.get_family(cfg.family).module(cfg, "sequence_classification")
-    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "constant": a.constant, "rows": []}
+    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "module": a.module, "rows": []}
     for shape in a.shapes.split(","):
         b, n = (int(x) for x in shape.split("x"))
         calls, outs = {}, {}
-        for v in values:
-            setattr(mod, name, v)
-            try:  # programs are compiled (traced) while the value is set
+        for label, setting in zip(a.settings, settings):
+            saved = {k: getattr(mod, k) for k in setting}
+            for k, v in setting.items():
+                setattr(mod, k, v)
+            try:  # programs are compiled (traced) while the setting holds
                 pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
                                            param_dtype="bfloat16")
                 for s in (float(x) for x in a.speedups.split(",")):
                     prog, inputs = bench.program_inputs(pred, b, n, pred.plan(n, s), False)
-                    calls[(repr(v), s)] = functools.partial(prog, pred.params, *inputs)
+                    calls[(label, s)] = functools.partial(prog, pred.params, *inputs)
             finally:
-                setattr(mod, name, default)
+                for k, v in saved.items():
+                    setattr(mod, k, v)
         for k, c in calls.items():
             outs[k] = np.asarray(jax.tree_util.tree_leaves(c())[0], np.float32)
         sync = programs.time_interleaved(calls, rounds=a.iters)
         pipe = [programs.time_interleaved(calls, rounds=max(3, a.iters // 4), depth=20) for _ in range(2)]
-        for (v, s) in calls:
-            row = {"shape": shape, "value": v, "speedup": s, "sync_ms": float(np.median(sync[(v, s)])),
-                   "pipelined_ms": [float(np.median(p[(v, s)])) for p in pipe],
-                   "max_abs_diff_vs_first": float(np.abs(outs[(v, s)] - outs[(repr(values[0]), s)]).max())}
+        for (label, s) in calls:
+            row = {"shape": shape, "setting": label, "speedup": s, "sync_ms": float(np.median(sync[(label, s)])),
+                   "pipelined_ms": [float(np.median(p[(label, s)])) for p in pipe],
+                   "max_abs_diff_vs_first": float(np.abs(outs[(label, s)] - outs[(a.settings[0], s)]).max())}
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
         if a.out:

@@ -6,11 +6,11 @@ L2) chained in one program, built through ``common.feed_forward_add_norm`` with 
 off and on (several tilings), each traced afresh; timed interleaved (20 calls in flight),
 with the largest difference from a float32 chain and the kernel's barrier counters.
 
-``--part model``: BERT-base programs (random weights, bf16) with the kernel off and on, per
-shape and level, as ``one_row_ab.py`` builds them.
+Whole BERT-base programs with the kernel off and on: ``constant_ab.py`` (its docstring has the
+command; each tiling is a ``BLOCKS=...`` setting).
 
     PYTHONPATH=. python docs/probes/ffn_block_ab.py --part micro --rows 128,1024 --out $OUT/micro.json
-    PYTHONPATH=. python docs/probes/ffn_block_ab.py --part model --shapes 1x128,8x128 --out $OUT/model.json
+    PYTHONPATH=. python docs/probes/ffn_block_ab.py --part phases --rows 128 --tilings a,k3 --out $OUT/phases.json
 """
 import argparse
 import functools
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accjax import inference, models, programs
+from accjax import programs
 from accjax.kernels import ffn_block as fb
 from accjax.models import common
 from eval import bench
@@ -157,43 +157,10 @@ def phases(a, cfg, res):
             json.dump(res, open(a.out, "w"), indent=1)
 
 
-def model(a, cfg, params, res):
-    module = models.get_family(cfg.family).module(cfg, "sequence_classification")
-    for shape in a.shapes.split(","):
-        b, n = (int(x) for x in shape.split("x"))
-        calls, outs = {}, {}
-        for name in ["xla", *a.tilings.split(",")]:
-            fb.KERNEL = "never" if name == "xla" else ("interpret" if a.interpret else "auto")
-            if name != "xla":
-                fb.BLOCKS = TILINGS[name]
-            try:
-                pred = inference.Predictor(module, params, cfg, batch_size=b, length_buckets=(n,),
-                                           param_dtype="bfloat16")
-                for s in (float(x) for x in a.speedups.split(",")):
-                    prog, inputs = bench.program_inputs(pred, b, n, pred.plan(n, s), False)
-                    calls[(name, s)] = functools.partial(prog, pred.params, *inputs)
-            finally:
-                fb.KERNEL, fb.BLOCKS = "never", TILINGS["a"]
-        for k, c in calls.items():
-            outs[k] = np.asarray(jax.tree_util.tree_leaves(c())[0], np.float32)
-        sync = programs.time_interleaved(calls, rounds=a.iters)
-        pipe = programs.time_interleaved(calls, rounds=max(3, a.iters // 4), depth=20)
-        for (name, s) in calls:
-            row = {"shape": shape, "variant": name, "speedup": s, "sync_ms": float(np.median(sync[(name, s)])),
-                   "pipelined_ms": float(np.median(pipe[(name, s)])),
-                   "max_abs_vs_xla": float(np.abs(outs[(name, s)] - outs[("xla", s)]).max())}
-            res["model"].append(row)
-            print(json.dumps(row), flush=True)
-        if a.out:
-            json.dump(res, open(a.out, "w"), indent=1)
-
-
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", default="micro", choices=["micro", "model", "phases"])
+    ap.add_argument("--part", default="micro", choices=["micro", "phases"])
     ap.add_argument("--rows", default="128,256,1024")
-    ap.add_argument("--shapes", default="1x128,8x128")
-    ap.add_argument("--speedups", default="1,4.8")
     ap.add_argument("--tilings", default="a,b")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--variants", default="barriers,p1,p12,p123,p123_nobar,p123_thread",
@@ -201,14 +168,12 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--interpret", action="store_true", help="the kernel interpreted (a CPU dry run)")
     a = ap.parse_args()
-    cfg, params = bench.build("bert-base-uncased", "bfloat16", "auto")
-    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "micro": [], "model": [], "phases": []}
+    cfg, _ = bench.build("bert-base-uncased", "bfloat16", "auto")
+    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "micro": [], "phases": []}
     if a.part == "micro":
         micro(a, cfg, res)
-    elif a.part == "phases":
-        phases(a, cfg, res)
     else:
-        model(a, cfg, params, res)
+        phases(a, cfg, res)
 
 
 if __name__ == "__main__":

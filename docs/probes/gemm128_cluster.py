@@ -10,7 +10,6 @@ and the example's tiles are slower than cuBLAS's at 128 and 1024 rows.
     PYTHONPATH=. python docs/probes/gemm128_cluster.py --out $OUT/gemm128.json
 """
 import argparse
-import dataclasses
 import functools
 import json
 import traceback
