@@ -42,8 +42,8 @@ from accjax.kernels.gemm_act import _gelu_erf as _gelu  # exp-based: Pallas' Tri
 
 # 'never' (XLA's four kernels), 'auto' (a GPU where the kernel compiles and runs right) or
 # 'interpret' (Pallas' interpreter, one program: the CPU tests). Off: measured slower. H100,
-# BERT-base at 128 rows, device time a sublayer: 17.0 us against XLA's 15.2 (its GEMMs 5.3 + 5.1,
-# LayerNorm 3.3, GELU 1.6); without the two barriers (1.15 us each) 14.7; dense 1 x 128 whole
+# BERT-base at 128 rows, device time a sublayer: 17.1 us against XLA's 15.2 (its GEMMs 5.3 + 5.1,
+# LayerNorm 3.3, GELU 1.6); without the two barriers (1.15 us each) 14.8; dense 1 x 128 whole
 # program 0.427 against 0.410 ms, 8 x 128 1.11 against 0.67, at 1024 rows twice XLA's time
 # (docs/benchmarks.md, twenty-eighth session).
 KERNEL = "never"
