@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from accjax import convert
+from accjax.models import common
 from accjax.kernels import ffn_block as fb
 from tests.conftest import make_hf_bert, random_batch
 
@@ -92,12 +93,14 @@ def test_bert_runs_each_feed_forward_sublayer_in_the_kernel(tmp_path, monkeypatc
     """A bfloat16 eliminating BERT (hidden 64, depth 256) with the kernel on (interpreted):
     every layer's feed-forward sublayer is one kernel call on its kept rows, the last hidden
     states as XLA's four kernels give them (bf16 rounding); none while dropout drops, above
-    ``MAX_ROWS`` rows, in float32, or with the switch off."""
+    ``MAX_ROWS`` rows, in float32, with the switch off, or where 16-bit programs run the GELU's
+    tanh form (``common.GELU_16BIT``, the default: the kernel computes the exact form)."""
     folder, _ = make_hf_bert(tmp_path, num_hidden_layers=3, hidden_size=64, intermediate_size=256,
                              max_position_embeddings=64)
     ld = convert.load(folder, "sequence_classification")
     batch = random_batch(np.random.default_rng(3), 3, 24, 99)
     monkeypatch.setattr(fb, "BLOCKS", SMALL)
+    monkeypatch.setattr(common, "GELU_16BIT", "erf")
     calls, kernel = [], fb.ffn_block
     monkeypatch.setattr(fb, "ffn_block", lambda x, *a, **k: calls.append(x.shape) or kernel(x, *a, **k))
 
@@ -122,6 +125,8 @@ def test_bert_runs_each_feed_forward_sublayer_in_the_kernel(tmp_path, monkeypatc
     assert hidden("interpret", train=True)[1] == []
     assert hidden("interpret", dtype="float32")[1] == []
     assert list(dict.fromkeys(hidden("interpret", max_rows=40)[1])) == [(3, 8, 64), (3, 4, 64)]
+    monkeypatch.setattr(common, "GELU_16BIT", "tanh")
+    assert hidden("interpret")[1] == []
     assert not fb.fits(48, 64, 250, SMALL)  # the depth does not divide the tiles
 
 
