@@ -303,10 +303,14 @@ def embed(cfg, n: int, axes: tuple[str, str], name: str) -> nn.Embed:
                     embedding_init=normal_init(cfg.initializer_range, axes), name=name)
 
 
-def plain_products(module: nn.DenseGeneral) -> bool:
-    """Whether a projection's products are plain ``dot_general``s (``product_dot_general``),
-    not a config's low-precision ones or a custom class: what a kernel may replace."""
-    return module.dot_general in (None, product_dot_general) and module.dot_general_cls is None
+def plain_projection(module: nn.DenseGeneral, x: Array) -> bool:
+    """Whether ``module`` applied to ``x`` is a projection a kernel may replace: the last axis
+    of ``x`` into one output axis, with a bias, plain ``dot_general`` products
+    (``product_dot_general``, not a config's low-precision ones or a custom class), its
+    parameters existing (not while they are initialised)."""
+    return (isinstance(module.features, int) and module.use_bias and module.axis in (-1, x.ndim - 1)
+            and module.dot_general in (None, product_dot_general) and module.dot_general_cls is None
+            and module.has_variable("params", "kernel"))
 
 
 def dense(cfg, features, axes: tuple[str, ...], name: str, axis=-1, use_bias=True,
@@ -368,9 +372,7 @@ def dense_add_norm(proj: Dense, norm: "LayerNorm", h: Array, x: Array, dropout: 
     float32, of partials rounded to the compute dtype)."""
     from accjax.kernels import layer_norm as ln
 
-    ready = (not dropping and isinstance(proj.features, int) and proj.use_bias and plain_products(proj)
-             and proj.axis in (-1, h.ndim - 1) and proj.has_variable("params", "kernel")
-             and norm.has_variable("params", "scale"))
+    ready = not dropping and plain_projection(proj, h) and norm.has_variable("params", "scale")
     splits = ln.depth_splits(h, proj.dtype or h.dtype) if ready else 1
     if splits == 1:
         return norm(x + dropout(proj(h)))
@@ -386,13 +388,10 @@ def feed_forward_add_norm(mlp_in: "DenseActivation", mlp_out: Dense, norm: "Laye
     persistent kernel runs the whole sublayer; else ``mlp_in`` then ``dense_add_norm``."""
     from accjax.kernels import ffn_block as fb
 
-    def plain(m):
-        return (isinstance(m.features, int) and m.use_bias and plain_products(m) and m.axis in (-1, x.ndim - 1)
-                and m.has_variable("params", "kernel"))
-
     dtype = mlp_in.dtype or x.dtype
     if (not dropping and isinstance(mlp_in, DenseActivation) and activation_name(mlp_in.activation, dtype) == "gelu"
-            and plain(mlp_in) and plain(mlp_out) and norm.use_scale and norm.use_bias and norm.has_variable("params", "scale")
+            and plain_projection(mlp_in, x) and plain_projection(mlp_out, x)  # (the hidden has x's rank)
+            and norm.use_scale and norm.use_bias and norm.has_variable("params", "scale")
             and (norm.dtype or dtype) == dtype and fb.applies(x.astype(dtype), x.shape[-1], mlp_in.features)):
         k1, b1, k2, b2 = [nn.meta.unbox(m.variables["params"][k]).astype(dtype)
                           for m in (mlp_in, mlp_out) for k in ("kernel", "bias")]
@@ -414,11 +413,9 @@ class DenseActivation(nn.DenseGeneral):
     def __call__(self, x):
         from accjax.kernels import gemm_act as ga
 
-        plain = (isinstance(self.features, int) and self.axis in (-1, x.ndim - 1) and self.use_bias
-                 and plain_products(self) and self.has_variable("params", "kernel"))
         dtype = self.dtype or x.dtype
         act = activation_name(self.activation, dtype)
-        if plain and ga.applies(x.astype(dtype), self.features, act):
+        if plain_projection(self, x) and ga.applies(x.astype(dtype), self.features, act):
             p = self.variables["params"]
             kernel, bias = (nn.meta.unbox(p[k]).astype(dtype) for k in ("kernel", "bias"))
             return ga.gemm_act(x.astype(dtype), kernel, bias, act, ga.KERNEL == "interpret")
