@@ -4,6 +4,7 @@ sort, each against its reference: ACC from materialised probabilities, ``lax.top
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -499,6 +500,48 @@ def test_keep_rows_kernel_selects_and_gathers_as_xla(t, monkeypatch):
     assert rows == [] and np.array_equal(np.asarray(idx), np.asarray(acc.select_rows(s, 5, method="top_k")))
     with pytest.raises(ValueError, match="cannot select"):
         keep_rows.select_and_gather_rows(s, [x[..., :40]], keep=5, interpret=True)  # 40 columns: no chunk
+
+
+def _pallas_grids(jaxpr):
+    """The grids of every ``pallas_call`` in a jaxpr (nested jaxprs included)."""
+    out = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            out.append(tuple(e.params["grid_mapping"].grid))
+        inner = e.params.get("jaxpr")
+        if inner is not None:
+            out += _pallas_grids(getattr(inner, "jaxpr", inner))
+    return out
+
+
+# 40 rows rank in one program per (example, chunk); 300 take the threshold path (4 row tiles)
+@pytest.mark.parametrize("t", [40, 300])
+def test_keep_rows_column_chunks_follow_the_batch(t, monkeypatch):
+    """With few examples the copy runs in narrower column chunks, so more programs share it
+    (``MIN_PROGRAMS`` 48): 2 examples of 128 columns take 8 chunks of 16 instead of one of 128,
+    with the same indices and rows bit for bit as XLA's, and as the one-chunk grid."""
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)
+    monkeypatch.setattr(keep_rows, "MIN_PROGRAMS", 48)
+    assert [keep_rows._col_chunk(768, p) for p in (1, 4, 8, 16, 128)] == [16, 64, 128, 256, 256]
+    assert keep_rows._col_chunk(40, 1) == 0  # no power of two >= 16 divides 40
+    rng = np.random.default_rng(t)
+    b, keep = 2, t // 3
+    s = _tied_scores(rng, b, t)
+    x = jnp.asarray(rng.normal(size=(b, t, 128)), jnp.bfloat16)
+    ctx = jnp.asarray(rng.normal(size=(b, t, 8, 16)), jnp.float32)
+    ref = acc.select_rows(s, keep, method="top_k")
+    tp = keep_rows._pow2(t)
+    tiles = tp // keep_rows.ROW_TILE if tp > keep_rows.THRESHOLD_ROWS else None
+    for min_programs, chunks in ((48, 8), (0, 1)):
+        monkeypatch.setattr(keep_rows, "MIN_PROGRAMS", min_programs)
+        jax.clear_caches()  # (the constant is read when the jitted function is traced)
+        fn = functools.partial(keep_rows.select_and_gather_rows, keep=keep, interpret=True)
+        grids = _pallas_grids(jax.make_jaxpr(fn)(s, [x, ctx]).jaxpr)
+        assert grids == [(b, tiles, chunks) if tiles else (b, chunks)]
+        idx, (gx, gc) = fn(s, [x, ctx])
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref))
+        np.testing.assert_array_equal(np.asarray(gx), np.asarray(acc.take_rows(x, ref)))
+        np.testing.assert_array_equal(np.asarray(gc), np.asarray(acc.take_rows(ctx, ref)))
 
 
 def test_keep_rows_threshold_orders_every_float_as_top_k(monkeypatch):

@@ -68,6 +68,13 @@ MAX_ROWS = 128
 RANK_CHUNK = 32  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time
 MAX_COLS = 256  # columns of each tensor a program copies (the largest power of two dividing D)
+# Programs a call aims for: with few examples (batch 1-8) 256-column chunks leave most SMs idle
+# and each program copies its rows at one SM's share of the bandwidth, so the chunk halves (down
+# to 16 columns) until examples x row tiles x chunks reaches MIN_PROGRAMS (0: always MAX_COLS).
+# H100, BERT-base, same process: 1 x 128 at 2x / 4.8x 1-5% faster, 4 x 128 at 2x 2-3%; 8 x 128
+# even at 48 and 1% slower at 2x with 256 (16-column chunks); 128 examples unchanged
+# (docs/benchmarks.md, thirtieth session).
+MIN_PROGRAMS = 48
 # Above THRESHOLD_ROWS (padded) rows the kept rows are not ranked (T^2 comparisons in one
 # program per example: at 1024 rows that made GPT-2's 1.5x program on an H200 twice as slow)
 # but found by the keep-th highest score (eight passes over the scores) and scattered,
@@ -218,12 +225,19 @@ def _threshold_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
         plgpu.store(o_ref.at[dest[:, None], cols[None, :]], rows, mask=kept_i[:, None])
 
 
-def _col_chunk(d: int) -> int:
-    """The largest power of two >= 16 and <= MAX_COLS dividing d (0: none)."""
+def _col_chunk(d: int, programs: int = 0) -> int:
+    """The largest power of two >= 16 and <= MAX_COLS dividing d (0: none), halved while
+    ``programs`` (the grid's other axes: examples x row tiles) times d / chunk is below
+    ``MIN_PROGRAMS``, down to 16. Examples (48): d = 768 -> 16 at 1 example, 64 at 4, 128 at
+    8, 256 from 16 on."""
     c = MAX_COLS
     while c >= 16 and d % c:
         c //= 2
-    return c if c >= 16 else 0
+    if c < 16:
+        return 0
+    while c > 16 and programs * (d // c) < MIN_PROGRAMS:
+        c //= 2  # (still divides d: c was a power of two dividing it)
+    return c
 
 
 def fits(t: int, tensors) -> bool:
@@ -255,7 +269,8 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
     tp, kp = _pow2(t), _pow2(keep)
     flat = [x.reshape(b, t, -1) for x in tensors]
     d = flat[0].shape[2] if flat else 16
-    dc = _col_chunk(d)
+    rt = min(ROW_TILE, tp)
+    dc = _col_chunk(d, b * (tp // rt if tp > THRESHOLD_ROWS else 1))
     num_warps, num_stages = blocks or BLOCKS
     n_parts = 0 if mask is None else scores.shape[1]
     if n_parts and scores.shape[2] < t:
@@ -266,7 +281,6 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
     common = dict(keep=keep, t=t, n_tensors=len(flat), n_fields=len(fields), parts=n_parts,
                   protect_first=protect_first)
     if tp > THRESHOLD_ROWS:  # (example, row tile, column chunk)
-        rt = min(ROW_TILE, tp)
         kernel = functools.partial(_threshold_kernel, row_tile=rt, **common)
         grid = (b, tp // rt, d // dc)
 

@@ -61,6 +61,7 @@ def main():
             saved = {k: getattr(mod, k) for k in consts}
             for k, v in consts.items():
                 setattr(mod, k, v)
+            jax.clear_caches()  # jitted helpers (kernels' wrappers) read constants when traced
             try:  # programs are compiled (traced) while the setting holds
                 pred = inference.Predictor(module_s, params, cfg_s, batch_size=b, length_buckets=(n,),
                                            param_dtype="bfloat16")
