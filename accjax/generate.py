@@ -74,7 +74,9 @@ def decoding_rows(batch: int, plan: sched_lib.Plan, max_new_tokens: int) -> floa
     8 up, prefill or encoder included: GPT-2 13-19% (batches 8-32), Flan-T5-base 9-12% (8 and 16,
     dense and 4x; docs/benchmarks.md, twenty-sixth and twenty-seventh sessions). ``Generator``
     and ``seq2seq.Seq2SeqPredictor`` both use it."""
-    return float(batch) if max_new_tokens > 1 else batch * plan.length / plan.analytic
+    if max_new_tokens > 1:
+        return programs.DecodingRows(batch)  # (``programs.TRITON_GEMM_MAX_DECODE_ROWS``)
+    return batch * plan.length / plan.analytic
 
 
 @dataclasses.dataclass

@@ -26,10 +26,21 @@ import numpy as np
 
 
 # Inference programs (16-bit) whose GEMMs have at most this many rows on average (batch x length /
-# analytic speedup) keep XLA's Triton GEMMs: on an H200 (BERT-base, bf16) 5-11% faster than
-# cuBLAS from 64 rows down (1 x 128 at 2x-4.8x, 1 x 64), 3-14% slower from 128 up (1 x 128
-# dense, 8 x 128 and 32 x 128 at every level): docs/benchmarks.md, thirteenth session.
-TRITON_GEMM_MAX_ROWS = 96
+# analytic speedup) keep XLA's Triton GEMMs. H100, BERT-base bf16 with its GELU in cuBLAS's
+# epilogue (``common.GELU_16BIT``), same process, pipelined: Triton 3.7% faster at 27 rows (1 x 128
+# at 4.8x), cuBLAS 2% faster at 43 (1 x 128 at 3x), 3% at 53 (2 x 128 at 4.8x), 5% at 64
+# (1 x 128 at 2x) and 8% at 85 (2 x 128 at 3x) (docs/benchmarks.md, thirtieth session; the
+# thirteenth session's bound of 96 was measured on an H200 with the exact GELU as its own kernel).
+TRITON_GEMM_MAX_ROWS = 32
+# Generation programs are chosen by their decoding steps' rows (``DecodingRows``: the batch), with
+# their own bound: Triton GEMMs ran generation 9-19% faster from 8 to 32 sequences on an H100
+# (GPT-2, Flan-T5; twenty-sixth and twenty-seventh sessions).
+TRITON_GEMM_MAX_DECODE_ROWS = 96
+
+
+class DecodingRows(float):
+    """A generation program's rows for ``compiler_options``: its decoding steps' batch
+    (``generate.decoding_rows``), bounded by ``TRITON_GEMM_MAX_DECODE_ROWS``."""
 
 
 def compiler_options(rows: float | None = None) -> dict[str, Any]:
@@ -37,19 +48,24 @@ def compiler_options(rows: float | None = None) -> dict[str, Any]:
     fusions are off, so GEMMs run on cuBLAS: measured faster for BERT-base programs on an
     H200 and much quicker to compile (fp32 Triton autotuning took minutes per training program;
     docs/benchmarks.md), except an inference program whose GEMMs have at most
-    ``TRITON_GEMM_MAX_ROWS`` rows on average (``rows``, given by its predictor): there XLA's
-    small Triton tiles win. ``ACCJAX_TRITON_GEMM=1`` leaves XLA's choice everywhere."""
+    ``TRITON_GEMM_MAX_ROWS`` rows on average (``rows``, given by its predictor), or a generation
+    program decoding at most ``TRITON_GEMM_MAX_DECODE_ROWS`` sequences (``DecodingRows``): there
+    XLA's small Triton tiles win. ``ACCJAX_TRITON_GEMM=1`` leaves XLA's choice everywhere."""
     if jax.default_backend() != "gpu" or os.environ.get("ACCJAX_TRITON_GEMM") == "1":
         return {}
-    if rows is not None and rows <= TRITON_GEMM_MAX_ROWS:
+    bound = TRITON_GEMM_MAX_DECODE_ROWS if isinstance(rows, DecodingRows) else TRITON_GEMM_MAX_ROWS
+    if rows is not None and rows <= bound:
         return {}
     return {"xla_gpu_enable_triton_gemm": False}
 
 
 def gemm_rows(dtype, rows: float) -> float | None:
-    """``rows`` (a program's GEMMs' rows on average, for ``compiler_options``) when it computes in
-    16 bits, where the rule was measured; None (cuBLAS) for float32 programs."""
-    return float(rows) if jnp.dtype(dtype).itemsize == 2 else None
+    """``rows`` (a program's GEMMs' rows on average, or a ``DecodingRows``, for
+    ``compiler_options``) when it computes in 16 bits, where the rule was measured; None
+    (cuBLAS) for float32 programs."""
+    if jnp.dtype(dtype).itemsize != 2:
+        return None
+    return rows if isinstance(rows, DecodingRows) else float(rows)
 
 
 def compile_lowered(lowered, rows: float | None = None) -> Any:

@@ -158,6 +158,10 @@ def test_programs_compile_with_the_backend_options(monkeypatch):
     # an inference program whose GEMMs have few rows on average keeps XLA's Triton GEMMs
     assert programs.compiler_options(rows=programs.TRITON_GEMM_MAX_ROWS) == {}
     assert programs.compiler_options(rows=128) == {"xla_gpu_enable_triton_gemm": False}
+    # 64 rows: cuBLAS for a forward pass (its GELU in the epilogue), Triton for decoding steps
+    assert programs.compiler_options(rows=64.0) == {"xla_gpu_enable_triton_gemm": False}
+    assert programs.compiler_options(rows=programs.DecodingRows(64)) == {}
+    assert programs.compiler_options(rows=programs.DecodingRows(128)) == {"xla_gpu_enable_triton_gemm": False}
     monkeypatch.setenv("ACCJAX_TRITON_GEMM", "1")
     assert programs.compiler_options() == {}
 
@@ -217,5 +221,6 @@ def test_a_generator_gives_its_programs_their_decoding_rows(monkeypatch):
     assert t5_fast.analytic > 1.5
     assert seen == [2.0, 2 * 16 / t5_fast.analytic, None, None]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert programs.compiler_options(rows=generate.decoding_rows(32, fast, 33)) == {}  # XLA's Triton GEMMs
+    assert isinstance(generate.decoding_rows(64, fast, 33), programs.DecodingRows)
+    assert programs.compiler_options(rows=generate.decoding_rows(64, fast, 33)) == {}  # XLA's Triton GEMMs
     assert programs.compiler_options(rows=generate.decoding_rows(128, fast, 33)) == {"xla_gpu_enable_triton_gemm": False}
