@@ -519,7 +519,8 @@ def _pallas_grids(jaxpr):
 def test_keep_rows_column_chunks_follow_the_batch(t, monkeypatch):
     """With few examples the copy runs in narrower column chunks, so more programs share it
     (``MIN_PROGRAMS`` 48): 2 examples of 128 columns take 8 chunks of 16 instead of one of 128,
-    with the same indices and rows bit for bit as XLA's, and as the one-chunk grid."""
+    with the same indices and rows bit for bit as XLA's, and as the one-chunk grid; kept rows
+    stored at their places or gathered by them alike."""
     monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)
     monkeypatch.setattr(keep_rows, "MIN_PROGRAMS", 48)
     assert [keep_rows._col_chunk(768, p) for p in (1, 4, 8, 16, 128)] == [16, 64, 128, 256, 256]
@@ -532,8 +533,12 @@ def test_keep_rows_column_chunks_follow_the_batch(t, monkeypatch):
     ref = acc.select_rows(s, keep, method="top_k")
     tp = keep_rows._pow2(t)
     tiles = tp // keep_rows.ROW_TILE if tp > keep_rows.THRESHOLD_ROWS else None
-    for min_programs, chunks in ((48, 8), (0, 1)):
+    paths, kernel = [], keep_rows._keep_rows_kernel
+    monkeypatch.setattr(keep_rows, "_keep_rows_kernel", lambda *a, **kw: paths.append(kw["scatter"]) or kernel(*a, **kw))
+    # the last pass: every row gathered by its place (``SCATTER_MAX_PROGRAMS`` 0), not scattered
+    for min_programs, chunks, scatter in ((48, 8, 128), (0, 1, 128), (48, 8, 0)):
         monkeypatch.setattr(keep_rows, "MIN_PROGRAMS", min_programs)
+        monkeypatch.setattr(keep_rows, "SCATTER_MAX_PROGRAMS", scatter)
         jax.clear_caches()  # (the constant is read when the jitted function is traced)
         fn = functools.partial(keep_rows.select_and_gather_rows, keep=keep, interpret=True)
         grids = _pallas_grids(jax.make_jaxpr(fn)(s, [x, ctx]).jaxpr)
@@ -542,6 +547,8 @@ def test_keep_rows_column_chunks_follow_the_batch(t, monkeypatch):
         np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref))
         np.testing.assert_array_equal(np.asarray(gx), np.asarray(acc.take_rows(x, ref)))
         np.testing.assert_array_equal(np.asarray(gc), np.asarray(acc.take_rows(ctx, ref)))
+    if not tiles:  # (the threshold path scatters its row tile's kept rows in every case)
+        assert set(paths) == {True, False} and paths[-1] is False
 
 
 def test_keep_rows_threshold_orders_every_float_as_top_k(monkeypatch):

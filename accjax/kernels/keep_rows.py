@@ -12,8 +12,11 @@ registers:
     rank_j   = #{i : s_i > s_j, or s_i == s_j and i < j}       [T] (chunks of RANK_CHUNK rows i)
     kept_j   = rank_j < keep
     so_far_j = kept_0 + ... + kept_j
-    idx_r    = #{j : so_far_j <= r}                            the r-th kept row (r < keep)
-    out[r]   = x[idx_r]                                        each tensor's column chunk
+    out[so_far_j - 1] = x[j]  for kept j                       a few programs: one scattered store
+    idx_r    = #{j : so_far_j <= r}, out[r] = x[idx_r]          many programs: only kept rows read
+
+(each tensor's column chunk; the chunk narrows with few examples, ``MIN_PROGRAMS``, and
+``SCATTER_MAX_PROGRAMS`` picks the store.)
 
 The scores s may also come unfinished, as the fused attention kernel leaves them
 (``acc.ColumnSums``): s_j is then the sum of row j's partial column sums (heads x query
@@ -65,8 +68,16 @@ KERNEL = "auto"
 # 3x -1.5 / -3.3%, 3.72x -1.7 / -1.1%; Flan-T5 16 x 512 2x -2.3%, 4x -1.6%; BERT 128 x 128
 # (no layer above 128 rows) even (docs/benchmarks.md, twenty-second session).
 MAX_ROWS = 128
-RANK_CHUNK = 32  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
-OUT_CHUNK = 32  # kept rows r found and copied at a time
+RANK_CHUNK = 128  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
+OUT_CHUNK = 32  # kept rows r found and copied at a time (the gather path)
+# A call of at most this many programs stores each kept row at its place (one load of the
+# chunk, one scattered store) instead of each place searching its row and gathering it: fewer
+# dependent steps where the kernel waits on latency. H100, BERT-base, same process: batch 1 and 8
+# (3-48 programs) 1-4% faster at 2x and 4.8x with RANK_CHUNK 128 (32 before), GPT-2 8 x 1024 at
+# 3.72x 0.7%; 128 examples (384 programs, bound by bytes: the scatter reads every row, the
+# gather only the kept ones) 0.8% slower at 4.8x, so they keep the gather (docs/benchmarks.md,
+# thirtieth session; the bound between 48 and 384 is not measured). 0: always the gather.
+SCATTER_MAX_PROGRAMS = 128
 MAX_COLS = 256  # columns of each tensor a program copies (the largest power of two dividing D)
 # Programs a call aims for: with few examples (batch 1-8) 256-column chunks leave most SMs idle
 # and each program copies its rows at one SM's share of the bandwidth, so the chunk halves (down
@@ -123,7 +134,7 @@ def _split_refs(refs, n_tensors: int, n_fields: int, parts: int):
 
 
 def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
-            protect_first: bool):
+            protect_first: bool, scatter: bool):
     # s_ref [Tp] one example's scores (past T: masked), or with ``parts`` > 0 its column sums
     # unreduced [parts, Tp] followed by m_ref [Tp] (float, 1.0 = real row); refs: n_tensors
     # inputs [Tp, DC] (rows past T never read), n_fields inputs [Tp], idx [Kp], n_tensors
@@ -137,13 +148,32 @@ def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
 
     j, s_j = scores(0, tp)
     rank = jnp.zeros((tp,), jnp.int32)
-    for start in range(0, tp, min(RANK_CHUNK, tp)):  # (tp <= THRESHOLD_ROWS: at most 8 chunks)
-        i, s_i = scores(start, min(RANK_CHUNK, tp))
+    chunk = min(RANK_CHUNK, tp)
+    for start in range(0, tp, chunk):  # (tp <= THRESHOLD_ROWS: at most 256 / chunk chunks)
+        i, s_i = (j, s_j) if chunk == tp else scores(start, chunk)
         beats = (s_i[:, None] > s_j[None, :]) | ((s_i[:, None] == s_j[None, :]) & (i[:, None] < j[None, :]))
         rank = rank + jnp.sum(beats.astype(jnp.int32), axis=0)
     # rows past T rank below every real row (-inf, higher index): never kept, as keep <= T
-    so_far = jnp.cumsum((rank < keep).astype(jnp.int32))  # [Tp]
+    kept = rank < keep
+    so_far = jnp.cumsum(kept.astype(jnp.int32))  # [Tp]
     first = pl.program_id(1) == 0
+    if scatter:
+        # each kept row j goes to its place so_far_j - 1 (one load of the chunk, one scattered
+        # store); rows not kept point past the output block and are never stored
+        dest = jnp.where(kept, so_far - 1, kp)
+        real = j < t
+
+        @pl.when(first)
+        def _():
+            plgpu.store(idx_ref.at[dest], j, mask=kept)
+            for f_ref, g_ref in zip(fields, field_outs):
+                plgpu.store(g_ref.at[dest], plgpu.load(f_ref, mask=real), mask=kept)
+
+        for x_ref, o_ref in zip(ins, outs):
+            rows = plgpu.load(x_ref, mask=real[:, None])  # [Tp, DC]
+            cols = jnp.arange(rows.shape[1], dtype=jnp.int32)
+            plgpu.store(o_ref.at[dest[:, None], cols[None, :]], rows, mask=kept[:, None])
+        return
     for start in range(0, kp, min(OUT_CHUNK, kp)):
         size = min(OUT_CHUNK, kp)
         r = start + jnp.arange(size, dtype=jnp.int32)
@@ -287,7 +317,7 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
         def spec(shape, cols=False):
             return pl.BlockSpec((None,) + shape, lambda i, r, c: (i,) + (0,) * (len(shape) - cols) + ((c,) if cols else ()))
     else:  # (example, column chunk)
-        kernel = functools.partial(_keep_rows_kernel, **common)
+        kernel = functools.partial(_keep_rows_kernel, scatter=b * (d // dc) <= SCATTER_MAX_PROGRAMS, **common)
         grid = (b, d // dc)
 
         def spec(shape, cols=False):
