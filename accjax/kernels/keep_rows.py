@@ -73,7 +73,7 @@ OUT_CHUNK = 32  # kept rows r found and copied at a time (the gather path)
 # A call of at most this many programs stores each kept row at its place (one load of the
 # chunk, one scattered store) instead of each place searching its row and gathering it: fewer
 # dependent steps where the kernel waits on latency. H100, BERT-base, same process: batch 1 and 8
-# (3-48 programs) 1-4% faster at 2x and 4.8x with RANK_CHUNK 128 (32 before), GPT-2 8 x 1024 at
+# (48 programs each) 1-4% faster at 2x and 4.8x with RANK_CHUNK 128 (32 before), GPT-2 8 x 1024 at
 # 3.72x 0.7%; 128 examples (384 programs, bound by bytes: the scatter reads every row, the
 # gather only the kept ones) 0.8% slower at 4.8x, so they keep the gather (docs/benchmarks.md,
 # thirtieth session; the bound between 48 and 384 is not measured). 0: always the gather.
