@@ -89,7 +89,8 @@ class Rows:
 
 # ``protect`` given as this: row 0 of every example (BERT's CLS, which elimination keeps in
 # place: it ranks first and kept rows keep their order). Unlike an array it is known when the
-# program is traced, so the selection kernel can apply it itself (``ColumnSums``).
+# program is traced, so the selection kernel applies it with no XLA op (an array is marked in
+# ``ColumnSums.mask`` first).
 FIRST_ROW = "first_row"
 
 
@@ -112,25 +113,47 @@ def _finish(col: Array, key_mask: Array, denom: Array, protect: Array | str | No
     return scores
 
 
+# ``ColumnSums.mask`` of a real row that must never be dropped (a decoder's last token)
+PROTECTED = 2.0
+
+
 @struct.dataclass
 class ColumnSums:
     """ACC before it is finished, as the fused attention kernel leaves it: each key row's
     column sums in ``parts`` [B, P, Sp] partial sums (one per head and query tile; columns
-    past S are zero), the key mask ``mask`` [B, S] float (1.0 = real row), the normaliser
-    ``denom`` [B, 1] and ``protect`` (None or ``FIRST_ROW``). ``finished()`` is the ACC
-    array; ``eliminate`` hands the parts to the selection kernel instead, which adds them
-    itself (one kernel fewer per eliminating layer: XLA's sum, division and masking are not
-    made). The normaliser is one positive number per example, so the rows ranked by the
-    sums are ACC's."""
+    past S are zero), the key mask ``mask`` [B, S] float (0 padding, 1.0 a real row,
+    ``PROTECTED`` a real row never dropped), the normaliser ``denom`` ([B, 1], or [B, S] when
+    causal), ``protect`` (None or ``FIRST_ROW``) and ``causal_heads`` (0, or the heads N of a
+    causal attention: ``denom`` is then N x the real rows at or after each row). ``finished()``
+    is the ACC array; ``eliminate`` hands the parts to the selection kernel instead, which
+    finishes them itself (XLA's sum, normaliser, division and masking are not made: one or
+    two kernels fewer per eliminating layer). Bidirectional, the normaliser is one positive
+    number per example, so the kernel ranks by the sums alone; causal, it divides as
+    ``_denominator`` does."""
 
     parts: Array
     mask: Array
     denom: Array
     protect: str | None = struct.field(pytree_node=False, default=None)
+    causal_heads: int = struct.field(pytree_node=False, default=0)
 
     def finished(self) -> Array:
         s = self.mask.shape[1]
-        return _finish(self.parts.sum(axis=1)[:, :s], self.mask > 0.5, self.denom, self.protect)
+        scores = _finish(self.parts.sum(axis=1)[:, :s], self.mask > 0.5, self.denom, self.protect)
+        return jnp.where(protected_rows(self.mask), jnp.inf, scores)
+
+
+def protected_rows(mask: Array) -> Array:
+    """Where a ``ColumnSums.mask`` marks a row ``PROTECTED`` (bool, the mask's shape)."""
+    return mask > 0.5 * (1.0 + PROTECTED)
+
+
+def _column_sums(parts: Array, mf: Array, denom: Array, protect: Array | str | None, causal_heads: int
+                 ) -> ColumnSums:
+    """The fused kernel's parts as ``ColumnSums``; a ``protect`` array marked in the mask."""
+    if protect is None or isinstance(protect, str):
+        return ColumnSums(parts, mf, denom, protect, causal_heads)
+    return ColumnSums(parts, jnp.where(protect & (mf > 0.5), PROTECTED, mf), denom, None, causal_heads)
 
 
 def finished(scores: Array | ColumnSums | None) -> Array | None:
@@ -482,9 +505,9 @@ def attend_and_score(
         (``PACKED_QKV``), so the split copies are never made (unused, XLA drops them).
     Returns:
       (context [B, T, N, H], ACC [B, S] or None, probabilities [B, N, T, S] or None). From
-      the fused kernel on the packed projection (bidirectional, ``protect`` None or
-      ``FIRST_ROW``) the ACC comes unfinished, as ``ColumnSums``: ``eliminate`` ranks by
-      them, ``finished`` makes the array.
+      the fused kernel on the packed projection (or T5's by distance) the ACC comes
+      unfinished, as ``ColumnSums``: ``eliminate`` ranks by them, ``finished`` makes the
+      array.
     """
     impl = attn_lib.resolve_implementation(attention_impl, q.dtype)
     how, interpret = "probs", False
@@ -507,22 +530,18 @@ def attend_and_score(
         mf = mask.astype(jnp.float32)
         denom = _denominator(mask, mask, q.shape[2], causal)
         with jax.named_scope("attention_acc"):
+            # the parts are finished by the selection kernel, or by XLA where that does not run
+            heads = q.shape[2] if causal else 0
             if bias_by_distance is not None:  # T5: bias by distance, no projection bias
                 ctx, parts = _attention_by_distance(q, k, v, packed, mf, bias_by_distance, positions,
                                                     scale, interpret, columns=True)
-                if protect is None or isinstance(protect, str):
-                    return ctx.astype(q.dtype), ColumnSums(sg(parts), mf, denom, protect), None
-                col = parts.sum(axis=1)[:, None, :k.shape[1]]
-            elif PACKED_QKV and packed is not None and acc_pallas.packed_heads_ok(q.shape[-1]):
+                return ctx.astype(q.dtype), _column_sums(sg(parts), mf, denom, protect, heads), None
+            if PACKED_QKV and packed is not None and acc_pallas.packed_heads_ok(q.shape[-1]):
                 ctx, parts = acc_pallas.self_attention_with_column_sums_packed(
                     *packed, mf, scale, causal, interpret, True)
-                if not causal and (protect is None or isinstance(protect, str)):
-                    # finished by the selection kernel, or by XLA where that does not run
-                    return ctx.astype(q.dtype), ColumnSums(sg(parts), mf, denom, protect), None
-                col = parts.sum(axis=1)[:, None, :k.shape[1]]
-            else:
-                ctx, col = acc_pallas.self_attention_with_column_sums(
-                    q, k, v, mf, scale, causal, interpret)  # [B, T, N, H], [B, N, S]
+                return ctx.astype(q.dtype), _column_sums(sg(parts), mf, denom, protect, heads), None
+            ctx, col = acc_pallas.self_attention_with_column_sums(
+                q, k, v, mf, scale, causal, interpret)  # [B, T, N, H], [B, N, S]
         with jax.named_scope("acc_score"):
             scores = _finish(sg(col).sum(axis=1), mask, denom, protect)
         return ctx.astype(q.dtype), scores, None
@@ -675,7 +694,8 @@ def eliminate(scores: Array | ColumnSums, keep: int, rows: Rows, *tensors: Array
         with jax.named_scope("select_gather"):
             idx, kept, (kept_mask, kept_pos) = keep_rows.select_and_gather(
                 scores.parts if raw else scores, list(tensors), keep, keep_rows.KERNEL == "interpret",
-                scores.mask if raw else None, raw and scores.protect == FIRST_ROW, [mask, rows.positions])
+                scores.mask if raw else None, raw and scores.protect == FIRST_ROW, [mask, rows.positions],
+                scores.causal_heads if raw else 0)
         with jax.named_scope("gather_rows"):
             types = None if rows.token_types is None else jnp.take_along_axis(rows.token_types, idx, axis=1)
             return idx, Rows(mask=kept_mask > 0.5, positions=kept_pos, token_types=types), tuple(kept)

@@ -108,30 +108,43 @@ def test_the_fused_kernel_reads_the_packed_projection(tmp_path, monkeypatch):
     """With heads of 16 (the packed kernel's smallest), the fused attention + ACC kernel
     (interpreted) reads the q/k/v projection's output itself in every eliminating layer (no
     copies of the q, k and v slices): keeps, ACC, logits and KV cache as ACC from the
-    probabilities gives them."""
-    from accjax.kernels import acc_pallas
+    probabilities gives them. Then with the selection kernel (interpreted) as well, which
+    finishes the causal column sums itself (each divided by the heads times the queries that
+    see it, the last token protected through the mask): the same again."""
+    from accjax.kernels import acc_pallas, keep_rows
 
     folder, _ = make_hf_gpt2(tmp_path, n_layer=3, n_head=2, initializer_range=0.3)
     ld = convert.load(folder, "lm")
     assert ld.config.head_dim == 16
-    calls = []
+    calls, selections = [], []
     real = acc_pallas.self_attention_with_column_sums_packed
     monkeypatch.setattr(acc_pallas, "self_attention_with_column_sums_packed",
                         lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real_select = keep_rows.select_and_gather
+    monkeypatch.setattr(keep_rows, "select_and_gather",
+                        lambda *a: selections.append((a[0].shape, a[2], a[7])) or real_select(*a))
     batch = padded_batch(np.random.default_rng(4), [16, 11, 5], 16, 97)
     runs = {}
-    for how in ("probs", "fused_interpret"):
-        module = gpt2.GPT2LMHeadModel(ld.config.replace(acc_impl=how))
+    for how in ("probs", "fused_interpret", "kernel"):
+        if how == "kernel":
+            monkeypatch.setattr(keep_rows, "KERNEL", "interpret")
+            monkeypatch.setattr(acc, "SELECT_METHOD", "kernel")
+        module = gpt2.GPT2LMHeadModel(ld.config.replace(acc_impl="probs" if how == "probs" else "fused_interpret"))
         runs[how] = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2, schedule=(12, 6, 3))
-    assert calls == [(3, 16, 3, 2, 16), (3, 12, 3, 2, 16), (3, 6, 3, 2, 16)]  # [B, T, 3, N, H] per layer
-    (l1, c1, o1), (l2, c2, o2) = runs["probs"], runs["fused_interpret"]
-    for a, b in zip(o1.layers, o2.layers):
-        np.testing.assert_array_equal(np.asarray(b["keep_idx"]), np.asarray(a["keep_idx"]))
-        fin = np.isfinite(np.asarray(a["acc"]))
-        np.testing.assert_allclose(np.asarray(b["acc"])[fin], np.asarray(a["acc"])[fin], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=1e-5, atol=1e-5)
-    for a, b in zip(c1.keys + c1.values, c2.keys + c2.values):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    assert calls == [(3, 16, 3, 2, 16), (3, 12, 3, 2, 16), (3, 6, 3, 2, 16)] * 2  # [B, T, 3, N, H] per layer
+    # the unreduced sums [B, P, Tp] of each layer, its keep and the heads that divide them
+    assert [(s[:2], k, n) for s, k, n in selections] == [((3, 2), 12, 2), ((3, 2), 6, 2), ((3, 2), 3, 2)]
+    (l1, c1, o1) = runs["probs"]
+    for how in ("fused_interpret", "kernel"):
+        l2, c2, o2 = runs[how]
+        for a, b in zip(o1.layers, o2.layers):
+            np.testing.assert_array_equal(np.asarray(b["keep_idx"]), np.asarray(a["keep_idx"]), err_msg=how)
+            fin = np.isfinite(np.asarray(a["acc"]))
+            assert (np.isfinite(np.asarray(b["acc"])) == fin).all()
+            np.testing.assert_allclose(np.asarray(b["acc"])[fin], np.asarray(a["acc"])[fin], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=1e-5, atol=1e-5)
+        for a, b in zip(c1.keys + c1.values, c2.keys + c2.values):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------- elimination + cache

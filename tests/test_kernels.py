@@ -476,7 +476,7 @@ def _tied_scores(rng, b, t):
     return jnp.asarray(s)
 
 
-# 150 rows rank in five chunks; 700 (above ``MAX_ROWS``, allowed here) take the threshold
+# 150 rows (padded to 256) rank in two chunks; 700 (above ``MAX_ROWS``, allowed here) take the threshold
 # path (eight row tiles, each scattering its kept rows)
 @pytest.mark.parametrize("t", [37, 64, 150, 700])
 def test_keep_rows_kernel_selects_and_gathers_as_xla(t, monkeypatch):
@@ -606,6 +606,49 @@ def test_keep_rows_kernel_ranks_by_column_sums_as_acc(t, n_parts, monkeypatch):
                                          fields=(cs.mask > 0.5,))
     with pytest.raises(ValueError, match="do not cover"):
         keep_rows.select_and_gather_rows(cs.parts[:, :, : t - 1], [x], keep=2, interpret=True, mask=cs.mask)
+
+
+# 37 rows: the suffix count over the whole example; 150 (padded to 256): two rank chunks, each
+# counting against every row; 600: the threshold path's row tiles
+@pytest.mark.parametrize("t", [37, 150, 600])
+def test_keep_rows_kernel_finishes_causal_column_sums_as_acc(t, monkeypatch):
+    """A decoder's column sums (``causal_heads``): the kernel divides each by the heads times
+    the real rows at or after it, as ``acc._denominator`` does, ranks rows marked
+    ``PROTECTED`` first, and keeps the rows XLA keeps by the finished ACC. Integer parts
+    over small counts give many equal quotients from different sums (2/3 and 4/6), which
+    must tie as exactly as XLA's divisions make them."""
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)
+    rng = np.random.default_rng(t)
+    b, n, n_parts, tp = 3, 4, 5, acc_pallas._pow2(t)
+    parts = rng.integers(0, 3, (b, n_parts, tp)).astype(np.float32)
+    parts[:, :, t:] = 1e9  # past T: never a row
+    real = np.arange(t)[None] < np.array([[t], [t // 2 + 1], [3]])
+    real[0, 1::7] = False  # padding inside the rows too (rows dropped before: kept in order)
+    last = np.array([t - 1, t // 2, 2])
+    mask = real.astype(np.float32)
+    mask[np.arange(b), last] = acc.PROTECTED
+    denom = acc._denominator(jnp.asarray(real), jnp.asarray(real), n, True)  # [B, S]
+    cs = acc.ColumnSums(jnp.asarray(parts), jnp.asarray(mask), denom, None, n)
+    scores = np.asarray(cs.finished())
+    seen = np.cumsum(real[:, ::-1], axis=1)[:, ::-1]
+    want = np.where(real, parts[:, :, :t].sum(1) / (n * np.maximum(seen, 1)), -np.inf)
+    want[np.arange(b), last] = np.inf
+    np.testing.assert_array_equal(scores, want.astype(np.float32))
+    col = parts[:, :, :t].sum(1)
+    fin = np.isfinite(scores)
+    same = (scores[:, :, None] == scores[:, None, :]) & fin[:, :, None] & fin[:, None, :]
+    assert (same & (col[:, :, None] != col[:, None, :])).any()  # equal quotients of other sums
+    for keep in sorted({1, 3, t // 2 + 1} if t <= 256 else {t // 3}):
+        ref = acc.select_rows(jnp.asarray(scores), keep, method="top_k")
+        idx, (gm,) = keep_rows.select_and_gather_rows(cs.parts, [], keep=keep, interpret=True, mask=cs.mask,
+                                                     fields=(cs.mask,), causal_heads=n)
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref), err_msg=str(keep))
+        assert (np.asarray(gm) == acc.PROTECTED).sum() == b  # every example's last row, kept
+    # without the normaliser the sums alone rank other rows: the division is what decides
+    idx, _ = keep_rows.select_and_gather_rows(cs.parts, [], keep=t // 3, interpret=True, mask=cs.mask)
+    assert not np.array_equal(np.asarray(idx), np.asarray(acc.select_rows(jnp.asarray(scores), t // 3)))
+    with pytest.raises(ValueError, match="column sums"):
+        keep_rows.select_and_gather_rows(jnp.asarray(scores), [], keep=2, interpret=True, causal_heads=n)
 
 
 def test_keep_rows_kernel_gradient_is_the_gathers(monkeypatch):

@@ -20,8 +20,9 @@ registers:
 
 The scores s may also come unfinished, as the fused attention kernel leaves them
 (``acc.ColumnSums``): s_j is then the sum of row j's partial column sums (heads x query
-tiles), -inf for padding and +inf for a protected row 0, which saves XLA's finishing fusion;
-and [B, T] fields (the rows' mask and positions) are gathered with the indices, which saves
+tiles), -inf for padding and +inf for a protected row (row 0, or one its mask marks), and
+for a decoder's causal attention divided by the heads times the real rows at or after it (the
+queries that see it), which saves XLA's finishing fusions; and [B, T] fields (the rows' mask and positions) are gathered with the indices, which saves
 XLA's gather of them: two kernels fewer an eliminating layer.
 
 The rank count is recomputed by each column chunk's program (it is a few thousand
@@ -96,11 +97,27 @@ ROW_TILE = 128
 BLOCKS = (4, 1)
 
 
-def _scores_fn(s_ref, m_ref, *, t: int, parts: int, protect_first: bool):
-    """``scores(start, size)`` -> (row indices, float32 scores) of rows [start, start + size):
-    -inf past T; from the column sums unreduced (``parts`` > 0): their sum, -inf for padding,
-    +inf for a protected row 0."""
+def _div_rn(a, b, interpret: bool):
+    """a / b rounded as IEEE division (XLA's), where Triton's ``/`` on float32 is the
+    approximate ``div.full.f32`` (up to 2 ulp): a score compared with XLA's must be its float."""
+    if interpret:
+        return a / b
     from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
+
+
+def _scores_fn(s_ref, m_ref, *, t: int, parts: int, protect_first: bool, causal_heads: int, interpret: bool):
+    """``scores(start, size)`` -> (row indices, float32 scores) of rows [start, start + size):
+    -inf past T; from the column sums unreduced (``parts`` > 0): their sum, -inf for padding
+    (mask 0), +inf for rows marked protected (mask ``acc.PROTECTED``) and for row 0 when
+    ``protect_first``; with ``causal_heads`` N > 0 (a decoder's causal attention) each sum
+    divided by N x the number of real rows at or after it (the queries that see it), as
+    ``acc._denominator`` does."""
+    from jax.experimental.pallas import triton as plgpu
+
+    from accjax.acc import protected_rows
 
     tp = s_ref.shape[-1]
 
@@ -115,8 +132,20 @@ def _scores_fn(s_ref, m_ref, *, t: int, parts: int, protect_first: bool):
         # every chunk it is computed in (its rank compares it with itself)
         col = jax.lax.fori_loop(0, parts, lambda p, acc: acc + load(s_ref.at[p, pl.ds(start, size)], i, 0.0),
                                 jnp.zeros((size,), jnp.float32))
-        real = load(m_ref.at[pl.ds(start, size)], i, 0.0) > 0.5
+        m = load(m_ref.at[pl.ds(start, size)], i, 0.0)
+        real = m > 0.5
+        if causal_heads:
+            if size == tp:  # the whole example: a suffix count
+                r = real.astype(jnp.int32)
+                seen = jnp.sum(r) - jnp.cumsum(r) + r
+            else:  # a chunk: counted against every row of the example
+                k = jnp.arange(tp, dtype=jnp.int32)
+                real_k = load(m_ref, k, 0.0) > 0.5
+                seen = jnp.sum(((k[None, :] >= i[:, None]) & real_k[None, :]).astype(jnp.int32), axis=1)
+            denom = causal_heads * jnp.maximum(seen, 1).astype(jnp.float32)
+            col = _div_rn(col, denom, interpret)
         s = jnp.where(real, col, -jnp.inf)
+        s = jnp.where(protected_rows(m), jnp.inf, s)
         if protect_first:
             s = jnp.where(real & (i == 0), jnp.inf, s)
         return i, s
@@ -134,7 +163,7 @@ def _split_refs(refs, n_tensors: int, n_fields: int, parts: int):
 
 
 def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
-            protect_first: bool, scatter: bool):
+                      protect_first: bool, causal_heads: int, interpret: bool, scatter: bool):
     # s_ref [Tp] one example's scores (past T: masked), or with ``parts`` > 0 its column sums
     # unreduced [parts, Tp] followed by m_ref [Tp] (float, 1.0 = real row); refs: n_tensors
     # inputs [Tp, DC] (rows past T never read), n_fields inputs [Tp], idx [Kp], n_tensors
@@ -144,7 +173,8 @@ def _keep_rows_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
     m_ref, ins, fields, idx_ref, outs, field_outs = _split_refs(refs, n_tensors, n_fields, parts)
     tp = s_ref.shape[-1]
     kp = idx_ref.shape[0]
-    scores = _scores_fn(s_ref, m_ref, t=t, parts=parts, protect_first=protect_first)
+    scores = _scores_fn(s_ref, m_ref, t=t, parts=parts, protect_first=protect_first, causal_heads=causal_heads,
+                        interpret=interpret)
 
     j, s_j = scores(0, tp)
     rank = jnp.zeros((tp,), jnp.int32)
@@ -199,14 +229,15 @@ def _order_key(s):
 
 
 def _threshold_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields: int, parts: int,
-                      protect_first: bool, row_tile: int):
+                      protect_first: bool, causal_heads: int, interpret: bool, row_tile: int):
     # refs as ``_keep_rows_kernel``'s; the grid is (example, row tile, column chunk): a program
     # finds the example's kept rows without ranking them and scatters its own row tile's.
     from jax.experimental.pallas import triton as plgpu
 
     m_ref, ins, fields, idx_ref, outs, field_outs = _split_refs(refs, n_tensors, n_fields, parts)
     tp = s_ref.shape[-1]
-    scores = _scores_fn(s_ref, m_ref, t=t, parts=parts, protect_first=protect_first)
+    scores = _scores_fn(s_ref, m_ref, t=t, parts=parts, protect_first=protect_first, causal_heads=causal_heads,
+                        interpret=interpret)
     j, s_j = scores(0, tp)
     key = _order_key(s_j)  # [Tp]; rows past T -inf: the lowest keys
 
@@ -278,21 +309,24 @@ def fits(t: int, tensors) -> bool:
     return t <= MAX_ROWS and len(cols) <= 1 and all(_col_chunk(c) for c in cols)
 
 
-@functools.partial(jax.jit, static_argnames=("keep", "interpret", "blocks", "protect_first"))
+@functools.partial(jax.jit, static_argnames=("keep", "interpret", "blocks", "protect_first", "causal_heads"))
 def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = False,
                            blocks: tuple[int, int] | None = None, mask=None,
-                           protect_first: bool = False, fields=()):
+                           protect_first: bool = False, fields=(), causal_heads: int = 0):
     """(idx [B, keep] int32, [each tensor's rows idx]) for scores [B, T] and tensors
     [B, T, ...] (``fits``): ``acc.select_rows(scores, keep)`` and ``acc.take_rows``. Each of
     ``fields`` ([B, T], 32-bit: a mask, positions) is gathered too and its [B, keep] rows
     follow the tensors' in the list.
 
-    With ``mask`` [B, T] (float, 1.0 = real row) ``scores`` are the fused attention kernel's
-    column sums unreduced, [B, P, >= T] (``acc_pallas.packed_attention_with_column_sums``
-    with ``parts``): a row's score is then the sum of its P parts, -inf where the mask is 0,
-    and +inf for row 0 when ``protect_first`` (BERT's CLS). That is ACC up to its
-    normaliser, one positive number per example (``acc.ColumnSums``), so the rows kept are
-    ACC's; XLA's sum of the parts and its division are not made at all."""
+    With ``mask`` [B, T] (float: 0 padding, 1 a real row, ``acc.PROTECTED`` a real row never
+    dropped) ``scores`` are the fused attention kernel's column sums unreduced, [B, P, >= T]
+    (``acc_pallas.packed_attention_with_column_sums`` with ``parts``): a row's score is then
+    the sum of its P parts, -inf where the mask is 0, and +inf where it is ``PROTECTED`` and
+    for row 0 when ``protect_first`` (BERT's CLS). That is ACC up to its normaliser, one
+    positive number per example (``acc.ColumnSums``), so the rows kept are ACC's. With
+    ``causal_heads`` N > 0 (a decoder's causal attention, whose normaliser differs per row)
+    the sum is divided by it, N x the real rows at or after the row: ACC itself. XLA's sum of
+    the parts, its normaliser and its division are not made at all."""
     b, t = scores.shape[0], scores.shape[-1] if mask is None else mask.shape[1]
     if not 1 <= keep <= t or not fits(t, tensors):
         raise ValueError(f"cannot select {keep} of {t} rows from {[x.shape for x in tensors]} here")
@@ -308,8 +342,10 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
     fields = list(fields)
     if any(f.shape != (b, t) or f.dtype.itemsize != 4 for f in fields):
         raise ValueError(f"fields must be [{b}, {t}] 32-bit arrays, got {[(f.shape, f.dtype) for f in fields]}")
+    if causal_heads and not n_parts:
+        raise ValueError("causal_heads divides column sums: give them with their mask")
     common = dict(keep=keep, t=t, n_tensors=len(flat), n_fields=len(fields), parts=n_parts,
-                  protect_first=protect_first)
+                  protect_first=protect_first, causal_heads=causal_heads, interpret=interpret)
     if tp > THRESHOLD_ROWS:  # (example, row tile, column chunk)
         kernel = functools.partial(_threshold_kernel, row_tile=rt, **common)
         grid = (b, tp // rt, d // dc)
@@ -344,32 +380,33 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
     return idx, [r.reshape((b, keep) + x.shape[2:]) for r, x in zip(rows, tensors)] + list(gathered)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 5, 7))
 def select_and_gather(scores, tensors, keep: int, interpret: bool, mask=None, protect_first: bool = False,
-                      fields=()):
+                      fields=(), causal_heads: int = 0):
     """``select_and_gather_rows``, differentiable in the tensors (the transpose of the gather,
     a scatter-add; no gradient to the scores, the mask or the fields); split along the batch
     axis under SPMD. Returns (idx, [tensors' rows], [fields' rows])."""
-    return _partitioned(scores, tensors, keep, interpret, mask, protect_first, fields)
+    return _partitioned(scores, tensors, keep, interpret, mask, protect_first, fields, causal_heads)
 
 
-def _partitioned(scores, tensors, keep: int, interpret: bool, mask, protect_first: bool, fields):
+def _partitioned(scores, tensors, keep: int, interpret: bool, mask, protect_first: bool, fields,
+                 causal_heads: int):
     from accjax import sharding
 
     n, fields = len(tensors), list(fields)
 
     def call(s, m, *xs):
         idx, rows = select_and_gather_rows(s, list(xs[:n]), keep=keep, interpret=interpret, mask=m,
-                                           protect_first=protect_first, fields=xs[n:])
+                                           protect_first=protect_first, fields=xs[n:], causal_heads=causal_heads)
         return (idx, *rows)
 
-    out = sharding.batch_partitioned(("keep_rows", keep, n, len(fields), interpret, protect_first), call,
-                                     (scores, mask, *tensors, *fields), (1,) * (n + len(fields) + 2))
+    out = sharding.batch_partitioned(("keep_rows", keep, n, len(fields), interpret, protect_first, causal_heads),
+                                     call, (scores, mask, *tensors, *fields), (1,) * (n + len(fields) + 2))
     return out[0], list(out[1:1 + n]), list(out[1 + n:])
 
 
-def _fwd(scores, tensors, keep, interpret, mask, protect_first, fields):
-    idx, rows, gathered = _partitioned(scores, tensors, keep, interpret, mask, protect_first, fields)
+def _fwd(scores, tensors, keep, interpret, mask, protect_first, fields, causal_heads):
+    idx, rows, gathered = _partitioned(scores, tensors, keep, interpret, mask, protect_first, fields, causal_heads)
     return (idx, rows, gathered), (idx, scores, mask, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tensors],
                                    list(fields))
 
@@ -380,7 +417,7 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _bwd(keep, interpret, protect_first, res, g):
+def _bwd(keep, interpret, protect_first, causal_heads, res, g):
     idx, scores, mask, shapes, fields = res
     _, g_rows, _ = g
     b = jnp.arange(idx.shape[0])[:, None]

@@ -316,7 +316,7 @@ def eliminate_prompt_rows(scores, keep: int, rows, last, out: dict, *tensors, re
         scores = jnp.where(last & rows.mask, jnp.inf, scores)
     if protect_first:
         sink = (rows.positions == 0) & rows.mask & ~last
-        scores = jnp.where(sink, _SINK_SCORE, scores)
+        scores = jnp.where(sink, _SINK_SCORE, acc_lib.finished(scores))
     return acc_lib.drop_rows(scores, keep, rows, out, *tensors)
 
 
