@@ -183,7 +183,7 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
     k = _masked_load(k_ref, cols < s if s % block_k else None)  # [BK, H]
     k_pos = None if rel_offset is None else kp_ref[...]  # [BK] original positions
 
-    def body(i, acc):
+    def body(i, acc, masked: bool):
         start = i * block_q
         rows = start + jnp.arange(block_q, dtype=jnp.int32)
         q = _masked_load(q_ref.at[pl.ds(start, block_q), :], rows < t if t % block_q else None)  # [BQ, H]
@@ -196,16 +196,25 @@ def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal
             q_pos = qp_ref[pl.ds(start, block_q)]  # [BQ]
             s = s + rb_ref[k_pos[None, :] - q_pos[:, None] + rel_offset]  # (times log2(e))
         p = jnp.exp2(s - lse[:, None])  # softmax probabilities; 0 for padding queries
-        if causal:
+        if masked:
             p = jnp.where(cols[None, :] <= rows[:, None], p, 0.0)
         return acc + p
 
     # Accumulate the [BQ, BK] tile in registers and reduce over queries once at the end: a
     # column sum inside the loop is a cross-warp reduction through shared memory per block.
     # Padding keys are zeroed by the caller. Causal: query blocks that end before this key
-    # block's first column see none of it, so the walk starts at the block holding row kb * BK.
-    first = (kb * block_k) // block_q if causal else 0
-    acc = jax.lax.fori_loop(first, t_pad // block_q, body, jnp.zeros((block_q, block_k), jnp.float32))
+    # block's first column see none of it, so the walk starts at the block holding row kb * BK;
+    # only the blocks up to its last column's row need the causal mask (one when BQ = BK), the
+    # rest see every column (no compare and select for most tiles).
+    n_q = t_pad // block_q
+    acc = jnp.zeros((block_q, block_k), jnp.float32)
+    if causal:
+        first = (kb * block_k) // block_q
+        plain = jnp.minimum(((kb + 1) * block_k + block_q - 1) // block_q, n_q)
+        acc = jax.lax.fori_loop(first, plain, functools.partial(body, masked=True), acc)
+        acc = jax.lax.fori_loop(plain, n_q, functools.partial(body, masked=False), acc)
+    else:
+        acc = jax.lax.fori_loop(0, n_q, functools.partial(body, masked=False), acc)
     o_ref[...] = jnp.sum(acc, axis=0)
 
 
