@@ -347,7 +347,8 @@ class DecoderPredictor(generate.LMPredictor):
                  param_dtype: str | None = None):
         self.gen = generate.Generator(module, params, config, param_dtype=param_dtype,
                                       bucket=bucket, floor=floor, acc_variant=acc_variant)
-        self.module, self.config, self.cost, self.params = module, config, self.gen.cost, self.gen.params
+        # (the generator's module and parameters: its LM head's table may be padded)
+        self.module, self.config, self.cost, self.params = self.gen.module, config, self.gen.cost, self.gen.params
         self.batch_size = int(batch_size)
         self.length_buckets = inference.cap_buckets(config, length_buckets)
         self.render = chat_renderer(chat_template) if chat_template is not None else None

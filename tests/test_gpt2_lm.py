@@ -59,6 +59,38 @@ def test_cached_scoring_equals_one_full_forward_pass(tiny_dir):
     assert np.isfinite(pruned["nll"]) and pruned["nll"] != dense["nll"]  # pruning changes the context
 
 
+def test_the_lm_head_table_is_padded_once_and_changes_nothing(tiny_dir, monkeypatch):
+    """Serving pads GPT-2's token table to a multiple of ``VOCAB_MULTIPLE`` rows once (so XLA
+    need not pad the LM head's GEMM operand in every program): the module reads the padded
+    table, the logits keep the vocabulary's width, and prefill logits, caches and greedy
+    tokens are those of the table as stored."""
+    from accjax import generate
+
+    folder, _ = tiny_dir
+    ld = convert.load(folder, "lm")
+    v = ld.config.vocab_size
+    assert v % 128  # (the tokenizer's vocabulary: not a multiple)
+    ids = np.random.default_rng(0).integers(1, v, (2, 16)).astype(np.int32)
+    runs = {}
+    for multiple in (0, 128):
+        monkeypatch.setattr(generate, "VOCAB_MULTIPLE", multiple)
+        gen = generate.Generator(ld.module, ld.params, ld.config)
+        table = gen.params["transformer"]["wte"]["embedding"]
+        assert table.shape[0] == (v if multiple == 0 else -(-v // 128) * 128)
+        assert gen.module.config.vocab_rows == (0 if multiple == 0 else table.shape[0])
+        assert gen.config == ld.config  # the model's description is unchanged
+        ev = lm.LMEvaluator(ld.module, ld.params, ld.config, batch_size=2, context=16, continuation=4)
+        logits, cache = ev.prefill_program(ev.schedule(2.0))(ev.params, ids)
+        assert logits.shape == (2, v)
+        out = gen.generate(ids, np.ones_like(ids), speedup=2.0, max_new_tokens=5)
+        runs[multiple] = (np.asarray(logits), [np.asarray(k) for k in cache.keys], np.asarray(out.tokens))
+    np.testing.assert_array_equal(runs[128][0], runs[0][0])
+    for a, b in zip(runs[128][1], runs[0][1]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(runs[128][2], runs[0][2])
+    assert np.asarray(ld.params["transformer"]["wte"]["embedding"]).shape[0] == v  # the loaded ones untouched
+
+
 def test_kv_bytes_are_the_kept_rows(tiny_dir):
     folder, _ = tiny_dir
     ld = convert.load(folder, "lm")

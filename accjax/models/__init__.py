@@ -34,6 +34,9 @@ class Family:
     # (config, HF state dict) -> (config, state dict), reconciled before conversion when the
     # config.json alone cannot say (T5: is the LM head tied?); None: used as read.
     adapt_checkpoint: Callable[[Any, dict], tuple[Any, dict]] | None = None
+    # (config, 'lm' params, multiple) -> (config, params) with the LM head's table padded to a
+    # multiple of rows, done once by serving (GPT-2's 50257); None: the table is used as stored.
+    pad_vocab: Callable[[Any, Any, int], tuple[Any, Any]] | None = None
 
     @property
     def hf_architectures(self) -> dict[str, str]:

@@ -79,6 +79,10 @@ class GPT2Config(common.ModelConfig):
     eos_token_id: int = 50256  # '<|endoftext|>'; also the pad id accjax uses for GPT-2
     protect_first: bool = False  # never drop position 0 (attention sink) during elimination
     xla_attention_below: int = 0  # layers with fewer input rows use XLA attention on GPU
+    # rows of the token table wte when it holds more than the vocabulary (0: vocab_size): serving
+    # pads it once (``pad_vocab``) so the tied LM head's GEMM is not padded by XLA in every call;
+    # logits past vocab_size are dropped
+    vocab_rows: int = 0
     family: str = "gpt2"
     activation_field = "activation"  # (a class attribute, not a field)
     hf_keys = {**{f: f for f in ("vocab_size", "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id")},
@@ -409,7 +413,7 @@ class GPT2Model(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.wte = common.embed(cfg, cfg.vocab_size, ("vocab", "embed"), "wte")
+        self.wte = common.embed(cfg, cfg.vocab_rows or cfg.vocab_size, ("vocab", "embed"), "wte")
         self.wpe = common.embed(cfg, cfg.max_position_embeddings, ("positions", "embed"), "wpe")
         self.embd_drop = common.Dropout(cfg.embd_dropout)
         self.blocks = [GPT2Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
@@ -444,13 +448,31 @@ class GPT2Model(nn.Module):
                           acc_variant=acc_variant, deterministic=deterministic, return_kv=return_kv)
 
     def attend(self, x: Array) -> Array:
-        """Tied LM head: [..., D] -> [..., V] float32 logits (x @ wte^T)."""
-        return self.wte.attend(x).astype(jnp.float32)
+        """Tied LM head: [..., D] -> [..., V] float32 logits (x @ wte^T; rows past V dropped)."""
+        return self.wte.attend(x)[..., :self.config.vocab_size].astype(jnp.float32)
 
     def extend(self, input_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
         """Runs new tokens [B, T] against the cache -> (hidden [B, T, D] after ln_f, cache)."""
         embed = lambda ids, pos: self.wte(ids) + self.wpe(pos)  # noqa: E731
         return extend_blocks(self.blocks, self.ln_f, embed, input_ids, cache)
+
+
+def pad_vocab(config: GPT2Config, params, multiple: int) -> tuple[GPT2Config, Any]:
+    """(config, LM-head model params) with the token table's rows padded with zeros to a
+    multiple of ``multiple`` (``vocab_rows``). XLA pads a 16-bit cuBLAS GEMM operand whose
+    dimensions are not multiples of 8 inside the program, so the tied LM head on GPT-2's
+    50257 x 768 table copied 77 MB in every prefill (a 52 us fusion on an H100, 1.2-2.3% of
+    GPT-2 8 x 1024's prefill; docs/benchmarks.md). Padded once here, it is not. (Decoding steps
+    run their head on XLA's Triton GEMMs, which are not padded: unchanged.) Unchanged when the
+    table already has a multiple of rows."""
+    v = config.vocab_size
+    rows = -(-v // multiple) * multiple if multiple > 0 else v
+    if rows == (config.vocab_rows or v):
+        return config, params
+    table = params["transformer"]["wte"]["embedding"][:v]  # [V, D]
+    padded = jnp.concatenate([table, jnp.zeros((rows - v, table.shape[1]), table.dtype)])  # [rows, D]
+    params = {**params, "transformer": {**params["transformer"], "wte": {"embedding": padded}}}
+    return dataclasses.replace(config, vocab_rows=rows), params
 
 
 def build_cache(out: GPT2Output, real_lengths: Array, max_new_tokens: int) -> KVCache:

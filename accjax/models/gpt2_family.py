@@ -90,4 +90,5 @@ def family() -> Family:
         hf_ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
         dummy_inputs=dummy_inputs,
         cost_model=cost_model,
+        pad_vocab=gpt2.pad_vocab,
     )
