@@ -272,3 +272,30 @@ def test_a_decoding_step_at_batch_one_runs_its_projections_on_two_rows(one_row_h
     monkeypatch.setattr(common, "ONE_ROW_PRODUCTS", "off")
     assert _barriers(step(), v, ids[:1]) == 0
     np.testing.assert_allclose(two, np.asarray(jax.jit(step())(v, ids[:1]), np.float32), rtol=0.02, atol=0.02)
+
+
+def test_bert_keeps_its_three_qkv_gemms_apart_where_asked(monkeypatch):
+    """``bert.SEPARATE_QKV_BACKENDS``: on a GPU (here the CPU, added) k's and v's GEMMs take
+    their input through an optimization barrier, so XLA's dot merger cannot join the three into
+    one GEMM whose output three copies slice; every layer's q/k/v products stay apart, and the
+    logits and gradients are those of the merged form. As shipped the CPU's program has none."""
+    from accjax.models import bert
+
+    cfg = models.preset("minilm-l6-h384", **TINY["minilm-l6-h384"])
+    module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+    params = models.init_params(cfg, "sequence_classification", 0)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 100, (2, 12)), jnp.int32)
+
+    def loss(p):
+        return module.apply({"params": p}, ids, jnp.ones_like(ids)).logits.sum()
+
+    runs = {}
+    for backends in (("gpu",), ("gpu", "cpu")):
+        monkeypatch.setattr(bert, "SEPARATE_QKV_BACKENDS", backends)
+        f = lambda p: loss(p)  # noqa: E731  (a new trace each time)
+        assert _barriers(f, params) == (cfg.num_layers if "cpu" in backends else 0)
+        runs[backends] = (np.asarray(jax.jit(f)(params)), jax.jit(jax.grad(f))(params))
+    (l1, g1), (l2, g2) = runs.values()
+    np.testing.assert_array_equal(l2, l1)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)

@@ -211,11 +211,23 @@ class BertLayer(nn.Module):
         return x, rows, out
 
 
+# XLA's dot merger joins GEMMs that share their input into one GEMM on the concatenated weights
+# and slices its output: three bias-add fusions then copy q, k and v out of it (H100, BERT-base
+# 32 x 512: a 4 us weight concatenation, one 84 us GEMM and three 20 us copies a layer). An
+# optimization barrier hands k's and v's GEMMs an input of their own, so they stay three GEMMs,
+# each with its bias in cuBLAS' epilogue and its output contiguous for cuDNN: 3 x 32 us and
+# 4 us of weight slices. Same process, pipelined, logits identical: 32 x 512 dense 6.3% faster,
+# 2x 0.7%, 4.8x 1.8% (docs/benchmarks.md, thirty-first session). Only where the copies were
+# seen (the CPU's programs, and so its results, stay as they were; tests add "cpu").
+SEPARATE_QKV_BACKENDS = ("gpu",)
+
+
 def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
     """q, k, v by three GEMMs on slices of the fused kernel: each output is contiguous, so a
-    flash-attention call needs no copies (same parameters as the fused form); and the packed
-    form (one GEMM's [B, T, 3, N, H] output before the bias, the bias) for the fused attention
-    + ACC kernel. Each consumer uses one form; XLA drops the other."""
+    flash-attention call needs no copies (same parameters as the fused form;
+    ``SEPARATE_QKV_BACKENDS``); and the packed form (one GEMM's [B, T, 3, N, H] output before the
+    bias, the bias) for the fused attention + ACC kernel. Each consumer uses one form; XLA
+    drops the other."""
     kernel = proj.variables["params"]["kernel"] if proj.has_variable("params", "kernel") else None
     if kernel is None:  # first call (init): create the parameters through the module
         qkv = proj(x)
@@ -223,7 +235,14 @@ def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
     dtype = common.to_dtype(cfg.dtype)
     kernel = nn.meta.unbox(kernel).astype(dtype)  # [D, 3, N, H]
     bias = nn.meta.unbox(proj.variables["params"]["bias"]).astype(dtype)  # [3, N, H]
-    q, k, v = (common.project("BTD,DNH->BTNH", x, kernel[:, j], cfg) + bias[j] for j in range(3))
+    separate = jax.default_backend() in SEPARATE_QKV_BACKENDS
+    xs = (x, *jax.lax.optimization_barrier((x, x))) if separate else (x, x, x)
+    # a [N * H] bias on a [B, T, N * H] product: the vector cuBLAS adds in its epilogue (a [N, H]
+    # one is broadcast to the whole output first and added as a matrix)
+    d, nh = kernel.shape[0], cfg.num_heads * cfg.head_dim
+    w, b = kernel.reshape(d, 3, nh), bias.reshape(3, nh)  # [D, 3, N * H], [3, N * H]
+    q, k, v = ((common.project("BTD,DK->BTK", xs[j], w[:, j], cfg) + b[j]).reshape(x.shape[:2] + bias.shape[1:])
+               for j in range(3))  # each [B, T, N, H]
     return q, k, v, (common.project("BTD,DJNH->BTJNH", x, kernel, cfg), bias)
 
 
