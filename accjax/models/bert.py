@@ -235,14 +235,16 @@ def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
     dtype = common.to_dtype(cfg.dtype)
     kernel = nn.meta.unbox(kernel).astype(dtype)  # [D, 3, N, H]
     bias = nn.meta.unbox(proj.variables["params"]["bias"]).astype(dtype)  # [3, N, H]
-    separate = jax.default_backend() in SEPARATE_QKV_BACKENDS
-    xs = (x, *jax.lax.optimization_barrier((x, x))) if separate else (x, x, x)
-    # a [N * H] bias on a [B, T, N * H] product: the vector cuBLAS adds in its epilogue (a [N, H]
-    # one is broadcast to the whole output first and added as a matrix)
-    d, nh = kernel.shape[0], cfg.num_heads * cfg.head_dim
-    w, b = kernel.reshape(d, 3, nh), bias.reshape(3, nh)  # [D, 3, N * H], [3, N * H]
-    q, k, v = ((common.project("BTD,DK->BTK", xs[j], w[:, j], cfg) + b[j]).reshape(x.shape[:2] + bias.shape[1:])
-               for j in range(3))  # each [B, T, N, H]
+    if jax.default_backend() in SEPARATE_QKV_BACKENDS:
+        xs = (x, *jax.lax.optimization_barrier((x, x)))
+        # a [N * H] bias on a [B, T, N * H] product: the vector cuBLAS adds in its epilogue (a
+        # [N, H] one is broadcast to the whole output first and added as a matrix)
+        d, nh = kernel.shape[0], cfg.num_heads * cfg.head_dim
+        w, b = kernel.reshape(d, 3, nh), bias.reshape(3, nh)  # [D, 3, N * H], [3, N * H]
+        q, k, v = ((common.project("BTD,DK->BTK", xs[j], w[:, j], cfg) + b[j]).reshape(x.shape[:2] + bias.shape[1:])
+                   for j in range(3))  # each [B, T, N, H]
+    else:
+        q, k, v = (common.project("BTD,DNH->BTNH", x, kernel[:, j], cfg) + bias[j] for j in range(3))
     return q, k, v, (common.project("BTD,DJNH->BTJNH", x, kernel, cfg), bias)
 
 
