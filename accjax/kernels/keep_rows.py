@@ -67,7 +67,8 @@ KERNEL = "auto"
 # little faster. H100, same process, pipelined, bound 128 against 256: BERT-base 32 x 512 at
 # 2x -1.7% and -1.0% in two calls, 1.5x / 3x / 4.8x even to -0.6%; GPT-2 8 x 1024 2x even,
 # 3x -1.5 / -3.3%, 3.72x -1.7 / -1.1%; Flan-T5 16 x 512 2x -2.3%, 4x -1.6%; BERT 128 x 128
-# (no layer above 128 rows) even (docs/benchmarks.md, twenty-second session).
+# (no layer above 128 rows) even (docs/benchmarks.md, twenty-second session). Again with GPT-2's
+# causal sums finished here: 256 is 4.3-4.8% slower at 3x / 3.72x (thirty-first session).
 MAX_ROWS = 128
 RANK_CHUNK = 128  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time (the gather path)
