@@ -778,6 +778,12 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows(monkeypatch):
         "select_and_gather_rows from 24 column sums (keep 88 of 200)": lambda: keep_rows.select_and_gather_rows(
             jnp.zeros((2, 24, 256)), [q[:, :200].reshape(2, 200, 128)], keep=88, mask=m[:, :200],
             protect_first=True, fields=(m[:, :200].astype(jnp.float32), pos[:, :200])),
+        "select_and_gather_rows from causal column sums (keep 88 of 200: chunks count the suffix)": lambda: (
+            keep_rows.select_and_gather_rows(jnp.zeros((2, 24, 256)), [q[:, :200].reshape(2, 200, 128)], keep=88,
+                                             mask=m[:, :200].astype(jnp.float32), causal_heads=2)),
+        "select_and_gather_rows from causal column sums (keep 20 of 56)": lambda: (
+            keep_rows.select_and_gather_rows(jnp.zeros((2, 24, 64)), [q[:, :56].reshape(2, 56, 128)], keep=20,
+                                             mask=m[:, :56].astype(jnp.float32), causal_heads=2)),
         "select_and_gather_rows from column sums (keep 310 of 400: the threshold path)": lambda: (
             keep_rows.select_and_gather_rows(jnp.zeros((2, 4, 512)), [q.reshape(2, 400, 128)], keep=310, mask=m,
                                              fields=(m.astype(jnp.float32), pos))),

@@ -434,19 +434,36 @@ _AVAILABLE: dict[str, bool] = {}
 
 
 def _probe(interpret: bool = False) -> bool:
-    """The kernel against numpy on 3 examples of 40 rows with ties and -inf (bf16 rows);
-    compiled ahead and checked with numpy, so it runs inside a trace too."""
+    """The kernel against numpy on 3 examples of 40 rows with ties and -inf (bf16 rows), and
+    on a decoder's causal column sums (a protected row marked in the mask, each sum divided
+    by the heads times the real rows at or after it); compiled ahead and checked with numpy,
+    so it runs inside a trace too."""
     rng = np.random.default_rng(0)
     s = np.round(rng.standard_normal((3, 40)), 1).astype(np.float32)  # ties
     s[:, 30:] = -np.inf
     x = rng.standard_normal((3, 40, 48)).astype(jnp.bfloat16)
     keep = 13
-    idx, (got,) = select_and_gather_rows.lower(s, [x], keep=keep, interpret=interpret).compile()(s, [x])
-    order = np.argsort(-s, axis=1, kind="stable")[:, :keep]  # ties: the lower index first
-    ref_idx = np.sort(order, axis=1)
-    ref = np.take_along_axis(x.astype(np.float32), ref_idx[:, :, None], axis=1)
-    return bool(np.array_equal(np.asarray(idx), ref_idx)
-                and np.array_equal(np.asarray(got, np.float32), ref))
+
+    def expected(scores):  # ties: the lower index first; kept rows in their order
+        ref_idx = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :keep], axis=1)
+        return ref_idx, np.take_along_axis(x.astype(np.float32), ref_idx[:, :, None], axis=1)
+
+    def same(out, scores):
+        (idx, (got,)), (ref_idx, ref) = out, expected(scores)
+        return np.array_equal(np.asarray(idx), ref_idx) and np.array_equal(np.asarray(got, np.float32), ref)
+
+    ok = same(select_and_gather_rows.lower(s, [x], keep=keep, interpret=interpret).compile()(s, [x]), s)
+    heads = 4
+    parts = rng.integers(0, 5, (3, 6, 64)).astype(np.float32)
+    mask = (np.arange(40)[None] < np.array([[40], [30], [21]])).astype(np.float32)
+    mask[np.arange(3), [39, 3, 20]] = 2.0  # (acc.PROTECTED)
+    real = mask > 0.5
+    seen = np.cumsum(real[:, ::-1], axis=1)[:, ::-1]
+    acc = parts[:, :, :40].sum(1) / (heads * np.maximum(seen, 1)).astype(np.float32)
+    acc = np.where(mask > 1.5, np.inf, np.where(real, acc, -np.inf)).astype(np.float32)
+    causal = select_and_gather_rows.lower(parts, [x], keep=keep, interpret=interpret, mask=mask,
+                                          causal_heads=heads).compile()(parts, [x], mask=mask)
+    return bool(ok and same(causal, acc))
 
 
 def applies(t: int, tensors=()) -> bool:
