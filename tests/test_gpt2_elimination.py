@@ -93,11 +93,17 @@ def test_fused_causal_kernel_prefill_keeps_what_probabilities_keep(tiny):
     for how in ("probs", "fused_interpret"):
         module = gpt2.GPT2LMHeadModel(ld.config.replace(acc_impl=how))
         runs[how] = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2, schedule=(12, 6, 3))
-    (l1, c1, o1), (l2, c2, o2) = runs["probs"], runs["fused_interpret"]
+    _assert_same_prefill(runs["probs"], runs["fused_interpret"])
+
+
+def _assert_same_prefill(want, got, msg: str = "") -> None:
+    """Two prefills' (logits, cache, output) agree: every layer's kept rows exactly, ACC where
+    finite (and finite in the same places), logits and KV cache to 1e-5."""
+    (l1, c1, o1), (l2, c2, o2) = want, got
     for a, b in zip(o1.layers, o2.layers):
-        np.testing.assert_array_equal(np.asarray(b["keep_idx"]), np.asarray(a["keep_idx"]))
+        np.testing.assert_array_equal(np.asarray(b["keep_idx"]), np.asarray(a["keep_idx"]), err_msg=msg)
         fin = np.isfinite(np.asarray(a["acc"]))
-        assert (np.isfinite(np.asarray(b["acc"])) == fin).all()
+        assert (np.isfinite(np.asarray(b["acc"])) == fin).all(), msg
         np.testing.assert_allclose(np.asarray(b["acc"])[fin], np.asarray(a["acc"])[fin], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=1e-5, atol=1e-5)
     for a, b in zip(c1.keys + c1.values, c2.keys + c2.values):
@@ -134,17 +140,8 @@ def test_the_fused_kernel_reads_the_packed_projection(tmp_path, monkeypatch):
     assert calls == [(3, 16, 3, 2, 16), (3, 12, 3, 2, 16), (3, 6, 3, 2, 16)] * 2  # [B, T, 3, N, H] per layer
     # the unreduced sums [B, P, Tp] of each layer, its keep and the heads that divide them
     assert [(s[:2], k, n) for s, k, n in selections] == [((3, 2), 12, 2), ((3, 2), 6, 2), ((3, 2), 3, 2)]
-    (l1, c1, o1) = runs["probs"]
     for how in ("fused_interpret", "kernel"):
-        l2, c2, o2 = runs[how]
-        for a, b in zip(o1.layers, o2.layers):
-            np.testing.assert_array_equal(np.asarray(b["keep_idx"]), np.asarray(a["keep_idx"]), err_msg=how)
-            fin = np.isfinite(np.asarray(a["acc"]))
-            assert (np.isfinite(np.asarray(b["acc"])) == fin).all()
-            np.testing.assert_allclose(np.asarray(b["acc"])[fin], np.asarray(a["acc"])[fin], rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=1e-5, atol=1e-5)
-        for a, b in zip(c1.keys + c1.values, c2.keys + c2.values):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+        _assert_same_prefill(runs["probs"], runs[how], how)
 
 
 # --------------------------------------------------------------- elimination + cache
