@@ -22,8 +22,9 @@ The scores s may also come unfinished, as the fused attention kernel leaves them
 (``acc.ColumnSums``): s_j is then the sum of row j's partial column sums (heads x query
 tiles), -inf for padding and +inf for a protected row (row 0, or one its mask marks), and
 for a decoder's causal attention divided by the heads times the real rows at or after it (the
-queries that see it), which saves XLA's finishing fusions; and [B, T] fields (the rows' mask and positions) are gathered with the indices, which saves
-XLA's gather of them: two kernels fewer an eliminating layer.
+queries that see it), which saves XLA's finishing fusions; and [B, T] fields (the rows' mask
+and positions) are gathered with the indices, which saves XLA's gather of them: two kernels
+fewer an eliminating layer.
 
 The rank count is recomputed by each column chunk's program (it is a few thousand
 comparisons; the rows are what cost). Above ``THRESHOLD_ROWS`` rows (GPT-2's and T5's
