@@ -144,6 +144,22 @@ def test_the_fused_kernel_reads_the_packed_projection(tmp_path, monkeypatch):
         _assert_same_prefill(runs["probs"], runs[how], how)
 
 
+def test_prefill_with_qkv_gemms_apart_caches_the_same_keys(tiny, monkeypatch):
+    """``gpt2.SEPARATE_QKV_BACKENDS`` (here the CPU): q, k and v from three GEMMs kept apart
+    give the prefill's logits, kept rows and KV cache of the one projection's slices."""
+    ld, _ = tiny
+    batch = padded_batch(np.random.default_rng(5), [16, 11, 5], 16, 97)
+    runs = []
+    for backends in ((), ("cpu",)):
+        monkeypatch.setattr(gpt2, "SEPARATE_QKV_BACKENDS", backends)
+        module = gpt2.GPT2LMHeadModel(ld.config)
+        text = jax.jit(lambda p, b: module.apply({"params": p}, **b, method="prefill", max_new_tokens=2,
+                                                 schedule=(12, 6, 3))).lower(ld.params, batch).as_text()
+        assert text.count("optimization_barrier") == (ld.config.num_layers if backends else 0)
+        runs.append(jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2, schedule=(12, 6, 3)))
+    _assert_same_prefill(*runs)
+
+
 # --------------------------------------------------------------- elimination + cache
 def test_speedup_one_is_the_dense_path(tiny):
     ld, _ = tiny

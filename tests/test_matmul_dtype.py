@@ -274,14 +274,17 @@ def test_a_decoding_step_at_batch_one_runs_its_projections_on_two_rows(one_row_h
     np.testing.assert_allclose(two, np.asarray(jax.jit(step())(v, ids[:1]), np.float32), rtol=0.02, atol=0.02)
 
 
-def test_bert_keeps_its_three_qkv_gemms_apart_where_asked(monkeypatch):
-    """``bert.SEPARATE_QKV_BACKENDS``: on a GPU (here the CPU, added) k's and v's GEMMs take
-    their input through an optimization barrier, so XLA's dot merger cannot join the three into
-    one GEMM whose output three copies slice; every layer's q/k/v products stay apart, and the
-    logits and gradients are those of the merged form. As shipped the CPU's program has none."""
-    from accjax.models import bert
+@pytest.mark.parametrize("preset,module_name", [("minilm-l6-h384", "bert"), ("gpt2", "gpt2")])
+def test_qkv_gemms_kept_apart_where_asked(preset, module_name, monkeypatch):
+    """``SEPARATE_QKV_BACKENDS`` (BERT: the GPU; GPT-2: none yet): there (here the CPU, added)
+    k's and v's GEMMs take their input through an optimization barrier, so XLA's dot merger
+    cannot join the three into one GEMM whose output three copies slice; every layer's q/k/v
+    products stay apart, and the logits and gradients are those of the one projection. As
+    shipped the CPU's program has none."""
+    import importlib
 
-    cfg = models.preset("minilm-l6-h384", **TINY["minilm-l6-h384"])
+    family_module = importlib.import_module(f"accjax.models.{module_name}")
+    cfg = models.preset(preset, **TINY[preset])
     module = models.get_family(cfg.family).module(cfg, "sequence_classification")
     params = models.init_params(cfg, "sequence_classification", 0)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 100, (2, 12)), jnp.int32)
@@ -291,7 +294,7 @@ def test_bert_keeps_its_three_qkv_gemms_apart_where_asked(monkeypatch):
 
     runs = {}
     for backends in (("gpu",), ("gpu", "cpu")):
-        monkeypatch.setattr(bert, "SEPARATE_QKV_BACKENDS", backends)
+        monkeypatch.setattr(family_module, "SEPARATE_QKV_BACKENDS", backends)
         f = lambda p: loss(p)  # noqa: E731  (a new trace each time)
         assert _barriers(f, params) == (cfg.num_layers if "cpu" in backends else 0)
         runs[backends] = (np.asarray(jax.jit(f)(params)), jax.jit(jax.grad(f))(params))

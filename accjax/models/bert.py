@@ -211,14 +211,11 @@ class BertLayer(nn.Module):
         return x, rows, out
 
 
-# XLA's dot merger joins GEMMs that share their input into one GEMM on the concatenated weights
-# and slices its output: three bias-add fusions then copy q, k and v out of it (H100, BERT-base
-# 32 x 512: a 4 us weight concatenation, one 84 us GEMM and three 20 us copies a layer). An
-# optimization barrier hands k's and v's GEMMs an input of their own, so they stay three GEMMs,
-# each with its bias in cuBLAS' epilogue and its output contiguous for cuDNN: 3 x 32 us and
-# 4 us of weight slices. Same process, pipelined, logits identical: 32 x 512 dense 6.3% faster,
-# 2x 0.7%, 4.8x 1.8% (docs/benchmarks.md, thirty-first session). Only where the copies were
-# seen (the CPU's programs, and so its results, stay as they were; tests add "cpu").
+# Where q, k and v are three GEMMs kept apart from XLA's dot merger (``common.qkv_apart``), not
+# merged into one whose output three copies slice. H100, BERT-base 32 x 512, same process,
+# pipelined, logits identical: dense 6.3% faster, 2x 0.7%, 4.8x 1.8% (docs/benchmarks.md,
+# thirty-first session). Only where the copies were seen (the CPU's programs, and so its
+# results, stay as they were; tests add "cpu").
 SEPARATE_QKV_BACKENDS = ("gpu",)
 
 
@@ -236,13 +233,7 @@ def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
     kernel = nn.meta.unbox(kernel).astype(dtype)  # [D, 3, N, H]
     bias = nn.meta.unbox(proj.variables["params"]["bias"]).astype(dtype)  # [3, N, H]
     if jax.default_backend() in SEPARATE_QKV_BACKENDS:
-        xs = (x, *jax.lax.optimization_barrier((x, x)))
-        # a [N * H] bias on a [B, T, N * H] product: the vector cuBLAS adds in its epilogue (a
-        # [N, H] one is broadcast to the whole output first and added as a matrix)
-        d, nh = kernel.shape[0], cfg.num_heads * cfg.head_dim
-        w, b = kernel.reshape(d, 3, nh), bias.reshape(3, nh)  # [D, 3, N * H], [3, N * H]
-        q, k, v = ((common.project("BTD,DK->BTK", xs[j], w[:, j], cfg) + b[j]).reshape(x.shape[:2] + bias.shape[1:])
-                   for j in range(3))  # each [B, T, N, H]
+        q, k, v = common.qkv_apart(x, kernel, bias, cfg)  # each [B, T, N, H]
     else:
         q, k, v = (common.project("BTD,DNH->BTNH", x, kernel[:, j], cfg) + bias[j] for j in range(3))
     return q, k, v, (common.project("BTD,DJNH->BTJNH", x, kernel, cfg), bias)

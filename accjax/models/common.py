@@ -297,6 +297,23 @@ def value_norms(v: Array, kernel: Array, dtype) -> Array:
     return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
 
 
+def qkv_apart(x: Array, kernel: Array, bias: Array, cfg) -> tuple[Array, Array, Array]:
+    """q, k, v [B, T, N, H] of x [B, T, D] by three GEMMs kept apart, for flash attention
+    (cuDNN), which needs each contiguous: ``kernel`` [D, 3, N, H], ``bias`` [3, N, H] (the
+    fused projection's parameters). XLA's dot merger joins GEMMs that share their input into
+    one GEMM on the concatenated weights and slices its output (a bias-add copy per slice), so
+    k's and v's GEMMs take x through an optimization barrier; each bias is an [N * H] vector on
+    a [B, T, N * H] product, which cuBLAS adds in its epilogue (an [N, H] one is broadcast to
+    the whole output first and added as a matrix). Measured: BERT-base 32 x 512 on an H100,
+    three 32 us GEMMs a layer against a weight concatenation, one 84 us GEMM and three 20 us
+    copies (docs/benchmarks.md, thirty-first session)."""
+    xs = (x, *jax.lax.optimization_barrier((x, x)))
+    d, nh = kernel.shape[0], kernel.shape[2] * kernel.shape[3]
+    w, b = kernel.reshape(d, 3, nh), bias.reshape(3, nh)  # [D, 3, N * H], [3, N * H]
+    return tuple((project("BTD,DK->BTK", xs[j], w[:, j], cfg) + b[j]).reshape(x.shape[:2] + bias.shape[1:])
+                 for j in range(3))  # each [B, T, N, H]
+
+
 def embed(cfg, n: int, axes: tuple[str, str], name: str) -> nn.Embed:
     """An [n, hidden_size] table in the config's dtypes, N(0, initializer_range) on ``axes``."""
     return nn.Embed(n, cfg.hidden_size, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),

@@ -55,6 +55,13 @@ Array = jax.Array
 # refused here.
 RANKINGS = acc_lib.VARIANTS + ("recent",)
 
+# Where q, k and v come from three GEMMs kept apart (``common.qkv_apart``) rather than copied
+# out of the one projection for cuDNN's layers (27 us a layer at 8 x 1024 on an H100).
+# Predicted about 15 us off each such layer, but the KV cache then takes k and v from the
+# separate GEMMs in the fused kernel's layers too (two small GEMMs more there): not yet
+# measured, so off (docs/benchmarks.md, thirty-first session).
+SEPARATE_QKV_BACKENDS: tuple[str, ...] = ()
+
 # Rank of the attention-sink row: above every ACC score, below the +inf of the last token.
 _SINK_SCORE = float(jnp.finfo(jnp.float32).max)
 
@@ -348,8 +355,17 @@ class GPT2Block(nn.Module):
     def _project(self, x: Array) -> tuple[Array, Array, Array, Array]:
         """q, k, v [B, T, N, H], slices of the one q/k/v projection, and that projection
         [B, T, 3, N, H] (bias added in the GEMM's epilogue), which the fused attention + ACC
-        kernel reads itself (no copies of the slices)."""
-        qkv = self.qkv(self.ln_1(x))  # [B, T, 3, N, H]
+        kernel reads itself (no copies of the slices). Where ``SEPARATE_QKV_BACKENDS`` says,
+        q, k and v come from three GEMMs kept apart instead (``common.qkv_apart``); each
+        consumer uses one form and XLA drops the other, but k and v also feed the KV cache."""
+        h = self.ln_1(x)
+        qkv = self.qkv(h)  # [B, T, 3, N, H]
+        if jax.default_backend() in SEPARATE_QKV_BACKENDS and self.qkv.has_variable("params", "kernel"):
+            params = self.qkv.variables["params"]
+            dtype = common.to_dtype(self.config.dtype)
+            q, k, v = common.qkv_apart(h, nn.meta.unbox(params["kernel"]).astype(dtype),
+                                       nn.meta.unbox(params["bias"]).astype(dtype), self.config)
+            return q, k, v, qkv
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], qkv
 
     def _finish(self, x: Array, ctx: Array, deterministic: bool) -> Array:
