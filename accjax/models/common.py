@@ -297,10 +297,10 @@ def value_norms(v: Array, kernel: Array, dtype) -> Array:
     return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
 
 
-def qkv_apart(x: Array, kernel: Array, bias: Array, cfg) -> tuple[Array, Array, Array]:
+def qkv_apart(x: Array, kernel: Array, bias: Array | None, cfg) -> tuple[Array, Array, Array]:
     """q, k, v [B, T, N, H] of x [B, T, D] by three GEMMs kept apart, for flash attention
-    (cuDNN), which needs each contiguous: ``kernel`` [D, 3, N, H], ``bias`` [3, N, H] (the
-    fused projection's parameters). XLA's dot merger joins GEMMs that share their input into
+    (cuDNN), which needs each contiguous: ``kernel`` [D, 3, N, H], ``bias`` [3, N, H] or None
+    (the fused projection's parameters). XLA's dot merger joins GEMMs that share their input into
     one GEMM on the concatenated weights and slices its output (a bias-add copy per slice), so
     k's and v's GEMMs take x through an optimization barrier; each bias is an [N * H] vector on
     a [B, T, N * H] product, which cuBLAS adds in its epilogue (an [N, H] one is broadcast to
@@ -309,9 +309,10 @@ def qkv_apart(x: Array, kernel: Array, bias: Array, cfg) -> tuple[Array, Array, 
     copies (docs/benchmarks.md, thirty-first session)."""
     xs = (x, *jax.lax.optimization_barrier((x, x)))
     d, nh = kernel.shape[0], kernel.shape[2] * kernel.shape[3]
-    w, b = kernel.reshape(d, 3, nh), bias.reshape(3, nh)  # [D, 3, N * H], [3, N * H]
-    return tuple((project("BTD,DK->BTK", xs[j], w[:, j], cfg) + b[j]).reshape(x.shape[:2] + bias.shape[1:])
-                 for j in range(3))  # each [B, T, N, H]
+    w = kernel.reshape(d, 3, nh)  # [D, 3, N * H]
+    b = (None,) * 3 if bias is None else bias.reshape(3, nh)  # [3, N * H]
+    return tuple((project("BTD,DK->BTK", xs[j], w[:, j], cfg) + (0 if b[j] is None else b[j]))
+                 .reshape(x.shape[:2] + kernel.shape[2:]) for j in range(3))  # each [B, T, N, H]
 
 
 def embed(cfg, n: int, axes: tuple[str, str], name: str) -> nn.Embed:

@@ -70,6 +70,13 @@ Array = jax.Array
 # XLA's fusions around it; docs/benchmarks.md, twenty-fourth session): opt-in.
 STEP_KERNEL = False
 
+# Where an encoder layer's q, k and v come from three GEMMs kept apart (``common.qkv_apart``)
+# rather than copied out of the one projection for cuDNN's layers (27 us a layer at 16 x 512
+# on an H100, docs/benchmarks.md, thirty-first session). Earlier, three GEMMs on kernel slices
+# were no faster, but XLA's dot merger had joined them again (as it did BERT's). Off until
+# measured.
+SEPARATE_QKV_BACKENDS: tuple[str, ...] = ()
+
 
 @dataclasses.dataclass(frozen=True)
 class T5Config(common.ModelConfig):
@@ -363,10 +370,14 @@ class EncoderLayer(nn.Module):
         out: dict[str, Array] = {}
 
         h = RMSNorm(cfg, name="attn_norm")(x)
-        # One fused GEMM: three GEMMs on kernel slices were no faster here (unlike BERT; see
-        # docs/benchmarks.md, Flan-T5) and add launches that eliminating programs feel.
-        qkv = _qkv(cfg, "qkv")(h)
+        # One fused GEMM, whose slices the fused kernel reads; where ``SEPARATE_QKV_BACKENDS``
+        # says, q, k and v for the other attention paths come from three GEMMs kept apart
+        # (each consumer uses one form and XLA drops the other).
+        qkv_proj = _qkv(cfg, "qkv")
+        qkv = qkv_proj(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
+        if jax.default_backend() in SEPARATE_QKV_BACKENDS and qkv_proj.has_variable("params", "kernel"):
+            q, k, v = common.qkv_apart(h, nn.meta.unbox(qkv_proj.variables["params"]["kernel"]), None, cfg)
         heads_out = _out(cfg, "attn_out")
         train_dropout = not deterministic and cfg.dropout > 0
         drop = common.Dropout(cfg.dropout) if train_dropout else None

@@ -13,6 +13,12 @@ empty setting ``''`` is the code as it stands.
         --settings 'KERNEL="never"' 'KERNEL="auto";BLOCKS=(64,64,64,64,64,4,4,3)' --shapes 1x128,8x128
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.models.common \
         --settings '' 'cfg.hidden_act="gelu_new"' --shapes 1x128,8x128,128x128
+    PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.models.gpt2 --model gpt2 --task lm \
+        --settings '' 'SEPARATE_QKV_BACKENDS=("gpu",)' --shapes 8x1024 --speedups 1,2,3.72
+
+``--task lm`` times a decoder's LM prefill programs (next-token logits and KV cache, as
+``eval.lm --bench`` builds them), ``--task t5`` a T5's encoder + first token (``eval.bench``'s; compared: its token ids)
+instead of an encoder classifier.
 """
 import argparse
 import ast
@@ -24,7 +30,7 @@ import json
 import jax
 import numpy as np
 
-from accjax import inference, models, programs
+from accjax import inference, lm, models, programs, seq2seq
 from eval import bench
 
 
@@ -36,6 +42,27 @@ def parse(setting: str) -> dict:
     return out
 
 
+HEADS = {"classify": "sequence_classification", "lm": "lm", "t5": "lm"}
+
+
+def calls_for(task: str, cfg, params, b: int, n: int, speedups, dtype: str) -> dict:
+    """{speedup: call} of ``task``'s programs at B x N (random full batch, seed 0): an encoder
+    classifier's forward pass, a decoder's LM prefill (``eval.lm --bench``'s) or a T5's encoder
+    + first token (``eval.bench``'s)."""
+    module = models.get_family(cfg.family).module(cfg, HEADS[task])
+    if task == "lm":
+        ev = lm.LMEvaluator(module, params, cfg, batch_size=b, context=n, continuation=0, param_dtype=dtype)
+        ids = jax.device_put(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, n)).astype(np.int32))
+        return {s: functools.partial(ev.prefill_program(ev.schedule(s)), ev.params, ids) for s in speedups}
+    pred = (seq2seq.Seq2SeqPredictor if task == "t5" else inference.Predictor)(
+        module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=dtype)
+    out = {}
+    for s in speedups:
+        prog, inputs = bench.program_inputs(pred, b, n, pred.plan(n, s), task == "t5")
+        out[s] = functools.partial(prog, pred.params, *inputs)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--module", required=True, help="e.g. accjax.models.common")
@@ -43,12 +70,19 @@ def main():
     ap.add_argument("--model", default="bert-base-uncased")
     ap.add_argument("--shapes", default="1x128")
     ap.add_argument("--speedups", default="1,4.8")
+    ap.add_argument("--task", default="classify", choices=sorted(HEADS))
     ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--no_float32", action="store_true", help="skip the float32 reference (fewer compiles)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     mod = importlib.import_module(a.module)
     settings = [parse(s) for s in a.settings]
-    cfg, params = bench.build(a.model, "bfloat16", "auto")
+    speedups = [float(x) for x in a.speedups.split(",")]
+    if a.task == "classify":
+        cfg, params = bench.build(a.model, "bfloat16", "auto")
+    else:
+        cfg = models.preset(a.model, dtype="bfloat16")
+        params = models.init_params(cfg, "lm", 0)
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "module": a.module, "rows": []}
     for shape in a.shapes.split(","):
         b, n = (int(x) for x in shape.split("x"))
@@ -57,37 +91,30 @@ def main():
             fields = {k[4:]: v for k, v in setting.items() if k.startswith("cfg.")}
             consts = {k: v for k, v in setting.items() if not k.startswith("cfg.")}
             cfg_s = dataclasses.replace(cfg, **fields)
-            module_s = models.get_family(cfg_s.family).module(cfg_s, "sequence_classification")
             saved = {k: getattr(mod, k) for k in consts}
             for k, v in consts.items():
                 setattr(mod, k, v)
             jax.clear_caches()  # jitted helpers (kernels' wrappers) read constants when traced
             try:  # programs are compiled (traced) while the setting holds
-                pred = inference.Predictor(module_s, params, cfg_s, batch_size=b, length_buckets=(n,),
-                                           param_dtype="bfloat16")
-                for s in (float(x) for x in a.speedups.split(",")):
-                    prog, inputs = bench.program_inputs(pred, b, n, pred.plan(n, s), False)
-                    calls[(label, s)] = functools.partial(prog, pred.params, *inputs)
+                for s, call in calls_for(a.task, cfg_s, params, b, n, speedups, "bfloat16").items():
+                    calls[(label, s)] = call
             finally:
                 for k, v in saved.items():
                     setattr(mod, k, v)
                 jax.clear_caches()  # (so later programs, the float32 reference too, see the code as it stands)
         for k, c in calls.items():
             outs[k] = np.asarray(jax.tree_util.tree_leaves(c())[0], np.float32)
-        ref = {}  # the code as it stands in float32: what 16-bit rounding moves the logits by
-        cfg32 = dataclasses.replace(cfg, dtype="float32")
-        pred32 = inference.Predictor(models.get_family(cfg.family).module(cfg32, "sequence_classification"),
-                                     params, cfg32, batch_size=b, length_buckets=(n,), param_dtype="float32")
-        for s in (float(x) for x in a.speedups.split(",")):
-            prog, inputs = bench.program_inputs(pred32, b, n, pred32.plan(n, s), False)
-            ref[s] = np.asarray(jax.tree_util.tree_leaves(prog(pred32.params, *inputs))[0], np.float32)
+        ref = {} if a.no_float32 else {  # the code as it stands in float32: 16-bit rounding's share
+            s: np.asarray(jax.tree_util.tree_leaves(call())[0], np.float32)
+            for s, call in calls_for(a.task, dataclasses.replace(cfg, dtype="float32"), params, b, n,
+                                     speedups, "float32").items()}
         sync = programs.time_interleaved(calls, rounds=a.iters)
         pipe = [programs.time_interleaved(calls, rounds=max(3, a.iters // 4), depth=20) for _ in range(2)]
         for (label, s) in calls:
             row = {"shape": shape, "setting": label, "speedup": s, "sync_ms": float(np.median(sync[(label, s)])),
                    "pipelined_ms": [float(np.median(p[(label, s)])) for p in pipe],
                    "max_abs_diff_vs_first": float(np.abs(outs[(label, s)] - outs[(a.settings[0], s)]).max()),
-                   "max_abs_diff_vs_float32": float(np.abs(outs[(label, s)] - ref[s]).max())}
+                   "max_abs_diff_vs_float32": float(np.abs(outs[(label, s)] - ref[s]).max()) if ref else None}
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
         if a.out:
