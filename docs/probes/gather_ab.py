@@ -14,8 +14,10 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from accjax import acc, programs
+from accjax.kernels.acc_pallas import _pow2, _triton_params
 
 
 def as_words(x):  # [B, T, D] bf16 -> [B, T, D // 2] uint32 (two values a word)
@@ -35,11 +37,32 @@ def flat_take(x, idx):  # rows of x [B*T, ...] at idx + b * T
         (b, idx.shape[1]) + x.shape[2:])
 
 
+def pallas_take(x, idx, rows: int = 32, cols: int = 256, warps: int = 4):
+    """A Pallas (Triton) kernel: each (example, kept-row block, column chunk) program loads its
+    indices and copies those rows' chunk (``x_ref[idx, :]``, as ``keep_rows`` gathers)."""
+    b, t, d = x.shape
+    k = idx.shape[1]
+    interpret = jax.default_backend() != "gpu"
+
+    def kernel(i_ref, x_ref, o_ref):
+        o_ref[...] = x_ref[i_ref[...], :]
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((b, k, d), x.dtype), grid=(b, pl.cdiv(k, rows), d // cols),
+        in_specs=[pl.BlockSpec((None, rows), lambda e, r, c: (e, r)),
+                  pl.BlockSpec((None, _pow2(t), cols), lambda e, r, c: (e, 0, c))],
+        out_specs=pl.BlockSpec((None, rows, cols), lambda e, r, c: (e, r, c)),
+        interpret=interpret, **_triton_params(interpret, warps, 1))(idx, x)
+
+
 VARIANTS = {
     "take_along_axis": lambda x, i: acc.take_rows(x, i),
     "take_along_axis_u32": lambda x, i: from_words(acc.take_rows(as_words(x), i), x.dtype),
     "flat_take": flat_take,
     "flat_take_u32": lambda x, i: from_words(flat_take(as_words(x), i), x.dtype),
+    "pallas_32x256": pallas_take,
+    "pallas_16x768": functools.partial(pallas_take, rows=16, cols=768),
+    "pallas_64x128": functools.partial(pallas_take, rows=64, cols=128),
     "slice_copy (reference)": lambda x, i: x[:, :i.shape[1]] + 0,
 }
 
