@@ -146,17 +146,31 @@ def test_the_fused_kernel_reads_the_packed_projection(tmp_path, monkeypatch):
 
 def test_prefill_with_qkv_gemms_apart_caches_the_same_keys(tiny, monkeypatch):
     """``gpt2.SEPARATE_QKV_BACKENDS`` (here the CPU): q, k and v from three GEMMs kept apart
-    give the prefill's logits, kept rows and KV cache of the one projection's slices."""
+    give the prefill's logits, kept rows and KV cache of the one projection's slices. Only
+    layers that run cuDNN take them: not one that scores at most ``FUSED_MAX_KEYS_CAUSAL`` rows
+    (the fused kernel reads the one projection, which the cache then takes too), nor a
+    decoding step."""
     ld, _ = tiny
     batch = padded_batch(np.random.default_rng(5), [16, 11, 5], 16, 97)
+
+    def barriers(module, method, inputs: dict, **kw):
+        text = jax.jit(lambda p, a: module.apply({"params": p}, **a, method=method, **kw)).lower(
+            ld.params, inputs).as_text()
+        return text.count("optimization_barrier")
+
     runs = []
-    for backends in ((), ("cpu",)):
+    for backends, fused_max, schedule, apart in (((), 0, (12, 6, 3), 0), (("cpu",), 0, (12, 6, 3), 3),
+                                                 (("cpu",), 256, (16, 6, 3), 1)):
         monkeypatch.setattr(gpt2, "SEPARATE_QKV_BACKENDS", backends)
+        monkeypatch.setattr(acc, "FUSED_MAX_KEYS_CAUSAL", fused_max)
         module = gpt2.GPT2LMHeadModel(ld.config)
-        text = jax.jit(lambda p, b: module.apply({"params": p}, **b, method="prefill", max_new_tokens=2,
-                                                 schedule=(12, 6, 3))).lower(ld.params, batch).as_text()
-        assert text.count("optimization_barrier") == (ld.config.num_layers if backends else 0)
-        runs.append(jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2, schedule=(12, 6, 3)))
+        assert barriers(module, "prefill", batch, max_new_tokens=2, schedule=schedule) == apart
+        run = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2, schedule=schedule)
+        if schedule == (12, 6, 3):
+            runs.append(run)
+        else:  # a decoding step after it: the one projection
+            ids = jnp.asarray(np.random.default_rng(6).integers(1, 97, (3, 1)), jnp.int32)
+            assert barriers(module, "extend", {"input_ids": ids, "cache": run[1]}) == 0
     _assert_same_prefill(*runs)
 
 

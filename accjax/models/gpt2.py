@@ -57,8 +57,10 @@ RANKINGS = acc_lib.VARIANTS + ("recent",)
 
 # Where q, k and v come from three GEMMs kept apart (``common.qkv_apart``) rather than copied
 # out of the one projection for cuDNN's layers (27 us a layer at 8 x 1024 on an H100).
-# Predicted about 15 us off each such layer, but the KV cache then takes k and v from the
-# separate GEMMs in the fused kernel's layers too (two small GEMMs more there): not yet
+# Predicted about 15 us off each such layer. Only a prefill's layers that run cuDNN take
+# them: a layer that scores at most ``acc.FUSED_MAX_KEYS_CAUSAL`` rows runs the fused kernel
+# on the one projection, where the KV cache would otherwise take k and v from two GEMMs more,
+# and a decoding step's one row a sequence would pay three launches for one. Not yet
 # measured, so off (docs/benchmarks.md, thirty-first session).
 SEPARATE_QKV_BACKENDS: tuple[str, ...] = ()
 
@@ -352,15 +354,16 @@ class GPT2Block(nn.Module):
         self.attn_drop = common.Dropout(cfg.attention_dropout)
         self.resid_drop = common.Dropout(cfg.resid_dropout)
 
-    def _project(self, x: Array) -> tuple[Array, Array, Array, Array]:
+    def _project(self, x: Array, apart: bool = False) -> tuple[Array, Array, Array, Array]:
         """q, k, v [B, T, N, H], slices of the one q/k/v projection, and that projection
         [B, T, 3, N, H] (bias added in the GEMM's epilogue), which the fused attention + ACC
-        kernel reads itself (no copies of the slices). Where ``SEPARATE_QKV_BACKENDS`` says,
-        q, k and v come from three GEMMs kept apart instead (``common.qkv_apart``); each
-        consumer uses one form and XLA drops the other, but k and v also feed the KV cache."""
+        kernel reads itself (no copies of the slices). With ``apart`` where
+        ``SEPARATE_QKV_BACKENDS`` says, q, k and v come from three GEMMs kept apart instead
+        (``common.qkv_apart``); each consumer uses one form and XLA drops the other, but k and
+        v also feed the KV cache."""
         h = self.ln_1(x)
         qkv = self.qkv(h)  # [B, T, 3, N, H]
-        if jax.default_backend() in SEPARATE_QKV_BACKENDS and self.qkv.has_variable("params", "kernel"):
+        if apart and jax.default_backend() in SEPARATE_QKV_BACKENDS and self.qkv.has_variable("params", "kernel"):
             params = self.qkv.variables["params"]
             dtype = common.to_dtype(self.config.dtype)
             q, k, v = common.qkv_apart(h, nn.meta.unbox(params["kernel"]).astype(dtype),
@@ -396,7 +399,8 @@ class GPT2Block(nn.Module):
           (x [B, K, D], rows of the K kept rows, out dict of named intermediates).
         """
         train_dropout = not deterministic and self.config.attention_dropout > 0
-        q, k, v, qkv = self._project(x)
+        scores = keep is not None and keep < x.shape[1]  # (then up to FUSED_MAX_KEYS_CAUSAL rows: the fused kernel)
+        q, k, v, qkv = self._project(x, apart=not scores or x.shape[1] > acc_lib.FUSED_MAX_KEYS_CAUSAL)
         x, ctx, rows, out = attend_and_eliminate(
             self.config, "GPT-2", x, rows, protect_pos, q, k, v, packed=(qkv, None), keep=keep,
             acc_variant=acc_variant,
