@@ -10,7 +10,7 @@ import torch
 
 from accjax import acc, attention, convert, generate, inference, models
 from accjax import schedule as S
-from accjax.models import gpt2, gpt2_family
+from accjax.models import common, gpt2, gpt2_family
 from tests.gpt2_testlib import check_generation_uses_the_pruned_cache, jit_apply, make_hf_gpt2, padded_batch
 
 
@@ -97,10 +97,13 @@ def test_fused_causal_kernel_prefill_keeps_what_probabilities_keep(tiny):
 
 
 def _assert_same_prefill(want, got, msg: str = "") -> None:
-    """Two prefills' (logits, cache, output) agree: every layer's kept rows exactly, ACC where
-    finite (and finite in the same places), logits and KV cache to 1e-5."""
+    """Two prefills' (logits, cache, output) agree: every eliminating layer's kept rows exactly,
+    ACC where finite (and finite in the same places), logits and KV cache to 1e-5."""
     (l1, c1, o1), (l2, c2, o2) = want, got
     for a, b in zip(o1.layers, o2.layers):
+        assert ("keep_idx" in a) == ("keep_idx" in b), msg
+        if "keep_idx" not in a:
+            continue
         np.testing.assert_array_equal(np.asarray(b["keep_idx"]), np.asarray(a["keep_idx"]), err_msg=msg)
         fin = np.isfinite(np.asarray(a["acc"]))
         assert (np.isfinite(np.asarray(b["acc"])) == fin).all(), msg
@@ -145,33 +148,33 @@ def test_the_fused_kernel_reads_the_packed_projection(tmp_path, monkeypatch):
 
 
 def test_prefill_with_qkv_gemms_apart_caches_the_same_keys(tiny, monkeypatch):
-    """``gpt2.SEPARATE_QKV_BACKENDS`` (here the CPU): q, k and v from three GEMMs kept apart
-    give the prefill's logits, kept rows and KV cache of the one projection's slices. Only
-    layers that run cuDNN take them: not one that scores at most ``FUSED_MAX_KEYS_CAUSAL`` rows
-    (the fused kernel reads the one projection, which the cache then takes too), nor a
-    decoding step."""
+    """``gpt2.SEPARATE_QKV_BACKENDS`` (here the CPU, from ``common.QKV_APART_MIN_ROWS`` rows):
+    q, k and v from three GEMMs kept apart give the prefill's logits, kept rows and KV cache of
+    the one projection's slices. Only layers that do not eliminate take them (the fused
+    kernel's layers read the one projection, which the cache then takes too); a decoding step
+    never does."""
     ld, _ = tiny
     batch = padded_batch(np.random.default_rng(5), [16, 11, 5], 16, 97)
+    ids = jnp.asarray(np.random.default_rng(6).integers(1, 97, (3, 1)), jnp.int32)
 
     def barriers(module, method, inputs: dict, **kw):
         text = jax.jit(lambda p, a: module.apply({"params": p}, **a, method=method, **kw)).lower(
             ld.params, inputs).as_text()
         return text.count("optimization_barrier")
 
-    runs = []
-    for backends, fused_max, schedule, apart in (((), 0, (12, 6, 3), 0), (("cpu",), 0, (12, 6, 3), 3),
-                                                 (("cpu",), 256, (16, 6, 3), 1)):
+    runs = {}
+    for backends, min_rows in (((), 0), (("cpu",), 0), (("cpu",), 49)):  # (3 x 16 rows)
         monkeypatch.setattr(gpt2, "SEPARATE_QKV_BACKENDS", backends)
-        monkeypatch.setattr(acc, "FUSED_MAX_KEYS_CAUSAL", fused_max)
+        monkeypatch.setattr(common, "QKV_APART_MIN_ROWS", min_rows)
         module = gpt2.GPT2LMHeadModel(ld.config)
-        assert barriers(module, "prefill", batch, max_new_tokens=2, schedule=schedule) == apart
-        run = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2, schedule=schedule)
-        if schedule == (12, 6, 3):
-            runs.append(run)
-        else:  # a decoding step after it: the one projection
-            ids = jnp.asarray(np.random.default_rng(6).integers(1, 97, (3, 1)), jnp.int32)
-            assert barriers(module, "extend", {"input_ids": ids, "cache": run[1]}) == 0
-    _assert_same_prefill(*runs)
+        for schedule in ((16, 16, 16), (16, 6, 3)):  # dense; the first layer alone keeps every row
+            apart = (3 if schedule[1] == 16 else 1) if backends and min_rows <= 48 else 0
+            assert barriers(module, "prefill", batch, max_new_tokens=2, schedule=schedule) == apart
+            run = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2, schedule=schedule)
+            runs.setdefault(schedule, []).append(run)
+        assert barriers(module, "extend", {"input_ids": ids, "cache": run[1]}) == 0
+    for same in runs.values():
+        _assert_same_prefill(same[0], same[1])
 
 
 # --------------------------------------------------------------- elimination + cache

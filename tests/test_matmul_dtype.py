@@ -277,11 +277,12 @@ def test_a_decoding_step_at_batch_one_runs_its_projections_on_two_rows(one_row_h
 @pytest.mark.parametrize("preset,module_name", [("minilm-l6-h384", "bert"), ("gpt2", "gpt2"),
                                                 ("flan-t5-small", "t5")])
 def test_qkv_gemms_kept_apart_where_asked(preset, module_name, monkeypatch):
-    """``SEPARATE_QKV_BACKENDS`` (BERT: the GPU; GPT-2 and T5's encoder: none yet): there (here
-    the CPU, added) k's and v's GEMMs take their input through an optimization barrier, so
-    XLA's dot merger cannot join the three into one GEMM whose output three copies slice; every
-    layer's q/k/v products stay apart, and the logits and gradients are those of the one
-    projection. As shipped the CPU's program has none."""
+    """``SEPARATE_QKV_BACKENDS`` (the GPU, as shipped): there (here the CPU, added) and from
+    ``common.QKV_APART_MIN_ROWS`` rows, k's and v's GEMMs take their input through an
+    optimization barrier, so XLA's dot merger cannot join the three into one GEMM whose output
+    three copies slice; every layer's q/k/v products stay apart, and the logits and gradients
+    are those of the one projection. As shipped the CPU's program has none, nor has one of
+    fewer rows."""
     import importlib
 
     family_module = importlib.import_module(f"accjax.models.{module_name}")
@@ -298,11 +299,13 @@ def test_qkv_gemms_kept_apart_where_asked(preset, module_name, monkeypatch):
         return (out["logits"] if isinstance(out, dict) else out.logits).sum()
 
     runs = {}
-    for backends in (("gpu",), ("gpu", "cpu")):
+    for backends, min_rows in ((("gpu",), 0), (("gpu", "cpu"), 25), (("gpu", "cpu"), 24)):
         monkeypatch.setattr(family_module, "SEPARATE_QKV_BACKENDS", backends)
+        monkeypatch.setattr(common, "QKV_APART_MIN_ROWS", min_rows)  # (2 x 12 rows)
         f = lambda p: loss(p)  # noqa: E731  (a new trace each time)
-        assert _barriers(f, params) == (cfg.num_layers if "cpu" in backends else 0)
-        runs[backends] = (np.asarray(jax.jit(f)(params)), jax.jit(jax.grad(f))(params))
+        assert _barriers(f, params) == (cfg.num_layers if "cpu" in backends and min_rows <= 24 else 0)
+        runs[(backends, min_rows)] = (np.asarray(jax.jit(f)(params)), jax.jit(jax.grad(f))(params))
+    runs.pop((("gpu", "cpu"), 25))
     (l1, g1), (l2, g2) = runs.values()
     np.testing.assert_allclose(l2, l1, rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):  # (T5's sum over

@@ -215,7 +215,7 @@ class BertLayer(nn.Module):
 # merged into one whose output three copies slice. H100, BERT-base 32 x 512, same process,
 # pipelined, logits identical: dense 6.3% faster, 2x 0.7%, 4.8x 1.8% (docs/benchmarks.md,
 # thirty-first session). Only where the copies were seen (the CPU's programs, and so its
-# results, stay as they were; tests add "cpu").
+# results, stay as they were; tests add "cpu"), from ``common.QKV_APART_MIN_ROWS`` rows.
 SEPARATE_QKV_BACKENDS = ("gpu",)
 
 
@@ -232,7 +232,7 @@ def _split_qkv(proj: nn.DenseGeneral, x: Array, cfg: BertConfig):
     dtype = common.to_dtype(cfg.dtype)
     kernel = nn.meta.unbox(kernel).astype(dtype)  # [D, 3, N, H]
     bias = nn.meta.unbox(proj.variables["params"]["bias"]).astype(dtype)  # [3, N, H]
-    if jax.default_backend() in SEPARATE_QKV_BACKENDS:
+    if common.qkv_apart_here(SEPARATE_QKV_BACKENDS, x):
         q, k, v = common.qkv_apart(x, kernel, bias, cfg)  # each [B, T, N, H]
     else:
         q, k, v = (common.project("BTD,DNH->BTNH", x, kernel[:, j], cfg) + bias[j] for j in range(3))

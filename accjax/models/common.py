@@ -297,6 +297,19 @@ def value_norms(v: Array, kernel: Array, dtype) -> Array:
     return jnp.linalg.norm(moved.astype(jnp.float32), axis=-1)
 
 
+# Rows (batch x length) from which a family's ``SEPARATE_QKV_BACKENDS`` take q, k and v from
+# three GEMMs kept apart (``qkv_apart``). It was measured faster only at 8192 rows and more
+# (H100: BERT-base 32 x 512, GPT-2 and Flan-T5-base's dense programs at 8 x 1024 and 16 x 512);
+# it adds kernels (the weight and bias slices, two GEMMs), which small batches feel most.
+QKV_APART_MIN_ROWS = 8192
+
+
+def qkv_apart_here(backends: tuple[str, ...], x: Array) -> bool:
+    """Whether q, k, v of x [B, T, D] come from ``qkv_apart``: on ``backends`` (a family's
+    ``SEPARATE_QKV_BACKENDS``) from ``QKV_APART_MIN_ROWS`` rows."""
+    return jax.default_backend() in backends and x.shape[0] * x.shape[1] >= QKV_APART_MIN_ROWS
+
+
 def qkv_apart(x: Array, kernel: Array, bias: Array | None, cfg) -> tuple[Array, Array, Array]:
     """q, k, v [B, T, N, H] of x [B, T, D] by three GEMMs kept apart, for flash attention
     (cuDNN), which needs each contiguous: ``kernel`` [D, 3, N, H], ``bias`` [3, N, H] or None

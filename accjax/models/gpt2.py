@@ -56,13 +56,15 @@ Array = jax.Array
 RANKINGS = acc_lib.VARIANTS + ("recent",)
 
 # Where q, k and v come from three GEMMs kept apart (``common.qkv_apart``) rather than copied
-# out of the one projection for cuDNN's layers (27 us a layer at 8 x 1024 on an H100).
-# Predicted about 15 us off each such layer. Only a prefill's layers that run cuDNN take
-# them: a layer that scores at most ``acc.FUSED_MAX_KEYS_CAUSAL`` rows runs the fused kernel
-# on the one projection, where the KV cache would otherwise take k and v from two GEMMs more,
-# and a decoding step's one row a sequence would pay three launches for one. Not yet
-# measured, so off (docs/benchmarks.md, thirty-first session).
-SEPARATE_QKV_BACKENDS: tuple[str, ...] = ()
+# out of the one projection for cuDNN, in a layer that does not eliminate (a dense program's),
+# from ``common.QKV_APART_MIN_ROWS`` rows.
+# H100, 8 x 1024, same process: the dense classifier 4.6% faster, the dense LM prefill 3.3%.
+# In an eliminating layer it was not kept: the weight and bias slices and three GEMMs are six
+# kernels for two, which in GPT-2's 3.72x prefill cost more than the 12 us they saved in its
+# first layer (the LM prefill 2.7% slower; the classifier 0.2-0.6% faster); there the fused
+# kernel's layers read the one projection anyway, and a decoding step's one row a sequence
+# takes it too (docs/benchmarks.md, thirty-second session).
+SEPARATE_QKV_BACKENDS: tuple[str, ...] = ("gpu",)
 
 # Rank of the attention-sink row: above every ACC score, below the +inf of the last token.
 _SINK_SCORE = float(jnp.finfo(jnp.float32).max)
@@ -358,12 +360,13 @@ class GPT2Block(nn.Module):
         """q, k, v [B, T, N, H], slices of the one q/k/v projection, and that projection
         [B, T, 3, N, H] (bias added in the GEMM's epilogue), which the fused attention + ACC
         kernel reads itself (no copies of the slices). With ``apart`` where
-        ``SEPARATE_QKV_BACKENDS`` says, q, k and v come from three GEMMs kept apart instead
-        (``common.qkv_apart``); each consumer uses one form and XLA drops the other, but k and
-        v also feed the KV cache."""
+        ``SEPARATE_QKV_BACKENDS`` says (``common.qkv_apart_here``), q, k and v come from three
+        GEMMs kept apart instead (``common.qkv_apart``); each consumer uses one form and XLA
+        drops the other, but k and v also feed the KV cache (so a layer that eliminates, whose
+        fused kernel reads the one projection, takes none)."""
         h = self.ln_1(x)
         qkv = self.qkv(h)  # [B, T, 3, N, H]
-        if apart and jax.default_backend() in SEPARATE_QKV_BACKENDS and self.qkv.has_variable("params", "kernel"):
+        if apart and common.qkv_apart_here(SEPARATE_QKV_BACKENDS, x) and self.qkv.has_variable("params", "kernel"):
             params = self.qkv.variables["params"]
             dtype = common.to_dtype(self.config.dtype)
             q, k, v = common.qkv_apart(h, nn.meta.unbox(params["kernel"]).astype(dtype),
@@ -399,8 +402,7 @@ class GPT2Block(nn.Module):
           (x [B, K, D], rows of the K kept rows, out dict of named intermediates).
         """
         train_dropout = not deterministic and self.config.attention_dropout > 0
-        scores = keep is not None and keep < x.shape[1]  # (then up to FUSED_MAX_KEYS_CAUSAL rows: the fused kernel)
-        q, k, v, qkv = self._project(x, apart=not scores or x.shape[1] > acc_lib.FUSED_MAX_KEYS_CAUSAL)
+        q, k, v, qkv = self._project(x, apart=keep is None or keep >= x.shape[1])  # (not eliminating)
         x, ctx, rows, out = attend_and_eliminate(
             self.config, "GPT-2", x, rows, protect_pos, q, k, v, packed=(qkv, None), keep=keep,
             acc_variant=acc_variant,

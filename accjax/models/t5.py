@@ -70,12 +70,14 @@ Array = jax.Array
 # XLA's fusions around it; docs/benchmarks.md, twenty-fourth session): opt-in.
 STEP_KERNEL = False
 
-# Where an encoder layer's q, k and v come from three GEMMs kept apart (``common.qkv_apart``)
-# rather than copied out of the one projection for cuDNN's layers (27 us a layer at 16 x 512
-# on an H100, docs/benchmarks.md, thirty-first session). Earlier, three GEMMs on kernel slices
-# were no faster, but XLA's dot merger had joined them again (as it did BERT's). Off until
-# measured.
-SEPARATE_QKV_BACKENDS: tuple[str, ...] = ()
+# Where an encoder layer's q, k and v come from three GEMMs kept apart (``common.qkv_apart``,
+# from ``common.QKV_APART_MIN_ROWS`` rows) rather than copied out of the one projection for
+# cuDNN. Earlier, three GEMMs on kernel slices were no faster, but XLA's dot merger had joined
+# them again (as it did BERT's). Only layers that run cuDNN read them: a dense program's, as
+# the eliminating programs' layers all run the fused kernel on the one projection. H100,
+# Flan-T5-base 16 x 512, same process: dense 4.0% faster pipelined, 1.9% synchronised; 2x
+# even (-0.6% / +1.4%, the same kernels) (docs/benchmarks.md, thirty-second session).
+SEPARATE_QKV_BACKENDS: tuple[str, ...] = ("gpu",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +378,7 @@ class EncoderLayer(nn.Module):
         qkv_proj = _qkv(cfg, "qkv")
         qkv = qkv_proj(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
-        if jax.default_backend() in SEPARATE_QKV_BACKENDS and qkv_proj.has_variable("params", "kernel"):
+        if common.qkv_apart_here(SEPARATE_QKV_BACKENDS, h) and qkv_proj.has_variable("params", "kernel"):
             q, k, v = common.qkv_apart(h, nn.meta.unbox(qkv_proj.variables["params"]["kernel"]), None, cfg)
         heads_out = _out(cfg, "attn_out")
         train_dropout = not deterministic and cfg.dropout > 0
