@@ -42,17 +42,18 @@ def pallas_take(x, idx, rows: int = 32, cols: int = 256, warps: int = 4):
     indices and copies those rows' chunk (``x_ref[idx, :]``, as ``keep_rows`` gathers)."""
     b, t, d = x.shape
     k = idx.shape[1]
+    kp = pl.cdiv(k, rows) * rows  # whole blocks (a partial one's loads and stores are not masked)
     interpret = jax.default_backend() != "gpu"
 
-    def kernel(i_ref, x_ref, o_ref):  # (the last block's indices past K are not masked: clip them)
-        o_ref[...] = x_ref[jnp.clip(i_ref[...], 0, t - 1), :]
+    def kernel(i_ref, x_ref, o_ref):
+        o_ref[...] = x_ref[i_ref[...], :]
 
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((b, k, d), x.dtype), grid=(b, pl.cdiv(k, rows), d // cols),
+        kernel, out_shape=jax.ShapeDtypeStruct((b, kp, d), x.dtype), grid=(b, kp // rows, d // cols),
         in_specs=[pl.BlockSpec((None, rows), lambda e, r, c: (e, r)),
                   pl.BlockSpec((None, _pow2(t), cols), lambda e, r, c: (e, 0, c))],
         out_specs=pl.BlockSpec((None, rows, cols), lambda e, r, c: (e, r, c)),
-        interpret=interpret, **_triton_params(interpret, warps, 1))(idx, x)
+        interpret=interpret, **_triton_params(interpret, warps, 1))(jnp.pad(idx, ((0, 0), (0, kp - k))), x)[:, :k]
 
 
 VARIANTS = {
