@@ -2,8 +2,10 @@
 constants, each traced afresh, timed interleaved (synchronised median and 20 calls in flight, two
 pipelined sets), with the largest logit difference against the first setting. A setting is
 ``;``-separated ``NAME=literal`` assignments to constants of ``--module``; a name written
-``cfg.FIELD`` replaces that field of the model's config instead (same parameters), and an
-empty setting ``''`` is the code as it stands.
+``cfg.FIELD`` replaces that field of the model's config instead (same parameters), one written
+``env.NAME`` sets that environment variable while the setting's programs compile (a string, e.g.
+``env.ACCJAX_TRITON_GEMM="1"``: XLA's Triton GEMMs everywhere), and an empty setting ``''`` is
+the code as it stands.
 
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.layer_norm \
         --settings 'SPLIT=2' 'SPLIT=1' --shapes 1x128,8x128 --speedups 1,4.8 --out $OUT/ab.json
@@ -15,6 +17,8 @@ empty setting ``''`` is the code as it stands.
         --settings '' 'cfg.hidden_act="gelu_new"' --shapes 1x128,8x128,128x128
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.models.gpt2 --model gpt2 --task lm \
         --settings '' 'SEPARATE_QKV_BACKENDS=("gpu",)' --shapes 8x1024 --speedups 1,2,3.72
+    PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.programs --model gpt2 --task lm \
+        --settings '' 'env.ACCJAX_TRITON_GEMM="1"' --shapes 8x1024 --speedups 1,3.72
 
 ``--task lm`` times a decoder's LM prefill programs (next-token logits and KV cache, as
 ``eval.lm --bench`` builds them), ``--task t5`` a T5's encoder + first token (``eval.bench``'s; compared: its token ids)
@@ -26,6 +30,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import os
 
 import jax
 import numpy as np
@@ -89,11 +94,14 @@ def main():
         calls, outs = {}, {}
         for label, setting in zip(a.settings, settings):
             fields = {k[4:]: v for k, v in setting.items() if k.startswith("cfg.")}
-            consts = {k: v for k, v in setting.items() if not k.startswith("cfg.")}
+            env = {k[4:]: str(v) for k, v in setting.items() if k.startswith("env.")}
+            consts = {k: v for k, v in setting.items() if not k.startswith(("cfg.", "env."))}
             cfg_s = dataclasses.replace(cfg, **fields)
             saved = {k: getattr(mod, k) for k in consts}
+            saved_env = {k: os.environ.get(k) for k in env}
             for k, v in consts.items():
                 setattr(mod, k, v)
+            os.environ.update(env)
             jax.clear_caches()  # jitted helpers (kernels' wrappers) read constants when traced
             try:  # programs are compiled (traced) while the setting holds
                 for s, call in calls_for(a.task, cfg_s, params, b, n, speedups, "bfloat16").items():
@@ -101,6 +109,11 @@ def main():
             finally:
                 for k, v in saved.items():
                     setattr(mod, k, v)
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
                 jax.clear_caches()  # (so later programs, the float32 reference too, see the code as it stands)
         for k, c in calls.items():
             outs[k] = np.asarray(jax.tree_util.tree_leaves(c())[0], np.float32)
