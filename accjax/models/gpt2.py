@@ -57,13 +57,12 @@ RANKINGS = acc_lib.VARIANTS + ("recent",)
 
 # Where q, k and v come from three GEMMs kept apart (``common.qkv_apart``) rather than copied
 # out of the one projection for cuDNN, in a layer that does not eliminate (a dense program's),
-# from ``common.QKV_APART_MIN_ROWS`` rows.
-# H100, 8 x 1024, same process: the dense classifier 4.6% faster, the dense LM prefill 3.3%.
-# In an eliminating layer it was not kept: the weight and bias slices and three GEMMs are six
-# kernels for two, which in GPT-2's 3.72x prefill cost more than the 12 us they saved in its
-# first layer (the LM prefill 2.7% slower; the classifier 0.2-0.6% faster); there the fused
-# kernel's layers read the one projection anyway, and a decoding step's one row a sequence
-# takes it too (docs/benchmarks.md, thirty-second session).
+# from ``common.QKV_APART_MIN_ROWS`` rows. H100, 8 x 1024, same process: the dense classifier
+# 4.6% faster, the dense LM prefill 3.3%. Not in an eliminating layer: the weight and bias
+# slices and three GEMMs are four to seven kernels more a layer, which in GPT-2's 3.72x prefill
+# cost more than the 12 us they saved in its first layer (the LM prefill 2.7% slower, the
+# classifier 0.2-0.6% faster); the fused kernel's layers read the one projection anyway, and
+# a decoding step's one row a sequence takes it too (docs/benchmarks.md, thirty-second session).
 SEPARATE_QKV_BACKENDS: tuple[str, ...] = ("gpu",)
 
 # Rank of the attention-sink row: above every ACC score, below the +inf of the last token.
