@@ -21,8 +21,8 @@ the code as it stands.
         --settings '' 'env.ACCJAX_TRITON_GEMM="1"' --shapes 8x1024 --speedups 1,3.72
 
 ``--task lm`` times a decoder's LM prefill programs (next-token logits and KV cache, as
-``eval.lm --bench`` builds them), ``--task t5`` a T5's encoder + first token (``eval.bench``'s; compared: its token ids)
-instead of an encoder classifier.
+``eval.lm --bench`` builds them), ``--task t5`` a T5's encoder + first token (``eval.bench``'s;
+compared: its token ids) instead of an encoder classifier.
 """
 import argparse
 import ast
