@@ -4,8 +4,10 @@ pipelined sets), with the largest logit difference against the first setting. A 
 ``;``-separated ``NAME=literal`` assignments to constants of ``--module``; a name written
 ``cfg.FIELD`` replaces that field of the model's config instead (same parameters), one written
 ``env.NAME`` sets that environment variable while the setting's programs compile (a string, e.g.
-``env.ACCJAX_TRITON_GEMM="1"``: XLA's Triton GEMMs everywhere), and an empty setting ``''`` is
-the code as it stands.
+``env.ACCJAX_TRITON_GEMM="1"``: XLA's Triton GEMMs everywhere), one written ``xla.NAME`` adds
+that XLA option to every compilation of the setting's programs (``programs.compiler_options``,
+e.g. ``xla.xla_gpu_enable_cublaslt=True``), and an empty setting ``''`` is the code as it
+stands.
 
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.layer_norm \
         --settings 'SPLIT=2' 'SPLIT=1' --shapes 1x128,8x128 --speedups 1,4.8 --out $OUT/ab.json
@@ -95,18 +97,23 @@ def main():
         for label, setting in zip(a.settings, settings):
             fields = {k[4:]: v for k, v in setting.items() if k.startswith("cfg.")}
             env = {k[4:]: str(v) for k, v in setting.items() if k.startswith("env.")}
-            consts = {k: v for k, v in setting.items() if not k.startswith(("cfg.", "env."))}
+            xla = {k[4:]: v for k, v in setting.items() if k.startswith("xla.")}
+            consts = {k: v for k, v in setting.items() if not k.startswith(("cfg.", "env.", "xla."))}
             cfg_s = dataclasses.replace(cfg, **fields)
             saved = {k: getattr(mod, k) for k in consts}
             saved_env = {k: os.environ.get(k) for k in env}
             for k, v in consts.items():
                 setattr(mod, k, v)
             os.environ.update(env)
+            options = programs.compiler_options
+            if xla:
+                programs.compiler_options = lambda rows=None: {**options(rows), **xla}
             jax.clear_caches()  # jitted helpers (kernels' wrappers) read constants when traced
             try:  # programs are compiled (traced) while the setting holds
                 for s, call in calls_for(a.task, cfg_s, params, b, n, speedups, "bfloat16").items():
                     calls[(label, s)] = call
             finally:
+                programs.compiler_options = options
                 for k, v in saved.items():
                     setattr(mod, k, v)
                 for k, v in saved_env.items():
