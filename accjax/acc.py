@@ -119,9 +119,9 @@ PROTECTED = 2.0
 
 @struct.dataclass
 class ColumnSums:
-    """ACC before it is finished, as the fused attention kernel leaves it: each key row's
-    column sums in ``parts`` [B, P, Sp] partial sums (one per head and query tile; columns
-    past S are zero), the key mask ``mask`` [B, S] float (0 padding, 1.0 a real row,
+    """ACC before it is finished, as the fused attention kernel or the second pass
+    (``acc_scores_fused(unfinished=True)``) leaves it: each key row's column sums in ``parts``
+    [B, P, Sp] partial sums (one per head, or per head and query tile; columns past S are zero), the key mask ``mask`` [B, S] float (0 padding, 1.0 a real row,
     ``PROTECTED`` a real row never dropped), the normaliser ``denom`` ([B, 1], or [B, S] when
     causal), ``protect`` (None or ``FIRST_ROW``) and ``causal_heads`` (0, or the heads N of a
     causal attention: ``denom`` is then N x the real rows at or after each row). ``finished()``
@@ -261,7 +261,8 @@ def acc_scores_fused(
     interpret: bool = False,
     rel_bias: Array | None = None,
     positions: Array | None = None,
-) -> Array:
+    unfinished: bool = False,
+) -> Array | ColumnSums:
     """Plain ACC from q and k by the Pallas kernels of ``accjax.kernels.acc_pallas``: the
     probabilities are recomputed in registers (float32) and never stored.
 
@@ -272,6 +273,8 @@ def acc_scores_fused(
       interpret: run the kernel in Pallas' interpreter (CPU tests).
       rel_bias, positions: a logits bias by relative position (T5), [N, 2P - 1], and the
         rows' original positions [B, T]; needs ``lse`` (see ``column_sums_from_lse``).
+      unfinished: return the per-head column sums as ``ColumnSums`` (the selection kernel
+        finishes them; ``finished`` gives the array).
     Returns:
       [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``.
     """
@@ -294,8 +297,10 @@ def acc_scores_fused(
                 q_, k_, lse_, qm, km, scale=scale, causal=causal, interpret=interpret, rel_bias=rb,
                 positions=pos),
             (q, k, lse, query_mask, key_mask, rel_bias, positions), (1, 1, 1, 1, 1, 0, 1))
-    col = col.sum(axis=1)  # [B, S]
-    return _finish(col, key_mask, _denominator(key_mask, query_mask, q.shape[2], causal), protect)
+    denom = _denominator(key_mask, query_mask, q.shape[2], causal)
+    if unfinished:  # col [B, N, S]: one part per head
+        return _column_sums(col, key_mask.astype(jnp.float32), denom, protect, q.shape[2] if causal else 0)
+    return _finish(col.sum(axis=1), key_mask, denom, protect)  # [B, S]
 
 
 # ACC sources: probs (materialised probabilities); lse (XLA, from the attention's log-sum-exp,
@@ -505,9 +510,9 @@ def attend_and_score(
         (``PACKED_QKV``), so the split copies are never made (unused, XLA drops them).
     Returns:
       (context [B, T, N, H], ACC [B, S] or None, probabilities [B, N, T, S] or None). From
-      the fused kernel on the packed projection (or T5's by distance) the ACC comes
-      unfinished, as ``ColumnSums``: ``eliminate`` ranks by them, ``finished`` makes the
-      array.
+      the fused kernel on the packed projection (or T5's by distance) and from the Pallas
+      second pass the ACC comes unfinished, as ``ColumnSums``: ``eliminate`` ranks by them,
+      ``finished`` makes the array.
     """
     impl = attn_lib.resolve_implementation(attention_impl, q.dtype)
     how, interpret = "probs", False
@@ -586,9 +591,12 @@ def attend_and_score(
                 scores = acc_scores_from_lse(sg(q), sg(k), sg(lse), mask, scale=scale, causal=causal,
                                              protect=protect, bias=sg(bias))
             else:
+                # unfinished: the selection kernel sums the heads' parts where it runs
+                # (``keep_rows.LARGE_MIN_ROWS``), XLA (``finished``) elsewhere
                 scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
                                           protect=protect, interpret=interpret, lse=sg(lse),
-                                          rel_bias=sg(bias_by_distance), positions=positions)
+                                          rel_bias=sg(bias_by_distance), positions=positions,
+                                          unfinished=True)
     return ctx, scores, probs
 
 

@@ -96,6 +96,38 @@ def test_fused_causal_kernel_prefill_keeps_what_probabilities_keep(tiny):
     _assert_same_prefill(runs["probs"], runs["fused_interpret"])
 
 
+def test_second_pass_sums_go_unfinished_to_the_selection_kernel(tiny, monkeypatch):
+    """The second ACC pass (the Pallas kernel beside flash attention, interpreted) hands its
+    per-head column sums unfinished (``acc.ColumnSums``) to ``eliminate``: with the selection
+    kernel allowed on large layers (``keep_rows.LARGE_MIN_ROWS``, its threshold search, made
+    small here) the kernel finishes them itself (a sum over the heads, each divided by the heads
+    times the queries that see it, the last token protected through the mask); without it XLA
+    finishes them. Both keep, score and cache what ACC from the probabilities does."""
+    from accjax.kernels import keep_rows
+
+    ld, _ = tiny
+    batch = padded_batch(np.random.default_rng(6), [16, 12, 7], 16, 97)
+    selections = []
+    real_select = keep_rows.select_and_gather
+    monkeypatch.setattr(keep_rows, "select_and_gather",
+                        lambda *a: selections.append((a[0].shape, a[2], a[7])) or real_select(*a))
+    monkeypatch.setattr(keep_rows, "KERNEL", "interpret")
+    monkeypatch.setattr(acc, "SELECT_METHOD", "kernel")
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 4)  # (no layer ranks: 16, 12, 6 rows enter)
+    monkeypatch.setattr(keep_rows, "THRESHOLD_ROWS", 8)  # the threshold search from 9 rows
+    runs = {}
+    for how, large in (("probs", None), ("pallas_interpret", None), ("pallas_interpret", 9)):
+        monkeypatch.setattr(keep_rows, "LARGE_MIN_ROWS", large)
+        module = gpt2.GPT2LMHeadModel(ld.config.replace(acc_impl=how))
+        runs[how, large] = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2,
+                                     schedule=(12, 6, 3))
+    n = ld.config.num_heads
+    # only the layers of at least 9 rows (16 and 12), from the heads' sums [B, N, T]
+    assert selections == [((3, n, 16), 12, n), ((3, n, 12), 6, n)]
+    for key in (("pallas_interpret", None), ("pallas_interpret", 9)):
+        _assert_same_prefill(runs["probs", None], runs[key], str(key))
+
+
 def _assert_same_prefill(want, got, msg: str = "") -> None:
     """Two prefills' (logits, cache, output) agree: every eliminating layer's kept rows exactly,
     ACC where finite (and finite in the same places), logits and KV cache to 1e-5."""

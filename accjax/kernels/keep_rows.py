@@ -71,6 +71,12 @@ KERNEL = "auto"
 # (no layer above 128 rows) even (docs/benchmarks.md, twenty-second session). Again with GPT-2's
 # causal sums finished here: 256 is 4.3-4.8% slower at 3x / 3.72x (thirty-first session).
 MAX_ROWS = 128
+# Layers of at least this many rows run the kernel too (its threshold search; None: XLA's
+# selection, as above MAX_ROWS). Since the second ACC pass hands the kernel its per-head sums
+# unfinished (``acc.ColumnSums``), the kernel there replaces XLA's finishing (sum over heads,
+# normaliser, division, masks: about six fusions in each of GPT-2's cuDNN layers) as well as its
+# selection and gather; the seventeenth session's "as fast as XLA" compared finished scores.
+LARGE_MIN_ROWS: int | None = None
 RANK_CHUNK = 128  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time (the gather path)
 # A call of at most this many programs stores each kept row at its place (one load of the
@@ -305,10 +311,11 @@ def _col_chunk(d: int, programs: int = 0) -> int:
 
 def fits(t: int, tensors) -> bool:
     """Whether rows [B, t] and these [B, t, ...] tensors can run the kernel: at most
-    ``MAX_ROWS`` rows, every tensor with the same number of columns (trailing dims
+    ``MAX_ROWS`` rows or at least ``LARGE_MIN_ROWS`` (and above ``THRESHOLD_ROWS``), every tensor with the same number of columns (trailing dims
     flattened), a multiple of 16."""
     cols = {math.prod(x.shape[2:]) for x in tensors}
-    return t <= MAX_ROWS and len(cols) <= 1 and all(_col_chunk(c) for c in cols)
+    rows_ok = t <= MAX_ROWS or (LARGE_MIN_ROWS is not None and t >= max(LARGE_MIN_ROWS, THRESHOLD_ROWS + 1))
+    return rows_ok and len(cols) <= 1 and all(_col_chunk(c) for c in cols)
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "interpret", "blocks", "protect_first", "causal_heads"))
