@@ -72,10 +72,14 @@ KERNEL = "auto"
 # causal sums finished here: 256 is 4.3-4.8% slower at 3x / 3.72x (thirty-first session).
 MAX_ROWS = 128
 # Layers of at least this many rows run the kernel too (its threshold search; None: XLA's
-# selection, as above MAX_ROWS). Since the second ACC pass hands the kernel its per-head sums
-# unfinished (``acc.ColumnSums``), the kernel there replaces XLA's finishing (sum over heads,
-# normaliser, division, masks: about six fusions in each of GPT-2's cuDNN layers) as well as its
-# selection and gather; the seventeenth session's "as fast as XLA" compared finished scores.
+# finishing, selection and gather, as above MAX_ROWS). The second ACC pass hands its per-head
+# sums unfinished (``acc.ColumnSums``), so there the kernel would replace XLA's finishing (sum
+# over heads, normaliser, division, masks) as well. Measured slower all the same (H100, same
+# process, pipelined, 257 against None): GPT-2 8 x 1024 prefill 2x +7.7%, 3x +7.4%, 3.72x +1.5%;
+# BERT-base 32 x 512 4.8x +0.8%; Flan-T5 16 x 512 2x +1.8%, 4x +1.3%; identical outputs. The
+# kernel takes 75-81 us a layer at 1024-712 rows (each of its 192 programs sums the 12 heads'
+# parts and searches all 1024 scores again), where XLA's finishing, selection and gather took
+# 46 us at layer 0 (docs/benchmarks.md, thirty-third session).
 LARGE_MIN_ROWS: int | None = None
 RANK_CHUNK = 128  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time (the gather path)
