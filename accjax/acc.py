@@ -121,7 +121,8 @@ PROTECTED = 2.0
 class ColumnSums:
     """ACC before it is finished, as the fused attention kernel or the second pass
     (``acc_scores_fused(unfinished=True)``) leaves it: each key row's column sums in ``parts``
-    [B, P, Sp] partial sums (one per head, or per head and query tile; columns past S are zero), the key mask ``mask`` [B, S] float (0 padding, 1.0 a real row,
+    [B, P, Sp] partial sums (one per head, or per head and query tile; columns past S are
+    zero), the key mask ``mask`` [B, S] float (0 padding, 1.0 a real row,
     ``PROTECTED`` a real row never dropped), the normaliser ``denom`` ([B, 1], or [B, S] when
     causal), ``protect`` (None or ``FIRST_ROW``) and ``causal_heads`` (0, or the heads N of a
     causal attention: ``denom`` is then N x the real rows at or after each row). ``finished()``
@@ -274,13 +275,17 @@ def acc_scores_fused(
       rel_bias, positions: a logits bias by relative position (T5), [N, 2P - 1], and the
         rows' original positions [B, T]; needs ``lse`` (see ``column_sums_from_lse``).
       unfinished: return the per-head column sums as ``ColumnSums`` (the selection kernel
-        finishes them; ``finished`` gives the array).
+        finishes them; ``finished`` gives the array). Self-attention only when causal: the
+        kernel counts each row's queries from the key mask.
     Returns:
-      [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``.
+      [B, S] float32, equal to ``acc_scores(probs, ..., variant='plain')``; with
+      ``unfinished``, ``ColumnSums`` whose ``finished()`` is that array.
     """
     from accjax import sharding
     from accjax.kernels import acc_pallas
 
+    if unfinished and causal and query_mask is not None:
+        raise ValueError("unfinished causal column sums are for self-attention (no query_mask)")
     if query_mask is None:
         query_mask = key_mask
     if lse is None:
@@ -591,8 +596,8 @@ def attend_and_score(
                 scores = acc_scores_from_lse(sg(q), sg(k), sg(lse), mask, scale=scale, causal=causal,
                                              protect=protect, bias=sg(bias))
             else:
-                # unfinished: the selection kernel sums the heads' parts where it runs
-                # (``keep_rows.LARGE_MIN_ROWS``), XLA (``finished``) elsewhere
+                # unfinished: the selection kernel sums the heads' parts where it runs (up to
+                # ``keep_rows.MAX_ROWS`` rows, or from ``LARGE_MIN_ROWS``), XLA elsewhere
                 scores = acc_scores_fused(sg(q), sg(k), mask, scale=scale, causal=causal,
                                           protect=protect, interpret=interpret, lse=sg(lse),
                                           rel_bias=sg(bias_by_distance), positions=positions,

@@ -126,6 +126,18 @@ def test_second_pass_sums_go_unfinished_to_the_selection_kernel(tiny, monkeypatc
     assert selections == [((3, n, 16), 12, n), ((3, n, 12), 6, n)]
     for key in (("pallas_interpret", None), ("pallas_interpret", 9)):
         _assert_same_prefill(runs["probs", None], runs[key], str(key))
+    # the unfinished sums finish to the very array the finished path returns
+    rng = np.random.default_rng(7)
+    q, k = (jnp.asarray(rng.normal(size=(2, 10, 2, 16)), jnp.float32) for _ in range(2))
+    m = jnp.asarray(np.arange(10)[None] < np.array([[10], [6]]))
+    last = jnp.asarray(np.arange(10)[None] == np.array([[9], [5]]))
+    for causal in (True, False):
+        kw = dict(scale=0.25, causal=causal, protect=last, interpret=True)
+        cs = acc.acc_scores_fused(q, k, m, unfinished=True, **kw)
+        assert isinstance(cs, acc.ColumnSums) and cs.causal_heads == (2 if causal else 0)
+        np.testing.assert_array_equal(np.asarray(cs.finished()), np.asarray(acc.acc_scores_fused(q, k, m, **kw)))
+    with pytest.raises(ValueError, match="self-attention"):
+        acc.acc_scores_fused(q, k, m, m, scale=0.25, causal=True, interpret=True, unfinished=True)
 
 
 def _assert_same_prefill(want, got, msg: str = "") -> None:
