@@ -79,7 +79,8 @@ MAX_ROWS = 128
 # BERT-base 32 x 512 4.8x +0.8%; Flan-T5 16 x 512 2x +1.8%, 4x +1.3%; identical outputs. The
 # kernel takes 75-81 us a layer at 1024-712 rows (each of its 192 programs sums the 12 heads'
 # parts and searches all 1024 scores again), where XLA's finishing, selection and gather took
-# 46 us at layer 0 (docs/benchmarks.md, thirty-third session).
+# 46 us at layer 0; with 8 or 16 warps a program it is slower still (docs/benchmarks.md,
+# thirty-third session).
 LARGE_MIN_ROWS: int | None = None
 RANK_CHUNK = 128  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time (the gather path)
