@@ -316,8 +316,8 @@ def _col_chunk(d: int, programs: int = 0) -> int:
 
 def fits(t: int, tensors) -> bool:
     """Whether rows [B, t] and these [B, t, ...] tensors can run the kernel: at most
-    ``MAX_ROWS`` rows or at least ``LARGE_MIN_ROWS`` (and above ``THRESHOLD_ROWS``), every tensor with the same number of columns (trailing dims
-    flattened), a multiple of 16."""
+    ``MAX_ROWS`` rows or at least ``LARGE_MIN_ROWS`` (and above ``THRESHOLD_ROWS``), every
+    tensor with the same number of columns (trailing dims flattened), a multiple of 16."""
     cols = {math.prod(x.shape[2:]) for x in tensors}
     rows_ok = t <= MAX_ROWS or (LARGE_MIN_ROWS is not None and t >= max(LARGE_MIN_ROWS, THRESHOLD_ROWS + 1))
     return rows_ok and len(cols) <= 1 and all(_col_chunk(c) for c in cols)
