@@ -208,8 +208,7 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> tuple[dict, dict]:
             tags.append((None, "attention+acc"))  # the layer comes from the next kernel
         elif base in ("_kernel", "_lse_kernel"):
             tags.append((None, "acc"))
-        elif base in ("_keep_rows_kernel", "_threshold_kernel", "_rank_kernel", "_place_kernel"):
-            # kernels.keep_rows: selection (and gathers)
+        elif base in ("_keep_rows_kernel", "_threshold_kernel"):  # kernels.keep_rows: selection, gathers
             tags.append((None, "select"))
         elif kind_of(name) == "gemm":
             tags.append((None, "gemm"))

@@ -100,10 +100,9 @@ def test_second_pass_sums_go_unfinished_to_the_selection_kernel(tiny, monkeypatc
     """The second ACC pass (the Pallas kernel beside flash attention, interpreted) hands its
     per-head column sums unfinished (``acc.ColumnSums``) to ``eliminate``: with the selection
     kernel allowed on large layers (``keep_rows.LARGE_MIN_ROWS``, its threshold search, made
-    small here), or the two ranking kernels (``RANKED_MIN_ROWS``), the kernels finish them (a
-    sum over the heads, each divided by the heads times the queries that see it, the last token
-    protected through the mask); without them XLA finishes them. All keep, score and cache what
-    ACC from the probabilities does."""
+    small here) the kernel finishes them itself (a sum over the heads, each divided by the heads
+    times the queries that see it, the last token protected through the mask); without it XLA
+    finishes them. Both keep, score and cache what ACC from the probabilities does."""
     from accjax.kernels import keep_rows
 
     ld, _ = tiny
@@ -116,26 +115,17 @@ def test_second_pass_sums_go_unfinished_to_the_selection_kernel(tiny, monkeypatc
     monkeypatch.setattr(acc, "SELECT_METHOD", "kernel")
     monkeypatch.setattr(keep_rows, "MAX_ROWS", 4)  # (no layer ranks: 16, 12, 6 rows enter)
     monkeypatch.setattr(keep_rows, "THRESHOLD_ROWS", 8)  # the threshold search from 9 rows
-    ranks = []
-    real_rank = keep_rows._rank_kernel
-    monkeypatch.setattr(keep_rows, "_rank_kernel",
-                        lambda *a, **kw: ranks.append(kw["keep"]) or real_rank(*a, **kw))
     runs = {}
-    for how, large, ranked in (("probs", None, None), ("pallas_interpret", None, None),
-                               ("pallas_interpret", 9, None), ("pallas_interpret", None, 9)):
+    for how, large in (("probs", None), ("pallas_interpret", None), ("pallas_interpret", 9)):
         monkeypatch.setattr(keep_rows, "LARGE_MIN_ROWS", large)
-        monkeypatch.setattr(keep_rows, "RANKED_MIN_ROWS", ranked)
-        jax.clear_caches()  # (the bounds are read when the jitted selection is traced)
         module = gpt2.GPT2LMHeadModel(ld.config.replace(acc_impl=how))
-        runs[how, large, ranked] = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2,
-                                             schedule=(12, 6, 3))
+        runs[how, large] = jit_apply(module, ld.params, batch, method="prefill", max_new_tokens=2,
+                                     schedule=(12, 6, 3))
     n = ld.config.num_heads
-    # only the layers of at least 9 rows (16 and 12), from the heads' sums [B, N, T]: by the
-    # threshold search, then by the two ranking kernels (each program of them ranks its rows)
-    assert selections == [((3, n, 16), 12, n), ((3, n, 12), 6, n)] * 2
-    assert sorted(set(ranks)) == [6, 12]
-    for key in (("pallas_interpret", None, None), ("pallas_interpret", 9, None), ("pallas_interpret", None, 9)):
-        _assert_same_prefill(runs["probs", None, None], runs[key], str(key))
+    # only the layers of at least 9 rows (16 and 12), from the heads' sums [B, N, T]
+    assert selections == [((3, n, 16), 12, n), ((3, n, 12), 6, n)]
+    for key in (("pallas_interpret", None), ("pallas_interpret", 9)):
+        _assert_same_prefill(runs["probs", None], runs[key], str(key))
     # the unfinished sums finish to the very array the finished path returns
     rng = np.random.default_rng(7)
     q, k = (jnp.asarray(rng.normal(size=(2, 10, 2, 16)), jnp.float32) for _ in range(2))

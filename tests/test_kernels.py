@@ -469,14 +469,6 @@ def test_rank_selection_docstring_example():
         acc.select_rows(s, 2, method="sort")
 
 
-def _keep_rows_path(monkeypatch, path: str) -> None:
-    """Selects by the one kernel at any row count ('one', ``MAX_ROWS`` raised) or by the two
-    ranking kernels with XLA's gathers ('ranked', ``RANKED_MIN_ROWS``) at every row count."""
-    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024 if path == "one" else 0)
-    monkeypatch.setattr(keep_rows, "RANKED_MIN_ROWS", None if path == "one" else 1)
-    jax.clear_caches()  # (the bounds are read when the jitted selection is traced)
-
-
 def _tied_scores(rng, b, t):
     s = rng.integers(0, 6, (b, t)).astype(np.float32)  # many ties
     s[:, 0] = np.inf  # protected
@@ -484,18 +476,15 @@ def _tied_scores(rng, b, t):
     return jnp.asarray(s)
 
 
-# one kernel: 150 rows (padded to 256) rank in two chunks; 700 (above ``MAX_ROWS``, allowed here)
-# take the threshold path (eight row tiles, each scattering its kept rows); ranked: 37 rows one
-# program an example, 700 twelve (``RANK_TILE`` 64)
-@pytest.mark.parametrize("t,path", [(37, "one"), (64, "one"), (150, "one"), (700, "one"), (37, "ranked"),
-                                    (700, "ranked")])
-def test_keep_rows_kernel_selects_and_gathers_as_xla(t, path, monkeypatch):
-    """Selection and gather in one kernel, or in the two ranking kernels and XLA's gathers
-    (interpreted): the indices of ``lax.top_k`` + sort (ties to the lower index, original
-    order) at every keep from 1 to all rows, and each tensor's rows bit for bit (a [B, T, D]
-    hidden state and a [B, T, N, H] context, bf16 and float32), with rows and kept rows that
-    are no power of two."""
-    _keep_rows_path(monkeypatch, path)
+# 150 rows (padded to 256) rank in two chunks; 700 (above ``MAX_ROWS``, allowed here) take the threshold
+# path (eight row tiles, each scattering its kept rows)
+@pytest.mark.parametrize("t", [37, 64, 150, 700])
+def test_keep_rows_kernel_selects_and_gathers_as_xla(t, monkeypatch):
+    """Selection and gather in one kernel (interpreted): the indices of ``lax.top_k`` + sort
+    (ties to the lower index, original order) at every keep from 1 to all rows, and each
+    tensor's rows bit for bit (a [B, T, D] hidden state and a [B, T, N, H] context, bf16 and
+    float32), with rows and kept rows that are no power of two."""
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)
     rng = np.random.default_rng(t)
     b = 3
     s = _tied_scores(rng, b, t)
@@ -509,15 +498,8 @@ def test_keep_rows_kernel_selects_and_gathers_as_xla(t, path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(gc), np.asarray(acc.take_rows(ctx, ref)))
     idx, rows = keep_rows.select_and_gather_rows(s, [], keep=5, interpret=True)  # selection alone
     assert rows == [] and np.array_equal(np.asarray(idx), np.asarray(acc.select_rows(s, 5, method="top_k")))
-    if path == "one":
-        with pytest.raises(ValueError, match="cannot select"):
-            keep_rows.select_and_gather_rows(s, [x[..., :40]], keep=5, interpret=True)  # 40 columns: no chunk
-    else:  # XLA gathers any tensor; the ranks are counted in programs of RANK_TILE rows
-        idx, (g,) = keep_rows.select_and_gather_rows(s, [x[..., :40]], keep=5, interpret=True)
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(acc.take_rows(x[..., :40], idx)))
-        grids = _pallas_grids(jax.make_jaxpr(functools.partial(
-            keep_rows.select_and_gather_rows, keep=5, interpret=True))(s, []).jaxpr)
-        assert grids == [(b, keep_rows._pow2(t) // min(keep_rows.RANK_TILE, keep_rows._pow2(t))), (b,)]
+    with pytest.raises(ValueError, match="cannot select"):
+        keep_rows.select_and_gather_rows(s, [x[..., :40]], keep=5, interpret=True)  # 40 columns: no chunk
 
 
 def _pallas_grids(jaxpr):
@@ -586,16 +568,14 @@ def test_keep_rows_threshold_orders_every_float_as_top_k(monkeypatch):
         np.testing.assert_array_equal(np.asarray(idx), np.sort(np.asarray(ref), axis=1), err_msg=str(keep))
 
 
-@pytest.mark.parametrize("t,n_parts,path", [(37, 6, "one"), (64, 24, "one"), (150, 5, "one"), (600, 3, "one"),
-                                            (150, 12, "ranked"), (600, 48, "ranked")])
-def test_keep_rows_kernel_ranks_by_column_sums_as_acc(t, n_parts, path, monkeypatch):
+@pytest.mark.parametrize("t,n_parts", [(37, 6), (64, 24), (150, 5), (600, 3)])
+def test_keep_rows_kernel_ranks_by_column_sums_as_acc(t, n_parts, monkeypatch):
     """Given the fused kernel's column sums unreduced (``acc.ColumnSums``), the kernel keeps
     the rows XLA keeps by the finished ACC (summed, normalised, padding -inf, row 0 +inf):
     integer parts, so every sum is exact in any order and many rows tie; padded columns past
     T hold garbage the kernel must not read as rows; each keep from 1 to all rows; [B, T]
-    fields (the mask, positions) come back gathered; by the one kernel, or by the two ranking
-    kernels (their parts loaded in blocks of powers of two: 12 as 8 + 4, 48 as 32 + 16)."""
-    _keep_rows_path(monkeypatch, path)  # (600 rows: above 'auto''s bound for the one kernel)
+    fields (the mask, positions) come back gathered."""
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)  # (600 rows: above 'auto''s bound)
     rng = np.random.default_rng(t + n_parts)
     b, tp = 3, acc_pallas._pow2(t)
     parts = rng.integers(0, 3, (b, n_parts, tp)).astype(np.float32)
@@ -630,15 +610,14 @@ def test_keep_rows_kernel_ranks_by_column_sums_as_acc(t, n_parts, path, monkeypa
 
 # 37 rows: the suffix count over the whole example; 150 (padded to 256): two rank chunks, each
 # counting against every row; 600: the threshold path's row tiles
-@pytest.mark.parametrize("t,path", [(37, "one"), (150, "one"), (600, "one"), (150, "ranked"), (600, "ranked")])
-def test_keep_rows_kernel_finishes_causal_column_sums_as_acc(t, path, monkeypatch):
+@pytest.mark.parametrize("t", [37, 150, 600])
+def test_keep_rows_kernel_finishes_causal_column_sums_as_acc(t, monkeypatch):
     """A decoder's column sums (``causal_heads``): the kernel divides each by the heads times
     the real rows at or after it, as ``acc._denominator`` does, ranks rows marked
     ``PROTECTED`` first, and keeps the rows XLA keeps by the finished ACC. Integer parts
     over small counts give many equal quotients from different sums (2/3 and 4/6), which
-    must tie as exactly as XLA's divisions make them. The ranking kernels count each row's
-    queries from the real rows of the chunks after its own (a running count)."""
-    _keep_rows_path(monkeypatch, path)
+    must tie as exactly as XLA's divisions make them."""
+    monkeypatch.setattr(keep_rows, "MAX_ROWS", 1024)
     rng = np.random.default_rng(t)
     b, n, n_parts, tp = 3, 4, 5, acc_pallas._pow2(t)
     parts = rng.integers(0, 3, (b, n_parts, tp)).astype(np.float32)
@@ -739,13 +718,8 @@ def test_bert_with_the_keep_rows_kernel_keeps_the_same_rows(tmp_path, monkeypatc
         np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), rtol=1e-5, atol=1e-5)
 
 
-def test_keep_rows_probe(monkeypatch):
-    """The probe passes, and fails when the ranking kernels of large layers keep a row too
-    many (the one kernel still right): 'auto' never runs a path it has not checked."""
+def test_keep_rows_probe():
     assert keep_rows._probe(interpret=True)
-    real = keep_rows._rank_kernel
-    monkeypatch.setattr(keep_rows, "_rank_kernel", lambda *a, **kw: real(*a, **{**kw, "keep": kw["keep"] + 1}))
-    assert not keep_rows._probe(interpret=True)
 
 
 def test_kernels_lower_for_the_gpu_at_uneven_rows(monkeypatch):
@@ -813,11 +787,6 @@ def test_kernels_lower_for_the_gpu_at_uneven_rows(monkeypatch):
         "select_and_gather_rows from column sums (keep 310 of 400: the threshold path)": lambda: (
             keep_rows.select_and_gather_rows(jnp.zeros((2, 4, 512)), [q.reshape(2, 400, 128)], keep=310, mask=m,
                                              fields=(m.astype(jnp.float32), pos))),
-        "the two ranking kernels from 12 heads' causal column sums (keep 310 of 400)": lambda: (
-            keep_rows._ranked_select(jnp.zeros((2, 12, 448)), m.astype(jnp.float32), [m.astype(jnp.float32), pos],
-                                     keep=310, t=400, interpret=False, protect_first=False, causal_heads=12)),
-        "the two ranking kernels from scores (keep 77 of 400, CLS protected)": lambda: keep_rows._ranked_select(
-            lse[:, 0], None, [], keep=77, t=400, interpret=False, protect_first=True, causal_heads=0),
         "step_proj_rows (5 rows: RMS norm, gated activation)": lambda: step_proj.step_proj_rows(
             q[0, :5].reshape(5, 128), jnp.stack([q[1, :128, 0], k[1, :128, 0]], 1), scale=rb[0, :128],
             act=jax.nn.gelu),

@@ -82,17 +82,6 @@ MAX_ROWS = 128
 # 46 us at layer 0; with 8 or 16 warps a program it is slower still (docs/benchmarks.md,
 # thirty-third session).
 LARGE_MIN_ROWS: int | None = None
-# Layers of more than MAX_ROWS rows, from RANKED_MIN_ROWS on (None: XLA's finishing and
-# selection), select in two small kernels and leave the gathers to XLA (``take_along_axis``,
-# which copies rows at a copy's rate): ``_rank_kernel``, one program per (example, RANK_TILE
-# rows), finishes every row's score and counts how many rows beat each of its own; then
-# ``_place_kernel``, one program per example, stores each kept row's index at its place (and
-# the [B, T] fields' values). That replaces the six to eight XLA fusions between the second ACC
-# pass and the gather (the sum over heads, the causal normaliser, the masks, the rank count,
-# the running count and the indices).
-RANKED_MIN_ROWS: int | None = None
-RANK_TILE = 64
-PARTS_UNROLL = 16  # column sums' parts loaded together (then added in order)
 RANK_CHUNK = 128  # rows i compared with every row j at a time ([RANK_CHUNK, T] in registers)
 OUT_CHUNK = 32  # kept rows r found and copied at a time (the gather path)
 # A call of at most this many programs stores each kept row at its place (one load of the
@@ -310,131 +299,6 @@ def _threshold_kernel(s_ref, *refs, keep: int, t: int, n_tensors: int, n_fields:
         plgpu.store(o_ref.at[dest[:, None], cols[None, :]], rows, mask=kept_i[:, None])
 
 
-def _chunk_scores(s_ref, m_ref, d_ref, start, *, t: int, size: int, parts: int, protect_first: bool,
-                  interpret: bool):
-    """(row indices, float32 scores) of rows [start, start + size) (``start`` may be traced),
-    as ``_scores_fn`` scores them but without a reduction across threads (each costs a
-    shared-memory round trip): the parts added one after another in a fixed order, so a row's
-    score is the same float in every program that scores it, their loads issued together
-    (``PARTS_UNROLL`` at a time); a causal row's normaliser read from ``d_ref`` [Tp] (XLA's
-    ``acc._denominator``) instead of counted here; -inf for padding, +inf for protected rows."""
-    from jax.experimental.pallas import triton as plgpu
-
-    from accjax.acc import protected_rows
-
-    tp = s_ref.shape[-1]
-    i = start + jnp.arange(size, dtype=jnp.int32)
-    cols = pl.ds(start, size)
-
-    def load(ref, other):  # rows past T (the block overhangs them) as ``other``
-        return ref[...] if t == tp else plgpu.load(ref, mask=i < t, other=other)
-
-    if not parts:
-        return i, load(s_ref.at[cols], -jnp.inf)
-
-    def add(first, n, col):  # parts [first, first + n), in order
-        for p in range(n):  # (an array index: the interpreter's loads take no Python int)
-            col = col + load(s_ref.at[jnp.asarray(first, jnp.int32) + p, cols], 0.0)
-        return col
-
-    col = jnp.zeros((size,), jnp.float32)
-    whole = parts // PARTS_UNROLL
-    if whole:
-        col = jax.lax.fori_loop(0, whole, lambda g, c: add(g * PARTS_UNROLL, PARTS_UNROLL, c), col)
-    col = add(whole * PARTS_UNROLL, parts % PARTS_UNROLL, col)
-    m = load(m_ref.at[cols], 0.0)
-    real = m > 0.5
-    if d_ref is not None:
-        col = _div_rn(col, load(d_ref.at[cols], 1.0), interpret)
-    sc = jnp.where(real, col, -jnp.inf)
-    sc = jnp.where(protected_rows(m), jnp.inf, sc)
-    if protect_first:
-        sc = jnp.where(real & (i == 0), jnp.inf, sc)
-    return i, sc
-
-
-def _rank_kernel(s_ref, *refs, keep: int, t: int, parts: int, protect_first: bool, causal: bool,
-                 interpret: bool, tile: int):
-    # s_ref [Tp] one example's scores, or with ``parts`` > 0 its column sums unreduced
-    # [parts, Tp] followed by m_ref [Tp] and, when ``causal``, d_ref [Tp] (each row's
-    # normaliser); kept_ref [tile]: this program's rows, 1 where the row is among the
-    # example's ``keep`` best (rank below keep), else 0
-    m_ref = refs[0] if parts else None
-    d_ref = refs[1] if parts and causal else None
-    kept_ref = refs[-1]
-    scores = functools.partial(_chunk_scores, s_ref, m_ref, d_ref, t=t, size=tile, parts=parts,
-                               protect_first=protect_first, interpret=interpret)
-    j, s_j = scores(pl.program_id(1) * tile)
-
-    # rows i beating rows j, counted per (i within a chunk, j) in registers over the chunks (a
-    # loop: bounded registers at any row count) and summed over i once at the end
-    def chunk(c, beaten):
-        i, s_i = scores(c * tile)
-        beats = (s_i[:, None] > s_j[None, :]) | ((s_i[:, None] == s_j[None, :]) & (i[:, None] < j[None, :]))
-        return beaten + beats.astype(jnp.int32)
-
-    beaten = jax.lax.fori_loop(0, s_ref.shape[-1] // tile, chunk, jnp.zeros((tile, tile), jnp.int32))
-    kept_ref[...] = (jnp.sum(beaten, axis=0) < keep).astype(jnp.int32)
-
-
-def _place_kernel(kept_ref, *refs, t: int, n_fields: int):
-    # kept_ref [Tp] (1: kept); refs: n_fields inputs [Tp] (past T never read), idx [Kp] and
-    # n_fields outputs [Kp] (places past keep never written)
-    from jax.experimental.pallas import triton as plgpu
-
-    fields, idx_ref, outs = refs[:n_fields], refs[n_fields], refs[n_fields + 1:]
-    tp = kept_ref.shape[0]
-    kept = kept_ref[...] > 0
-    j = jnp.arange(tp, dtype=jnp.int32)
-    # each kept row at its place among the kept rows; the others past the block, never stored
-    dest = jnp.where(kept, jnp.cumsum(kept.astype(jnp.int32)) - 1, idx_ref.shape[0])
-    plgpu.store(idx_ref.at[dest], j, mask=kept)
-    for f_ref, g_ref in zip(fields, outs):
-        plgpu.store(g_ref.at[dest], f_ref[...] if t == tp else plgpu.load(f_ref, mask=j < t), mask=kept)
-
-
-def _ranked_select(scores, mask, fields, *, keep: int, t: int, interpret: bool, protect_first: bool,
-                   causal_heads: int, blocks: tuple[int, int] | None = None):
-    """(idx [B, keep], [each field's kept values]) by ``_rank_kernel`` and ``_place_kernel``
-    (``select_and_gather_rows``' arguments)."""
-    from accjax.acc import _denominator
-
-    b = scores.shape[0]
-    tp = _pow2(t)
-    tile = min(RANK_TILE, tp)
-    n_parts = 0 if mask is None else scores.shape[1]
-    params = _triton_params(interpret, *(blocks or BLOCKS))
-    if n_parts:
-        row = pl.BlockSpec((None, tp), lambda i, r: (i, 0))
-        head = [pl.BlockSpec((None, n_parts, tp), lambda i, r: (i, 0, 0)), row]
-        head_args = [scores.astype(jnp.float32), mask.astype(jnp.float32)]
-        if causal_heads:  # each row's normaliser, as ``acc.ColumnSums.denom`` holds it
-            real = mask > 0.5
-            head, head_args = head + [row], head_args + [_denominator(real, real, causal_heads, True)]
-    else:
-        head, head_args = [pl.BlockSpec((None, tp), lambda i, r: (i, 0))], [scores.astype(jnp.float32)]
-    kept = pl.pallas_call(
-        functools.partial(_rank_kernel, keep=keep, t=t, parts=n_parts, protect_first=protect_first,
-                          causal=causal_heads > 0, interpret=interpret, tile=tile),
-        out_shape=jax.ShapeDtypeStruct((b, tp), jnp.int32), grid=(b, tp // tile), in_specs=head,
-        out_specs=pl.BlockSpec((None, tile), lambda i, r: (i, r)), interpret=interpret, **params,
-    )(*head_args)  # [B, Tp] 1 where kept
-    row = pl.BlockSpec((None, tp), lambda i: (i, 0))
-    place = pl.BlockSpec((None, _pow2(keep)), lambda i: (i, 0))
-    out = pl.pallas_call(
-        functools.partial(_place_kernel, t=t, n_fields=len(fields)),
-        out_shape=[jax.ShapeDtypeStruct((b, keep), f.dtype) for f in [kept[:, :1], *fields]],
-        grid=(b,), in_specs=[row] * (1 + len(fields)), out_specs=[place] * (1 + len(fields)),
-        interpret=interpret, **params,
-    )(kept, *fields)
-    return out[0], list(out[1:])
-
-
-def _ranked(t: int) -> bool:
-    """Whether a layer of ``t`` rows selects by ``_rank_kernel`` and ``_place_kernel``."""
-    return t > MAX_ROWS and RANKED_MIN_ROWS is not None and t >= RANKED_MIN_ROWS
-
-
 def _col_chunk(d: int, programs: int = 0) -> int:
     """The largest power of two >= 16 and <= MAX_COLS dividing d (0: none), halved while
     ``programs`` (the grid's other axes: examples x row tiles) times d / chunk is below
@@ -453,10 +317,7 @@ def _col_chunk(d: int, programs: int = 0) -> int:
 def fits(t: int, tensors) -> bool:
     """Whether rows [B, t] and these [B, t, ...] tensors can run the kernel: at most
     ``MAX_ROWS`` rows or at least ``LARGE_MIN_ROWS`` (and above ``THRESHOLD_ROWS``), every
-    tensor with the same number of columns (trailing dims flattened), a multiple of 16; or
-    any tensors at ``RANKED_MIN_ROWS`` rows or more (XLA gathers them)."""
-    if _ranked(t):
-        return True
+    tensor with the same number of columns (trailing dims flattened), a multiple of 16."""
     cols = {math.prod(x.shape[2:]) for x in tensors}
     rows_ok = t <= MAX_ROWS or (LARGE_MIN_ROWS is not None and t >= max(LARGE_MIN_ROWS, THRESHOLD_ROWS + 1))
     return rows_ok and len(cols) <= 1 and all(_col_chunk(c) for c in cols)
@@ -497,11 +358,6 @@ def select_and_gather_rows(scores, tensors, *, keep: int, interpret: bool = Fals
         raise ValueError(f"fields must be [{b}, {t}] 32-bit arrays, got {[(f.shape, f.dtype) for f in fields]}")
     if causal_heads and not n_parts:
         raise ValueError("causal_heads divides column sums: give them with their mask")
-    if _ranked(t):  # the selection in two kernels, the tensors gathered by XLA
-        idx, gathered = _ranked_select(scores, mask, fields, keep=keep, t=t, interpret=interpret,
-                                       protect_first=protect_first, causal_heads=causal_heads, blocks=blocks)
-        at = [idx.reshape(idx.shape + (1,) * (x.ndim - 2)) for x in tensors]
-        return idx, [jnp.take_along_axis(x, i, axis=1) for x, i in zip(tensors, at)] + gathered
     common = dict(keep=keep, t=t, n_tensors=len(flat), n_fields=len(fields), parts=n_parts,
                   protect_first=protect_first, causal_heads=causal_heads, interpret=interpret)
     if tp > THRESHOLD_ROWS:  # (example, row tile, column chunk)
@@ -620,12 +476,7 @@ def _probe(interpret: bool = False) -> bool:
     acc = np.where(mask > 1.5, np.inf, np.where(real, acc, -np.inf)).astype(np.float32)
     causal = select_and_gather_rows.lower(parts, [x], keep=keep, interpret=interpret, mask=mask,
                                           causal_heads=heads).compile()(parts, [x], mask=mask)
-    # the two kernels of large layers (``_ranked``) on the same rows, the tensor gathered by XLA
-    ranked = functools.partial(_ranked_select, keep=keep, t=40, interpret=interpret, protect_first=False)
-    ranked = [jax.jit(lambda s_, m_, c=c: ranked(s_, m_, [], causal_heads=c)[0]).lower(*a).compile()(*a)
-              for c, a in ((0, (s, None)), (heads, (parts, mask)))]
-    ranked = [(idx, [np.take_along_axis(x, np.asarray(idx)[:, :, None], axis=1)]) for idx in ranked]
-    return bool(ok and same(causal, acc) and same(ranked[0], s) and same(ranked[1], acc))
+    return bool(ok and same(causal, acc))
 
 
 def applies(t: int, tensors=()) -> bool:
