@@ -6,7 +6,10 @@ pipelined sets), with the largest logit difference against the first setting. A 
 ``env.NAME`` sets that environment variable while the setting's programs compile (a string, e.g.
 ``env.ACCJAX_TRITON_GEMM="1"``: XLA's Triton GEMMs everywhere), one written ``xla.NAME`` adds
 that XLA option to every compilation of the setting's programs (``programs.compiler_options``,
-e.g. ``xla.xla_gpu_enable_cublaslt=True``), and an empty setting ``''`` is the code as it
+e.g. ``xla.xla_gpu_enable_cublaslt=True``), one written ``swap.MODULE.NAME`` replaces that
+attribute of MODULE with the one of the same name in the Python file it names, loaded as a
+module of its own (a function as an earlier commit had it: the file from ``git show``, which
+travels to the device as an untracked file), and an empty setting ``''`` is the code as it
 stands.
 
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.layer_norm \
@@ -21,6 +24,10 @@ stands.
         --settings '' 'SEPARATE_QKV_BACKENDS=("gpu",)' --shapes 8x1024 --speedups 1,2,3.72
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.programs --model gpt2 --task lm \
         --settings '' 'env.ACCJAX_TRITON_GEMM="1"' --shapes 8x1024 --speedups 1,3.72
+    git show f2c2f59^:accjax/kernels/acc_pallas.py > old_acc_pallas.py  # (then, on the device:)
+    PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.acc_pallas --model gpt2 --task lm \
+        --settings 'swap.accjax.kernels.acc_pallas.column_sums_from_lse="old_acc_pallas.py"' '' \
+        --shapes 8x1024 --speedups 2,3.72
 
 ``--task lm`` times a decoder's LM prefill programs (next-token logits and KV cache, as
 ``eval.lm --bench`` builds them), ``--task t5`` a T5's encoder + first token (``eval.bench``'s;
@@ -70,6 +77,25 @@ def calls_for(task: str, cfg, params, b: int, n: int, speedups, dtype: str) -> d
     return out
 
 
+def swapped(spec: dict) -> dict:
+    """{(module, name): value} for a setting's ``swap.MODULE.NAME="file.py"`` entries: NAME as
+    the file defines it, the file loaded as a module of its own (once per file)."""
+    import importlib.util
+
+    out = {}
+    for key, path in spec.items():
+        module, name = key.rsplit(".", 1)
+        if path not in swapped.loaded:
+            spec_ = importlib.util.spec_from_file_location(f"swapped_{len(swapped.loaded)}", path)
+            swapped.loaded[path] = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(swapped.loaded[path])
+        out[importlib.import_module(module), name] = getattr(swapped.loaded[path], name)
+    return out
+
+
+swapped.loaded = {}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--module", required=True, help="e.g. accjax.models.common")
@@ -98,12 +124,14 @@ def main():
             fields = {k[4:]: v for k, v in setting.items() if k.startswith("cfg.")}
             env = {k[4:]: str(v) for k, v in setting.items() if k.startswith("env.")}
             xla = {k[4:]: v for k, v in setting.items() if k.startswith("xla.")}
-            consts = {k: v for k, v in setting.items() if not k.startswith(("cfg.", "env.", "xla."))}
+            swaps = swapped({k[5:]: v for k, v in setting.items() if k.startswith("swap.")})
+            consts = {k: v for k, v in setting.items() if not k.startswith(("cfg.", "env.", "xla.", "swap."))}
+            consts = {(mod, k): v for k, v in consts.items()} | swaps
             cfg_s = dataclasses.replace(cfg, **fields)
-            saved = {k: getattr(mod, k) for k in consts}
+            saved = {k: getattr(*k) for k in consts}
             saved_env = {k: os.environ.get(k) for k in env}
-            for k, v in consts.items():
-                setattr(mod, k, v)
+            for (m, k), v in consts.items():
+                setattr(m, k, v)
             os.environ.update(env)
             options = programs.compiler_options
             if xla:
@@ -114,8 +142,8 @@ def main():
                     calls[(label, s)] = call
             finally:
                 programs.compiler_options = options
-                for k, v in saved.items():
-                    setattr(mod, k, v)
+                for (m, k), v in saved.items():
+                    setattr(m, k, v)
                 for k, v in saved_env.items():
                     if v is None:
                         os.environ.pop(k, None)
