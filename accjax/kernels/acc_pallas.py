@@ -166,13 +166,13 @@ def column_sums(q, k, query_mask, key_mask, *, scale: float, causal: bool = Fals
     return out[:, :, :s]
 
 
-def _lse_kernel(lse_ref, qm_ref, km_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal: bool,
+def _lse_kernel(lse_ref, q_ref, k_ref, *rest, scale: float, block_q: int, causal: bool,
                 block_k: int, rel_offset: int | None, t: int, s: int):
-    # refs (batch, head squeezed): lse [Tp] (natural log), qm [Tp] and km [BK] (int masks),
+    # refs (batch, head squeezed): lse [Tp] (log2 units; +inf-like for padding queries),
     # q [Tp, H], k [BK, H] (this program's key block), then with a relative bias: q positions
-    # [Tp], k positions [BK], bias by distance [R]; o [BK]. None is padded: their blocks
-    # overhang T and S, and rows past the end are masked on load (a query past T or padding
-    # gets a huge log-sum-exp, so no probability; a key past S or padding a sum of 0).
+    # [Tp], k positions [BK], bias by distance [R]; o [BK]. q and k are not padded: their
+    # blocks overhang T and S, and rows past the end are masked on load (q past T then meets
+    # a padding query's huge log-sum-exp; keys past S are zeroed by the caller).
     if rel_offset is None:
         (o_ref,) = rest
     else:
@@ -180,18 +180,14 @@ def _lse_kernel(lse_ref, qm_ref, km_ref, q_ref, k_ref, *rest, scale: float, bloc
     t_pad = q_ref.shape[0]
     kb = pl.program_id(2)
     cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
-    k_in = cols < s if s % block_k else None
-    k = _masked_load(k_ref, k_in)  # [BK, H]
+    k = _masked_load(k_ref, cols < s if s % block_k else None)  # [BK, H]
     k_pos = None if rel_offset is None else kp_ref[...]  # [BK] original positions
 
     def body(i, acc, masked: bool):
         start = i * block_q
         rows = start + jnp.arange(block_q, dtype=jnp.int32)
-        q_in = rows < t if t % block_q else None
-        q = _masked_load(q_ref.at[pl.ds(start, block_q), :], q_in)  # [BQ, H]
-        q_ok = _masked_load(qm_ref.at[pl.ds(start, block_q)], q_in) != 0  # [BQ]
-        # float32, in log2 units; padding queries (and rows past T) 1e30: probabilities 0
-        lse = jnp.where(q_ok, _masked_load(lse_ref.at[pl.ds(start, block_q)], q_in) * LOG2E, 1e30)
+        q = _masked_load(q_ref.at[pl.ds(start, block_q), :], rows < t if t % block_q else None)  # [BQ, H]
+        lse = lse_ref[pl.ds(start, block_q)]  # [BQ] float32, already times log2(e)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * (scale * LOG2E)  # [BQ, BK]
         if rel_offset is not None:
@@ -206,7 +202,7 @@ def _lse_kernel(lse_ref, qm_ref, km_ref, q_ref, k_ref, *rest, scale: float, bloc
 
     # Accumulate the [BQ, BK] tile in registers and reduce over queries once at the end: a
     # column sum inside the loop is a cross-warp reduction through shared memory per block.
-    # Padding keys are zeroed at the store. Causal: query blocks that end before this key
+    # Padding keys are zeroed by the caller. Causal: query blocks that end before this key
     # block's first column see none of it, so the walk starts at the block holding row kb * BK;
     # only the blocks up to its last column's row need the causal mask (one when BQ = BK), the
     # rest see every column (no compare and select for most tiles).
@@ -219,7 +215,7 @@ def _lse_kernel(lse_ref, qm_ref, km_ref, q_ref, k_ref, *rest, scale: float, bloc
         acc = jax.lax.fori_loop(plain, n_q, functools.partial(body, masked=False), acc)
     else:
         acc = jax.lax.fori_loop(0, n_q, functools.partial(body, masked=False), acc)
-    o_ref[...] = jnp.where(_masked_load(km_ref, k_in) != 0, jnp.sum(acc, axis=0), 0.0)  # padding keys: 0
+    o_ref[...] = jnp.sum(acc, axis=0)
 
 
 # (block_q, block_k, num_warps, num_stages) of the second pass: the fastest of eight tilings
@@ -261,14 +257,12 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         # blocks overhang and are masked in the kernel (a pad of q and k cost ~10 us an
         # eliminating GPT-2 layer at 8 x 784 on an H200)
         q, k = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, hp - h))) for x in (q, k))
-    # the log-sum-exp and the masks as they are: the kernel scales the one and applies the
-    # others (a padding query gets a huge log-sum-exp, a padding key a sum of 0), so no XLA
-    # fusion prepares them before it or masks its output after it
-    args = [lse.astype(jnp.float32), query_mask.astype(jnp.int32), key_mask.astype(jnp.int32), q, k]
+    # padding queries get a huge log-sum-exp, so their probabilities are exactly 0 in-kernel
+    lse = jnp.where(query_mask[:, None, :], lse.astype(jnp.float32) * LOG2E, 1e30)
+    lse = jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t)), constant_values=1e30)  # [B, N, Tp]
+    args = [lse, q, k]
     in_specs = [
         pl.BlockSpec((None, None, tp), lambda i, j, c: (i, j, 0)),
-        pl.BlockSpec((None, tp), lambda i, j, c: (i, 0)),
-        pl.BlockSpec((None, block_k), lambda i, j, c: (i, c)),
         pl.BlockSpec((None, tp, None, hp), lambda i, j, c: (i, 0, j, 0)),
         pl.BlockSpec((None, block_k, None, hp), lambda i, j, c: (i, c, j, 0)),
     ]
@@ -298,7 +292,7 @@ def column_sums_from_lse(q, k, lse, query_mask, key_mask, *, scale: float, causa
         interpret=interpret,
         **params,
     )(*args)
-    return out[:, :, :s]
+    return jnp.where(key_mask[:, None, :], out[:, :, :s], 0.0)
 
 
 def _masked_load(ref, mask):
