@@ -106,8 +106,8 @@ class RunModel:
     def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int | None = None):
         """A ``Predictor`` planning with ``prune_every`` (default: the run's); with ``max_drop``,
         one whose ``predict(batch)`` runs the fastest program measured for the batch's size and
-        length within that dev drop, at the searched schedules and the stride (``tuned_every``)
-        of the offline-tuning table beside the run (``pick_program``)."""
+        length within that dev drop, at its level and stride (only ``prune_every``'s when given)
+        and the searched schedules of the offline-tuning table beside the run (``pick_program``)."""
         from accjax.inference import Predictor
 
         table, pick = None, None
@@ -116,9 +116,9 @@ class RunModel:
             if not (table or {}).get("latency"):
                 raise EvalError(f"no latency per batch size beside {self.folder}: run python -m "
                                 f"eval.offline_tune --checkpoint {self.folder} --batch_sizes 1,8,64 first")
-            pick_program(table, max_drop, 1, min(self.buckets))  # a bad bound fails here, not mid-serving
-            pick = functools.partial(pick_program, table, max_drop)
-            prune_every = tuned_every(table, prune_every)
+            # a bad bound or a stride the table lacks fails here, not mid-serving
+            pick_program(table, max_drop, 1, min(self.buckets), prune_every=prune_every)
+            pick = functools.partial(pick_program, table, max_drop, prune_every=prune_every)
         return Predictor.from_loaded(self.loaded, batch_size=batch_size, length_buckets=self.buckets,
                                      acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor,
                                      searched=searched(table, (table or {}).get("task")), pick=pick,
@@ -152,8 +152,8 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
                  floor: int = 1, compile: Callable[[sched_lib.Plan, dict], Any] | None = None,
                  baseline: bool = False, progress: bool = False, repeats: int = 0,
                  schedules: dict[tuple[float, int], Sequence[int]] | None = None,
-                 prune_every: int = 1) -> list[dict]:
-    """THE classifier evaluation: every split x speedup, one row each.
+                 prune_every: int | Sequence[int] = 1) -> list[dict]:
+    """THE classifier evaluation: every split x speedup (x stride), one row each.
 
     Each pass compiles what it needs first (``compile``; compilation is never timed), then
     runs every length-bucketed batch at ``schedule.plan(cost, length, speedup)``:
@@ -174,8 +174,10 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
       baseline: add a dense pass (marked ``baseline``) when 1 is not among ``speedups``.
       schedules: (speedup, padded length) -> keep-lengths searched for it (``searched``);
         the other pairs run ``schedule.plan``'s decay. A row's ``source`` says which ran.
+      prune_every: the stride k of ``schedule.plan``, or several: each level is then scored
+        at each (one row per level and stride; dense, which drops nothing, once, as k = 1).
     Returns:
-      rows {task, split, speedup, analytic_speedup, measured_speedup, metrics..., primary,
+      rows {task, split, speedup, prune_every, analytic_speedup, measured_speedup, metrics..., primary,
       drop (vs dense), examples_per_s, ms_per_batch, seconds (of a timed pass of
       ``timed_batches`` batches), examples, batch_size,
       truncated, schedules (per length), source ('dense', 'decay' or 'searched'), clamped
@@ -183,27 +185,29 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
     """
     speedups = list(dict.fromkeys(float(s) for s in speedups))  # a repeated speedup is scored once
     # dense first (added with ``baseline``): the other rows are measured against it
-    levels = ([1.0] if baseline or 1.0 in speedups else []) + [s for s in speedups if s != 1.0]
+    levels = ([(1.0, 1)] if baseline or 1.0 in speedups else []) + [
+        (s, k) for k in strides(prune_every) for s in speedups if s != 1.0]
     rows = []
     for split, feats in features.items():
         batches = data_lib.EvalBatches(feats, batch_size, buckets=buckets)
         items = [batches.batch(k) for k in range(len(batches))]
         split_rows = []
-        for s in levels:
+        for s, k in levels:
             plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor,
-                                    searched=schedules, prune_every=prune_every) for b in items]
+                                    searched=schedules, prune_every=k) for b in items]
             if compile is not None:
                 for p, b in {p: b for b, p in zip(items, plans)}.items():
                     compile(p, b)
             it = zip(items, plans)
             if progress:
-                it = tqdm(list(it), desc=f"{task.name}/{split} x{s:g}", leave=False, unit="batch",
+                it = tqdm(list(it), desc=f"{task.name}/{split} x{s:g}" + (f" k={k}" if k > 1 else ""),
+                          leave=False, unit="batch",
                           disable=False)  # None would hide it when piped
             outs = [run(b, p) for b, p in it]
             m = metrics_lib.compute(task, batches.restore(outs), feats.labels)
             n = [float(b["weights"].sum()) for b in items]
             flops = [w * cost.total(p.length, (p.length,) * cost.num_layers) for w, p in zip(n, plans)]
-            row = {"task": task.name, "split": split, "speedup": s,
+            row = {"task": task.name, "split": split, "speedup": s, "prune_every": k,
                    "analytic_speedup": sum(flops) / sum(f / p.analytic for f, p in zip(flops, plans)),
                    **m, "primary": metrics_lib.primary(task, m),
                    "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
@@ -214,11 +218,11 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
             if s not in speedups:
                 row["baseline"] = True  # dense row added for the comparison
             split_rows.append((row, plans))
-        if levels[0] == 1.0:
+        if levels[0][0] == 1.0:
             for row, _ in split_rows:
                 row["drop"] = split_rows[0][0]["primary"] - row["primary"]
         if repeats > 0:
-            _time_interleaved(split_rows, items, run, repeats, with_dense=levels[0] == 1.0)
+            _time_interleaved(split_rows, items, run, repeats, with_dense=levels[0][0] == 1.0)
         rows += [r for r, _ in split_rows]
     return rows
 
@@ -260,26 +264,27 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
              speedups: Sequence[float] | None = None, batch_size: int | None = None,
              data_dir: str | None = None, progress: bool = True, include_test: bool = False,
              repeats: int = 5, schedules: dict | None = None, predictor=None,
-             prune_every: int | None = None) -> list[dict]:
+             prune_every: int | Sequence[int] | None = None) -> list[dict]:
     """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
     in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
     eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
     skipped), where training read its data, and the schedules ``eval.offline_tune --search``
     stored beside it for this task (``schedules`` overrides them; ``{}``: the decay);
-    ``prune_every`` k > 1 decays by dropping rows only in every k-th layer (``schedule.plan``;
-    default: the run's, or ``predictor``'s)."""
+    ``prune_every`` k > 1 decays by dropping rows only in every k-th layer (``schedule.plan``,
+    which runs the searched schedules at k = 1 only; default: the run's, or ``predictor``'s);
+    several strides score each level at each."""
     t, feats = features(run, task, splits, data_dir, include_test)
-    if schedules is None:  # the schedules searched beside the run, at the stride they were searched with
-        table = read_tune(run.folder)
-        k = tuned_every(table or {})
-        schedules = searched(table, t.name) if prune_every in (None, k) else {}
-        prune_every = k if schedules else prune_every
-    pred = predictor or run.predictor(batch_size or run.eval_batch_size, prune_every=prune_every)
+    if schedules is None:  # the schedules searched beside the run
+        schedules = searched(read_tune(run.folder), t.name)
+    several = None if prune_every is None or isinstance(prune_every, int) else strides(prune_every)
+    pred = predictor or run.predictor(batch_size or run.eval_batch_size,
+                                      prune_every=several[0] if several else prune_every)
     return score_splits(
         t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
         speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
         bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
-        baseline=True, progress=progress, repeats=repeats, schedules=schedules, prune_every=pred.prune_every)
+        baseline=True, progress=progress, repeats=repeats, schedules=schedules,
+        prune_every=several or pred.prune_every)
 
 
 def features(run: RunModel, task: str | None, splits: Sequence[str] | None, data_dir: str | None,
@@ -316,7 +321,7 @@ def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None 
                     data_dir=data_dir, progress=False, include_test=True)
 
 
-_TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "analytic_speedup",
+_TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "prune_every", "analytic_speedup",
                  "measured_speedup", "measured_min", "measured_max", "primary", "drop", "examples_per_s",
                  "ms_per_batch", "seconds", "seconds_min", "seconds_max", "examples", "batch_size",
                  "truncated", "schedules", "clamped", "baseline", "timed_batches"}
@@ -341,7 +346,7 @@ def format_table(rows: list[dict]) -> str:
         keep = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in r.get("schedules", {}).items())
         note = "".join(f" (len {k}: max {v})" for k, v in r.get("clamped", {}).items())
         lines.append(f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
-                     f"{r.get('source', '-'):>10}"
+                     f"{_label(r):>10}"
                      + "".join(f"{r[k]:>{w}{f}}" if k in r else f"{'-':>{w}}" for k, _, w, f in cols)
                      + f"{_spread(r):>16}  {keep}{note}")
     if "measured_speedup" in rows[0]:
@@ -349,19 +354,32 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"ms/batch: per batch of {sizes} examples; drop: the dense row's primary metric minus "
                      "this row's, in points; measured: dense time / this row's, median (range) of "
                      "interleaved passes; keep: rows kept per layer, by padded length; schedule: "
-                     "'searched' on dev by eval.offline_tune --search, or the one-ratio 'decay'")
+                     "'searched' on dev by eval.offline_tune --search, or the one-ratio 'decay'"
+                     + ("; k=K: rows dropped only in layers 1, 1 + K, ... (prune_every)"
+                        if any(_every(r) > 1 for r in rows) else ""))
     return "\n".join(lines)
+
+
+def _every(r: dict) -> int:
+    """A row's stride (``prune_every``; 1 in rows that predate it)."""
+    return int(r.get("prune_every", 1))
+
+
+def _label(r: dict) -> str:
+    return r.get("source", "-") + (f" k={_every(r)}" if _every(r) > 1 else "")
 
 
 # ----------------------------------------------------------------------- offline-tuning
 def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batch_size: int = 64,
                  data_dir: str | None = None, split: str | None = None, progress: bool = True,
                  out_dir: str | os.PathLike | None = None, repeats: int = 5, search: int = 0,
-                 batch_sizes: Sequence[int] = (), prune_every: int | None = None) -> dict:
+                 batch_sizes: Sequence[int] = (), prune_every: int | Sequence[int] | None = None) -> dict:
     """Sweeps speedups on the dev split; writes the table and plot beside the checkpoint.
 
-    Every level is planned with ``prune_every`` (default: the run's), which the table stores
-    (``tuned_every``); the search explores every layer's keep-length, so needs k = 1.
+    Every level is planned with ``prune_every`` (default: the run's), or with each of several
+    strides (one row per level and stride, all timed against the same dense passes); the
+    table stores them (``strides``) and the picks choose among them. The search explores
+    every layer's keep-length, so its schedules run at k = 1 only, which must be among them.
 
     With ``search`` N > 0, first searches N schedules per (level, length bucket) on the dev
     split (``accjax.search``); the levels are then run and timed at the winners, which the
@@ -373,7 +391,8 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
 
     A level measured no faster than a less aggressive one is flagged (``slower``; in the
     latency rows, at that batch size and length): more rows dropped bought no time on this
-    machine, so ``pick_level`` and ``pick_program`` never choose it there."""
+    machine, so ``pick_level`` and ``pick_program`` never choose it there. Each stride is
+    flagged against its own lower levels (and dense), not against another stride's."""
     t = run.resolve_task(None)
     split = split or t.dev_split
     levels = list(speedups or ())
@@ -381,10 +400,12 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
         cost = models.cost_model(run.loaded.config)
         top = min(sched_lib.max_speedup(cost, min(run.buckets), bucket=run.bucket, floor=run.floor), 8.0)
         levels = sorted({*map(float, np.arange(1.0, top + 1e-9, 0.5)), *([4.8] if top >= 4.8 else [])})
-    pred, found = run.predictor(batch_size, prune_every=prune_every), None
-    if search and pred.prune_every > 1:
-        raise EvalError(f"--search varies every layer's keep-length, which prune_every {pred.prune_every} "
-                        "fixes: pass --prune_every 1 with --search, or drop --search")
+    every = strides(run.prune_every if prune_every is None else prune_every)
+    if search and 1 not in every:
+        k = ",".join(map(str, every))
+        raise EvalError(f"--search varies every layer's keep-length, which prune_every {k} fixes: pass "
+                        f"--prune_every 1,{k} with --search (searched schedules run at 1), or drop --search")
+    pred, found = run.predictor(batch_size, prune_every=1 if search else every[0]), None
     if search:
         t, feats = features(run, None, [split], data_dir)
         found = search_lib.search(t, feats[split], pred, levels=levels, buckets=run.buckets, budget=search,
@@ -392,7 +413,8 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     schedules = {(s, n): k for s, by_len in (found or {}).get("schedules", {}).items() for n, k in by_len.items()}
     pred.searched = schedules
     rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size, data_dir=data_dir,
-                    progress=progress, repeats=repeats, schedules=schedules, predictor=pred)
+                    progress=progress, repeats=repeats, schedules=schedules, predictor=pred,
+                    prune_every=every)
     decay = {}  # a level's first record scored the decay at every length: its dev metric
     for x in (found or {}).get("records", ()):
         decay.setdefault(x["speedup"], x["decay_primary"])
@@ -401,7 +423,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
             r["decay_primary"] = decay[r["speedup"]]
     _flag_slower(rows, "measured_speedup")
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
-             "task": t.name, "split": split, "prune_every": pred.prune_every,
+             "task": t.name, "split": split, "strides": list(every),
              "metric": t.primary_metric, "machine": benchmark.machine(), "repeats": repeats, "rows": rows}
     if found is not None:
         table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
@@ -409,7 +431,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
         table["search"] = {k: found[k] for k in ("budget", "programs", "seconds", "records")}
     if batch_sizes:
         lengths = sorted({int(n) for r in rows for n in r["schedules"]})
-        table["latency"] = latency(pred, [r["speedup"] for r in rows], batch_sizes, lengths, repeats)
+        table["latency"] = latency(pred, levels, batch_sizes, lengths, repeats, every)
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
     benchmark.write_json(out / f"{TUNE_FILE}.json", table)
@@ -419,39 +441,47 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
 
 
 def latency(pred, speedups: Sequence[float], batch_sizes: Sequence[int], lengths: Sequence[int],
-            repeats: int) -> list[dict]:
-    """Median (min, max) ms of each level's program per (batch size, length), the levels
-    interleaved over ``repeats`` rounds after one warm-up round; ``measured`` = dense ms / ms."""
+            repeats: int, prune_every: Sequence[int] = (1,)) -> list[dict]:
+    """Median (min, max) ms of each (level, stride)'s program per (batch size, length), the
+    programs interleaved over ``repeats`` rounds after one warm-up round; ``measured`` = dense
+    ms / ms."""
     out, dev = [], benchmark.device_kind()
+    levels = [(1.0, 1)] + [(s, k) for k in strides(prune_every) for s in sorted(set(speedups) - {1.0})]
     for b in batch_sizes:
         for n in lengths:
-            plans = {s: pred.plan(n, s) for s in sorted(set(speedups) | {1.0})}
+            plans = {(s, k): pred.plan(n, s, prune_every=k) for s, k in levels}
             (inputs,) = pred.random_batches(b, n)[:1]
-            calls = {s: functools.partial(pred.program(b, p), pred.params, inputs) for s, p in plans.items()}
+            calls = {sk: functools.partial(pred.program(b, p), pred.params, inputs) for sk, p in plans.items()}
             ms = programs.time_interleaved(calls, rounds=repeats, warmup=1)
-            rows = [{"device": dev, "batch_size": b, "length": n, "speedup": s, "keep": list(p.keep),
-                     "source": _source([p]), "ms": float(np.median(ms[s])), "ms_min": min(ms[s]),
-                     "ms_max": max(ms[s]), "measured": float(np.median(ms[1.0]) / np.median(ms[s]))}
-                    for s, p in plans.items()]
+            dense = float(np.median(ms[1.0, 1]))
+            rows = [{"device": dev, "batch_size": b, "length": n, "speedup": s, "prune_every": k,
+                     "keep": list(p.keep), "source": _source([p]), "ms": float(np.median(ms[s, k])),
+                     "ms_min": min(ms[s, k]), "ms_max": max(ms[s, k]),
+                     "measured": dense / float(np.median(ms[s, k]))}
+                    for (s, k), p in plans.items()]
             out += _flag_slower(rows, "measured")
     return out
 
 
 def _flag_slower(rows: list[dict], key: str) -> list[dict]:
-    """Marks ``slower`` each level no faster (``key``) than a less aggressive one."""
-    best = 0.0
-    for r in sorted(rows, key=lambda r: r["speedup"]):
-        r["slower"] = r["speedup"] > 1 and r[key] <= best
-        best = max(best, r[key])
+    """Marks ``slower`` each level no faster (``key``) than a less aggressive one of its
+    stride or dense (which drops nothing, at any stride)."""
+    for k in {_every(r) for r in rows}:
+        best = 0.0
+        for r in sorted((r for r in rows if r["speedup"] == 1 or _every(r) == k), key=lambda r: r["speedup"]):
+            r["slower"] = r["speedup"] > 1 and r[key] <= best
+            best = max(best, r[key])
     return rows
 
 
 def tune_markdown(table: dict) -> str:
-    m = table["machine"]
+    m, every = table["machine"], strides(table)
+    k = every[0] if len(every) == 1 and every[0] > 1 else None  # one stride k > 1: said once
     lines = [f"Offline-tuning of `{table['checkpoint']}` on {table['task']}/{table['split']} "
              f"({table['metric']}); latency on {m['device']} ({m['cpu']}, {m['cpu_count']} cores), "
-             f"jax {m['jax']}." + (f" Rows dropped only in layers 1, {1 + k}, ... (prune_every {k})."
-                                   if (k := tuned_every(table)) > 1 else ""), "",
+             f"jax {m['jax']}." + (f" Rows dropped only in layers 1, {1 + k}, ... (prune_every {k})." if k else
+                                   " Strides k = " + ", ".join(map(str, every)) + ": rows dropped only in layers "
+                                   "1, 1 + k, ... (prune_every k; dense drops none)." if len(every) > 1 else ""), "",
              f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes) | "
              f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | schedule | "
              "keep per layer (per length) |",
@@ -459,7 +489,8 @@ def tune_markdown(table: dict) -> str:
     for r in table["rows"]:
         keep = "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in r["schedules"].items())
         flag = " (no faster than a lower level: never picked)" if r.get("slower") else ""
-        source = r.get("source", "decay") + (f" (decay {r['decay_primary']:.2f})" if "decay_primary" in r else "")
+        source = (r.get("source", "decay") + (f", k = {_every(r)}" if len(every) > 1 and r["speedup"] != 1 else "")
+                  + (f" (decay {r['decay_primary']:.2f})" if "decay_primary" in r else ""))
         lines.append(f"| {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['measured_speedup']:.2f} ({_spread(r)}){flag} | "
                      f"{r['primary']:.2f} | {r['drop']:.2f} | {r['ms_per_batch']:.1f} | {source} | {keep} |")
     if "search" in table:
@@ -476,7 +507,8 @@ def tune_markdown(table: dict) -> str:
         lines += ["", f"Latency per program on {table['latency'][0]['device']} (random full-length inputs, "
                   f"median of {table.get('repeats', 5)} interleaved rounds):", "",
                   "| batch | length | speedup | schedule | ms (min-max) | measured |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch_size']} | {r['length']} | {r['speedup']:g} | {r['source']} | {r['ms']:.2f} "
+        lines += [f"| {r['batch_size']} | {r['length']} | {r['speedup']:g} | {r['source']}"
+                  f"{f', k = {_every(r)}' if len(every) > 1 and r['speedup'] != 1 else ''} | {r['ms']:.2f} "
                   f"({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['measured']:.2f}"
                   f"{' (no faster than a lower level: never picked)' if r['slower'] else ''} |"
                   for r in table["latency"]]
@@ -489,13 +521,16 @@ def plot_tune(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = table["rows"]
+    every = strides(table)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    ax.plot([r["analytic_speedup"] for r in rows], [r["primary"] for r in rows], "o-",
-            label="vs analytic speedup")
-    ax.plot([r["measured_speedup"] for r in rows], [r["primary"] for r in rows], "s--",
-            label=f"vs measured speedup ({table['machine']['device']})")
-    base = rows[0]["primary"]
+    for i, k in enumerate(every):  # one pair of curves (one colour) per stride, each from the dense row
+        rows = [r for r in table["rows"] if r["speedup"] == 1 or _every(r) == k]
+        at = f", prune_every {k}" if len(every) > 1 else ""
+        ax.plot([r["analytic_speedup"] for r in rows], [r["primary"] for r in rows], "o-", color=f"C{i}",
+                label=f"vs analytic speedup{at}")
+        ax.plot([r["measured_speedup"] for r in rows], [r["primary"] for r in rows], "s--", color=f"C{i}",
+                alpha=0.6, label=f"vs measured speedup ({table['machine']['device']}){at}")
+    base = table["rows"][0]["primary"]
     ax.axhline(base, color="gray", lw=0.8, ls=":", label="dense")
     ax.set_xlabel("speedup over the dense model")
     ax.set_ylabel(f"{table['task']} {table['split']} {table['metric']}")
@@ -513,18 +548,36 @@ def read_tune(folder: str | os.PathLike) -> dict | None:
     if table is not None and table.get("model_sha256") != ckpt_lib.model_fingerprint(folder):
         print(f"note: {p} was measured on other weights than {folder}'s: not used", file=sys.stderr)
         return None
+    if table is not None and "strides" not in table:  # measured before strides: one k for every level
+        k = int(table.pop("prune_every", 1))
+        table["strides"] = [k]
+        for r in [*table["rows"], *table.get("latency", ())]:
+            r.setdefault("prune_every", 1 if r["speedup"] == 1 else k)
     return table
 
 
-def tuned_every(table: dict, prune_every: int | None = None) -> int:
-    """The ``prune_every`` an offline-tuning table's levels and schedules were measured with
-    (1 in tables that predate it); ``prune_every``, when given, must be the same."""
-    k = int(table.get("prune_every", 1))
-    if prune_every not in (None, k):
+def strides(x) -> tuple[int, ...]:
+    """The strides (``prune_every``) of an offline-tuning table, or given as one int or a
+    sequence: sorted, each checked (``schedule.check_every``), each once."""
+    if isinstance(x, dict):
+        x = x.get("strides", [x.get("prune_every", 1)])
+    x = [x] if isinstance(x, int) else list(x)
+    if not x:
+        raise ValueError("prune_every: no stride given")
+    return tuple(sorted({sched_lib.check_every(k) for k in x}))
+
+
+def _at_stride(table: dict, rows: Sequence[dict], prune_every: int | None) -> list[dict]:
+    """``rows`` of stride ``prune_every`` and the dense ones (all rows when None); a stride the
+    table was not measured with is refused."""
+    if prune_every is None:
+        return list(rows)
+    if prune_every not in strides(table):
+        k = ",".join(map(str, strides(table)))
         raise EvalError(f"--max_drop picks from the offline-tuning table of {table['checkpoint']}, measured "
                         f"with prune_every {k}: drop --prune_every, or rerun eval.offline_tune --prune_every "
-                        f"{prune_every} first")
-    return k
+                        f"{k},{prune_every} first")
+    return [r for r in rows if r["speedup"] == 1 or _every(r) == prune_every]
 
 
 def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int, ...]]:
@@ -537,11 +590,12 @@ def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int
             for n, k in by_len.items()}
 
 
-def pick_program(table: dict, max_drop: float, examples: int, length: int) -> tuple[float, int]:
-    """(speedup, batch size): the fastest program measured on this device (``latency`` rows)
-    whose level's dev drop is at most ``max_drop``, at the nearest recorded batch size at or
-    above ``examples`` (else the largest) and the same for ``length``; never a level flagged
-    ``slower`` there."""
+def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
+                 prune_every: int | None = None) -> tuple[float, int, int]:
+    """(speedup, batch size, stride): the fastest program measured on this device (``latency``
+    rows) whose level's dev drop at its stride is at most ``max_drop``, at the nearest recorded
+    batch size at or above ``examples`` (else the largest) and the same for ``length``; never
+    a level flagged ``slower`` there; only stride ``prune_every`` (and dense) when given."""
     dev = benchmark.device_kind()
     here = [r for r in table.get("latency", ()) if r["device"] == dev]
     if not here:
@@ -553,18 +607,20 @@ def pick_program(table: dict, max_drop: float, examples: int, length: int) -> tu
 
     b = at_or_above({r["batch_size"] for r in here}, examples)
     n = at_or_above({r["length"] for r in here}, length)
-    drop = {r["speedup"]: r["drop"] for r in table["rows"]}
-    ok = [r for r in here if (r["batch_size"], r["length"]) == (b, n) and not r["slower"]
-          and drop.get(r["speedup"], math.inf) <= max_drop + 1e-9]
+    drop = {(r["speedup"], _every(r)): r["drop"] for r in table["rows"]}
+    ok = [r for r in _at_stride(table, here, prune_every) if (r["batch_size"], r["length"]) == (b, n)
+          and not r["slower"] and drop.get((r["speedup"], _every(r)), math.inf) <= max_drop + 1e-9]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
-    best = min(ok, key=lambda r: (r["ms"], -r["speedup"]))
-    return best["speedup"], b
+    best = min(ok, key=lambda r: (r["ms"], -r["speedup"], _every(r)))
+    return best["speedup"], b, _every(best)
 
 
-def pick_level(table: dict, max_drop: float) -> dict:
-    """The fastest level (by measured speedup) whose dev drop is at most ``max_drop``."""
-    ok = [r for r in table["rows"] if r["drop"] <= max_drop + 1e-9 and not r.get("slower")]
+def pick_level(table: dict, max_drop: float, *, prune_every: int | None = None) -> dict:
+    """The fastest row, a level at a stride (by measured speedup), whose dev drop is at most
+    ``max_drop``; only stride ``prune_every`` (and dense) when given."""
+    ok = [r for r in _at_stride(table, table["rows"], prune_every)
+          if r["drop"] <= max_drop + 1e-9 and not r.get("slower")]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
-    return max(ok, key=lambda r: (r["measured_speedup"], r["analytic_speedup"]))
+    return max(ok, key=lambda r: (r["measured_speedup"], r["analytic_speedup"], -_every(r)))

@@ -82,13 +82,15 @@ class Planned:
     def length_bucket(self, n: int) -> int:
         return bucket_for(self.length_buckets, n)
 
-    def plan(self, length: int, speedup: float = 1.0, schedule: Sequence[int] | None = None
-             ) -> sched_lib.Plan:
-        """What runs at ``length``: ``schedule.plan`` for a speedup, or an explicit schedule."""
+    def plan(self, length: int, speedup: float = 1.0, schedule: Sequence[int] | None = None, *,
+             prune_every: int | None = None) -> sched_lib.Plan:
+        """What runs at ``length``: ``schedule.plan`` for a speedup (at ``prune_every``, default
+        this predictor's), or an explicit schedule."""
         if schedule is not None:
             return sched_lib.explicit(self.cost, length, schedule)
         return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket, floor=self.floor,
-                              searched=self.searched, prune_every=self.prune_every)
+                              searched=self.searched,
+                              prune_every=self.prune_every if prune_every is None else prune_every)
 
     def schedule(self, length: int, speedup: float) -> tuple[int, ...]:
         """The keep-lengths ``speedup`` runs at ``length``."""
@@ -109,9 +111,9 @@ class Predictor(Planned):
       prune_every: k > 1 drops rows only in layers 1, 1 + k, ... (``schedule.plan``).
       output: which ``BertOutput`` field ``predict`` returns ('logits', 'pooler_output').
       searched: (speedup, length) -> keep-lengths an offline-tuning search stored for the task.
-      pick: (examples, length) -> (speedup, batch size): the program ``predict`` runs when no
-        speedup is asked (``evaluation.RunModel.predictor(max_drop=...)``: the fastest one
-        measured at that batch size and length within a dev accuracy drop).
+      pick: (examples, length) -> (speedup, batch size, prune_every): the program ``predict``
+        runs when no speedup is asked (``evaluation.RunModel.predictor(max_drop=...)``: the
+        fastest one measured at that batch size and length within a dev accuracy drop).
     """
 
     def __init__(
@@ -201,10 +203,10 @@ class Predictor(Planned):
                 "attention_mask": np.asarray(batch.get("attention_mask", np.ones_like(ids))),
                 "token_type_ids": np.asarray(batch.get("token_type_ids", np.zeros_like(ids)))}
         real = int(full["attention_mask"].sum(1).max())  # trailing all-padding columns can go
-        length, size = self.length_bucket(real), self.batch_size
+        length, size, every = self.length_bucket(real), self.batch_size, None
         if speedup is None and schedule is None and self.pick is not None:
-            speedup, size = self.pick(n, length)
-        plan = self.plan(length, 1.0 if speedup is None else speedup, schedule)
+            speedup, size, every = self.pick(n, length)
+        plan = self.plan(length, 1.0 if speedup is None else speedup, schedule, prune_every=every)
         prog = self.program(size, plan)
         outs = []
         for i in range(0, n, size):

@@ -178,13 +178,14 @@ def plan(cm: CostModel, length: int, speedup: float, *, bucket: int = 8, floor: 
     ``clamp=False`` refuses a speedup above the length's maximum (``SpeedupError`` stating
     the permitted range) instead of running the maximum: for a sweep at ONE length, where a
     clamped row would only repeat the maximum's. ``searched``: (speedup, length) -> the
-    keep-lengths an offline-tuning search chose for the task; such a pair runs them.
+    keep-lengths an offline-tuning search chose for the task; such a pair runs them at k = 1
+    (a searched schedule sets every layer's keep-length, which a stride would fix).
     ``prune_every``: k > 1 drops rows only in layers 1, 1 + k, ... (the module docstring).
     """
     _check_number(speedup)
-    if searched and (float(speedup), int(length)) in searched:
-        return dataclasses.replace(explicit(cm, length, searched[float(speedup), int(length)]), searched=True)
     every = check_every(prune_every)
+    if searched and every == 1 and (float(speedup), int(length)) in searched:
+        return dataclasses.replace(explicit(cm, length, searched[float(speedup), int(length)]), searched=True)
     if not clamp:
         _solve(cm, int(length), float(speedup), int(bucket), int(floor), every)  # raises outside the range
     return _plan(cm, int(length), float(speedup), int(bucket), int(floor), every)

@@ -13,8 +13,9 @@ With no ``--checkpoint`` it uses the embedded default run (``accjax.loop.ensure_
 fine-tuned once on first use). ``--task all`` takes a folder holding one run folder per GLUE
 task (``RUN/cola``, ``RUN/sst2``, ...). ``--max_drop X`` reads (or first makes) the
 offline-tuning table beside the checkpoint (``python -m eval.offline_tune``) and runs the
-fastest level whose dev drop is at most X points, at the ``prune_every`` the table was measured
-with. Otherwise ``--prune_every`` defaults to the run's (training's ``elimination.prune_every``).
+fastest level whose dev drop is at most X points, at the stride (``prune_every``) the table
+measured it with (only ``--prune_every``'s, when given). Otherwise ``--prune_every`` defaults
+to the run's (training's ``elimination.prune_every``).
 """
 
 from __future__ import annotations
@@ -95,11 +96,12 @@ def run(args) -> dict:
                 table = evaluation.offline_tune(model, batch_size=args.batch_size, data_dir=args.data_dir,
                                                 progress=args.progress, repeats=args.repeats,
                                                 prune_every=every)
-            every = evaluation.tuned_every(table, every)  # the stride its levels were measured with
-            level = evaluation.pick_level(table, args.max_drop)
-            picked.append({"checkpoint": str(folder), **{k: level[k] for k in (
+            level = evaluation.pick_level(table, args.max_drop, prune_every=every)
+            every = level.get("prune_every", 1)  # the stride the picked level was measured with
+            picked.append({"checkpoint": str(folder), "prune_every": every, **{k: level[k] for k in (
                 "speedup", "analytic_speedup", "measured_speedup", "drop")}})
-            print(f"picked speedup {level['speedup']:g} for {folder}: dev drop {level['drop']:.2f} "
+            print(f"picked speedup {level['speedup']:g}" + (f" at prune_every {every}" if every > 1 else "")
+                  + f" for {folder}: dev drop {level['drop']:.2f} "
                   f"<= {args.max_drop:g}, measured {level['measured_speedup']:.2f}x, analytic "
                   f"{level['analytic_speedup']:.2f}x (offline-tuning table {evaluation.TUNE_FILE}.json)")
             levels = [level["speedup"]]

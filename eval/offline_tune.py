@@ -11,8 +11,9 @@ schedules per level and length bucket on the dev split (``accjax.search``; the t
 never read), ``--batch_sizes 1,8,64`` also times every level's program per batch size and
 length (``accjax.evaluation.offline_tune`` says what is measured and how it is picked).
 ``--prune_every K`` plans every level with rows dropped only in layers 1, 1 + K, ... (default:
-the run's own, as trained) and stores K in the table, so ``eval.glue --max_drop`` runs the same
-schedules; ``--search`` needs K = 1.
+the run's own, as trained); a list (``--prune_every 1,2,3``) scores and times every level at
+each stride, so ``eval.glue --max_drop`` runs the fastest (level, stride) within the drop.
+The table stores them; ``--search``'s schedules run at K = 1, which it needs among them.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def main(argv=None) -> int:
                     help="schedules scored per level and length bucket by --search (the decay included)")
     ap.add_argument("--batch_sizes", default=None,
                     help="also time every level's program per batch size and length, e.g. 1,8,64")
-    ap.add_argument("--prune_every", type=int, default=None,
-                    help="k > 1: only layers 1, 1 + k, ... drop rows (default: the run's, as trained)")
+    ap.add_argument("--prune_every", default=None,
+                    help="k > 1: only layers 1, 1 + k, ... drop rows; a comma list, e.g. 1,2,3, "
+                         "tunes every level at each (default: the run's, as trained)")
     ap.add_argument("--json", default=None, help="also write the table (with the machine) here")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
@@ -57,8 +59,7 @@ def main(argv=None) -> int:
         sizes = [cli.batch_size(b, "--batch_sizes") for b in cli.ints(args.batch_sizes, "--batch_sizes", low=1)
                  ] if args.batch_sizes else []
         guards.positive_int(args.repeats, "--repeats")
-        if args.prune_every is not None:
-            guards.positive_int(args.prune_every, "--prune_every")
+        every = cli.ints(args.prune_every, "--prune_every", low=1) if args.prune_every is not None else None
         if args.out or args.checkpoint:  # the table is written after the sweep: check first
             guards.writable_dir(args.out or args.checkpoint, "--out" if args.out else "--checkpoint")
         ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                                         batch_size=args.batch_size, data_dir=args.data_dir,
                                         split=args.split, progress=args.progress, out_dir=args.out,
                                         repeats=args.repeats, search=args.candidates if args.search else 0,
-                                        batch_sizes=sizes, prune_every=args.prune_every)
+                                        batch_sizes=sizes, prune_every=every)
         print(evaluation.tune_markdown(table))
         print(f"wrote {Path(args.out) if args.out else ckpt}/{evaluation.TUNE_FILE}.json, .md and .png")
         return table

@@ -238,29 +238,45 @@ def test_a_run_is_scored_with_the_prune_every_it_records(sst2_run, tmp_path):
                                                         prune_every=every).keep) for n in keep}
 
 
-def test_offline_tune_prune_every_is_stored_and_max_drop_runs_it(sst2_run, tmp_path, capsys):
-    run = _recording_every(sst2_run[0], tmp_path / "run", 1)  # trained at k = 1, tuned at k = 2
+def test_offline_tune_strides_are_stored_and_max_drop_runs_the_picked_one(sst2_run, tmp_path, capsys):
+    run = _recording_every(sst2_run[0], tmp_path / "run", 1)  # trained at k = 1, tuned at k = 1 and 2
     assert offline_tune.main(["--checkpoint", str(run), "--speedups", "1,2", "--repeats", "1",
-                              "--batch_sizes", "64", "--prune_every", "2", "--no-progress"]) == 0
+                              "--batch_sizes", "64", "--prune_every", "2,1", "--no-progress"]) == 0
     table = json.loads((run / "offline_tune.json").read_text())
     cost = evaluation.RunModel.load(run).predictor(64).cost
-    assert table["prune_every"] == 2 and "prune_every 2" in (run / "offline_tune.md").read_text()
-    fast = table["rows"][1]["schedules"]
+    assert table["strides"] == [1, 2] and "decay, k = 2" in (run / "offline_tune.md").read_text()
+    assert [(r["speedup"], r["prune_every"]) for r in table["rows"]] == [(1.0, 1), (2.0, 1), (2.0, 2)]
+    every, fast = table["rows"][1]["schedules"], table["rows"][2]["schedules"]
     assert fast and all(k[1] == k[0] < int(n) for n, k in fast.items())  # layer 2 keeps what enters it
-    assert fast == {n: list(schedule.plan(cost, int(n), 2.0, prune_every=2).keep) for n in fast} != {
-        n: list(schedule.plan(cost, int(n), 2.0).keep) for n in fast}
-    assert all(r["keep"] == list(schedule.plan(cost, r["length"], r["speedup"], prune_every=2).keep)
+    assert fast == {n: list(schedule.plan(cost, int(n), 2.0, prune_every=2).keep) for n in fast} != every
+    assert every == {n: list(schedule.plan(cost, int(n), 2.0).keep) for n in every}
+    assert sorted((r["speedup"], r["prune_every"]) for r in table["latency"]) == [(1.0, 1), (2.0, 1), (2.0, 2)]
+    assert all(r["keep"] == list(schedule.plan(cost, r["length"], r["speedup"], prune_every=r["prune_every"]).keep)
                for r in table["latency"])
-    # --max_drop runs the table's stride, not the run's; another stride with it is refused
-    table["rows"][1].update(measured_speedup=9.0, slower=False)  # 2x is picked whatever this CPU measured
+    # --max_drop runs the picked level at its stride; --prune_every keeps the pick to one stride
+    table["rows"][2].update(measured_speedup=9.0, slower=False)  # 2x at k = 2 is picked whatever this CPU measured
     (run / "offline_tune.json").write_text(json.dumps(table))
     out = tmp_path / "glue.json"
     ck = ["--checkpoint", str(run), "--no-progress"]
+    for flag, k, keep in (([], 2, fast), (["--prune_every", "1"], 1, every)):
+        assert glue.main(ck + ["--max_drop", "100", "--json", str(out)] + flag) == 0
+        res = json.loads(out.read_text())
+        assert (res["picked"][0]["speedup"], res["picked"][0]["prune_every"]) == (2.0, k)
+        assert res["rows"][-1]["schedules"] == keep and res["rows"][-1]["prune_every"] == k
+    assert "at prune_every 2" in capsys.readouterr().out
+    assert glue.main(ck + ["--max_drop", "1", "--prune_every", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max_drop") and "prune_every 1,2" in err and "Traceback" not in err
+    # a table written before strides (one k for the whole table) is read as that one stride
+    old = {**table, "prune_every": 2, "rows": [table["rows"][0], table["rows"][2]],
+           "latency": [r for r in table["latency"] if r["prune_every"] != 1 or r["speedup"] == 1]}
+    del old["strides"]
+    old["rows"] = [{k: v for k, v in r.items() if k != "prune_every"} for r in old["rows"]]
+    old["latency"] = [{k: v for k, v in r.items() if k != "prune_every"} for r in old["latency"]]
+    (run / "offline_tune.json").write_text(json.dumps(old))
     assert glue.main(ck + ["--max_drop", "100", "--json", str(out)]) == 0
-    res = json.loads(out.read_text())
-    assert res["picked"][0]["speedup"] == 2.0 and res["rows"][-1]["schedules"] == fast
-    assert evaluation.RunModel.load(run).predictor(64, max_drop=100).prune_every == 2
-    capsys.readouterr()
+    assert json.loads(out.read_text())["rows"][-1]["schedules"] == fast
+    assert evaluation.RunModel.load(run).predictor(64, max_drop=100).pick(64, 32) == (2.0, 64, 2)
     assert glue.main(ck + ["--max_drop", "1", "--prune_every", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --max_drop") and "prune_every 2" in err and "Traceback" not in err

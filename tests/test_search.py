@@ -93,7 +93,7 @@ def test_search_reads_dev_only_and_stores_valid_schedules(tiny_run, tmp_path, mo
     encoded.clear()
     out = tmp_path / "tune"
     rc = offline_tune.main(["--checkpoint", str(tiny_run), "--speedups", "1,2,3", "--search",
-                            "--candidates", "6", "--repeats", "1", "--out", str(out),
+                            "--candidates", "6", "--repeats", "1", "--out", str(out), "--prune_every", "2,1",
                             "--json", str(tmp_path / "t.json"), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert encoded and all(n.endswith("/validation") for n in encoded), encoded
@@ -107,7 +107,12 @@ def test_search_reads_dev_only_and_stores_valid_schedules(tiny_run, tmp_path, mo
         assert r["best_keep"] == r["decay_keep"] or _valid_tiny(tiny_run, r["best_keep"], 32, r["speedup"])
         stored = table.get("schedules", {}).get(f"{r['speedup']:g}", {}).get("32")
         assert stored == (r["best_keep"] if r["best_primary"] > r["decay_primary"] else None)
-    by_level = {r["speedup"]: r for r in table["rows"]}
+    assert table["strides"] == [1, 2] and [r["prune_every"] for r in table["rows"]] == [1, 1, 1, 2, 2]
+    cost = evaluation.RunModel.load(tiny_run).predictor(8).cost
+    for r in table["rows"][3:]:  # a searched schedule sets every layer: at k = 2 the level runs its decay
+        assert r["source"] == "decay" and r["schedules"] == {"32": list(S.plan(cost, 32, r["speedup"],
+                                                                                   prune_every=2).keep)}
+    by_level = {r["speedup"]: r for r in table["rows"] if r["prune_every"] == 1}
     for s in (2.0, 3.0):  # each row ran what the table stored for it
         stored = table.get("schedules", {}).get(f"{s:g}")
         assert by_level[s]["source"] == ("searched" if stored else "decay")
@@ -171,6 +176,12 @@ def test_glue_runs_the_stored_schedule(tiny_run, tmp_path, capsys):
     assert [(r["speedup"], r["source"]) for r in rows] == [(1.0, "dense"), (2.0, "searched")]
     assert rows[1]["schedules"] == {"32": list(other)}
     assert "searched" in printed
+    # a searched schedule sets every layer's keep-length: at a stride the level runs its decay
+    assert glue.main(["--checkpoint", str(run), "--speedup", "2", "--prune_every", "2", "--repeats", "1",
+                      "--json", str(res), "--no-progress"]) == 0
+    row = json.loads(res.read_text())["rows"][-1]
+    assert row["source"] == "decay" and row["schedules"] == {"32": list(S.plan(cm, 32, 2.0, prune_every=2).keep)}
+    assert "decay k=2" in capsys.readouterr().out
     # --max_drop picks a level from the table and runs its stored schedule too
     assert glue.main(["--checkpoint", str(run), "--max_drop", "100", "--repeats", "1", "--json", str(res),
                       "--no-progress"]) == 0
@@ -213,24 +224,36 @@ def test_predictor_picks_the_fastest_program_per_batch_size(tiny_run, tmp_path):
     with pytest.raises(evaluation.EvalError, match="--batch_sizes"):
         model.predictor(16, max_drop=1.0)
     dev = evaluation.benchmark.device_kind()
-    # level 2 is slower than 1.5 for one example, faster for 64; both within the drop bound
-    ms = {(1, 1.0): 1.0, (1, 1.5): 0.8, (1, 2.0): 0.9, (64, 1.0): 10.0, (64, 1.5): 8.0, (64, 2.0): 5.0}
+    # level 2 is slower than 1.5 for one example, faster for 64; both within the drop bound. Level
+    # 2 at stride 2 (flagged against its own stride and dense only) is faster still for 64, and
+    # costs 0.3 dev points
+    ms = {(1, 1.0, 1): 1.0, (1, 1.5, 1): 0.8, (1, 2.0, 1): 0.9, (1, 2.0, 2): 0.95,
+          (64, 1.0, 1): 10.0, (64, 1.5, 1): 8.0, (64, 2.0, 1): 5.0, (64, 2.0, 2): 4.0}
     table = {"checkpoint": str(run), "model_sha256": evaluation.ckpt_lib.model_fingerprint(run),
-             "task": "data", "rows": [{"speedup": s, "drop": d} for s, d in ((1.0, 0.0), (1.5, 0.1), (2.0, 0.2))],
+             "task": "data", "strides": [1, 2],
+             "rows": [{"speedup": s, "prune_every": k, "drop": d}
+                      for s, k, d in ((1.0, 1, 0.0), (1.5, 1, 0.1), (2.0, 1, 0.2), (2.0, 2, 0.3))],
              "latency": [r for size in (1, 64) for r in evaluation._flag_slower(
-                 [{"device": dev, "batch_size": b, "length": 32, "speedup": s, "ms": v, "measured": ms[b, 1.0] / v}
-                  for (b, s), v in ms.items() if b == size], "measured")]}
-    assert [r["slower"] for r in table["latency"]] == [False, False, True, False, False, False]
+                 [{"device": dev, "batch_size": b, "length": 32, "speedup": s, "prune_every": k, "ms": v,
+                   "measured": ms[b, 1.0, 1] / v} for (b, s, k), v in ms.items() if b == size], "measured")]}
+    assert [r["slower"] for r in table["latency"]] == [False, False, True, False] + [False] * 4
     (run / "offline_tune.json").write_text(json.dumps(table))
     pred = evaluation.RunModel.load(run).predictor(16, max_drop=1.0)
-    assert pred.pick(1, 32) == (1.5, 1) and pred.pick(5, 32) == (2.0, 64) and pred.pick(64, 32) == (2.0, 64)
+    assert pred.pick(1, 32) == (1.5, 1, 1) and pred.pick(5, 32) == (2.0, 64, 2) and pred.pick(64, 32) == (2.0, 64, 2)
+    assert evaluation.RunModel.load(run).predictor(16, max_drop=0.25).pick(64, 32) == (2.0, 64, 1)  # k = 2 too lossy
+    assert evaluation.RunModel.load(run).predictor(16, max_drop=1.0, prune_every=1).pick(64, 32) == (2.0, 64, 1)
+    with pytest.raises(evaluation.EvalError, match="prune_every 1,2"):
+        evaluation.RunModel.load(run).predictor(16, max_drop=1.0, prune_every=3)
+    assert S.plan(pred.cost, 32, 2.0, prune_every=2).schedule != S.plan(pred.cost, 32, 2.0).schedule
     rng = np.random.default_rng(0)
-    for n, (s, b) in ((1, (1.5, 1)), (64, (2.0, 64)), (100, (2.0, 64))):
+    for n, (s, b, k) in ((1, (1.5, 1, 1)), (64, (2.0, 64, 2)), (100, (2.0, 64, 2))):
         batch = {"input_ids": rng.integers(1, 99, (n, 20)), "attention_mask": np.ones((n, 20), np.int64)}
         out = pred.predict(batch)
         assert out.shape == (n, 2)
-        assert (b, 32, S.plan(pred.cost, 32, s).schedule) in pred.programs._programs  # the picked program ran
-        np.testing.assert_allclose(out, pred.predict(batch, speedup=s), atol=1e-5)
+        # the picked program ran, at its stride
+        assert (b, 32, S.plan(pred.cost, 32, s, prune_every=k).schedule) in pred.programs._programs
+        np.testing.assert_allclose(out, pred.predict(batch, schedule=S.plan(pred.cost, 32, s, prune_every=k).keep),
+                                   atol=1e-5)
     assert isinstance(pred, inference.Predictor)
     with pytest.raises(evaluation.EvalError, match="must be >= 0"):
         evaluation.RunModel.load(run).predictor(16, max_drop=-1)
