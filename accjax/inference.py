@@ -218,9 +218,9 @@ class Predictor(Planned):
 
     def time_program(self, batch_size: int, length: int, speedup: float = 1.0, *,
                      schedule: Sequence[int] | None = None, iters: int = 30, warmup: int = 3,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, prune_every: int | None = None) -> dict[str, Any]:
         """Median wall time (ms) of one compiled program on random full-length inputs."""
-        plan = self.plan(length, speedup, schedule)
+        plan = self.plan(length, speedup, schedule, prune_every=prune_every)
         prog = self.program(batch_size, plan)
         batches = self.random_batches(batch_size, length, seed)
         return {**programs.time_calls(lambda b: prog(self.params, b), batches, iters=iters,
