@@ -612,15 +612,26 @@ def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
           and not r["slower"] and drop.get((r["speedup"], _every(r)), math.inf) <= max_drop + 1e-9]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
-    best = min(ok, key=lambda r: (r["ms"], -r["speedup"], _every(r)))
+    best = _fastest(ok, lambda r: drop[r["speedup"], _every(r)], lambda r: (r["ms"], -r["speedup"], _every(r)),
+                    lambda r: r.get("ms_max", r["ms"]))
     return best["speedup"], b, _every(best)
 
 
 def pick_level(table: dict, max_drop: float, *, prune_every: int | None = None) -> dict:
     """The fastest row, a level at a stride (by measured speedup), whose dev drop is at most
-    ``max_drop``; only stride ``prune_every`` (and dense) when given."""
+    ``max_drop`` (``_fastest``: of rows its timings cannot tell apart, the most accurate); only
+    stride ``prune_every`` (and dense) when given."""
     ok = [r for r in _at_stride(table, table["rows"], prune_every)
           if r["drop"] <= max_drop + 1e-9 and not r.get("slower")]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
-    return max(ok, key=lambda r: (r["measured_speedup"], r["analytic_speedup"], -_every(r)))
+    return _fastest(ok, lambda r: r["drop"], lambda r: (-r["measured_speedup"], -r["analytic_speedup"], _every(r)),
+                    lambda r: -r.get("measured_min", r["measured_speedup"]))
+
+
+def _fastest(rows: Sequence[dict], drop, time, slowest) -> dict:
+    """The row of least ``time`` (a tuple, its median first), or of the rows whose median lies
+    within that row's repeated timings (up to ``slowest``), the one with the smallest dev
+    ``drop``: a program not measurably slower than the fastest is worth the accuracy it keeps."""
+    best = min(rows, key=time)
+    return min((r for r in rows if time(r)[0] <= slowest(best)), key=lambda r: (drop(r), time(r)))

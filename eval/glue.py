@@ -13,7 +13,8 @@ With no ``--checkpoint`` it uses the embedded default run (``accjax.loop.ensure_
 fine-tuned once on first use). ``--task all`` takes a folder holding one run folder per GLUE
 task (``RUN/cola``, ``RUN/sst2``, ...). ``--max_drop X`` reads (or first makes) the
 offline-tuning table beside the checkpoint (``python -m eval.offline_tune``) and runs the
-fastest level whose dev drop is at most X points, at the stride (``prune_every``) the table
+fastest level whose dev drop is at most X points (of the levels whose measured speedup lies
+within the fastest one's spread, the most accurate), at the stride (``prune_every``) the table
 measured it with (only ``--prune_every``'s, when given). Otherwise ``--prune_every`` defaults
 to the run's (training's ``elimination.prune_every``).
 """

@@ -103,8 +103,8 @@ def test_offline_tune_and_max_drop(sst2_run, tmp_path, capsys):
     rc = glue.main(["--checkpoint", str(run), "--data_dir", str(data_dir), "--max_drop", "100",
                     "--no-progress"])
     assert rc == 0
-    best = max(table["rows"], key=lambda r: (r["measured_speedup"], r["analytic_speedup"]))
-    assert f"picked speedup {best['speedup']:g}" in capsys.readouterr().out
+    best = evaluation.pick_level(table, 100)
+    assert f"picked speedup {best['speedup']:g} for" in capsys.readouterr().out
 
 
 def test_pick_level_rule():
@@ -116,6 +116,32 @@ def test_pick_level_rule():
     assert evaluation.pick_level({"rows": rows}, 0.0)["speedup"] == 1.0
     with pytest.raises(evaluation.EvalError, match="must be >= 0"):
         evaluation.pick_level({"rows": rows}, -1)
+
+
+def test_a_pick_no_measurably_faster_goes_to_the_more_accurate():
+    """Of the levels whose median lies within the fastest one's interleaved passes (min-max),
+    the pick is the one with the smallest dev drop; a level clearly faster wins whatever its
+    drop, and one whose passes only overlap (its median outside) is not picked."""
+    def row(s, k, drop, med, lo, hi):
+        return {"speedup": s, "prune_every": k, "drop": drop, "measured_speedup": med,
+                "measured_min": lo, "measured_max": hi, "analytic_speedup": s}
+    rows = [row(1.0, 1, 0.0, 1.0, 1.0, 1.0), row(3.0, 1, 0.23, 3.28, 3.17, 3.82),
+            row(3.0, 2, 1.30, 3.43, 2.60, 3.78), row(2.0, 1, -0.15, 2.12, 2.04, 2.57),
+            row(2.0, 2, 0.0, 2.26, 1.97, 2.75)]  # passes overlap 3x k = 2's, median below them
+    table = {"rows": rows, "strides": [1, 2], "checkpoint": "run"}
+    assert (evaluation.pick_level(table, 1.5)["speedup"], evaluation.pick_level(table, 1.5)["prune_every"]) == (3.0, 1)
+    rows[1].update(measured_speedup=2.9, measured_min=2.8, measured_max=2.95)  # now clearly slower than k = 2's
+    rows[2].update(measured_min=3.0)
+    assert evaluation.pick_level(table, 1.5)["prune_every"] == 2
+    # the same rule over a latency table's ms: dense ties with a level that is not reliably faster
+    dev = evaluation.benchmark.device_kind()
+    lat = [{"device": dev, "batch_size": 1, "length": 32, "speedup": s, "prune_every": 1, "ms": ms,
+            "ms_min": lo, "ms_max": hi, "slower": False}
+           for s, ms, lo, hi in ((1.0, 1.00, 0.95, 1.10), (2.0, 0.96, 0.90, 1.20), (3.0, 0.70, 0.65, 0.75))]
+    lt = {"rows": [row(1.0, 1, 0.0, 1, 1, 1), row(2.0, 1, 0.1, 1, 1, 1), row(3.0, 1, 0.9, 1, 1, 1)],
+          "latency": lat, "strides": [1], "checkpoint": "run"}
+    assert evaluation.pick_program(lt, 0.5, 1, 32) == (1.0, 1, 1)  # dense's median within 2x's passes
+    assert evaluation.pick_program(lt, 1.0, 1, 32) == (3.0, 1, 1)  # 3x is clearly faster
 
 
 def _err(capsys, argv):
