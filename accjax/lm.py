@@ -144,10 +144,10 @@ class LMEvaluator(generate.LMPredictor):
         self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
 
     # ----------------------------------------------------------------- schedules
-    def plan(self, speedup: float) -> sched_lib.Plan:
-        """``schedule.plan`` at the context length."""
+    def plan(self, speedup: float, prune_every: int | None = None) -> sched_lib.Plan:
+        """``schedule.plan`` at the context length (at ``prune_every``, default the evaluator's)."""
         return sched_lib.plan(self.cost, self.context, speedup, bucket=self.bucket, floor=self.floor,
-                              clamp=False, prune_every=self.prune_every)
+                              clamp=False, prune_every=self.prune_every if prune_every is None else prune_every)
 
     def schedule(self, speedup: float) -> tuple[int, ...]:
         return self.plan(speedup).keep
@@ -224,17 +224,20 @@ class LMEvaluator(generate.LMPredictor):
 
 
 def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None = None,
-          cont: np.ndarray | None = None, iters: int = 30, time_it: bool = True) -> list[dict]:
-    """One row per speedup: schedule, analytic and measured prefill speedup (levels timed
-    interleaved), TTFT, KV bytes, and (when windows are given) perplexity. The first row is
-    always the dense model."""
-    speedups = [1.0] + [float(s) for s in speedups if float(s) != 1.0]
-    plans = [ev.plan(s) for s in speedups]  # validates every speedup before any work
+          cont: np.ndarray | None = None, iters: int = 30, time_it: bool = True,
+          prune_every: Sequence[int] | None = None) -> list[dict]:
+    """One row per speedup (and stride, with several ``prune_every``): schedule, analytic and
+    measured prefill speedup (levels timed interleaved), TTFT, KV bytes, and (when windows are
+    given) perplexity. The first row is always the dense model, the one every row is timed
+    against."""
+    strides = sorted({sched_lib.check_every(k) for k in (prune_every or (ev.prune_every,))})
+    levels = [(1.0, 1)] + [(float(s), k) for k in strides for s in speedups if float(s) != 1.0]
+    plans = [ev.plan(s, k) for s, k in levels]  # validates every speedup before any work
     timed = ev.time_prefills([p.keep for p in plans], iters=iters, ctx=ctx) if time_it else None
     rows, dense = [], None
-    for i, (s, plan) in enumerate(zip(speedups, plans)):
+    for i, ((s, k), plan) in enumerate(zip(levels, plans)):
         sch, kv = plan.keep, ev.kv_bytes(plan.keep)
-        row: dict[str, Any] = {"speedup": s, "schedule": list(sch), "analytic": plan.analytic,
+        row: dict[str, Any] = {"speedup": s, "prune_every": k, "schedule": list(sch), "analytic": plan.analytic,
                                "kv_prompt_bytes": kv["prompt"], "kv_total_bytes": kv["total"]}
         if ctx is not None:
             row.update(ev.score(ctx, cont, sch))
@@ -256,6 +259,8 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The sweep as a text (or Markdown) table."""
     cols = [("speedup", "asked", ".2f"), ("analytic", "analytic", ".2f")]
+    if any(r.get("prune_every", 1) > 1 for r in rows):  # the stride, where one drops rows sparsely
+        cols.insert(1, ("prune_every", "k", ""))
     if rows and "ttft_ms" in rows[0]:
         cols += [("ttft_ms", "TTFT ms", ".3f"), ("measured", "measured", ".2f"),
                  ("measured_over_analytic", "meas/an", ".2f"), ("pipelined_ms", "pipe ms", ".3f"),

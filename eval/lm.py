@@ -107,7 +107,7 @@ def run(args) -> dict:
     ev = lm.LMEvaluator(module, params, cfg, batch_size=args.batch, context=args.context,
                         continuation=args.continuation, param_dtype=args.dtype,
                         bucket=args.bucket, floor=args.floor, acc_variant=args.acc_variant,
-                        prune_every=args.prune_every)
+                        prune_every=args.prune_every[0])
     info = benchmark.machine()
     result = {"machine": info, "mode": "bench" if args.bench else "eval",
               **{k: getattr(args, k) for k in ("model", "dtype", "batch", "context", "continuation",
@@ -133,7 +133,8 @@ def run(args) -> dict:
                           "windows": int(len(ctx))}
         print(f"# text: {', '.join(source)}: {result['text']['tokens']} tokens, "
               f"{len(ctx)} windows of {args.context} + {args.continuation}")
-    rows = lm.sweep(ev, speedups, ctx=ctx, cont=cont, iters=args.iters, time_it=not args.no_timing)
+    rows = lm.sweep(ev, speedups, ctx=ctx, cont=cont, iters=args.iters, time_it=not args.no_timing,
+                    prune_every=args.prune_every)
     result["rows"] = rows
     print(lm.format_table(rows, markdown=args.markdown))
     if args.reference == "hf" and ctx is not None:
@@ -165,8 +166,9 @@ def main(argv=None) -> int:
                     help="never drop the first position (attention sink)")
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--floor", type=int, default=None, help="smallest keep-length (default 1; 2 with --protect-first)")
-    ap.add_argument("--prune_every", type=int, default=1,
-                    help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost")
+    ap.add_argument("--prune_every", default="1",
+                    help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost; a "
+                         "comma list (1,2,3) scores and times every level at each stride")
     ap.add_argument("--iters", type=int, default=10, help="timed rounds (every speedup's prefill once a round, interleaved)")
     ap.add_argument("--no-timing", dest="no_timing", action="store_true", help="skip TTFT timing")
     ap.add_argument("--bench", action="store_true",
@@ -183,8 +185,9 @@ def main(argv=None) -> int:
         args.floor = 2 if args.protect_first else 1
 
     def checked():
-        for flag in ("bucket", "floor", "batch", "context", "iters", "prune_every"):  # 0 divided by later
+        for flag in ("bucket", "floor", "batch", "context", "iters"):  # 0 divided by later
             guards.positive_int(getattr(args, flag), f"--{flag}")
+        args.prune_every = sorted(set(cli.ints(args.prune_every, "--prune_every", low=1)))
         return run(args)
 
     if args.json:  # a new results folder is made; cli.run says so in one line if it cannot be

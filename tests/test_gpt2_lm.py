@@ -146,6 +146,30 @@ def test_bench_cli_times_prefill_without_text(tiny_dir, tmp_path):
     assert abs(res["rows"][2]["analytic"] - 3.0) < 0.3
 
 
+def test_eval_cli_scores_every_level_at_each_stride(tiny_dir, tmp_path, capsys):
+    """--prune_every 2,1: dense once, then every level at each stride, the perplexity of each
+    row that of its own schedule (``LMEvaluator.score``), all timed against the one dense row."""
+    folder, text = tiny_dir
+    out = tmp_path / "lm.json"
+    assert lm_cli.main(["--model", str(folder), "--text", str(text), "--context", "32", "--continuation", "8",
+                        "--speedups", "2", "--batch", "4", "--max-windows", "4", "--iters", "1",
+                        "--prune_every", "2,1", "--json", str(out)]) == 0
+    assert " k " in capsys.readouterr().out  # the stride column
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["speedup"], r["prune_every"]) for r in rows] == [(1.0, 1), (2.0, 1), (2.0, 2)]
+    ld = convert.load(folder, "lm")
+    ev = lm.LMEvaluator(ld.module, ld.params, ld.config, batch_size=4, context=32, continuation=8)
+    ctx, cont = lm.make_windows(lm.tokenize(lm.load_tokenizer(folder), lm.read_texts([text])), 32, 8,
+                                max_windows=4)
+    for r in rows:
+        keep = ev.plan(r["speedup"], r["prune_every"]).keep
+        assert r["schedule"] == list(keep) and r["measured"] == pytest.approx(rows[0]["ttft_ms"] / r["ttft_ms"])
+        assert r["ppl"] == pytest.approx(ev.score(ctx, cont, keep)["ppl"], rel=1e-5)
+    assert rows[1]["schedule"] != rows[2]["schedule"] and rows[2]["schedule"][0] == rows[2]["schedule"][1]
+    assert lm_cli.main(["--bench", "--model", str(folder), "--context", "32", "--prune_every", "1,0"]) == 2
+    assert "--prune_every" in capsys.readouterr().err
+
+
 def test_bad_input_is_a_clear_error(tiny_dir, tmp_path, capsys):
     folder, text = tiny_dir
     proc = subprocess.run([sys.executable, "-m", "eval.lm", "--model", str(tmp_path / "no-such-model")],
