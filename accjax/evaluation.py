@@ -593,9 +593,11 @@ def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int
 def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
                  prune_every: int | None = None) -> tuple[float, int, int]:
     """(speedup, batch size, stride): the fastest program measured on this device (``latency``
-    rows) whose level's dev drop at its stride is at most ``max_drop``, at the nearest recorded
-    batch size at or above ``examples`` (else the largest) and the same for ``length``; never
-    a level flagged ``slower`` there; only stride ``prune_every`` (and dense) when given."""
+    rows; ``_fastest``: of the programs whose median lies within the fastest one's timings, the
+    most accurate) whose level's dev drop at its stride is at most ``max_drop``, at the nearest
+    recorded batch size at or above ``examples`` (else the largest) and the same for
+    ``length``; never a level flagged ``slower`` there; only stride ``prune_every`` (and dense)
+    when given."""
     dev = benchmark.device_kind()
     here = [r for r in table.get("latency", ()) if r["device"] == dev]
     if not here:
@@ -619,8 +621,8 @@ def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
 
 def pick_level(table: dict, max_drop: float, *, prune_every: int | None = None) -> dict:
     """The fastest row, a level at a stride (by measured speedup), whose dev drop is at most
-    ``max_drop`` (``_fastest``: of rows its timings cannot tell apart, the most accurate); only
-    stride ``prune_every`` (and dense) when given."""
+    ``max_drop`` (``_fastest``: of the rows whose median lies within the fastest one's
+    interleaved passes, the most accurate); only stride ``prune_every`` (and dense) when given."""
     ok = [r for r in _at_stride(table, table["rows"], prune_every)
           if r["drop"] <= max_drop + 1e-9 and not r.get("slower")]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
