@@ -558,13 +558,10 @@ def read_tune(folder: str | os.PathLike) -> dict | None:
 
 def strides(x) -> tuple[int, ...]:
     """The strides (``prune_every``) of an offline-tuning table, or given as one int or a
-    sequence: sorted, each checked (``schedule.check_every``), each once."""
+    sequence (``schedule.check_strides``)."""
     if isinstance(x, dict):
         x = x.get("strides", [x.get("prune_every", 1)])
-    x = [x] if isinstance(x, int) else list(x)
-    if not x:
-        raise ValueError("prune_every: no stride given")
-    return tuple(sorted({sched_lib.check_every(k) for k in x}))
+    return sched_lib.check_strides(x)
 
 
 def _at_stride(table: dict, rows: Sequence[dict], prune_every: int | None) -> list[dict]:

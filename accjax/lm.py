@@ -230,7 +230,7 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
     measured prefill speedup (levels timed interleaved), TTFT, KV bytes, and (when windows are
     given) perplexity. The first row is always the dense model, the one every row is timed
     against."""
-    strides = sorted({sched_lib.check_every(k) for k in (prune_every or (ev.prune_every,))})
+    strides = sched_lib.check_strides(prune_every or ev.prune_every)
     levels = [(1.0, 1)] + [(float(s), k) for k in strides for s in speedups if float(s) != 1.0]
     plans = [ev.plan(s, k) for s, k in levels]  # validates every speedup before any work
     timed = ev.time_prefills([p.keep for p in plans], iters=iters, ctx=ctx) if time_it else None

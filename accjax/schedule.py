@@ -139,6 +139,15 @@ def check_every(prune_every) -> int:
     return prune_every
 
 
+def check_strides(prune_every) -> tuple[int, ...]:
+    """One stride or several (``eval.offline_tune``, ``eval.bench``, ``eval.lm`` time each
+    level at each) as a sorted tuple, each checked (``check_every``) and given once."""
+    every = [prune_every] if isinstance(prune_every, int) else list(prune_every)
+    if not every:
+        raise ValueError("prune_every: no stride given")
+    return tuple(sorted({check_every(k) for k in every}))
+
+
 def _check_number(speedup) -> None:
     # below 1 and above the maximum: the solver's message states the permitted range
     if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not math.isfinite(speedup):

@@ -33,6 +33,7 @@ import numpy as np
 
 from accjax import acc as acc_lib
 from accjax import benchmark, guards, inference, models, programs, seq2seq
+from accjax import schedule as sched_lib
 from accjax.kernels import acc_pallas
 from eval import cli
 
@@ -93,7 +94,7 @@ def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides:
 
 
 def run(args) -> dict:
-    strides = sorted(set(cli.ints(args.prune_every, "--prune_every", low=1)))
+    strides = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
     guards.positive_int(args.iters, "--iters")
     t5 = is_t5(args.model, args.family, args.tiny)
     shapes = parse_shapes(args.shapes)

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from accjax import benchmark, guards, hub, lm, models
+from accjax import schedule as sched_lib
 from eval import cli
 
 
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     def checked():
         for flag in ("bucket", "floor", "batch", "context", "iters"):  # 0 divided by later
             guards.positive_int(getattr(args, flag), f"--{flag}")
-        args.prune_every = sorted(set(cli.ints(args.prune_every, "--prune_every", low=1)))
+        args.prune_every = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
         return run(args)
 
     if args.json:  # a new results folder is made; cli.run says so in one line if it cannot be
