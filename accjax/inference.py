@@ -83,12 +83,13 @@ class Planned:
         return bucket_for(self.length_buckets, n)
 
     def plan(self, length: int, speedup: float = 1.0, schedule: Sequence[int] | None = None, *,
-             prune_every: int | None = None) -> sched_lib.Plan:
-        """What runs at ``length``: ``schedule.plan`` for a speedup (at ``prune_every``, default
-        this predictor's), or an explicit schedule."""
+             prune_every: int | None = None, floor: int | None = None) -> sched_lib.Plan:
+        """What runs at ``length``: ``schedule.plan`` for a speedup (at ``prune_every`` and
+        ``floor``, default this predictor's), or an explicit schedule."""
         if schedule is not None:
             return sched_lib.explicit(self.cost, length, schedule)
-        return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket, floor=self.floor,
+        return sched_lib.plan(self.cost, length, speedup, bucket=self.bucket,
+                              floor=self.floor if floor is None else floor,
                               searched=self.searched,
                               prune_every=self.prune_every if prune_every is None else prune_every)
 
@@ -218,9 +219,9 @@ class Predictor(Planned):
 
     def time_program(self, batch_size: int, length: int, speedup: float = 1.0, *,
                      schedule: Sequence[int] | None = None, iters: int = 30, warmup: int = 3,
-                     seed: int = 0, prune_every: int | None = None) -> dict[str, Any]:
+                     seed: int = 0, prune_every: int | None = None, floor: int | None = None) -> dict[str, Any]:
         """Median wall time (ms) of one compiled program on random full-length inputs."""
-        plan = self.plan(length, speedup, schedule, prune_every=prune_every)
+        plan = self.plan(length, speedup, schedule, prune_every=prune_every, floor=floor)
         prog = self.program(batch_size, plan)
         batches = self.random_batches(batch_size, length, seed)
         return {**programs.time_calls(lambda b: prog(self.params, b), batches, iters=iters,

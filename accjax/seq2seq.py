@@ -299,9 +299,9 @@ class Seq2SeqPredictor(generate.LMPredictor):
 
     def time_first_token(self, batch_size: int, length: int, speedup: float = 1.0, *,
                          iters: int = 30, warmup: int = 3, seed: int = 0,
-                         prune_every: int | None = None) -> dict[str, Any]:
+                         prune_every: int | None = None, floor: int | None = None) -> dict[str, Any]:
         """Median wall time (ms) of encoder + first token on random full-length inputs."""
-        plan = self.plan(length, speedup, prune_every=prune_every)
+        plan = self.plan(length, speedup, prune_every=prune_every, floor=floor)
         prog = self.first_token_program(batch_size, plan)
         ids = programs.random_batches(np.random.default_rng(seed), (batch_size, length),
                                       self.config.vocab_size, low=2)

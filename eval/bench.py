@@ -6,6 +6,7 @@
         --speedups 1.5,2,3,4 --attention_impl auto,xla --vs-torch --json t5_bench.json
     python -m eval.bench --tiny --iters 3          # a tiny random T5: a seconds-long CPU smoke run
     python -m eval.bench --shapes 128x128 --dtype bfloat16 --speedups 2,4.8 --prune_every 1,2,3 --interleave
+    python -m eval.bench --shapes 128x128 --dtype bfloat16 --speedups 4.8 --floor 1,8,16 --interleave
 
 An encoder classifier (BERT family) is timed as one forward pass. A T5 (a T5 preset,
 ``--family t5`` for a T5 folder, ``--tiny``; ``python -m eval.bench_t5`` is this with T5
@@ -39,7 +40,8 @@ from eval import cli
 
 TINY_T5 = dict(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3,
                num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=32)
-COLUMNS = [("shape", "shape", ""), ("impl", "impl", ""), ("prune_every", "k", ""), ("speedup", "asked", ".2f"),
+COLUMNS = [("shape", "shape", ""), ("impl", "impl", ""), ("prune_every", "k", ""), ("floor", "floor", ""),
+           ("speedup", "asked", ".2f"),
            ("analytic", "analytic", ".2f"), ("median_ms", "ms", ".3f"), ("measured", "measured", ".2f"),
            ("measured_over_analytic", "meas/an", ".2f"), ("pipelined_ms", "pipe ms", ".3f"),
            ("pipelined_over_analytic", "pipe meas/an", ".2f"), ("tokens_per_s", "tok/s", ".0f"),
@@ -95,6 +97,7 @@ def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides:
 
 def run(args) -> dict:
     strides = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
+    floors = sorted(set(cli.ints(args.floor, "--floor", low=1)))
     guards.positive_int(args.iters, "--iters")
     t5 = is_t5(args.model, args.family, args.tiny)
     shapes = parse_shapes(args.shapes)
@@ -104,8 +107,9 @@ def run(args) -> dict:
     if args.batch or args.length:
         shapes = [(args.batch or shapes[0][0], args.length or shapes[0][1])]
     speedups = cli.speedups(args.speedups, "--speedups") if args.speedups.strip() else []
-    # (speedup, stride): dense once, then every level at every stride, all timed together
-    levels = [(1.0, 1)] + [(x, k) for k in strides for x in speedups if x != 1.0]
+    # (speedup, stride, floor): dense once, then every level at every stride and floor, all
+    # timed together
+    levels = [(1.0, 1, floors[0])] + [(x, k, f) for k in strides for f in floors for x in speedups if x != 1.0]
     overrides = {"acc_impl": args.acc_impl, **parse_sets(args.set)}
     info = benchmark.machine()
     acc_lib.SELECT_METHOD = args.select
@@ -127,19 +131,23 @@ def run(args) -> dict:
             for b, n in shapes:
                 pred = (seq2seq.Seq2SeqPredictor if t5 else inference.Predictor)(
                     module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=args.dtype,
-                    acc_variant=args.acc_variant, bucket=args.bucket, floor=args.floor,
+                    acc_variant=args.acc_variant, bucket=args.bucket, floor=floors[0],
                     prune_every=strides[0])
-                plans = {(s, k): pred.plan(n, s, prune_every=k) for s, k in levels}
-                for (s, k), plan in plans.items():
+                plans = {}
+                for s, k, f in levels:
+                    plan = pred.plan(n, s, prune_every=k, floor=f)
+                    if f > floors[0] and plan.keep == plans[s, k, floors[0]].keep:
+                        continue  # the floor changes nothing at this level: not timed twice
+                    plans[s, k, f] = plan
                     if plan.clamped_from:
-                        print(f"  {b}x{n}: speedup {s:g}{_at(k)} exceeds the maximum: runs at {plan.analytic:.2f}")
+                        print(f"  {b}x{n}: speedup {s:g}{_at(k, f)} exceeds the maximum: runs at {plan.analytic:.2f}")
                 timed = time_interleaved(pred, b, n, plans, iters=args.iters, t5=t5) if args.interleave else {}
-                dense = (1.0, 1)
-                for (s, k), plan in plans.items():  # dense first
-                    if (s, k) not in timed:
-                        timed[s, k] = (pred.time_first_token if t5 else pred.time_program)(
-                            b, n, s, iters=args.iters, prune_every=k)
-                    t, measured = timed[s, k], timed[dense]["median_ms"] / timed[s, k]["median_ms"]
+                dense = levels[0]
+                for (s, k, f), plan in plans.items():  # dense first
+                    if (s, k, f) not in timed:
+                        timed[s, k, f] = (pred.time_first_token if t5 else pred.time_program)(
+                            b, n, s, iters=args.iters, prune_every=k, floor=f)
+                    t, measured = timed[s, k, f], timed[dense]["median_ms"] / timed[s, k, f]["median_ms"]
                     pipe = {}
                     if "pipelined_ms" in t:  # --interleave: also with 20 calls in flight
                         m_pipe = timed[dense]["pipelined_ms"] / t["pipelined_ms"]
@@ -147,7 +155,7 @@ def run(args) -> dict:
                                 "pipelined_over_analytic": m_pipe / plan.analytic}
                     rows.append({
                         "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
-                        "acc_variant": args.acc_variant, "speedup": s, "prune_every": k, "analytic": plan.analytic,
+                        "acc_variant": args.acc_variant, "speedup": s, "prune_every": k, "floor": f, "analytic": plan.analytic,
                         "schedule": list(plan.keep), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
                         "measured": measured, "measured_over_analytic": measured / plan.analytic,
                         "tokens_per_s": b * n / (t["median_ms"] / 1e3),
@@ -155,7 +163,7 @@ def run(args) -> dict:
                         **pipe,
                     })
                     # each program takes a while to compile on a GPU: show progress as it comes
-                    print(f"  {b}x{n} {impl} speedup {s:g}{_at(k)}: analytic {plan.analytic:.2f}, "
+                    print(f"  {b}x{n} {impl} speedup {s:g}{_at(k, f)}: analytic {plan.analytic:.2f}, "
                           f"{t['median_ms']:.3f} ms, measured {measured:.2f}", flush=True)
         except Exception as e:  # e.g. a cuDNN path this GPU/jax lacks: keep the other impls
             errors.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
@@ -175,8 +183,8 @@ def run(args) -> dict:
             "rows": rows, "torch": torch_rows, "errors": errors}
 
 
-def _at(k: int) -> str:
-    return f" k={k}" if k > 1 else ""
+def _at(k: int, floor: int = 1) -> str:
+    return (f" k={k}" if k > 1 else "") + (f" floor={floor}" if floor > 1 else "")
 
 
 def time_torch(args, shapes, t5: bool) -> list[dict]:
@@ -242,7 +250,9 @@ def main(argv=None) -> int:
     ap.add_argument("--acc_impl", default="auto",
                     help="ACC beside flash attention: auto (Pallas kernel where it compiles), lse, pallas")
     ap.add_argument("--bucket", type=int, default=8)
-    ap.add_argument("--floor", type=int, default=1)
+    ap.add_argument("--floor", default="1",
+                    help="smallest keep-length a layer may have; a comma list times each level at each "
+                         "(a floor that leaves a level's keep-lengths as the smallest floor's is not timed again)")
     ap.add_argument("--prune_every", default="1",
                     help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost; a "
                          "comma list (1,2,3) times every level at each stride against one dense program")

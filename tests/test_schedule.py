@@ -128,3 +128,26 @@ def test_predictors_and_the_bench_take_prune_every(tmp_path, capsys):
         assert rows[1]["schedule"] != rows[2]["schedule"]
         assert all(r["measured"] == pytest.approx(rows[0]["median_ms"] / r["median_ms"]) for r in rows)
     assert " k=2: analytic" in capsys.readouterr().out
+
+
+
+def test_the_bench_times_each_level_at_each_floor_once(tmp_path, capsys):
+    """--floor 1,4: every level at each floor against one dense program; a floor that leaves a
+    level's keep-lengths as they were is not timed again."""
+    import json
+
+    from eval import bench
+
+    tiny = ["--set", "num_layers=4", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    out = tmp_path / "b.json"
+    assert bench.main(["--shapes", "2x32", "--speedups", "2,4", "--iters", "1", "--floor", "4,1",
+                       "--json", str(out), *tiny]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    cm = models.cost_model(models.preset("bert-base-uncased", num_layers=4, hidden_size=32, num_heads=2,
+                                         intermediate_size=64, vocab_size=50))
+    assert S.plan(cm, 32, 2.0, floor=4).keep == S.plan(cm, 32, 2.0).keep  # 2x: the floor is not reached
+    assert [(r["speedup"], r["floor"]) for r in rows] == [(1.0, 1), (2.0, 1), (4.0, 1), (4.0, 4)]
+    assert min(rows[2]["schedule"]) < 4 <= min(rows[3]["schedule"])
+    assert all(r["measured"] == pytest.approx(rows[0]["median_ms"] / r["median_ms"]) for r in rows)
+    assert " floor=4: analytic" in capsys.readouterr().out
