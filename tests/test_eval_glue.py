@@ -283,7 +283,7 @@ def test_offline_tune_strides_are_stored_and_max_drop_runs_the_picked_one(sst2_r
     table["rows"][2].update(measured_speedup=9.0, slower=False)  # 2x at k = 2 is picked whatever this CPU measured
     for r in table["latency"]:  # and per batch size (a tiny model's 2x can time slower than dense here)
         if r["speedup"] == 2.0:
-            r.update(ms=1e-3 * r["prune_every"] ** -1, ms_min=1e-4, ms_max=1e-3 * r["prune_every"] ** -1, slower=False)
+            r.update(ms=1e-3 / r["prune_every"], ms_min=1e-4, ms_max=1e-3 / r["prune_every"], slower=False)
     (run / "offline_tune.json").write_text(json.dumps(table))
     out = tmp_path / "glue.json"
     ck = ["--checkpoint", str(run), "--no-progress"]

@@ -130,7 +130,6 @@ def test_predictors_and_the_bench_take_prune_every(tmp_path, capsys):
     assert " k=2: analytic" in capsys.readouterr().out
 
 
-
 def test_the_bench_times_each_level_at_each_floor_once(tmp_path, capsys):
     """--floor 1,4: every level at each floor against one dense program; a floor that leaves a
     level's keep-lengths as they were is not timed again."""
