@@ -106,7 +106,7 @@ class RunModel:
     def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int | None = None):
         """A ``Predictor`` planning with ``prune_every`` (default: the run's); with ``max_drop``,
         one whose ``predict(batch)`` runs the fastest program measured for the batch's size and
-        length within that dev drop, at its level and stride (only ``prune_every``'s when given)
+        length within that dev drop, at its level, stride and floor (only ``prune_every``'s when given)
         and the searched schedules of the offline-tuning table beside the run (``pick_program``)."""
         from accjax.inference import Predictor
 
@@ -149,7 +149,7 @@ RunFn = Callable[[dict, sched_lib.Plan], np.ndarray]
 
 def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, cost: sched_lib.CostModel,
                  speedups: Sequence[float], batch_size: int, buckets: Sequence[int], bucket: int = 8,
-                 floor: int = 1, compile: Callable[[sched_lib.Plan, dict], Any] | None = None,
+                 floor: int | Sequence[int] = 1, compile: Callable[[sched_lib.Plan, dict], Any] | None = None,
                  baseline: bool = False, progress: bool = False, repeats: int = 0,
                  schedules: dict[tuple[float, int], Sequence[int]] | None = None,
                  prune_every: int | Sequence[int] = 1) -> list[dict]:
@@ -176,6 +176,9 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
         the other pairs run ``schedule.plan``'s decay. A row's ``source`` says which ran.
       prune_every: the stride k of ``schedule.plan``, or several: each level is then scored
         at each (one row per level and stride; dense, which drops nothing, once, as k = 1).
+      floor: the smallest keep-length (``schedule.plan``'s ``floor``), or several: each level
+        and stride is then scored at each (dense once, at the first); a floor that leaves a
+        level's keep-lengths as the first floor's is not scored again.
     Returns:
       rows {task, split, speedup, prune_every, analytic_speedup, measured_speedup, metrics..., primary,
       drop (vs dense), examples_per_s, ms_per_batch, seconds (of a timed pass of
@@ -185,35 +188,39 @@ def score_splits(task: tasks_lib.Task, features: dict[str, Any], run: RunFn, *, 
     """
     speedups = list(dict.fromkeys(float(s) for s in speedups))  # a repeated speedup is scored once
     # dense first (added with ``baseline``): the other rows are measured against it
-    levels = ([(1.0, 1)] if baseline or 1.0 in speedups else []) + [
-        (s, k) for k in strides(prune_every) for s in speedups if s != 1.0]
+    fl = floors(floor)
+    levels = ([(1.0, 1, fl[0])] if baseline or 1.0 in speedups else []) + [
+        (s, k, f) for k in strides(prune_every) for f in fl for s in speedups if s != 1.0]
     rows = []
     for split, feats in features.items():
         batches = data_lib.EvalBatches(feats, batch_size, buckets=buckets)
         items = [batches.batch(k) for k in range(len(batches))]
-        split_rows = []
-        for s, k in levels:
-            plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=floor,
+        split_rows, first = [], {}
+        for s, k, f in levels:
+            plans = [sched_lib.plan(cost, b["input_ids"].shape[1], s, bucket=bucket, floor=f,
                                     searched=schedules, prune_every=k) for b in items]
+            if first.setdefault((s, k), plans) is not plans and plans == first[s, k]:
+                continue  # this floor changes no keep-length of the level: scored once
             if compile is not None:
                 for p, b in {p: b for b, p in zip(items, plans)}.items():
                     compile(p, b)
             it = zip(items, plans)
             if progress:
-                it = tqdm(list(it), desc=f"{task.name}/{split} x{s:g}" + (f" k={k}" if k > 1 else ""),
+                it = tqdm(list(it), desc=f"{task.name}/{split} x{s:g}" + (f" k={k}" if k > 1 else "")
+                          + (f" F={f}" if len(fl) > 1 else ""),
                           leave=False, unit="batch",
                           disable=False)  # None would hide it when piped
             outs = [run(b, p) for b, p in it]
             m = metrics_lib.compute(task, batches.restore(outs), feats.labels)
             n = [float(b["weights"].sum()) for b in items]
             flops = [w * cost.total(p.length, (p.length,) * cost.num_layers) for w, p in zip(n, plans)]
-            row = {"task": task.name, "split": split, "speedup": s, "prune_every": k,
+            row = {"task": task.name, "split": split, "speedup": s, "prune_every": k, "floor": f,
                    "analytic_speedup": sum(flops) / sum(f / p.analytic for f, p in zip(flops, plans)),
                    **m, "primary": metrics_lib.primary(task, m),
                    "examples": len(feats), "batch_size": batch_size, "truncated": feats.truncated,
                    "schedules": {str(p.length): list(p.keep) for p in sorted(set(plans), key=lambda p: p.length)},
                    "source": _source(plans),
-                   "clamped": {str(p.length): round(sched_lib.max_speedup(cost, p.length, bucket=bucket, floor=floor), 2)
+                   "clamped": {str(p.length): round(sched_lib.max_speedup(cost, p.length, bucket=bucket, floor=f), 2)
                                for p in sorted(set(plans), key=lambda p: p.length) if p.clamped_from}}
             if s not in speedups:
                 row["baseline"] = True  # dense row added for the comparison
@@ -264,7 +271,8 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
              speedups: Sequence[float] | None = None, batch_size: int | None = None,
              data_dir: str | None = None, progress: bool = True, include_test: bool = False,
              repeats: int = 5, schedules: dict | None = None, predictor=None,
-             prune_every: int | Sequence[int] | None = None) -> list[dict]:
+             prune_every: int | Sequence[int] | None = None,
+             floor: int | Sequence[int] | None = None) -> list[dict]:
     """Scores ``run`` on ``task`` (default its own) through a ``Predictor``, with dense timed
     in the same run (``score_splits``). Defaults come from the run folder: its eval speedups,
     eval batch size, dev splits (and test splits with ``include_test``; unlabelled ones are
@@ -272,7 +280,8 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
     stored beside it for this task (``schedules`` overrides them; ``{}``: the decay);
     ``prune_every`` k > 1 decays by dropping rows only in every k-th layer (``schedule.plan``,
     which runs the searched schedules at k = 1 only; default: the run's, or ``predictor``'s);
-    several strides score each level at each."""
+    several strides score each level at each. ``floor``: the smallest keep-length (default the
+    run's), or several, each level and stride scored at each."""
     t, feats = features(run, task, splits, data_dir, include_test)
     if schedules is None:  # the schedules searched beside the run
         schedules = searched(read_tune(run.folder), t.name)
@@ -282,7 +291,8 @@ def evaluate(run: RunModel, *, task: str | None = None, splits: Sequence[str] | 
     return score_splits(
         t, feats, lambda b, p: pred.predict(b, schedule=p.keep), cost=pred.cost,
         speedups=speedups or run.eval_speedups, batch_size=pred.batch_size, buckets=run.buckets,
-        bucket=run.bucket, floor=run.floor, compile=lambda p, b: pred.program(pred.batch_size, p),
+        bucket=run.bucket, floor=run.floor if floor is None else floor,
+        compile=lambda p, b: pred.program(pred.batch_size, p),
         baseline=True, progress=progress, repeats=repeats, schedules=schedules,
         prune_every=several or pred.prune_every)
 
@@ -321,7 +331,8 @@ def evaluate_folder(run_dir: str | os.PathLike, *, splits: Sequence[str] | None 
                     data_dir=data_dir, progress=False, include_test=True)
 
 
-_TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "prune_every", "analytic_speedup",
+_TABLE_FIELDS = {"slower", "source", "decay_primary", "task", "split", "speedup", "prune_every", "floor",
+                 "analytic_speedup",
                  "measured_speedup", "measured_min", "measured_max", "primary", "drop", "examples_per_s",
                  "ms_per_batch", "seconds", "seconds_min", "seconds_max", "examples", "batch_size",
                  "truncated", "schedules", "clamped", "baseline", "timed_batches"}
@@ -356,7 +367,9 @@ def format_table(rows: list[dict]) -> str:
                      "interleaved passes; keep: rows kept per layer, by padded length; schedule: "
                      "'searched' on dev by eval.offline_tune --search, or the one-ratio 'decay'"
                      + ("; k=K: rows dropped only in layers 1, 1 + K, ... (prune_every)"
-                        if any(_every(r) > 1 for r in rows) else ""))
+                        if any(_every(r) > 1 for r in rows) else "")
+                     + ("; F=N: no layer keeps fewer than N rows (floor)"
+                        if any("F=" in _label(r) for r in rows) else ""))
     return "\n".join(lines)
 
 
@@ -365,15 +378,27 @@ def _every(r: dict) -> int:
     return int(r.get("prune_every", 1))
 
 
+def _floor(r: dict) -> int | None:
+    """A row's smallest keep-length (``floor``; None in rows that predate it: the run's)."""
+    return r.get("floor")
+
+
+def _shape(r: dict) -> tuple[int, int | None]:
+    """(stride, floor): what besides its level sets a row's keep-lengths."""
+    return _every(r), _floor(r)
+
+
 def _label(r: dict) -> str:
-    return r.get("source", "-") + (f" k={_every(r)}" if _every(r) > 1 else "")
+    return r.get("source", "-") + (f" k={_every(r)}" if _every(r) > 1 else "") + (
+        f" F={_floor(r)}" if (_floor(r) or 1) > 1 and r["speedup"] != 1 else "")
 
 
 # ----------------------------------------------------------------------- offline-tuning
 def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batch_size: int = 64,
                  data_dir: str | None = None, split: str | None = None, progress: bool = True,
                  out_dir: str | os.PathLike | None = None, repeats: int = 5, search: int = 0,
-                 batch_sizes: Sequence[int] = (), prune_every: int | Sequence[int] | None = None) -> dict:
+                 batch_sizes: Sequence[int] = (), prune_every: int | Sequence[int] | None = None,
+                 floor: int | Sequence[int] | None = None) -> dict:
     """Sweeps speedups on the dev split; writes the table and plot beside the checkpoint.
 
     Every level is planned with ``prune_every`` (default: the run's), or with each of several
@@ -392,7 +417,12 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     A level measured no faster than a less aggressive one is flagged (``slower``; in the
     latency rows, at that batch size and length): more rows dropped bought no time on this
     machine, so ``pick_level`` and ``pick_program`` never choose it there. Each stride is
-    flagged against its own lower levels (and dense), not against another stride's."""
+    flagged against its own lower levels (and dense), not against another stride's.
+
+    ``floor`` (default: the run's): the smallest keep-length, or several (``floors``), each
+    level and stride scored and timed at each, as strides are; a floor that changes none of a
+    level's keep-lengths is not scored twice. The search runs at the first floor, and a level
+    with searched schedules runs them at every floor (so it is scored once)."""
     t = run.resolve_task(None)
     split = split or t.dev_split
     levels = list(speedups or ())
@@ -401,11 +431,13 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
         top = min(sched_lib.max_speedup(cost, min(run.buckets), bucket=run.bucket, floor=run.floor), 8.0)
         levels = sorted({*map(float, np.arange(1.0, top + 1e-9, 0.5)), *([4.8] if top >= 4.8 else [])})
     every = strides(run.prune_every if prune_every is None else prune_every)
+    fl = floors(run.floor if floor is None else floor)
     if search and 1 not in every:
         k = ",".join(map(str, every))
         raise EvalError(f"--search varies every layer's keep-length, which prune_every {k} fixes: pass "
                         f"--prune_every 1,{k} with --search (searched schedules run at 1), or drop --search")
     pred, found = run.predictor(batch_size, prune_every=1 if search else every[0]), None
+    pred.floor = fl[0]
     if search:
         t, feats = features(run, None, [split], data_dir)
         found = search_lib.search(t, feats[split], pred, levels=levels, buckets=run.buckets, budget=search,
@@ -414,7 +446,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     pred.searched = schedules
     rows = evaluate(run, splits=[split], speedups=levels, batch_size=batch_size, data_dir=data_dir,
                     progress=progress, repeats=repeats, schedules=schedules, predictor=pred,
-                    prune_every=every)
+                    prune_every=every, floor=fl)
     decay = {}  # a level's first record scored the decay at every length: its dev metric
     for x in (found or {}).get("records", ()):
         decay.setdefault(x["speedup"], x["decay_primary"])
@@ -423,7 +455,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
             r["decay_primary"] = decay[r["speedup"]]
     _flag_slower(rows, "measured_speedup")
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
-             "task": t.name, "split": split, "strides": list(every),
+             "task": t.name, "split": split, "strides": list(every), "floors": list(fl),
              "metric": t.primary_metric, "machine": benchmark.machine(), "repeats": repeats, "rows": rows}
     if found is not None:
         table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
@@ -431,7 +463,7 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
         table["search"] = {k: found[k] for k in ("budget", "programs", "seconds", "records")}
     if batch_sizes:
         lengths = sorted({int(n) for r in rows for n in r["schedules"]})
-        table["latency"] = latency(pred, levels, batch_sizes, lengths, repeats, every)
+        table["latency"] = latency(pred, levels, batch_sizes, lengths, repeats, every, fl)
     out = Path(out_dir) if out_dir else run.folder
     out.mkdir(parents=True, exist_ok=True)
     benchmark.write_json(out / f"{TUNE_FILE}.json", table)
@@ -441,47 +473,63 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
 
 
 def latency(pred, speedups: Sequence[float], batch_sizes: Sequence[int], lengths: Sequence[int],
-            repeats: int, prune_every: Sequence[int] = (1,)) -> list[dict]:
-    """Median (min, max) ms of each (level, stride)'s program per (batch size, length), the
-    programs interleaved over ``repeats`` rounds after one warm-up round; ``measured`` = dense
-    ms / ms."""
-    out, dev = [], benchmark.device_kind()
-    levels = [(1.0, 1)] + [(s, k) for k in strides(prune_every) for s in sorted(set(speedups) - {1.0})]
+            repeats: int, prune_every: Sequence[int] = (1,), floor: Sequence[int] | int = 1) -> list[dict]:
+    """Median (min, max) ms of each (level, stride, floor)'s program per (batch size, length),
+    the programs interleaved over ``repeats`` rounds after one warm-up round; ``measured`` =
+    dense ms / ms. A floor that leaves a level's keep-lengths as the first floor's is timed once."""
+    out, dev, fl = [], benchmark.device_kind(), floors(floor)
+    levels = [(1.0, 1, fl[0])] + [(s, k, f) for k in strides(prune_every) for f in fl
+                                  for s in sorted(set(speedups) - {1.0})]
     for b in batch_sizes:
         for n in lengths:
-            plans = {(s, k): pred.plan(n, s, prune_every=k) for s, k in levels}
+            plans = {}
+            for s, k, f in levels:
+                p = pred.plan(n, s, prune_every=k, floor=f)
+                if f == fl[0] or p.keep != plans[s, k, fl[0]].keep:
+                    plans[s, k, f] = p
             (inputs,) = pred.random_batches(b, n)[:1]
-            calls = {sk: functools.partial(pred.program(b, p), pred.params, inputs) for sk, p in plans.items()}
+            calls = {skf: functools.partial(pred.program(b, p), pred.params, inputs) for skf, p in plans.items()}
             ms = programs.time_interleaved(calls, rounds=repeats, warmup=1)
-            dense = float(np.median(ms[1.0, 1]))
-            rows = [{"device": dev, "batch_size": b, "length": n, "speedup": s, "prune_every": k,
-                     "keep": list(p.keep), "source": _source([p]), "ms": float(np.median(ms[s, k])),
-                     "ms_min": min(ms[s, k]), "ms_max": max(ms[s, k]),
-                     "measured": dense / float(np.median(ms[s, k]))}
-                    for (s, k), p in plans.items()]
+            dense = float(np.median(ms[levels[0]]))
+            rows = [{"device": dev, "batch_size": b, "length": n, "speedup": s, "prune_every": k, "floor": f,
+                     "keep": list(p.keep), "source": _source([p]), "ms": float(np.median(ms[s, k, f])),
+                     "ms_min": min(ms[s, k, f]), "ms_max": max(ms[s, k, f]),
+                     "measured": dense / float(np.median(ms[s, k, f]))}
+                    for (s, k, f), p in plans.items()]
             out += _flag_slower(rows, "measured")
     return out
 
 
 def _flag_slower(rows: list[dict], key: str) -> list[dict]:
     """Marks ``slower`` each level no faster (``key``) than a less aggressive one of its
-    stride or dense (which drops nothing, at any stride)."""
-    for k in {_every(r) for r in rows}:
+    stride and floor, or dense (which drops nothing, at any)."""
+    for r in rows:
+        r["slower"] = False
+    for shape in {_shape(r) for r in rows if r["speedup"] != 1}:
         best = 0.0
-        for r in sorted((r for r in rows if r["speedup"] == 1 or _every(r) == k), key=lambda r: r["speedup"]):
+        for r in sorted((r for r in rows if r["speedup"] == 1 or _shape(r) == shape), key=lambda r: r["speedup"]):
             r["slower"] = r["speedup"] > 1 and r[key] <= best
             best = max(best, r[key])
     return rows
 
 
+def _shape_note(r: dict, every: Sequence[int], fl: Sequence[int | None]) -> str:
+    """', k = 2, F = 16' for a level's row in a table of several strides or floors."""
+    if r["speedup"] == 1:
+        return ""
+    return (f", k = {_every(r)}" if len(every) > 1 else "") + (f", F = {_floor(r)}" if len(fl) > 1 else "")
+
+
 def tune_markdown(table: dict) -> str:
-    m, every = table["machine"], strides(table)
+    m, every, fl = table["machine"], strides(table), floors(table)
     k = every[0] if len(every) == 1 and every[0] > 1 else None  # one stride k > 1: said once
     lines = [f"Offline-tuning of `{table['checkpoint']}` on {table['task']}/{table['split']} "
              f"({table['metric']}); latency on {m['device']} ({m['cpu']}, {m['cpu_count']} cores), "
              f"jax {m['jax']}." + (f" Rows dropped only in layers 1, {1 + k}, ... (prune_every {k})." if k else
                                    " Strides k = " + ", ".join(map(str, every)) + ": rows dropped only in layers "
-                                   "1, 1 + k, ... (prune_every k; dense drops none)." if len(every) > 1 else ""), "",
+                                   "1, 1 + k, ... (prune_every k; dense drops none)." if len(every) > 1 else "")
+             + (" Floors F = " + ", ".join(map(str, fl)) + ": no layer keeps fewer than F rows (a floor that "
+                "changes none of a level's keep-lengths is not scored twice)." if len(fl) > 1 else ""), "",
              f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes) | "
              f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | schedule | "
              "keep per layer (per length) |",
@@ -489,7 +537,7 @@ def tune_markdown(table: dict) -> str:
     for r in table["rows"]:
         keep = "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in r["schedules"].items())
         flag = " (no faster than a lower level: never picked)" if r.get("slower") else ""
-        source = (r.get("source", "decay") + (f", k = {_every(r)}" if len(every) > 1 and r["speedup"] != 1 else "")
+        source = (r.get("source", "decay") + _shape_note(r, every, fl)
                   + (f" (decay {r['decay_primary']:.2f})" if "decay_primary" in r else ""))
         lines.append(f"| {r['speedup']:g} | {r['analytic_speedup']:.2f} | {r['measured_speedup']:.2f} ({_spread(r)}){flag} | "
                      f"{r['primary']:.2f} | {r['drop']:.2f} | {r['ms_per_batch']:.1f} | {source} | {keep} |")
@@ -508,7 +556,7 @@ def tune_markdown(table: dict) -> str:
                   f"median of {table.get('repeats', 5)} interleaved rounds):", "",
                   "| batch | length | speedup | schedule | ms (min-max) | measured |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['batch_size']} | {r['length']} | {r['speedup']:g} | {r['source']}"
-                  f"{f', k = {_every(r)}' if len(every) > 1 and r['speedup'] != 1 else ''} | {r['ms']:.2f} "
+                  f"{_shape_note(r, every, fl)} | {r['ms']:.2f} "
                   f"({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['measured']:.2f}"
                   f"{' (no faster than a lower level: never picked)' if r['slower'] else ''} |"
                   for r in table["latency"]]
@@ -521,11 +569,13 @@ def plot_tune(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    every = strides(table)
+    every, fl = strides(table), floors(table)
+    shapes = sorted({_shape(r) for r in table["rows"] if r["speedup"] != 1},
+                    key=lambda x: (x[0], x[1] or 0)) or [(1, None)]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for i, k in enumerate(every):  # one pair of curves (one colour) per stride, each from the dense row
-        rows = [r for r in table["rows"] if r["speedup"] == 1 or _every(r) == k]
-        at = f", prune_every {k}" if len(every) > 1 else ""
+    for i, (k, f) in enumerate(shapes):  # one pair of curves (one colour) per stride and floor, from dense
+        rows = [r for r in table["rows"] if r["speedup"] == 1 or _shape(r) == (k, f)]
+        at = (f", prune_every {k}" if len(every) > 1 else "") + (f", floor {f}" if len(fl) > 1 else "")
         ax.plot([r["analytic_speedup"] for r in rows], [r["primary"] for r in rows], "o-", color=f"C{i}",
                 label=f"vs analytic speedup{at}")
         ax.plot([r["measured_speedup"] for r in rows], [r["primary"] for r in rows], "s--", color=f"C{i}",
@@ -554,6 +604,17 @@ def read_tune(folder: str | os.PathLike) -> dict | None:
         for r in [*table["rows"], *table.get("latency", ())]:
             r.setdefault("prune_every", 1 if r["speedup"] == 1 else k)
     return table
+
+
+def floors(x) -> tuple[int, ...]:
+    """One smallest keep-length or several (each an int >= 1) as a sorted tuple, each once;
+    an offline-tuning table's (the run's floor, None, in a table that predates them)."""
+    if isinstance(x, dict):
+        return tuple(x.get("floors") or [None])
+    every = [x] if isinstance(x, int) else list(x)
+    if not every or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in every):
+        raise ValueError(f"floor must be an int >= 1 or a list of them, got {x!r}")
+    return tuple(sorted(set(every)))
 
 
 def strides(x) -> tuple[int, ...]:
@@ -588,10 +649,11 @@ def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int
 
 
 def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
-                 prune_every: int | None = None) -> tuple[float, int, int]:
-    """(speedup, batch size, stride): the fastest program measured on this device (``latency``
-    rows; ``_fastest``: of the programs whose median lies within the fastest one's timings, the
-    most accurate) whose level's dev drop at its stride is at most ``max_drop``, at the nearest
+                 prune_every: int | None = None) -> tuple[float, int, int, int | None]:
+    """(speedup, batch size, stride, floor): the fastest program measured on this device
+    (``latency`` rows; ``_fastest``: of the programs whose median lies within the fastest one's
+    timings, the most accurate) whose level's dev drop at its stride and floor (None: the
+    run's) is at most ``max_drop``, at the nearest
     recorded batch size at or above ``examples`` (else the largest) and the same for
     ``length``; never a level flagged ``slower`` there; only stride ``prune_every`` (and dense)
     when given."""
@@ -606,25 +668,27 @@ def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
 
     b = at_or_above({r["batch_size"] for r in here}, examples)
     n = at_or_above({r["length"] for r in here}, length)
-    drop = {(r["speedup"], _every(r)): r["drop"] for r in table["rows"]}
+    drop = {(r["speedup"], *_shape(r)): r["drop"] for r in table["rows"]}
     ok = [r for r in _at_stride(table, here, prune_every) if (r["batch_size"], r["length"]) == (b, n)
-          and not r["slower"] and drop.get((r["speedup"], _every(r)), math.inf) <= max_drop + 1e-9]
+          and not r["slower"] and drop.get((r["speedup"], *_shape(r)), math.inf) <= max_drop + 1e-9]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
-    best = _fastest(ok, lambda r: drop[r["speedup"], _every(r)], lambda r: (r["ms"], -r["speedup"], _every(r)),
+    best = _fastest(ok, lambda r: drop[r["speedup"], *_shape(r)],
+                    lambda r: (r["ms"], -r["speedup"], _every(r), _floor(r) or 1),
                     lambda r: r.get("ms_max", r["ms"]))
-    return best["speedup"], b, _every(best)
+    return best["speedup"], b, _every(best), _floor(best)
 
 
 def pick_level(table: dict, max_drop: float, *, prune_every: int | None = None) -> dict:
-    """The fastest row, a level at a stride (by measured speedup), whose dev drop is at most
+    """The fastest row, a level at a stride and floor (by measured speedup), whose dev drop is at most
     ``max_drop`` (``_fastest``: of the rows whose median lies within the fastest one's
     interleaved passes, the most accurate); only stride ``prune_every`` (and dense) when given."""
     ok = [r for r in _at_stride(table, table["rows"], prune_every)
           if r["drop"] <= max_drop + 1e-9 and not r.get("slower")]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
-    return _fastest(ok, lambda r: r["drop"], lambda r: (-r["measured_speedup"], -r["analytic_speedup"], _every(r)),
+    return _fastest(ok, lambda r: r["drop"],
+                    lambda r: (-r["measured_speedup"], -r["analytic_speedup"], _every(r), _floor(r) or 1),
                     lambda r: -r.get("measured_min", r["measured_speedup"]))
 
 

@@ -112,7 +112,7 @@ class Predictor(Planned):
       prune_every: k > 1 drops rows only in layers 1, 1 + k, ... (``schedule.plan``).
       output: which ``BertOutput`` field ``predict`` returns ('logits', 'pooler_output').
       searched: (speedup, length) -> keep-lengths an offline-tuning search stored for the task.
-      pick: (examples, length) -> (speedup, batch size, prune_every): the program ``predict``
+      pick: (examples, length) -> (speedup, batch size, prune_every, floor or None): the program ``predict``
         runs when no speedup is asked (``evaluation.RunModel.predictor(max_drop=...)``: the
         fastest one measured at that batch size and length within a dev accuracy drop).
     """
@@ -204,10 +204,10 @@ class Predictor(Planned):
                 "attention_mask": np.asarray(batch.get("attention_mask", np.ones_like(ids))),
                 "token_type_ids": np.asarray(batch.get("token_type_ids", np.zeros_like(ids)))}
         real = int(full["attention_mask"].sum(1).max())  # trailing all-padding columns can go
-        length, size, every = self.length_bucket(real), self.batch_size, None
+        length, size, every, floor = self.length_bucket(real), self.batch_size, None, None
         if speedup is None and schedule is None and self.pick is not None:
-            speedup, size, every = self.pick(n, length)
-        plan = self.plan(length, 1.0 if speedup is None else speedup, schedule, prune_every=every)
+            speedup, size, every, floor = self.pick(n, length)
+        plan = self.plan(length, 1.0 if speedup is None else speedup, schedule, prune_every=every, floor=floor)
         prog = self.program(size, plan)
         outs = []
         for i in range(0, n, size):

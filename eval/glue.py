@@ -14,7 +14,7 @@ fine-tuned once on first use). ``--task all`` takes a folder holding one run fol
 task (``RUN/cola``, ``RUN/sst2``, ...). ``--max_drop X`` reads (or first makes) the
 offline-tuning table beside the checkpoint (``python -m eval.offline_tune``) and runs the
 fastest level whose dev drop is at most X points (of the levels whose measured speedup lies
-within the fastest one's spread, the most accurate), at the stride (``prune_every``) the table
+within the fastest one's spread, the most accurate), at the stride (``prune_every``) and floor the table
 measured it with (only ``--prune_every``'s, when given). Otherwise ``--prune_every`` defaults
 to the run's (training's ``elimination.prune_every``).
 """
@@ -87,7 +87,7 @@ def run(args) -> dict:
     rows, picked = [], []
     for task, folder in targets:
         model = evaluation.RunModel.load(folder)
-        levels, every = speedups, args.prune_every
+        levels, every, floor = speedups, args.prune_every, None
         if args.max_drop is not None:
             table = evaluation.read_tune(folder)
             if table is None:
@@ -99,9 +99,11 @@ def run(args) -> dict:
                                                 prune_every=every)
             level = evaluation.pick_level(table, args.max_drop, prune_every=every)
             every = level.get("prune_every", 1)  # the stride the picked level was measured with
-            picked.append({"checkpoint": str(folder), "prune_every": every, **{k: level[k] for k in (
+            floor = level.get("floor")  # and its floor (None in a table that predates floors: the run's)
+            picked.append({"checkpoint": str(folder), "prune_every": every, "floor": floor, **{k: level[k] for k in (
                 "speedup", "analytic_speedup", "measured_speedup", "drop")}})
             print(f"picked speedup {level['speedup']:g}" + (f" at prune_every {every}" if every > 1 else "")
+                  + (f" at floor {floor}" if floor is not None and floor != model.floor else "")
                   + f" for {folder}: dev drop {level['drop']:.2f} "
                   f"<= {args.max_drop:g}, measured {level['measured_speedup']:.2f}x, analytic "
                   f"{level['analytic_speedup']:.2f}x (offline-tuning table {evaluation.TUNE_FILE}.json)")
@@ -109,7 +111,7 @@ def run(args) -> dict:
         rows += evaluation.evaluate(model, task=task, splits=splits, speedups=levels,
                                     batch_size=args.batch_size, data_dir=args.data_dir,
                                     progress=args.progress, repeats=args.repeats,
-                                    prune_every=every)
+                                    prune_every=every, floor=floor)
     print(evaluation.format_table(rows))
     return {"checkpoint": str(ckpt), "rows": rows, **({"picked": picked} if picked else {})}
 

@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prune_every", default=None,
                     help="k > 1: only layers 1, 1 + k, ... drop rows; a comma list, e.g. 1,2,3, "
                          "tunes every level at each (default: the run's, as trained)")
+    ap.add_argument("--floor", default=None,
+                    help="the smallest keep-length a layer may have; a comma list, e.g. 1,16, tunes every "
+                         "level and stride at each (default: the run's, as trained; GPUs run layers with "
+                         "few rows at a fixed cost per kernel, docs/benchmarks.md)")
     ap.add_argument("--json", default=None, help="also write the table (with the machine) here")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
@@ -60,6 +64,7 @@ def main(argv=None) -> int:
                  ] if args.batch_sizes else []
         guards.positive_int(args.repeats, "--repeats")
         every = cli.ints(args.prune_every, "--prune_every", low=1) if args.prune_every is not None else None
+        floor = cli.ints(args.floor, "--floor", low=1) if args.floor is not None else None
         if args.out or args.checkpoint:  # the table is written after the sweep: check first
             guards.writable_dir(args.out or args.checkpoint, "--out" if args.out else "--checkpoint")
         ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
                                         batch_size=args.batch_size, data_dir=args.data_dir,
                                         split=args.split, progress=args.progress, out_dir=args.out,
                                         repeats=args.repeats, search=args.candidates if args.search else 0,
-                                        batch_sizes=sizes, prune_every=every)
+                                        batch_sizes=sizes, prune_every=every, floor=floor)
         print(evaluation.tune_markdown(table))
         print(f"wrote {Path(args.out) if args.out else ckpt}/{evaluation.TUNE_FILE}.json, .md and .png")
         return table

@@ -140,8 +140,8 @@ def test_a_pick_no_measurably_faster_goes_to_the_more_accurate():
            for s, ms, lo, hi in ((1.0, 1.00, 0.95, 1.10), (2.0, 0.96, 0.90, 1.20), (3.0, 0.70, 0.65, 0.75))]
     lt = {"rows": [row(1.0, 1, 0.0, 1, 1, 1), row(2.0, 1, 0.1, 1, 1, 1), row(3.0, 1, 0.9, 1, 1, 1)],
           "latency": lat, "strides": [1], "checkpoint": "run"}
-    assert evaluation.pick_program(lt, 0.5, 1, 32) == (1.0, 1, 1)  # dense's median within 2x's passes
-    assert evaluation.pick_program(lt, 1.0, 1, 32) == (3.0, 1, 1)  # 3x is clearly faster
+    assert evaluation.pick_program(lt, 0.5, 1, 32) == (1.0, 1, 1, None)  # dense's median within 2x's passes
+    assert evaluation.pick_program(lt, 1.0, 1, 32) == (3.0, 1, 1, None)  # 3x is clearly faster
 
 
 def _err(capsys, argv):
@@ -251,6 +251,52 @@ def _recording_every(run: Path, dest: Path, every: int) -> Path:
     return dest
 
 
+def test_offline_tune_floors_are_stored_and_max_drop_runs_the_picked_one(sst2_run, tmp_path, capsys):
+    """--floor 1,2: each level at each smallest keep-length (a floor that changes none of a
+    level's keep-lengths scored once); --max_drop runs the picked level at its floor."""
+    run = _recording_every(sst2_run[0], tmp_path / "run", 1)
+    assert offline_tune.main(["--checkpoint", str(run), "--speedups", "1,2,4", "--repeats", "1",
+                              "--batch_sizes", "64", "--floor", "2,1", "--no-progress"]) == 0
+    table = json.loads((run / "offline_tune.json").read_text())
+    cost = evaluation.RunModel.load(run).predictor(64).cost
+    lengths = [int(n) for n in table["rows"][0]["schedules"]]
+
+    def keep(s, f, n):
+        return list(schedule.plan(cost, n, s, floor=f).keep)
+
+    # floor 2 is scored where it changes some keep-length (at 4x here, not at 2x), and only there
+    expect = [(1.0, 1), (2.0, 1), (4.0, 1)] + [(s, 2) for s in (2.0, 4.0)
+                                               if any(keep(s, 2, n) != keep(s, 1, n) for n in lengths)]
+    assert table["floors"] == [1, 2] and expect[3:] == [(4.0, 2)]  # 2x at floor 2: as at floor 1
+    assert [(r["speedup"], r["floor"]) for r in table["rows"]] == expect
+    assert all(r["schedules"] == {str(n): keep(r["speedup"], r["floor"], n) for n in lengths} for r in table["rows"])
+    assert all(r["slower"] is False for r in table["rows"] if r["speedup"] == 1)
+    assert all(r["keep"] == keep(r["speedup"], r["floor"], r["length"]) for r in table["latency"])
+    assert {(r["speedup"], r["floor"]) for r in table["latency"]} == set(expect)
+    assert "F = 2" in (run / "offline_tune.md").read_text()
+    # 4x at floor 2 made the fastest: --max_drop runs it at floor 2, as does a predictor
+    four = next(i for i, r in enumerate(table["rows"]) if (r["speedup"], r["floor"]) == (4.0, 2))
+    table["rows"][four].update(measured_speedup=9.0, slower=False)
+    for r in table["latency"]:
+        if (r["speedup"], r["floor"]) == (4.0, 2):
+            r.update(ms=1e-4, ms_min=1e-4, ms_max=1e-4, slower=False)
+    (run / "offline_tune.json").write_text(json.dumps(table))
+    out = tmp_path / "glue.json"
+    capsys.readouterr()
+    assert glue.main(["--checkpoint", str(run), "--no-progress", "--max_drop", "100", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert (res["picked"][0]["speedup"], res["picked"][0]["floor"]) == (4.0, 2)
+    assert res["rows"][-1]["schedules"] == table["rows"][four]["schedules"] and res["rows"][-1]["floor"] == 2
+    assert "at floor 2" in capsys.readouterr().out
+    n = max(r["length"] for r in table["latency"])
+    pred = evaluation.RunModel.load(run).predictor(64, max_drop=100)
+    assert pred.pick(64, n) == (4.0, 64, 1, 2)
+    built, program = [], pred.program
+    pred.program = lambda size, plan: built.append(plan.keep) or program(size, plan)
+    pred.predict({"input_ids": np.full((2, n), 5), "attention_mask": np.ones((2, n), int)})
+    assert built == [tuple(keep(4.0, 2, n))]
+
+
 def test_a_run_is_scored_with_the_prune_every_it_records(sst2_run, tmp_path):
     run = _recording_every(sst2_run[0], tmp_path / "run", 2)
     model = evaluation.RunModel.load(run)
@@ -296,16 +342,17 @@ def test_offline_tune_strides_are_stored_and_max_drop_runs_the_picked_one(sst2_r
     assert glue.main(ck + ["--max_drop", "1", "--prune_every", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --max_drop") and "prune_every 1,2" in err and "Traceback" not in err
-    # a table written before strides (one k for the whole table) is read as that one stride
+    # a table written before strides (one k for the whole table) and floors is read as that one
+    # stride, at the run's floor (None)
     old = {**table, "prune_every": 2, "rows": [table["rows"][0], table["rows"][2]],
            "latency": [r for r in table["latency"] if r["prune_every"] != 1 or r["speedup"] == 1]}
-    del old["strides"]
-    old["rows"] = [{k: v for k, v in r.items() if k != "prune_every"} for r in old["rows"]]
-    old["latency"] = [{k: v for k, v in r.items() if k != "prune_every"} for r in old["latency"]]
+    del old["strides"], old["floors"]
+    old["rows"] = [{k: v for k, v in r.items() if k not in ("prune_every", "floor")} for r in old["rows"]]
+    old["latency"] = [{k: v for k, v in r.items() if k not in ("prune_every", "floor")} for r in old["latency"]]
     (run / "offline_tune.json").write_text(json.dumps(old))
     assert glue.main(ck + ["--max_drop", "100", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["rows"][-1]["schedules"] == fast
-    assert evaluation.RunModel.load(run).predictor(64, max_drop=100).pick(64, 32) == (2.0, 64, 2)
+    assert evaluation.RunModel.load(run).predictor(64, max_drop=100).pick(64, 32) == (2.0, 64, 2, None)
     assert glue.main(ck + ["--max_drop", "1", "--prune_every", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --max_drop") and "prune_every 2" in err and "Traceback" not in err

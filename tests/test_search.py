@@ -239,9 +239,12 @@ def test_predictor_picks_the_fastest_program_per_batch_size(tiny_run, tmp_path):
     assert [r["slower"] for r in table["latency"]] == [False, False, True, False] + [False] * 4
     (run / "offline_tune.json").write_text(json.dumps(table))
     pred = evaluation.RunModel.load(run).predictor(16, max_drop=1.0)
-    assert pred.pick(1, 32) == (1.5, 1, 1) and pred.pick(5, 32) == (2.0, 64, 2) and pred.pick(64, 32) == (2.0, 64, 2)
-    assert evaluation.RunModel.load(run).predictor(16, max_drop=0.25).pick(64, 32) == (2.0, 64, 1)  # k = 2 too lossy
-    assert evaluation.RunModel.load(run).predictor(16, max_drop=1.0, prune_every=1).pick(64, 32) == (2.0, 64, 1)
+    # (speedup, batch size, stride, floor): None, this table predates floors, is the run's
+    assert pred.pick(1, 32) == (1.5, 1, 1, None)
+    assert pred.pick(5, 32) == (2.0, 64, 2, None) and pred.pick(64, 32) == (2.0, 64, 2, None)
+    # k = 2 too lossy
+    assert evaluation.RunModel.load(run).predictor(16, max_drop=0.25).pick(64, 32) == (2.0, 64, 1, None)
+    assert evaluation.RunModel.load(run).predictor(16, max_drop=1.0, prune_every=1).pick(64, 32) == (2.0, 64, 1, None)
     with pytest.raises(evaluation.EvalError, match="prune_every 1,2"):
         evaluation.RunModel.load(run).predictor(16, max_drop=1.0, prune_every=3)
     assert S.plan(pred.cost, 32, 2.0, prune_every=2).schedule != S.plan(pred.cost, 32, 2.0).schedule
