@@ -606,15 +606,12 @@ def read_tune(folder: str | os.PathLike) -> dict | None:
     return table
 
 
-def floors(x) -> tuple[int, ...]:
-    """One smallest keep-length or several (each an int >= 1) as a sorted tuple, each once;
-    an offline-tuning table's (the run's floor, None, in a table that predates them)."""
+def floors(x) -> tuple[int | None, ...]:
+    """The floors of an offline-tuning table (None, the run's, in a table that predates
+    them), or given as one int or a sequence (``schedule.check_floors``)."""
     if isinstance(x, dict):
         return tuple(x.get("floors") or [None])
-    every = [x] if isinstance(x, int) else list(x)
-    if not every or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in every):
-        raise ValueError(f"floor must be an int >= 1 or a list of them, got {x!r}")
-    return tuple(sorted(set(every)))
+    return sched_lib.check_floors(x)
 
 
 def strides(x) -> tuple[int, ...]:

@@ -148,6 +148,15 @@ def check_strides(prune_every) -> tuple[int, ...]:
     return tuple(sorted({check_every(k) for k in every}))
 
 
+def check_floors(floor) -> tuple[int, ...]:
+    """One smallest keep-length or several (``eval.offline_tune`` and ``eval.bench`` time each
+    level at each) as a sorted tuple, each an int >= 1, each once."""
+    floors = [floor] if isinstance(floor, int) else list(floor)
+    if not floors or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in floors):
+        raise ValueError(f"floor must be an int >= 1 or a list of them, got {floor!r}")
+    return tuple(sorted(set(floors)))
+
+
 def _check_number(speedup) -> None:
     # below 1 and above the maximum: the solver's message states the permitted range
     if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not math.isfinite(speedup):

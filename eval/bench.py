@@ -97,7 +97,7 @@ def build(model: str, dtype: str, attention_impl: str, seed: int = 0, overrides:
 
 def run(args) -> dict:
     strides = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
-    floors = sorted(set(cli.ints(args.floor, "--floor", low=1)))
+    floors = sched_lib.check_floors(cli.ints(args.floor, "--floor", low=1))
     guards.positive_int(args.iters, "--iters")
     t5 = is_t5(args.model, args.family, args.tiny)
     shapes = parse_shapes(args.shapes)
