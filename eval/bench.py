@@ -155,7 +155,8 @@ def run(args) -> dict:
                                 "pipelined_over_analytic": m_pipe / plan.analytic}
                     rows.append({
                         "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
-                        "acc_variant": args.acc_variant, "speedup": s, "prune_every": k, "floor": f, "analytic": plan.analytic,
+                        "acc_variant": args.acc_variant, "speedup": s, "prune_every": k, "floor": f,
+                        "analytic": plan.analytic,
                         "schedule": list(plan.keep), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
                         "measured": measured, "measured_over_analytic": measured / plan.analytic,
                         "tokens_per_s": b * n / (t["median_ms"] / 1e3),
