@@ -103,10 +103,12 @@ class RunModel:
     def task_spec(self) -> str | None:
         return self.meta.get("task")
 
-    def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int | None = None):
-        """A ``Predictor`` planning with ``prune_every`` (default: the run's); with ``max_drop``,
-        one whose ``predict(batch)`` runs the fastest program measured for the batch's size and
-        length within that dev drop, at its level, stride and floor (only ``prune_every``'s when given)
+    def predictor(self, batch_size: int, *, max_drop: float | None = None, prune_every: int | None = None,
+                  floor: int | None = None):
+        """A ``Predictor`` planning with ``prune_every`` and ``floor`` (default: the run's); with
+        ``max_drop``, one whose ``predict(batch)`` runs the fastest program measured for the
+        batch's size and length within that dev drop, at its level, stride and floor (only
+        ``prune_every``'s and ``floor``'s when given)
         and the searched schedules of the offline-tuning table beside the run (``pick_program``)."""
         from accjax.inference import Predictor
 
@@ -117,10 +119,11 @@ class RunModel:
                 raise EvalError(f"no latency per batch size beside {self.folder}: run python -m "
                                 f"eval.offline_tune --checkpoint {self.folder} --batch_sizes 1,8,64 first")
             # a bad bound or a stride the table lacks fails here, not mid-serving
-            pick_program(table, max_drop, 1, min(self.buckets), prune_every=prune_every)
-            pick = functools.partial(pick_program, table, max_drop, prune_every=prune_every)
+            pick_program(table, max_drop, 1, min(self.buckets), prune_every=prune_every, floor=floor)
+            pick = functools.partial(pick_program, table, max_drop, prune_every=prune_every, floor=floor)
         return Predictor.from_loaded(self.loaded, batch_size=batch_size, length_buckets=self.buckets,
-                                     acc_variant=self.acc_variant, bucket=self.bucket, floor=self.floor,
+                                     acc_variant=self.acc_variant, bucket=self.bucket,
+                                     floor=self.floor if floor is None else floor,
                                      searched=searched(table, (table or {}).get("task")), pick=pick,
                                      prune_every=self.prune_every if prune_every is None else prune_every)
 
@@ -622,17 +625,33 @@ def strides(x) -> tuple[int, ...]:
     return sched_lib.check_strides(x)
 
 
-def _at_stride(table: dict, rows: Sequence[dict], prune_every: int | None) -> list[dict]:
-    """``rows`` of stride ``prune_every`` and the dense ones (all rows when None); a stride the
-    table was not measured with is refused."""
-    if prune_every is None:
-        return list(rows)
-    if prune_every not in strides(table):
+def _at_shape(table: dict, rows: Sequence[dict], prune_every: int | None,
+              floor: int | None = None) -> list[dict]:
+    """``rows`` of stride ``prune_every`` and floor ``floor`` and the dense ones (all strides or
+    floors when None). A level with no row at ``floor`` (that floor changed none of its
+    keep-lengths, so it was measured once, at the table's first floor) keeps that row. A stride
+    or floor the table was not measured with is refused."""
+    if prune_every is not None and prune_every not in strides(table):
         k = ",".join(map(str, strides(table)))
         raise EvalError(f"--max_drop picks from the offline-tuning table of {table['checkpoint']}, measured "
                         f"with prune_every {k}: drop --prune_every, or rerun eval.offline_tune --prune_every "
                         f"{k},{prune_every} first")
-    return [r for r in rows if r["speedup"] == 1 or _every(r) == prune_every]
+    fl = floors(table)
+    if floor is not None and floor not in fl:
+        f = ",".join(map(str, fl)) if fl != (None,) else "the run's floor only"
+        raise EvalError(f"--max_drop picks from the offline-tuning table of {table['checkpoint']}, measured "
+                        f"at floor {f}: drop --floor, or rerun eval.offline_tune --floor "
+                        + ",".join(map(str, [x for x in fl if x is not None] + [floor])) + " first")
+    rows = [r for r in rows if r["speedup"] == 1 or prune_every is None or _every(r) == prune_every]
+    if floor is None:
+        return rows
+
+    def key(r):  # a program's identity but for its floor
+        return r["speedup"], _every(r), r.get("batch_size"), r.get("length")
+
+    at_floor = {key(r) for r in rows if _floor(r) == floor}
+    return [r for r in rows if r["speedup"] == 1 or _floor(r) == floor
+            or (_floor(r) == fl[0] and key(r) not in at_floor)]
 
 
 def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int, ...]]:
@@ -646,14 +665,14 @@ def searched(table: dict | None, task: str) -> dict[tuple[float, int], tuple[int
 
 
 def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
-                 prune_every: int | None = None) -> tuple[float, int, int, int | None]:
+                 prune_every: int | None = None, floor: int | None = None) -> tuple[float, int, int, int | None]:
     """(speedup, batch size, stride, floor): the fastest program measured on this device
     (``latency`` rows; ``_fastest``: of the programs whose median lies within the fastest one's
     timings, the most accurate) whose level's dev drop at its stride and floor (None: the
     run's) is at most ``max_drop``, at the nearest
     recorded batch size at or above ``examples`` (else the largest) and the same for
-    ``length``; never a level flagged ``slower`` there; only stride ``prune_every`` (and dense)
-    when given."""
+    ``length``; never a level flagged ``slower`` there; only stride ``prune_every`` and floor
+    ``floor`` (and dense) when given."""
     dev = benchmark.device_kind()
     here = [r for r in table.get("latency", ()) if r["device"] == dev]
     if not here:
@@ -666,7 +685,7 @@ def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
     b = at_or_above({r["batch_size"] for r in here}, examples)
     n = at_or_above({r["length"] for r in here}, length)
     drop = {(r["speedup"], *_shape(r)): r["drop"] for r in table["rows"]}
-    ok = [r for r in _at_stride(table, here, prune_every) if (r["batch_size"], r["length"]) == (b, n)
+    ok = [r for r in _at_shape(table, here, prune_every, floor) if (r["batch_size"], r["length"]) == (b, n)
           and not r["slower"] and drop.get((r["speedup"], *_shape(r)), math.inf) <= max_drop + 1e-9]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")
@@ -676,11 +695,13 @@ def pick_program(table: dict, max_drop: float, examples: int, length: int, *,
     return best["speedup"], b, _every(best), _floor(best)
 
 
-def pick_level(table: dict, max_drop: float, *, prune_every: int | None = None) -> dict:
+def pick_level(table: dict, max_drop: float, *, prune_every: int | None = None,
+               floor: int | None = None) -> dict:
     """The fastest row, a level at a stride and floor (by measured speedup), whose dev drop is at most
     ``max_drop`` (``_fastest``: of the rows whose median lies within the fastest one's
-    interleaved passes, the most accurate); only stride ``prune_every`` (and dense) when given."""
-    ok = [r for r in _at_stride(table, table["rows"], prune_every)
+    interleaved passes, the most accurate); only stride ``prune_every`` and floor ``floor`` (and
+    dense) when given."""
+    ok = [r for r in _at_shape(table, table["rows"], prune_every, floor)
           if r["drop"] <= max_drop + 1e-9 and not r.get("slower")]
     if not ok:  # the dense row has drop 0; only a negative bound leaves nothing
         raise EvalError(f"no level has a dev drop within {max_drop}; the bound must be >= 0")

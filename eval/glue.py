@@ -15,8 +15,8 @@ task (``RUN/cola``, ``RUN/sst2``, ...). ``--max_drop X`` reads (or first makes) 
 offline-tuning table beside the checkpoint (``python -m eval.offline_tune``) and runs the
 fastest level whose dev drop is at most X points (of the levels whose measured speedup lies
 within the fastest one's spread, the most accurate), at the stride (``prune_every``) and floor the table
-measured it with (only ``--prune_every``'s, when given). Otherwise ``--prune_every`` defaults
-to the run's (training's ``elimination.prune_every``).
+measured it with (only ``--prune_every``'s and ``--floor``'s, when given). Otherwise
+``--prune_every`` and ``--floor`` default to the run's (training's ``elimination``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost "
                          "(faster on GPUs; its accuracy cost: docs/results.md); default: the run's "
                          "(training's elimination.prune_every)")
+    ap.add_argument("--floor", type=int, default=None,
+                    help="smallest keep-length a layer may have (schedule.plan's floor); with "
+                         "--max_drop, pick only among the levels measured at it; default: the run's")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -66,6 +69,8 @@ def run(args) -> dict:
         guards.finite_number(args.max_drop, "--max_drop (dev accuracy points)", minimum=0)
     if args.prune_every is not None:
         guards.positive_int(args.prune_every, "--prune_every")
+    if args.floor is not None:
+        guards.positive_int(args.floor, "--floor")
     splits = cli.words(args.split)
     from accjax import loop
 
@@ -87,7 +92,7 @@ def run(args) -> dict:
     rows, picked = [], []
     for task, folder in targets:
         model = evaluation.RunModel.load(folder)
-        levels, every, floor = speedups, args.prune_every, None
+        levels, every, floor = speedups, args.prune_every, args.floor
         if args.max_drop is not None:
             table = evaluation.read_tune(folder)
             if table is None:
@@ -96,10 +101,11 @@ def run(args) -> dict:
                       "(python -m eval.offline_tune)", file=sys.stderr)
                 table = evaluation.offline_tune(model, batch_size=args.batch_size, data_dir=args.data_dir,
                                                 progress=args.progress, repeats=args.repeats,
-                                                prune_every=every)
-            level = evaluation.pick_level(table, args.max_drop, prune_every=every)
+                                                prune_every=every, floor=floor)
+            level = evaluation.pick_level(table, args.max_drop, prune_every=every, floor=floor)
             every = level.get("prune_every", 1)  # the stride the picked level was measured with
-            floor = level.get("floor")  # and its floor (None in a table that predates floors: the run's)
+            if floor is None:  # and its floor (None in a table that predates floors: the run's)
+                floor = level.get("floor")
             picked.append({"checkpoint": str(folder), "prune_every": every, "floor": floor, **{k: level[k] for k in (
                 "speedup", "analytic_speedup", "measured_speedup", "drop")}})
             print(f"picked speedup {level['speedup']:g}" + (f" at prune_every {every}" if every > 1 else "")

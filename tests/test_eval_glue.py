@@ -118,6 +118,23 @@ def test_pick_level_rule():
         evaluation.pick_level({"rows": rows}, -1)
 
 
+def test_a_pick_at_one_floor_takes_a_level_measured_once_at_the_first():
+    """--floor F restricts a pick to floor F's rows; a level F changed nothing in (so measured
+    once, at the table's first floor) still counts at F; a floor the table lacks is refused."""
+    def row(s, f, drop, measured):
+        return {"speedup": s, "prune_every": 1, "floor": f, "drop": drop, "measured_speedup": measured,
+                "analytic_speedup": s}
+    table = {"rows": [row(1.0, 1, 0.0, 1.0), row(2.0, 1, 0.1, 1.9), row(4.0, 1, 2.0, 3.0),
+                      row(4.0, 2, 3.0, 3.5)], "strides": [1], "floors": [1, 2], "checkpoint": "run"}
+    two = evaluation.pick_level(table, 0.5, floor=2)
+    assert (two["speedup"], two["floor"]) == (2.0, 1)
+    assert evaluation.pick_level(table, 5, floor=1)["measured_speedup"] == 3.0
+    assert evaluation.pick_level(table, 5, floor=2)["measured_speedup"] == 3.5
+    assert evaluation.pick_level(table, 2.5)["measured_speedup"] == 3.0  # 4x at floor 2 drops too much
+    with pytest.raises(evaluation.EvalError, match="measured at floor 1,2"):
+        evaluation.pick_level(table, 5, floor=8)
+
+
 def test_a_pick_no_measurably_faster_goes_to_the_more_accurate():
     """Of the levels whose median lies within the fastest one's interleaved passes (min-max),
     the pick is the one with the smallest dev drop; a level clearly faster wins whatever its
@@ -295,6 +312,16 @@ def test_offline_tune_floors_are_stored_and_max_drop_runs_the_picked_one(sst2_ru
     pred.program = lambda size, plan: built.append(plan.keep) or program(size, plan)
     pred.predict({"input_ids": np.full((2, n), 5), "attention_mask": np.ones((2, n), int)})
     assert built == [tuple(keep(4.0, 2, n))]
+    # --floor 1 picks among floor 1's rows only; a floor the table lacks is refused in one line
+    assert glue.main(["--checkpoint", str(run), "--no-progress", "--max_drop", "100", "--floor", "1",
+                      "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["picked"][0]["floor"] == 1 and res["rows"][-1]["floor"] == 1
+    assert res["rows"][-1]["schedules"] == next(r["schedules"] for r in table["rows"]
+                                                if (r["speedup"], r["floor"]) == (res["picked"][0]["speedup"], 1))
+    assert evaluation.RunModel.load(run).predictor(64, max_drop=100, floor=1).pick(64, n)[3] == 1
+    assert "eval.offline_tune --floor 1,2,8" in _err(capsys, ["--checkpoint", str(run), "--max_drop", "100",
+                                                             "--floor", "8"])
 
 
 def test_a_run_is_scored_with_the_prune_every_it_records(sst2_run, tmp_path):
