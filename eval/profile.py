@@ -439,11 +439,15 @@ def main(argv=None) -> int:
                     help="decoders (GPT-2, Llama): profile the prefill that builds the KV caches")
     ap.add_argument("--kernels", action="store_true",
                     help="time attention/ACC paths and selection in isolation at each BxT instead")
+    ap.add_argument("--prune_every", type=int, default=1,
+                    help="k > 1: only layers 1, 1 + k, ... drop rows (schedule.plan)")
+    ap.add_argument("--floor", type=int, default=1, help="smallest keep-length a layer may have")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     acc_lib.SELECT_METHOD = args.select
     # bad input: one line, exit 2, before anything compiles
-    guards.exit_on_user_error(lambda: guards.positive_int(args.iters, "--iters"))
+    guards.exit_on_user_error(lambda: [guards.positive_int(v, f) for v, f in (
+        (args.iters, "--iters"), (args.prune_every, "--prune_every"), (args.floor, "--floor"))])
     shapes, sets = guards.exit_on_user_error(lambda: (bench.parse_shapes(args.shapes), bench.parse_sets(args.set)))
     if args.kernels:
         rows = kernel_table(shapes, dtype=args.dtype)
@@ -462,11 +466,12 @@ def main(argv=None) -> int:
         shape = f"{b}x{n}"
         if args.prefill:
             pred = lm.LMEvaluator(module, params, cfg, batch_size=b, context=n, continuation=0,
-                                  param_dtype=args.dtype, acc_variant=args.acc_variant)
+                                  param_dtype=args.dtype, acc_variant=args.acc_variant,
+                                  floor=args.floor, prune_every=args.prune_every)
         else:
             pred = (seq2seq.Seq2SeqPredictor if t5 else inference.Predictor)(
                 module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=args.dtype,
-                acc_variant=args.acc_variant)
+                acc_variant=args.acc_variant, floor=args.floor, prune_every=args.prune_every)
         for s in [float(x) for x in args.speedups.split(",")]:
             r = profile_program(pred, b, n, s, args.iters)
             hlo = r.pop("hlo")
