@@ -144,10 +144,12 @@ class LMEvaluator(generate.LMPredictor):
         self.batch_size, self.context, self.continuation = int(batch_size), int(context), int(continuation)
 
     # ----------------------------------------------------------------- schedules
-    def plan(self, speedup: float, prune_every: int | None = None) -> sched_lib.Plan:
-        """``schedule.plan`` at the context length (at ``prune_every``, default the evaluator's)."""
-        return sched_lib.plan(self.cost, self.context, speedup, bucket=self.bucket, floor=self.floor,
-                              clamp=False, prune_every=self.prune_every if prune_every is None else prune_every)
+    def plan(self, speedup: float, prune_every: int | None = None, floor: int | None = None) -> sched_lib.Plan:
+        """``schedule.plan`` at the context length (at ``prune_every`` and ``floor``, default the
+        evaluator's)."""
+        return sched_lib.plan(self.cost, self.context, speedup, bucket=self.bucket,
+                              floor=self.floor if floor is None else floor, clamp=False,
+                              prune_every=self.prune_every if prune_every is None else prune_every)
 
     def schedule(self, speedup: float) -> tuple[int, ...]:
         return self.plan(speedup).keep
@@ -225,20 +227,32 @@ class LMEvaluator(generate.LMPredictor):
 
 def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None = None,
           cont: np.ndarray | None = None, iters: int = 30, time_it: bool = True,
-          prune_every: Sequence[int] | None = None) -> list[dict]:
-    """One row per speedup (and stride, with several ``prune_every``): schedule, analytic and
-    measured prefill speedup (levels timed interleaved), TTFT, KV bytes, and (when windows are
-    given) perplexity. The first row is always the dense model, the one every row is timed
-    against."""
+          prune_every: Sequence[int] | None = None, floor: Sequence[int] | int | None = None) -> list[dict]:
+    """One row per speedup (and stride and floor, with several ``prune_every`` or ``floor``):
+    schedule, analytic and measured prefill speedup (levels timed interleaved), TTFT, KV bytes,
+    and (when windows are given) perplexity. The first row is always the dense model, the one
+    every row is timed against. A floor that leaves a level's keep-lengths as the first
+    floor's is not scored or timed again."""
     strides = sched_lib.check_strides(prune_every or ev.prune_every)
-    levels = [(1.0, 1)] + [(float(s), k) for k in strides for s in speedups if float(s) != 1.0]
-    plans = [ev.plan(s, k) for s, k in levels]  # validates every speedup before any work
+    floors = sched_lib.check_floors(ev.floor if floor is None else floor)
+    levels, plans = [(1.0, 1, floors[0])], [ev.plan(1.0, 1, floors[0])]
+    for f in floors:  # validates every speedup before any work
+        for k in strides:
+            for s in speedups:
+                if float(s) == 1.0:
+                    continue
+                plan = ev.plan(float(s), k, f)
+                if f != floors[0] and plan.keep == ev.plan(float(s), k, floors[0]).keep:
+                    continue  # this floor changes none of the level's keep-lengths
+                levels.append((float(s), k, f))
+                plans.append(plan)
     timed = ev.time_prefills([p.keep for p in plans], iters=iters, ctx=ctx) if time_it else None
     rows, dense = [], None
-    for i, ((s, k), plan) in enumerate(zip(levels, plans)):
+    for i, ((s, k, f), plan) in enumerate(zip(levels, plans)):
         sch, kv = plan.keep, ev.kv_bytes(plan.keep)
-        row: dict[str, Any] = {"speedup": s, "prune_every": k, "schedule": list(sch), "analytic": plan.analytic,
-                               "kv_prompt_bytes": kv["prompt"], "kv_total_bytes": kv["total"]}
+        row: dict[str, Any] = {"speedup": s, "prune_every": k, "floor": f, "schedule": list(sch),
+                               "analytic": plan.analytic, "kv_prompt_bytes": kv["prompt"],
+                               "kv_total_bytes": kv["total"]}
         if ctx is not None:
             row.update(ev.score(ctx, cont, sch))
         if timed:
@@ -261,6 +275,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     cols = [("speedup", "asked", ".2f"), ("analytic", "analytic", ".2f")]
     if any(r.get("prune_every", 1) > 1 for r in rows):  # the stride, where one drops rows sparsely
         cols.insert(1, ("prune_every", "k", ""))
+    if len({r.get("floor", 1) for r in rows}) > 1:  # the floor, where several were swept
+        cols.insert(-1, ("floor", "F", ""))
     if rows and "ttft_ms" in rows[0]:
         cols += [("ttft_ms", "TTFT ms", ".3f"), ("measured", "measured", ".2f"),
                  ("measured_over_analytic", "meas/an", ".2f"), ("pipelined_ms", "pipe ms", ".3f"),

@@ -6,6 +6,7 @@ token (prefill latency) vs dense, and KV-cache bytes vs dense::
     python -m eval.lm --model /path/to/gpt2 --context 512 --continuation 64 \
         --speedups 1.5,2,3 --batch 8 --json lm.json            # default text: Hamlet
     python -m eval.lm --model /path/to/gpt2 --text a.txt b.txt ...  # any local text files
+    python -m eval.lm --model smollm2-135m --speedups 3.72 --prune_every 1,3 --floor 1,32  # strides x floors
 
 Prefill benchmark (no text, no tokenizer; a preset gets random weights)::
 
@@ -107,7 +108,7 @@ def run(args) -> dict:
     module, params, cfg, folder = build(args)
     ev = lm.LMEvaluator(module, params, cfg, batch_size=args.batch, context=args.context,
                         continuation=args.continuation, param_dtype=args.dtype,
-                        bucket=args.bucket, floor=args.floor, acc_variant=args.acc_variant,
+                        bucket=args.bucket, floor=args.floor[0], acc_variant=args.acc_variant,
                         prune_every=args.prune_every[0])
     info = benchmark.machine()
     result = {"machine": info, "mode": "bench" if args.bench else "eval",
@@ -135,7 +136,7 @@ def run(args) -> dict:
         print(f"# text: {', '.join(source)}: {result['text']['tokens']} tokens, "
               f"{len(ctx)} windows of {args.context} + {args.continuation}")
     rows = lm.sweep(ev, speedups, ctx=ctx, cont=cont, iters=args.iters, time_it=not args.no_timing,
-                    prune_every=args.prune_every)
+                    prune_every=args.prune_every, floor=args.floor)
     result["rows"] = rows
     print(lm.format_table(rows, markdown=args.markdown))
     if args.reference == "hf" and ctx is not None:
@@ -166,7 +167,10 @@ def main(argv=None) -> int:
     ap.add_argument("--protect-first", dest="protect_first", action="store_true",
                     help="never drop the first position (attention sink)")
     ap.add_argument("--bucket", type=int, default=8)
-    ap.add_argument("--floor", type=int, default=None, help="smallest keep-length (default 1; 2 with --protect-first)")
+    ap.add_argument("--floor", default=None,
+                    help="smallest keep-length (default 1; 2 with --protect-first); a comma list "
+                         "(1,32) scores and times every level at each (a floor that changes none of "
+                         "a level's keep-lengths once)")
     ap.add_argument("--prune_every", default="1",
                     help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost; a "
                          "comma list (1,2,3) scores and times every level at each stride")
@@ -183,12 +187,13 @@ def main(argv=None) -> int:
     if args.continuation is None:
         args.continuation = 0 if args.bench else 64
     if args.floor is None:
-        args.floor = 2 if args.protect_first else 1
+        args.floor = "2" if args.protect_first else "1"
 
     def checked():
-        for flag in ("bucket", "floor", "batch", "context", "iters"):  # 0 divided by later
+        for flag in ("bucket", "batch", "context", "iters"):  # 0 divided by later
             guards.positive_int(getattr(args, flag), f"--{flag}")
         args.prune_every = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
+        args.floor = sched_lib.check_floors(cli.ints(args.floor, "--floor", low=1))
         return run(args)
 
     if args.json:  # a new results folder is made; cli.run says so in one line if it cannot be

@@ -171,6 +171,34 @@ def test_eval_cli_scores_every_level_at_each_stride(tiny_dir, tmp_path, capsys):
     assert "--prune_every" in capsys.readouterr().err
 
 
+def test_eval_cli_scores_every_level_at_each_floor(tiny_dir, tmp_path, capsys):
+    """--floor 4,1: every level at each smallest keep-length, ordered, a floor that changes none
+    of a level's keep-lengths scored once; each row's perplexity is its own schedule's."""
+    folder, text = tiny_dir
+    out = tmp_path / "lm.json"
+    assert lm_cli.main(["--model", str(folder), "--text", str(text), "--context", "32", "--continuation", "8",
+                        "--speedups", "1.5,3", "--batch", "4", "--max-windows", "4", "--no-timing",
+                        "--floor", "4,1", "--json", str(out)]) == 0
+    assert " F " in capsys.readouterr().out  # the floor column
+    rows = json.loads(out.read_text())["rows"]
+    ld = convert.load(folder, "lm")
+    ev = lm.LMEvaluator(ld.module, ld.params, ld.config, batch_size=4, context=32, continuation=8)
+
+    def keep(s, f):
+        return list(ev.plan(s, 1, f).keep)
+
+    changed = [s for s in (1.5, 3.0) if keep(s, 4) != keep(s, 1)]
+    assert changed == [3.0]  # 1.5x keeps more than 4 rows everywhere: scored at floor 1 only
+    assert [(r["speedup"], r["floor"]) for r in rows] == [(1.0, 1), (1.5, 1), (3.0, 1), (3.0, 4)]
+    assert all(r["schedule"] == keep(r["speedup"], r["floor"]) for r in rows)
+    ctx, cont = lm.make_windows(lm.tokenize(lm.load_tokenizer(folder), lm.read_texts([text])), 32, 8,
+                                max_windows=4)
+    assert rows[3]["ppl"] == pytest.approx(ev.score(ctx, cont, rows[3]["schedule"])["ppl"], rel=1e-5)
+    assert rows[3]["ppl"] != rows[2]["ppl"]
+    assert lm_cli.main(["--bench", "--model", str(folder), "--context", "32", "--floor", "0"]) == 2
+    assert "--floor" in capsys.readouterr().err
+
+
 def test_bad_input_is_a_clear_error(tiny_dir, tmp_path, capsys):
     folder, text = tiny_dir
     proc = subprocess.run([sys.executable, "-m", "eval.lm", "--model", str(tmp_path / "no-such-model")],
