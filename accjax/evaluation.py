@@ -638,9 +638,9 @@ def _at_shape(table: dict, rows: Sequence[dict], prune_every: int | None,
                         f"{k},{prune_every} first")
     fl = floors(table)
     if floor is not None and floor not in fl:
-        f = ",".join(map(str, fl)) if fl != (None,) else "the run's floor only"
+        f = "at floor " + ",".join(map(str, fl)) if fl != (None,) else "at the run's floor only"
         raise EvalError(f"--max_drop picks from the offline-tuning table of {table['checkpoint']}, measured "
-                        f"at floor {f}: drop --floor, or rerun eval.offline_tune --floor "
+                        f"{f}: drop --floor, or rerun eval.offline_tune --floor "
                         + ",".join(map(str, [x for x in fl if x is not None] + [floor])) + " first")
     rows = [r for r in rows if r["speedup"] == 1 or prune_every is None or _every(r) == prune_every]
     if floor is None:
