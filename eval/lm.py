@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--floor", default=None,
                     help="smallest keep-length (default 1; 2 with --protect-first); a comma list "
-                         "(1,32) scores and times every level at each (a floor that changes none of "
-                         "a level's keep-lengths once)")
+                         "(1,32) scores and times every level at each (once where a floor changes "
+                         "none of a level's keep-lengths)")
     ap.add_argument("--prune_every", default="1",
                     help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost; a "
                          "comma list (1,2,3) scores and times every level at each stride")
