@@ -154,6 +154,51 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
     return out
 
 
+_DEF = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+_HEAD = re.compile(r"\s*(?:ENTRY\s+)?%?([\w.\-]+) [(].*[{]\s*$")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """Computation name -> its lines (the header first), in the module's order."""
+    comps, cur = {}, None
+    for line in hlo_text.splitlines():
+        h = _HEAD.match(line)
+        if h:
+            cur = h.group(1)
+            comps[cur] = [line]
+        elif cur is not None and line.strip() == "}":
+            cur = None
+        elif cur is not None:
+            comps[cur].append(line)
+    return comps
+
+
+def _fingerprint(lines: list[str]) -> str:
+    """A computation's text with its own name, its values' names and metadata taken out: two
+    fusions of equal fingerprints compute the same thing on the same shapes."""
+    names = re.findall(r"([\w.\-]+): ", lines[0]) + [m.group(1) for m in map(_DEF.match, lines[1:]) if m]
+    token = {n: f"v{i}" for i, n in enumerate(dict.fromkeys(names))}
+    text = "\n".join([lines[0].split(" (", 1)[-1], *lines[1:]])
+    text = re.sub(r",? (?:metadata|frontend_attributes)=\{[^}]*\}", "", text)
+    return re.sub(r"[\w.\-]+", lambda m: token.get(m.group(0), m.group(0)), text)
+
+
+def kernel_groups(hlo_text: str) -> dict[str, list[str]]:
+    """Fusion instruction -> every fusion of the same kind and an identical computation, in
+    the module's (schedule) order. XLA:GPU builds one kernel for such fusions, named after the
+    first, so a trace names only that one: the n-th run of that kernel in a call is the n-th
+    of them. Fusions alone in their kind are left out."""
+    comps = _computations(hlo_text)
+    groups = collections.defaultdict(list)
+    for lines in comps.values():
+        for line in lines[1:]:
+            m, c = _DEF.match(line), re.search(r"calls=%?([\w.\-]+)", line)
+            if m and c and " fusion(" in line and c.group(1) in comps:
+                kind = re.search(r"kind=(\w+)", line)
+                groups[(kind.group(1) if kind else "", _fingerprint(comps[c.group(1)]))].append(m.group(1))
+    return {n: g for g in groups.values() if len(g) > 1 for n in g}
+
+
 def layer_and_part(op_name: str) -> tuple[int | str | None, str]:
     """(layer, part) of an HLO op_name: the layer an int, a decoder stack's beside an
     encoder ``"dec<k>"``, None outside layers."""
@@ -173,7 +218,8 @@ def _kernel_key(name: str) -> str:
     return re.sub(r"[.\-]", "_", name)
 
 
-def per_layer(events, scopes: dict[str, str], iters: int) -> tuple[dict, dict]:
+def per_layer(events, scopes: dict[str, str], iters: int,
+              groups: dict[str, list[str]] | None = None) -> tuple[dict, dict]:
     """Kernel time (us per call) and kernel count per layer and part, and the kernels that ran
     more than once a call under one name.
 
@@ -184,22 +230,31 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> tuple[dict, dict]:
     a layer's fixed kernel order). Pallas kernels are named by their kernel function.
 
     XLA:GPU builds one kernel for identical fusions, named after the first, and under
-    command buffers the trace names no instruction: then every repeat of a kernel lands in
-    its first instance's layer (identical layers merge into the first). Where the trace's
-    instruction (third field) is one of ``scopes`` it is used instead of the kernel name;
-    the kernels matched by a name that runs more than once a call are returned beside the
-    table (name: runs a call), so a table with merged layers says so.
+    command buffers the trace names no instruction. Where the trace's instruction (third
+    field) is one of ``scopes`` it is used instead of the kernel name. Otherwise, with
+    ``groups`` (``kernel_groups``), the n-th run of such a kernel in a call is taken as the
+    n-th of its identical fusions, so identical layers keep rows of their own. A kernel
+    matched by a name that runs more times a call than it has fusions is returned beside the
+    table (name: runs a call): its repeats land in its first instance's layer, and the table
+    says so.
 
     Returns:
       ({layer: {part: {"us", "kernels"}}}, {kernel name: runs a call}).
     """
     keyed = {_kernel_key(k): v for k, v in scopes.items()}
-    tags, by_name = [], collections.Counter()
-    for name, _, hlo_op in events:
+    shared = {_kernel_key(k): [_kernel_key(m) for m in g] for k, g in (groups or {}).items()}
+    per_call = max(1, len(events) // max(1, iters))
+    tags, by_name, runs = [], collections.Counter(), collections.Counter()
+    for i, (name, _, hlo_op) in enumerate(events):
+        if i % per_call == 0:
+            runs.clear()  # a new call: its kernels' runs counted afresh
         base = re.sub(r"__\d+$", "", name)
         op = keyed.get(_kernel_key(hlo_op)) if hlo_op else None
         if op is None:
-            op = keyed.get(_kernel_key(name))
+            key = _kernel_key(name)
+            same = shared.get(key, [key])
+            run, runs[key] = runs[key], runs[key] + 1
+            op = keyed.get(same[run] if same[0] == key and run < len(same) else key)
             by_name[name] += op is not None
         if op is not None:
             layer, part = layer_and_part(op)
@@ -232,7 +287,8 @@ def per_layer(events, scopes: dict[str, str], iters: int) -> tuple[dict, dict]:
         cell[1] += 1 / iters
     out = {layer: {part: {"us": us, "kernels": n} for part, (us, n) in parts.items()}
            for layer, parts in table.items()}
-    return out, {name: n / iters for name, n in sorted(by_name.items()) if n > iters}
+    return out, {name: n / iters for name, n in sorted(by_name.items())
+                 if n > iters * len(shared.get(_kernel_key(name), [name]))}
 
 
 def layer_costs(cfg, b: int, n: int, schedule, *, acc: str = "fused") -> list[dict]:
@@ -277,9 +333,9 @@ def print_layers(r: dict) -> None:
         print(head + f" {us:>5.0f} {nk:>8.1f} | "
               + " ".join(f"{cells[p]['us'] if p in cells else 0:>9.1f}" for p in parts))
     if repeated:
-        print(f"   {len(repeated)} kernel(s) ran more than once a call under one name (identical "
-              f"fusions share a kernel): each repeat is counted in its first instance's layer, so "
-              f"identical layers merge there ({sum(repeated.values()):.0f} launches)")
+        print(f"   {len(repeated)} kernel(s) ran more times a call under one name than they have "
+              f"identical fusions: those repeats are counted in the first instance's layer, so "
+              f"layers merge there ({sum(repeated.values()):.0f} launches)")
 
 
 device_events.shown = False
@@ -326,7 +382,8 @@ def _attribute(r: dict, prog) -> dict:
     per_call = len(ev) // max(1, r["iters"])
     r["events_one_call"] = [(name, round(ms * 1e3, 2)) for name, ms, _ in ev[:per_call]]
     try:
-        r["per_layer"], r["repeated_kernels"] = per_layer(ev, hlo_scopes(prog.as_text()), r["iters"])
+        text = prog.as_text()
+        r["per_layer"], r["repeated_kernels"] = per_layer(ev, hlo_scopes(text), r["iters"], kernel_groups(text))
     except Exception as e:  # a profile without the split is still worth having
         r["per_layer_error"] = f"{type(e).__name__}: {e}"
     return r

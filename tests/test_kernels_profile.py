@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from accjax import inference, models
 from eval import profile as P
@@ -126,6 +127,36 @@ def test_a_t5_decoder_layer_is_its_own_row():
     assert {P.layer_and_part(op)[0] for op in in_decoder_layers} == {f"dec{i}" for i in range(cfg.num_decoder_layers)}
 
 
+def test_a_kernel_shared_by_identical_layers_is_split_between_them():
+    """Two identical dense layers: their fusions pair up (kernel_groups, in schedule order),
+    and a trace that names only the first instance's kernel, twice a call, puts one run in
+    each layer instead of both in layer 0."""
+    cfg, params = build("bert-base-uncased", "float32", "auto", overrides=dict(
+        num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=50))
+    module = models.get_family(cfg.family).module(cfg, "sequence_classification")
+    pred = inference.Predictor(module, params, cfg, batch_size=2, length_buckets=(16,),
+                               param_dtype="float32")
+    text = pred.program(2, pred.plan(16, 1.0)).as_text()
+    scopes, groups = P.hlo_scopes(text), P.kernel_groups(text)
+    layers = {n: P.layer_and_part(scopes[n]) for n in groups if n in scopes}
+    pairs = [g for g in groups.values() if [layers.get(n, (None,))[0] for n in g] == [0, 1]]
+    assert pairs, "no fusion of layer 0 found its twin in layer 1"
+    first, second = pairs[0]
+    assert layers[first][1] == layers[second][1]  # the same part of each layer
+    assert all(groups[n] == g for g in groups.values() for n in g)  # every member maps to its group
+    events = [(first.replace(".", "_"), 0.002, "command_buffer_1")] * 2
+    table, repeated = P.per_layer(events * 3, scopes, iters=3, groups=groups)
+    part = layers[first][1]
+    assert table["0"][part] == {"us": 2.0, "kernels": 1.0} and table["1"][part] == {"us": 2.0, "kernels": 1.0}
+    assert repeated == {}
+    table, repeated = P.per_layer(events * 3, scopes, iters=3)  # without the groups: merged, and said
+    assert table["0"][part]["kernels"] == pytest.approx(2.0) and "1" not in table
+    assert repeated == {first.replace(".", "_"): 2.0}
+    # a third run a call has no fusion left: it lands in the first layer and is reported
+    table, repeated = P.per_layer(events[:1] * 3, scopes, iters=1, groups=groups)
+    assert table["0"][part]["kernels"] == 2.0 and repeated == {first.replace(".", "_"): 3.0}
+
+
 def test_layer_table_prints_layers_in_order_and_the_repeat_warning(capsys):
     """print_layers: one row per layer (encoder layers by number, then decoder rows, then
     outside), each summing its parts; the repeated kernels as a warning line, not a row."""
@@ -139,6 +170,6 @@ def test_layer_table_prints_layers_in_order_and_the_repeat_warning(capsys):
     assert rows == ["2", "10", "dec0", "-"]
     row2 = next(ln for ln in lines if ln.split()[0] == "2").split()
     assert row2[1:3] == ["4", "2.0"]  # 4.5 us rounded, 2 kernels
-    assert "2 kernel(s) ran more than once" in lines[-1] and "(36 launches)" in lines[-1]
+    assert "2 kernel(s) ran more times a call" in lines[-1] and "(36 launches)" in lines[-1]
     P.print_layers({"per_layer": r["per_layer"]})
-    assert "more than once" not in capsys.readouterr().out
+    assert "more times a call" not in capsys.readouterr().out
