@@ -122,6 +122,10 @@ _LAYER = re.compile(r"/layer_(\d+)[./]")  # "layer_3/..." or a method's "layer_3
 _DECODER_LAYER = re.compile(r"/decoder[^/]*/layer_(\d+)[./]")
 
 
+_DEF = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+_HEAD = re.compile(r"\s*(?:ENTRY\s+)?%?([\w.\-]+) [(].*[{]\s*$")
+
+
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
     """Instruction name -> the op_name (named-scope path) that produced it, from an optimised
     HLO module's text. A fusion without its own op_name takes one from its computation that
@@ -129,9 +133,9 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
     own, calls, comp_names = {}, {}, collections.defaultdict(list)
     comp = None
     for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ", line)
+        m = _DEF.match(line)
         if not m:
-            h = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+) [(].*[{]\s*$", line)
+            h = _HEAD.match(line)
             if h:
                 comp = h.group(1)
             continue
@@ -152,10 +156,6 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
             if named:
                 out[name] = named[-1]
     return out
-
-
-_DEF = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
-_HEAD = re.compile(r"\s*(?:ENTRY\s+)?%?([\w.\-]+) [(].*[{]\s*$")
 
 
 def _computations(hlo_text: str) -> dict[str, list[str]]:
