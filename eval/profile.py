@@ -124,6 +124,7 @@ _DECODER_LAYER = re.compile(r"/decoder[^/]*/layer_(\d+)[./]")
 
 _DEF = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
 _HEAD = re.compile(r"\s*(?:ENTRY\s+)?%?([\w.\-]+) [(].*[{]\s*$")
+_TRITON_CALL = 'custom_call_target="__gpu$xla.gpu.triton"'  # a Pallas kernel's custom call
 
 
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
@@ -184,19 +185,36 @@ def _fingerprint(lines: list[str]) -> str:
 
 
 def kernel_groups(hlo_text: str) -> dict[str, list[str]]:
-    """Fusion instruction -> every fusion of the same kind and an identical computation, in
-    the module's (schedule) order. XLA:GPU builds one kernel for such fusions, named after the
-    first, so a trace names only that one: the n-th run of that kernel in a call is the n-th
-    of them. Fusions alone in their kind are left out."""
+    """Which HLO instructions one kernel of a trace runs for, in the module's (schedule)
+    order: the n-th run of that kernel in a call is the n-th of them.
+
+    - Fusion instruction -> every fusion of the same kind and an identical computation. XLA:GPU
+      builds one kernel for such fusions, named after the first, so a trace names only that
+      one. Fusions alone in their kind are left out.
+    - Pallas (Triton) kernel name as a trace shows it -> every custom call of that kernel.
+      XLA names such a kernel after its function (``name`` in the call's backend config) and
+      builds one kernel for identical calls (same config, shapes and layouts); kernels of one
+      function that differ are named ``f``, ``f__1``, ``f__2``, ... in the order they first
+      appear (checked against GPT-2's and BERT-base's traces on an H100)."""
     comps = _computations(hlo_text)
-    groups = collections.defaultdict(list)
+    groups, pallas = collections.defaultdict(list), collections.defaultdict(list)
     for lines in comps.values():
         for line in lines[1:]:
             m, c = _DEF.match(line), re.search(r"calls=%?([\w.\-]+)", line)
             if m and c and " fusion(" in line and c.group(1) in comps:
                 kind = re.search(r"kind=(\w+)", line)
                 groups[(kind.group(1) if kind else "", _fingerprint(comps[c.group(1)]))].append(m.group(1))
-    return {n: g for g in groups.values() if len(g) > 1 for n in g}
+            elif m and _TRITON_CALL in line:
+                fn = re.search(r'\bname = "([^"]*)"', line)
+                body = re.sub(r"custom-call\([^)]*\)", "custom-call()", line[m.end():], count=1)
+                body = re.sub(r",? (?:metadata|frontend_attributes)=\{[^}]*\}", "", body)
+                pallas[(fn.group(1) if fn else m.group(1), body)].append(m.group(1))
+    out = {n: g for g in groups.values() if len(g) > 1 for n in g}
+    seen = collections.Counter()
+    for (fn, _), g in pallas.items():  # insertion order: first appearance
+        out[fn + (f"__{seen[fn]}" if seen[fn] else "")] = g
+        seen[fn] += 1
+    return out
 
 
 def layer_and_part(op_name: str) -> tuple[int | str | None, str]:
@@ -254,7 +272,9 @@ def per_layer(events, scopes: dict[str, str], iters: int,
             key = _kernel_key(name)
             same = shared.get(key, [key])
             run, runs[key] = runs[key], runs[key] + 1
-            op = keyed.get(same[run] if same[0] == key and run < len(same) else key)
+            # a fusion's group is named after its first; a Pallas kernel's after its function
+            spread = (same[0] == key or key not in keyed) and run < len(same)
+            op = keyed.get(same[run] if spread else key)
             by_name[name] += op is not None
         if op is not None:
             layer, part = layer_and_part(op)

@@ -157,6 +157,49 @@ def test_a_kernel_shared_by_identical_layers_is_split_between_them():
     assert table["0"][part]["kernels"] == 2.0 and repeated == {first.replace(".", "_"): 3.0}
 
 
+def _pallas_line(n: int, fn: str, rows: int, op_name: str) -> str:
+    """One Pallas custom call as XLA:GPU's optimised HLO prints it (ir shortened)."""
+    return (f'  %pallas_call.{n} = bf16[{rows},768]{{1,0}} custom-call(%x.{n}, %p.{n}), '
+            f'custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={{bf16[{rows},768]{{1,0}}, '
+            f'bf16[768]{{0}}}}, api_version=API_VERSION_TYPED_FFI, metadata={{op_name="jit(f)/BertModel/encoder/'
+            f'{op_name}/pallas_call" scheduling_name="pallas_call.{n}"}}, backend_config={{debug = false, '
+            f'grid_x = {rows} : i32, grid_y = 1 : i32, ir = "ML\\EFR{fn}{rows}", name = "{fn}", num_warps = 4 : i32}}')
+
+
+def test_a_pallas_kernel_shared_by_identical_layers_is_split_between_them():
+    """XLA:GPU names a Pallas kernel after its function, one kernel for identical calls, and
+    kernels of one function that differ f, f__1, ... in order of first appearance (as the
+    GPT-2 and BERT-base traces on an H100 show). kernel_groups maps each such name to its
+    calls, so the n-th run in a call lands in the n-th call's layer; the cuBLAS GEMMs between
+    them take the next kernel's layer. Without the groups no Pallas run finds a layer."""
+    lines = ["ENTRY %main.1 (x.1: bf16[1024,768]) -> bf16[512,768] {",
+             _pallas_line(1, "_ln_kernel", 1024, "layer_0/attn_norm"),    # its own kernel
+             _pallas_line(2, "_ln_kernel", 512, "layer_0/mlp_norm"),      # _ln_kernel__1 ...
+             _pallas_line(3, "_attn_kernel", 512, "layer_1/attention_acc"),
+             _pallas_line(4, "_ln_kernel", 512, "layer_1/attn_norm"),     # ... the same kernel
+             _pallas_line(5, "_ln_kernel", 512, "layer_1/mlp_norm"),      # ... and again
+             "}"]
+    text = "\n".join(lines)
+    scopes, groups = P.hlo_scopes(text), P.kernel_groups(text)
+    assert groups["_ln_kernel"] == ["pallas_call.1"]
+    assert groups["_ln_kernel__1"] == ["pallas_call.2", "pallas_call.4", "pallas_call.5"]
+    assert groups["_attn_kernel"] == ["pallas_call.3"] and "_attn_kernel__1" not in groups
+    gemm = "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT"
+    call = [("_ln_kernel", 0.001, ""), (gemm, 0.004, ""), ("_ln_kernel__1", 0.002, ""),
+            ("_attn_kernel", 0.003, ""), (gemm, 0.005, ""), ("_ln_kernel__1", 0.002, ""),
+            (gemm, 0.006, ""), ("_ln_kernel__1", 0.002, "")]
+    table, repeated = P.per_layer(call * 2, scopes, iters=2, groups=groups)
+    assert table["0"]["out+ln"] == {"us": 1.0, "kernels": 1.0}
+    assert table["0"]["ffn+ln"] == {"us": 2.0, "kernels": 1.0}
+    assert table["0"]["gemm"] == {"us": 4.0, "kernels": 1.0}  # before layer 0's second norm
+    assert table["1"]["attention+acc"] == {"us": 3.0, "kernels": 1.0}
+    assert table["1"]["out+ln"] == {"us": 2.0, "kernels": 1.0} and table["1"]["ffn+ln"] == {"us": 2.0, "kernels": 1.0}
+    assert table["1"]["gemm"] == {"us": 11.0, "kernels": 2.0}
+    assert repeated == {}
+    table, _ = P.per_layer(call * 2, scopes, iters=2)  # without the groups: no layer for them
+    assert "1" not in table and "0" not in table
+
+
 def test_layer_table_prints_layers_in_order_and_the_repeat_warning(capsys):
     """print_layers: one row per layer (encoder layers by number, then decoder rows, then
     outside), each summing its parts; the repeated kernels as a warning line, not a row."""
