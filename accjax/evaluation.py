@@ -265,7 +265,7 @@ def _time_interleaved(split_rows: list, items: list[dict], run: RunFn, repeats: 
         row.update(seconds=med, examples_per_s=examples / med, ms_per_batch=1e3 * med / len(timed),
                    seconds_min=min(secs), seconds_max=max(secs), timed_batches=len(timed))
         if with_dense:
-            ratios = np.asarray(ms[0]) / np.asarray(ms[i])  # paired by round
+            ratios = programs.paired_ratios(ms[0], ms[i])
             row.update(measured_speedup=float(np.median(ratios)), measured_min=float(ratios.min()),
                        measured_max=float(ratios.max()))
 

@@ -216,7 +216,7 @@ class LMEvaluator(generate.LMPredictor):
         ms = programs.time_interleaved(calls, rounds=iters)
         pipe = programs.time_interleaved(calls, rounds=max(3, iters // 4), depth=20)
         return [{"median_ms": float(np.median(ms[i])), "min_ms": float(np.min(ms[i])),
-                 "pipelined_ms": float(np.median(pipe[i]))} for i in calls]
+                 "pipelined_ms": float(np.median(pipe[i])), "pipelined_rounds_ms": pipe[i]} for i in calls]
 
     def kv_bytes(self, schedule) -> dict[str, int]:
         """Bytes of the prefill's KV cache for one batch: prompt slots, and with the
@@ -264,6 +264,8 @@ def sweep(ev: LMEvaluator, speedups: Sequence[float], *, ctx: np.ndarray | None 
             row["measured"] = dense["ttft_ms"] / row["ttft_ms"]
             row["measured_over_analytic"] = row["measured"] / row["analytic"]
             row["measured_pipelined"] = dense["pipelined_ms"] / row["pipelined_ms"]
+            passes = programs.paired_ratios(timed[0]["pipelined_rounds_ms"], timed[i]["pipelined_rounds_ms"])
+            row["measured_pipelined_range"] = [float(passes.min()), float(passes.max())]
         if ctx is not None:
             row["ppl_ratio"] = row["ppl"] / dense["ppl"]
         rows.append(row)
@@ -280,7 +282,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     if rows and "ttft_ms" in rows[0]:
         cols += [("ttft_ms", "TTFT ms", ".3f"), ("measured", "measured", ".2f"),
                  ("measured_over_analytic", "meas/an", ".2f"), ("pipelined_ms", "pipe ms", ".3f"),
-                 ("measured_pipelined", "pipe measured", ".2f")]
+                 ("measured_pipelined", "pipe measured", ".2f"),
+                 ("measured_pipelined_range", "(rounds)", lambda r: "{:.2f}-{:.2f}".format(*r["measured_pipelined_range"]))]
     cols += [("kv_prompt_bytes", "KV MiB", lambda r: f"{r['kv_prompt_bytes'] / 2**20:.2f}"),
              ("kv_ratio", "KV vs dense", ".3f")]
     if rows and "ppl" in rows[0]:

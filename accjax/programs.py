@@ -164,6 +164,14 @@ def time_interleaved(calls: dict[Hashable, Callable[[], Any]], *, rounds: int,
     return times
 
 
+def paired_ratios(base: Sequence[float], other: Sequence[float]) -> np.ndarray:
+    """Per round of ``time_interleaved``, ``base``'s time over ``other``'s in the same round:
+    a measured speedup's passes (their median and min-max are its figure and spread). The
+    ratio of the two medians lies within their min-max: each of ``base``'s times is at least
+    the smallest ratio times ``other``'s in its round, so their order statistics are too."""
+    return np.asarray(base, np.float64) / np.asarray(other, np.float64)
+
+
 def time_calls(call: Callable[[Any], Any], inputs: Sequence[Any], *, iters: int = 30,
                warmup: int = 3) -> dict[str, float]:
     """Median, min and max wall milliseconds of ``call`` on each of ``inputs`` in turn

@@ -44,7 +44,10 @@ COLUMNS = [("shape", "shape", ""), ("impl", "impl", ""), ("prune_every", "k", ""
            ("speedup", "asked", ".2f"),
            ("analytic", "analytic", ".2f"), ("median_ms", "ms", ".3f"), ("measured", "measured", ".2f"),
            ("measured_over_analytic", "meas/an", ".2f"), ("pipelined_ms", "pipe ms", ".3f"),
-           ("pipelined_over_analytic", "pipe meas/an", ".2f"), ("tokens_per_s", "tok/s", ".0f"),
+           ("pipelined_over_analytic", "pipe meas/an", ".2f"),
+           ("pipelined_over_analytic_range", "(rounds)",
+            lambda r: "{:.2f}-{:.2f}".format(*r["pipelined_over_analytic_range"]) if "pipelined_over_analytic_range" in r else "-"),
+           ("tokens_per_s", "tok/s", ".0f"),
            ("schedule", "keep", benchmark.joined)]
 
 
@@ -151,8 +154,10 @@ def run(args) -> dict:
                     pipe = {}
                     if "pipelined_ms" in t:  # --interleave: also with 20 calls in flight
                         m_pipe = timed[dense]["pipelined_ms"] / t["pipelined_ms"]
+                        passes = programs.paired_ratios(timed[dense]["pipelined_rounds_ms"], t["pipelined_rounds_ms"])
                         pipe = {"pipelined_ms": t["pipelined_ms"], "measured_pipelined": m_pipe,
-                                "pipelined_over_analytic": m_pipe / plan.analytic}
+                                "pipelined_over_analytic": m_pipe / plan.analytic,
+                                "pipelined_over_analytic_range": [passes.min() / plan.analytic, passes.max() / plan.analytic]}
                     rows.append({
                         "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
                         "acc_variant": args.acc_variant, "speedup": s, "prune_every": k, "floor": f,
@@ -217,8 +222,10 @@ def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int, t5: bool 
     ms = programs.time_interleaved(calls, rounds=iters)
     pipe = programs.time_interleaved(calls, rounds=max(3, iters // 4), depth=20)
     return {s: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)),
-                "pipelined_ms": float(np.median(pipe[s])), "schedule": plans[s].keep}
+                "pipelined_ms": float(np.median(pipe[s])), "pipelined_rounds_ms": pipe[s],
+                "schedule": plans[s].keep}
             for s, v in ms.items()}
+
 
 
 def program_inputs(pred, b: int, n: int, plan, t5: bool) -> tuple:

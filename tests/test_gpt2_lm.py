@@ -144,6 +144,11 @@ def test_bench_cli_times_prefill_without_text(tiny_dir, tmp_path):
     assert [r["speedup"] for r in res["rows"]] == [1.0, 2.0, 3.0]
     assert all("ppl" not in r and r["measured"] > 0 for r in res["rows"])
     assert abs(res["rows"][2]["analytic"] - 3.0) < 0.3
+    # the pipelined speedup's spread over the interleaved rounds brackets the medians' ratio
+    assert res["rows"][0]["measured_pipelined_range"] == [1.0, 1.0]
+    for r in res["rows"][1:]:
+        lo, hi = r["measured_pipelined_range"]
+        assert lo * (1 - 1e-12) <= r["measured_pipelined"] <= hi * (1 + 1e-12)
 
 
 def test_eval_cli_scores_every_level_at_each_stride(tiny_dir, tmp_path, capsys):

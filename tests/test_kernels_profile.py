@@ -61,7 +61,7 @@ def test_kernels_are_attributed_to_layers_and_parts():
     assert costs[0]["gflop"] > costs[1]["gflop"] > 0
 
 
-def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path):
+def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path, capsys):
     import json
 
     from eval import bench
@@ -78,6 +78,12 @@ def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path):
     assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
     assert all(r["median_ms"] > 0 and r["pipelined_ms"] > 0 for r in rows)
     assert rows[0]["measured_pipelined"] == 1.0
+    # the spread of the pipelined ratio over the interleaved rounds brackets the medians' ratio
+    assert rows[0]["pipelined_over_analytic_range"] == [1.0, 1.0]
+    for r in rows[1:]:
+        lo, hi = r["pipelined_over_analytic_range"]
+        assert lo <= r["pipelined_over_analytic"] * (1 + 1e-12) and r["pipelined_over_analytic"] <= hi * (1 + 1e-12)
+    assert "(rounds)" in capsys.readouterr().out
 
 
 def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkeypatch):
