@@ -8,7 +8,8 @@ figure is the host's cost per call, not the program's.
     python docs/probes/host_enqueue.py --json out.json
 
 Prepared in the thirty-ninth session (GPT-2's 3.72x profile: 10% of the pipelined wall idle,
-against 3% dense); not yet run: no device machine started for it.
+against 3% dense); run in the fortieth (docs/benchmarks.md): the host finishes first, so the
+pipelined figures are the device's.
 """
 import argparse
 import json
@@ -18,6 +19,22 @@ import jax
 import numpy as np
 
 from accjax import lm, models
+
+
+def enqueue_times(prog, params, x, depth: int, reps: int = 7) -> tuple[float, float]:
+    """Median over ``reps`` of (host ms a call to enqueue ``depth`` calls, ms a call until the
+    last is done)."""
+    enq, tot = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(depth):
+            out = prog(params, x)
+        t1 = time.perf_counter()
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        enq.append((t1 - t0) * 1e3 / depth)
+        tot.append((t2 - t0) * 1e3 / depth)
+    return float(np.median(enq)), float(np.median(tot))
 
 
 def main():
@@ -35,18 +52,8 @@ def main():
         prog = ev.prefill_program(ev.plan(s, k, f).keep)
         for _ in range(3):
             jax.block_until_ready(prog(ev.params, x))
-        enq, tot = [], []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            for _ in range(args.depth):
-                out = prog(ev.params, x)
-            t1 = time.perf_counter()
-            jax.block_until_ready(out)
-            t2 = time.perf_counter()
-            enq.append((t1 - t0) * 1e3 / args.depth)
-            tot.append((t2 - t0) * 1e3 / args.depth)
-        r = {"program": name, "enqueue_ms_per_call": float(np.median(enq)),
-             "total_ms_per_call": float(np.median(tot))}
+        enq, tot = enqueue_times(prog, ev.params, x, args.depth)
+        r = {"program": name, "enqueue_ms_per_call": enq, "total_ms_per_call": tot}
         rows.append(r)
         print(f"{name:>14}: enqueue {r['enqueue_ms_per_call']:.3f} ms/call, "
               f"done {r['total_ms_per_call']:.3f} ms/call")

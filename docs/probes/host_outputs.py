@@ -17,20 +17,7 @@ import jax
 import numpy as np
 
 from accjax import lm, models
-
-
-def _enqueue(prog, params, x, depth: int, reps: int = 7):
-    enq, tot = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(depth):
-            out = prog(params, x)
-        t1 = time.perf_counter()
-        jax.block_until_ready(out)
-        t2 = time.perf_counter()
-        enq.append((t1 - t0) * 1e3 / depth)
-        tot.append((t2 - t0) * 1e3 / depth)
-    return float(np.median(enq)), float(np.median(tot))
+from host_enqueue import enqueue_times  # this folder
 
 
 def main():
@@ -51,8 +38,8 @@ def main():
             prog = jax.jit(fn).lower(ev.params, x).compile()
             for _ in range(5):
                 jax.block_until_ready(prog(ev.params, x))
-            e2, t2 = _enqueue(prog, ev.params, x, 2)
-            e20, t20 = _enqueue(prog, ev.params, x, 20)
+            e2, t2 = enqueue_times(prog, ev.params, x, 2)
+            e20, t20 = enqueue_times(prog, ev.params, x, 20)
             sync = []
             for _ in range(20):
                 t0 = time.perf_counter()
