@@ -227,7 +227,6 @@ def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int, t5: bool 
             for s, v in ms.items()}
 
 
-
 def program_inputs(pred, b: int, n: int, plan, t5: bool) -> tuple:
     """(compiled program, its device inputs after the parameters) of an encoder classifier or
     (``t5``) a T5's encoder + first token at ``plan``, on a random full [b, n] batch (seed 0)."""
