@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from accjax import programs
+
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
@@ -85,13 +87,13 @@ def _time_torch_model(model, config, *, batch_size: int, length: int, dtype: str
             fn(input_ids=batches[i % 3], attention_mask=mask, **extra)
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
-        pipelined = []  # 20 calls in flight, one wait (as eval.bench's pipelined figure)
-        for _ in range(max(3, iters // 4)):
+        pipelined = []  # calls in flight, one wait (as eval.bench's pipelined figure)
+        for _ in range(programs.pipelined_rounds(iters)):
             t0 = time.perf_counter()
-            for i in range(20):
+            for i in range(programs.PIPELINE_DEPTH):
                 fn(input_ids=batches[i % 3], attention_mask=mask, **extra)
             sync()
-            pipelined.append((time.perf_counter() - t0) * 1e3 / 20)
+            pipelined.append((time.perf_counter() - t0) * 1e3 / programs.PIPELINE_DEPTH)
     return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
             "pipelined_ms": float(np.median(pipelined)), "warmup_s": t_compile}
 

@@ -213,10 +213,8 @@ class LMEvaluator(generate.LMPredictor):
         x = jax.device_put(x)
         calls = {i: functools.partial(self.prefill_program(sch), self.params, x)
                  for i, sch in enumerate(schedules)}
-        ms = programs.time_interleaved(calls, rounds=iters)
-        pipe = programs.time_interleaved(calls, rounds=max(3, iters // 4), depth=20)
-        return [{"median_ms": float(np.median(ms[i])), "min_ms": float(np.min(ms[i])),
-                 "pipelined_ms": float(np.median(pipe[i])), "pipelined_rounds_ms": pipe[i]} for i in calls]
+        timed = programs.time_levels(calls, iters=iters)
+        return [timed[i] for i in calls]
 
     def kv_bytes(self, schedule) -> dict[str, int]:
         """Bytes of the prefill's KV cache for one batch: prompt slots, and with the

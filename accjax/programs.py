@@ -164,6 +164,28 @@ def time_interleaved(calls: dict[Hashable, Callable[[], Any]], *, rounds: int,
     return times
 
 
+# Calls in flight for a "pipelined" figure: a server with queued requests, where the host's
+# dispatch of a call overlaps the device's work on the previous ones.
+PIPELINE_DEPTH = 20
+
+
+def pipelined_rounds(iters: int) -> int:
+    """Rounds of ``PIPELINE_DEPTH`` calls for a timing of ``iters`` synchronised calls."""
+    return max(3, iters // 4)
+
+
+def time_levels(calls: dict[Hashable, Callable[[], Any]], *, iters: int) -> dict[Hashable, dict[str, Any]]:
+    """The timings every benchmark reports, all ``calls`` interleaved (``time_interleaved``):
+    each call synchronised over ``iters`` rounds (``median_ms``, ``min_ms``: one request at a
+    time), then ``PIPELINE_DEPTH`` in flight over ``pipelined_rounds(iters)`` rounds
+    (``pipelined_ms``, and ``pipelined_rounds_ms`` for ``paired_ratios``)."""
+    ms = time_interleaved(calls, rounds=iters)
+    pipe = time_interleaved(calls, rounds=pipelined_rounds(iters), depth=PIPELINE_DEPTH)
+    return {k: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)),
+                "pipelined_ms": float(np.median(pipe[k])), "pipelined_rounds_ms": pipe[k]}
+            for k, v in ms.items()}
+
+
 def paired_ratios(base: Sequence[float], other: Sequence[float]) -> np.ndarray:
     """Per round of ``time_interleaved``, ``base``'s time over ``other``'s in the same round:
     a measured speedup's passes (their median and min-max are its figure and spread). The

@@ -219,12 +219,7 @@ def time_interleaved(pred, b: int, n: int, plans: dict, *, iters: int, t5: bool 
     (``pipelined_ms``: a server with queued requests)."""
     progs = {s: program_inputs(pred, b, n, plan, t5) for s, plan in plans.items()}
     calls = {s: functools.partial(prog, pred.params, *inputs) for s, (prog, inputs) in progs.items()}
-    ms = programs.time_interleaved(calls, rounds=iters)
-    pipe = programs.time_interleaved(calls, rounds=max(3, iters // 4), depth=20)
-    return {s: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)),
-                "pipelined_ms": float(np.median(pipe[s])), "pipelined_rounds_ms": pipe[s],
-                "schedule": plans[s].keep}
-            for s, v in ms.items()}
+    return {s: {**t, "schedule": plans[s].keep} for s, t in programs.time_levels(calls, iters=iters).items()}
 
 
 def program_inputs(pred, b: int, n: int, plan, t5: bool) -> tuple:
