@@ -12,13 +12,12 @@ against 3% dense); run in the fortieth (docs/benchmarks.md): the host finishes f
 pipelined figures are the device's.
 """
 import argparse
-import json
 import time
 
 import jax
 import numpy as np
 
-from accjax import lm, models
+from accjax import benchmark, lm, models
 
 
 def enqueue_times(prog, params, x, depth: int, reps: int = 7) -> tuple[float, float]:
@@ -58,8 +57,7 @@ def main():
         print(f"{name:>14}: enqueue {r['enqueue_ms_per_call']:.3f} ms/call, "
               f"done {r['total_ms_per_call']:.3f} ms/call")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": str(jax.devices()[0]), "rows": rows}, fh, indent=1)
+        benchmark.write_json(args.json, {"machine": benchmark.machine(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ returning (logits, cache) and logits alone, and each is timed three ways: host t
     python docs/probes/host_outputs.py --json out.json
 """
 import argparse
-import json
 import time
 
 import jax
 import numpy as np
 
-from accjax import lm, models
+from accjax import benchmark, lm, models
 from host_enqueue import enqueue_times  # this folder
 
 
@@ -52,8 +51,7 @@ def main():
             print(f"{name:>13} {outputs:>12} ({r['n_outputs']:2d} outputs): enqueue 2: {e2:.3f} "
                   f"(done {t2:.3f}), 20: {e20:.3f} (done {t20:.3f}), synchronised {r['sync_ms']:.3f} ms/call")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": str(jax.devices()[0]), "rows": rows}, fh, indent=1)
+        benchmark.write_json(args.json, {"machine": benchmark.machine(), "rows": rows})
 
 
 if __name__ == "__main__":
