@@ -125,6 +125,7 @@ _DECODER_LAYER = re.compile(r"/decoder[^/]*/layer_(\d+)[./]")
 _DEF = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
 _HEAD = re.compile(r"\s*(?:ENTRY\s+)?%?([\w.\-]+) [(].*[{]\s*$")
 _TRITON_CALL = 'custom_call_target="__gpu$xla.gpu.triton"'  # a Pallas kernel's custom call
+_METADATA = re.compile(r",? (?:metadata|frontend_attributes)=\{[^}]*\}")  # differs between identical ops
 
 
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
@@ -180,7 +181,7 @@ def _fingerprint(lines: list[str]) -> str:
     names = re.findall(r"([\w.\-]+): ", lines[0]) + [m.group(1) for m in map(_DEF.match, lines[1:]) if m]
     token = {n: f"v{i}" for i, n in enumerate(dict.fromkeys(names))}
     text = "\n".join([lines[0].split(" (", 1)[-1], *lines[1:]])
-    text = re.sub(r",? (?:metadata|frontend_attributes)=\{[^}]*\}", "", text)
+    text = _METADATA.sub("", text)
     return re.sub(r"[\w.\-]+", lambda m: token.get(m.group(0), m.group(0)), text)
 
 
@@ -207,7 +208,7 @@ def kernel_groups(hlo_text: str) -> dict[str, list[str]]:
             elif m and _TRITON_CALL in line:
                 fn = re.search(r'\bname = "([^"]*)"', line)
                 body = re.sub(r"custom-call\([^)]*\)", "custom-call()", line[m.end():], count=1)
-                body = re.sub(r",? (?:metadata|frontend_attributes)=\{[^}]*\}", "", body)
+                body = _METADATA.sub("", body)
                 pallas[(fn.group(1) if fn else m.group(1), body)].append(m.group(1))
     out = {n: g for g in groups.values() if len(g) > 1 for n in g}
     seen = collections.Counter()
@@ -251,8 +252,9 @@ def per_layer(events, scopes: dict[str, str], iters: int,
     command buffers the trace names no instruction. Where the trace's instruction (third
     field) is one of ``scopes`` it is used instead of the kernel name. Otherwise, with
     ``groups`` (``kernel_groups``), the n-th run of such a kernel in a call is taken as the
-    n-th of its identical fusions, so identical layers keep rows of their own. A kernel
-    matched by a name that runs more times a call than it has fusions is returned beside the
+    n-th of its identical fusions (or of a Pallas kernel's identical calls), so identical
+    layers keep rows of their own. A kernel matched by a name that runs more times a call
+    than it has instructions is returned beside the
     table (name: runs a call): its repeats land in its first instance's layer, and the table
     says so.
 
@@ -354,7 +356,7 @@ def print_layers(r: dict) -> None:
               + " ".join(f"{cells[p]['us'] if p in cells else 0:>9.1f}" for p in parts))
     if repeated:
         print(f"   {len(repeated)} kernel(s) ran more times a call under one name than they have "
-              f"identical fusions: those repeats are counted in the first instance's layer, so "
+              f"identical instructions: those repeats are counted in the first instance's layer, so "
               f"layers merge there ({sum(repeated.values()):.0f} launches)")
 
 
