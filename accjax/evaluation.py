@@ -353,14 +353,15 @@ def format_table(rows: list[dict]) -> str:
     cols = [("measured_speedup", "measured", 9, ".2f")] + [(k, k, 11, ".2f") for k in metric_keys] + [
         ("drop", "drop", 7, ".2f"), ("examples_per_s", "ex/s", 9, ".0f"),
         ("ms_per_batch", "ms/batch", 9, ".1f")]
-    head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}{'schedule':>10}"
+    sw = max(10, 1 + max(len(_label(r)) for r in rows))  # a stride and a floor lengthen the label
+    head = (f"{'task':<12}{'split':<22}{'speedup':>8}{'analytic':>9}{'schedule':>{sw}}"
             + "".join(f"{h:>{w}}" for _, h, w, _ in cols) + f"{'measured range':>16}  keep")
     lines = [head, "-" * len(head)]
     for r in rows:
         keep = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in r.get("schedules", {}).items())
         note = "".join(f" (len {k}: max {v})" for k, v in r.get("clamped", {}).items())
         lines.append(f"{r['task']:<12}{r['split']:<22}{r['speedup']:>8g}{r['analytic_speedup']:>9.2f}"
-                     f"{_label(r):>10}"
+                     f"{_label(r):>{sw}}"
                      + "".join(f"{r[k]:>{w}{f}}" if k in r else f"{'-':>{w}}" for k, _, w, f in cols)
                      + f"{_spread(r):>16}  {keep}{note}")
     if "measured_speedup" in rows[0]:

@@ -135,6 +135,21 @@ def test_a_pick_at_one_floor_takes_a_level_measured_once_at_the_first():
         evaluation.pick_level(table, 5, floor=8)
 
 
+def test_table_keeps_its_columns_apart_with_a_stride_and_a_floor():
+    """The schedule label 'decay k=3 F=16' is longer than its column was: it ran into the
+    analytic speedup ('1.91decay k=3 F=16'). Every cell of a row stays apart, header aligned."""
+    base = dict(task="rt_polarity", split="validation", accuracy=80.8, primary=80.8, drop=1.07,
+                schedules={32: [16] * 6})
+    rows = [dict(base, speedup=1.0, analytic_speedup=1.0, source="dense"),
+            dict(base, speedup=2.0, analytic_speedup=1.91, source="decay", prune_every=3, floor=16)]
+    head, _, dense, level = evaluation.format_table(rows).splitlines()
+    assert "1.91 decay k=3 F=16" in level
+    assert level.index("decay k=3 F=16") + len("decay k=3 F=16") == head.index("schedule") + len("schedule")
+    assert level.index("80.80") + len("80.80") == head.index("accuracy") + len("accuracy")
+    for line in (head, dense, level):  # the columns after the label start where the header says
+        assert line[head.index("schedule") + len("schedule")] == " "
+
+
 def test_a_pick_no_measurably_faster_goes_to_the_more_accurate():
     """Of the levels whose median lies within the fastest one's interleaved passes (min-max),
     the pick is the one with the smallest dev drop; a level clearly faster wins whatever its
