@@ -172,7 +172,12 @@ def table(rows: list[dict], cols, *, markdown: bool = False) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
+    """``obj`` as indented JSON at ``path``, atomically (a temporary file renamed into place):
+    a process killed while writing leaves the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
+    os.replace(tmp, path)
 
 
 def json_default(x):

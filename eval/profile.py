@@ -541,6 +541,7 @@ def main(argv=None) -> int:
         cfg = cfg.replace(hidden_act=args.hidden_act)
     module = models.get_family(cfg.family).module(cfg, "lm" if lm_head else "sequence_classification")
     results = []
+    record = {"machine": benchmark.machine(), "args": vars(args)} if args.json else {}
     for b, n in shapes:
         shape = f"{b}x{n}"
         if args.prefill:
@@ -571,10 +572,9 @@ def main(argv=None) -> int:
                 print_layers(r)
             else:
                 print("   per-layer split unavailable:", r.get("per_layer_error"))
-    if args.json:
-        benchmark.write_json(args.json, {"machine": benchmark.machine(), "args": vars(args),
-                                         "event_samples": device_events.samples,
-                                         "results": results})
+            if args.json:  # after every program: a run cut short (a timeout, a fault) keeps what it profiled
+                benchmark.write_json(args.json, {**record, "event_samples": device_events.samples,
+                                                 "results": results})
     return 0
 
 

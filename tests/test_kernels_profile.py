@@ -109,6 +109,31 @@ def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkey
     assert built == [(16, 16), tuple(rows[1]["schedule"])]
 
 
+def test_profile_json_keeps_the_programs_profiled_before_a_fault(tmp_path, monkeypatch):
+    """--json is written after every program (atomically), so a run cut short keeps the rows it
+    had: here the second level's profile fails and the first level's row is on disk."""
+    import json
+
+    real = P.profile_program
+    calls = []
+
+    def second_fails(pred, b, n, s, iters):
+        calls.append(s)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(pred, b, n, s, iters)
+
+    monkeypatch.setattr(P, "profile_program", second_fails)
+    out = tmp_path / "p.json"
+    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2", "--set", "vocab_size=64"]
+    with pytest.raises(RuntimeError, match="killed"):
+        P.main(["--model", "bert-base-uncased", "--shapes", "2x16", "--speedups", "1,2", "--iters", "2",
+                "--dtype", "float32", "--json", str(out), *tiny])
+    rec = json.loads(out.read_text())
+    assert [r["speedup"] for r in rec["results"]] == [1.0] and rec["machine"]["backend"] == "cpu"
+    assert not (tmp_path / "p.json.tmp").exists()
+
+
 def test_a_t5_decoder_layer_is_its_own_row():
     """T5's first-token program: the decoder step's layers are rows "dec0", "dec1", not the
     encoder layers of the same number."""
