@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from accjax import programs
+from accjax import programs, runfolder
 
 
 def machine() -> dict[str, Any]:
@@ -172,12 +172,8 @@ def table(rows: list[dict], cols, *, markdown: bool = False) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """``obj`` as indented JSON at ``path``, atomically (a temporary file renamed into place):
-    a process killed while writing leaves the previous file whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
-    os.replace(tmp, path)
+    """``obj`` as indented JSON at ``path``, atomically (``runfolder.replace_text``)."""
+    runfolder.replace_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def json_default(x):

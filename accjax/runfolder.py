@@ -152,12 +152,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    """Replaces ``path`` with ``records``, atomically (a temporary file renamed into place)."""
+def replace_text(path: str | os.PathLike, text: str) -> None:
+    """Replaces ``path``'s contents with ``text`` atomically (a temporary file renamed into
+    place): a process killed while writing leaves the previous file whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Replaces ``path`` with ``records``, atomically (``replace_text``)."""
+    replace_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------- finished
