@@ -171,6 +171,9 @@ def run(args) -> dict:
                     # each program takes a while to compile on a GPU: show progress as it comes
                     print(f"  {b}x{n} {impl} speedup {s:g}{_at(k, f)}: analytic {plan.analytic:.2f}, "
                           f"{t['median_ms']:.3f} ms, measured {measured:.2f}", flush=True)
+                if args.json:  # after every shape: a run cut short (a timeout, a fault) keeps the shapes it timed
+                    benchmark.write_json(args.json, {"machine": info, "model": name, "dtype": args.dtype,
+                                                     "iters": args.iters, "partial": True, "rows": rows})
         except Exception as e:  # e.g. a cuDNN path this GPU/jax lacks: keep the other impls
             errors.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
             print(f"  impl {impl}: failed ({type(e).__name__}: {str(e)[:200]})")

@@ -86,6 +86,34 @@ def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path, capsys):
     assert "(rounds)" in capsys.readouterr().out
 
 
+def test_bench_json_keeps_the_shapes_timed_before_a_fault(tmp_path, monkeypatch):
+    """--json is written after every shape, so a run cut short keeps the shapes it timed:
+    here the second shape's timing fails and the first shape's rows are on disk."""
+    import json
+
+    from eval import bench
+
+    real, shapes = bench.time_interleaved, []
+
+    def second_fails(pred, b, n, plans, **kw):
+        shapes.append((b, n))
+        if len(shapes) == 2:
+            raise KeyboardInterrupt  # as a timeout's signal would: not caught as a user error
+        return real(pred, b, n, plans, **kw)
+
+    monkeypatch.setattr(bench, "time_interleaved", second_fails)
+    out = tmp_path / "b.json"
+    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--shapes", "2x16,2x32", "--speedups", "2", "--iters", "2", "--interleave",
+                    "--json", str(out), *tiny])
+    rec = json.loads(out.read_text())
+    assert shapes == [(2, 16), (2, 32)] and rec["partial"] is True
+    assert [(r["shape"], r["speedup"]) for r in rec["rows"]] == [("2x16", 1.0), ("2x16", 2.0)]
+    assert rec["machine"]["backend"] == "cpu" and not (tmp_path / "b.json.tmp").exists()
+
+
 def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkeypatch):
     """--prefill profiles the program eval.lm --bench times (lm.LMEvaluator's prefill, which
     builds the pruned KV caches), not the classification program."""
