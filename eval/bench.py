@@ -161,7 +161,7 @@ def run(args) -> dict:
                     rows.append({
                         "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
                         "acc_variant": args.acc_variant, "speedup": s, "prune_every": k, "floor": f,
-                        "analytic": plan.analytic,
+                        "bucket": args.bucket, "analytic": plan.analytic,
                         "schedule": list(plan.keep), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
                         "measured": measured, "measured_over_analytic": measured / plan.analytic,
                         "tokens_per_s": b * n / (t["median_ms"] / 1e3),

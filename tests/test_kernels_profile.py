@@ -74,7 +74,7 @@ def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     # 99 exceeds the maximum: it runs at the maximum (schedule.plan's one clamp rule)
     assert [r["speedup"] for r in rows] == [1.0, 2.0, 99.0] and rows[2]["schedule"] == [1, 1]
-    assert rows[0]["measured"] == 1.0 and rows[0]["schedule"] == [16, 16]
+    assert rows[0]["measured"] == 1.0 and rows[0]["schedule"] == [16, 16] and rows[0]["bucket"] == 8
     assert rows[1]["schedule"][-1] < 16 and rows[1]["analytic"] > 1.0
     assert all(r["median_ms"] > 0 and r["pipelined_ms"] > 0 for r in rows)
     assert rows[0]["measured_pipelined"] == 1.0
