@@ -277,6 +277,34 @@ def test_fused_kernel_launch_orders_agree(monkeypatch):
     np.testing.assert_array_equal(parts_b, parts_e)
 
 
+def test_attention_alone_in_one_pass_above_128_keys(monkeypatch):
+    """``ALONE_KEY_TILES``: attention alone over 136 keys runs one pass of 128 + 16 keys
+    instead of a loop over two tiles of 128 (256 keys), with the same context as float64
+    attention; at 128 keys or fewer nothing changes."""
+    rng = np.random.default_rng(136)
+    b, t, n, h = 2, 136, 2, 16
+    qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(3, n, h)), jnp.float32)
+    m = np.arange(t)[None] < np.array([[t], [70]])
+    x = np.asarray(qkv, np.float64) + np.asarray(bias, np.float64)
+    lg = np.einsum("btnh,bsnh->bnts", x[:, :, 0], x[:, :, 1]) * 0.3
+    p = np.exp(np.where(m[:, None, None, :], lg, -np.inf) - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("bnts,bsnh->btnh", p, x[:, :, 2])
+    real, seen = acc_pallas.attention_blocks, []
+    monkeypatch.setattr(acc_pallas, "attention_blocks", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    for one_pass, tiles in ((False, (128,)), (True, (128, 16))):
+        monkeypatch.setattr(acc_pallas, "ALONE_KEY_TILES", one_pass)
+        acc_pallas.packed_attention_with_column_sums.clear_cache()  # the setting is read when traced
+        seen.clear()
+        alone = acc_pallas.packed_attention_with_column_sums(qkv, bias, jnp.asarray(m), scale=0.3,
+                                                             interpret=True, columns=False)
+        assert [blocks[1] for blocks in seen] == [tiles]
+        np.testing.assert_allclose(np.asarray(alone)[m], ref[m], rtol=1e-5, atol=1e-5)
+        assert real(72, 72, columns=False) == (64, (128,), 128, 128)  # up to 128 keys: one tile
+    assert real(150, 150, columns=False) == (64, (128, 32), 192, 160)
+
+
 def test_fused_path_gradient_is_plain_attention():
     """Training through an eliminating layer: d(context)/d(q, k, v) as with XLA attention."""
     rng = np.random.default_rng(8)

@@ -482,6 +482,14 @@ FUSED_BLOCKS = (64, 4, 2)
 # session). Above 512 (T5 at 1024 keys: 16-row query tiles) not timed: two passes.
 ONE_PASS_MAX_KEYS = 512
 ONE_PASS_LOGITS = 64 * 256
+# Attention alone (a layer that keeps its rows) over 129-256 keys: False, a loop over tiles of
+# 128 (136 keys run as 256); True, one pass over ``key_tiles`` (128 + 16 = 144), as the
+# column-sum kernel does. A strided schedule's non-cutting layers meet such counts: at 32 x
+# 512, 4.8x with 136 rows a sequence in eight layers measured 0.66-0.77 of analytic against
+# 0.81-0.86 with 128, and a fit of the forty-second session's 204 programs explains their
+# times better with the kernel's padded keys than with the exact ones (docs/benchmarks.md).
+# Off until timed on a GPU (``docs/probes/explicit_ab.py --set``).
+ALONE_KEY_TILES = False
 
 
 def key_tiles(s: int) -> tuple[int, ...]:
@@ -506,12 +514,14 @@ def key_tiles(s: int) -> tuple[int, ...]:
 def attention_blocks(t: int, s: int, max_block_q: int | None = None,
                      columns: bool = True) -> tuple[int, tuple[int, ...], int, int]:
     """(block_q, key tiles, padded T, padded S) of ``attention_with_column_sums``: the keys
-    in one pass (up to 128 in one tile; with ``columns`` ``key_tiles``, up to
-    ``ONE_PASS_MAX_KEYS``), or more in a loop over tiles of 128; query tiles of up to
+    in one pass (up to 128 in one tile; with ``columns``, or above 128 keys with
+    ``ALONE_KEY_TILES``, ``key_tiles``, up to ``ONE_PASS_MAX_KEYS``), or more in a loop over
+    tiles of 128; query tiles of up to
     ``max_block_q`` rows (``FUSED_BLOCKS``), fewer where one pass would hold more than
     ``ONE_PASS_LOGITS`` logits. Triton needs power-of-two tiles of >= 16."""
     block_q = min(max_block_q or FUSED_BLOCKS[0], _pow2(t))
-    tiles = key_tiles(s) if columns and s <= ONE_PASS_MAX_KEYS else (_pow2(s),)
+    one_pass = columns or (ALONE_KEY_TILES and s > 128)
+    tiles = key_tiles(s) if one_pass and s <= ONE_PASS_MAX_KEYS else (_pow2(s),)
     if tiles[0] <= 128 and block_q * sum(tiles) > ONE_PASS_LOGITS:
         block_q = max(16, 1 << ((ONE_PASS_LOGITS // sum(tiles)).bit_length() - 1))
     if tiles[0] > 128:

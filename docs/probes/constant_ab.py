@@ -22,6 +22,9 @@ stands.
         --settings '' 'cfg.hidden_act="gelu_new"' --shapes 1x128,8x128,128x128
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.models.gpt2 --model gpt2 --task lm \
         --settings '' 'SEPARATE_QKV_BACKENDS=("gpu",)' --shapes 8x1024 --speedups 1,2,3.72
+    PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.acc_pallas --no_float32 \
+        --settings 'ALONE_KEY_TILES=False' 'ALONE_KEY_TILES=True' --shapes 32x512 --speedups 1,3,4.8 \
+        --prune_every 8 --floor 32
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.programs --model gpt2 --task lm \
         --settings '' 'env.ACCJAX_TRITON_GEMM="1"' --shapes 8x1024 --speedups 1,3.72
     git show f2c2f59^:accjax/kernels/acc_pallas.py > old_acc_pallas.py  # (then, on the device:)
@@ -59,10 +62,12 @@ def parse(setting: str) -> dict:
 HEADS = {"classify": "sequence_classification", "lm": "lm", "t5": "lm"}
 
 
-def calls_for(task: str, cfg, params, b: int, n: int, speedups, dtype: str) -> dict:
+def calls_for(task: str, cfg, params, b: int, n: int, speedups, dtype: str, prune_every: int = 1,
+              floor: int = 1) -> dict:
     """{speedup: call} of ``task``'s programs at B x N (random full batch, seed 0): an encoder
     classifier's forward pass, a decoder's LM prefill (``eval.lm --bench``'s) or a T5's encoder
-    + first token (``eval.bench``'s)."""
+    + first token (``eval.bench``'s); the levels planned with ``prune_every`` and ``floor``
+    (encoders only)."""
     module = models.get_family(cfg.family).module(cfg, HEADS[task])
     if task == "lm":
         ev = lm.LMEvaluator(module, params, cfg, batch_size=b, context=n, continuation=0, param_dtype=dtype)
@@ -72,7 +77,8 @@ def calls_for(task: str, cfg, params, b: int, n: int, speedups, dtype: str) -> d
         module, params, cfg, batch_size=b, length_buckets=(n,), param_dtype=dtype)
     out = {}
     for s in speedups:
-        prog, inputs = bench.program_inputs(pred, b, n, pred.plan(n, s), task == "t5")
+        prog, inputs = bench.program_inputs(pred, b, n, pred.plan(n, s, prune_every=prune_every, floor=floor),
+                                            task == "t5")
         out[s] = functools.partial(prog, pred.params, *inputs)
     return out
 
@@ -106,8 +112,12 @@ def main():
     ap.add_argument("--task", default="classify", choices=sorted(HEADS))
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--no_float32", action="store_true", help="skip the float32 reference (fewer compiles)")
+    ap.add_argument("--prune_every", type=int, default=1, help="the levels' stride (classify and t5)")
+    ap.add_argument("--floor", type=int, default=1, help="the levels' smallest keep-length (classify and t5)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.task == "lm" and (a.prune_every, a.floor) != (1, 1):
+        ap.error("--prune_every and --floor plan encoder programs (--task classify or t5)")
     mod = importlib.import_module(a.module)
     settings = [parse(s) for s in a.settings]
     speedups = [float(x) for x in a.speedups.split(",")]
@@ -138,7 +148,8 @@ def main():
                 programs.compiler_options = lambda rows=None: {**options(rows), **xla}
             jax.clear_caches()  # jitted helpers (kernels' wrappers) read constants when traced
             try:  # programs are compiled (traced) while the setting holds
-                for s, call in calls_for(a.task, cfg_s, params, b, n, speedups, "bfloat16").items():
+                for s, call in calls_for(a.task, cfg_s, params, b, n, speedups, "bfloat16",
+                                         a.prune_every, a.floor).items():
                     calls[(label, s)] = call
             finally:
                 programs.compiler_options = options
@@ -155,11 +166,12 @@ def main():
         ref = {} if a.no_float32 else {  # the code as it stands in float32: 16-bit rounding's share
             s: np.asarray(jax.tree_util.tree_leaves(call())[0], np.float32)
             for s, call in calls_for(a.task, dataclasses.replace(cfg, dtype="float32"), params, b, n,
-                                     speedups, "float32").items()}
+                                     speedups, "float32", a.prune_every, a.floor).items()}
         sync = programs.time_interleaved(calls, rounds=a.iters)
         pipe = [programs.time_interleaved(calls, rounds=max(3, a.iters // 4), depth=20) for _ in range(2)]
         for (label, s) in calls:
-            row = {"shape": shape, "setting": label, "speedup": s, "sync_ms": float(np.median(sync[(label, s)])),
+            row = {"shape": shape, "setting": label, "speedup": s, "prune_every": a.prune_every, "floor": a.floor,
+                   "sync_ms": float(np.median(sync[(label, s)])),
                    "pipelined_ms": [float(np.median(p[(label, s)])) for p in pipe],
                    "max_abs_diff_vs_first": float(np.abs(outs[(label, s)] - outs[(a.settings[0], s)]).max()),
                    "max_abs_diff_vs_float32": float(np.abs(outs[(label, s)] - ref[s]).max()) if ref else None}
