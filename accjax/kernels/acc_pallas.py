@@ -488,7 +488,7 @@ ONE_PASS_LOGITS = 64 * 256
 # 512, 4.8x with 136 rows a sequence in eight layers measured 0.66-0.77 of analytic against
 # 0.81-0.86 with 128, and a fit of the forty-second session's 204 programs explains their
 # times better with the kernel's padded keys than with the exact ones (docs/benchmarks.md).
-# Off until timed on a GPU (``docs/probes/explicit_ab.py --set``).
+# Off until timed on a GPU (``docs/probes/constant_ab.py``: its docstring has the command).
 ALONE_KEY_TILES = False
 
 
