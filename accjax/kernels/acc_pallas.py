@@ -486,10 +486,12 @@ ONE_PASS_LOGITS = 64 * 256
 # 128 (136 keys run as 256); True, one pass over ``key_tiles`` (128 + 16 = 144), as the
 # column-sum kernel does. A strided schedule's non-cutting layers meet such counts: at 32 x
 # 512, 4.8x with 136 rows a sequence in eight layers measured 0.66-0.77 of analytic against
-# 0.81-0.86 with 128, and a fit of the forty-second session's 204 programs explains their
-# times better with the kernel's padded keys than with the exact ones (docs/benchmarks.md).
-# Off until timed on a GPU (``docs/probes/constant_ab.py``: its docstring has the command).
-ALONE_KEY_TILES = False
+# 0.81-0.86 with 128, and a fit of 204 programs' times (``docs/probes/wave_fit.py``) put it on
+# the padded keys and predicted 6% off that program with one pass. H100, one process
+# (``docs/probes/constant_ab.py``, docs/benchmarks.md), pipelined ms False / True: that program
+# 1.93 / 1.81 (-6%); 3x with 232 rows 2.73 / 2.75 and dense 6.29 / 6.32 (within noise); at
+# 192 rows (3x, F = 128) 2.69 / 2.69.
+ALONE_KEY_TILES = True
 
 
 def key_tiles(s: int) -> tuple[int, ...]:
