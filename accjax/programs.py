@@ -142,6 +142,12 @@ def random_batches(rng: np.random.Generator, shape: tuple[int, int], vocab: int,
     return [rng.integers(low, vocab, shape).astype(np.int32) for _ in range(count)]
 
 
+# Untimed milliseconds each call runs before each of its timed rounds (0: none). A GPU that
+# meets its power cap under a heavy program (dense) runs the next program at lowered clocks
+# until they recover; a server runs one program steadily, so a settled round is its time.
+SETTLE_MS = 0.0
+
+
 def time_interleaved(calls: dict[Hashable, Callable[[], Any]], *, rounds: int,
                      warmup: int = 1, depth: int = 1) -> dict[Hashable, list[float]]:
     """Wall milliseconds per call of every call, ``rounds`` times, the calls interleaved (a, b,
@@ -156,6 +162,10 @@ def time_interleaved(calls: dict[Hashable, Callable[[], Any]], *, rounds: int,
     times: dict[Hashable, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
         for k, call in calls.items():
+            if SETTLE_MS > 0:
+                t0 = time.perf_counter()
+                while (time.perf_counter() - t0) * 1e3 < SETTLE_MS:
+                    jax.block_until_ready([call() for _ in range(depth)])
             t0 = time.perf_counter()
             for _ in range(depth):
                 out = call()

@@ -166,6 +166,7 @@ def run(args) -> dict:
                         "measured": measured, "measured_over_analytic": measured / plan.analytic,
                         "tokens_per_s": b * n / (t["median_ms"] / 1e3),
                         "label": args.label, "overrides": parse_sets(args.set), "select": args.select,
+                        "settle_ms": args.settle_ms,
                         **pipe,
                     })
                     # each program takes a while to compile on a GPU: show progress as it comes
@@ -271,9 +272,13 @@ def main(argv=None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="time the levels in rounds (dense, 1.5, ..., dense, ...) instead of one "
                          "after another: for shared or busy machines")
+    ap.add_argument("--settle_ms", type=float, default=0.0,
+                    help="--interleave: untimed ms each program runs before each timed round (a GPU "
+                         "that met its power cap under dense runs the next program at lowered clocks)")
     ap.add_argument("--label", default="", help="a name for this variant in the JSON rows")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)
+    programs.SETTLE_MS = args.settle_ms
     return cli.run(lambda: run(args), json_path=args.json, errors=(RuntimeError,))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -112,6 +114,37 @@ def test_bench_json_keeps_the_shapes_timed_before_a_fault(tmp_path, monkeypatch)
     assert shapes == [(2, 16), (2, 32)] and rec["partial"] is True
     assert [(r["shape"], r["speedup"]) for r in rec["rows"]] == [("2x16", 1.0), ("2x16", 2.0)]
     assert rec["machine"]["backend"] == "cpu" and not (tmp_path / "b.json.tmp").exists()
+
+
+def test_settled_rounds_run_each_program_untimed_before_its_timed_calls(monkeypatch):
+    """``programs.SETTLE_MS`` (``eval.bench --settle_ms``): before each timed round a program
+    runs untimed for that long, right before its own timed calls (never another program's
+    between); 0 runs exactly the warm-up and the timed calls."""
+    import time
+
+    from accjax import programs
+
+    log = []
+
+    def call(name):
+        def run():
+            log.append(name)
+            time.sleep(0.001)
+            return np.zeros(1)
+        return run
+
+    calls = {"a": call("a"), "b": call("b")}
+    for settle, depth in ((0.0, 1), (0.0, 3), (8.0, 1), (8.0, 3)):
+        monkeypatch.setattr(programs, "SETTLE_MS", settle)
+        log.clear()
+        times = programs.time_interleaved(calls, rounds=2, warmup=1, depth=depth)
+        assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+        runs = [(name, len(list(group))) for name, group in itertools.groupby(log)]
+        if settle == 0:  # the warm-up round, then the timed calls: nothing else
+            assert runs == [("a", 1), ("b", 1)] + [("a", depth), ("b", depth)] * 2
+        else:  # each timed block follows at least 8 ms (>= 4 calls of 1+ ms) of its own calls
+            assert [name for name, _ in runs] == ["a", "b"] * 3
+            assert all(n >= depth + 4 for _, n in runs[2:]), runs
 
 
 def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkeypatch):
