@@ -128,7 +128,7 @@ def test_settled_rounds_run_each_program_untimed_before_its_timed_calls(monkeypa
 
     def call(name):
         def run():
-            log.append(name)
+            log.append((name, time.perf_counter()))
             time.sleep(0.001)
             return np.zeros(1)
         return run
@@ -139,12 +139,13 @@ def test_settled_rounds_run_each_program_untimed_before_its_timed_calls(monkeypa
         log.clear()
         times = programs.time_interleaved(calls, rounds=2, warmup=1, depth=depth)
         assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
-        runs = [(name, len(list(group))) for name, group in itertools.groupby(log)]
+        runs = [(name, [t for _, t in group]) for name, group in itertools.groupby(log, key=lambda c: c[0])]
         if settle == 0:  # the warm-up round, then the timed calls: nothing else
-            assert runs == [("a", 1), ("b", 1)] + [("a", depth), ("b", depth)] * 2
-        else:  # each timed block follows at least 8 ms (>= 4 calls of 1+ ms) of its own calls
+            assert [(name, len(ts)) for name, ts in runs] == [("a", 1), ("b", 1)] + [("a", depth), ("b", depth)] * 2
+        else:  # each timed block (its last `depth` calls) follows >= 8 ms of the same program's calls
             assert [name for name, _ in runs] == ["a", "b"] * 3
-            assert all(n >= depth + 4 for _, n in runs[2:]), runs
+            for _, ts in runs[2:]:
+                assert len(ts) > depth and (ts[-depth] - ts[0]) * 1e3 >= settle - 0.5, ts  # (0.5: the clock read before the first)
 
 
 def test_profile_of_a_decoder_prefill_runs_the_kv_cache_program(tmp_path, monkeypatch):
