@@ -41,6 +41,7 @@ from eval import cli
 TINY_T5 = dict(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3,
                num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=32)
 COLUMNS = [("shape", "shape", ""), ("impl", "impl", ""), ("prune_every", "k", ""), ("floor", "floor", ""),
+           ("settle_ms", "settle", ""),
            ("speedup", "asked", ".2f"),
            ("analytic", "analytic", ".2f"), ("median_ms", "ms", ".3f"), ("measured", "measured", ".2f"),
            ("measured_over_analytic", "meas/an", ".2f"), ("pipelined_ms", "pipe ms", ".3f"),
@@ -102,6 +103,9 @@ def run(args) -> dict:
     strides = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
     floors = sched_lib.check_floors(cli.ints(args.floor, "--floor", low=1))
     guards.positive_int(args.iters, "--iters")
+    settles = cli.ints(args.settle_ms, "--settle_ms", low=0)
+    if settles != [0] and not args.interleave:
+        raise cli.UsageError("--settle_ms settles interleaved rounds: add --interleave")
     t5 = is_t5(args.model, args.family, args.tiny)
     shapes = parse_shapes(args.shapes)
     for flag in ("batch", "length"):
@@ -144,34 +148,40 @@ def run(args) -> dict:
                     plans[s, k, f] = plan
                     if plan.clamped_from:
                         print(f"  {b}x{n}: speedup {s:g}{_at(k, f)} exceeds the maximum: runs at {plan.analytic:.2f}")
-                timed = time_interleaved(pred, b, n, plans, iters=args.iters, t5=t5) if args.interleave else {}
-                dense = levels[0]
-                for (s, k, f), plan in plans.items():  # dense first
-                    if (s, k, f) not in timed:
-                        timed[s, k, f] = (pred.time_first_token if t5 else pred.time_program)(
-                            b, n, s, iters=args.iters, prune_every=k, floor=f)
-                    t, measured = timed[s, k, f], timed[dense]["median_ms"] / timed[s, k, f]["median_ms"]
-                    pipe = {}
-                    if "pipelined_ms" in t:  # --interleave: also with 20 calls in flight
-                        m_pipe = timed[dense]["pipelined_ms"] / t["pipelined_ms"]
-                        passes = programs.paired_ratios(timed[dense]["pipelined_rounds_ms"], t["pipelined_rounds_ms"])
-                        pipe = {"pipelined_ms": t["pipelined_ms"], "measured_pipelined": m_pipe,
-                                "pipelined_over_analytic": m_pipe / plan.analytic,
-                                "pipelined_over_analytic_range": [passes.min() / plan.analytic, passes.max() / plan.analytic]}
-                    rows.append({
-                        "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
-                        "acc_variant": args.acc_variant, "speedup": s, "prune_every": k, "floor": f,
-                        "bucket": args.bucket, "analytic": plan.analytic,
-                        "schedule": list(plan.keep), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
-                        "measured": measured, "measured_over_analytic": measured / plan.analytic,
-                        "tokens_per_s": b * n / (t["median_ms"] / 1e3),
-                        "label": args.label, "overrides": parse_sets(args.set), "select": args.select,
-                        "settle_ms": args.settle_ms,
-                        **pipe,
-                    })
-                    # each program takes a while to compile on a GPU: show progress as it comes
-                    print(f"  {b}x{n} {impl} speedup {s:g}{_at(k, f)}: analytic {plan.analytic:.2f}, "
-                          f"{t['median_ms']:.3f} ms, measured {measured:.2f}", flush=True)
+                for settle in settles:  # the same programs timed under each settle
+                    programs.SETTLE_MS = settle
+                    try:
+                        timed = time_interleaved(pred, b, n, plans, iters=args.iters, t5=t5) if args.interleave else {}
+                    finally:
+                        programs.SETTLE_MS = 0.0
+                    dense = levels[0]
+                    for (s, k, f), plan in plans.items():  # dense first
+                        if (s, k, f) not in timed:
+                            timed[s, k, f] = (pred.time_first_token if t5 else pred.time_program)(
+                                b, n, s, iters=args.iters, prune_every=k, floor=f)
+                        t, measured = timed[s, k, f], timed[dense]["median_ms"] / timed[s, k, f]["median_ms"]
+                        pipe = {}
+                        if "pipelined_ms" in t:  # --interleave: also with 20 calls in flight
+                            m_pipe = timed[dense]["pipelined_ms"] / t["pipelined_ms"]
+                            passes = programs.paired_ratios(timed[dense]["pipelined_rounds_ms"], t["pipelined_rounds_ms"])
+                            pipe = {"pipelined_ms": t["pipelined_ms"], "measured_pipelined": m_pipe,
+                                    "pipelined_over_analytic": m_pipe / plan.analytic,
+                                    "pipelined_over_analytic_range": [passes.min() / plan.analytic, passes.max() / plan.analytic]}
+                        rows.append({
+                            "shape": f"{b}x{n}", "batch": b, "length": n, "impl": impl,
+                            "acc_variant": args.acc_variant, "speedup": s, "prune_every": k, "floor": f,
+                            "bucket": args.bucket, "analytic": plan.analytic,
+                            "schedule": list(plan.keep), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
+                            "measured": measured, "measured_over_analytic": measured / plan.analytic,
+                            "tokens_per_s": b * n / (t["median_ms"] / 1e3),
+                            "label": args.label, "overrides": parse_sets(args.set), "select": args.select,
+                            "settle_ms": settle,
+                            **pipe,
+                        })
+                        # each program takes a while to compile on a GPU: show progress as it comes
+                        print(f"  {b}x{n} {impl} speedup {s:g}{_at(k, f)}{f' settle={settle}' if settle else ''}: "
+                              f"analytic {plan.analytic:.2f}, "
+                              f"{t['median_ms']:.3f} ms, measured {measured:.2f}", flush=True)
                 if args.json:  # after every shape: a run cut short (a timeout, a fault) keeps the shapes it timed
                     benchmark.write_json(args.json, {"machine": info, "model": name, "dtype": args.dtype,
                                                      "iters": args.iters, "partial": True, "rows": rows})
@@ -272,13 +282,13 @@ def main(argv=None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="time the levels in rounds (dense, 1.5, ..., dense, ...) instead of one "
                          "after another: for shared or busy machines")
-    ap.add_argument("--settle_ms", type=float, default=0.0,
-                    help="--interleave: untimed ms each program runs before each timed round (a GPU "
-                         "that met its power cap under dense runs the next program at lowered clocks)")
+    ap.add_argument("--settle_ms", default="0",
+                    help="--interleave: untimed ms each program runs before each of its timed rounds "
+                         "(a GPU at its power cap under dense runs the next program at lowered clocks); "
+                         "a comma list (0,100) times the same programs under each")
     ap.add_argument("--label", default="", help="a name for this variant in the JSON rows")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)
-    programs.SETTLE_MS = args.settle_ms
     return cli.run(lambda: run(args), json_path=args.json, errors=(RuntimeError,))
 
 

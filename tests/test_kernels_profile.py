@@ -88,6 +88,32 @@ def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path, capsys):
     assert "(rounds)" in capsys.readouterr().out
 
 
+def test_bench_times_the_same_programs_under_each_settle(tmp_path, monkeypatch, capsys):
+    """--settle_ms 0,3: every level timed under each value (programs.SETTLE_MS set while its
+    rounds run, 0 again after), its rows labelled; without --interleave a user error."""
+    import json
+
+    from accjax import programs
+    from eval import bench
+
+    seen, real = [], bench.time_interleaved
+    monkeypatch.setattr(bench, "time_interleaved",
+                        lambda *a, **k: seen.append(programs.SETTLE_MS) or real(*a, **k))
+    out = tmp_path / "b.json"
+    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    assert bench.main(["--shapes", "2x16", "--speedups", "2", "--iters", "2", "--interleave",
+                       "--settle_ms", "0,3", "--json", str(out), *tiny]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert seen == [0, 3] and programs.SETTLE_MS == 0
+    assert [(r["settle_ms"], r["speedup"]) for r in rows] == [(0, 1.0), (0, 2.0), (3, 1.0), (3, 2.0)]
+    assert rows[0]["schedule"] == rows[2]["schedule"] and rows[2]["measured_pipelined"] == 1.0
+    capsys.readouterr()
+    assert bench.main(["--shapes", "2x16", "--speedups", "2", "--settle_ms", "100", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "--settle_ms" in err and "--interleave" in err and "Traceback" not in err
+
+
 def test_bench_json_keeps_the_shapes_timed_before_a_fault(tmp_path, monkeypatch):
     """--json is written after every shape, so a run cut short keeps the shapes it timed:
     here the second shape's timing fails and the first shape's rows are on disk."""

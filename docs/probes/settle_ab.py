@@ -9,7 +9,9 @@ server running one speedup sees). This compiles the programs once and times them
 
     python docs/probes/settle_ab.py --shape 128x128 --levels 4:6:8,4.8:6:8 --settle 0,200
 
-``--levels`` is speedup:prune_every:floor. Writes ``$OUT/settle_ab.json``. Not part of the package.
+``--levels`` is speedup:prune_every:floor. Writes ``$OUT/settle_ab.json``. Not part of the package;
+the forty-third session's call 11 (docs/benchmarks.md). ``eval.bench --interleave --settle_ms
+0,100`` times planned levels under each value in one pass (no repeat).
 """
 import argparse
 import json
