@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,30 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def power_capped_us(text: str | None = None) -> float | None:
+    """Microseconds the first NVIDIA GPU has spent with its clocks lowered by its software
+    power cap since the driver loaded (``nvidia-smi -q -d PERFORMANCE``, "SW Power Capping"
+    under "Clocks Event Reasons Counters"); None without nvidia-smi or that counter. Two reads
+    around a timing say whether the GPU ran at its power cap (the program after a heavy one
+    then starts at lowered clocks: ``programs.SETTLE_MS``). ``text``: parse this instead."""
+    if text is None:
+        try:
+            text = subprocess.run(["nvidia-smi", "-q", "-d", "PERFORMANCE"], capture_output=True,
+                                  text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    counters = False
+    for line in text.splitlines():
+        if "Counters" in line:
+            counters = True
+        elif counters and "SW Power Capping" in line:
+            try:
+                return float(line.split(":", 1)[1].split()[0])
+            except (IndexError, ValueError):
+                return None
+    return None
 
 
 def device_kind() -> str:

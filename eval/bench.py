@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import functools
 import sys
+import time
 
 import jax
 import numpy as np
@@ -119,6 +120,7 @@ def run(args) -> dict:
     levels = [(1.0, 1, floors[0])] + [(x, k, f) for k in strides for f in floors for x in speedups if x != 1.0]
     overrides = {"acc_impl": args.acc_impl, **parse_sets(args.set)}
     info = benchmark.machine()
+    capped = (benchmark.power_capped_us() if info["backend"] == "gpu" else None, time.perf_counter())
     acc_lib.SELECT_METHOD = args.select
     name = "tiny" if args.tiny else args.model
     head = "lm" if t5 else "sequence_classification"
@@ -188,6 +190,11 @@ def run(args) -> dict:
         except Exception as e:  # e.g. a cuDNN path this GPU/jax lacks: keep the other impls
             errors.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
             print(f"  impl {impl}: failed ({type(e).__name__}: {str(e)[:200]})")
+    if capped[0] is not None and (now := benchmark.power_capped_us()) is not None:
+        info["power_capped_s"] = (now - capped[0]) / 1e6  # this run's time at the GPU's power cap
+        info["power_capped_of_s"] = time.perf_counter() - capped[1]
+        print(f"# the GPU ran at its software power cap for {info['power_capped_s']:.1f} s of this run's "
+              f"{info['power_capped_of_s']:.0f} s (nvidia-smi){'' if settles != [0] else ': --settle_ms 0,100 shows what that costs a level'}")
     torch_rows = time_torch(args, shapes, t5) if args.vs_torch and rows else []
     print()
     print(benchmark.table(rows, COLUMNS))

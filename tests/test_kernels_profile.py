@@ -99,6 +99,10 @@ def test_bench_times_the_same_programs_under_each_settle(tmp_path, monkeypatch, 
     seen, real = [], bench.time_interleaved
     monkeypatch.setattr(bench, "time_interleaved",
                         lambda *a, **k: seen.append(programs.SETTLE_MS) or real(*a, **k))
+    # as on a GPU: nvidia-smi's power-capped counter read before and after (1.5 s apart)
+    machine, counter = bench.benchmark.machine, iter([1e6, 2.5e6])
+    monkeypatch.setattr(bench.benchmark, "machine", lambda: {**machine(), "backend": "gpu"})
+    monkeypatch.setattr(bench.benchmark, "power_capped_us", lambda: next(counter))
     out = tmp_path / "b.json"
     tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
             "--set", "intermediate_size=64", "--set", "vocab_size=50"]
@@ -108,10 +112,41 @@ def test_bench_times_the_same_programs_under_each_settle(tmp_path, monkeypatch, 
     assert seen == [0, 3] and programs.SETTLE_MS == 0
     assert [(r["settle_ms"], r["speedup"]) for r in rows] == [(0, 1.0), (0, 2.0), (3, 1.0), (3, 2.0)]
     assert rows[0]["schedule"] == rows[2]["schedule"] and rows[2]["measured_pipelined"] == 1.0
-    capsys.readouterr()
+    assert json.loads(out.read_text())["machine"]["power_capped_s"] == 1.5
+    assert "software power cap for 1.5 s" in capsys.readouterr().out
     assert bench.main(["--shapes", "2x16", "--speedups", "2", "--settle_ms", "100", *tiny]) == 2
     err = capsys.readouterr().err
     assert "--settle_ms" in err and "--interleave" in err and "Traceback" not in err
+
+
+NVIDIA_SMI_PERFORMANCE = """
+GPU 00000000:00:06.0
+    Performance State                                  : P0
+    Clocks Event Reasons
+        Idle                                           : Active
+        SW Power Cap                                   : Not Active
+        HW Slowdown                                    : Not Active
+    Clocks Event Reasons Counters
+        SW Power Capping                               : 20468337 us
+        Sync Boost                                     : 0 us
+        SW Thermal Slowdown                            : 0 us
+"""
+
+
+def test_power_capped_time_is_read_from_nvidia_smi_counters(monkeypatch):
+    """benchmark.power_capped_us: the "SW Power Capping" counter (not the "SW Power Cap"
+    state line above it); None where nvidia-smi or the counter is missing."""
+    from accjax import benchmark
+
+    assert benchmark.power_capped_us(NVIDIA_SMI_PERFORMANCE) == 20468337.0
+    assert benchmark.power_capped_us(NVIDIA_SMI_PERFORMANCE.split("    Clocks Event Reasons Counters")[0]) is None
+    assert benchmark.power_capped_us("") is None
+
+    def missing(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", missing)
+    assert benchmark.power_capped_us() is None
 
 
 def test_bench_json_keeps_the_shapes_timed_before_a_fault(tmp_path, monkeypatch):
