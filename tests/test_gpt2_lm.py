@@ -133,14 +133,20 @@ def test_eval_cli_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
         assert r["kv_prompt_bytes"] == 2 * 4 * sum(r["schedule"]) * 32 * 4  # B=4, D=32, fp32
 
 
-def test_bench_cli_times_prefill_without_text(tiny_dir, tmp_path):
+def test_bench_cli_times_prefill_without_text(tiny_dir, tmp_path, monkeypatch):
     folder, _ = tiny_dir
     out = tmp_path / "bench.json"
+    settled = []  # --settle_ms holds while the rounds are timed, and only then
+    real = lm.programs.time_interleaved
+    monkeypatch.setattr(lm.programs, "time_interleaved",
+                        lambda calls, **kw: settled.append(lm.programs.SETTLE_MS) or real(calls, **kw))
     rc = lm_cli.main(["--bench", "--model", str(folder), "--context", "64", "--batch", "2",
-                      "--speedups", "2,3", "--iters", "2", "--markdown", "--json", str(out)])
+                      "--speedups", "2,3", "--iters", "2", "--markdown", "--settle_ms", "2",
+                      "--json", str(out)])
     assert rc == 0
+    assert settled == [2, 2] and lm.programs.SETTLE_MS == 0
     res = json.loads(out.read_text())
-    assert res["mode"] == "bench" and res["continuation"] == 0 and "text" not in res
+    assert res["mode"] == "bench" and res["continuation"] == 0 and "text" not in res and res["settle_ms"] == 2
     assert [r["speedup"] for r in res["rows"]] == [1.0, 2.0, 3.0]
     assert all("ppl" not in r and r["measured"] > 0 for r in res["rows"])
     assert abs(res["rows"][2]["analytic"] - 3.0) < 0.3
