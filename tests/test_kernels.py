@@ -79,6 +79,22 @@ def _fused_against_probabilities(causal, t, h):
     np.testing.assert_allclose(np.asarray(col).sum(-1), m.sum(1)[:, None].repeat(3, 1), rtol=1e-5)
 
 
+def _packed_case(seed: int, b: int, t: int, n: int, h: int, valid: int, causal: bool = False):
+    """(qkv [B, T, 3, N, H] before its bias, bias [3, N, H], mask [B, T] with the second row's
+    first ``valid`` real, float64 context [B, T, N, H] and column sums [B, N, T]) of the packed
+    kernel's self-attention at scale 0.3."""
+    rng = np.random.default_rng(seed)
+    qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(3, n, h)), jnp.float32)
+    m = np.arange(t)[None] < np.array([[t]] + [[valid]] * (b - 1))
+    x = np.asarray(qkv, np.float64) + np.asarray(bias, np.float64)
+    lg = np.einsum("btnh,bsnh->bnts", x[:, :, 0], x[:, :, 1]) * 0.3
+    vis = m[:, None, None, :] & (np.tril(np.ones((t, t), bool)) if causal else True)
+    p = np.exp(np.where(vis, lg, -np.inf) - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return qkv, bias, m, np.einsum("bnts,bsnh->btnh", p, x[:, :, 2]), (p * m[:, None, :, None]).sum(2)
+
+
 # 40 rows: one key tile of 64 (24 past the end), query tiles of 64 past the end; 150: key
 # tiles of 128 and 32 in one pass (the second 10 past the end); 300, causal (the one-pass
 # bound lowered to 256): the loop over three tiles of 128, each query tile's loops stopping
@@ -91,16 +107,9 @@ def test_packed_kernel_reads_the_projection_output(causal, t, request, monkeypat
     against float64; its gradient in the projection and the bias is plain attention's."""
     if t > 256:
         _two_passes_above_256(request, monkeypatch)
-    rng = np.random.default_rng(t + causal)
     b, n, h = 2, 3, 16
-    qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(3, n, h)), jnp.float32)
-    m = np.arange(t)[None] < np.array([[t], [t // 3 + 1]])
-    x = np.asarray(qkv, np.float64) + np.asarray(bias, np.float64)
-    lg = np.einsum("btnh,bsnh->bnts", x[:, :, 0], x[:, :, 1]) * 0.3
-    vis = m[:, None, None, :] & (np.tril(np.ones((t, t), bool)) if causal else True)
-    p = np.exp(np.where(vis, lg, -np.inf) - lg.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    qkv, bias, m, ref_ctx, ref_col = _packed_case(t + causal, b, t, n, h, t // 3 + 1, causal)
+    rng = np.random.default_rng(t + causal + 1)
     ctx, col = acc_pallas.packed_attention_with_column_sums(qkv, bias, jnp.asarray(m), scale=0.3,
                                                             causal=causal, interpret=True)
     assert ctx.shape == (b, t, n, h) and col.shape == (b, n, t)
@@ -110,9 +119,8 @@ def test_packed_kernel_reads_the_projection_output(causal, t, request, monkeypat
     assert parts.shape[:2] == (b, n * -(-t // acc_pallas.attention_blocks(t, t)[0])) and parts.shape[2] >= t
     assert not np.asarray(parts)[:, :, t:].any()
     np.testing.assert_allclose(np.asarray(parts).sum(1)[:, :t], np.asarray(col).sum(1), rtol=1e-5, atol=1e-6)
-    ref_ctx = np.einsum("bnts,bsnh->btnh", p, x[:, :, 2])
     np.testing.assert_allclose(np.asarray(ctx)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(col), (p * m[:, None, :, None]).sum(2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(col), ref_col, rtol=1e-5, atol=1e-6)
 
     w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * m[:, :, None, None]
     mf = jnp.asarray(m, jnp.float32)
@@ -282,16 +290,7 @@ def test_attention_alone_in_one_pass_above_128_keys(monkeypatch):
     """``ALONE_KEY_TILES``: attention alone over 136 keys runs one pass of 128 + 16 keys
     instead of a loop over two tiles of 128 (256 keys), with the same context as float64
     attention; at 128 keys or fewer nothing changes."""
-    rng = np.random.default_rng(136)
-    b, t, n, h = 2, 136, 2, 16
-    qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(3, n, h)), jnp.float32)
-    m = np.arange(t)[None] < np.array([[t], [70]])
-    x = np.asarray(qkv, np.float64) + np.asarray(bias, np.float64)
-    lg = np.einsum("btnh,bsnh->bnts", x[:, :, 0], x[:, :, 1]) * 0.3
-    p = np.exp(np.where(m[:, None, None, :], lg, -np.inf) - lg.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    ref = np.einsum("bnts,bsnh->btnh", p, x[:, :, 2])
+    qkv, bias, m, ref, _ = _packed_case(136, 2, 136, 2, 16, 70)
     real, seen = acc_pallas.attention_blocks, []
     monkeypatch.setattr(acc_pallas, "attention_blocks", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     for one_pass, tiles in ((False, (128,)), (True, (128, 16))):
@@ -311,17 +310,8 @@ def test_query_tiles_of_half_size_where_they_pad_fewer_rows(causal, monkeypatch)
     """``QUERY_TILE_FIT``: 136 queries in five tiles of 32 (160 rows) instead of three of 64
     (192), with and without the column sums: context, column sums and their per-tile parts
     as float64 attention gives them; 232 rows keep tiles of 64 (both pad to 256)."""
-    rng = np.random.default_rng(137 + causal)
-    b, t, n, h = 2, 136, 2, 16
-    qkv = jnp.asarray(rng.normal(size=(b, t, 3, n, h)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(3, n, h)), jnp.float32)
-    m = np.arange(t)[None] < np.array([[t], [100]])
-    x = np.asarray(qkv, np.float64) + np.asarray(bias, np.float64)
-    lg = np.einsum("btnh,bsnh->bnts", x[:, :, 0], x[:, :, 1]) * 0.3
-    vis = m[:, None, None, :] & (np.tril(np.ones((t, t), bool)) if causal else True)
-    p = np.exp(np.where(vis, lg, -np.inf) - lg.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    ref_ctx, ref_col = np.einsum("bnts,bsnh->btnh", p, x[:, :, 2]), (p * m[:, None, :, None]).sum(2)
+    b, t, n = 2, 136, 2
+    qkv, bias, m, ref_ctx, ref_col = _packed_case(137 + causal, b, t, n, 16, 100, causal)
     for fit, block_q in ((False, 64), (True, 32)):
         monkeypatch.setattr(acc_pallas, "QUERY_TILE_FIT", fit)
         assert acc_pallas.attention_blocks(t, t)[0] == block_q
