@@ -7,12 +7,17 @@
     python -m eval.bench --tiny --iters 3          # a tiny random T5: a seconds-long CPU smoke run
     python -m eval.bench --shapes 128x128 --dtype bfloat16 --speedups 2,4.8 --prune_every 1,2,3 --interleave
     python -m eval.bench --shapes 128x128 --dtype bfloat16 --speedups 4.8 --floor 1,8,16 --interleave
+    python -m eval.bench --shapes 128x128 --dtype bfloat16 --speedups 4,4.8 --prune_every 6 --floor 8 \
+        --interleave --settle_ms 0,100   # each program's rounds also after 100 ms of its own calls
 
 An encoder classifier (BERT family) is timed as one forward pass. A T5 (a T5 preset,
 ``--family t5`` for a T5 folder, ``--tiny``; ``python -m eval.bench_t5`` is this with T5
 defaults) is timed to its first generated token: the encoder (with elimination), the
 cross-attention keys/values of the kept rows and the first decoder step, as one program
 (``analytic``: ``t5_family.cost_model``'s). ``measured`` is dense median / eliminated median.
+On a GPU at its power cap the program timed after dense starts at the clocks dense left:
+``--settle_ms`` times each program's rounds after that long of its own calls (its steady
+state, as a server at one speedup runs it), and the run prints its seconds at the cap.
 Prints one table and writes every row, plus the machine, as JSON. A program, not a test: it
 asserts nothing about time. Never imports ``datasets``.
 """

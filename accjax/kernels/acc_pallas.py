@@ -494,8 +494,9 @@ ONE_PASS_LOGITS = 64 * 256
 ALONE_KEY_TILES = True
 # Queries above the largest query tile: False, tiles of that size (136 rows as 3 x 64 = 192);
 # True, tiles of half that size where they pad fewer rows (136 as 5 x 32 = 160, 72 as 3 x 32
-# = 96 rather than 128; 232 stays 4 x 64; num_warps unchanged). After ``ALONE_KEY_TILES`` the fit (``docs/probes/wave_fit.py``) still charged the
-# 136-row program its padded queries. Off: not timed (``docs/probes/constant_ab.py``).
+# = 96 rather than 128; 232 stays 4 x 64; num_warps unchanged). After ``ALONE_KEY_TILES``
+# the fit (``docs/probes/wave_fit.py``) still charged the 136-row program its padded queries.
+# Off: not timed (``docs/probes/constant_ab.py`` has the command).
 QUERY_TILE_FIT = False
 
 
