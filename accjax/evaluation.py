@@ -461,6 +461,8 @@ def offline_tune(run: RunModel, *, speedups: Sequence[float] | None = None, batc
     table = {"checkpoint": str(run.folder), "model_sha256": ckpt_lib.model_fingerprint(run.folder),
              "task": t.name, "split": split, "strides": list(every), "floors": list(fl),
              "metric": t.primary_metric, "machine": benchmark.machine(), "repeats": repeats, "rows": rows}
+    if programs.SETTLE_MS:  # the levels' timed passes each ran after this long of their own calls
+        table["settle_ms"] = programs.SETTLE_MS
     if found is not None:
         table["schedules"] = {f"{s:g}": {str(n): list(k) for n, k in by_len.items()}
                               for s, by_len in found["schedules"].items()}
@@ -534,7 +536,8 @@ def tune_markdown(table: dict) -> str:
                                    "1, 1 + k, ... (prune_every k; dense drops none)." if len(every) > 1 else "")
              + (" Floors F = " + ", ".join(map(str, fl)) + ": no layer keeps fewer than F rows (a floor that "
                 "changes none of a level's keep-lengths is not scored twice)." if len(fl) > 1 else ""), "",
-             f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes) | "
+             f"| speedup | analytic | measured (min-max of {table.get('repeats', 5)} interleaved passes"
+             + (f", each after {table['settle_ms']:g} ms of its own" if table.get("settle_ms") else "") + ") | "
              f"{table['metric']} | drop | ms / batch of {table['rows'][0]['batch_size']} | schedule | "
              "keep per layer (per length) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -109,7 +109,7 @@ def run(args) -> dict:
     strides = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
     floors = sched_lib.check_floors(cli.ints(args.floor, "--floor", low=1))
     guards.positive_int(args.iters, "--iters")
-    settles = cli.ints(args.settle_ms, "--settle_ms", low=0)
+    settles = cli.settles(args.settle_ms, many=True)
     if settles != [0] and not args.interleave:
         raise cli.UsageError("--settle_ms settles interleaved rounds: add --interleave")
     t5 = is_t5(args.model, args.family, args.tiny)
@@ -156,11 +156,8 @@ def run(args) -> dict:
                     if plan.clamped_from:
                         print(f"  {b}x{n}: speedup {s:g}{_at(k, f)} exceeds the maximum: runs at {plan.analytic:.2f}")
                 for settle in settles:  # the same programs timed under each settle
-                    programs.SETTLE_MS = settle
-                    try:
+                    with cli.settled(settle):
                         timed = time_interleaved(pred, b, n, plans, iters=args.iters, t5=t5) if args.interleave else {}
-                    finally:
-                        programs.SETTLE_MS = 0.0
                     dense = levels[0]
                     for (s, k, f), plan in plans.items():  # dense first
                         if (s, k, f) not in timed:
@@ -294,10 +291,7 @@ def main(argv=None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="time the levels in rounds (dense, 1.5, ..., dense, ...) instead of one "
                          "after another: for shared or busy machines")
-    ap.add_argument("--settle_ms", default="0",
-                    help="--interleave: untimed ms each program runs before each of its timed rounds "
-                         "(a GPU at its power cap under dense runs the next program at lowered clocks); "
-                         "a comma list (0,100) times the same programs under each")
+    cli.add_settle(ap, many=True)  # with --interleave
     ap.add_argument("--label", default="", help="a name for this variant in the JSON rows")
     ap.add_argument("--json", default=None, help="write all rows and the machine here")
     args = ap.parse_args(argv)

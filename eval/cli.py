@@ -7,6 +7,7 @@ Entry points stay thin: they parse flags with these and call library functions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from typing import Any, Callable, Sequence
@@ -42,6 +43,37 @@ def ints(text: str, flag: str, *, low: int = 0) -> list[int]:
     if not out or any(k < low for k in out):
         raise UsageError(f"{flag} takes whole numbers of at least {low}, got {text!r}")
     return out
+
+
+SETTLE_HELP = ("untimed ms each program runs before each of its timed rounds (default 0): a GPU at "
+               "its power cap under dense runs the next program at lowered clocks; settled, each "
+               "round is the program's steady state (docs/benchmarks.md, forty-third session)")
+
+
+def add_settle(ap, *, many: bool = False) -> None:
+    """The ``--settle_ms`` flag of every command that times levels (``programs.SETTLE_MS``)."""
+    ap.add_argument("--settle_ms", default="0", help=SETTLE_HELP + (
+        "; a comma list (0,100) times the same programs under each" if many else ""))
+
+
+def settles(text: str, *, many: bool = False) -> list[int]:
+    """``--settle_ms``'s values: whole milliseconds >= 0, one unless ``many``."""
+    out = ints(text, "--settle_ms", low=0)
+    if len(out) > 1 and not many:
+        raise UsageError(f"--settle_ms takes one value here, got {text!r}")
+    return out
+
+
+@contextlib.contextmanager
+def settled(ms: float):
+    """``programs.SETTLE_MS`` is ``ms`` inside, 0 again after (a fault included)."""
+    from accjax import programs
+
+    programs.SETTLE_MS = float(ms)
+    try:
+        yield
+    finally:
+        programs.SETTLE_MS = 0.0
 
 
 def words(text: str | None) -> list[str] | None:

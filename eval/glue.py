@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--floor", type=int, default=None,
                     help="smallest keep-length a layer may have (schedule.plan's floor); with "
                          "--max_drop, pick only among the levels measured at it; default: the run's")
+    cli.add_settle(ap)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -124,7 +125,14 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run(lambda: run(args), json_path=args.json)
+
+    def settled_run():
+        settle = cli.settles(args.settle_ms)[0]  # (checked before anything long)
+        with cli.settled(settle):
+            out = run(args)
+        return {**out, "settle_ms": settle} if settle else out
+
+    return cli.run(settled_run, json_path=args.json)
 
 
 if __name__ == "__main__":

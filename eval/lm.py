@@ -30,7 +30,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from accjax import benchmark, guards, hub, lm, models, programs
+from accjax import benchmark, guards, hub, lm, models
 from accjax import schedule as sched_lib
 from eval import cli
 
@@ -175,9 +175,7 @@ def main(argv=None) -> int:
                     help="k > 1: only layers 1, 1 + k, ... drop rows, at the same analytic cost; a "
                          "comma list (1,2,3) scores and times every level at each stride")
     ap.add_argument("--iters", type=int, default=10, help="timed rounds (every speedup's prefill once a round, interleaved)")
-    ap.add_argument("--settle_ms", type=int, default=0,
-                    help="untimed ms each prefill runs before each of its timed rounds (a GPU at its "
-                         "power cap under dense runs the next program at lowered clocks)")
+    cli.add_settle(ap)
     ap.add_argument("--no-timing", dest="no_timing", action="store_true", help="skip TTFT timing")
     ap.add_argument("--bench", action="store_true",
                     help="prefill timing only: no text; a preset model gets random weights")
@@ -197,12 +195,9 @@ def main(argv=None) -> int:
             guards.positive_int(getattr(args, flag), f"--{flag}")
         args.prune_every = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
         args.floor = sched_lib.check_floors(cli.ints(args.floor, "--floor", low=1))
-        cli.ints(args.settle_ms, "--settle_ms", low=0)
-        programs.SETTLE_MS = args.settle_ms
-        try:
+        args.settle_ms = cli.settles(args.settle_ms)[0]
+        with cli.settled(args.settle_ms):
             return run(args)
-        finally:
-            programs.SETTLE_MS = 0.0
 
     if args.json:  # a new results folder is made; cli.run says so in one line if it cannot be
         with contextlib.suppress(OSError):

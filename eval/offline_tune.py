@@ -51,6 +51,7 @@ def main(argv=None) -> int:
                     help="the smallest keep-length a layer may have; a comma list, e.g. 1,16, tunes every "
                          "level and stride at each (default: the run's, as trained; GPUs run layers with "
                          "few rows at a fixed cost per kernel, docs/benchmarks.md)")
+    cli.add_settle(ap)
     ap.add_argument("--json", default=None, help="also write the table (with the machine) here")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
@@ -63,16 +64,18 @@ def main(argv=None) -> int:
         sizes = [cli.batch_size(b, "--batch_sizes") for b in cli.ints(args.batch_sizes, "--batch_sizes", low=1)
                  ] if args.batch_sizes else []
         guards.positive_int(args.repeats, "--repeats")
+        settle = cli.settles(args.settle_ms)[0]
         every = cli.ints(args.prune_every, "--prune_every", low=1) if args.prune_every is not None else None
         floor = cli.ints(args.floor, "--floor", low=1) if args.floor is not None else None
         if args.out or args.checkpoint:  # the table is written after the sweep: check first
             guards.writable_dir(args.out or args.checkpoint, "--out" if args.out else "--checkpoint")
         ckpt = Path(args.checkpoint) if args.checkpoint else loop.ensure_default_run()
-        table = evaluation.offline_tune(evaluation.RunModel.load(ckpt), speedups=speedups,
-                                        batch_size=args.batch_size, data_dir=args.data_dir,
-                                        split=args.split, progress=args.progress, out_dir=args.out,
-                                        repeats=args.repeats, search=args.candidates if args.search else 0,
-                                        batch_sizes=sizes, prune_every=every, floor=floor)
+        with cli.settled(settle):
+            table = evaluation.offline_tune(evaluation.RunModel.load(ckpt), speedups=speedups,
+                                            batch_size=args.batch_size, data_dir=args.data_dir,
+                                            split=args.split, progress=args.progress, out_dir=args.out,
+                                            repeats=args.repeats, search=args.candidates if args.search else 0,
+                                            batch_sizes=sizes, prune_every=every, floor=floor)
         print(evaluation.tune_markdown(table))
         print(f"wrote {Path(args.out) if args.out else ckpt}/{evaluation.TUNE_FILE}.json, .md and .png")
         return table

@@ -107,6 +107,27 @@ def test_offline_tune_and_max_drop(sst2_run, tmp_path, capsys):
     assert f"picked speedup {best['speedup']:g} for" in capsys.readouterr().out
 
 
+def test_settle_holds_while_glue_and_offline_tune_time_their_levels(sst2_run, tmp_path, monkeypatch, capsys):
+    """--settle_ms: programs.SETTLE_MS is the value while the levels' passes are timed and 0
+    after; recorded in eval.glue's JSON and in the offline-tuning table and its Markdown."""
+    from accjax import programs
+
+    run, data_dir = sst2_run
+    seen, real = [], programs.time_interleaved
+    monkeypatch.setattr(programs, "time_interleaved", lambda *a, **k: seen.append(programs.SETTLE_MS) or real(*a, **k))
+    out = tmp_path / "glue.json"
+    assert glue.main(["--checkpoint", str(run), "--data_dir", str(data_dir), "--speedup", "1,2", "--repeats", "1",
+                      "--settle_ms", "2", "--no-progress", "--json", str(out)]) == 0
+    assert seen == [2.0] and programs.SETTLE_MS == 0 and json.loads(out.read_text())["settle_ms"] == 2
+    seen.clear()
+    assert offline_tune.main(["--checkpoint", str(run), "--speedups", "1,2", "--repeats", "1", "--data_dir",
+                              str(data_dir), "--out", str(tmp_path / "tune"), "--settle_ms", "3",
+                              "--no-progress"]) == 0
+    assert seen and set(seen) == {3.0} and programs.SETTLE_MS == 0
+    assert json.loads((tmp_path / "tune" / "offline_tune.json").read_text())["settle_ms"] == 3
+    assert "each after 3 ms of its own" in (tmp_path / "tune" / "offline_tune.md").read_text()
+
+
 def test_pick_level_rule():
     rows = [{"speedup": 1.0, "drop": 0.0, "measured_speedup": 1.0, "analytic_speedup": 1.0},
             {"speedup": 2.0, "drop": 0.4, "measured_speedup": 1.9, "analytic_speedup": 2.0},
