@@ -19,8 +19,8 @@ import os
 
 import jax
 
-from accjax import inference, models, programs
-from eval import bench
+from accjax import inference, models
+from eval import bench, cli
 
 
 def main() -> None:
@@ -42,8 +42,8 @@ def main() -> None:
     rows = []
     for rep in range(2):
         for settle in (float(v) for v in args.settle.split(",")):
-            programs.SETTLE_MS = settle
-            timed = bench.time_interleaved(pred, b, n, plans, iters=args.iters)
+            with cli.settled(settle):
+                timed = bench.time_interleaved(pred, b, n, plans, iters=args.iters)
             dense = timed[levels[0]]["pipelined_ms"]
             for lv, plan in plans.items():
                 t = timed[lv]["pipelined_ms"]
