@@ -306,27 +306,25 @@ def test_attention_alone_in_one_pass_above_128_keys(monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_query_tiles_of_half_size_where_they_pad_fewer_rows(causal, monkeypatch):
-    """``QUERY_TILE_FIT``: 136 queries in five tiles of 32 (160 rows) instead of three of 64
-    (192), with and without the column sums: context, column sums and their per-tile parts
-    as float64 attention gives them; 232 rows keep tiles of 64 (both pad to 256)."""
+def test_queries_past_the_last_full_tile(causal):
+    """136 queries run as three tiles of 64 (192 padded rows), with and without the column
+    sums: context, column sums and their per-tile parts as float64 attention gives them; 232
+    rows pad to 256."""
     b, t, n = 2, 136, 2
     qkv, bias, m, ref_ctx, ref_col = _packed_case(137 + causal, b, t, n, 16, 100, causal)
-    for fit, block_q in ((False, 64), (True, 32)):
-        monkeypatch.setattr(acc_pallas, "QUERY_TILE_FIT", fit)
-        assert acc_pallas.attention_blocks(t, t)[0] == block_q
-        assert acc_pallas.attention_blocks(232, 232, columns=False)[:3:2] == (64, 256)
-        acc_pallas.packed_attention_with_column_sums.clear_cache()  # the setting is read when traced
-        run = functools.partial(acc_pallas.packed_attention_with_column_sums, qkv, bias, jnp.asarray(m),
-                                scale=0.3, causal=causal, interpret=True)
-        ctx, col = run()
-        _, parts = run(parts=True)
-        alone = run(columns=False)
-        assert parts.shape[:2] == (b, n * -(-t // block_q))  # one partial sum per (head, query tile)
-        np.testing.assert_allclose(np.asarray(ctx)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(alone)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(col), ref_col, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(parts).sum(1)[:, :t], ref_col.sum(1), rtol=1e-5, atol=1e-6)  # heads and tiles
+    block_q = 64
+    assert acc_pallas.attention_blocks(t, t)[:3:2] == (block_q, 192)
+    assert acc_pallas.attention_blocks(232, 232, columns=False)[:3:2] == (64, 256)
+    run = functools.partial(acc_pallas.packed_attention_with_column_sums, qkv, bias, jnp.asarray(m),
+                            scale=0.3, causal=causal, interpret=True)
+    ctx, col = run()
+    _, parts = run(parts=True)
+    alone = run(columns=False)
+    assert parts.shape[:2] == (b, n * -(-t // block_q))  # one partial sum per (head, query tile)
+    np.testing.assert_allclose(np.asarray(ctx)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(alone)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(col), ref_col, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(parts).sum(1)[:, :t], ref_col.sum(1), rtol=1e-5, atol=1e-6)  # heads and tiles
 
 
 def test_fused_path_gradient_is_plain_attention():

@@ -492,12 +492,6 @@ ONE_PASS_LOGITS = 64 * 256
 # 1.93 / 1.81 (-6%); 3x with 232 rows 2.73 / 2.75 and dense 6.29 / 6.32 (within noise); at
 # 192 rows (3x, F = 128) 2.69 / 2.69.
 ALONE_KEY_TILES = True
-# Queries above the largest query tile: False, tiles of that size (136 rows as 3 x 64 = 192);
-# True, tiles of half that size where they pad fewer rows (136 as 5 x 32 = 160, 72 as 3 x 32
-# = 96 rather than 128; 232 stays 4 x 64; num_warps unchanged). After ``ALONE_KEY_TILES``
-# the fit (``docs/probes/wave_fit.py``) still charged the 136-row program its padded queries.
-# Off: not timed (``docs/probes/constant_ab.py`` has the command).
-QUERY_TILE_FIT = False
 
 
 def key_tiles(s: int) -> tuple[int, ...]:
@@ -525,12 +519,12 @@ def attention_blocks(t: int, s: int, max_block_q: int | None = None,
     in one pass (up to 128 in one tile; with ``columns``, or above 128 keys with
     ``ALONE_KEY_TILES``, ``key_tiles``, up to ``ONE_PASS_MAX_KEYS``), or more in a loop over
     tiles of 128; query tiles of up to
-    ``max_block_q`` rows (``FUSED_BLOCKS``; half that with ``QUERY_TILE_FIT`` where it pads
-    fewer rows), fewer where one pass would hold more than ``ONE_PASS_LOGITS`` logits. Triton
-    needs power-of-two tiles of >= 16."""
+    ``max_block_q`` rows (``FUSED_BLOCKS``), fewer where one pass would hold more than
+    ``ONE_PASS_LOGITS`` logits. Triton needs power-of-two tiles of >= 16. Tiles of half size
+    where they pad fewer query rows (136 as 5 x 32 = 160 rather than 3 x 64 = 192) were timed
+    on an H100 and lost: that 4.8x program (32 x 512, 136 rows in eight layers) 1.83 -> 1.91
+    ms (docs/benchmarks.md, forty-fourth session)."""
     block_q = min(max_block_q or FUSED_BLOCKS[0], _pow2(t))
-    if QUERY_TILE_FIT and t > block_q >= 32 and _round_up(t, block_q // 2) < _round_up(t, block_q):
-        block_q //= 2
     one_pass = columns or (ALONE_KEY_TILES and s > 128)
     tiles = key_tiles(s) if one_pass and s <= ONE_PASS_MAX_KEYS else (_pow2(s),)
     if tiles[0] <= 128 and block_q * sum(tiles) > ONE_PASS_LOGITS:

@@ -25,9 +25,6 @@ stands.
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.acc_pallas --no_float32 \
         --settings 'ALONE_KEY_TILES=False' 'ALONE_KEY_TILES=True' --shapes 32x512 --speedups 1,3,4.8 \
         --prune_every 8 --floor 32
-    PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.kernels.acc_pallas --no_float32 \
-        --settings 'QUERY_TILE_FIT=False' 'QUERY_TILE_FIT=True' --shapes 32x512,128x128 \
-        --speedups 1,4,4.8 --prune_every 8 --floor 32
     PYTHONPATH=. python docs/probes/constant_ab.py --module accjax.programs --model gpt2 --task lm \
         --settings '' 'env.ACCJAX_TRITON_GEMM="1"' --shapes 8x1024 --speedups 1,3.72
     git show f2c2f59^:accjax/kernels/acc_pallas.py > old_acc_pallas.py  # (then, on the device:)
