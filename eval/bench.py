@@ -17,7 +17,8 @@ cross-attention keys/values of the kept rows and the first decoder step, as one 
 (``analytic``: ``t5_family.cost_model``'s). ``measured`` is dense median / eliminated median.
 On a GPU at its power cap the program timed after dense starts at the clocks dense left:
 ``--settle_ms`` times each program's rounds after that long of its own calls (its steady
-state, as a server at one speedup runs it), and the run prints its seconds at the cap.
+state, as a server at one speedup runs it; by default 100 ms on a GPU with ``--interleave``,
+``cli.SETTLE_GPU_MS``), and the run prints its seconds at the cap.
 Prints one table and writes every row, plus the machine, as JSON. A program, not a test: it
 asserts nothing about time. Never imports ``datasets``.
 """
@@ -109,7 +110,7 @@ def run(args) -> dict:
     strides = sched_lib.check_strides(cli.ints(args.prune_every, "--prune_every", low=1))
     floors = sched_lib.check_floors(cli.ints(args.floor, "--floor", low=1))
     guards.positive_int(args.iters, "--iters")
-    settles = cli.settles(args.settle_ms, many=True)
+    settles = cli.settles(args.settle_ms, many=True, rounds=args.interleave)
     if settles != [0] and not args.interleave:
         raise cli.UsageError("--settle_ms settles interleaved rounds: add --interleave")
     t5 = is_t5(args.model, args.family, args.tiny)

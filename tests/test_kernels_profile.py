@@ -119,6 +119,26 @@ def test_bench_times_the_same_programs_under_each_settle(tmp_path, monkeypatch, 
     assert "--settle_ms" in err and "--interleave" in err and "Traceback" not in err
 
 
+
+def test_settle_auto_settles_rounds_on_a_gpu_only(monkeypatch, capsys):
+    """--settle_ms's default ``auto``: cli.SETTLE_GPU_MS where JAX runs on a GPU and levels
+    are timed in rounds; 0 on the CPU and for eval.bench without --interleave; numbers as given."""
+    import jax
+
+    from eval import bench, cli
+
+    assert cli.settles("auto") == [0] and jax.default_backend() == "cpu"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cli.SETTLE_GPU_MS > 0 and cli.settles("auto") == [cli.SETTLE_GPU_MS]
+    assert cli.settles("auto", rounds=False) == [0] and cli.settles("0,7", many=True) == [0, 7]
+    seen, real = [], bench.time_interleaved
+    monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: seen.append(bench.programs.SETTLE_MS) or real(*a, **k))
+    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "intermediate_size=64", "--set", "vocab_size=50", "--shapes", "2x16", "--speedups", "2", "--iters", "2"]
+    assert bench.main(tiny) == 0 and seen == []  # one level after another: nothing to settle, no error
+    assert bench.main([*tiny, "--interleave"]) == 0 and seen == [cli.SETTLE_GPU_MS]
+    capsys.readouterr()
+
 NVIDIA_SMI_PERFORMANCE = """
 GPU 00000000:00:06.0
     Performance State                                  : P0
