@@ -145,6 +145,7 @@ def random_batches(rng: np.random.Generator, shape: tuple[int, int], vocab: int,
 # Untimed milliseconds each call runs before each of its timed rounds (0: none). A GPU that
 # meets its power cap under a heavy program (dense) runs the next program at lowered clocks
 # until they recover; a server runs one program steadily, so a settled round is its time.
+# The timing commands set it (``--settle_ms``: by default 100 ms on a GPU, ``eval/cli.py``).
 SETTLE_MS = 0.0
 
 
