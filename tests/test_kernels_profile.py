@@ -63,14 +63,18 @@ def test_kernels_are_attributed_to_layers_and_parts():
     assert costs[0]["gflop"] > costs[1]["gflop"] > 0
 
 
+# eval.bench's --set flags for a 2-layer BERT (seconds on the CPU)
+TINY_BERT = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
+             "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+
+
 def test_bench_interleaved_rounds_give_one_row_per_level(tmp_path, capsys):
     import json
 
     from eval import bench
 
     out = tmp_path / "b.json"
-    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
-            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    tiny = TINY_BERT
     assert bench.main(["--shapes", "2x16", "--speedups", "2,99", "--iters", "2", "--interleave",
                        "--json", str(out), *tiny]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -104,8 +108,7 @@ def test_bench_times_the_same_programs_under_each_settle(tmp_path, monkeypatch, 
     monkeypatch.setattr(bench.benchmark, "machine", lambda: {**machine(), "backend": "gpu"})
     monkeypatch.setattr(bench.benchmark, "power_capped_us", lambda: next(counter))
     out = tmp_path / "b.json"
-    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
-            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    tiny = TINY_BERT
     assert bench.main(["--shapes", "2x16", "--speedups", "2", "--iters", "2", "--interleave",
                        "--settle_ms", "0,3", "--json", str(out), *tiny]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -117,7 +120,6 @@ def test_bench_times_the_same_programs_under_each_settle(tmp_path, monkeypatch, 
     assert bench.main(["--shapes", "2x16", "--speedups", "2", "--settle_ms", "100", *tiny]) == 2
     err = capsys.readouterr().err
     assert "--settle_ms" in err and "--interleave" in err and "Traceback" not in err
-
 
 
 def test_settle_auto_settles_rounds_on_a_gpu_only(monkeypatch, capsys):
@@ -133,11 +135,11 @@ def test_settle_auto_settles_rounds_on_a_gpu_only(monkeypatch, capsys):
     assert cli.settles("auto", rounds=False) == [0] and cli.settles("0,7", many=True) == [0, 7]
     seen, real = [], bench.time_interleaved
     monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: seen.append(bench.programs.SETTLE_MS) or real(*a, **k))
-    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
-            "--set", "intermediate_size=64", "--set", "vocab_size=50", "--shapes", "2x16", "--speedups", "2", "--iters", "2"]
+    tiny = [*TINY_BERT, "--shapes", "2x16", "--speedups", "2", "--iters", "2"]
     assert bench.main(tiny) == 0 and seen == []  # one level after another: nothing to settle, no error
     assert bench.main([*tiny, "--interleave"]) == 0 and seen == [cli.SETTLE_GPU_MS]
     capsys.readouterr()
+
 
 NVIDIA_SMI_PERFORMANCE = """
 GPU 00000000:00:06.0
@@ -186,8 +188,7 @@ def test_bench_json_keeps_the_shapes_timed_before_a_fault(tmp_path, monkeypatch)
 
     monkeypatch.setattr(bench, "time_interleaved", second_fails)
     out = tmp_path / "b.json"
-    tiny = ["--set", "num_layers=2", "--set", "hidden_size=32", "--set", "num_heads=2",
-            "--set", "intermediate_size=64", "--set", "vocab_size=50"]
+    tiny = TINY_BERT
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--shapes", "2x16,2x32", "--speedups", "2", "--iters", "2", "--interleave",
                     "--json", str(out), *tiny])
