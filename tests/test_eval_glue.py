@@ -389,7 +389,10 @@ def test_offline_tune_strides_are_stored_and_max_drop_runs_the_picked_one(sst2_r
     assert all(r["keep"] == list(schedule.plan(cost, r["length"], r["speedup"], prune_every=r["prune_every"]).keep)
                for r in table["latency"])
     # --max_drop runs the picked level at its stride; --prune_every keeps the pick to one stride
-    table["rows"][2].update(measured_speedup=9.0, slower=False)  # 2x at k = 2 is picked whatever this CPU measured
+    # 2x at k = 2 is picked, and 2x at k = 1 where only k = 1 may run, whatever this CPU measured
+    # (a busy machine can time the tiny model's 2x no faster than dense)
+    table["rows"][1].update(measured_speedup=1.5, measured_min=1.4, slower=False)
+    table["rows"][2].update(measured_speedup=9.0, measured_min=8.0, slower=False)
     for r in table["latency"]:  # and per batch size (a tiny model's 2x can time slower than dense here)
         if r["speedup"] == 2.0:
             r.update(ms=1e-3 / r["prune_every"], ms_min=1e-4, ms_max=1e-3 / r["prune_every"], slower=False)
