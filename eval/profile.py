@@ -70,8 +70,9 @@ def _event_hlo_op(e) -> str:
     return ""
 
 
-def device_events(trace_dir: str):
-    """[(kernel name, ms, HLO op stat)] of every kernel on the GPU's streams, in time order."""
+def device_events(trace_dir: str, with_start: bool = False):
+    """[(kernel name, ms, HLO op stat)] of every kernel on the GPU's streams, in time order;
+    ``with_start``: [(start ns, kernel name, ms, HLO op stat)] (where the gaps between kernels lie)."""
     from jax.profiler import ProfileData
 
     files = glob.glob(trace_dir + "/**/*.xplane.pb", recursive=True)
@@ -98,7 +99,7 @@ def device_events(trace_dir: str):
                         device_events.samples.append({"name": e.name[:80], "stats_error": repr(err)})
                 events.append((e.start_ns, e.name, e.duration_ns / 1e6, _event_hlo_op(e)))
     events.sort(key=lambda x: x[0])  # execution order (per_layer attributes by neighbours)
-    return [x[1:] for x in events]
+    return events if with_start else [x[1:] for x in events]
 
 
 device_events.samples = []  # a few raw events (their stats), written to the JSON for checking
