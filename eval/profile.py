@@ -8,7 +8,8 @@
     python -m eval.profile --kernels --shapes 128x128,32x512,128x24   # one layer's attention/ACC paths
 
 For each speedup: wall and device-busy time per call (kernel durations of a
-``jax.profiler`` trace) and the idle gap between them, kernels grouped by kind (``KINDS``),
+``jax.profiler`` trace) and the idle gap between them, split by where the GPU idled
+(``call_gaps``: before each call, and before which kernels inside it), kernels grouped by kind (``KINDS``),
 the top kernels, XLA's FLOP and byte counts, and a per-layer table: rows in/out, the
 analytic floor (``layer_costs``) and measured kernel time by part (``per_layer``). The JSON
 keeps one call's kernel sequence. A program for performance work, not a test.
@@ -364,9 +365,59 @@ def print_layers(r: dict) -> None:
 device_events.shown = False
 
 
+GAP_BINS_US = ((0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 5.0), (5.0, float("inf")))
+
+
+def call_gaps(events, iters: int, top: int = 25) -> dict:
+    """Where a traced run of ``iters`` identical calls left the GPU idle between kernels: for each
+    position in a call's kernel sequence, the idle time before that kernel (its start minus the
+    previous kernel's end; negative where streams overlap), averaged over the calls after the
+    first. Position 0's gap is the wait between calls (a call not enqueued in time, a graph's
+    launch); the others are the program's own (a memset before a library kernel, a graph
+    boundary).
+
+    Args:
+      events: [(start ns, kernel name, ms, HLO op)] in time order (``device_events(...,
+        with_start=True)``), ``iters`` >= 2 calls of the same kernels.
+    Returns:
+      {"span_us" (first start to last end, per call), "boundary_gap_us", "gaps_in_call_us",
+      "overlap_us", "by_size": {"lo-hi" (us): {"count", "us"}}, "largest": the ``top`` largest
+      gaps [{"pos", "gap_us", "spread_us" (over calls), "kernel", "op", "before", "op_before",
+      "kernel_us"}]}. Example: two calls of kernels a and b (1 us each), b starting 2 us after a
+      ends, the second call's a 3 us after the first call's b: boundary 3.0, in the call 2.0,
+      by_size["2-5"] == {"count": 1, "us": 2.0}, span 5.5.
+    """
+    n = len(events) // iters
+    if iters < 2 or n == 0 or n * iters != len(events):
+        raise ValueError(f"{len(events)} kernels over {iters} calls: not one sequence a call")
+    start = np.array([e[0] for e in events], np.float64) / 1e3  # us
+    dur = np.array([e[2] for e in events], np.float64) * 1e3
+    end = start + dur
+    gap = np.zeros(len(events))
+    gap[1:] = start[1:] - end[:-1]
+    per_pos = gap.reshape(iters, n)[1:]  # the first call's first gap is the trace's start
+    mean = per_pos.mean(axis=0)
+    idle = np.maximum(mean, 0.0)
+    inner = idle[1:]
+    bins = {}
+    for lo, hi in GAP_BINS_US:
+        sel = (inner >= lo) & (inner < hi)
+        bins[f"{lo:g}-{hi:g}"] = {"count": int(sel.sum()), "us": float(inner[sel].sum())}
+    kernel_us = dur.reshape(iters, n).mean(axis=0)
+    name = lambda i: events[i][1][:60]  # noqa: E731
+    largest = [{"pos": int(i), "gap_us": round(float(mean[i]), 2), "spread_us": round(float(per_pos[:, i].std()), 2),
+                "kernel": name(i), "op": events[i][3], "before": name(i - 1) if i else "(previous call)",
+                "op_before": events[i - 1][3] if i else "", "kernel_us": round(float(kernel_us[i]), 2)}
+               for i in sorted(range(n), key=lambda i: -idle[i])[:top]]
+    return {"span_us": float((end[-1] - start[0]) / iters), "boundary_gap_us": float(idle[0]),
+            "gaps_in_call_us": float(inner.sum()), "overlap_us": float(-np.minimum(mean, 0.0).sum()),
+            "by_size": bins, "largest": largest}
+
+
 def profile_call(call, iters=20) -> dict:
-    """Wall ms per call, device kernels per call (grouped), for a no-argument ``call``
-    returning device arrays (a compiled program applied to inputs already on the device)."""
+    """Wall ms per call, device kernels per call (grouped), and where the GPU idled between them
+    (``call_gaps``), for a no-argument ``call`` returning device arrays (a compiled program
+    applied to inputs already on the device)."""
     for _ in range(3):
         jax.block_until_ready(call())
     t0 = time.perf_counter()
@@ -380,7 +431,9 @@ def profile_call(call, iters=20) -> dict:
         out = call()
     jax.block_until_ready(out)
     jax.profiler.stop_trace()
-    ev = device_events(d)
+    timed = device_events(d, with_start=True)
+    gaps = call_gaps(timed, iters) if iters > 1 and timed and len(timed) % iters == 0 else None
+    ev = [e[1:] for e in timed]
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for name, ms, _ in ev:
         by_name[name][0] += ms / iters
@@ -395,8 +448,19 @@ def profile_call(call, iters=20) -> dict:
         "kernels_per_call": sum(c for _, c in by_name.values()) / iters,
         "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "top": [{"name": k[:120], "ms": v[0], "count": v[1] / iters} for k, v in top],
-        "events": ev, "iters": iters,
+        "gaps": gaps, "events": ev, "iters": iters,
     }
+
+
+def print_gaps(g: dict | None, largest: int = 5) -> None:
+    """``call_gaps``' summary in two lines and its ``largest`` gaps."""
+    if not g:
+        return
+    print(f"   idle: {g['gaps_in_call_us']:.0f} us in a call (by size, count / us: "
+          + ", ".join(f"{k} {v['count']} / {v['us']:.0f}" for k, v in g["by_size"].items())
+          + f"), {g['boundary_gap_us']:.1f} us before each call; traced span {g['span_us']:.0f} us")
+    for x in g["largest"][:largest]:
+        print(f"   {x['gap_us']:6.2f} us before #{x['pos']:<3} {x['kernel'][:44]:<44} after {x['before'][:40]}")
 
 
 def _attribute(r: dict, prog) -> dict:
@@ -567,6 +631,7 @@ def main(argv=None) -> int:
                   f"{r['kernels_per_call']:.0f} kernels/call, XLA {r['xla_flops']/1e12:.3f} TFLOP "
                   f"{r['xla_bytes']/1e9:.2f} GB")
             print("   by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in r["by_kind_ms"].items()))
+            print_gaps(r["gaps"])
             for t in r["top"][:12]:
                 print(f"   {t['ms']:8.3f} ms x{t['count']:<4.0f} {t['name']}")
             if "per_layer" in r:

@@ -391,3 +391,28 @@ def test_layer_table_prints_layers_in_order_and_the_repeat_warning(capsys):
     assert "2 kernel(s) ran more times a call" in lines[-1] and "(36 launches)" in lines[-1]
     P.print_layers({"per_layer": r["per_layer"]})
     assert "more times a call" not in capsys.readouterr().out
+
+
+def test_call_gaps_puts_each_idle_time_before_its_kernel():
+    # two calls of a (1 us), b (1 us, 2 us after a ends), c (0.5 us, 0.25 us after b ends);
+    # the second call starts 3 us after the first call's c ends
+    us = 1000  # ns
+    call = [(0, "a", 0.001, "op_a"), (3 * us, "b", 0.001, "op_b"), (4.25 * us, "c", 0.0005, "op_c")]
+    start2 = 4.75 * us + 3 * us
+    events = call + [(t + start2, n, ms, op) for t, n, ms, op in call]
+    g = P.call_gaps(events, iters=2, top=2)
+    assert g["boundary_gap_us"] == pytest.approx(3.0)
+    assert g["gaps_in_call_us"] == pytest.approx(2.25)
+    assert g["by_size"]["2-5"] == {"count": 1, "us": pytest.approx(2.0)}
+    assert g["by_size"]["0-0.5"] == {"count": 1, "us": pytest.approx(0.25)}
+    assert g["by_size"]["1-2"]["count"] == 0 and g["overlap_us"] == 0.0
+    assert g["span_us"] == pytest.approx((start2 + 4.75 * us) / us / 2)
+    first, second = g["largest"]
+    assert (first["pos"], first["before"], first["kernel"], first["op_before"]) == (0, "(previous call)", "a", "")
+    assert (second["pos"], second["before"], second["kernel"], second["op"]) == (1, "a", "b", "op_b")
+    assert second["gap_us"] == pytest.approx(2.0) and second["kernel_us"] == pytest.approx(1.0)
+    # a kernel that overlaps the previous one (another stream) counts as overlap, not idle time
+    late = [(t, n, ms, op) if n != "c" else (2.5 * us + (t - 4.25 * us), n, ms, op) for t, n, ms, op in events]
+    assert P.call_gaps(late, iters=2)["overlap_us"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="not one sequence a call"):
+        P.call_gaps(events[:-1], iters=2)
