@@ -102,7 +102,8 @@ def xla_flags(devices: int) -> str:
     which O0 does 2-3x faster, and the loop emitters 1.5-3x faster again than the MLIR fusion
     emitters (a tiny train step 1.8 -> 0.7 s, an eager op 32 -> 15 ms, 2026-12-08). XLA's graph
     passes still run; fp32 dots may sum in another order, so a bound that measures the default
-    code's rounding compiles at level 3 itself (test_llama_real's logits parity)."""
+    code's rounding compiles at level 3 with the fusion emitters itself (test_llama_real's logits
+    parity, through its compile options)."""
     return (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
             " --xla_cpu_use_fusion_emitters=false")
 
