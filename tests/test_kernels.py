@@ -124,10 +124,10 @@ def test_packed_kernel_reads_the_projection_output(causal, t, request, monkeypat
 
     w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * m[:, :, None, None]
     mf = jnp.asarray(m, jnp.float32)
-    kernel = jax.grad(lambda a, c: (acc_pallas.self_attention_with_column_sums_packed(
-        a, c, mf, 0.3, causal, True)[0] * w).sum(), (0, 1))(qkv, bias)
-    plain = jax.grad(lambda a, c: (attention.attention_with_probs(
-        *acc_pallas._unpack(a, c), jnp.asarray(m), scale=0.3, causal=causal)[0] * w).sum(), (0, 1))(qkv, bias)
+    kernel = jax.jit(jax.grad(lambda a, c: (acc_pallas.self_attention_with_column_sums_packed(
+        a, c, mf, 0.3, causal, True)[0] * w).sum(), (0, 1)))(qkv, bias)
+    plain = jax.jit(jax.grad(lambda a, c: (attention.attention_with_probs(
+        *acc_pallas._unpack(a, c), jnp.asarray(m), scale=0.3, causal=causal)[0] * w).sum(), (0, 1)))(qkv, bias)
     for g, r in zip(kernel, plain):
         assert float(jnp.abs(r).max()) > 0
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
@@ -138,8 +138,8 @@ def test_packed_kernel_reads_the_projection_output(causal, t, request, monkeypat
                                                          causal=causal, interpret=True, columns=False)
     assert alone.shape == (b, t, n, h)
     np.testing.assert_allclose(np.asarray(alone)[m], ref_ctx[m], rtol=1e-5, atol=1e-5)
-    kernel = jax.grad(lambda a, c: (acc_pallas.self_attention_packed(
-        a, c, mf, 0.3, causal, True) * w).sum(), (0, 1))(qkv, bias)
+    kernel = jax.jit(jax.grad(lambda a, c: (acc_pallas.self_attention_packed(
+        a, c, mf, 0.3, causal, True) * w).sum(), (0, 1)))(qkv, bias)
     for g, r in zip(kernel, plain):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
@@ -181,14 +181,14 @@ def test_packed_kernel_reads_the_bias_by_distance(t, two_passes, request, monkey
 
     mf, posj = jnp.asarray(m, jnp.float32), jnp.asarray(pos)
     w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * m[:, :, None, None]
-    plain = jax.grad(lambda a, r: (attention.attention_with_probs(
+    plain = jax.jit(jax.grad(lambda a, r: (attention.attention_with_probs(
         *acc_pallas._unpack(a, None), jnp.asarray(m), scale=0.3,
-        bias=acc_pallas._distance_bias(r, posj))[0] * w).sum(), (0, 1))(qkv, rb)
+        bias=acc_pallas._distance_bias(r, posj))[0] * w).sum(), (0, 1)))(qkv, rb)
     for columns in (True, False):
         def out(a, r, columns=columns):
             o = acc_pallas.self_attention_by_distance_packed(a, mf, r, posj, 0.3, True, columns, columns)
             return o[0] if columns else o
-        for g, r in zip(jax.grad(lambda a, r: (out(a, r) * w).sum(), (0, 1))(qkv, rb), plain):
+        for g, r in zip(jax.jit(jax.grad(lambda a, r: (out(a, r) * w).sum(), (0, 1)))(qkv, rb), plain):
             assert float(jnp.abs(r).max()) > 0
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
     _, parts = acc_pallas.self_attention_by_distance_packed(qkv, mf, rb, posj, 0.3, True, True, True)
@@ -339,8 +339,8 @@ def test_fused_path_gradient_is_plain_attention():
                                          attention_impl="xla")
         return (ctx * w).sum()
 
-    g_ref = jax.grad(lambda *a: loss("probs", *a), argnums=(0, 1, 2))(q, k, v)
-    g_fused = jax.grad(lambda *a: loss("fused_interpret", *a), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.jit(jax.grad(lambda *a: loss("probs", *a), argnums=(0, 1, 2)))(q, k, v)
+    g_fused = jax.jit(jax.grad(lambda *a: loss("fused_interpret", *a), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_fused, g_ref):
         assert float(jnp.abs(b).max()) > 0
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -419,10 +419,10 @@ def test_layer_norm_kernel_matches_flax(d, dtype):
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
     w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    mine = jax.grad(lambda *a: (ln_kernel.layer_norm(*a, 1e-6, jnp.float32, True) * w).sum(),
-                    (0, 1, 2))(x.astype(jnp.float32), g, b)
-    theirs = jax.grad(lambda x_, g_, b_: (nn.LayerNorm(epsilon=1e-6).apply(
-        {"params": {"scale": g_, "bias": b_}}, x_) * w).sum(), (0, 1, 2))(x.astype(jnp.float32), g, b)
+    mine = jax.jit(jax.grad(lambda *a: (ln_kernel.layer_norm(*a, 1e-6, jnp.float32, True) * w).sum(),
+                    (0, 1, 2)))(x.astype(jnp.float32), g, b)
+    theirs = jax.jit(jax.grad(lambda x_, g_, b_: (nn.LayerNorm(epsilon=1e-6).apply(
+        {"params": {"scale": g_, "bias": b_}}, x_) * w).sum(), (0, 1, 2)))(x.astype(jnp.float32), g, b)
     for a, r in zip(mine, theirs):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
 
@@ -452,9 +452,9 @@ def test_layer_norm_kernel_sums_partial_products(dtype):
     assert np.abs(np.asarray(want) - np.asarray(flax_ln(x, parts[:2], c, g, b))).max() > 0.1  # every partial counts
     w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     f32 = [a.astype(jnp.float32) for a in (x, parts, c)]
-    mine = jax.grad(lambda *a: (ln_kernel.add_layer_norm(*a, 1e-6, jnp.float32, True) * w).sum(),
-                    range(5))(*f32, g, b)
-    theirs = jax.grad(lambda *a: (flax_ln(*a) * w).sum(), range(5))(*f32, g, b)
+    mine = jax.jit(jax.grad(lambda *a: (ln_kernel.add_layer_norm(*a, 1e-6, jnp.float32, True) * w).sum(),
+                    range(5)))(*f32, g, b)
+    theirs = jax.jit(jax.grad(lambda *a: (flax_ln(*a) * w).sum(), range(5)))(*f32, g, b)
     for a, r in zip(mine, theirs):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
 
@@ -713,19 +713,19 @@ def test_keep_rows_kernel_gradient_is_the_gathers(monkeypatch):
     def loss(s_, x_):
         return (acc.eliminate(s_, 9, rows, x_)[2][0] * w).sum()
 
-    ref = jax.grad(lambda x_: loss(jax.lax.stop_gradient(s), x_))(x)  # top_k: no derivative
+    ref = jax.jit(jax.grad(lambda x_: loss(jax.lax.stop_gradient(s), x_)))(x)  # top_k: no derivative
     monkeypatch.setattr(keep_rows, "KERNEL", "interpret")
     monkeypatch.setattr(acc, "SELECT_METHOD", "kernel")
     calls, real = [], keep_rows.select_and_gather
     monkeypatch.setattr(keep_rows, "select_and_gather", lambda *a: calls.append(a[2]) or real(*a))
-    got = jax.grad(loss, argnums=(0, 1))(s, x)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(s, x)
     assert calls == [9]
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref))
     assert np.asarray(ref).any() and not np.asarray(got[0]).any()
     # from column sums (the fused kernel's): the same rows and gradient, none to the sums
     cs = acc.ColumnSums(jnp.stack([jnp.where(jnp.isfinite(s), s, 0.0)] * 3, 1), (s > -jnp.inf).astype(jnp.float32),
                         jnp.ones((2, 1)), acc.FIRST_ROW)
-    got = jax.grad(lambda c, x_: (acc.eliminate(c, 9, rows, x_)[2][0] * w).sum(), argnums=(0, 1))(cs, x)
+    got = jax.jit(jax.grad(lambda c, x_: (acc.eliminate(c, 9, rows, x_)[2][0] * w).sum(), argnums=(0, 1)))(cs, x)
     assert calls == [9, 9]
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref))
     assert not np.asarray(got[0].parts).any()
@@ -935,8 +935,8 @@ def test_gemm_act_gradient_is_the_xla_paths():
     w = jnp.asarray(rng.normal(size=(64, 128)) / 8, jnp.float32)
     b = jnp.asarray(rng.normal(size=128), jnp.float32)
     g = jnp.asarray(rng.normal(size=(2, 64, 128)), jnp.float32)
-    mine = jax.grad(lambda *a: (gemm_act.gemm_act(*a, "gelu", True) * g).sum(), (0, 1, 2))(x, w, b)
-    theirs = jax.grad(lambda *a: (gemm_act.reference(*a, "gelu") * g).sum(), (0, 1, 2))(x, w, b)
+    mine = jax.jit(jax.grad(lambda *a: (gemm_act.gemm_act(*a, "gelu", True) * g).sum(), (0, 1, 2)))(x, w, b)
+    theirs = jax.jit(jax.grad(lambda *a: (gemm_act.reference(*a, "gelu") * g).sum(), (0, 1, 2)))(x, w, b)
     for a, r in zip(mine, theirs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
 
