@@ -21,7 +21,6 @@ EVENTS = {"/jax/core/compile/backend_compile_duration": "compile_s",
           "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s"}
 _now = {"compiles": 0, "compile_s": 0.0, "trace_s": 0.0, "lower_s": 0.0}
 _rows: list[dict] = []
-_listening = False
 
 
 def _on_duration(event, duration, **kw):
